@@ -1,0 +1,108 @@
+//! keypool's configuration: parse the YAML file ([`raw`]), then validate it into the runtime
+//! types ([`Config`], [`UpstreamKey`]) that the rest of keypool uses.
+//!
+//! Validation cross-checks everything once, at load time, and reports each mistake with its field
+//! path (`upstreams[2].endpoint: ...`), so a bad file stops keypool before it binds a port.
+//! The same `validate` will serve keys and gateways arriving through the admin service.
+
+pub mod raw;
+mod upstream;
+mod validate;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use upstream::{ModelRule, UpstreamKey, UpstreamKind};
+pub use validate::validate;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Normalised listen address (`:8888` becomes `0.0.0.0:8888`).
+    pub address: String,
+    /// Client tokens accepted by the default gateway (`/v1/*`). Empty = open gateway.
+    pub client_tokens: Vec<String>,
+    /// Upstream timeout for non-stream requests (whole response).
+    pub timeout: Duration,
+    /// Time to first byte for streams.
+    pub stream_timeout: Duration,
+    /// Longest gap between stream chunks.
+    pub idle_timeout: Duration,
+    pub store: StoreConfig,
+    pub lb_policy: LbPolicy,
+    /// How long a request may wait for a key with budget before it gets 429.
+    pub queue_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// Failover attempts after the first one.
+    pub retries: u32,
+    pub shutdown_grace: Duration,
+    /// In config order (the order `lb_policy: order` uses).
+    pub upstreams: Vec<Arc<UpstreamKey>>,
+}
+
+/// Where usage is persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    None,
+    Sqlite { path: String },
+    Postgres { dsn: String },
+}
+
+/// How the key pool picks among eligible keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    /// Fewest requests in the trailing window, then fewest in flight, then config order.
+    #[default]
+    LeastUsed,
+    /// Config order: the first eligible key (openai-api-route's behaviour).
+    Order,
+    /// Uniformly random among eligible keys.
+    Random,
+}
+
+/// A mistake in the configuration, with the path of the field it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// Parses YAML text into a validated [`Config`].
+pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+    let raw: raw::RawConfig = if text.trim().is_empty() {
+        raw::RawConfig::default()
+    } else {
+        serde_norway::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?
+    };
+    validate(raw)
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    from_yaml(&text)
+}

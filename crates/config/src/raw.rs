@@ -1,0 +1,92 @@
+//! The YAML file as written: a superset of openai-api-route's `config.yaml`.
+//!
+//! Field names here are a contract with users' files: add fields, never rename one. Unknown fields
+//! are refused (`deny_unknown_fields`) so a typo is reported instead of silently ignored.
+
+use serde::Deserialize;
+
+/// Seconds, as an integer or a decimal number.
+pub type Seconds = f64;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Listen address: `host:port` or Go's `:port` (all interfaces). Default `:8888`.
+    pub address: Option<String>,
+    /// Client tokens, comma-separated (openai-api-route) or a YAML list.
+    pub authorization: Option<StringOrList>,
+    /// Upstream timeout for non-stream requests. Default 120.
+    pub timeout: Option<Seconds>,
+    /// Time to first byte for streams. Default 10.
+    pub stream_timeout: Option<Seconds>,
+    /// Longest gap between two chunks of a stream. Default 60.
+    pub idle_timeout: Option<Seconds>,
+    /// `sqlite` | `postgres` | `none`.
+    pub dbtype: Option<String>,
+    pub dbaddr: Option<String>,
+    /// `least-used` (default) | `order` | `random`.
+    pub lb_policy: Option<String>,
+    /// How long a request may wait for a key with budget. Default 30.
+    pub queue_timeout: Option<Seconds>,
+    /// Largest request body accepted. Default 32 MiB.
+    pub max_body_bytes: Option<u64>,
+    /// Failover attempts after the first. Default: one attempt per upstream.
+    pub retries: Option<u32>,
+    /// How long in-flight requests get to finish on SIGTERM. Default 30.
+    pub shutdown_grace: Option<Seconds>,
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: Option<String>,
+    /// The upstream key; `asis` passes the client's `Authorization` header through.
+    pub sk: Option<String>,
+    pub endpoint: Option<String>,
+    /// `openai` (default) | `replicate`.
+    pub r#type: Option<String>,
+    pub timeout: Option<Seconds>,
+    pub stream_timeout: Option<Seconds>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Client tokens allowed to use this upstream (comma-separated or a list).
+    pub authorization: Option<StringOrList>,
+    /// Anyone may use this upstream, with or without a client token.
+    #[serde(default)]
+    pub noauth: bool,
+    /// Forward the client's request headers (all but hop-by-hop and credentials).
+    #[serde(default)]
+    pub keep_header: bool,
+    /// Requests per trailing minute this key may take.
+    pub rpm: Option<u32>,
+    /// Tokens per trailing minute this key may take.
+    pub tpm: Option<u64>,
+}
+
+/// `"a,b"` or `[a, b]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    /// The non-empty, trimmed entries.
+    pub fn entries(&self) -> Vec<String> {
+        let parts: Vec<&str> = match self {
+            Self::One(s) => s.split(',').collect(),
+            Self::Many(v) => v.iter().map(String::as_str).collect(),
+        };
+        parts
+            .into_iter()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}

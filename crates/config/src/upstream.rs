@@ -1,0 +1,149 @@
+//! One upstream key as the runtime sees it.
+
+use std::time::Duration;
+
+use keypool_types::Secret;
+
+/// The provider an upstream key belongs to; decides which adapter forwards to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    OpenAi,
+    Replicate,
+}
+
+impl UpstreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Replicate => "replicate",
+        }
+    }
+}
+
+/// An `allow` / `deny` entry: a model name or a URL path (`/v1/audio/transcriptions`), exact, or a
+/// prefix when it ends with `*` (`gpt-4o*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRule {
+    Exact(String),
+    Prefix(String),
+}
+
+impl ModelRule {
+    pub fn parse(entry: &str) -> Self {
+        match entry.strip_suffix('*') {
+            Some(prefix) => Self::Prefix(prefix.to_owned()),
+            None => Self::Exact(entry.to_owned()),
+        }
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(s) => s == value,
+            Self::Prefix(p) => value.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// One credential at one endpoint. Immutable once validated; live state (windows, health,
+/// counters) belongs to the key's `KeyActor`.
+#[derive(Debug, Clone)]
+pub struct UpstreamKey {
+    /// Stable, secret-free name: shown in `x-keypool-upstream`, logs, metrics and the admin API.
+    pub name: String,
+    /// The credential sent upstream as `Authorization: Bearer <sk>`.
+    pub sk: Secret,
+    /// `sk: asis`: forward the client's own `Authorization` header instead.
+    pub passthrough_auth: bool,
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub endpoint: String,
+    pub kind: UpstreamKind,
+    pub timeout: Duration,
+    pub stream_timeout: Duration,
+    pub allow: Vec<ModelRule>,
+    pub deny: Vec<ModelRule>,
+    /// Client tokens that may use this key; empty = every token the gateway accepts.
+    pub authorization: Vec<String>,
+    /// Usable by anyone, even without a client token.
+    pub noauth: bool,
+    /// Forward the client's request headers (minus hop-by-hop and credentials).
+    pub keep_header: bool,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    /// Set when the key is loaded but cannot be used (e.g. an adapter not built yet); the pool
+    /// keeps it disabled and the reason is logged at start-up.
+    pub unusable: Option<String>,
+}
+
+impl UpstreamKey {
+    /// Allow is checked before deny: with an allow list, the model or path must match one entry;
+    /// then no deny entry may match either.
+    pub fn allows_model(&self, model: &str, path: &str) -> bool {
+        let hit = |rules: &[ModelRule]| rules.iter().any(|r| r.matches(model) || r.matches(path));
+        if !self.allow.is_empty() && !hit(&self.allow) {
+            return false;
+        }
+        !hit(&self.deny)
+    }
+
+    /// Whether a caller may use this key. `token` is `None` for an anonymous caller.
+    pub fn allows_caller(&self, token: Option<&str>) -> bool {
+        if self.noauth {
+            return true;
+        }
+        match token {
+            None => false,
+            Some(t) => self.authorization.is_empty() || self.authorization.iter().any(|a| a == t),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(allow: &[&str], deny: &[&str]) -> UpstreamKey {
+        UpstreamKey {
+            name: "k".into(),
+            sk: Secret::new("sk"),
+            passthrough_auth: false,
+            endpoint: "http://x/v1".into(),
+            kind: UpstreamKind::OpenAi,
+            timeout: Duration::from_secs(1),
+            stream_timeout: Duration::from_secs(1),
+            allow: allow.iter().map(|s| ModelRule::parse(s)).collect(),
+            deny: deny.iter().map(|s| ModelRule::parse(s)).collect(),
+            authorization: vec![],
+            noauth: false,
+            keep_header: false,
+            rpm: None,
+            tpm: None,
+            unusable: None,
+        }
+    }
+
+    #[test]
+    fn allow_then_deny() {
+        let k = key(&["gpt-4o*", "/v1/audio/transcriptions"], &["gpt-4o-mini"]);
+        assert!(k.allows_model("gpt-4o", "/v1/chat/completions"));
+        assert!(!k.allows_model("gpt-4o-mini", "/v1/chat/completions"));
+        assert!(!k.allows_model("gpt-3.5", "/v1/chat/completions"));
+        assert!(k.allows_model("", "/v1/audio/transcriptions"));
+        let open = key(&[], &["gpt-4"]);
+        assert!(open.allows_model("gpt-3.5", "/v1/chat/completions"));
+        assert!(!open.allows_model("gpt-4", "/v1/chat/completions"));
+        // deny matches the path too
+        let no_audio = key(&[], &["/v1/audio/transcriptions"]);
+        assert!(!no_audio.allows_model("whisper-1", "/v1/audio/transcriptions"));
+    }
+
+    #[test]
+    fn caller_rules() {
+        let mut k = key(&[], &[]);
+        assert!(k.allows_caller(Some("a")));
+        assert!(!k.allows_caller(None));
+        k.authorization = vec!["a".into()];
+        assert!(!k.allows_caller(Some("b")));
+        k.noauth = true;
+        assert!(k.allows_caller(None));
+    }
+}

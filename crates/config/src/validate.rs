@@ -1,0 +1,375 @@
+//! Raw → validated, collecting every mistake with its field path.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keypool_types::Secret;
+use sha2::{Digest, Sha256};
+
+use crate::raw::{RawConfig, RawUpstream, Seconds};
+use crate::{
+    Config, ConfigError, FieldError, LbPolicy, ModelRule, StoreConfig, UpstreamKey, UpstreamKind,
+};
+
+const DEFAULT_REPLICATE_ENDPOINT: &str = "https://api.replicate.com/v1";
+
+/// Collects field errors while walking the raw config.
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn seconds(&mut self, path: &str, value: Option<Seconds>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Duration::from_secs_f64(s),
+            Some(s) => {
+                self.push(
+                    path,
+                    format!("must be a positive number of seconds, got {s}"),
+                );
+                default
+            }
+        }
+    }
+}
+
+/// Validates a parsed file into a [`Config`], reporting every invalid field at once.
+pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut errs = Errors::default();
+
+    let address = normalise_address(raw.address.as_deref().unwrap_or(":8888"));
+    if address
+        .rsplit_once(':')
+        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
+        errs.push(
+            "address",
+            format!("expected host:port or :port, got {address:?}"),
+        );
+    }
+    let client_tokens = raw
+        .authorization
+        .as_ref()
+        .map(crate::raw::StringOrList::entries)
+        .unwrap_or_default();
+    let timeout = errs.seconds("timeout", raw.timeout, Duration::from_secs(120));
+    let stream_timeout = errs.seconds(
+        "stream_timeout",
+        raw.stream_timeout,
+        Duration::from_secs(10),
+    );
+    let idle_timeout = errs.seconds("idle_timeout", raw.idle_timeout, Duration::from_secs(60));
+    let queue_timeout = errs.seconds("queue_timeout", raw.queue_timeout, Duration::from_secs(30));
+    let shutdown_grace = errs.seconds(
+        "shutdown_grace",
+        raw.shutdown_grace,
+        Duration::from_secs(30),
+    );
+
+    let store = match (raw.dbtype.as_deref().unwrap_or("sqlite"), raw.dbaddr) {
+        ("sqlite", addr) => StoreConfig::Sqlite {
+            path: addr.unwrap_or_else(|| "./keypool.sqlite".to_owned()),
+        },
+        ("postgres", Some(dsn)) => StoreConfig::Postgres { dsn },
+        ("postgres", None) => {
+            errs.push(
+                "dbaddr",
+                "dbtype postgres needs dbaddr (a URL or host=... port=...)",
+            );
+            StoreConfig::None
+        }
+        ("none", _) => StoreConfig::None,
+        (other, _) => {
+            errs.push(
+                "dbtype",
+                format!("expected sqlite, postgres or none, got {other:?}"),
+            );
+            StoreConfig::None
+        }
+    };
+
+    let lb_policy = match raw.lb_policy.as_deref() {
+        None | Some("least-used") => LbPolicy::LeastUsed,
+        Some("order") => LbPolicy::Order,
+        Some("random") => LbPolicy::Random,
+        Some(other) => {
+            errs.push(
+                "lb_policy",
+                format!("expected least-used, order or random, got {other:?}"),
+            );
+            LbPolicy::LeastUsed
+        }
+    };
+
+    let max_body_bytes = match raw.max_body_bytes {
+        None => 32 * 1024 * 1024,
+        Some(0) => {
+            errs.push("max_body_bytes", "must be greater than 0");
+            0
+        }
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+    };
+
+    let mut names = HashSet::new();
+    let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+    for (i, up) in raw.upstreams.into_iter().enumerate() {
+        let path = format!("upstreams[{i}]");
+        if let Some(key) = validate_upstream(&path, up, timeout, stream_timeout, &mut errs) {
+            if !names.insert(key.name.clone()) {
+                errs.push(
+                    format!("{path}.name"),
+                    format!(
+                        "duplicate upstream name {:?} (same endpoint and key twice?)",
+                        key.name
+                    ),
+                );
+            }
+            upstreams.push(Arc::new(key));
+        }
+    }
+    let retries = raw
+        .retries
+        .unwrap_or_else(|| u32::try_from(upstreams.len().saturating_sub(1)).unwrap_or(u32::MAX));
+
+    if !errs.0.is_empty() {
+        return Err(ConfigError::Invalid(errs.0));
+    }
+    Ok(Config {
+        address,
+        client_tokens,
+        timeout,
+        stream_timeout,
+        idle_timeout,
+        store,
+        lb_policy,
+        queue_timeout,
+        max_body_bytes,
+        retries,
+        shutdown_grace,
+        upstreams,
+    })
+}
+
+fn validate_upstream(
+    path: &str,
+    up: RawUpstream,
+    default_timeout: Duration,
+    default_stream_timeout: Duration,
+    errs: &mut Errors,
+) -> Option<UpstreamKey> {
+    let before = errs.0.len();
+    let kind = match up.r#type.as_deref() {
+        None | Some("openai") => UpstreamKind::OpenAi,
+        Some("replicate") => UpstreamKind::Replicate,
+        Some(other) => {
+            errs.push(
+                format!("{path}.type"),
+                format!("expected openai or replicate, got {other:?}"),
+            );
+            UpstreamKind::OpenAi
+        }
+    };
+    let endpoint = match (up.endpoint, kind) {
+        (Some(e), _) => e.trim().trim_end_matches('/').to_owned(),
+        (None, UpstreamKind::Replicate) => DEFAULT_REPLICATE_ENDPOINT.to_owned(),
+        (None, UpstreamKind::OpenAi) => {
+            errs.push(format!("{path}.endpoint"), "is required");
+            String::new()
+        }
+    };
+    if !endpoint.is_empty()
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        errs.push(
+            format!("{path}.endpoint"),
+            format!("must start with http:// or https://, got {endpoint:?}"),
+        );
+    }
+    let sk = match up.sk {
+        Some(sk) if !sk.trim().is_empty() => sk.trim().to_owned(),
+        _ => {
+            errs.push(
+                format!("{path}.sk"),
+                "is required (use `asis` to pass the client's own)",
+            );
+            String::new()
+        }
+    };
+    let timeout = errs.seconds(&format!("{path}.timeout"), up.timeout, default_timeout);
+    let stream_timeout = errs.seconds(
+        &format!("{path}.stream_timeout"),
+        up.stream_timeout,
+        default_stream_timeout,
+    );
+    if up.rpm == Some(0) {
+        errs.push(
+            format!("{path}.rpm"),
+            "must be greater than 0 (leave it out for no limit)",
+        );
+    }
+    if up.tpm == Some(0) {
+        errs.push(
+            format!("{path}.tpm"),
+            "must be greater than 0 (leave it out for no limit)",
+        );
+    }
+    let name = match up.name {
+        Some(n) => {
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                errs.push(
+                    format!("{path}.name"),
+                    format!("must be non-empty and use only [A-Za-z0-9._-], got {n:?}"),
+                );
+            }
+            n
+        }
+        None => derived_name(&endpoint, &sk),
+    };
+    if errs.0.len() != before {
+        return None;
+    }
+    let rules = |entries: Vec<String>| entries.iter().map(|e| ModelRule::parse(e)).collect();
+    Some(UpstreamKey {
+        name,
+        passthrough_auth: sk == "asis",
+        sk: Secret::new(sk),
+        endpoint,
+        kind,
+        timeout,
+        stream_timeout,
+        allow: rules(up.allow),
+        deny: rules(up.deny),
+        authorization: up
+            .authorization
+            .as_ref()
+            .map(crate::raw::StringOrList::entries)
+            .unwrap_or_default(),
+        noauth: up.noauth,
+        keep_header: up.keep_header,
+        rpm: up.rpm,
+        tpm: up.tpm,
+        unusable: (kind == UpstreamKind::Replicate)
+            .then(|| "type replicate is not supported yet: this key stays disabled".to_owned()),
+    })
+}
+
+/// `:8888` → `0.0.0.0:8888` (Go's notation in openai-api-route).
+fn normalise_address(addr: &str) -> String {
+    let addr = addr.trim();
+    if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_owned()
+    }
+}
+
+/// `<host>-<6 hex of sha256(sk)>`: stable across restarts and reorderings, reveals nothing of the
+/// key (24 bits of a hash of a high-entropy secret).
+fn derived_name(endpoint: &str, sk: &str) -> String {
+    let host = endpoint
+        .split("://")
+        .nth(1)
+        .unwrap_or(endpoint)
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("upstream")
+        .replace(':', "_");
+    let digest = Sha256::digest(sk.as_bytes());
+    let fp: String = digest.iter().take(3).map(|b| format!("{b:02x}")).collect();
+    format!("{host}-{fp}")
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ConfigError, LbPolicy, StoreConfig, from_yaml};
+
+    /// openai-api-route's `config.sample.yaml`, unchanged.
+    pub const OPENAI_API_ROUTE_SAMPLE: &str = include_str!("../tests/openai-api-route.sample.yaml");
+
+    #[test]
+    fn openai_api_route_sample_loads() {
+        let cfg = from_yaml(OPENAI_API_ROUTE_SAMPLE).unwrap();
+        assert_eq!(cfg.client_tokens, vec!["woshimima"]);
+        assert_eq!(cfg.address, "0.0.0.0:8888");
+        assert_eq!(cfg.upstreams.len(), 4);
+        assert_eq!(
+            cfg.store,
+            StoreConfig::Sqlite {
+                path: "./db.sqlite".into()
+            }
+        );
+        assert_eq!(cfg.upstreams[2].timeout.as_secs(), 30);
+        assert_eq!(cfg.upstreams[3].endpoint, "https://api.replicate.com/v1");
+        assert!(cfg.upstreams[3].unusable.is_some());
+        assert!(cfg.upstreams[0].unusable.is_none());
+        // names are derived, distinct and free of the secret
+        assert!(cfg.upstreams[1].name.starts_with("api.openai.com-"));
+        assert!(!cfg.upstreams[1].name.contains("secret_key"));
+        assert_eq!(cfg.retries, 3);
+        assert_eq!(cfg.lb_policy, LbPolicy::LeastUsed);
+    }
+
+    #[test]
+    fn comma_separated_tokens() {
+        let cfg = from_yaml("authorization: woshimima, iampassword\n").unwrap();
+        assert_eq!(cfg.client_tokens, vec!["woshimima", "iampassword"]);
+    }
+
+    #[test]
+    fn reports_every_field_path() {
+        let text = "lb_policy: fastest\ntimeout: -1\nupstreams:\n  - sk: a\n  - endpoint: ftp://x\n    sk: b\n    rpm: 0\n";
+        let Err(ConfigError::Invalid(errs)) = from_yaml(text) else {
+            panic!("expected invalid")
+        };
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "timeout",
+                "lb_policy",
+                "upstreams[0].endpoint",
+                "upstreams[1].endpoint",
+                "upstreams[1].rpm"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_path() {
+        let err =
+            from_yaml("upstreams:\n  - sk: a\n    endpoint: http://x\n    rmp: 3\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("upstreams[0]"), "{text}");
+        assert!(text.contains("rmp"), "{text}");
+    }
+
+    #[test]
+    fn duplicate_names_refused() {
+        let text = "upstreams:\n  - {sk: a, endpoint: 'http://x/v1'}\n  - {sk: a, endpoint: 'http://x/v1'}\n";
+        assert!(
+            from_yaml(text)
+                .unwrap_err()
+                .to_string()
+                .contains("upstreams[1].name")
+        );
+    }
+
+    #[test]
+    fn empty_file_is_a_valid_open_gateway_with_no_keys() {
+        let cfg = from_yaml("").unwrap();
+        assert!(cfg.client_tokens.is_empty());
+        assert!(cfg.upstreams.is_empty());
+    }
+}

@@ -1,0 +1,300 @@
+//! [`KeyActor`]: the one owner of an upstream key's live state.
+//!
+//! It owns the key's trailing-60 s request and token windows, its health (healthy / cooling down
+//! until T / disabled), in-flight count, counters and latency. It admits or refuses reservations
+//! ([`Reserve`]) exactly, and applies each attempt's [`Outcome`] ([`Settle`]). For ranking, it
+//! publishes a few numbers in a [`KeyGauge`] that only it writes and the pool reads without a
+//! message round trip.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::{Actor, AsyncContext, Context, Handler, SpawnHandle};
+use keypool_config::UpstreamKey;
+use tokio::time::Instant;
+
+use crate::messages::{Outcome, Refusal, Reserve, Settle, Snapshot};
+use crate::window::RateWindow;
+
+const WINDOW: Duration = Duration::from_secs(60);
+/// Consecutive transport / 5xx failures before a key is cooled down (a simple circuit breaker).
+const FAILURES_BEFORE_COOLDOWN: u32 = 3;
+/// Longest cooldown after repeated failures or a 429 without a usable reset header.
+const MAX_BACKOFF_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Health of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Not used until this time (upstream 429, or repeated failures).
+    CoolingUntil(Instant),
+    /// Never used again until re-enabled (upstream 401/403, or not usable at all).
+    Disabled {
+        reason: String,
+    },
+}
+
+/// Numbers the key actor publishes for the pool's ranking. Written only by the key actor.
+#[derive(Debug, Default)]
+pub struct KeyGauge {
+    /// Requests in the trailing window (refreshed when entries expire).
+    pub window_requests: AtomicU32,
+    pub in_flight: AtomicU32,
+    /// Milliseconds after the pool's epoch from which the key may be used; `u64::MAX` = disabled.
+    pub available_at_ms: AtomicU64,
+}
+
+/// Counters kept per key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyCounters {
+    pub used: u64,
+    pub success: u64,
+    pub failure: u64,
+    pub last_error: Option<String>,
+}
+
+/// A key's live state, for listings and tests. Contains no secret.
+#[derive(Debug, Clone)]
+pub struct KeyState {
+    pub name: String,
+    pub health: Health,
+    pub window_requests: u64,
+    pub window_tokens: u64,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub in_flight: u32,
+    pub counters: KeyCounters,
+    /// Exponentially weighted mean latency of successful attempts, in milliseconds.
+    pub latency_ms: f64,
+}
+
+/// The actor owning one key's live state.
+pub struct KeyActor {
+    key: Arc<UpstreamKey>,
+    epoch: Instant,
+    gauge: Arc<KeyGauge>,
+    requests: RateWindow,
+    tokens: RateWindow,
+    health: Health,
+    in_flight: u32,
+    counters: KeyCounters,
+    latency_ms: f64,
+    consecutive_failures: u32,
+    consecutive_429: u32,
+    next_lease: u64,
+    /// Timer that refreshes the gauge when the oldest window entry expires.
+    refresh: Option<SpawnHandle>,
+}
+
+impl KeyActor {
+    pub fn new(key: Arc<UpstreamKey>, epoch: Instant, gauge: Arc<KeyGauge>) -> Self {
+        let health = match &key.unusable {
+            Some(reason) => Health::Disabled {
+                reason: reason.clone(),
+            },
+            None => Health::Healthy,
+        };
+        let actor = Self {
+            key,
+            epoch,
+            gauge,
+            requests: RateWindow::new(WINDOW),
+            tokens: RateWindow::new(WINDOW),
+            health,
+            in_flight: 0,
+            counters: KeyCounters::default(),
+            latency_ms: 0.0,
+            consecutive_failures: 0,
+            consecutive_429: 0,
+            next_lease: 0,
+            refresh: None,
+        };
+        actor.publish_health();
+        actor
+    }
+
+    fn publish_health(&self) {
+        let at = match &self.health {
+            Health::Healthy => 0,
+            Health::CoolingUntil(t) => t.saturating_duration_since(self.epoch).as_millis() as u64,
+            Health::Disabled { .. } => u64::MAX,
+        };
+        self.gauge.available_at_ms.store(at, Ordering::Relaxed);
+    }
+
+    /// Publishes the window count and arms a timer for the next expiry, so ranking never sees a
+    /// key as busier than it is for longer than the timer's resolution.
+    fn publish_window(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let used = self.requests.used(now);
+        self.tokens.used(now);
+        self.gauge
+            .window_requests
+            .store(u32::try_from(used).unwrap_or(u32::MAX), Ordering::Relaxed);
+        self.gauge
+            .in_flight
+            .store(self.in_flight, Ordering::Relaxed);
+        if let Some(h) = self.refresh.take() {
+            ctx.cancel_future(h);
+        }
+        if let Some(at) = self.requests.next_expiry() {
+            let delay = at.saturating_duration_since(now) + Duration::from_millis(1);
+            self.refresh = Some(ctx.run_later(delay, |actor, ctx| {
+                actor.refresh = None;
+                actor.publish_window(ctx);
+            }));
+        }
+    }
+
+    fn cool_down(&mut self, now: Instant, period: Duration) {
+        let until = now + period;
+        // never shorten an existing cooldown, never revive a disabled key
+        match self.health {
+            Health::Disabled { .. } => return,
+            Health::CoolingUntil(t) if t >= until => return,
+            _ => {}
+        }
+        tracing::warn!(key = %self.key.name, cooldown_ms = period.as_millis() as u64, "key cooling down");
+        self.health = Health::CoolingUntil(until);
+        self.publish_health();
+    }
+
+    fn apply(&mut self, outcome: &Outcome, now: Instant) {
+        match outcome {
+            Outcome::Success { latency, .. } => {
+                self.counters.success += 1;
+                self.consecutive_failures = 0;
+                self.consecutive_429 = 0;
+                let ms = latency.as_secs_f64() * 1000.0;
+                self.latency_ms = if self.latency_ms == 0.0 {
+                    ms
+                } else {
+                    0.8 * self.latency_ms + 0.2 * ms
+                };
+            }
+            Outcome::ClientError { .. } => {
+                self.counters.success += 1;
+                self.consecutive_failures = 0;
+            }
+            Outcome::Cancelled => {}
+            Outcome::RateLimited { cooldown } => {
+                self.counters.failure += 1;
+                self.counters.last_error = Some("upstream 429".to_owned());
+                self.consecutive_429 += 1;
+                let fallback = backoff(self.consecutive_429);
+                self.cool_down(now, cooldown.unwrap_or(fallback));
+            }
+            Outcome::AuthFailed { status } => {
+                self.counters.failure += 1;
+                let reason = format!("upstream answered {status}: key rejected");
+                tracing::error!(key = %self.key.name, status, "upstream rejected the key; disabling it");
+                self.counters.last_error = Some(reason.clone());
+                self.health = Health::Disabled { reason };
+                self.publish_health();
+            }
+            Outcome::ServerError { .. }
+            | Outcome::Connect
+            | Outcome::Timeout
+            | Outcome::StreamBroken => {
+                self.counters.failure += 1;
+                self.counters.last_error = Some(outcome.label().to_owned());
+                self.consecutive_failures += 1;
+                if self.consecutive_failures >= FAILURES_BEFORE_COOLDOWN {
+                    let n = self.consecutive_failures - FAILURES_BEFORE_COOLDOWN + 1;
+                    self.cool_down(now, backoff(n));
+                }
+            }
+        }
+    }
+}
+
+/// 1 s, 2 s, 4 s, ... capped at [`MAX_BACKOFF_COOLDOWN`].
+fn backoff(n: u32) -> Duration {
+    let secs = 1u64 << n.saturating_sub(1).min(16);
+    Duration::from_secs(secs).min(MAX_BACKOFF_COOLDOWN)
+}
+
+impl Actor for KeyActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Reserve> for KeyActor {
+    type Result = Result<u64, Refusal>;
+
+    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        match self.health {
+            Health::Disabled { .. } => return Err(Refusal::Disabled),
+            Health::CoolingUntil(until) if until > now => return Err(Refusal::Cooling { until }),
+            Health::CoolingUntil(_) => {
+                self.health = Health::Healthy;
+                self.publish_health();
+            }
+            Health::Healthy => {}
+        }
+        let mut free = now;
+        if let Some(rpm) = self.key.rpm {
+            free = free.max(self.requests.free_at(now, u64::from(rpm), 1));
+        }
+        if let Some(tpm) = self.key.tpm {
+            free = free.max(self.tokens.free_at(now, tpm, msg.est_tokens));
+        }
+        if free > now {
+            return Err(Refusal::Budget { until: free });
+        }
+        self.next_lease += 1;
+        let id = self.next_lease;
+        self.requests.record(now, id, 1);
+        let est = self
+            .key
+            .tpm
+            .map_or(msg.est_tokens, |t| msg.est_tokens.min(t));
+        self.tokens.record(now, id, est);
+        self.in_flight += 1;
+        self.counters.used += 1;
+        self.publish_window(ctx);
+        Ok(id)
+    }
+}
+
+impl Handler<Settle> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Outcome::Success {
+            tokens: Some(tokens),
+            ..
+        } = msg.outcome
+        {
+            self.tokens.settle(msg.lease_id, tokens);
+        }
+        self.apply(&msg.outcome, now);
+        self.publish_window(ctx);
+    }
+}
+
+impl Handler<Snapshot> for KeyActor {
+    type Result = actix::MessageResult<Snapshot>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        if matches!(self.health, Health::CoolingUntil(t) if t <= now) {
+            self.health = Health::Healthy;
+            self.publish_health();
+        }
+        actix::MessageResult(KeyState {
+            name: self.key.name.clone(),
+            health: self.health.clone(),
+            window_requests: self.requests.used(now),
+            window_tokens: self.tokens.used(now),
+            rpm: self.key.rpm,
+            tpm: self.key.tpm,
+            in_flight: self.in_flight,
+            counters: self.counters.clone(),
+            latency_ms: self.latency_ms,
+        })
+    }
+}

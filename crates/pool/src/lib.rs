@@ -1,0 +1,23 @@
+//! The key pool: one [`KeyActor`] per upstream key and a [`KeyPool`] supervisor that picks keys.
+//!
+//! Lifecycle: [`KeyPool::start`] (on an actix arbiter) starts the key actors. The request path
+//! sends [`Pick`] to the pool and gets a [`Lease`] on one key with its budget reserved, or a
+//! [`NoKey`] saying why none is usable (and until when). After the attempt it settles the lease
+//! with an [`Outcome`], which updates the key's counters, health and token window.
+//!
+//! Eligibility: enabled, not cooling down, model and caller allowed, and rpm/tpm budget left in the
+//! trailing 60 s window ([`RateWindow`]). Selection order: see [`select::rank`].
+
+pub mod key;
+pub mod messages;
+mod pool;
+pub mod select;
+pub mod window;
+
+pub use key::{Health, KeyActor, KeyCounters, KeyState};
+pub use messages::{BusyCause, ListKeys, NoKey, Outcome, Pick};
+pub use pool::{KeyPool, Lease};
+pub use window::RateWindow;
+
+#[cfg(test)]
+mod tests;

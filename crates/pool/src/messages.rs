@@ -1,0 +1,125 @@
+//! Every message the pool's actors take, in one place.
+//!
+//! Request tasks talk to the [`KeyPool`](crate::KeyPool) with [`Pick`] and get a
+//! [`Lease`](crate::Lease); the lease settles itself with its [`KeyActor`](crate::KeyActor)
+//! through [`Settle`] (also when dropped, so a cancelled request never leaks in-flight counts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Message;
+use tokio::time::Instant;
+
+use crate::{KeyState, Lease};
+
+/// Pick a key for one attempt and reserve its budget. Sent by the request path to the pool.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Lease, NoKey>")]
+pub struct Pick {
+    /// The request's model (JSON `model`, multipart `model`, or empty).
+    pub model: Arc<str>,
+    /// The request path (`/v1/audio/transcriptions`), which allow/deny entries may name.
+    pub path: Arc<str>,
+    /// The client token the caller authenticated with; `None` for an anonymous caller.
+    pub caller: Option<Arc<str>>,
+    /// Tokens reserved against tpm until the real usage is known.
+    pub est_tokens: u64,
+    /// Keys already tried by this request (`KeyId`s), skipped.
+    pub exclude: Vec<u64>,
+}
+
+/// Why no key could be leased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoKey {
+    /// No key allows this model/path for this caller (or every such key was already tried).
+    NoneServes,
+    /// Keys would serve it, but every one is disabled.
+    AllDisabled,
+    /// Keys would serve it, but none has budget / is out of cooldown before `until`.
+    Busy { until: Instant, cause: BusyCause },
+}
+
+/// What keeps the earliest key busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusyCause {
+    /// rpm / tpm budgets configured on the keys.
+    Budget,
+    /// Cooling down after an upstream 429 or repeated failures.
+    Cooling,
+}
+
+/// The classified result of one upstream attempt; drives counters, health and tpm settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx (or 3xx) answer. `tokens` is the real total usage when known.
+    Success {
+        tokens: Option<u64>,
+        latency: Duration,
+    },
+    /// 400/404/413/422 and friends: the request was wrong, the key is fine.
+    ClientError { status: u16 },
+    /// Upstream 429; `cooldown` from `Retry-After` / `x-ratelimit-reset-*` when it said so.
+    RateLimited { cooldown: Option<Duration> },
+    /// Upstream 401/403: the key is bad; disable it.
+    AuthFailed { status: u16 },
+    /// Upstream 5xx.
+    ServerError { status: u16 },
+    /// Could not connect or the connection broke before an answer.
+    Connect,
+    /// No answer (or no first byte) in time.
+    Timeout,
+    /// The stream broke after it had started.
+    StreamBroken,
+    /// The client went away; the upstream request was cancelled. Not the key's fault.
+    Cancelled,
+}
+
+impl Outcome {
+    /// Short, stable label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Success { .. } => "success",
+            Self::ClientError { .. } => "client_error",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::AuthFailed { .. } => "auth_failed",
+            Self::ServerError { .. } => "server_error",
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::StreamBroken => "stream_broken",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Reserve one request (and `est_tokens`) on a key. Sent by the pool to a key actor.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, Refusal>")]
+pub struct Reserve {
+    pub est_tokens: u64,
+}
+
+/// Why a key actor refused a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Disabled,
+    Cooling { until: Instant },
+    Budget { until: Instant },
+}
+
+/// Report how an attempt on a lease ended. Sent by the lease to its key actor.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Settle {
+    pub lease_id: u64,
+    pub outcome: Outcome,
+}
+
+/// Ask a key actor for its live state.
+#[derive(Debug, Message)]
+#[rtype(result = "KeyState")]
+pub struct Snapshot;
+
+/// Ask the pool for the live state of every key, in config order.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<KeyState>")]
+pub struct ListKeys;

@@ -1,0 +1,72 @@
+//! Selection policies: the order in which eligible keys are offered a reservation.
+
+use keypool_config::LbPolicy;
+
+/// What ranking needs to know of an eligible key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// Position in the config (0 = first).
+    pub order: usize,
+    /// Requests in the key's trailing window.
+    pub window_requests: u32,
+    pub in_flight: u32,
+}
+
+/// Sorts `cands` best first:
+/// - `least-used`: fewest requests in the trailing window, then fewest in flight, then config order;
+/// - `order`: config order (openai-api-route);
+/// - `random`: a uniform shuffle.
+pub fn rank(policy: LbPolicy, cands: &mut [Candidate]) {
+    match policy {
+        LbPolicy::LeastUsed => {
+            cands.sort_unstable_by_key(|c| (c.window_requests, c.in_flight, c.order));
+        }
+        LbPolicy::Order => cands.sort_unstable_by_key(|c| c.order),
+        LbPolicy::Random => fastrand::shuffle(cands),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(order: usize, window_requests: u32, in_flight: u32) -> Candidate {
+        Candidate {
+            order,
+            window_requests,
+            in_flight,
+        }
+    }
+
+    fn orders(cands: &[Candidate]) -> Vec<usize> {
+        cands.iter().map(|c| c.order).collect()
+    }
+
+    #[test]
+    fn least_used_then_in_flight_then_order() {
+        let mut v = vec![c(0, 5, 0), c(1, 2, 3), c(2, 2, 1), c(3, 2, 1)];
+        rank(LbPolicy::LeastUsed, &mut v);
+        assert_eq!(orders(&v), vec![2, 3, 1, 0]);
+    }
+
+    #[test]
+    fn order_ignores_usage() {
+        let mut v = vec![c(2, 0, 0), c(0, 9, 9), c(1, 1, 1)];
+        rank(LbPolicy::Order, &mut v);
+        assert_eq!(orders(&v), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn random_is_a_permutation_and_spreads() {
+        let mut firsts = [0u32; 3];
+        for _ in 0..300 {
+            let mut v = vec![c(0, 0, 0), c(1, 0, 0), c(2, 0, 0)];
+            rank(LbPolicy::Random, &mut v);
+            let mut sorted = orders(&v);
+            sorted.sort_unstable();
+            assert_eq!(sorted, vec![0, 1, 2]);
+            firsts[v[0].order] += 1;
+        }
+        assert!(firsts.iter().all(|&n| n > 50), "{firsts:?}");
+    }
+}

@@ -1,0 +1,222 @@
+//! The pool's actors driven through their messages, on a real actix runtime.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use keypool_config::{LbPolicy, ModelRule, UpstreamKey, UpstreamKind};
+use keypool_types::Secret;
+use tokio::time::Instant;
+
+use crate::{BusyCause, Health, KeyPool, Lease, ListKeys, NoKey, Outcome, Pick};
+
+fn key(name: &str, rpm: Option<u32>, tpm: Option<u64>) -> Arc<UpstreamKey> {
+    Arc::new(UpstreamKey {
+        name: name.into(),
+        sk: Secret::new(format!("sk-{name}")),
+        passthrough_auth: false,
+        endpoint: "http://127.0.0.1:1/v1".into(),
+        kind: UpstreamKind::OpenAi,
+        timeout: Duration::from_secs(5),
+        stream_timeout: Duration::from_secs(5),
+        allow: vec![],
+        deny: vec![],
+        authorization: vec![],
+        noauth: false,
+        keep_header: false,
+        rpm,
+        tpm,
+        unusable: None,
+    })
+}
+
+fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
+    Pick {
+        model: "gpt-4o-mini".into(),
+        path: "/v1/chat/completions".into(),
+        caller: Some("t".into()),
+        est_tokens,
+        exclude,
+    }
+}
+
+async fn lease(pool: &Addr<KeyPool>) -> Result<Lease, NoKey> {
+    pool.send(pick(10, vec![])).await.unwrap()
+}
+
+fn ok() -> Outcome {
+    Outcome::Success {
+        tokens: Some(10),
+        latency: Duration::from_millis(5),
+    }
+}
+
+#[actix_rt::test]
+async fn least_used_spreads_four_each_then_refuses_with_the_reset_time() {
+    let keys = [
+        key("a", Some(4), None),
+        key("b", Some(4), None),
+        key("c", Some(4), None),
+    ];
+    let pool = KeyPool::start(&keys, LbPolicy::LeastUsed);
+    let start = Instant::now();
+    let mut per_key = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..12 {
+        let l = lease(&pool).await.unwrap();
+        *per_key.entry(l.key.name.clone()).or_default() += 1;
+        l.settle(ok());
+    }
+    assert_eq!(per_key.values().copied().collect::<Vec<_>>(), vec![4, 4, 4]);
+    match lease(&pool).await {
+        Err(NoKey::Busy { until, cause }) => {
+            assert_eq!(cause, BusyCause::Budget);
+            let wait = until - start;
+            assert!(
+                wait > Duration::from_secs(59) && wait <= Duration::from_secs(61),
+                "{wait:?}"
+            );
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn order_policy_uses_the_first_key_until_its_budget_is_gone() {
+    let keys = [key("a", Some(2), None), key("b", None, None)];
+    let pool = KeyPool::start(&keys, LbPolicy::Order);
+    let mut names = vec![];
+    for _ in 0..4 {
+        let l = lease(&pool).await.unwrap();
+        names.push(l.key.name.clone());
+        l.settle(ok());
+    }
+    assert_eq!(names, vec!["a", "a", "b", "b"]);
+}
+
+#[actix_rt::test]
+async fn exclude_skips_tried_keys_and_model_rules_apply() {
+    let mut only_embed = (*key("e", None, None)).clone();
+    only_embed.allow = vec![ModelRule::parse("text-embedding-*")];
+    let keys = [key("a", None, None), Arc::new(only_embed)];
+    let pool = KeyPool::start(&keys, LbPolicy::Order);
+    let first = lease(&pool).await.unwrap();
+    assert_eq!(first.key.name, "a");
+    let id = first.key_id;
+    first.settle(ok());
+    // chat model: only "a" allows it; excluded → nothing serves
+    assert_eq!(
+        pool.send(pick(1, vec![id])).await.unwrap().unwrap_err(),
+        NoKey::NoneServes
+    );
+    let mut p = pick(1, vec![id]);
+    p.model = "text-embedding-3-small".into();
+    assert_eq!(pool.send(p).await.unwrap().unwrap().key.name, "e");
+}
+
+#[actix_rt::test]
+async fn upstream_429_cools_the_key_for_its_retry_after() {
+    let keys = [key("a", None, None), key("b", None, None)];
+    let pool = KeyPool::start(&keys, LbPolicy::Order);
+    let l = lease(&pool).await.unwrap();
+    assert_eq!(l.key.name, "a");
+    l.settle(Outcome::RateLimited {
+        cooldown: Some(Duration::from_millis(300)),
+    });
+    // let the settle land
+    let states = pool.send(ListKeys).await.unwrap();
+    assert!(matches!(states[0].health, Health::CoolingUntil(_)));
+    for _ in 0..3 {
+        let l = lease(&pool).await.unwrap();
+        assert_eq!(l.key.name, "b");
+        l.settle(ok());
+    }
+    tokio::time::sleep(Duration::from_millis(320)).await;
+    assert_eq!(lease(&pool).await.unwrap().key.name, "a");
+}
+
+#[actix_rt::test]
+async fn only_cooling_keys_report_the_cooldown_end() {
+    let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::LeastUsed);
+    let start = Instant::now();
+    lease(&pool).await.unwrap().settle(Outcome::RateLimited {
+        cooldown: Some(Duration::from_secs(5)),
+    });
+    pool.send(ListKeys).await.unwrap();
+    match lease(&pool).await {
+        Err(NoKey::Busy { until, cause }) => {
+            assert_eq!(cause, BusyCause::Cooling);
+            assert!(until - start >= Duration::from_secs(4));
+        }
+        other => panic!("expected cooling, got {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn upstream_401_disables_the_key() {
+    let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::LeastUsed);
+    lease(&pool)
+        .await
+        .unwrap()
+        .settle(Outcome::AuthFailed { status: 401 });
+    let states = pool.send(ListKeys).await.unwrap();
+    assert!(matches!(states[0].health, Health::Disabled { .. }));
+    assert_eq!(states[0].counters.failure, 1);
+    assert_eq!(lease(&pool).await.unwrap_err(), NoKey::AllDisabled);
+}
+
+#[actix_rt::test]
+async fn repeated_failures_cool_a_key_down() {
+    let keys = [key("a", None, None), key("b", None, None)];
+    let pool = KeyPool::start(&keys, LbPolicy::Order);
+    for _ in 0..3 {
+        let l = lease(&pool).await.unwrap();
+        assert_eq!(l.key.name, "a");
+        l.settle(Outcome::ServerError { status: 500 });
+    }
+    pool.send(ListKeys).await.unwrap();
+    assert_eq!(lease(&pool).await.unwrap().key.name, "b");
+}
+
+#[actix_rt::test]
+async fn dropped_lease_is_settled_as_cancelled() {
+    let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::LeastUsed);
+    let l = lease(&pool).await.unwrap();
+    assert_eq!(pool.send(ListKeys).await.unwrap()[0].in_flight, 1);
+    drop(l);
+    let s = &pool.send(ListKeys).await.unwrap()[0];
+    assert_eq!(s.in_flight, 0);
+    assert_eq!(s.counters.failure, 0);
+}
+
+#[actix_rt::test]
+async fn tpm_reserves_the_estimate_and_settles_the_real_count() {
+    let pool = KeyPool::start(&[key("a", None, Some(1000))], LbPolicy::LeastUsed);
+    let l1 = pool.send(pick(700, vec![])).await.unwrap().unwrap();
+    // 700 reserved: another 700 does not fit
+    assert!(matches!(
+        pool.send(pick(700, vec![])).await.unwrap(),
+        Err(NoKey::Busy {
+            cause: BusyCause::Budget,
+            ..
+        })
+    ));
+    l1.settle(Outcome::Success {
+        tokens: Some(100),
+        latency: Duration::from_millis(1),
+    });
+    // settled to 100: now it fits
+    let l2 = pool.send(pick(700, vec![])).await.unwrap().unwrap();
+    assert_eq!(pool.send(ListKeys).await.unwrap()[0].window_tokens, 800);
+    l2.settle(ok());
+}
+
+#[actix_rt::test]
+async fn anonymous_callers_only_reach_noauth_keys() {
+    let mut open = (*key("open", None, None)).clone();
+    open.noauth = true;
+    let keys = [key("closed", None, None), Arc::new(open)];
+    let pool = KeyPool::start(&keys, LbPolicy::Order);
+    let mut p = pick(1, vec![]);
+    p.caller = None;
+    assert_eq!(pool.send(p).await.unwrap().unwrap().key.name, "open");
+}

@@ -1,0 +1,157 @@
+//! [`RateWindow`]: exact usage over a trailing span (60 s for rpm / tpm).
+//!
+//! Every admitted unit is kept with its time, so "n per minute" means at most n in *any* trailing
+//! minute, not per clock minute. Entries carry a cost (1 for requests, tokens for tpm) and an id,
+//! so a token reservation made at pick time can be settled to the real count afterwards.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    at: Instant,
+    cost: u64,
+    id: u64,
+}
+
+/// Usage within a trailing span.
+#[derive(Debug, Clone)]
+pub struct RateWindow {
+    span: Duration,
+    entries: VecDeque<Entry>,
+    used: u64,
+}
+
+impl RateWindow {
+    pub fn new(span: Duration) -> Self {
+        Self {
+            span,
+            entries: VecDeque::new(),
+            used: 0,
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(front) = self.entries.front() {
+            if front.at + self.span > now {
+                break;
+            }
+            self.used -= front.cost;
+            self.entries.pop_front();
+        }
+    }
+
+    /// Units used in the span ending at `now`.
+    pub fn used(&mut self, now: Instant) -> u64 {
+        self.expire(now);
+        self.used
+    }
+
+    /// The earliest time at which `cost` more units fit under `limit`: `now` when they fit now.
+    /// A cost larger than the whole limit is treated as the limit (it fits in an empty window).
+    pub fn free_at(&mut self, now: Instant, limit: u64, cost: u64) -> Instant {
+        self.expire(now);
+        let cost = cost.min(limit);
+        if self.used + cost <= limit {
+            return now;
+        }
+        let mut must_free = self.used + cost - limit;
+        for e in &self.entries {
+            if e.cost >= must_free {
+                return e.at + self.span;
+            }
+            must_free -= e.cost;
+        }
+        // unreachable in practice: freeing every entry always makes room
+        now + self.span
+    }
+
+    /// Records `cost` units at `now` under `id`.
+    pub fn record(&mut self, now: Instant, id: u64, cost: u64) {
+        self.expire(now);
+        self.entries.push_back(Entry { at: now, cost, id });
+        self.used += cost;
+    }
+
+    /// Replaces the cost recorded under `id` (a reservation settled to the real amount). An entry
+    /// that already left the window is not brought back.
+    pub fn settle(&mut self, id: u64, actual: u64) {
+        if let Some(e) = self.entries.iter_mut().rev().find(|e| e.id == id) {
+            self.used = self.used - e.cost + actual;
+            e.cost = actual;
+        }
+    }
+
+    /// When the oldest entry leaves the window, if there is one.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.entries.front().map(|e| e.at + self.span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::advance;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn trailing_minute_is_exact_at_the_edges() {
+        let mut w = RateWindow::new(MIN);
+        let t0 = Instant::now();
+        for id in 0..4 {
+            w.record(Instant::now(), id, 1);
+            advance(Duration::from_secs(10)).await;
+        }
+        // at t0+40s: 4 used, entries at 0,10,20,30
+        assert_eq!(w.used(Instant::now()), 4);
+        assert_eq!(w.free_at(Instant::now(), 4, 1), t0 + MIN);
+        // one nanosecond before the first entry leaves, still full
+        advance(Duration::from_secs(20) - Duration::from_nanos(1)).await;
+        assert_eq!(w.used(Instant::now()), 4);
+        assert!(w.free_at(Instant::now(), 4, 1) > Instant::now());
+        // exactly 60 s after it was recorded, it is gone
+        advance(Duration::from_nanos(1)).await;
+        assert_eq!(w.used(Instant::now()), 3);
+        assert_eq!(w.free_at(Instant::now(), 4, 1), Instant::now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_costs_settle_and_free_in_order() {
+        let mut w = RateWindow::new(MIN);
+        let t0 = Instant::now();
+        w.record(t0, 1, 600);
+        advance(Duration::from_secs(5)).await;
+        w.record(Instant::now(), 2, 300);
+        // 900 of 1000 used: 200 more must wait until entry 1 (600) leaves
+        assert_eq!(w.free_at(Instant::now(), 1000, 200), t0 + MIN);
+        // the first request really used 50 tokens
+        w.settle(1, 50);
+        assert_eq!(w.used(Instant::now()), 350);
+        assert_eq!(w.free_at(Instant::now(), 1000, 200), Instant::now());
+        // a request bigger than the limit fits once the window is empty
+        assert_eq!(
+            w.free_at(Instant::now(), 1000, 5000),
+            t0 + Duration::from_secs(65)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sliding_not_fixed_clock_window() {
+        let mut w = RateWindow::new(MIN);
+        // 2 at t=50s, 2 at t=70s: a fixed clock minute would allow 4 in [50,70]; the trailing
+        // window with limit 3 refuses the 4th at t=70s.
+        advance(Duration::from_secs(50)).await;
+        w.record(Instant::now(), 1, 1);
+        w.record(Instant::now(), 2, 1);
+        advance(Duration::from_secs(20)).await;
+        w.record(Instant::now(), 3, 1);
+        assert!(w.free_at(Instant::now(), 3, 1) > Instant::now());
+        assert_eq!(
+            w.next_expiry(),
+            Some(Instant::now() + Duration::from_secs(40))
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! A credential that must never be printed.
+
+/// An upstream key, client token or admin token. `Debug` and `Display` print it masked, so a
+/// secret that ends up in a log line or an error by mistake still does not leak.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The raw value, for the one place that needs it (the upstream `Authorization` header or a
+    /// constant-time comparison).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `sk-…abcd`: a prefix up to the first dash and the last four characters, as admin listings
+    /// show keys. Short secrets show only `…`.
+    pub fn masked(&self) -> String {
+        let s = &self.0;
+        let chars: Vec<char> = s.chars().collect();
+        if chars.len() < 12 {
+            return "…".to_owned();
+        }
+        let prefix: String = match s.find('-') {
+            Some(i) if i <= 8 => s[..=i].to_owned(),
+            _ => String::new(),
+        };
+        let tail: String = chars[chars.len() - 4..].iter().collect();
+        format!("{prefix}…{tail}")
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({})", self.masked())
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths, so a client cannot learn
+/// a token byte by byte from response times.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        assert_eq!(Secret::new("sk-abcdefghijklmnop1234").masked(), "sk-…1234");
+        assert_eq!(Secret::new("short").masked(), "…");
+        assert_eq!(
+            format!("{:?}", Secret::new("r8_abcdefghijklmnopqrstuvwxyz")),
+            "Secret(…wxyz)"
+        );
+    }
+
+    #[test]
+    fn compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
