@@ -1,1 +1,20 @@
-//! stub
+//! The forwarding engine: everything between an accepted HTTP request and the upstream.
+//!
+//! Phases of a request (see [`http::proxy`]): `authenticate` (policy) → read and [`inspect`] the
+//! body once → `select_key` + `forward` in the attempt loop ([`forward`]) → relay the answer
+//! (whole, or a stream through [`relay`]) → `account` (one usage event per request, [`ctx`]).
+//! Providers sit behind one trait in [`adapter`].
+
+pub mod adapter;
+pub mod cooldown;
+pub mod ctx;
+pub mod forward;
+pub mod headers;
+pub mod http;
+pub mod inspect;
+pub mod relay;
+pub mod sse;
+
+pub use ctx::{LogSink, RequestCtx, UsageSink};
+pub use forward::{Engine, Reply};
+pub use http::Frontend;

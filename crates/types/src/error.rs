@@ -20,6 +20,8 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// No upstream key serves this model for this caller (404 `model_not_found`).
     ModelNotFound,
+    /// No such route (404 `unknown_url`).
+    NotFound,
     /// Every key that could serve the request is out of its configured rpm/tpm budget (429).
     PoolBudgetExhausted,
     /// Every key that could serve the request is cooling down after an upstream 429 (429).
@@ -52,6 +54,7 @@ impl ErrorKind {
             Self::InvalidRequest => (400, "invalid_request_error", "invalid_request"),
             Self::BodyTooLarge => (413, "invalid_request_error", "request_too_large"),
             Self::ModelNotFound => (404, "invalid_request_error", "model_not_found"),
+            Self::NotFound => (404, "invalid_request_error", "unknown_url"),
             Self::PoolBudgetExhausted => (429, "rate_limit_error", "pool_budget_exhausted"),
             Self::UpstreamRateLimited => (429, "rate_limit_error", "upstream_rate_limited"),
             Self::NoUsableKey => (503, "server_error", "no_usable_key"),

@@ -8,7 +8,7 @@ mod error;
 mod usage;
 
 pub use error::{ApiError, ErrorKind};
-pub use usage::Usage;
+pub use usage::{Usage, UsageEvent};
 
 mod secret;
 pub use secret::{Secret, constant_time_eq};

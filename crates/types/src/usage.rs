@@ -23,3 +23,27 @@ impl Usage {
         }
     }
 }
+
+/// One client request, as recorded for usage and monitoring. Contains no secret: the caller is a
+/// hash of its token (or a JWT subject), the key is its name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageEvent {
+    pub at: std::time::SystemTime,
+    /// `default` for `/v1/*`.
+    pub gateway: String,
+    /// Hashed client token (`tok-<12 hex>`), or `None` for anonymous callers.
+    pub caller: Option<String>,
+    pub model: String,
+    /// Name of the key that served the final attempt, if any was leased.
+    pub key: Option<String>,
+    pub attempts: u32,
+    /// Status sent to the client (for streams: the status of the response head).
+    pub status: u16,
+    pub stream: bool,
+    pub latency: std::time::Duration,
+    pub ttfb: Option<std::time::Duration>,
+    pub usage: Option<Usage>,
+    pub client_ip: Option<std::net::IpAddr>,
+    /// Error class when the request did not succeed (`upstream_5xx`, `client_cancelled`, ...).
+    pub error: Option<&'static str>,
+}

@@ -1,1 +1,122 @@
-//! stub
+//! The `keypool` binary's library: wires config, the key pool, the engine and the HTTP server.
+//!
+//! [`run`] serves one validated [`Config`] on an already-bound listener until `shutdown` fires,
+//! then drains in-flight requests and streams for up to `shutdown_grace`. `main.rs` only parses
+//! arguments, loads config and calls it; tests and `keypool demo` call it the same way.
+
+pub mod actors;
+pub mod app;
+pub mod demo;
+pub mod mock;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::{HttpServer, web};
+use keypool_config::{Config, StoreConfig};
+use keypool_policy::ClientAuth;
+use keypool_proxy::adapter::Adapters;
+use keypool_proxy::{Engine, Frontend, LogSink, UsageSink};
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::ActorHost;
+
+/// Installs the process-wide TLS provider reqwest needs; call once before building any client.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The upstream client each HTTP worker owns: pooled keep-alive connections, `TCP_NODELAY`.
+/// Timeouts are the engine's (per key and per phase), not the client's.
+fn upstream_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Warnings about a configuration that works but is probably not what the operator wants.
+fn startup_warnings(config: &Config, auth: &ClientAuth) {
+    if auth.is_open() {
+        tracing::warn!("NO `authorization` IS CONFIGURED: this gateway is open to anyone who can reach it");
+    }
+    for key in &config.upstreams {
+        if let Some(reason) = &key.unusable {
+            tracing::warn!(key = %key.name, "{reason}");
+        }
+    }
+    if config.upstreams.is_empty() {
+        tracing::warn!("no upstreams configured: every request will get 404 model_not_found");
+    }
+    if config.store != StoreConfig::None {
+        tracing::warn!("dbtype is set, but persistent usage storage is not built yet: usage is logged, not stored");
+    }
+}
+
+/// Serves `config` on `listener` until `shutdown` is cancelled.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let auth = Arc::new(ClientAuth::from_config(&config));
+    startup_warnings(&config, &auth);
+    let (actors, pool) = ActorHost::start(config.upstreams.clone(), config.lb_policy)?;
+    let engine = Arc::new(Engine {
+        config: config.clone(),
+        pool,
+        adapters: Adapters::new(),
+        requires_token: !auth.is_open(),
+    });
+    let sink: Arc<dyn UsageSink> = Arc::new(LogSink);
+    let addr = listener.local_addr()?;
+    let server = HttpServer::new(move || {
+        crate::app::app(web::Data::new(Frontend {
+            engine: engine.clone(),
+            auth: auth.clone(),
+            sink: sink.clone(),
+            client: upstream_client(),
+        }))
+    })
+    .disable_signals()
+    .shutdown_timeout(config.shutdown_grace.as_secs().max(1))
+    .on_connect(|conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            let _ = tcp.set_nodelay(true);
+        }
+    })
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        handle.stop(true).await;
+    });
+    tracing::info!(%addr, keys = config.upstreams.len(), "keypool listening");
+    server.await?;
+    actors.stop();
+    tracing::info!("keypool stopped");
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        token.cancel();
+    });
+}

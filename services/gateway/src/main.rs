@@ -1,1 +1,115 @@
-fn main() {}
+//! `keypool`: parse arguments, load and validate config, start logging, call the library.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keypool_gateway::mock::MockArgs;
+use tokio_util::sync::CancellationToken;
+
+/// keypool: an OpenAI-compatible gateway that spreads calls over a pool of upstream API keys.
+#[derive(Debug, Parser)]
+#[command(name = "keypool", version)]
+struct Cli {
+    /// Config file for the default `serve` (openai-api-route's `-config PATH` works too).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the gateway (the default command).
+    Serve {
+        /// Config file.
+        #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
+        config: PathBuf,
+    },
+    /// Three mock upstream keys and the gateway in one process, offline.
+    Demo {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8888")]
+        address: String,
+    },
+    /// Run the OpenAI-compatible mock upstream alone.
+    Mock(MockArgs),
+}
+
+/// Accepts Go-style `-config PATH` / `-config=PATH` as openai-api-route did.
+fn normalise_args() -> Vec<String> {
+    std::env::args()
+        .map(|a| {
+            if a == "-config" {
+                "--config".to_owned()
+            } else if let Some(rest) = a.strip_prefix("-config=") {
+                format!("--config={rest}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(normalise_args());
+    let command = cli.command.unwrap_or(Command::Serve {
+        config: cli.config.unwrap_or_else(|| PathBuf::from("./config.yaml")),
+    });
+    // Validate before anything binds a port.
+    let serve = match &command {
+        Command::Serve { config } => match keypool_config::load(config) {
+            Ok(cfg) => Some(cfg),
+            Err(e) => {
+                eprintln!("keypool: invalid config {}:\n{e}", config.display());
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    init_logging();
+    keypool_gateway::install_tls_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keypool: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        keypool_gateway::cancel_on_signals(shutdown.clone());
+        match (command, serve) {
+            (Command::Serve { .. }, Some(cfg)) => {
+                let listener = TcpListener::bind(&cfg.address)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.address))?;
+                println!("keypool listening on http://{}/v1", listener.local_addr()?);
+                keypool_gateway::run(cfg, listener, shutdown).await
+            }
+            (Command::Demo { address }, _) => keypool_gateway::demo::run(&address, shutdown).await,
+            (Command::Mock(args), _) => keypool_gateway::mock::run(args, shutdown).await,
+            (Command::Serve { .. }, None) => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keypool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Upstream adapters: one trait, one file per provider.
+//!
+//! An adapter turns one attempt into a request to its provider and hands back the answer in
+//! OpenAI's wire format (status, headers, body bytes or SSE), so the forwarding engine never asks
+//! which provider it is talking to. `openai` forwards as-is; `replicate` (a later issue) translates.
+
+mod openai;
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::Stream;
+use futures::future::BoxFuture;
+use keypool_config::{UpstreamKey, UpstreamKind};
+use reqwest::header::HeaderMap;
+
+pub use openai::OpenAiAdapter;
+
+/// A response body as it arrives.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, TransportError>> + Send>>;
+
+/// One attempt, as the engine asks an adapter to send it.
+pub struct AttemptRequest<'a> {
+    pub method: reqwest::Method,
+    /// Path after the `/v1` prefix, with the query string: `/chat/completions?x=1`.
+    pub path_and_query: &'a str,
+    /// Client headers already filtered for forwarding (never the client's credentials).
+    pub headers: &'a HeaderMap,
+    /// The client's own `Authorization` value, for `sk: asis` keys only.
+    pub client_authorization: Option<&'a reqwest::header::HeaderValue>,
+    pub body: Bytes,
+}
+
+/// The upstream's answer, head first; the body streams.
+pub struct UpstreamResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: BodyStream,
+}
+
+/// A failure below HTTP: the attempt got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("could not connect to the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream connection failed: {0}")]
+    Broken(String),
+}
+
+impl TransportError {
+    pub(crate) fn from_reqwest(e: &reqwest::Error) -> Self {
+        // the message of a reqwest error never includes request headers, so no secret leaks here
+        let text = std::error::Error::source(e).map_or_else(|| e.to_string(), ToString::to_string);
+        if e.is_connect() {
+            Self::Connect(text)
+        } else {
+            Self::Broken(text)
+        }
+    }
+}
+
+/// Sends attempts to one kind of provider.
+pub trait UpstreamAdapter: Send + Sync {
+    /// Sends `req` to `key`'s endpoint. Resolves when the response head arrived; the caller
+    /// bounds it with the key's timeout. `Err` means no HTTP answer at all.
+    fn send<'a>(
+        &'a self,
+        client: &'a reqwest::Client,
+        key: &'a UpstreamKey,
+        req: AttemptRequest<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>>;
+}
+
+/// The adapter for each provider.
+pub struct Adapters {
+    openai: OpenAiAdapter,
+}
+
+impl Adapters {
+    pub fn new() -> Self {
+        Self {
+            openai: OpenAiAdapter,
+        }
+    }
+
+    pub fn for_kind(&self, kind: UpstreamKind) -> &dyn UpstreamAdapter {
+        match kind {
+            // Replicate keys are loaded disabled until their adapter exists; the pool never
+            // leases them, so this arm is only reached by a bug and answers like OpenAI.
+            UpstreamKind::OpenAi | UpstreamKind::Replicate => &self.openai,
+        }
+    }
+}
+
+impl Default for Adapters {
+    fn default() -> Self {
+        Self::new()
+    }
+}

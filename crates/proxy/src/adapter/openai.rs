@@ -1,0 +1,58 @@
+//! The OpenAI adapter: the request goes to `{endpoint}{path}` as it came, with the key's bearer.
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, TryStreamExt};
+use keypool_config::UpstreamKey;
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+
+use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
+
+/// Forwards to OpenAI and OpenAI-compatible endpoints unchanged.
+pub struct OpenAiAdapter;
+
+impl UpstreamAdapter for OpenAiAdapter {
+    fn send<'a>(
+        &'a self,
+        client: &'a reqwest::Client,
+        key: &'a UpstreamKey,
+        req: AttemptRequest<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
+        async move {
+            let mut url = String::with_capacity(key.endpoint.len() + req.path_and_query.len());
+            url.push_str(&key.endpoint);
+            url.push_str(req.path_and_query);
+            let mut builder = client
+                .request(req.method, url)
+                .headers(req.headers.clone())
+                .body(req.body);
+            if key.passthrough_auth {
+                if let Some(v) = req.client_authorization {
+                    builder = builder.header(AUTHORIZATION, v.clone());
+                }
+            } else {
+                let mut bearer = String::with_capacity(7 + key.sk.expose().len());
+                bearer.push_str("Bearer ");
+                bearer.push_str(key.sk.expose());
+                let mut value = HeaderValue::from_str(&bearer)
+                    .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
+                value.set_sensitive(true);
+                builder = builder.header(AUTHORIZATION, value);
+            }
+            let resp = builder
+                .send()
+                .await
+                .map_err(|e| TransportError::from_reqwest(&e))?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp
+                .bytes_stream()
+                .map_err(|e| TransportError::from_reqwest(&e));
+            Ok(UpstreamResponse {
+                status,
+                headers,
+                body: Box::pin(body),
+            })
+        }
+        .boxed()
+    }
+}

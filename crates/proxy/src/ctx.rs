@@ -1,0 +1,137 @@
+//! [`RequestCtx`]: the per-request context every phase shares, and the request's one usage event.
+//!
+//! The context records exactly one [`UsageEvent`] per client request: when the engine answers,
+//! when a stream ends, or, if neither happened, when it is dropped — that is a client that went
+//! away (recorded as `client_cancelled` with status 499, never alerted).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use keypool_policy::Caller;
+use keypool_types::{Usage, UsageEvent};
+use reqwest::header::{HeaderMap, HeaderValue};
+use tokio::time::Instant;
+
+use crate::inspect::Inspected;
+
+/// Where finished requests' usage events go (the store's batched writer, or a log line).
+pub trait UsageSink: Send + Sync + 'static {
+    /// Takes one event. Must not block: the request path calls it.
+    fn record(&self, event: UsageEvent);
+}
+
+/// Logs each event at `info` (used when no store is configured).
+pub struct LogSink;
+
+impl UsageSink for LogSink {
+    fn record(&self, e: UsageEvent) {
+        let usage = e.usage.unwrap_or_default();
+        tracing::info!(
+            gateway = %e.gateway,
+            caller = e.caller.as_deref().unwrap_or("-"),
+            model = %e.model,
+            key = e.key.as_deref().unwrap_or("-"),
+            attempts = e.attempts,
+            status = e.status,
+            stream = e.stream,
+            latency_ms = e.latency.as_millis() as u64,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            error = e.error.unwrap_or("-"),
+            "request"
+        );
+    }
+}
+
+/// Status recorded for a client that disconnected before its answer was complete (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// What the phases know about one request.
+pub struct RequestCtx {
+    pub started: Instant,
+    pub method: reqwest::Method,
+    /// Client path, e.g. `/v1/chat/completions`.
+    pub path: Arc<str>,
+    /// Path after `/v1` plus the query: what the adapter appends to the endpoint.
+    pub upstream_path: String,
+    pub caller: Caller,
+    pub client_ip: Option<IpAddr>,
+    pub inspected: Inspected,
+    /// Headers to forward: (default set, `keep_header` set).
+    pub headers: (HeaderMap, HeaderMap),
+    /// The client's `Authorization`, for `sk: asis` keys.
+    pub client_authorization: Option<HeaderValue>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The key of the last attempt.
+    pub key: Option<String>,
+    pub ttfb: Option<Duration>,
+    sink: Arc<dyn UsageSink>,
+    gateway: &'static str,
+    accounted: bool,
+}
+
+impl RequestCtx {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        method: reqwest::Method,
+        path: Arc<str>,
+        upstream_path: String,
+        caller: Caller,
+        client_ip: Option<IpAddr>,
+        inspected: Inspected,
+        headers: (HeaderMap, HeaderMap),
+        client_authorization: Option<HeaderValue>,
+        sink: Arc<dyn UsageSink>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            started,
+            method,
+            path,
+            upstream_path,
+            caller,
+            client_ip,
+            inspected,
+            headers,
+            client_authorization,
+            attempts: 0,
+            key: None,
+            ttfb: None,
+            sink,
+            gateway: "default",
+            accounted: false,
+        }
+    }
+
+    /// Records this request's usage event (once; later calls are ignored).
+    pub fn account(&mut self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
+        if std::mem::replace(&mut self.accounted, true) {
+            return;
+        }
+        self.sink.record(UsageEvent {
+            at: SystemTime::now(),
+            gateway: self.gateway.to_owned(),
+            caller: self.caller.id.as_deref().map(str::to_owned),
+            model: self.inspected.model.clone(),
+            key: self.key.clone(),
+            attempts: self.attempts,
+            status,
+            stream: self.inspected.stream,
+            latency: self.started.elapsed(),
+            ttfb: self.ttfb,
+            usage,
+            client_ip: self.client_ip,
+            error,
+        });
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if !self.accounted {
+            self.account(CLIENT_CLOSED, None, Some("client_cancelled"));
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The attempt loop: `select_key` → `forward` → classify → fail over or answer.
+//!
+//! - Retry another key after: connect error, timeout (time to first byte for streams), 429, 5xx,
+//!   401/403 (the key is disabled). 400/404/413/422 and other 4xx are returned as they are.
+//! - When every attempt failed, the client gets the last upstream's real status and body; keypool
+//!   makes a 502/504 only when the last attempt had no HTTP answer at all.
+//! - While no key has budget, wait until the earliest one frees up (plus jitter that doubles with
+//!   each wait) if that is within `queue_timeout`; otherwise answer 429 with `Retry-After` at once.
+//! - Once a stream's first byte reached the client, there is no retry (see [`crate::relay`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use keypool_config::Config;
+use keypool_pool::{BusyCause, KeyPool, Lease, NoKey, Outcome, Pick};
+use keypool_types::{ApiError, ErrorKind};
+use reqwest::header::HeaderMap;
+use tokio::time::{Instant, sleep, timeout_at};
+
+use crate::adapter::{Adapters, AttemptRequest, BodyStream, UpstreamResponse};
+use crate::cooldown::cooldown;
+use crate::ctx::RequestCtx;
+use crate::inspect::response_usage;
+use crate::relay::Relay;
+
+/// The engine shared by all frontend workers.
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub pool: Addr<KeyPool>,
+    pub adapters: Adapters,
+    /// The default gateway accepts some token: anonymous callers that reach nothing get 401.
+    pub requires_token: bool,
+}
+
+/// What the engine answers.
+pub enum Reply {
+    /// A whole body (non-stream answers, upstream errors passed through).
+    Whole {
+        status: u16,
+        headers: HeaderMap,
+        body: Bytes,
+        key: Option<String>,
+    },
+    /// A stream that has produced its first byte.
+    Stream {
+        status: u16,
+        headers: HeaderMap,
+        relay: Relay,
+        key: String,
+    },
+    /// An error keypool makes itself.
+    Error { error: ApiError, key: Option<String> },
+}
+
+/// A failed attempt, kept in case it is the last.
+enum Failure {
+    /// The upstream answered with this status and body.
+    Upstream {
+        status: u16,
+        headers: HeaderMap,
+        body: Bytes,
+        key: String,
+    },
+    /// No HTTP answer.
+    Transport { error: ApiError, key: String },
+}
+
+impl Failure {
+    fn into_reply(self) -> Reply {
+        match self {
+            Self::Upstream {
+                status,
+                headers,
+                body,
+                key,
+            } => Reply::Whole {
+                status,
+                headers,
+                body,
+                key: Some(key),
+            },
+            Self::Transport { error, key } => Reply::Error {
+                error,
+                key: Some(key),
+            },
+        }
+    }
+}
+
+enum Attempt {
+    Done(Reply),
+    Failed(Failure),
+}
+
+/// How an upstream status drives failover.
+enum Class {
+    Success,
+    /// Return as-is; the key is fine.
+    Client,
+    /// Fail over; report this outcome for the key.
+    Retry(Outcome),
+}
+
+fn classify(status: u16, headers: &HeaderMap, passthrough_auth: bool) -> Class {
+    match status {
+        100..=399 => Class::Success,
+        401 | 403 if passthrough_auth => Class::Client,
+        401 | 403 => Class::Retry(Outcome::AuthFailed { status }),
+        429 => Class::Retry(Outcome::RateLimited {
+            cooldown: cooldown(
+                |name| headers.get(name).and_then(|v| v.to_str().ok()),
+                std::time::SystemTime::now(),
+            ),
+        }),
+        408 | 500..=599 => Class::Retry(Outcome::ServerError { status }),
+        _ => Class::Client,
+    }
+}
+
+/// Longest time spent reading the body of an upstream error before failing over.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Cap on the jitter added to waits.
+const MAX_JITTER: Duration = Duration::from_secs(1);
+
+/// Up to 10 ms · 2^(n-1), capped at [`MAX_JITTER`], uniformly random.
+fn jitter(n: u32) -> Duration {
+    let cap = Duration::from_millis(10u64 << n.saturating_sub(1).min(10)).min(MAX_JITTER);
+    cap.mul_f64(fastrand::f64())
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl Engine {
+    /// Runs the attempt loop for one request and records its usage event.
+    pub async fn forward(&self, client: &reqwest::Client, mut ctx: RequestCtx) -> Reply {
+        let reply = self.attempts(client, &mut ctx).await;
+        match &reply {
+            Reply::Whole { status, body, .. } => {
+                let usage = if *status < 400 { response_usage(body) } else { None };
+                let error = (*status >= 400).then_some(if *status >= 500 {
+                    "upstream_5xx"
+                } else {
+                    "upstream_4xx"
+                });
+                ctx.account(*status, usage, error);
+            }
+            Reply::Error { error, .. } => ctx.account(error.status(), None, Some(error.kind.wire().code)),
+            Reply::Stream { .. } => {}
+        }
+        match reply {
+            Reply::Stream {
+                status,
+                headers,
+                relay,
+                key,
+            } => Reply::Stream {
+                status,
+                headers,
+                relay: relay.with_ctx(ctx),
+                key,
+            },
+            other => other,
+        }
+    }
+
+    async fn attempts(&self, client: &reqwest::Client, ctx: &mut RequestCtx) -> Reply {
+        let queue_deadline = ctx.started + self.config.queue_timeout;
+        let max_attempts = self.config.retries.saturating_add(1);
+        let mut exclude = Vec::new();
+        let mut last: Option<Failure> = None;
+        let mut waits = 0u32;
+        while ctx.attempts < max_attempts {
+            let pick = Pick {
+                model: Arc::from(ctx.inspected.model.as_str()),
+                path: ctx.path.clone(),
+                caller: ctx.caller.token.clone(),
+                est_tokens: ctx.inspected.est_tokens,
+                exclude: exclude.clone(),
+            };
+            let lease = match self.pool.send(pick).await {
+                Ok(Ok(lease)) => lease,
+                Ok(Err(NoKey::Busy { until, cause })) => {
+                    let now = Instant::now();
+                    waits += 1;
+                    let wake = until + jitter(waits);
+                    if wake > queue_deadline {
+                        return last.map_or_else(|| busy(until - now, cause, &ctx.inspected.model), Failure::into_reply);
+                    }
+                    sleep(wake - now).await;
+                    continue;
+                }
+                Ok(Err(no)) => {
+                    return match last {
+                        Some(f) => f.into_reply(),
+                        None => Reply::Error {
+                            error: self.no_key(no, ctx),
+                            key: None,
+                        },
+                    };
+                }
+                Err(_) => {
+                    return Reply::Error {
+                        error: ApiError::new(ErrorKind::Internal, "The key pool is not running."),
+                        key: None,
+                    };
+                }
+            };
+            if ctx.attempts > 0 {
+                sleep(jitter(ctx.attempts)).await;
+            }
+            ctx.attempts += 1;
+            ctx.key = Some(lease.key.name.clone());
+            exclude.push(lease.key_id);
+            match self.attempt(client, ctx, lease).await {
+                Attempt::Done(reply) => return reply,
+                Attempt::Failed(f) => {
+                    tracing::debug!(attempt = ctx.attempts, "attempt failed; failing over");
+                    last = Some(f);
+                }
+            }
+        }
+        last.map_or_else(
+            || Reply::Error {
+                error: ApiError::new(ErrorKind::NoUsableKey, "No attempt could be made."),
+                key: None,
+            },
+            Failure::into_reply,
+        )
+    }
+
+    fn no_key(&self, no: NoKey, ctx: &RequestCtx) -> ApiError {
+        match no {
+            NoKey::NoneServes if ctx.caller.token.is_none() && self.requires_token => {
+                ApiError::new(ErrorKind::InvalidApiKey, "Missing or incorrect API key.")
+            }
+            NoKey::NoneServes => ApiError::new(
+                ErrorKind::ModelNotFound,
+                format!(
+                    "The model `{}` does not exist or you do not have access to it.",
+                    ctx.inspected.model
+                ),
+            ),
+            NoKey::AllDisabled => ApiError::new(
+                ErrorKind::NoUsableKey,
+                "Every upstream key that serves this model is disabled.",
+            ),
+            NoKey::Busy { .. } => ApiError::new(ErrorKind::Internal, "unexpected busy pool"),
+        }
+    }
+
+    /// One attempt on one leased key.
+    async fn attempt(&self, client: &reqwest::Client, ctx: &mut RequestCtx, lease: Lease) -> Attempt {
+        let key = lease.key.clone();
+        let stream = ctx.inspected.stream;
+        let started = Instant::now();
+        let deadline = started + if stream { key.stream_timeout } else { key.timeout };
+        let req = AttemptRequest {
+            method: ctx.method.clone(),
+            path_and_query: &ctx.upstream_path,
+            headers: if key.keep_header { &ctx.headers.1 } else { &ctx.headers.0 },
+            client_authorization: ctx.client_authorization.as_ref(),
+            body: ctx.inspected.body.clone(),
+        };
+        let adapter = self.adapters.for_kind(key.kind);
+        let resp = match timeout_at(deadline, adapter.send(client, &key, req)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                lease.settle(Outcome::Connect);
+                tracing::warn!(key = %key.name, error = %e, "upstream unreachable");
+                return Attempt::Failed(Failure::Transport {
+                    error: ApiError::new(ErrorKind::UpstreamUnreachable, e.to_string()),
+                    key: key.name.clone(),
+                });
+            }
+            Err(_) => return Attempt::Failed(timed_out(lease, stream)),
+        };
+        let UpstreamResponse {
+            status,
+            headers,
+            body,
+        } = resp;
+        ctx.ttfb = Some(ctx.started.elapsed());
+        match classify(status, &headers, key.passthrough_auth) {
+            Class::Success => {}
+            Class::Client => {
+                let body = read_body(body, deadline.min(Instant::now() + ERROR_BODY_TIMEOUT)).await;
+                lease.settle(Outcome::ClientError { status });
+                return Attempt::Done(Reply::Whole {
+                    status,
+                    headers,
+                    body: body.unwrap_or_default(),
+                    key: Some(key.name.clone()),
+                });
+            }
+            Class::Retry(outcome) => {
+                let body = read_body(body, Instant::now() + ERROR_BODY_TIMEOUT).await;
+                tracing::warn!(key = %key.name, status, outcome = outcome.label(), "upstream refused; failing over");
+                lease.settle(outcome);
+                return Attempt::Failed(Failure::Upstream {
+                    status,
+                    headers,
+                    body: body.unwrap_or_default(),
+                    key: key.name.clone(),
+                });
+            }
+        }
+        let is_sse = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        if stream && is_sse {
+            let relay = Relay::start(
+                body,
+                lease,
+                deadline,
+                self.config.idle_timeout,
+                ctx.inspected.strip_usage_chunk,
+                ctx.path.ends_with("/completions"),
+                status,
+            );
+            return match relay.await {
+                Ok(relay) => Attempt::Done(Reply::Stream {
+                    status,
+                    headers,
+                    relay,
+                    key: key.name.clone(),
+                }),
+                Err((lease, outcome)) => {
+                    let timeout = outcome == Outcome::Timeout;
+                    lease.settle(outcome);
+                    Attempt::Failed(Failure::Transport {
+                        error: if timeout {
+                            ApiError::new(ErrorKind::UpstreamTimeout, "The upstream sent no data in time.")
+                        } else {
+                            ApiError::new(ErrorKind::UpstreamUnreachable, "The upstream closed the stream before any data.")
+                        },
+                        key: key.name.clone(),
+                    })
+                }
+            };
+        }
+        let body_deadline = started + key.timeout;
+        match read_body(body, body_deadline).await {
+            Ok(body) => {
+                let tokens = response_usage(&body).map(|u| u.total());
+                lease.settle(Outcome::Success {
+                    tokens,
+                    latency: started.elapsed(),
+                });
+                Attempt::Done(Reply::Whole {
+                    status,
+                    headers,
+                    body,
+                    key: Some(key.name.clone()),
+                })
+            }
+            Err(BodyError::Timeout) => Attempt::Failed(timed_out(lease, false)),
+            Err(BodyError::Broken(e)) => {
+                lease.settle(Outcome::Connect);
+                Attempt::Failed(Failure::Transport {
+                    error: ApiError::new(ErrorKind::UpstreamUnreachable, e),
+                    key: key.name.clone(),
+                })
+            }
+        }
+    }
+}
+
+fn timed_out(lease: Lease, stream: bool) -> Failure {
+    let key = lease.key.name.clone();
+    let limit = if stream { lease.key.stream_timeout } else { lease.key.timeout };
+    lease.settle(Outcome::Timeout);
+    tracing::warn!(key = %key, "upstream timed out");
+    Failure::Transport {
+        error: ApiError::new(
+            ErrorKind::UpstreamTimeout,
+            format!("The upstream did not answer within {:.1} s.", limit.as_secs_f64()),
+        ),
+        key,
+    }
+}
+
+fn busy(wait: Duration, cause: BusyCause, model: &str) -> Reply {
+    let (kind, why) = match cause {
+        BusyCause::Budget => (
+            ErrorKind::PoolBudgetExhausted,
+            "every key that serves it is at its configured rpm/tpm budget",
+        ),
+        BusyCause::Cooling => (
+            ErrorKind::UpstreamRateLimited,
+            "every key that serves it was rate-limited by its upstream",
+        ),
+    };
+    let secs = ceil_secs(wait).max(1);
+    Reply::Error {
+        error: ApiError::new(
+            kind,
+            format!("Rate limit reached for `{model}`: {why}. Retry after {secs} s."),
+        )
+        .retry_after(secs),
+        key: None,
+    }
+}
+
+enum BodyError {
+    Timeout,
+    Broken(String),
+}
+
+/// Reads a whole body before `deadline`.
+async fn read_body(mut body: BodyStream, deadline: Instant) -> Result<Bytes, BodyError> {
+    let mut buf = BytesMut::new();
+    loop {
+        match timeout_at(deadline, body.next()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Ok(chunk))) => {
+                if buf.is_empty() && chunk.len() > 0 {
+                    // common case: the whole body in one chunk, no copy
+                    match timeout_at(deadline, body.next()).await {
+                        Err(_) => return Err(BodyError::Timeout),
+                        Ok(None) => return Ok(chunk),
+                        Ok(Some(Ok(next))) => {
+                            buf.extend_from_slice(&chunk);
+                            buf.extend_from_slice(&next);
+                        }
+                        Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
+                    }
+                } else {
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+            Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Request inspection: what the body says about model, streaming and size, read once.
+//!
+//! JSON bodies are peeked with a borrowed partial parse (unknown fields skipped, nothing copied);
+//! multipart bodies are scanned for their `model` field; other bodies fall back to the URL path.
+//! Only a stream that did not ask for usage is rewritten, to add `stream_options.include_usage`.
+
+use bytes::Bytes;
+use keypool_types::{ApiError, ErrorKind};
+use serde::Deserialize;
+
+/// What the forwarding engine needs to know about a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    /// JSON `model`, the multipart `model` field, or the URL path.
+    pub model: String,
+    pub stream: bool,
+    /// Tokens to reserve against tpm: a size-based prompt estimate plus `max_tokens`.
+    pub est_tokens: u64,
+    /// The body to send upstream (rewritten when usage had to be requested).
+    pub body: Bytes,
+    /// The client did not ask for the stream's usage chunk; keypool did, and strips it.
+    pub strip_usage_chunk: bool,
+}
+
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// Completion length assumed for tpm when the request names no `max_tokens`.
+const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidRequest, message)
+}
+
+/// Inspects a request body. `content_type` is the request's header (may be empty).
+pub fn inspect(path: &str, content_type: &str, body: Bytes) -> Result<Inspected, ApiError> {
+    let ct = content_type.to_ascii_lowercase();
+    // JSON by its content type, or by its first byte unless it says multipart (`curl -d` sends
+    // JSON labelled as a form).
+    let looks_json = ct.contains("json")
+        || (!ct.starts_with("multipart/") && matches!(body.first(), Some(b'{' | b'[')));
+    if looks_json && !body.is_empty() {
+        return inspect_json(path, body);
+    }
+    let model = if ct.starts_with("multipart/form-data") {
+        multipart_field(&ct, content_type, &body, "model")
+            .ok_or_else(|| bad("malformed multipart body: no boundary"))?
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(Inspected {
+        model: if model.is_empty() {
+            path.to_owned()
+        } else {
+            model
+        },
+        stream: false,
+        est_tokens: body.len() as u64 / 4,
+        body,
+        strip_usage_chunk: false,
+    })
+}
+
+fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
+    let peek: Peek<'_> = serde_json::from_slice(&body).map_err(|e| {
+        if std::str::from_utf8(&body).is_err() {
+            bad("The request body is not valid UTF-8.")
+        } else {
+            bad(format!("We could not parse the JSON body of your request: {e}"))
+        }
+    })?;
+    let model = peek
+        .model
+        .as_deref()
+        .filter(|m| !m.is_empty())
+        .unwrap_or(path)
+        .to_owned();
+    let stream = peek.stream.unwrap_or(false);
+    let completion = peek
+        .max_completion_tokens
+        .or(peek.max_tokens)
+        .unwrap_or(DEFAULT_COMPLETION_ESTIMATE);
+    let est_tokens = body.len() as u64 / 4 + completion;
+    let asked = peek
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    drop(peek);
+    let wants_usage_rewrite = stream
+        && !asked
+        && (path.ends_with("/chat/completions") || path.ends_with("/completions"));
+    let body = if wants_usage_rewrite {
+        request_usage(&body)?
+    } else {
+        body
+    };
+    Ok(Inspected {
+        model,
+        stream,
+        est_tokens,
+        body,
+        strip_usage_chunk: wants_usage_rewrite,
+    })
+}
+
+/// Sets `stream_options.include_usage: true`, keeping every other field as sent.
+fn request_usage(body: &[u8]) -> Result<Bytes, ApiError> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|_| bad("The request body must be a JSON object."))?;
+    let opts = v
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+    if !opts.is_object() {
+        *opts = serde_json::Value::Object(serde_json::Map::new());
+    }
+    if let Some(o) = opts.as_object_mut() {
+        o.insert("include_usage".into(), serde_json::Value::Bool(true));
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|_| bad("The request body could not be re-encoded."))
+}
+
+/// The value of the multipart field `name`: `None` when the content type has no boundary,
+/// `Some(None)` when the field is absent.
+fn multipart_field(ct_lower: &str, ct: &str, body: &[u8], name: &str) -> Option<Option<String>> {
+    let at = ct_lower.find("boundary=")? + "boundary=".len();
+    let boundary = ct[at..].split(';').next()?.trim().trim_matches('"');
+    if boundary.is_empty() {
+        return None;
+    }
+    let delimiter = format!("--{boundary}");
+    let needle = format!("name=\"{name}\"");
+    let text = String::from_utf8_lossy(body);
+    for part in text.split(delimiter.as_str()) {
+        let Some((head, value)) = part.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let disposition = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition"));
+        if disposition.is_some_and(|d| d.contains(&needle)) {
+            return Some(Some(value.trim_end_matches("\r\n").trim().to_owned()));
+        }
+    }
+    Some(None)
+}
+
+/// `usage` of a non-stream JSON response, if any.
+pub fn response_usage(body: &[u8]) -> Option<keypool_types::Usage> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        usage: Option<keypool_types::Usage>,
+    }
+    if body.first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_model_stream_and_estimate() {
+        let body = Bytes::from_static(br#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[]}"#);
+        let i = inspect("/v1/chat/completions", "application/json", body.clone()).unwrap();
+        assert_eq!(i.model, "gpt-4o-mini");
+        assert!(!i.stream);
+        assert_eq!(i.est_tokens, body.len() as u64 / 4 + 100);
+        assert_eq!(i.body, body, "non-stream bodies pass unchanged");
+    }
+
+    #[test]
+    fn stream_without_usage_is_rewritten_once() {
+        let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#);
+        let i = inspect("/v1/chat/completions", "application/json", body).unwrap();
+        assert!(i.stream && i.strip_usage_chunk);
+        let v: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["content"], "hi");
+        let asked = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
+        let j = inspect("/v1/chat/completions", "application/json", asked.clone()).unwrap();
+        assert!(!j.strip_usage_chunk);
+        assert_eq!(j.body, asked);
+    }
+
+    #[test]
+    fn multipart_model_field() {
+        let body = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF....\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ--\r\n";
+        let i = inspect(
+            "/v1/audio/transcriptions",
+            "multipart/form-data; boundary=XyZ",
+            Bytes::from(body),
+        )
+        .unwrap();
+        assert_eq!(i.model, "whisper-1");
+        let no_model = "--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--b--\r\n";
+        let j = inspect(
+            "/v1/audio/transcriptions",
+            "multipart/form-data; boundary=\"b\"",
+            Bytes::from(no_model),
+        )
+        .unwrap();
+        assert_eq!(j.model, "/v1/audio/transcriptions");
+        assert!(inspect("/v1/x", "multipart/form-data", Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn json_sniffed_when_mislabelled() {
+        let e = inspect(
+            "/v1/chat/completions",
+            "application/x-www-form-urlencoded",
+            Bytes::from_static(b"{\"model\":"),
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn path_when_no_body() {
+        let i = inspect("/v1/models", "", Bytes::new()).unwrap();
+        assert_eq!(i.model, "/v1/models");
+    }
+
+    #[test]
+    fn bad_json_and_bad_utf8_are_400() {
+        let e = inspect("/v1/chat/completions", "application/json", Bytes::from_static(b"{\"model\":"))
+            .unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.message.contains("JSON"));
+        let e = inspect(
+            "/v1/chat/completions",
+            "application/json",
+            Bytes::from_static(b"{\"model\":\"\xff\xfe\"}"),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("UTF-8"), "{}", e.message);
+        let e = inspect("/v1/chat/completions", "application/json", Bytes::from_static(b"{\"model\":5}"))
+            .unwrap_err();
+        assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn usage_of_a_response() {
+        let u = response_usage(br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#)
+            .unwrap();
+        assert_eq!(u.total(), 7);
+        assert!(response_usage(b"[]").is_none());
+    }
+}

@@ -1,0 +1,162 @@
+//! [`Relay`]: a stream being passed from one upstream to one client, event by event.
+//!
+//! Created once the first body chunk arrived within the key's `stream_timeout` (until then the
+//! engine may still fail over). From then on there is no retry: a gap longer than `idle_timeout`,
+//! a broken upstream connection, or a completion stream that ends without `data: [DONE]` ends the
+//! client's stream with an explicit error event. The relay settles its lease and records the
+//! request's usage when the stream ends; if the client goes away first, dropping the relay drops
+//! the upstream response (cancelling the upstream request) and records the cancellation.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use keypool_pool::{Lease, Outcome};
+use keypool_types::{ApiError, ErrorKind};
+use tokio::time::{Instant, timeout, timeout_at};
+
+use crate::adapter::BodyStream;
+use crate::ctx::RequestCtx;
+use crate::sse::{SseTap, error_event};
+
+/// A started stream.
+pub struct Relay {
+    upstream: BodyStream,
+    tap: SseTap,
+    lease: Option<Lease>,
+    ctx: Option<RequestCtx>,
+    idle: Duration,
+    /// Output of the first chunk, sent before anything else.
+    first: Option<Bytes>,
+    /// Completion streams must end with `data: [DONE]`; others (e.g. Responses API) need not.
+    require_done: bool,
+    status: u16,
+    started: Instant,
+    finished: bool,
+}
+
+impl Relay {
+    /// Waits for the first chunk until `first_byte_deadline`. On failure, hands the lease back
+    /// with the outcome, so the engine can settle it and fail over.
+    pub async fn start(
+        mut upstream: BodyStream,
+        lease: Lease,
+        first_byte_deadline: Instant,
+        idle: Duration,
+        strip_usage_chunk: bool,
+        require_done: bool,
+        status: u16,
+    ) -> Result<Self, (Lease, Outcome)> {
+        let started = Instant::now();
+        let first = match timeout_at(first_byte_deadline, upstream.next()).await {
+            Err(_) => return Err((lease, Outcome::Timeout)),
+            Ok(None) => return Err((lease, Outcome::StreamBroken)),
+            Ok(Some(Err(_))) => return Err((lease, Outcome::Connect)),
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        let mut tap = SseTap::new(strip_usage_chunk);
+        let first = tap.feed(&first);
+        Ok(Self {
+            upstream,
+            tap,
+            lease: Some(lease),
+            ctx: None,
+            idle,
+            first: Some(first),
+            require_done,
+            status,
+            started,
+            finished: false,
+        })
+    }
+
+    /// Attaches the request context that records the usage event when the stream ends.
+    #[must_use]
+    pub fn with_ctx(mut self, ctx: RequestCtx) -> Self {
+        self.ctx = Some(ctx);
+        self
+    }
+
+    /// The body to hand to the HTTP server.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static {
+        futures::stream::unfold(self, |mut relay| async move {
+            relay.next_bytes().await.map(|b| (Ok(b), relay))
+        })
+    }
+
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take()
+            && !first.is_empty()
+        {
+            return Some(first);
+        }
+        if self.finished {
+            return None;
+        }
+        loop {
+            match timeout(self.idle, self.upstream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    let out = self.tap.feed(&chunk);
+                    if !out.is_empty() {
+                        return Some(out);
+                    }
+                }
+                Ok(None) => {
+                    let rest = self.tap.finish();
+                    if self.tap.done || !self.require_done {
+                        self.complete();
+                        return (!rest.is_empty()).then_some(rest);
+                    }
+                    return Some(self.broken(rest, "The upstream ended the stream without [DONE]."));
+                }
+                Ok(Some(Err(e))) => {
+                    let rest = self.tap.finish();
+                    return Some(self.broken(rest, &format!("The upstream stream broke: {e}")));
+                }
+                Err(_) => {
+                    let rest = self.tap.finish();
+                    let why = format!(
+                        "The upstream sent no data for {:.1} s.",
+                        self.idle.as_secs_f64()
+                    );
+                    return Some(self.broken(rest, &why));
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self) {
+        self.finished = true;
+        let usage = self.tap.usage;
+        if let Some(lease) = self.lease.take() {
+            lease.settle(Outcome::Success {
+                tokens: usage.map(|u| u.total()),
+                latency: self.started.elapsed(),
+            });
+        }
+        if let Some(ctx) = self.ctx.as_mut() {
+            ctx.account(self.status, usage, None);
+        }
+    }
+
+    /// Ends the stream with an error event after whatever partial data was left.
+    fn broken(&mut self, rest: Bytes, why: &str) -> Bytes {
+        self.finished = true;
+        tracing::warn!(events = self.tap.events, "{why}");
+        if let Some(lease) = self.lease.take() {
+            lease.settle(Outcome::StreamBroken);
+        }
+        if let Some(ctx) = self.ctx.as_mut() {
+            ctx.account(self.status, self.tap.usage, Some("upstream_stream_broken"));
+        }
+        let event = error_event(&ApiError::new(ErrorKind::UpstreamStreamBroken, why));
+        let mut out = BytesMut::with_capacity(rest.len() + 2 + event.len());
+        out.extend_from_slice(&rest);
+        if !rest.is_empty() && !rest.ends_with(b"\n\n") {
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(&event);
+        out.freeze()
+    }
+}

@@ -1,0 +1,170 @@
+//! [`SseTap`]: watches an OpenAI event stream as it passes, event by event.
+//!
+//! It learns the exact usage from the `include_usage` chunk, notices `data: [DONE]`, and strips the
+//! usage chunk when keypool (not the client) asked for it. Complete events are released as soon as
+//! their terminating blank line arrives; a partial event waits only for the rest of itself.
+
+use bytes::{Bytes, BytesMut};
+use keypool_types::Usage;
+use serde::Deserialize;
+
+/// State of one stream's tap.
+#[derive(Debug, Default)]
+pub struct SseTap {
+    pending: BytesMut,
+    strip_usage_chunk: bool,
+    /// Usage reported by the stream (its last chunk).
+    pub usage: Option<Usage>,
+    /// `data: [DONE]` was seen: the stream ended properly.
+    pub done: bool,
+    /// Events released so far.
+    pub events: u64,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+impl SseTap {
+    pub fn new(strip_usage_chunk: bool) -> Self {
+        Self {
+            strip_usage_chunk,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds bytes from upstream; returns the bytes to send to the client now (possibly empty).
+    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        // Fast path: nothing pending and the chunk is exactly whole events.
+        let mut out = BytesMut::new();
+        self.pending.extend_from_slice(chunk);
+        while let Some((end, next)) = event_end(&self.pending) {
+            let event = self.pending.split_to(next);
+            if self.inspect(&event[..end]) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// What is left when the upstream ends (a partial event), to pass on as it is.
+    pub fn finish(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.pending);
+        if !rest.is_empty() {
+            self.inspect(&rest);
+        }
+        rest.freeze()
+    }
+
+    /// Looks at one event; returns whether it goes to the client.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        let mut keep = true;
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(data) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            let data = data.trim_ascii();
+            if data == b"[DONE]" {
+                self.done = true;
+                continue;
+            }
+            if !contains(data, b"\"usage\"") {
+                continue;
+            }
+            if let Ok(c) = serde_json::from_slice::<Chunk>(data)
+                && let Some(u) = c.usage
+            {
+                self.usage = Some(u);
+                if self.strip_usage_chunk && c.choices.is_none_or(|ch| ch.is_empty()) {
+                    keep = false;
+                }
+            }
+        }
+        if keep {
+            self.events += 1;
+        }
+        keep
+    }
+}
+
+/// End of the first complete event in `buf`: (end of its content, start of the next event).
+fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                return Some((i, i + 2));
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                return Some((i, i + 3));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The SSE event keypool sends when a stream breaks after it started: the `openai` SDKs raise an
+/// `APIError` on a `data:` event carrying an `error` object.
+pub fn error_event(err: &keypool_types::ApiError) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", err.to_json()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+    const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    #[test]
+    fn passes_events_and_reads_usage() {
+        let mut tap = SseTap::new(false);
+        let out = tap.feed(format!("{CHUNK}{USAGE}{DONE}").as_bytes());
+        assert_eq!(out, format!("{CHUNK}{USAGE}{DONE}").as_bytes());
+        assert_eq!(tap.usage.unwrap().total(), 7);
+        assert!(tap.done);
+    }
+
+    #[test]
+    fn strips_the_usage_chunk_keypool_asked_for() {
+        let mut tap = SseTap::new(true);
+        let mut out = Vec::new();
+        // split at awkward places: inside an event and inside its terminator
+        let all = format!("{CHUNK}{USAGE}{DONE}");
+        for piece in all.as_bytes().chunks(7) {
+            out.extend_from_slice(&tap.feed(piece));
+        }
+        out.extend_from_slice(&tap.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{CHUNK}{DONE}"));
+        assert_eq!(tap.usage.unwrap().prompt_tokens, 5);
+        assert!(tap.done);
+    }
+
+    #[test]
+    fn partial_event_waits_only_for_itself() {
+        let mut tap = SseTap::new(true);
+        assert!(tap.feed(b"data: {\"id\":").is_empty());
+        assert_eq!(tap.feed(b"1}\n\ndata: x").as_ref(), b"data: {\"id\":1}\n\n");
+        assert_eq!(tap.finish().as_ref(), b"data: x");
+        assert!(!tap.done);
+    }
+
+    #[test]
+    fn crlf_events() {
+        let mut tap = SseTap::new(false);
+        let out = tap.feed(b"data: a\r\n\r\ndata: [DONE]\r\n\r\n");
+        assert_eq!(out.as_ref(), b"data: a\r\n\r\ndata: [DONE]\r\n\r\n");
+        assert!(tap.done);
+    }
+}

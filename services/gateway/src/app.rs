@@ -1,0 +1,65 @@
+//! The HTTP stack of a frontend, declared in one place, top to bottom.
+
+use actix_web::http::header;
+use actix_web::middleware::DefaultHeaders;
+use actix_web::{App, HttpRequest, HttpResponse, guard, web};
+use keypool_proxy::http::{error_response, proxy};
+use keypool_proxy::Frontend;
+use keypool_types::{ApiError, ErrorKind};
+
+/// Builds one worker's app around its [`Frontend`].
+pub fn app(
+    frontend: web::Data<Frontend>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(frontend)
+        // CORS as openai-api-route does it: any origin may call; preflights answered here.
+        .wrap(
+            DefaultHeaders::new()
+                .add((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+                .add((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, PUT, PATCH, DELETE, OPTIONS")),
+        )
+        // liveness / readiness for load balancers
+        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+        // the default gateway: every method on /v1/*
+        .service(
+            web::resource("/v1/{tail:.*}")
+                .route(web::route().guard(guard::Options()).to(preflight))
+                .route(web::route().to(proxy)),
+        )
+        // anything else: an OpenAI-shaped 404
+        .default_service(web::to(not_found))
+}
+
+/// A CORS preflight: allow the headers the browser asks for (a `*` would not cover
+/// `Authorization`).
+async fn preflight(req: HttpRequest) -> HttpResponse {
+    let asked = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Authorization, Content-Type")
+        .to_owned();
+    HttpResponse::Ok()
+        .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, asked))
+        .insert_header((header::ACCESS_CONTROL_MAX_AGE, "86400"))
+        .finish()
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    error_response(
+        &ApiError::new(
+            ErrorKind::NotFound,
+            format!("Unknown request URL: {} {}. keypool serves /v1/*.", req.method(), req.path()),
+        ),
+        None,
+    )
+}
