@@ -1,1 +1,297 @@
-//! stub
+//! Test harness for black-box end-to-end tests: runs the real `keypool` binary on an ephemeral
+//! port against in-test mock upstreams, and drives it over real HTTP.
+//!
+//! ```ignore
+//! let a = mock("a", Behavior::default());
+//! let gw = Gateway::start(&config().token("t").key(&a, "").yaml()).await?;
+//! let resp = gw.chat("t", json!({"model": "gpt-4o-mini", ...})).await?;
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+pub use keypool_mock::{Behavior, MockServer};
+use serde_json::Value;
+
+/// The `keypool` binary built alongside this test (`target/<profile>/keypool`).
+pub fn keypool_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/<test> → target/debug/keypool
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    dir.join("keypool")
+}
+
+/// An HTTP client for tests (the TLS provider installed once).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Starts a mock upstream named `name` (must be inside a tokio runtime).
+pub fn mock(name: &str, behavior: Behavior) -> MockServer {
+    let b = Behavior {
+        name: name.to_owned(),
+        ..behavior
+    };
+    match MockServer::start(b) {
+        Ok(m) => m,
+        Err(e) => panic!("cannot start mock {name}: {e}"),
+    }
+}
+
+/// Builds a config YAML: top-level settings plus one upstream per mock.
+#[derive(Default)]
+pub struct ConfigBuilder {
+    top: Vec<String>,
+    upstreams: Vec<String>,
+}
+
+pub fn config() -> ConfigBuilder {
+    ConfigBuilder::default().set("dbtype", "none")
+}
+
+impl ConfigBuilder {
+    /// A top-level `key: value` line.
+    #[must_use]
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.top.retain(|l| !l.starts_with(&format!("{key}:")));
+        self.top.push(format!("{key}: {value}"));
+        self
+    }
+
+    #[must_use]
+    pub fn token(self, token: &str) -> Self {
+        self.set("authorization", token)
+    }
+
+    /// An upstream named after the mock, key `sk-test-<name>`, with extra flow-mapping fields
+    /// (e.g. `"rpm: 4, timeout: 1"`).
+    #[must_use]
+    pub fn key(mut self, mock: &MockServer, name: &str, extra: &str) -> Self {
+        let extra = if extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {extra}")
+        };
+        self.upstreams.push(format!(
+            "  - {{name: {name}, sk: sk-test-{name}-0123456789, endpoint: \"{}\"{extra}}}",
+            mock.url()
+        ));
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut s = self.top.join("\n");
+        s.push_str("\nupstreams:\n");
+        s.push_str(&self.upstreams.join("\n"));
+        s.push('\n');
+        s
+    }
+}
+
+/// A running `keypool serve` process.
+pub struct Gateway {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub origin: String,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    /// Writes `yaml` to a temp dir and starts `keypool serve` on `127.0.0.1:0`.
+    pub async fn start(yaml: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml)?;
+        Self::start_with(
+            dir,
+            &[
+                "serve",
+                "--config",
+                &path.display().to_string(),
+                "--address",
+                "127.0.0.1:0",
+            ],
+        )
+        .await
+    }
+
+    /// Starts `keypool <args>` and waits for its `... listening on http://...` line.
+    pub async fn start_with(dir: tempfile::TempDir, args: &[&str]) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(dir.path().join("keypool.log"))?;
+        let mut child = Command::new(keypool_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("spawning {}", keypool_bin().display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && let Some(url) = line.split("listening on ").nth(1) {
+                    let origin = url.trim().trim_end_matches("/v1").to_owned();
+                    let _ = tx.send(origin);
+                    sent = true;
+                }
+            }
+        });
+        let origin = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await?
+            .context("keypool did not report its address within 30 s")?;
+        Ok(Self {
+            child,
+            origin,
+            dir,
+            http: client(),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.origin)
+    }
+
+    /// `/v1` base URL, as SDKs want it.
+    pub fn base_url(&self) -> String {
+        self.url("/v1")
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// POSTs JSON to `/v1/chat/completions` with a bearer token.
+    pub async fn chat(&self, token: &str, body: Value) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await?)
+    }
+
+    /// What keypool logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keypool.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("keypool did not exit within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a JSON body.
+pub async fn json(resp: reqwest::Response) -> anyhow::Result<Value> {
+    let text = resp.text().await?;
+    serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+}
+
+/// The `x-keypool-upstream` header of a response.
+pub fn served_by(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("x-keypool-upstream")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// A minimal chat request.
+pub fn hello(model: &str) -> Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Hello there friend"}]})
+}
+
+/// A Python venv with `tests/python/requirements.txt` installed, shared by the tests of one
+/// target directory (`target/py-venv`). Built once; a half-built one is never used, because it
+/// is built under a temporary name and renamed into place.
+pub fn python_venv() -> anyhow::Result<PathBuf> {
+    let target = keypool_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .context("no target dir")?;
+    let venv = target.join("py-venv");
+    let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/python/requirements.txt");
+    let wanted = std::fs::read_to_string(requirements)?;
+    let stamp = venv.join("requirements.txt");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(venv);
+    }
+    let tmp = target.join(format!("py-venv.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&tmp)
+        .status()?
+        .success();
+    if !ok {
+        bail!("python3 -m venv failed");
+    }
+    let ok = Command::new(tmp.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            requirements,
+        ])
+        .status()?
+        .success();
+    if !ok {
+        bail!("pip install -r {requirements} failed");
+    }
+    std::fs::write(tmp.join("requirements.txt"), &wanted)?;
+    let _ = std::fs::remove_dir_all(&venv);
+    if std::fs::rename(&tmp, &venv).is_err() && !venv.exists() {
+        bail!("could not move the venv into place");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(venv)
+}

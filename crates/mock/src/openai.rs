@@ -27,7 +27,11 @@ async fn pause(ms: u64) {
 }
 
 /// Every request lands here.
-pub(crate) async fn dispatch(req: HttpRequest, body: Bytes, state: web::Data<State>) -> HttpResponse {
+pub(crate) async fn dispatch(
+    req: HttpRequest,
+    body: Bytes,
+    state: web::Data<State>,
+) -> HttpResponse {
     state.requests.fetch_add(1, Ordering::SeqCst);
     if state.record {
         let recorded = Recorded {
@@ -37,11 +41,19 @@ pub(crate) async fn dispatch(req: HttpRequest, body: Bytes, state: web::Data<Sta
             headers: req
                 .headers()
                 .iter()
-                .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect(),
             body: body.to_vec(),
         };
-        *state.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(recorded);
+        *state
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(recorded);
     }
     let b = state.behavior();
     if let Some(key) = &b.require_key {
@@ -51,16 +63,27 @@ pub(crate) async fn dispatch(req: HttpRequest, body: Bytes, state: web::Data<Sta
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if presented != format!("Bearer {key}") {
-            return error(401, "invalid_request_error", "invalid_api_key", "Incorrect API key provided.");
+            return error(
+                401,
+                "invalid_request_error",
+                "invalid_api_key",
+                "Incorrect API key provided.",
+            );
         }
     }
     pause(b.latency_ms).await;
     if let Some(status) = b.status {
-        let mut resp = error(status, "server_error", "mock_forced", &format!("mock forced status {status}"));
+        let mut resp = error(
+            status,
+            "server_error",
+            "mock_forced",
+            &format!("mock forced status {status}"),
+        );
         if let Some(ra) = &b.retry_after
             && let Ok(v) = actix_web::http::header::HeaderValue::from_str(ra)
         {
-            resp.headers_mut().insert(actix_web::http::header::RETRY_AFTER, v);
+            resp.headers_mut()
+                .insert(actix_web::http::header::RETRY_AFTER, v);
         }
         return resp;
     }
@@ -72,7 +95,12 @@ pub(crate) async fn dispatch(req: HttpRequest, body: Bytes, state: web::Data<Sta
         ("POST", "/audio/transcriptions") => {
             HttpResponse::Ok().json(json!({"text": format!("Hello from {}.", name(&b))}))
         }
-        _ => error(404, "invalid_request_error", "unknown_url", &format!("Unknown request URL: {}", req.path())),
+        _ => error(
+            404,
+            "invalid_request_error",
+            "unknown_url",
+            &format!("Unknown request URL: {}", req.path()),
+        ),
     }
 }
 
@@ -82,9 +110,14 @@ fn name(b: &Behavior) -> &str {
 
 fn models(b: &Behavior) -> HttpResponse {
     let ids = b.models.clone().unwrap_or_else(|| {
-        ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "whisper-1"]
-            .map(String::from)
-            .to_vec()
+        [
+            "gpt-4o-mini",
+            "gpt-4o",
+            "text-embedding-3-small",
+            "whisper-1",
+        ]
+        .map(String::from)
+        .to_vec()
     });
     let data: Vec<Value> = ids
         .iter()
@@ -96,11 +129,25 @@ fn models(b: &Behavior) -> HttpResponse {
 /// Parses a JSON body and checks its model; `Err` is the response to send.
 fn request(b: &Behavior, body: &[u8]) -> Result<(Value, String), HttpResponse> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
-        error(400, "invalid_request_error", "invalid_json", &format!("We could not parse the JSON body: {e}"))
+        error(
+            400,
+            "invalid_request_error",
+            "invalid_json",
+            &format!("We could not parse the JSON body: {e}"),
+        )
     })?;
-    let model = v.get("model").and_then(Value::as_str).unwrap_or("").to_owned();
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     if model.is_empty() {
-        return Err(error(400, "invalid_request_error", "missing_model", "you must provide a model parameter"));
+        return Err(error(
+            400,
+            "invalid_request_error",
+            "missing_model",
+            "you must provide a model parameter",
+        ));
     }
     if let Some(known) = &b.models
         && !known.contains(&model)
@@ -142,7 +189,10 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
         Ok(x) => x,
         Err(resp) => return resp,
     };
-    if v.get("temperature").and_then(Value::as_f64).is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+    if v.get("temperature")
+        .and_then(Value::as_f64)
+        .is_some_and(|t| !(0.0..=2.0).contains(&t))
+    {
         return error(
             400,
             "invalid_request_error",
@@ -157,8 +207,17 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
         "total_tokens": prompt_tokens(&v) + words.len() as u64,
     });
     if v.get("stream").and_then(Value::as_bool) == Some(true) {
-        let include_usage = v.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
-        return crate::openai::stream::respond(b, model, words, include_usage.then_some(usage), state);
+        let include_usage = v
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        return crate::openai::stream::respond(
+            b,
+            model,
+            words,
+            include_usage.then_some(usage),
+            state,
+        );
     }
     HttpResponse::Ok().json(json!({
         "id": "chatcmpl-mock",
@@ -209,7 +268,10 @@ fn base64_encode(raw: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(raw.len().div_ceil(3) * 4);
     for chunk in raw.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
         for i in 0..4 {
             if i <= chunk.len() {
                 out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);

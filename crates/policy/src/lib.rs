@@ -121,16 +121,27 @@ mod tests {
     fn tokens_and_bearer() {
         let a = auth("authorization: one,two\n");
         assert_eq!(
-            a.authenticate(Some(b"Bearer two")).unwrap().token.as_deref(),
+            a.authenticate(Some(b"Bearer two"))
+                .unwrap()
+                .token
+                .as_deref(),
             Some("two")
         );
         assert_eq!(
-            a.authenticate(Some(b"bearer  one ")).unwrap().token.as_deref(),
+            a.authenticate(Some(b"bearer  one "))
+                .unwrap()
+                .token
+                .as_deref(),
             Some("one")
         );
         let err = a.authenticate(Some(b"Bearer three")).unwrap_err();
         assert_eq!(err.status(), 401);
-        assert!(a.authenticate(None).unwrap_err().message.contains("Missing"));
+        assert!(
+            a.authenticate(None)
+                .unwrap_err()
+                .message
+                .contains("Missing")
+        );
     }
 
     #[test]
@@ -140,7 +151,9 @@ mod tests {
         );
         assert!(a.authenticate(Some(b"Bearer u")).is_ok());
         assert!(a.authenticate(None).is_err());
-        let open = auth("authorization: g\nupstreams:\n  - {sk: k, endpoint: 'http://x/v1', noauth: true}\n");
+        let open = auth(
+            "authorization: g\nupstreams:\n  - {sk: k, endpoint: 'http://x/v1', noauth: true}\n",
+        );
         assert_eq!(open.authenticate(None).unwrap().token, None);
         assert_eq!(open.authenticate(Some(b"Bearer nope")).unwrap().token, None);
     }

@@ -13,7 +13,9 @@ const CAP: Duration = Duration::from_secs(3600);
 /// lower-case name.
 pub fn cooldown<'a>(get: impl Fn(&str) -> Option<&'a str>, now: SystemTime) -> Option<Duration> {
     let candidates = [
-        get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()).and_then(|ms| secs(ms / 1000.0)),
+        get("retry-after-ms")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .and_then(|ms| secs(ms / 1000.0)),
         get("retry-after").and_then(|v| retry_after(v, now)),
         get("x-ratelimit-reset-requests").and_then(go_duration),
         get("x-ratelimit-reset-tokens").and_then(go_duration),
@@ -89,8 +91,14 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse(&[("retry-after", "5")]), Some(Duration::from_secs(5)));
-        assert_eq!(parse(&[("retry-after", " 1.5 ")]), Some(Duration::from_millis(1500)));
-        assert_eq!(parse(&[("retry-after-ms", "250")]), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse(&[("retry-after", " 1.5 ")]),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse(&[("retry-after-ms", "250")]),
+            Some(Duration::from_millis(250))
+        );
         // 2023-11-14T22:13:20Z is the epoch above; 30 s later:
         assert_eq!(
             parse(&[("retry-after", "Tue, 14 Nov 2023 22:13:50 GMT")]),
@@ -105,10 +113,22 @@ mod tests {
 
     #[test]
     fn openai_reset_headers() {
-        assert_eq!(parse(&[("x-ratelimit-reset-requests", "1m30s")]), Some(Duration::from_secs(90)));
-        assert_eq!(parse(&[("x-ratelimit-reset-tokens", "20ms")]), Some(Duration::from_millis(20)));
-        assert_eq!(parse(&[("x-ratelimit-reset-tokens", "6m0s")]), Some(Duration::from_secs(360)));
-        assert_eq!(parse(&[("x-ratelimit-reset-requests", "1.5s")]), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse(&[("x-ratelimit-reset-requests", "1m30s")]),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse(&[("x-ratelimit-reset-tokens", "20ms")]),
+            Some(Duration::from_millis(20))
+        );
+        assert_eq!(
+            parse(&[("x-ratelimit-reset-tokens", "6m0s")]),
+            Some(Duration::from_secs(360))
+        );
+        assert_eq!(
+            parse(&[("x-ratelimit-reset-requests", "1.5s")]),
+            Some(Duration::from_millis(1500))
+        );
         // the longest wins
         assert_eq!(
             parse(&[("retry-after", "2"), ("x-ratelimit-reset-requests", "7s")]),

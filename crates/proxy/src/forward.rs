@@ -52,7 +52,10 @@ pub enum Reply {
         key: String,
     },
     /// An error keypool makes itself.
-    Error { error: ApiError, key: Option<String> },
+    Error {
+        error: ApiError,
+        key: Option<String>,
+    },
 }
 
 /// A failed attempt, kept in case it is the last.
@@ -141,7 +144,11 @@ impl Engine {
         let reply = self.attempts(client, &mut ctx).await;
         match &reply {
             Reply::Whole { status, body, .. } => {
-                let usage = if *status < 400 { response_usage(body) } else { None };
+                let usage = if *status < 400 {
+                    response_usage(body)
+                } else {
+                    None
+                };
                 let error = (*status >= 400).then_some(if *status >= 500 {
                     "upstream_5xx"
                 } else {
@@ -149,7 +156,9 @@ impl Engine {
                 });
                 ctx.account(*status, usage, error);
             }
-            Reply::Error { error, .. } => ctx.account(error.status(), None, Some(error.kind.wire().code)),
+            Reply::Error { error, .. } => {
+                ctx.account(error.status(), None, Some(error.kind.wire().code))
+            }
             Reply::Stream { .. } => {}
         }
         match reply {
@@ -189,7 +198,10 @@ impl Engine {
                     waits += 1;
                     let wake = until + jitter(waits);
                     if wake > queue_deadline {
-                        return last.map_or_else(|| busy(until - now, cause, &ctx.inspected.model), Failure::into_reply);
+                        return last.map_or_else(
+                            || busy(until - now, cause, &ctx.inspected.model),
+                            Failure::into_reply,
+                        );
                     }
                     sleep(wake - now).await;
                     continue;
@@ -254,15 +266,29 @@ impl Engine {
     }
 
     /// One attempt on one leased key.
-    async fn attempt(&self, client: &reqwest::Client, ctx: &mut RequestCtx, lease: Lease) -> Attempt {
+    async fn attempt(
+        &self,
+        client: &reqwest::Client,
+        ctx: &mut RequestCtx,
+        lease: Lease,
+    ) -> Attempt {
         let key = lease.key.clone();
         let stream = ctx.inspected.stream;
         let started = Instant::now();
-        let deadline = started + if stream { key.stream_timeout } else { key.timeout };
+        let deadline = started
+            + if stream {
+                key.stream_timeout
+            } else {
+                key.timeout
+            };
         let req = AttemptRequest {
             method: ctx.method.clone(),
             path_and_query: &ctx.upstream_path,
-            headers: if key.keep_header { &ctx.headers.1 } else { &ctx.headers.0 },
+            headers: if key.keep_header {
+                &ctx.headers.1
+            } else {
+                &ctx.headers.0
+            },
             client_authorization: ctx.client_authorization.as_ref(),
             body: ctx.inspected.body.clone(),
         };
@@ -335,9 +361,15 @@ impl Engine {
                     lease.settle(outcome);
                     Attempt::Failed(Failure::Transport {
                         error: if timeout {
-                            ApiError::new(ErrorKind::UpstreamTimeout, "The upstream sent no data in time.")
+                            ApiError::new(
+                                ErrorKind::UpstreamTimeout,
+                                "The upstream sent no data in time.",
+                            )
                         } else {
-                            ApiError::new(ErrorKind::UpstreamUnreachable, "The upstream closed the stream before any data.")
+                            ApiError::new(
+                                ErrorKind::UpstreamUnreachable,
+                                "The upstream closed the stream before any data.",
+                            )
                         },
                         key: key.name.clone(),
                     })
@@ -373,13 +405,20 @@ impl Engine {
 
 fn timed_out(lease: Lease, stream: bool) -> Failure {
     let key = lease.key.name.clone();
-    let limit = if stream { lease.key.stream_timeout } else { lease.key.timeout };
+    let limit = if stream {
+        lease.key.stream_timeout
+    } else {
+        lease.key.timeout
+    };
     lease.settle(Outcome::Timeout);
     tracing::warn!(key = %key, "upstream timed out");
     Failure::Transport {
         error: ApiError::new(
             ErrorKind::UpstreamTimeout,
-            format!("The upstream did not answer within {:.1} s.", limit.as_secs_f64()),
+            format!(
+                "The upstream did not answer within {:.1} s.",
+                limit.as_secs_f64()
+            ),
         ),
         key,
     }

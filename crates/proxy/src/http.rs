@@ -30,7 +30,11 @@ pub struct Frontend {
 }
 
 /// Handles every `/v1/*` request.
-pub async fn proxy(req: HttpRequest, payload: web::Payload, fe: web::Data<Frontend>) -> HttpResponse {
+pub async fn proxy(
+    req: HttpRequest,
+    payload: web::Payload,
+    fe: web::Data<Frontend>,
+) -> HttpResponse {
     let started = Instant::now();
     match prepare(&req, payload, &fe, started).await {
         Ok(ctx) => respond(fe.engine.forward(&fe.client, ctx).await),
@@ -45,9 +49,11 @@ async fn prepare(
     fe: &Frontend,
     started: Instant,
 ) -> Result<RequestCtx, ApiError> {
-    let caller = fe
-        .auth
-        .authenticate(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes))?;
+    let caller = fe.auth.authenticate(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )?;
     let body = read_body(req, payload, fe.engine.config.max_body_bytes).await?;
     let content_type = req
         .headers()
@@ -86,7 +92,11 @@ async fn prepare(
 
 /// Reads the body once, refusing more than `limit` bytes (by `Content-Length` up front, or as it
 /// arrives) with 413.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorKind::BodyTooLarge,
@@ -104,7 +114,10 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| {
-            ApiError::new(ErrorKind::InvalidRequest, format!("Could not read the request body: {e}"))
+            ApiError::new(
+                ErrorKind::InvalidRequest,
+                format!("Could not read the request body: {e}"),
+            )
         })?;
         if buf.len() + chunk.len() > limit {
             return Err(too_large());

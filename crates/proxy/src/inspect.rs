@@ -84,7 +84,9 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
         if std::str::from_utf8(&body).is_err() {
             bad("The request body is not valid UTF-8.")
         } else {
-            bad(format!("We could not parse the JSON body of your request: {e}"))
+            bad(format!(
+                "We could not parse the JSON body of your request: {e}"
+            ))
         }
     })?;
     let model = peek
@@ -105,9 +107,8 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     drop(peek);
-    let wants_usage_rewrite = stream
-        && !asked
-        && (path.ends_with("/chat/completions") || path.ends_with("/completions"));
+    let wants_usage_rewrite =
+        stream && !asked && (path.ends_with("/chat/completions") || path.ends_with("/completions"));
     let body = if wants_usage_rewrite {
         request_usage(&body)?
     } else {
@@ -124,8 +125,8 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
 
 /// Sets `stream_options.include_usage: true`, keeping every other field as sent.
 fn request_usage(body: &[u8]) -> Result<Bytes, ApiError> {
-    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
-        .map_err(|_| bad("The request body must be a JSON object."))?;
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|_| bad("The request body must be a JSON object."))?;
     let opts = v
         .entry("stream_options")
         .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
@@ -193,13 +194,17 @@ mod tests {
 
     #[test]
     fn stream_without_usage_is_rewritten_once() {
-        let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#);
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
         let i = inspect("/v1/chat/completions", "application/json", body).unwrap();
         assert!(i.stream && i.strip_usage_chunk);
         let v: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["messages"][0]["content"], "hi");
-        let asked = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
+        let asked = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+        );
         let j = inspect("/v1/chat/completions", "application/json", asked.clone()).unwrap();
         assert!(!j.strip_usage_chunk);
         assert_eq!(j.body, asked);
@@ -245,8 +250,12 @@ mod tests {
 
     #[test]
     fn bad_json_and_bad_utf8_are_400() {
-        let e = inspect("/v1/chat/completions", "application/json", Bytes::from_static(b"{\"model\":"))
-            .unwrap_err();
+        let e = inspect(
+            "/v1/chat/completions",
+            "application/json",
+            Bytes::from_static(b"{\"model\":"),
+        )
+        .unwrap_err();
         assert_eq!(e.status(), 400);
         assert!(e.message.contains("JSON"));
         let e = inspect(
@@ -256,15 +265,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("UTF-8"), "{}", e.message);
-        let e = inspect("/v1/chat/completions", "application/json", Bytes::from_static(b"{\"model\":5}"))
-            .unwrap_err();
+        let e = inspect(
+            "/v1/chat/completions",
+            "application/json",
+            Bytes::from_static(b"{\"model\":5}"),
+        )
+        .unwrap_err();
         assert_eq!(e.status(), 400);
     }
 
     #[test]
     fn usage_of_a_response() {
-        let u = response_usage(br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#)
-            .unwrap();
+        let u = response_usage(
+            br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        )
+        .unwrap();
         assert_eq!(u.total(), 7);
         assert!(response_usage(b"[]").is_none());
     }

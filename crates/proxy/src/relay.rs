@@ -108,7 +108,9 @@ impl Relay {
                         self.complete();
                         return (!rest.is_empty()).then_some(rest);
                     }
-                    return Some(self.broken(rest, "The upstream ended the stream without [DONE]."));
+                    return Some(
+                        self.broken(rest, "The upstream ended the stream without [DONE]."),
+                    );
                 }
                 Ok(Some(Err(e))) => {
                     let rest = self.tap.finish();

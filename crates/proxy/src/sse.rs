@@ -123,7 +123,8 @@ pub fn error_event(err: &keypool_types::ApiError) -> Bytes {
 mod tests {
     use super::*;
 
-    const CHUNK: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+    const CHUNK: &str =
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
     const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
 

@@ -16,13 +16,18 @@ pub struct ActorHost {
 
 impl ActorHost {
     /// Starts the actor thread and the pool on it.
-    pub fn start(keys: Vec<Arc<UpstreamKey>>, policy: LbPolicy) -> std::io::Result<(Self, Addr<KeyPool>)> {
+    pub fn start(
+        keys: Vec<Arc<UpstreamKey>>,
+        policy: LbPolicy,
+    ) -> std::io::Result<(Self, Addr<KeyPool>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("keypool-actors".into())
             .spawn(move || {
                 let runner = actix_rt::System::new();
-                let started = runner.block_on(async { (KeyPool::start(&keys, policy), actix_rt::System::current()) });
+                let started = runner.block_on(async {
+                    (KeyPool::start(&keys, policy), actix_rt::System::current())
+                });
                 if tx.send(started).is_ok() {
                     let _ = runner.run();
                 }

@@ -3,8 +3,8 @@
 use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpRequest, HttpResponse, guard, web};
-use keypool_proxy::http::{error_response, proxy};
 use keypool_proxy::Frontend;
+use keypool_proxy::http::{error_response, proxy};
 use keypool_types::{ApiError, ErrorKind};
 
 /// Builds one worker's app around its [`Frontend`].
@@ -25,10 +25,16 @@ pub fn app(
         .wrap(
             DefaultHeaders::new()
                 .add((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
-                .add((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, PUT, PATCH, DELETE, OPTIONS")),
+                .add((
+                    header::ACCESS_CONTROL_ALLOW_METHODS,
+                    "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+                )),
         )
         // liveness / readiness for load balancers
-        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+        .route(
+            "/healthz",
+            web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+        )
         // the default gateway: every method on /v1/*
         .service(
             web::resource("/v1/{tail:.*}")
@@ -58,7 +64,11 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     error_response(
         &ApiError::new(
             ErrorKind::NotFound,
-            format!("Unknown request URL: {} {}. keypool serves /v1/*.", req.method(), req.path()),
+            format!(
+                "Unknown request URL: {} {}. keypool serves /v1/*.",
+                req.method(),
+                req.path()
+            ),
         ),
         None,
     )

@@ -21,9 +21,16 @@ pub async fn run(address: &str, shutdown: CancellationToken) -> anyhow::Result<(
     let upstreams: String = mocks
         .iter()
         .zip(["mock-a", "mock-b", "mock-c"])
-        .map(|(m, name)| format!("  - {{name: {name}, sk: sk-demo-{name}, endpoint: \"{}\", rpm: 600}}\n", m.url()))
+        .map(|(m, name)| {
+            format!(
+                "  - {{name: {name}, sk: sk-demo-{name}, endpoint: \"{}\", rpm: 600}}\n",
+                m.url()
+            )
+        })
         .collect();
-    let yaml = format!("authorization: {DEMO_TOKEN}\ndbtype: none\nlb_policy: least-used\nupstreams:\n{upstreams}");
+    let yaml = format!(
+        "authorization: {DEMO_TOKEN}\ndbtype: none\nlb_policy: least-used\nupstreams:\n{upstreams}"
+    );
     let config = keypool_config::from_yaml(&yaml)?;
     let listener = TcpListener::bind(address)?;
     let base = format!("http://{}/v1", listener.local_addr()?);

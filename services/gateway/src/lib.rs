@@ -40,7 +40,9 @@ fn upstream_client() -> reqwest::Client {
 /// Warnings about a configuration that works but is probably not what the operator wants.
 fn startup_warnings(config: &Config, auth: &ClientAuth) {
     if auth.is_open() {
-        tracing::warn!("NO `authorization` IS CONFIGURED: this gateway is open to anyone who can reach it");
+        tracing::warn!(
+            "NO `authorization` IS CONFIGURED: this gateway is open to anyone who can reach it"
+        );
     }
     for key in &config.upstreams {
         if let Some(reason) = &key.unusable {
@@ -51,12 +53,18 @@ fn startup_warnings(config: &Config, auth: &ClientAuth) {
         tracing::warn!("no upstreams configured: every request will get 404 model_not_found");
     }
     if config.store != StoreConfig::None {
-        tracing::warn!("dbtype is set, but persistent usage storage is not built yet: usage is logged, not stored");
+        tracing::warn!(
+            "dbtype is set, but persistent usage storage is not built yet: usage is logged, not stored"
+        );
     }
 }
 
 /// Serves `config` on `listener` until `shutdown` is cancelled.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let auth = Arc::new(ClientAuth::from_config(&config));
     startup_warnings(&config, &auth);

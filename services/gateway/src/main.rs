@@ -15,6 +15,9 @@ struct Cli {
     /// Config file for the default `serve` (openai-api-route's `-config PATH` works too).
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Listen address for the default `serve`, overriding the config's `address`.
+    #[arg(long, value_name = "HOST:PORT")]
+    address: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -26,6 +29,9 @@ enum Command {
         /// Config file.
         #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
         config: PathBuf,
+        /// Listen address, overriding the config's `address` (e.g. `127.0.0.1:0`).
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
     },
     /// Three mock upstream keys and the gateway in one process, offline.
     Demo {
@@ -57,6 +63,7 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -65,11 +72,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args());
     let command = cli.command.unwrap_or(Command::Serve {
         config: cli.config.unwrap_or_else(|| PathBuf::from("./config.yaml")),
+        address: cli.address,
     });
     // Validate before anything binds a port.
     let serve = match &command {
-        Command::Serve { config } => match keypool_config::load(config) {
-            Ok(cfg) => Some(cfg),
+        Command::Serve { config, address } => match keypool_config::load(config) {
+            Ok(mut cfg) => {
+                if let Some(a) = address {
+                    cfg.address.clone_from(a);
+                }
+                Some(cfg)
+            }
             Err(e) => {
                 eprintln!("keypool: invalid config {}:\n{e}", config.display());
                 return ExitCode::from(2);

@@ -51,15 +51,20 @@ pub(super) fn respond(
         json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut events = vec![event(&chunk(json!({"role": "assistant", "content": ""}), Value::Null))];
+    let mut events = vec![event(&chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ))];
     for (i, w) in words.iter().enumerate() {
         let text = if i == 0 { w.clone() } else { format!(" {w}") };
         events.push(event(&chunk(json!({"content": text}), Value::Null)));
     }
     events.push(event(&chunk(json!({}), json!("stop"))));
     if let Some(usage) = usage {
-        events.push(event(&json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
-                                  "created": 0, "model": model, "choices": [], "usage": usage})));
+        events.push(event(
+            &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                                  "created": 0, "model": model, "choices": [], "usage": usage}),
+        ));
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
     let plan = Plan {
@@ -77,12 +82,19 @@ pub(super) fn respond(
             drop(p);
             return None;
         }
-        let wait = if p.next == 0 { p.ttfb_ms } else { p.interval_ms };
+        let wait = if p.next == 0 {
+            p.ttfb_ms
+        } else {
+            p.interval_ms
+        };
         super::pause(wait).await;
         if p.cut_at == Some(p.next) {
             p.guard.done = true;
             p.next = p.events.len();
-            return Some((Err(std::io::Error::other("mock: connection cut mid-stream")), p));
+            return Some((
+                Err(std::io::Error::other("mock: connection cut mid-stream")),
+                p,
+            ));
         }
         let ev = p.events[p.next].clone();
         p.next += 1;

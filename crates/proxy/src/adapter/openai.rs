@@ -33,8 +33,9 @@ impl UpstreamAdapter for OpenAiAdapter {
                 let mut bearer = String::with_capacity(7 + key.sk.expose().len());
                 bearer.push_str("Bearer ");
                 bearer.push_str(key.sk.expose());
-                let mut value = HeaderValue::from_str(&bearer)
-                    .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
+                let mut value = HeaderValue::from_str(&bearer).map_err(|_| {
+                    TransportError::Connect("the key is not a valid header value".into())
+                })?;
                 value.set_sensitive(true);
                 builder = builder.header(AUTHORIZATION, value);
             }

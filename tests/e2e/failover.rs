@@ -1,0 +1,379 @@
+//! Failover, budgets and key health through the real binary.
+
+use std::time::{Duration, Instant};
+
+use keypool_e2e::{Behavior, Gateway, config, hello, json, mock, served_by};
+use serde_json::json;
+
+const T: &str = "client-token-abc";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_failover_past_a_500_and_a_slow_upstream() -> anyhow::Result<()> {
+    let broken = mock(
+        "broken",
+        Behavior {
+            status: Some(500),
+            ..Behavior::default()
+        },
+    );
+    let slow = mock(
+        "slow",
+        Behavior {
+            latency_ms: 3000,
+            ..Behavior::default()
+        },
+    );
+    let good = mock("good", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("lb_policy", "order")
+            .key(&broken, "broken", "")
+            .key(&slow, "slow", "timeout: 0.5")
+            .key(&good, "good", "")
+            .yaml(),
+    )
+    .await?;
+    let started = Instant::now();
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(served_by(&resp), "good");
+    let body = json(resp).await?;
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello from good the mock"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (broken.requests(), slow.requests(), good.requests()),
+        (1, 1, 1)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_is_returned_as_is_and_not_retried() -> anyhow::Result<()> {
+    let a = mock("a", Behavior::default());
+    let b = mock("b", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("lb_policy", "order")
+            .key(&a, "a", "")
+            .key(&b, "b", "")
+            .yaml(),
+    )
+    .await?;
+    let mut req = hello("gpt-4o-mini");
+    req["temperature"] = json!(5);
+    let resp = gw.chat(T, req).await?;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(served_by(&resp), "a");
+    let body = json(resp).await?;
+    assert_eq!(body["error"]["code"], "decimal_above_max_value");
+    assert_eq!((a.requests(), b.requests()), (1, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_all_fail_the_last_real_status_and_body_come_back() -> anyhow::Result<()> {
+    let a = mock(
+        "a",
+        Behavior {
+            status: Some(500),
+            ..Behavior::default()
+        },
+    );
+    let b = mock(
+        "b",
+        Behavior {
+            status: Some(503),
+            ..Behavior::default()
+        },
+    );
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("lb_policy", "order")
+            .key(&a, "a", "")
+            .key(&b, "b", "")
+            .yaml(),
+    )
+    .await?;
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(served_by(&resp), "b");
+    let body = json(resp).await?;
+    assert_eq!(body["error"]["message"], "mock forced status 503");
+    assert_eq!((a.requests(), b.requests()), (1, 1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failure_everywhere_is_a_502() -> anyhow::Result<()> {
+    // a port that refuses connections: bind, note the port, close
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let yaml = format!(
+        "authorization: {T}\ndbtype: none\nupstreams:\n  - {{name: dead, sk: sk-x, endpoint: \"http://127.0.0.1:{port}/v1\"}}\n"
+    );
+    let gw = Gateway::start(&yaml).await?;
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 502);
+    let body = json(resp).await?;
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_keys_at_rpm_4_serve_4_each_then_429_with_retry_after() -> anyhow::Result<()> {
+    let (a, b, c) = (
+        mock("a", Behavior::default()),
+        mock("b", Behavior::default()),
+        mock("c", Behavior::default()),
+    );
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("queue_timeout", "2")
+            .key(&a, "a", "rpm: 4")
+            .key(&b, "b", "rpm: 4")
+            .key(&c, "c", "rpm: 4")
+            .yaml(),
+    )
+    .await?;
+    for _ in 0..12 {
+        assert_eq!(gw.chat(T, hello("gpt-4o-mini")).await?.status(), 200);
+    }
+    assert_eq!((a.requests(), b.requests(), c.requests()), (4, 4, 4));
+    let started = Instant::now();
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"].to_str()?.parse()?;
+    assert!(
+        (55..=61).contains(&retry_after),
+        "retry-after {retry_after}"
+    );
+    let body = json(resp).await?;
+    assert_eq!(body["error"]["code"], "pool_budget_exhausted");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    // the earliest budget is a minute away, beyond queue_timeout: answered at once
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(a.requests() + b.requests() + c.requests(), 12);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queue_for_budget_that_frees_within_queue_timeout() -> anyhow::Result<()> {
+    let a = mock("a", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("queue_timeout", "5")
+            .set("lb_policy", "order")
+            .key(&a, "a", "rpm: 2")
+            .yaml(),
+    )
+    .await?;
+    // nothing frees within 5 s when the window is a minute: the third is refused at once...
+    for _ in 0..2 {
+        assert_eq!(gw.chat(T, hello("gpt-4o-mini")).await?.status(), 200);
+    }
+    assert_eq!(gw.chat(T, hello("gpt-4o-mini")).await?.status(), 429);
+    // ...while an upstream cooldown of 1 s is waited out within the queue timeout
+    let b = mock(
+        "b",
+        Behavior {
+            status: Some(429),
+            retry_after: Some("1".into()),
+            ..Behavior::default()
+        },
+    );
+    let gw2 = Gateway::start(
+        &config()
+            .token(T)
+            .set("queue_timeout", "5")
+            .key(&b, "b", "")
+            .yaml(),
+    )
+    .await?;
+    let first = gw2.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(
+        first.status(),
+        429,
+        "a lone key that answers 429 gives its own 429 back"
+    );
+    assert_eq!(
+        json(first).await?["error"]["message"],
+        "mock forced status 429"
+    );
+    b.set(Behavior {
+        name: "b".into(),
+        ..Behavior::default()
+    });
+    let started = Instant::now();
+    let second = gw2.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(second.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    assert_eq!(b.requests(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_429_cools_the_key_down_for_its_retry_after() -> anyhow::Result<()> {
+    let a = mock(
+        "a",
+        Behavior {
+            status: Some(429),
+            retry_after: Some("2".into()),
+            ..Behavior::default()
+        },
+    );
+    let b = mock("b", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("lb_policy", "order")
+            .key(&a, "a", "")
+            .key(&b, "b", "")
+            .yaml(),
+    )
+    .await?;
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(
+        (resp.status().as_u16(), served_by(&resp).as_str()),
+        (200, "b")
+    );
+    a.set(Behavior {
+        name: "a".into(),
+        ..Behavior::default()
+    });
+    for _ in 0..5 {
+        let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+        assert_eq!(served_by(&resp), "b", "a is cooling down");
+    }
+    assert_eq!(a.requests(), 1);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(served_by(&resp), "a", "a is back after its Retry-After");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_401_disables_the_key() -> anyhow::Result<()> {
+    let bad = mock(
+        "bad",
+        Behavior {
+            require_key: Some("a-different-key".into()),
+            ..Behavior::default()
+        },
+    );
+    let good = mock("good", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("lb_policy", "order")
+            .key(&bad, "bad", "")
+            .key(&good, "good", "")
+            .yaml(),
+    )
+    .await?;
+    for _ in 0..6 {
+        let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+        assert_eq!(
+            (resp.status().as_u16(), served_by(&resp).as_str()),
+            (200, "good")
+        );
+    }
+    assert_eq!(bad.requests(), 1, "a disabled key gets no more traffic");
+    assert!(
+        gw.logs().contains("disabling"),
+        "the log says the key was disabled"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_sees_the_key_never_the_client_token() -> anyhow::Result<()> {
+    let a = mock("a", Behavior::default());
+    let gw = Gateway::start(&config().token(T).key(&a, "a", "").yaml()).await?;
+    let resp = gw
+        .http()
+        .post(gw.url("/v1/chat/completions?trace=1"))
+        .bearer_auth(T)
+        .header("cookie", "session=secret-cookie")
+        .header("x-custom", "dropped-by-default")
+        .json(&hello("gpt-4o-mini"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let seen = a.last_request().expect("recorded");
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.query, "trace=1");
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer sk-test-a-0123456789")
+    );
+    assert_eq!(seen.header("cookie"), None);
+    assert_eq!(seen.header("x-custom"), None);
+    assert!(!String::from_utf8_lossy(&seen.body).contains(T));
+    let logs = gw.logs();
+    assert!(!logs.contains(T), "client token in logs");
+    assert!(!logs.contains("sk-test-a"), "upstream key in logs");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_header_forwards_client_headers_but_not_credentials() -> anyhow::Result<()> {
+    let a = mock("a", Behavior::default());
+    let gw = Gateway::start(&config().token(T).key(&a, "a", "keep_header: true").yaml()).await?;
+    gw.http()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(T)
+        .header("x-custom", "kept")
+        .header("x-api-key", "client-secret")
+        .json(&hello("gpt-4o-mini"))
+        .send()
+        .await?;
+    let seen = a.last_request().expect("recorded");
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+    assert_eq!(seen.header("x-api-key"), None);
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer sk-test-a-0123456789")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_used_spreads_and_per_key_authorization_restricts() -> anyhow::Result<()> {
+    let a = mock("a", Behavior::default());
+    let vip = mock("vip", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token("t1,t2")
+            .key(&a, "a", "")
+            .key(&vip, "vip", "authorization: t2")
+            .yaml(),
+    )
+    .await?;
+    for _ in 0..4 {
+        assert_eq!(served_by(&gw.chat("t1", hello("gpt-4o-mini")).await?), "a");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(served_by(&gw.chat("t2", hello("gpt-4o-mini")).await?));
+    }
+    assert!(seen.contains("vip"), "t2 may use vip: {seen:?}");
+    assert_eq!(vip.requests() + a.requests(), 8);
+    Ok(())
+}
