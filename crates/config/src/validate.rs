@@ -185,8 +185,7 @@ fn validate_upstream(
             String::new()
         }
     };
-    if !endpoint.is_empty()
-        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    if !endpoint.is_empty() && !endpoint.starts_with("http://") && !endpoint.starts_with("https://")
     {
         errs.push(
             format!("{path}.endpoint"),
@@ -287,8 +286,10 @@ fn derived_name(endpoint: &str, sk: &str) -> String {
         .unwrap_or("upstream")
         .replace(':', "_");
     let digest = Sha256::digest(sk.as_bytes());
-    let fp: String = digest.iter().take(3).map(|b| format!("{b:02x}")).collect();
-    format!("{host}-{fp}")
+    let [a, b, c, ..] = digest.as_slice() else {
+        return host;
+    };
+    format!("{host}-{a:02x}{b:02x}{c:02x}")
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ fn models(b: &Behavior) -> HttpResponse {
 }
 
 /// Parses a JSON body and checks its model; `Err` is the response to send.
-fn request(b: &Behavior, body: &[u8]) -> Result<(Value, String), HttpResponse> {
+fn request(b: &Behavior, body: &[u8]) -> Result<(Value, String), Box<HttpResponse>> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         error(
             400,
@@ -142,22 +142,22 @@ fn request(b: &Behavior, body: &[u8]) -> Result<(Value, String), HttpResponse> {
         .unwrap_or("")
         .to_owned();
     if model.is_empty() {
-        return Err(error(
+        return Err(Box::new(error(
             400,
             "invalid_request_error",
             "missing_model",
             "you must provide a model parameter",
-        ));
+        )));
     }
     if let Some(known) = &b.models
         && !known.contains(&model)
     {
-        return Err(error(
+        return Err(Box::new(error(
             404,
             "invalid_request_error",
             "model_not_found",
             &format!("The model `{model}` does not exist or you do not have access to it."),
-        ));
+        )));
     }
     Ok((v, model))
 }
@@ -187,7 +187,7 @@ fn reply_words(b: &Behavior) -> Vec<String> {
 fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
     let (v, model) = match request(b, body) {
         Ok(x) => x,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if v.get("temperature")
         .and_then(Value::as_f64)
@@ -213,8 +213,8 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
             == Some(true);
         return crate::openai::stream::respond(
             b,
-            model,
-            words,
+            &model,
+            &words,
             include_usage.then_some(usage),
             state,
         );
@@ -236,7 +236,7 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
 fn embeddings(b: &Behavior, body: &[u8]) -> HttpResponse {
     let (v, model) = match request(b, body) {
         Ok(x) => x,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let inputs = match v.get("input") {
         Some(Value::Array(items)) => items.len(),

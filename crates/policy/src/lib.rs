@@ -30,8 +30,13 @@ impl Caller {
 pub fn caller_id(token: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(token.as_bytes());
-    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    format!("tok-{hex}")
+    let mut id = String::with_capacity(16);
+    id.push_str("tok-");
+    for b in digest.iter().take(6) {
+        use std::fmt::Write;
+        let _ = write!(id, "{b:02x}");
+    }
+    id
 }
 
 /// The default gateway's client authentication.

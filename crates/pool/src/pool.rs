@@ -74,7 +74,8 @@ pub struct Lease {
     pub key_id: u64,
     pub key: Arc<UpstreamKey>,
     addr: Addr<KeyActor>,
-    lease_id: u64,
+    /// The key actor's id of this reservation.
+    id: u64,
     settled: bool,
 }
 
@@ -82,7 +83,7 @@ impl Lease {
     pub fn settle(mut self, outcome: Outcome) {
         self.settled = true;
         self.addr.do_send(Settle {
-            lease_id: self.lease_id,
+            lease_id: self.id,
             outcome,
         });
     }
@@ -92,7 +93,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if !self.settled {
             self.addr.do_send(Settle {
-                lease_id: self.lease_id,
+                lease_id: self.id,
                 outcome: Outcome::Cancelled,
             });
         }
@@ -157,7 +158,7 @@ impl Handler<Pick> for KeyPool {
                             key_id: k.id,
                             key: k.key,
                             addr: k.addr,
-                            lease_id,
+                            id: lease_id,
                             settled: false,
                         });
                     }

@@ -48,7 +48,7 @@ pub enum Reply {
     Stream {
         status: u16,
         headers: HeaderMap,
-        relay: Relay,
+        relay: Box<Relay>,
         key: String,
     },
     /// An error keypool makes itself.
@@ -157,7 +157,7 @@ impl Engine {
                 ctx.account(*status, usage, error);
             }
             Reply::Error { error, .. } => {
-                ctx.account(error.status(), None, Some(error.kind.wire().code))
+                ctx.account(error.status(), None, Some(error.kind.wire().code));
             }
             Reply::Stream { .. } => {}
         }
@@ -170,7 +170,7 @@ impl Engine {
             } => Reply::Stream {
                 status,
                 headers,
-                relay: relay.with_ctx(ctx),
+                relay: Box::new(relay.with_ctx(ctx)),
                 key,
             },
             other => other,
@@ -210,7 +210,7 @@ impl Engine {
                     return match last {
                         Some(f) => f.into_reply(),
                         None => Reply::Error {
-                            error: self.no_key(no, ctx),
+                            error: self.no_key(&no, ctx),
                             key: None,
                         },
                     };
@@ -245,7 +245,7 @@ impl Engine {
         )
     }
 
-    fn no_key(&self, no: NoKey, ctx: &RequestCtx) -> ApiError {
+    fn no_key(&self, no: &NoKey, ctx: &RequestCtx) -> ApiError {
         match no {
             NoKey::NoneServes if ctx.caller.token.is_none() && self.requires_token => {
                 ApiError::new(ErrorKind::InvalidApiKey, "Missing or incorrect API key.")
@@ -353,7 +353,7 @@ impl Engine {
                 Ok(relay) => Attempt::Done(Reply::Stream {
                     status,
                     headers,
-                    relay,
+                    relay: Box::new(relay),
                     key: key.name.clone(),
                 }),
                 Err((lease, outcome)) => {
@@ -451,26 +451,21 @@ enum BodyError {
     Broken(String),
 }
 
-/// Reads a whole body before `deadline`.
+/// Reads a whole body before `deadline`. A body that came in one chunk is returned uncopied.
 async fn read_body(mut body: BodyStream, deadline: Instant) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     loop {
         match timeout_at(deadline, body.next()).await {
             Err(_) => return Err(BodyError::Timeout),
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(first.unwrap_or_else(|| buf.freeze())),
             Ok(Some(Ok(chunk))) => {
-                if buf.is_empty() && chunk.len() > 0 {
-                    // common case: the whole body in one chunk, no copy
-                    match timeout_at(deadline, body.next()).await {
-                        Err(_) => return Err(BodyError::Timeout),
-                        Ok(None) => return Ok(chunk),
-                        Ok(Some(Ok(next))) => {
-                            buf.extend_from_slice(&chunk);
-                            buf.extend_from_slice(&next);
-                        }
-                        Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
-                    }
+                if first.is_none() && buf.is_empty() {
+                    first = Some(chunk);
                 } else {
+                    if let Some(f) = first.take() {
+                        buf.extend_from_slice(&f);
+                    }
                     buf.extend_from_slice(&chunk);
                 }
             }

@@ -60,9 +60,9 @@ pub fn inspect(path: &str, content_type: &str, body: Bytes) -> Result<Inspected,
         return inspect_json(path, body);
     }
     let model = if ct.starts_with("multipart/form-data") {
-        multipart_field(&ct, content_type, &body, "model")
-            .ok_or_else(|| bad("malformed multipart body: no boundary"))?
-            .unwrap_or_default()
+        let boundary = multipart_boundary(&ct, content_type)
+            .ok_or_else(|| bad("malformed multipart body: no boundary"))?;
+        multipart_field(boundary, &body, "model").unwrap_or_default()
     } else {
         String::new()
     };
@@ -141,29 +141,27 @@ fn request_usage(body: &[u8]) -> Result<Bytes, ApiError> {
         .map_err(|_| bad("The request body could not be re-encoded."))
 }
 
-/// The value of the multipart field `name`: `None` when the content type has no boundary,
-/// `Some(None)` when the field is absent.
-fn multipart_field(ct_lower: &str, ct: &str, body: &[u8], name: &str) -> Option<Option<String>> {
+/// The boundary of a `multipart/form-data` content type (`ct_lower` is `ct` lower-cased).
+fn multipart_boundary<'a>(ct_lower: &str, ct: &'a str) -> Option<&'a str> {
     let at = ct_lower.find("boundary=")? + "boundary=".len();
     let boundary = ct[at..].split(';').next()?.trim().trim_matches('"');
-    if boundary.is_empty() {
-        return None;
-    }
+    (!boundary.is_empty()).then_some(boundary)
+}
+
+/// The value of the multipart field `name`, if present.
+fn multipart_field(boundary: &str, body: &[u8], name: &str) -> Option<String> {
     let delimiter = format!("--{boundary}");
     let needle = format!("name=\"{name}\"");
     let text = String::from_utf8_lossy(body);
-    for part in text.split(delimiter.as_str()) {
-        let Some((head, value)) = part.split_once("\r\n\r\n") else {
-            continue;
-        };
+    text.split(delimiter.as_str()).find_map(|part| {
+        let (head, value) = part.split_once("\r\n\r\n")?;
         let disposition = head
             .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition"));
-        if disposition.is_some_and(|d| d.contains(&needle)) {
-            return Some(Some(value.trim_end_matches("\r\n").trim().to_owned()));
-        }
-    }
-    Some(None)
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))?;
+        disposition
+            .contains(&needle)
+            .then(|| value.trim_end_matches("\r\n").trim().to_owned())
+    })
 }
 
 /// `usage` of a non-stream JSON response, if any.

@@ -79,7 +79,7 @@ impl Relay {
     }
 
     /// The body to hand to the HTTP server.
-    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static {
+    pub fn into_stream(self: Box<Self>) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static {
         futures::stream::unfold(self, |mut relay| async move {
             relay.next_bytes().await.map(|b| (Ok(b), relay))
         })
@@ -109,12 +109,12 @@ impl Relay {
                         return (!rest.is_empty()).then_some(rest);
                     }
                     return Some(
-                        self.broken(rest, "The upstream ended the stream without [DONE]."),
+                        self.broken(&rest, "The upstream ended the stream without [DONE]."),
                     );
                 }
                 Ok(Some(Err(e))) => {
                     let rest = self.tap.finish();
-                    return Some(self.broken(rest, &format!("The upstream stream broke: {e}")));
+                    return Some(self.broken(&rest, &format!("The upstream stream broke: {e}")));
                 }
                 Err(_) => {
                     let rest = self.tap.finish();
@@ -122,7 +122,7 @@ impl Relay {
                         "The upstream sent no data for {:.1} s.",
                         self.idle.as_secs_f64()
                     );
-                    return Some(self.broken(rest, &why));
+                    return Some(self.broken(&rest, &why));
                 }
             }
         }
@@ -143,7 +143,7 @@ impl Relay {
     }
 
     /// Ends the stream with an error event after whatever partial data was left.
-    fn broken(&mut self, rest: Bytes, why: &str) -> Bytes {
+    fn broken(&mut self, rest: &[u8], why: &str) -> Bytes {
         self.finished = true;
         tracing::warn!(events = self.tap.events, "{why}");
         if let Some(lease) = self.lease.take() {
@@ -154,7 +154,7 @@ impl Relay {
         }
         let event = error_event(&ApiError::new(ErrorKind::UpstreamStreamBroken, why));
         let mut out = BytesMut::with_capacity(rest.len() + 2 + event.len());
-        out.extend_from_slice(&rest);
+        out.extend_from_slice(rest);
         if !rest.is_empty() && !rest.ends_with(b"\n\n") {
             out.extend_from_slice(b"\n\n");
         }

@@ -18,16 +18,15 @@ pub async fn run(address: &str, shutdown: CancellationToken) -> anyhow::Result<(
             ..Behavior::default()
         })?);
     }
-    let upstreams: String = mocks
-        .iter()
-        .zip(["mock-a", "mock-b", "mock-c"])
-        .map(|(m, name)| {
-            format!(
-                "  - {{name: {name}, sk: sk-demo-{name}, endpoint: \"{}\", rpm: 600}}\n",
-                m.url()
-            )
-        })
-        .collect();
+    let mut upstreams = String::new();
+    for (m, name) in mocks.iter().zip(["mock-a", "mock-b", "mock-c"]) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            upstreams,
+            "  - {{name: {name}, sk: sk-demo-{name}, endpoint: \"{}\", rpm: 600}}",
+            m.url()
+        );
+    }
     let yaml = format!(
         "authorization: {DEMO_TOKEN}\ndbtype: none\nlb_policy: least-used\nupstreams:\n{upstreams}"
     );

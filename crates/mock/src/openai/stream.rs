@@ -42,8 +42,8 @@ fn event(v: &Value) -> Bytes {
 
 pub(super) fn respond(
     b: &Behavior,
-    model: String,
-    words: Vec<String>,
+    model: &str,
+    words: &[String],
     usage: Option<Value>,
     state: Arc<State>,
 ) -> HttpResponse {
