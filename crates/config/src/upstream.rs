@@ -56,6 +56,8 @@ pub struct UpstreamKey {
     pub passthrough_auth: bool,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub endpoint: String,
+    /// `endpoint`, parsed once (the request path appends to its path).
+    pub endpoint_url: url::Url,
     pub kind: UpstreamKind,
     pub timeout: Duration,
     pub stream_timeout: Duration,
@@ -107,6 +109,7 @@ mod tests {
             sk: Secret::new("sk"),
             passthrough_auth: false,
             endpoint: "http://x/v1".into(),
+            endpoint_url: url::Url::parse("http://x/v1").unwrap(),
             kind: UpstreamKind::OpenAi,
             timeout: Duration::from_secs(1),
             stream_timeout: Duration::from_secs(1),

@@ -185,13 +185,27 @@ fn validate_upstream(
             String::new()
         }
     };
-    if !endpoint.is_empty() && !endpoint.starts_with("http://") && !endpoint.starts_with("https://")
-    {
+    let endpoint_url = if endpoint.is_empty() {
+        None
+    } else if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
         errs.push(
             format!("{path}.endpoint"),
             format!("must start with http:// or https://, got {endpoint:?}"),
         );
-    }
+        None
+    } else {
+        match url::Url::parse(&endpoint) {
+            Ok(u) if u.host().is_some() && u.query().is_none() => Some(u),
+            Ok(_) => {
+                errs.push(format!("{path}.endpoint"), "needs a host and no query string");
+                None
+            }
+            Err(e) => {
+                errs.push(format!("{path}.endpoint"), format!("is not a valid URL: {e}"));
+                None
+            }
+        }
+    };
     let sk = match up.sk {
         Some(sk) if !sk.trim().is_empty() => sk.trim().to_owned(),
         _ => {
@@ -239,12 +253,14 @@ fn validate_upstream(
     if errs.0.len() != before {
         return None;
     }
+    let endpoint_url = endpoint_url?;
     let rules = |entries: Vec<String>| entries.iter().map(|e| ModelRule::parse(e)).collect();
     Some(UpstreamKey {
         name,
         passthrough_auth: sk == "asis",
         sk: Secret::new(sk),
         endpoint,
+        endpoint_url,
         kind,
         timeout,
         stream_timeout,

@@ -16,6 +16,7 @@ fn key(name: &str, rpm: Option<u32>, tpm: Option<u64>) -> Arc<UpstreamKey> {
         sk: Secret::new(format!("sk-{name}")),
         passthrough_auth: false,
         endpoint: "http://127.0.0.1:1/v1".into(),
+        endpoint_url: url::Url::parse("http://127.0.0.1:1/v1").unwrap(),
         kind: UpstreamKind::OpenAi,
         timeout: Duration::from_secs(5),
         stream_timeout: Duration::from_secs(5),

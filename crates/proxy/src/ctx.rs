@@ -53,8 +53,10 @@ pub struct RequestCtx {
     pub method: reqwest::Method,
     /// Client path, e.g. `/v1/chat/completions`.
     pub path: Arc<str>,
-    /// Path after `/v1` plus the query: what the adapter appends to the endpoint.
+    /// Path after `/v1`: what the adapter appends to the endpoint's path.
     pub upstream_path: String,
+    /// The client's query string, passed on as it is.
+    pub query: Option<String>,
     pub caller: Caller,
     pub client_ip: Option<IpAddr>,
     pub inspected: Inspected,
@@ -78,6 +80,7 @@ impl RequestCtx {
         method: reqwest::Method,
         path: Arc<str>,
         upstream_path: String,
+        query: Option<String>,
         caller: Caller,
         client_ip: Option<IpAddr>,
         inspected: Inspected,
@@ -91,6 +94,7 @@ impl RequestCtx {
             method,
             path,
             upstream_path,
+            query,
             caller,
             client_ip,
             inspected,

@@ -191,7 +191,17 @@ impl Engine {
                 est_tokens: ctx.inspected.est_tokens,
                 exclude: exclude.clone(),
             };
-            let lease = match self.pool.send(pick).await {
+            let t0 = std::time::Instant::now();
+            let res = self.pool.send(pick).await;
+            {
+                use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+                static SUM: AtomicU64 = AtomicU64::new(0);
+                static N: AtomicU64 = AtomicU64::new(0);
+                let s = SUM.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+                let n = N.fetch_add(1, Relaxed) + 1;
+                if n % 5000 == 0 { eprintln!("PICK avg {} us over {n}", s / n / 1000); }
+            }
+            let lease = match res {
                 Ok(Ok(lease)) => lease,
                 Ok(Err(NoKey::Busy { until, cause })) => {
                     let now = Instant::now();
@@ -283,7 +293,8 @@ impl Engine {
             };
         let req = AttemptRequest {
             method: ctx.method.clone(),
-            path_and_query: &ctx.upstream_path,
+            path: &ctx.upstream_path,
+            query: ctx.query.as_deref(),
             headers: if key.keep_header {
                 &ctx.headers.1
             } else {

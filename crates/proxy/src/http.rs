@@ -62,14 +62,8 @@ async fn prepare(
         .unwrap_or("");
     let path = req.path();
     let inspected = inspect(path, content_type, body)?;
-    let tail = path.strip_prefix("/v1").unwrap_or(path);
-    let query = req.query_string();
-    let mut upstream_path = String::with_capacity(tail.len() + query.len() + 1);
-    upstream_path.push_str(tail);
-    if !query.is_empty() {
-        upstream_path.push('?');
-        upstream_path.push_str(query);
-    }
+    let upstream_path = path.strip_prefix("/v1").unwrap_or(path).to_owned();
+    let query = Some(req.query_string()).filter(|q| !q.is_empty()).map(str::to_owned);
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
         .map_err(|_| ApiError::new(ErrorKind::InvalidRequest, "Unsupported method."))?;
     let client_authorization = req
@@ -80,6 +74,7 @@ async fn prepare(
         method,
         Arc::from(path),
         upstream_path,
+        query,
         caller,
         req.peer_addr().map(|a| a.ip()),
         inspected,

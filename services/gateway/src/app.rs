@@ -2,7 +2,7 @@
 
 use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
-use actix_web::{App, HttpRequest, HttpResponse, guard, web};
+use actix_web::{App, HttpRequest, HttpResponse, web};
 use keypool_proxy::Frontend;
 use keypool_proxy::http::{error_response, proxy};
 use keypool_types::{ApiError, ErrorKind};
@@ -35,14 +35,24 @@ pub fn app(
             "/healthz",
             web::get().to(|| async { HttpResponse::Ok().body("ok") }),
         )
-        // the default gateway: every method on /v1/*
-        .service(
-            web::resource("/v1/{tail:.*}")
-                .route(web::route().guard(guard::Options()).to(preflight))
-                .route(web::route().to(proxy)),
-        )
-        // anything else: an OpenAI-shaped 404
-        .default_service(web::to(not_found))
+        // the default gateway: every method on /v1/*, routed by prefix (a `{tail:.*}` pattern
+        // costs a regex match per request); anything else gets an OpenAI-shaped 404
+        .default_service(web::to(route))
+}
+
+/// `/v1/*` → CORS preflight or the proxy; anything else → an OpenAI-shaped 404.
+async fn route(
+    req: HttpRequest,
+    payload: web::Payload,
+    frontend: web::Data<Frontend>,
+) -> HttpResponse {
+    if !req.path().starts_with("/v1/") {
+        return not_found(req).await;
+    }
+    if req.method() == actix_web::http::Method::OPTIONS {
+        return preflight(req).await;
+    }
+    proxy(req, payload, frontend).await
 }
 
 /// A CORS preflight: allow the headers the browser asks for (a `*` would not cover

@@ -85,6 +85,12 @@ pub async fn run(
             client: upstream_client(),
         }))
     })
+    .workers(
+        std::env::var("KEYPOOL_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from)),
+    )
     .disable_signals()
     .shutdown_timeout(config.shutdown_grace.as_secs().max(1))
     .on_connect(|conn, _| {

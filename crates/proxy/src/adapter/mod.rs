@@ -22,8 +22,10 @@ pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, TransportError>> +
 /// One attempt, as the engine asks an adapter to send it.
 pub struct AttemptRequest<'a> {
     pub method: reqwest::Method,
-    /// Path after the `/v1` prefix, with the query string: `/chat/completions?x=1`.
-    pub path_and_query: &'a str,
+    /// Path after the `/v1` prefix: `/chat/completions`.
+    pub path: &'a str,
+    /// The client's query string, if any.
+    pub query: Option<&'a str>,
     /// Client headers already filtered for forwarding (never the client's credentials).
     pub headers: &'a HeaderMap,
     /// The client's own `Authorization` value, for `sk: asis` keys only.

@@ -18,9 +18,14 @@ impl UpstreamAdapter for OpenAiAdapter {
         req: AttemptRequest<'a>,
     ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
         async move {
-            let mut url = String::with_capacity(key.endpoint.len() + req.path_and_query.len());
-            url.push_str(&key.endpoint);
-            url.push_str(req.path_and_query);
+            // the endpoint was parsed once at load; only the path and query change per request
+            let mut url = key.endpoint_url.clone();
+            let base = key.endpoint_url.path().trim_end_matches('/');
+            let mut path = String::with_capacity(base.len() + req.path.len());
+            path.push_str(base);
+            path.push_str(req.path);
+            url.set_path(&path);
+            url.set_query(req.query);
             let mut builder = client
                 .request(req.method, url)
                 .headers(req.headers.clone())
