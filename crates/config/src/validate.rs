@@ -197,11 +197,17 @@ fn validate_upstream(
         match url::Url::parse(&endpoint) {
             Ok(u) if u.host().is_some() && u.query().is_none() => Some(u),
             Ok(_) => {
-                errs.push(format!("{path}.endpoint"), "needs a host and no query string");
+                errs.push(
+                    format!("{path}.endpoint"),
+                    "needs a host and no query string",
+                );
                 None
             }
             Err(e) => {
-                errs.push(format!("{path}.endpoint"), format!("is not a valid URL: {e}"));
+                errs.push(
+                    format!("{path}.endpoint"),
+                    format!("is not a valid URL: {e}"),
+                );
                 None
             }
         }

@@ -14,7 +14,7 @@ use actix::{Actor, AsyncContext, Context, Handler, SpawnHandle};
 use keypool_config::UpstreamKey;
 use tokio::time::Instant;
 
-use crate::messages::{Outcome, Refusal, Reserve, Settle, Snapshot};
+use crate::messages::{Outcome, Record, Refusal, Reserve, Settle, Snapshot};
 use crate::window::RateWindow;
 
 const WINDOW: Duration = Duration::from_secs(60);
@@ -82,7 +82,6 @@ pub struct KeyActor {
     latency_ms: f64,
     consecutive_failures: u32,
     consecutive_429: u32,
-    next_lease: u64,
     /// Timer that refreshes the gauge when the oldest window entry expires.
     refresh: Option<SpawnHandle>,
 }
@@ -107,7 +106,6 @@ impl KeyActor {
             latency_ms: 0.0,
             consecutive_failures: 0,
             consecutive_429: 0,
-            next_lease: 0,
             refresh: None,
         };
         actor.publish_health();
@@ -219,8 +217,28 @@ impl Actor for KeyActor {
     type Context = Context<Self>;
 }
 
+impl KeyActor {
+    /// Takes one request (and its token estimate) into the windows.
+    fn admit(&mut self, now: Instant, lease_id: u64, est_tokens: u64, ctx: &mut Context<Self>) {
+        self.requests.record(now, lease_id, 1);
+        let est = self.key.tpm.map_or(est_tokens, |t| est_tokens.min(t));
+        self.tokens.record(now, lease_id, est);
+        self.in_flight += 1;
+        self.counters.used += 1;
+        self.publish_window(ctx);
+    }
+}
+
+impl Handler<Record> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Record, ctx: &mut Context<Self>) {
+        self.admit(Instant::now(), msg.lease_id, msg.est_tokens, ctx);
+    }
+}
+
 impl Handler<Reserve> for KeyActor {
-    type Result = Result<u64, Refusal>;
+    type Result = Result<(), Refusal>;
 
     fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
         let now = Instant::now();
@@ -243,18 +261,8 @@ impl Handler<Reserve> for KeyActor {
         if free > now {
             return Err(Refusal::Budget { until: free });
         }
-        self.next_lease += 1;
-        let id = self.next_lease;
-        self.requests.record(now, id, 1);
-        let est = self
-            .key
-            .tpm
-            .map_or(msg.est_tokens, |t| msg.est_tokens.min(t));
-        self.tokens.record(now, id, est);
-        self.in_flight += 1;
-        self.counters.used += 1;
-        self.publish_window(ctx);
-        Ok(id)
+        self.admit(now, msg.lease_id, msg.est_tokens, ctx);
+        Ok(())
     }
 }
 

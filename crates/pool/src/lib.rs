@@ -1,9 +1,10 @@
 //! The key pool: one [`KeyActor`] per upstream key and a [`KeyPool`] supervisor that picks keys.
 //!
-//! Lifecycle: [`KeyPool::start`] (on an actix arbiter) starts the key actors. The request path
-//! sends [`Pick`] to the pool and gets a [`Lease`] on one key with its budget reserved, or a
-//! [`NoKey`] saying why none is usable (and until when). After the attempt it settles the lease
-//! with an [`Outcome`], which updates the key's counters, health and token window.
+//! Lifecycle: [`KeyPool::start`] (on an actix arbiter) starts the key actors and returns a
+//! [`PoolHandle`]. The request path calls [`PoolHandle::pick`] and gets a [`Lease`] on one key
+//! with its budget reserved, or a [`NoKey`] saying why none is usable (and until when). After the
+//! attempt it settles the lease with an [`Outcome`], which updates the key's counters, health and
+//! token window.
 //!
 //! Eligibility: enabled, not cooling down, model and caller allowed, and rpm/tpm budget left in the
 //! trailing 60 s window ([`RateWindow`]). Selection order: see [`select::rank`].
@@ -15,8 +16,8 @@ pub mod select;
 pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeyState};
-pub use messages::{BusyCause, ListKeys, NoKey, Outcome, Pick};
-pub use pool::{KeyPool, Lease};
+pub use messages::{BusyCause, ListKeys, NoKey, Outcome};
+pub use pool::{KeyPool, Lease, Pick, PoolHandle, PoolView};
 pub use window::RateWindow;
 
 #[cfg(test)]

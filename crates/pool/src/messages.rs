@@ -1,32 +1,16 @@
 //! Every message the pool's actors take, in one place.
 //!
-//! Request tasks talk to the [`KeyPool`](crate::KeyPool) with [`Pick`] and get a
-//! [`Lease`](crate::Lease); the lease settles itself with its [`KeyActor`](crate::KeyActor)
-//! through [`Settle`] (also when dropped, so a cancelled request never leaks in-flight counts).
+//! Request tasks pick through a [`PoolHandle`](crate::PoolHandle), which reserves on a
+//! [`KeyActor`](crate::KeyActor) with [`Reserve`] or [`Record`] and returns a
+//! [`Lease`](crate::Lease); the lease settles itself with its key actor through [`Settle`] (also
+//! when dropped, so a cancelled request never leaks in-flight counts).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Message;
 use tokio::time::Instant;
 
-use crate::{KeyState, Lease};
-
-/// Pick a key for one attempt and reserve its budget. Sent by the request path to the pool.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Lease, NoKey>")]
-pub struct Pick {
-    /// The request's model (JSON `model`, multipart `model`, or empty).
-    pub model: Arc<str>,
-    /// The request path (`/v1/audio/transcriptions`), which allow/deny entries may name.
-    pub path: Arc<str>,
-    /// The client token the caller authenticated with; `None` for an anonymous caller.
-    pub caller: Option<Arc<str>>,
-    /// Tokens reserved against tpm until the real usage is known.
-    pub est_tokens: u64,
-    /// Keys already tried by this request (`KeyId`s), skipped.
-    pub exclude: Vec<u64>,
-}
+use crate::KeyState;
 
 /// Why no key could be leased.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,10 +75,20 @@ impl Outcome {
     }
 }
 
-/// Reserve one request (and `est_tokens`) on a key. Sent by the pool to a key actor.
+/// Reserve one request (and `est_tokens`) on a key with an rpm/tpm budget, if it has room.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<u64, Refusal>")]
+#[rtype(result = "Result<(), Refusal>")]
 pub struct Reserve {
+    /// Chosen by the requester; names the reservation in the key's windows.
+    pub lease_id: u64,
+    pub est_tokens: u64,
+}
+
+/// Record one request on a key without a budget: nothing to refuse, so nobody waits for it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Record {
+    pub lease_id: u64,
     pub est_tokens: u64,
 }
 

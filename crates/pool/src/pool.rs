@@ -1,12 +1,17 @@
-//! [`KeyPool`]: the supervisor that owns the key set and picks keys; [`Lease`]: one reserved use.
+//! [`KeyPool`]: the supervisor that owns the key set; [`PoolHandle`]: how requests pick keys;
+//! [`Lease`]: one reserved use of one key.
 //!
-//! A [`Pick`] is answered in one pass: filter keys the request may use (not yet tried, model and
-//! caller allowed), skip those the gauges show disabled or cooling, rank the rest by the policy,
-//! and offer each, best first, a [`Reserve`] until one key actor admits it. Key actors are the
-//! authority on budgets, so concurrent picks never over-admit; ranking only decides the order.
+//! The supervisor starts one [`KeyActor`] per key and publishes a read-only [`PoolView`] of them
+//! (config, address, gauge). A request picks on its own thread, without a message to the
+//! supervisor: filter the keys it may use (not yet tried, model and caller allowed), skip those
+//! the gauges show disabled or cooling, rank the rest by the policy, then reserve:
+//! - a key with an rpm/tpm budget is asked ([`Reserve`], one round trip); its actor is the
+//!   authority, so concurrent picks never over-admit, and a refusal moves on to the next key;
+//! - a key without a budget has nothing to refuse but its health, which its gauge showed, so its
+//!   reservation is sent without waiting ([`Record`]).
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use actix::{Actor, Addr, Context, Handler, ResponseFuture};
@@ -15,11 +20,11 @@ use tokio::time::Instant;
 
 use crate::key::{KeyActor, KeyGauge, KeyState};
 use crate::messages::{
-    BusyCause, ListKeys, NoKey, Outcome, Pick, Refusal, Reserve, Settle, Snapshot,
+    BusyCause, ListKeys, NoKey, Outcome, Record, Refusal, Reserve, Settle, Snapshot,
 };
 use crate::select::{Candidate, rank};
 
-/// One key as the pool holds it.
+/// One key as the pool publishes it.
 #[derive(Clone)]
 struct PoolKey {
     id: u64,
@@ -28,16 +33,36 @@ struct PoolKey {
     gauge: Arc<KeyGauge>,
 }
 
-/// The supervisor actor: owns the key set and the selection policy.
-pub struct KeyPool {
+/// What the supervisor publishes for picking: the keys in config order and the policy.
+pub struct PoolView {
     policy: LbPolicy,
     epoch: Instant,
     keys: Vec<PoolKey>,
 }
 
+/// What a request asks of the pool for one attempt.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    /// The request's model (JSON `model`, multipart `model`, or the path).
+    pub model: Arc<str>,
+    /// The request path (`/v1/audio/transcriptions`), which allow/deny entries may name.
+    pub path: Arc<str>,
+    /// The client token the caller authenticated with; `None` for an anonymous caller.
+    pub caller: Option<Arc<str>>,
+    /// Tokens reserved against tpm until the real usage is known.
+    pub est_tokens: u64,
+    /// Keys already tried by this request ([`Lease::key_id`]s), skipped.
+    pub exclude: Vec<u64>,
+}
+
+/// The supervisor actor: owns the key set and publishes the view requests pick from.
+pub struct KeyPool {
+    view: Arc<RwLock<Arc<PoolView>>>,
+}
+
 impl KeyPool {
     /// Starts one [`KeyActor`] per key and the pool, on the current actix arbiter.
-    pub fn start(keys: &[Arc<UpstreamKey>], policy: LbPolicy) -> Addr<Self> {
+    pub fn start(keys: &[Arc<UpstreamKey>], policy: LbPolicy) -> PoolHandle {
         let epoch = Instant::now();
         let keys = keys
             .iter()
@@ -53,12 +78,17 @@ impl KeyPool {
                 }
             })
             .collect();
-        Self {
+        let view = Arc::new(RwLock::new(Arc::new(PoolView {
             policy,
             epoch,
             keys,
+        })));
+        let supervisor = Self { view: view.clone() }.start();
+        PoolHandle {
+            view,
+            supervisor,
+            next_lease: Arc::new(AtomicU64::new(1)),
         }
-        .start()
     }
 }
 
@@ -66,15 +96,24 @@ impl Actor for KeyPool {
     type Context = Context<Self>;
 }
 
+/// A cheap, cloneable handle to the pool, usable from any thread.
+#[derive(Clone)]
+pub struct PoolHandle {
+    view: Arc<RwLock<Arc<PoolView>>>,
+    supervisor: Addr<KeyPool>,
+    /// Lease ids, unique across keys, chosen by the requester so a reservation need not answer.
+    next_lease: Arc<AtomicU64>,
+}
+
 /// A reserved use of one key for one attempt. Settle it with the attempt's [`Outcome`]; dropping
 /// it unsettled (the client went away) settles it as [`Outcome::Cancelled`].
 #[derive(Debug)]
 pub struct Lease {
-    /// The pool's id of the key (for `Pick::exclude`).
+    /// The pool's id of the key (for [`Pick::exclude`]).
     pub key_id: u64,
     pub key: Arc<UpstreamKey>,
     addr: Addr<KeyActor>,
-    /// The key actor's id of this reservation.
+    /// This reservation's id in the key's windows.
     id: u64,
     settled: bool,
 }
@@ -112,20 +151,27 @@ impl Earliest {
     }
 }
 
-impl Handler<Pick> for KeyPool {
-    type Result = ResponseFuture<Result<Lease, NoKey>>;
+impl PoolHandle {
+    fn view(&self) -> Arc<PoolView> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 
-    fn handle(&mut self, msg: Pick, _: &mut Context<Self>) -> Self::Result {
+    /// Picks a key for one attempt and reserves its budget.
+    pub async fn pick(&self, pick: &Pick) -> Result<Lease, NoKey> {
+        let view = self.view();
         let now = Instant::now();
-        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let now_ms = now.saturating_duration_since(view.epoch).as_millis() as u64;
         let mut serving = 0usize;
         let mut disabled = 0usize;
         let mut earliest = Earliest::default();
-        let mut cands = Vec::with_capacity(self.keys.len());
-        for (order, k) in self.keys.iter().enumerate() {
-            if msg.exclude.contains(&k.id)
-                || !k.key.allows_model(&msg.model, &msg.path)
-                || !k.key.allows_caller(msg.caller.as_deref())
+        let mut cands = Vec::with_capacity(view.keys.len());
+        for (order, k) in view.keys.iter().enumerate() {
+            if pick.exclude.contains(&k.id)
+                || !k.key.allows_model(&pick.model, &pick.path)
+                || !k.key.allows_caller(pick.caller.as_deref())
             {
                 continue;
             }
@@ -134,7 +180,7 @@ impl Handler<Pick> for KeyPool {
             if available_at == u64::MAX {
                 disabled += 1;
             } else if available_at > now_ms {
-                let until = self.epoch + Duration::from_millis(available_at);
+                let until = view.epoch + Duration::from_millis(available_at);
                 earliest.offer(until, BusyCause::Cooling);
             } else {
                 cands.push(Candidate {
@@ -145,36 +191,51 @@ impl Handler<Pick> for KeyPool {
             }
         }
         if serving == 0 {
-            return Box::pin(async { Err(NoKey::NoneServes) });
+            return Err(NoKey::NoneServes);
         }
-        rank(self.policy, &mut cands);
-        let ranked: Vec<PoolKey> = cands.iter().map(|c| self.keys[c.order].clone()).collect();
-        let est_tokens = msg.est_tokens;
-        Box::pin(async move {
-            for k in ranked {
-                match k.addr.send(Reserve { est_tokens }).await {
-                    Ok(Ok(lease_id)) => {
-                        return Ok(Lease {
-                            key_id: k.id,
-                            key: k.key,
-                            addr: k.addr,
-                            id: lease_id,
-                            settled: false,
-                        });
-                    }
-                    Ok(Err(Refusal::Budget { until })) => earliest.offer(until, BusyCause::Budget),
-                    Ok(Err(Refusal::Cooling { until })) => {
-                        earliest.offer(until, BusyCause::Cooling);
-                    }
-                    Ok(Err(Refusal::Disabled)) | Err(_) => disabled += 1,
-                }
+        rank(view.policy, &mut cands);
+        for c in &cands {
+            let k = &view.keys[c.order];
+            let lease_id = self.next_lease.fetch_add(1, Ordering::Relaxed);
+            let lease = || Lease {
+                key_id: k.id,
+                key: k.key.clone(),
+                addr: k.addr.clone(),
+                id: lease_id,
+                settled: false,
+            };
+            let est_tokens = pick.est_tokens;
+            if k.key.rpm.is_none() && k.key.tpm.is_none() {
+                k.addr.do_send(Record {
+                    lease_id,
+                    est_tokens,
+                });
+                return Ok(lease());
             }
-            match earliest.0 {
-                Some((until, cause)) => Err(NoKey::Busy { until, cause }),
-                None if disabled > 0 => Err(NoKey::AllDisabled),
-                None => Err(NoKey::NoneServes),
+            match k
+                .addr
+                .send(Reserve {
+                    lease_id,
+                    est_tokens,
+                })
+                .await
+            {
+                Ok(Ok(())) => return Ok(lease()),
+                Ok(Err(Refusal::Budget { until })) => earliest.offer(until, BusyCause::Budget),
+                Ok(Err(Refusal::Cooling { until })) => earliest.offer(until, BusyCause::Cooling),
+                Ok(Err(Refusal::Disabled)) | Err(_) => disabled += 1,
             }
-        })
+        }
+        match earliest.0 {
+            Some((until, cause)) => Err(NoKey::Busy { until, cause }),
+            None if disabled > 0 => Err(NoKey::AllDisabled),
+            None => Err(NoKey::NoneServes),
+        }
+    }
+
+    /// The live state of every key, in config order.
+    pub async fn list(&self) -> Vec<KeyState> {
+        self.supervisor.send(ListKeys).await.unwrap_or_default()
     }
 }
 
@@ -182,11 +243,15 @@ impl Handler<ListKeys> for KeyPool {
     type Result = ResponseFuture<Vec<KeyState>>;
 
     fn handle(&mut self, _: ListKeys, _: &mut Context<Self>) -> Self::Result {
-        let addrs: Vec<Addr<KeyActor>> = self.keys.iter().map(|k| k.addr.clone()).collect();
+        let view = self
+            .view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         Box::pin(async move {
-            let mut out = Vec::with_capacity(addrs.len());
-            for addr in addrs {
-                if let Ok(state) = addr.send(Snapshot).await {
+            let mut out = Vec::with_capacity(view.keys.len());
+            for k in &view.keys {
+                if let Ok(state) = k.addr.send(Snapshot).await {
                     out.push(state);
                 }
             }

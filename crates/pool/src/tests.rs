@@ -3,12 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
 use keypool_config::{LbPolicy, ModelRule, UpstreamKey, UpstreamKind};
 use keypool_types::Secret;
 use tokio::time::Instant;
 
-use crate::{BusyCause, Health, KeyPool, Lease, ListKeys, NoKey, Outcome, Pick};
+use crate::{BusyCause, Health, KeyPool, Lease, NoKey, Outcome, Pick, PoolHandle};
 
 fn key(name: &str, rpm: Option<u32>, tpm: Option<u64>) -> Arc<UpstreamKey> {
     Arc::new(UpstreamKey {
@@ -41,8 +40,8 @@ fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
     }
 }
 
-async fn lease(pool: &Addr<KeyPool>) -> Result<Lease, NoKey> {
-    pool.send(pick(10, vec![])).await.unwrap()
+async fn lease(pool: &PoolHandle) -> Result<Lease, NoKey> {
+    pool.pick(&pick(10, vec![])).await
 }
 
 fn ok() -> Outcome {
@@ -106,12 +105,12 @@ async fn exclude_skips_tried_keys_and_model_rules_apply() {
     first.settle(ok());
     // chat model: only "a" allows it; excluded → nothing serves
     assert_eq!(
-        pool.send(pick(1, vec![id])).await.unwrap().unwrap_err(),
+        pool.pick(&pick(1, vec![id])).await.unwrap_err(),
         NoKey::NoneServes
     );
     let mut p = pick(1, vec![id]);
     p.model = "text-embedding-3-small".into();
-    assert_eq!(pool.send(p).await.unwrap().unwrap().key.name, "e");
+    assert_eq!(pool.pick(&p).await.unwrap().key.name, "e");
 }
 
 #[actix_rt::test]
@@ -124,7 +123,7 @@ async fn upstream_429_cools_the_key_for_its_retry_after() {
         cooldown: Some(Duration::from_millis(300)),
     });
     // let the settle land
-    let states = pool.send(ListKeys).await.unwrap();
+    let states = pool.list().await;
     assert!(matches!(states[0].health, Health::CoolingUntil(_)));
     for _ in 0..3 {
         let l = lease(&pool).await.unwrap();
@@ -142,7 +141,7 @@ async fn only_cooling_keys_report_the_cooldown_end() {
     lease(&pool).await.unwrap().settle(Outcome::RateLimited {
         cooldown: Some(Duration::from_secs(5)),
     });
-    pool.send(ListKeys).await.unwrap();
+    pool.list().await;
     match lease(&pool).await {
         Err(NoKey::Busy { until, cause }) => {
             assert_eq!(cause, BusyCause::Cooling);
@@ -159,7 +158,7 @@ async fn upstream_401_disables_the_key() {
         .await
         .unwrap()
         .settle(Outcome::AuthFailed { status: 401 });
-    let states = pool.send(ListKeys).await.unwrap();
+    let states = pool.list().await;
     assert!(matches!(states[0].health, Health::Disabled { .. }));
     assert_eq!(states[0].counters.failure, 1);
     assert_eq!(lease(&pool).await.unwrap_err(), NoKey::AllDisabled);
@@ -174,7 +173,7 @@ async fn repeated_failures_cool_a_key_down() {
         assert_eq!(l.key.name, "a");
         l.settle(Outcome::ServerError { status: 500 });
     }
-    pool.send(ListKeys).await.unwrap();
+    pool.list().await;
     assert_eq!(lease(&pool).await.unwrap().key.name, "b");
 }
 
@@ -182,9 +181,9 @@ async fn repeated_failures_cool_a_key_down() {
 async fn dropped_lease_is_settled_as_cancelled() {
     let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::LeastUsed);
     let l = lease(&pool).await.unwrap();
-    assert_eq!(pool.send(ListKeys).await.unwrap()[0].in_flight, 1);
+    assert_eq!(pool.list().await[0].in_flight, 1);
     drop(l);
-    let s = &pool.send(ListKeys).await.unwrap()[0];
+    let s = &pool.list().await[0];
     assert_eq!(s.in_flight, 0);
     assert_eq!(s.counters.failure, 0);
 }
@@ -192,10 +191,10 @@ async fn dropped_lease_is_settled_as_cancelled() {
 #[actix_rt::test]
 async fn tpm_reserves_the_estimate_and_settles_the_real_count() {
     let pool = KeyPool::start(&[key("a", None, Some(1000))], LbPolicy::LeastUsed);
-    let l1 = pool.send(pick(700, vec![])).await.unwrap().unwrap();
+    let l1 = pool.pick(&pick(700, vec![])).await.unwrap();
     // 700 reserved: another 700 does not fit
     assert!(matches!(
-        pool.send(pick(700, vec![])).await.unwrap(),
+        pool.pick(&pick(700, vec![])).await,
         Err(NoKey::Busy {
             cause: BusyCause::Budget,
             ..
@@ -206,8 +205,8 @@ async fn tpm_reserves_the_estimate_and_settles_the_real_count() {
         latency: Duration::from_millis(1),
     });
     // settled to 100: now it fits
-    let l2 = pool.send(pick(700, vec![])).await.unwrap().unwrap();
-    assert_eq!(pool.send(ListKeys).await.unwrap()[0].window_tokens, 800);
+    let l2 = pool.pick(&pick(700, vec![])).await.unwrap();
+    assert_eq!(pool.list().await[0].window_tokens, 800);
     l2.settle(ok());
 }
 
@@ -219,5 +218,5 @@ async fn anonymous_callers_only_reach_noauth_keys() {
     let pool = KeyPool::start(&keys, LbPolicy::Order);
     let mut p = pick(1, vec![]);
     p.caller = None;
-    assert_eq!(pool.send(p).await.unwrap().unwrap().key.name, "open");
+    assert_eq!(pool.pick(&p).await.unwrap().key.name, "open");
 }

@@ -11,11 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use keypool_config::Config;
-use keypool_pool::{BusyCause, KeyPool, Lease, NoKey, Outcome, Pick};
+use keypool_pool::{BusyCause, Lease, NoKey, Outcome, Pick, PoolHandle};
 use keypool_types::{ApiError, ErrorKind};
 use reqwest::header::HeaderMap;
 use tokio::time::{Instant, sleep, timeout_at};
@@ -29,7 +28,7 @@ use crate::relay::Relay;
 /// The engine shared by all frontend workers.
 pub struct Engine {
     pub config: Arc<Config>,
-    pub pool: Addr<KeyPool>,
+    pub pool: PoolHandle,
     pub adapters: Adapters,
     /// The default gateway accepts some token: anonymous callers that reach nothing get 401.
     pub requires_token: bool,
@@ -191,19 +190,9 @@ impl Engine {
                 est_tokens: ctx.inspected.est_tokens,
                 exclude: exclude.clone(),
             };
-            let t0 = std::time::Instant::now();
-            let res = self.pool.send(pick).await;
-            {
-                use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-                static SUM: AtomicU64 = AtomicU64::new(0);
-                static N: AtomicU64 = AtomicU64::new(0);
-                let s = SUM.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
-                let n = N.fetch_add(1, Relaxed) + 1;
-                if n % 5000 == 0 { eprintln!("PICK avg {} us over {n}", s / n / 1000); }
-            }
-            let lease = match res {
-                Ok(Ok(lease)) => lease,
-                Ok(Err(NoKey::Busy { until, cause })) => {
+            let lease = match self.pool.pick(&pick).await {
+                Ok(lease) => lease,
+                Err(NoKey::Busy { until, cause }) => {
                     let now = Instant::now();
                     waits += 1;
                     let wake = until + jitter(waits);
@@ -216,19 +205,13 @@ impl Engine {
                     sleep(wake - now).await;
                     continue;
                 }
-                Ok(Err(no)) => {
+                Err(no) => {
                     return match last {
                         Some(f) => f.into_reply(),
                         None => Reply::Error {
                             error: self.no_key(&no, ctx),
                             key: None,
                         },
-                    };
-                }
-                Err(_) => {
-                    return Reply::Error {
-                        error: ApiError::new(ErrorKind::Internal, "The key pool is not running."),
-                        key: None,
                     };
                 }
             };

@@ -63,7 +63,9 @@ async fn prepare(
     let path = req.path();
     let inspected = inspect(path, content_type, body)?;
     let upstream_path = path.strip_prefix("/v1").unwrap_or(path).to_owned();
-    let query = Some(req.query_string()).filter(|q| !q.is_empty()).map(str::to_owned);
+    let query = Some(req.query_string())
+        .filter(|q| !q.is_empty())
+        .map(str::to_owned);
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
         .map_err(|_| ApiError::new(ErrorKind::InvalidRequest, "Unsupported method."))?;
     let client_authorization = req

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use actix::Addr;
 use keypool_config::{LbPolicy, UpstreamKey};
-use keypool_pool::KeyPool;
+use keypool_pool::{KeyPool, PoolHandle};
 
 /// Owns the actor thread; [`ActorHost::stop`] ends it.
 pub struct ActorHost {
@@ -19,7 +18,7 @@ impl ActorHost {
     pub fn start(
         keys: Vec<Arc<UpstreamKey>>,
         policy: LbPolicy,
-    ) -> std::io::Result<(Self, Addr<KeyPool>)> {
+    ) -> std::io::Result<(Self, PoolHandle)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("keypool-actors".into())
