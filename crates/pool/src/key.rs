@@ -15,7 +15,7 @@ use keypool_config::UpstreamKey;
 use tokio::time::Instant;
 
 use crate::messages::{Outcome, Record, Refusal, Reserve, Settle, Snapshot};
-use crate::window::RateWindow;
+use crate::window::{BucketWindow, RateWindow};
 
 const WINDOW: Duration = Duration::from_secs(60);
 /// Consecutive transport / 5xx failures before a key is cooled down (a simple circuit breaker).
@@ -69,13 +69,69 @@ pub struct KeyState {
     pub latency_ms: f64,
 }
 
+/// A trailing-minute window: exact where a budget is enforced (its size is bounded by the
+/// budget), bucketed where the count only ranks keys (a busy unbudgeted key would otherwise keep
+/// every request of the last minute in memory).
+#[derive(Debug)]
+enum Window {
+    Exact(RateWindow),
+    Approx(BucketWindow),
+}
+
+impl Window {
+    fn new(exact: bool, epoch: Instant) -> Self {
+        if exact {
+            Self::Exact(RateWindow::new(WINDOW))
+        } else {
+            Self::Approx(BucketWindow::new(epoch))
+        }
+    }
+
+    fn used(&mut self, now: Instant) -> u64 {
+        match self {
+            Self::Exact(w) => w.used(now),
+            Self::Approx(w) => w.used(now),
+        }
+    }
+
+    /// Records a reservation. Bucketed token windows record only settled, real counts.
+    fn record(&mut self, now: Instant, id: u64, cost: u64, is_estimate: bool) {
+        match self {
+            Self::Exact(w) => w.record(now, id, cost),
+            Self::Approx(w) if !is_estimate => w.add(now, cost),
+            Self::Approx(_) => {}
+        }
+    }
+
+    fn settle(&mut self, now: Instant, id: u64, actual: u64) {
+        match self {
+            Self::Exact(w) => w.settle(id, actual),
+            Self::Approx(w) => w.add(now, actual),
+        }
+    }
+
+    fn free_at(&mut self, now: Instant, limit: u64, cost: u64) -> Instant {
+        match self {
+            Self::Exact(w) => w.free_at(now, limit, cost),
+            Self::Approx(_) => now,
+        }
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        match self {
+            Self::Exact(w) => w.next_expiry(),
+            Self::Approx(_) => None,
+        }
+    }
+}
+
 /// The actor owning one key's live state.
 pub struct KeyActor {
     key: Arc<UpstreamKey>,
     epoch: Instant,
     gauge: Arc<KeyGauge>,
-    requests: RateWindow,
-    tokens: RateWindow,
+    requests: Window,
+    tokens: Window,
     health: Health,
     in_flight: u32,
     counters: KeyCounters,
@@ -94,12 +150,14 @@ impl KeyActor {
             },
             None => Health::Healthy,
         };
+        let requests = Window::new(key.rpm.is_some(), epoch);
+        let tokens = Window::new(key.tpm.is_some(), epoch);
         let actor = Self {
             key,
             epoch,
             gauge,
-            requests: RateWindow::new(WINDOW),
-            tokens: RateWindow::new(WINDOW),
+            requests,
+            tokens,
             health,
             in_flight: 0,
             counters: KeyCounters::default(),
@@ -215,14 +273,23 @@ fn backoff(n: u32) -> Duration {
 
 impl Actor for KeyActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // bucketed counts decay by the second: republish them as they do
+        if matches!(self.requests, Window::Approx(_)) {
+            ctx.run_interval(Duration::from_secs(1), |actor, ctx| {
+                actor.publish_window(ctx)
+            });
+        }
+    }
 }
 
 impl KeyActor {
     /// Takes one request (and its token estimate) into the windows.
     fn admit(&mut self, now: Instant, lease_id: u64, est_tokens: u64, ctx: &mut Context<Self>) {
-        self.requests.record(now, lease_id, 1);
+        self.requests.record(now, lease_id, 1, false);
         let est = self.key.tpm.map_or(est_tokens, |t| est_tokens.min(t));
-        self.tokens.record(now, lease_id, est);
+        self.tokens.record(now, lease_id, est, true);
         self.in_flight += 1;
         self.counters.used += 1;
         self.publish_window(ctx);
@@ -277,7 +344,7 @@ impl Handler<Settle> for KeyActor {
             ..
         } = msg.outcome
         {
-            self.tokens.settle(msg.lease_id, tokens);
+            self.tokens.settle(now, msg.lease_id, tokens);
         }
         self.apply(&msg.outcome, now);
         self.publish_window(ctx);

@@ -155,3 +155,65 @@ mod tests {
         );
     }
 }
+
+/// Usage over the trailing minute in one-second buckets: constant memory, for keys without a
+/// budget, where the count only ranks keys (and is shown to admins) and need not be exact.
+#[derive(Debug, Clone)]
+pub struct BucketWindow {
+    epoch: Instant,
+    /// `(second since epoch, units)` per slot, indexed by second modulo 60.
+    slots: [(u64, u64); 60],
+}
+
+impl BucketWindow {
+    pub fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            slots: [(u64::MAX, 0); 60],
+        }
+    }
+
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    pub fn add(&mut self, now: Instant, cost: u64) {
+        let sec = self.second(now);
+        let slot = &mut self.slots[(sec % 60) as usize];
+        if slot.0 != sec {
+            *slot = (sec, 0);
+        }
+        slot.1 += cost;
+    }
+
+    /// Units in the last 60 one-second buckets (the current one included).
+    pub fn used(&self, now: Instant) -> u64 {
+        let sec = self.second(now);
+        self.slots
+            .iter()
+            .filter(|(s, _)| *s != u64::MAX && *s + 60 > sec)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+    use tokio::time::advance;
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_the_trailing_minute_in_constant_memory() {
+        let mut w = BucketWindow::new(Instant::now());
+        for _ in 0..10_000 {
+            w.add(Instant::now(), 1);
+        }
+        advance(Duration::from_secs(30)).await;
+        w.add(Instant::now(), 5);
+        assert_eq!(w.used(Instant::now()), 10_005);
+        advance(Duration::from_secs(30)).await;
+        assert_eq!(w.used(Instant::now()), 5);
+        advance(Duration::from_secs(60)).await;
+        assert_eq!(w.used(Instant::now()), 0);
+    }
+}

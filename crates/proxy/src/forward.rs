@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use keypool_config::Config;
 use keypool_pool::{BusyCause, Lease, NoKey, Outcome, Pick, PoolHandle};
-use keypool_types::{ApiError, ErrorKind};
+use keypool_types::{ApiError, ErrorKind, Usage};
 use reqwest::header::HeaderMap;
 use tokio::time::{Instant, sleep, timeout_at};
 
@@ -42,6 +42,8 @@ pub enum Reply {
         headers: HeaderMap,
         body: Bytes,
         key: Option<String>,
+        /// Usage read from a successful JSON body (read once, for both tpm and accounting).
+        usage: Option<Usage>,
     },
     /// A stream that has produced its first byte.
     Stream {
@@ -83,6 +85,7 @@ impl Failure {
                 headers,
                 body,
                 key: Some(key),
+                usage: None,
             },
             Self::Transport { error, key } => Reply::Error {
                 error,
@@ -142,18 +145,13 @@ impl Engine {
     pub async fn forward(&self, client: &reqwest::Client, mut ctx: RequestCtx) -> Reply {
         let reply = self.attempts(client, &mut ctx).await;
         match &reply {
-            Reply::Whole { status, body, .. } => {
-                let usage = if *status < 400 {
-                    response_usage(body)
-                } else {
-                    None
-                };
+            Reply::Whole { status, usage, .. } => {
                 let error = (*status >= 400).then_some(if *status >= 500 {
                     "upstream_5xx"
                 } else {
                     "upstream_4xx"
                 });
-                ctx.account(*status, usage, error);
+                ctx.account(*status, *usage, error);
             }
             Reply::Error { error, .. } => {
                 ctx.account(error.status(), None, Some(error.kind.wire().code));
@@ -315,6 +313,7 @@ impl Engine {
                     headers,
                     body: body.unwrap_or_default(),
                     key: Some(key.name.clone()),
+                    usage: None,
                 });
             }
             Class::Retry(outcome) => {
@@ -373,9 +372,13 @@ impl Engine {
         let body_deadline = started + key.timeout;
         match read_body(body, body_deadline).await {
             Ok(body) => {
-                let tokens = response_usage(&body).map(|u| u.total());
+                let is_json = headers
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|ct| ct.contains("json"));
+                let usage = if is_json { response_usage(&body) } else { None };
                 lease.settle(Outcome::Success {
-                    tokens,
+                    tokens: usage.map(|u| u.total()),
                     latency: started.elapsed(),
                 });
                 Attempt::Done(Reply::Whole {
@@ -383,6 +386,7 @@ impl Engine {
                     headers,
                     body,
                     key: Some(key.name.clone()),
+                    usage,
                 })
             }
             Err(BodyError::Timeout) => Attempt::Failed(timed_out(lease, false)),

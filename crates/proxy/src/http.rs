@@ -149,6 +149,7 @@ fn respond(reply: Reply) -> HttpResponse {
             headers,
             body,
             key,
+            ..
         } => {
             let mut b = HttpResponse::build(status(code));
             copy_headers(&mut b, &headers);

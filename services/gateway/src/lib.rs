@@ -28,8 +28,17 @@ pub fn install_tls_provider() {
 
 /// The upstream client each HTTP worker owns: pooled keep-alive connections, `TCP_NODELAY`.
 /// Timeouts are the engine's (per key and per phase), not the client's.
-fn upstream_client() -> reqwest::Client {
-    reqwest::Client::builder()
+///
+/// Proxies come from the usual `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` / `NO_PROXY` variables;
+/// when none is set, proxy matching is skipped altogether (it parsed every request's URL again).
+fn upstream_client(use_env_proxies: bool) -> reqwest::Client {
+    let builder = reqwest::Client::builder();
+    let builder = if use_env_proxies {
+        builder
+    } else {
+        builder.no_proxy()
+    };
+    builder
         .tcp_nodelay(true)
         .pool_max_idle_per_host(1024)
         .pool_idle_timeout(std::time::Duration::from_secs(90))
@@ -77,12 +86,15 @@ pub async fn run(
     });
     let sink: Arc<dyn UsageSink> = Arc::new(LogSink);
     let addr = listener.local_addr()?;
+    let use_env_proxies = ["https_proxy", "http_proxy", "all_proxy"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some() || std::env::var_os(v.to_uppercase()).is_some());
     let server = HttpServer::new(move || {
         crate::app::app(web::Data::new(Frontend {
             engine: engine.clone(),
             auth: auth.clone(),
             sink: sink.clone(),
-            client: upstream_client(),
+            client: upstream_client(use_env_proxies),
         }))
     })
     .workers(
