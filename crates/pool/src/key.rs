@@ -75,7 +75,7 @@ pub struct KeyState {
 #[derive(Debug)]
 enum Window {
     Exact(RateWindow),
-    Approx(BucketWindow),
+    Approx(Box<BucketWindow>),
 }
 
 impl Window {
@@ -83,7 +83,7 @@ impl Window {
         if exact {
             Self::Exact(RateWindow::new(WINDOW))
         } else {
-            Self::Approx(BucketWindow::new(epoch))
+            Self::Approx(Box::new(BucketWindow::new(epoch)))
         }
     }
 
@@ -278,7 +278,7 @@ impl Actor for KeyActor {
         // bucketed counts decay by the second: republish them as they do
         if matches!(self.requests, Window::Approx(_)) {
             ctx.run_interval(Duration::from_secs(1), |actor, ctx| {
-                actor.publish_window(ctx)
+                actor.publish_window(ctx);
             });
         }
     }
