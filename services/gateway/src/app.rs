@@ -47,17 +47,17 @@ async fn route(
     frontend: web::Data<Frontend>,
 ) -> HttpResponse {
     if !req.path().starts_with("/v1/") {
-        return not_found(req).await;
+        return not_found(&req);
     }
     if req.method() == actix_web::http::Method::OPTIONS {
-        return preflight(req).await;
+        return preflight(&req);
     }
     proxy(req, payload, frontend).await
 }
 
 /// A CORS preflight: allow the headers the browser asks for (a `*` would not cover
 /// `Authorization`).
-async fn preflight(req: HttpRequest) -> HttpResponse {
+fn preflight(req: &HttpRequest) -> HttpResponse {
     let asked = req
         .headers()
         .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
@@ -70,7 +70,7 @@ async fn preflight(req: HttpRequest) -> HttpResponse {
         .finish()
 }
 
-async fn not_found(req: HttpRequest) -> HttpResponse {
+fn not_found(req: &HttpRequest) -> HttpResponse {
     error_response(
         &ApiError::new(
             ErrorKind::NotFound,
