@@ -39,6 +39,10 @@ fn upstream_client(use_env_proxies: bool) -> reqwest::Client {
         builder.no_proxy()
     };
     builder
+        // a 3xx is the client's to follow, and failover is keypool's own: no hidden redirects or
+        // retries (they also cost ~9% of a request's CPU as middleware layers)
+        .redirect(reqwest::redirect::Policy::none())
+        .retry(reqwest::retry::never())
         .tcp_nodelay(true)
         .pool_max_idle_per_host(1024)
         .pool_idle_timeout(std::time::Duration::from_secs(90))
