@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use upstream::{ModelRule, UpstreamKey, UpstreamKind};
-pub use validate::validate;
+pub use validate::{ALWAYS_REDACTED, validate};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -39,6 +39,31 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// In config order (the order `lb_policy: order` uses).
     pub upstreams: Vec<Arc<UpstreamKey>>,
+    pub log: LogPolicy,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// What is recorded of each request and how usage reaches the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPolicy {
+    pub request_body: bool,
+    pub response_body: bool,
+    pub headers: bool,
+    pub max_field_bytes: usize,
+    /// Lower-case header names never recorded (credentials plus configured ones).
+    pub redact_headers: Vec<String>,
+    pub retention_days: Option<u32>,
+    pub queue_capacity: usize,
+    pub spill_path: std::path::PathBuf,
+    pub spill_max_bytes: u64,
+}
+
+impl LogPolicy {
+    /// Whether any part of requests is recorded beyond the usage event.
+    pub fn records_anything(&self) -> bool {
+        self.request_body || self.response_body || self.headers
+    }
 }
 
 /// Where usage is persisted.

@@ -36,6 +36,40 @@ pub struct RawConfig {
     pub shutdown_grace: Option<Seconds>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
+    /// What is recorded of each request, and how usage is written.
+    pub log: Option<RawLog>,
+    /// Proxies whose `X-Forwarded-For` is believed for the client IP (CIDRs).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// Record request bodies.
+    #[serde(default)]
+    pub request_body: bool,
+    /// Record responses (summarised: message content or concatenated stream deltas).
+    #[serde(default)]
+    pub response_body: bool,
+    /// Record request headers (credentials always redacted).
+    #[serde(default)]
+    pub headers: bool,
+    /// Cap per recorded field, in bytes (default 64 KiB); longer values are truncated and marked.
+    pub max_field_bytes: Option<usize>,
+    /// Headers redacted in addition to authorization, api-key, x-api-key, cookie.
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
+    /// Delete events and logs older than this many days (default: keep).
+    pub retention_days: Option<u32>,
+    /// Events waiting for the writer, at most (default 100000); past it events are dropped,
+    /// counted and logged.
+    pub queue_capacity: Option<usize>,
+    /// Where batches go while the database is unavailable (default: beside the SQLite file, or
+    /// `./keypool-usage.spill.jsonl`).
+    pub spill_path: Option<String>,
+    /// Largest spill file (default 1 GiB); past it events are dropped, counted and logged.
+    pub spill_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

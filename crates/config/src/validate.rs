@@ -14,6 +14,15 @@ use crate::{
 
 const DEFAULT_REPLICATE_ENDPOINT: &str = "https://api.replicate.com/v1";
 
+/// Headers never recorded, whatever the configuration says.
+pub const ALWAYS_REDACTED: &[&str] = &[
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "cookie",
+    "proxy-authorization",
+];
+
 /// Collects field errors while walking the raw config.
 #[derive(Default)]
 struct Errors(Vec<FieldError>);
@@ -139,10 +148,26 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .retries
         .unwrap_or_else(|| u32::try_from(upstreams.len().saturating_sub(1)).unwrap_or(u32::MAX));
 
+    let log = validate_log(raw.log.unwrap_or_default(), &store, &mut errs);
+    let mut trusted_proxies = Vec::new();
+    for (i, cidr) in raw.trusted_proxies.iter().enumerate() {
+        match cidr
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => errs.push(
+                format!("trusted_proxies[{i}]"),
+                format!("expected a CIDR or an IP, got {cidr:?}"),
+            ),
+        }
+    }
     if !errs.0.is_empty() {
         return Err(ConfigError::Invalid(errs.0));
     }
     Ok(Config {
+        log,
+        trusted_proxies,
         address,
         client_tokens,
         timeout,
@@ -284,6 +309,52 @@ fn validate_upstream(
         unusable: (kind == UpstreamKind::Replicate)
             .then(|| "type replicate is not supported yet: this key stays disabled".to_owned()),
     })
+}
+
+fn validate_log(
+    raw: crate::raw::RawLog,
+    store: &StoreConfig,
+    errs: &mut Errors,
+) -> crate::LogPolicy {
+    let max_field_bytes = raw.max_field_bytes.unwrap_or(64 * 1024);
+    if max_field_bytes == 0 {
+        errs.push("log.max_field_bytes", "must be greater than 0");
+    }
+    let queue_capacity = raw.queue_capacity.unwrap_or(100_000);
+    if queue_capacity == 0 {
+        errs.push("log.queue_capacity", "must be greater than 0");
+    }
+    if raw.retention_days == Some(0) {
+        errs.push(
+            "log.retention_days",
+            "must be at least 1 (leave it out to keep everything)",
+        );
+    }
+    let mut redact_headers: Vec<String> = ALWAYS_REDACTED.iter().map(|h| (*h).to_owned()).collect();
+    for h in raw.redact_headers {
+        let h = h.trim().to_ascii_lowercase();
+        if !h.is_empty() && !redact_headers.contains(&h) {
+            redact_headers.push(h);
+        }
+    }
+    let spill_path = raw.spill_path.map_or_else(
+        || match store {
+            StoreConfig::Sqlite { path } => std::path::PathBuf::from(format!("{path}.spill.jsonl")),
+            _ => std::path::PathBuf::from("./keypool-usage.spill.jsonl"),
+        },
+        std::path::PathBuf::from,
+    );
+    crate::LogPolicy {
+        request_body: raw.request_body,
+        response_body: raw.response_body,
+        headers: raw.headers,
+        max_field_bytes,
+        redact_headers,
+        retention_days: raw.retention_days,
+        queue_capacity,
+        spill_path,
+        spill_max_bytes: raw.spill_max_bytes.unwrap_or(1 << 30),
+    }
 }
 
 /// `:8888` → `0.0.0.0:8888` (Go's notation in openai-api-route).

@@ -9,17 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use keypool_policy::Caller;
-use keypool_types::{Usage, UsageEvent};
+use keypool_types::{Usage, UsageEvent, UsageSink};
 use reqwest::header::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
 use crate::inspect::Inspected;
-
-/// Where finished requests' usage events go (the store's batched writer, or a log line).
-pub trait UsageSink: Send + Sync + 'static {
-    /// Takes one event. Must not block: the request path calls it.
-    fn record(&self, event: UsageEvent);
-}
 
 /// Logs each event at `info` (used when no store is configured).
 pub struct LogSink;

@@ -12,10 +12,11 @@ use keypool_policy::ClientAuth;
 use keypool_types::{ApiError, ErrorKind};
 use tokio::time::Instant;
 
-use crate::ctx::{RequestCtx, UsageSink};
+use crate::ctx::RequestCtx;
 use crate::forward::{Engine, Reply};
 use crate::headers::{returns_to_client, upstream_headers};
 use crate::inspect::inspect;
+use keypool_types::UsageSink;
 
 /// Names the key that served a response. Never the secret.
 pub const UPSTREAM_HEADER: &str = "x-keypool-upstream";

@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod relay;
 pub mod sse;
 
-pub use ctx::{LogSink, RequestCtx, UsageSink};
+pub use ctx::{LogSink, RequestCtx};
 pub use forward::{Engine, Reply};
 pub use http::Frontend;
+pub use keypool_types::UsageSink;

@@ -1,0 +1,6 @@
+//! sea-orm entities, one module per table (see the migrations for the schema).
+
+pub mod key_counters;
+pub mod request_logs;
+pub mod usage_events;
+pub mod usage_hourly;

@@ -1,0 +1,31 @@
+//! One row per client request.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "usage_events")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub at_ms: i64,
+    pub gateway: String,
+    pub caller: Option<String>,
+    pub model: String,
+    pub key_name: Option<String>,
+    pub attempts: i32,
+    pub status: i32,
+    pub stream: bool,
+    pub latency_ms: i64,
+    pub ttfb_ms: Option<i64>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

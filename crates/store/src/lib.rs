@@ -1,0 +1,161 @@
+//! The store: usage events, request logs, hourly rollups and per-key counters in SQLite or
+//! PostgreSQL through sea-orm, and the batched, durable writer that feeds it.
+//!
+//! Lifecycle: [`Store::connect`] opens the database and runs the migrations; [`UsageWriter::start`]
+//! takes events from the request path through a bounded queue ([`WriterSink`]) and writes them in
+//! batches; while the database is unavailable it spills batches to an fsync'd file and replays them
+//! later; [`UsageWriter::shutdown`] flushes. Each event id is written once, replays included.
+
+pub mod entity;
+mod event;
+mod query;
+mod spill;
+mod write;
+mod writer;
+
+use std::time::Duration;
+
+use keypool_config::StoreConfig;
+use keypool_migrations::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+
+pub use event::{StoredEvent, StoredLog};
+pub use query::{Grouping, HourCalls, KeyCounterRow, UsageTotal};
+pub use writer::{UsageWriter, WriterSink, WriterStats};
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    #[error("spill file {path}: {source}")]
+    Spill {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// An open database with keypool's schema.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+/// The connection URL for a store config: SQLite files are created when missing; PostgreSQL
+/// accepts a URL or openai-api-route's `host=... port=... user=... dbname=...` form.
+pub fn database_url(config: &StoreConfig) -> Option<String> {
+    match config {
+        StoreConfig::None => None,
+        StoreConfig::Sqlite { path } => Some(format!("sqlite://{path}?mode=rwc")),
+        StoreConfig::Postgres { dsn } => Some(postgres_url(dsn)),
+    }
+}
+
+/// `host=h port=p user=u password=w dbname=d sslmode=m` → `postgres://u:w@h:p/d?sslmode=m`.
+fn postgres_url(dsn: &str) -> String {
+    if dsn.contains("://") {
+        return dsn.to_owned();
+    }
+    let mut host = "127.0.0.1";
+    let mut port = "5432";
+    let (mut user, mut password, mut dbname, mut sslmode) = ("postgres", "", "postgres", "");
+    for pair in dsn.split_whitespace() {
+        if let Some((k, v)) = pair.split_once('=') {
+            match k {
+                "host" => host = v,
+                "port" => port = v,
+                "user" => user = v,
+                "password" => password = v,
+                "dbname" => dbname = v,
+                "sslmode" => sslmode = v,
+                _ => {}
+            }
+        }
+    }
+    let auth = if password.is_empty() {
+        user.to_owned()
+    } else {
+        format!("{user}:{password}")
+    };
+    let query = if sslmode.is_empty() {
+        String::new()
+    } else {
+        format!("?sslmode={sslmode}")
+    };
+    format!("postgres://{auth}@{host}:{port}/{dbname}{query}")
+}
+
+impl Store {
+    /// Connects and runs pending migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect_only(url).await?;
+        store.migrate_up().await?;
+        Ok(store)
+    }
+
+    /// Connects without migrating (for `keypool migrate` and tests).
+    pub async fn connect_only(url: &str) -> Result<Self, StoreError> {
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.max_connections(4)
+            .min_connections(0)
+            .connect_timeout(Duration::from_secs(3))
+            .acquire_timeout(Duration::from_secs(3))
+            .sqlx_logging(false);
+        let db = Database::connect(opts).await?;
+        if db.get_database_backend() == DbBackend::Sqlite {
+            // readers never block the writer; fsync at checkpoints
+            db.execute_unprepared(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+            )
+            .await?;
+        }
+        Ok(Self { db })
+    }
+
+    pub async fn migrate_up(&self) -> Result<(), StoreError> {
+        Migrator::up(&self.db, None).await?;
+        Ok(())
+    }
+
+    /// Reverts every migration (tests, and `keypool migrate --down`).
+    pub async fn migrate_down(&self) -> Result<(), StoreError> {
+        Migrator::down(&self.db, None).await?;
+        Ok(())
+    }
+
+    /// Names of the migrations applied.
+    pub async fn applied_migrations(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Migrator::get_applied_migrations(&self.db)
+            .await?
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        self.db.ping().await.is_ok()
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn postgres_key_value_form() {
+        assert_eq!(
+            super::postgres_url(
+                "host=127.0.0.1 port=5432 user=postgres dbname=openai_api_route sslmode=disable password=woshimima"
+            ),
+            "postgres://postgres:woshimima@127.0.0.1:5432/openai_api_route?sslmode=disable"
+        );
+        assert_eq!(super::postgres_url("postgres://u@h/d"), "postgres://u@h/d");
+    }
+}

@@ -1,0 +1,213 @@
+//! Reads for monitoring and admin, key counters, retention.
+
+use std::collections::BTreeMap;
+
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+
+use crate::entity::{key_counters, request_logs, usage_events, usage_hourly};
+use crate::{Store, StoreError};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// How [`Store::usage_totals`] groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    Gateway,
+    Key,
+    Model,
+    /// UTC day (`YYYY-MM-DD` as unix ms of its midnight).
+    Day,
+}
+
+/// Calls and tokens of one group over a time range.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotal {
+    pub group: String,
+    pub calls: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+}
+
+/// Calls in one hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HourCalls {
+    pub hour_ms: i64,
+    pub calls: i64,
+    pub total_tokens: i64,
+}
+
+/// A key's persisted counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCounterRow {
+    pub key_name: String,
+    pub used: i64,
+    pub success: i64,
+    pub failure: i64,
+    pub last_error: Option<String>,
+}
+
+impl Store {
+    /// Calls and tokens per group for hours starting in `[from_ms, to_ms)`, from the rollups
+    /// (never a scan of the event table), largest total first.
+    pub async fn usage_totals(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        grouping: Grouping,
+        gateway: Option<&str>,
+    ) -> Result<Vec<UsageTotal>, StoreError> {
+        let mut q = usage_hourly::Entity::find()
+            .filter(usage_hourly::Column::HourMs.gte(from_ms))
+            .filter(usage_hourly::Column::HourMs.lt(to_ms));
+        if let Some(g) = gateway {
+            q = q.filter(usage_hourly::Column::Gateway.eq(g));
+        }
+        let mut totals: BTreeMap<String, UsageTotal> = BTreeMap::new();
+        for r in q.all(&self.db).await? {
+            let group = match grouping {
+                Grouping::Gateway => r.gateway.clone(),
+                Grouping::Key => r.key_name.clone(),
+                Grouping::Model => r.model.clone(),
+                Grouping::Day => (r.hour_ms - r.hour_ms.rem_euclid(DAY_MS)).to_string(),
+            };
+            let t = totals.entry(group.clone()).or_insert_with(|| UsageTotal {
+                group,
+                ..UsageTotal::default()
+            });
+            t.calls += r.calls;
+            t.errors += r.errors;
+            t.prompt_tokens += r.prompt_tokens;
+            t.completion_tokens += r.completion_tokens;
+            t.total_tokens += r.total_tokens;
+        }
+        let mut out: Vec<UsageTotal> = totals.into_values().collect();
+        out.sort_by(|a, b| {
+            b.total_tokens
+                .cmp(&a.total_tokens)
+                .then(a.group.cmp(&b.group))
+        });
+        Ok(out)
+    }
+
+    /// Calls per hour of the UTC day that contains `day_ms` (24 entries), optionally for one
+    /// gateway.
+    pub async fn calls_per_hour(
+        &self,
+        day_ms: i64,
+        gateway: Option<&str>,
+    ) -> Result<Vec<HourCalls>, StoreError> {
+        let start = day_ms - day_ms.rem_euclid(DAY_MS);
+        let mut q = usage_hourly::Entity::find()
+            .filter(usage_hourly::Column::HourMs.gte(start))
+            .filter(usage_hourly::Column::HourMs.lt(start + DAY_MS));
+        if let Some(g) = gateway {
+            q = q.filter(usage_hourly::Column::Gateway.eq(g));
+        }
+        let mut hours: Vec<HourCalls> = (0..24)
+            .map(|h| HourCalls {
+                hour_ms: start + h * 3_600_000,
+                calls: 0,
+                total_tokens: 0,
+            })
+            .collect();
+        for r in q.all(&self.db).await? {
+            let i = usize::try_from((r.hour_ms - start) / 3_600_000)
+                .unwrap_or(0)
+                .min(23);
+            hours[i].calls += r.calls;
+            hours[i].total_tokens += r.total_tokens;
+        }
+        Ok(hours)
+    }
+
+    /// Number of stored events.
+    pub async fn count_events(&self) -> Result<u64, StoreError> {
+        Ok(usage_events::Entity::find().count(&self.db).await?)
+    }
+
+    /// Events at or after `since_ms`, oldest first, at most `limit`.
+    pub async fn events_since(
+        &self,
+        since_ms: i64,
+        limit: u64,
+    ) -> Result<Vec<usage_events::Model>, StoreError> {
+        Ok(usage_events::Entity::find()
+            .filter(usage_events::Column::AtMs.gte(since_ms))
+            .order_by_asc(usage_events::Column::AtMs)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// The request log of one event.
+    pub async fn request_log(
+        &self,
+        event_id: &str,
+    ) -> Result<Option<request_logs::Model>, StoreError> {
+        Ok(request_logs::Entity::find_by_id(event_id.to_owned())
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn key_counters(&self) -> Result<Vec<KeyCounterRow>, StoreError> {
+        Ok(key_counters::Entity::find()
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| KeyCounterRow {
+                key_name: m.key_name,
+                used: m.used,
+                success: m.success,
+                failure: m.failure,
+                last_error: m.last_error,
+            })
+            .collect())
+    }
+
+    /// Saves absolute counter values (a snapshot of the key actors).
+    pub async fn save_key_counters(
+        &self,
+        rows: &[KeyCounterRow],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        use key_counters::Column as C;
+        key_counters::Entity::insert_many(rows.iter().map(|r| key_counters::ActiveModel {
+            key_name: Set(r.key_name.clone()),
+            used: Set(r.used),
+            success: Set(r.success),
+            failure: Set(r.failure),
+            last_error: Set(r.last_error.clone()),
+            updated_ms: Set(now_ms),
+        }))
+        .on_conflict(
+            OnConflict::column(C::KeyName)
+                .update_columns([C::Used, C::Success, C::Failure, C::LastError, C::UpdatedMs])
+                .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes events and request logs older than `cutoff_ms`; returns the events deleted.
+    pub async fn delete_older_than(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        request_logs::Entity::delete_many()
+            .filter(request_logs::Column::AtMs.lt(cutoff_ms))
+            .exec(&self.db)
+            .await?;
+        let res = usage_events::Entity::delete_many()
+            .filter(usage_events::Column::AtMs.lt(cutoff_ms))
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected)
+    }
+}

@@ -1,0 +1,260 @@
+//! [`UsageWriter`]: takes usage events off the request path and writes them in batches.
+//!
+//! - The request path only `try_send`s into a bounded queue ([`WriterSink`]); it never waits on
+//!   the database. A full queue (past `log.queue_capacity`) drops the event, counted and logged.
+//! - Batches (up to 500 events, whatever has arrived) are written in one transaction. A failed
+//!   write is retried twice (100 ms, 400 ms); then the batch is appended to the spill file
+//!   (fsync'd) and the writer treats the database as down: further batches go straight to the
+//!   spill file, and once a second a write is tried again.
+//! - When a write succeeds again, the spill file is replayed in batches and removed. Event ids
+//!   make replays idempotent: nothing is written twice, even after a crash mid-replay.
+//! - [`UsageWriter::shutdown`] drains the queue into the database (or the spill file) and
+//!   replays what it can.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keypool_config::LogPolicy;
+use keypool_types::{UsageEvent, UsageSink};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::spill::Spill;
+use crate::{Store, StoredEvent};
+
+const BATCH: usize = 500;
+const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Counters of the writer, shared with metrics and tests.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Events written to the database (replays included, duplicates not).
+    pub written: AtomicU64,
+    /// Events appended to the spill file.
+    pub spilled: AtomicU64,
+    /// Events dropped past a configured cap (queue full, spill file full).
+    pub dropped: AtomicU64,
+    /// Events currently waiting in the queue.
+    pub queued: AtomicU64,
+}
+
+/// The request path's side of the writer: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct WriterSink {
+    tx: mpsc::Sender<StoredEvent>,
+    stats: Arc<WriterStats>,
+}
+
+impl UsageSink for WriterSink {
+    fn record(&self, event: UsageEvent) {
+        match self.tx.try_send(StoredEvent::from(event)) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 || n % 1000 == 0 {
+                    tracing::error!(
+                        dropped = n,
+                        "usage queue full (log.queue_capacity): usage event dropped"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The writer task and its controls.
+pub struct UsageWriter {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    pub stats: Arc<WriterStats>,
+}
+
+impl UsageWriter {
+    /// Starts the writer on the current tokio runtime.
+    pub fn start(store: Store, policy: &LogPolicy) -> (Self, WriterSink) {
+        let (tx, rx) = mpsc::channel(policy.queue_capacity);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let stats = Arc::new(WriterStats::default());
+        let spill = Spill::new(policy.spill_path.clone(), policy.spill_max_bytes);
+        let task = tokio::spawn(
+            Loop {
+                store,
+                spill,
+                stats: stats.clone(),
+                db_ok: true,
+                last_try: Instant::now(),
+            }
+            .run(rx, stop_rx),
+        );
+        (
+            Self {
+                stop: Some(stop_tx),
+                task,
+                stats: stats.clone(),
+            },
+            WriterSink { tx, stats },
+        )
+    }
+
+    /// Drains the queue and stops, waiting at most `limit`.
+    pub async fn shutdown(mut self, limit: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(limit, &mut self.task).await.is_err() {
+            tracing::error!("usage writer did not finish flushing within {limit:?}");
+            self.task.abort();
+        }
+    }
+}
+
+struct Loop {
+    store: Store,
+    spill: Spill,
+    stats: Arc<WriterStats>,
+    db_ok: bool,
+    last_try: Instant,
+}
+
+impl Loop {
+    async fn run(mut self, mut rx: mpsc::Receiver<StoredEvent>, mut stop: oneshot::Receiver<()>) {
+        self.replay().await;
+        loop {
+            let mut batch = Vec::with_capacity(BATCH);
+            let stopping = tokio::select! {
+                _ = &mut stop => true,
+                n = rx.recv_many(&mut batch, BATCH) => n == 0,
+            };
+            if stopping {
+                rx.close();
+                while let Some(e) = rx.recv().await {
+                    batch.push(e);
+                    if batch.len() == BATCH {
+                        self.flush(std::mem::take(&mut batch)).await;
+                    }
+                }
+                self.flush(batch).await;
+                if self.spill.len() > 0 {
+                    self.replay().await;
+                }
+                return;
+            }
+            self.flush(batch).await;
+            if self.db_ok && self.spill.len() > 0 {
+                self.replay().await;
+            }
+        }
+    }
+
+    /// Writes a batch, or spills it when the database is (or turns out to be) down.
+    async fn flush(&mut self, batch: Vec<StoredEvent>) {
+        if batch.is_empty() {
+            return;
+        }
+        self.stats
+            .queued
+            .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        let probe_due = self.last_try.elapsed() >= PROBE_EVERY;
+        if self.db_ok || probe_due {
+            if self.write(&batch).await {
+                if !self.db_ok {
+                    tracing::info!("usage store is reachable again");
+                    self.db_ok = true;
+                    self.replay().await;
+                }
+                return;
+            }
+            if self.db_ok {
+                tracing::error!(spill = %self.spill_path(), "usage store unavailable: spilling usage events to disk");
+            }
+            self.db_ok = false;
+        }
+        self.to_spill(batch).await;
+    }
+
+    /// One write with retries (fewer when the database is already known to be down).
+    async fn write(&mut self, batch: &[StoredEvent]) -> bool {
+        self.last_try = Instant::now();
+        let retries: &[Duration] = if self.db_ok { &RETRIES } else { &[] };
+        let mut attempt = 0;
+        loop {
+            match self.store.write_batch(batch).await {
+                Ok(n) => {
+                    self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, events = batch.len(), "usage batch write failed");
+                    let Some(wait) = retries.get(attempt) else {
+                        return false;
+                    };
+                    tokio::time::sleep(*wait).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn to_spill(&self, batch: Vec<StoredEvent>) {
+        let spill = self.spill.clone();
+        let n = batch.len() as u64;
+        match tokio::task::spawn_blocking(move || spill.append(&batch)).await {
+            Ok(Ok(dropped)) => {
+                self.stats
+                    .spilled
+                    .fetch_add(n - dropped as u64, Ordering::Relaxed);
+                if dropped > 0 {
+                    self.stats
+                        .dropped
+                        .fetch_add(dropped as u64, Ordering::Relaxed);
+                    tracing::error!(
+                        dropped,
+                        "spill file full (log.spill_max_bytes): usage events dropped"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+                tracing::error!(error = %e, events = n, "cannot spill usage events: dropped");
+            }
+            Err(_) => {
+                self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Writes the spill file's events to the database and removes the file on success.
+    async fn replay(&mut self) {
+        let spill = self.spill.clone();
+        let events = match tokio::task::spawn_blocking(move || spill.read_all()).await {
+            Ok(Ok(events)) => events,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the spill file");
+                return;
+            }
+            Err(_) => return,
+        };
+        if events.is_empty() {
+            return;
+        }
+        tracing::info!(events = events.len(), "replaying spilled usage events");
+        for chunk in events.chunks(BATCH) {
+            if !self.write(chunk).await {
+                self.db_ok = false;
+                return;
+            }
+        }
+        if let Err(e) = self.spill.clear() {
+            tracing::error!(error = %e, "cannot remove the replayed spill file");
+        }
+    }
+
+    fn spill_path(&self) -> String {
+        self.spill.path().display().to_string()
+    }
+}

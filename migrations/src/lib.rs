@@ -1,0 +1,20 @@
+//! keypool's schema migrations (sea-orm-migration). Append-only: a released migration is never
+//! edited; changes come as new `mYYYYMMDD_HHMMSS_name` files with `up` and `down`.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_usage;
+
+/// All migrations, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261122_000001_usage::Migration)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        "keypool_migrations".into_iden()
+    }
+}
