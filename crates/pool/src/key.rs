@@ -54,6 +54,14 @@ pub struct KeyCounters {
     pub last_error: Option<String>,
 }
 
+/// What a key starts from after a restart: its persisted counters and the requests it served in
+/// the last minute (age, tokens), so least-used ranking and budgets carry over.
+#[derive(Debug, Clone, Default)]
+pub struct KeySeed {
+    pub counters: KeyCounters,
+    pub recent: Vec<(Duration, u64)>,
+}
+
 /// A key's live state, for listings and tests. Contains no secret.
 #[derive(Debug, Clone)]
 pub struct KeyState {
@@ -143,15 +151,33 @@ pub struct KeyActor {
 }
 
 impl KeyActor {
-    pub fn new(key: Arc<UpstreamKey>, epoch: Instant, gauge: Arc<KeyGauge>) -> Self {
+    pub fn new(
+        key: Arc<UpstreamKey>,
+        epoch: Instant,
+        gauge: Arc<KeyGauge>,
+        seed: Option<KeySeed>,
+    ) -> Self {
         let health = match &key.unusable {
             Some(reason) => Health::Disabled {
                 reason: reason.clone(),
             },
             None => Health::Healthy,
         };
-        let requests = Window::new(key.rpm.is_some(), epoch);
-        let tokens = Window::new(key.tpm.is_some(), epoch);
+        let mut requests = Window::new(key.rpm.is_some(), epoch);
+        let mut tokens = Window::new(key.tpm.is_some(), epoch);
+        let seed = seed.unwrap_or_default();
+        let now = Instant::now();
+        let mut recent = seed.recent;
+        recent.sort_by(|a, b| b.0.cmp(&a.0)); // oldest first: windows are chronological
+        for (age, used) in recent {
+            if age < WINDOW
+                && let Some(at) = now.checked_sub(age)
+            {
+                // lease id 0 is never settled: ids handed out start at 1
+                requests.record(at, 0, 1, false);
+                tokens.record(at, 0, used, false);
+            }
+        }
         let actor = Self {
             key,
             epoch,
@@ -160,7 +186,7 @@ impl KeyActor {
             tokens,
             health,
             in_flight: 0,
-            counters: KeyCounters::default(),
+            counters: seed.counters,
             latency_ms: 0.0,
             consecutive_failures: 0,
             consecutive_429: 0,
@@ -275,6 +301,8 @@ impl Actor for KeyActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // seeded windows are visible to ranking from the start
+        self.publish_window(ctx);
         // bucketed counts decay by the second: republish them as they do
         if matches!(self.requests, Window::Approx(_)) {
             ctx.run_interval(Duration::from_secs(1), |actor, ctx| {

@@ -15,7 +15,7 @@ mod pool;
 pub mod select;
 pub mod window;
 
-pub use key::{Health, KeyActor, KeyCounters, KeyState};
+pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
 pub use messages::{BusyCause, ListKeys, NoKey, Outcome};
 pub use pool::{KeyPool, Lease, Pick, PoolHandle, PoolView};
 pub use window::RateWindow;

@@ -18,7 +18,7 @@ use actix::{Actor, Addr, Context, Handler, ResponseFuture};
 use keypool_config::{LbPolicy, UpstreamKey};
 use tokio::time::Instant;
 
-use crate::key::{KeyActor, KeyGauge, KeyState};
+use crate::key::{KeyActor, KeyGauge, KeySeed, KeyState};
 use crate::messages::{
     BusyCause, ListKeys, NoKey, Outcome, Record, Refusal, Reserve, Settle, Snapshot,
 };
@@ -63,13 +63,23 @@ pub struct KeyPool {
 impl KeyPool {
     /// Starts one [`KeyActor`] per key and the pool, on the current actix arbiter.
     pub fn start(keys: &[Arc<UpstreamKey>], policy: LbPolicy) -> PoolHandle {
+        Self::start_seeded(keys, policy, &std::collections::HashMap::new())
+    }
+
+    /// Like [`KeyPool::start`], with each key's counters and recent requests restored.
+    pub fn start_seeded(
+        keys: &[Arc<UpstreamKey>],
+        policy: LbPolicy,
+        seeds: &std::collections::HashMap<String, KeySeed>,
+    ) -> PoolHandle {
         let epoch = Instant::now();
         let keys = keys
             .iter()
             .enumerate()
             .map(|(i, key)| {
                 let gauge = Arc::new(KeyGauge::default());
-                let addr = KeyActor::new(key.clone(), epoch, gauge.clone()).start();
+                let seed = seeds.get(&key.name).cloned();
+                let addr = KeyActor::new(key.clone(), epoch, gauge.clone(), seed).start();
                 PoolKey {
                     id: i as u64,
                     key: key.clone(),

@@ -211,6 +211,38 @@ async fn tpm_reserves_the_estimate_and_settles_the_real_count() {
 }
 
 #[actix_rt::test]
+async fn seeds_restore_counters_and_the_last_minute() {
+    use crate::{KeyCounters, KeySeed};
+    let mut seeds = std::collections::HashMap::new();
+    seeds.insert(
+        "a".to_owned(),
+        KeySeed {
+            counters: KeyCounters {
+                used: 7,
+                success: 6,
+                failure: 1,
+                last_error: None,
+            },
+            recent: vec![
+                (Duration::from_secs(10), 5),
+                (Duration::from_secs(30), 5),
+                (Duration::from_secs(90), 5),
+            ],
+        },
+    );
+    let keys = [key("a", Some(3), None), key("b", Some(3), None)];
+    let pool = KeyPool::start_seeded(&keys, LbPolicy::LeastUsed, &seeds);
+    let states = pool.list().await;
+    assert_eq!(states[0].counters.used, 7);
+    assert_eq!(
+        states[0].window_requests, 2,
+        "the 90 s old request is outside the window"
+    );
+    // least-used prefers b, which served nothing in the last minute
+    assert_eq!(lease(&pool).await.unwrap().key.name, "b");
+}
+
+#[actix_rt::test]
 async fn anonymous_callers_only_reach_noauth_keys() {
     let mut open = (*key("open", None, None)).clone();
     open.noauth = true;

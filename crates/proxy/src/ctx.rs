@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use keypool_policy::Caller;
-use keypool_types::{Usage, UsageEvent, UsageSink};
+use keypool_types::{RequestLog, Usage, UsageEvent, UsageSink, new_event_id};
 use reqwest::header::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
@@ -63,6 +63,11 @@ pub struct RequestCtx {
     /// The key of the last attempt.
     pub key: Option<String>,
     pub ttfb: Option<Duration>,
+    pub user_agent: Option<String>,
+    /// What the `log:` policy records; `None` when it records nothing.
+    pub log: Option<RequestLog>,
+    /// Cap for the recorded response when responses are logged.
+    pub log_response_cap: Option<usize>,
     sink: Arc<dyn UsageSink>,
     gateway: &'static str,
     accounted: bool,
@@ -97,9 +102,26 @@ impl RequestCtx {
             attempts: 0,
             key: None,
             ttfb: None,
+            user_agent: None,
+            log: None,
+            log_response_cap: None,
             sink,
             gateway: "default",
             accounted: false,
+        }
+    }
+
+    /// Records the response (summarised) when the `log:` policy asks for it.
+    pub fn capture_response(&mut self, body: &[u8]) {
+        if let (Some(cap), Some(log)) = (self.log_response_cap, self.log.as_mut()) {
+            log.response_body = Some(crate::capture::summarise_response(body, cap));
+        }
+    }
+
+    /// Records a stream's concatenated deltas when the `log:` policy asks for it.
+    pub fn capture_stream_text(&mut self, text: &str) {
+        if let (Some(cap), Some(log)) = (self.log_response_cap, self.log.as_mut()) {
+            log.response_body = Some(crate::capture::capped(text, cap));
         }
     }
 
@@ -109,6 +131,7 @@ impl RequestCtx {
             return;
         }
         self.sink.record(UsageEvent {
+            id: new_event_id(),
             at: SystemTime::now(),
             gateway: self.gateway.to_owned(),
             caller: self.caller.id.as_deref().map(str::to_owned),
@@ -122,6 +145,8 @@ impl RequestCtx {
             usage,
             client_ip: self.client_ip,
             error,
+            user_agent: self.user_agent.take(),
+            log: self.log.take().map(Box::new),
         });
     }
 }

@@ -145,7 +145,13 @@ impl Engine {
     pub async fn forward(&self, client: &reqwest::Client, mut ctx: RequestCtx) -> Reply {
         let reply = self.attempts(client, &mut ctx).await;
         match &reply {
-            Reply::Whole { status, usage, .. } => {
+            Reply::Whole {
+                status,
+                usage,
+                body,
+                ..
+            } => {
+                ctx.capture_response(body);
                 let error = (*status >= 400).then_some(if *status >= 500 {
                     "upstream_5xx"
                 } else {
@@ -341,6 +347,7 @@ impl Engine {
                 ctx.inspected.strip_usage_chunk,
                 ctx.path.ends_with("/completions"),
                 status,
+                ctx.log_response_cap,
             );
             return match relay.await {
                 Ok(relay) => Attempt::Done(Reply::Stream {

@@ -16,7 +16,9 @@ use crate::ctx::RequestCtx;
 use crate::forward::{Engine, Reply};
 use crate::headers::{returns_to_client, upstream_headers};
 use crate::inspect::inspect;
-use keypool_types::UsageSink;
+use keypool_types::{RequestLog, UsageSink};
+
+use crate::capture;
 
 /// Names the key that served a response. Never the secret.
 pub const UPSTREAM_HEADER: &str = "x-keypool-upstream";
@@ -73,19 +75,45 @@ async fn prepare(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| reqwest::header::HeaderValue::from_bytes(v.as_bytes()).ok());
-    Ok(RequestCtx::new(
+    let config = &fe.engine.config;
+    let forwarded_for = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client_ip = capture::client_ip(req.peer_addr().map(|a| a.ip()), forwarded_for, config);
+    let policy = &config.log;
+    let log = policy.records_anything().then(|| RequestLog {
+        request_headers: policy
+            .headers
+            .then(|| capture::headers_json(req.headers(), policy)),
+        request_body: policy.request_body.then(|| {
+            capture::capped(
+                &String::from_utf8_lossy(&inspected.body),
+                policy.max_field_bytes,
+            )
+        }),
+        response_body: None,
+    });
+    let mut ctx = RequestCtx::new(
         method,
         Arc::from(path),
         upstream_path,
         query,
         caller,
-        req.peer_addr().map(|a| a.ip()),
+        client_ip,
         inspected,
         upstream_headers(req.headers()),
         client_authorization,
         fe.sink.clone(),
         started,
-    ))
+    );
+    ctx.user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    ctx.log = log;
+    ctx.log_response_cap = policy.response_body.then_some(policy.max_field_bytes);
+    Ok(ctx)
 }
 
 /// Reads the body once, refusing more than `limit` bytes (by `Content-Length` up front, or as it

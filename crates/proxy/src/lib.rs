@@ -6,6 +6,7 @@
 //! Providers sit behind one trait in [`adapter`].
 
 pub mod adapter;
+pub mod capture;
 pub mod cooldown;
 pub mod ctx;
 pub mod forward;

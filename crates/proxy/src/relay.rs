@@ -47,6 +47,7 @@ impl Relay {
         strip_usage_chunk: bool,
         require_done: bool,
         status: u16,
+        collect_text: Option<usize>,
     ) -> Result<Self, (Lease, Outcome)> {
         let started = Instant::now();
         let first = match timeout_at(first_byte_deadline, upstream.next()).await {
@@ -55,7 +56,7 @@ impl Relay {
             Ok(Some(Err(_))) => return Err((lease, Outcome::Connect)),
             Ok(Some(Ok(chunk))) => chunk,
         };
-        let mut tap = SseTap::new(strip_usage_chunk);
+        let mut tap = SseTap::new(strip_usage_chunk).collecting_text(collect_text);
         let first = tap.feed(&first);
         Ok(Self {
             upstream,
@@ -138,6 +139,7 @@ impl Relay {
             });
         }
         if let Some(ctx) = self.ctx.as_mut() {
+            ctx.capture_stream_text(&self.tap.text);
             ctx.account(self.status, usage, None);
         }
     }
@@ -150,6 +152,7 @@ impl Relay {
             lease.settle(Outcome::StreamBroken);
         }
         if let Some(ctx) = self.ctx.as_mut() {
+            ctx.capture_stream_text(&self.tap.text);
             ctx.account(self.status, self.tap.usage, Some("upstream_stream_broken"));
         }
         let event = error_event(&ApiError::new(ErrorKind::UpstreamStreamBroken, why));

@@ -19,6 +19,11 @@ pub struct SseTap {
     pub done: bool,
     /// Events released so far.
     pub events: u64,
+    /// Collect the concatenated `choices[].delta.content` up to this many bytes (for request
+    /// logs); `None`: don't look.
+    collect_text: Option<usize>,
+    /// The collected text.
+    pub text: String,
 }
 
 #[derive(Deserialize)]
@@ -34,6 +39,32 @@ impl SseTap {
         Self {
             strip_usage_chunk,
             ..Self::default()
+        }
+    }
+
+    /// Also collects the streamed text, up to `cap` bytes.
+    #[must_use]
+    pub fn collecting_text(mut self, cap: Option<usize>) -> Self {
+        self.collect_text = cap;
+        self
+    }
+
+    fn collect(&mut self, data: &[u8]) {
+        let Some(cap) = self.collect_text else { return };
+        if self.text.len() >= cap {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+            && let Some(choices) = v.get("choices").and_then(serde_json::Value::as_array)
+        {
+            for c in choices {
+                if let Some(t) = c
+                    .pointer("/delta/content")
+                    .and_then(serde_json::Value::as_str)
+                {
+                    self.text.push_str(t);
+                }
+            }
         }
     }
 
@@ -73,6 +104,7 @@ impl SseTap {
                 self.done = true;
                 continue;
             }
+            self.collect(data);
             if !contains(data, b"\"usage\"") {
                 continue;
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use keypool_config::{LbPolicy, UpstreamKey};
-use keypool_pool::{KeyPool, PoolHandle};
+use keypool_pool::{KeyPool, KeySeed, PoolHandle};
 
 /// Owns the actor thread; [`ActorHost::stop`] ends it.
 pub struct ActorHost {
@@ -18,6 +18,7 @@ impl ActorHost {
     pub fn start(
         keys: Vec<Arc<UpstreamKey>>,
         policy: LbPolicy,
+        seeds: std::collections::HashMap<String, KeySeed>,
     ) -> std::io::Result<(Self, PoolHandle)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -25,7 +26,10 @@ impl ActorHost {
             .spawn(move || {
                 let runner = actix_rt::System::new();
                 let started = runner.block_on(async {
-                    (KeyPool::start(&keys, policy), actix_rt::System::current())
+                    (
+                        KeyPool::start_seeded(&keys, policy, &seeds),
+                        actix_rt::System::current(),
+                    )
                 });
                 if tx.send(started).is_ok() {
                     let _ = runner.run();

@@ -8,15 +8,16 @@ pub mod actors;
 pub mod app;
 pub mod demo;
 pub mod mock;
+pub mod usage;
 
 use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::{HttpServer, web};
-use keypool_config::{Config, StoreConfig};
+use keypool_config::Config;
 use keypool_policy::ClientAuth;
 use keypool_proxy::adapter::Adapters;
-use keypool_proxy::{Engine, Frontend, LogSink, UsageSink};
+use keypool_proxy::{Engine, Frontend};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::ActorHost;
@@ -65,11 +66,6 @@ fn startup_warnings(config: &Config, auth: &ClientAuth) {
     if config.upstreams.is_empty() {
         tracing::warn!("no upstreams configured: every request will get 404 model_not_found");
     }
-    if config.store != StoreConfig::None {
-        tracing::warn!(
-            "dbtype is set, but persistent usage storage is not built yet: usage is logged, not stored"
-        );
-    }
 }
 
 /// Serves `config` on `listener` until `shutdown` is cancelled.
@@ -81,14 +77,20 @@ pub async fn run(
     let config = Arc::new(config);
     let auth = Arc::new(ClientAuth::from_config(&config));
     startup_warnings(&config, &auth);
-    let (actors, pool) = ActorHost::start(config.upstreams.clone(), config.lb_policy)?;
+    let store = usage::open_store(&config).await?;
+    let seeds = match &store {
+        Some(s) => usage::seeds(s).await,
+        None => std::collections::HashMap::new(),
+    };
+    let (actors, pool) = ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds)?;
+    let usage = usage::Usage::start(store, &config, &pool);
     let engine = Arc::new(Engine {
         config: config.clone(),
-        pool,
+        pool: pool.clone(),
         adapters: Adapters::new(),
         requires_token: !auth.is_open(),
     });
-    let sink: Arc<dyn UsageSink> = Arc::new(LogSink);
+    let sink = usage.sink.clone();
     let addr = listener.local_addr()?;
     let use_env_proxies = ["https_proxy", "http_proxy", "all_proxy"]
         .iter()
@@ -123,8 +125,11 @@ pub async fn run(
         handle.stop(true).await;
     });
     tracing::info!(%addr, keys = config.upstreams.len(), "keypool listening");
-    server.await?;
+    let served = server.await;
+    // the server has drained: every finished request's event is queued; flush them
+    usage.shutdown(&pool).await;
     actors.stop();
+    served?;
     tracing::info!("keypool stopped");
     Ok(())
 }

@@ -46,6 +46,15 @@ enum Command {
     },
     /// Run the OpenAI-compatible mock upstream alone.
     Mock(MockArgs),
+    /// Run the store's migrations and exit (`serve` runs them too).
+    Migrate {
+        /// Config file (its dbtype / dbaddr).
+        #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
+        config: PathBuf,
+        /// Revert every migration instead.
+        #[arg(long)]
+        down: bool,
+    },
 }
 
 /// Accepts Go-style `-config PATH` / `-config=PATH` as openai-api-route did.
@@ -81,6 +90,13 @@ fn main() -> ExitCode {
     });
     // Validate before anything binds a port.
     let serve = match &command {
+        Command::Migrate { config, .. } => match keypool_config::load(config) {
+            Ok(cfg) => Some(cfg),
+            Err(e) => {
+                eprintln!("keypool: invalid config {}:\n{e}", config.display());
+                return ExitCode::from(2);
+            }
+        },
         Command::Serve { config, address } => match keypool_config::load(config) {
             Ok(mut cfg) => {
                 if let Some(a) = address {
@@ -120,7 +136,10 @@ fn main() -> ExitCode {
             }
             (Command::Demo { address }, _) => keypool_gateway::demo::run(&address, shutdown).await,
             (Command::Mock(args), _) => keypool_gateway::mock::run(args, shutdown).await,
-            (Command::Serve { .. }, None) => Ok(()),
+            (Command::Migrate { down, .. }, Some(cfg)) => {
+                keypool_gateway::usage::migrate(&cfg, down).await
+            }
+            (Command::Serve { .. } | Command::Migrate { .. }, None) => Ok(()),
         }
     });
     match result {

@@ -1,0 +1,190 @@
+//! Usage plumbing for [`crate::run`]: the store, the batched writer, per-key counter snapshots and
+//! retention. With `dbtype: none`, usage events go to the log and counters live in memory only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use keypool_config::Config;
+use keypool_pool::{KeyCounters, KeySeed, PoolHandle};
+use keypool_proxy::{LogSink, UsageSink};
+use keypool_store::{KeyCounterRow, Store, UsageWriter, database_url};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How often key counters are saved.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// How long shutdown waits for the writer to flush.
+const FLUSH_LIMIT: Duration = Duration::from_secs(20);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Connects to the configured store and runs its migrations (`None` for `dbtype: none`).
+pub async fn open_store(config: &Config) -> anyhow::Result<Option<Store>> {
+    let Some(url) = database_url(&config.store) else {
+        return Ok(None);
+    };
+    let store = Store::connect(&url)
+        .await
+        .context("cannot open the store (dbtype/dbaddr)")?;
+    Ok(Some(store))
+}
+
+/// `keypool migrate`: applies (or with `down`, reverts) every migration.
+pub async fn migrate(config: &Config, down: bool) -> anyhow::Result<()> {
+    let Some(url) = database_url(&config.store) else {
+        anyhow::bail!("dbtype is none: there is nothing to migrate");
+    };
+    let store = Store::connect_only(&url)
+        .await
+        .context("cannot open the store")?;
+    if down {
+        store.migrate_down().await?;
+    } else {
+        store.migrate_up().await?;
+    }
+    println!(
+        "applied migrations: {:?}",
+        store.applied_migrations().await?
+    );
+    store.close().await;
+    Ok(())
+}
+
+/// Each key's persisted counters and last minute of requests.
+pub async fn seeds(store: &Store) -> HashMap<String, KeySeed> {
+    let mut seeds: HashMap<String, KeySeed> = HashMap::new();
+    match store.key_counters().await {
+        Ok(rows) => {
+            for r in rows {
+                seeds.entry(r.key_name).or_default().counters = KeyCounters {
+                    used: r.used.max(0) as u64,
+                    success: r.success.max(0) as u64,
+                    failure: r.failure.max(0) as u64,
+                    last_error: r.last_error,
+                };
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot restore key counters"),
+    }
+    let now = now_ms();
+    match store.events_since(now - 60_000, 1_000_000).await {
+        Ok(events) => {
+            for e in events {
+                if let Some(key) = e.key_name {
+                    let age = Duration::from_millis((now - e.at_ms).max(0) as u64);
+                    let tokens = e.total_tokens.unwrap_or(0).max(0) as u64;
+                    seeds.entry(key).or_default().recent.push((age, tokens));
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot restore the last minute of key usage"),
+    }
+    seeds
+}
+
+/// The running usage machinery.
+pub struct Usage {
+    pub sink: Arc<dyn UsageSink>,
+    store: Option<Store>,
+    writer: Option<UsageWriter>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn snapshot(store: &Store, pool: &PoolHandle) {
+    let rows: Vec<KeyCounterRow> = pool
+        .list()
+        .await
+        .into_iter()
+        .map(|s| KeyCounterRow {
+            key_name: s.name,
+            used: s.counters.used as i64,
+            success: s.counters.success as i64,
+            failure: s.counters.failure as i64,
+            last_error: s.counters.last_error,
+        })
+        .collect();
+    if let Err(e) = store.save_key_counters(&rows, now_ms()).await {
+        tracing::warn!(error = %e, "cannot save key counters");
+    }
+}
+
+impl Usage {
+    /// Starts the writer and the background tasks (when a store is configured).
+    pub fn start(store: Option<Store>, config: &Config, pool: &PoolHandle) -> Self {
+        let stop = CancellationToken::new();
+        let Some(store) = store else {
+            return Self {
+                sink: Arc::new(LogSink),
+                store: None,
+                writer: None,
+                stop,
+                tasks: Vec::new(),
+            };
+        };
+        let (writer, sink) = UsageWriter::start(store.clone(), &config.log);
+        let mut tasks = Vec::new();
+        {
+            let (store, pool, stop) = (store.clone(), pool.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(SNAPSHOT_EVERY) => snapshot(&store, &pool).await,
+                    }
+                }
+            }));
+        }
+        if let Some(days) = config.log.retention_days {
+            let (store, stop) = (store.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let cutoff = now_ms() - i64::from(days) * 86_400_000;
+                    match store.delete_older_than(cutoff).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(deleted = n, days, "retention: old usage events deleted")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "retention failed"),
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(RETENTION_EVERY) => {}
+                    }
+                }
+            }));
+        }
+        Self {
+            sink: Arc::new(sink),
+            store: Some(store),
+            writer: Some(writer),
+            stop,
+            tasks,
+        }
+    }
+
+    /// After the server drained: saves counters, flushes every queued event, stops the tasks.
+    pub async fn shutdown(self, pool: &PoolHandle) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Some(store) = &self.store {
+            snapshot(store, pool).await;
+        }
+        if let Some(writer) = self.writer {
+            writer.shutdown(FLUSH_LIMIT).await;
+        }
+        if let Some(store) = self.store {
+            store.close().await;
+        }
+    }
+}
