@@ -132,7 +132,10 @@ impl Gateway {
         let log = std::fs::File::create(dir.path().join("keypool.log"))?;
         let mut child = Command::new(keypool_bin())
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("KP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -294,4 +297,141 @@ pub fn python_venv() -> anyhow::Result<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(venv)
+}
+
+/// A PostgreSQL database that exists for one test (created with `psql`, dropped on drop).
+pub struct PgDb {
+    pub name: String,
+}
+
+fn psql(sql: &str) -> anyhow::Result<()> {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            sql,
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl PgDb {
+    pub fn create() -> anyhow::Result<Self> {
+        let name = format!("kp_e2e_{:016x}", rand_u64());
+        psql(&format!("CREATE DATABASE {name}"))?;
+        Ok(Self { name })
+    }
+
+    /// A URL for this database on `host:port` (a fault proxy, or the server itself).
+    pub fn url_via(&self, hostport: &str) -> String {
+        format!("postgres://postgres@{hostport}/{}", self.name)
+    }
+
+    pub fn url(&self) -> String {
+        self.url_via("127.0.0.1:5432")
+    }
+
+    /// `pg_dump` of the whole database, as text.
+    pub fn dump(&self) -> anyhow::Result<String> {
+        let out = Command::new("pg_dump")
+            .args(["-h", "127.0.0.1", "-U", "postgres", &self.name])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// A TCP proxy that can cut its traffic: while down, it closes every open connection and drops
+/// new ones at once (a database "going away" for whoever connects through it).
+pub struct FaultProxy {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(target: &str) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns =
+            std::sync::Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let target = target.to_owned();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                if let Ok(mut c) = conns2.lock() {
+                    c.push(task.abort_handle());
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            up,
+            conns,
+            accept,
+        })
+    }
+
+    pub fn hostport(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Cuts (false) or restores (true) the traffic.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up && let Ok(mut c) = self.conns.lock() {
+            for h in c.drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.set_up(false);
+        self.accept.abort();
+    }
 }

@@ -166,8 +166,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::Invalid(errs.0));
     }
     Ok(Config {
-        log,
-        trusted_proxies,
         address,
         client_tokens,
         timeout,
@@ -180,6 +178,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         retries,
         shutdown_grace,
         upstreams,
+        log,
+        trusted_proxies,
     })
 }
 

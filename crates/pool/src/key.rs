@@ -168,7 +168,7 @@ impl KeyActor {
         let seed = seed.unwrap_or_default();
         let now = Instant::now();
         let mut recent = seed.recent;
-        recent.sort_by(|a, b| b.0.cmp(&a.0)); // oldest first: windows are chronological
+        recent.sort_by_key(|r| std::cmp::Reverse(r.0)); // oldest first: windows are chronological
         for (age, used) in recent {
             if age < WINDOW
                 && let Some(at) = now.checked_sub(age)

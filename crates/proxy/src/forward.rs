@@ -23,7 +23,7 @@ use crate::adapter::{Adapters, AttemptRequest, BodyStream, UpstreamResponse};
 use crate::cooldown::cooldown;
 use crate::ctx::RequestCtx;
 use crate::inspect::response_usage;
-use crate::relay::Relay;
+use crate::relay::{Relay, StreamSetup};
 
 /// The engine shared by all frontend workers.
 pub struct Engine {
@@ -343,11 +343,13 @@ impl Engine {
                 body,
                 lease,
                 deadline,
-                self.config.idle_timeout,
-                ctx.inspected.strip_usage_chunk,
-                ctx.path.ends_with("/completions"),
-                status,
-                ctx.log_response_cap,
+                StreamSetup {
+                    idle: self.config.idle_timeout,
+                    strip_usage_chunk: ctx.inspected.strip_usage_chunk,
+                    require_done: ctx.path.ends_with("/completions"),
+                    status,
+                    collect_text: ctx.log_response_cap,
+                },
             );
             return match relay.await {
                 Ok(relay) => Attempt::Done(Reply::Stream {

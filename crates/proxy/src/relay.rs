@@ -20,6 +20,20 @@ use crate::adapter::BodyStream;
 use crate::ctx::RequestCtx;
 use crate::sse::{SseTap, error_event};
 
+/// How a stream is relayed.
+pub struct StreamSetup {
+    /// Longest gap between chunks.
+    pub idle: Duration,
+    /// keypool asked for the usage chunk; the client did not.
+    pub strip_usage_chunk: bool,
+    /// Completion streams must end with `data: [DONE]`.
+    pub require_done: bool,
+    /// Status of the response head.
+    pub status: u16,
+    /// Collect the streamed text (for request logs), up to this many bytes.
+    pub collect_text: Option<usize>,
+}
+
 /// A started stream.
 pub struct Relay {
     upstream: BodyStream,
@@ -43,12 +57,15 @@ impl Relay {
         mut upstream: BodyStream,
         lease: Lease,
         first_byte_deadline: Instant,
-        idle: Duration,
-        strip_usage_chunk: bool,
-        require_done: bool,
-        status: u16,
-        collect_text: Option<usize>,
+        setup: StreamSetup,
     ) -> Result<Self, (Lease, Outcome)> {
+        let StreamSetup {
+            idle,
+            strip_usage_chunk,
+            require_done,
+            status,
+            collect_text,
+        } = setup;
         let started = Instant::now();
         let first = match timeout_at(first_byte_deadline, upstream.next()).await {
             Err(_) => return Err((lease, Outcome::Timeout)),

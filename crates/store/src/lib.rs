@@ -133,8 +133,8 @@ impl Store {
     }
 
     /// Whether the database answers.
-    pub async fn ping(&self) -> bool {
-        self.db.ping().await.is_ok()
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
     }
 
     pub fn backend(&self) -> DbBackend {

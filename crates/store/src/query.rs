@@ -176,10 +176,10 @@ impl Store {
         rows: &[KeyCounterRow],
         now_ms: i64,
     ) -> Result<(), StoreError> {
+        use key_counters::Column as C;
         if rows.is_empty() {
             return Ok(());
         }
-        use key_counters::Column as C;
         key_counters::Entity::insert_many(rows.iter().map(|r| key_counters::ActiveModel {
             key_name: Set(r.key_name.clone()),
             used: Set(r.used),

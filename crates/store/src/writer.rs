@@ -50,13 +50,12 @@ pub struct WriterSink {
 
 impl UsageSink for WriterSink {
     fn record(&self, event: UsageEvent) {
-        match self.tx.try_send(StoredEvent::from(event)) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
+        if self.tx.try_send(StoredEvent::from(event)).is_ok() {
+            self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        } else {
+            {
                 let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == 1 || n % 1000 == 0 {
+                if n == 1 || n.is_multiple_of(1000) {
                     tracing::error!(
                         dropped = n,
                         "usage queue full (log.queue_capacity): usage event dropped"
@@ -126,9 +125,16 @@ impl Loop {
         self.replay().await;
         loop {
             let mut batch = Vec::with_capacity(BATCH);
+            // while something waits in the spill file, wake up once a second to retry it even
+            // when no new event arrives
+            let pending = !self.db_ok || self.spill.len() > 0;
             let stopping = tokio::select! {
                 _ = &mut stop => true,
                 n = rx.recv_many(&mut batch, BATCH) => n == 0,
+                () = tokio::time::sleep(PROBE_EVERY), if pending => {
+                    self.probe().await;
+                    continue;
+                }
             };
             if stopping {
                 rx.close();
@@ -225,6 +231,21 @@ impl Loop {
             Err(_) => {
                 self.stats.dropped.fetch_add(n, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Checks whether the database is back; if so, replays the spill file.
+    async fn probe(&mut self) {
+        self.last_try = Instant::now();
+        match self.store.ping().await {
+            Ok(()) => {
+                if !self.db_ok {
+                    tracing::info!("usage store is reachable again");
+                }
+                self.db_ok = true;
+                self.replay().await;
+            }
+            Err(e) => tracing::debug!(error = %e, "usage store still unavailable"),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The store's test suite, run against SQLite (a temp file) and the real PostgreSQL on this
 //! machine (a fresh database per test, dropped afterwards).
 
+#![allow(clippy::unwrap_used)]
+
 use keypool_store::{Grouping, KeyCounterRow, Store, StoredEvent, StoredLog};
 use sea_orm::{ConnectionTrait, Database};
 
@@ -10,15 +12,15 @@ const DAY: i64 = 86_400_000;
 
 /// A database that exists for one test.
 enum TestDb {
-    Sqlite(tempfile::TempDir),
+    Sqlite { _dir: tempfile::TempDir },
     Postgres(String),
 }
 
 impl TestDb {
-    async fn sqlite() -> (Self, String) {
+    fn sqlite() -> (Self, String) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/kp.sqlite?mode=rwc", dir.path().display());
-        (Self::Sqlite(dir), url)
+        (Self::Sqlite { _dir: dir }, url)
     }
 
     async fn postgres() -> (Self, String) {
@@ -226,7 +228,7 @@ macro_rules! on_both_databases {
         mod $name {
             #[tokio::test]
             async fn sqlite() {
-                let (db, url) = super::TestDb::sqlite().await;
+                let (db, url) = super::TestDb::sqlite();
                 super::$name(url).await;
                 db.drop_db().await;
             }

@@ -125,11 +125,11 @@ pub async fn run(
         handle.stop(true).await;
     });
     tracing::info!(%addr, keys = config.upstreams.len(), "keypool listening");
-    let served = server.await;
+    let outcome = server.await;
     // the server has drained: every finished request's event is queued; flush them
     usage.shutdown(&pool).await;
     actors.stop();
-    served?;
+    outcome?;
     tracing::info!("keypool stopped");
     Ok(())
 }

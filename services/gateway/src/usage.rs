@@ -106,9 +106,9 @@ async fn snapshot(store: &Store, pool: &PoolHandle) {
         .into_iter()
         .map(|s| KeyCounterRow {
             key_name: s.name,
-            used: s.counters.used as i64,
-            success: s.counters.success as i64,
-            failure: s.counters.failure as i64,
+            used: i64::try_from(s.counters.used).unwrap_or(i64::MAX),
+            success: i64::try_from(s.counters.success).unwrap_or(i64::MAX),
+            failure: i64::try_from(s.counters.failure).unwrap_or(i64::MAX),
             last_error: s.counters.last_error,
         })
         .collect();
@@ -151,7 +151,11 @@ impl Usage {
                     match store.delete_older_than(cutoff).await {
                         Ok(0) => {}
                         Ok(n) => {
-                            tracing::info!(deleted = n, days, "retention: old usage events deleted")
+                            tracing::info!(
+                                deleted = n,
+                                days,
+                                "retention: old usage events deleted"
+                            );
                         }
                         Err(e) => tracing::warn!(error = %e, "retention failed"),
                     }
