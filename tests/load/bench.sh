@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# keypool benchmark: the mock upstream in no-delay mode, measured directly, through nginx as a
-# plain reverse proxy (the floor for one hop, when nginx is installed; NGINX=0 skips it) and
-# through keypool (3 keys, dbtype none), in the same run, alternating, with wrk pinned to one core.
+# keypool benchmark (a program, not a test). In one run, alternating, with wrk pinned to core 0:
+#   - the mock upstream in no-delay mode, directly;
+#   - nginx as a plain keep-alive reverse proxy to it (the floor for one hop; NGINX=0 skips it);
+#   - keypool with 3 keys for each store in STORES (default "none sqlite postgres"; request-body
+#     logging off; postgres uses a fresh database on 127.0.0.1:5432, dropped afterwards).
+# Prints throughput at 64 connections and latency at 1 keep-alive connection, as medians of
+# ROUNDS rounds of DURATION seconds, beside direct, and keypool's peak RSS.
 #
-#   tests/load/bench.sh            # DURATION=10 ROUNDS=2 by default
-#
-# Prints throughput at 64 connections (and the ratio to direct), latency percentiles at one
-# keep-alive connection (and keypool's added p50/p99), and keypool's peak RSS.
+#   tests/load/bench.sh                    # DURATION=10 ROUNDS=3
+#   STORES=none DURATION=5 ROUNDS=1 tests/load/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
+STORES=${STORES:-none sqlite postgres}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p keypool-gateway
 BIN=target/release/keypool
 WORK=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+PGDB=""
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  [ -n "$PGDB" ] && psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 wait_line() { # file pattern
@@ -26,20 +35,6 @@ wait_line() { # file pattern
 "$BIN" mock --address 127.0.0.1:0 --workers 1 > "$WORK/mock.out" 2>&1 &
 wait_line "$WORK/mock.out" "listening on"
 UP=$(grep -o 'http://[^ ]*' "$WORK/mock.out" | head -1)   # .../v1
-
-cat > "$WORK/config.yaml" <<YAML
-address: 127.0.0.1:0
-authorization: bench-token
-dbtype: ${BENCH_DBTYPE:-none}
-upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
-  - {name: k2, sk: sk-bench-2, endpoint: "$UP"}
-  - {name: k3, sk: sk-bench-3, endpoint: "$UP"}
-YAML
-RUST_LOG=warn KEYPOOL_WORKERS=${KEYPOOL_WORKERS:-} "$BIN" serve --config "$WORK/config.yaml" > "$WORK/kp.out" 2> "$WORK/kp.err" &
-KP_PID=$!
-wait_line "$WORK/kp.out" "listening on"
-KP=$(grep -o 'http://[^ ]*' "$WORK/kp.out" | head -1)
 
 NG=""
 if [ "${NGINX:-1}" = 1 ] && command -v nginx >/dev/null; then
@@ -65,8 +60,8 @@ NGX
 fi
 
 run() { # name url connections
-  taskset -c 0 wrk -t1 -c"$3" -d"${DURATION}s" --latency -s tests/load/chat.lua "$2/chat/completions" > "$WORK/$1.txt"
-  python3 - "$WORK/$1.txt" "$1" <<'PY' >> "$WORK/results.tsv"
+  taskset -c 0 wrk -t1 -c"$3" -d"${DURATION}s" --latency -s tests/load/chat.lua "$2/chat/completions" > "$WORK/run.txt"
+  python3 - "$WORK/run.txt" "$1" <<'PY' >> "$WORK/results.tsv"
 import re, sys
 text = open(sys.argv[1]).read()
 def ms(v, unit):
@@ -78,38 +73,69 @@ print(f"{sys.argv[2]}\t{rps}\t{pct.get('50', 0)}\t{pct.get('99', 0)}\t{errors.gr
 PY
 }
 
-# warm up both paths
-taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$UP/chat/completions" > /dev/null
-taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$KP/chat/completions" > /dev/null
-for r in $(seq "$ROUNDS"); do
-  run "direct-64" "$UP" 64
-  [ -n "$NG" ] && run "nginx-64" "$NG" 64
-  run "keypool-64" "$KP" 64
-  run "direct-1" "$UP" 1
-  [ -n "$NG" ] && run "nginx-1" "$NG" 1
-  run "keypool-1" "$KP" 1
+for store in $STORES; do
+  case "$store" in
+    none) DB="dbtype: none" ;;
+    sqlite) DB="dbtype: sqlite
+dbaddr: $WORK/bench.sqlite" ;;
+    postgres)
+      PGDB="kp_bench_$$"
+      psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $PGDB" >/dev/null
+      DB="dbtype: postgres
+dbaddr: postgres://postgres@127.0.0.1:5432/$PGDB" ;;
+    *) echo "unknown store $store" >&2; exit 2 ;;
+  esac
+  cat > "$WORK/config-$store.yaml" <<YAML
+address: 127.0.0.1:0
+authorization: bench-token
+$DB
+upstreams:
+  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
+  - {name: k2, sk: sk-bench-2, endpoint: "$UP"}
+  - {name: k3, sk: sk-bench-3, endpoint: "$UP"}
+YAML
+  RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" > "$WORK/kp.out" 2> "$WORK/kp-$store.err" &
+  KP_PID=$!
+  wait_line "$WORK/kp.out" "listening on"
+  KP=$(grep -o 'http://[^ ]*' "$WORK/kp.out" | head -1)
+  taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$UP/chat/completions" > /dev/null
+  taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$KP/chat/completions" > /dev/null
+  for _ in $(seq "$ROUNDS"); do
+    run "direct-64" "$UP" 64
+    [ -n "$NG" ] && [ "$store" = none ] && run "nginx-64" "$NG" 64
+    run "keypool[$store]-64" "$KP" 64
+    run "direct-1" "$UP" 1
+    [ -n "$NG" ] && [ "$store" = none ] && run "nginx-1" "$NG" 1
+    run "keypool[$store]-1" "$KP" 1
+  done
+  echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/$KP_PID/status")" >> "$WORK/rss.tsv"
+  kill -TERM "$KP_PID"; wait "$KP_PID" 2>/dev/null || true
+  rm -f "$WORK/kp.out"
 done
-RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$KP_PID/status")
 
-python3 - "$WORK/results.tsv" "$RSS_KB" <<'PY'
+python3 - "$WORK/results.tsv" "$WORK/rss.tsv" "$STORES" <<'PY'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().strip().splitlines()]
+rss = dict(l.split("\t") for l in open(sys.argv[2]).read().strip().splitlines())
 def med(name, col):
     vals = [float(r[col]) for r in rows if r[0] == name]
     return statistics.median(vals) if vals else None
-errs = sum(int(r[4]) for r in rows)
-d64, k64 = med("direct-64", 1), med("keypool-64", 1)
-d1p50, k1p50 = med("direct-1", 2), med("keypool-1", 2)
-d1p99, k1p99 = med("direct-1", 3), med("keypool-1", 3)
-print("| run (median of rounds) | direct | through keypool | keypool vs direct |")
-print("|---|---|---|---|")
-print(f"| throughput, 64 connections | {d64:,.0f} req/s | {k64:,.0f} req/s | {k64 / d64:.2f}x |")
-print(f"| p50 latency, 1 keep-alive connection | {d1p50:.3f} ms | {k1p50:.3f} ms | +{k1p50 - d1p50:.3f} ms |")
-print(f"| p99 latency, 1 keep-alive connection | {d1p99:.3f} ms | {k1p99:.3f} ms | +{k1p99 - d1p99:.3f} ms |")
-n64, n1p50 = med("nginx-64", 1), med("nginx-1", 2)
+d64, d1p50, d1p99 = med("direct-64", 1), med("direct-1", 2), med("direct-1", 3)
+print(f"| run (medians of rounds) | throughput, 64 conns | vs direct | p50, 1 conn | added p50 | p99, 1 conn | added p99 | peak RSS |")
+print("|---|---|---|---|---|---|---|---|")
+print(f"| direct to the mock upstream | {d64:,.0f} req/s | 1.00x | {d1p50:.3f} ms | | {d1p99:.3f} ms | | |")
+n64 = med("nginx-64", 1)
 if n64:
-    print(f"| nginx as a plain reverse proxy, 64 connections | | {n64:,.0f} req/s | {n64 / d64:.2f}x |")
-    print(f"| nginx p50, 1 keep-alive connection | | {n1p50:.3f} ms | +{n1p50 - d1p50:.3f} ms |")
-print(f"| keypool peak RSS | | {int(sys.argv[2]) / 1024:.1f} MB | |")
-print(f"| non-2xx responses | | {errs} | |")
+    n1p50, n1p99 = med("nginx-1", 2), med("nginx-1", 3)
+    print(f"| nginx reverse proxy | {n64:,.0f} req/s | {n64 / d64:.2f}x | {n1p50:.3f} ms | +{n1p50 - d1p50:.3f} ms | {n1p99:.3f} ms | +{n1p99 - d1p99:.3f} ms | |")
+base = None
+for store in sys.argv[3].split():
+    name = f"keypool[{store}]"
+    k64, k1p50, k1p99 = med(name + "-64", 1), med(name + "-1", 2), med(name + "-1", 3)
+    base = base or k64
+    vs = "" if store == "none" else f" ({k64 / base:.2f}x of none)"
+    mb = int(rss.get(name, "0")) / 1024
+    print(f"| keypool, dbtype {store} | {k64:,.0f} req/s{vs} | {k64 / d64:.2f}x | {k1p50:.3f} ms | +{k1p50 - d1p50:.3f} ms | {k1p99:.3f} ms | +{k1p99 - d1p99:.3f} ms | {mb:.1f} MB |")
+errs = sum(int(r[4]) for r in rows)
+print(f"\nnon-2xx responses: {errs}")
 PY

@@ -27,20 +27,39 @@ impl Store {
     /// and only the new ones are rolled up, so every event counts exactly once. Returns how many
     /// were new.
     pub async fn write_batch(&self, events: &[StoredEvent]) -> Result<usize, StoreError> {
+        self.write_events(events, true).await
+    }
+
+    /// [`Store::write_batch`] without looking for already-stored ids first: for events fresh
+    /// from the request path (random 128-bit ids), the first attempt at writing them. A retry
+    /// must use `write_batch`, since a commit whose answer was lost may have landed.
+    pub async fn write_new_batch(&self, events: &[StoredEvent]) -> Result<usize, StoreError> {
+        self.write_events(events, false).await
+    }
+
+    async fn write_events(
+        &self,
+        events: &[StoredEvent],
+        dedupe: bool,
+    ) -> Result<usize, StoreError> {
         if events.is_empty() {
             return Ok(0);
         }
         let txn = self.db.begin().await?;
-        let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-        let existing: HashSet<String> = usage_events::Entity::find()
-            .select_only()
-            .column(usage_events::Column::Id)
-            .filter(usage_events::Column::Id.is_in(ids))
-            .into_tuple::<String>()
-            .all(&txn)
-            .await?
-            .into_iter()
-            .collect();
+        let existing: HashSet<String> = if dedupe {
+            let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+            usage_events::Entity::find()
+                .select_only()
+                .column(usage_events::Column::Id)
+                .filter(usage_events::Column::Id.is_in(ids))
+                .into_tuple::<String>()
+                .all(&txn)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let mut seen = HashSet::new();
         let fresh: Vec<&StoredEvent> = events
             .iter()

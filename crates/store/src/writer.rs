@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::spill::Spill;
 use crate::{Store, StoredEvent};
 
-const BATCH: usize = 500;
+const BATCH: usize = 1000;
 const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -148,6 +148,13 @@ impl Loop {
                 if self.spill.len() > 0 {
                     self.replay().await;
                 }
+                tracing::info!(
+                    written = self.stats.written.load(Ordering::Relaxed),
+                    spilled = self.stats.spilled.load(Ordering::Relaxed),
+                    dropped = self.stats.dropped.load(Ordering::Relaxed),
+                    pending_in_spill_file = self.spill.len() > 0,
+                    "usage writer stopped"
+                );
                 return;
             }
             self.flush(batch).await;
@@ -167,7 +174,7 @@ impl Loop {
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);
         let probe_due = self.last_try.elapsed() >= PROBE_EVERY;
         if self.db_ok || probe_due {
-            if self.write(&batch).await {
+            if self.write(&batch, true).await {
                 if !self.db_ok {
                     tracing::info!("usage store is reachable again");
                     self.db_ok = true;
@@ -183,13 +190,20 @@ impl Loop {
         self.to_spill(batch).await;
     }
 
-    /// One write with retries (fewer when the database is already known to be down).
-    async fn write(&mut self, batch: &[StoredEvent]) -> bool {
+    /// One write with retries (fewer when the database is already known to be down). `fresh`:
+    /// the events come straight from the queue, so the first attempt need not look for ids that
+    /// are already stored; retries and replays always do.
+    async fn write(&mut self, batch: &[StoredEvent], fresh: bool) -> bool {
         self.last_try = Instant::now();
         let retries: &[Duration] = if self.db_ok { &RETRIES } else { &[] };
         let mut attempt = 0;
         loop {
-            match self.store.write_batch(batch).await {
+            let written = if fresh && attempt == 0 {
+                self.store.write_new_batch(batch).await
+            } else {
+                self.store.write_batch(batch).await
+            };
+            match written {
                 Ok(n) => {
                     self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
                     return true;
@@ -265,7 +279,7 @@ impl Loop {
         }
         tracing::info!(events = events.len(), "replaying spilled usage events");
         for chunk in events.chunks(BATCH) {
-            if !self.write(chunk).await {
+            if !self.write(chunk, false).await {
                 self.db_ok = false;
                 return;
             }
