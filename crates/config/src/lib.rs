@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use upstream::{ModelRule, UpstreamKey, UpstreamKind};
+pub use upstream::{ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
 pub use validate::{ALWAYS_REDACTED, validate};
 
 /// A validated configuration.

@@ -99,6 +99,9 @@ pub struct RawUpstream {
     pub rpm: Option<u32>,
     /// Tokens per trailing minute this key may take.
     pub tpm: Option<u64>,
+    /// Replicate only: how chat messages become a prompt: `mistral` (`[INST]`), `llama3`, or a
+    /// custom template with `{{system}}` and `{{prompt}}`. Default: from the model name.
+    pub chat_template: Option<String>,
 }
 
 /// `"a,b"` or `[a, b]`.

@@ -71,9 +71,23 @@ pub struct UpstreamKey {
     pub keep_header: bool,
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
-    /// Set when the key is loaded but cannot be used (e.g. an adapter not built yet); the pool
-    /// keeps it disabled and the reason is logged at start-up.
+    /// Set when the key is loaded but cannot be used; the pool keeps it disabled and the reason
+    /// is logged at start-up.
     pub unusable: Option<String>,
+    /// Replicate only: the chat template (`None`: chosen from the model name).
+    pub chat_template: Option<ChatTemplate>,
+}
+
+/// How a Replicate upstream renders chat messages into one prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatTemplate {
+    /// `<s>[INST] ... [/INST]` (Mistral / Mixtral).
+    Mistral,
+    /// `<|start_header_id|>...` (Llama 3).
+    Llama3,
+    /// A template with `{{system}}` and `{{prompt}}` (the conversation as `User:`/`Assistant:`
+    /// lines ending in `Assistant:`).
+    Custom(String),
 }
 
 impl UpstreamKey {
@@ -121,6 +135,7 @@ mod tests {
             rpm: None,
             tpm: None,
             unusable: None,
+            chat_template: None,
         }
     }
 

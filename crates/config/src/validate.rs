@@ -259,6 +259,27 @@ fn validate_upstream(
             "must be greater than 0 (leave it out for no limit)",
         );
     }
+    let chat_template = match up.chat_template.as_deref() {
+        None => None,
+        Some("mistral") => Some(crate::ChatTemplate::Mistral),
+        Some("llama3") => Some(crate::ChatTemplate::Llama3),
+        Some(t) if t.contains("{{prompt}}") => Some(crate::ChatTemplate::Custom(t.to_owned())),
+        Some(t) => {
+            errs.push(
+                format!("{path}.chat_template"),
+                format!(
+                    "expected mistral, llama3 or a template containing {{{{prompt}}}}, got {t:?}"
+                ),
+            );
+            None
+        }
+    };
+    if chat_template.is_some() && kind != UpstreamKind::Replicate {
+        errs.push(
+            format!("{path}.chat_template"),
+            "only applies to type: replicate",
+        );
+    }
     if up.tpm == Some(0) {
         errs.push(
             format!("{path}.tpm"),
@@ -306,8 +327,8 @@ fn validate_upstream(
         keep_header: up.keep_header,
         rpm: up.rpm,
         tpm: up.tpm,
-        unusable: (kind == UpstreamKind::Replicate)
-            .then(|| "type replicate is not supported yet: this key stays disabled".to_owned()),
+        unusable: None,
+        chat_template,
     })
 }
 
@@ -406,8 +427,7 @@ mod tests {
         );
         assert_eq!(cfg.upstreams[2].timeout.as_secs(), 30);
         assert_eq!(cfg.upstreams[3].endpoint, "https://api.replicate.com/v1");
-        assert!(cfg.upstreams[3].unusable.is_some());
-        assert!(cfg.upstreams[0].unusable.is_none());
+        assert_eq!(cfg.upstreams[3].kind, crate::UpstreamKind::Replicate);
         // names are derived, distinct and free of the secret
         assert!(cfg.upstreams[1].name.starts_with("api.openai.com-"));
         assert!(!cfg.upstreams[1].name.contains("secret_key"));

@@ -9,6 +9,7 @@
 //! the last request for assertions.
 
 mod openai;
+pub mod replicate;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};

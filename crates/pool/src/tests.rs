@@ -27,6 +27,7 @@ fn key(name: &str, rpm: Option<u32>, tpm: Option<u64>) -> Arc<UpstreamKey> {
         rpm,
         tpm,
         unusable: None,
+        chat_template: None,
     })
 }
 

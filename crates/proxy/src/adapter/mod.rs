@@ -2,9 +2,11 @@
 //!
 //! An adapter turns one attempt into a request to its provider and hands back the answer in
 //! OpenAI's wire format (status, headers, body bytes or SSE), so the forwarding engine never asks
-//! which provider it is talking to. `openai` forwards as-is; `replicate` (a later issue) translates.
+//! which provider it is talking to. `openai` forwards as-is; `replicate` translates to and from
+//! Replicate predictions.
 
 mod openai;
+mod replicate;
 
 use std::pin::Pin;
 
@@ -15,6 +17,7 @@ use keypool_config::{UpstreamKey, UpstreamKind};
 use reqwest::header::HeaderMap;
 
 pub use openai::OpenAiAdapter;
+pub use replicate::ReplicateAdapter;
 
 /// A response body as it arrives.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, TransportError>> + Send>>;
@@ -76,20 +79,21 @@ pub trait UpstreamAdapter: Send + Sync {
 /// The adapter for each provider.
 pub struct Adapters {
     openai: OpenAiAdapter,
+    replicate: ReplicateAdapter,
 }
 
 impl Adapters {
     pub fn new() -> Self {
         Self {
             openai: OpenAiAdapter,
+            replicate: ReplicateAdapter,
         }
     }
 
     pub fn for_kind(&self, kind: UpstreamKind) -> &dyn UpstreamAdapter {
         match kind {
-            // Replicate keys are loaded disabled until their adapter exists; the pool never
-            // leases them, so this arm is only reached by a bug and answers like OpenAI.
-            UpstreamKind::OpenAi | UpstreamKind::Replicate => &self.openai,
+            UpstreamKind::OpenAi => &self.openai,
+            UpstreamKind::Replicate => &self.replicate,
         }
     }
 }

@@ -1,0 +1,98 @@
+//! Replicate upstreams through the real binary, driven by the `openai` Python SDK.
+
+use std::process::Command;
+
+use keypool_e2e::{Behavior, Gateway, config, mock, python_venv};
+use keypool_mock::replicate::{Ending, ReplicateBehavior, ReplicateServer};
+
+const KEY: &str = "r8_test_token_0123456789";
+
+fn replicate(behavior: ReplicateBehavior) -> ReplicateServer {
+    match ReplicateServer::start(ReplicateBehavior {
+        require_key: Some(KEY.into()),
+        ..behavior
+    }) {
+        Ok(s) => s,
+        Err(e) => panic!("replicate stand-in: {e}"),
+    }
+}
+
+fn upstream(name: &str, server: &ReplicateServer, model: &str) -> String {
+    format!(
+        "  - {{name: {name}, type: replicate, sk: {KEY}, endpoint: \"{}\", allow: [\"{model}\"]}}\n",
+        server.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_models_through_the_openai_sdk() -> anyhow::Result<()> {
+    let venv = tokio::task::spawn_blocking(python_venv).await??;
+    let ok = replicate(ReplicateBehavior {
+        polls: 2,
+        ..ReplicateBehavior::default()
+    });
+    let fail = replicate(ReplicateBehavior {
+        ending: Ending::Failed,
+        ..ReplicateBehavior::default()
+    });
+    let throttled = replicate(ReplicateBehavior {
+        status: Some(429),
+        retry_after: Some("5".into()),
+        ..ReplicateBehavior::default()
+    });
+    let oai = mock("oai", Behavior::default());
+    let mut yaml = config()
+        .token("sdk-token")
+        .set("lb_policy", "order")
+        .key(
+            &oai,
+            "oai",
+            "allow: [meta/meta-llama-3-8b-instruct, mistralai/mistral-7b-instruct-v0.2]",
+        )
+        .yaml();
+    // Replicate keys first, so they are tried before the OpenAI fallback
+    let reps = upstream("rep-ok", &ok, "mistralai/mixtral-8x7b-instruct-v0.1")
+        + &upstream("rep-fail", &fail, "meta/meta-llama-3-8b-instruct")
+        + &upstream("rep-429", &throttled, "mistralai/mistral-7b-instruct-v0.2");
+    yaml = yaml.replacen("upstreams:\n", &format!("upstreams:\n{reps}"), 1);
+    let gw = Gateway::start(&yaml).await?;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/replicate_check.py");
+    let base = gw.base_url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(venv.join("bin/python"))
+            .arg(script)
+            .env("KEYPOOL_BASE_URL", base)
+            .env("KEYPOOL_TOKEN", "sdk-token")
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("6 passed, 0 failed"),
+        "{stdout}\n{}",
+        gw.logs()
+    );
+
+    // the model's input: the Mistral template and mapped parameters
+    let input = ok.last_input().expect("a prediction was created");
+    assert!(
+        input["prompt"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("<s>[INST] Hello there friend [/INST]"),
+        "{input}"
+    );
+    assert_eq!(
+        throttled.creates(),
+        1,
+        "the 429 cooled rep-429 for its Retry-After"
+    );
+    assert_eq!(fail.creates(), 1);
+    assert!(
+        !gw.logs().contains(KEY),
+        "the Replicate token never reaches the logs"
+    );
+    Ok(())
+}
