@@ -4,6 +4,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_usage;
+mod m20261122_000002_provider;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -11,7 +12,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261122_000001_usage::Migration)]
+        vec![
+            Box::new(m20261122_000001_usage::Migration),
+            Box::new(m20261122_000002_provider::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

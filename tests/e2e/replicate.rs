@@ -90,9 +90,14 @@ async fn replicate_models_through_the_openai_sdk() -> anyhow::Result<()> {
         "the 429 cooled rep-429 for its Retry-After"
     );
     assert_eq!(fail.creates(), 1);
+    let logs = gw.logs();
     assert!(
-        !gw.logs().contains(KEY),
+        !logs.contains(KEY),
         "the Replicate token never reaches the logs"
+    );
+    assert!(
+        logs.contains("key=\"rep-ok\" provider=\"replicate\""),
+        "usage events record the provider"
     );
     Ok(())
 }

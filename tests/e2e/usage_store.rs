@@ -145,6 +145,7 @@ async fn exact_usage_for_plain_and_streamed_requests(db: Db) -> anyhow::Result<(
             ("default", Some("a"), 200)
         );
         assert_eq!(e.attempts, 1);
+        assert_eq!(e.provider.as_deref(), Some("openai"));
         assert!(e.caller.as_deref().is_some_and(|c| c.starts_with("tok-")));
         assert_eq!(e.client_ip.as_deref(), Some("127.0.0.1"));
         assert!(e.ttfb_ms.is_some());

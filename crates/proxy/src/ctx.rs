@@ -26,6 +26,7 @@ impl UsageSink for LogSink {
             caller = e.caller.as_deref().unwrap_or("-"),
             model = %e.model,
             key = e.key.as_deref().unwrap_or("-"),
+            provider = e.provider.unwrap_or("-"),
             attempts = e.attempts,
             status = e.status,
             stream = e.stream,
@@ -62,6 +63,8 @@ pub struct RequestCtx {
     pub attempts: u32,
     /// The key of the last attempt.
     pub key: Option<String>,
+    /// Its provider.
+    pub provider: Option<&'static str>,
     pub ttfb: Option<Duration>,
     pub user_agent: Option<String>,
     /// What the `log:` policy records; `None` when it records nothing.
@@ -101,6 +104,7 @@ impl RequestCtx {
             client_authorization,
             attempts: 0,
             key: None,
+            provider: None,
             ttfb: None,
             user_agent: None,
             log: None,
@@ -137,6 +141,7 @@ impl RequestCtx {
             caller: self.caller.id.as_deref().map(str::to_owned),
             model: self.inspected.model.clone(),
             key: self.key.clone(),
+            provider: self.provider,
             attempts: self.attempts,
             status,
             stream: self.inspected.stream,

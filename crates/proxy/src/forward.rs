@@ -224,6 +224,7 @@ impl Engine {
             }
             ctx.attempts += 1;
             ctx.key = Some(lease.key.name.clone());
+            ctx.provider = Some(lease.key.kind.as_str());
             exclude.push(lease.key_id);
             match self.attempt(client, ctx, lease).await {
                 Attempt::Done(reply) => return reply,

@@ -14,6 +14,8 @@ pub struct StoredEvent {
     pub caller: Option<String>,
     pub model: String,
     pub key_name: Option<String>,
+    #[serde(default)]
+    pub provider: Option<String>,
     pub attempts: i32,
     pub status: i32,
     pub stream: bool,
@@ -61,6 +63,7 @@ impl From<UsageEvent> for StoredEvent {
             caller: e.caller,
             model: e.model,
             key_name: e.key,
+            provider: e.provider.map(str::to_owned),
             attempts: i32::try_from(e.attempts).unwrap_or(i32::MAX),
             status: i32::from(e.status),
             stream: e.stream,

@@ -131,6 +131,7 @@ fn event_row(e: &StoredEvent) -> usage_events::ActiveModel {
         client_ip: Set(e.client_ip.clone()),
         user_agent: Set(e.user_agent.clone()),
         error: Set(e.error.clone()),
+        provider: Set(e.provider.clone()),
     }
 }
 

@@ -63,6 +63,7 @@ fn event(
         caller: Some("tok-abc".into()),
         model: model.into(),
         key_name: Some(key.into()),
+        provider: Some("openai".into()),
         attempts: 1,
         status,
         stream: false,
@@ -83,7 +84,7 @@ async fn migrations_up_down_up(url: String) {
     store.migrate_up().await.unwrap();
     assert_eq!(
         store.applied_migrations().await.unwrap(),
-        vec!["m20261122_000001_usage"]
+        vec!["m20261122_000001_usage", "m20261122_000002_provider"]
     );
     store
         .write_batch(&[event("a", 1, "k", "m", (1, 1), 200)])
@@ -112,6 +113,12 @@ async fn each_event_is_written_once_and_rolled_up_once(url: String) {
     again.push(event("e4", day + 30, "k2", "gpt-4o", (2, 2), 200));
     assert_eq!(store.write_batch(&again).await.unwrap(), 1);
     assert_eq!(store.count_events().await.unwrap(), 4);
+    let stored = store.events_since(0, 10).await.unwrap();
+    assert!(
+        stored
+            .iter()
+            .all(|e| e.provider.as_deref() == Some("openai"))
+    );
 
     let by_model = store
         .usage_totals(day, day + DAY, Grouping::Model, None)

@@ -39,6 +39,8 @@ pub struct UsageEvent {
     pub model: String,
     /// Name of the key that served the final attempt, if any was leased.
     pub key: Option<String>,
+    /// That key's provider (`openai`, `replicate`).
+    pub provider: Option<&'static str>,
     pub attempts: u32,
     /// Status sent to the client (for streams: the status of the response head).
     pub status: u16,
