@@ -1,8 +1,6 @@
 //! Replicate upstreams through the real binary, driven by the `openai` Python SDK.
 
-use std::process::Command;
-
-use keypool_e2e::{Behavior, Gateway, config, mock, python_venv};
+use keypool_e2e::{Behavior, Gateway, config, mock, run_python_check};
 use keypool_mock::replicate::{Ending, ReplicateBehavior, ReplicateServer};
 
 const KEY: &str = "r8_test_token_0123456789";
@@ -26,7 +24,6 @@ fn upstream(name: &str, server: &ReplicateServer, model: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_models_through_the_openai_sdk() -> anyhow::Result<()> {
-    let venv = tokio::task::spawn_blocking(python_venv).await??;
     let ok = replicate(ReplicateBehavior {
         polls: 2,
         ..ReplicateBehavior::default()
@@ -57,20 +54,10 @@ async fn replicate_models_through_the_openai_sdk() -> anyhow::Result<()> {
     yaml = yaml.replacen("upstreams:\n", &format!("upstreams:\n{reps}"), 1);
     let gw = Gateway::start(&yaml).await?;
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/replicate_check.py");
-    let base = gw.base_url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(venv.join("bin/python"))
-            .arg(script)
-            .env("KEYPOOL_BASE_URL", base)
-            .env("KEYPOOL_TOKEN", "sdk-token")
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (passed, stdout) =
+        run_python_check("replicate_check.py", gw.base_url(), "sdk-token").await?;
     assert!(
-        out.status.success() && stdout.contains("6 passed, 0 failed"),
+        passed && stdout.contains("6 passed, 0 failed"),
         "{stdout}\n{}",
         gw.logs()
     );

@@ -435,3 +435,29 @@ impl Drop for FaultProxy {
         self.accept.abort();
     }
 }
+
+/// Runs `tests/python/<script>` with the test venv's Python against a gateway's `/v1` base URL
+/// and a client token; returns (success, stdout). The scripts print one line per check and a
+/// closing `N passed, M failed`.
+pub async fn run_python_check(
+    script: &str,
+    base_url: String,
+    token: &str,
+) -> anyhow::Result<(bool, String)> {
+    let venv = tokio::task::spawn_blocking(python_venv).await??;
+    let script = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let token = token.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(venv.join("bin/python"))
+            .arg(script)
+            .env("KEYPOOL_BASE_URL", base_url)
+            .env("KEYPOOL_TOKEN", token)
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("OPENAI_API_KEY")
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), stdout))
+}

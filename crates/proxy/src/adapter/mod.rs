@@ -64,6 +64,15 @@ impl TransportError {
     }
 }
 
+/// A reqwest response body as a [`BodyStream`].
+pub(crate) fn body_of(resp: reqwest::Response) -> BodyStream {
+    use futures::TryStreamExt;
+    Box::pin(
+        resp.bytes_stream()
+            .map_err(|e| TransportError::from_reqwest(&e)),
+    )
+}
+
 /// Sends attempts to one kind of provider.
 pub trait UpstreamAdapter: Send + Sync {
     /// Sends `req` to `key`'s endpoint. Resolves when the response head arrived; the caller

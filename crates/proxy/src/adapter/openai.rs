@@ -1,11 +1,11 @@
 //! The OpenAI adapter: the request goes to `{endpoint}{path}` as it came, with the key's bearer.
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, TryStreamExt};
 use keypool_config::UpstreamKey;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 
-use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
+use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse, body_of};
 
 /// Forwards to OpenAI and OpenAI-compatible endpoints unchanged.
 pub struct OpenAiAdapter;
@@ -48,15 +48,10 @@ impl UpstreamAdapter for OpenAiAdapter {
                 .send()
                 .await
                 .map_err(|e| TransportError::from_reqwest(&e))?;
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body = resp
-                .bytes_stream()
-                .map_err(|e| TransportError::from_reqwest(&e));
             Ok(UpstreamResponse {
-                status,
-                headers,
-                body: Box::pin(body),
+                status: resp.status().as_u16(),
+                headers: resp.headers().clone(),
+                body: body_of(resp),
             })
         }
         .boxed()

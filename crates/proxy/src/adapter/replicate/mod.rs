@@ -15,8 +15,8 @@ pub mod template;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, TryStreamExt};
 use keypool_config::UpstreamKey;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde::Deserialize;
@@ -394,11 +394,6 @@ impl UpstreamAdapter for ReplicateAdapter {
         }
         .boxed()
     }
-}
-
-/// Maps a reqwest body into the adapter's stream type.
-pub(crate) fn body_of(resp: reqwest::Response) -> super::BodyStream {
-    Box::pin(resp.bytes_stream().map_err(|e| transport(&e)))
 }
 
 #[cfg(test)]

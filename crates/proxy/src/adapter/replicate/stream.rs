@@ -16,10 +16,8 @@ use keypool_config::UpstreamKey;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 
-use super::{
-    Prediction, body_of, get_prediction, is_terminal, openai_error, upstream_error, usage_json,
-};
-use crate::adapter::{BodyStream, TransportError, UpstreamResponse};
+use super::{Prediction, get_prediction, is_terminal, openai_error, upstream_error, usage_json};
+use crate::adapter::{BodyStream, TransportError, UpstreamResponse, body_of};
 
 /// One parsed server-sent event.
 #[derive(Debug, PartialEq, Eq)]
