@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use keypool_e2e::{Behavior, Gateway, config, hello, json, keypool_bin, mock};
+use keypool_e2e::{Behavior, Gateway, REPO_ROOT, config, hello, json, keypool_bin, mock};
 use serde_json::json;
 
 const T: &str = "client-token-abc";
@@ -11,12 +11,9 @@ const T: &str = "client-token-abc";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_api_route_sample_config_loads_unchanged() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let sample = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crates/config/tests/openai-api-route.sample.yaml"
-    );
+    let sample = format!("{REPO_ROOT}/crates/config/tests/openai-api-route.sample.yaml");
     // openai-api-route's own flag spelling
-    let gw = Gateway::start_with(dir, &["-config", sample, "--address", "127.0.0.1:0"]).await?;
+    let gw = Gateway::start_with(dir, &["-config", &sample, "--address", "127.0.0.1:0"]).await?;
     let resp = gw.chat("not-woshimima", hello("gpt-4")).await?;
     assert_eq!(resp.status(), 401);
     // gpt-4 is denied on the only key that would take it (the replicate key allows only mixtral)

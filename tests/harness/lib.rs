@@ -16,6 +16,9 @@ use anyhow::{Context, bail};
 pub use keypool_mock::{Behavior, MockServer};
 use serde_json::Value;
 
+/// The repository's root folder.
+pub const REPO_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 /// The `keypool` binary built alongside this test (`target/<profile>/keypool`).
 pub fn keypool_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
