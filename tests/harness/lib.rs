@@ -253,8 +253,8 @@ pub fn hello(model: &str) -> Value {
 }
 
 /// A Python venv with `tests/python/requirements.txt` installed, shared by the tests of one
-/// target directory (`target/py-venv`). Built once; a half-built one is never used, because it
-/// is built under a temporary name and renamed into place.
+/// target directory (`target/py-venv`). One test builds it (holding `py-venv.lock`) while the
+/// others wait for its stamp; a finished venv is never replaced while tests may be using it.
 pub fn python_venv() -> anyhow::Result<PathBuf> {
     let target = keypool_bin()
         .parent()
@@ -265,9 +265,50 @@ pub fn python_venv() -> anyhow::Result<PathBuf> {
     let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/python/requirements.txt");
     let wanted = std::fs::read_to_string(requirements)?;
     let stamp = venv.join("requirements.txt");
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
-        return Ok(venv);
+    let ready = || std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted);
+    let lock = target.join("py-venv.lock");
+    let started = std::time::Instant::now();
+    loop {
+        if ready() {
+            return Ok(venv);
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // a builder that died leaves its lock behind: take over after 10 minutes
+                let stale = std::fs::metadata(&lock)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600));
+                if stale {
+                    let _ = std::fs::remove_file(&lock);
+                }
+                if started.elapsed() > Duration::from_secs(900) {
+                    bail!(
+                        "gave up waiting for another test to build {}",
+                        venv.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    let built = build_venv(&target, &venv, requirements, &wanted);
+    let _ = std::fs::remove_file(&lock);
+    built.map(|()| venv)
+}
+
+/// Builds the venv under a temporary name and moves it into place (called holding the lock).
+fn build_venv(
+    target: &std::path::Path,
+    venv: &std::path::Path,
+    requirements: &str,
+    wanted: &str,
+) -> anyhow::Result<()> {
     let tmp = target.join(format!("py-venv.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let ok = Command::new("python3")
@@ -293,13 +334,11 @@ pub fn python_venv() -> anyhow::Result<PathBuf> {
     if !ok {
         bail!("pip install -r {requirements} failed");
     }
-    std::fs::write(tmp.join("requirements.txt"), &wanted)?;
-    let _ = std::fs::remove_dir_all(&venv);
-    if std::fs::rename(&tmp, &venv).is_err() && !venv.exists() {
-        bail!("could not move the venv into place");
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(venv)
+    std::fs::write(tmp.join("requirements.txt"), wanted)?;
+    // an old venv (other requirements, or half-built) is replaced; nobody uses it: its stamp is wrong
+    let _ = std::fs::remove_dir_all(venv);
+    std::fs::rename(&tmp, venv).context("moving the venv into place")?;
+    Ok(())
 }
 
 /// A PostgreSQL database that exists for one test (created with `psql`, dropped on drop).
