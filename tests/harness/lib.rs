@@ -1,11 +1,15 @@
 //! Test harness for black-box end-to-end tests: runs the real `keypool` binary on an ephemeral
 //! port against in-test mock upstreams, and drives it over real HTTP.
 //!
-//! ```ignore
+//! ```text
 //! let a = mock("a", Behavior::default());
-//! let gw = Gateway::start(&config().token("t").key(&a, "").yaml()).await?;
-//! let resp = gw.chat("t", json!({"model": "gpt-4o-mini", ...})).await?;
+//! let gw = Gateway::start(&config().token("t").key(&a, "a", "rpm: 4").yaml()).await?;
+//! let resp = gw.chat("t", hello("gpt-4o-mini")).await?;
 //! ```
+//!
+//! Also: PostgreSQL databases per test ([`PgDb`]), a TCP proxy that can cut a connection
+//! ([`FaultProxy`]), and the shared Python venv for the `openai` SDK checks
+//! ([`run_python_check`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

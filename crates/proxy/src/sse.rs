@@ -70,7 +70,7 @@ impl SseTap {
 
     /// Feeds bytes from upstream; returns the bytes to send to the client now (possibly empty).
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        // Fast path: nothing pending and the chunk is exactly whole events.
+        // complete events go out at once; a partial one waits in `pending` for its end
         let mut out = BytesMut::new();
         self.pending.extend_from_slice(chunk);
         while let Some((end, next)) = event_end(&self.pending) {
