@@ -377,3 +377,38 @@ async fn least_used_spreads_and_per_key_authorization_restricts() -> anyhow::Res
     assert_eq!(vip.requests() + a.requests(), 8);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sk_asis_passes_the_clients_own_key_and_its_401_disables_nothing() -> anyhow::Result<()> {
+    let a = mock(
+        "a",
+        Behavior {
+            require_key: Some("client-own-key".into()),
+            ..Behavior::default()
+        },
+    );
+    // no keypool token: the client's Authorization is the upstream key itself
+    let yaml = format!(
+        "dbtype: none\nupstreams:\n  - {{name: a, sk: asis, endpoint: \"{}\"}}\n",
+        a.url()
+    );
+    let gw = Gateway::start(&yaml).await?;
+    let ok = gw.chat("client-own-key", hello("gpt-4o-mini")).await?;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        a.last_request().expect("recorded").header("authorization"),
+        Some("Bearer client-own-key")
+    );
+    // a wrong client key: the upstream's 401 goes back as it is, and the key stays usable
+    let bad = gw.chat("someone-elses-key", hello("gpt-4o-mini")).await?;
+    assert_eq!(bad.status(), 401);
+    assert_eq!(json(bad).await?["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        gw.chat("client-own-key", hello("gpt-4o-mini"))
+            .await?
+            .status(),
+        200
+    );
+    assert_eq!(a.requests(), 3);
+    Ok(())
+}

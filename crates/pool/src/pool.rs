@@ -49,6 +49,8 @@ pub struct Pick {
     pub path: Arc<str>,
     /// The client token the caller authenticated with; `None` for an anonymous caller.
     pub caller: Option<Arc<str>>,
+    /// The gateway accepts no token at all (an open gateway): every key serves every caller.
+    pub open: bool,
     /// Tokens reserved against tpm until the real usage is known.
     pub est_tokens: u64,
     /// Keys already tried by this request ([`Lease::key_id`]s), skipped.
@@ -181,7 +183,7 @@ impl PoolHandle {
         for (order, k) in view.keys.iter().enumerate() {
             if pick.exclude.contains(&k.id)
                 || !k.key.allows_model(&pick.model, &pick.path)
-                || !k.key.allows_caller(pick.caller.as_deref())
+                || !(pick.open || k.key.allows_caller(pick.caller.as_deref()))
             {
                 continue;
             }

@@ -36,6 +36,7 @@ fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
         model: "gpt-4o-mini".into(),
         path: "/v1/chat/completions".into(),
         caller: Some("t".into()),
+        open: false,
         est_tokens,
         exclude,
     }
@@ -252,4 +253,18 @@ async fn anonymous_callers_only_reach_noauth_keys() {
     let mut p = pick(1, vec![]);
     p.caller = None;
     assert_eq!(pool.pick(&p).await.unwrap().key.name, "open");
+}
+
+#[actix_rt::test]
+async fn an_open_gateway_lets_anonymous_callers_use_every_key() {
+    let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::Order);
+    let mut p = pick(1, vec![]);
+    p.caller = None;
+    assert_eq!(
+        pool.pick(&p).await.unwrap_err(),
+        NoKey::NoneServes,
+        "not open: noauth keys only"
+    );
+    p.open = true;
+    assert_eq!(pool.pick(&p).await.unwrap().key.name, "a");
 }

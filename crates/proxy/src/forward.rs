@@ -32,6 +32,8 @@ pub struct Engine {
     pub adapters: Adapters,
     /// The default gateway accepts some token: anonymous callers that reach nothing get 401.
     pub requires_token: bool,
+    /// Some key has `keep_header`: only then is the client's full header set prepared.
+    pub keeps_headers: bool,
 }
 
 /// What the engine answers.
@@ -141,10 +143,11 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 impl Engine {
-    /// Runs the attempt loop for one request and records its usage event.
+    /// Runs the attempt loop for one request and records its usage event (a stream records it
+    /// when it ends, through the context it carries).
     pub async fn forward(&self, client: &reqwest::Client, mut ctx: RequestCtx) -> Reply {
-        let reply = self.attempts(client, &mut ctx).await;
-        match &reply {
+        let mut reply = self.attempts(client, &mut ctx).await;
+        match &mut reply {
             Reply::Whole {
                 status,
                 usage,
@@ -162,38 +165,26 @@ impl Engine {
             Reply::Error { error, .. } => {
                 ctx.account(error.status(), None, Some(error.kind.wire().code));
             }
-            Reply::Stream { .. } => {}
+            Reply::Stream { relay, .. } => relay.attach(ctx),
         }
-        match reply {
-            Reply::Stream {
-                status,
-                headers,
-                relay,
-                key,
-            } => Reply::Stream {
-                status,
-                headers,
-                relay: Box::new(relay.with_ctx(ctx)),
-                key,
-            },
-            other => other,
-        }
+        reply
     }
 
     async fn attempts(&self, client: &reqwest::Client, ctx: &mut RequestCtx) -> Reply {
         let queue_deadline = ctx.started + self.config.queue_timeout;
         let max_attempts = self.config.retries.saturating_add(1);
-        let mut exclude = Vec::new();
         let mut last: Option<Failure> = None;
         let mut waits = 0u32;
+        // one pick for the whole request: attempts only add to `exclude`
+        let mut pick = Pick {
+            model: Arc::from(ctx.inspected.model.as_str()),
+            path: ctx.path.clone(),
+            caller: ctx.caller.token.clone(),
+            open: !self.requires_token,
+            est_tokens: ctx.inspected.est_tokens,
+            exclude: Vec::new(),
+        };
         while ctx.attempts < max_attempts {
-            let pick = Pick {
-                model: Arc::from(ctx.inspected.model.as_str()),
-                path: ctx.path.clone(),
-                caller: ctx.caller.token.clone(),
-                est_tokens: ctx.inspected.est_tokens,
-                exclude: exclude.clone(),
-            };
             let lease = match self.pool.pick(&pick).await {
                 Ok(lease) => lease,
                 Err(NoKey::Busy { until, cause }) => {
@@ -225,7 +216,7 @@ impl Engine {
             ctx.attempts += 1;
             ctx.key = Some(lease.key.name.clone());
             ctx.provider = Some(lease.key.kind.as_str());
-            exclude.push(lease.key_id);
+            pick.exclude.push(lease.key_id);
             match self.attempt(client, ctx, lease).await {
                 Attempt::Done(reply) => return reply,
                 Attempt::Failed(f) => {

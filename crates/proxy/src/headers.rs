@@ -61,13 +61,14 @@ const NEVER_RETURN: &[&str] = &[
 ];
 
 /// The request headers to send upstream, for both kinds of key: `(default set, keep_header set)`.
-/// Computed once per request; the attempt picks by its key's `keep_header`.
-pub fn upstream_headers(client: &ActixHeaders) -> (HeaderMap, HeaderMap) {
+/// Computed once per request; the attempt picks by its key's `keep_header`. The second set is
+/// only filled when `keep_all` (some key has `keep_header`).
+pub fn upstream_headers(client: &ActixHeaders, keep_all: bool) -> (HeaderMap, HeaderMap) {
     let mut default = HeaderMap::new();
     let mut all = HeaderMap::new();
     for (name, value) in client {
         let n = name.as_str();
-        if NEVER_FORWARD.contains(&n) {
+        if NEVER_FORWARD.contains(&n) || !(keep_all || DEFAULT_FORWARD.contains(&n)) {
             continue;
         }
         let (Ok(hn), Ok(hv)) = (
@@ -76,10 +77,12 @@ pub fn upstream_headers(client: &ActixHeaders) -> (HeaderMap, HeaderMap) {
         ) else {
             continue;
         };
-        if DEFAULT_FORWARD.contains(&n) {
-            default.append(hn.clone(), hv.clone());
+        if keep_all {
+            all.append(hn.clone(), hv.clone());
         }
-        all.append(hn, hv);
+        if DEFAULT_FORWARD.contains(&n) {
+            default.append(hn, hv);
+        }
     }
     (default, all)
 }
@@ -107,7 +110,8 @@ mod tests {
         ] {
             h.append(AName::from_static(n), AValue::from_static(v));
         }
-        let (default, all) = upstream_headers(&h);
+        let (default, all) = upstream_headers(&h, true);
+        assert!(upstream_headers(&h, false).1.is_empty());
         assert_eq!(default.len(), 1);
         assert!(default.contains_key("content-type"));
         assert_eq!(all.len(), 2);

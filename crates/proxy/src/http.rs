@@ -102,7 +102,7 @@ async fn prepare(
         caller,
         client_ip,
         inspected,
-        upstream_headers(req.headers()),
+        upstream_headers(req.headers(), fe.engine.keeps_headers),
         client_authorization,
         fe.sink.clone(),
         started,

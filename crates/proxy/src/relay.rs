@@ -90,10 +90,8 @@ impl Relay {
     }
 
     /// Attaches the request context that records the usage event when the stream ends.
-    #[must_use]
-    pub fn with_ctx(mut self, ctx: RequestCtx) -> Self {
+    pub fn attach(&mut self, ctx: RequestCtx) {
         self.ctx = Some(ctx);
-        self
     }
 
     /// The body to hand to the HTTP server.

@@ -89,6 +89,7 @@ pub async fn run(
         pool: pool.clone(),
         adapters: Adapters::new(),
         requires_token: !auth.is_open(),
+        keeps_headers: config.upstreams.iter().any(|u| u.keep_header),
     });
     let sink = usage.sink.clone();
     let addr = listener.local_addr()?;
