@@ -115,3 +115,41 @@ async fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() -> anyhow::Re
     );
     Ok(())
 }
+
+#[test]
+fn keypool_migrate_applies_and_reverts_the_migrations() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("m.sqlite");
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!("dbtype: sqlite\ndbaddr: \"{}\"\n", db.display()),
+    )?;
+    let run = |extra: &[&str]| {
+        let mut args = vec!["migrate", "--config", path.to_str().unwrap_or_default()];
+        args.extend_from_slice(extra);
+        std::process::Command::new(keypool_bin())
+            .args(args)
+            .output()
+    };
+    let up = run(&[])?;
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let text = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        text.contains("m20261122_000001_usage") && text.contains("m20261122_000002_provider"),
+        "{text}"
+    );
+    let down = run(&["--down"])?;
+    assert!(down.status.success());
+    assert!(String::from_utf8_lossy(&down.stdout).contains("applied migrations: []"));
+    std::fs::write(&path, "dbtype: none\n")?;
+    assert!(
+        !run(&[])?.status.success(),
+        "nothing to migrate without a store"
+    );
+    Ok(())
+}

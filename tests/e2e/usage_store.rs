@@ -398,3 +398,84 @@ async fn key_counters_survive_a_restart() -> anyhow::Result<()> {
     assert!(models["data"].is_array());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() -> anyhow::Result<()> {
+    let a = mock("a", Behavior::default());
+    let send = |gw: &Gateway| {
+        gw.http()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(T)
+            .header("x-forwarded-for", "203.0.113.9, 127.0.0.1")
+            .json(&hello("gpt-4o-mini"))
+            .send()
+    };
+    for (trusted, expected) in [
+        ("[127.0.0.1/32]", "203.0.113.9"),
+        ("[10.0.0.0/8]", "127.0.0.1"),
+    ] {
+        let db = Db::sqlite()?;
+        let gw = Gateway::start(&gateway_yaml(
+            &db,
+            &a,
+            &format!("trusted_proxies: {trusted}\n"),
+        ))
+        .await?;
+        assert_eq!(send(&gw).await?.status(), 200);
+        let store = wait_for_events(&db.url(), 1, Duration::from_secs(10)).await?;
+        let events = store.events_since(0, 1).await?;
+        assert_eq!(
+            events[0].client_ip.as_deref(),
+            Some(expected),
+            "trusted_proxies {trusted}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_events_at_start_up_and_keeps_new_ones() -> anyhow::Result<()> {
+    let db = Db::sqlite()?;
+    let seeded = Store::connect(&db.url()).await?;
+    let old_ms = 1_000_000; // 1970: far beyond any retention
+    let mut old = keypool_store::StoredEvent {
+        id: "0".repeat(32),
+        at_ms: old_ms,
+        gateway: "default".into(),
+        caller: None,
+        model: "m".into(),
+        key_name: Some("a".into()),
+        provider: Some("openai".into()),
+        attempts: 1,
+        status: 200,
+        stream: false,
+        latency_ms: 1,
+        ttfb_ms: None,
+        prompt_tokens: Some(1),
+        completion_tokens: Some(1),
+        total_tokens: Some(2),
+        client_ip: None,
+        user_agent: None,
+        error: None,
+        log: None,
+    };
+    seeded.write_batch(std::slice::from_ref(&old)).await?;
+    old.id = "1".repeat(32);
+    old.at_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    seeded.write_batch(std::slice::from_ref(&old)).await?;
+    seeded.close().await;
+
+    let a = mock("a", Behavior::default());
+    let _gw = Gateway::start(&gateway_yaml(&db, &a, "log: {retention_days: 30}\n")).await?;
+    let store = wait_for_events(&db.url(), 1, Duration::from_secs(10)).await?;
+    assert_eq!(
+        store.events_since(0, 10).await?[0].id,
+        "1".repeat(32),
+        "the recent event stays"
+    );
+    Ok(())
+}
