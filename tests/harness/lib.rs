@@ -61,6 +61,7 @@ pub fn mock(name: &str, behavior: Behavior) -> MockServer {
 pub struct ConfigBuilder {
     top: Vec<String>,
     upstreams: Vec<String>,
+    tail: Vec<String>,
 }
 
 pub fn config() -> ConfigBuilder {
@@ -97,11 +98,22 @@ impl ConfigBuilder {
         self
     }
 
+    /// A YAML block appended after the upstreams (e.g. a `gateways:` list).
+    #[must_use]
+    pub fn block(mut self, yaml: &str) -> Self {
+        self.tail.push(yaml.to_owned());
+        self
+    }
+
     pub fn yaml(&self) -> String {
         let mut s = self.top.join("\n");
         s.push_str("\nupstreams:\n");
         s.push_str(&self.upstreams.join("\n"));
         s.push('\n');
+        for t in &self.tail {
+            s.push_str(t);
+            s.push('\n');
+        }
         s
     }
 }

@@ -5,6 +5,7 @@
 //! path (`upstreams[2].endpoint: ...`), so a bad file stops keypool before it binds a port.
 //! The same `validate` will serve keys and gateways arriving through the admin service.
 
+pub mod gateway;
 pub mod raw;
 mod upstream;
 mod validate;
@@ -13,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use gateway::{Gateway, RawGateway, validate_gateway};
 pub use upstream::{ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
 pub use validate::{ALWAYS_REDACTED, validate};
 
@@ -42,6 +44,8 @@ pub struct Config {
     pub log: LogPolicy,
     /// Peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Gateways at `/llm/api/{name}/v1/*`, in config order.
+    pub gateways: Vec<Arc<Gateway>>,
 }
 
 /// What is recorded of each request and how usage reaches the store.

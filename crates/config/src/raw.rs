@@ -41,6 +41,9 @@ pub struct RawConfig {
     /// Proxies whose `X-Forwarded-For` is believed for the client IP (CIDRs).
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Per-tenant gateways at `/llm/api/{name}/v1/*`.
+    #[serde(default)]
+    pub gateways: Vec<crate::gateway::RawGateway>,
 }
 
 #[derive(Debug, Default, Deserialize)]

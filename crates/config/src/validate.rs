@@ -162,6 +162,23 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         }
     }
+    let mut gateways = Vec::with_capacity(raw.gateways.len());
+    let mut gateway_names = HashSet::new();
+    for (i, g) in raw.gateways.iter().enumerate() {
+        let at = format!("gateways[{i}]");
+        match crate::gateway::validate_gateway(g, &at) {
+            Ok(g) => {
+                if !gateway_names.insert(g.name.clone()) {
+                    errs.push(
+                        format!("{at}.name"),
+                        format!("duplicate gateway name {:?}", g.name),
+                    );
+                }
+                gateways.push(Arc::new(g));
+            }
+            Err(e) => errs.0.extend(e),
+        }
+    }
     if !errs.0.is_empty() {
         return Err(ConfigError::Invalid(errs.0));
     }
@@ -180,6 +197,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         upstreams,
         log,
         trusted_proxies,
+        gateways,
     })
 }
 

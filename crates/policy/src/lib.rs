@@ -1,8 +1,14 @@
-//! Gateway policy: who may call, and (with the gateways issue) what they may do.
+//! Gateway policy: who may call, and what they may do.
 //!
-//! Today this holds the default gateway's client authentication: `Authorization: Bearer <token>`
-//! checked in constant time against the top-level `authorization` tokens and every upstream's own
-//! `authorization` list. Per-gateway auth methods, ACLs, limits, quotas and transforms land here.
+//! - [`ClientAuth`]: the default gateway's (`/v1/*`) client authentication:
+//!   `Authorization: Bearer <token>` checked in constant time against the top-level
+//!   `authorization` tokens and every upstream's own `authorization` list.
+//! - [`gateway`]: the per-tenant gateways at `/llm/api/{name}/v1/*`: auth methods, lists, sliding
+//!   rate limits, quotas and request transforms.
+
+pub mod gateway;
+#[cfg(test)]
+mod gateway_tests;
 
 use std::sync::Arc;
 
@@ -105,7 +111,7 @@ impl ClientAuth {
 }
 
 /// `Bearer abc` → `abc` (case-insensitive scheme, surrounding spaces trimmed).
-fn strip_bearer(value: &[u8]) -> &[u8] {
+pub(crate) fn strip_bearer(value: &[u8]) -> &[u8] {
     let v = value.trim_ascii();
     if v.len() >= 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
         v[7..].trim_ascii()

@@ -51,6 +51,10 @@ pub struct Pick {
     pub caller: Option<Arc<str>>,
     /// The gateway accepts no token at all (an open gateway): every key serves every caller.
     pub open: bool,
+    /// A named gateway's caller: it authenticated with the gateway, so the keys' client-token
+    /// rules do not apply; `sk: asis` keys (which would forward the caller's credential) are
+    /// skipped.
+    pub gateway: bool,
     /// Tokens reserved against tpm until the real usage is known.
     pub est_tokens: u64,
     /// Keys already tried by this request ([`Lease::key_id`]s), skipped.
@@ -183,7 +187,8 @@ impl PoolHandle {
         for (order, k) in view.keys.iter().enumerate() {
             if pick.exclude.contains(&k.id)
                 || !k.key.allows_model(&pick.model, &pick.path)
-                || !(pick.open || k.key.allows_caller(pick.caller.as_deref()))
+                || (pick.gateway && k.key.passthrough_auth)
+                || !(pick.open || pick.gateway || k.key.allows_caller(pick.caller.as_deref()))
             {
                 continue;
             }

@@ -37,6 +37,7 @@ fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
         path: "/v1/chat/completions".into(),
         caller: Some("t".into()),
         open: false,
+        gateway: false,
         est_tokens,
         exclude,
     }

@@ -71,10 +71,20 @@ pub struct RequestCtx {
     pub log: Option<RequestLog>,
     /// Cap for the recorded response when responses are logged.
     pub log_response_cap: Option<usize>,
+    /// Attempts allowed in all (the gateway's `retries` + 1).
+    pub max_attempts: u32,
+    /// The gateway's name in usage events (`default` for `/v1/*`).
+    pub gateway: Arc<str>,
+    /// A named gateway's state: its quota is settled with this request's real usage, and the
+    /// key pool treats the caller as the gateway's (key client-token rules do not apply).
+    pub gateway_state: Option<Arc<keypool_policy::gateway::GatewayState>>,
     sink: Arc<dyn UsageSink>,
-    gateway: &'static str,
     accounted: bool,
 }
+
+/// The name of the `/v1/*` gateway in usage events.
+pub static DEFAULT_GATEWAY: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| Arc::from("default"));
 
 impl RequestCtx {
     #[allow(clippy::too_many_arguments)]
@@ -109,8 +119,10 @@ impl RequestCtx {
             user_agent: None,
             log: None,
             log_response_cap: None,
+            max_attempts: 1,
+            gateway: DEFAULT_GATEWAY.clone(),
+            gateway_state: None,
             sink,
-            gateway: "default",
             accounted: false,
         }
     }
@@ -134,10 +146,13 @@ impl RequestCtx {
         if std::mem::replace(&mut self.accounted, true) {
             return;
         }
+        if let (Some(state), Some(u)) = (&self.gateway_state, usage) {
+            state.add_tokens(u.total());
+        }
         self.sink.record(UsageEvent {
             id: new_event_id(),
             at: SystemTime::now(),
-            gateway: self.gateway.to_owned(),
+            gateway: self.gateway.to_string(),
             caller: self.caller.id.as_deref().map(str::to_owned),
             model: self.inspected.model.clone(),
             key: self.key.clone(),

@@ -172,7 +172,7 @@ impl Engine {
 
     async fn attempts(&self, client: &reqwest::Client, ctx: &mut RequestCtx) -> Reply {
         let queue_deadline = ctx.started + self.config.queue_timeout;
-        let max_attempts = self.config.retries.saturating_add(1);
+        let max_attempts = ctx.max_attempts.max(1);
         let mut last: Option<Failure> = None;
         let mut waits = 0u32;
         // one pick for the whole request: attempts only add to `exclude`
@@ -181,6 +181,7 @@ impl Engine {
             path: ctx.path.clone(),
             caller: ctx.caller.token.clone(),
             open: !self.requires_token,
+            gateway: ctx.gateway_state.is_some(),
             est_tokens: ctx.inspected.est_tokens,
             exclude: Vec::new(),
         };

@@ -8,7 +8,11 @@ use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use keypool_policy::ClientAuth;
+use keypool_config::gateway::Position;
+use keypool_policy::gateway::{
+    Gateways, RateHeaders, body_credential, query_arg, remove_query_arg,
+};
+use keypool_policy::{Caller, ClientAuth};
 use keypool_types::{ApiError, ErrorKind};
 use tokio::time::Instant;
 
@@ -27,6 +31,8 @@ pub const UPSTREAM_HEADER: &str = "x-keypool-upstream";
 pub struct Frontend {
     pub engine: Arc<Engine>,
     pub auth: Arc<ClientAuth>,
+    /// The named gateways (`/llm/api/{name}/v1/*`).
+    pub gateways: Arc<Gateways>,
     pub sink: Arc<dyn UsageSink>,
     /// Pooled, keep-alive connections owned by this worker's runtime.
     pub client: reqwest::Client,
@@ -58,29 +64,51 @@ async fn prepare(
             .map(HeaderValue::as_bytes),
     )?;
     let body = read_body(req, payload, fe.engine.config.max_body_bytes).await?;
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
     let path = req.path();
-    let inspected = inspect(path, content_type, body)?;
-    let upstream_path = path.strip_prefix("/v1").unwrap_or(path).to_owned();
+    let inspected = inspect(path, content_type(req), body)?;
     let query = Some(req.query_string())
         .filter(|q| !q.is_empty())
         .map(str::to_owned);
-    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
-        .map_err(|_| ApiError::new(ErrorKind::InvalidRequest, "Unsupported method."))?;
-    let client_authorization = req
+    let client_ip = client_ip(req, &fe.engine.config);
+    let mut ctx = build_ctx(req, fe, path, query, caller, client_ip, inspected, started)?;
+    ctx.client_authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| reqwest::header::HeaderValue::from_bytes(v.as_bytes()).ok());
-    let config = &fe.engine.config;
+    Ok(ctx)
+}
+
+fn content_type(req: &HttpRequest) -> &str {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn client_ip(req: &HttpRequest, config: &keypool_config::Config) -> Option<std::net::IpAddr> {
     let forwarded_for = req
         .headers()
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok());
-    let client_ip = capture::client_ip(req.peer_addr().map(|a| a.ip()), forwarded_for, config);
+    capture::client_ip(req.peer_addr().map(|a| a.ip()), forwarded_for, config)
+}
+
+/// The context every gateway builds the same way. `path` is the OpenAI path (`/v1/...`).
+#[allow(clippy::too_many_arguments)]
+fn build_ctx(
+    req: &HttpRequest,
+    fe: &Frontend,
+    path: &str,
+    query: Option<String>,
+    caller: Caller,
+    client_ip: Option<std::net::IpAddr>,
+    inspected: crate::inspect::Inspected,
+    started: Instant,
+) -> Result<RequestCtx, ApiError> {
+    let upstream_path = path.strip_prefix("/v1").unwrap_or(path).to_owned();
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+        .map_err(|_| ApiError::new(ErrorKind::InvalidRequest, "Unsupported method."))?;
+    let config = &fe.engine.config;
     let policy = &config.log;
     let log = policy.records_anything().then(|| RequestLog {
         request_headers: policy
@@ -103,16 +131,141 @@ async fn prepare(
         client_ip,
         inspected,
         upstream_headers(req.headers(), fe.engine.keeps_headers),
-        client_authorization,
+        None,
         fe.sink.clone(),
         started,
     );
+    ctx.max_attempts = config.retries.saturating_add(1);
     ctx.user_agent = req
         .headers()
         .get(header::USER_AGENT)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     ctx.log = log;
     ctx.log_response_cap = policy.response_body.then_some(policy.max_field_bytes);
+    Ok(ctx)
+}
+
+/// Handles `/llm/api/{name}/v1/*`: the named gateway's checks, in their documented order, then
+/// the same engine as `/v1/*`. Every answer after the rate limits carries `x-ratelimit-*`.
+pub async fn gateway_proxy(
+    req: HttpRequest,
+    payload: web::Payload,
+    fe: web::Data<Frontend>,
+    name: &str,
+    path: &str,
+) -> HttpResponse {
+    let started = Instant::now();
+    let mut rate = None;
+    let mut resp = match prepare_gateway(&req, payload, &fe, name, path, started, &mut rate).await {
+        Ok(ctx) => respond(fe.engine.forward(&fe.client, ctx).await),
+        Err(error) => error_response(&error, None),
+    };
+    if let Some(r) = rate {
+        let h = resp.headers_mut();
+        for (n, v) in [
+            ("x-ratelimit-limit-requests", r.limit.to_string()),
+            ("x-ratelimit-remaining-requests", r.remaining.to_string()),
+            ("x-ratelimit-reset-requests", r.reset_text()),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(HeaderName::from_static(n), v);
+            }
+        }
+    }
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn prepare_gateway(
+    req: &HttpRequest,
+    payload: web::Payload,
+    fe: &Frontend,
+    name: &str,
+    path: &str,
+    started: Instant,
+    rate: &mut Option<RateHeaders>,
+) -> Result<RequestCtx, ApiError> {
+    let gw = fe.gateways.get(name).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::GatewayNotFound,
+            format!("There is no gateway named `{name}`."),
+        )
+    })?;
+    gw.check_open(std::time::SystemTime::now())?;
+    let body = read_body(req, payload, fe.engine.config.max_body_bytes).await?;
+    let ct = content_type(req);
+    let spec = &gw.spec;
+    let body_position = matches!(gw.position(), Some(Position::Body(_)));
+    // the body as a JSON object, parsed once, when the credential is in it or it is rewritten
+    let mut json: Option<serde_json::Map<String, serde_json::Value>> =
+        if (body_position || spec.transforms()) && !ct.starts_with("multipart/") {
+            serde_json::from_slice(&body).ok()
+        } else {
+            None
+        };
+    let mut query = req.query_string().to_owned();
+    let credential = match gw.position() {
+        None => None,
+        Some(Position::Header(h)) => req
+            .headers()
+            .get(h.as_str())
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        Some(Position::Arg(a)) => {
+            let c = query_arg(&query, a);
+            query = remove_query_arg(&query, a);
+            c
+        }
+        Some(Position::Body(f)) => json.as_ref().and_then(|m| body_credential(m, f)),
+    };
+    let identity = gw.authenticate(credential.as_deref())?;
+    let client_ip = client_ip(req, &fe.engine.config);
+    gw.check_lists(client_ip, credential.as_deref(), chrono::Utc::now())?;
+    match gw.admit(&identity, client_ip, Instant::now()) {
+        Ok(h) => *rate = h,
+        Err(refused) => {
+            *rate = refused.headers;
+            return Err(refused.error);
+        }
+    }
+    gw.check_quota()?;
+    let checked_model = json.is_some();
+    let body = match json.as_mut() {
+        Some(map) => {
+            if let Some(m) = map.get("model").and_then(serde_json::Value::as_str) {
+                gw.check_model(m)?;
+            }
+            if let Some(Position::Body(f)) = gw.position() {
+                map.remove(f.as_str());
+            }
+            keypool_policy::gateway::transform(spec, map);
+            Bytes::from(serde_json::to_vec(map).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("Could not encode the body: {e}"),
+                )
+            })?)
+        }
+        None => body,
+    };
+    let inspected = inspect(path, ct, body)?;
+    if !checked_model && inspected.model != path {
+        gw.check_model(&inspected.model)?;
+    }
+    let caller = Caller {
+        token: None,
+        id: identity.id,
+    };
+    let query = Some(query).filter(|q| !q.is_empty());
+    let mut ctx = build_ctx(req, fe, path, query, caller, client_ip, inspected, started)?;
+    if let Some(Position::Header(h)) = gw.position() {
+        ctx.headers.0.remove(h.as_str());
+        ctx.headers.1.remove(h.as_str());
+    }
+    if let Some(r) = spec.retries {
+        ctx.max_attempts = r.saturating_add(1);
+    }
+    ctx.gateway = Arc::from(spec.name.as_str());
+    ctx.gateway_state = Some(gw.state.clone());
     Ok(ctx)
 }
 

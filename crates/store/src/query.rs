@@ -102,7 +102,18 @@ impl Store {
         day_ms: i64,
         gateway: Option<&str>,
     ) -> Result<Vec<HourCalls>, StoreError> {
-        let start = day_ms - day_ms.rem_euclid(DAY_MS);
+        self.hours_from(day_ms - day_ms.rem_euclid(DAY_MS), gateway)
+            .await
+    }
+
+    /// Calls per hour for the 24 hours from `start_ms` (an hour boundary: a local midnight in a
+    /// whole-hour timezone), optionally for one gateway.
+    pub async fn hours_from(
+        &self,
+        start_ms: i64,
+        gateway: Option<&str>,
+    ) -> Result<Vec<HourCalls>, StoreError> {
+        let start = start_ms - start_ms.rem_euclid(3_600_000);
         let mut q = usage_hourly::Entity::find()
             .filter(usage_hourly::Column::HourMs.gte(start))
             .filter(usage_hourly::Column::HourMs.lt(start + DAY_MS));

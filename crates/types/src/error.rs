@@ -36,6 +36,18 @@ pub enum ErrorKind {
     UpstreamStreamBroken,
     /// The gateway is shutting down or a bug was caught (500).
     Internal,
+    /// No gateway by that name (404 `gateway_not_found`).
+    GatewayNotFound,
+    /// The gateway is switched off (403 `gateway_inactive`).
+    GatewayInactive,
+    /// The gateway's `expires_at` has passed (403 `gateway_expired`).
+    GatewayExpired,
+    /// Refused by the gateway's whitelist or blacklist (403 `access_denied`).
+    AccessDenied,
+    /// A gateway `rate_limits` entry is exhausted (429 `rate_limit_exceeded`).
+    RateLimitExceeded,
+    /// The gateway's `token_quota` is used up (429 `insufficient_quota`, as OpenAI's).
+    InsufficientQuota,
 }
 
 /// The wire form of one kind: HTTP status, OpenAI `type`, `code`.
@@ -62,6 +74,12 @@ impl ErrorKind {
             Self::UpstreamTimeout => (504, "server_error", "upstream_timeout"),
             Self::UpstreamStreamBroken => (502, "server_error", "upstream_stream_broken"),
             Self::Internal => (500, "server_error", "internal_error"),
+            Self::GatewayNotFound => (404, "invalid_request_error", "gateway_not_found"),
+            Self::GatewayInactive => (403, "permission_error", "gateway_inactive"),
+            Self::GatewayExpired => (403, "permission_error", "gateway_expired"),
+            Self::AccessDenied => (403, "permission_error", "access_denied"),
+            Self::RateLimitExceeded => (429, "rate_limit_error", "rate_limit_exceeded"),
+            Self::InsufficientQuota => (429, "insufficient_quota", "insufficient_quota"),
         };
         Wire {
             status,

@@ -4,12 +4,15 @@ use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpRequest, HttpResponse, web};
 use keypool_proxy::Frontend;
-use keypool_proxy::http::{error_response, proxy};
+
+use crate::monitor::Monitor;
+use keypool_proxy::http::{error_response, gateway_proxy, proxy};
 use keypool_types::{ApiError, ErrorKind};
 
 /// Builds one worker's app around its [`Frontend`].
 pub fn app(
     frontend: web::Data<Frontend>,
+    monitor: web::Data<Monitor>,
 ) -> App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -21,6 +24,7 @@ pub fn app(
 > {
     App::new()
         .app_data(frontend)
+        .app_data(monitor)
         // CORS as openai-api-route does it: any origin may call; preflights answered here.
         .wrap(
             DefaultHeaders::new()
@@ -45,14 +49,32 @@ async fn route(
     req: HttpRequest,
     payload: web::Payload,
     frontend: web::Data<Frontend>,
+    monitor: web::Data<Monitor>,
 ) -> HttpResponse {
-    if !req.path().starts_with("/v1/") {
-        return not_found(&req);
-    }
     if req.method() == actix_web::http::Method::OPTIONS {
         return preflight(&req);
     }
-    proxy(req, payload, frontend).await
+    if req.path().starts_with("/v1/") {
+        return proxy(req, payload, frontend).await;
+    }
+    // `/llm/api/{name}/v1/...`: a named gateway; the path after the name is its OpenAI path
+    if let Some(rest) = req.path().strip_prefix("/llm/api/")
+        && let Some((name, path)) = rest.split_once('/')
+        && path.starts_with("v1/")
+    {
+        let (name, path) = (name.to_owned(), format!("/{path}"));
+        return gateway_proxy(req, payload, frontend, &name, &path).await;
+    }
+    if let Some(name) = req
+        .path()
+        .strip_prefix("/llm/api/")
+        .and_then(|r| r.strip_suffix("/usage"))
+        && !name.contains('/')
+        && req.method() == actix_web::http::Method::GET
+    {
+        return crate::monitor::gateway_usage(&req, &frontend, &monitor, name).await;
+    }
+    not_found(&req)
 }
 
 /// A CORS preflight: allow the headers the browser asks for (a `*` would not cover
@@ -75,7 +97,7 @@ fn not_found(req: &HttpRequest) -> HttpResponse {
         &ApiError::new(
             ErrorKind::NotFound,
             format!(
-                "Unknown request URL: {} {}. keypool serves /v1/*.",
+                "Unknown request URL: {} {}. keypool serves /v1/* and /llm/api/{{gateway}}/v1/*.",
                 req.method(),
                 req.path()
             ),

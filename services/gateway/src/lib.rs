@@ -8,6 +8,7 @@ pub mod actors;
 pub mod app;
 pub mod demo;
 pub mod mock;
+pub mod monitor;
 pub mod usage;
 
 use std::net::TcpListener;
@@ -63,6 +64,11 @@ fn startup_warnings(config: &Config, auth: &ClientAuth) {
             tracing::warn!(key = %key.name, "{reason}");
         }
     }
+    for g in &config.gateways {
+        if g.auth.is_none() {
+            tracing::warn!(gateway = %g.name, "gateway has no auth: open to anyone who can reach it");
+        }
+    }
     if config.upstreams.is_empty() {
         tracing::warn!("no upstreams configured: every request will get 404 model_not_found");
     }
@@ -78,11 +84,18 @@ pub async fn run(
     let auth = Arc::new(ClientAuth::from_config(&config));
     startup_warnings(&config, &auth);
     let store = usage::open_store(&config).await?;
+    let gateways = Arc::new(keypool_policy::gateway::Gateways::new(&config.gateways));
+    if let Some(store) = &store {
+        usage::restore_gateway_usage(store, &gateways).await;
+    }
     let seeds = match &store {
         Some(s) => usage::seeds(s).await,
         None => std::collections::HashMap::new(),
     };
     let (actors, pool) = ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds)?;
+    let monitor = web::Data::new(monitor::Monitor {
+        store: store.clone(),
+    });
     let usage = usage::Usage::start(store, &config, &pool);
     let engine = Arc::new(Engine {
         config: config.clone(),
@@ -97,12 +110,16 @@ pub async fn run(
         .iter()
         .any(|v| std::env::var_os(v).is_some() || std::env::var_os(v.to_uppercase()).is_some());
     let server = HttpServer::new(move || {
-        crate::app::app(web::Data::new(Frontend {
-            engine: engine.clone(),
-            auth: auth.clone(),
-            sink: sink.clone(),
-            client: upstream_client(use_env_proxies),
-        }))
+        crate::app::app(
+            web::Data::new(Frontend {
+                engine: engine.clone(),
+                auth: auth.clone(),
+                gateways: gateways.clone(),
+                sink: sink.clone(),
+                client: upstream_client(use_env_proxies),
+            }),
+            monitor.clone(),
+        )
     })
     .workers(
         std::env::var("KEYPOOL_WORKERS")

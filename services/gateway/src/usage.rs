@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use keypool_config::Config;
+use keypool_policy::gateway::Gateways;
 use keypool_pool::{KeyCounters, KeySeed, PoolHandle};
 use keypool_proxy::{LogSink, UsageSink};
 use keypool_store::{KeyCounterRow, Store, UsageWriter, database_url};
@@ -24,6 +25,26 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Restores each gateway's tokens used (its quota's count) from the store's rollups.
+pub async fn restore_gateway_usage(store: &Store, gateways: &Gateways) {
+    match store
+        .usage_totals(0, i64::MAX, keypool_store::Grouping::Gateway, None)
+        .await
+    {
+        Ok(totals) => {
+            for g in gateways.all() {
+                if let Some(t) = totals.iter().find(|t| t.group == g.spec.name) {
+                    g.state
+                        .restore_tokens(u64::try_from(t.total_tokens).unwrap_or(0));
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot restore gateway token usage; quotas start at 0");
+        }
+    }
 }
 
 /// Connects to the configured store and runs its migrations (`None` for `dbtype: none`).
