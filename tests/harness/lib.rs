@@ -14,6 +14,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -518,4 +519,132 @@ pub async fn run_python_check(
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), stdout))
+}
+
+/// One HTTP request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+/// A local HTTP endpoint that records every request (webhook receivers in tests). With
+/// `respond: false` it accepts connections and never answers (a dead webhook).
+pub struct Receiver {
+    pub url: String,
+    got: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start(respond: bool) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let sink = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        let mut lines = head.lines();
+                        let mut first = lines.next().unwrap_or("").split(' ');
+                        let method = first.next().unwrap_or("").to_owned();
+                        let path = first.next().unwrap_or("").to_owned();
+                        let headers: Vec<(String, String)> = lines
+                            .filter_map(|l| l.split_once(':'))
+                            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                            .collect();
+                        let len: usize = headers
+                            .iter()
+                            .find(|(n, _)| n == "content-length")
+                            .and_then(|(_, v)| v.parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + len {
+                            continue;
+                        }
+                        let body = serde_json::from_slice(&buf[end + 4..end + 4 + len])
+                            .unwrap_or(Value::Null);
+                        if !respond {
+                            // hold the connection open, answer nothing
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            return;
+                        }
+                        sink.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(Received {
+                                method,
+                                path,
+                                headers,
+                                body,
+                            });
+                        let _ = sock
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                            )
+                            .await;
+                        return;
+                    }
+                });
+            }
+        });
+        Ok(Self { url, got, task })
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.got
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `promtool` binary, installing Debian's `prometheus` package (which ships it) when it is
+/// missing. One test installs while others wait on the lock.
+pub fn promtool() -> anyhow::Result<PathBuf> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let find = || {
+        ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "prometheus"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    anyhow::ensure!(status.success(), "apt-get install prometheus failed");
+    find().ok_or_else(|| anyhow::anyhow!("promtool still missing after installing prometheus"))
 }

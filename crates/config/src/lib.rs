@@ -46,6 +46,50 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Gateways at `/llm/api/{name}/v1/*`, in config order.
     pub gateways: Vec<Arc<Gateway>>,
+    pub telemetry: Telemetry,
+    pub notify: Notify,
+}
+
+/// Metrics and tracing settings (the `OTEL_*` variables fill what the file leaves out).
+#[derive(Debug, Clone, Default)]
+pub struct Telemetry {
+    pub metrics_token: Option<keypool_types::Secret>,
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+    pub json_logs: bool,
+}
+
+/// Where alerts go, and how often.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    pub feishu: Option<Feishu>,
+    pub matrix: Option<Matrix>,
+    pub webhook: Option<url::Url>,
+    pub dedup: Duration,
+    pub cooling_alert_after: u32,
+}
+
+impl Notify {
+    pub fn any(&self) -> bool {
+        self.feishu.is_some() || self.matrix.is_some() || self.webhook.is_some()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Feishu {
+    pub webhook: url::Url,
+    pub secret: Option<keypool_types::Secret>,
+}
+
+/// A Matrix room to post `m.text` messages to.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    /// Either a homeserver base URL (with `room_id` and the token), or, from openai-api-route's
+    /// `MATRIX_API`, a full `.../send/m.room.message` URL carrying its own `access_token`.
+    pub homeserver: url::Url,
+    pub access_token: Option<keypool_types::Secret>,
+    pub room_id: Option<String>,
 }
 
 /// What is recorded of each request and how usage reaches the store.

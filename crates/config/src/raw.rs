@@ -44,6 +44,64 @@ pub struct RawConfig {
     /// Per-tenant gateways at `/llm/api/{name}/v1/*`.
     #[serde(default)]
     pub gateways: Vec<crate::gateway::RawGateway>,
+    /// Metrics and traces.
+    pub telemetry: Option<RawTelemetry>,
+    /// Alerts to Feishu/Lark, Matrix or a webhook.
+    pub notify: Option<RawNotify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// `/metrics` and `/v1/metrics` require `Authorization: Bearer <this>` when set.
+    pub metrics_token: Option<String>,
+    /// OTLP/gRPC endpoint for traces (else `OTEL_EXPORTER_OTLP_ENDPOINT`; neither: tracing off).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` (else `OTEL_SERVICE_NAME`, else `keypool`).
+    pub service_name: Option<String>,
+    /// Fraction of new traces sampled, 0..=1 (else `OTEL_TRACES_SAMPLER[_ARG]`, else 1).
+    pub sample_ratio: Option<f64>,
+    /// Logs as JSON lines (with trace ids) instead of text.
+    #[serde(default)]
+    pub json_logs: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotify {
+    /// Feishu/Lark incoming webhook (or `FEISHU_WEBHOOK`).
+    pub feishu: Option<RawFeishu>,
+    pub matrix: Option<RawMatrix>,
+    /// Generic JSON webhook.
+    pub webhook: Option<RawWebhook>,
+    /// One message per cause per this many seconds (default 300); repeats are counted.
+    pub dedup_seconds: Option<Seconds>,
+    /// Consecutive cooldowns of one key before it is reported (default 3).
+    pub cooling_alert_after: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFeishu {
+    pub webhook: String,
+    /// The bot's signing secret ("签名校验"), when enabled.
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatrix {
+    /// `https://matrix.example.org`
+    pub homeserver: String,
+    pub access_token: String,
+    /// `!room:example.org`
+    pub room_id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -179,6 +179,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             Err(e) => errs.0.extend(e),
         }
     }
+    let telemetry = validate_telemetry(raw.telemetry.unwrap_or_default(), &mut errs);
+    let notify = validate_notify(raw.notify.unwrap_or_default(), &mut errs);
     if !errs.0.is_empty() {
         return Err(ConfigError::Invalid(errs.0));
     }
@@ -198,7 +200,98 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         log,
         trusted_proxies,
         gateways,
+        telemetry,
+        notify,
     })
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn validate_telemetry(raw: crate::raw::RawTelemetry, errs: &mut Errors) -> crate::Telemetry {
+    if let Some(r) = raw.sample_ratio
+        && !(0.0..=1.0).contains(&r)
+    {
+        errs.push(
+            "telemetry.sample_ratio",
+            format!("must be within 0..=1, got {r}"),
+        );
+    }
+    let otlp_endpoint = raw
+        .otlp_endpoint
+        .or_else(|| env_nonempty("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| env_nonempty("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    if let Some(e) = &otlp_endpoint
+        && url::Url::parse(e).is_err()
+    {
+        errs.push(
+            "telemetry.otlp_endpoint",
+            format!("expected a URL like http://127.0.0.1:4317, got {e:?}"),
+        );
+    }
+    crate::Telemetry {
+        metrics_token: raw.metrics_token.filter(|t| !t.is_empty()).map(Secret::new),
+        otlp_endpoint,
+        service_name: raw
+            .service_name
+            .or_else(|| env_nonempty("OTEL_SERVICE_NAME")),
+        sample_ratio: raw.sample_ratio,
+        json_logs: raw.json_logs,
+    }
+}
+
+fn validate_notify(raw: crate::raw::RawNotify, errs: &mut Errors) -> crate::Notify {
+    let mut url_at = |path: &str, s: &str| match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+        _ => {
+            errs.push(path, format!("expected an http(s) URL, got {s:?}"));
+            None
+        }
+    };
+    let feishu = match raw.feishu {
+        Some(f) => url_at("notify.feishu.webhook", &f.webhook).map(|webhook| crate::Feishu {
+            webhook,
+            secret: f.secret.filter(|s| !s.is_empty()).map(Secret::new),
+        }),
+        None => env_nonempty("FEISHU_WEBHOOK").and_then(|w| {
+            url_at("FEISHU_WEBHOOK", &w).map(|webhook| crate::Feishu {
+                webhook,
+                secret: env_nonempty("FEISHU_SECRET").map(Secret::new),
+            })
+        }),
+    };
+    let matrix = match raw.matrix {
+        Some(m) => {
+            url_at("notify.matrix.homeserver", &m.homeserver).map(|homeserver| crate::Matrix {
+                homeserver,
+                access_token: Some(Secret::new(m.access_token)),
+                room_id: Some(m.room_id),
+            })
+        }
+        None => env_nonempty("MATRIX_API").and_then(|w| {
+            url_at("MATRIX_API", &w).map(|homeserver| crate::Matrix {
+                homeserver,
+                access_token: None,
+                room_id: None,
+            })
+        }),
+    };
+    let webhook = raw
+        .webhook
+        .and_then(|w| url_at("notify.webhook.url", &w.url));
+    let dedup = errs.seconds(
+        "notify.dedup_seconds",
+        raw.dedup_seconds,
+        Duration::from_secs(300),
+    );
+    crate::Notify {
+        feishu,
+        matrix,
+        webhook,
+        dedup,
+        cooling_alert_after: raw.cooling_alert_after.unwrap_or(3).max(1),
+    }
 }
 
 fn validate_upstream(

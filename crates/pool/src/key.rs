@@ -146,6 +146,8 @@ pub struct KeyActor {
     latency_ms: f64,
     consecutive_failures: u32,
     consecutive_429: u32,
+    /// Cooldowns since the last success (alerts past a threshold).
+    cooldowns_in_row: u32,
     /// Timer that refreshes the gauge when the oldest window entry expires.
     refresh: Option<SpawnHandle>,
 }
@@ -190,6 +192,7 @@ impl KeyActor {
             latency_ms: 0.0,
             consecutive_failures: 0,
             consecutive_429: 0,
+            cooldowns_in_row: 0,
             refresh: None,
         };
         actor.publish_health();
@@ -238,6 +241,19 @@ impl KeyActor {
             _ => {}
         }
         tracing::warn!(key = %self.key.name, cooldown_ms = period.as_millis() as u64, "key cooling down");
+        self.cooldowns_in_row += 1;
+        if self.cooldowns_in_row >= keypool_telemetry::notify::cooling_alert_after() {
+            keypool_telemetry::alert(
+                keypool_telemetry::Cause::KeyCooling,
+                self.key.name.clone(),
+                format!(
+                    "key {} is cooling down again ({} times in a row; now for {} s): its upstream keeps refusing or failing",
+                    self.key.name,
+                    self.cooldowns_in_row,
+                    period.as_secs().max(1)
+                ),
+            );
+        }
         self.health = Health::CoolingUntil(until);
         self.publish_health();
     }
@@ -248,6 +264,7 @@ impl KeyActor {
                 self.counters.success += 1;
                 self.consecutive_failures = 0;
                 self.consecutive_429 = 0;
+                self.cooldowns_in_row = 0;
                 let ms = latency.as_secs_f64() * 1000.0;
                 self.latency_ms = if self.latency_ms == 0.0 {
                     ms
@@ -272,6 +289,16 @@ impl KeyActor {
                 let reason = format!("upstream answered {status}: key rejected");
                 tracing::error!(key = %self.key.name, status, "upstream rejected the key; disabling it");
                 self.counters.last_error = Some(reason.clone());
+                if !matches!(self.health, Health::Disabled { .. }) {
+                    keypool_telemetry::alert(
+                        keypool_telemetry::Cause::KeyDisabled,
+                        self.key.name.clone(),
+                        format!(
+                            "key {} disabled: its upstream answered {status} (the key was rejected)",
+                            self.key.name
+                        ),
+                    );
+                }
                 self.health = Health::Disabled { reason };
                 self.publish_health();
             }
@@ -374,6 +401,12 @@ impl Handler<Settle> for KeyActor {
         {
             self.tokens.settle(now, msg.lease_id, tokens);
         }
+        keypool_telemetry::metrics().attempt(
+            &self.key.name,
+            self.key.kind.as_str(),
+            msg.outcome.label(),
+            msg.elapsed,
+        );
         self.apply(&msg.outcome, now);
         self.publish_window(ctx);
     }

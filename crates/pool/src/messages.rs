@@ -106,6 +106,8 @@ pub enum Refusal {
 pub struct Settle {
     pub lease_id: u64,
     pub outcome: Outcome,
+    /// Lease to settlement: the attempt's duration (for streams, to the stream's end).
+    pub elapsed: Duration,
 }
 
 /// Ask a key actor for its live state.

@@ -132,6 +132,8 @@ pub struct Lease {
     /// This reservation's id in the key's windows.
     id: u64,
     settled: bool,
+    /// When the lease was taken: the attempt's start, for its latency.
+    started: Instant,
 }
 
 impl Lease {
@@ -140,6 +142,7 @@ impl Lease {
         self.addr.do_send(Settle {
             lease_id: self.id,
             outcome,
+            elapsed: self.started.elapsed(),
         });
     }
 }
@@ -150,6 +153,7 @@ impl Drop for Lease {
             self.addr.do_send(Settle {
                 lease_id: self.id,
                 outcome: Outcome::Cancelled,
+                elapsed: self.started.elapsed(),
             });
         }
     }
@@ -220,6 +224,7 @@ impl PoolHandle {
                 addr: k.addr.clone(),
                 id: lease_id,
                 settled: false,
+                started: Instant::now(),
             };
             let est_tokens = pick.est_tokens;
             if k.key.rpm.is_none() && k.key.tpm.is_none() {

@@ -78,6 +78,10 @@ pub struct RequestCtx {
     /// A named gateway's state: its quota is settled with this request's real usage, and the
     /// key pool treats the caller as the gateway's (key client-token rules do not apply).
     pub gateway_state: Option<Arc<keypool_policy::gateway::GatewayState>>,
+    /// Time spent in upstream attempts (to the first byte for streams).
+    pub upstream_time: Duration,
+    /// Time spent waiting for a key with budget.
+    pub queued: Duration,
     sink: Arc<dyn UsageSink>,
     accounted: bool,
 }
@@ -122,6 +126,8 @@ impl RequestCtx {
             max_attempts: 1,
             gateway: DEFAULT_GATEWAY.clone(),
             gateway_state: None,
+            upstream_time: Duration::ZERO,
+            queued: Duration::ZERO,
             sink,
             accounted: false,
         }
@@ -149,6 +155,19 @@ impl RequestCtx {
         if let (Some(state), Some(u)) = (&self.gateway_state, usage) {
             state.add_tokens(u.total());
         }
+        let latency = self.started.elapsed();
+        let tokens = usage.unwrap_or_default();
+        keypool_telemetry::metrics().request(&keypool_telemetry::RequestRecord {
+            gateway: &self.gateway,
+            model: &self.inspected.model,
+            key: self.key.as_deref(),
+            status,
+            latency,
+            overhead: (self.attempts > 0 && !self.inspected.stream)
+                .then(|| latency.saturating_sub(self.upstream_time + self.queued)),
+            prompt_tokens: tokens.prompt_tokens,
+            completion_tokens: tokens.completion_tokens,
+        });
         self.sink.record(UsageEvent {
             id: new_event_id(),
             at: SystemTime::now(),
@@ -160,7 +179,7 @@ impl RequestCtx {
             attempts: self.attempts,
             status,
             stream: self.inspected.stream,
-            latency: self.started.elapsed(),
+            latency,
             ttfb: self.ttfb,
             usage,
             client_ip: self.client_ip,

@@ -75,6 +75,44 @@ enum Failure {
 }
 
 impl Failure {
+    /// The failover reason, as metrics label it.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Upstream { status: 429, .. } => "rate_limited",
+            Self::Upstream {
+                status: 401 | 403, ..
+            } => "auth_failed",
+            Self::Upstream { .. } => "server_error",
+            Self::Transport { error, .. } if error.kind == ErrorKind::UpstreamTimeout => "timeout",
+            Self::Transport { .. } => "connect",
+        }
+    }
+
+    /// What the alert says about the last failure.
+    fn describe(&self) -> String {
+        match self {
+            Self::Upstream { status, key, .. } => format!("key {key} answered {status}"),
+            Self::Transport { error, key } => format!("key {key}: {}", error.message),
+        }
+    }
+
+    /// Every attempt failed: the client gets the last failure, operators an alert.
+    fn give_up(self, ctx: &RequestCtx) -> Reply {
+        keypool_telemetry::alert(
+            keypool_telemetry::Cause::AllUpstreamsFailed,
+            format!("{}/{}", ctx.gateway, ctx.inspected.model),
+            format!(
+                "all upstreams failed for model {} on gateway {} ({} attempt{}; last: {})",
+                ctx.inspected.model,
+                ctx.gateway,
+                ctx.attempts,
+                if ctx.attempts == 1 { "" } else { "s" },
+                self.describe()
+            ),
+        );
+        self.into_reply()
+    }
+
     fn into_reply(self) -> Reply {
         match self {
             Self::Upstream {
@@ -162,7 +200,10 @@ impl Engine {
                 });
                 ctx.account(*status, *usage, error);
             }
-            Reply::Error { error, .. } => {
+            Reply::Error { error, key } => {
+                if key.is_none() {
+                    keypool_telemetry::metrics().refusal(&ctx.gateway, error.kind.wire().code);
+                }
                 ctx.account(error.status(), None, Some(error.kind.wire().code));
             }
             Reply::Stream { relay, .. } => relay.attach(ctx),
@@ -193,17 +234,21 @@ impl Engine {
                     waits += 1;
                     let wake = until + jitter(waits);
                     if wake > queue_deadline {
-                        return last.map_or_else(
-                            || busy(until - now, cause, &ctx.inspected.model),
-                            Failure::into_reply,
-                        );
+                        return match last {
+                            Some(f) => f.give_up(ctx),
+                            None => busy(until - now, cause, &ctx.inspected.model),
+                        };
                     }
                     sleep(wake - now).await;
+                    ctx.queued += wake - now;
+                    keypool_telemetry::metrics()
+                        .queue_wait
+                        .observe((wake - now).as_secs_f64());
                     continue;
                 }
                 Err(no) => {
                     return match last {
-                        Some(f) => f.into_reply(),
+                        Some(f) => f.give_up(ctx),
                         None => Reply::Error {
                             error: self.no_key(&no, ctx),
                             key: None,
@@ -218,24 +263,41 @@ impl Engine {
             ctx.key = Some(lease.key.name.clone());
             ctx.provider = Some(lease.key.kind.as_str());
             pick.exclude.push(lease.key_id);
-            match self.attempt(client, ctx, lease).await {
+            let t = Instant::now();
+            let outcome = self.attempt(client, ctx, lease).await;
+            ctx.upstream_time += t.elapsed();
+            match outcome {
                 Attempt::Done(reply) => return reply,
                 Attempt::Failed(f) => {
                     tracing::debug!(attempt = ctx.attempts, "attempt failed; failing over");
+                    keypool_telemetry::metrics()
+                        .failovers
+                        .with_label_values(&[f.reason()])
+                        .inc();
                     last = Some(f);
                 }
             }
         }
-        last.map_or_else(
-            || Reply::Error {
+        match last {
+            Some(f) => f.give_up(ctx),
+            None => Reply::Error {
                 error: ApiError::new(ErrorKind::NoUsableKey, "No attempt could be made."),
                 key: None,
             },
-            Failure::into_reply,
-        )
+        }
     }
 
     fn no_key(&self, no: &NoKey, ctx: &RequestCtx) -> ApiError {
+        if *no == NoKey::AllDisabled {
+            keypool_telemetry::alert(
+                keypool_telemetry::Cause::AllUpstreamsFailed,
+                format!("{}/{}", ctx.gateway, ctx.inspected.model),
+                format!(
+                    "all upstreams failed for model {} on gateway {}: every key that serves it is disabled",
+                    ctx.inspected.model, ctx.gateway
+                ),
+            );
+        }
         match no {
             NoKey::NoneServes if ctx.caller.token.is_none() && self.requires_token => {
                 ApiError::new(ErrorKind::InvalidApiKey, "Missing or incorrect API key.")
@@ -302,6 +364,10 @@ impl Engine {
             body,
         } = resp;
         ctx.ttfb = Some(ctx.started.elapsed());
+        keypool_telemetry::metrics()
+            .upstream_ttfb
+            .with_label_values(&[key.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
         match classify(status, &headers, key.passthrough_auth) {
             Class::Success => {}
             Class::Client => {

@@ -47,7 +47,10 @@ pub async fn proxy(
     let started = Instant::now();
     match prepare(&req, payload, &fe, started).await {
         Ok(ctx) => respond(fe.engine.forward(&fe.client, ctx).await),
-        Err(error) => error_response(&error, None),
+        Err(error) => {
+            keypool_telemetry::metrics().refusal("default", error.kind.wire().code);
+            error_response(&error, None)
+        }
     }
 }
 
@@ -158,7 +161,15 @@ pub async fn gateway_proxy(
     let mut rate = None;
     let mut resp = match prepare_gateway(&req, payload, &fe, name, path, started, &mut rate).await {
         Ok(ctx) => respond(fe.engine.forward(&fe.client, ctx).await),
-        Err(error) => error_response(&error, None),
+        Err(error) => {
+            let gateway = if error.kind == ErrorKind::GatewayNotFound {
+                "unknown"
+            } else {
+                name
+            };
+            keypool_telemetry::metrics().refusal(gateway, error.kind.wire().code);
+            error_response(&error, None)
+        }
     };
     if let Some(r) = rate {
         let h = resp.headers_mut();

@@ -184,6 +184,11 @@ impl Loop {
             }
             if self.db_ok {
                 tracing::error!(spill = %self.spill_path(), "usage store unavailable: spilling usage events to disk");
+                keypool_telemetry::alert(
+                    keypool_telemetry::Cause::StoreUnavailable,
+                    "store",
+                    "the usage store is unavailable: usage events are being spilled to local disk and will be replayed",
+                );
             }
             self.db_ok = false;
         }

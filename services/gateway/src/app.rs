@@ -54,6 +54,11 @@ async fn route(
     if req.method() == actix_web::http::Method::OPTIONS {
         return preflight(&req);
     }
+    if matches!(req.path(), "/metrics" | "/v1/metrics")
+        && req.method() == actix_web::http::Method::GET
+    {
+        return crate::monitor::prometheus(&req, &monitor).await;
+    }
     if req.path().starts_with("/v1/") {
         return proxy(req, payload, frontend).await;
     }

@@ -93,10 +93,15 @@ pub async fn run(
         None => std::collections::HashMap::new(),
     };
     let (actors, pool) = ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds)?;
-    let monitor = web::Data::new(monitor::Monitor {
-        store: store.clone(),
-    });
+    let store_for_monitor = store.clone();
     let usage = usage::Usage::start(store, &config, &pool);
+    let monitor = web::Data::new(monitor::Monitor {
+        store: store_for_monitor,
+        pool: pool.clone(),
+        writer_stats: usage.writer_stats(),
+        metrics_token: config.telemetry.metrics_token.clone(),
+    });
+    let alerts = keypool_telemetry::notify::start(&config.notify, &instance_name(&config));
     let engine = Arc::new(Engine {
         config: config.clone(),
         pool: pool.clone(),
@@ -147,9 +152,25 @@ pub async fn run(
     // the server has drained: every finished request's event is queued; flush them
     usage.shutdown(&pool).await;
     actors.stop();
+    if let Some(a) = alerts {
+        // alerts queued during shutdown get a moment to go out
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        a.abort();
+    }
     outcome?;
     tracing::info!("keypool stopped");
     Ok(())
+}
+
+/// How alerts name this process: the host name and the listen address.
+fn instance_name(config: &Config) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "keypool".to_owned());
+    format!("{host} {}", config.address)
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.

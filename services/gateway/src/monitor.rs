@@ -16,9 +16,86 @@ use keypool_store::Store;
 use keypool_types::{ApiError, ErrorKind};
 use serde_json::json;
 
-/// What the monitoring endpoint reads from.
+/// What the monitoring endpoints read from.
 pub struct Monitor {
     pub store: Option<Store>,
+    pub pool: keypool_pool::PoolHandle,
+    pub writer_stats: Option<std::sync::Arc<keypool_store::WriterStats>>,
+    pub metrics_token: Option<keypool_types::Secret>,
+}
+
+/// `GET /metrics` and `/v1/metrics`: the Prometheus text format. Key and usage-writer gauges
+/// are read now; everything else was counted as it happened.
+pub async fn prometheus(req: &HttpRequest, monitor: &Monitor) -> HttpResponse {
+    if let Some(token) = &monitor.metrics_token {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(actix_web::http::header::HeaderValue::as_bytes)
+            .and_then(|v| v.strip_prefix(b"Bearer ".as_slice()))
+            .unwrap_or_default();
+        if !keypool_types::constant_time_eq(presented, token.expose().as_bytes()) {
+            return error_response(
+                &ApiError::new(
+                    ErrorKind::InvalidApiKey,
+                    "The metrics need `Authorization: Bearer <telemetry.metrics_token>`.",
+                ),
+                None,
+            );
+        }
+    }
+    let m = keypool_telemetry::metrics();
+    let now = tokio::time::Instant::now();
+    for k in monitor.pool.list().await {
+        let name = [k.name.as_str()];
+        let (healthy, disabled, cooling) = match &k.health {
+            keypool_pool::Health::Healthy => (1, 0, 0.0),
+            keypool_pool::Health::CoolingUntil(t) => {
+                (0, 0, t.saturating_duration_since(now).as_secs_f64())
+            }
+            keypool_pool::Health::Disabled { .. } => (0, 1, 0.0),
+        };
+        m.key_healthy.with_label_values(&name).set(healthy);
+        m.key_disabled.with_label_values(&name).set(disabled);
+        m.key_cooldown.with_label_values(&name).set(cooling);
+        m.key_window_requests
+            .with_label_values(&name)
+            .set(i64::try_from(k.window_requests).unwrap_or(i64::MAX));
+        m.key_window_tokens
+            .with_label_values(&name)
+            .set(i64::try_from(k.window_tokens).unwrap_or(i64::MAX));
+        m.key_in_flight
+            .with_label_values(&name)
+            .set(i64::from(k.in_flight));
+        if let Some(rpm) = k.rpm {
+            m.key_rpm_limit.with_label_values(&name).set(i64::from(rpm));
+        }
+        if let Some(tpm) = k.tpm {
+            m.key_tpm_limit
+                .with_label_values(&name)
+                .set(i64::try_from(tpm).unwrap_or(i64::MAX));
+        }
+    }
+    if let Some(stats) = &monitor.writer_stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        m.usage_queue_depth
+            .set(i64::try_from(stats.queued.load(Relaxed)).unwrap_or(i64::MAX));
+        keypool_telemetry::metrics::Metrics::catch_up(
+            &m.usage_written,
+            stats.written.load(Relaxed),
+        );
+        keypool_telemetry::metrics::Metrics::catch_up(
+            &m.usage_spilled,
+            stats.spilled.load(Relaxed),
+        );
+        keypool_telemetry::metrics::Metrics::catch_up(
+            &m.usage_dropped,
+            stats.dropped.load(Relaxed),
+        );
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(m.render())
 }
 
 pub async fn gateway_usage(

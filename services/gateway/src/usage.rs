@@ -197,6 +197,11 @@ impl Usage {
     }
 
     /// After the server drained: saves counters, flushes every queued event, stops the tasks.
+    /// The writer's counters, for metrics (`None` with `dbtype: none`).
+    pub fn writer_stats(&self) -> Option<Arc<keypool_store::WriterStats>> {
+        self.writer.as_ref().map(|w| w.stats.clone())
+    }
+
     pub async fn shutdown(self, pool: &PoolHandle) {
         self.stop.cancel();
         for t in self.tasks {

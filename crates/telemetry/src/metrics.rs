@@ -1,0 +1,402 @@
+//! keypool's Prometheus metrics: one registry, every name in one place.
+//!
+//! Labels are low-cardinality only: gateway and key names come from the configuration; a model
+//! name comes from the client, so it becomes a label only once an upstream answered it with a
+//! 2xx, and at most [`MAX_MODELS`] of them (then `other`). Never a caller's token or identity.
+//!
+//! Request-level series are recorded once per request from its usage event; attempt-level ones
+//! by the key actors when an attempt settles (off the request path); key and usage-writer gauges
+//! are read when scraped.
+
+use std::collections::HashSet;
+use std::sync::{LazyLock, RwLock};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Distinct model label values kept; later ones are counted as `other`.
+pub const MAX_MODELS: usize = 200;
+
+/// Latency buckets (seconds): 1 ms … 2 min.
+const LATENCY: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// keypool's own overhead (seconds): 50 µs … 1 s.
+const OVERHEAD: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub overhead: Histogram,
+    pub attempts: IntCounterVec,
+    pub failovers: IntCounterVec,
+    pub upstream_ttfb: HistogramVec,
+    pub upstream_latency: HistogramVec,
+    pub prompt_tokens: IntCounterVec,
+    pub completion_tokens: IntCounterVec,
+    pub queue_wait: Histogram,
+    pub rate_limited: IntCounterVec,
+    pub refusals: IntCounterVec,
+    pub key_healthy: IntGaugeVec,
+    pub key_disabled: IntGaugeVec,
+    pub key_cooldown: prometheus::GaugeVec,
+    pub key_window_requests: IntGaugeVec,
+    pub key_window_tokens: IntGaugeVec,
+    pub key_rpm_limit: IntGaugeVec,
+    pub key_tpm_limit: IntGaugeVec,
+    pub key_in_flight: IntGaugeVec,
+    pub usage_queue_depth: IntGauge,
+    pub usage_written: IntCounter,
+    pub usage_spilled: IntCounter,
+    pub usage_dropped: IntCounter,
+    pub redis_errors: IntCounter,
+    pub alerts: IntCounterVec,
+    models: RwLock<HashSet<String>>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(b.to_vec()), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+fn plain_histogram(r: &Registry, name: &str, help: &str, b: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(b.to_vec()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+fn plain_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+/// `2xx`, `4xx`, `5xx`; 499 (client went away) is its own class.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        499 => "499",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// What one finished request contributes.
+pub struct RequestRecord<'a> {
+    pub gateway: &'a str,
+    pub model: &'a str,
+    pub key: Option<&'a str>,
+    pub status: u16,
+    pub latency: Duration,
+    /// Time keypool itself spent (latency minus upstream and queue time), when known.
+    pub overhead: Option<Duration>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Metrics {
+    #[allow(clippy::too_many_lines)]
+    fn new() -> Self {
+        let r = Registry::new();
+        let key = &["key"];
+        Self {
+            requests: counter(
+                &r,
+                "keypool_requests_total",
+                "Client requests answered, by gateway, model, key and status class.",
+                &["gateway", "model", "key", "status_class"],
+            ),
+            request_duration: histogram(
+                &r,
+                "keypool_request_duration_seconds",
+                "Client request latency (to the end of the response or stream).",
+                &["gateway"],
+                LATENCY,
+            ),
+            overhead: plain_histogram(
+                &r,
+                "keypool_overhead_seconds",
+                "Time keypool itself added to non-stream requests: latency minus upstream and queue time.",
+                OVERHEAD,
+            ),
+            attempts: counter(
+                &r,
+                "keypool_upstream_attempts_total",
+                "Upstream attempts by key, provider and outcome.",
+                &["key", "provider", "outcome"],
+            ),
+            failovers: counter(
+                &r,
+                "keypool_failovers_total",
+                "Attempts that failed over to another key, by reason.",
+                &["reason"],
+            ),
+            upstream_ttfb: histogram(
+                &r,
+                "keypool_upstream_ttfb_seconds",
+                "Upstream time to response headers, per attempt.",
+                key,
+                LATENCY,
+            ),
+            upstream_latency: histogram(
+                &r,
+                "keypool_upstream_latency_seconds",
+                "Upstream attempt duration (whole response or stream), per key.",
+                key,
+                LATENCY,
+            ),
+            prompt_tokens: counter(
+                &r,
+                "keypool_prompt_tokens_total",
+                "Prompt tokens used, by gateway, model and key.",
+                &["gateway", "model", "key"],
+            ),
+            completion_tokens: counter(
+                &r,
+                "keypool_completion_tokens_total",
+                "Completion tokens used, by gateway, model and key.",
+                &["gateway", "model", "key"],
+            ),
+            queue_wait: plain_histogram(
+                &r,
+                "keypool_queue_wait_seconds",
+                "Time requests waited for a key with budget.",
+                LATENCY,
+            ),
+            rate_limited: counter(
+                &r,
+                "keypool_rate_limited_total",
+                "Rate-limit refusals: source policy (gateway limits, quota), pool (key budgets, cooling keys) or upstream (an upstream 429).",
+                &["source", "reason"],
+            ),
+            refusals: counter(
+                &r,
+                "keypool_refusals_total",
+                "Requests refused by keypool before any upstream, by gateway and error code.",
+                &["gateway", "code"],
+            ),
+            key_healthy: gauge(
+                &r,
+                "keypool_key_healthy",
+                "1 when the key is usable now.",
+                key,
+            ),
+            key_disabled: gauge(
+                &r,
+                "keypool_key_disabled",
+                "1 when the key is disabled (rejected by its upstream, or unusable).",
+                key,
+            ),
+            key_cooldown: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "keypool_key_cooldown_seconds",
+                        "Seconds until a cooling key is used again (0 when not cooling).",
+                    ),
+                    key,
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}"));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| panic!("metric: {e}"));
+                g
+            },
+            key_window_requests: gauge(
+                &r,
+                "keypool_key_window_requests",
+                "Requests in the key's trailing 60 s window.",
+                key,
+            ),
+            key_window_tokens: gauge(
+                &r,
+                "keypool_key_window_tokens",
+                "Tokens in the key's trailing 60 s window (reserved estimates until settled).",
+                key,
+            ),
+            key_rpm_limit: gauge(
+                &r,
+                "keypool_key_rpm_limit",
+                "The key's configured rpm (absent when unlimited).",
+                key,
+            ),
+            key_tpm_limit: gauge(
+                &r,
+                "keypool_key_tpm_limit",
+                "The key's configured tpm (absent when unlimited).",
+                key,
+            ),
+            key_in_flight: gauge(
+                &r,
+                "keypool_key_in_flight",
+                "Attempts in flight on the key.",
+                key,
+            ),
+            usage_queue_depth: {
+                let g = IntGauge::new(
+                    "keypool_usage_queue_depth",
+                    "Usage events waiting for the store writer.",
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}"));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| panic!("metric: {e}"));
+                g
+            },
+            usage_written: plain_counter(
+                &r,
+                "keypool_usage_written_total",
+                "Usage events written to the store.",
+            ),
+            usage_spilled: plain_counter(
+                &r,
+                "keypool_usage_spilled_total",
+                "Usage events spilled to the local file while the store was unavailable.",
+            ),
+            usage_dropped: plain_counter(
+                &r,
+                "keypool_usage_dropped_total",
+                "Usage events dropped past the configured queue or spill caps.",
+            ),
+            redis_errors: plain_counter(
+                &r,
+                "keypool_redis_errors_total",
+                "Errors talking to Redis (shared state).",
+            ),
+            alerts: counter(
+                &r,
+                "keypool_alerts_total",
+                "Alert messages by channel and result (sent, failed, suppressed).",
+                &["channel", "result"],
+            ),
+            models: RwLock::new(HashSet::new()),
+            registry: r,
+        }
+    }
+
+    /// The model's label value: itself once an upstream served it with a 2xx, else `other`.
+    fn model_label(&self, model: &str, ok: bool) -> String {
+        {
+            let known = self
+                .models
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if known.contains(model) {
+                return model.to_owned();
+            }
+            if !ok || known.len() >= MAX_MODELS {
+                return "other".to_owned();
+            }
+        }
+        self.models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(model.to_owned());
+        model.to_owned()
+    }
+
+    /// Records one finished client request.
+    pub fn request(&self, r: &RequestRecord<'_>) {
+        let model = self.model_label(r.model, (200..300).contains(&r.status));
+        let key = r.key.unwrap_or("");
+        self.requests
+            .with_label_values(&[r.gateway, &model, key, status_class(r.status)])
+            .inc();
+        self.request_duration
+            .with_label_values(&[r.gateway])
+            .observe(r.latency.as_secs_f64());
+        if let Some(o) = r.overhead {
+            self.overhead.observe(o.as_secs_f64());
+        }
+        if r.prompt_tokens > 0 || r.completion_tokens > 0 {
+            let labels = [r.gateway, model.as_str(), key];
+            self.prompt_tokens
+                .with_label_values(&labels)
+                .inc_by(r.prompt_tokens);
+            self.completion_tokens
+                .with_label_values(&labels)
+                .inc_by(r.completion_tokens);
+        }
+    }
+
+    /// Records a refusal keypool made before any upstream (auth, lists, limits, quota, ...).
+    pub fn refusal(&self, gateway: &str, code: &str) {
+        self.refusals.with_label_values(&[gateway, code]).inc();
+        let reason = match code {
+            "rate_limit_exceeded" => Some(("policy", "rate_limit")),
+            "insufficient_quota" => Some(("policy", "quota")),
+            "pool_budget_exhausted" => Some(("pool", "budget")),
+            "upstream_rate_limited" => Some(("pool", "cooling")),
+            _ => None,
+        };
+        if let Some((source, reason)) = reason {
+            self.rate_limited.with_label_values(&[source, reason]).inc();
+        }
+    }
+
+    /// Records one settled upstream attempt (called by the key actors).
+    pub fn attempt(&self, key: &str, provider: &str, outcome: &str, elapsed: Duration) {
+        self.attempts
+            .with_label_values(&[key, provider, outcome])
+            .inc();
+        if outcome != "cancelled" {
+            self.upstream_latency
+                .with_label_values(&[key])
+                .observe(elapsed.as_secs_f64());
+        }
+        if outcome == "rate_limited" {
+            self.rate_limited
+                .with_label_values(&["upstream", "upstream_429"])
+                .inc();
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Raises a counter to `total` (for totals read from elsewhere, e.g. the writer's stats).
+    pub fn catch_up(counter: &IntCounter, total: u64) {
+        let now = counter.get();
+        if total > now {
+            counter.inc_by(total - now);
+        }
+    }
+}
