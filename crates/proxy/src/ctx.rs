@@ -82,6 +82,10 @@ pub struct RequestCtx {
     pub upstream_time: Duration,
     /// Time spent waiting for a key with budget.
     pub queued: Duration,
+    /// The request's server span (`Span::none()` unless traces are exported).
+    pub span: tracing::Span,
+    /// The model the upstream answered with, when traced.
+    pub response_model: Option<String>,
     sink: Arc<dyn UsageSink>,
     accounted: bool,
 }
@@ -128,6 +132,8 @@ impl RequestCtx {
             gateway_state: None,
             upstream_time: Duration::ZERO,
             queued: Duration::ZERO,
+            span: tracing::Span::none(),
+            response_model: None,
             sink,
             accounted: false,
         }
@@ -157,6 +163,9 @@ impl RequestCtx {
         }
         let latency = self.started.elapsed();
         let tokens = usage.unwrap_or_default();
+        if !self.span.is_none() {
+            self.trace_outcome(status, usage, error);
+        }
         keypool_telemetry::metrics().request(&keypool_telemetry::RequestRecord {
             gateway: &self.gateway,
             model: &self.inspected.model,
@@ -187,6 +196,36 @@ impl RequestCtx {
             user_agent: self.user_agent.take(),
             log: self.log.take().map(Box::new),
         });
+    }
+}
+
+impl RequestCtx {
+    /// Puts the request's outcome on its server span.
+    fn trace_outcome(&self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
+        let s = &self.span;
+        s.record("http.response.status_code", status);
+        s.record("gen_ai.request.model", self.inspected.model.as_str());
+        if let Some(m) = &self.response_model {
+            s.record("gen_ai.response.model", m.as_str());
+        }
+        if let Some(u) = usage {
+            s.record("gen_ai.usage.input_tokens", u.prompt_tokens);
+            s.record("gen_ai.usage.output_tokens", u.completion_tokens);
+        }
+        s.record("keypool.gateway", &*self.gateway);
+        if let Some(k) = &self.key {
+            s.record("keypool.key", k.as_str());
+        }
+        s.record("keypool.attempts", self.attempts);
+        if let Some(e) = error {
+            s.record("error.type", e);
+        }
+        if status >= 500 {
+            s.record("otel.status_code", "ERROR");
+        }
+        // a span's end time is its last exit: for a stream, that is now, not when the handler
+        // returned the response head
+        drop(s.enter());
     }
 }
 

@@ -18,6 +18,7 @@ use keypool_pool::{BusyCause, Lease, NoKey, Outcome, Pick, PoolHandle};
 use keypool_types::{ApiError, ErrorKind, Usage};
 use reqwest::header::HeaderMap;
 use tokio::time::{Instant, sleep, timeout_at};
+use tracing::Instrument;
 
 use crate::adapter::{Adapters, AttemptRequest, BodyStream, UpstreamResponse};
 use crate::cooldown::cooldown;
@@ -227,7 +228,12 @@ impl Engine {
             exclude: Vec::new(),
         };
         while ctx.attempts < max_attempts {
-            let lease = match self.pool.pick(&pick).await {
+            let select = keypool_telemetry::trace::select_span(
+                &ctx.span,
+                ctx.attempts + 1,
+                lb_policy_name(self.config.lb_policy),
+            );
+            let lease = match self.pool.pick(&pick).instrument(select.clone()).await {
                 Ok(lease) => lease,
                 Err(NoKey::Busy { until, cause }) => {
                     let now = Instant::now();
@@ -260,11 +266,31 @@ impl Engine {
                 sleep(jitter(ctx.attempts)).await;
             }
             ctx.attempts += 1;
+            select.record("keypool.key", lease.key.name.as_str());
+            drop(select);
             ctx.key = Some(lease.key.name.clone());
             ctx.provider = Some(lease.key.kind.as_str());
             pick.exclude.push(lease.key_id);
             let t = Instant::now();
-            let outcome = self.attempt(client, ctx, lease).await;
+            let span = keypool_telemetry::trace::attempt_span(
+                &ctx.span,
+                ctx.attempts,
+                &lease.key.name,
+                ctx.method.as_str(),
+            );
+            let outcome = self
+                .attempt(client, ctx, lease, &span)
+                .instrument(span.clone())
+                .await;
+            if let Attempt::Failed(f) = &outcome
+                && !span.is_none()
+            {
+                span.record("error.type", f.reason());
+                span.record("otel.status_code", "ERROR");
+                if let Failure::Upstream { status, .. } = f {
+                    span.record("http.response.status_code", *status);
+                }
+            }
             ctx.upstream_time += t.elapsed();
             match outcome {
                 Attempt::Done(reply) => return reply,
@@ -323,8 +349,26 @@ impl Engine {
         client: &reqwest::Client,
         ctx: &mut RequestCtx,
         lease: Lease,
+        span: &tracing::Span,
     ) -> Attempt {
         let key = lease.key.clone();
+        // when traced, the upstream continues this attempt's span
+        let traced_headers = (!span.is_none()).then(|| {
+            let mut h = if key.keep_header {
+                ctx.headers.1.clone()
+            } else {
+                ctx.headers.0.clone()
+            };
+            for (n, v) in keypool_telemetry::trace::propagation_headers(span) {
+                if let (Ok(n), Ok(v)) = (
+                    reqwest::header::HeaderName::from_bytes(n.as_bytes()),
+                    reqwest::header::HeaderValue::from_str(&v),
+                ) {
+                    h.insert(n, v);
+                }
+            }
+            h
+        });
         let stream = ctx.inspected.stream;
         let started = Instant::now();
         let deadline = started
@@ -337,10 +381,10 @@ impl Engine {
             method: ctx.method.clone(),
             path: &ctx.upstream_path,
             query: ctx.query.as_deref(),
-            headers: if key.keep_header {
-                &ctx.headers.1
-            } else {
-                &ctx.headers.0
+            headers: match &traced_headers {
+                Some(h) => h,
+                None if key.keep_header => &ctx.headers.1,
+                None => &ctx.headers.0,
             },
             client_authorization: ctx.client_authorization.as_ref(),
             body: ctx.inspected.body.clone(),
@@ -364,6 +408,7 @@ impl Engine {
             body,
         } = resp;
         ctx.ttfb = Some(ctx.started.elapsed());
+        span.record("http.response.status_code", status);
         keypool_telemetry::metrics()
             .upstream_ttfb
             .with_label_values(&[key.name.as_str()])
@@ -445,6 +490,9 @@ impl Engine {
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|ct| ct.contains("json"));
                 let usage = if is_json { response_usage(&body) } else { None };
+                if is_json && !span.is_none() {
+                    ctx.response_model = crate::inspect::response_model(&body);
+                }
                 lease.settle(Outcome::Success {
                     tokens: usage.map(|u| u.total()),
                     latency: started.elapsed(),
@@ -466,6 +514,14 @@ impl Engine {
                 })
             }
         }
+    }
+}
+
+fn lb_policy_name(p: keypool_config::LbPolicy) -> &'static str {
+    match p {
+        keypool_config::LbPolicy::LeastUsed => "least-used",
+        keypool_config::LbPolicy::Order => "order",
+        keypool_config::LbPolicy::Random => "random",
     }
 }
 

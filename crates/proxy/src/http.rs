@@ -15,6 +15,7 @@ use keypool_policy::gateway::{
 use keypool_policy::{Caller, ClientAuth};
 use keypool_types::{ApiError, ErrorKind};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::ctx::RequestCtx;
 use crate::forward::{Engine, Reply};
@@ -45,8 +46,16 @@ pub async fn proxy(
     fe: web::Data<Frontend>,
 ) -> HttpResponse {
     let started = Instant::now();
-    match prepare(&req, payload, &fe, started).await {
-        Ok(ctx) => respond(fe.engine.forward(&fe.client, ctx).await),
+    let span = server_span(&req);
+    let policy = keypool_telemetry::trace::child(&span, "policy");
+    match prepare(&req, payload, &fe, started)
+        .instrument(policy)
+        .await
+    {
+        Ok(mut ctx) => {
+            ctx.span = span.clone();
+            respond(fe.engine.forward(&fe.client, ctx).instrument(span).await)
+        }
         Err(error) => {
             keypool_telemetry::metrics().refusal("default", error.kind.wire().code);
             error_response(&error, None)
@@ -79,6 +88,20 @@ async fn prepare(
         .get(header::AUTHORIZATION)
         .and_then(|v| reqwest::header::HeaderValue::from_bytes(v.as_bytes()).ok());
     Ok(ctx)
+}
+
+/// The request's server span (none unless traces are exported).
+fn server_span(req: &HttpRequest) -> tracing::Span {
+    if !keypool_telemetry::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    keypool_telemetry::trace::server_span(
+        req.method().as_str(),
+        req.path(),
+        h("traceparent"),
+        h("tracestate"),
+    )
 }
 
 fn content_type(req: &HttpRequest) -> &str {
@@ -159,8 +182,16 @@ pub async fn gateway_proxy(
 ) -> HttpResponse {
     let started = Instant::now();
     let mut rate = None;
-    let mut resp = match prepare_gateway(&req, payload, &fe, name, path, started, &mut rate).await {
-        Ok(ctx) => respond(fe.engine.forward(&fe.client, ctx).await),
+    let span = server_span(&req);
+    let policy = keypool_telemetry::trace::child(&span, "policy");
+    let mut resp = match prepare_gateway(&req, payload, &fe, name, path, started, &mut rate)
+        .instrument(policy)
+        .await
+    {
+        Ok(mut ctx) => {
+            ctx.span = span.clone();
+            respond(fe.engine.forward(&fe.client, ctx).instrument(span).await)
+        }
         Err(error) => {
             let gateway = if error.kind == ErrorKind::GatewayNotFound {
                 "unknown"

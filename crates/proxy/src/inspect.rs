@@ -165,6 +165,28 @@ fn multipart_field(boundary: &str, body: &[u8], name: &str) -> Option<String> {
 }
 
 /// `usage` of a non-stream JSON response, if any.
+/// The `model` a JSON response names (for traces).
+pub fn response_model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct M<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<M<'_>>(body)
+        .ok()
+        .and_then(|m| m.model.map(std::borrow::Cow::into_owned))
+}
+
+/// The `model` of the first `data:` event of a stream chunk (for traces).
+pub fn stream_model(chunk: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(chunk).ok()?;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .find(|d| d.starts_with('{'))
+        .and_then(|d| response_model(d.as_bytes()))
+}
+
 pub fn response_usage(body: &[u8]) -> Option<keypool_types::Usage> {
     #[derive(Deserialize)]
     struct WithUsage {

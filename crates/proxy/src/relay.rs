@@ -36,6 +36,9 @@ pub struct StreamSetup {
 
 /// A started stream.
 pub struct Relay {
+    /// The stream's span (none unless traced). First, so it is dropped (ends) before the
+    /// request context's server span, its parent.
+    span: tracing::Span,
     upstream: BodyStream,
     tap: SseTap,
     lease: Option<Lease>,
@@ -86,11 +89,17 @@ impl Relay {
             status,
             started,
             finished: false,
+            span: tracing::Span::none(),
         })
     }
 
     /// Attaches the request context that records the usage event when the stream ends.
-    pub fn attach(&mut self, ctx: RequestCtx) {
+    pub fn attach(&mut self, mut ctx: RequestCtx) {
+        if !ctx.span.is_none() {
+            let ttfb = ctx.ttfb.map_or(0, |d| d.as_millis() as u64);
+            self.span = keypool_telemetry::trace::stream_span(&ctx.span, ttfb);
+            ctx.response_model = self.first.as_deref().and_then(crate::inspect::stream_model);
+        }
         self.ctx = Some(ctx);
     }
 
@@ -146,6 +155,9 @@ impl Relay {
 
     fn complete(&mut self) {
         self.finished = true;
+        self.span.record("keypool.stream.chunks", self.tap.events);
+        // the stream span ends here, before its parent records the outcome (and ends)
+        self.span = tracing::Span::none();
         let usage = self.tap.usage;
         if let Some(lease) = self.lease.take() {
             lease.settle(Outcome::Success {
@@ -162,6 +174,9 @@ impl Relay {
     /// Ends the stream with an error event after whatever partial data was left.
     fn broken(&mut self, rest: &[u8], why: &str) -> Bytes {
         self.finished = true;
+        self.span.record("keypool.stream.chunks", self.tap.events);
+        self.span.record("error.type", "upstream_stream_broken");
+        self.span = tracing::Span::none();
         tracing::warn!(events = self.tap.events, "{why}");
         if let Some(lease) = self.lease.take() {
             lease.settle(Outcome::StreamBroken);

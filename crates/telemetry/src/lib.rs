@@ -3,6 +3,7 @@
 
 pub mod metrics;
 pub mod notify;
+pub mod trace;
 
 pub use metrics::{RequestRecord, metrics};
 pub use notify::{Cause, alert};

@@ -72,16 +72,6 @@ fn normalise_args() -> Vec<String> {
         .collect()
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args());
     let command = cli.command.unwrap_or(Command::Serve {
@@ -111,7 +101,6 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    init_logging();
     keypool_gateway::install_tls_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -125,6 +114,23 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        // logging (and traces, when configured) start inside the runtime the exporter needs
+        let traces = keypool_telemetry::trace::init(serve.as_ref().map(|c| &c.telemetry));
+        let result = run(command, serve).await;
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        result
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keypool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow::Result<()> {
+    {
         let shutdown = CancellationToken::new();
         keypool_gateway::cancel_on_signals(shutdown.clone());
         match (command, serve) {
@@ -140,13 +146,6 @@ fn main() -> ExitCode {
                 keypool_gateway::usage::migrate(&cfg, down).await
             }
             (Command::Serve { .. } | Command::Migrate { .. }, None) => Ok(()),
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("keypool: {e:#}");
-            ExitCode::FAILURE
         }
     }
 }

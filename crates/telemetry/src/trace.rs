@@ -1,0 +1,280 @@
+//! Logging and OpenTelemetry traces.
+//!
+//! [`init`] installs the `tracing` subscriber: text or JSON logs on stderr, plus, when an OTLP
+//! endpoint is configured, a `tracing-opentelemetry` layer exporting through OTLP/gRPC with a
+//! batch processor. Without an endpoint no span is ever created: every span helper here returns
+//! [`Span::none`] after one relaxed atomic load, so the hot path pays nothing.
+//!
+//! Span tree of one request (names and attributes follow the HTTP and GenAI semantic
+//! conventions):
+//! - `POST /v1/chat/completions` (server): `http.request.method`, `url.path`,
+//!   `http.response.status_code`, `gen_ai.operation.name`, `gen_ai.request.model`,
+//!   `gen_ai.response.model`, `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`,
+//!   `keypool.gateway`, `keypool.key`, `keypool.attempts`, `error.type`; continues the client's
+//!   W3C `traceparent`.
+//!   - `policy`: authentication and the gateway's checks.
+//!   - `select_key`: `keypool.key`, `keypool.lb_policy`, `keypool.attempt`.
+//!   - `upstream` (client), one per attempt: `keypool.key`, `keypool.attempt`,
+//!     `http.response.status_code`, `error.type`; its context goes upstream as `traceparent`.
+//!   - `stream`: `keypool.stream.ttfb_ms`, `keypool.stream.chunks`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether traces are being exported (spans exist at all).
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Flushes and stops the exporter on drop... explicitly, through [`TraceGuard::shutdown`].
+pub struct TraceGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TraceGuard {
+    /// Exports the spans still buffered. Blocking: call it from `spawn_blocking` (the exporter
+    /// needs the multi-thread runtime to make progress meanwhile).
+    pub fn shutdown(&self) {
+        if let Some(p) = &self.provider {
+            if let Err(e) = p.force_flush() {
+                eprintln!("keypool: flushing traces failed: {e}");
+            }
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs logging (and tracing when `telemetry` names an endpoint). Call inside the tokio
+/// runtime, once.
+pub fn init(telemetry: Option<&keypool_config::Telemetry>) -> TraceGuard {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = telemetry.is_some_and(|t| t.json_logs);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed()
+    };
+    let provider = telemetry
+        .and_then(|t| t.otlp_endpoint.as_deref().map(|e| (t, e)))
+        .and_then(|(t, endpoint)| match build_provider(t, endpoint) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("keypool: traces disabled: cannot build the OTLP exporter: {e}");
+                None
+            }
+        });
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("keypool"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.is_span() && m.target() == TARGET
+            }))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        ENABLED.store(true, Ordering::Relaxed);
+    }
+    TraceGuard { provider }
+}
+
+fn build_provider(
+    t: &keypool_config::Telemetry,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by the builder; the file wins
+    resource = resource.with_service_name(
+        t.service_name
+            .clone()
+            .unwrap_or_else(|| "keypool".to_owned()),
+    );
+    let mut builder = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build());
+    if let Some(ratio) = t.sample_ratio {
+        builder = builder.with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+            opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(ratio),
+        )));
+    }
+    Ok(builder.build())
+}
+
+/// The target of keypool's request spans (the only spans exported).
+pub const TARGET: &str = "keypool::request";
+
+struct Headers<'a>(&'a HashMap<String, String>);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// `gen_ai.operation.name` for an OpenAI path.
+pub fn operation(path: &str) -> &'static str {
+    if path.ends_with("/chat/completions") {
+        "chat"
+    } else if path.ends_with("/completions") {
+        "text_completion"
+    } else if path.ends_with("/embeddings") {
+        "embeddings"
+    } else {
+        "other"
+    }
+}
+
+/// The server span of one request, continuing the client's `traceparent` when it sent one.
+pub fn server_span(
+    method: &str,
+    path: &str,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        target: TARGET,
+        "request",
+        otel.name = format!("{method} {path}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        url.path = path,
+        http.response.status_code = tracing::field::Empty,
+        gen_ai.operation.name = operation(path),
+        gen_ai.request.model = tracing::field::Empty,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        keypool.gateway = tracing::field::Empty,
+        keypool.key = tracing::field::Empty,
+        keypool.attempts = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(tp) = traceparent {
+        let mut carrier = HashMap::with_capacity(2);
+        carrier.insert("traceparent".to_owned(), tp.to_owned());
+        if let Some(ts) = tracestate {
+            carrier.insert("tracestate".to_owned(), ts.to_owned());
+        }
+        let parent = TraceContextPropagator::new().extract(&Headers(&carrier));
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+    }
+    let id = span.context().span().span_context().trace_id();
+    span.record("trace_id", tracing::field::display(id));
+    span
+}
+
+/// A child span of `parent` (internal kind) with no extra fields.
+pub fn child(parent: &Span, name: &'static str) -> Span {
+    if parent.is_none() {
+        return Span::none();
+    }
+    tracing::info_span!(target: TARGET, parent: parent, "step", otel.name = name)
+}
+
+/// The `select_key` span.
+pub fn select_span(parent: &Span, attempt: u32, lb_policy: &'static str) -> Span {
+    if parent.is_none() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        target: TARGET,
+        parent: parent,
+        "select_key",
+        keypool.attempt = attempt,
+        keypool.lb_policy = lb_policy,
+        keypool.key = tracing::field::Empty,
+        keypool.reason = tracing::field::Empty,
+    )
+}
+
+/// An upstream attempt's client span.
+pub fn attempt_span(parent: &Span, attempt: u32, key: &str, method: &str) -> Span {
+    if parent.is_none() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        target: TARGET,
+        parent: parent,
+        "upstream",
+        otel.name = format!("{method} upstream"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        keypool.attempt = attempt,
+        keypool.key = key,
+        http.response.status_code = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    )
+}
+
+/// The span of a relayed stream.
+pub fn stream_span(parent: &Span, ttfb_ms: u64) -> Span {
+    if parent.is_none() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        target: TARGET,
+        parent: parent,
+        "stream",
+        keypool.stream.ttfb_ms = ttfb_ms,
+        keypool.stream.chunks = tracing::field::Empty,
+    )
+}
+
+/// The W3C `traceparent` (and `tracestate`) of `span`, for the upstream request.
+pub fn propagation_headers(span: &Span) -> Vec<(String, String)> {
+    struct Out(Vec<(String, String)>);
+    impl Injector for Out {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.push((key.to_owned(), value));
+        }
+    }
+    if span.is_none() {
+        return Vec::new();
+    }
+    let mut out = Out(Vec::with_capacity(2));
+    TraceContextPropagator::new().inject_context(&span.context(), &mut out);
+    out.0
+}
