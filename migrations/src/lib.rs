@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_usage;
 mod m20261122_000002_provider;
+mod m20261122_000003_admin;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261122_000001_usage::Migration),
             Box::new(m20261122_000002_provider::Migration),
+            Box::new(m20261122_000003_admin::Migration),
         ]
     }
 

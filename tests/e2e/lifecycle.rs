@@ -13,7 +13,18 @@ async fn openai_api_route_sample_config_loads_unchanged() -> anyhow::Result<()> 
     let dir = tempfile::tempdir()?;
     let sample = format!("{REPO_ROOT}/crates/config/tests/openai-api-route.sample.yaml");
     // openai-api-route's own flag spelling
-    let gw = Gateway::start_with(dir, &["-config", &sample, "--address", "127.0.0.1:0"]).await?;
+    let gw = Gateway::start_with(
+        dir,
+        &[
+            "-config",
+            &sample,
+            "--address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ],
+    )
+    .await?;
     let resp = gw.chat("not-woshimima", hello("gpt-4")).await?;
     assert_eq!(resp.status(), 401);
     // gpt-4 is denied on the only key that would take it (the replicate key allows only mixtral)
@@ -64,7 +75,17 @@ fn a_config_mistake_names_the_field_and_exits_before_binding() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_offline_with_its_printed_token() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let gw = Gateway::start_with(dir, &["demo", "--address", "127.0.0.1:0"]).await?;
+    let gw = Gateway::start_with(
+        dir,
+        &[
+            "demo",
+            "--address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ],
+    )
+    .await?;
     let resp = gw.chat("demo-token", hello("gpt-4o-mini")).await?;
     assert_eq!(resp.status(), 200);
     let body = json(resp).await?;

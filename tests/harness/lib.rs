@@ -36,6 +36,11 @@ pub fn keypool_bin() -> PathBuf {
     dir.join("keypool")
 }
 
+/// The `keypoolctl` binary built alongside this test.
+pub fn keypoolctl_bin() -> PathBuf {
+    keypool_bin().with_file_name("keypoolctl")
+}
+
 /// An HTTP client for tests (the TLS provider installed once).
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -124,6 +129,7 @@ pub struct Gateway {
     child: Child,
     /// `http://127.0.0.1:PORT`
     pub origin: String,
+    admin: Arc<Mutex<Option<String>>>,
     dir: tempfile::TempDir,
     http: reqwest::Client,
 }
@@ -141,6 +147,8 @@ impl Gateway {
                 "--config",
                 &path.display().to_string(),
                 "--address",
+                "127.0.0.1:0",
+                "--admin-address",
                 "127.0.0.1:0",
             ],
         )
@@ -162,9 +170,18 @@ impl Gateway {
             .with_context(|| format!("spawning {}", keypool_bin().display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let admin: Arc<Mutex<Option<String>>> = Arc::default();
+        let admin_seen = admin.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.split("admin listening on ").nth(1) {
+                    *admin_seen
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(url.trim().to_owned());
+                    continue;
+                }
                 if !sent && let Some(url) = line.split("listening on ").nth(1) {
                     let origin = url.trim().trim_end_matches("/v1").to_owned();
                     let _ = tx.send(origin);
@@ -178,9 +195,26 @@ impl Gateway {
         Ok(Self {
             child,
             origin,
+            admin,
             dir,
             http: client(),
         })
+    }
+
+    /// The admin API's `http://HOST:PORT`, once keypool reported it (waits up to 10 s).
+    pub async fn admin_url(&self) -> anyhow::Result<String> {
+        for _ in 0..200 {
+            if let Some(u) = self
+                .admin
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+            {
+                return Ok(u);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("keypool did not report its admin address")
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -186,6 +186,32 @@ pub enum ListRule {
     },
 }
 
+impl RawGateway {
+    /// The same gateway with every plain exact-auth secret replaced by its `sha256:<hex>` form:
+    /// what the store and the admin API hold.
+    #[must_use]
+    pub fn hashed(&self) -> Self {
+        let mut g = self.clone();
+        if let Some(a) = g.auth.as_mut() {
+            for s in &mut a.secrets {
+                if !s.starts_with("sha256:") {
+                    let h = secret_hash(s.as_bytes());
+                    *s = format!("sha256:{}", hex(&h));
+                }
+            }
+        }
+        g
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
 /// SHA-256 of a gateway secret, as [`AuthMethod::Exact`] keeps it.
 pub fn secret_hash(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()

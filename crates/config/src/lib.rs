@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use gateway::{Gateway, RawGateway, validate_gateway};
 pub use upstream::{ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
-pub use validate::{ALWAYS_REDACTED, validate};
+pub use validate::{ALWAYS_REDACTED, validate, validate_key};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -46,8 +46,22 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Gateways at `/llm/api/{name}/v1/*`, in config order.
     pub gateways: Vec<Arc<Gateway>>,
+    /// The same gateways as written, secrets hashed (what the admin service seeds the store with).
+    pub raw_gateways: Vec<RawGateway>,
     pub telemetry: Telemetry,
     pub notify: Notify,
+    pub admin: Admin,
+}
+
+/// The admin gRPC service's settings.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub enabled: bool,
+    /// `host:port`.
+    pub address: String,
+    pub token: Option<keypool_types::Secret>,
+    pub secret_key: Option<keypool_types::Secret>,
+    pub stream_buffer: usize,
 }
 
 /// Metrics and tracing settings (the `OTEL_*` variables fill what the file leaves out).

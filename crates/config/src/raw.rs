@@ -48,6 +48,25 @@ pub struct RawConfig {
     pub telemetry: Option<RawTelemetry>,
     /// Alerts to Feishu/Lark, Matrix or a webhook.
     pub notify: Option<RawNotify>,
+    /// The admin gRPC service.
+    pub admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Default `true`.
+    pub enabled: Option<bool>,
+    /// Default `127.0.0.1:8889`. A non-loopback address needs a token.
+    pub address: Option<String>,
+    /// Bearer token for every `keypool.admin.v1` call (or `KEYPOOL_ADMIN_TOKEN`).
+    pub token: Option<String>,
+    /// Seals upstream secrets added through the admin service before they are stored (or
+    /// `KEYPOOL_SECRET_KEY`). Without it, `AddKey` is refused.
+    pub secret_key: Option<String>,
+    /// Usage events a `StreamUsage` subscriber may fall behind by before it is dropped
+    /// (default 4096).
+    pub stream_buffer: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,7 +152,7 @@ pub struct RawLog {
     pub spill_max_bytes: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: Option<String>,
@@ -166,7 +185,7 @@ pub struct RawUpstream {
 }
 
 /// `"a,b"` or `[a, b]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum StringOrList {
     One(String),

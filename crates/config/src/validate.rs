@@ -181,6 +181,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let telemetry = validate_telemetry(raw.telemetry.unwrap_or_default(), &mut errs);
     let notify = validate_notify(raw.notify.unwrap_or_default(), &mut errs);
+    let admin = validate_admin(raw.admin.unwrap_or_default(), &mut errs);
     if !errs.0.is_empty() {
         return Err(ConfigError::Invalid(errs.0));
     }
@@ -200,9 +201,49 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         log,
         trusted_proxies,
         gateways,
+        raw_gateways: raw
+            .gateways
+            .iter()
+            .map(crate::gateway::RawGateway::hashed)
+            .collect(),
         telemetry,
         notify,
+        admin,
     })
+}
+
+fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> crate::Admin {
+    let address = normalise_address(raw.address.as_deref().unwrap_or("127.0.0.1:8889"));
+    let token = raw
+        .token
+        .filter(|t| !t.is_empty())
+        .or_else(|| env_nonempty("KEYPOOL_ADMIN_TOKEN"))
+        .map(Secret::new);
+    let enabled = raw.enabled.unwrap_or(true);
+    match address.parse::<std::net::SocketAddr>() {
+        Err(_) => errs.push(
+            "admin.address",
+            format!("expected ip:port (e.g. 127.0.0.1:8889), got {address:?}"),
+        ),
+        Ok(a) if enabled && !a.ip().is_loopback() && token.is_none() => errs.push(
+            "admin.token",
+            format!(
+                "the admin service listens on {a}, beyond this machine: set admin.token (or KEYPOOL_ADMIN_TOKEN)"
+            ),
+        ),
+        Ok(_) => {}
+    }
+    crate::Admin {
+        enabled,
+        address,
+        token,
+        secret_key: raw
+            .secret_key
+            .filter(|k| !k.is_empty())
+            .or_else(|| env_nonempty("KEYPOOL_SECRET_KEY"))
+            .map(Secret::new),
+        stream_buffer: raw.stream_buffer.unwrap_or(4096).max(1),
+    }
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -291,6 +332,22 @@ fn validate_notify(raw: crate::raw::RawNotify, errs: &mut Errors) -> crate::Noti
         webhook,
         dedup,
         cooling_alert_after: raw.cooling_alert_after.unwrap_or(3).max(1),
+    }
+}
+
+/// Validates one key outside a whole file (keys added through the admin service), with the
+/// running config's defaults; errors name fields as `upstream.<field>`.
+pub fn validate_key(raw: RawUpstream, config: &Config) -> Result<UpstreamKey, Vec<FieldError>> {
+    let mut errs = Errors::default();
+    match validate_upstream(
+        "upstream",
+        raw,
+        config.timeout,
+        config.stream_timeout,
+        &mut errs,
+    ) {
+        Some(k) if errs.0.is_empty() => Ok(k),
+        _ => Err(errs.0),
     }
 }
 

@@ -75,6 +75,8 @@ pub struct KeyState {
     pub counters: KeyCounters,
     /// Exponentially weighted mean latency of successful attempts, in milliseconds.
     pub latency_ms: f64,
+    /// `false` when an admin disabled the key.
+    pub enabled: bool,
 }
 
 /// A trailing-minute window: exact where a budget is enforced (its size is bounded by the
@@ -150,6 +152,8 @@ pub struct KeyActor {
     cooldowns_in_row: u32,
     /// Timer that refreshes the gauge when the oldest window entry expires.
     refresh: Option<SpawnHandle>,
+    /// Disabled by an admin (health says `Disabled` while this is set).
+    admin_disabled: bool,
 }
 
 impl KeyActor {
@@ -194,6 +198,7 @@ impl KeyActor {
             consecutive_429: 0,
             cooldowns_in_row: 0,
             refresh: None,
+            admin_disabled: false,
         };
         actor.publish_health();
         actor
@@ -431,6 +436,50 @@ impl Handler<Snapshot> for KeyActor {
             in_flight: self.in_flight,
             counters: self.counters.clone(),
             latency_ms: self.latency_ms,
+            enabled: !self.admin_disabled,
         })
+    }
+}
+
+impl Handler<crate::messages::ReplaceSpec> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::messages::ReplaceSpec, ctx: &mut Context<Self>) {
+        let new = msg.0;
+        // a budget that appears or disappears changes the window's kind: that window restarts
+        if new.rpm.is_some() != self.key.rpm.is_some() {
+            self.requests = Window::new(new.rpm.is_some(), self.epoch);
+        }
+        if new.tpm.is_some() != self.key.tpm.is_some() {
+            self.tokens = Window::new(new.tpm.is_some(), self.epoch);
+        }
+        self.key = new;
+        self.publish_window(ctx);
+    }
+}
+
+impl Handler<crate::messages::Enable> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::messages::Enable, _: &mut Context<Self>) {
+        self.admin_disabled = !msg.0;
+        self.health = if msg.0 {
+            match &self.key.unusable {
+                Some(reason) => Health::Disabled {
+                    reason: reason.clone(),
+                },
+                None => Health::Healthy,
+            }
+        } else {
+            Health::Disabled {
+                reason: "disabled by an admin".to_owned(),
+            }
+        };
+        if msg.0 {
+            self.consecutive_failures = 0;
+            self.consecutive_429 = 0;
+            self.cooldowns_in_row = 0;
+        }
+        self.publish_health();
     }
 }

@@ -16,7 +16,7 @@ pub mod select;
 pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
-pub use messages::{BusyCause, ListKeys, NoKey, Outcome};
+pub use messages::{AddKey, BusyCause, ListKeys, NoKey, Outcome, RemoveKey, SetEnabled, UpdateKey};
 pub use pool::{KeyPool, Lease, Pick, PoolHandle, PoolView};
 pub use window::RateWindow;
 

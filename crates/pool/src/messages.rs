@@ -119,3 +119,37 @@ pub struct Snapshot;
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<KeyState>")]
 pub struct ListKeys;
+
+/// Add a key to the pool (the supervisor starts its actor).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct AddKey(pub std::sync::Arc<keypool_config::UpstreamKey>);
+
+/// Take a key out of the pool: no new picks at once; its actor lives on until the leases in
+/// flight settle. Answers the actor, so the caller can wait for it to drain.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<actix::Addr<crate::KeyActor>>")]
+pub struct RemoveKey(pub String);
+
+/// Replace a key's spec (limits, allow/deny, ...), keeping its state. The name must not change.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct UpdateKey(pub std::sync::Arc<keypool_config::UpstreamKey>);
+
+/// Enable or disable a key by hand.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct SetEnabled {
+    pub name: String,
+    pub enabled: bool,
+}
+
+/// A key actor's new spec.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct ReplaceSpec(pub std::sync::Arc<keypool_config::UpstreamKey>);
+
+/// A key actor's admin switch.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Enable(pub bool);

@@ -64,6 +64,8 @@ pub struct Pick {
 /// The supervisor actor: owns the key set and publishes the view requests pick from.
 pub struct KeyPool {
     view: Arc<RwLock<Arc<PoolView>>>,
+    /// The next key id (ids are never reused, so a request's `exclude` stays right).
+    next_id: u64,
 }
 
 impl KeyPool {
@@ -99,7 +101,12 @@ impl KeyPool {
             epoch,
             keys,
         })));
-        let supervisor = Self { view: view.clone() }.start();
+        let next_id = keys_len(&view);
+        let supervisor = Self {
+            view: view.clone(),
+            next_id,
+        }
+        .start();
         PoolHandle {
             view,
             supervisor,
@@ -108,8 +115,106 @@ impl KeyPool {
     }
 }
 
+fn keys_len(view: &RwLock<Arc<PoolView>>) -> u64 {
+    view.read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .keys
+        .len() as u64
+}
+
 impl Actor for KeyPool {
     type Context = Context<Self>;
+}
+
+impl KeyPool {
+    fn current(&self) -> Arc<PoolView> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Publishes a new view with `keys`; requests pick from it from now on.
+    fn publish(&self, keys: Vec<PoolKey>) {
+        let old = self.current();
+        let next = Arc::new(PoolView {
+            policy: old.policy,
+            epoch: old.epoch,
+            keys,
+        });
+        *self.view.write().unwrap_or_else(PoisonError::into_inner) = next;
+    }
+}
+
+impl Handler<crate::messages::AddKey> for KeyPool {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, msg: crate::messages::AddKey, _: &mut Context<Self>) -> Self::Result {
+        let view = self.current();
+        if view.keys.iter().any(|k| k.key.name == msg.0.name) {
+            return Err(format!("a key named {:?} exists", msg.0.name));
+        }
+        let gauge = Arc::new(KeyGauge::default());
+        let addr = KeyActor::new(msg.0.clone(), view.epoch, gauge.clone(), None).start();
+        let mut keys = view.keys.clone();
+        keys.push(PoolKey {
+            id: self.next_id,
+            key: msg.0,
+            addr,
+            gauge,
+        });
+        self.next_id += 1;
+        self.publish(keys);
+        Ok(())
+    }
+}
+
+impl Handler<crate::messages::RemoveKey> for KeyPool {
+    type Result = Option<Addr<KeyActor>>;
+
+    fn handle(&mut self, msg: crate::messages::RemoveKey, _: &mut Context<Self>) -> Self::Result {
+        let view = self.current();
+        let gone = view.keys.iter().find(|k| k.key.name == msg.0)?.addr.clone();
+        let keys = view
+            .keys
+            .iter()
+            .filter(|k| k.key.name != msg.0)
+            .cloned()
+            .collect();
+        self.publish(keys);
+        Some(gone)
+    }
+}
+
+impl Handler<crate::messages::UpdateKey> for KeyPool {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, msg: crate::messages::UpdateKey, _: &mut Context<Self>) -> Self::Result {
+        let view = self.current();
+        let Some(pos) = view.keys.iter().position(|k| k.key.name == msg.0.name) else {
+            return Err(format!("no key named {:?}", msg.0.name));
+        };
+        let mut keys = view.keys.clone();
+        keys[pos].key = msg.0.clone();
+        keys[pos].addr.do_send(crate::messages::ReplaceSpec(msg.0));
+        self.publish(keys);
+        Ok(())
+    }
+}
+
+impl Handler<crate::messages::SetEnabled> for KeyPool {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, msg: crate::messages::SetEnabled, _: &mut Context<Self>) -> Self::Result {
+        let view = self.current();
+        let k = view
+            .keys
+            .iter()
+            .find(|k| k.key.name == msg.name)
+            .ok_or_else(|| format!("no key named {:?}", msg.name))?;
+        k.addr.do_send(crate::messages::Enable(msg.enabled));
+        Ok(())
+    }
 }
 
 /// A cheap, cloneable handle to the pool, usable from any thread.
@@ -258,6 +363,61 @@ impl PoolHandle {
     /// The live state of every key, in config order.
     pub async fn list(&self) -> Vec<KeyState> {
         self.supervisor.send(ListKeys).await.unwrap_or_default()
+    }
+
+    /// The keys' specs, in order.
+    pub fn keys(&self) -> Vec<Arc<UpstreamKey>> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys
+            .iter()
+            .map(|k| k.key.clone())
+            .collect()
+    }
+
+    pub async fn add_key(&self, key: Arc<UpstreamKey>) -> Result<(), String> {
+        self.supervisor
+            .send(crate::messages::AddKey(key))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    pub async fn update_key(&self, key: Arc<UpstreamKey>) -> Result<(), String> {
+        self.supervisor
+            .send(crate::messages::UpdateKey(key))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), String> {
+        self.supervisor
+            .send(crate::messages::SetEnabled {
+                name: name.to_owned(),
+                enabled,
+            })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Removes a key from picking at once, then waits (up to `drain`) until its in-flight
+    /// attempts have settled. `false` when there was no such key.
+    pub async fn remove_key(&self, name: &str, drain: Duration) -> bool {
+        let Ok(Some(addr)) = self
+            .supervisor
+            .send(crate::messages::RemoveKey(name.to_owned()))
+            .await
+        else {
+            return false;
+        };
+        let deadline = Instant::now() + drain;
+        while Instant::now() < deadline {
+            match addr.send(Snapshot).await {
+                Ok(s) if s.in_flight > 0 => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => break,
+            }
+        }
+        true
     }
 }
 

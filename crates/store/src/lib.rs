@@ -6,6 +6,7 @@
 //! batches; while the database is unavailable it spills batches to an fsync'd file and replays them
 //! later; [`UsageWriter::shutdown`] flushes. Each event id is written once, replays included.
 
+mod admin;
 pub mod entity;
 mod event;
 mod query;
@@ -19,6 +20,7 @@ use keypool_config::StoreConfig;
 use keypool_migrations::{Migrator, MigratorTrait};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
 
+pub use admin::{GatewayRow, KeyRow};
 pub use event::{StoredEvent, StoredLog};
 pub use query::{Grouping, HourCalls, KeyCounterRow, UsageTotal};
 pub use writer::{UsageWriter, WriterSink, WriterStats};

@@ -84,8 +84,43 @@ async fn migrations_up_down_up(url: String) {
     store.migrate_up().await.unwrap();
     assert_eq!(
         store.applied_migrations().await.unwrap(),
-        vec!["m20261122_000001_usage", "m20261122_000002_provider"]
+        vec![
+            "m20261122_000001_usage",
+            "m20261122_000002_provider",
+            "m20261122_000003_admin"
+        ]
     );
+    // the admin tables: gateways and keys with their owner, upserted by name
+    store.save_gateway("g", "{}", "admin").await.unwrap();
+    store
+        .save_gateway("g", "{\"active\":false}", "admin")
+        .await
+        .unwrap();
+    let rows = store.gateways().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].spec, "{\"active\":false}");
+    let key = keypool_store::KeyRow {
+        name: "k".into(),
+        spec: "{}".into(),
+        sealed_secret: Some("v1:abc".into()),
+        owner: "admin".into(),
+        enabled: true,
+        updated_ms: 0,
+    };
+    store.save_key(&key).await.unwrap();
+    store
+        .save_key(&keypool_store::KeyRow {
+            enabled: false,
+            ..key.clone()
+        })
+        .await
+        .unwrap();
+    let keys = store.keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(!keys[0].enabled && keys[0].sealed_secret.as_deref() == Some("v1:abc"));
+    store.delete_key("k").await.unwrap();
+    store.delete_gateway("g").await.unwrap();
+    assert!(store.keys().await.unwrap().is_empty() && store.gateways().await.unwrap().is_empty());
     store
         .write_batch(&[event("a", 1, "k", "m", (1, 1), 200)])
         .await

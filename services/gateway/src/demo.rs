@@ -9,7 +9,11 @@ use tokio_util::sync::CancellationToken;
 pub const DEMO_TOKEN: &str = "demo-token";
 
 /// Starts three mocks and serves the gateway on `address` until `shutdown`.
-pub async fn run(address: &str, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    address: &str,
+    admin_address: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut mocks = Vec::new();
     for name in ["mock-a", "mock-b", "mock-c"] {
         mocks.push(MockServer::start(Behavior {
@@ -30,7 +34,8 @@ pub async fn run(address: &str, shutdown: CancellationToken) -> anyhow::Result<(
     let yaml = format!(
         "authorization: {DEMO_TOKEN}\ndbtype: none\nlb_policy: least-used\nupstreams:\n{upstreams}"
     );
-    let config = keypool_config::from_yaml(&yaml)?;
+    let mut config = keypool_config::from_yaml(&yaml)?;
+    admin_address.clone_into(&mut config.admin.address);
     let listener = TcpListener::bind(address)?;
     let base = format!("http://{}/v1", listener.local_addr()?);
     println!(

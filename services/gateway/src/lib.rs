@@ -5,16 +5,20 @@
 //! arguments, loads config and calls it; tests and `keypool demo` call it the same way.
 
 pub mod actors;
+pub mod admin;
 pub mod app;
+pub mod control;
 pub mod demo;
 pub mod mock;
 pub mod monitor;
+pub mod seal;
 pub mod usage;
 
 use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::{HttpServer, web};
+use anyhow::Context as _;
 use keypool_config::Config;
 use keypool_policy::ClientAuth;
 use keypool_proxy::adapter::Adapters;
@@ -109,7 +113,38 @@ pub async fn run(
         requires_token: !auth.is_open(),
         keeps_headers: config.upstreams.iter().any(|u| u.keep_header),
     });
-    let sink = usage.sink.clone();
+    let (feed, _) = tokio::sync::broadcast::channel(config.admin.stream_buffer);
+    let sink: Arc<dyn keypool_types::UsageSink> = Arc::new(control::FeedSink {
+        inner: usage.sink.clone(),
+        feed: feed.clone(),
+    });
+    let control = control::Control::start(
+        config.clone(),
+        gateways.clone(),
+        pool.clone(),
+        monitor.store.clone(),
+        feed,
+    )
+    .await?;
+    let admin_task = if config.admin.enabled {
+        let listener = tokio::net::TcpListener::bind(&config.admin.address)
+            .await
+            .with_context(|| format!("cannot listen on admin.address {}", config.admin.address))?;
+        let admin_addr = listener.local_addr()?;
+        if config.admin.token.is_none() {
+            tracing::warn!(%admin_addr, "the admin API has no token: anyone on this machine may use it");
+        }
+        println!("keypool admin listening on http://{admin_addr}");
+        tracing::info!(%admin_addr, "admin API listening");
+        let (control, stop) = (control.clone(), shutdown.clone());
+        Some(tokio::spawn(async move {
+            if let Err(e) = admin::serve(control, listener, stop).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        }))
+    } else {
+        None
+    };
     let addr = listener.local_addr()?;
     let use_env_proxies = ["https_proxy", "http_proxy", "all_proxy"]
         .iter()
@@ -142,8 +177,9 @@ pub async fn run(
     .listen(listener)?
     .run();
     let handle = server.handle();
+    let stop = shutdown.clone();
     tokio::spawn(async move {
-        shutdown.cancelled().await;
+        stop.cancelled().await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         handle.stop(true).await;
     });
@@ -151,6 +187,9 @@ pub async fn run(
     let outcome = server.await;
     // the server has drained: every finished request's event is queued; flush them
     usage.shutdown(&pool).await;
+    if let Some(t) = admin_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
+    }
     actors.stop();
     if let Some(a) = alerts {
         // alerts queued during shutdown get a moment to go out

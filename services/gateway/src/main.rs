@@ -23,6 +23,9 @@ struct Cli {
     /// Listen address for the default `serve`, overriding the config's `address`.
     #[arg(long, value_name = "HOST:PORT")]
     address: Option<String>,
+    /// The admin API's listen address for the default `serve`.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_address: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -37,12 +40,18 @@ enum Command {
         /// Listen address, overriding the config's `address` (e.g. `127.0.0.1:0`).
         #[arg(long, value_name = "HOST:PORT")]
         address: Option<String>,
+        /// The admin API's listen address, overriding the config's `admin.address`.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin_address: Option<String>,
     },
     /// Three mock upstream keys and the gateway in one process, offline.
     Demo {
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:8888")]
         address: String,
+        /// The admin API's listen address.
+        #[arg(long, default_value = "127.0.0.1:8889")]
+        admin_address: String,
     },
     /// Run the OpenAI-compatible mock upstream alone.
     Mock(MockArgs),
@@ -77,6 +86,7 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve {
         config: cli.config.unwrap_or_else(|| PathBuf::from("./config.yaml")),
         address: cli.address,
+        admin_address: cli.admin_address,
     });
     // Validate before anything binds a port.
     let serve = match &command {
@@ -87,10 +97,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Serve { config, address } => match keypool_config::load(config) {
+        Command::Serve {
+            config,
+            address,
+            admin_address,
+        } => match keypool_config::load(config) {
             Ok(mut cfg) => {
                 if let Some(a) = address {
                     cfg.address.clone_from(a);
+                }
+                if let Some(a) = admin_address {
+                    cfg.admin.address.clone_from(a);
                 }
                 Some(cfg)
             }
@@ -140,7 +157,13 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
                 println!("keypool listening on http://{}/v1", listener.local_addr()?);
                 keypool_gateway::run(cfg, listener, shutdown).await
             }
-            (Command::Demo { address }, _) => keypool_gateway::demo::run(&address, shutdown).await,
+            (
+                Command::Demo {
+                    address,
+                    admin_address,
+                },
+                _,
+            ) => keypool_gateway::demo::run(&address, &admin_address, shutdown).await,
             (Command::Mock(args), _) => keypool_gateway::mock::run(args, shutdown).await,
             (Command::Migrate { down, .. }, Some(cfg)) => {
                 keypool_gateway::usage::migrate(&cfg, down).await

@@ -1,5 +1,7 @@
 //! sea-orm entities, one module per table (see the migrations for the schema).
 
+pub mod admin_gateways;
+pub mod admin_keys;
 pub mod key_counters;
 pub mod request_logs;
 pub mod usage_events;

@@ -1,0 +1,480 @@
+//! The admin gRPC service (`keypool.admin.v1.Admin`), with gRPC health and server reflection.
+//!
+//! Every `keypool.admin.v1` call needs `authorization: Bearer <admin token>` (compared in
+//! constant time); health and reflection are open. The service is a thin translation between
+//! protobuf and [`Control`], which validates, applies and persists.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use keypool_proto::admin::v1 as pb;
+use keypool_proto::admin::v1::admin_server::{Admin, AdminServer};
+use keypool_store::Grouping;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::control::{Control, ControlError, GatewayEntry, KeyEntry};
+
+pub struct AdminService {
+    control: Arc<Control>,
+}
+
+fn status(e: ControlError) -> Status {
+    match e {
+        ControlError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        ControlError::NotFound(m) => Status::not_found(m),
+        ControlError::Exists(m) => Status::already_exists(m),
+        ControlError::Precondition(m) => Status::failed_precondition(m),
+        ControlError::Store(m) => Status::unavailable(format!("store: {m}")),
+    }
+}
+
+fn gateway_pb(e: &GatewayEntry, control: &Control) -> pb::Gateway {
+    let name = e.raw.name.clone().unwrap_or_default();
+    pb::Gateway {
+        tokens_used: control
+            .gateways
+            .get(&name)
+            .map_or(0, |g| g.state.tokens_used()),
+        name,
+        spec_json: serde_json::to_string(&e.raw).unwrap_or_default(),
+        owner: e.owner.to_owned(),
+        updated_at_ms: e.updated_ms,
+    }
+}
+
+/// `sk-…abcd`: enough to tell keys apart, never enough to use one.
+pub fn mask(secret: &str) -> String {
+    let tail: String = secret
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    if secret.chars().count() <= 8 {
+        return "…".to_owned();
+    }
+    let head: String = secret.chars().take(3).collect();
+    format!("{head}…{tail}")
+}
+
+fn key_pb(e: &KeyEntry, state: Option<&keypool_pool::KeyState>) -> pb::Key {
+    let k = &e.key;
+    let now = tokio::time::Instant::now();
+    let mut out = pb::Key {
+        name: k.name.clone(),
+        provider: k.kind.as_str().to_owned(),
+        endpoint: k.endpoint.clone(),
+        secret_masked: if k.passthrough_auth {
+            "asis".to_owned()
+        } else {
+            mask(k.sk.expose())
+        },
+        enabled: e.enabled,
+        health: "healthy".to_owned(),
+        rpm: k.rpm,
+        tpm: k.tpm,
+        allow: k.allow.iter().map(rule_text).collect(),
+        deny: k.deny.iter().map(rule_text).collect(),
+        owner: e.owner.to_owned(),
+        ..pb::Key::default()
+    };
+    if let Some(s) = state {
+        out.enabled = s.enabled;
+        match &s.health {
+            keypool_pool::Health::Healthy => {}
+            keypool_pool::Health::CoolingUntil(t) => {
+                "cooling".clone_into(&mut out.health);
+                let left = t.saturating_duration_since(now);
+                out.cooling_until_ms = now_ms() + left.as_millis() as i64;
+            }
+            keypool_pool::Health::Disabled { .. } => "disabled".clone_into(&mut out.health),
+        }
+        out.window_requests = s.window_requests;
+        out.window_tokens = s.window_tokens;
+        out.in_flight = s.in_flight;
+        out.used = s.counters.used;
+        out.success = s.counters.success;
+        out.failure = s.counters.failure;
+        out.last_error = s.counters.last_error.clone().unwrap_or_default();
+        out.latency_ms = s.latency_ms;
+    }
+    out
+}
+
+fn rule_text(r: &keypool_config::ModelRule) -> String {
+    match r {
+        keypool_config::ModelRule::Exact(s) => s.clone(),
+        keypool_config::ModelRule::Prefix(p) => format!("{p}*"),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl AdminService {
+    async fn key_with_state(&self, e: &KeyEntry) -> pb::Key {
+        let states = self.control.pool.list().await;
+        key_pb(e, states.iter().find(|s| s.name == e.key.name))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::UsageEvent, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_gateways(
+        &self,
+        _: Request<pb::ListGatewaysRequest>,
+    ) -> Result<Response<pb::ListGatewaysResponse>, Status> {
+        let gateways = self
+            .control
+            .gateway_entries()
+            .iter()
+            .map(|e| gateway_pb(e, &self.control))
+            .collect();
+        Ok(Response::new(pb::ListGatewaysResponse { gateways }))
+    }
+
+    async fn get_gateway(
+        &self,
+        req: Request<pb::GetGatewayRequest>,
+    ) -> Result<Response<pb::Gateway>, Status> {
+        let name = req.into_inner().name;
+        let e = self
+            .control
+            .gateway_entry(&name)
+            .ok_or_else(|| Status::not_found(format!("no gateway named {name:?}")))?;
+        Ok(Response::new(gateway_pb(&e, &self.control)))
+    }
+
+    async fn create_gateway(
+        &self,
+        req: Request<pb::CreateGatewayRequest>,
+    ) -> Result<Response<pb::Gateway>, Status> {
+        let raw = Control::parse_gateway(&req.into_inner().spec).map_err(status)?;
+        let e = self
+            .control
+            .put_gateway(None, raw, false)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(gateway_pb(&e, &self.control)))
+    }
+
+    async fn update_gateway(
+        &self,
+        req: Request<pb::UpdateGatewayRequest>,
+    ) -> Result<Response<pb::Gateway>, Status> {
+        let r = req.into_inner();
+        let raw = Control::parse_gateway(&r.spec).map_err(status)?;
+        let e = self
+            .control
+            .put_gateway(Some(&r.name), raw, true)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(gateway_pb(&e, &self.control)))
+    }
+
+    async fn delete_gateway(
+        &self,
+        req: Request<pb::DeleteGatewayRequest>,
+    ) -> Result<Response<pb::DeleteGatewayResponse>, Status> {
+        self.control
+            .delete_gateway(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteGatewayResponse {}))
+    }
+
+    async fn rotate_gateway_secret(
+        &self,
+        req: Request<pb::RotateGatewaySecretRequest>,
+    ) -> Result<Response<pb::RotateGatewaySecretResponse>, Status> {
+        let (e, secret) = self
+            .control
+            .rotate_secret(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RotateGatewaySecretResponse {
+            gateway: Some(gateway_pb(&e, &self.control)),
+            secret,
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        _: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let states = self.control.pool.list().await;
+        let keys = self
+            .control
+            .key_entries()
+            .iter()
+            .map(|e| key_pb(e, states.iter().find(|s| s.name == e.key.name)))
+            .collect();
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn add_key(&self, req: Request<pb::AddKeyRequest>) -> Result<Response<pb::Key>, Status> {
+        let e = self
+            .control
+            .add_key(&req.into_inner().spec)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.key_with_state(&e).await))
+    }
+
+    async fn update_key(
+        &self,
+        req: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let r = req.into_inner();
+        let rpm = if r.clear_rpm {
+            Some(None)
+        } else {
+            r.rpm.map(Some)
+        };
+        let tpm = if r.clear_tpm {
+            Some(None)
+        } else {
+            r.tpm.map(Some)
+        };
+        let e = self
+            .control
+            .update_key(
+                &r.name,
+                rpm,
+                tpm,
+                r.allow.map(|a| a.entries),
+                r.deny.map(|d| d.entries),
+                r.enabled,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.key_with_state(&e).await))
+    }
+
+    async fn remove_key(
+        &self,
+        req: Request<pb::RemoveKeyRequest>,
+    ) -> Result<Response<pb::RemoveKeyResponse>, Status> {
+        self.control
+            .remove_key(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RemoveKeyResponse {}))
+    }
+
+    async fn get_usage(
+        &self,
+        req: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let r = req.into_inner();
+        let store = self.control.store.as_ref().ok_or_else(|| {
+            Status::failed_precondition("no store (dbtype: none): usage is not kept")
+        })?;
+        let now = now_ms();
+        let to = if r.to_ms > 0 { r.to_ms } else { now + 1 };
+        let from = if r.from_ms > 0 {
+            r.from_ms
+        } else {
+            to - 86_400_000
+        };
+        // rollups are hourly: include the hour `from` falls in
+        let from = from - from.rem_euclid(3_600_000);
+        let gateway = Some(r.gateway.as_str()).filter(|g| !g.is_empty());
+        let totals = |g: Grouping| async move {
+            store
+                .usage_totals(from, to, g, gateway)
+                .await
+                .map(|v| {
+                    v.into_iter()
+                        .map(|t| pb::UsageTotal {
+                            group: t.group,
+                            calls: t.calls,
+                            errors: t.errors,
+                            prompt_tokens: t.prompt_tokens,
+                            completion_tokens: t.completion_tokens,
+                            total_tokens: t.total_tokens,
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| Status::unavailable(format!("store: {e}")))
+        };
+        let day = if r.day_ms > 0 { r.day_ms } else { now };
+        let hours = store
+            .calls_per_hour(day, gateway)
+            .await
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        Ok(Response::new(pb::GetUsageResponse {
+            by_gateway: totals(Grouping::Gateway).await?,
+            by_key: totals(Grouping::Key).await?,
+            by_model: totals(Grouping::Model).await?,
+            calls_per_hour: hours
+                .into_iter()
+                .map(|h| pb::HourCalls {
+                    hour_ms: h.hour_ms,
+                    calls: h.calls,
+                    total_tokens: h.total_tokens,
+                })
+                .collect(),
+        }))
+    }
+
+    type StreamUsageStream = EventStream;
+
+    async fn stream_usage(
+        &self,
+        req: Request<pb::StreamUsageRequest>,
+    ) -> Result<Response<Self::StreamUsageStream>, Status> {
+        let filter = req.into_inner();
+        let mut rx = self.control.feed.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::UsageEvent, Status>>(64);
+        tokio::spawn(async move {
+            loop {
+                let e = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "subscriber too slow: {n} usage events were missed; reconnect"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let wanted = (filter.gateway.is_empty() || filter.gateway == e.gateway)
+                    && (filter.model.is_empty() || filter.model == e.model)
+                    && (filter.key.is_empty() || Some(&filter.key) == e.key.as_ref());
+                if !wanted {
+                    continue;
+                }
+                let u = e.usage.unwrap_or_default();
+                let ev = pb::UsageEvent {
+                    id: e.id.clone(),
+                    at_ms: e
+                        .at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64),
+                    gateway: e.gateway.clone(),
+                    caller: e.caller.clone().unwrap_or_default(),
+                    model: e.model.clone(),
+                    key: e.key.clone().unwrap_or_default(),
+                    provider: e.provider.unwrap_or_default().to_owned(),
+                    attempts: e.attempts,
+                    status: u32::from(e.status),
+                    stream: e.stream,
+                    latency_ms: e.latency.as_millis() as u64,
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                    total_tokens: u.total_tokens,
+                    error: e.error.unwrap_or_default().to_owned(),
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return; // the subscriber went away
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::Status>, Status> {
+        let store = match &self.control.store {
+            None => "none",
+            Some(s) if s.ping().await.is_ok() => "ok",
+            Some(_) => "unavailable",
+        };
+        let version = self.control.version();
+        Ok(Response::new(pb::Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: self.control.started.elapsed().as_secs(),
+            replicas: vec![pb::Replica {
+                id: "local".to_owned(),
+                address: self.control.config.address.clone(),
+                last_seen_ms: now_ms(),
+                config_version: version,
+            }],
+            store: store.to_owned(),
+            redis: "none".to_owned(),
+            config_version: version,
+            keys: self.control.pool.keys().len() as u64,
+            gateways: self.control.gateway_entries().len() as u64,
+        }))
+    }
+}
+
+/// Serves the admin API, health and reflection on `listener` until `shutdown`.
+pub async fn serve(
+    control: Arc<Control>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let token = control.token().map(|t| t.expose().as_bytes().to_vec());
+    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(token) = &token else {
+            return Ok(req);
+        };
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .map(tonic::metadata::MetadataValue::as_bytes)
+            .unwrap_or_default();
+        let presented = presented
+            .strip_prefix(b"Bearer ".as_slice())
+            .unwrap_or(presented);
+        if keypool_types::constant_time_eq(presented, token) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "the admin API needs `authorization: Bearer <admin token>`",
+            ))
+        }
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(keypool_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(keypool_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let admin = AdminServer::with_interceptor(AdminService { control }, check);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn masks_keep_only_a_hint() {
+        assert_eq!(super::mask("sk-test-abcdefgh1234"), "sk-…1234");
+        assert_eq!(super::mask("short"), "…");
+    }
+}

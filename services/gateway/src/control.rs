@@ -1,0 +1,654 @@
+//! [`Control`]: the running gateway's mutable configuration — gateways and keys — as the admin
+//! service changes it. Every change is validated by the config file's own code, applied to the
+//! running pool and gateways at once (in-flight requests keep the spec they started with), and
+//! persisted in the store with its owner (`config` for what the file declares, `admin` for what
+//! the admin service created).
+//!
+//! Rules (see docs/DECISIONS.md): config-owned gateways are read-only here (edit the file);
+//! config-owned keys may be enabled/disabled and re-limited at run time — `enabled` survives a
+//! restart, limits come back from the file; admin-owned entries are fully managed. Upstream
+//! secrets are stored only sealed (ChaCha20-Poly1305 under `admin.secret_key`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use keypool_config::raw::RawUpstream;
+use keypool_config::{Config, FieldError, RawGateway, UpstreamKey, validate_gateway, validate_key};
+use keypool_policy::gateway::Gateways;
+use keypool_pool::PoolHandle;
+use keypool_store::{KeyRow, Store};
+use keypool_types::{Secret, UsageEvent, UsageSink};
+use tokio::sync::broadcast;
+
+pub const OWNER_CONFIG: &str = "config";
+pub const OWNER_ADMIN: &str = "admin";
+
+/// Why a change was refused.
+#[derive(Debug)]
+pub enum ControlError {
+    Invalid(Vec<FieldError>),
+    NotFound(String),
+    Exists(String),
+    Precondition(String),
+    Store(String),
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(errs) => {
+                let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+                write!(f, "{}", all.join("; "))
+            }
+            Self::NotFound(m) | Self::Exists(m) | Self::Precondition(m) | Self::Store(m) => {
+                write!(f, "{m}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+fn invalid(path: &str, reason: impl Into<String>) -> ControlError {
+    ControlError::Invalid(vec![FieldError {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }])
+}
+
+/// A gateway as the control plane holds it.
+#[derive(Debug, Clone)]
+pub struct GatewayEntry {
+    /// Secrets hashed.
+    pub raw: RawGateway,
+    pub owner: &'static str,
+    pub updated_ms: i64,
+}
+
+/// A key as the control plane holds it.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub key: Arc<UpstreamKey>,
+    pub owner: &'static str,
+    pub enabled: bool,
+    /// Admin keys: the spec as added (without `sk`), for the store.
+    pub raw: Option<RawUpstream>,
+}
+
+/// The usage sink in front of the store's: also feeds `StreamUsage` subscribers (only when
+/// there are any; a send never waits).
+pub struct FeedSink {
+    pub inner: Arc<dyn UsageSink>,
+    pub feed: broadcast::Sender<Arc<UsageEvent>>,
+}
+
+impl UsageSink for FeedSink {
+    fn record(&self, event: UsageEvent) {
+        if self.feed.receiver_count() > 0 {
+            let mut copy = event.clone();
+            copy.log = None;
+            let _ = self.feed.send(Arc::new(copy));
+        }
+        self.inner.record(event);
+    }
+}
+
+pub struct Control {
+    pub config: Arc<Config>,
+    pub gateways: Arc<Gateways>,
+    pub pool: PoolHandle,
+    pub store: Option<Store>,
+    pub feed: broadcast::Sender<Arc<UsageEvent>>,
+    pub started: std::time::Instant,
+    version: AtomicU64,
+    gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
+    key_entries: Mutex<BTreeMap<String, KeyEntry>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Control {
+    /// Seeds the store with the file's gateways and keys, then applies what the admin service
+    /// stored before (admin-owned gateways and keys, keys disabled by hand).
+    pub async fn start(
+        config: Arc<Config>,
+        gateways: Arc<Gateways>,
+        pool: PoolHandle,
+        store: Option<Store>,
+        feed: broadcast::Sender<Arc<UsageEvent>>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut g_entries = BTreeMap::new();
+        for raw in &config.raw_gateways {
+            let name = raw.name.clone().unwrap_or_default();
+            g_entries.insert(
+                name,
+                GatewayEntry {
+                    raw: raw.clone(),
+                    owner: OWNER_CONFIG,
+                    updated_ms: now_ms(),
+                },
+            );
+        }
+        let mut k_entries = BTreeMap::new();
+        for key in &config.upstreams {
+            k_entries.insert(
+                key.name.clone(),
+                KeyEntry {
+                    key: key.clone(),
+                    owner: OWNER_CONFIG,
+                    enabled: true,
+                    raw: None,
+                },
+            );
+        }
+        let control = Arc::new(Self {
+            config: config.clone(),
+            gateways,
+            pool,
+            store: store.clone(),
+            feed,
+            started: std::time::Instant::now(),
+            version: AtomicU64::new(1),
+            gateway_entries: Mutex::new(g_entries),
+            key_entries: Mutex::new(k_entries),
+        });
+        if let Some(store) = &store {
+            control.restore(store).await?;
+        }
+        Ok(control)
+    }
+
+    async fn restore(&self, store: &Store) -> anyhow::Result<()> {
+        // admin-owned gateways come back; the file's are (re)written as config-owned
+        for row in store.gateways().await? {
+            let config_owned = lock(&self.gateway_entries)
+                .get(&row.name)
+                .is_some_and(|e| e.owner == OWNER_CONFIG);
+            if config_owned {
+                continue;
+            }
+            if row.owner == OWNER_CONFIG {
+                // declared by a previous file, not by this one
+                store.delete_gateway(&row.name).await?;
+                continue;
+            }
+            let raw: RawGateway = match serde_json::from_str(&row.spec) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(gateway = %row.name, error = %e, "stored gateway unreadable; skipped");
+                    continue;
+                }
+            };
+            lock(&self.gateway_entries).insert(
+                row.name.clone(),
+                GatewayEntry {
+                    raw,
+                    owner: OWNER_ADMIN,
+                    updated_ms: row.updated_ms,
+                },
+            );
+        }
+        let entries: Vec<GatewayEntry> = lock(&self.gateway_entries).values().cloned().collect();
+        for e in entries.iter().filter(|e| e.owner == OWNER_CONFIG) {
+            store
+                .save_gateway(
+                    e.raw.name.as_deref().unwrap_or_default(),
+                    &serde_json::to_string(&e.raw)?,
+                    OWNER_CONFIG,
+                )
+                .await?;
+        }
+        self.apply_gateways()?;
+
+        let stored: BTreeMap<String, KeyRow> = store
+            .keys()
+            .await?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        // config keys: stored as config-owned; an admin's `enabled: false` survives the restart
+        let config_keys: Vec<KeyEntry> = lock(&self.key_entries).values().cloned().collect();
+        for e in config_keys {
+            let enabled = stored
+                .get(&e.key.name)
+                .is_none_or(|r| r.owner != OWNER_CONFIG || r.enabled);
+            if !enabled {
+                let _ = self.pool.set_enabled(&e.key.name, false).await;
+                if let Some(entry) = lock(&self.key_entries).get_mut(&e.key.name) {
+                    entry.enabled = false;
+                }
+            }
+            store
+                .save_key(&KeyRow {
+                    name: e.key.name.clone(),
+                    spec: key_summary(&e.key).to_string(),
+                    sealed_secret: None,
+                    owner: OWNER_CONFIG.to_owned(),
+                    enabled,
+                    updated_ms: stored.get(&e.key.name).map_or(0, |r| r.updated_ms),
+                })
+                .await?;
+        }
+        for row in stored.values() {
+            if lock(&self.key_entries).contains_key(&row.name) {
+                continue;
+            }
+            if row.owner == OWNER_CONFIG {
+                store.delete_key(&row.name).await?;
+                continue;
+            }
+            let restored = self.unseal_key(row);
+            match restored {
+                Ok((key, raw)) => {
+                    let key = Arc::new(key);
+                    if let Err(e) = self.pool.add_key(key.clone()).await {
+                        tracing::error!(key = %row.name, error = %e, "stored key not restored");
+                        continue;
+                    }
+                    if !row.enabled {
+                        let _ = self.pool.set_enabled(&row.name, false).await;
+                    }
+                    lock(&self.key_entries).insert(
+                        row.name.clone(),
+                        KeyEntry {
+                            key,
+                            owner: OWNER_ADMIN,
+                            enabled: row.enabled,
+                            raw: Some(raw),
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(key = %row.name, error = %e, "stored key not restored");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unseal_key(&self, row: &KeyRow) -> anyhow::Result<(UpstreamKey, RawUpstream)> {
+        let mut raw: RawUpstream = serde_json::from_str(&row.spec)?;
+        let sealed = row
+            .sealed_secret
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("no sealed secret"))?;
+        let key = self
+            .config
+            .admin
+            .secret_key
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("admin.secret_key is not set: cannot unseal"))?;
+        raw.sk = Some(crate::seal::open(key, sealed)?);
+        let validated = validate_key(raw.clone(), &self.config)
+            .map_err(|e| anyhow::anyhow!(ControlError::Invalid(e).to_string()))?;
+        raw.sk = None;
+        Ok((validated, raw))
+    }
+
+    /// The configuration version: bumped by every applied change.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    fn bump(&self) {
+        self.version.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Validates every gateway entry and installs them in the running gateway at once.
+    fn apply_gateways(&self) -> Result<(), ControlError> {
+        let entries = lock(&self.gateway_entries);
+        let mut specs = Vec::with_capacity(entries.len());
+        for (i, e) in entries.values().enumerate() {
+            let g = validate_gateway(&e.raw, &format!("gateways[{i}]"))
+                .map_err(ControlError::Invalid)?;
+            specs.push(Arc::new(g));
+        }
+        self.gateways.replace(&specs);
+        Ok(())
+    }
+
+    pub fn gateway_entries(&self) -> Vec<GatewayEntry> {
+        lock(&self.gateway_entries).values().cloned().collect()
+    }
+
+    pub fn gateway_entry(&self, name: &str) -> Option<GatewayEntry> {
+        lock(&self.gateway_entries).get(name).cloned()
+    }
+
+    /// Parses a YAML or JSON gateway spec.
+    pub fn parse_gateway(spec: &str) -> Result<RawGateway, ControlError> {
+        serde_norway::from_str::<RawGateway>(spec).map_err(|e| invalid("spec", e.to_string()))
+    }
+
+    /// Creates (`replace: false`) or replaces an admin-owned gateway.
+    pub async fn put_gateway(
+        &self,
+        name: Option<&str>,
+        raw: RawGateway,
+        replace: bool,
+    ) -> Result<GatewayEntry, ControlError> {
+        let mut raw = raw.hashed();
+        if let Some(n) = name {
+            match raw.name.as_deref() {
+                Some(given) if given != n => {
+                    return Err(invalid(
+                        "gateway.name",
+                        format!("a gateway cannot be renamed ({n:?} → {given:?})"),
+                    ));
+                }
+                _ => raw.name = Some(n.to_owned()),
+            }
+        }
+        validate_gateway(&raw, "gateway").map_err(ControlError::Invalid)?;
+        let name = raw.name.clone().unwrap_or_default();
+        {
+            let entries = lock(&self.gateway_entries);
+            match (entries.get(&name), replace) {
+                (Some(_), false) => {
+                    return Err(ControlError::Exists(format!(
+                        "a gateway named {name:?} exists"
+                    )));
+                }
+                (None, true) => {
+                    return Err(ControlError::NotFound(format!("no gateway named {name:?}")));
+                }
+                (Some(e), true) if e.owner == OWNER_CONFIG => {
+                    return Err(config_owned("gateway", &name));
+                }
+                _ => {}
+            }
+        }
+        let spec = serde_json::to_string(&raw).map_err(|e| ControlError::Store(e.to_string()))?;
+        let updated_ms = match &self.store {
+            Some(s) => s
+                .save_gateway(&name, &spec, OWNER_ADMIN)
+                .await
+                .map_err(|e| ControlError::Store(e.to_string()))?,
+            None => now_ms(),
+        };
+        let entry = GatewayEntry {
+            raw,
+            owner: OWNER_ADMIN,
+            updated_ms,
+        };
+        lock(&self.gateway_entries).insert(name, entry.clone());
+        self.apply_gateways()?;
+        self.bump();
+        Ok(entry)
+    }
+
+    pub async fn delete_gateway(&self, name: &str) -> Result<(), ControlError> {
+        match self.gateway_entry(name) {
+            None => return Err(ControlError::NotFound(format!("no gateway named {name:?}"))),
+            Some(e) if e.owner == OWNER_CONFIG => return Err(config_owned("gateway", name)),
+            Some(_) => {}
+        }
+        if let Some(s) = &self.store {
+            s.delete_gateway(name)
+                .await
+                .map_err(|e| ControlError::Store(e.to_string()))?;
+        }
+        lock(&self.gateway_entries).remove(name);
+        self.apply_gateways()?;
+        self.bump();
+        Ok(())
+    }
+
+    /// Replaces an admin gateway's exact secrets with one new random secret (returned once).
+    pub async fn rotate_secret(&self, name: &str) -> Result<(GatewayEntry, String), ControlError> {
+        let entry = self
+            .gateway_entry(name)
+            .ok_or_else(|| ControlError::NotFound(format!("no gateway named {name:?}")))?;
+        if entry.owner == OWNER_CONFIG {
+            return Err(config_owned("gateway", name));
+        }
+        let mut raw = entry.raw;
+        let auth = raw.auth.get_or_insert_with(Default::default);
+        if auth.method.as_deref().is_some_and(|m| m != "exact") {
+            return Err(ControlError::Precondition(format!(
+                "gateway {name:?} authenticates by {}: only exact secrets can be rotated",
+                auth.method.as_deref().unwrap_or_default()
+            )));
+        }
+        auth.method = Some("exact".to_owned());
+        let secret = format!("kp-{}", random_hex(24));
+        auth.secrets = vec![secret.clone()];
+        let entry = self.put_gateway(Some(name), raw, true).await?;
+        Ok((entry, secret))
+    }
+
+    pub fn key_entries(&self) -> Vec<KeyEntry> {
+        let entries = lock(&self.key_entries);
+        // pool order: config order, then added keys
+        let order = self.pool.keys();
+        let mut out: Vec<KeyEntry> = order
+            .iter()
+            .filter_map(|k| entries.get(&k.name).cloned())
+            .collect();
+        for e in entries.values() {
+            if !out.iter().any(|o| o.key.name == e.key.name) {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+
+    pub fn key_entry(&self, name: &str) -> Option<KeyEntry> {
+        lock(&self.key_entries).get(name).cloned()
+    }
+
+    async fn persist_key(&self, e: &KeyEntry, sealed: Option<String>) -> Result<(), ControlError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let (spec, sealed) = if e.owner == OWNER_CONFIG {
+            (key_summary(&e.key).to_string(), None)
+        } else {
+            let spec =
+                serde_json::to_string(&e.raw).map_err(|x| ControlError::Store(x.to_string()))?;
+            let sealed = match sealed {
+                Some(s) => Some(s),
+                None => store
+                    .keys()
+                    .await
+                    .map_err(|x| ControlError::Store(x.to_string()))?
+                    .into_iter()
+                    .find(|r| r.name == e.key.name)
+                    .and_then(|r| r.sealed_secret),
+            };
+            (spec, sealed)
+        };
+        store
+            .save_key(&KeyRow {
+                name: e.key.name.clone(),
+                spec,
+                sealed_secret: sealed,
+                owner: e.owner.to_owned(),
+                enabled: e.enabled,
+                updated_ms: 0,
+            })
+            .await
+            .map_err(|x| ControlError::Store(x.to_string()))
+    }
+
+    /// Adds a key from a YAML/JSON `upstreams:` entry.
+    pub async fn add_key(&self, spec: &str) -> Result<KeyEntry, ControlError> {
+        let mut raw: RawUpstream =
+            serde_norway::from_str(spec).map_err(|e| invalid("spec", e.to_string()))?;
+        let sealing = self.config.admin.secret_key.clone();
+        let sk = raw.sk.clone().unwrap_or_default();
+        if sk == "asis" {
+            return Err(invalid(
+                "upstream.sk",
+                "asis keys come from the config file only",
+            ));
+        }
+        let key = validate_key(raw.clone(), &self.config).map_err(ControlError::Invalid)?;
+        if self.key_entry(&key.name).is_some() {
+            return Err(ControlError::Exists(format!(
+                "a key named {:?} exists",
+                key.name
+            )));
+        }
+        let sealed = match (&self.store, &sealing) {
+            (Some(_), Some(k)) => {
+                Some(crate::seal::seal(k, &sk).map_err(|e| ControlError::Store(e.to_string()))?)
+            }
+            (Some(_), None) => {
+                return Err(ControlError::Precondition(
+                    "set admin.secret_key (or KEYPOOL_SECRET_KEY) so that keypool can store upstream keys sealed".to_owned(),
+                ));
+            }
+            (None, _) => None,
+        };
+        raw.sk = None;
+        raw.name = Some(key.name.clone());
+        let key = Arc::new(key);
+        let entry = KeyEntry {
+            key: key.clone(),
+            owner: OWNER_ADMIN,
+            enabled: true,
+            raw: Some(raw),
+        };
+        self.persist_key(&entry, sealed).await?;
+        self.pool.add_key(key).await.map_err(ControlError::Exists)?;
+        lock(&self.key_entries).insert(entry.key.name.clone(), entry.clone());
+        self.bump();
+        Ok(entry)
+    }
+
+    /// Changes a key's limits, allow/deny lists or enabled flag.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_key(
+        &self,
+        name: &str,
+        rpm: Option<Option<u32>>,
+        tpm: Option<Option<u64>>,
+        allow: Option<Vec<String>>,
+        deny: Option<Vec<String>>,
+        enabled: Option<bool>,
+    ) -> Result<KeyEntry, ControlError> {
+        let mut entry = self
+            .key_entry(name)
+            .ok_or_else(|| ControlError::NotFound(format!("no key named {name:?}")))?;
+        let mut key = (*entry.key).clone();
+        if let Some(r) = rpm {
+            if r == Some(0) {
+                return Err(invalid("upstream.rpm", "must be at least 1 (or cleared)"));
+            }
+            key.rpm = r;
+        }
+        if let Some(t) = tpm {
+            if t == Some(0) {
+                return Err(invalid("upstream.tpm", "must be at least 1 (or cleared)"));
+            }
+            key.tpm = t;
+        }
+        if let Some(a) = &allow {
+            key.allow = a
+                .iter()
+                .map(|s| keypool_config::ModelRule::parse(s))
+                .collect();
+        }
+        if let Some(d) = &deny {
+            key.deny = d
+                .iter()
+                .map(|s| keypool_config::ModelRule::parse(s))
+                .collect();
+        }
+        if let Some(raw) = entry.raw.as_mut() {
+            if rpm.is_some() {
+                raw.rpm = key.rpm;
+            }
+            if tpm.is_some() {
+                raw.tpm = key.tpm;
+            }
+            if let Some(a) = allow {
+                raw.allow = a;
+            }
+            if let Some(d) = deny {
+                raw.deny = d;
+            }
+        }
+        let key = Arc::new(key);
+        self.pool
+            .update_key(key.clone())
+            .await
+            .map_err(ControlError::NotFound)?;
+        if let Some(en) = enabled {
+            self.pool
+                .set_enabled(name, en)
+                .await
+                .map_err(ControlError::NotFound)?;
+            entry.enabled = en;
+        }
+        entry.key = key;
+        self.persist_key(&entry, None).await?;
+        lock(&self.key_entries).insert(name.to_owned(), entry.clone());
+        self.bump();
+        Ok(entry)
+    }
+
+    /// Takes a key out of use, waits for its in-flight requests, forgets it.
+    pub async fn remove_key(&self, name: &str) -> Result<(), ControlError> {
+        match self.key_entry(name) {
+            None => return Err(ControlError::NotFound(format!("no key named {name:?}"))),
+            Some(e) if e.owner == OWNER_CONFIG => return Err(config_owned("key", name)),
+            Some(_) => {}
+        }
+        lock(&self.key_entries).remove(name);
+        self.pool
+            .remove_key(name, self.config.shutdown_grace.max(Duration::from_secs(1)))
+            .await;
+        if let Some(s) = &self.store {
+            s.delete_key(name)
+                .await
+                .map_err(|e| ControlError::Store(e.to_string()))?;
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// The admin token, if any.
+    pub fn token(&self) -> Option<&Secret> {
+        self.config.admin.token.as_ref()
+    }
+}
+
+fn config_owned(what: &str, name: &str) -> ControlError {
+    ControlError::Precondition(format!(
+        "{what} {name:?} is declared in the config file: change it there"
+    ))
+}
+
+/// What the store keeps of a config-owned key: its settings, never its secret.
+fn key_summary(k: &UpstreamKey) -> serde_json::Value {
+    serde_json::json!({
+        "name": k.name,
+        "endpoint": k.endpoint,
+        "type": k.kind.as_str(),
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+    })
+}
+
+/// `n` random bytes as hex (from the OS's randomness via a fresh hasher seed and the clock).
+pub fn random_hex(n: usize) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(n * 2);
+    let bytes = crate::seal::random_bytes(n);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}

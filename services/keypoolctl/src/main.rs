@@ -1,0 +1,614 @@
+//! `keypoolctl`: the admin API from a terminal. Human tables by default, `--json` for scripts;
+//! a failed call exits non-zero with the gRPC status and message.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keypool_proto::admin::v1 as pb;
+use keypool_proto::admin::v1::admin_client::AdminClient;
+use serde_json::{Value, json};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keypoolctl",
+    version,
+    about = "Manage a running keypool through its admin API"
+)]
+struct Cli {
+    /// The admin API.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8889")]
+    server: String,
+    /// Admin token (sent as `authorization: Bearer <token>`).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYPOOL_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Gateways at /llm/api/{name}/v1.
+    #[command(subcommand)]
+    Gateways(GatewayCmd),
+    /// Upstream keys and their live state.
+    #[command(subcommand)]
+    Keys(KeyCmd),
+    /// Tokens and calls per gateway / key / model, or live events with --follow.
+    Usage {
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Only with --follow.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only with --follow.
+        #[arg(long)]
+        key: Option<String>,
+        /// How far back: 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Stream live usage events until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Version, uptime, replicas, store and Redis health.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum GatewayCmd {
+    List,
+    Get {
+        name: String,
+    },
+    /// Create from a YAML/JSON file holding one `gateways:` entry.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Replace a gateway's spec with the file's.
+    Update {
+        name: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    Delete {
+        name: String,
+    },
+    /// Replace the gateway's secrets with one new secret, printed once.
+    RotateSecret {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCmd {
+    List,
+    /// Add from a YAML/JSON file holding one `upstreams:` entry.
+    Add {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    Update {
+        name: String,
+        #[arg(long)]
+        rpm: Option<u32>,
+        #[arg(long)]
+        tpm: Option<u64>,
+        #[arg(long, conflicts_with = "rpm")]
+        clear_rpm: bool,
+        #[arg(long, conflicts_with = "tpm")]
+        clear_tpm: bool,
+        /// Comma-separated models (`prefix*` allowed); empty clears.
+        #[arg(long)]
+        allow: Option<String>,
+        #[arg(long)]
+        deny: Option<String>,
+    },
+    Enable {
+        name: String,
+    },
+    Disable {
+        name: String,
+    },
+    /// Stop using a key, wait for its in-flight requests, forget it.
+    Remove {
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keypoolctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("keypoolctl: {:?}: {}", s.code(), s.message()),
+                None => eprintln!("keypoolctl: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Client = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let channel = Channel::from_shared(cli.server.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", cli.server))?;
+    let header: Option<MetadataValue<_>> = match &cli.token {
+        Some(t) => Some(format!("Bearer {t}").parse()?),
+        None => None,
+    };
+    let auth: Auth = Box::new(move |mut req: tonic::Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
+    Ok(AdminClient::with_interceptor(channel, auth))
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+/// `30m`, `24h`, `7d`, `90s` → milliseconds.
+fn since_ms(s: &str) -> anyhow::Result<i64> {
+    let (n, unit) = s.split_at(s.trim_end_matches(char::is_alphabetic).len());
+    let n: i64 = n
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--since: expected e.g. 24h, got {s:?}"))?;
+    let ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => anyhow::bail!("--since: unit must be s, m, h or d, got {s:?}"),
+    };
+    Ok(n * ms)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+/// Prints rows as an aligned table.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = width[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn gateway_json(g: &pb::Gateway) -> Value {
+    json!({
+        "name": g.name,
+        "owner": g.owner,
+        "tokens_used": g.tokens_used,
+        "updated_at_ms": g.updated_at_ms,
+        "spec": serde_json::from_str::<Value>(&g.spec_json).unwrap_or(Value::Null),
+    })
+}
+
+fn key_json(k: &pb::Key) -> Value {
+    json!({
+        "name": k.name, "provider": k.provider, "endpoint": k.endpoint,
+        "secret": k.secret_masked, "enabled": k.enabled, "health": k.health,
+        "cooling_until_ms": k.cooling_until_ms, "window_requests": k.window_requests,
+        "window_tokens": k.window_tokens, "rpm": k.rpm, "tpm": k.tpm, "in_flight": k.in_flight,
+        "used": k.used, "success": k.success, "failure": k.failure, "last_error": k.last_error,
+        "allow": k.allow, "deny": k.deny, "owner": k.owner, "latency_ms": k.latency_ms,
+    })
+}
+
+fn print_gateways(cli: &Cli, gs: &[pb::Gateway]) {
+    if cli.json {
+        println!("{}", Value::Array(gs.iter().map(gateway_json).collect()));
+        return;
+    }
+    let rows: Vec<Vec<String>> = gs
+        .iter()
+        .map(|g| {
+            let spec: Value = serde_json::from_str(&g.spec_json).unwrap_or(Value::Null);
+            vec![
+                g.name.clone(),
+                g.owner.clone(),
+                spec["auth"]["method"].as_str().unwrap_or("none").to_owned(),
+                spec["active"].as_bool().unwrap_or(true).to_string(),
+                g.tokens_used.to_string(),
+                spec["token_quota"]
+                    .as_u64()
+                    .map_or_else(|| "no-limit".to_owned(), |q| q.to_string()),
+                time(g.updated_at_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "OWNER", "AUTH", "ACTIVE", "TOKENS", "QUOTA", "UPDATED",
+        ],
+        &rows,
+    );
+}
+
+fn print_keys(cli: &Cli, ks: &[pb::Key]) {
+    if cli.json {
+        println!("{}", Value::Array(ks.iter().map(key_json).collect()));
+        return;
+    }
+    let limit = |used: u64, l: Option<String>| match l {
+        Some(l) => format!("{used}/{l}"),
+        None => used.to_string(),
+    };
+    let rows: Vec<Vec<String>> = ks
+        .iter()
+        .map(|k| {
+            vec![
+                k.name.clone(),
+                k.secret_masked.clone(),
+                if k.enabled { "yes" } else { "no" }.to_owned(),
+                k.health.clone(),
+                limit(k.window_requests, k.rpm.map(|r| r.to_string())),
+                limit(k.window_tokens, k.tpm.map(|t| t.to_string())),
+                k.in_flight.to_string(),
+                format!("{}/{}/{}", k.used, k.success, k.failure),
+                k.owner.clone(),
+                k.last_error.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "SECRET",
+            "ENABLED",
+            "HEALTH",
+            "RPM",
+            "TPM",
+            "INFLIGHT",
+            "USED/OK/FAIL",
+            "OWNER",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut c = connect(&cli).await?;
+    match &cli.command {
+        Cmd::Gateways(g) => match g {
+            GatewayCmd::List => {
+                let r = c
+                    .list_gateways(pb::ListGatewaysRequest {})
+                    .await?
+                    .into_inner();
+                print_gateways(&cli, &r.gateways);
+            }
+            GatewayCmd::Get { name } => {
+                let r = c
+                    .get_gateway(pb::GetGatewayRequest { name: name.clone() })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    println!("{}", gateway_json(&r));
+                } else {
+                    print_gateways(&cli, std::slice::from_ref(&r));
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&gateway_json(&r)["spec"])?
+                    );
+                }
+            }
+            GatewayCmd::Create { file } => {
+                let r = c
+                    .create_gateway(pb::CreateGatewayRequest { spec: read(file)? })
+                    .await?
+                    .into_inner();
+                print_gateways(&cli, &[r]);
+            }
+            GatewayCmd::Update { name, file } => {
+                let r = c
+                    .update_gateway(pb::UpdateGatewayRequest {
+                        name: name.clone(),
+                        spec: read(file)?,
+                    })
+                    .await?
+                    .into_inner();
+                print_gateways(&cli, &[r]);
+            }
+            GatewayCmd::Delete { name } => {
+                c.delete_gateway(pb::DeleteGatewayRequest { name: name.clone() })
+                    .await?;
+                if cli.json {
+                    println!("{}", json!({"deleted": name}));
+                } else {
+                    println!("gateway {name} deleted");
+                }
+            }
+            GatewayCmd::RotateSecret { name } => {
+                let r = c
+                    .rotate_gateway_secret(pb::RotateGatewaySecretRequest { name: name.clone() })
+                    .await?
+                    .into_inner();
+                if cli.json {
+                    println!("{}", json!({"gateway": name, "secret": r.secret}));
+                } else {
+                    println!("new secret for gateway {name} (shown once):\n{}", r.secret);
+                }
+            }
+        },
+        Cmd::Keys(k) => match k {
+            KeyCmd::List => {
+                let r = c.list_keys(pb::ListKeysRequest {}).await?.into_inner();
+                print_keys(&cli, &r.keys);
+            }
+            KeyCmd::Add { file } => {
+                let r = c
+                    .add_key(pb::AddKeyRequest { spec: read(file)? })
+                    .await?
+                    .into_inner();
+                print_keys(&cli, &[r]);
+            }
+            KeyCmd::Update {
+                name,
+                rpm,
+                tpm,
+                clear_rpm,
+                clear_tpm,
+                allow,
+                deny,
+            } => {
+                let r = c
+                    .update_key(pb::UpdateKeyRequest {
+                        name: name.clone(),
+                        rpm: *rpm,
+                        tpm: *tpm,
+                        clear_rpm: *clear_rpm,
+                        clear_tpm: *clear_tpm,
+                        allow: allow.as_deref().map(|a| pb::AllowDeny {
+                            entries: split_list(a),
+                        }),
+                        deny: deny.as_deref().map(|d| pb::AllowDeny {
+                            entries: split_list(d),
+                        }),
+                        enabled: None,
+                    })
+                    .await?
+                    .into_inner();
+                print_keys(&cli, &[r]);
+            }
+            KeyCmd::Enable { name } | KeyCmd::Disable { name } => {
+                let r = c
+                    .update_key(pb::UpdateKeyRequest {
+                        name: name.clone(),
+                        enabled: Some(matches!(k, KeyCmd::Enable { .. })),
+                        ..pb::UpdateKeyRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                print_keys(&cli, &[r]);
+            }
+            KeyCmd::Remove { name } => {
+                c.remove_key(pb::RemoveKeyRequest { name: name.clone() })
+                    .await?;
+                if cli.json {
+                    println!("{}", json!({"removed": name}));
+                } else {
+                    println!("key {name} removed");
+                }
+            }
+        },
+        Cmd::Usage {
+            gateway,
+            model,
+            key,
+            since,
+            follow,
+        } => {
+            if *follow {
+                let mut stream = c
+                    .stream_usage(pb::StreamUsageRequest {
+                        gateway: gateway.clone().unwrap_or_default(),
+                        model: model.clone().unwrap_or_default(),
+                        key: key.clone().unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                if !cli.json {
+                    println!(
+                        "TIME  GATEWAY  MODEL  KEY  STATUS  ATTEMPTS  PROMPT  COMPLETION  LATENCY_MS"
+                    );
+                }
+                while let Some(e) = stream.message().await? {
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({"id": e.id, "at_ms": e.at_ms, "gateway": e.gateway,
+                                "caller": e.caller, "model": e.model, "key": e.key,
+                                "provider": e.provider, "attempts": e.attempts,
+                                "status": e.status, "stream": e.stream,
+                                "latency_ms": e.latency_ms, "prompt_tokens": e.prompt_tokens,
+                                "completion_tokens": e.completion_tokens,
+                                "total_tokens": e.total_tokens, "error": e.error})
+                        );
+                    } else {
+                        println!(
+                            "{}  {}  {}  {}  {}  {}  {}  {}  {}",
+                            time(e.at_ms),
+                            e.gateway,
+                            e.model,
+                            if e.key.is_empty() { "-" } else { &e.key },
+                            e.status,
+                            e.attempts,
+                            e.prompt_tokens,
+                            e.completion_tokens,
+                            e.latency_ms
+                        );
+                    }
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                }
+                return Ok(());
+            }
+            let to = now_ms() + 1;
+            let r = c
+                .get_usage(pb::GetUsageRequest {
+                    from_ms: to - since_ms(since)?,
+                    to_ms: to,
+                    gateway: gateway.clone().unwrap_or_default(),
+                    day_ms: 0,
+                })
+                .await?
+                .into_inner();
+            let totals = |v: &[pb::UsageTotal]| -> Value {
+                Value::Array(
+                    v.iter()
+                        .map(|t| {
+                            json!({"group": t.group, "calls": t.calls, "errors": t.errors,
+                                "prompt_tokens": t.prompt_tokens,
+                                "completion_tokens": t.completion_tokens,
+                                "total_tokens": t.total_tokens})
+                        })
+                        .collect(),
+                )
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "by_gateway": totals(&r.by_gateway),
+                        "by_key": totals(&r.by_key),
+                        "by_model": totals(&r.by_model),
+                        "calls_per_hour": r.calls_per_hour.iter().map(|h| json!({"hour_ms": h.hour_ms, "calls": h.calls, "total_tokens": h.total_tokens})).collect::<Vec<_>>(),
+                    })
+                );
+                return Ok(());
+            }
+            for (title, v) in [
+                ("GATEWAY", &r.by_gateway),
+                ("KEY", &r.by_key),
+                ("MODEL", &r.by_model),
+            ] {
+                let rows: Vec<Vec<String>> = v
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.group.clone(),
+                            t.calls.to_string(),
+                            t.errors.to_string(),
+                            t.prompt_tokens.to_string(),
+                            t.completion_tokens.to_string(),
+                            t.total_tokens.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[title, "CALLS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL"],
+                    &rows,
+                );
+                println!();
+            }
+            let busy: Vec<Vec<String>> = r
+                .calls_per_hour
+                .iter()
+                .filter(|h| h.calls > 0)
+                .map(|h| {
+                    vec![
+                        time(h.hour_ms),
+                        h.calls.to_string(),
+                        h.total_tokens.to_string(),
+                    ]
+                })
+                .collect();
+            table(&["HOUR (UTC, today)", "CALLS", "TOKENS"], &busy);
+        }
+        Cmd::Status => {
+            let s = c.get_status(pb::GetStatusRequest {}).await?.into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"version": s.version, "uptime_seconds": s.uptime_seconds,
+                        "store": s.store, "redis": s.redis, "config_version": s.config_version,
+                        "keys": s.keys, "gateways": s.gateways,
+                        "replicas": s.replicas.iter().map(|r| json!({"id": r.id, "address": r.address, "last_seen_ms": r.last_seen_ms, "config_version": r.config_version})).collect::<Vec<_>>()})
+                );
+            } else {
+                println!("version         {}", s.version);
+                println!("uptime          {} s", s.uptime_seconds);
+                println!("store           {}", s.store);
+                println!("redis           {}", s.redis);
+                println!("config version  {}", s.config_version);
+                println!("keys            {}", s.keys);
+                println!("gateways        {}", s.gateways);
+                for r in &s.replicas {
+                    println!(
+                        "replica         {} {} (config {}, seen {})",
+                        r.id,
+                        r.address,
+                        r.config_version,
+                        time(r.last_seen_ms)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
