@@ -51,6 +51,16 @@ pub struct Config {
     pub telemetry: Telemetry,
     pub notify: Notify,
     pub admin: Admin,
+    pub redis: Option<Redis>,
+}
+
+/// Shared state in Redis.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// May hold a password: never logged.
+    pub url: keypool_types::Secret,
+    pub prefix: String,
+    pub timeout: Duration,
 }
 
 /// The admin gRPC service's settings.

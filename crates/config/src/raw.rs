@@ -50,6 +50,21 @@ pub struct RawConfig {
     pub notify: Option<RawNotify>,
     /// The admin gRPC service.
     pub admin: Option<RawAdmin>,
+    /// Shared state across replicas.
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// `redis://host:6379/0`
+    pub url: String,
+    /// Prefix of every key keypool writes (default `keypool:`).
+    pub prefix: Option<String>,
+    /// Longest wait for one Redis call, in milliseconds (default 250).
+    pub timeout_ms: Option<u64>,
+    /// `local` (default): when Redis fails, each replica enforces limits on its own.
+    pub on_failure: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -182,6 +182,23 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let telemetry = validate_telemetry(raw.telemetry.unwrap_or_default(), &mut errs);
     let notify = validate_notify(raw.notify.unwrap_or_default(), &mut errs);
     let admin = validate_admin(raw.admin.unwrap_or_default(), &mut errs);
+    let redis = raw.redis.map(|r| {
+        if url::Url::parse(&r.url).map_or(true, |u| !matches!(u.scheme(), "redis" | "rediss")) {
+            errs.push("redis.url", "expected redis://host:port[/db]");
+        }
+        match r.on_failure.as_deref() {
+            None | Some("local") => {}
+            Some(other) => errs.push(
+                "redis.on_failure",
+                format!("only `local` is supported (each replica enforces limits alone while Redis is down), got {other:?}"),
+            ),
+        }
+        crate::Redis {
+            url: Secret::new(r.url),
+            prefix: r.prefix.unwrap_or_else(|| "keypool:".to_owned()),
+            timeout: Duration::from_millis(r.timeout_ms.unwrap_or(250).max(1)),
+        }
+    });
     if !errs.0.is_empty() {
         return Err(ConfigError::Invalid(errs.0));
     }
@@ -209,6 +226,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         telemetry,
         notify,
         admin,
+        redis,
     })
 }
 

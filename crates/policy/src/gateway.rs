@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Timelike, Utc};
 use keypool_config::Gateway;
 use keypool_config::gateway::{AuthMethod, LimitScope, ListRule, Position, RateLimit, secret_hash};
+use keypool_pool::{Admit, SharedState, WindowReq};
 use keypool_types::{ApiError, ErrorKind, constant_time_eq};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
@@ -52,6 +53,8 @@ pub struct GatewayState {
     /// Total tokens used, settled from real usage (restored from the store at start-up).
     tokens_used: AtomicU64,
     windows: Mutex<Windows>,
+    /// Across replicas (Redis): windows and the quota counter live there too.
+    shared: Option<(Arc<dyn SharedState>, String)>,
 }
 
 #[derive(Default)]
@@ -107,14 +110,45 @@ impl GatewayState {
         self.tokens_used.load(Ordering::Relaxed)
     }
 
-    /// Adds real usage (a request's total tokens).
+    /// Adds real usage (a request's total tokens); with shared state, also to the replicas'
+    /// common counter (in the background: the request never waits for it).
     pub fn add_tokens(&self, n: u64) {
         self.tokens_used.fetch_add(n, Ordering::Relaxed);
+        if let Some((shared, gateway)) = &self.shared
+            && n > 0
+        {
+            let (shared, key) = (shared.clone(), quota_counter(gateway));
+            tokio::spawn(async move {
+                if let Err(e) = shared.add(&key, n).await {
+                    keypool_pool::shared_failed(&e);
+                }
+            });
+        }
     }
 
-    /// Sets the total at start-up, from the store.
-    pub fn restore_tokens(&self, n: u64) {
+    /// Sets the total at start-up, from the store (the shared counter only if it has none yet).
+    pub async fn restore_tokens(&self, n: u64) {
         self.tokens_used.store(n, Ordering::Relaxed);
+        if let Some((shared, gateway)) = &self.shared
+            && let Err(e) = shared.init(&quota_counter(gateway), n).await
+        {
+            keypool_pool::shared_failed(&e);
+        }
+    }
+
+    /// Tokens used by the gateway on every replica (this replica's count when not shared or
+    /// when the shared state is down).
+    pub async fn tokens_used_everywhere(&self) -> u64 {
+        match &self.shared {
+            None => self.tokens_used(),
+            Some((shared, gateway)) => match shared.get(&quota_counter(gateway)).await {
+                Ok(n) => n,
+                Err(e) => {
+                    keypool_pool::shared_failed(&e);
+                    self.tokens_used()
+                }
+            },
+        }
     }
 }
 
@@ -281,11 +315,7 @@ impl GatewayRuntime {
         if limits.is_empty() {
             return Ok(None);
         }
-        let who: Arc<str> = match (&identity.id, client_ip) {
-            (Some(id), _) => id.clone(),
-            (None, Some(ip)) => Arc::from(format!("ip:{ip}")),
-            (None, None) => Arc::from("anonymous"),
-        };
+        let who = who(identity, client_ip);
         let mut w = self
             .state
             .windows
@@ -313,19 +343,7 @@ impl GatewayRuntime {
             let secs = (free_in.as_secs() + u64::from(free_in.subsec_nanos() > 0)).max(1);
             let headers = tightest(&mut w, limits, &who, now);
             return Err(Refused {
-                error: refuse(
-                    ErrorKind::RateLimitExceeded,
-                    format!(
-                        "Rate limit reached: {} on this gateway{}. Retry after {secs} s.",
-                        l.text,
-                        if l.scope == LimitScope::Secret {
-                            " for your credential"
-                        } else {
-                            ""
-                        }
-                    ),
-                )
-                .retry_after(secs),
+                error: limit_error(l, secs),
                 headers,
             });
         }
@@ -336,10 +354,83 @@ impl GatewayRuntime {
         Ok(tightest(&mut w, limits, &who, now))
     }
 
+    /// [`Self::admit`] across replicas: through the shared state when there is one (falling back
+    /// to this replica's windows while it is unavailable).
+    pub async fn admit_everywhere(
+        &self,
+        identity: &Identity,
+        client_ip: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<Option<RateHeaders>, Refused> {
+        let limits = &self.spec.rate_limits;
+        let Some((shared, gateway)) = &self.state.shared else {
+            return self.admit(identity, client_ip, now);
+        };
+        if limits.is_empty() {
+            return Ok(None);
+        }
+        let who = who(identity, client_ip);
+        let windows: Vec<WindowReq> = limits
+            .iter()
+            .map(|l| WindowReq {
+                key: match l.scope {
+                    LimitScope::Ingress => format!("gw:{gateway}:{}", l.text),
+                    LimitScope::Secret => format!("gw:{gateway}:{}:{who}", l.text),
+                },
+                limit: l.limit,
+                per: l.per,
+            })
+            .collect();
+        match shared.admit(&windows, now).await {
+            Ok(Admit::Admitted { remaining }) => {
+                // the tightest: fewest calls left; the window empties `per` after this call
+                let best = limits
+                    .iter()
+                    .zip(&remaining)
+                    .min_by_key(|(l, r)| (**r, std::cmp::Reverse(l.per)))
+                    .map(|(l, r)| RateHeaders {
+                        limit: l.limit,
+                        remaining: *r,
+                        reset: l.per,
+                    });
+                Ok(best)
+            }
+            Ok(Admit::Refused { index, free_in }) => {
+                let l = &limits[index.min(limits.len() - 1)];
+                let secs = (free_in.as_secs() + u64::from(free_in.subsec_nanos() > 0)).max(1);
+                Err(Refused {
+                    error: limit_error(l, secs),
+                    headers: Some(RateHeaders {
+                        limit: l.limit,
+                        remaining: 0,
+                        reset: free_in,
+                    }),
+                })
+            }
+            Err(e) => {
+                keypool_pool::shared_failed(&e);
+                self.admit(identity, client_ip, now)
+            }
+        }
+    }
+
+    /// Refuses once the tokens used (on every replica, with shared state) reached the quota.
+    pub async fn check_quota_everywhere(&self) -> Result<(), ApiError> {
+        if self.spec.token_quota.is_none() {
+            return Ok(());
+        }
+        let used = self.state.tokens_used_everywhere().await;
+        self.quota_verdict(used)
+    }
+
     /// Refuses once the tokens used reached the quota.
     pub fn check_quota(&self) -> Result<(), ApiError> {
+        self.quota_verdict(self.state.tokens_used())
+    }
+
+    fn quota_verdict(&self, used: u64) -> Result<(), ApiError> {
         match self.spec.token_quota {
-            Some(q) if self.state.tokens_used() >= q => Err(refuse(
+            Some(q) if used >= q => Err(refuse(
                 ErrorKind::InsufficientQuota,
                 format!(
                     "This gateway has used its token quota ({q} tokens). Ask its admin for more."
@@ -360,6 +451,35 @@ impl GatewayRuntime {
             ))
         }
     }
+}
+
+/// Whom `secret:` limits count: the identity, else (open gateways) the client IP.
+fn who(identity: &Identity, client_ip: Option<IpAddr>) -> Arc<str> {
+    match (&identity.id, client_ip) {
+        (Some(id), _) => id.clone(),
+        (None, Some(ip)) => Arc::from(format!("ip:{ip}")),
+        (None, None) => Arc::from("anonymous"),
+    }
+}
+
+fn quota_counter(gateway: &str) -> String {
+    format!("quota:{gateway}")
+}
+
+fn limit_error(l: &RateLimit, secs: u64) -> ApiError {
+    refuse(
+        ErrorKind::RateLimitExceeded,
+        format!(
+            "Rate limit reached: {} on this gateway{}. Retry after {secs} s.",
+            l.text,
+            if l.scope == LimitScope::Secret {
+                " for your credential"
+            } else {
+                ""
+            }
+        ),
+    )
+    .retry_after(secs)
 }
 
 fn describe(p: &Position) -> String {
@@ -431,11 +551,20 @@ fn tightest(
 #[derive(Default)]
 pub struct Gateways {
     map: RwLock<Arc<HashMap<String, Arc<GatewayRuntime>>>>,
+    shared: Option<Arc<dyn SharedState>>,
 }
 
 impl Gateways {
     pub fn new(specs: &[Arc<Gateway>]) -> Self {
-        let g = Self::default();
+        Self::with_shared(specs, None)
+    }
+
+    /// Gateways whose limits and quotas hold across replicas through `shared`.
+    pub fn with_shared(specs: &[Arc<Gateway>], shared: Option<Arc<dyn SharedState>>) -> Self {
+        let g = Self {
+            map: RwLock::default(),
+            shared,
+        };
         g.replace(specs);
         g
     }
@@ -467,9 +596,15 @@ impl Gateways {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = HashMap::with_capacity(specs.len());
         for spec in specs {
-            let state = guard
-                .get(&spec.name)
-                .map_or_else(Arc::default, |r| r.state.clone());
+            let state = guard.get(&spec.name).map_or_else(
+                || {
+                    Arc::new(GatewayState {
+                        shared: self.shared.clone().map(|s| (s, spec.name.clone())),
+                        ..GatewayState::default()
+                    })
+                },
+                |r| r.state.clone(),
+            );
             next.insert(
                 spec.name.clone(),
                 Arc::new(GatewayRuntime {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::messages::{Outcome, Record, Refusal, Reserve, Settle, Snapshot};
 use crate::window::{BucketWindow, RateWindow};
 
-const WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 /// Consecutive transport / 5xx failures before a key is cooled down (a simple circuit breaker).
 const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 /// Longest cooldown after repeated failures or a 429 without a usable reset header.
@@ -246,6 +246,7 @@ impl KeyActor {
             _ => {}
         }
         tracing::warn!(key = %self.key.name, cooldown_ms = period.as_millis() as u64, "key cooling down");
+        crate::shared::announce(&self.key.name, crate::HealthEvent::Cooling(period));
         self.cooldowns_in_row += 1;
         if self.cooldowns_in_row >= keypool_telemetry::notify::cooling_alert_after() {
             keypool_telemetry::alert(
@@ -295,6 +296,10 @@ impl KeyActor {
                 tracing::error!(key = %self.key.name, status, "upstream rejected the key; disabling it");
                 self.counters.last_error = Some(reason.clone());
                 if !matches!(self.health, Health::Disabled { .. }) {
+                    crate::shared::announce(
+                        &self.key.name,
+                        crate::HealthEvent::Disabled(reason.clone()),
+                    );
                     keypool_telemetry::alert(
                         keypool_telemetry::Cause::KeyDisabled,
                         self.key.name.clone(),
@@ -455,6 +460,36 @@ impl Handler<crate::messages::ReplaceSpec> for KeyActor {
         }
         self.key = new;
         self.publish_window(ctx);
+    }
+}
+
+impl Handler<crate::messages::RemoteHealth> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::messages::RemoteHealth, _: &mut Context<Self>) {
+        let now = Instant::now();
+        match msg.0 {
+            crate::HealthEvent::Cooling(d) => {
+                let until = now + d;
+                match self.health {
+                    Health::Disabled { .. } => {}
+                    Health::CoolingUntil(t) if t >= until => {}
+                    _ => {
+                        tracing::info!(key = %self.key.name, cooldown_ms = d.as_millis() as u64, "key cooling down (seen by another replica)");
+                        self.health = Health::CoolingUntil(until);
+                        self.publish_health();
+                    }
+                }
+            }
+            crate::HealthEvent::Disabled(reason) => {
+                if !matches!(self.health, Health::Disabled { .. }) {
+                    tracing::warn!(key = %self.key.name, "key disabled (seen by another replica)");
+                    self.counters.last_error = Some(reason.clone());
+                    self.health = Health::Disabled { reason };
+                    self.publish_health();
+                }
+            }
+        }
     }
 }
 

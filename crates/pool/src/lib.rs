@@ -13,11 +13,15 @@ pub mod key;
 pub mod messages;
 mod pool;
 pub mod select;
+pub mod shared;
 pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
 pub use messages::{AddKey, BusyCause, ListKeys, NoKey, Outcome, RemoveKey, SetEnabled, UpdateKey};
 pub use pool::{KeyPool, Lease, Pick, PoolHandle, PoolView};
+pub use shared::{
+    Admit, HealthEvent, InMemory, RedisState, SharedError, SharedState, WindowReq, shared_failed,
+};
 pub use window::RateWindow;
 
 #[cfg(test)]

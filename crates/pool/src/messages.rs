@@ -153,3 +153,8 @@ pub(crate) struct ReplaceSpec(pub std::sync::Arc<keypool_config::UpstreamKey>);
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct Enable(pub bool);
+
+/// Health another replica saw for this key (applied without being published again).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct RemoteHealth(pub crate::HealthEvent);

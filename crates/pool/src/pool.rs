@@ -111,6 +111,7 @@ impl KeyPool {
             view,
             supervisor,
             next_lease: Arc::new(AtomicU64::new(1)),
+            shared: None,
         }
     }
 }
@@ -224,6 +225,8 @@ pub struct PoolHandle {
     supervisor: Addr<KeyPool>,
     /// Lease ids, unique across keys, chosen by the requester so a reservation need not answer.
     next_lease: Arc<AtomicU64>,
+    /// Shared across replicas (Redis): key rpm windows are admitted there first.
+    shared: Option<Arc<dyn crate::SharedState>>,
 }
 
 /// A reserved use of one key for one attempt. Settle it with the attempt's [`Outcome`]; dropping
@@ -277,6 +280,21 @@ impl Earliest {
 }
 
 impl PoolHandle {
+    /// Uses `shared` for key rpm windows from now on (a Redis shared state across replicas).
+    #[must_use]
+    pub fn with_shared(mut self, shared: Arc<dyn crate::SharedState>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Applies a key health event another replica published.
+    pub fn apply_health(&self, key: &str, event: crate::HealthEvent) {
+        let view = self.view();
+        if let Some(k) = view.keys.iter().find(|k| k.key.name == key) {
+            k.addr.do_send(crate::messages::RemoteHealth(event));
+        }
+    }
+
     fn view(&self) -> Arc<PoolView> {
         self.view
             .read()
@@ -338,6 +356,22 @@ impl PoolHandle {
                     est_tokens,
                 });
                 return Ok(lease());
+            }
+            // across replicas, the key's rpm window lives in the shared state: one round trip
+            if let (Some(shared), Some(rpm)) = (&self.shared, k.key.rpm) {
+                let w = [crate::WindowReq {
+                    key: format!("key:{}:rpm", k.key.name),
+                    limit: u64::from(rpm),
+                    per: crate::key::WINDOW,
+                }];
+                match shared.admit(&w, now).await {
+                    Ok(crate::Admit::Admitted { .. }) => {}
+                    Ok(crate::Admit::Refused { free_in, .. }) => {
+                        earliest.offer(Instant::now() + free_in, BusyCause::Budget);
+                        continue;
+                    }
+                    Err(e) => crate::shared_failed(&e),
+                }
             }
             match k
                 .addr

@@ -262,14 +262,17 @@ async fn prepare_gateway(
     let identity = gw.authenticate(credential.as_deref())?;
     let client_ip = client_ip(req, &fe.engine.config);
     gw.check_lists(client_ip, credential.as_deref(), chrono::Utc::now())?;
-    match gw.admit(&identity, client_ip, Instant::now()) {
+    match gw
+        .admit_everywhere(&identity, client_ip, Instant::now())
+        .await
+    {
         Ok(h) => *rate = h,
         Err(refused) => {
             *rate = refused.headers;
             return Err(refused.error);
         }
     }
-    gw.check_quota()?;
+    gw.check_quota_everywhere().await?;
     let checked_model = json.is_some();
     let body = match json.as_mut() {
         Some(map) => {

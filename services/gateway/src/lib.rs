@@ -88,7 +88,21 @@ pub async fn run(
     let auth = Arc::new(ClientAuth::from_config(&config));
     startup_warnings(&config, &auth);
     let store = usage::open_store(&config).await?;
-    let gateways = Arc::new(keypool_policy::gateway::Gateways::new(&config.gateways));
+    let redis = match &config.redis {
+        None => None,
+        Some(r) => Some(Arc::new(
+            keypool_pool::RedisState::connect(r.url.expose(), &r.prefix, r.timeout)
+                .await
+                .context("cannot reach redis.url at start-up")?,
+        )),
+    };
+    let shared: Option<Arc<dyn keypool_pool::SharedState>> = redis
+        .clone()
+        .map(|r| r as Arc<dyn keypool_pool::SharedState>);
+    let gateways = Arc::new(keypool_policy::gateway::Gateways::with_shared(
+        &config.gateways,
+        shared.clone(),
+    ));
     if let Some(store) = &store {
         usage::restore_gateway_usage(store, &gateways).await;
     }
@@ -97,6 +111,21 @@ pub async fn run(
         None => std::collections::HashMap::new(),
     };
     let (actors, pool) = ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds)?;
+    let pool = match (&shared, &redis, &config.redis) {
+        (Some(s), Some(r), Some(rc)) => {
+            keypool_pool::shared::share_health(
+                r,
+                rc.url.expose().to_owned(),
+                pool.clone(),
+                shutdown.clone(),
+            );
+            tracing::info!(
+                "shared state: Redis (limits, quotas and key health hold across replicas)"
+            );
+            pool.with_shared(s.clone())
+        }
+        _ => pool,
+    };
     let store_for_monitor = store.clone();
     let usage = usage::Usage::start(store, &config, &pool);
     let monitor = web::Data::new(monitor::Monitor {

@@ -37,7 +37,8 @@ pub async fn restore_gateway_usage(store: &Store, gateways: &Gateways) {
             for g in gateways.all() {
                 if let Some(t) = totals.iter().find(|t| t.group == g.spec.name) {
                     g.state
-                        .restore_tokens(u64::try_from(t.total_tokens).unwrap_or(0));
+                        .restore_tokens(u64::try_from(t.total_tokens).unwrap_or(0))
+                        .await;
                 }
             }
         }

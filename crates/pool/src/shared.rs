@@ -1,0 +1,455 @@
+//! [`SharedState`]: the counters that must hold across replicas — sliding windows (key rpm,
+//! gateway `ingress:`/`secret:` limits), token counters (quotas) and key health events — with an
+//! in-process implementation ([`InMemory`]) and a Redis one ([`RedisState`]).
+//!
+//! Both give the same contract, tested by one suite over both: `admit` checks every window of a
+//! call and, only when all have room, counts the call in all of them — atomically (a mutex in
+//! process; one Lua script in Redis, on Redis's clock), so concurrent callers on any number of
+//! replicas never admit more than a limit. "n per minute" means at most n in any trailing minute.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// One sliding window a call must fit in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowReq {
+    /// Identifies the window (the prefix is added by the implementation).
+    pub key: String,
+    pub limit: u64,
+    pub per: Duration,
+}
+
+/// What `admit` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    /// Counted in every window; calls left in each (in request order) after this one.
+    Admitted { remaining: Vec<u64> },
+    /// Window `index` is full until one call leaves it, in `free_in`; nothing was counted.
+    Refused { index: usize, free_in: Duration },
+}
+
+/// A key's health as one replica saw it, for the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthEvent {
+    /// Cooling down for this long from now.
+    Cooling(Duration),
+    /// Rejected by its upstream (401/403).
+    Disabled(String),
+}
+
+/// The shared state is unreachable or answered nonsense.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("shared state unavailable: {0}")]
+pub struct SharedError(pub String);
+
+#[async_trait::async_trait]
+pub trait SharedState: Send + Sync {
+    /// `"memory"` or `"redis"`.
+    fn kind(&self) -> &'static str;
+
+    /// Checks every window and counts the call in all of them, or in none. `now` is the
+    /// in-process clock (a shared implementation uses its own, the same for all replicas).
+    async fn admit(&self, windows: &[WindowReq], now: Instant) -> Result<Admit, SharedError>;
+
+    /// Adds `n` to a counter; answers the new total.
+    async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError>;
+
+    /// A counter's total (0 when absent).
+    async fn get(&self, counter: &str) -> Result<u64, SharedError>;
+
+    /// Sets a counter unless it exists (start-up restore: the first replica's value wins).
+    async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError>;
+
+    /// Tells the other replicas about a key's health.
+    async fn publish_health(&self, key: &str, event: &HealthEvent) -> Result<(), SharedError>;
+}
+
+/// One process's state: windows of admission instants, counters.
+#[derive(Default)]
+pub struct InMemory {
+    windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+    counters: Mutex<HashMap<String, u64>>,
+}
+
+fn prune(q: &mut VecDeque<Instant>, now: Instant, per: Duration) {
+    while q
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) >= per)
+    {
+        q.pop_front();
+    }
+}
+
+#[async_trait::async_trait]
+impl SharedState for InMemory {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn admit(&self, windows: &[WindowReq], now: Instant) -> Result<Admit, SharedError> {
+        Ok(self.admit_now(windows, now))
+    }
+
+    async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError> {
+        let mut c = self
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let v = c.entry(counter.to_owned()).or_default();
+        *v += n;
+        Ok(*v)
+    }
+
+    async fn get(&self, counter: &str) -> Result<u64, SharedError> {
+        Ok(self
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(counter)
+            .copied()
+            .unwrap_or(0))
+    }
+
+    async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError> {
+        self.counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(counter.to_owned())
+            .or_insert(n);
+        Ok(())
+    }
+
+    async fn publish_health(&self, _: &str, _: &HealthEvent) -> Result<(), SharedError> {
+        Ok(()) // one process: its actors already know
+    }
+}
+
+impl InMemory {
+    /// The synchronous core of [`SharedState::admit`].
+    pub fn admit_now(&self, windows: &[WindowReq], now: Instant) -> Admit {
+        let mut all = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut refused: Option<(usize, Duration)> = None;
+        for (i, w) in windows.iter().enumerate() {
+            let q = all.entry(w.key.clone()).or_default();
+            prune(q, now, w.per);
+            if q.len() as u64 >= w.limit {
+                let free_in = q.front().map_or(Duration::ZERO, |t| {
+                    (*t + w.per).saturating_duration_since(now)
+                });
+                if refused.is_none_or(|(_, d)| free_in > d) {
+                    refused = Some((i, free_in));
+                }
+            }
+        }
+        if let Some((index, free_in)) = refused {
+            return Admit::Refused { index, free_in };
+        }
+        let remaining = windows
+            .iter()
+            .map(|w| {
+                let q = all.entry(w.key.clone()).or_default();
+                q.push_back(now);
+                w.limit.saturating_sub(q.len() as u64)
+            })
+            .collect();
+        if all.len() > 4096 {
+            let longest = windows.iter().map(|w| w.per).max().unwrap_or_default();
+            all.retain(|_, q| {
+                q.back()
+                    .is_some_and(|t| now.saturating_duration_since(*t) < longest)
+            });
+        }
+        Admit::Admitted { remaining }
+    }
+}
+
+/// Redis: sorted sets of admission times (scored in Redis's milliseconds), plain counters, and a
+/// pub/sub channel for key health. Calls time out after `timeout`, so a dead Redis never holds a
+/// request; the connection manager reconnects by itself.
+pub struct RedisState {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    script: redis::Script,
+}
+
+/// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
+/// id, then (limit, per_ms) per window. Returns {1, remaining...} or {0, index, free_in_ms}.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = ARGV[1]
+local worst, worst_free = 0, -1
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 * i])
+  local per = tonumber(ARGV[2 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - per)
+  if redis.call('ZCARD', KEYS[i]) >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    local free = per
+    if oldest[2] then free = tonumber(oldest[2]) + per - now end
+    if free > worst_free then worst, worst_free = i, free end
+  end
+end
+if worst > 0 then return {0, worst - 1, worst_free} end
+local out = {1}
+for i = 1, #KEYS do
+  local per = tonumber(ARGV[2 * i + 1])
+  redis.call('ZADD', KEYS[i], now, id)
+  redis.call('PEXPIRE', KEYS[i], per)
+  out[i + 1] = tonumber(ARGV[2 * i]) - redis.call('ZCARD', KEYS[i])
+end
+return out
+";
+
+impl RedisState {
+    /// Connects (or fails within `timeout`).
+    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
+        let client = redis::Client::open(url).map_err(|e| SharedError(e.to_string()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            timeout * 4,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| SharedError("connecting to Redis timed out".into()))?
+        .map_err(|e| SharedError(e.to_string()))?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            timeout,
+            script: redis::Script::new(ADMIT),
+        })
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    /// The health channel's name.
+    pub fn health_channel(&self) -> String {
+        self.key("health")
+    }
+
+    async fn run<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(SharedError(e.to_string())),
+            Err(_) => Err(SharedError("Redis did not answer in time".into())),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SharedState for RedisState {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn admit(&self, windows: &[WindowReq], _: Instant) -> Result<Admit, SharedError> {
+        let mut inv = self.script.prepare_invoke();
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        inv.arg(id);
+        for w in windows {
+            inv.key(self.key(&w.key));
+            inv.arg(w.limit).arg(w.per.as_millis() as u64);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, rest @ ..] => Ok(Admit::Admitted {
+                remaining: rest
+                    .iter()
+                    .map(|r| u64::try_from(*r).unwrap_or(0))
+                    .collect(),
+            }),
+            [0, index, free] => Ok(Admit::Refused {
+                index: usize::try_from(*index).unwrap_or(0),
+                free_in: Duration::from_millis(u64::try_from(*free).unwrap_or(0)),
+            }),
+            other => Err(SharedError(format!("unexpected admit answer {other:?}"))),
+        }
+    }
+
+    async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(counter);
+        self.run(async move {
+            redis::cmd("INCRBY")
+                .arg(key)
+                .arg(n)
+                .query_async::<u64>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn get(&self, counter: &str) -> Result<u64, SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(counter);
+        let v: Option<u64> = self
+            .run(async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(counter);
+        self.run(async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(n)
+                .arg("NX")
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn publish_health(&self, key: &str, event: &HealthEvent) -> Result<(), SharedError> {
+        let msg = match event {
+            HealthEvent::Cooling(d) => format!("{}\tcool\t{}\t{key}", process_id(), d.as_millis()),
+            HealthEvent::Disabled(why) => {
+                format!(
+                    "{}\tdisable\t{}\t{key}",
+                    process_id(),
+                    why.replace('\t', " ")
+                )
+            }
+        };
+        let mut conn = self.conn.clone();
+        let channel = self.health_channel();
+        self.run(async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(msg)
+                .query_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// This process's id in health messages (its own are ignored when they come back).
+pub fn process_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{:016x}", fastrand::u64(..)))
+}
+
+/// Parses a health message from another replica: `(key, event)`; `None` for this process's own
+/// messages and for garbage.
+pub fn parse_health(msg: &str) -> Option<(String, HealthEvent)> {
+    let mut parts = msg.splitn(4, '\t');
+    let (from, what, arg, key) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if from == process_id() {
+        return None;
+    }
+    let event = match what {
+        "cool" => HealthEvent::Cooling(Duration::from_millis(arg.parse().ok()?)),
+        "disable" => HealthEvent::Disabled(arg.to_owned()),
+        _ => return None,
+    };
+    Some((key.to_owned(), event))
+}
+
+/// Where key actors announce health changes for the other replicas (set when Redis is on).
+static ANNOUNCE: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, HealthEvent)>> =
+    std::sync::OnceLock::new();
+
+/// Called by key actors: hands a health change to the publisher task, if there is one.
+pub(crate) fn announce(key: &str, event: HealthEvent) {
+    if let Some(tx) = ANNOUNCE.get() {
+        let _ = tx.send((key.to_owned(), event));
+    }
+}
+
+/// Counts and logs a shared-state failure (the caller falls back to local state).
+pub fn shared_failed(e: &SharedError) {
+    keypool_telemetry::metrics().redis_errors.inc();
+    tracing::warn!(error = %e, "shared state unavailable: using local state");
+    keypool_telemetry::alert(
+        keypool_telemetry::Cause::RedisUnavailable,
+        "redis",
+        format!("Redis (shared state) is unavailable: {e}; replicas fall back to local limits"),
+    );
+}
+
+/// Connects the pool to Redis health sharing: publishes this process's key health changes and
+/// applies the other replicas' (through a pub/sub subscription that reconnects by itself).
+pub fn share_health(
+    state: &std::sync::Arc<RedisState>,
+    url: String,
+    pool: crate::PoolHandle,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, HealthEvent)>();
+    let _ = ANNOUNCE.set(tx);
+    let publisher = state.clone();
+    let stop_pub = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop_pub.cancelled() => return,
+                msg = rx.recv() => match msg {
+                    None => return,
+                    Some((key, event)) => {
+                        if let Err(e) = publisher.publish_health(&key, &event).await {
+                            shared_failed(&e);
+                        }
+                    }
+                },
+            }
+        }
+    });
+    let channel = state.health_channel();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        loop {
+            let sub = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut ps = client.get_async_pubsub().await?;
+                ps.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            match sub.await {
+                Ok(ps) => {
+                    let mut messages = ps.into_on_message();
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            m = messages.next() => match m {
+                                None => break,
+                                Some(m) => {
+                                    let payload: String = m.get_payload().unwrap_or_default();
+                                    if let Some((key, event)) = parse_health(&payload) {
+                                        pool.apply_health(&key, event);
+                                    }
+                                }
+                            },
+                        }
+                    }
+                }
+                Err(e) => shared_failed(&SharedError(e.to_string())),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+}

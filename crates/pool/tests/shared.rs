@@ -1,0 +1,167 @@
+//! The `SharedState` contract, one suite over both implementations: in process, and the real
+//! Redis on 127.0.0.1:6379 (a unique key prefix per test, removed afterwards).
+
+// helpers shared by the two suites fail the test the same way #[test] bodies do
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use std::sync::Arc;
+use std::time::Duration;
+
+use keypool_pool::{Admit, InMemory, RedisState, SharedState, WindowReq};
+use tokio::time::Instant;
+
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+
+struct Redis {
+    state: Arc<RedisState>,
+    prefix: String,
+}
+
+impl Redis {
+    async fn new() -> Self {
+        let prefix = format!("kp-test-{:016x}:", fastrand::u64(..));
+        let state = RedisState::connect(REDIS, &prefix, Duration::from_secs(2))
+            .await
+            .expect("the Redis on 127.0.0.1:6379");
+        Self {
+            state: Arc::new(state),
+            prefix,
+        }
+    }
+
+    async fn cleanup(self) {
+        let client = redis::Client::open(REDIS).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn w(key: &str, limit: u64, per_ms: u64) -> WindowReq {
+    WindowReq {
+        key: key.to_owned(),
+        limit,
+        per: Duration::from_millis(per_ms),
+    }
+}
+
+async fn counts_exactly_and_slides(s: &dyn SharedState) {
+    let win = [w("a", 3, 600)];
+    for left in [2, 1, 0] {
+        assert_eq!(
+            s.admit(&win, Instant::now()).await.unwrap(),
+            Admit::Admitted {
+                remaining: vec![left]
+            }
+        );
+    }
+    match s.admit(&win, Instant::now()).await.unwrap() {
+        Admit::Refused { index: 0, free_in } => assert!(free_in <= Duration::from_millis(600)),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(650)).await;
+    assert!(matches!(
+        s.admit(&win, Instant::now()).await.unwrap(),
+        Admit::Admitted { .. }
+    ));
+}
+
+async fn all_or_nothing(s: &dyn SharedState) {
+    let wide = w("wide", 10, 60_000);
+    let narrow = w("narrow", 1, 60_000);
+    assert!(matches!(
+        s.admit(&[wide.clone(), narrow.clone()], Instant::now())
+            .await
+            .unwrap(),
+        Admit::Admitted { .. }
+    ));
+    // narrow is full: the call is refused and `wide` does not count it
+    assert!(matches!(
+        s.admit(&[wide.clone(), narrow], Instant::now())
+            .await
+            .unwrap(),
+        Admit::Refused { index: 1, .. }
+    ));
+    assert_eq!(
+        s.admit(&[wide], Instant::now()).await.unwrap(),
+        Admit::Admitted { remaining: vec![8] }
+    );
+}
+
+async fn never_over_admits_under_concurrency(s: Arc<dyn SharedState>) {
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            matches!(
+                s.admit(&[w("busy", 10, 60_000)], Instant::now())
+                    .await
+                    .unwrap(),
+                Admit::Admitted { .. }
+            )
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 10);
+}
+
+async fn counters(s: &dyn SharedState) {
+    assert_eq!(s.get("q").await.unwrap(), 0);
+    s.init("q", 100).await.unwrap();
+    s.init("q", 5).await.unwrap(); // the first value stays
+    assert_eq!(s.add("q", 10).await.unwrap(), 110);
+    assert_eq!(s.get("q").await.unwrap(), 110);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_contract() {
+    let s: Arc<dyn SharedState> = Arc::new(InMemory::default());
+    counts_exactly_and_slides(s.as_ref()).await;
+    all_or_nothing(s.as_ref()).await;
+    never_over_admits_under_concurrency(s.clone()).await;
+    counters(s.as_ref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_contract() {
+    let r = Redis::new().await;
+    let s: Arc<dyn SharedState> = r.state.clone();
+    counts_exactly_and_slides(s.as_ref()).await;
+    all_or_nothing(s.as_ref()).await;
+    never_over_admits_under_concurrency(s.clone()).await;
+    counters(s.as_ref()).await;
+    // two "replicas" (two connections) share the same windows
+    let other = RedisState::connect(REDIS, &r.prefix, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(matches!(
+        other
+            .admit(&[w("busy", 10, 60_000)], Instant::now())
+            .await
+            .unwrap(),
+        Admit::Refused { .. }
+    ));
+    r.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_fails_fast() {
+    // nothing listens on port 1
+    let err = RedisState::connect("redis://127.0.0.1:1/0", "x:", Duration::from_millis(200))
+        .await
+        .err()
+        .unwrap();
+    assert!(!err.0.is_empty());
+}

@@ -1,0 +1,231 @@
+//! Several `keypool serve` processes sharing the real Redis (unique key prefix per test) behave
+//! as one gateway: key rpm, gateway limits and quotas hold across them; key health spreads.
+
+use std::time::Duration;
+
+use keypool_e2e::{Behavior, Gateway, MockServer, config, hello, mock};
+
+const T: &str = "client-token";
+
+fn redis_block(prefix: &str) -> String {
+    format!("redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\"}}")
+}
+
+fn prefix() -> String {
+    format!("kp-e2e-{:016x}:", fastrand::u64(..))
+}
+
+async fn replicas(n: usize, yaml: &str) -> anyhow::Result<Vec<Gateway>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(Gateway::start(yaml).await?);
+    }
+    Ok(out)
+}
+
+async fn post(gw: &Gateway, path: &str, model: &str) -> anyhow::Result<u16> {
+    let resp = gw
+        .http()
+        .post(gw.url(path))
+        .bearer_auth(T)
+        .json(&hello(model))
+        .send()
+        .await?;
+    let s = resp.status().as_u16();
+    let _ = resp.bytes().await;
+    Ok(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_admit_exactly_a_keys_rpm() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .set("queue_timeout", "0.05")
+        .key(&up, "up", "rpm: 10")
+        .block(&redis_block(&prefix()))
+        .yaml();
+    let gws = replicas(3, &yaml).await?;
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let gw = &gws[i % 3];
+        calls.push(post(gw, "/v1/chat/completions", "gpt-4o-mini"));
+    }
+    let results = futures::future::join_all(calls).await;
+    let ok = results.iter().filter(|r| matches!(r, Ok(200))).count();
+    let limited = results.iter().filter(|r| matches!(r, Ok(429))).count();
+    assert_eq!((ok, limited), (10, 20), "{results:?}");
+    assert_eq!(up.requests(), 10);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_limits_and_quotas_hold_across_replicas() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .key(&up, "up", "")
+        .block(&format!(
+            "{}\ngateways:\n  - {{name: four, rate_limits: [\"ingress:4/minute\"]}}\n  - {{name: quota, token_quota: 15}}",
+            redis_block(&prefix())
+        ))
+        .yaml();
+    let gws = replicas(3, &yaml).await?;
+    let mut admitted = 0;
+    for i in 0..9 {
+        let s = post(&gws[i % 3], "/llm/api/four/v1/chat/completions", "m").await?;
+        assert!(s == 200 || s == 429);
+        admitted += usize::from(s == 200);
+    }
+    assert_eq!(admitted, 4, "ingress:4/minute across three replicas");
+
+    // each call uses 10 tokens: 0 → 10 on A, 10 < 15 → 20 on B, then every replica refuses
+    assert_eq!(
+        post(&gws[0], "/llm/api/quota/v1/chat/completions", "m").await?,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await; // the settled count reaches Redis
+    assert_eq!(
+        post(&gws[1], "/llm/api/quota/v1/chat/completions", "m").await?,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for gw in &gws {
+        assert_eq!(
+            post(gw, "/llm/api/quota/v1/chat/completions", "m").await?,
+            429
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_by_one_replica_cools_the_key_on_all() -> anyhow::Result<()> {
+    let limited: MockServer = mock(
+        "limited",
+        Behavior {
+            status: Some(429),
+            retry_after: Some("5".into()),
+            ..Behavior::default()
+        },
+    );
+    let good = mock("good", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .set("lb_policy", "order")
+        .key(&limited, "limited", "")
+        .key(&good, "good", "")
+        .block(&redis_block(&prefix()))
+        .yaml();
+    let gws = replicas(2, &yaml).await?;
+    assert_eq!(post(&gws[0], "/v1/chat/completions", "m").await?, 200);
+    assert_eq!(limited.requests(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await; // pub/sub delivery
+    for _ in 0..5 {
+        assert_eq!(post(&gws[1], "/v1/chat/completions", "m").await?, 200);
+    }
+    assert_eq!(limited.requests(), 1, "B never tried the key A saw cooling");
+    Ok(())
+}
+
+/// A `redis-server` of the test's own, on a free port, without persistence.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> anyhow::Result<Self> {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self { child, port });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("redis-server did not start on {port}")
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin() -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut redis = OwnRedis::start(port)?;
+    let up = mock("up", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .key(&up, "up", "rpm: 1000")
+        .block(&format!(
+            "redis: {{url: \"redis://127.0.0.1:{}/0\", timeout_ms: 100}}\ngateways:\n  - {{name: g, rate_limits: [\"ingress:1000/minute\"]}}",
+            redis.port
+        ))
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    assert_eq!(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
+    redis.stop();
+    // local mode: every request is answered, none waits much past the Redis timeout
+    for _ in 0..10 {
+        let t = std::time::Instant::now();
+        assert_eq!(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    let metrics = gw
+        .http()
+        .get(gw.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keypool_redis_errors_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Redis returns on the same port: the replica uses it again by itself
+    let _redis = OwnRedis::start(port)?;
+    let mut rejoined = false;
+    for _ in 0..50 {
+        assert_eq!(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0"))?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("keypool:gw:*")
+            .query_async(&mut c)
+            .await?;
+        if !keys.is_empty() {
+            rejoined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(rejoined, "windows are kept in Redis again");
+    Ok(())
+}
