@@ -3,7 +3,10 @@
 #   - the mock upstream in no-delay mode, directly;
 #   - nginx as a plain keep-alive reverse proxy to it (the floor for one hop; NGINX=0 skips it);
 #   - keypool with 3 keys for each store in STORES (default "none sqlite postgres"; request-body
-#     logging off; postgres uses a fresh database on 127.0.0.1:5432, dropped afterwards).
+#     logging off; postgres uses a fresh database on 127.0.0.1:5432, dropped afterwards);
+#     `rpm` = dbtype none with an rpm budget on every key (exact in-process windows), `redis` =
+#     the same budgets kept in the Redis on 127.0.0.1:6379 (one admission script per request;
+#     the round trips per request are counted from Redis's command stats).
 # Prints throughput at 64 connections and latency at 1 keep-alive connection, as medians of
 # ROUNDS rounds of DURATION seconds, beside direct, and keypool's peak RSS.
 #
@@ -16,7 +19,7 @@ ROUNDS=${ROUNDS:-3}
 STORES=${STORES:-none sqlite postgres}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p keypool-gateway
-BIN=target/release/keypool
+BIN=${CARGO_TARGET_DIR:-target}/release/keypool
 WORK=$(mktemp -d)
 PGDB=""
 cleanup() {
@@ -83,16 +86,21 @@ dbaddr: $WORK/bench.sqlite" ;;
       psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $PGDB" >/dev/null
       DB="dbtype: postgres
 dbaddr: postgres://postgres@127.0.0.1:5432/$PGDB" ;;
+    rpm) DB="dbtype: none" ;;
+    redis) DB="dbtype: none
+redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$$:\"}" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
+  LIMIT=""
+  case "$store" in rpm|redis) LIMIT=", rpm: 100000000" ;; esac
   cat > "$WORK/config-$store.yaml" <<YAML
 address: 127.0.0.1:0
 authorization: bench-token
 $DB
 upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
-  - {name: k2, sk: sk-bench-2, endpoint: "$UP"}
-  - {name: k3, sk: sk-bench-3, endpoint: "$UP"}
+  - {name: k1, sk: sk-bench-1, endpoint: "$UP"$LIMIT}
+  - {name: k2, sk: sk-bench-2, endpoint: "$UP"$LIMIT}
+  - {name: k3, sk: sk-bench-3, endpoint: "$UP"$LIMIT}
 YAML
   RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" > "$WORK/kp.out" 2> "$WORK/kp-$store.err" &
   KP_PID=$!
@@ -100,6 +108,8 @@ YAML
   KP=$(grep -o 'http://[^ ]*' "$WORK/kp.out" | head -1)
   taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$UP/chat/completions" > /dev/null
   taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$KP/chat/completions" > /dev/null
+  evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
+  [ "$store" = redis ] && E0=$(evals)
   for _ in $(seq "$ROUNDS"); do
     run "direct-64" "$UP" 64
     [ -n "$NG" ] && [ "$store" = none ] && run "nginx-64" "$NG" 64
@@ -109,6 +119,11 @@ YAML
     run "keypool[$store]-1" "$KP" 1
   done
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/$KP_PID/status")" >> "$WORK/rss.tsv"
+  if [ "$store" = redis ]; then
+    SERVED=$(curl -s "${KP%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}')
+    echo "redis round trips per request: $(( $(evals) - E0 )) admission scripts / $SERVED requests" >> "$WORK/notes.txt"
+    redis-cli --scan --pattern "kp-bench-$$:*" | xargs -r redis-cli del > /dev/null
+  fi
   kill -TERM "$KP_PID"; wait "$KP_PID" 2>/dev/null || true
   rm -f "$WORK/kp.out"
 done
@@ -138,4 +153,8 @@ for store in sys.argv[3].split():
     print(f"| keypool, dbtype {store} | {k64:,.0f} req/s{vs} | {k64 / d64:.2f}x | {k1p50:.3f} ms | +{k1p50 - d1p50:.3f} ms | {k1p99:.3f} ms | +{k1p99 - d1p99:.3f} ms | {mb:.1f} MB |")
 errs = sum(int(r[4]) for r in rows)
 print(f"\nnon-2xx responses: {errs}")
+try:
+    print(open(sys.argv[1].replace("results.tsv", "notes.txt")).read().strip())
+except OSError:
+    pass
 PY
