@@ -1,0 +1,73 @@
+//! `deploy/` stays consistent: its keypool configs load (the binary's own validation), the
+//! compose file matches the compose spec, the manifests match the Kubernetes schemas.
+
+use std::process::Command;
+
+use keypool_e2e::{REPO_ROOT, keypool_bin, python_venv};
+
+/// Runs `keypool serve` on a config: it must get past validation (exit code 2 and "invalid
+/// config" mean it did not); it then fails to reach the databases this machine does not have.
+fn loads(path: &str) -> anyhow::Result<()> {
+    let out = Command::new(keypool_bin())
+        .args(["serve", "--config", path, "--address", "127.0.0.1:0"])
+        .args(["--admin-address", "127.0.0.1:0"])
+        .env("KEYPOOL_ADMIN_TOKEN", "from-the-k8s-secret")
+        .env("KEYPOOL_SECRET_KEY", "from-the-k8s-secret")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.code() != Some(2) && !err.contains("invalid config"),
+        "{path} does not load: {err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn deploy_configs_load_and_manifests_validate() -> anyhow::Result<()> {
+    let deploy = format!("{REPO_ROOT}/deploy");
+    // the compose config, as every replica reads it
+    loads(&format!("{deploy}/config.yaml"))?;
+    // the ConfigMap's embedded config.yaml
+    let k8s = std::fs::read_to_string(format!("{deploy}/k8s/keypool.yaml"))?;
+    let configmap: serde_norway::Value = k8s
+        .split("\n---\n")
+        .map(serde_norway::from_str::<serde_norway::Value>)
+        .find_map(|d| d.ok().filter(|d| d["kind"] == "ConfigMap"))
+        .ok_or_else(|| anyhow::anyhow!("no ConfigMap"))?;
+    let embedded = configmap["data"]["config.yaml"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no data.config.yaml"))?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, embedded)?;
+    loads(&path.display().to_string())?;
+
+    let venv = python_venv()?;
+    let compose = Command::new(venv.join("bin/python"))
+        .args([
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+        ])
+        .arg(format!("{deploy}/docker-compose.yml"))
+        .output()?;
+    assert!(
+        compose.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&compose.stdout),
+        String::from_utf8_lossy(&compose.stderr)
+    );
+    let manifests = Command::new(venv.join("bin/python"))
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .arg(format!("{deploy}/k8s/keypool.yaml"))
+        .output()?;
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&manifests.stdout),
+        String::from_utf8_lossy(&manifests.stderr)
+    );
+    assert!(manifests.status.success(), "{out}");
+    assert_eq!(out.matches("passed for resource").count(), 5, "{out}");
+    Ok(())
+}
