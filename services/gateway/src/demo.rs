@@ -58,7 +58,12 @@ r = client.chat.completions.create(model=\"gpt-4o-mini\", messages=[{{\"role\": 
 print(r.choices[0].message.content, r.usage)
 '
 
-The x-keypool-upstream response header names the key that served each call. Ctrl-C stops.
+The x-keypool-upstream response header names the key that served each call. The admin API
+(no token: loopback only) is on {admin_address}:
+
+  keypoolctl --server http://{admin_address} keys list
+
+Ctrl-C stops.
 keypool listening on {base}"
     );
     let result = crate::run(config, listener, shutdown).await;
