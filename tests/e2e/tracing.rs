@@ -205,6 +205,7 @@ async fn spans_of_a_plain_and_a_streamed_request_reach_an_otlp_receiver() -> any
     assert_eq!(attempt.kind, SpanKind::Client as i32);
     assert_eq!(attr(attempt, "keypool.attempt").as_deref(), Some("1"));
     assert_eq!(attr(attempt, "keypool.key").as_deref(), Some("up"));
+    assert_eq!(attr(attempt, "gen_ai.system").as_deref(), Some("openai"));
     assert_eq!(
         attr(attempt, "http.response.status_code").as_deref(),
         Some("200")

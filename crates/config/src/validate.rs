@@ -594,6 +594,17 @@ fn derived_name(endpoint: &str, sk: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_admin_api_beyond_loopback_needs_a_token() {
+        let err = crate::from_yaml("admin: {address: '0.0.0.0:8889'}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.token"), "{err}");
+        assert!(crate::from_yaml("admin: {address: '0.0.0.0:8889', token: t}\n").is_ok());
+        assert!(crate::from_yaml("admin: {address: '127.0.0.1:8889'}\n").is_ok());
+        assert!(crate::from_yaml("admin: {address: '0.0.0.0:8889', enabled: false}\n").is_ok());
+    }
+
     use crate::{ConfigError, LbPolicy, StoreConfig, from_yaml};
 
     /// openai-api-route's `config.sample.yaml`, unchanged.

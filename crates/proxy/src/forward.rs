@@ -276,6 +276,7 @@ impl Engine {
                 &ctx.span,
                 ctx.attempts,
                 &lease.key.name,
+                lease.key.kind.as_str(),
                 ctx.method.as_str(),
             );
             let outcome = self

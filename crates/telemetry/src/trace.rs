@@ -14,7 +14,8 @@
 //!   W3C `traceparent`.
 //!   - `policy`: authentication and the gateway's checks.
 //!   - `select_key`: `keypool.key`, `keypool.lb_policy`, `keypool.attempt`.
-//!   - `upstream` (client), one per attempt: `keypool.key`, `keypool.attempt`,
+//!   - `upstream` (client), one per attempt: `keypool.key`, `gen_ai.system` (the key's
+//!     provider: `openai`, `replicate`), `keypool.attempt`,
 //!     `http.response.status_code`, `error.type`; its context goes upstream as `traceparent`.
 //!   - `stream`: `keypool.stream.ttfb_ms`, `keypool.stream.chunks`.
 
@@ -229,8 +230,8 @@ pub fn select_span(parent: &Span, attempt: u32, lb_policy: &'static str) -> Span
     )
 }
 
-/// An upstream attempt's client span.
-pub fn attempt_span(parent: &Span, attempt: u32, key: &str, method: &str) -> Span {
+/// An upstream attempt's client span (`gen_ai.system` is the key's provider).
+pub fn attempt_span(parent: &Span, attempt: u32, key: &str, provider: &str, method: &str) -> Span {
     if parent.is_none() {
         return Span::none();
     }
@@ -244,6 +245,7 @@ pub fn attempt_span(parent: &Span, attempt: u32, key: &str, method: &str) -> Spa
         http.request.method = method,
         keypool.attempt = attempt,
         keypool.key = key,
+        gen_ai.system = provider,
         http.response.status_code = tracing::field::Empty,
         "error.type" = tracing::field::Empty,
     )
