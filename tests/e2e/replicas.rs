@@ -229,3 +229,53 @@ async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin() -> anyhow::Resu
     assert!(rejoined, "windows are kept in Redis again");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_closed_refuses_until_redis_returns() -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut redis = OwnRedis::start(port)?;
+    let up = mock("up", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .key(&up, "up", "rpm: 1000")
+        .block(&format!(
+            "redis: {{url: \"redis://127.0.0.1:{port}/0\", timeout_ms: 100, on_failure: closed}}\ngateways:\n  - {{name: g, rate_limits: [\"ingress:1000/minute\"]}}"
+        ))
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    assert_eq!(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
+    redis.stop();
+    let before = up.requests();
+    for path in ["/llm/api/g/v1/chat/completions", "/v1/chat/completions"] {
+        let t = std::time::Instant::now();
+        let resp = gw
+            .http()
+            .post(gw.url(path))
+            .bearer_auth(T)
+            .json(&hello("m"))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 503, "{path}");
+        assert!(t.elapsed() < Duration::from_millis(800));
+        let body: serde_json::Value = resp.json().await?;
+        assert_eq!(body["error"]["code"], "shared_state_unavailable");
+    }
+    assert_eq!(
+        up.requests(),
+        before,
+        "nothing reached the upstream unlimited"
+    );
+    let _redis = OwnRedis::start(port)?;
+    let mut back = false;
+    for _ in 0..50 {
+        if post(&gw, "/llm/api/g/v1/chat/completions", "m").await? == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(back, "serving again once Redis is back");
+    Ok(())
+}

@@ -61,6 +61,8 @@ pub struct Redis {
     pub url: keypool_types::Secret,
     pub prefix: String,
     pub timeout: Duration,
+    /// `on_failure: closed`: refuse with 503 while Redis is unavailable.
+    pub fail_closed: bool,
 }
 
 /// The admin gRPC service's settings.

@@ -63,7 +63,8 @@ pub struct RawRedis {
     pub prefix: Option<String>,
     /// Longest wait for one Redis call, in milliseconds (default 250).
     pub timeout_ms: Option<u64>,
-    /// `local` (default): when Redis fails, each replica enforces limits on its own.
+    /// `local` (default): when Redis fails, each replica enforces limits on its own;
+    /// `closed`: refuse with 503 until Redis is back.
     pub on_failure: Option<String>,
 }
 

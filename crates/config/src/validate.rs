@@ -186,17 +186,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if url::Url::parse(&r.url).map_or(true, |u| !matches!(u.scheme(), "redis" | "rediss")) {
             errs.push("redis.url", "expected redis://host:port[/db]");
         }
-        match r.on_failure.as_deref() {
-            None | Some("local") => {}
-            Some(other) => errs.push(
-                "redis.on_failure",
-                format!("only `local` is supported (each replica enforces limits alone while Redis is down), got {other:?}"),
-            ),
-        }
+        let fail_closed = match r.on_failure.as_deref() {
+            None | Some("local") => false,
+            Some("closed") => true,
+            Some(other) => {
+                errs.push(
+                    "redis.on_failure",
+                    format!("expected local or closed, got {other:?}"),
+                );
+                false
+            }
+        };
         crate::Redis {
             url: Secret::new(r.url),
             prefix: r.prefix.unwrap_or_else(|| "keypool:".to_owned()),
             timeout: Duration::from_millis(r.timeout_ms.unwrap_or(250).max(1)),
+            fail_closed,
         }
     });
     if !errs.0.is_empty() {

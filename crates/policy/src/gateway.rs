@@ -409,6 +409,12 @@ impl GatewayRuntime {
             }
             Err(e) => {
                 keypool_pool::shared_failed(&e);
+                if shared.fail_closed() {
+                    return Err(Refused {
+                        error: shared_unavailable(),
+                        headers: None,
+                    });
+                }
                 self.admit(identity, client_ip, now)
             }
         }
@@ -419,8 +425,20 @@ impl GatewayRuntime {
         if self.spec.token_quota.is_none() {
             return Ok(());
         }
-        let used = self.state.tokens_used_everywhere().await;
-        self.quota_verdict(used)
+        if let Some((shared, gateway)) = &self.state.shared {
+            return match shared.get(&quota_counter(gateway)).await {
+                Ok(used) => self.quota_verdict(used),
+                Err(e) => {
+                    keypool_pool::shared_failed(&e);
+                    if shared.fail_closed() {
+                        Err(shared_unavailable())
+                    } else {
+                        self.quota_verdict(self.state.tokens_used())
+                    }
+                }
+            };
+        }
+        self.quota_verdict(self.state.tokens_used())
     }
 
     /// Refuses once the tokens used reached the quota.
@@ -460,6 +478,14 @@ fn who(identity: &Identity, client_ip: Option<IpAddr>) -> Arc<str> {
         (None, Some(ip)) => Arc::from(format!("ip:{ip}")),
         (None, None) => Arc::from("anonymous"),
     }
+}
+
+fn shared_unavailable() -> ApiError {
+    refuse(
+        ErrorKind::SharedStateUnavailable,
+        "The shared rate-limit state is unavailable and this gateway refuses rather than guess.",
+    )
+    .retry_after(1)
 }
 
 fn quota_counter(gateway: &str) -> String {

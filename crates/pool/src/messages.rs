@@ -21,6 +21,8 @@ pub enum NoKey {
     AllDisabled,
     /// Keys would serve it, but none has budget / is out of cooldown before `until`.
     Busy { until: Instant, cause: BusyCause },
+    /// The shared state is down and limits must not be enforced locally (`on_failure: closed`).
+    SharedUnavailable,
 }
 
 /// What keeps the earliest key busy.

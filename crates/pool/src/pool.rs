@@ -370,7 +370,12 @@ impl PoolHandle {
                         earliest.offer(Instant::now() + free_in, BusyCause::Budget);
                         continue;
                     }
-                    Err(e) => crate::shared_failed(&e),
+                    Err(e) => {
+                        crate::shared_failed(&e);
+                        if shared.fail_closed() {
+                            return Err(NoKey::SharedUnavailable);
+                        }
+                    }
                 }
             }
             match k

@@ -65,6 +65,12 @@ pub trait SharedState: Send + Sync {
 
     /// Tells the other replicas about a key's health.
     async fn publish_health(&self, key: &str, event: &HealthEvent) -> Result<(), SharedError>;
+
+    /// While unavailable, refuse (`true`, `on_failure: closed`) rather than fall back to local
+    /// limits.
+    fn fail_closed(&self) -> bool {
+        false
+    }
 }
 
 /// One process's state: windows of admission instants, counters.
@@ -173,6 +179,8 @@ impl InMemory {
 /// pub/sub channel for key health. Calls time out after `timeout`, so a dead Redis never holds a
 /// request; the connection manager reconnects by itself.
 pub struct RedisState {
+    /// `on_failure: closed`.
+    pub closed: bool,
     conn: redis::aio::ConnectionManager,
     prefix: String,
     timeout: Duration,
@@ -224,6 +232,7 @@ impl RedisState {
         .map_err(|_| SharedError("connecting to Redis timed out".into()))?
         .map_err(|e| SharedError(e.to_string()))?;
         Ok(Self {
+            closed: false,
             conn,
             prefix: prefix.to_owned(),
             timeout,
@@ -256,6 +265,10 @@ impl RedisState {
 impl SharedState for RedisState {
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn fail_closed(&self) -> bool {
+        self.closed
     }
 
     async fn admit(&self, windows: &[WindowReq], _: Instant) -> Result<Admit, SharedError> {

@@ -341,6 +341,7 @@ impl Engine {
                 "Every upstream key that serves this model is disabled.",
             ),
             NoKey::Busy { .. } => ApiError::new(ErrorKind::Internal, "unexpected busy pool"),
+            NoKey::SharedUnavailable => shared_unavailable(),
         }
     }
 
@@ -516,6 +517,14 @@ impl Engine {
             }
         }
     }
+}
+
+fn shared_unavailable() -> ApiError {
+    ApiError::new(
+        ErrorKind::SharedStateUnavailable,
+        "The shared rate-limit state is unavailable and this gateway refuses rather than guess.",
+    )
+    .retry_after(1)
 }
 
 fn lb_policy_name(p: keypool_config::LbPolicy) -> &'static str {

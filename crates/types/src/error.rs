@@ -48,6 +48,8 @@ pub enum ErrorKind {
     RateLimitExceeded,
     /// The gateway's `token_quota` is used up (429 `insufficient_quota`, as OpenAI's).
     InsufficientQuota,
+    /// Redis (shared state) is down and `redis.on_failure: closed` (503).
+    SharedStateUnavailable,
 }
 
 /// The wire form of one kind: HTTP status, OpenAI `type`, `code`.
@@ -80,6 +82,7 @@ impl ErrorKind {
             Self::AccessDenied => (403, "permission_error", "access_denied"),
             Self::RateLimitExceeded => (429, "rate_limit_error", "rate_limit_exceeded"),
             Self::InsufficientQuota => (429, "insufficient_quota", "insufficient_quota"),
+            Self::SharedStateUnavailable => (503, "server_error", "shared_state_unavailable"),
         };
         Wire {
             status,

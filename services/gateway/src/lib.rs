@@ -90,11 +90,13 @@ pub async fn run(
     let store = usage::open_store(&config).await?;
     let redis = match &config.redis {
         None => None,
-        Some(r) => Some(Arc::new(
-            keypool_pool::RedisState::connect(r.url.expose(), &r.prefix, r.timeout)
+        Some(r) => {
+            let mut state = keypool_pool::RedisState::connect(r.url.expose(), &r.prefix, r.timeout)
                 .await
-                .context("cannot reach redis.url at start-up")?,
-        )),
+                .context("cannot reach redis.url at start-up")?;
+            state.closed = r.fail_closed;
+            Some(Arc::new(state))
+        }
     };
     let shared: Option<Arc<dyn keypool_pool::SharedState>> = redis
         .clone()
