@@ -60,6 +60,30 @@ async fn three_replicas_admit_exactly_a_keys_rpm() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_spread_load_over_keys_as_evenly_as_one() -> anyhow::Result<()> {
+    let keys = [
+        mock("k1", Behavior::default()),
+        mock("k2", Behavior::default()),
+        mock("k3", Behavior::default()),
+    ];
+    let yaml = config()
+        .token(T)
+        .key(&keys[0], "k1", "")
+        .key(&keys[1], "k2", "")
+        .key(&keys[2], "k3", "")
+        .block(&redis_block(&prefix()))
+        .yaml();
+    let gws = replicas(3, &yaml).await?;
+    // round robin over the replicas; alone, each would start at k1 (12/9/9 in all)
+    for i in 0..30 {
+        assert_eq!(post(&gws[i % 3], "/v1/chat/completions", "m").await?, 200);
+    }
+    let counts: Vec<u64> = keys.iter().map(MockServer::requests).collect();
+    assert_eq!(counts, [10, 10, 10]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_limits_and_quotas_hold_across_replicas() -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
     let yaml = config()

@@ -338,7 +338,47 @@ impl PoolHandle {
             return Err(NoKey::NoneServes);
         }
         rank(view.policy, &mut cands);
-        for c in &cands {
+        // across replicas: choose and reserve in the shared windows, in one round trip, so the
+        // replicas rank on the same counts (least-used) and never exceed a key's rpm together
+        let mut chosen: Option<Vec<Candidate>> = None;
+        if let Some(shared) = &self.shared
+            && !cands.is_empty()
+        {
+            let mut ordered = cands.clone();
+            if view.policy != LbPolicy::Random {
+                ordered.sort_by_key(|c| c.order); // ties go to config order
+            }
+            let windows: Vec<crate::WindowReq> = ordered
+                .iter()
+                .map(|c| {
+                    let key = &view.keys[c.order].key;
+                    crate::WindowReq {
+                        key: format!("key:{}:req", key.name),
+                        limit: key.rpm.map_or(u64::MAX, u64::from),
+                        per: crate::key::WINDOW,
+                    }
+                })
+                .collect();
+            match shared
+                .pick(&windows, view.policy == LbPolicy::LeastUsed, now)
+                .await
+            {
+                Ok(crate::Picked::Index(i)) => {
+                    chosen = Some(vec![ordered[i.min(ordered.len() - 1)]]);
+                }
+                Ok(crate::Picked::Busy(free_in)) => {
+                    earliest.offer(Instant::now() + free_in, BusyCause::Budget);
+                    chosen = Some(Vec::new());
+                }
+                Err(e) => {
+                    crate::shared_failed(&e);
+                    if shared.fail_closed() {
+                        return Err(NoKey::SharedUnavailable);
+                    }
+                }
+            }
+        }
+        for c in chosen.as_deref().unwrap_or(&cands) {
             let k = &view.keys[c.order];
             let lease_id = self.next_lease.fetch_add(1, Ordering::Relaxed);
             let lease = || Lease {
@@ -356,27 +396,6 @@ impl PoolHandle {
                     est_tokens,
                 });
                 return Ok(lease());
-            }
-            // across replicas, the key's rpm window lives in the shared state: one round trip
-            if let (Some(shared), Some(rpm)) = (&self.shared, k.key.rpm) {
-                let w = [crate::WindowReq {
-                    key: format!("key:{}:rpm", k.key.name),
-                    limit: u64::from(rpm),
-                    per: crate::key::WINDOW,
-                }];
-                match shared.admit(&w, now).await {
-                    Ok(crate::Admit::Admitted { .. }) => {}
-                    Ok(crate::Admit::Refused { free_in, .. }) => {
-                        earliest.offer(Instant::now() + free_in, BusyCause::Budget);
-                        continue;
-                    }
-                    Err(e) => {
-                        crate::shared_failed(&e);
-                        if shared.fail_closed() {
-                            return Err(NoKey::SharedUnavailable);
-                        }
-                    }
-                }
             }
             match k
                 .addr

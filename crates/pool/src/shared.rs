@@ -31,6 +31,15 @@ pub enum Admit {
     Refused { index: usize, free_in: Duration },
 }
 
+/// What `pick` chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Picked {
+    /// Candidate `i` had room and the call is counted in its window.
+    Index(usize),
+    /// None had room; the first frees up in this long.
+    Busy(Duration),
+}
+
 /// A key's health as one replica saw it, for the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthEvent {
@@ -53,6 +62,16 @@ pub trait SharedState: Send + Sync {
     /// Checks every window and counts the call in all of them, or in none. `now` is the
     /// in-process clock (a shared implementation uses its own, the same for all replicas).
     async fn admit(&self, windows: &[WindowReq], now: Instant) -> Result<Admit, SharedError>;
+
+    /// Chooses among candidate windows (in preference order) the one with room — the least
+    /// used (`least_used`, ties to the earlier) or the first — and counts the call in it: the
+    /// pick and the reservation in one step (one round trip in Redis).
+    async fn pick(
+        &self,
+        candidates: &[WindowReq],
+        least_used: bool,
+        now: Instant,
+    ) -> Result<Picked, SharedError>;
 
     /// Adds `n` to a counter; answers the new total.
     async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError>;
@@ -97,6 +116,46 @@ impl SharedState for InMemory {
 
     async fn admit(&self, windows: &[WindowReq], now: Instant) -> Result<Admit, SharedError> {
         Ok(self.admit_now(windows, now))
+    }
+
+    async fn pick(
+        &self,
+        candidates: &[WindowReq],
+        least_used: bool,
+        now: Instant,
+    ) -> Result<Picked, SharedError> {
+        let mut all = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut best: Option<(usize, usize)> = None;
+        let mut earliest: Option<Duration> = None;
+        for (i, w) in candidates.iter().enumerate() {
+            let q = all.entry(w.key.clone()).or_default();
+            prune(q, now, w.per);
+            if (q.len() as u64) < w.limit {
+                if best.is_none_or(|(_, n)| q.len() < n) {
+                    best = Some((i, q.len()));
+                }
+                if !least_used {
+                    break;
+                }
+            } else {
+                let free = q.front().map_or(Duration::ZERO, |t| {
+                    (*t + w.per).saturating_duration_since(now)
+                });
+                earliest = Some(earliest.map_or(free, |e| e.min(free)));
+            }
+        }
+        Ok(match best {
+            Some((i, _)) => {
+                all.entry(candidates[i].key.clone())
+                    .or_default()
+                    .push_back(now);
+                Picked::Index(i)
+            }
+            None => Picked::Busy(earliest.unwrap_or_default()),
+        })
     }
 
     async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError> {
@@ -185,6 +244,7 @@ pub struct RedisState {
     prefix: String,
     timeout: Duration,
     script: redis::Script,
+    pick_script: redis::Script,
 }
 
 /// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
@@ -216,6 +276,35 @@ end
 return out
 ";
 
+/// Chooses and reserves in one step. KEYS: candidate windows in preference order. ARGV: member
+/// id, `least` or `first`, then (limit, per_ms) per candidate. Returns {1, index} or
+/// {0, free_in_ms}.
+const PICK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local least = ARGV[2] == 'least'
+local best, best_n, earliest = 0, -1, -1
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 * i + 1])
+  local per = tonumber(ARGV[2 * i + 2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - per)
+  local n = redis.call('ZCARD', KEYS[i])
+  if n < limit then
+    if best == 0 or n < best_n then best, best_n = i, n end
+    if not least then break end
+  else
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    local free = per
+    if oldest[2] then free = tonumber(oldest[2]) + per - now end
+    if earliest < 0 or free < earliest then earliest = free end
+  end
+end
+if best == 0 then return {0, earliest} end
+redis.call('ZADD', KEYS[best], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[best], tonumber(ARGV[2 * best + 2]))
+return {1, best - 1}
+";
+
 impl RedisState {
     /// Connects (or fails within `timeout`).
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
@@ -237,6 +326,7 @@ impl RedisState {
             prefix: prefix.to_owned(),
             timeout,
             script: redis::Script::new(ADMIT),
+            pick_script: redis::Script::new(PICK),
         })
     }
 
@@ -293,6 +383,34 @@ impl SharedState for RedisState {
                 free_in: Duration::from_millis(u64::try_from(*free).unwrap_or(0)),
             }),
             other => Err(SharedError(format!("unexpected admit answer {other:?}"))),
+        }
+    }
+
+    async fn pick(
+        &self,
+        candidates: &[WindowReq],
+        least_used: bool,
+        _: Instant,
+    ) -> Result<Picked, SharedError> {
+        let mut inv = self.pick_script.prepare_invoke();
+        inv.arg(format!(
+            "{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        ));
+        inv.arg(if least_used { "least" } else { "first" });
+        for w in candidates {
+            inv.key(self.key(&w.key));
+            inv.arg(w.limit).arg(w.per.as_millis() as u64);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, i] => Ok(Picked::Index(usize::try_from(*i).unwrap_or(0))),
+            [0, free] => Ok(Picked::Busy(Duration::from_millis(
+                u64::try_from(*free).unwrap_or(0),
+            ))),
+            other => Err(SharedError(format!("unexpected pick answer {other:?}"))),
         }
     }
 

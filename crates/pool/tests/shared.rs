@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keypool_pool::{Admit, InMemory, RedisState, SharedState, WindowReq};
+use keypool_pool::{Admit, InMemory, Picked, RedisState, SharedState, WindowReq};
 use tokio::time::Instant;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -117,6 +117,35 @@ async fn never_over_admits_under_concurrency(s: Arc<dyn SharedState>) {
     assert_eq!(admitted, 10);
 }
 
+async fn picks_least_used_or_first_and_reserves(s: &dyn SharedState) {
+    let c = [
+        w("k1", 2, 60_000),
+        w("k2", 100, 60_000),
+        w("k3", 100, 60_000),
+    ];
+    let now = Instant::now;
+    // least used, ties to the earlier: k1, k2, k3, then k1 (1) = k2 (1) = k3 (1) → k1 again
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        match s.pick(&c, true, now()).await.unwrap() {
+            Picked::Index(i) => got.push(i),
+            Picked::Busy(_) => panic!("busy"),
+        }
+    }
+    // k1 is full after two: then k2, k3 alternate
+    assert_eq!(got, [0, 1, 2, 0, 1]);
+    // first with room: k1 is full, so k2
+    assert_eq!(s.pick(&c, false, now()).await.unwrap(), Picked::Index(1));
+    // all full: busy until the first frees up
+    let full = [w("f1", 1, 60_000), w("f2", 1, 60_000)];
+    s.pick(&full, true, now()).await.unwrap();
+    s.pick(&full, true, now()).await.unwrap();
+    match s.pick(&full, true, now()).await.unwrap() {
+        Picked::Busy(d) => assert!(d > Duration::from_secs(50) && d <= Duration::from_secs(60)),
+        other => panic!("{other:?}"),
+    }
+}
+
 async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 0);
     s.init("q", 100).await.unwrap();
@@ -131,6 +160,7 @@ async fn in_memory_contract() {
     counts_exactly_and_slides(s.as_ref()).await;
     all_or_nothing(s.as_ref()).await;
     never_over_admits_under_concurrency(s.clone()).await;
+    picks_least_used_or_first_and_reserves(s.as_ref()).await;
     counters(s.as_ref()).await;
 }
 
@@ -141,6 +171,7 @@ async fn redis_contract() {
     counts_exactly_and_slides(s.as_ref()).await;
     all_or_nothing(s.as_ref()).await;
     never_over_admits_under_concurrency(s.clone()).await;
+    picks_least_used_or_first_and_reserves(s.as_ref()).await;
     counters(s.as_ref()).await;
     // two "replicas" (two connections) share the same windows
     let other = RedisState::connect(REDIS, &r.prefix, Duration::from_secs(2))
