@@ -303,3 +303,93 @@ async fn on_failure_closed_refuses_until_redis_returns() -> anyhow::Result<()> {
     assert!(back, "serving again once Redis is back");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> anyhow::Result<()> {
+    use keypool_proto::admin::v1 as pb;
+    let db = keypool_e2e::PgDb::create()?;
+    let a = mock("a", Behavior::default());
+    let b = mock("b", Behavior::default());
+    let c = mock("c", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .set("dbtype", "postgres")
+        .set("dbaddr", &format!("\"{}\"", db.url()))
+        .key(&a, "a", "")
+        .key(&b, "b", "")
+        .block(&format!(
+            "{}\nadmin: {{token: adm, secret_key: shared-seal-key}}",
+            redis_block(&prefix())
+        ))
+        .yaml();
+    let gws = replicas(2, &yaml).await?;
+    let mut admin =
+        keypool_proto::admin::v1::admin_client::AdminClient::connect(gws[0].admin_url().await?)
+            .await?;
+    let started = std::time::Instant::now();
+    admin
+        .create_gateway(authed(pb::CreateGatewayRequest {
+            spec: "name: fresh\nauth: {method: exact, secrets: [f-1]}\n".into(),
+        }))
+        .await?;
+    let path = "/llm/api/fresh/v1/chat/completions";
+    let on_b = || async {
+        let resp = gws[1]
+            .http()
+            .post(gws[1].url(path))
+            .bearer_auth("f-1")
+            .json(&hello("m"))
+            .send()
+            .await?;
+        anyhow::Ok(resp.status().as_u16())
+    };
+    while on_b().await? != 200 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1),
+            "not on B within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // a key disabled on A gets no traffic from B; a key added on A serves B
+    let mut admin2 = admin.clone();
+    admin2
+        .update_key(authed(pb::UpdateKeyRequest {
+            name: "a".into(),
+            enabled: Some(false),
+            ..Default::default()
+        }))
+        .await?;
+    admin
+        .add_key(authed(pb::AddKeyRequest {
+            spec: format!(
+                "{{name: c, sk: sk-added-c-1234, endpoint: \"{}\"}}",
+                c.url()
+            ),
+        }))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = a.requests();
+    for _ in 0..6 {
+        assert_eq!(post(&gws[1], "/v1/chat/completions", "m").await?, 200);
+    }
+    assert_eq!(
+        a.requests(),
+        before,
+        "B no longer uses the key disabled on A"
+    );
+    assert!(c.requests() > 0, "B uses the key added on A");
+    assert_eq!(
+        c.last_request().unwrap().header("authorization"),
+        Some("Bearer sk-added-c-1234")
+    );
+    Ok(())
+}
+
+fn authed<M>(m: M) -> tonic::Request<M> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::from_static("Bearer adm"),
+    );
+    r
+}

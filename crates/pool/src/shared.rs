@@ -339,6 +339,27 @@ impl RedisState {
         self.key("health")
     }
 
+    /// The channel replicas announce admin changes on.
+    pub fn config_channel(&self) -> String {
+        self.key("config")
+    }
+
+    /// Tells the other replicas that the admin state in the store changed.
+    pub async fn announce_config(&self, version: u64) -> Result<(), SharedError> {
+        let mut conn = self.conn.clone();
+        let channel = self.config_channel();
+        let msg = format!("{}\t{version}", process_id());
+        self.run(async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(msg)
+                .query_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
     async fn run<T>(
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -520,6 +541,58 @@ pub fn shared_failed(e: &SharedError) {
     );
 }
 
+/// Calls `on_message` with every message another replica publishes on `channel`, through a
+/// subscription that reconnects by itself, until `stop`.
+pub fn subscribe<F, Fut>(
+    url: String,
+    channel: String,
+    stop: tokio_util::sync::CancellationToken,
+    on_message: F,
+) where
+    F: Fn(String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        loop {
+            let sub = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut ps = client.get_async_pubsub().await?;
+                ps.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            match sub.await {
+                Ok(ps) => {
+                    let mut messages = ps.into_on_message();
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            m = messages.next() => match m {
+                                None => break,
+                                Some(m) => {
+                                    let payload: String = m.get_payload().unwrap_or_default();
+                                    let from_us = payload
+                                        .split('\t')
+                                        .next()
+                                        .is_some_and(|p| p == process_id());
+                                    if !from_us {
+                                        on_message(payload).await;
+                                    }
+                                }
+                            },
+                        }
+                    }
+                }
+                Err(e) => shared_failed(&SharedError(e.to_string())),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+}
+
 /// Connects the pool to Redis health sharing: publishes this process's key health changes and
 /// applies the other replicas' (through a pub/sub subscription that reconnects by itself).
 pub fn share_health(
@@ -547,40 +620,10 @@ pub fn share_health(
             }
         }
     });
-    let channel = state.health_channel();
-    tokio::spawn(async move {
-        use futures_util::StreamExt;
-        loop {
-            let sub = async {
-                let client = redis::Client::open(url.as_str())?;
-                let mut ps = client.get_async_pubsub().await?;
-                ps.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(ps)
-            };
-            match sub.await {
-                Ok(ps) => {
-                    let mut messages = ps.into_on_message();
-                    loop {
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            m = messages.next() => match m {
-                                None => break,
-                                Some(m) => {
-                                    let payload: String = m.get_payload().unwrap_or_default();
-                                    if let Some((key, event)) = parse_health(&payload) {
-                                        pool.apply_health(&key, event);
-                                    }
-                                }
-                            },
-                        }
-                    }
-                }
-                Err(e) => shared_failed(&SharedError(e.to_string())),
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+    subscribe(url, state.health_channel(), stop, move |payload| {
+        if let Some((key, event)) = parse_health(&payload) {
+            pool.apply_health(&key, event);
         }
+        std::future::ready(())
     });
 }

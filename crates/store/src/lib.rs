@@ -89,10 +89,24 @@ fn postgres_url(dsn: &str) -> String {
 
 impl Store {
     /// Connects and runs pending migrations.
+    ///
+    /// Replicas starting together on a fresh database race to migrate it; the loser's attempt
+    /// fails on what the winner created, so a failed migration is retried (it then finds the
+    /// migrations applied).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let store = Self::connect_only(url).await?;
-        store.migrate_up().await?;
-        Ok(store)
+        let mut tries = 0;
+        loop {
+            match store.migrate_up().await {
+                Ok(()) => return Ok(store),
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "migrating the store failed; retrying (another replica migrating?)");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Connects without migrating (for `keypool migrate` and tests).

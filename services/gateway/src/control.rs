@@ -103,6 +103,8 @@ pub struct Control {
     pub feed: broadcast::Sender<Arc<UsageEvent>>,
     pub started: std::time::Instant,
     version: AtomicU64,
+    /// With Redis: where changes are announced to the other replicas.
+    pub redis: Mutex<Option<Arc<keypool_pool::RedisState>>>,
     gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
     key_entries: Mutex<BTreeMap<String, KeyEntry>>,
 }
@@ -159,6 +161,7 @@ impl Control {
             feed,
             started: std::time::Instant::now(),
             version: AtomicU64::new(1),
+            redis: Mutex::new(None),
             gateway_entries: Mutex::new(g_entries),
             key_entries: Mutex::new(k_entries),
         });
@@ -300,8 +303,113 @@ impl Control {
         self.version.load(Ordering::Relaxed)
     }
 
+    /// A change applied here: a new version, announced to the other replicas (which re-read
+    /// the store).
     fn bump(&self) {
+        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        let redis = lock(&self.redis).clone();
+        if let (Some(redis), Some(_)) = (redis, &self.store) {
+            tokio::spawn(async move {
+                if let Err(e) = redis.announce_config(version).await {
+                    keypool_pool::shared_failed(&e);
+                }
+            });
+        }
+    }
+
+    /// Applies what another replica changed: re-reads the admin state from the store and brings
+    /// the running gateways and keys in line (without writing anything back).
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let rows = store.gateways().await?;
+        {
+            let mut entries = lock(&self.gateway_entries);
+            entries.retain(|_, e| e.owner == OWNER_CONFIG);
+            for row in rows.iter().filter(|r| r.owner == OWNER_ADMIN) {
+                if entries.contains_key(&row.name) {
+                    continue;
+                }
+                match serde_json::from_str::<RawGateway>(&row.spec) {
+                    Ok(raw) => {
+                        entries.insert(
+                            row.name.clone(),
+                            GatewayEntry {
+                                raw,
+                                owner: OWNER_ADMIN,
+                                updated_ms: row.updated_ms,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(gateway = %row.name, error = %e, "stored gateway unreadable");
+                    }
+                }
+            }
+        }
+        self.apply_gateways()?;
+        let rows = store.keys().await?;
+        let local = self.key_entries();
+        for row in &rows {
+            match local.iter().find(|e| e.key.name == row.name) {
+                Some(e) => {
+                    if e.owner == OWNER_ADMIN
+                        && serde_json::to_string(&e.raw).ok().as_deref() != Some(row.spec.as_str())
+                        && let Ok((key, raw)) = self.unseal_key(row)
+                    {
+                        let key = Arc::new(key);
+                        let _ = self.pool.update_key(key.clone()).await;
+                        if let Some(entry) = lock(&self.key_entries).get_mut(&row.name) {
+                            entry.key = key;
+                            entry.raw = Some(raw);
+                        }
+                    }
+                    if e.enabled != row.enabled {
+                        let _ = self.pool.set_enabled(&row.name, row.enabled).await;
+                        if let Some(entry) = lock(&self.key_entries).get_mut(&row.name) {
+                            entry.enabled = row.enabled;
+                        }
+                    }
+                }
+                None if row.owner == OWNER_ADMIN => match self.unseal_key(row) {
+                    Ok((key, raw)) => {
+                        let key = Arc::new(key);
+                        if self.pool.add_key(key.clone()).await.is_ok() {
+                            if !row.enabled {
+                                let _ = self.pool.set_enabled(&row.name, false).await;
+                            }
+                            lock(&self.key_entries).insert(
+                                row.name.clone(),
+                                KeyEntry {
+                                    key,
+                                    owner: OWNER_ADMIN,
+                                    enabled: row.enabled,
+                                    raw: Some(raw),
+                                },
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(key = %row.name, error = %e, "stored key not applied");
+                    }
+                },
+                None => {}
+            }
+        }
+        for e in local.iter().filter(|e| e.owner == OWNER_ADMIN) {
+            if !rows.iter().any(|r| r.name == e.key.name) {
+                lock(&self.key_entries).remove(&e.key.name);
+                let (pool, name, grace) = (
+                    self.pool.clone(),
+                    e.key.name.clone(),
+                    self.config.shutdown_grace,
+                );
+                tokio::spawn(async move { pool.remove_key(&name, grace).await });
+            }
+        }
         self.version.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Validates every gateway entry and installs them in the running gateway at once.

@@ -157,6 +157,27 @@ pub async fn run(
         feed,
     )
     .await?;
+    // replicas sharing Redis and a store: an admin change on one reaches the others at once
+    if let (Some(r), Some(rc)) = (&redis, &config.redis) {
+        *control
+            .redis
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r.clone());
+        let c = control.clone();
+        keypool_pool::shared::subscribe(
+            rc.url.expose().to_owned(),
+            r.config_channel(),
+            shutdown.clone(),
+            move |_| {
+                let c = c.clone();
+                async move {
+                    if let Err(e) = c.reload().await {
+                        tracing::error!(error = %e, "cannot apply another replica's admin change");
+                    }
+                }
+            },
+        );
+    }
     let admin_task = if config.admin.enabled {
         let listener = tokio::net::TcpListener::bind(&config.admin.address)
             .await
