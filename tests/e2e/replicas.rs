@@ -378,6 +378,13 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> 
         "B no longer uses the key disabled on A"
     );
     assert!(c.requests() > 0, "B uses the key added on A");
+    // GetStatus on A lists both replicas (heartbeats in Redis)
+    let st = admin
+        .get_status(authed(pb::GetStatusRequest {}))
+        .await?
+        .into_inner();
+    assert_eq!(st.replicas.len(), 2, "{st:?}");
+    assert_eq!((st.store.as_str(), st.redis.as_str()), ("ok", "ok"));
     assert_eq!(
         c.last_request().unwrap().header("authorization"),
         Some("Bearer sk-added-c-1234")

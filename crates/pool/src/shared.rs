@@ -344,6 +344,36 @@ impl RedisState {
         self.key("config")
     }
 
+    /// Records this replica as alive (`info`: JSON the status call shows).
+    pub async fn heartbeat(&self, info: &str) -> Result<(), SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key("replicas");
+        let (field, value) = (process_id().to_owned(), info.to_owned());
+        self.run(async move {
+            redis::cmd("HSET")
+                .arg(key)
+                .arg(field)
+                .arg(value)
+                .query_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Every replica's last heartbeat: (replica id, info JSON).
+    pub async fn replicas(&self) -> Result<Vec<(String, String)>, SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key("replicas");
+        self.run(async move {
+            redis::cmd("HGETALL")
+                .arg(key)
+                .query_async::<Vec<(String, String)>>(&mut conn)
+                .await
+        })
+        .await
+    }
+
     /// Tells the other replicas that the admin state in the store changed.
     pub async fn announce_config(&self, version: u64) -> Result<(), SharedError> {
         let mut conn = self.conn.clone();

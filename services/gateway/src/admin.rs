@@ -399,17 +399,42 @@ impl Admin for AdminService {
             Some(_) => "unavailable",
         };
         let version = self.control.version();
+        let mut replicas = vec![pb::Replica {
+            id: keypool_pool::shared::process_id().to_owned(),
+            address: self.control.config.address.clone(),
+            last_seen_ms: now_ms(),
+            config_version: version,
+        }];
+        let redis = self.control.redis.lock().ok().and_then(|r| r.clone());
+        let redis_health = match redis {
+            None => "none",
+            Some(r) => match r.replicas().await {
+                Ok(seen) => {
+                    // replicas that beat in the last 15 s
+                    for (id, info) in seen {
+                        let v: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
+                        let last = v["last_seen_ms"].as_i64().unwrap_or(0);
+                        if id == replicas[0].id || now_ms() - last > 15_000 {
+                            continue;
+                        }
+                        replicas.push(pb::Replica {
+                            id,
+                            address: v["address"].as_str().unwrap_or_default().to_owned(),
+                            last_seen_ms: last,
+                            config_version: v["config_version"].as_u64().unwrap_or(0),
+                        });
+                    }
+                    "ok"
+                }
+                Err(_) => "unavailable",
+            },
+        };
         Ok(Response::new(pb::Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.control.started.elapsed().as_secs(),
-            replicas: vec![pb::Replica {
-                id: "local".to_owned(),
-                address: self.control.config.address.clone(),
-                last_seen_ms: now_ms(),
-                config_version: version,
-            }],
+            replicas,
             store: store.to_owned(),
-            redis: "none".to_owned(),
+            redis: redis_health.to_owned(),
             config_version: version,
             keys: self.control.pool.keys().len() as u64,
             gateways: self.control.gateway_entries().len() as u64,

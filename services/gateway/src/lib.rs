@@ -163,6 +163,32 @@ pub async fn run(
             .redis
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r.clone());
+        // a heartbeat every 5 s, so GetStatus lists the replicas seen
+        let (beat, c, stop, address) = (
+            r.clone(),
+            control.clone(),
+            shutdown.clone(),
+            format!("{}", listener.local_addr()?),
+        );
+        tokio::spawn(async move {
+            loop {
+                let info = serde_json::json!({
+                    "address": address,
+                    "config_version": c.version(),
+                    "last_seen_ms": std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64),
+                })
+                .to_string();
+                if let Err(e) = beat.heartbeat(&info).await {
+                    keypool_pool::shared_failed(&e);
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        });
         let c = control.clone();
         keypool_pool::shared::subscribe(
             rc.url.expose().to_owned(),
