@@ -7,6 +7,8 @@
 #     `rpm` = dbtype none with an rpm budget on every key (exact in-process windows), `redis` =
 #     the same budgets kept in the Redis on 127.0.0.1:6379 (one admission script per request;
 #     the round trips per request are counted from Redis's command stats).
+# REDIS2=1 adds a run of two keypool replicas sharing the Redis budgets: two wrk processes (32
+# connections each, one per replica) at once, summed.
 # Prints throughput at 64 connections and latency at 1 keep-alive connection, as medians of
 # ROUNDS rounds of DURATION seconds, beside direct, and keypool's peak RSS.
 #
@@ -127,6 +129,23 @@ YAML
   kill -TERM "$KP_PID"; wait "$KP_PID" 2>/dev/null || true
   rm -f "$WORK/kp.out"
 done
+
+if [ "${REDIS2:-0}" = 1 ]; then
+  sed "s/kp-bench-$$:/kp-bench2-$$:/" "$WORK/config-redis.yaml" > "$WORK/config-redis2.yaml" 2>/dev/null || {
+    echo "REDIS2=1 needs redis in STORES" >&2; exit 2; }
+  for r in a b; do
+    RUST_LOG=warn "$BIN" serve --config "$WORK/config-redis2.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp2$r.out" 2> "$WORK/kp2$r.err" &
+    wait_line "$WORK/kp2$r.out" "listening on"
+  done
+  KA=$(grep -o 'http://[^ ]*' "$WORK/kp2a.out" | head -1)
+  KB=$(grep -o 'http://[^ ]*' "$WORK/kp2b.out" | head -1)
+  for _ in $(seq "$ROUNDS"); do
+    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KA/chat/completions" > "$WORK/r2a.txt" &
+    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KB/chat/completions" > "$WORK/r2b.txt"
+    wait %%
+    echo "two replicas + redis, 2x32 conns: $(awk '/Requests\/sec/ {s += $2} END {printf "%.0f", s}' "$WORK/r2a.txt" "$WORK/r2b.txt") req/s" >> "$WORK/notes.txt"
+  done
+fi
 
 python3 - "$WORK/results.tsv" "$WORK/rss.tsv" "$STORES" <<'PY'
 import statistics, sys
