@@ -309,24 +309,24 @@ impl Metrics {
     }
 
     /// The model's label value: itself once an upstream served it with a 2xx, else `other`.
-    fn model_label(&self, model: &str, ok: bool) -> String {
+    fn model_label<'a>(&self, model: &'a str, ok: bool) -> &'a str {
         {
             let known = self
                 .models
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if known.contains(model) {
-                return model.to_owned();
+                return model;
             }
             if !ok || known.len() >= MAX_MODELS {
-                return "other".to_owned();
+                return "other";
             }
         }
         self.models
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(model.to_owned());
-        model.to_owned()
+        model
     }
 
     /// Records one finished client request.
@@ -334,7 +334,7 @@ impl Metrics {
         let model = self.model_label(r.model, (200..300).contains(&r.status));
         let key = r.key.unwrap_or("");
         self.requests
-            .with_label_values(&[r.gateway, &model, key, status_class(r.status)])
+            .with_label_values(&[r.gateway, model, key, status_class(r.status)])
             .inc();
         self.request_duration
             .with_label_values(&[r.gateway])
@@ -343,7 +343,7 @@ impl Metrics {
             self.overhead.observe(o.as_secs_f64());
         }
         if r.prompt_tokens > 0 || r.completion_tokens > 0 {
-            let labels = [r.gateway, model.as_str(), key];
+            let labels = [r.gateway, model, key];
             self.prompt_tokens
                 .with_label_values(&labels)
                 .inc_by(r.prompt_tokens);
