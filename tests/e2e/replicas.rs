@@ -15,6 +15,25 @@ fn prefix() -> String {
     format!("kp-e2e-{:016x}:", fastrand::u64(..))
 }
 
+/// Waits until `n` replicas subscribed to `channel` (a replica reports "listening" before its
+/// Redis subscriptions are up; a message published before would be missed).
+async fn subscribed(channel: &str, n: i64) -> anyhow::Result<()> {
+    let client = redis::Client::open("redis://127.0.0.1:6379/0")?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    for _ in 0..200 {
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut c)
+            .await?;
+        if counts.first().is_some_and(|(_, k)| *k >= n) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("{n} subscribers to {channel} never showed up")
+}
+
 async fn replicas(n: usize, yaml: &str) -> anyhow::Result<Vec<Gateway>> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -134,14 +153,16 @@ async fn a_429_seen_by_one_replica_cools_the_key_on_all() -> anyhow::Result<()> 
         },
     );
     let good = mock("good", Behavior::default());
+    let pfx = prefix();
     let yaml = config()
         .token(T)
         .set("lb_policy", "order")
         .key(&limited, "limited", "")
         .key(&good, "good", "")
-        .block(&redis_block(&prefix()))
+        .block(&redis_block(&pfx))
         .yaml();
     let gws = replicas(2, &yaml).await?;
+    subscribed(&format!("{pfx}health"), 2).await?;
     assert_eq!(post(&gws[0], "/v1/chat/completions", "m").await?, 200);
     assert_eq!(limited.requests(), 1);
     tokio::time::sleep(Duration::from_millis(300)).await; // pub/sub delivery
@@ -311,6 +332,7 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> 
     let a = mock("a", Behavior::default());
     let b = mock("b", Behavior::default());
     let c = mock("c", Behavior::default());
+    let pfx = prefix();
     let yaml = config()
         .token(T)
         .set("dbtype", "postgres")
@@ -319,10 +341,11 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> 
         .key(&b, "b", "")
         .block(&format!(
             "{}\nadmin: {{token: adm, secret_key: shared-seal-key}}",
-            redis_block(&prefix())
+            redis_block(&pfx)
         ))
         .yaml();
     let gws = replicas(2, &yaml).await?;
+    subscribed(&format!("{pfx}config"), 2).await?;
     let mut admin =
         keypool_proto::admin::v1::admin_client::AdminClient::connect(gws[0].admin_url().await?)
             .await?;

@@ -65,7 +65,8 @@ pub trait SharedState: Send + Sync {
 
     /// Chooses among candidate windows (in preference order) the one with room — the least
     /// used (`least_used`, ties to the earlier) or the first — and counts the call in it: the
-    /// pick and the reservation in one step (one round trip in Redis).
+    /// pick and the reservation in one step (one round trip in Redis). A window with limit
+    /// `u64::MAX` is unbudgeted: it only ranks, and may be counted approximately.
     async fn pick(
         &self,
         candidates: &[WindowReq],
@@ -277,8 +278,12 @@ return out
 ";
 
 /// Chooses and reserves in one step. KEYS: candidate windows in preference order. ARGV: member
-/// id, `least` or `first`, then (limit, per_ms) per candidate. Returns {1, index} or
-/// {0, free_in_ms}.
+/// id, `least` or `first`, then (limit, per_ms) per candidate; a limit of 0 means unbudgeted.
+/// Returns {1, index} or {0, free_in_ms}.
+///
+/// A budgeted window is exact (a sorted set of admission times, bounded by its limit). An
+/// unbudgeted one only ranks, so it is two per-window counters (this window and the last one,
+/// weighted by how much of the last still overlaps): O(1), whatever the traffic.
 const PICK: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -287,8 +292,17 @@ local best, best_n, earliest = 0, -1, -1
 for i = 1, #KEYS do
   local limit = tonumber(ARGV[2 * i + 1])
   local per = tonumber(ARGV[2 * i + 2])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - per)
-  local n = redis.call('ZCARD', KEYS[i])
+  local n
+  if limit == 0 then
+    local slot = math.floor(now / per)
+    local cur = tonumber(redis.call('GET', KEYS[i] .. ':' .. slot) or '0')
+    local prev = tonumber(redis.call('GET', KEYS[i] .. ':' .. (slot - 1)) or '0')
+    n = cur + prev * (1 - (now % per) / per)
+    limit = n + 1
+  else
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - per)
+    n = redis.call('ZCARD', KEYS[i])
+  end
   if n < limit then
     if best == 0 or n < best_n then best, best_n = i, n end
     if not least then break end
@@ -300,8 +314,15 @@ for i = 1, #KEYS do
   end
 end
 if best == 0 then return {0, earliest} end
-redis.call('ZADD', KEYS[best], now, ARGV[1])
-redis.call('PEXPIRE', KEYS[best], tonumber(ARGV[2 * best + 2]))
+local per = tonumber(ARGV[2 * best + 2])
+if tonumber(ARGV[2 * best + 1]) == 0 then
+  local k = KEYS[best] .. ':' .. math.floor(now / per)
+  redis.call('INCR', k)
+  redis.call('PEXPIRE', k, 2 * per)
+else
+  redis.call('ZADD', KEYS[best], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[best], per)
+end
 return {1, best - 1}
 ";
 
@@ -452,7 +473,9 @@ impl SharedState for RedisState {
         inv.arg(if least_used { "least" } else { "first" });
         for w in candidates {
             inv.key(self.key(&w.key));
-            inv.arg(w.limit).arg(w.per.as_millis() as u64);
+            // unbudgeted (u64::MAX): 0 tells the script to count approximately
+            let limit = if w.limit == u64::MAX { 0 } else { w.limit };
+            inv.arg(limit).arg(w.per.as_millis() as u64);
         }
         let mut conn = self.conn.clone();
         let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;

@@ -196,3 +196,28 @@ async fn a_dead_redis_fails_fast() {
         .unwrap();
     assert!(!err.0.is_empty());
 }
+
+async fn unbudgeted_windows_rank_evenly(s: &dyn SharedState) {
+    let c = [
+        w("u1", u64::MAX, 3_600_000),
+        w("u2", u64::MAX, 3_600_000),
+        w("u3", u64::MAX, 3_600_000),
+    ];
+    let mut counts = [0usize; 3];
+    for _ in 0..30 {
+        match s.pick(&c, true, Instant::now()).await.unwrap() {
+            Picked::Index(i) => counts[i] += 1,
+            Picked::Busy(_) => panic!("unbudgeted windows are never busy"),
+        }
+    }
+    assert_eq!(counts, [10, 10, 10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbudgeted_picks_spread_evenly_in_both() {
+    let mem = InMemory::default();
+    unbudgeted_windows_rank_evenly(&mem).await;
+    let r = Redis::new().await;
+    unbudgeted_windows_rank_evenly(r.state.as_ref()).await;
+    r.cleanup().await;
+}
