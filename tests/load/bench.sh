@@ -6,7 +6,8 @@
 #     logging off; postgres uses a fresh database on 127.0.0.1:5432, dropped afterwards);
 #     `rpm` = dbtype none with an rpm budget on every key (exact in-process windows), `redis` =
 #     the same budgets kept in the Redis on 127.0.0.1:6379 (one admission script per request;
-#     the round trips per request are counted from Redis's command stats).
+#     the round trips per request are counted from Redis's command stats); `redispick` = Redis
+#     without budgets (the least-used pick across replicas only).
 # REDIS2=1 adds a run of two keypool replicas sharing the Redis budgets: two wrk processes (32
 # connections each, one per replica) at once, summed.
 # Prints throughput at 64 connections and latency at 1 keep-alive connection, as medians of
@@ -89,7 +90,7 @@ dbaddr: $WORK/bench.sqlite" ;;
       DB="dbtype: postgres
 dbaddr: postgres://postgres@127.0.0.1:5432/$PGDB" ;;
     rpm) DB="dbtype: none" ;;
-    redis) DB="dbtype: none
+    redis|redispick) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$$:\"}" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
@@ -111,7 +112,7 @@ YAML
   taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$UP/chat/completions" > /dev/null
   taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$KP/chat/completions" > /dev/null
   evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
-  [ "$store" = redis ] && E0=$(evals)
+  case "$store" in redis|redispick) E0=$(evals) ;; esac
   for _ in $(seq "$ROUNDS"); do
     run "direct-64" "$UP" 64
     [ -n "$NG" ] && [ "$store" = none ] && run "nginx-64" "$NG" 64
@@ -121,9 +122,9 @@ YAML
     run "keypool[$store]-1" "$KP" 1
   done
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/$KP_PID/status")" >> "$WORK/rss.tsv"
-  if [ "$store" = redis ]; then
+  if [ "$store" = redis ] || [ "$store" = redispick ]; then
     SERVED=$(curl -s "${KP%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}')
-    echo "redis round trips per request: $(( $(evals) - E0 )) admission scripts / $SERVED requests" >> "$WORK/notes.txt"
+    echo "$store: redis round trips per request: $(( $(evals) - E0 )) scripts / $SERVED requests" >> "$WORK/notes.txt"
     redis-cli --scan --pattern "kp-bench-$$:*" | xargs -r redis-cli del > /dev/null
   fi
   kill -TERM "$KP_PID"; wait "$KP_PID" 2>/dev/null || true
