@@ -397,9 +397,15 @@ impl RedisState {
 
     /// Tells the other replicas that the admin state in the store changed.
     pub async fn announce_config(&self, version: u64) -> Result<(), SharedError> {
+        self.publish(
+            self.config_channel(),
+            format!("{}\t{version}", process_id()),
+        )
+        .await
+    }
+
+    async fn publish(&self, channel: String, msg: String) -> Result<(), SharedError> {
         let mut conn = self.conn.clone();
-        let channel = self.config_channel();
-        let msg = format!("{}\t{version}", process_id());
         self.run(async move {
             redis::cmd("PUBLISH")
                 .arg(channel)
@@ -536,17 +542,7 @@ impl SharedState for RedisState {
                 )
             }
         };
-        let mut conn = self.conn.clone();
-        let channel = self.health_channel();
-        self.run(async move {
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(msg)
-                .query_async::<i64>(&mut conn)
-                .await
-        })
-        .await
-        .map(|_| ())
+        self.publish(self.health_channel(), msg).await
     }
 }
 

@@ -250,33 +250,37 @@ impl Control {
                 store.delete_key(&row.name).await?;
                 continue;
             }
-            let restored = self.unseal_key(row);
-            match restored {
-                Ok((key, raw)) => {
-                    let key = Arc::new(key);
-                    if let Err(e) = self.pool.add_key(key.clone()).await {
-                        tracing::error!(key = %row.name, error = %e, "stored key not restored");
-                        continue;
-                    }
-                    if !row.enabled {
-                        let _ = self.pool.set_enabled(&row.name, false).await;
-                    }
-                    lock(&self.key_entries).insert(
-                        row.name.clone(),
-                        KeyEntry {
-                            key,
-                            owner: OWNER_ADMIN,
-                            enabled: row.enabled,
-                            raw: Some(raw),
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::error!(key = %row.name, error = %e, "stored key not restored");
-                }
-            }
+            self.apply_stored_key(row).await;
         }
         Ok(())
+    }
+
+    /// Starts using an admin key from the store (unsealing its secret), with its enabled flag.
+    async fn apply_stored_key(&self, row: &KeyRow) {
+        let (key, raw) = match self.unseal_key(row) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(key = %row.name, error = %e, "stored key not applied");
+                return;
+            }
+        };
+        let key = Arc::new(key);
+        if let Err(e) = self.pool.add_key(key.clone()).await {
+            tracing::error!(key = %row.name, error = %e, "stored key not applied");
+            return;
+        }
+        if !row.enabled {
+            let _ = self.pool.set_enabled(&row.name, false).await;
+        }
+        lock(&self.key_entries).insert(
+            row.name.clone(),
+            KeyEntry {
+                key,
+                owner: OWNER_ADMIN,
+                enabled: row.enabled,
+                raw: Some(raw),
+            },
+        );
     }
 
     fn unseal_key(&self, row: &KeyRow) -> anyhow::Result<(UpstreamKey, RawUpstream)> {
@@ -372,28 +376,7 @@ impl Control {
                         }
                     }
                 }
-                None if row.owner == OWNER_ADMIN => match self.unseal_key(row) {
-                    Ok((key, raw)) => {
-                        let key = Arc::new(key);
-                        if self.pool.add_key(key.clone()).await.is_ok() {
-                            if !row.enabled {
-                                let _ = self.pool.set_enabled(&row.name, false).await;
-                            }
-                            lock(&self.key_entries).insert(
-                                row.name.clone(),
-                                KeyEntry {
-                                    key,
-                                    owner: OWNER_ADMIN,
-                                    enabled: row.enabled,
-                                    raw: Some(raw),
-                                },
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(key = %row.name, error = %e, "stored key not applied");
-                    }
-                },
+                None if row.owner == OWNER_ADMIN => self.apply_stored_key(row).await,
                 None => {}
             }
         }
