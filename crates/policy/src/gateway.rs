@@ -8,10 +8,10 @@
 //! State ([`GatewayState`]: rate windows and tokens used) lives apart from the spec, so a spec
 //! replaced by the admin service keeps its counts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Timelike, Utc};
@@ -52,18 +52,10 @@ pub struct GatewayRuntime {
 pub struct GatewayState {
     /// Total tokens used, settled from real usage (restored from the store at start-up).
     tokens_used: AtomicU64,
-    windows: Mutex<Windows>,
+    /// This replica's windows (all of them without Redis; a fallback with it).
+    local: keypool_pool::InMemory,
     /// Across replicas (Redis): windows and the quota counter live there too.
     shared: Option<(Arc<dyn SharedState>, String)>,
-}
-
-#[derive(Default)]
-struct Windows {
-    /// One per `ingress:` limit, by its text.
-    ingress: HashMap<String, VecDeque<Instant>>,
-    /// One per (`secret:` limit text, identity).
-    secret: HashMap<(String, Arc<str>), VecDeque<Instant>>,
-    admissions: u64,
 }
 
 /// The `x-ratelimit-*-requests` values of the tightest limit, sent with every response.
@@ -311,66 +303,19 @@ impl GatewayRuntime {
         client_ip: Option<IpAddr>,
         now: Instant,
     ) -> Result<Option<RateHeaders>, Refused> {
-        let limits = &self.spec.rate_limits;
-        if limits.is_empty() {
+        if self.spec.rate_limits.is_empty() {
             return Ok(None);
         }
-        let who = who(identity, client_ip);
-        let mut w = self
-            .state
-            .windows
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        w.admissions += 1;
-        if w.admissions.is_multiple_of(4096) {
-            let longest = limits.iter().map(|l| l.per).max().unwrap_or_default();
-            w.secret
-                .retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < longest));
-        }
-        // pass 1: prune, and find an exhausted limit
-        let mut blocked: Option<(&RateLimit, Duration)> = None;
-        for l in limits {
-            let q = window(&mut w, l, &who);
-            prune(q, now, l.per);
-            if q.len() as u64 >= l.limit {
-                let free_in = q.front().map_or(Duration::ZERO, |t| (*t + l.per) - now);
-                if blocked.is_none_or(|(_, d)| free_in > d) {
-                    blocked = Some((l, free_in));
-                }
-            }
-        }
-        if let Some((l, free_in)) = blocked {
-            let secs = (free_in.as_secs() + u64::from(free_in.subsec_nanos() > 0)).max(1);
-            let headers = tightest(&mut w, limits, &who, now);
-            return Err(Refused {
-                error: limit_error(l, secs),
-                headers,
-            });
-        }
-        // pass 2: count
-        for l in limits {
-            window(&mut w, l, &who).push_back(now);
-        }
-        Ok(tightest(&mut w, limits, &who, now))
+        let windows = self.windows(identity, client_ip);
+        self.verdict(self.state.local.admit_now(&windows, now))
     }
 
-    /// [`Self::admit`] across replicas: through the shared state when there is one (falling back
-    /// to this replica's windows while it is unavailable).
-    pub async fn admit_everywhere(
-        &self,
-        identity: &Identity,
-        client_ip: Option<IpAddr>,
-        now: Instant,
-    ) -> Result<Option<RateHeaders>, Refused> {
-        let limits = &self.spec.rate_limits;
-        let Some((shared, gateway)) = &self.state.shared else {
-            return self.admit(identity, client_ip, now);
-        };
-        if limits.is_empty() {
-            return Ok(None);
-        }
+    /// The windows a call counts in: one per limit (`secret:` ones per caller).
+    fn windows(&self, identity: &Identity, client_ip: Option<IpAddr>) -> Vec<WindowReq> {
         let who = who(identity, client_ip);
-        let windows: Vec<WindowReq> = limits
+        let gateway = &self.spec.name;
+        self.spec
+            .rate_limits
             .iter()
             .map(|l| WindowReq {
                 key: match l.scope {
@@ -380,22 +325,24 @@ impl GatewayRuntime {
                 limit: l.limit,
                 per: l.per,
             })
-            .collect();
-        match shared.admit(&windows, now).await {
-            Ok(Admit::Admitted { remaining }) => {
-                // the tightest: fewest calls left; the window empties `per` after this call
-                let best = limits
-                    .iter()
-                    .zip(&remaining)
-                    .min_by_key(|(l, r)| (**r, std::cmp::Reverse(l.per)))
-                    .map(|(l, r)| RateHeaders {
-                        limit: l.limit,
-                        remaining: *r,
-                        reset: l.per,
-                    });
-                Ok(best)
-            }
-            Ok(Admit::Refused { index, free_in }) => {
+            .collect()
+    }
+
+    /// An admission's answer as headers (the tightest limit: fewest calls left; its window is
+    /// empty `per` after this call) or a refusal naming the full limit.
+    fn verdict(&self, outcome: Admit) -> Result<Option<RateHeaders>, Refused> {
+        let limits = &self.spec.rate_limits;
+        match outcome {
+            Admit::Admitted { remaining } => Ok(limits
+                .iter()
+                .zip(&remaining)
+                .min_by_key(|(l, r)| (**r, std::cmp::Reverse(l.per)))
+                .map(|(l, r)| RateHeaders {
+                    limit: l.limit,
+                    remaining: *r,
+                    reset: l.per,
+                })),
+            Admit::Refused { index, free_in } => {
                 let l = &limits[index.min(limits.len() - 1)];
                 let secs = (free_in.as_secs() + u64::from(free_in.subsec_nanos() > 0)).max(1);
                 Err(Refused {
@@ -407,6 +354,26 @@ impl GatewayRuntime {
                     }),
                 })
             }
+        }
+    }
+
+    /// [`Self::admit`] across replicas: through the shared state when there is one (falling back
+    /// to this replica's windows while it is unavailable).
+    pub async fn admit_everywhere(
+        &self,
+        identity: &Identity,
+        client_ip: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<Option<RateHeaders>, Refused> {
+        let limits = &self.spec.rate_limits;
+        let Some((shared, _)) = &self.state.shared else {
+            return self.admit(identity, client_ip, now);
+        };
+        if limits.is_empty() {
+            return Ok(None);
+        }
+        match shared.admit(&self.windows(identity, client_ip), now).await {
+            Ok(outcome) => self.verdict(outcome),
             Err(e) => {
                 keypool_pool::shared_failed(&e);
                 if shared.fail_closed() {
@@ -531,46 +498,6 @@ fn in_range(minute: u16, from: u16, to: u16) -> bool {
         std::cmp::Ordering::Greater => minute >= from || minute < to,
         std::cmp::Ordering::Equal => true,
     }
-}
-
-fn window<'a>(w: &'a mut Windows, l: &RateLimit, who: &Arc<str>) -> &'a mut VecDeque<Instant> {
-    match l.scope {
-        LimitScope::Ingress => w.ingress.entry(l.text.clone()).or_default(),
-        LimitScope::Secret => w.secret.entry((l.text.clone(), who.clone())).or_default(),
-    }
-}
-
-fn prune(q: &mut VecDeque<Instant>, now: Instant, per: Duration) {
-    while q.front().is_some_and(|t| now.duration_since(*t) >= per) {
-        q.pop_front();
-    }
-}
-
-fn tightest(
-    w: &mut Windows,
-    limits: &[RateLimit],
-    who: &Arc<str>,
-    now: Instant,
-) -> Option<RateHeaders> {
-    let mut best: Option<RateHeaders> = None;
-    for l in limits {
-        let q = window(w, l, who);
-        let remaining = l.limit.saturating_sub(q.len() as u64);
-        let reset = q.back().map_or(Duration::ZERO, |t| {
-            (*t + l.per).saturating_duration_since(now)
-        });
-        let h = RateHeaders {
-            limit: l.limit,
-            remaining,
-            reset,
-        };
-        if best.as_ref().is_none_or(|b| {
-            (h.remaining, std::cmp::Reverse(h.reset)) < (b.remaining, std::cmp::Reverse(b.reset))
-        }) {
-            best = Some(h);
-        }
-    }
-    best
 }
 
 /// Every gateway by name; replaced whole when the configuration changes (state kept by name).
