@@ -52,6 +52,11 @@ pub struct Config {
     pub notify: Notify,
     pub admin: Admin,
     pub redis: Option<Redis>,
+    /// What a control plane sends its frontends besides keys and gateways: the top-level
+    /// request policy as written (`authorization`, timeouts, `lb_policy`, `queue_timeout`,
+    /// `max_body_bytes`, `retries`, `shutdown_grace`, `trusted_proxies`, the recording half of
+    /// `log`), as a JSON object with the file's field names.
+    pub policy: serde_json::Value,
 }
 
 /// Shared state in Redis.
@@ -63,6 +68,8 @@ pub struct Redis {
     pub timeout: Duration,
     /// `on_failure: closed`: refuse with 503 while Redis is unavailable.
     pub fail_closed: bool,
+    /// `replicas_hint`: each replica's share of the limits while Redis is unavailable.
+    pub replicas_hint: u32,
 }
 
 /// The admin gRPC service's settings.

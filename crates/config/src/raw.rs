@@ -66,6 +66,9 @@ pub struct RawRedis {
     /// `local` (default): when Redis fails, each replica enforces limits on its own;
     /// `closed`: refuse with 503 until Redis is back.
     pub on_failure: Option<String>,
+    /// With `on_failure: local`: how many replicas share the limits; while Redis is down each
+    /// enforces `1/N` of every rate budget (default 1: each enforces all of it).
+    pub replicas_hint: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -36,6 +36,14 @@ impl ModelRule {
         }
     }
 
+    /// The entry as written.
+    pub fn to_entry(&self) -> String {
+        match self {
+            Self::Exact(s) => s.clone(),
+            Self::Prefix(p) => format!("{p}*"),
+        }
+    }
+
     pub fn matches(&self, value: &str) -> bool {
         match self {
             Self::Exact(s) => s == value,
@@ -91,6 +99,36 @@ pub enum ChatTemplate {
 }
 
 impl UpstreamKey {
+    /// The key as a config `upstreams:` entry (secret included: for the control plane's pushes
+    /// to its frontends only). Validating it gives this key back.
+    pub fn to_raw(&self) -> crate::raw::RawUpstream {
+        crate::raw::RawUpstream {
+            name: Some(self.name.clone()),
+            sk: Some(if self.passthrough_auth {
+                "asis".to_owned()
+            } else {
+                self.sk.expose().to_owned()
+            }),
+            endpoint: Some(self.endpoint.clone()),
+            r#type: Some(self.kind.as_str().to_owned()),
+            timeout: Some(self.timeout.as_secs_f64()),
+            stream_timeout: Some(self.stream_timeout.as_secs_f64()),
+            allow: self.allow.iter().map(ModelRule::to_entry).collect(),
+            deny: self.deny.iter().map(ModelRule::to_entry).collect(),
+            authorization: (!self.authorization.is_empty())
+                .then(|| crate::raw::StringOrList::Many(self.authorization.clone())),
+            noauth: self.noauth,
+            keep_header: self.keep_header,
+            rpm: self.rpm,
+            tpm: self.tpm,
+            chat_template: self.chat_template.as_ref().map(|t| match t {
+                ChatTemplate::Mistral => "mistral".to_owned(),
+                ChatTemplate::Llama3 => "llama3".to_owned(),
+                ChatTemplate::Custom(c) => c.clone(),
+            }),
+        }
+    }
+
     /// Allow is checked before deny: with an allow list, the model or path must match one entry;
     /// then no deny entry may match either.
     pub fn allows_model(&self, model: &str, path: &str) -> bool {

@@ -53,6 +53,7 @@ impl Errors {
 /// Validates a parsed file into a [`Config`], reporting every invalid field at once.
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut errs = Errors::default();
+    let policy = policy_of(&raw);
 
     let address = normalise_address(raw.address.as_deref().unwrap_or(":8888"));
     if address
@@ -202,6 +203,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             prefix: r.prefix.unwrap_or_else(|| "keypool:".to_owned()),
             timeout: Duration::from_millis(r.timeout_ms.unwrap_or(250).max(1)),
             fail_closed,
+            replicas_hint: match r.replicas_hint {
+                Some(0) => {
+                    errs.push("redis.replicas_hint", "must be at least 1");
+                    1
+                }
+                n => n.unwrap_or(1),
+            },
         }
     });
     if !errs.0.is_empty() {
@@ -232,6 +240,34 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         notify,
         admin,
         redis,
+        policy,
+    })
+}
+
+/// The fields a control plane pushes to its frontends besides keys and gateways, as written
+/// (see [`Config::policy`]).
+fn policy_of(raw: &RawConfig) -> serde_json::Value {
+    let log = raw.log.as_ref().map(|l| {
+        serde_json::json!({
+            "request_body": l.request_body,
+            "response_body": l.response_body,
+            "headers": l.headers,
+            "max_field_bytes": l.max_field_bytes,
+            "redact_headers": l.redact_headers,
+        })
+    });
+    serde_json::json!({
+        "authorization": raw.authorization,
+        "timeout": raw.timeout,
+        "stream_timeout": raw.stream_timeout,
+        "idle_timeout": raw.idle_timeout,
+        "lb_policy": raw.lb_policy,
+        "queue_timeout": raw.queue_timeout,
+        "max_body_bytes": raw.max_body_bytes,
+        "retries": raw.retries,
+        "shutdown_grace": raw.shutdown_grace,
+        "trusted_proxies": raw.trusted_proxies,
+        "log": log,
     })
 }
 

@@ -310,6 +310,23 @@ impl GatewayRuntime {
         self.verdict(self.state.local.admit_now(&windows, now))
     }
 
+    /// [`Self::admit`] with every limit divided by `share_of` (this replica's share while the
+    /// shared state is unavailable).
+    fn admit_share(
+        &self,
+        identity: &Identity,
+        client_ip: Option<IpAddr>,
+        now: Instant,
+        share_of: u32,
+    ) -> Result<Option<RateHeaders>, Refused> {
+        let share = u64::from(share_of.max(1));
+        let mut windows = self.windows(identity, client_ip);
+        for w in &mut windows {
+            w.limit = (w.limit / share).max(1);
+        }
+        self.verdict(self.state.local.admit_now(&windows, now))
+    }
+
     /// The windows a call counts in: one per limit (`secret:` ones per caller).
     fn windows(&self, identity: &Identity, client_ip: Option<IpAddr>) -> Vec<WindowReq> {
         let who = who(identity, client_ip);
@@ -382,7 +399,7 @@ impl GatewayRuntime {
                         headers: None,
                     });
                 }
-                self.admit(identity, client_ip, now)
+                self.admit_share(identity, client_ip, now, shared.replicas_hint())
             }
         }
     }

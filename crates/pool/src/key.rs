@@ -384,11 +384,16 @@ impl Handler<Reserve> for KeyActor {
             Health::Healthy => {}
         }
         let mut free = now;
+        let share = u64::from(msg.share_of.max(1));
         if let Some(rpm) = self.key.rpm {
-            free = free.max(self.requests.free_at(now, u64::from(rpm), 1));
+            let rpm = (u64::from(rpm) / share).max(1);
+            free = free.max(self.requests.free_at(now, rpm, 1));
         }
         if let Some(tpm) = self.key.tpm {
-            free = free.max(self.tokens.free_at(now, tpm, msg.est_tokens));
+            free = free.max(
+                self.tokens
+                    .free_at(now, (tpm / share).max(1), msg.est_tokens),
+            );
         }
         if free > now {
             return Err(Refusal::Budget { until: free });

@@ -84,6 +84,9 @@ pub struct Reserve {
     /// Chosen by the requester; names the reservation in the key's windows.
     pub lease_id: u64,
     pub est_tokens: u64,
+    /// The key's rpm and tpm are divided by this (its share while the shared state is
+    /// unavailable, `redis.replicas_hint`); 1 otherwise.
+    pub share_of: u32,
 }
 
 /// Record one request on a key without a budget: nothing to refuse, so nobody waits for it.

@@ -341,6 +341,7 @@ impl PoolHandle {
         // across replicas: choose and reserve in the shared windows, in one round trip, so the
         // replicas rank on the same counts (least-used) and never exceed a key's rpm together
         let mut chosen: Option<Vec<Candidate>> = None;
+        let mut share_of = 1;
         if let Some(shared) = &self.shared
             && !cands.is_empty()
         {
@@ -375,6 +376,7 @@ impl PoolHandle {
                     if shared.fail_closed() {
                         return Err(NoKey::SharedUnavailable);
                     }
+                    share_of = shared.replicas_hint();
                 }
             }
         }
@@ -402,6 +404,7 @@ impl PoolHandle {
                 .send(Reserve {
                     lease_id,
                     est_tokens,
+                    share_of,
                 })
                 .await
             {

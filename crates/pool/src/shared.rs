@@ -91,6 +91,12 @@ pub trait SharedState: Send + Sync {
     fn fail_closed(&self) -> bool {
         false
     }
+
+    /// How many replicas share the limits (`redis.replicas_hint`): while the shared state is
+    /// unavailable, each replica enforces `1/N` of every rate budget on its own.
+    fn replicas_hint(&self) -> u32 {
+        1
+    }
 }
 
 /// One process's state: windows of admission instants, counters.
@@ -241,6 +247,8 @@ impl InMemory {
 pub struct RedisState {
     /// `on_failure: closed`.
     pub closed: bool,
+    /// `redis.replicas_hint` (1 when unset).
+    pub replicas_hint: u32,
     conn: redis::aio::ConnectionManager,
     prefix: String,
     timeout: Duration,
@@ -343,6 +351,7 @@ impl RedisState {
         .map_err(|e| SharedError(e.to_string()))?;
         Ok(Self {
             closed: false,
+            replicas_hint: 1,
             conn,
             prefix: prefix.to_owned(),
             timeout,
@@ -437,6 +446,10 @@ impl SharedState for RedisState {
 
     fn fail_closed(&self) -> bool {
         self.closed
+    }
+
+    fn replicas_hint(&self) -> u32 {
+        self.replicas_hint.max(1)
     }
 
     async fn admit(&self, windows: &[WindowReq], _: Instant) -> Result<Admit, SharedError> {

@@ -23,7 +23,7 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbB
 pub use admin::{GatewayRow, KeyRow};
 pub use event::{StoredEvent, StoredLog};
 pub use query::{Grouping, HourCalls, KeyCounterRow, UsageTotal};
-pub use writer::{UsageWriter, WriterSink, WriterStats};
+pub use writer::{BatchTarget, UsageWriter, WriterSink, WriterStats};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]

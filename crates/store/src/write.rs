@@ -27,6 +27,11 @@ impl Store {
     /// and only the new ones are rolled up, so every event counts exactly once. Returns how many
     /// were new.
     pub async fn write_batch(&self, events: &[StoredEvent]) -> Result<usize, StoreError> {
+        Ok(self.write_events(events, true).await?.len())
+    }
+
+    /// [`Store::write_batch`], answering which events (indices into `events`) were new.
+    pub async fn write_batch_new(&self, events: &[StoredEvent]) -> Result<Vec<usize>, StoreError> {
         self.write_events(events, true).await
     }
 
@@ -34,16 +39,16 @@ impl Store {
     /// from the request path (random 128-bit ids), the first attempt at writing them. A retry
     /// must use `write_batch`, since a commit whose answer was lost may have landed.
     pub async fn write_new_batch(&self, events: &[StoredEvent]) -> Result<usize, StoreError> {
-        self.write_events(events, false).await
+        Ok(self.write_events(events, false).await?.len())
     }
 
     async fn write_events(
         &self,
         events: &[StoredEvent],
         dedupe: bool,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<usize>, StoreError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let txn = self.db.begin().await?;
         let existing: HashSet<String> = if dedupe {
@@ -61,13 +66,13 @@ impl Store {
             HashSet::new()
         };
         let mut seen = HashSet::new();
-        let fresh: Vec<&StoredEvent> = events
-            .iter()
-            .filter(|e| !existing.contains(&e.id) && seen.insert(e.id.as_str()))
+        let new: Vec<usize> = (0..events.len())
+            .filter(|&i| !existing.contains(&events[i].id) && seen.insert(events[i].id.as_str()))
             .collect();
+        let fresh: Vec<&StoredEvent> = new.iter().map(|&i| &events[i]).collect();
         if fresh.is_empty() {
             txn.commit().await?;
-            return Ok(0);
+            return Ok(new);
         }
         usage_events::Entity::insert_many(fresh.iter().map(|e| event_row(e)))
             .exec_without_returning(&txn)
@@ -108,7 +113,7 @@ impl Store {
         }
         upsert_rollups(&txn, &groups).await?;
         txn.commit().await?;
-        Ok(fresh.len())
+        Ok(new)
     }
 }
 

@@ -10,6 +10,10 @@
 //!   make replays idempotent: nothing is written twice, even after a crash mid-replay.
 //! - [`UsageWriter::shutdown`] drains the queue into the database (or the spill file) and
 //!   replays what it can.
+//!
+//! The writer is generic over its [`BatchTarget`]: the [`Store`] itself, or, on a `keypool
+//! frontend`, the control plane (batches sent over gRPC and acknowledged once stored), so a
+//! frontend's spool is this same spill file with the same retry and replay rules.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +70,40 @@ impl UsageSink for WriterSink {
     }
 }
 
+/// Where the writer's batches go.
+pub trait BatchTarget: Send + Sync + 'static {
+    /// What the logs and alerts call it (`usage store`, `control plane`).
+    fn name(&self) -> &'static str;
+    /// Writes a batch; returns how many events were new. `fresh`: the events come straight from
+    /// the queue and were never offered before (a target may skip looking for stored ids).
+    fn write(
+        &self,
+        batch: &[StoredEvent],
+        fresh: bool,
+    ) -> impl std::future::Future<Output = Result<usize, String>> + Send;
+    /// Whether the target is reachable again.
+    fn ping(&self) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+impl BatchTarget for Store {
+    fn name(&self) -> &'static str {
+        "usage store"
+    }
+
+    async fn write(&self, batch: &[StoredEvent], fresh: bool) -> Result<usize, String> {
+        let written = if fresh {
+            self.write_new_batch(batch).await
+        } else {
+            self.write_batch(batch).await
+        };
+        written.map_err(|e| e.to_string())
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        Store::ping(self).await.map_err(|e| e.to_string())
+    }
+}
+
 /// The writer task and its controls.
 pub struct UsageWriter {
     stop: Option<oneshot::Sender<()>>,
@@ -75,7 +113,7 @@ pub struct UsageWriter {
 
 impl UsageWriter {
     /// Starts the writer on the current tokio runtime.
-    pub fn start(store: Store, policy: &LogPolicy) -> (Self, WriterSink) {
+    pub fn start(store: impl BatchTarget, policy: &LogPolicy) -> (Self, WriterSink) {
         let (tx, rx) = mpsc::channel(policy.queue_capacity);
         let (stop_tx, stop_rx) = oneshot::channel();
         let stats = Arc::new(WriterStats::default());
@@ -112,15 +150,15 @@ impl UsageWriter {
     }
 }
 
-struct Loop {
-    store: Store,
+struct Loop<T> {
+    store: T,
     spill: Spill,
     stats: Arc<WriterStats>,
     db_ok: bool,
     last_try: Instant,
 }
 
-impl Loop {
+impl<T: BatchTarget> Loop<T> {
     async fn run(mut self, mut rx: mpsc::Receiver<StoredEvent>, mut stop: oneshot::Receiver<()>) {
         self.replay().await;
         loop {
@@ -176,18 +214,21 @@ impl Loop {
         if self.db_ok || probe_due {
             if self.write(&batch, true).await {
                 if !self.db_ok {
-                    tracing::info!("usage store is reachable again");
+                    tracing::info!(target_name = self.store.name(), "reachable again");
                     self.db_ok = true;
                     self.replay().await;
                 }
                 return;
             }
             if self.db_ok {
-                tracing::error!(spill = %self.spill_path(), "usage store unavailable: spilling usage events to disk");
+                let name = self.store.name();
+                tracing::error!(spill = %self.spill_path(), "{name} unavailable: spilling usage events to disk");
                 keypool_telemetry::alert(
                     keypool_telemetry::Cause::StoreUnavailable,
                     "store",
-                    "the usage store is unavailable: usage events are being spilled to local disk and will be replayed",
+                    format!(
+                        "the {name} is unavailable: usage events are being spilled to local disk and will be replayed"
+                    ),
                 );
             }
             self.db_ok = false;
@@ -203,18 +244,13 @@ impl Loop {
         let retries: &[Duration] = if self.db_ok { &RETRIES } else { &[] };
         let mut attempt = 0;
         loop {
-            let written = if fresh && attempt == 0 {
-                self.store.write_new_batch(batch).await
-            } else {
-                self.store.write_batch(batch).await
-            };
-            match written {
+            match self.store.write(batch, fresh && attempt == 0).await {
                 Ok(n) => {
                     self.stats.written.fetch_add(n as u64, Ordering::Relaxed);
                     return true;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, events = batch.len(), "usage batch write failed");
+                    tracing::warn!(error = %e, events = batch.len(), target_name = self.store.name(), "usage batch write failed");
                     let Some(wait) = retries.get(attempt) else {
                         return false;
                     };
@@ -259,12 +295,14 @@ impl Loop {
         match self.store.ping().await {
             Ok(()) => {
                 if !self.db_ok {
-                    tracing::info!("usage store is reachable again");
+                    tracing::info!(target_name = self.store.name(), "reachable again");
                 }
                 self.db_ok = true;
                 self.replay().await;
             }
-            Err(e) => tracing::debug!(error = %e, "usage store still unavailable"),
+            Err(e) => {
+                tracing::debug!(error = %e, target_name = self.store.name(), "still unavailable");
+            }
         }
     }
 
