@@ -5,11 +5,12 @@ use std::process::Command;
 
 use keypool_e2e::{REPO_ROOT, keypool_bin, python_venv};
 
-/// Runs `keypool serve` on a config: it must get past validation (exit code 2 and "invalid
-/// config" mean it did not); it then fails to reach the databases this machine does not have.
+/// Runs `keypool admin` (the control plane) on a config: it must get past validation (exit
+/// code 2 and "invalid config" mean it did not); it then fails to reach the database this
+/// machine does not have.
 fn loads(path: &str) -> anyhow::Result<()> {
     let out = Command::new(keypool_bin())
-        .args(["serve", "--config", path, "--address", "127.0.0.1:0"])
+        .args(["admin", "--config", path, "--address", "127.0.0.1:0"])
         .args(["--admin-address", "127.0.0.1:0"])
         .env("KEYPOOL_ADMIN_TOKEN", "from-the-k8s-secret")
         .env("KEYPOOL_SECRET_KEY", "from-the-k8s-secret")
@@ -25,7 +26,7 @@ fn loads(path: &str) -> anyhow::Result<()> {
 #[test]
 fn deploy_configs_load_and_manifests_validate() -> anyhow::Result<()> {
     let deploy = format!("{REPO_ROOT}/deploy");
-    // the compose config, as every replica reads it
+    // the compose config, as the control plane reads it
     loads(&format!("{deploy}/config.yaml"))?;
     // the ConfigMap's embedded config.yaml
     let k8s = std::fs::read_to_string(format!("{deploy}/k8s/keypool.yaml"))?;
@@ -68,6 +69,39 @@ fn deploy_configs_load_and_manifests_validate() -> anyhow::Result<()> {
         String::from_utf8_lossy(&manifests.stderr)
     );
     assert!(manifests.status.success(), "{out}");
-    assert_eq!(out.matches("passed for resource").count(), 5, "{out}");
+    assert_eq!(out.matches("passed for resource").count(), 7, "{out}");
+
+    // the frontends' arguments (compose and Kubernetes) parse: `--help` after them makes
+    // keypool check every argument before it, then print help and exit 0
+    let compose: serde_norway::Value = serde_norway::from_str(&std::fs::read_to_string(format!(
+        "{deploy}/docker-compose.yml"
+    ))?)?;
+    let compose_args = compose["x-frontend"]["command"]
+        .as_sequence()
+        .ok_or_else(|| anyhow::anyhow!("no x-frontend.command"))?
+        .clone();
+    let k8s_args = k8s
+        .split("\n---\n")
+        .filter_map(|d| serde_norway::from_str::<serde_norway::Value>(d).ok())
+        .find(|d| d["metadata"]["name"] == "keypool-frontend" && d["kind"] == "Deployment")
+        .and_then(|d| {
+            d["spec"]["template"]["spec"]["containers"][0]["args"]
+                .as_sequence()
+                .cloned()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no frontend Deployment args"))?;
+    for args in [compose_args, k8s_args] {
+        let args: Vec<&str> = args.iter().filter_map(|a| a.as_str()).collect();
+        assert_eq!(args.first(), Some(&"frontend"));
+        let out = Command::new(keypool_bin())
+            .args(&args)
+            .arg("--help")
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Several `keypool serve` processes sharing the real Redis (unique key prefix per test) behave
-//! as one gateway: key rpm, gateway limits and quotas hold across them; key health spreads.
+//! Several replicas sharing the real Redis (unique key prefix per test) behave as one gateway:
+//! key rpm, gateway limits and quotas hold across them; key health spreads. The scenarios run
+//! over `keypool serve` processes and over `keypool frontend`s fed by a control plane.
 
 use std::time::Duration;
 
@@ -34,13 +35,96 @@ async fn subscribed(channel: &str, n: i64) -> anyhow::Result<()> {
     anyhow::bail!("{n} subscribers to {channel} never showed up")
 }
 
-async fn replicas(n: usize, yaml: &str) -> anyhow::Result<Vec<Gateway>> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        out.push(Gateway::start(yaml).await?);
-    }
-    Ok(out)
+/// How the replicas are deployed: all-in-one `keypool serve` processes sharing Redis, or
+/// `keypool frontend`s fed by one control plane (on a fresh PostgreSQL database) sharing Redis.
+#[derive(Debug, Clone, Copy)]
+enum Topo {
+    Serve,
+    Frontends,
 }
+
+/// The replicas of one test, with the control plane and database they need.
+struct Cluster {
+    gws: Vec<Gateway>,
+    _control_plane: Option<(Gateway, keypool_e2e::PgDb)>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = [Gateway];
+    fn deref(&self) -> &[Gateway] {
+        &self.gws
+    }
+}
+
+/// `n` replicas of `yaml` (whose Redis block uses `prefix`). As frontends, `yaml` is the
+/// control plane's config (its `dbtype: none` replaced by the test's database).
+async fn replicas(topo: Topo, n: usize, yaml: &str, prefix: &str) -> anyhow::Result<Cluster> {
+    let mut gws = Vec::new();
+    let control_plane = match topo {
+        Topo::Serve => {
+            for _ in 0..n {
+                gws.push(Gateway::start(yaml).await?);
+            }
+            None
+        }
+        Topo::Frontends => {
+            let db = keypool_e2e::PgDb::create()?;
+            let cp_yaml = format!(
+                "{}admin: {{token: topo-admin, secret_key: topo-seal}}\n",
+                yaml.replacen(
+                    "dbtype: none",
+                    &format!("dbtype: postgres\ndbaddr: \"{}\"", db.url()),
+                    1
+                )
+            );
+            let cp = Gateway::start_control_plane(&cp_yaml, "127.0.0.1:0").await?;
+            let admin = cp.admin_url().await?;
+            for _ in 0..n {
+                gws.push(
+                    Gateway::start_frontend(
+                        &admin,
+                        "topo-admin",
+                        &[
+                            "--redis",
+                            "redis://127.0.0.1:6379/0",
+                            "--redis-prefix",
+                            prefix,
+                        ],
+                    )
+                    .await?,
+                );
+            }
+            Some((cp, db))
+        }
+    };
+    Ok(Cluster {
+        gws,
+        _control_plane: control_plane,
+    })
+}
+
+/// Runs each scenario twice: over `keypool serve` replicas and over `keypool frontend`s.
+macro_rules! in_both_topologies {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn serve() -> anyhow::Result<()> {
+                super::$name(super::Topo::Serve).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn frontends() -> anyhow::Result<()> {
+                super::$name(super::Topo::Frontends).await
+            }
+        }
+    )*};
+}
+
+in_both_topologies!(
+    three_replicas_admit_exactly_a_keys_rpm,
+    three_replicas_spread_load_over_keys_as_evenly_as_one,
+    gateway_limits_and_quotas_hold_across_replicas,
+    a_429_seen_by_one_replica_cools_the_key_on_all,
+);
 
 async fn post(gw: &Gateway, path: &str, model: &str) -> anyhow::Result<u16> {
     let resp = gw
@@ -55,16 +139,16 @@ async fn post(gw: &Gateway, path: &str, model: &str) -> anyhow::Result<u16> {
     Ok(s)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_admit_exactly_a_keys_rpm() -> anyhow::Result<()> {
+async fn three_replicas_admit_exactly_a_keys_rpm(topo: Topo) -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
+    let pfx = prefix();
     let yaml = config()
         .token(T)
         .set("queue_timeout", "0.05")
         .key(&up, "up", "rpm: 10")
-        .block(&redis_block(&prefix()))
+        .block(&redis_block(&pfx))
         .yaml();
-    let gws = replicas(3, &yaml).await?;
+    let gws = replicas(topo, 3, &yaml, &pfx).await?;
     let mut calls = Vec::new();
     for i in 0..30 {
         let gw = &gws[i % 3];
@@ -78,21 +162,21 @@ async fn three_replicas_admit_exactly_a_keys_rpm() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_spread_load_over_keys_as_evenly_as_one() -> anyhow::Result<()> {
+async fn three_replicas_spread_load_over_keys_as_evenly_as_one(topo: Topo) -> anyhow::Result<()> {
     let keys = [
         mock("k1", Behavior::default()),
         mock("k2", Behavior::default()),
         mock("k3", Behavior::default()),
     ];
+    let pfx = prefix();
     let yaml = config()
         .token(T)
         .key(&keys[0], "k1", "")
         .key(&keys[1], "k2", "")
         .key(&keys[2], "k3", "")
-        .block(&redis_block(&prefix()))
+        .block(&redis_block(&pfx))
         .yaml();
-    let gws = replicas(3, &yaml).await?;
+    let gws = replicas(topo, 3, &yaml, &pfx).await?;
     // round robin over the replicas; alone, each would start at k1 (12/9/9 in all)
     for i in 0..30 {
         assert_eq!(post(&gws[i % 3], "/v1/chat/completions", "m").await?, 200);
@@ -102,18 +186,18 @@ async fn three_replicas_spread_load_over_keys_as_evenly_as_one() -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_limits_and_quotas_hold_across_replicas() -> anyhow::Result<()> {
+async fn gateway_limits_and_quotas_hold_across_replicas(topo: Topo) -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
+    let pfx = prefix();
     let yaml = config()
         .token(T)
         .key(&up, "up", "")
         .block(&format!(
             "{}\ngateways:\n  - {{name: four, rate_limits: [\"ingress:4/minute\"]}}\n  - {{name: quota, token_quota: 15}}",
-            redis_block(&prefix())
+            redis_block(&pfx)
         ))
         .yaml();
-    let gws = replicas(3, &yaml).await?;
+    let gws = replicas(topo, 3, &yaml, &pfx).await?;
     let mut admitted = 0;
     for i in 0..9 {
         let s = post(&gws[i % 3], "/llm/api/four/v1/chat/completions", "m").await?;
@@ -133,7 +217,7 @@ async fn gateway_limits_and_quotas_hold_across_replicas() -> anyhow::Result<()> 
         200
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    for gw in &gws {
+    for gw in gws.iter() {
         assert_eq!(
             post(gw, "/llm/api/quota/v1/chat/completions", "m").await?,
             429
@@ -142,8 +226,7 @@ async fn gateway_limits_and_quotas_hold_across_replicas() -> anyhow::Result<()> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_seen_by_one_replica_cools_the_key_on_all() -> anyhow::Result<()> {
+async fn a_429_seen_by_one_replica_cools_the_key_on_all(topo: Topo) -> anyhow::Result<()> {
     let limited: MockServer = mock(
         "limited",
         Behavior {
@@ -161,7 +244,7 @@ async fn a_429_seen_by_one_replica_cools_the_key_on_all() -> anyhow::Result<()> 
         .key(&good, "good", "")
         .block(&redis_block(&pfx))
         .yaml();
-    let gws = replicas(2, &yaml).await?;
+    let gws = replicas(topo, 2, &yaml, &pfx).await?;
     subscribed(&format!("{pfx}health"), 2).await?;
     assert_eq!(post(&gws[0], "/v1/chat/completions", "m").await?, 200);
     assert_eq!(limited.requests(), 1);
@@ -276,6 +359,37 @@ async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_hint_divides_budgets_while_redis_is_down() -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut redis = OwnRedis::start(port)?;
+    let up = mock("up", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .set("queue_timeout", "0.05")
+        .key(&up, "up", "rpm: 10")
+        .block(&format!(
+            "redis: {{url: \"redis://127.0.0.1:{port}/0\", timeout_ms: 100, replicas_hint: 2}}\ngateways:\n  - {{name: g, rate_limits: [\"ingress:6/minute\"]}}"
+        ))
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    redis.stop();
+    // this replica's share: ingress 6 / 2 = 3 on the gateway, rpm 10 / 2 = 5 on the key
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?);
+    }
+    assert_eq!(codes, [200, 200, 200, 429, 429]);
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(post(&gw, "/v1/chat/completions", "m").await?);
+    }
+    assert_eq!(codes, [200, 200, 429, 429, 429], "the key's other 2 of 5");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_closed_refuses_until_redis_returns() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -344,7 +458,7 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> 
             redis_block(&pfx)
         ))
         .yaml();
-    let gws = replicas(2, &yaml).await?;
+    let gws = replicas(Topo::Serve, 2, &yaml, &pfx).await?;
     subscribed(&format!("{pfx}config"), 2).await?;
     let mut admin =
         keypool_proto::admin::v1::admin_client::AdminClient::connect(gws[0].admin_url().await?)

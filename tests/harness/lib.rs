@@ -155,6 +155,52 @@ impl Gateway {
         .await
     }
 
+    /// `keypool admin` (the control plane) with `yaml`; its admin API on `admin_address`
+    /// (`127.0.0.1:0` for any port).
+    pub async fn start_control_plane(yaml: &str, admin_address: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml)?;
+        Self::start_with(
+            dir,
+            &[
+                "admin",
+                "--config",
+                &path.display().to_string(),
+                "--address",
+                "127.0.0.1:0",
+                "--admin-address",
+                admin_address,
+            ],
+        )
+        .await
+    }
+
+    /// `keypool frontend` fed by the control plane at `admin_url`, on `127.0.0.1:0`, with
+    /// `extra` arguments (`--redis ...`, `--state-dir ...`; default state: its temp dir).
+    pub async fn start_frontend(
+        admin_url: &str,
+        token: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("state").display().to_string();
+        let mut args = vec![
+            "frontend",
+            "--admin",
+            admin_url,
+            "--token",
+            token,
+            "--address",
+            "127.0.0.1:0",
+        ];
+        if !extra.contains(&"--state-dir") {
+            args.extend(["--state-dir", &state]);
+        }
+        args.extend(extra);
+        Self::start_with(dir, &args).await
+    }
+
     /// Starts `keypool <args>` and waits for its `... listening on http://...` line.
     pub async fn start_with(dir: tempfile::TempDir, args: &[&str]) -> anyhow::Result<Self> {
         let log = std::fs::File::create(dir.path().join("keypool.log"))?;

@@ -20,6 +20,8 @@ use crate::control::{Control, ControlError, GatewayEntry, KeyEntry};
 
 pub struct AdminService {
     control: Arc<Control>,
+    /// Ends the long-lived streams (`WatchConfig`, `PublishUsage`) on shutdown.
+    shutdown: CancellationToken,
 }
 
 fn status(e: ControlError) -> Status {
@@ -128,6 +130,64 @@ impl AdminService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::UsageEvent, Status>> + Send + 'static>>;
+type SnapshotStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ConfigSnapshot, Status>> + Send + 'static>>;
+type AckStream = Pin<Box<dyn Stream<Item = Result<pb::UsageAck, Status>> + Send + 'static>>;
+
+/// Notes a frontend as seen now.
+fn saw_frontend(control: &Control, id: &str, address: &str, version: u64, watching: Option<bool>) {
+    if id.is_empty() {
+        return;
+    }
+    let mut seen = control
+        .frontends
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let f = seen.entry(id.to_owned()).or_default();
+    if !address.is_empty() {
+        address.clone_into(&mut f.address);
+    }
+    f.last_seen_ms = now_ms();
+    if version > 0 {
+        f.config_version = version;
+    }
+    if let Some(w) = watching {
+        f.watching = w;
+    }
+}
+
+/// A usage event as the store keeps it, back into the in-process form (for `StreamUsage`).
+fn event_of(e: &keypool_store::StoredEvent) -> keypool_types::UsageEvent {
+    let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
+    let tokens = |v: Option<i64>| v.map_or(0, |t| u64::try_from(t).unwrap_or(0));
+    keypool_types::UsageEvent {
+        id: e.id.clone(),
+        at: std::time::UNIX_EPOCH + ms(e.at_ms),
+        gateway: e.gateway.clone(),
+        caller: e.caller.clone(),
+        model: e.model.clone(),
+        key: e.key_name.clone(),
+        provider: match e.provider.as_deref() {
+            Some("openai") => Some("openai"),
+            Some("replicate") => Some("replicate"),
+            _ => None,
+        },
+        attempts: u32::try_from(e.attempts).unwrap_or(0),
+        status: u16::try_from(e.status).unwrap_or(0),
+        stream: e.stream,
+        latency: ms(e.latency_ms),
+        ttfb: e.ttfb_ms.map(ms),
+        usage: e.total_tokens.map(|_| keypool_types::Usage {
+            prompt_tokens: tokens(e.prompt_tokens),
+            completion_tokens: tokens(e.completion_tokens),
+            total_tokens: tokens(e.total_tokens),
+        }),
+        client_ip: e.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        error: None,
+        user_agent: e.user_agent.clone(),
+        log: None,
+    }
+}
 
 #[tonic::async_trait]
 impl Admin for AdminService {
@@ -389,6 +449,124 @@ impl Admin for AdminService {
         )))
     }
 
+    type WatchConfigStream = SnapshotStream;
+
+    async fn watch_config(
+        &self,
+        req: Request<pb::WatchConfigRequest>,
+    ) -> Result<Response<Self::WatchConfigStream>, Status> {
+        let who = req.into_inner();
+        let (control, stop) = (self.control.clone(), self.shutdown.clone());
+        let mut changed = control.changed.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::ConfigSnapshot, Status>>(2);
+        tracing::info!(replica = %who.replica_id, address = %who.address, "frontend watching config");
+        saw_frontend(
+            &control,
+            &who.replica_id,
+            &who.address,
+            who.have_version,
+            Some(true),
+        );
+        tokio::spawn(async move {
+            loop {
+                changed.borrow_and_update();
+                let (version, config_json) = control.snapshot();
+                let sent = tx
+                    .send(Ok(pb::ConfigSnapshot {
+                        version,
+                        config_json,
+                    }))
+                    .await;
+                if sent.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tx.closed() => break,
+                    r = changed.changed() => if r.is_err() { break },
+                }
+            }
+            saw_frontend(&control, &who.replica_id, "", 0, Some(false));
+            tracing::info!(replica = %who.replica_id, "frontend stopped watching config");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    type PublishUsageStream = AckStream;
+
+    async fn publish_usage(
+        &self,
+        req: Request<tonic::Streaming<pb::UsageBatch>>,
+    ) -> Result<Response<Self::PublishUsageStream>, Status> {
+        let Some(store) = self.control.store.clone() else {
+            return Err(Status::failed_precondition(
+                "this control plane has no store (dbtype: none): it cannot collect usage",
+            ));
+        };
+        let mut batches = req.into_inner();
+        let (control, stop) = (self.control.clone(), self.shutdown.clone());
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::UsageAck, Status>>(4);
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    () = stop.cancelled() => return,
+                    b = batches.message() => b,
+                };
+                let Ok(Some(batch)) = batch else { return };
+                saw_frontend(
+                    &control,
+                    &batch.replica_id,
+                    &batch.address,
+                    batch.config_version,
+                    None,
+                );
+                let mut events = Vec::with_capacity(batch.events_json.len());
+                for text in &batch.events_json {
+                    match serde_json::from_str::<keypool_store::StoredEvent>(text) {
+                        Ok(e) if !e.id.is_empty() => events.push(e),
+                        _ => {
+                            let _ = tx
+                                .send(Err(Status::invalid_argument(
+                                    "events_json: not a usage event with an id",
+                                )))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+                // acknowledged only once stored; a failed write ends the stream unacknowledged,
+                // and the frontend keeps (spools) the batch and sends it again
+                let new = match store.write_batch_new(&events).await {
+                    Ok(new) => new,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot store a frontend's usage batch");
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!("store: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                if control.feed.receiver_count() > 0 {
+                    for &i in &new {
+                        let _ = control.feed.send(Arc::new(event_of(&events[i])));
+                    }
+                }
+                let ack = pb::UsageAck {
+                    seq: batch.seq,
+                    stored: u32::try_from(new.len()).unwrap_or(u32::MAX),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
     async fn get_status(
         &self,
         _: Request<pb::GetStatusRequest>,
@@ -405,6 +583,24 @@ impl Admin for AdminService {
             last_seen_ms: now_ms(),
             config_version: version,
         }];
+        {
+            let seen = self
+                .control
+                .frontends
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // frontends watching now, or heard from in the last 15 s
+            for (id, f) in seen.iter() {
+                if f.watching || now_ms() - f.last_seen_ms <= 15_000 {
+                    replicas.push(pb::Replica {
+                        id: id.clone(),
+                        address: f.address.clone(),
+                        last_seen_ms: if f.watching { now_ms() } else { f.last_seen_ms },
+                        config_version: f.config_version,
+                    });
+                }
+            }
+        }
         let redis = self.control.redis.lock().ok().and_then(|r| r.clone());
         let redis_health = match redis {
             None => "none",
@@ -414,7 +610,7 @@ impl Admin for AdminService {
                     for (id, info) in seen {
                         let v: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
                         let last = v["last_seen_ms"].as_i64().unwrap_or(0);
-                        if id == replicas[0].id || now_ms() - last > 15_000 {
+                        if replicas.iter().any(|r| r.id == id) || now_ms() - last > 15_000 {
                             continue;
                         }
                         replicas.push(pb::Replica {
@@ -479,7 +675,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(keypool_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let admin = AdminServer::with_interceptor(AdminService { control }, check);
+    let admin = AdminServer::with_interceptor(
+        AdminService {
+            control,
+            shutdown: shutdown.clone(),
+        },
+        check,
+    );
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -59,6 +59,18 @@ async fn route(
     {
         return crate::monitor::prometheus(&req, &monitor).await;
     }
+    if !monitor.proxying
+        && (req.path().starts_with("/v1/") || req.path().contains("/v1/"))
+        && !req.path().ends_with("/usage")
+    {
+        return error_response(
+            &ApiError::new(
+                ErrorKind::NotFound,
+                "This is keypool's control plane (`keypool admin`): send API calls to a frontend.",
+            ),
+            None,
+        );
+    }
     if req.path().starts_with("/v1/") {
         return proxy(req, payload, frontend).await;
     }

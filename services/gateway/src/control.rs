@@ -95,6 +95,16 @@ impl UsageSink for FeedSink {
     }
 }
 
+/// A `keypool frontend` as the control plane last heard of it.
+#[derive(Debug, Clone, Default)]
+pub struct FrontendSeen {
+    pub address: String,
+    pub last_seen_ms: i64,
+    pub config_version: u64,
+    /// Whether its `WatchConfig` stream is open.
+    pub watching: bool,
+}
+
 pub struct Control {
     pub config: Arc<Config>,
     pub gateways: Arc<Gateways>,
@@ -105,6 +115,10 @@ pub struct Control {
     version: AtomicU64,
     /// With Redis: where changes are announced to the other replicas.
     pub redis: Mutex<Option<Arc<keypool_pool::RedisState>>>,
+    /// The version after every applied change (what `WatchConfig` streams wait on).
+    pub changed: tokio::sync::watch::Sender<u64>,
+    /// Frontends seen through `WatchConfig` / `PublishUsage` (control plane role).
+    pub frontends: Mutex<BTreeMap<String, FrontendSeen>>,
     gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
     key_entries: Mutex<BTreeMap<String, KeyEntry>>,
 }
@@ -160,8 +174,11 @@ impl Control {
             store: store.clone(),
             feed,
             started: std::time::Instant::now(),
-            version: AtomicU64::new(1),
+            // versions keep growing across restarts (a frontend compares them in logs only)
+            version: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(1)),
             redis: Mutex::new(None),
+            changed: tokio::sync::watch::Sender::new(0),
+            frontends: Mutex::new(BTreeMap::new()),
             gateway_entries: Mutex::new(g_entries),
             key_entries: Mutex::new(k_entries),
         });
@@ -311,6 +328,7 @@ impl Control {
     /// the store).
     fn bump(&self) {
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        self.changed.send_replace(version);
         let redis = lock(&self.redis).clone();
         if let (Some(redis), Some(_)) = (redis, &self.store) {
             tokio::spawn(async move {
@@ -391,7 +409,104 @@ impl Control {
                 tokio::spawn(async move { pool.remove_key(&name, grace).await });
             }
         }
-        self.version.fetch_add(1, Ordering::Relaxed);
+        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        self.changed.send_replace(version);
+        Ok(())
+    }
+
+    /// The whole configuration a frontend needs, as `WatchConfig` sends it: the top-level
+    /// policy, every key (secrets included) with the disabled ones named, every gateway
+    /// (secrets hashed).
+    pub fn snapshot(&self) -> (u64, String) {
+        let version = self.version();
+        let keys = self.key_entries();
+        let doc = serde_json::json!({
+            "policy": self.config.policy,
+            "upstreams": keys.iter().map(|e| e.key.to_raw()).collect::<Vec<_>>(),
+            "disabled": keys.iter().filter(|e| !e.enabled).map(|e| e.key.name.clone()).collect::<Vec<_>>(),
+            "gateways": self.gateway_entries().into_iter().map(|e| e.raw).collect::<Vec<_>>(),
+        });
+        (version, doc.to_string())
+    }
+
+    /// A frontend's side of [`Control::snapshot`]: brings the running gateways and keys in line
+    /// with `config` (validated from a snapshot) at once. In-flight requests keep what they
+    /// started with; removed keys drain first.
+    pub async fn apply_snapshot(
+        &self,
+        config: &Config,
+        disabled: &std::collections::HashSet<String>,
+        version: u64,
+    ) -> anyhow::Result<()> {
+        {
+            let mut entries = lock(&self.gateway_entries);
+            entries.clear();
+            for raw in &config.raw_gateways {
+                entries.insert(
+                    raw.name.clone().unwrap_or_default(),
+                    GatewayEntry {
+                        raw: raw.clone(),
+                        owner: OWNER_ADMIN,
+                        updated_ms: now_ms(),
+                    },
+                );
+            }
+        }
+        self.apply_gateways()?;
+        let local = self.key_entries();
+        for key in &config.upstreams {
+            let enabled = !disabled.contains(&key.name);
+            match local.iter().find(|e| e.key.name == key.name) {
+                None => {
+                    if let Err(e) = self.pool.add_key(key.clone()).await {
+                        tracing::error!(key = %key.name, error = %e, "pushed key not applied");
+                        continue;
+                    }
+                }
+                Some(e) => {
+                    let same = serde_json::to_string(&e.key.to_raw()).ok()
+                        == serde_json::to_string(&key.to_raw()).ok();
+                    if !same {
+                        let _ = self.pool.update_key(key.clone()).await;
+                    }
+                    if e.enabled == enabled {
+                        lock(&self.key_entries).insert(
+                            key.name.clone(),
+                            KeyEntry {
+                                key: key.clone(),
+                                owner: OWNER_ADMIN,
+                                enabled,
+                                raw: None,
+                            },
+                        );
+                        continue;
+                    }
+                }
+            }
+            let _ = self.pool.set_enabled(&key.name, enabled).await;
+            lock(&self.key_entries).insert(
+                key.name.clone(),
+                KeyEntry {
+                    key: key.clone(),
+                    owner: OWNER_ADMIN,
+                    enabled,
+                    raw: None,
+                },
+            );
+        }
+        for e in &local {
+            if !config.upstreams.iter().any(|k| k.name == e.key.name) {
+                lock(&self.key_entries).remove(&e.key.name);
+                let (pool, name, grace) = (
+                    self.pool.clone(),
+                    e.key.name.clone(),
+                    self.config.shutdown_grace.max(Duration::from_secs(1)),
+                );
+                tokio::spawn(async move { pool.remove_key(&name, grace).await });
+            }
+        }
+        self.version.store(version, Ordering::Relaxed);
+        self.changed.send_replace(version);
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod control;
 pub mod demo;
+pub mod frontend;
 pub mod mock;
 pub mod monitor;
 pub mod seal;
@@ -78,13 +79,37 @@ fn startup_warnings(config: &Config, auth: &ClientAuth) {
     }
 }
 
+/// What a process is (see the README's topology): all of keypool, the control plane, or a
+/// data-plane replica fed by one.
+pub enum Role {
+    /// `keypool serve`: one process with everything.
+    AllInOne,
+    /// `keypool admin`: the store, the admin API (with `WatchConfig` and `PublishUsage`) and
+    /// the usage writer. Its HTTP address serves health, metrics and gateway usage only.
+    ControlPlane,
+    /// `keypool frontend`: API traffic, configured and collected by a control plane.
+    Frontend(Box<frontend::Link>),
+}
+
 /// Serves `config` on `listener` until `shutdown` is cancelled.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with(config, listener, shutdown, Role::AllInOne).await
+}
+
+/// [`run`] in a given [`Role`].
+#[allow(clippy::too_many_lines)]
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    role: Role,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let proxying = !matches!(role, Role::ControlPlane);
     let auth = Arc::new(ClientAuth::from_config(&config));
     startup_warnings(&config, &auth);
     let store = usage::open_store(&config).await?;
@@ -95,6 +120,7 @@ pub async fn run(
                 .await
                 .context("cannot reach redis.url at start-up")?;
             state.closed = r.fail_closed;
+            state.replicas_hint = r.replicas_hint;
             Some(Arc::new(state))
         }
     };
@@ -129,8 +155,15 @@ pub async fn run(
         _ => pool,
     };
     let store_for_monitor = store.clone();
-    let usage = usage::Usage::start(store, &config, &pool);
+    let (usage, link) = match role {
+        Role::Frontend(link) => (
+            usage::Usage::start_uplink(frontend::UplinkTarget(link.uplink.clone()), &config),
+            Some(link),
+        ),
+        _ => (usage::Usage::start(store, &config, &pool), None),
+    };
     let monitor = web::Data::new(monitor::Monitor {
+        proxying,
         store: store_for_monitor,
         pool: pool.clone(),
         writer_stats: usage.writer_stats(),
@@ -157,6 +190,33 @@ pub async fn run(
         feed,
     )
     .await?;
+    if let Some(mut link) = link {
+        // a frontend: the first snapshot's disabled keys and version, then every later snapshot
+        control
+            .apply_snapshot(&config, &link.first.disabled, link.first.version)
+            .await?;
+        link.applied.send_replace(link.first.version);
+        let c = control.clone();
+        tokio::spawn(async move {
+            while let Some(p) = link.updates.recv().await {
+                if p.config.policy != c.config.policy {
+                    tracing::warn!(
+                        version = p.version,
+                        "the control plane's top-level policy changed (authorization, timeouts, ...): restart this frontend to apply it; keys and gateways are applied now"
+                    );
+                }
+                match c.apply_snapshot(&p.config, &p.disabled, p.version).await {
+                    Ok(()) => {
+                        tracing::info!(version = p.version, "config snapshot applied");
+                        link.applied.send_replace(p.version);
+                    }
+                    Err(e) => {
+                        tracing::error!(version = p.version, error = %e, "config snapshot not applied");
+                    }
+                }
+            }
+        });
+    }
     // replicas sharing Redis and a store: an admin change on one reaches the others at once
     if let (Some(r), Some(rc)) = (&redis, &config.redis) {
         *control

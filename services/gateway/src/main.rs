@@ -44,6 +44,21 @@ enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         admin_address: Option<String>,
     },
+    /// The control plane: store, admin API (pushes config to frontends, collects their usage)
+    /// and usage writer. Its `address` serves health and metrics only.
+    Admin {
+        /// Config file (needs a store: dbtype sqlite or postgres).
+        #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
+        config: PathBuf,
+        /// Listen address for health and metrics, overriding the config's `address`.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// The admin API's listen address, overriding the config's `admin.address`.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin_address: Option<String>,
+    },
+    /// A data-plane replica: configured by a control plane, no database.
+    Frontend(keypool_gateway::frontend::FrontendArgs),
     /// Three mock upstream keys and the gateway in one process, offline.
     Demo {
         /// Listen address.
@@ -101,6 +116,11 @@ fn main() -> ExitCode {
             config,
             address,
             admin_address,
+        }
+        | Command::Admin {
+            config,
+            address,
+            admin_address,
         } => match keypool_config::load(config) {
             Ok(mut cfg) => {
                 if let Some(a) = address {
@@ -109,6 +129,22 @@ fn main() -> ExitCode {
                 if let Some(a) = admin_address {
                     cfg.admin.address.clone_from(a);
                 }
+                if matches!(command, Command::Admin { .. }) {
+                    if cfg.store == keypool_config::StoreConfig::None {
+                        eprintln!(
+                            "keypool: invalid config {}:\ndbtype: the control plane keeps the store: use sqlite or postgres",
+                            config.display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                    if !cfg.admin.enabled {
+                        eprintln!(
+                            "keypool: invalid config {}:\nadmin.enabled: the control plane serves the admin API",
+                            config.display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
                 Some(cfg)
             }
             Err(e) => {
@@ -116,6 +152,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        // a frontend's telemetry comes from the OTEL_* variables (its config is pushed later)
+        Command::Frontend(_) => keypool_config::from_yaml("dbtype: none").ok(),
         _ => None,
     };
     keypool_gateway::install_tls_provider();
@@ -157,6 +195,40 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
                 println!("keypool listening on http://{}/v1", listener.local_addr()?);
                 keypool_gateway::run(cfg, listener, shutdown).await
             }
+            (Command::Admin { .. }, Some(cfg)) => {
+                let listener = TcpListener::bind(&cfg.address)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.address))?;
+                println!(
+                    "keypool control plane listening on http://{}",
+                    listener.local_addr()?
+                );
+                keypool_gateway::run_with(
+                    cfg,
+                    listener,
+                    shutdown,
+                    keypool_gateway::Role::ControlPlane,
+                )
+                .await
+            }
+            (Command::Frontend(args), _) => {
+                let listener = TcpListener::bind(&args.address)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.address))?;
+                let addr = listener.local_addr()?;
+                let Some(link) =
+                    keypool_gateway::frontend::connect(&args, addr.to_string(), &shutdown).await?
+                else {
+                    return Ok(());
+                };
+                let cfg = link.first.config.clone();
+                println!("keypool frontend listening on http://{addr}/v1");
+                keypool_gateway::run_with(
+                    cfg,
+                    listener,
+                    shutdown,
+                    keypool_gateway::Role::Frontend(Box::new(link)),
+                )
+                .await
+            }
             (
                 Command::Demo {
                     address,
@@ -168,7 +240,9 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
             (Command::Migrate { down, .. }, Some(cfg)) => {
                 keypool_gateway::usage::migrate(&cfg, down).await
             }
-            (Command::Serve { .. } | Command::Migrate { .. }, None) => Ok(()),
+            (Command::Serve { .. } | Command::Admin { .. } | Command::Migrate { .. }, None) => {
+                Ok(())
+            }
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Monitor {
     pub store: Option<Store>,
     pub pool: keypool_pool::PoolHandle,
     pub writer_stats: Option<std::sync::Arc<keypool_store::WriterStats>>,
+    /// `false` on the control plane (`keypool admin`): API calls go to the frontends.
+    pub proxying: bool,
     pub metrics_token: Option<keypool_types::Secret>,
 }
 

@@ -197,6 +197,19 @@ impl Usage {
         }
     }
 
+    /// A frontend's usage: the batched writer with the control plane as its target (and its
+    /// spill file as the spool); no store, no counter snapshots, no retention.
+    pub fn start_uplink(target: impl keypool_store::BatchTarget, config: &Config) -> Self {
+        let (writer, sink) = UsageWriter::start(target, &config.log);
+        Self {
+            sink: Arc::new(sink),
+            store: None,
+            writer: Some(writer),
+            stop: CancellationToken::new(),
+            tasks: Vec::new(),
+        }
+    }
+
     /// After the server drained: saves counters, flushes every queued event, stops the tasks.
     /// The writer's counters, for metrics (`None` with `dbtype: none`).
     pub fn writer_stats(&self) -> Option<Arc<keypool_store::WriterStats>> {

@@ -1,0 +1,463 @@
+//! `keypool frontend`: a data-plane replica. It holds no database: its gateways, keys and
+//! request policy come from the control plane (`keypool admin`) over `WatchConfig`, and its
+//! usage events go back over `PublishUsage`.
+//!
+//! - **Config.** The first snapshot is awaited for up to [`FIRST_SNAPSHOT_WAIT`]; without one
+//!   the last snapshot persisted in `--state-dir` is served (sealed with a key derived from the
+//!   admin token, since it holds upstream secrets). Every snapshot received is persisted, then
+//!   applied at once ([`crate::control::Control::apply_snapshot`]). A lost control plane is
+//!   retried with backoff (0.5 s doubling to 10 s) while the last snapshot keeps serving.
+//! - **Usage.** The store's own batched writer runs with the control plane as its target
+//!   ([`Uplink`]): a batch is sent and counts as written only when its acknowledgement comes
+//!   back; while the control plane is unreachable, batches go to the spool file in `--state-dir`
+//!   (fsync'd, bounded by `--spool-max-bytes`) and are resent later. Event ids make resends
+//!   land once.
+//! - **Liveness.** An empty batch every 5 s (and right after a snapshot is applied) tells the
+//!   control plane this replica's address and applied config version, for `GetStatus`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keypool_config::Config;
+use keypool_proto::admin::v1 as pb;
+use keypool_proto::admin::v1::admin_client::AdminClient;
+use keypool_store::{BatchTarget, StoredEvent};
+use keypool_types::Secret;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// How long start-up waits for the control plane before serving the persisted snapshot.
+pub const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+const ACK_WAIT: Duration = Duration::from_secs(10);
+const CONNECT_WAIT: Duration = Duration::from_secs(3);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+const SNAPSHOT_FILE: &str = "config-snapshot.sealed";
+const SPOOL_FILE: &str = "usage-spool.jsonl";
+
+/// A frontend's own settings: where the control plane is, and what must stay local.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FrontendArgs {
+    /// The control plane's admin API, e.g. `http://keypool-admin:8889`.
+    #[arg(long, value_name = "URL")]
+    pub admin: String,
+    /// The control plane's admin token (better: the `KEYPOOL_ADMIN_TOKEN` variable).
+    #[arg(long, env = "KEYPOOL_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Listen address for API traffic.
+    #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:8888")]
+    pub address: String,
+    /// Redis for limits, quotas and key health shared with the other replicas.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "KEYPOOL_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis: Option<String>,
+    /// Prefix of every Redis key (the same on every replica).
+    #[arg(long, default_value = "keypool:")]
+    pub redis_prefix: String,
+    /// `local` (per-replica limits while Redis is down) or `closed` (503 until it is back).
+    #[arg(long, default_value = "local")]
+    pub redis_on_failure: String,
+    /// With `local`: how many replicas share the limits (each enforces 1/N of them while
+    /// Redis is down).
+    #[arg(long, value_name = "N")]
+    pub redis_replicas_hint: Option<u32>,
+    /// Where the last config snapshot (sealed) and the usage spool are kept.
+    #[arg(long, value_name = "DIR", default_value = "./keypool-frontend")]
+    pub state_dir: PathBuf,
+    /// Largest usage spool file, in bytes; past it events are dropped, counted and logged.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    pub spool_max_bytes: u64,
+}
+
+/// A snapshot, validated into a runnable [`Config`].
+pub struct Pushed {
+    pub version: u64,
+    pub config: Config,
+    pub disabled: HashSet<String>,
+}
+
+/// What [`crate::run_with`] needs to run as a frontend.
+pub struct Link {
+    /// Snapshots after the first.
+    pub updates: mpsc::Receiver<Pushed>,
+    pub first: Pushed,
+    pub uplink: Arc<Uplink>,
+    /// The config version applied last (read by the heartbeat).
+    pub applied: watch::Sender<u64>,
+}
+
+/// Adds the admin token to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = AdminClient<InterceptedService<Channel, Bearer>>;
+
+fn client(args: &FrontendArgs) -> anyhow::Result<Client> {
+    let channel = Channel::from_shared(args.admin.clone())
+        .context("--admin: expected a URL such as http://127.0.0.1:8889")?
+        .connect_timeout(CONNECT_WAIT)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let header = match &args.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .context("--token: not a valid header value")?,
+        ),
+        None => None,
+    };
+    Ok(AdminClient::with_interceptor(channel, Bearer(header)))
+}
+
+/// The sealing key of the persisted snapshot: the admin token (without one, the file is only
+/// obfuscated; a control plane without a token listens on loopback only).
+fn snapshot_key(args: &FrontendArgs) -> Secret {
+    Secret::new(format!(
+        "keypool-frontend-snapshot:{}",
+        args.token.as_deref().unwrap_or_default()
+    ))
+}
+
+/// Validates a snapshot into this frontend's [`Config`]: the control plane's policy, keys and
+/// gateways; this frontend's address, Redis and state directory; no database, no admin API.
+pub fn build(args: &FrontendArgs, version: u64, json: &str) -> anyhow::Result<Pushed> {
+    let doc: serde_json::Value = serde_json::from_str(json).context("snapshot is not JSON")?;
+    let mut raw = doc["policy"].as_object().cloned().unwrap_or_default();
+    raw.retain(|_, v| !v.is_null());
+    let mut log = raw
+        .remove("log")
+        .and_then(|l| l.as_object().cloned())
+        .unwrap_or_default();
+    log.retain(|_, v| !v.is_null());
+    log.insert(
+        "spill_path".into(),
+        args.state_dir.join(SPOOL_FILE).display().to_string().into(),
+    );
+    log.insert("spill_max_bytes".into(), args.spool_max_bytes.into());
+    raw.insert("log".into(), log.into());
+    raw.insert("upstreams".into(), doc["upstreams"].clone());
+    raw.insert("gateways".into(), doc["gateways"].clone());
+    raw.insert("dbtype".into(), "none".into());
+    raw.insert("address".into(), args.address.clone().into());
+    raw.insert("admin".into(), serde_json::json!({"enabled": false}));
+    if let Some(url) = &args.redis {
+        raw.insert(
+            "redis".into(),
+            serde_json::json!({
+                "url": url,
+                "prefix": args.redis_prefix,
+                "on_failure": args.redis_on_failure,
+                "replicas_hint": args.redis_replicas_hint,
+            }),
+        );
+    }
+    let raw: keypool_config::raw::RawConfig =
+        serde_json::from_value(raw.into()).context("snapshot does not fit the config schema")?;
+    let config = keypool_config::validate(raw).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let disabled = doc["disabled"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Pushed {
+        version,
+        config,
+        disabled,
+    })
+}
+
+/// Writes the snapshot (sealed) so that a restart without the control plane still serves.
+fn persist(args: &FrontendArgs, version: u64, json: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(&args.state_dir)?;
+    let doc = serde_json::json!({"version": version, "config_json": json}).to_string();
+    let sealed = crate::seal::seal(&snapshot_key(args), &doc)?;
+    let path = args.state_dir.join(SNAPSHOT_FILE);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(sealed.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// The persisted snapshot, if there is one this token can open.
+fn load_persisted(args: &FrontendArgs) -> anyhow::Result<Option<(u64, String)>> {
+    let path = args.state_dir.join(SNAPSHOT_FILE);
+    let sealed = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let doc = crate::seal::open(&snapshot_key(args), sealed.trim())
+        .with_context(|| format!("{} cannot be opened with this token", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&doc)?;
+    Ok(Some((
+        v["version"].as_u64().unwrap_or(0),
+        v["config_json"].as_str().unwrap_or_default().to_owned(),
+    )))
+}
+
+/// Follows `WatchConfig` for as long as the process runs: every snapshot is validated,
+/// persisted and handed on; a lost stream is reopened with backoff.
+fn watch_config(
+    args: FrontendArgs,
+    client: Client,
+    uplink: Arc<Uplink>,
+    applied: watch::Receiver<u64>,
+    tx: mpsc::Sender<Pushed>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let req = pb::WatchConfigRequest {
+                replica_id: uplink.id.clone(),
+                address: uplink.address.clone(),
+                have_version: *applied.borrow(),
+            };
+            let mut c = client.clone();
+            let opened = tokio::select! {
+                () = stop.cancelled() => return,
+                r = c.watch_config(req) => r,
+            };
+            match opened {
+                Ok(resp) => {
+                    let mut stream = resp.into_inner();
+                    loop {
+                        let msg = tokio::select! {
+                            () = stop.cancelled() => return,
+                            m = stream.message() => m,
+                        };
+                        let Ok(Some(snap)) = msg else { break };
+                        backoff = Duration::from_millis(500);
+                        match build(&args, snap.version, &snap.config_json) {
+                            Ok(pushed) => {
+                                if let Err(e) = persist(&args, snap.version, &snap.config_json) {
+                                    tracing::error!(error = %e, "cannot persist the config snapshot");
+                                }
+                                if tx.send(pushed).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => tracing::error!(
+                                version = snap.version,
+                                error = %format!("{e:#}"),
+                                "config snapshot refused; still serving the previous one"
+                            ),
+                        }
+                    }
+                    tracing::warn!(
+                        version = *applied.borrow(),
+                        "lost the control plane: serving on the last config snapshot"
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    error = %e.message(),
+                    retry_in = ?backoff,
+                    "control plane unreachable: serving on the last config snapshot"
+                ),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    });
+}
+
+/// Connects to the control plane and obtains the first configuration: a fresh snapshot, or
+/// after [`FIRST_SNAPSHOT_WAIT`] the persisted one, or (with neither) whatever comes first.
+pub async fn connect(
+    args: &FrontendArgs,
+    address: String,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Link>> {
+    let client = client(args)?;
+    let uplink = Arc::new(Uplink {
+        client: client.clone(),
+        conn: tokio::sync::Mutex::new(None),
+        seq: AtomicU64::new(0),
+        id: keypool_pool::shared::process_id().to_owned(),
+        address,
+        applied: AtomicU64::new(0),
+    });
+    let (applied, applied_rx) = watch::channel(0);
+    let (tx, mut rx) = mpsc::channel(4);
+    watch_config(
+        args.clone(),
+        client,
+        uplink.clone(),
+        applied_rx.clone(),
+        tx,
+        stop.clone(),
+    );
+    let first = match tokio::time::timeout(FIRST_SNAPSHOT_WAIT, rx.recv()).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(None),
+        Err(_) => {
+            if let Some((version, json)) = load_persisted(args)? {
+                tracing::warn!(
+                    version,
+                    "control plane unreachable: serving the persisted config snapshot"
+                );
+                build(args, version, &json).context("the persisted snapshot is invalid")?
+            } else {
+                tracing::warn!(
+                    "control plane unreachable and no persisted snapshot: waiting for the control plane"
+                );
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(None),
+                    p = rx.recv() => match p {
+                        Some(p) => p,
+                        None => return Ok(None),
+                    },
+                }
+            }
+        }
+    };
+    heartbeat(uplink.clone(), applied_rx, stop.clone());
+    Ok(Some(Link {
+        updates: rx,
+        first,
+        uplink,
+        applied,
+    }))
+}
+
+/// An empty batch every [`HEARTBEAT_EVERY`] and after each applied snapshot.
+fn heartbeat(uplink: Arc<Uplink>, mut applied: watch::Receiver<u64>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                r = applied.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+            }
+            uplink
+                .applied
+                .store(*applied.borrow_and_update(), Ordering::Relaxed);
+            if let Err(e) = uplink.send(Vec::new()).await {
+                tracing::debug!(error = %e, "heartbeat to the control plane failed");
+            }
+        }
+    });
+}
+
+/// The control plane as the usage writer's target: one `PublishUsage` stream, a batch at a
+/// time, each waiting for its acknowledgement.
+pub struct Uplink {
+    client: Client,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    seq: AtomicU64,
+    pub id: String,
+    pub address: String,
+    applied: AtomicU64,
+}
+
+struct Conn {
+    tx: mpsc::Sender<pb::UsageBatch>,
+    acks: tonic::Streaming<pb::UsageAck>,
+}
+
+impl Uplink {
+    async fn open(&self) -> Result<Conn, String> {
+        let (tx, rx) = mpsc::channel(4);
+        let opened = tokio::time::timeout(
+            CONNECT_WAIT,
+            self.client
+                .clone()
+                .publish_usage(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| "no answer from the control plane".to_owned())?
+        .map_err(|s| s.message().to_owned())?;
+        Ok(Conn {
+            tx,
+            acks: opened.into_inner(),
+        })
+    }
+
+    /// Sends one batch and waits for its acknowledgement; returns how many events were new.
+    async fn send(&self, events_json: Vec<String>) -> Result<usize, String> {
+        let mut conn = self.conn.lock().await;
+        if conn.is_none() {
+            *conn = Some(self.open().await?);
+        }
+        let Some(c) = conn.as_mut() else {
+            return Err("not connected".to_owned());
+        };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let batch = pb::UsageBatch {
+            seq,
+            replica_id: self.id.clone(),
+            address: self.address.clone(),
+            config_version: self.applied.load(Ordering::Relaxed),
+            events_json,
+        };
+        let outcome = async {
+            c.tx.send(batch)
+                .await
+                .map_err(|_| "the usage stream closed".to_owned())?;
+            loop {
+                match tokio::time::timeout(ACK_WAIT, c.acks.message()).await {
+                    Err(_) => return Err(format!("no acknowledgement within {ACK_WAIT:?}")),
+                    Ok(Err(s)) => return Err(s.message().to_owned()),
+                    Ok(Ok(None)) => return Err("the usage stream closed".to_owned()),
+                    Ok(Ok(Some(ack))) if ack.seq == seq => return Ok(ack.stored as usize),
+                    Ok(Ok(Some(_))) => {} // a late ack of an abandoned batch
+                }
+            }
+        }
+        .await;
+        if outcome.is_err() {
+            *conn = None;
+        }
+        outcome
+    }
+}
+
+/// [`Uplink`] as the writer's [`BatchTarget`].
+pub struct UplinkTarget(pub Arc<Uplink>);
+
+impl BatchTarget for UplinkTarget {
+    fn name(&self) -> &'static str {
+        "control plane"
+    }
+
+    async fn write(&self, batch: &[StoredEvent], _fresh: bool) -> Result<usize, String> {
+        let json = batch
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        self.0.send(json).await
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        self.0.send(Vec::new()).await.map(|_| ())
+    }
+}
