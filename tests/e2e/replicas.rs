@@ -121,6 +121,7 @@ macro_rules! in_both_topologies {
 
 in_both_topologies!(
     three_replicas_admit_exactly_a_keys_rpm,
+    three_replicas_hold_a_keys_tpm_as_one,
     three_replicas_spread_load_over_keys_as_evenly_as_one,
     gateway_limits_and_quotas_hold_across_replicas,
     a_429_seen_by_one_replica_cools_the_key_on_all,
@@ -159,6 +160,52 @@ async fn three_replicas_admit_exactly_a_keys_rpm(topo: Topo) -> anyhow::Result<(
     let limited = results.iter().filter(|r| matches!(r, Ok(429))).count();
     assert_eq!((ok, limited), (10, 20), "{results:?}");
     assert_eq!(up.requests(), 10);
+    Ok(())
+}
+
+/// Sequential calls (each settled before the next) with a small completion estimate, counted.
+async fn tpm_admitted(gws: &[Gateway], calls: usize) -> anyhow::Result<usize> {
+    let mut ok = 0;
+    for i in 0..calls {
+        let gw = &gws[i % gws.len()];
+        let mut body = hello("gpt-4o-mini");
+        body["max_tokens"] = 1.into();
+        let resp = gw
+            .http()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(T)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let _ = resp.bytes().await;
+        assert!(status == 200 || status == 429, "{status}");
+        ok += usize::from(status == 200);
+        tokio::time::sleep(Duration::from_millis(150)).await; // the settled count reaches Redis
+    }
+    Ok(ok)
+}
+
+async fn three_replicas_hold_a_keys_tpm_as_one(topo: Topo) -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let pfx = prefix();
+    let base = config()
+        .token(T)
+        .set("queue_timeout", "0.05")
+        .key(&up, "up", "tpm: 45");
+    // what one process admits of 9 calls (estimates reserved, real usage settled)
+    let alone = Gateway::start(&base.yaml()).await?;
+    let one = tpm_admitted(std::slice::from_ref(&alone), 9).await?;
+    assert!((1..9).contains(&one), "{one}");
+    drop(alone);
+    let before = up.requests();
+    let gws = replicas(topo, 3, &base.block(&redis_block(&pfx)).yaml(), &pfx).await?;
+    assert_eq!(
+        tpm_admitted(&gws, 9).await?,
+        one,
+        "three replicas admit as one"
+    );
+    assert_eq!(up.requests() - before, one as u64);
     Ok(())
 }
 

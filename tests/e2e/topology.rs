@@ -253,8 +253,19 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
         fe_b.logs()
     );
 
-    // the control plane comes back on the same address: every event lands, once
-    let cp = Gateway::start_control_plane(&yaml, &admin_address).await?;
+    // the control plane comes back on the same address, with a second client token in its
+    // file: every event lands, once
+    let edited = yaml.replacen(
+        &format!("authorization: {T}"),
+        &format!("authorization: {T},second-token"),
+        1,
+    );
+    assert_ne!(edited, yaml);
+    assert_eq!(
+        post(&fe_b, "/v1/chat/completions", "second-token").await?,
+        401
+    );
+    let cp = Gateway::start_control_plane(&edited, &admin_address).await?;
     let landed = wait_for_events(&db, sent, Duration::from_secs(30)).await?;
     assert_eq!(landed, sent);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -269,6 +280,15 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
     .await?;
     for fe in [&fe_a, &fe_b] {
         let started = Instant::now();
+        // the new top-level policy applies without a restart
+        while post(fe, "/v1/chat/completions", "second-token").await? != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{} never accepted the new client token",
+                fe.origin
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         while post(fe, "/llm/api/late/v1/chat/completions", "late-secret").await? != 200 {
             assert!(
                 started.elapsed() < Duration::from_secs(15),

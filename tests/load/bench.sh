@@ -8,6 +8,9 @@
 #     the same budgets kept in the Redis on 127.0.0.1:6379 (one admission script per request;
 #     the round trips per request are counted from Redis's command stats); `redispick` = Redis
 #     without budgets (the least-used pick across replicas only).
+#     `frontends` = the production topology: `keypool admin` (SQLite) feeding two `keypool
+#     frontend`s that share the rpm budgets in Redis; latency and 64-connection throughput are
+#     measured on one frontend, then both are loaded at once (2 x 32 connections, summed).
 # REDIS2=1 adds a run of two keypool replicas sharing the Redis budgets: two wrk processes (32
 # connections each, one per replica) at once, summed.
 # Prints throughput at 64 connections and latency at 1 keep-alive connection, as medians of
@@ -92,10 +95,13 @@ dbaddr: postgres://postgres@127.0.0.1:5432/$PGDB" ;;
     rpm) DB="dbtype: none" ;;
     redis|redispick) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$$:\"}" ;;
+    frontends) DB="dbtype: sqlite
+dbaddr: $WORK/cp.sqlite
+admin: {token: bench-admin}" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
   LIMIT=""
-  case "$store" in rpm|redis) LIMIT=", rpm: 100000000" ;; esac
+  case "$store" in rpm|redis|frontends) LIMIT=", rpm: 100000000" ;; esac
   cat > "$WORK/config-$store.yaml" <<YAML
 address: 127.0.0.1:0
 authorization: bench-token
@@ -105,14 +111,30 @@ upstreams:
   - {name: k2, sk: sk-bench-2, endpoint: "$UP"$LIMIT}
   - {name: k3, sk: sk-bench-3, endpoint: "$UP"$LIMIT}
 YAML
-  RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" > "$WORK/kp.out" 2> "$WORK/kp-$store.err" &
-  KP_PID=$!
-  wait_line "$WORK/kp.out" "listening on"
+  if [ "$store" = frontends ]; then
+    RUST_LOG=warn "$BIN" admin --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/cp.out" 2> "$WORK/cp.err" &
+    CP_PID=$!
+    wait_line "$WORK/cp.out" "admin listening on"
+    ADMIN=$(grep 'admin listening on' "$WORK/cp.out" | grep -o 'http://[^ ]*')
+    for r in b a; do
+      KEYPOOL_ADMIN_TOKEN=bench-admin RUST_LOG=warn "$BIN" frontend --admin "$ADMIN" --address 127.0.0.1:0 \
+        --redis redis://127.0.0.1:6379/0 --redis-prefix "kp-bench-fe-$$:" --state-dir "$WORK/fe-$r" \
+        > "$WORK/fe$r.out" 2> "$WORK/fe$r.err" &
+      [ "$r" = a ] && KP_PID=$! || FEB_PID=$!
+      wait_line "$WORK/fe$r.out" "listening on"
+    done
+    cp "$WORK/fea.out" "$WORK/kp.out"
+    KB=$(grep -o 'http://[^ ]*' "$WORK/feb.out" | head -1)
+  else
+    RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" > "$WORK/kp.out" 2> "$WORK/kp-$store.err" &
+    KP_PID=$!
+    wait_line "$WORK/kp.out" "listening on"
+  fi
   KP=$(grep -o 'http://[^ ]*' "$WORK/kp.out" | head -1)
   taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$UP/chat/completions" > /dev/null
   taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$KP/chat/completions" > /dev/null
   evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
-  case "$store" in redis|redispick) E0=$(evals) ;; esac
+  case "$store" in redis|redispick|frontends) E0=$(evals) ;; esac
   for _ in $(seq "$ROUNDS"); do
     run "direct-64" "$UP" 64
     [ -n "$NG" ] && [ "$store" = none ] && run "nginx-64" "$NG" 64
@@ -122,12 +144,27 @@ YAML
     run "keypool[$store]-1" "$KP" 1
   done
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/$KP_PID/status")" >> "$WORK/rss.tsv"
-  if [ "$store" = redis ] || [ "$store" = redispick ]; then
-    SERVED=$(curl -s "${KP%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}')
+  if [ "$store" = frontends ]; then
+    for _ in $(seq "$ROUNDS"); do
+      taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KP/chat/completions" > "$WORK/fa.txt" &
+      taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KB/chat/completions" > "$WORK/fb.txt"
+      wait %%
+      echo "two frontends + redis, 2x32 conns: $(awk '/Requests\/sec/ {s += $2} END {printf "%.0f", s}' "$WORK/fa.txt" "$WORK/fb.txt") req/s" >> "$WORK/notes.txt"
+    done
+  fi
+  if [ "$store" = redis ] || [ "$store" = redispick ] || [ "$store" = frontends ]; then
+    SERVED=$( (curl -s "${KP%/v1}/metrics"; [ "$store" = frontends ] && curl -s "${KB%/v1}/metrics") | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}')
     echo "$store: redis round trips per request: $(( $(evals) - E0 )) scripts / $SERVED requests" >> "$WORK/notes.txt"
-    redis-cli --scan --pattern "kp-bench-$$:*" | xargs -r redis-cli del > /dev/null
+    redis-cli --scan --pattern "kp-bench-*$$:*" | xargs -r redis-cli del > /dev/null
   fi
   kill -TERM "$KP_PID"; wait "$KP_PID" 2>/dev/null || true
+  if [ "$store" = frontends ]; then
+    # frontends flush their usage to the control plane on SIGTERM, then the control plane stops
+    kill -TERM "$FEB_PID"; wait "$FEB_PID" 2>/dev/null || true
+    kill -TERM "$CP_PID"; wait "$CP_PID" 2>/dev/null || true
+    STORED=$(sqlite3 "$WORK/cp.sqlite" 'select count(*) from usage_events' 2>/dev/null || echo "?")
+    echo "frontends: $SERVED requests served, $STORED usage events stored by the control plane" >> "$WORK/notes.txt"
+  fi
   rm -f "$WORK/kp.out"
 done
 

@@ -20,8 +20,8 @@ pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
 pub use messages::{AddKey, BusyCause, ListKeys, NoKey, Outcome, RemoveKey, SetEnabled, UpdateKey};
 pub use pool::{KeyPool, Lease, Pick, PoolHandle, PoolView};
 pub use shared::{
-    Admit, HealthEvent, InMemory, Picked, RedisState, SharedError, SharedState, WindowReq,
-    shared_failed,
+    Admit, HealthEvent, InMemory, Picked, RedisState, SharedError, SharedState, TokenReq,
+    WindowReq, shared_failed,
 };
 pub use window::RateWindow;
 

@@ -242,11 +242,49 @@ pub struct Lease {
     settled: bool,
     /// When the lease was taken: the attempt's start, for its latency.
     started: Instant,
+    /// The tokens reserved in the shared token window (a `tpm` key with shared state), settled
+    /// there to the real count after a success.
+    shared_tokens: Option<SharedTokens>,
+}
+
+struct SharedTokens {
+    state: Arc<dyn crate::SharedState>,
+    req: crate::TokenReq,
+    id: String,
+}
+
+impl std::fmt::Debug for SharedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTokens")
+            .field("req", &self.req)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Lease {
     pub fn settle(mut self, outcome: Outcome) {
         self.settled = true;
+        if let (
+            Some(shared),
+            Outcome::Success {
+                tokens: Some(actual),
+                ..
+            },
+        ) = (self.shared_tokens.take(), &outcome)
+        {
+            let actual = *actual;
+            // off the response path: the count matters to the next picks, not to this one
+            tokio::spawn(async move {
+                if let Err(e) = shared
+                    .state
+                    .settle_tokens(&shared.req, &shared.id, actual)
+                    .await
+                {
+                    crate::shared_failed(&e);
+                }
+            });
+        }
         self.addr.do_send(Settle {
             lease_id: self.id,
             outcome,
@@ -342,6 +380,8 @@ impl PoolHandle {
         // replicas rank on the same counts (least-used) and never exceed a key's rpm together
         let mut chosen: Option<Vec<Candidate>> = None;
         let mut share_of = 1;
+        let first_lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        let mut shared_tokens: Option<SharedTokens> = None;
         if let Some(shared) = &self.shared
             && !cands.is_empty()
         {
@@ -360,12 +400,36 @@ impl PoolHandle {
                     }
                 })
                 .collect();
+            let tokens: Vec<Option<crate::TokenReq>> = ordered
+                .iter()
+                .map(|c| {
+                    let key = &view.keys[c.order].key;
+                    key.tpm.map(|limit| crate::TokenReq {
+                        key: format!("key:{}:tok", key.name),
+                        limit,
+                        cost: pick.est_tokens,
+                    })
+                })
+                .collect();
+            let id = format!("{}-{first_lease}", crate::shared::process_id());
             match shared
-                .pick(&windows, view.policy == LbPolicy::LeastUsed, now)
+                .pick_reserving(
+                    &windows,
+                    &tokens,
+                    view.policy == LbPolicy::LeastUsed,
+                    &id,
+                    now,
+                )
                 .await
             {
                 Ok(crate::Picked::Index(i)) => {
-                    chosen = Some(vec![ordered[i.min(ordered.len() - 1)]]);
+                    let i = i.min(ordered.len() - 1);
+                    chosen = Some(vec![ordered[i]]);
+                    shared_tokens = tokens[i].clone().map(|req| SharedTokens {
+                        state: shared.clone(),
+                        req,
+                        id,
+                    });
                 }
                 Ok(crate::Picked::Busy(free_in)) => {
                     earliest.offer(Instant::now() + free_in, BusyCause::Budget);
@@ -380,16 +444,21 @@ impl PoolHandle {
                 }
             }
         }
-        for c in chosen.as_deref().unwrap_or(&cands) {
+        for (n, c) in chosen.as_deref().unwrap_or(&cands).iter().enumerate() {
             let k = &view.keys[c.order];
-            let lease_id = self.next_lease.fetch_add(1, Ordering::Relaxed);
-            let lease = || Lease {
+            let lease_id = if n == 0 {
+                first_lease
+            } else {
+                self.next_lease.fetch_add(1, Ordering::Relaxed)
+            };
+            let mut lease = || Lease {
                 key_id: k.id,
                 key: k.key.clone(),
                 addr: k.addr.clone(),
                 id: lease_id,
                 settled: false,
                 started: Instant::now(),
+                shared_tokens: shared_tokens.take(),
             };
             let est_tokens = pick.est_tokens;
             if k.key.rpm.is_none() && k.key.tpm.is_none() {

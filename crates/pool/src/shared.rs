@@ -22,6 +22,15 @@ pub struct WindowReq {
     pub per: Duration,
 }
 
+/// A key's token window a pick must also fit in (its `tpm`): `cost` estimated tokens, settled
+/// later with [`SharedState::settle_tokens`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReq {
+    pub key: String,
+    pub limit: u64,
+    pub cost: u64,
+}
+
 /// What `admit` decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
@@ -72,7 +81,27 @@ pub trait SharedState: Send + Sync {
         candidates: &[WindowReq],
         least_used: bool,
         now: Instant,
+    ) -> Result<Picked, SharedError> {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        self.pick_reserving(candidates, &[], least_used, &id, now)
+            .await
+    }
+
+    /// [`Self::pick`] where candidate `i` must also fit `tokens[i]` (when given: its key's
+    /// token window, a trailing sum); the chosen one's tokens are reserved under `id`.
+    async fn pick_reserving(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        now: Instant,
     ) -> Result<Picked, SharedError>;
+
+    /// Replaces the estimate reserved under `id` in a token window by the real count (nothing
+    /// when the reservation already left the window).
+    async fn settle_tokens(&self, req: &TokenReq, id: &str, actual: u64)
+    -> Result<(), SharedError>;
 
     /// Adds `n` to a counter; answers the new total.
     async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError>;
@@ -99,10 +128,15 @@ pub trait SharedState: Send + Sync {
     }
 }
 
+/// A token reservation: when, under which id, how many.
+type TokenEntry = (Instant, String, u64);
+
 /// One process's state: windows of admission instants, counters.
 #[derive(Default)]
 pub struct InMemory {
     windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Token windows.
+    tokens: Mutex<HashMap<String, VecDeque<TokenEntry>>>,
     counters: Mutex<HashMap<String, u64>>,
 }
 
@@ -125,19 +159,49 @@ impl SharedState for InMemory {
         Ok(self.admit_now(windows, now))
     }
 
-    async fn pick(
+    async fn pick_reserving(
         &self,
         candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
         least_used: bool,
+        id: &str,
         now: Instant,
     ) -> Result<Picked, SharedError> {
         let mut all = self
             .windows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut toks = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut best: Option<(usize, usize)> = None;
         let mut earliest: Option<Duration> = None;
         for (i, w) in candidates.iter().enumerate() {
+            if let Some(Some(t)) = tokens.get(i) {
+                let q = toks.entry(t.key.clone()).or_default();
+                while q
+                    .front()
+                    .is_some_and(|(at, _, _)| now.saturating_duration_since(*at) >= w.per)
+                {
+                    q.pop_front();
+                }
+                let used: u64 = q.iter().map(|(_, _, n)| n).sum();
+                let cost = t.cost.min(t.limit);
+                if used + cost > t.limit {
+                    let mut must_free = used + cost - t.limit;
+                    let mut free = w.per;
+                    for (at, _, n) in q.iter() {
+                        if *n >= must_free {
+                            free = (*at + w.per).saturating_duration_since(now);
+                            break;
+                        }
+                        must_free -= n;
+                    }
+                    earliest = Some(earliest.map_or(free, |e| e.min(free)));
+                    continue;
+                }
+            }
             let q = all.entry(w.key.clone()).or_default();
             prune(q, now, w.per);
             if (q.len() as u64) < w.limit {
@@ -159,10 +223,36 @@ impl SharedState for InMemory {
                 all.entry(candidates[i].key.clone())
                     .or_default()
                     .push_back(now);
+                if let Some(Some(t)) = tokens.get(i) {
+                    toks.entry(t.key.clone()).or_default().push_back((
+                        now,
+                        id.to_owned(),
+                        t.cost.min(t.limit),
+                    ));
+                }
                 Picked::Index(i)
             }
             None => Picked::Busy(earliest.unwrap_or_default()),
         })
+    }
+
+    async fn settle_tokens(
+        &self,
+        req: &TokenReq,
+        id: &str,
+        actual: u64,
+    ) -> Result<(), SharedError> {
+        let mut toks = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(e) = toks
+            .get_mut(&req.key)
+            .and_then(|q| q.iter_mut().rev().find(|(_, i, _)| i == id))
+        {
+            e.2 = actual;
+        }
+        Ok(())
     }
 
     async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError> {
@@ -254,6 +344,7 @@ pub struct RedisState {
     timeout: Duration,
     script: redis::Script,
     pick_script: redis::Script,
+    settle_script: redis::Script,
 }
 
 /// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
@@ -285,53 +376,113 @@ end
 return out
 ";
 
-/// Chooses and reserves in one step. KEYS: candidate windows in preference order. ARGV: member
-/// id, `least` or `first`, then (limit, per_ms) per candidate; a limit of 0 means unbudgeted.
-/// Returns {1, index} or {0, free_in_ms}.
+/// Chooses and reserves in one step. KEYS: per candidate, in preference order, its request
+/// window and its token window. ARGV: member id, `least` or `first`, then per candidate
+/// (limit, per_ms, token_limit, token_cost); a limit of 0 means unbudgeted, a token limit of 0
+/// no token budget. Returns {1, index} or {0, free_in_ms}.
 ///
 /// A budgeted window is exact (a sorted set of admission times, bounded by its limit). An
 /// unbudgeted one only ranks, so it is two per-window counters (this window and the last one,
-/// weighted by how much of the last still overlaps): O(1), whatever the traffic.
+/// weighted by how much of the last still overlaps): O(1), whatever the traffic. A token window
+/// is a sorted set of `id:tokens` members with a running sum beside it (`<key>:sum`): members
+/// leaving the window are subtracted once, so the check is O(1) amortised.
 const PICK: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local least = ARGV[2] == 'least'
 local best, best_n, earliest = 0, -1, -1
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 * i + 1])
-  local per = tonumber(ARGV[2 * i + 2])
+local function tokens_used(k, per)
+  local sum = tonumber(redis.call('GET', k .. ':sum') or '0')
+  local old = redis.call('ZRANGEBYSCORE', k, '-inf', now - per)
+  if #old > 0 then
+    for _, m in ipairs(old) do sum = sum - tonumber(string.match(m, ':(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
+    if sum < 0 or redis.call('ZCARD', k) == 0 then sum = 0 end
+    redis.call('SET', k .. ':sum', sum, 'PX', per)
+  end
+  return sum
+end
+for i = 1, #KEYS / 2 do
+  local limit = tonumber(ARGV[4 * i - 1])
+  local per = tonumber(ARGV[4 * i])
+  local tlimit = tonumber(ARGV[4 * i + 1])
+  local tk = KEYS[2 * i]
   local n
-  if limit == 0 then
+  local tokens_fit = true
+  if tlimit > 0 then
+    local cost = math.min(tonumber(ARGV[4 * i + 2]), tlimit)
+    local used = tokens_used(tk, per)
+    if used + cost > tlimit then
+      tokens_fit = false
+      local must_free = used + cost - tlimit
+      local free = per
+      local all = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
+      for j = 1, #all, 2 do
+        local m = tonumber(string.match(all[j], ':(%d+)$'))
+        if m >= must_free then free = tonumber(all[j + 1]) + per - now break end
+        must_free = must_free - m
+      end
+      if earliest < 0 or free < earliest then earliest = free end
+    end
+  end
+  local k = KEYS[2 * i - 1]
+  if not tokens_fit then
+    n = nil
+  elseif limit == 0 then
     local slot = math.floor(now / per)
-    local cur = tonumber(redis.call('GET', KEYS[i] .. ':' .. slot) or '0')
-    local prev = tonumber(redis.call('GET', KEYS[i] .. ':' .. (slot - 1)) or '0')
+    local cur = tonumber(redis.call('GET', k .. ':' .. slot) or '0')
+    local prev = tonumber(redis.call('GET', k .. ':' .. (slot - 1)) or '0')
     n = cur + prev * (1 - (now % per) / per)
     limit = n + 1
   else
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - per)
-    n = redis.call('ZCARD', KEYS[i])
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
+    n = redis.call('ZCARD', k)
   end
-  if n < limit then
+  if n == nil then
+    -- no room for its tokens: ranked out
+  elseif n < limit then
     if best == 0 or n < best_n then best, best_n = i, n end
     if not least then break end
   else
-    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
     local free = per
     if oldest[2] then free = tonumber(oldest[2]) + per - now end
     if earliest < 0 or free < earliest then earliest = free end
   end
 end
 if best == 0 then return {0, earliest} end
-local per = tonumber(ARGV[2 * best + 2])
-if tonumber(ARGV[2 * best + 1]) == 0 then
-  local k = KEYS[best] .. ':' .. math.floor(now / per)
-  redis.call('INCR', k)
-  redis.call('PEXPIRE', k, 2 * per)
+local per = tonumber(ARGV[4 * best])
+local k = KEYS[2 * best - 1]
+if tonumber(ARGV[4 * best - 1]) == 0 then
+  local c = k .. ':' .. math.floor(now / per)
+  redis.call('INCR', c)
+  redis.call('PEXPIRE', c, 2 * per)
 else
-  redis.call('ZADD', KEYS[best], now, ARGV[1])
-  redis.call('PEXPIRE', KEYS[best], per)
+  redis.call('ZADD', k, now, ARGV[1])
+  redis.call('PEXPIRE', k, per)
+end
+local tlimit = tonumber(ARGV[4 * best + 1])
+if tlimit > 0 then
+  local tk = KEYS[2 * best]
+  local cost = math.min(tonumber(ARGV[4 * best + 2]), tlimit)
+  redis.call('ZADD', tk, now, ARGV[1] .. ':' .. cost)
+  redis.call('INCRBY', tk .. ':sum', cost)
+  redis.call('PEXPIRE', tk, per)
+  redis.call('PEXPIRE', tk .. ':sum', per)
 end
 return {1, best - 1}
+";
+
+/// Settles a token reservation: KEYS[1] the token window; ARGV: id, estimated cost, actual.
+const SETTLE_TOKENS: &str = r"
+local old = ARGV[1] .. ':' .. ARGV[2]
+local at = redis.call('ZSCORE', KEYS[1], old)
+if not at then return 0 end
+redis.call('ZREM', KEYS[1], old)
+redis.call('ZADD', KEYS[1], at, ARGV[1] .. ':' .. ARGV[3])
+local sum = redis.call('INCRBY', KEYS[1] .. ':sum', tonumber(ARGV[3]) - tonumber(ARGV[2]))
+if sum < 0 then redis.call('SET', KEYS[1] .. ':sum', 0, 'KEEPTTL') end
+return 1
 ";
 
 impl RedisState {
@@ -357,6 +508,7 @@ impl RedisState {
             timeout,
             script: redis::Script::new(ADMIT),
             pick_script: redis::Script::new(PICK),
+            settle_script: redis::Script::new(SETTLE_TOKENS),
         })
     }
 
@@ -477,24 +629,30 @@ impl SharedState for RedisState {
         }
     }
 
-    async fn pick(
+    async fn pick_reserving(
         &self,
         candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
         least_used: bool,
+        id: &str,
         _: Instant,
     ) -> Result<Picked, SharedError> {
         let mut inv = self.pick_script.prepare_invoke();
-        inv.arg(format!(
-            "{:016x}{:016x}",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        ));
+        inv.arg(id);
         inv.arg(if least_used { "least" } else { "first" });
-        for w in candidates {
+        for (i, w) in candidates.iter().enumerate() {
             inv.key(self.key(&w.key));
             // unbudgeted (u64::MAX): 0 tells the script to count approximately
             let limit = if w.limit == u64::MAX { 0 } else { w.limit };
             inv.arg(limit).arg(w.per.as_millis() as u64);
+            if let Some(Some(t)) = tokens.get(i) {
+                inv.key(self.key(&t.key));
+                inv.arg(t.limit).arg(t.cost);
+            } else {
+                // no token budget: a placeholder key the script never touches
+                inv.key(self.key(&format!("{}:tok", w.key)));
+                inv.arg(0).arg(0);
+            }
         }
         let mut conn = self.conn.clone();
         let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
@@ -505,6 +663,20 @@ impl SharedState for RedisState {
             ))),
             other => Err(SharedError(format!("unexpected pick answer {other:?}"))),
         }
+    }
+
+    async fn settle_tokens(
+        &self,
+        req: &TokenReq,
+        id: &str,
+        actual: u64,
+    ) -> Result<(), SharedError> {
+        let mut inv = self.settle_script.prepare_invoke();
+        inv.key(self.key(&req.key));
+        inv.arg(id).arg(req.cost.min(req.limit)).arg(actual);
+        let mut conn = self.conn.clone();
+        let _: i64 = self.run(inv.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError> {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keypool_pool::{Admit, InMemory, Picked, RedisState, SharedState, WindowReq};
+use keypool_pool::{Admit, InMemory, Picked, RedisState, SharedState, TokenReq, WindowReq};
 use tokio::time::Instant;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -146,6 +146,49 @@ async fn picks_least_used_or_first_and_reserves(s: &dyn SharedState) {
     }
 }
 
+async fn token_windows_hold_sums_and_settle(s: &dyn SharedState) {
+    let req = |cost| TokenReq {
+        key: "t1".to_owned(),
+        limit: 100,
+        cost,
+    };
+    let c = [w("r1", 1000, 60_000), w("r2", 1000, 60_000)];
+    let c = &c;
+    let pick = |cost: u64, id: &'static str| {
+        let toks = [Some(req(cost)), None];
+        async move {
+            s.pick_reserving(c, &toks, false, id, Instant::now())
+                .await
+                .unwrap()
+        }
+    };
+    // 40 + 40 fit in 100; a third 40 does not: the pick moves to the key without a budget
+    assert_eq!(pick(40, "a").await, Picked::Index(0));
+    assert_eq!(pick(40, "b").await, Picked::Index(0));
+    assert_eq!(pick(40, "c").await, Picked::Index(1));
+    // "a" used 10 in the end: 10 + 40 + 40 = 90, so 40 fits again
+    s.settle_tokens(&req(40), "a", 10).await.unwrap();
+    assert_eq!(pick(40, "d").await, Picked::Index(0));
+    // full (90 + 40 > 100) and no other candidate: busy until "a" leaves the window
+    let only = [w("r1", 1000, 60_000)];
+    match s
+        .pick_reserving(&only, &[Some(req(40))], true, "e", Instant::now())
+        .await
+        .unwrap()
+    {
+        Picked::Busy(d) => assert!(d > Duration::from_secs(50), "{d:?}"),
+        other @ Picked::Index(_) => panic!("{other:?}"),
+    }
+    // settling an unknown reservation changes nothing
+    s.settle_tokens(&req(40), "nobody", 0).await.unwrap();
+    assert!(matches!(
+        s.pick_reserving(&only, &[Some(req(40))], true, "f", Instant::now())
+            .await
+            .unwrap(),
+        Picked::Busy(_)
+    ));
+}
+
 async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 0);
     s.init("q", 100).await.unwrap();
@@ -161,6 +204,7 @@ async fn in_memory_contract() {
     all_or_nothing(s.as_ref()).await;
     never_over_admits_under_concurrency(s.clone()).await;
     picks_least_used_or_first_and_reserves(s.as_ref()).await;
+    token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
 }
 
@@ -172,6 +216,7 @@ async fn redis_contract() {
     all_or_nothing(s.as_ref()).await;
     never_over_admits_under_concurrency(s.clone()).await;
     picks_least_used_or_first_and_reserves(s.as_ref()).await;
+    token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
     // two "replicas" (two connections) share the same windows
     let other = RedisState::connect(REDIS, &r.prefix, Duration::from_secs(2))

@@ -29,14 +29,25 @@ use crate::capture;
 pub const UPSTREAM_HEADER: &str = "x-keypool-upstream";
 
 /// Per-worker state: the shared engine plus this worker's pooled upstream client.
+///
+/// The engine (config and pool) and the client-token check are swappable as a whole: a
+/// frontend replaces them when the control plane pushes a new policy; a request keeps the one
+/// it started with.
 pub struct Frontend {
-    pub engine: Arc<Engine>,
-    pub auth: Arc<ClientAuth>,
+    pub engine: Arc<arc_swap::ArcSwap<Engine>>,
+    pub auth: Arc<arc_swap::ArcSwap<ClientAuth>>,
     /// The named gateways (`/llm/api/{name}/v1/*`).
     pub gateways: Arc<Gateways>,
     pub sink: Arc<dyn UsageSink>,
     /// Pooled, keep-alive connections owned by this worker's runtime.
     pub client: reqwest::Client,
+}
+
+impl Frontend {
+    /// The engine requests start with now.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.load_full()
+    }
 }
 
 /// Handles every `/v1/*` request.
@@ -54,7 +65,7 @@ pub async fn proxy(
     {
         Ok(mut ctx) => {
             ctx.span = span.clone();
-            respond(fe.engine.forward(&fe.client, ctx).instrument(span).await)
+            respond(fe.engine().forward(&fe.client, ctx).instrument(span).await)
         }
         Err(error) => {
             keypool_telemetry::metrics().refusal("default", error.kind.wire().code);
@@ -70,18 +81,18 @@ async fn prepare(
     fe: &Frontend,
     started: Instant,
 ) -> Result<RequestCtx, ApiError> {
-    let caller = fe.auth.authenticate(
+    let caller = fe.auth.load().authenticate(
         req.headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
     )?;
-    let body = read_body(req, payload, fe.engine.config.max_body_bytes).await?;
+    let body = read_body(req, payload, fe.engine().config.max_body_bytes).await?;
     let path = req.path();
     let inspected = inspect(path, content_type(req), body)?;
     let query = Some(req.query_string())
         .filter(|q| !q.is_empty())
         .map(str::to_owned);
-    let client_ip = client_ip(req, &fe.engine.config);
+    let client_ip = client_ip(req, &fe.engine().config);
     let mut ctx = build_ctx(req, fe, path, query, caller, client_ip, inspected, started)?;
     ctx.client_authorization = req
         .headers()
@@ -134,7 +145,8 @@ fn build_ctx(
     let upstream_path = path.strip_prefix("/v1").unwrap_or(path).to_owned();
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
         .map_err(|_| ApiError::new(ErrorKind::InvalidRequest, "Unsupported method."))?;
-    let config = &fe.engine.config;
+    let engine = fe.engine();
+    let config = &engine.config;
     let policy = &config.log;
     let log = policy.records_anything().then(|| RequestLog {
         request_headers: policy
@@ -156,7 +168,7 @@ fn build_ctx(
         caller,
         client_ip,
         inspected,
-        upstream_headers(req.headers(), fe.engine.keeps_headers),
+        upstream_headers(req.headers(), engine.keeps_headers),
         None,
         fe.sink.clone(),
         started,
@@ -190,7 +202,7 @@ pub async fn gateway_proxy(
     {
         Ok(mut ctx) => {
             ctx.span = span.clone();
-            respond(fe.engine.forward(&fe.client, ctx).instrument(span).await)
+            respond(fe.engine().forward(&fe.client, ctx).instrument(span).await)
         }
         Err(error) => {
             let gateway = if error.kind == ErrorKind::GatewayNotFound {
@@ -234,7 +246,7 @@ async fn prepare_gateway(
         )
     })?;
     gw.check_open(std::time::SystemTime::now())?;
-    let body = read_body(req, payload, fe.engine.config.max_body_bytes).await?;
+    let body = read_body(req, payload, fe.engine().config.max_body_bytes).await?;
     let ct = content_type(req);
     let spec = &gw.spec;
     let body_position = matches!(gw.position(), Some(Position::Body(_)));
@@ -260,7 +272,7 @@ async fn prepare_gateway(
         Some(Position::Body(f)) => json.as_ref().and_then(|m| body_credential(m, f)),
     };
     let identity = gw.authenticate(credential.as_deref())?;
-    let client_ip = client_ip(req, &fe.engine.config);
+    let client_ip = client_ip(req, &fe.engine().config);
     gw.check_lists(client_ip, credential.as_deref(), chrono::Utc::now())?;
     match gw
         .admit_everywhere(&identity, client_ip, Instant::now())

@@ -170,13 +170,12 @@ pub async fn run_with(
         metrics_token: config.telemetry.metrics_token.clone(),
     });
     let alerts = keypool_telemetry::notify::start(&config.notify, &instance_name(&config));
-    let engine = Arc::new(Engine {
-        config: config.clone(),
-        pool: pool.clone(),
-        adapters: Adapters::new(),
-        requires_token: !auth.is_open(),
-        keeps_headers: config.upstreams.iter().any(|u| u.keep_header),
-    });
+    let engine = Arc::new(arc_swap::ArcSwap::from_pointee(engine_for(
+        config.clone(),
+        &pool,
+        &auth,
+    )));
+    let auth = Arc::new(arc_swap::ArcSwap::new(auth));
     let (feed, _) = tokio::sync::broadcast::channel(config.admin.stream_buffer);
     let sink: Arc<dyn keypool_types::UsageSink> = Arc::new(control::FeedSink {
         inner: usage.sink.clone(),
@@ -196,17 +195,16 @@ pub async fn run_with(
             .apply_snapshot(&config, &link.first.disabled, link.first.version)
             .await?;
         link.applied.send_replace(link.first.version);
-        let c = control.clone();
+        let (c, engine, auth, pool) = (control.clone(), engine.clone(), auth.clone(), pool.clone());
         tokio::spawn(async move {
             while let Some(p) = link.updates.recv().await {
-                if p.config.policy != c.config.policy {
-                    tracing::warn!(
-                        version = p.version,
-                        "the control plane's top-level policy changed (authorization, timeouts, ...): restart this frontend to apply it; keys and gateways are applied now"
-                    );
-                }
                 match c.apply_snapshot(&p.config, &p.disabled, p.version).await {
                     Ok(()) => {
+                        // the policy (client tokens, timeouts, limits on bodies, ...) and the
+                        // token check follow the snapshot too; requests in flight keep theirs
+                        let new_auth = Arc::new(ClientAuth::from_config(&p.config));
+                        engine.store(Arc::new(engine_for(Arc::new(p.config), &pool, &new_auth)));
+                        auth.store(new_auth);
                         tracing::info!(version = p.version, "config snapshot applied");
                         link.applied.send_replace(p.version);
                     }
@@ -337,6 +335,17 @@ pub async fn run_with(
     outcome?;
     tracing::info!("keypool stopped");
     Ok(())
+}
+
+/// The forwarding engine for one configuration.
+fn engine_for(config: Arc<Config>, pool: &keypool_pool::PoolHandle, auth: &ClientAuth) -> Engine {
+    Engine {
+        keeps_headers: config.upstreams.iter().any(|u| u.keep_header),
+        config,
+        pool: pool.clone(),
+        adapters: Adapters::new(),
+        requires_token: !auth.is_open(),
+    }
 }
 
 /// How alerts name this process: the host name and the listen address.
