@@ -56,9 +56,16 @@ impl std::ops::Deref for Cluster {
     }
 }
 
-/// `n` replicas of `yaml` (whose Redis block uses `prefix`). As frontends, `yaml` is the
-/// control plane's config (its `dbtype: none` replaced by the test's database).
-async fn replicas(topo: Topo, n: usize, yaml: &str, prefix: &str) -> anyhow::Result<Cluster> {
+/// A frontend's Redis flags for the shared Redis with `prefix`.
+fn shared_redis(prefix: &str) -> Vec<String> {
+    ["--redis", "redis://127.0.0.1:6379/0", "--redis-prefix", prefix]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// `n` replicas of `yaml`; as frontends, with `redis` flags (the same Redis as `yaml`'s), and
+/// `yaml` is the control plane's config (its `dbtype: none` replaced by the test's database).
+async fn replicas(topo: Topo, n: usize, yaml: &str, redis: &[String]) -> anyhow::Result<Cluster> {
     let mut gws = Vec::new();
     let control_plane = match topo {
         Topo::Serve => {
@@ -79,20 +86,9 @@ async fn replicas(topo: Topo, n: usize, yaml: &str, prefix: &str) -> anyhow::Res
             );
             let cp = Gateway::start_control_plane(&cp_yaml, "127.0.0.1:0").await?;
             let admin = cp.admin_url().await?;
+            let redis: Vec<&str> = redis.iter().map(String::as_str).collect();
             for _ in 0..n {
-                gws.push(
-                    Gateway::start_frontend(
-                        &admin,
-                        "topo-admin",
-                        &[
-                            "--redis",
-                            "redis://127.0.0.1:6379/0",
-                            "--redis-prefix",
-                            prefix,
-                        ],
-                    )
-                    .await?,
-                );
+                gws.push(Gateway::start_frontend(&admin, "topo-admin", &redis).await?);
             }
             Some((cp, db))
         }
@@ -122,6 +118,7 @@ macro_rules! in_both_topologies {
 in_both_topologies!(
     three_replicas_admit_exactly_a_keys_rpm,
     three_replicas_hold_a_keys_tpm_as_one,
+    a_dead_redis_never_hangs_requests_and_replicas_rejoin,
     three_replicas_spread_load_over_keys_as_evenly_as_one,
     gateway_limits_and_quotas_hold_across_replicas,
     a_429_seen_by_one_replica_cools_the_key_on_all,
@@ -149,7 +146,7 @@ async fn three_replicas_admit_exactly_a_keys_rpm(topo: Topo) -> anyhow::Result<(
         .key(&up, "up", "rpm: 10")
         .block(&redis_block(&pfx))
         .yaml();
-    let gws = replicas(topo, 3, &yaml, &pfx).await?;
+    let gws = replicas(topo, 3, &yaml, &shared_redis(&pfx)).await?;
     let mut calls = Vec::new();
     for i in 0..30 {
         let gw = &gws[i % 3];
@@ -199,7 +196,13 @@ async fn three_replicas_hold_a_keys_tpm_as_one(topo: Topo) -> anyhow::Result<()>
     assert!((1..9).contains(&one), "{one}");
     drop(alone);
     let before = up.requests();
-    let gws = replicas(topo, 3, &base.block(&redis_block(&pfx)).yaml(), &pfx).await?;
+    let gws = replicas(
+        topo,
+        3,
+        &base.block(&redis_block(&pfx)).yaml(),
+        &shared_redis(&pfx),
+    )
+    .await?;
     assert_eq!(
         tpm_admitted(&gws, 9).await?,
         one,
@@ -223,7 +226,7 @@ async fn three_replicas_spread_load_over_keys_as_evenly_as_one(topo: Topo) -> an
         .key(&keys[2], "k3", "")
         .block(&redis_block(&pfx))
         .yaml();
-    let gws = replicas(topo, 3, &yaml, &pfx).await?;
+    let gws = replicas(topo, 3, &yaml, &shared_redis(&pfx)).await?;
     // round robin over the replicas; alone, each would start at k1 (12/9/9 in all)
     for i in 0..30 {
         assert_eq!(post(&gws[i % 3], "/v1/chat/completions", "m").await?, 200);
@@ -244,7 +247,7 @@ async fn gateway_limits_and_quotas_hold_across_replicas(topo: Topo) -> anyhow::R
             redis_block(&pfx)
         ))
         .yaml();
-    let gws = replicas(topo, 3, &yaml, &pfx).await?;
+    let gws = replicas(topo, 3, &yaml, &shared_redis(&pfx)).await?;
     let mut admitted = 0;
     for i in 0..9 {
         let s = post(&gws[i % 3], "/llm/api/four/v1/chat/completions", "m").await?;
@@ -291,7 +294,7 @@ async fn a_429_seen_by_one_replica_cools_the_key_on_all(topo: Topo) -> anyhow::R
         .key(&good, "good", "")
         .block(&redis_block(&pfx))
         .yaml();
-    let gws = replicas(topo, 2, &yaml, &pfx).await?;
+    let gws = replicas(topo, 2, &yaml, &shared_redis(&pfx)).await?;
     subscribed(&format!("{pfx}health"), 2).await?;
     assert_eq!(post(&gws[0], "/v1/chat/completions", "m").await?, 200);
     assert_eq!(limited.requests(), 1);
@@ -343,8 +346,7 @@ impl Drop for OwnRedis {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin() -> anyhow::Result<()> {
+async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin(topo: Topo) -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -358,13 +360,16 @@ async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin() -> anyhow::Resu
             redis.port
         ))
         .yaml();
-    let gw = Gateway::start(&yaml).await?;
-    assert_eq!(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let flags = ["--redis", &url, "--redis-timeout-ms", "100"].map(str::to_owned);
+    let cluster = replicas(topo, 1, &yaml, &flags).await?;
+    let gw = &cluster[0];
+    assert_eq!(post(gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
     redis.stop();
     // local mode: every request is answered, none waits much past the Redis timeout
     for _ in 0..10 {
         let t = std::time::Instant::now();
-        assert_eq!(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
+        assert_eq!(post(gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
         assert!(
             t.elapsed() < Duration::from_millis(800),
             "{:?}",
@@ -388,7 +393,7 @@ async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin() -> anyhow::Resu
     let _redis = OwnRedis::start(port)?;
     let mut rejoined = false;
     for _ in 0..50 {
-        assert_eq!(post(&gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
+        assert_eq!(post(gw, "/llm/api/g/v1/chat/completions", "m").await?, 200);
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0"))?;
         let mut c = client.get_multiplexed_async_connection().await?;
         let keys: Vec<String> = redis::cmd("KEYS")
@@ -505,7 +510,7 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> 
             redis_block(&pfx)
         ))
         .yaml();
-    let gws = replicas(Topo::Serve, 2, &yaml, &pfx).await?;
+    let gws = replicas(Topo::Serve, 2, &yaml, &shared_redis(&pfx)).await?;
     subscribed(&format!("{pfx}config"), 2).await?;
     let mut admin =
         keypool_proto::admin::v1::admin_client::AdminClient::connect(gws[0].admin_url().await?)

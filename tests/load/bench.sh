@@ -126,7 +126,7 @@ YAML
     cp "$WORK/fea.out" "$WORK/kp.out"
     KB=$(grep -o 'http://[^ ]*' "$WORK/feb.out" | head -1)
   else
-    RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" > "$WORK/kp.out" 2> "$WORK/kp-$store.err" &
+    RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp.out" 2> "$WORK/kp-$store.err" &
     KP_PID=$!
     wait_line "$WORK/kp.out" "listening on"
   fi
@@ -153,7 +153,7 @@ YAML
     done
   fi
   if [ "$store" = redis ] || [ "$store" = redispick ] || [ "$store" = frontends ]; then
-    SERVED=$( (curl -s "${KP%/v1}/metrics"; [ "$store" = frontends ] && curl -s "${KB%/v1}/metrics") | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}')
+    SERVED=$( (curl -s "${KP%/v1}/metrics"; if [ "$store" = frontends ]; then curl -s "${KB%/v1}/metrics"; fi) | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}')
     echo "$store: redis round trips per request: $(( $(evals) - E0 )) scripts / $SERVED requests" >> "$WORK/notes.txt"
     redis-cli --scan --pattern "kp-bench-*$$:*" | xargs -r redis-cli del > /dev/null
   fi

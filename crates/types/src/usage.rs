@@ -28,8 +28,8 @@ impl Usage {
 /// hash of its token (or a JWT subject), the key is its name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageEvent {
-    /// 32 hex characters, unique per request: the store writes each id once, even when an event
-    /// is replayed from the spill file or resent by a frontend.
+    /// 32 hex characters ([`new_event_id`]: time-ordered, unique per request): the store writes
+    /// each id once, even when an event is replayed from the spill file or resent by a frontend.
     pub id: String,
     pub at: std::time::SystemTime,
     /// `default` for `/v1/*`.
@@ -73,7 +73,32 @@ pub trait UsageSink: Send + Sync + 'static {
     fn record(&self, event: UsageEvent);
 }
 
-/// A new event id: 128 random bits as 32 hex characters.
+/// A new event id, 32 hex characters: the Unix time in milliseconds (48 bits), then 80 random
+/// bits. Time-ordered ids go to the right edge of the store's primary-key index instead of a
+/// random page of it: with random ids, a batch of 1,000 events dirtied up to 1,000 index pages
+/// (most of the SQLite writer's time went to writing them to the WAL).
 pub fn new_event_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let random = fastrand::u128(..) & ((1u128 << 80) - 1);
+    format!("{:012x}{random:020x}", ms & 0xffff_ffff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn event_ids_are_32_hex_unique_and_time_ordered() {
+        let a = super::new_event_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = super::new_event_id();
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32);
+            assert!(id.bytes().all(|c| c.is_ascii_hexdigit()));
+        }
+        assert!(a < b, "{a} then {b}");
+        let many: std::collections::HashSet<String> =
+            (0..10_000).map(|_| super::new_event_id()).collect();
+        assert_eq!(many.len(), 10_000);
+    }
 }

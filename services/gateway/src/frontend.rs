@@ -64,6 +64,9 @@ pub struct FrontendArgs {
     /// Prefix of every Redis key (the same on every replica).
     #[arg(long, default_value = "keypool:")]
     pub redis_prefix: String,
+    /// Longest wait for one Redis call, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 250)]
+    pub redis_timeout_ms: u64,
     /// `local` (per-replica limits while Redis is down) or `closed` (503 until it is back).
     #[arg(long, default_value = "local")]
     pub redis_on_failure: String,
@@ -166,6 +169,7 @@ pub fn build(args: &FrontendArgs, version: u64, json: &str) -> anyhow::Result<Pu
                 "url": url,
                 "prefix": args.redis_prefix,
                 "on_failure": args.redis_on_failure,
+                "timeout_ms": args.redis_timeout_ms,
                 "replicas_hint": args.redis_replicas_hint,
             }),
         );
