@@ -58,9 +58,14 @@ impl std::ops::Deref for Cluster {
 
 /// A frontend's Redis flags for the shared Redis with `prefix`.
 fn shared_redis(prefix: &str) -> Vec<String> {
-    ["--redis", "redis://127.0.0.1:6379/0", "--redis-prefix", prefix]
-        .map(str::to_owned)
-        .to_vec()
+    [
+        "--redis",
+        "redis://127.0.0.1:6379/0",
+        "--redis-prefix",
+        prefix,
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// `n` replicas of `yaml`; as frontends, with `redis` flags (the same Redis as `yaml`'s), and

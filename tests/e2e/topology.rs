@@ -300,3 +300,102 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
     }
     Ok(())
 }
+
+/// A test CA and a certificate it signed for 127.0.0.1 (with its key), made with the `openssl`
+/// CLI: `(ca, cert, key)` paths.
+fn test_pki(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )?;
+    let steps: [Vec<String>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec[..],
+            &["-days", "1", "-subj", "/CN=keypool test CA"],
+        ]
+        .concat()
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(["-keyout".into(), p("ca.key"), "-out".into(), p("ca.pem")])
+        .collect(),
+        [&["req"][..], &ec[..], &["-subj", "/CN=127.0.0.1"]]
+            .concat()
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(["-keyout".into(), p("key.pem"), "-out".into(), p("leaf.csr")])
+            .collect(),
+        ["x509", "-req", "-days", "1", "-CAcreateserial", "-in"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain([
+                p("leaf.csr"),
+                "-CA".into(),
+                p("ca.pem"),
+                "-CAkey".into(),
+                p("ca.key"),
+                "-extfile".into(),
+                p("leaf.ext"),
+                "-out".into(),
+                p("cert.pem"),
+            ])
+            .collect(),
+    ];
+    for args in steps {
+        let out = Command::new("openssl").args(&args).output()?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {out:?}");
+    }
+    Ok((p("ca.pem"), p("cert.pem"), p("key.pem")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontends_and_keypoolctl_reach_a_tls_control_plane() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let db = PgDb::create()?;
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = test_pki(dir.path())?;
+    let yaml = control_yaml(&db, &up, "").replace(
+        &format!("admin: {{token: {ADMIN}, "),
+        &format!("admin: {{tls_cert: \"{cert}\", tls_key: \"{key}\", token: {ADMIN}, "),
+    );
+    assert!(yaml.contains("tls_cert"), "{yaml}");
+    let cp = Gateway::start_control_plane(&yaml, "127.0.0.1:0").await?;
+    let admin = cp.admin_url().await?;
+    assert!(admin.starts_with("https://"), "{admin}");
+
+    // the snapshot (upstream keys included) and the usage travel over TLS
+    let fe = Gateway::start_frontend(&admin, ADMIN, &["--admin-ca", &ca]).await?;
+    assert_eq!(post(&fe, "/v1/chat/completions", T).await?, 200);
+    assert_eq!(wait_for_events(&db, 1, Duration::from_secs(15)).await?, 1);
+
+    // keypoolctl with the CA; without it the test CA's certificate is refused; plaintext
+    // to the TLS port fails
+    let ctl = |args: &[&str]| {
+        Command::new(keypoolctl_bin())
+            .args(["--server", &admin])
+            .args(args)
+            .env("KEYPOOL_ADMIN_TOKEN", ADMIN)
+            .output()
+    };
+    let ok = ctl(&["--ca", &ca, "status"])?;
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("replica "),
+        "{ok:?}"
+    );
+    assert!(!ctl(&["status"])?.status.success());
+    let plain = Command::new(keypoolctl_bin())
+        .args(["--server", &admin.replace("https://", "http://"), "status"])
+        .env("KEYPOOL_ADMIN_TOKEN", ADMIN)
+        .output()?;
+    assert!(!plain.status.success());
+    Ok(())
+}

@@ -81,6 +81,21 @@ pub struct Admin {
     pub token: Option<keypool_types::Secret>,
     pub secret_key: Option<keypool_types::Secret>,
     pub stream_buffer: usize,
+    /// PEM certificate chain and key, read at start-up: the admin API serves TLS.
+    pub tls: Option<AdminTls>,
+}
+
+/// The admin API's TLS identity (PEM).
+#[derive(Clone)]
+pub struct AdminTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: keypool_types::Secret,
+}
+
+impl std::fmt::Debug for AdminTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminTls { .. }")
+    }
 }
 
 /// Metrics and tracing settings (the `OTEL_*` variables fill what the file leaves out).

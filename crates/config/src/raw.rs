@@ -86,6 +86,11 @@ pub struct RawAdmin {
     /// Usage events a `StreamUsage` subscriber may fall behind by before it is dropped
     /// (default 4096).
     pub stream_buffer: Option<usize>,
+    /// PEM certificate (chain) and private key: the admin API speaks TLS (`https://`). Strongly
+    /// advised off loopback: the token, and the config pushed to frontends (upstream keys
+    /// included), cross the network.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -292,7 +292,41 @@ fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> crate::Admin 
         ),
         Ok(_) => {}
     }
+    let read = |path: &str, field: &str, errs: &mut Errors| match std::fs::read_to_string(path) {
+        Ok(pem) if pem.contains("-----BEGIN") => Some(pem),
+        Ok(_) => {
+            errs.push(field, format!("{path} is not a PEM file"));
+            None
+        }
+        Err(e) => {
+            errs.push(field, format!("cannot read {path}: {e}"));
+            None
+        }
+    };
+    let tls = match (raw.tls_cert.as_deref(), raw.tls_key.as_deref()) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            match (
+                read(cert, "admin.tls_cert", errs),
+                read(key, "admin.tls_key", errs),
+            ) {
+                (Some(cert), Some(key)) => Some(crate::AdminTls {
+                    cert_pem: cert.into_bytes(),
+                    key_pem: Secret::new(key),
+                }),
+                _ => None,
+            }
+        }
+        _ => {
+            errs.push(
+                "admin.tls_cert",
+                "set both admin.tls_cert and admin.tls_key (PEM files), or neither",
+            );
+            None
+        }
+    };
     crate::Admin {
+        tls,
         enabled,
         address,
         token,

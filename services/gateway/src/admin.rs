@@ -645,6 +645,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let token = control.token().map(|t| t.expose().as_bytes().to_vec());
+    let tls = control.config.admin.tls.clone();
     let check = move |req: Request<()>| -> Result<Request<()>, Status> {
         let Some(token) = &token else {
             return Ok(req);
@@ -682,7 +683,13 @@ pub async fn serve(
         },
         check,
     );
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, tls.key_pem.expose()),
+        ))?;
+    }
+    server
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)

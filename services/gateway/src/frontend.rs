@@ -47,6 +47,10 @@ pub struct FrontendArgs {
     /// The control plane's admin API, e.g. `http://keypool-admin:8889`.
     #[arg(long, value_name = "URL")]
     pub admin: String,
+    /// With an `https://` control plane: a PEM CA certificate to trust for it (default: the
+    /// public web PKI roots).
+    #[arg(long, value_name = "PATH")]
+    pub admin_ca: Option<PathBuf>,
     /// The control plane's admin token (better: the `KEYPOOL_ADMIN_TOKEN` variable).
     #[arg(long, env = "KEYPOOL_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -115,11 +119,27 @@ impl tonic::service::Interceptor for Bearer {
 type Client = AdminClient<InterceptedService<Channel, Bearer>>;
 
 fn client(args: &FrontendArgs) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(args.admin.clone())
+    let mut endpoint = Channel::from_shared(args.admin.clone())
         .context("--admin: expected a URL such as http://127.0.0.1:8889")?
         .connect_timeout(CONNECT_WAIT)
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    if args.admin.starts_with("https://") {
+        let tls = match &args.admin_ca {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("--admin-ca: cannot read {}", path.display()))?;
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("--admin: TLS setup failed")?;
+    } else if args.admin_ca.is_some() {
+        anyhow::bail!("--admin-ca needs an https:// --admin URL");
+    }
+    let channel = endpoint.connect_lazy();
     let header = match &args.token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -281,7 +301,8 @@ fn watch_config(
                 Err(e) => tracing::warn!(
                     error = %e.message(),
                     retry_in = ?backoff,
-                    "control plane unreachable: serving on the last config snapshot"
+                    version = *applied.borrow(),
+                    "control plane unreachable (version 0: nothing to serve yet)"
                 ),
             }
             tokio::select! {

@@ -108,6 +108,11 @@ pub async fn run_with(
     shutdown: CancellationToken,
     role: Role,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    if let Ok(bound) = listener.local_addr() {
+        // `127.0.0.1:0` becomes the port actually bound (for GetStatus and alerts)
+        config.address = bound.to_string();
+    }
     let config = Arc::new(config);
     let proxying = !matches!(role, Role::ControlPlane);
     let auth = Arc::new(ClientAuth::from_config(&config));
@@ -270,7 +275,12 @@ pub async fn run_with(
         if config.admin.token.is_none() {
             tracing::warn!(%admin_addr, "the admin API has no token: anyone on this machine may use it");
         }
-        println!("keypool admin listening on http://{admin_addr}");
+        let scheme = if config.admin.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("keypool admin listening on {scheme}://{admin_addr}");
         tracing::info!(%admin_addr, "admin API listening");
         let (control, stop) = (control.clone(), shutdown.clone());
         Some(tokio::spawn(async move {

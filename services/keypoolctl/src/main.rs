@@ -30,6 +30,9 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// With an `https://` server: a PEM CA certificate to trust (default: the web PKI roots).
+    #[arg(long, global = true, value_name = "PATH")]
+    ca: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -156,8 +159,17 @@ type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, toni
 type Client = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(cli.server.clone())?
-        .connect_timeout(Duration::from_secs(5))
+    let mut endpoint =
+        Channel::from_shared(cli.server.clone())?.connect_timeout(Duration::from_secs(5));
+    if cli.server.starts_with("https://") {
+        let tls = match &cli.ca {
+            Some(path) => tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(path)?)),
+            None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
+        };
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", cli.server))?;
