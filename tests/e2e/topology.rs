@@ -399,3 +399,57 @@ async fn frontends_and_keypoolctl_reach_a_tls_control_plane() -> anyhow::Result<
     assert!(!plain.status.success());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_applied_mid_stream_leaves_the_stream_whole() -> anyhow::Result<()> {
+    let slow = mock(
+        "up",
+        Behavior {
+            chunk_interval_ms: 100,
+            reply_words: 12,
+            ..Behavior::default()
+        },
+    );
+    let db = PgDb::create()?;
+    let cp = Gateway::start_control_plane(&control_yaml(&db, &slow, ""), "127.0.0.1:0").await?;
+    let admin = cp.admin_url().await?;
+    let fe = Gateway::start_frontend(&admin, ADMIN, &[]).await?;
+    let mut body = hello("gpt-4o-mini");
+    body["stream"] = true.into();
+    let resp = fe
+        .http()
+        .post(fe.url("/v1/chat/completions"))
+        .bearer_auth(T)
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let reading = tokio::spawn(async move { resp.text().await });
+
+    // while the stream runs: a new gateway and the serving key re-limited, pushed and applied
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut cl = AdminClient::connect(admin).await?;
+    cl.create_gateway(authed(pb::CreateGatewayRequest {
+        spec: "name: mid\nauth: {method: exact, secrets: [mid-secret]}\n".into(),
+    }))
+    .await?;
+    cl.update_key(authed(pb::UpdateKeyRequest {
+        name: "up".into(),
+        rpm: Some(1000),
+        ..Default::default()
+    }))
+    .await?;
+    let started = Instant::now();
+    while post(&fe, "/llm/api/mid/v1/chat/completions", "mid-secret").await? != 200 {
+        assert!(started.elapsed() < Duration::from_secs(1), "not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!reading.is_finished(), "the stream should still be running");
+
+    let text = reading.await??;
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+    let chunks = text.matches("data: {").count();
+    assert!(chunks >= 12, "{chunks} chunks: {text}");
+    Ok(())
+}
