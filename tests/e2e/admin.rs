@@ -400,11 +400,16 @@ async fn admin_changes_survive_a_restart_and_secrets_stay_sealed() -> anyhow::Re
     .await?;
     cl.add_key(authed(pb::AddKeyRequest {
         spec: format!(
-            "{{name: d, sk: sk-sealed-secret-4242, endpoint: \"{}\", allow: [d-model]}}",
+            "{{name: d, sk: sk-sealed-secret-4242, endpoint: \"{}\", allow: [d-model], authorization: [d-only-token]}}",
             d.url()
         ),
     }))
     .await?;
+    // a token only the added key names is accepted at once
+    assert_eq!(
+        chat_at(&gw, "/v1/chat/completions", "d-only-token", "d-model").await?,
+        200
+    );
     cl.update_key(authed(pb::UpdateKeyRequest {
         name: "a".into(),
         enabled: Some(false),
@@ -427,6 +432,11 @@ async fn admin_changes_survive_a_restart_and_secrets_stay_sealed() -> anyhow::Re
     assert_eq!(
         d.last_request().unwrap().header("authorization"),
         Some("Bearer sk-sealed-secret-4242")
+    );
+    // and after the restart, from the restored key
+    assert_eq!(
+        chat_at(&gw, "/v1/chat/completions", "d-only-token", "d-model").await?,
+        200
     );
     let keys = cl
         .list_keys(authed(pb::ListKeysRequest {}))

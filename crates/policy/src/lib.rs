@@ -56,17 +56,25 @@ pub struct ClientAuth {
 
 impl ClientAuth {
     pub fn from_config(config: &Config) -> Self {
+        Self::from_parts(&config.client_tokens, &config.upstreams)
+    }
+
+    /// From the top-level tokens and the keys in use (whose own `authorization` tokens and
+    /// `noauth` flags count too).
+    pub fn from_parts(
+        client_tokens: &[String],
+        upstreams: &[Arc<keypool_config::UpstreamKey>],
+    ) -> Self {
         let mut tokens: Vec<(Arc<str>, Arc<str>)> = Vec::new();
-        let all = config
-            .client_tokens
+        let all = client_tokens
             .iter()
-            .chain(config.upstreams.iter().flat_map(|u| u.authorization.iter()));
+            .chain(upstreams.iter().flat_map(|u| u.authorization.iter()));
         for t in all {
             if !tokens.iter().any(|(x, _)| x.as_ref() == t) {
                 tokens.push((Arc::from(t.as_str()), Arc::from(caller_id(t))));
             }
         }
-        let anonymous_allowed = tokens.is_empty() || config.upstreams.iter().any(|u| u.noauth);
+        let anonymous_allowed = tokens.is_empty() || upstreams.iter().any(|u| u.noauth);
         Self {
             tokens,
             anonymous_allowed,

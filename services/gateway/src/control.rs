@@ -119,6 +119,9 @@ pub struct Control {
     pub changed: tokio::sync::watch::Sender<u64>,
     /// Frontends seen through `WatchConfig` / `PublishUsage` (control plane role).
     pub frontends: Mutex<BTreeMap<String, FrontendSeen>>,
+    /// The running client-token check, rebuilt when keys change (their own `authorization`
+    /// tokens and `noauth` flags count).
+    pub auth: Mutex<Option<Arc<arc_swap::ArcSwap<keypool_policy::ClientAuth>>>>,
     gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
     key_entries: Mutex<BTreeMap<String, KeyEntry>>,
 }
@@ -179,6 +182,7 @@ impl Control {
             redis: Mutex::new(None),
             changed: tokio::sync::watch::Sender::new(0),
             frontends: Mutex::new(BTreeMap::new()),
+            auth: Mutex::new(None),
             gateway_entries: Mutex::new(g_entries),
             key_entries: Mutex::new(k_entries),
         });
@@ -328,6 +332,7 @@ impl Control {
     /// the store).
     fn bump(&self) {
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        self.refresh_auth();
         self.changed.send_replace(version);
         let redis = lock(&self.redis).clone();
         if let (Some(redis), Some(_)) = (redis, &self.store) {
@@ -410,8 +415,21 @@ impl Control {
             }
         }
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        self.refresh_auth();
         self.changed.send_replace(version);
         Ok(())
+    }
+
+    /// Rebuilds the client-token check from the top-level tokens and the keys now in use.
+    pub fn refresh_auth(&self) {
+        let Some(auth) = lock(&self.auth).clone() else {
+            return;
+        };
+        let keys: Vec<Arc<UpstreamKey>> = self.key_entries().into_iter().map(|e| e.key).collect();
+        auth.store(Arc::new(keypool_policy::ClientAuth::from_parts(
+            &self.config.client_tokens,
+            &keys,
+        )));
     }
 
     /// The whole configuration a frontend needs, as `WatchConfig` sends it: the top-level

@@ -194,6 +194,11 @@ pub async fn run_with(
         feed,
     )
     .await?;
+    *control
+        .auth
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(auth.clone());
+    control.refresh_auth(); // admin keys restored from the store count too
     if let Some(mut link) = link {
         // a frontend: the first snapshot's disabled keys and version, then every later snapshot
         control
