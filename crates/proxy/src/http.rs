@@ -59,13 +59,15 @@ pub async fn proxy(
     let started = Instant::now();
     let span = server_span(&req);
     let policy = keypool_telemetry::trace::child(&span, "policy");
-    match prepare(&req, payload, &fe, started)
+    // the engine this request keeps from start to end, loaded once
+    let engine = fe.engine();
+    match prepare(&req, payload, &fe, &engine, started)
         .instrument(policy)
         .await
     {
         Ok(mut ctx) => {
             ctx.span = span.clone();
-            respond(fe.engine().forward(&fe.client, ctx).instrument(span).await)
+            respond(engine.forward(&fe.client, ctx).instrument(span).await)
         }
         Err(error) => {
             keypool_telemetry::metrics().refusal("default", error.kind.wire().code);
@@ -79,6 +81,7 @@ async fn prepare(
     req: &HttpRequest,
     payload: web::Payload,
     fe: &Frontend,
+    engine: &Engine,
     started: Instant,
 ) -> Result<RequestCtx, ApiError> {
     let caller = fe.auth.load().authenticate(
@@ -86,14 +89,16 @@ async fn prepare(
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
     )?;
-    let body = read_body(req, payload, fe.engine().config.max_body_bytes).await?;
+    let body = read_body(req, payload, engine.config.max_body_bytes).await?;
     let path = req.path();
     let inspected = inspect(path, content_type(req), body)?;
     let query = Some(req.query_string())
         .filter(|q| !q.is_empty())
         .map(str::to_owned);
-    let client_ip = client_ip(req, &fe.engine().config);
-    let mut ctx = build_ctx(req, fe, path, query, caller, client_ip, inspected, started)?;
+    let client_ip = client_ip(req, &engine.config);
+    let mut ctx = build_ctx(
+        req, fe, engine, path, query, caller, client_ip, inspected, started,
+    )?;
     ctx.client_authorization = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -135,6 +140,7 @@ fn client_ip(req: &HttpRequest, config: &keypool_config::Config) -> Option<std::
 fn build_ctx(
     req: &HttpRequest,
     fe: &Frontend,
+    engine: &Engine,
     path: &str,
     query: Option<String>,
     caller: Caller,
@@ -145,7 +151,6 @@ fn build_ctx(
     let upstream_path = path.strip_prefix("/v1").unwrap_or(path).to_owned();
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
         .map_err(|_| ApiError::new(ErrorKind::InvalidRequest, "Unsupported method."))?;
-    let engine = fe.engine();
     let config = &engine.config;
     let policy = &config.log;
     let log = policy.records_anything().then(|| RequestLog {
@@ -196,24 +201,26 @@ pub async fn gateway_proxy(
     let mut rate = None;
     let span = server_span(&req);
     let policy = keypool_telemetry::trace::child(&span, "policy");
-    let mut resp = match prepare_gateway(&req, payload, &fe, name, path, started, &mut rate)
-        .instrument(policy)
-        .await
-    {
-        Ok(mut ctx) => {
-            ctx.span = span.clone();
-            respond(fe.engine().forward(&fe.client, ctx).instrument(span).await)
-        }
-        Err(error) => {
-            let gateway = if error.kind == ErrorKind::GatewayNotFound {
-                "unknown"
-            } else {
-                name
-            };
-            keypool_telemetry::metrics().refusal(gateway, error.kind.wire().code);
-            error_response(&error, None)
-        }
-    };
+    let engine = fe.engine();
+    let mut resp =
+        match prepare_gateway(&req, payload, &fe, &engine, name, path, started, &mut rate)
+            .instrument(policy)
+            .await
+        {
+            Ok(mut ctx) => {
+                ctx.span = span.clone();
+                respond(engine.forward(&fe.client, ctx).instrument(span).await)
+            }
+            Err(error) => {
+                let gateway = if error.kind == ErrorKind::GatewayNotFound {
+                    "unknown"
+                } else {
+                    name
+                };
+                keypool_telemetry::metrics().refusal(gateway, error.kind.wire().code);
+                error_response(&error, None)
+            }
+        };
     if let Some(r) = rate {
         let h = resp.headers_mut();
         for (n, v) in [
@@ -234,6 +241,7 @@ async fn prepare_gateway(
     req: &HttpRequest,
     payload: web::Payload,
     fe: &Frontend,
+    engine: &Engine,
     name: &str,
     path: &str,
     started: Instant,
@@ -246,7 +254,7 @@ async fn prepare_gateway(
         )
     })?;
     gw.check_open(std::time::SystemTime::now())?;
-    let body = read_body(req, payload, fe.engine().config.max_body_bytes).await?;
+    let body = read_body(req, payload, engine.config.max_body_bytes).await?;
     let ct = content_type(req);
     let spec = &gw.spec;
     let body_position = matches!(gw.position(), Some(Position::Body(_)));
@@ -272,7 +280,7 @@ async fn prepare_gateway(
         Some(Position::Body(f)) => json.as_ref().and_then(|m| body_credential(m, f)),
     };
     let identity = gw.authenticate(credential.as_deref())?;
-    let client_ip = client_ip(req, &fe.engine().config);
+    let client_ip = client_ip(req, &engine.config);
     gw.check_lists(client_ip, credential.as_deref(), chrono::Utc::now())?;
     match gw
         .admit_everywhere(&identity, client_ip, Instant::now())
@@ -313,7 +321,9 @@ async fn prepare_gateway(
         id: identity.id,
     };
     let query = Some(query).filter(|q| !q.is_empty());
-    let mut ctx = build_ctx(req, fe, path, query, caller, client_ip, inspected, started)?;
+    let mut ctx = build_ctx(
+        req, fe, engine, path, query, caller, client_ip, inspected, started,
+    )?;
     if let Some(Position::Header(h)) = gw.position() {
         ctx.headers.0.remove(h.as_str());
         ctx.headers.1.remove(h.as_str());
