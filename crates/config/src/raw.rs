@@ -176,7 +176,7 @@ pub struct RawLog {
     pub spill_max_bytes: Option<u64>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: Option<String>,
@@ -209,7 +209,7 @@ pub struct RawUpstream {
 }
 
 /// `"a,b"` or `[a, b]`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum StringOrList {
     One(String),

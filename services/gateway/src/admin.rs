@@ -156,39 +156,6 @@ fn saw_frontend(control: &Control, id: &str, address: &str, version: u64, watchi
     }
 }
 
-/// A usage event as the store keeps it, back into the in-process form (for `StreamUsage`).
-fn event_of(e: &keypool_store::StoredEvent) -> keypool_types::UsageEvent {
-    let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
-    let tokens = |v: Option<i64>| v.map_or(0, |t| u64::try_from(t).unwrap_or(0));
-    keypool_types::UsageEvent {
-        id: e.id.clone(),
-        at: std::time::UNIX_EPOCH + ms(e.at_ms),
-        gateway: e.gateway.clone(),
-        caller: e.caller.clone(),
-        model: e.model.clone(),
-        key: e.key_name.clone(),
-        provider: match e.provider.as_deref() {
-            Some("openai") => Some("openai"),
-            Some("replicate") => Some("replicate"),
-            _ => None,
-        },
-        attempts: u32::try_from(e.attempts).unwrap_or(0),
-        status: u16::try_from(e.status).unwrap_or(0),
-        stream: e.stream,
-        latency: ms(e.latency_ms),
-        ttfb: e.ttfb_ms.map(ms),
-        usage: e.total_tokens.map(|_| keypool_types::Usage {
-            prompt_tokens: tokens(e.prompt_tokens),
-            completion_tokens: tokens(e.completion_tokens),
-            total_tokens: tokens(e.total_tokens),
-        }),
-        client_ip: e.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
-        error: None,
-        user_agent: e.user_agent.clone(),
-        log: None,
-    }
-}
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_gateways(
@@ -414,30 +381,27 @@ impl Admin for AdminService {
                 };
                 let wanted = (filter.gateway.is_empty() || filter.gateway == e.gateway)
                     && (filter.model.is_empty() || filter.model == e.model)
-                    && (filter.key.is_empty() || Some(&filter.key) == e.key.as_ref());
+                    && (filter.key.is_empty() || Some(&filter.key) == e.key_name.as_ref());
                 if !wanted {
                     continue;
                 }
-                let u = e.usage.unwrap_or_default();
+                let n = |v: Option<i64>| v.map_or(0, |t| u64::try_from(t).unwrap_or(0));
                 let ev = pb::UsageEvent {
                     id: e.id.clone(),
-                    at_ms: e
-                        .at
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as i64),
+                    at_ms: e.at_ms,
                     gateway: e.gateway.clone(),
                     caller: e.caller.clone().unwrap_or_default(),
                     model: e.model.clone(),
-                    key: e.key.clone().unwrap_or_default(),
-                    provider: e.provider.unwrap_or_default().to_owned(),
-                    attempts: e.attempts,
-                    status: u32::from(e.status),
+                    key: e.key_name.clone().unwrap_or_default(),
+                    provider: e.provider.clone().unwrap_or_default(),
+                    attempts: u32::try_from(e.attempts).unwrap_or(0),
+                    status: u32::try_from(e.status).unwrap_or(0),
                     stream: e.stream,
-                    latency_ms: e.latency.as_millis() as u64,
-                    prompt_tokens: u.prompt_tokens,
-                    completion_tokens: u.completion_tokens,
-                    total_tokens: u.total_tokens,
-                    error: e.error.unwrap_or_default().to_owned(),
+                    latency_ms: n(Some(e.latency_ms)),
+                    prompt_tokens: n(e.prompt_tokens),
+                    completion_tokens: n(e.completion_tokens),
+                    total_tokens: n(e.total_tokens),
+                    error: e.error.clone().unwrap_or_default(),
                 };
                 if tx.send(Ok(ev)).await.is_err() {
                     return; // the subscriber went away
@@ -550,7 +514,9 @@ impl Admin for AdminService {
                 };
                 if control.feed.receiver_count() > 0 {
                     for &i in &new {
-                        let _ = control.feed.send(Arc::new(event_of(&events[i])));
+                        let mut e = events[i].clone();
+                        e.log = None;
+                        let _ = control.feed.send(Arc::new(e));
                     }
                 }
                 let ack = pb::UsageAck {

@@ -18,7 +18,7 @@ use keypool_config::raw::RawUpstream;
 use keypool_config::{Config, FieldError, RawGateway, UpstreamKey, validate_gateway, validate_key};
 use keypool_policy::gateway::Gateways;
 use keypool_pool::PoolHandle;
-use keypool_store::{KeyRow, Store};
+use keypool_store::{KeyRow, Store, StoredEvent};
 use keypool_types::{Secret, UsageEvent, UsageSink};
 use tokio::sync::broadcast;
 
@@ -81,15 +81,16 @@ pub struct KeyEntry {
 /// there are any; a send never waits).
 pub struct FeedSink {
     pub inner: Arc<dyn UsageSink>,
-    pub feed: broadcast::Sender<Arc<UsageEvent>>,
+    pub feed: broadcast::Sender<Arc<StoredEvent>>,
 }
 
 impl UsageSink for FeedSink {
-    fn record(&self, event: UsageEvent) {
+    fn record(&self, mut event: UsageEvent) {
         if self.feed.receiver_count() > 0 {
-            let mut copy = event.clone();
-            copy.log = None;
-            let _ = self.feed.send(Arc::new(copy));
+            // subscribers get the event without its request log
+            let log = event.log.take();
+            let _ = self.feed.send(Arc::new(StoredEvent::from(event.clone())));
+            event.log = log;
         }
         self.inner.record(event);
     }
@@ -110,7 +111,7 @@ pub struct Control {
     pub gateways: Arc<Gateways>,
     pub pool: PoolHandle,
     pub store: Option<Store>,
-    pub feed: broadcast::Sender<Arc<UsageEvent>>,
+    pub feed: broadcast::Sender<Arc<StoredEvent>>,
     pub started: std::time::Instant,
     version: AtomicU64,
     /// With Redis: where changes are announced to the other replicas.
@@ -144,7 +145,7 @@ impl Control {
         gateways: Arc<Gateways>,
         pool: PoolHandle,
         store: Option<Store>,
-        feed: broadcast::Sender<Arc<UsageEvent>>,
+        feed: broadcast::Sender<Arc<StoredEvent>>,
     ) -> anyhow::Result<Arc<Self>> {
         let mut g_entries = BTreeMap::new();
         for raw in &config.raw_gateways {
@@ -474,34 +475,23 @@ impl Control {
         let local = self.key_entries();
         for key in &config.upstreams {
             let enabled = !disabled.contains(&key.name);
-            match local.iter().find(|e| e.key.name == key.name) {
+            let was = local.iter().find(|e| e.key.name == key.name);
+            match was {
                 None => {
                     if let Err(e) = self.pool.add_key(key.clone()).await {
                         tracing::error!(key = %key.name, error = %e, "pushed key not applied");
                         continue;
                     }
                 }
-                Some(e) => {
-                    let same = serde_json::to_string(&e.key.to_raw()).ok()
-                        == serde_json::to_string(&key.to_raw()).ok();
-                    if !same {
-                        let _ = self.pool.update_key(key.clone()).await;
-                    }
-                    if e.enabled == enabled {
-                        lock(&self.key_entries).insert(
-                            key.name.clone(),
-                            KeyEntry {
-                                key: key.clone(),
-                                owner: OWNER_ADMIN,
-                                enabled,
-                                raw: None,
-                            },
-                        );
-                        continue;
-                    }
+                Some(e) if e.key.to_raw() != key.to_raw() => {
+                    let _ = self.pool.update_key(key.clone()).await;
                 }
+                Some(_) => {}
             }
-            let _ = self.pool.set_enabled(&key.name, enabled).await;
+            // a new key starts enabled
+            if was.map_or(!enabled, |e| e.enabled != enabled) {
+                let _ = self.pool.set_enabled(&key.name, enabled).await;
+            }
             lock(&self.key_entries).insert(
                 key.name.clone(),
                 KeyEntry {
