@@ -318,6 +318,13 @@ struct OwnRedis {
 }
 
 impl OwnRedis {
+    fn on_a_free_port() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Self::start(port)
+    }
+
     fn start(port: u16) -> anyhow::Result<Self> {
         let child = std::process::Command::new("redis-server")
             .args([
@@ -352,10 +359,8 @@ impl Drop for OwnRedis {
 }
 
 async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin(topo: Topo) -> anyhow::Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut redis = OwnRedis::start(port)?;
+    let mut redis = OwnRedis::on_a_free_port()?;
+    let port = redis.port;
     let up = mock("up", Behavior::default());
     let yaml = config()
         .token(T)
@@ -417,10 +422,8 @@ async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin(topo: Topo) -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_hint_divides_budgets_while_redis_is_down() -> anyhow::Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut redis = OwnRedis::start(port)?;
+    let mut redis = OwnRedis::on_a_free_port()?;
+    let port = redis.port;
     let up = mock("up", Behavior::default());
     let yaml = config()
         .token(T)
@@ -448,10 +451,8 @@ async fn replicas_hint_divides_budgets_while_redis_is_down() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_closed_refuses_until_redis_returns() -> anyhow::Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut redis = OwnRedis::start(port)?;
+    let mut redis = OwnRedis::on_a_free_port()?;
+    let port = redis.port;
     let up = mock("up", Behavior::default());
     let yaml = config()
         .token(T)
