@@ -322,15 +322,15 @@ pub async fn connect(
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<Link>> {
     let client = client(args)?;
+    let (applied, applied_rx) = watch::channel(0);
     let uplink = Arc::new(Uplink {
         client: client.clone(),
         conn: tokio::sync::Mutex::new(None),
         seq: AtomicU64::new(0),
         id: keypool_pool::shared::process_id().to_owned(),
         address,
-        applied: AtomicU64::new(0),
+        applied: applied_rx.clone(),
     });
-    let (applied, applied_rx) = watch::channel(0);
     let (tx, mut rx) = mpsc::channel(4);
     watch_config(
         args.clone(),
@@ -382,9 +382,7 @@ fn heartbeat(uplink: Arc<Uplink>, mut applied: watch::Receiver<u64>, stop: Cance
                 r = applied.changed() => if r.is_err() { return },
                 () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
             }
-            uplink
-                .applied
-                .store(*applied.borrow_and_update(), Ordering::Relaxed);
+            applied.borrow_and_update();
             if let Err(e) = uplink.send(Vec::new()).await {
                 tracing::debug!(error = %e, "heartbeat to the control plane failed");
             }
@@ -400,7 +398,8 @@ pub struct Uplink {
     seq: AtomicU64,
     pub id: String,
     pub address: String,
-    applied: AtomicU64,
+    /// The config version applied last (sent with every batch).
+    applied: watch::Receiver<u64>,
 }
 
 struct Conn {
@@ -440,7 +439,7 @@ impl Uplink {
             seq,
             replica_id: self.id.clone(),
             address: self.address.clone(),
-            config_version: self.applied.load(Ordering::Relaxed),
+            config_version: *self.applied.borrow(),
             events_json,
         };
         let outcome = async {

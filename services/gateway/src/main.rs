@@ -30,33 +30,28 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// A config file and the listen addresses that override it.
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    /// Config file.
+    #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
+    config: PathBuf,
+    /// Listen address, overriding the config's `address` (e.g. `127.0.0.1:0`).
+    #[arg(long, value_name = "HOST:PORT")]
+    address: Option<String>,
+    /// The admin API's listen address, overriding the config's `admin.address`.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_address: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the gateway (the default command).
-    Serve {
-        /// Config file.
-        #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
-        config: PathBuf,
-        /// Listen address, overriding the config's `address` (e.g. `127.0.0.1:0`).
-        #[arg(long, value_name = "HOST:PORT")]
-        address: Option<String>,
-        /// The admin API's listen address, overriding the config's `admin.address`.
-        #[arg(long, value_name = "HOST:PORT")]
-        admin_address: Option<String>,
-    },
-    /// The control plane: store, admin API (pushes config to frontends, collects their usage)
-    /// and usage writer. Its `address` serves health and metrics only.
-    Admin {
-        /// Config file (needs a store: dbtype sqlite or postgres).
-        #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
-        config: PathBuf,
-        /// Listen address for health and metrics, overriding the config's `address`.
-        #[arg(long, value_name = "HOST:PORT")]
-        address: Option<String>,
-        /// The admin API's listen address, overriding the config's `admin.address`.
-        #[arg(long, value_name = "HOST:PORT")]
-        admin_address: Option<String>,
-    },
+    Serve(ConfigArgs),
+    /// The control plane: store (dbtype sqlite or postgres), admin API (pushes config to
+    /// frontends, collects their usage) and usage writer. Its `address` serves health and
+    /// metrics only.
+    Admin(ConfigArgs),
     /// A data-plane replica: configured by a control plane, no database.
     Frontend(keypool_gateway::frontend::FrontendArgs),
     /// Three mock upstream keys and the gateway in one process, offline.
@@ -98,11 +93,11 @@ fn normalise_args() -> Vec<String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args());
-    let command = cli.command.unwrap_or(Command::Serve {
+    let command = cli.command.unwrap_or(Command::Serve(ConfigArgs {
         config: cli.config.unwrap_or_else(|| PathBuf::from("./config.yaml")),
         address: cli.address,
         admin_address: cli.admin_address,
-    });
+    }));
     // Validate before anything binds a port.
     let serve = match &command {
         Command::Migrate { config, .. } => match keypool_config::load(config) {
@@ -112,16 +107,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Serve {
+        Command::Serve(ConfigArgs {
             config,
             address,
             admin_address,
-        }
-        | Command::Admin {
+        })
+        | Command::Admin(ConfigArgs {
             config,
             address,
             admin_address,
-        } => match keypool_config::load(config) {
+        }) => match keypool_config::load(config) {
             Ok(mut cfg) => {
                 if let Some(a) = address {
                     cfg.address.clone_from(a);
@@ -129,7 +124,7 @@ fn main() -> ExitCode {
                 if let Some(a) = admin_address {
                     cfg.admin.address.clone_from(a);
                 }
-                if matches!(command, Command::Admin { .. }) {
+                if matches!(command, Command::Admin(_)) {
                     if cfg.store == keypool_config::StoreConfig::None {
                         eprintln!(
                             "keypool: invalid config {}:\ndbtype: the control plane keeps the store: use sqlite or postgres",
@@ -189,26 +184,18 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
         let shutdown = CancellationToken::new();
         keypool_gateway::cancel_on_signals(shutdown.clone());
         match (command, serve) {
-            (Command::Serve { .. }, Some(cfg)) => {
+            (command @ (Command::Serve(_) | Command::Admin(_)), Some(cfg)) => {
                 let listener = TcpListener::bind(&cfg.address)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.address))?;
-                println!("keypool listening on http://{}/v1", listener.local_addr()?);
-                keypool_gateway::run(cfg, listener, shutdown).await
-            }
-            (Command::Admin { .. }, Some(cfg)) => {
-                let listener = TcpListener::bind(&cfg.address)
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.address))?;
-                println!(
-                    "keypool control plane listening on http://{}",
-                    listener.local_addr()?
-                );
-                keypool_gateway::run_with(
-                    cfg,
-                    listener,
-                    shutdown,
-                    keypool_gateway::Role::ControlPlane,
-                )
-                .await
+                let addr = listener.local_addr()?;
+                let role = if matches!(command, Command::Admin(_)) {
+                    println!("keypool control plane listening on http://{addr}");
+                    keypool_gateway::Role::ControlPlane
+                } else {
+                    println!("keypool listening on http://{addr}/v1");
+                    keypool_gateway::Role::AllInOne
+                };
+                keypool_gateway::run_with(cfg, listener, shutdown, role).await
             }
             (Command::Frontend(args), _) => {
                 let listener = TcpListener::bind(&args.address)
@@ -240,9 +227,7 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
             (Command::Migrate { down, .. }, Some(cfg)) => {
                 keypool_gateway::usage::migrate(&cfg, down).await
             }
-            (Command::Serve { .. } | Command::Admin { .. } | Command::Migrate { .. }, None) => {
-                Ok(())
-            }
+            (Command::Serve(_) | Command::Admin(_) | Command::Migrate { .. }, None) => Ok(()),
         }
     }
 }
