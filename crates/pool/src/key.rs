@@ -1,8 +1,10 @@
 //! [`KeyActor`]: the one owner of an upstream key's live state.
 //!
 //! It owns the key's trailing-60 s request and token windows, its health (healthy / cooling down
-//! until T / disabled), in-flight count, counters and latency. It admits or refuses reservations
-//! ([`Reserve`]) exactly, and applies each attempt's [`Outcome`] ([`Settle`]). For ranking, it
+//! until T / disabled), counters and latency. It admits or refuses reservations ([`Reserve`])
+//! exactly, and applies each failed attempt's [`Outcome`] ([`Settle`]). What requests count
+//! without a message (requests on keys without a budget, successes, attempts in flight) reaches
+//! it through its [`KeyTally`], folded on a 1 s tick and before every message. For ranking, it
 //! publishes a few numbers in a [`KeyGauge`] that only it writes and the pool reads without a
 //! message round trip.
 
@@ -14,10 +16,13 @@ use actix::{Actor, AsyncContext, Context, Handler, SpawnHandle};
 use keypool_config::UpstreamKey;
 use tokio::time::Instant;
 
-use crate::messages::{Outcome, Record, Refusal, Reserve, Settle, Snapshot};
+use crate::messages::{Outcome, Refusal, Reserve, Settle, Snapshot};
+use crate::tally::KeyTally;
 use crate::window::{BucketWindow, RateWindow};
 
 pub(crate) const WINDOW: Duration = Duration::from_secs(60);
+/// How often a key actor folds its tally and republishes its window.
+const TICK: Duration = Duration::from_secs(1);
 /// Consecutive transport / 5xx failures before a key is cooled down (a simple circuit breaker).
 const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 /// Longest cooldown after repeated failures or a 429 without a usable reset header.
@@ -38,9 +43,9 @@ pub enum Health {
 /// Numbers the key actor publishes for the pool's ranking. Written only by the key actor.
 #[derive(Debug, Default)]
 pub struct KeyGauge {
-    /// Requests in the trailing window (refreshed when entries expire).
+    /// Requests in the trailing window as of the last fold (refreshed when entries expire);
+    /// ranking adds the tally's pending requests.
     pub window_requests: AtomicU32,
-    pub in_flight: AtomicU32,
     /// Milliseconds after the pool's epoch from which the key may be used; `u64::MAX` = disabled.
     pub available_at_ms: AtomicU64,
 }
@@ -140,10 +145,11 @@ pub struct KeyActor {
     key: Arc<UpstreamKey>,
     epoch: Instant,
     gauge: Arc<KeyGauge>,
+    /// What requests counted without a message, folded in by [`KeyActor::fold`].
+    tally: Arc<KeyTally>,
     requests: Window,
     tokens: Window,
     health: Health,
-    in_flight: u32,
     counters: KeyCounters,
     latency_ms: f64,
     consecutive_failures: u32,
@@ -161,6 +167,7 @@ impl KeyActor {
         key: Arc<UpstreamKey>,
         epoch: Instant,
         gauge: Arc<KeyGauge>,
+        tally: Arc<KeyTally>,
         seed: Option<KeySeed>,
     ) -> Self {
         let health = match &key.unusable {
@@ -188,10 +195,10 @@ impl KeyActor {
             key,
             epoch,
             gauge,
+            tally,
             requests,
             tokens,
             health,
-            in_flight: 0,
             counters: seed.counters,
             latency_ms: 0.0,
             consecutive_failures: 0,
@@ -222,9 +229,6 @@ impl KeyActor {
         self.gauge
             .window_requests
             .store(u32::try_from(used).unwrap_or(u32::MAX), Ordering::Relaxed);
-        self.gauge
-            .in_flight
-            .store(self.in_flight, Ordering::Relaxed);
         if let Some(h) = self.refresh.take() {
             ctx.cancel_future(h);
         }
@@ -264,20 +268,54 @@ impl KeyActor {
         self.publish_health();
     }
 
+    /// Counts `n` successful attempts taking `mean` each.
+    fn succeeded(&mut self, n: u64, mean: Duration) {
+        self.counters.success += n;
+        self.consecutive_failures = 0;
+        self.consecutive_429 = 0;
+        self.cooldowns_in_row = 0;
+        let ms = mean.as_secs_f64() * 1000.0;
+        self.latency_ms = if self.latency_ms == 0.0 {
+            ms
+        } else {
+            0.8 * self.latency_ms + 0.2 * ms
+        };
+    }
+
+    /// Failures or 429s since the last success: successes must come by message, in order.
+    fn streak_open(&self) -> bool {
+        self.consecutive_failures > 0 || self.consecutive_429 > 0 || self.cooldowns_in_row > 0
+    }
+
+    /// Folds what requests counted in the tally since the last fold. Requests are placed in the
+    /// window at the fold's time (at most one tick late: the bucketed window's own resolution);
+    /// successes folded together count as one latency sample of their mean, and as having come
+    /// before any message handled after the fold.
+    fn fold(&mut self, ctx: &mut Context<Self>) {
+        let f = self.tally.fold();
+        if f.recorded == 0 && f.succeeded == 0 && f.tokens == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if f.recorded > 0 {
+            self.requests.record(now, 0, f.recorded, false);
+            self.counters.used += f.recorded;
+        }
+        if f.tokens > 0 {
+            self.tokens.record(now, 0, f.tokens, false);
+        }
+        if f.succeeded > 0 {
+            self.succeeded(
+                f.succeeded,
+                Duration::from_micros(f.latency_us / f.succeeded),
+            );
+        }
+        self.publish_window(ctx);
+    }
+
     fn apply(&mut self, outcome: &Outcome, now: Instant) {
         match outcome {
-            Outcome::Success { latency, .. } => {
-                self.counters.success += 1;
-                self.consecutive_failures = 0;
-                self.consecutive_429 = 0;
-                self.cooldowns_in_row = 0;
-                let ms = latency.as_secs_f64() * 1000.0;
-                self.latency_ms = if self.latency_ms == 0.0 {
-                    ms
-                } else {
-                    0.8 * self.latency_ms + 0.2 * ms
-                };
-            }
+            Outcome::Success { latency, .. } => self.succeeded(1, *latency),
             Outcome::ClientError { .. } => {
                 self.counters.success += 1;
                 self.consecutive_failures = 0;
@@ -340,12 +378,13 @@ impl Actor for KeyActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // seeded windows are visible to ranking from the start
         self.publish_window(ctx);
-        // bucketed counts decay by the second: republish them as they do
-        if matches!(self.requests, Window::Approx(_)) {
-            ctx.run_interval(Duration::from_secs(1), |actor, ctx| {
+        // fold the tally; bucketed counts decay by the second: republish them as they do
+        ctx.run_interval(TICK, |actor, ctx| {
+            actor.fold(ctx);
+            if matches!(actor.requests, Window::Approx(_)) {
                 actor.publish_window(ctx);
-            });
-        }
+            }
+        });
     }
 }
 
@@ -355,17 +394,8 @@ impl KeyActor {
         self.requests.record(now, lease_id, 1, false);
         let est = self.key.tpm.map_or(est_tokens, |t| est_tokens.min(t));
         self.tokens.record(now, lease_id, est, true);
-        self.in_flight += 1;
         self.counters.used += 1;
         self.publish_window(ctx);
-    }
-}
-
-impl Handler<Record> for KeyActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Record, ctx: &mut Context<Self>) {
-        self.admit(Instant::now(), msg.lease_id, msg.est_tokens, ctx);
     }
 }
 
@@ -407,8 +437,9 @@ impl Handler<Settle> for KeyActor {
     type Result = ();
 
     fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) {
+        // successes counted before this outcome reset the failure streaks first
+        self.fold(ctx);
         let now = Instant::now();
-        self.in_flight = self.in_flight.saturating_sub(1);
         if let Outcome::Success {
             tokens: Some(tokens),
             ..
@@ -424,13 +455,15 @@ impl Handler<Settle> for KeyActor {
         );
         self.apply(&msg.outcome, now);
         self.publish_window(ctx);
+        self.tally.settle_handled(self.streak_open());
     }
 }
 
 impl Handler<Snapshot> for KeyActor {
     type Result = actix::MessageResult<Snapshot>;
 
-    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
+        self.fold(ctx);
         let now = Instant::now();
         if matches!(self.health, Health::CoolingUntil(t) if t <= now) {
             self.health = Health::Healthy;
@@ -443,7 +476,7 @@ impl Handler<Snapshot> for KeyActor {
             window_tokens: self.tokens.used(now),
             rpm: self.key.rpm,
             tpm: self.key.tpm,
-            in_flight: self.in_flight,
+            in_flight: self.tally.in_flight(),
             counters: self.counters.clone(),
             latency_ms: self.latency_ms,
             enabled: !self.admin_disabled,
@@ -519,6 +552,7 @@ impl Handler<crate::messages::Enable> for KeyActor {
             self.consecutive_failures = 0;
             self.consecutive_429 = 0;
             self.cooldowns_in_row = 0;
+            self.tally.set_streak(false);
         }
         self.publish_health();
     }

@@ -14,6 +14,7 @@ pub mod messages;
 mod pool;
 pub mod select;
 pub mod shared;
+pub mod tally;
 pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};

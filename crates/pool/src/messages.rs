@@ -1,9 +1,10 @@
 //! Every message the pool's actors take, in one place.
 //!
 //! Request tasks pick through a [`PoolHandle`](crate::PoolHandle), which reserves on a
-//! [`KeyActor`](crate::KeyActor) with [`Reserve`] or [`Record`] and returns a
-//! [`Lease`](crate::Lease); the lease settles itself with its key actor through [`Settle`] (also
-//! when dropped, so a cancelled request never leaks in-flight counts).
+//! [`KeyActor`](crate::KeyActor) with [`Reserve`] (keys with a budget) or counts in its
+//! [`KeyTally`](crate::tally::KeyTally) (keys without), and returns a [`Lease`](crate::Lease);
+//! the lease settles a failure with its key actor through [`Settle`] and counts a success in the
+//! tally (also when dropped, so a cancelled request never leaks in-flight counts).
 
 use std::time::Duration;
 
@@ -87,14 +88,6 @@ pub struct Reserve {
     /// The key's rpm and tpm are divided by this (its share while the shared state is
     /// unavailable, `redis.replicas_hint`); 1 otherwise.
     pub share_of: u32,
-}
-
-/// Record one request on a key without a budget: nothing to refuse, so nobody waits for it.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Record {
-    pub lease_id: u64,
-    pub est_tokens: u64,
 }
 
 /// Why a key actor refused a reservation.

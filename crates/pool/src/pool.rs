@@ -8,7 +8,12 @@
 //! - a key with an rpm/tpm budget is asked ([`Reserve`], one round trip); its actor is the
 //!   authority, so concurrent picks never over-admit, and a refusal moves on to the next key;
 //! - a key without a budget has nothing to refuse but its health, which its gauge showed, so its
-//!   reservation is sent without waiting ([`Record`]).
+//!   reservation is only counted in its [`KeyTally`], which the actor folds in on its own time.
+//!
+//! A lease settles the same way: a success on a key without a tpm budget is counted in the tally
+//! (no message) unless a failure streak or settlement is pending there (see [`KeyTally`] on
+//! order); every other outcome is a [`Settle`] message, since it may change health or the exact
+//! token window.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -19,10 +24,9 @@ use keypool_config::{LbPolicy, UpstreamKey};
 use tokio::time::Instant;
 
 use crate::key::{KeyActor, KeyGauge, KeySeed, KeyState};
-use crate::messages::{
-    BusyCause, ListKeys, NoKey, Outcome, Record, Refusal, Reserve, Settle, Snapshot,
-};
+use crate::messages::{BusyCause, ListKeys, NoKey, Outcome, Refusal, Reserve, Settle, Snapshot};
 use crate::select::{Candidate, rank};
+use crate::tally::KeyTally;
 
 /// One key as the pool publishes it.
 #[derive(Clone)]
@@ -31,6 +35,23 @@ struct PoolKey {
     key: Arc<UpstreamKey>,
     addr: Addr<KeyActor>,
     gauge: Arc<KeyGauge>,
+    tally: Arc<KeyTally>,
+}
+
+impl PoolKey {
+    /// Starts the key's actor (on the current arbiter).
+    fn start(id: u64, key: Arc<UpstreamKey>, epoch: Instant, seed: Option<KeySeed>) -> Self {
+        let gauge = Arc::new(KeyGauge::default());
+        let tally = Arc::new(KeyTally::new(&key.name, key.kind.as_str()));
+        let addr = KeyActor::new(key.clone(), epoch, gauge.clone(), tally.clone(), seed).start();
+        Self {
+            id,
+            key,
+            addr,
+            gauge,
+            tally,
+        }
+    }
 }
 
 /// What the supervisor publishes for picking: the keys in config order and the policy.
@@ -85,15 +106,7 @@ impl KeyPool {
             .iter()
             .enumerate()
             .map(|(i, key)| {
-                let gauge = Arc::new(KeyGauge::default());
-                let seed = seeds.get(&key.name).cloned();
-                let addr = KeyActor::new(key.clone(), epoch, gauge.clone(), seed).start();
-                PoolKey {
-                    id: i as u64,
-                    key: key.clone(),
-                    addr,
-                    gauge,
-                }
+                PoolKey::start(i as u64, key.clone(), epoch, seeds.get(&key.name).cloned())
             })
             .collect();
         let view = Arc::new(RwLock::new(Arc::new(PoolView {
@@ -155,15 +168,8 @@ impl Handler<crate::messages::AddKey> for KeyPool {
         if view.keys.iter().any(|k| k.key.name == msg.0.name) {
             return Err(format!("a key named {:?} exists", msg.0.name));
         }
-        let gauge = Arc::new(KeyGauge::default());
-        let addr = KeyActor::new(msg.0.clone(), view.epoch, gauge.clone(), None).start();
         let mut keys = view.keys.clone();
-        keys.push(PoolKey {
-            id: self.next_id,
-            key: msg.0,
-            addr,
-            gauge,
-        });
+        keys.push(PoolKey::start(self.next_id, msg.0, view.epoch, None));
         self.next_id += 1;
         self.publish(keys);
         Ok(())
@@ -237,6 +243,7 @@ pub struct Lease {
     pub key_id: u64,
     pub key: Arc<UpstreamKey>,
     addr: Addr<KeyActor>,
+    tally: Arc<KeyTally>,
     /// This reservation's id in the key's windows.
     id: u64,
     settled: bool,
@@ -263,8 +270,14 @@ impl std::fmt::Debug for SharedTokens {
 }
 
 impl Lease {
+    /// Records the attempt's time to response headers (its key's TTFB histogram).
+    pub fn observe_ttfb(&self, ttfb: Duration) {
+        self.tally.metrics.ttfb.observe(ttfb.as_secs_f64());
+    }
+
     pub fn settle(mut self, outcome: Outcome) {
         self.settled = true;
+        self.tally.returned();
         if let (
             Some(shared),
             Outcome::Success {
@@ -285,22 +298,38 @@ impl Lease {
                 }
             });
         }
-        self.addr.do_send(Settle {
-            lease_id: self.id,
-            outcome,
-            elapsed: self.started.elapsed(),
-        });
+        let elapsed = self.started.elapsed();
+        match outcome {
+            // the common case changes only numbers that add up: the tally, no message
+            Outcome::Success { tokens, latency }
+                if self.key.tpm.is_none() && self.tally.quiet() =>
+            {
+                self.tally.success(latency, elapsed, tokens);
+            }
+            Outcome::Cancelled => cancelled(&self.key, elapsed),
+            outcome => {
+                self.tally.settle_sent();
+                self.addr.do_send(Settle {
+                    lease_id: self.id,
+                    outcome,
+                    elapsed,
+                });
+            }
+        }
     }
+}
+
+/// A lease given up unsettled (the client went away): not the key's fault, nothing for its
+/// actor to apply; a tpm reservation keeps its estimate.
+fn cancelled(key: &UpstreamKey, elapsed: Duration) {
+    keypool_telemetry::metrics().attempt(&key.name, key.kind.as_str(), "cancelled", elapsed);
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.settled {
-            self.addr.do_send(Settle {
-                lease_id: self.id,
-                outcome: Outcome::Cancelled,
-                elapsed: self.started.elapsed(),
-            });
+            self.tally.returned();
+            cancelled(&self.key, self.started.elapsed());
         }
     }
 }
@@ -365,10 +394,15 @@ impl PoolHandle {
                 let until = view.epoch + Duration::from_millis(available_at);
                 earliest.offer(until, BusyCause::Cooling);
             } else {
+                let pending = u32::try_from(k.tally.pending()).unwrap_or(u32::MAX);
                 cands.push(Candidate {
                     order,
-                    window_requests: k.gauge.window_requests.load(Ordering::Relaxed),
-                    in_flight: k.gauge.in_flight.load(Ordering::Relaxed),
+                    window_requests: k
+                        .gauge
+                        .window_requests
+                        .load(Ordering::Relaxed)
+                        .saturating_add(pending),
+                    in_flight: k.tally.in_flight(),
                 });
             }
         }
@@ -451,21 +485,22 @@ impl PoolHandle {
             } else {
                 self.next_lease.fetch_add(1, Ordering::Relaxed)
             };
-            let mut lease = || Lease {
-                key_id: k.id,
-                key: k.key.clone(),
-                addr: k.addr.clone(),
-                id: lease_id,
-                settled: false,
-                started: Instant::now(),
-                shared_tokens: shared_tokens.take(),
+            let mut lease = || {
+                k.tally.leased();
+                Lease {
+                    key_id: k.id,
+                    key: k.key.clone(),
+                    addr: k.addr.clone(),
+                    tally: k.tally.clone(),
+                    id: lease_id,
+                    settled: false,
+                    started: Instant::now(),
+                    shared_tokens: shared_tokens.take(),
+                }
             };
             let est_tokens = pick.est_tokens;
             if k.key.rpm.is_none() && k.key.tpm.is_none() {
-                k.addr.do_send(Record {
-                    lease_id,
-                    est_tokens,
-                });
+                k.tally.record();
                 return Ok(lease());
             }
             match k

@@ -269,3 +269,73 @@ async fn an_open_gateway_lets_anonymous_callers_use_every_key() {
     p.open = true;
     assert_eq!(pool.pick(&p).await.unwrap().key.name, "a");
 }
+
+#[actix_rt::test]
+async fn unbudgeted_keys_are_counted_without_messages_and_spread_at_once() {
+    let keys = [
+        key("a", None, None),
+        key("b", None, None),
+        key("c", None, None),
+    ];
+    let pool = KeyPool::start(&keys, LbPolicy::LeastUsed);
+    // 30 leases taken back to back, before any actor tick: the tally's pending counts rank them
+    let mut held = vec![];
+    for _ in 0..30 {
+        held.push(lease(&pool).await.unwrap());
+    }
+    let mut per_key = std::collections::BTreeMap::<String, u32>::new();
+    for l in &held {
+        *per_key.entry(l.key.name.clone()).or_default() += 1;
+    }
+    assert_eq!(
+        per_key.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10]
+    );
+    assert_eq!(pool.list().await[0].in_flight, 10);
+    for l in held {
+        l.settle(ok());
+    }
+    for s in pool.list().await {
+        assert_eq!(s.in_flight, 0, "{}", s.name);
+        assert_eq!(s.counters.used, 10, "{}", s.name);
+        assert_eq!(s.counters.success, 10, "{}", s.name);
+        assert_eq!(s.window_requests, 10, "{}", s.name);
+        assert_eq!(
+            s.window_tokens, 100,
+            "{}: real tokens of the successes",
+            s.name
+        );
+        assert!(s.latency_ms > 4.0 && s.latency_ms < 6.0, "{}", s.latency_ms);
+    }
+}
+
+#[actix_rt::test]
+async fn a_success_between_failures_resets_the_breaker() {
+    let keys = [key("a", None, None), key("b", None, None)];
+    let pool = KeyPool::start(&keys, LbPolicy::Order);
+    let fail = |pool: PoolHandle| async move {
+        let l = lease(&pool).await.unwrap();
+        let name = l.key.name.clone();
+        l.settle(Outcome::ServerError { status: 500 });
+        name
+    };
+    assert_eq!(fail(pool.clone()).await, "a");
+    assert_eq!(fail(pool.clone()).await, "a");
+    // a success (counted in the tally, no message) comes between
+    lease(&pool).await.unwrap().settle(ok());
+    assert_eq!(fail(pool.clone()).await, "a");
+    assert_eq!(fail(pool.clone()).await, "a");
+    pool.list().await;
+    assert_eq!(
+        lease(&pool).await.unwrap().key.name,
+        "a",
+        "two in a row: not yet"
+    );
+    assert_eq!(fail(pool.clone()).await, "a");
+    pool.list().await;
+    assert_eq!(
+        lease(&pool).await.unwrap().key.name,
+        "b",
+        "three in a row: cooled"
+    );
+}

@@ -21,6 +21,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 use tracing::Instrument;
 
 use crate::adapter::{Adapters, AttemptRequest, BodyStream, UpstreamResponse};
+use crate::client::UpstreamClient;
 use crate::cooldown::cooldown;
 use crate::ctx::RequestCtx;
 use crate::inspect::response_usage;
@@ -184,7 +185,7 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Engine {
     /// Runs the attempt loop for one request and records its usage event (a stream records it
     /// when it ends, through the context it carries).
-    pub async fn forward(&self, client: &reqwest::Client, mut ctx: RequestCtx) -> Reply {
+    pub async fn forward(&self, client: &UpstreamClient, mut ctx: RequestCtx) -> Reply {
         let mut reply = self.attempts(client, &mut ctx).await;
         match &mut reply {
             Reply::Whole {
@@ -212,7 +213,7 @@ impl Engine {
         reply
     }
 
-    async fn attempts(&self, client: &reqwest::Client, ctx: &mut RequestCtx) -> Reply {
+    async fn attempts(&self, client: &UpstreamClient, ctx: &mut RequestCtx) -> Reply {
         let queue_deadline = ctx.started + self.config.queue_timeout;
         let max_attempts = ctx.max_attempts.max(1);
         let mut last: Option<Failure> = None;
@@ -348,7 +349,7 @@ impl Engine {
     /// One attempt on one leased key.
     async fn attempt(
         &self,
-        client: &reqwest::Client,
+        client: &UpstreamClient,
         ctx: &mut RequestCtx,
         lease: Lease,
         span: &tracing::Span,
@@ -411,10 +412,7 @@ impl Engine {
         } = resp;
         ctx.ttfb = Some(ctx.started.elapsed());
         span.record("http.response.status_code", status);
-        keypool_telemetry::metrics()
-            .upstream_ttfb
-            .with_label_values(&[key.name.as_str()])
-            .observe(started.elapsed().as_secs_f64());
+        lease.observe_ttfb(started.elapsed());
         match classify(status, &headers, key.passthrough_auth) {
             Class::Success => {}
             Class::Client => {

@@ -40,7 +40,7 @@ pub struct Frontend {
     pub gateways: Arc<Gateways>,
     pub sink: Arc<dyn UsageSink>,
     /// Pooled, keep-alive connections owned by this worker's runtime.
-    pub client: reqwest::Client,
+    pub client: crate::client::UpstreamClient,
 }
 
 impl Frontend {

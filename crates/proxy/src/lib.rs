@@ -7,6 +7,7 @@
 
 pub mod adapter;
 pub mod capture;
+pub mod client;
 pub mod cooldown;
 pub mod ctx;
 pub mod forward;
@@ -16,6 +17,7 @@ pub mod inspect;
 pub mod relay;
 pub mod sse;
 
+pub use client::UpstreamClient;
 pub use ctx::{LogSink, RequestCtx};
 pub use forward::{Engine, Reply};
 pub use http::Frontend;

@@ -118,6 +118,23 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// A key's attempt series, resolved (see [`Metrics::key_handles`]).
+#[derive(Clone)]
+pub struct KeyHandles {
+    /// `keypool_upstream_attempts_total{outcome="success"}`.
+    pub success: IntCounter,
+    /// `keypool_upstream_latency_seconds`.
+    pub latency: Histogram,
+    /// `keypool_upstream_ttfb_seconds`.
+    pub ttfb: Histogram,
+}
+
+impl std::fmt::Debug for KeyHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyHandles").finish_non_exhaustive()
+    }
+}
+
 /// What one finished request contributes.
 pub struct RequestRecord<'a> {
     pub gateway: &'a str,
@@ -365,6 +382,16 @@ impl Metrics {
         };
         if let Some((source, reason)) = reason {
             self.rate_limited.with_label_values(&[source, reason]).inc();
+        }
+    }
+
+    /// The per-key series an attempt touches on its common path, resolved once per key so a
+    /// request records them with a few atomic adds instead of label lookups.
+    pub fn key_handles(&self, key: &str, provider: &str) -> KeyHandles {
+        KeyHandles {
+            success: self.attempts.with_label_values(&[key, provider, "success"]),
+            latency: self.upstream_latency.with_label_values(&[key]),
+            ttfb: self.upstream_ttfb.with_label_values(&[key]),
         }
     }
 

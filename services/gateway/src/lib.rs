@@ -33,30 +33,6 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The upstream client each HTTP worker owns: pooled keep-alive connections, `TCP_NODELAY`.
-/// Timeouts are the engine's (per key and per phase), not the client's.
-///
-/// Proxies come from the usual `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` / `NO_PROXY` variables;
-/// when none is set, proxy matching is skipped altogether (it parsed every request's URL again).
-fn upstream_client(use_env_proxies: bool) -> reqwest::Client {
-    let builder = reqwest::Client::builder();
-    let builder = if use_env_proxies {
-        builder
-    } else {
-        builder.no_proxy()
-    };
-    builder
-        // a 3xx is the client's to follow, and failover is keypool's own: no hidden redirects or
-        // retries (they also cost ~9% of a request's CPU as middleware layers)
-        .redirect(reqwest::redirect::Policy::none())
-        .retry(reqwest::retry::never())
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
-}
-
 /// Warnings about a configuration that works but is probably not what the operator wants.
 fn startup_warnings(config: &Config, auth: &ClientAuth) {
     if auth.is_open() {
@@ -307,7 +283,7 @@ pub async fn run_with(
                 auth: auth.clone(),
                 gateways: gateways.clone(),
                 sink: sink.clone(),
-                client: upstream_client(use_env_proxies),
+                client: keypool_proxy::UpstreamClient::new(use_env_proxies),
             }),
             monitor.clone(),
         )

@@ -17,6 +17,8 @@ use keypool_config::{UpstreamKey, UpstreamKind};
 use reqwest::header::HeaderMap;
 
 pub use openai::OpenAiAdapter;
+
+use crate::client::UpstreamClient;
 pub use replicate::ReplicateAdapter;
 
 /// A response body as it arrives.
@@ -79,7 +81,7 @@ pub trait UpstreamAdapter: Send + Sync {
     /// bounds it with the key's timeout. `Err` means no HTTP answer at all.
     fn send<'a>(
         &'a self,
-        client: &'a reqwest::Client,
+        client: &'a UpstreamClient,
         key: &'a UpstreamKey,
         req: AttemptRequest<'a>,
     ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>>;

@@ -5,34 +5,43 @@ use futures::future::BoxFuture;
 use keypool_config::UpstreamKey;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 
-use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse, body_of};
+use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
+use crate::client::UpstreamClient;
 
 /// Forwards to OpenAI and OpenAI-compatible endpoints unchanged.
 pub struct OpenAiAdapter;
 
+/// `{endpoint}{path}?{query}`: the endpoint was parsed once at load; its path is the prefix.
+fn upstream_url(key: &UpstreamKey, path: &str, query: Option<&str>) -> String {
+    let endpoint = &key.endpoint_url;
+    let origin = &endpoint[..url::Position::BeforePath];
+    let base = endpoint.path().trim_end_matches('/');
+    let mut url = String::with_capacity(
+        origin.len() + base.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+    );
+    url.push_str(origin);
+    url.push_str(base);
+    url.push_str(path);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
 impl UpstreamAdapter for OpenAiAdapter {
     fn send<'a>(
         &'a self,
-        client: &'a reqwest::Client,
+        client: &'a UpstreamClient,
         key: &'a UpstreamKey,
         req: AttemptRequest<'a>,
     ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
         async move {
-            // the endpoint was parsed once at load; only the path and query change per request
-            let mut url = key.endpoint_url.clone();
-            let base = key.endpoint_url.path().trim_end_matches('/');
-            let mut path = String::with_capacity(base.len() + req.path.len());
-            path.push_str(base);
-            path.push_str(req.path);
-            url.set_path(&path);
-            url.set_query(req.query);
-            let mut builder = client
-                .request(req.method, url)
-                .headers(req.headers.clone())
-                .body(req.body);
+            let url = upstream_url(key, req.path, req.query);
+            let mut headers = req.headers.clone();
             if key.passthrough_auth {
                 if let Some(v) = req.client_authorization {
-                    builder = builder.header(AUTHORIZATION, v.clone());
+                    headers.insert(AUTHORIZATION, v.clone());
                 }
             } else {
                 let mut bearer = String::with_capacity(7 + key.sk.expose().len());
@@ -42,18 +51,56 @@ impl UpstreamAdapter for OpenAiAdapter {
                     TransportError::Connect("the key is not a valid header value".into())
                 })?;
                 value.set_sensitive(true);
-                builder = builder.header(AUTHORIZATION, value);
+                headers.insert(AUTHORIZATION, value);
             }
-            let resp = builder
-                .send()
-                .await
-                .map_err(|e| TransportError::from_reqwest(&e))?;
-            Ok(UpstreamResponse {
-                status: resp.status().as_u16(),
-                headers: resp.headers().clone(),
-                body: body_of(resp),
-            })
+            client.send(req.method, &url, headers, req.body).await
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(endpoint: &str) -> UpstreamKey {
+        UpstreamKey {
+            name: "k".into(),
+            sk: keypool_types::Secret::new("sk-x".to_owned()),
+            passthrough_auth: false,
+            endpoint: endpoint.into(),
+            endpoint_url: url::Url::parse(endpoint).unwrap(),
+            kind: keypool_config::UpstreamKind::OpenAi,
+            timeout: std::time::Duration::from_secs(1),
+            stream_timeout: std::time::Duration::from_secs(1),
+            allow: vec![],
+            deny: vec![],
+            authorization: vec![],
+            noauth: false,
+            keep_header: false,
+            rpm: None,
+            tpm: None,
+            unusable: None,
+            chat_template: None,
+        }
+    }
+
+    #[test]
+    fn the_endpoint_path_prefixes_the_request_path() {
+        let k = key("https://api.openai.com/v1");
+        assert_eq!(
+            upstream_url(&k, "/chat/completions", None),
+            "https://api.openai.com/v1/chat/completions"
+        );
+        let k = key("http://127.0.0.1:8080/openai/v1/");
+        assert_eq!(
+            upstream_url(&k, "/models", Some("limit=2&after=x")),
+            "http://127.0.0.1:8080/openai/v1/models?limit=2&after=x"
+        );
+        let k = key("http://[::1]:9000");
+        assert_eq!(
+            upstream_url(&k, "/embeddings", None),
+            "http://[::1]:9000/embeddings"
+        );
     }
 }

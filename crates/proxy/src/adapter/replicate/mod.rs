@@ -347,10 +347,11 @@ fn is_terminal(status: &str) -> bool {
 impl UpstreamAdapter for ReplicateAdapter {
     fn send<'a>(
         &'a self,
-        client: &'a reqwest::Client,
+        client: &'a crate::client::UpstreamClient,
         key: &'a UpstreamKey,
         req: AttemptRequest<'a>,
     ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
+        let client = client.reqwest();
         async move {
             let t = match translate(key, req.path, &req.body) {
                 Ok(t) => t,
