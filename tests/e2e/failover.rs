@@ -412,3 +412,48 @@ async fn sk_asis_passes_the_clients_own_key_and_its_401_disables_nothing() -> an
     assert_eq!(a.requests(), 3);
     Ok(())
 }
+
+/// An https:// upstream: keypool's own upstream client verifies it against the platform's roots
+/// (here a test CA through `SSL_CERT_FILE`), and refuses a certificate it cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_is_verified_against_the_platform_roots() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = keypool_e2e::test_pki(dir.path())?;
+    let up = mock("tls", Behavior::default());
+    let plain = up.url();
+    let hostport = plain
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let tls = keypool_e2e::TlsTerminator::start(&hostport, &cert, &key).await?;
+    let yaml = format!(
+        "dbtype: none\nauthorization: {T}\nupstreams:\n  - {{name: tls, sk: sk-tls-0123456789, endpoint: \"https://127.0.0.1:{}/v1\"}}\n",
+        tls.addr.port()
+    );
+    let trusted = Gateway::start_env(&yaml, &[("SSL_CERT_FILE", ca.as_str())]).await?;
+    let resp = trusted.chat(T, hello("gpt-4o-mini")).await;
+    let resp = resp.map_err(|e| anyhow::anyhow!("{e}: {}", trusted.logs()))?;
+    assert_eq!(resp.status(), 200, "{}", trusted.logs());
+    assert_eq!(served_by(&resp), "tls");
+    let body = json(resp).await?;
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello from tls the mock"
+    );
+    // a streamed answer over TLS, too
+    let resp = trusted
+        .chat(T, json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await?.contains("data: [DONE]"));
+    assert_eq!(up.requests(), 2);
+
+    // without the test CA the certificate is not trusted: no request reaches the upstream
+    let untrusted = Gateway::start_env(&yaml, &[("SSL_CERT_FILE", "/dev/null")]).await?;
+    let resp = untrusted.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 502);
+    let body = json(resp).await?;
+    assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
+    assert_eq!(up.requests(), 2);
+    Ok(())
+}

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keypool_e2e::{Behavior, Gateway, PgDb, config, hello, keypoolctl_bin, mock};
+use keypool_e2e::{Behavior, Gateway, PgDb, config, hello, keypoolctl_bin, mock, test_pki};
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_client::AdminClient;
 
@@ -299,61 +299,6 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
         }
     }
     Ok(())
-}
-
-/// A test CA and a certificate it signed for 127.0.0.1 (with its key), made with the `openssl`
-/// CLI: `(ca, cert, key)` paths.
-fn test_pki(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
-    let p = |n: &str| dir.join(n).display().to_string();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )?;
-    let steps: [Vec<String>; 3] = [
-        [
-            &["req", "-x509"][..],
-            &ec[..],
-            &["-days", "1", "-subj", "/CN=keypool test CA"],
-        ]
-        .concat()
-        .iter()
-        .map(|s| (*s).to_owned())
-        .chain(["-keyout".into(), p("ca.key"), "-out".into(), p("ca.pem")])
-        .collect(),
-        [&["req"][..], &ec[..], &["-subj", "/CN=127.0.0.1"]]
-            .concat()
-            .iter()
-            .map(|s| (*s).to_owned())
-            .chain(["-keyout".into(), p("key.pem"), "-out".into(), p("leaf.csr")])
-            .collect(),
-        ["x509", "-req", "-days", "1", "-CAcreateserial", "-in"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .chain([
-                p("leaf.csr"),
-                "-CA".into(),
-                p("ca.pem"),
-                "-CAkey".into(),
-                p("ca.key"),
-                "-extfile".into(),
-                p("leaf.ext"),
-                "-out".into(),
-                p("cert.pem"),
-            ])
-            .collect(),
-    ];
-    for args in steps {
-        let out = Command::new("openssl").args(&args).output()?;
-        anyhow::ensure!(out.status.success(), "openssl {args:?}: {out:?}");
-    }
-    Ok((p("ca.pem"), p("cert.pem"), p("key.pem")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

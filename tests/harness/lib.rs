@@ -203,9 +203,37 @@ impl Gateway {
 
     /// Starts `keypool <args>` and waits for its `... listening on http://...` line.
     pub async fn start_with(dir: tempfile::TempDir, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(dir, args, &[]).await
+    }
+
+    /// [`Gateway::start`] with extra environment variables for the process.
+    pub async fn start_env(yaml: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml)?;
+        let path = path.display().to_string();
+        let args = [
+            "serve",
+            "--config",
+            &path,
+            "--address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ];
+        Self::start_with_env(dir, &args, env).await
+    }
+
+    /// [`Gateway::start_with`] with extra environment variables.
+    pub async fn start_with_env(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(dir.path().join("keypool.log"))?;
         let mut child = Command::new(keypool_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("KP_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -742,4 +770,105 @@ pub fn promtool() -> anyhow::Result<PathBuf> {
         .status()?;
     anyhow::ensure!(status.success(), "apt-get install prometheus failed");
     find().ok_or_else(|| anyhow::anyhow!("promtool still missing after installing prometheus"))
+}
+
+/// A test CA and a certificate it signed for 127.0.0.1 (with its key), made with the `openssl`
+/// CLI: `(ca, cert, key)` paths.
+pub fn test_pki(dir: &std::path::Path) -> anyhow::Result<(String, String, String)> {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )?;
+    let steps: [Vec<String>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec[..],
+            &["-days", "1", "-subj", "/CN=keypool test CA"],
+        ]
+        .concat()
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(["-keyout".into(), p("ca.key"), "-out".into(), p("ca.pem")])
+        .collect(),
+        [&["req"][..], &ec[..], &["-subj", "/CN=127.0.0.1"]]
+            .concat()
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(["-keyout".into(), p("key.pem"), "-out".into(), p("leaf.csr")])
+            .collect(),
+        ["x509", "-req", "-days", "1", "-CAcreateserial", "-in"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain([
+                p("leaf.csr"),
+                "-CA".into(),
+                p("ca.pem"),
+                "-CAkey".into(),
+                p("ca.key"),
+                "-extfile".into(),
+                p("leaf.ext"),
+                "-out".into(),
+                p("cert.pem"),
+            ])
+            .collect(),
+    ];
+    for args in steps {
+        let out = Command::new("openssl").args(&args).output()?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {out:?}");
+    }
+    Ok((p("ca.pem"), p("cert.pem"), p("key.pem")))
+}
+
+/// A TLS endpoint in front of a plain TCP server (an HTTPS "upstream" made of the mock): it
+/// terminates TLS with `cert`/`key` and pipes the bytes to `target`.
+pub struct TlsTerminator {
+    pub addr: std::net::SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TlsTerminator {
+    pub async fn start(target: &str, cert: &str, key: &str) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(key)?;
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let target = target.to_owned();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, target) = (acceptor.clone(), target.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, accept })
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
 }
