@@ -144,6 +144,14 @@ YAML
     run "keypool[$store]-1" "$KP" 1
   done
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/$KP_PID/status")" >> "$WORK/rss.tsv"
+  case "$store" in sqlite|postgres)
+    # nothing lost: every request's event is in the store (or still queued), none dropped
+    sleep 0.3
+    curl -s "${KP%/v1}/metrics" | awk -v s="$store" '
+      /^keypool_requests_total/ {n += $2} /^keypool_usage_written_total/ {w = $2}
+      /^keypool_usage_dropped_total/ {d = $2} /^keypool_usage_queue_depth/ {q = $2}
+      END {printf "%s: %d requests answered, %d usage events written, %d queued, %d dropped\n", s, n, w, q, d}' >> "$WORK/notes.txt" ;;
+  esac
   if [ "$store" = frontends ]; then
     for _ in $(seq "$ROUNDS"); do
       taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KP/chat/completions" > "$WORK/fa.txt" &

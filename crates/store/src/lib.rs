@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use keypool_config::StoreConfig;
 use keypool_migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend};
 
 pub use admin::{GatewayRow, KeyRow};
 pub use event::{StoredEvent, StoredLog};
@@ -30,6 +30,9 @@ pub use writer::{BatchTarget, UsageWriter, WriterSink, WriterStats};
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sea_orm::DbErr),
+    /// From the batch writer, which talks to sqlx directly (see `write.rs`).
+    #[error("database: {0}")]
+    Sql(#[from] sea_orm::sqlx::Error),
     #[error("spill file {path}: {source}")]
     Spill {
         path: String,
@@ -111,20 +114,21 @@ impl Store {
 
     /// Connects without migrating (for `keypool migrate` and tests).
     pub async fn connect_only(url: &str) -> Result<Self, StoreError> {
+        use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.max_connections(4)
             .min_connections(0)
             .connect_timeout(Duration::from_secs(3))
             .acquire_timeout(Duration::from_secs(3))
-            .sqlx_logging(false);
+            .sqlx_logging(false)
+            // on every pooled connection (a PRAGMA run once reaches only one of them):
+            // readers never block the writer; fsync at checkpoints, not at every commit
+            .map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(5))
+            });
         let db = Database::connect(opts).await?;
-        if db.get_database_backend() == DbBackend::Sqlite {
-            // readers never block the writer; fsync at checkpoints
-            db.execute_unprepared(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
-            )
-            .await?;
-        }
         Ok(Self { db })
     }
 

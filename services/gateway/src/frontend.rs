@@ -467,18 +467,35 @@ impl Uplink {
 /// [`Uplink`] as the writer's [`BatchTarget`].
 pub struct UplinkTarget(pub Arc<Uplink>);
 
+/// Largest `PublishUsage` message a frontend sends (JSON bytes of its events).
+const UPLINK_MESSAGE_BYTES: usize = 1 << 20;
+
 impl BatchTarget for UplinkTarget {
     fn name(&self) -> &'static str {
         "control plane"
     }
 
+    /// Sends the batch in messages of at most [`UPLINK_MESSAGE_BYTES`] (gRPC's default limit
+    /// is 4 MiB, and events with request logs are large), each acknowledged once stored. If a
+    /// later message fails, the whole batch is retried: the control plane skips the ids it
+    /// already stored.
     async fn write(&self, batch: &[StoredEvent], _fresh: bool) -> Result<usize, String> {
-        let json = batch
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        self.0.send(json).await
+        let mut stored = 0;
+        let mut message = Vec::new();
+        let mut bytes = 0;
+        for event in batch {
+            let json = serde_json::to_string(event).map_err(|e| e.to_string())?;
+            if !message.is_empty() && bytes + json.len() > UPLINK_MESSAGE_BYTES {
+                stored += self.0.send(std::mem::take(&mut message)).await?;
+                bytes = 0;
+            }
+            bytes += json.len();
+            message.push(json);
+        }
+        if !message.is_empty() {
+            stored += self.0.send(message).await?;
+        }
+        Ok(stored)
     }
 
     async fn ping(&self) -> Result<(), String> {
