@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_usage;
 mod m20261122_000002_provider;
 mod m20261122_000003_admin;
+mod m20261201_000004_pg_time_indexes;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_usage::Migration),
             Box::new(m20261122_000002_provider::Migration),
             Box::new(m20261122_000003_admin::Migration),
+            Box::new(m20261201_000004_pg_time_indexes::Migration),
         ]
     }
 

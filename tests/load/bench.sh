@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# keypool benchmark (a program, not a test). In one run, alternating, with wrk pinned to core 0:
+# keypool benchmark (a program, not a test). wrk pinned to core 0; everything else shares the
+# machine's cores. Every target is started first and the rounds alternate between them (direct,
+# nginx, each keypool), so a slow stretch of this VM hits them all alike:
 #   - the mock upstream in no-delay mode, directly;
 #   - nginx as a plain keep-alive reverse proxy to it (the floor for one hop; NGINX=0 skips it);
-#   - keypool with 3 keys for each store in STORES (default "none sqlite postgres"; request-body
+#   - keypool with 3 keys for each mode in STORES (default "none sqlite postgres"; request-body
 #     logging off; postgres uses a fresh database on 127.0.0.1:5432, dropped afterwards);
 #     `rpm` = dbtype none with an rpm budget on every key (exact in-process windows), `redis` =
 #     the same budgets kept in the Redis on 127.0.0.1:6379 (one admission script per request;
 #     the round trips per request are counted from Redis's command stats); `redispick` = Redis
-#     without budgets (the least-used pick across replicas only).
-#     `frontends` = the production topology: `keypool admin` (SQLite) feeding two `keypool
-#     frontend`s that share the rpm budgets in Redis; latency and 64-connection throughput are
-#     measured on one frontend, then both are loaded at once (2 x 32 connections, summed).
-# REDIS2=1 adds a run of two keypool replicas sharing the Redis budgets: two wrk processes (32
-# connections each, one per replica) at once, summed.
-# Prints throughput at 64 connections and latency at 1 keep-alive connection, as medians of
-# ROUNDS rounds of DURATION seconds, beside direct, and keypool's peak RSS.
+#     without budgets (the least-used pick across replicas only); `frontends` = the production
+#     topology: `keypool admin` (SQLite) feeding two `keypool frontend`s that share the rpm
+#     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
+# REDIS2=1 adds two `serve` replicas sharing the Redis budgets, loaded at once (needs redis).
+# Prints throughput at 64 connections and latency at 1 keep-alive connection (medians of ROUNDS
+# rounds of DURATION seconds) beside direct, keypool's peak RSS, and for stores the requests
+# answered beside the usage events written (nothing may be dropped).
 #
 #   tests/load/bench.sh                    # DURATION=10 ROUNDS=3
 #   STORES=none DURATION=5 ROUNDS=1 tests/load/bench.sh
@@ -32,6 +33,7 @@ cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   wait 2>/dev/null || true
   [ -n "$PGDB" ] && psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1
+  redis-cli --scan --pattern "kp-bench*-$$:*" 2>/dev/null | xargs -r redis-cli del > /dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -40,12 +42,17 @@ wait_line() { # file pattern
   for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; exit 1
 }
+url_in() { grep -o 'http://[^ ]*' "$1" | head -1; }
+evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
+served() { curl -s "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 
 "$BIN" mock --address 127.0.0.1:0 --workers 1 > "$WORK/mock.out" 2>&1 &
 wait_line "$WORK/mock.out" "listening on"
-UP=$(grep -o 'http://[^ ]*' "$WORK/mock.out" | head -1)   # .../v1
+UP=$(url_in "$WORK/mock.out")   # .../v1
+TARGETS="direct"
+declare -A URL PID
+URL[direct]=$UP
 
-NG=""
 if [ "${NGINX:-1}" = 1 ] && command -v nginx >/dev/null; then
   NG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   UP_HOSTPORT=$(echo "$UP" | sed -E 's#http://([^/]+)/v1#\1#')
@@ -65,26 +72,13 @@ http {
 NGX
   nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
   sleep 0.5
-  NG="http://127.0.0.1:$NG_PORT/v1"
+  URL[nginx]="http://127.0.0.1:$NG_PORT/v1"
+  TARGETS="$TARGETS nginx"
 fi
-
-run() { # name url connections
-  taskset -c 0 wrk -t1 -c"$3" -d"${DURATION}s" --latency -s tests/load/chat.lua "$2/chat/completions" > "$WORK/run.txt"
-  python3 - "$WORK/run.txt" "$1" <<'PY' >> "$WORK/results.tsv"
-import re, sys
-text = open(sys.argv[1]).read()
-def ms(v, unit):
-    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-pct = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", text, re.M)}
-errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-print(f"{sys.argv[2]}\t{rps}\t{pct.get('50', 0)}\t{pct.get('99', 0)}\t{errors.group(1) if errors else 0}")
-PY
-}
 
 for store in $STORES; do
   case "$store" in
-    none) DB="dbtype: none" ;;
+    none|rpm) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
     postgres)
@@ -92,9 +86,8 @@ dbaddr: $WORK/bench.sqlite" ;;
       psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $PGDB" >/dev/null
       DB="dbtype: postgres
 dbaddr: postgres://postgres@127.0.0.1:5432/$PGDB" ;;
-    rpm) DB="dbtype: none" ;;
     redis|redispick) DB="dbtype: none
-redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$$:\"}" ;;
+redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
     frontends) DB="dbtype: sqlite
 dbaddr: $WORK/cp.sqlite
 admin: {token: bench-admin}" ;;
@@ -113,78 +106,95 @@ upstreams:
 YAML
   if [ "$store" = frontends ]; then
     RUST_LOG=warn "$BIN" admin --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/cp.out" 2> "$WORK/cp.err" &
-    CP_PID=$!
+    PID[cp]=$!
     wait_line "$WORK/cp.out" "admin listening on"
     ADMIN=$(grep 'admin listening on' "$WORK/cp.out" | grep -o 'http://[^ ]*')
-    for r in b a; do
+    for r in a b; do
       KEYPOOL_ADMIN_TOKEN=bench-admin RUST_LOG=warn "$BIN" frontend --admin "$ADMIN" --address 127.0.0.1:0 \
         --redis redis://127.0.0.1:6379/0 --redis-prefix "kp-bench-fe-$$:" --state-dir "$WORK/fe-$r" \
         > "$WORK/fe$r.out" 2> "$WORK/fe$r.err" &
-      [ "$r" = a ] && KP_PID=$! || FEB_PID=$!
+      PID[fe$r]=$!
       wait_line "$WORK/fe$r.out" "listening on"
     done
-    cp "$WORK/fea.out" "$WORK/kp.out"
-    KB=$(grep -o 'http://[^ ]*' "$WORK/feb.out" | head -1)
+    PID[$store]=${PID[fea]}
+    URL[$store]=$(url_in "$WORK/fea.out")
+    URL[feb]=$(url_in "$WORK/feb.out")
   else
-    RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp.out" 2> "$WORK/kp-$store.err" &
-    KP_PID=$!
-    wait_line "$WORK/kp.out" "listening on"
+    RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-$store.out" 2> "$WORK/kp-$store.err" &
+    PID[$store]=$!
+    wait_line "$WORK/kp-$store.out" "listening on"
+    URL[$store]=$(url_in "$WORK/kp-$store.out")
   fi
-  KP=$(grep -o 'http://[^ ]*' "$WORK/kp.out" | head -1)
-  taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$UP/chat/completions" > /dev/null
-  taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$KP/chat/completions" > /dev/null
-  evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
-  case "$store" in redis|redispick|frontends) E0=$(evals) ;; esac
-  for _ in $(seq "$ROUNDS"); do
-    run "direct-64" "$UP" 64
-    [ -n "$NG" ] && [ "$store" = none ] && run "nginx-64" "$NG" 64
-    run "keypool[$store]-64" "$KP" 64
-    run "direct-1" "$UP" 1
-    [ -n "$NG" ] && [ "$store" = none ] && run "nginx-1" "$NG" 1
-    run "keypool[$store]-1" "$KP" 1
-  done
-  echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/$KP_PID/status")" >> "$WORK/rss.tsv"
+  TARGETS="$TARGETS $store"
+done
+
+declare -A EVALS
+run() { # target connections
+  local name=$1 e0=0
+  [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
+  case "$1" in redis|redispick|frontends) e0=$(evals) ;; esac
+  taskset -c 0 wrk -t1 -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
+  case "$1" in redis|redispick|frontends) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
+  python3 - "$WORK/run.txt" "$name-$2" <<'PY' >> "$WORK/results.tsv"
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+pct = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", text, re.M)}
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+print(f"{sys.argv[2]}\t{rps}\t{pct.get('50', 0)}\t{pct.get('99', 0)}\t{errors.group(1) if errors else 0}")
+PY
+}
+
+for t in $TARGETS; do
+  taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "${URL[$t]}/chat/completions" > /dev/null
+done
+declare -A SERVED0
+for t in $STORES; do SERVED0[$t]=$(served "${URL[$t]}"); done
+for _ in $(seq "$ROUNDS"); do
+  for t in $TARGETS; do run "$t" 64; done
+  for t in $TARGETS; do run "$t" 1; done
+done
+
+for store in $STORES; do
+  echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
+  case "$store" in
+    redis|redispick|frontends)
+      echo "$store: redis round trips per request: ${EVALS[$store]} scripts / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
+  esac
   case "$store" in sqlite|postgres)
     # nothing lost: every request's event is in the store (or still queued), none dropped
     sleep 0.3
-    curl -s "${KP%/v1}/metrics" | awk -v s="$store" '
+    curl -s "${URL[$store]%/v1}/metrics" | awk -v s="$store" '
       /^keypool_requests_total/ {n += $2} /^keypool_usage_written_total/ {w = $2}
       /^keypool_usage_dropped_total/ {d = $2} /^keypool_usage_queue_depth/ {q = $2}
       END {printf "%s: %d requests answered, %d usage events written, %d queued, %d dropped\n", s, n, w, q, d}' >> "$WORK/notes.txt" ;;
   esac
-  if [ "$store" = frontends ]; then
-    for _ in $(seq "$ROUNDS"); do
-      taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KP/chat/completions" > "$WORK/fa.txt" &
-      taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KB/chat/completions" > "$WORK/fb.txt"
-      wait %%
-      echo "two frontends + redis, 2x32 conns: $(awk '/Requests\/sec/ {s += $2} END {printf "%.0f", s}' "$WORK/fa.txt" "$WORK/fb.txt") req/s" >> "$WORK/notes.txt"
-    done
-  fi
-  if [ "$store" = redis ] || [ "$store" = redispick ] || [ "$store" = frontends ]; then
-    SERVED=$( (curl -s "${KP%/v1}/metrics"; if [ "$store" = frontends ]; then curl -s "${KB%/v1}/metrics"; fi) | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}')
-    echo "$store: redis round trips per request: $(( $(evals) - E0 )) scripts / $SERVED requests" >> "$WORK/notes.txt"
-    redis-cli --scan --pattern "kp-bench-*$$:*" | xargs -r redis-cli del > /dev/null
-  fi
-  kill -TERM "$KP_PID"; wait "$KP_PID" 2>/dev/null || true
-  if [ "$store" = frontends ]; then
-    # frontends flush their usage to the control plane on SIGTERM, then the control plane stops
-    kill -TERM "$FEB_PID"; wait "$FEB_PID" 2>/dev/null || true
-    kill -TERM "$CP_PID"; wait "$CP_PID" 2>/dev/null || true
-    STORED=$(sqlite3 "$WORK/cp.sqlite" 'select count(*) from usage_events' 2>/dev/null || echo "?")
-    echo "frontends: $SERVED requests served, $STORED usage events stored by the control plane" >> "$WORK/notes.txt"
-  fi
-  rm -f "$WORK/kp.out"
 done
 
+if [[ " $STORES " == *" frontends "* ]]; then
+  for _ in $(seq "$ROUNDS"); do
+    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "${URL[frontends]}/chat/completions" > "$WORK/fa.txt" &
+    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "${URL[feb]}/chat/completions" > "$WORK/fb.txt"
+    wait %%
+    echo "two frontends + redis, 2x32 conns: $(awk '/Requests\/sec/ {s += $2} END {printf "%.0f", s}' "$WORK/fa.txt" "$WORK/fb.txt") req/s" >> "$WORK/notes.txt"
+  done
+  SERVED=$(( $(served "${URL[frontends]}") + $(served "${URL[feb]}") ))
+  # frontends flush their usage to the control plane on SIGTERM, then the control plane stops
+  for p in fea feb cp; do kill -TERM "${PID[$p]}"; wait "${PID[$p]}" 2>/dev/null || true; done
+  STORED=$(sqlite3 "$WORK/cp.sqlite" 'select count(*) from usage_events' 2>/dev/null || echo "?")
+  echo "frontends: $SERVED requests served, $STORED usage events stored by the control plane" >> "$WORK/notes.txt"
+fi
+
 if [ "${REDIS2:-0}" = 1 ]; then
-  sed "s/kp-bench-$$:/kp-bench2-$$:/" "$WORK/config-redis.yaml" > "$WORK/config-redis2.yaml" 2>/dev/null || {
+  sed "s/kp-bench-redis-$$:/kp-bench2-$$:/" "$WORK/config-redis.yaml" > "$WORK/config-redis2.yaml" 2>/dev/null || {
     echo "REDIS2=1 needs redis in STORES" >&2; exit 2; }
   for r in a b; do
     RUST_LOG=warn "$BIN" serve --config "$WORK/config-redis2.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp2$r.out" 2> "$WORK/kp2$r.err" &
     wait_line "$WORK/kp2$r.out" "listening on"
   done
-  KA=$(grep -o 'http://[^ ]*' "$WORK/kp2a.out" | head -1)
-  KB=$(grep -o 'http://[^ ]*' "$WORK/kp2b.out" | head -1)
+  KA=$(url_in "$WORK/kp2a.out"); KB=$(url_in "$WORK/kp2b.out")
   for _ in $(seq "$ROUNDS"); do
     taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KA/chat/completions" > "$WORK/r2a.txt" &
     taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KB/chat/completions" > "$WORK/r2b.txt"
@@ -207,15 +217,31 @@ print(f"| direct to the mock upstream | {d64:,.0f} req/s | 1.00x | {d1p50:.3f} m
 n64 = med("nginx-64", 1)
 if n64:
     n1p50, n1p99 = med("nginx-1", 2), med("nginx-1", 3)
-    print(f"| nginx reverse proxy | {n64:,.0f} req/s | {n64 / d64:.2f}x | {n1p50:.3f} ms | +{n1p50 - d1p50:.3f} ms | {n1p99:.3f} ms | +{n1p99 - d1p99:.3f} ms | |")
+    print(f"| nginx reverse proxy | {n64:,.0f} req/s | {n64 / d64:.2f}x | {n1p50:.3f} ms | +{n1p50 - d1p50:.3f} ms | {n1p99:.3f} ms | {n1p99 - d1p99:+.3f} ms | |")
 base = None
 for store in sys.argv[3].split():
     name = f"keypool[{store}]"
     k64, k1p50, k1p99 = med(name + "-64", 1), med(name + "-1", 2), med(name + "-1", 3)
-    base = base or k64
-    vs = "" if store == "none" else f" ({k64 / base:.2f}x of none)"
+    if store == "none":
+        base = k64
+    vs = f" ({k64 / base:.2f}x of none)" if base and store != "none" else ""
     mb = int(rss.get(name, "0")) / 1024
-    print(f"| keypool, dbtype {store} | {k64:,.0f} req/s{vs} | {k64 / d64:.2f}x | {k1p50:.3f} ms | +{k1p50 - d1p50:.3f} ms | {k1p99:.3f} ms | +{k1p99 - d1p99:.3f} ms | {mb:.1f} MB |")
+    print(f"| keypool, {store} | {k64:,.0f} req/s{vs} | {k64 / d64:.2f}x | {k1p50:.3f} ms | +{k1p50 - d1p50:.3f} ms | {k1p99:.3f} ms | {k1p99 - d1p99:+.3f} ms | {mb:.1f} MB |")
+pairs = {}
+for store in sys.argv[3].split():
+    if store == "none":
+        continue
+    a = [float(r[1]) for r in rows if r[0] == f"keypool[{store}]-64"]
+    b = [float(r[1]) for r in rows if r[0] == "keypool[none]-64"]
+    if a and len(a) == len(b):
+        pairs[store] = statistics.median(x / y for x, y in zip(a, b))
+if pairs:
+    print("\nmedian of per-round ratios to none (each round's runs are back to back): " +
+          ", ".join(f"{k} {v:.2f}x" for k, v in pairs.items()))
+print("\nper round (req/s at 64 conns):")
+names = list(dict.fromkeys(r[0] for r in rows if r[0].endswith("-64")))
+for n in names:
+    print(f"  {n[:-3]:<20} " + "  ".join(f"{float(r[1]):>8,.0f}" for r in rows if r[0] == n))
 errs = sum(int(r[4]) for r in rows)
 print(f"\nnon-2xx responses: {errs}")
 try:

@@ -11,6 +11,7 @@ pub mod entity;
 mod event;
 mod query;
 mod spill;
+mod sqlite;
 mod write;
 mod writer;
 
@@ -44,6 +45,8 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// On SQLite: the batch writer's own connection (see `sqlite.rs`).
+    sqlite: Option<std::sync::Arc<sqlite::SqliteWriter>>,
 }
 
 /// The connection URL for a store config: SQLite files are created when missing; PostgreSQL
@@ -129,7 +132,11 @@ impl Store {
                     .busy_timeout(Duration::from_secs(5))
             });
         let db = Database::connect(opts).await?;
-        Ok(Self { db })
+        let sqlite = match db.get_database_backend() {
+            DbBackend::Sqlite => Some(sqlite::SqliteWriter::for_url(url)?),
+            _ => None,
+        };
+        Ok(Self { db, sqlite })
     }
 
     pub async fn migrate_up(&self) -> Result<(), StoreError> {

@@ -1,26 +1,24 @@
 //! Writing a batch: events once each, their logs, and the hourly rollups, in one transaction.
 //!
-//! This is the store's hot path (every request becomes an event), so it talks to the database
-//! through sqlx, sea-orm's own driver, with statements of a fixed shape that each connection
-//! prepares once and then only binds: multi-row inserts of 64, 8 and 1 rows (a batch of any
-//! size is a sum of those) and one upsert per rollup group. sea-orm's `insert_many` built a
-//! new statement for every batch size (its SQL text, then a fresh prepare of up to 18,000
-//! parameters) and cost ~17 µs of CPU per event, as much as serving the request.
-//!
-//! The same code serves SQLite and PostgreSQL; only the placeholders differ (`?` / `$n`).
+//! This is the store's hot path (every request becomes an event). SQLite batches go to the
+//! writer's own connection ([`crate::sqlite`]). PostgreSQL batches go through sqlx, sea-orm's
+//! own driver: a fresh batch by `COPY`, PostgreSQL's bulk path; a retry or replay (which must
+//! skip ids already stored) by multi-row inserts of a fixed shape (64, 8 and 1 rows: a batch of
+//! any size is a sum of those), each prepared once per connection. sea-orm's `insert_many`
+//! built a new statement for every batch size (its SQL text, then a fresh prepare of up to
+//! 18,000 parameters) and cost ~17 µs of CPU per event, as much as serving the request.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::LazyLock;
 
 use sea_orm::DbBackend;
-use sea_orm::sqlx::{self, Database, Encode, Executor, IntoArguments, Row, Type};
+use sea_orm::sqlx::{self, PgConnection, Postgres, Row};
 
+use crate::sqlite::{rollups, unique};
 use crate::{Store, StoreError, StoredEvent};
 
-const HOUR_MS: i64 = 3_600_000;
-
 /// Rows per multi-row insert, largest first; the last must be 1.
-const SHAPES: [usize; 3] = [64, 8, 1];
+pub(crate) const SHAPES: [usize; 3] = [64, 8, 1];
 
 const EVENT_COLUMNS: &str = "id, at_ms, gateway, caller, model, key_name, provider, attempts, \
      status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, \
@@ -29,27 +27,17 @@ const EVENT_ARITY: usize = 18;
 const LOG_COLUMNS: &str = "event_id, at_ms, request_headers, request_body, response_body";
 const LOG_ARITY: usize = 5;
 
-#[derive(Default)]
-struct Rollup {
-    calls: i64,
-    errors: i64,
-    prompt: i64,
-    completion: i64,
-    total: i64,
-}
-
-/// The statements of one backend, built once.
+/// PostgreSQL's statements, built once.
 struct Statements {
-    /// Plain inserts of events, by shape (fresh batches: a conflict fails the transaction).
-    events: [String; SHAPES.len()],
-    /// The same, skipping ids already stored and returning the ids inserted (retries, replays).
+    /// Inserts of events by shape, skipping ids already stored and returning the ids inserted
+    /// (retries, replays).
     events_dedupe: [String; SHAPES.len()],
     logs: [String; SHAPES.len()],
     rollup: String,
 }
 
 impl Statements {
-    fn build(numbered: bool) -> Self {
+    fn build() -> Self {
         let insert = |table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
             let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
             let mut n = 0;
@@ -60,12 +48,8 @@ impl Statements {
                         sql.push_str(", ");
                     }
                     n += 1;
-                    if numbered {
-                        sql.push('$');
-                        sql.push_str(&n.to_string());
-                    } else {
-                        sql.push('?');
-                    }
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
                 }
                 sql.push(')');
             }
@@ -96,25 +80,17 @@ impl Statements {
             ),
         );
         Self {
-            events: events(""),
             events_dedupe: events(" ON CONFLICT (id) DO NOTHING RETURNING id"),
             logs: SHAPES.map(|rows| insert("request_logs", LOG_COLUMNS, LOG_ARITY, rows, "")),
             rollup,
         }
     }
-
-    fn for_backend(backend: DbBackend) -> &'static Self {
-        static QUESTION: OnceLock<Statements> = OnceLock::new();
-        static NUMBERED: OnceLock<Statements> = OnceLock::new();
-        match backend {
-            DbBackend::Postgres => NUMBERED.get_or_init(|| Self::build(true)),
-            _ => QUESTION.get_or_init(|| Self::build(false)),
-        }
-    }
 }
 
+static POSTGRES: LazyLock<Statements> = LazyLock::new(Statements::build);
+
 /// Splits `n` rows into runs of the [`SHAPES`]: `(shape index, rows)`.
-fn runs(mut n: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(crate) fn runs(mut n: usize) -> impl Iterator<Item = (usize, usize)> {
     let mut shape = 0;
     std::iter::from_fn(move || {
         while n > 0 {
@@ -156,83 +132,47 @@ impl Store {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let backend = self.db.get_database_backend();
-        let sql = Statements::for_backend(backend);
-        let written = match backend {
-            DbBackend::Sqlite => {
-                let mut tx = self.db.get_sqlite_connection_pool().begin().await?;
-                let new = write_in::<sqlx::Sqlite>(&mut tx, sql, events, dedupe).await?;
-                tx.commit().await?;
-                new
-            }
-            DbBackend::Postgres if !dedupe => {
-                // a fresh batch: COPY, PostgreSQL's bulk path (a conflict fails the transaction,
-                // and the writer's retry takes the deduplicating insert)
-                let mut tx = self.db.get_postgres_connection_pool().begin().await?;
-                let new = unique(events);
-                let mut copy = tx
-                    .copy_in_raw(&format!(
-                        "COPY usage_events ({EVENT_COLUMNS}) FROM STDIN (FORMAT text)"
-                    ))
-                    .await?;
-                copy.send(copy_text(events, &new)).await?;
-                copy.finish().await?;
-                write_rest::<sqlx::Postgres>(&mut tx, sql, events, &new).await?;
-                tx.commit().await?;
-                new
-            }
-            DbBackend::Postgres => {
-                let mut tx = self.db.get_postgres_connection_pool().begin().await?;
-                let new = write_in::<sqlx::Postgres>(&mut tx, sql, events, dedupe).await?;
-                tx.commit().await?;
-                new
-            }
-            other => {
-                return Err(StoreError::Db(sea_orm::DbErr::Custom(format!(
-                    "unsupported database backend {other:?}"
-                ))));
-            }
+        if let Some(sqlite) = &self.sqlite {
+            return sqlite.write(events, dedupe).await;
+        }
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            return Err(StoreError::Db(sea_orm::DbErr::Custom(
+                "unsupported database backend".into(),
+            )));
+        }
+        let mut tx = self.db.get_postgres_connection_pool().begin().await?;
+        let new = if dedupe {
+            insert_skipping_stored(&mut tx, events).await?
+        } else {
+            // a fresh batch: COPY (a stored id fails the transaction, and the writer's retry
+            // takes the deduplicating insert)
+            let new = unique(events);
+            let mut copy = tx
+                .copy_in_raw(&format!(
+                    "COPY usage_events ({EVENT_COLUMNS}) FROM STDIN (FORMAT text)"
+                ))
+                .await?;
+            copy.send(copy_text(events, &new)).await?;
+            copy.finish().await?;
+            new
         };
-        Ok(written)
+        write_rest(&mut tx, events, &new).await?;
+        tx.commit().await?;
+        Ok(new)
     }
 }
 
-/// Everything a batch writes, on one connection inside the caller's transaction. Returns the
-/// indices (into `events`) of the events that were new.
-async fn write_in<DB>(
-    conn: &mut DB::Connection,
-    sql: &'static Statements,
+/// Inserts the events whose ids are not stored yet; answers their indices.
+async fn insert_skipping_stored(
+    conn: &mut PgConnection,
     events: &[StoredEvent],
-    dedupe: bool,
-) -> Result<Vec<usize>, sqlx::Error>
-where
-    DB: Database,
-    DB::Arguments: IntoArguments<DB>,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
-    for<'q> i32: Encode<'q, DB> + Type<DB>,
-    for<'q> bool: Encode<'q, DB> + Type<DB>,
-    for<'r> String: sqlx::Decode<'r, DB> + Type<DB>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-{
-    // which events are new: all of a fresh batch (a conflict fails the transaction and the
-    // writer retries with `dedupe`), or those whose insert was not skipped as a conflict
+) -> Result<Vec<usize>, sqlx::Error> {
     let mut order = unique(events);
     let mut inserted: HashSet<String> = HashSet::new();
     let mut at = 0;
     for (shape, rows) in runs(order.len()) {
-        let chunk = &order[at..at + rows];
-        at += rows;
-        let text = if dedupe {
-            &sql.events_dedupe[shape]
-        } else {
-            &sql.events[shape]
-        };
-        let mut q = sqlx::query::<DB>(text.as_str());
-        for &i in chunk {
+        let mut q = sqlx::query::<Postgres>(POSTGRES.events_dedupe[shape].as_str());
+        for &i in &order[at..at + rows] {
             let e = &events[i];
             q = q
                 .bind(e.id.as_str())
@@ -254,44 +194,21 @@ where
                 .bind(e.user_agent.as_deref())
                 .bind(e.error.as_deref());
         }
-        if dedupe {
-            for row in q.fetch_all(&mut *conn).await? {
-                inserted.insert(row.try_get::<String, usize>(0)?);
-            }
-        } else {
-            q.execute(&mut *conn).await?;
+        at += rows;
+        for row in q.fetch_all(&mut *conn).await? {
+            inserted.insert(row.try_get::<String, usize>(0)?);
         }
     }
-    if dedupe {
-        order.retain(|&i| inserted.contains(&events[i].id));
-    }
-    write_rest::<DB>(conn, sql, events, &order).await?;
+    order.retain(|&i| inserted.contains(&events[i].id));
     Ok(order)
 }
 
-/// Indices of the first event with each id.
-fn unique(events: &[StoredEvent]) -> Vec<usize> {
-    let mut first = HashSet::with_capacity(events.len());
-    (0..events.len())
-        .filter(|&i| first.insert(events[i].id.as_str()))
-        .collect()
-}
-
 /// The request logs and hourly rollups of the `new` events.
-async fn write_rest<DB>(
-    conn: &mut DB::Connection,
-    sql: &'static Statements,
+async fn write_rest(
+    conn: &mut PgConnection,
     events: &[StoredEvent],
     new: &[usize],
-) -> Result<(), sqlx::Error>
-where
-    DB: Database,
-    DB::Arguments: IntoArguments<DB>,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-{
+) -> Result<(), sqlx::Error> {
     let logged: Vec<&StoredEvent> = new
         .iter()
         .map(|&i| &events[i])
@@ -299,7 +216,7 @@ where
         .collect();
     let mut at = 0;
     for (shape, rows) in runs(logged.len()) {
-        let mut q = sqlx::query::<DB>(sql.logs[shape].as_str());
+        let mut q = sqlx::query::<Postgres>(POSTGRES.logs[shape].as_str());
         for e in &logged[at..at + rows] {
             let log = e.log.as_ref();
             q = q
@@ -312,30 +229,12 @@ where
         at += rows;
         q.execute(&mut *conn).await?;
     }
-    let mut groups: BTreeMap<(i64, &str, &str, &str), Rollup> = BTreeMap::new();
-    for &i in new {
-        let e = &events[i];
-        let hour = e.at_ms - e.at_ms.rem_euclid(HOUR_MS);
-        let g = groups
-            .entry((
-                hour,
-                &e.gateway,
-                e.key_name.as_deref().unwrap_or(""),
-                &e.model,
-            ))
-            .or_default();
-        g.calls += 1;
-        g.errors += i64::from(e.status >= 400);
-        g.prompt += e.prompt_tokens.unwrap_or(0);
-        g.completion += e.completion_tokens.unwrap_or(0);
-        g.total += e.total_tokens.unwrap_or(0);
-    }
-    for ((hour, gateway, key, model), r) in &groups {
-        sqlx::query::<DB>(sql.rollup.as_str())
-            .bind(*hour)
-            .bind(*gateway)
-            .bind(*key)
-            .bind(*model)
+    for ((hour, gateway, key, model), r) in rollups(events, new) {
+        sqlx::query::<Postgres>(POSTGRES.rollup.as_str())
+            .bind(hour)
+            .bind(gateway)
+            .bind(key)
+            .bind(model)
             .bind(r.calls)
             .bind(r.errors)
             .bind(r.prompt)
@@ -385,8 +284,15 @@ fn copy_text(events: &[StoredEvent], new: &[usize]) -> Vec<u8> {
             }
             match field {
                 Text(None) | Int(None) => out.extend_from_slice(b"\\N"),
-                Int(Some(v)) => out.extend_from_slice(v.to_string().as_bytes()),
+                Int(Some(v)) => push_int(&mut out, *v),
                 Bool(v) => out.push(if *v { b't' } else { b'f' }),
+                Text(Some(v))
+                    if !v
+                        .bytes()
+                        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+                {
+                    out.extend_from_slice(v.as_bytes());
+                }
                 Text(Some(v)) => {
                     for &b in v.as_bytes() {
                         match b {
@@ -403,6 +309,25 @@ fn copy_text(events: &[StoredEvent], new: &[usize]) -> Vec<u8> {
         out.push(b'\n');
     }
     out
+}
+
+/// Appends `v` in decimal.
+fn push_int(out: &mut Vec<u8>, v: i64) {
+    let mut digits = [0u8; 20];
+    let mut n = v.unsigned_abs();
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 #[cfg(test)]
@@ -450,17 +375,24 @@ mod tests {
     }
 
     #[test]
-    fn statements_number_their_placeholders_for_postgres() {
-        let pg = Statements::build(true);
-        assert!(pg.events[2].ends_with(
-            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+    fn integers_in_decimal() {
+        for v in [0, 7, -7, 1_234_567_890_123, i64::MIN, i64::MAX] {
+            let mut out = Vec::new();
+            push_int(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+    }
+
+    #[test]
+    fn statements_number_their_placeholders() {
+        let pg = Statements::build();
+        assert!(pg.events_dedupe[2].starts_with(
+            "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) ON CONFLICT"
         ));
-        assert!(pg.events[0].contains("$1152)"));
-        let lite = Statements::build(false);
-        assert_eq!(lite.events[1].matches('?').count(), 8 * EVENT_ARITY);
-        assert!(lite.events_dedupe[0].ends_with("ON CONFLICT (id) DO NOTHING RETURNING id"));
+        assert!(pg.events_dedupe[0].ends_with("$1152) ON CONFLICT (id) DO NOTHING RETURNING id"));
+        assert_eq!(pg.logs[1].matches('$').count(), 8 * LOG_ARITY);
         assert!(
-            lite.rollup
+            pg.rollup
                 .contains("calls = usage_hourly.calls + excluded.calls")
         );
     }

@@ -87,7 +87,8 @@ async fn migrations_up_down_up(url: String) {
         vec![
             "m20261122_000001_usage",
             "m20261122_000002_provider",
-            "m20261122_000003_admin"
+            "m20261122_000003_admin",
+            "m20261201_000004_pg_time_indexes"
         ]
     );
     // the admin tables: gateways and keys with their owner, upserted by name
@@ -265,6 +266,51 @@ async fn key_counters_are_saved_and_restored(url: String) {
     store.close().await;
 }
 
+/// The writer's fast path for fresh batches (multi-row inserts on SQLite, COPY on PostgreSQL):
+/// large batches of every shape land whole and rolled up; a batch with an id already stored
+/// fails as a whole, and its retry through `write_batch` stores only what is new.
+async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
+    let store = Store::connect(&url).await.unwrap();
+    let hour = 1_700_000_000_000 - 1_700_000_000_000 % HOUR;
+    let mut fresh: Vec<StoredEvent> = (0..1000)
+        .map(|i| event(&format!("f{i:04}"), hour + i, "k", "m", (1, 2), 200))
+        .collect();
+    // text that COPY's text format must escape comes back as it was sent
+    fresh[7].user_agent = Some("tab\there\\back\nline\rret".into());
+    assert_eq!(store.write_new_batch(&fresh[..1000]).await.unwrap(), 1000);
+    assert_eq!(store.count_events().await.unwrap(), 1000);
+    let stored = store.events_since(0, 2000).await.unwrap();
+    assert_eq!(
+        stored
+            .iter()
+            .find(|e| e.id == "f0007")
+            .unwrap()
+            .user_agent
+            .as_deref(),
+        Some("tab\there\\back\nline\rret")
+    );
+    let mixed = vec![
+        event("f0003", hour, "k", "m", (1, 2), 200),
+        event("n1", hour, "k", "m", (1, 2), 200),
+    ];
+    assert!(
+        store.write_new_batch(&mixed).await.is_err(),
+        "f0003 is stored"
+    );
+    assert_eq!(
+        store.count_events().await.unwrap(),
+        1000,
+        "nothing of it landed"
+    );
+    assert_eq!(store.write_batch_new(&mixed).await.unwrap(), vec![1]);
+    let totals = store
+        .usage_totals(0, i64::MAX, Grouping::Model, None)
+        .await
+        .unwrap();
+    assert_eq!((totals[0].calls, totals[0].total_tokens), (1001, 3003));
+    store.close().await;
+}
+
 macro_rules! on_both_databases {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -290,4 +336,5 @@ on_both_databases!(
     each_event_is_written_once_and_rolled_up_once,
     request_logs_and_retention,
     key_counters_are_saved_and_restored,
+    fresh_batches_land_whole_and_a_stored_id_fails_them,
 );

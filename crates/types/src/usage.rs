@@ -78,11 +78,18 @@ pub trait UsageSink: Send + Sync + 'static {
 /// random page of it: with random ids, a batch of 1,000 events dirtied up to 1,000 index pages
 /// (most of the SQLite writer's time went to writing them to the WAL).
 pub fn new_event_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let random = fastrand::u128(..) & ((1u128 << 80) - 1);
-    format!("{:012x}{random:020x}", ms & 0xffff_ffff_ffff)
+    let id = ((ms & 0xffff_ffff_ffff) << 80) | random;
+    // 32 hex digits, most significant first (`format!` cost ~1,600 instructions per request)
+    let digits: Vec<u8> = (0..32)
+        .rev()
+        .map(|n| HEX[((id >> (n * 4)) & 0xf) as usize])
+        .collect();
+    String::from_utf8(digits).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -97,6 +104,13 @@ mod tests {
             assert!(id.bytes().all(|c| c.is_ascii_hexdigit()));
         }
         assert!(a < b, "{a} then {b}");
+        // the first 12 digits are the Unix time in ms
+        let ms = u64::from_str_radix(&b[..12], 16).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(now - ms < 1000, "{b}: {ms} vs {now}");
         let many: std::collections::HashSet<String> =
             (0..10_000).map(|_| super::new_event_id()).collect();
         assert_eq!(many.len(), 10_000);
