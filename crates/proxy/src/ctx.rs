@@ -86,6 +86,9 @@ pub struct RequestCtx {
     pub span: tracing::Span,
     /// The model the upstream answered with, when traced.
     pub response_model: Option<String>,
+    /// When the answer was ready, if its usage event is recorded later (after the response is
+    /// written): the event's latency ends here.
+    pub answered: Option<Instant>,
     sink: Arc<dyn UsageSink>,
     accounted: bool,
 }
@@ -134,6 +137,7 @@ impl RequestCtx {
             queued: Duration::ZERO,
             span: tracing::Span::none(),
             response_model: None,
+            answered: None,
             sink,
             accounted: false,
         }
@@ -161,7 +165,10 @@ impl RequestCtx {
         if let (Some(state), Some(u)) = (&self.gateway_state, usage) {
             state.add_tokens(u.total());
         }
-        let latency = self.started.elapsed();
+        let latency = self
+            .answered
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(self.started);
         let tokens = usage.unwrap_or_default();
         if !self.span.is_none() {
             self.trace_outcome(status, usage, error);

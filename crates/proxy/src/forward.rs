@@ -137,6 +137,20 @@ impl Failure {
     }
 }
 
+/// A request's usage event, recorded when this is dropped.
+struct AccountLater {
+    ctx: RequestCtx,
+    status: u16,
+    usage: Option<Usage>,
+    error: Option<&'static str>,
+}
+
+impl Drop for AccountLater {
+    fn drop(&mut self) {
+        self.ctx.account(self.status, self.usage, self.error);
+    }
+}
+
 enum Attempt {
     Done(Reply),
     Failed(Failure),
@@ -200,7 +214,18 @@ impl Engine {
                 } else {
                     "upstream_4xx"
                 });
-                ctx.account(*status, *usage, error);
+                // recorded right after the response is written, off its critical path (a
+                // task on this worker; if it never runs, dropping it still records the event)
+                let span = ctx.span.clone();
+                ctx.answered = Some(Instant::now());
+                let later = AccountLater {
+                    ctx,
+                    status: *status,
+                    usage: *usage,
+                    error,
+                };
+                actix_web::rt::spawn(async move { drop(later) }.instrument(span));
+                return reply;
             }
             Reply::Error { error, key } => {
                 if key.is_none() {

