@@ -457,3 +457,41 @@ async fn an_https_upstream_is_verified_against_the_platform_roots() -> anyhow::R
     assert_eq!(up.requests(), 2);
     Ok(())
 }
+
+/// keypool's own upstream pool: sequential requests reuse one keep-alive connection, and when
+/// the upstream closes its idle connections the next request opens a new one and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_replaced_when_closed() -> anyhow::Result<()> {
+    let up = mock("pooled", Behavior::default());
+    let hostport = up
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let proxy = keypool_e2e::FaultProxy::start(&hostport).await?;
+    let yaml = format!(
+        "dbtype: none\nauthorization: {T}\nupstreams:\n  - {{name: pooled, sk: sk-pooled-0123456789, endpoint: \"http://{}/v1\"}}\n",
+        proxy.hostport()
+    );
+    let gw = Gateway::start(&yaml).await?;
+    for _ in 0..10 {
+        assert_eq!(gw.chat(T, hello("gpt-4o-mini")).await?.status(), 200);
+    }
+    // one connection per worker at most: sequential requests never need two at once
+    let first = proxy.accepted();
+    assert!(
+        (1..=2).contains(&first),
+        "{first} connections for 10 requests"
+    );
+    // the upstream side closes every connection while they are idle
+    proxy.set_up(false);
+    proxy.set_up(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..4 {
+        let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+        assert_eq!(resp.status(), 200, "{}", gw.logs());
+    }
+    assert!(proxy.accepted() > first, "new connections after the close");
+    assert_eq!(up.requests(), 14);
+    Ok(())
+}

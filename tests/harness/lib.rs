@@ -557,6 +557,8 @@ fn rand_u64() -> u64 {
 pub struct FaultProxy {
     pub addr: std::net::SocketAddr,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted and passed on so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -570,13 +572,15 @@ impl FaultProxy {
         let conns =
             std::sync::Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
         let target = target.to_owned();
-        let (up2, conns2) = (up.clone(), conns.clone());
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (up2, conns2, accepted2) = (up.clone(), conns.clone(), accepted.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !up2.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
+                accepted2.fetch_add(1, Ordering::SeqCst);
                 let target = target.clone();
                 let task = tokio::spawn(async move {
                     if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
@@ -591,9 +595,15 @@ impl FaultProxy {
         Ok(Self {
             addr,
             up,
+            accepted,
             conns,
             accept,
         })
+    }
+
+    /// Connections accepted and passed on so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn hostport(&self) -> String {
