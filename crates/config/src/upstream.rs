@@ -99,6 +99,30 @@ pub enum ChatTemplate {
 }
 
 impl UpstreamKey {
+    /// An OpenAI key at `endpoint` with every optional setting unset (1 s timeouts): for tests
+    /// of the parts that take a key.
+    pub fn plain(name: &str, endpoint: &str) -> Result<Self, url::ParseError> {
+        Ok(Self {
+            name: name.to_owned(),
+            sk: Secret::new(format!("sk-{name}")),
+            passthrough_auth: false,
+            endpoint: endpoint.to_owned(),
+            endpoint_url: url::Url::parse(endpoint)?,
+            kind: UpstreamKind::OpenAi,
+            timeout: Duration::from_secs(1),
+            stream_timeout: Duration::from_secs(1),
+            allow: vec![],
+            deny: vec![],
+            authorization: vec![],
+            noauth: false,
+            keep_header: false,
+            rpm: None,
+            tpm: None,
+            unusable: None,
+            chat_template: None,
+        })
+    }
+
     /// The key as a config `upstreams:` entry (secret included: for the control plane's pushes
     /// to its frontends only). Validating it gives this key back.
     pub fn to_raw(&self) -> crate::raw::RawUpstream {
@@ -157,23 +181,9 @@ mod tests {
 
     fn key(allow: &[&str], deny: &[&str]) -> UpstreamKey {
         UpstreamKey {
-            name: "k".into(),
-            sk: Secret::new("sk"),
-            passthrough_auth: false,
-            endpoint: "http://x/v1".into(),
-            endpoint_url: url::Url::parse("http://x/v1").unwrap(),
-            kind: UpstreamKind::OpenAi,
-            timeout: Duration::from_secs(1),
-            stream_timeout: Duration::from_secs(1),
             allow: allow.iter().map(|s| ModelRule::parse(s)).collect(),
             deny: deny.iter().map(|s| ModelRule::parse(s)).collect(),
-            authorization: vec![],
-            noauth: false,
-            keep_header: false,
-            rpm: None,
-            tpm: None,
-            unusable: None,
-            chat_template: None,
+            ..UpstreamKey::plain("k", "http://x/v1").unwrap()
         }
     }
 

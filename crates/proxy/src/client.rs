@@ -234,27 +234,28 @@ impl Pool {
             .await
             .map_err(|e| connect(&e))?;
         tcp.set_nodelay(true).map_err(|e| connect(&e))?;
-        let handshake = hyper::client::conn::http1::Builder::new();
         if target.tls {
             let tls = self.tls.as_ref().map_err(|e| connect(e))?;
             let name = rustls::pki_types::ServerName::try_from(host.to_owned())
                 .map_err(|e| connect(&e))?;
-            let stream = tls.connect(name, tcp).await.map_err(|e| connect(&e))?;
-            let (sender, conn) = handshake
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| connect(&error_text(&e)))?;
-            drive(conn);
-            Ok(sender)
+            handshake(tls.connect(name, tcp).await.map_err(|e| connect(&e))?).await
         } else {
-            let (sender, conn) = handshake
-                .handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| connect(&error_text(&e)))?;
-            drive(conn);
-            Ok(sender)
+            handshake(tcp).await
         }
     }
+}
+
+/// HTTP/1.1 on a connected stream; its connection task runs beside the requests ([`drive`]).
+async fn handshake<IO>(io: IO) -> Result<Sender, TransportError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| TransportError::Connect(error_text(&e)))?;
+    drive(conn);
+    Ok(sender)
 }
 
 /// Runs a connection's task beside the requests that use it: on an actix worker, in the

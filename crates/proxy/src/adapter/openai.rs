@@ -69,25 +69,7 @@ mod tests {
     use super::*;
 
     fn key(endpoint: &str) -> UpstreamKey {
-        UpstreamKey {
-            name: "k".into(),
-            sk: keypool_types::Secret::new("sk-x".to_owned()),
-            passthrough_auth: false,
-            endpoint: endpoint.into(),
-            endpoint_url: url::Url::parse(endpoint).unwrap(),
-            kind: keypool_config::UpstreamKind::OpenAi,
-            timeout: std::time::Duration::from_secs(1),
-            stream_timeout: std::time::Duration::from_secs(1),
-            allow: vec![],
-            deny: vec![],
-            authorization: vec![],
-            noauth: false,
-            keep_header: false,
-            rpm: None,
-            tpm: None,
-            unusable: None,
-            chat_template: None,
-        }
+        UpstreamKey::plain("k", endpoint).unwrap()
     }
 
     #[test]
