@@ -5,8 +5,8 @@
 //! 2xx, and at most [`MAX_MODELS`] of them (then `other`). Never a caller's token or identity.
 //!
 //! Request-level series are recorded once per request from its usage event; attempt-level ones
-//! by the key actors when an attempt settles (off the request path); key and usage-writer gauges
-//! are read when scraped.
+//! when an attempt settles (a success by its lease through [`KeyHandles`] resolved once per key,
+//! other outcomes by the key actor); key and usage-writer gauges are read when scraped.
 
 use std::collections::HashSet;
 use std::sync::{LazyLock, RwLock};
