@@ -117,7 +117,8 @@ impl SqliteWriter {
         }))
     }
 
-    /// Writes a batch in one transaction, on a blocking thread; answers the indices of the
+    /// Writes a batch in one transaction, on a blocking thread (this one, on a multi-thread
+    /// runtime; a copy of the batch on the blocking pool otherwise); answers the indices of the
     /// events that were new. `dedupe`: skip ids already stored (retries, replays); otherwise a
     /// stored id fails the whole batch (and the writer retries it with `dedupe`).
     pub(crate) async fn write(
@@ -125,12 +126,21 @@ impl SqliteWriter {
         events: &[StoredEvent],
         dedupe: bool,
     ) -> Result<Vec<usize>, StoreError> {
+        let sqlite =
+            |e: rusqlite::Error| StoreError::Db(sea_orm::DbErr::Custom(format!("sqlite: {e}")));
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            // the batch stays where it is: this runtime thread blocks, its other tasks move on
+            return tokio::task::block_in_place(|| self.write_blocking(events, dedupe))
+                .map_err(sqlite);
+        }
         let this = self.clone();
         let events = events.to_vec();
         tokio::task::spawn_blocking(move || this.write_blocking(&events, dedupe))
             .await
             .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?
-            .map_err(|e| StoreError::Db(sea_orm::DbErr::Custom(format!("sqlite: {e}"))))
+            .map_err(sqlite)
     }
 
     fn write_blocking(
@@ -198,9 +208,10 @@ fn write_batch(
     dedupe: bool,
 ) -> Result<Vec<usize>, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut new = unique(events);
+    let mut new;
     {
         if dedupe {
+            new = unique(events);
             // retries and replays: one row at a time, to learn which ids were already stored
             let mut insert = tx.prepare_cached(&format!("{INSERT_EVENT}{SKIP_STORED}"))?;
             let mut kept = Vec::with_capacity(new.len());
@@ -212,13 +223,23 @@ fn write_batch(
             }
             new = kept;
         } else {
+            // a fresh batch: an id stored twice fails it on the primary key
+            new = (0..events.len()).collect();
             let mut at = 0;
-            for (shape, rows) in runs(new.len()) {
-                let mut insert = tx.prepare_cached(&INSERT_EVENTS[shape])?;
-                for (n, &i) in new[at..at + rows].iter().enumerate() {
-                    bind_event(&mut insert, n * EVENT_ARITY, &events[i])?;
+            let mut insert: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
+            for (shape, rows) in runs(events.len()) {
+                let stmt = match &mut insert {
+                    Some((s, stmt)) if *s == shape => stmt,
+                    _ => {
+                        &mut insert
+                            .insert((shape, tx.prepare_cached(&INSERT_EVENTS[shape])?))
+                            .1
+                    }
+                };
+                for (n, e) in events[at..at + rows].iter().enumerate() {
+                    bind_event(stmt, n * EVENT_ARITY, e)?;
                 }
-                insert.raw_execute()?;
+                stmt.raw_execute()?;
                 at += rows;
             }
         }

@@ -303,11 +303,18 @@ async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
         "nothing of it landed"
     );
     assert_eq!(store.write_batch_new(&mixed).await.unwrap(), vec![1]);
+    // one id twice in a fresh batch fails it too; the retry stores it once
+    let twice = vec![
+        event("d1", hour, "k", "m", (1, 2), 200),
+        event("d1", hour, "k", "m", (1, 2), 200),
+    ];
+    assert!(store.write_new_batch(&twice).await.is_err(), "d1 twice");
+    assert_eq!(store.write_batch_new(&twice).await.unwrap(), vec![0]);
     let totals = store
         .usage_totals(0, i64::MAX, Grouping::Model, None)
         .await
         .unwrap();
-    assert_eq!((totals[0].calls, totals[0].total_tokens), (1001, 3003));
+    assert_eq!((totals[0].calls, totals[0].total_tokens), (1002, 3006));
     store.close().await;
 }
 
