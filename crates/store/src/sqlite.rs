@@ -208,25 +208,23 @@ fn write_batch(
     dedupe: bool,
 ) -> Result<Vec<usize>, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut new;
-    {
-        if dedupe {
-            new = unique(events);
+    // the statements borrow the transaction: they are done before it commits
+    let new = {
+        let new = if dedupe {
             // retries and replays: one row at a time, to learn which ids were already stored
             let mut insert = tx.prepare_cached(&format!("{INSERT_EVENT}{SKIP_STORED}"))?;
-            let mut kept = Vec::with_capacity(new.len());
-            for &i in &new {
+            let mut kept = Vec::with_capacity(events.len());
+            for i in unique(events) {
                 bind_event(&mut insert, 0, &events[i])?;
                 if insert.raw_execute()? > 0 {
                     kept.push(i);
                 }
             }
-            new = kept;
+            kept
         } else {
             // a fresh batch: an id stored twice fails it on the primary key
-            new = (0..events.len()).collect();
-            let mut at = 0;
             let mut insert: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
+            let mut at = 0;
             for (shape, rows) in runs(events.len()) {
                 let stmt = match &mut insert {
                     Some((s, stmt)) if *s == shape => stmt,
@@ -242,7 +240,8 @@ fn write_batch(
                 stmt.raw_execute()?;
                 at += rows;
             }
-        }
+            (0..events.len()).collect()
+        };
         let mut log = tx.prepare_cached(INSERT_LOG)?;
         for &i in &new {
             let e = &events[i];
@@ -270,7 +269,8 @@ fn write_batch(
                 r.total
             ])?;
         }
-    }
+        new
+    };
     tx.commit()?;
     Ok(new)
 }

@@ -345,3 +345,15 @@ on_both_databases!(
     key_counters_are_saved_and_restored,
     fresh_batches_land_whole_and_a_stored_id_fails_them,
 );
+
+/// On a multi-thread runtime (as in `keypool serve`) the SQLite writer runs in place instead of
+/// on a copy in the blocking pool: the same outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_batches_written_in_place_on_a_multi_thread_runtime() {
+    let (db, url) = TestDb::sqlite();
+    fresh_batches_land_whole_and_a_stored_id_fails_them(url).await;
+    db.drop_db().await;
+    let (db, url) = TestDb::sqlite();
+    each_event_is_written_once_and_rolled_up_once(url).await;
+    db.drop_db().await;
+}
