@@ -282,11 +282,6 @@ impl KeyActor {
         };
     }
 
-    /// Failures or 429s since the last success: successes must come by message, in order.
-    fn streak_open(&self) -> bool {
-        self.consecutive_failures > 0 || self.consecutive_429 > 0 || self.cooldowns_in_row > 0
-    }
-
     /// Folds what requests counted in the tally since the last fold. Requests are placed in the
     /// window at the fold's time (at most one tick late: the bucketed window's own resolution);
     /// successes folded together count as one latency sample of their mean, and as having come
@@ -455,7 +450,7 @@ impl Handler<Settle> for KeyActor {
         );
         self.apply(&msg.outcome, now);
         self.publish_window(ctx);
-        self.tally.settle_handled(self.streak_open());
+        self.tally.settle_handled();
     }
 }
 
@@ -552,7 +547,6 @@ impl Handler<crate::messages::Enable> for KeyActor {
             self.consecutive_failures = 0;
             self.consecutive_429 = 0;
             self.cooldowns_in_row = 0;
-            self.tally.set_streak(false);
         }
         self.publish_health();
     }

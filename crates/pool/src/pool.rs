@@ -11,8 +11,8 @@
 //!   reservation is only counted in its [`KeyTally`], which the actor folds in on its own time.
 //!
 //! A lease settles the same way: a success on a key without a tpm budget is counted in the tally
-//! (no message) unless a failure streak or settlement is pending there (see [`KeyTally`] on
-//! order); every other outcome is a [`Settle`] message, since it may change health or the exact
+//! (no message) unless a settlement is still waiting in its actor's mailbox (see [`KeyTally`]
+//! on order); every other outcome is a [`Settle`] message, since it may change health or the exact
 //! token window.
 
 use std::sync::atomic::{AtomicU64, Ordering};

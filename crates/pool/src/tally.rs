@@ -9,15 +9,15 @@
 //! What can refuse (an rpm/tpm budget) or change health (every outcome but success) still goes
 //! to the actor as a message.
 //!
-//! Order: a success folded from the tally counts as having come before any message the actor
-//! handles after the fold. That is only true when no settlement was waiting in the actor's
-//! mailbox and no failure streak is open, so a success takes the tally only then ([`quiet`]);
-//! otherwise it is a message too, behind the failures it followed. The circuit breaker therefore
-//! sees the same sequence it would see with a message per attempt.
+//! Order: the actor folds the tally before it handles any message, so a success folded from it
+//! counts as having come before that message. That is only true when no settlement was waiting
+//! in the actor's mailbox, so a success takes the tally only then ([`quiet`]); otherwise it is a
+//! message too, behind the failures it followed. The circuit breaker therefore sees the same
+//! sequence it would see with a message per attempt.
 //!
 //! [`quiet`]: KeyTally::quiet
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use keypool_telemetry::metrics::KeyHandles;
@@ -37,9 +37,6 @@ pub struct KeyTally {
     tokens: AtomicU64,
     /// Settlements sent to the actor and not yet handled by it.
     settles_queued: AtomicU32,
-    /// The actor's failure streak is open (consecutive failures or 429s since the last success).
-    /// Written by the actor only.
-    streak: AtomicBool,
     /// The key's attempt metrics, resolved once.
     pub(crate) metrics: KeyHandles,
 }
@@ -62,7 +59,6 @@ impl KeyTally {
             latency_us: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
             settles_queued: AtomicU32::new(0),
-            streak: AtomicBool::new(false),
             metrics: keypool_telemetry::metrics().key_handles(key, provider),
         }
     }
@@ -109,10 +105,10 @@ impl KeyTally {
         self.metrics.latency.observe(elapsed.as_secs_f64());
     }
 
-    /// Nothing waits in the actor's mailbox and no failure streak is open: a success may be
-    /// counted here without reordering it before an earlier failure.
+    /// No settlement waits in the actor's mailbox: a success may be counted here without
+    /// reordering it before an earlier failure.
     pub(crate) fn quiet(&self) -> bool {
-        self.settles_queued.load(Ordering::Acquire) == 0 && !self.streak.load(Ordering::Acquire)
+        self.settles_queued.load(Ordering::Acquire) == 0
     }
 
     /// A settlement is about to be sent to the actor (call before sending).
@@ -120,18 +116,11 @@ impl KeyTally {
         self.settles_queued.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The actor handled a settlement, after which its streak is `open` or not (the actor's
-    /// side; the streak is published before the queue shrinks).
-    pub(crate) fn settle_handled(&self, open: bool) {
-        self.streak.store(open, Ordering::Release);
+    /// The actor handled a settlement (the actor's side).
+    pub(crate) fn settle_handled(&self) {
         let _ = self
             .settles_queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-    }
-
-    /// The actor's streak changed outside a settlement (an admin re-enabled the key).
-    pub(crate) fn set_streak(&self, open: bool) {
-        self.streak.store(open, Ordering::Release);
     }
 
     /// Takes everything counted since the last fold (the key actor's side).
@@ -175,9 +164,7 @@ mod tests {
         assert!(t.quiet());
         t.settle_sent();
         assert!(!t.quiet(), "a settlement waits in the mailbox");
-        t.settle_handled(true);
-        assert!(!t.quiet(), "the streak is open");
-        t.set_streak(false);
+        t.settle_handled();
         assert!(t.quiet());
     }
 }
