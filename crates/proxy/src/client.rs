@@ -60,18 +60,18 @@ impl UpstreamClient {
         &self.reqwest
     }
 
-    /// Sends one request to `url`; resolves when the response head arrived.
+    /// Sends one request to `target`; resolves when the response head arrived.
     pub(crate) async fn send(
         &self,
         method: reqwest::Method,
-        url: &str,
+        target: &Target<'_>,
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamResponse, TransportError> {
         let Some(pool) = &self.direct else {
             let resp = self
                 .reqwest
-                .request(method, url)
+                .request(method, target.url())
                 .headers(headers)
                 .body(body)
                 .send()
@@ -83,49 +83,66 @@ impl UpstreamClient {
                 body: body_of(resp),
             });
         };
-        let target = Target::parse(url)?;
         let mut req = hyper::Request::new(Full::new(body));
         *req.method_mut() = method;
         *req.uri_mut() = target.path_and_query.clone();
         *req.headers_mut() = headers;
-        pool.send(&target, req).await
+        pool.send(target, req).await
     }
 }
 
-/// Where a request goes: its connection's origin and its request target.
-struct Target {
-    /// `scheme://host:port`: the pool's key.
-    origin: String,
+/// Where a request goes: the origin of a key's endpoint (parsed once, at load) and the request
+/// target under the endpoint's path.
+pub(crate) struct Target<'a> {
+    /// `scheme://host[:port]` as the endpoint spells it: the pool's key.
+    origin: &'a str,
     tls: bool,
-    host: String,
+    host: &'a str,
     port: u16,
-    /// Origin-form request target (`/v1/chat/completions?x=y`).
+    /// Origin-form request target: the endpoint's path, then `path`, then `?query`.
     path_and_query: hyper::Uri,
 }
 
-impl Target {
-    fn parse(url: &str) -> Result<Self, TransportError> {
+impl<'a> Target<'a> {
+    pub(crate) fn new(
+        endpoint: &'a url::Url,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Self, TransportError> {
         let bad = |why: &str| TransportError::Connect(format!("invalid upstream URL: {why}"));
-        let uri = hyper::Uri::try_from(url).map_err(|e| bad(&e.to_string()))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
+        let tls = match endpoint.scheme() {
+            "https" => true,
+            "http" => false,
             _ => return Err(bad("the scheme must be http or https")),
         };
-        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let host = authority.host().to_owned();
-        let path_and_query = uri
-            .path_and_query()
-            .map_or("/", hyper::http::uri::PathAndQuery::as_str);
+        let host = endpoint.host_str().ok_or_else(|| bad("no host"))?;
+        let port = endpoint
+            .port_or_known_default()
+            .ok_or_else(|| bad("no port"))?;
+        let base = endpoint.path().trim_end_matches('/');
+        let mut target =
+            String::with_capacity(1 + base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        target.push_str(base);
+        target.push_str(path);
+        if target.is_empty() {
+            target.push('/');
+        }
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
         Ok(Self {
-            origin: format!("{}://{host}:{port}", if tls { "https" } else { "http" }),
+            origin: &endpoint[..url::Position::BeforePath],
             tls,
             host,
             port,
-            path_and_query: hyper::Uri::try_from(path_and_query)
-                .map_err(|e| bad(&e.to_string()))?,
+            path_and_query: hyper::Uri::try_from(target).map_err(|e| bad(&e.to_string()))?,
         })
+    }
+
+    /// The whole URL (for reqwest).
+    fn url(&self) -> String {
+        format!("{}{}", self.origin, self.path_and_query)
     }
 }
 
@@ -137,7 +154,8 @@ struct Idle {
     since: Instant,
 }
 
-/// A worker's idle connections by origin (a handful of origins: a list, no hashing).
+/// A worker's idle connections by origin (a handful of origins: a list, no hashing; an
+/// origin keeps its slot for the worker's life).
 struct Pool {
     idle: Mutex<Vec<(String, Vec<Idle>)>>,
     /// TLS for `https://` upstreams; the reason when it could not be set up.
@@ -152,31 +170,31 @@ impl Pool {
         }
     }
 
-    /// An idle connection to `origin` that is still open, if any.
-    fn checkout(&self, origin: &str) -> Option<Sender> {
+    /// `origin`'s slot, and an idle connection to it that is still open, if any.
+    fn checkout(&self, origin: &str) -> (usize, Option<Sender>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = &mut idle.iter_mut().find(|(o, _)| o == origin)?.1;
-        while let Some(c) = list.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() < POOL_IDLE {
-                return Some(c.sender);
-            }
-        }
-        None
-    }
-
-    /// Puts a connection whose last response was read to the end back into the pool.
-    fn checkin(&self, origin: &str, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let at = if let Some(at) = idle.iter().position(|(o, _)| o == origin) {
-            at
+        let slot = if let Some(slot) = idle.iter().position(|(o, _)| o == origin) {
+            slot
         } else {
             idle.push((origin.to_owned(), Vec::new()));
             idle.len() - 1
         };
-        let list = &mut idle[at].1;
+        let list = &mut idle[slot].1;
+        while let Some(c) = list.pop() {
+            if !c.sender.is_closed() && c.since.elapsed() < POOL_IDLE {
+                return (slot, Some(c.sender));
+            }
+        }
+        (slot, None)
+    }
+
+    /// Puts a connection whose last response was read to the end back into its slot.
+    fn checkin(&self, slot: usize, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = &mut idle[slot].1;
         if list.len() < POOL_MAX_IDLE {
             list.push(Idle {
                 sender,
@@ -189,13 +207,13 @@ impl Pool {
     /// a pooled connection (the server had just closed it) is sent once more on a new one.
     async fn send(
         self: &Arc<Self>,
-        target: &Target,
+        target: &Target<'_>,
         mut req: hyper::Request<Full<Bytes>>,
     ) -> Result<UpstreamResponse, TransportError> {
         loop {
-            let (mut sender, pooled) = match self.checkout(&target.origin) {
-                Some(s) => (s, true),
-                None => (self.connect(target).await?, false),
+            let (slot, (mut sender, pooled)) = match self.checkout(target.origin) {
+                (slot, Some(s)) => (slot, (s, true)),
+                (slot, None) => (slot, (self.connect(target).await?, false)),
             };
             if sender.ready().await.is_err() {
                 if pooled {
@@ -210,7 +228,7 @@ impl Pool {
                     let (head, body) = resp.into_parts();
                     let body = PooledBody {
                         body: BodyDataStream::new(body),
-                        back: Some((self.clone(), target.origin.clone(), sender)),
+                        back: Some((self.clone(), slot, sender)),
                     };
                     return Ok(UpstreamResponse {
                         status: head.status.as_u16(),
@@ -227,7 +245,7 @@ impl Pool {
     }
 
     /// A new HTTP/1.1 connection (TLS for `https://`), driven by a task on this worker.
-    async fn connect(&self, target: &Target) -> Result<Sender, TransportError> {
+    async fn connect(&self, target: &Target<'_>) -> Result<Sender, TransportError> {
         let connect = |e: &dyn std::fmt::Display| TransportError::Connect(e.to_string());
         let host = target.host.trim_start_matches('[').trim_end_matches(']');
         let tcp = tokio::net::TcpStream::connect((host, target.port))
@@ -278,7 +296,7 @@ where
 /// dropped early, or broken, closes the connection instead).
 struct PooledBody {
     body: BodyDataStream<Incoming>,
-    back: Option<(Arc<Pool>, String, Sender)>,
+    back: Option<(Arc<Pool>, usize, Sender)>,
 }
 
 impl Stream for PooledBody {
@@ -287,8 +305,8 @@ impl Stream for PooledBody {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match Pin::new(&mut self.body).poll_next(cx) {
             Poll::Ready(None) => {
-                if let Some((pool, origin, sender)) = self.back.take() {
-                    pool.checkin(&origin, sender);
+                if let Some((pool, slot, sender)) = self.back.take() {
+                    pool.checkin(slot, sender);
                 }
                 Poll::Ready(None)
             }
@@ -353,15 +371,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_split_into_origin_and_request_target() {
-        let t = Target::parse("https://api.openai.com/v1/chat/completions?x=1").unwrap();
-        assert_eq!(t.origin, "https://api.openai.com:443");
+    fn targets_are_the_endpoint_origin_and_its_path_under_it() {
+        let url = |s: &str| url::Url::parse(s).unwrap();
+        let e = url("https://api.openai.com/v1");
+        let t = Target::new(&e, "/chat/completions", Some("x=1")).unwrap();
+        assert_eq!(t.origin, "https://api.openai.com");
         assert!(t.tls);
-        assert_eq!((t.host.as_str(), t.port), ("api.openai.com", 443));
+        assert_eq!((t.host, t.port), ("api.openai.com", 443));
         assert_eq!(t.path_and_query, "/v1/chat/completions?x=1");
-        let t = Target::parse("http://[::1]:8080").unwrap();
-        assert_eq!(t.origin, "http://[::1]:8080");
-        assert_eq!(t.path_and_query, "/");
-        assert!(Target::parse("ftp://x/y").is_err());
+        assert_eq!(t.url(), "https://api.openai.com/v1/chat/completions?x=1");
+        let e = url("http://127.0.0.1:8080/openai/v1/");
+        let t = Target::new(&e, "/models", Some("limit=2&after=x")).unwrap();
+        assert_eq!(t.origin, "http://127.0.0.1:8080");
+        assert_eq!(t.path_and_query, "/openai/v1/models?limit=2&after=x");
+        let e = url("http://[::1]:9000");
+        let t = Target::new(&e, "/embeddings", None).unwrap();
+        assert_eq!(
+            (t.origin, t.host, t.port),
+            ("http://[::1]:9000", "[::1]", 9000)
+        );
+        assert_eq!(t.path_and_query, "/embeddings");
+        assert_eq!(Target::new(&e, "", None).unwrap().path_and_query, "/");
+        assert!(Target::new(&url("ftp://x/y"), "/z", None).is_err());
     }
 }
