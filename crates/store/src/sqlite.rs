@@ -2,100 +2,28 @@
 //!
 //! Every request becomes a usage event, so on SQLite the writer is the store's hot path, and it
 //! gets a connection of its own through rusqlite (the same bundled SQLite that sqlx links):
-//! one `BEGIN IMMEDIATE` transaction per batch on a blocking thread, multi-row inserts of a
-//! fixed shape (64, 8 and 1 rows) prepared once and only bound after that. Through sqlx each
-//! bound value was copied into an owned argument, sent to the connection's worker thread and
-//! bound there, which cost as much CPU as SQLite's own work on the row. Everything else (queries, admin tables, migrations)
-//! stays on sea-orm's pool; WAL mode lets readers run beside this writer, and both sides wait
-//! for the write lock (`busy_timeout`) instead of failing.
+//! one `BEGIN IMMEDIATE` transaction per batch, multi-row inserts of a fixed shape (64, 8 and 1
+//! rows; the statements are [`SQLITE`]'s) prepared once and only bound after that. Through sqlx
+//! each bound value was copied into an owned argument, sent to the connection's worker thread
+//! and bound there, which cost as much CPU as SQLite's own work on the row. Everything else
+//! (queries, admin tables, migrations) stays on sea-orm's pool; WAL mode lets readers run
+//! beside this writer, and both sides wait for the write lock (`busy_timeout`) instead of
+//! failing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
 
-use crate::write::{SHAPES, runs};
+use crate::write::{EVENT_ARITY, SHAPES, SQLITE, rollups, runs, unique};
 use crate::{StoreError, StoredEvent};
-
-const HOUR_MS: i64 = 3_600_000;
-
-const INSERT_EVENT: &str = "INSERT INTO usage_events (id, at_ms, gateway, caller, model, \
-     key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, \
-     completion_tokens, total_tokens, client_ip, user_agent, error) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
-const SKIP_STORED: &str = " ON CONFLICT (id) DO NOTHING";
-const EVENT_ARITY: usize = 18;
-
-/// `INSERT INTO usage_events ... VALUES (...), (...)` with `rows` rows, by shape.
-static INSERT_EVENTS: LazyLock<[String; SHAPES.len()]> = LazyLock::new(|| {
-    SHAPES.map(|rows| {
-        let (head, _) = INSERT_EVENT.split_at(INSERT_EVENT.find("VALUES").unwrap_or(0));
-        let row = format!("({})", vec!["?"; EVENT_ARITY].join(", "));
-        format!("{head}VALUES {}", vec![row; rows].join(", "))
-    })
-});
-const INSERT_LOG: &str = "INSERT INTO request_logs (event_id, at_ms, request_headers, \
-     request_body, response_body) VALUES (?1, ?2, ?3, ?4, ?5)";
-const UPSERT_ROLLUP: &str = "INSERT INTO usage_hourly (hour_ms, gateway, key_name, model, \
-     calls, errors, prompt_tokens, completion_tokens, total_tokens) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-     ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET \
-     calls = usage_hourly.calls + excluded.calls, \
-     errors = usage_hourly.errors + excluded.errors, \
-     prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, \
-     completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, \
-     total_tokens = usage_hourly.total_tokens + excluded.total_tokens";
 
 /// The writer's connection, opened on first use and again after an error.
 pub(crate) struct SqliteWriter {
     path: PathBuf,
     conn: Mutex<Option<Connection>>,
-}
-
-/// A rollup row's sums.
-#[derive(Default)]
-pub(crate) struct Rollup {
-    pub calls: i64,
-    pub errors: i64,
-    pub prompt: i64,
-    pub completion: i64,
-    pub total: i64,
-}
-
-/// The hourly rollups of the `new` events: `(hour, gateway, key, model)` → sums.
-pub(crate) fn rollups<'a>(
-    events: &'a [StoredEvent],
-    new: &[usize],
-) -> BTreeMap<(i64, &'a str, &'a str, &'a str), Rollup> {
-    let mut groups: BTreeMap<(i64, &str, &str, &str), Rollup> = BTreeMap::new();
-    for &i in new {
-        let e = &events[i];
-        let hour = e.at_ms - e.at_ms.rem_euclid(HOUR_MS);
-        let g = groups
-            .entry((
-                hour,
-                &e.gateway,
-                e.key_name.as_deref().unwrap_or(""),
-                &e.model,
-            ))
-            .or_default();
-        g.calls += 1;
-        g.errors += i64::from(e.status >= 400);
-        g.prompt += e.prompt_tokens.unwrap_or(0);
-        g.completion += e.completion_tokens.unwrap_or(0);
-        g.total += e.total_tokens.unwrap_or(0);
-    }
-    groups
-}
-
-/// Indices of the first event with each id.
-pub(crate) fn unique(events: &[StoredEvent]) -> Vec<usize> {
-    let mut first = HashSet::with_capacity(events.len());
-    (0..events.len())
-        .filter(|&i| first.insert(events[i].id.as_str()))
-        .collect()
 }
 
 impl SqliteWriter {
@@ -211,16 +139,23 @@ fn write_batch(
     // the statements borrow the transaction: they are done before it commits
     let new = {
         let new = if dedupe {
-            // retries and replays: one row at a time, to learn which ids were already stored
-            let mut insert = tx.prepare_cached(&format!("{INSERT_EVENT}{SKIP_STORED}"))?;
-            let mut kept = Vec::with_capacity(events.len());
-            for i in unique(events) {
-                bind_event(&mut insert, 0, &events[i])?;
-                if insert.raw_execute()? > 0 {
-                    kept.push(i);
+            // retries and replays: the ids the inserts return are the ones not stored before
+            let mut order = unique(events);
+            let mut inserted = HashSet::with_capacity(order.len());
+            let mut at = 0;
+            for (shape, rows) in runs(order.len()) {
+                let mut insert = tx.prepare_cached(&SQLITE.events_dedupe[shape])?;
+                for (n, &i) in order[at..at + rows].iter().enumerate() {
+                    bind_event(&mut insert, n * EVENT_ARITY, &events[i])?;
                 }
+                let mut returned = insert.raw_query();
+                while let Some(row) = returned.next()? {
+                    inserted.insert(row.get::<_, String>(0)?);
+                }
+                at += rows;
             }
-            kept
+            order.retain(|&i| inserted.contains(&events[i].id));
+            order
         } else {
             // a fresh batch: an id stored twice fails it on the primary key
             let mut insert: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
@@ -230,7 +165,7 @@ fn write_batch(
                     Some((s, stmt)) if *s == shape => stmt,
                     _ => {
                         &mut insert
-                            .insert((shape, tx.prepare_cached(&INSERT_EVENTS[shape])?))
+                            .insert((shape, tx.prepare_cached(&SQLITE.events[shape])?))
                             .1
                     }
                 };
@@ -242,7 +177,7 @@ fn write_batch(
             }
             (0..events.len()).collect()
         };
-        let mut log = tx.prepare_cached(INSERT_LOG)?;
+        let mut log = tx.prepare_cached(&SQLITE.logs[SHAPES.len() - 1])?;
         for &i in &new {
             let e = &events[i];
             if let Some(l) = &e.log {
@@ -255,7 +190,7 @@ fn write_batch(
                 ])?;
             }
         }
-        let mut rollup = tx.prepare_cached(UPSERT_ROLLUP)?;
+        let mut rollup = tx.prepare_cached(&SQLITE.rollup)?;
         for ((hour, gateway, key, model), r) in rollups(events, &new) {
             rollup.execute(params![
                 hour,

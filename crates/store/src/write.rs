@@ -8,14 +8,15 @@
 //! built a new statement for every batch size (its SQL text, then a fresh prepare of up to
 //! 18,000 parameters) and cost ~17 µs of CPU per event, as much as serving the request.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::LazyLock;
 
 use sea_orm::DbBackend;
 use sea_orm::sqlx::{self, PgConnection, Postgres, Row};
 
-use crate::sqlite::{rollups, unique};
 use crate::{Store, StoreError, StoredEvent};
+
+const HOUR_MS: i64 = 3_600_000;
 
 /// Rows per multi-row insert, largest first; the last must be 1.
 pub(crate) const SHAPES: [usize; 3] = [64, 8, 1];
@@ -23,21 +24,31 @@ pub(crate) const SHAPES: [usize; 3] = [64, 8, 1];
 const EVENT_COLUMNS: &str = "id, at_ms, gateway, caller, model, key_name, provider, attempts, \
      status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, \
      client_ip, user_agent, error";
-const EVENT_ARITY: usize = 18;
+pub(crate) const EVENT_ARITY: usize = 18;
 const LOG_COLUMNS: &str = "event_id, at_ms, request_headers, request_body, response_body";
 const LOG_ARITY: usize = 5;
 
-/// PostgreSQL's statements, built once.
-struct Statements {
-    /// Inserts of events by shape, skipping ids already stored and returning the ids inserted
-    /// (retries, replays).
-    events_dedupe: [String; SHAPES.len()],
-    logs: [String; SHAPES.len()],
-    rollup: String,
+/// How a dialect spells placeholders.
+#[derive(Clone, Copy)]
+enum Placeholders {
+    /// `$1, $2, ...` (PostgreSQL).
+    Numbered,
+    /// `?, ?, ...`, bound by position (SQLite).
+    Positional,
+}
+
+/// The batch writer's statements in one dialect, built once.
+pub(crate) struct Statements {
+    /// Inserts of events by shape (SQLite's fresh batches; PostgreSQL `COPY`s those).
+    pub events: [String; SHAPES.len()],
+    /// The same, skipping ids already stored and returning the ids inserted (retries, replays).
+    pub events_dedupe: [String; SHAPES.len()],
+    pub logs: [String; SHAPES.len()],
+    pub rollup: String,
 }
 
 impl Statements {
-    fn build() -> Self {
+    fn build(placeholders: Placeholders) -> Self {
         let insert = |table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
             let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
             let mut n = 0;
@@ -48,8 +59,13 @@ impl Statements {
                         sql.push_str(", ");
                     }
                     n += 1;
-                    sql.push('$');
-                    sql.push_str(&n.to_string());
+                    match placeholders {
+                        Placeholders::Numbered => {
+                            sql.push('$');
+                            sql.push_str(&n.to_string());
+                        }
+                        Placeholders::Positional => sql.push('?'),
+                    }
                 }
                 sql.push(')');
             }
@@ -80,6 +96,7 @@ impl Statements {
             ),
         );
         Self {
+            events: events(""),
             events_dedupe: events(" ON CONFLICT (id) DO NOTHING RETURNING id"),
             logs: SHAPES.map(|rows| insert("request_logs", LOG_COLUMNS, LOG_ARITY, rows, "")),
             rollup,
@@ -87,7 +104,53 @@ impl Statements {
     }
 }
 
-static POSTGRES: LazyLock<Statements> = LazyLock::new(Statements::build);
+static POSTGRES: LazyLock<Statements> = LazyLock::new(|| Statements::build(Placeholders::Numbered));
+pub(crate) static SQLITE: LazyLock<Statements> =
+    LazyLock::new(|| Statements::build(Placeholders::Positional));
+
+/// A rollup row's sums.
+#[derive(Default)]
+pub(crate) struct Rollup {
+    pub calls: i64,
+    pub errors: i64,
+    pub prompt: i64,
+    pub completion: i64,
+    pub total: i64,
+}
+
+/// The hourly rollups of the `new` events: `(hour, gateway, key, model)` → sums.
+pub(crate) fn rollups<'a>(
+    events: &'a [StoredEvent],
+    new: &[usize],
+) -> BTreeMap<(i64, &'a str, &'a str, &'a str), Rollup> {
+    let mut groups: BTreeMap<(i64, &str, &str, &str), Rollup> = BTreeMap::new();
+    for &i in new {
+        let e = &events[i];
+        let hour = e.at_ms - e.at_ms.rem_euclid(HOUR_MS);
+        let g = groups
+            .entry((
+                hour,
+                &e.gateway,
+                e.key_name.as_deref().unwrap_or(""),
+                &e.model,
+            ))
+            .or_default();
+        g.calls += 1;
+        g.errors += i64::from(e.status >= 400);
+        g.prompt += e.prompt_tokens.unwrap_or(0);
+        g.completion += e.completion_tokens.unwrap_or(0);
+        g.total += e.total_tokens.unwrap_or(0);
+    }
+    groups
+}
+
+/// Indices of the first event with each id.
+pub(crate) fn unique(events: &[StoredEvent]) -> Vec<usize> {
+    let mut first = HashSet::with_capacity(events.len());
+    (0..events.len())
+        .filter(|&i| first.insert(events[i].id.as_str()))
+        .collect()
+}
 
 /// Splits `n` rows into runs of the [`SHAPES`]: `(shape index, rows)`.
 pub(crate) fn runs(mut n: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -385,7 +448,7 @@ mod tests {
 
     #[test]
     fn statements_number_their_placeholders() {
-        let pg = Statements::build();
+        let pg = Statements::build(Placeholders::Numbered);
         assert!(pg.events_dedupe[2].starts_with(
             "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) ON CONFLICT"
         ));
@@ -395,5 +458,11 @@ mod tests {
             pg.rollup
                 .contains("calls = usage_hourly.calls + excluded.calls")
         );
+        let sqlite = Statements::build(Placeholders::Positional);
+        assert_eq!(sqlite.events[0].matches('?').count(), 64 * EVENT_ARITY);
+        assert!(!sqlite.events[0].contains('$'));
+        assert!(sqlite.events_dedupe[2].ends_with("?) ON CONFLICT (id) DO NOTHING RETURNING id"));
+        let tail = |sql: &str| sql[sql.find(" ON CONFLICT").unwrap()..].to_owned();
+        assert_eq!(tail(&sqlite.rollup), tail(&pg.rollup));
     }
 }
