@@ -420,12 +420,7 @@ async fn an_https_upstream_is_verified_against_the_platform_roots() -> anyhow::R
     let dir = tempfile::tempdir()?;
     let (ca, cert, key) = keypool_e2e::test_pki(dir.path())?;
     let up = mock("tls", Behavior::default());
-    let plain = up.url();
-    let hostport = plain
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_owned();
-    let tls = keypool_e2e::TlsTerminator::start(&hostport, &cert, &key).await?;
+    let tls = keypool_e2e::TlsTerminator::start(&up.hostport(), &cert, &key).await?;
     let yaml = format!(
         "dbtype: none\nauthorization: {T}\nupstreams:\n  - {{name: tls, sk: sk-tls-0123456789, endpoint: \"https://127.0.0.1:{}/v1\"}}\n",
         tls.addr.port()
@@ -463,12 +458,7 @@ async fn an_https_upstream_is_verified_against_the_platform_roots() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_and_replaced_when_closed() -> anyhow::Result<()> {
     let up = mock("pooled", Behavior::default());
-    let hostport = up
-        .url()
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_owned();
-    let proxy = keypool_e2e::FaultProxy::start(&hostport).await?;
+    let proxy = keypool_e2e::FaultProxy::start(&up.hostport()).await?;
     let yaml = format!(
         "dbtype: none\nauthorization: {T}\nupstreams:\n  - {{name: pooled, sk: sk-pooled-0123456789, endpoint: \"http://{}/v1\"}}\n",
         proxy.hostport()

@@ -137,22 +137,7 @@ pub struct Gateway {
 impl Gateway {
     /// Writes `yaml` to a temp dir and starts `keypool serve` on `127.0.0.1:0`.
     pub async fn start(yaml: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("config.yaml");
-        std::fs::write(&path, yaml)?;
-        Self::start_with(
-            dir,
-            &[
-                "serve",
-                "--config",
-                &path.display().to_string(),
-                "--address",
-                "127.0.0.1:0",
-                "--admin-address",
-                "127.0.0.1:0",
-            ],
-        )
-        .await
+        Self::start_env(yaml, &[]).await
     }
 
     /// `keypool admin` (the control plane) with `yaml`; its admin API on `admin_address`

@@ -144,6 +144,11 @@ impl MockServer {
         format!("http://{}/v1", self.addr)
     }
 
+    /// `host:port` it listens on (for what sits in front of it: proxies, TLS).
+    pub fn hostport(&self) -> String {
+        self.addr.to_string()
+    }
+
     pub fn set(&self, behavior: Behavior) {
         *self
             .state
