@@ -303,6 +303,57 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
     Ok(())
 }
 
+/// Usage batches are sent in messages under gRPC's 4 MiB limit: events spooled during an outage,
+/// each carrying a 150 KB request body in its log, reach the control plane when it is back
+/// (7 MB in one replay; as one message the control plane refused it, and nothing landed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_request_logs_reach_the_control_plane_in_messages_under_the_grpc_limit()
+-> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let db = PgDb::create()?;
+    let admin_address = format!("127.0.0.1:{}", free_port()?);
+    let yaml = format!(
+        "{}log: {{request_body: true, max_field_bytes: 200000}}\n",
+        control_yaml(&db, &up, "")
+    );
+    let mut cp = Gateway::start_control_plane(&yaml, &admin_address).await?;
+    let admin = format!("http://{admin_address}");
+    let fe = Gateway::start_frontend(&admin, ADMIN, &[]).await?;
+    assert_eq!(post(&fe, "/v1/chat/completions", T).await?, 200);
+    let mut sent = 1u64;
+    Command::new("kill")
+        .args(["-KILL", &cp.pid().to_string()])
+        .status()?;
+    cp.wait(Duration::from_secs(5)).await?;
+    let text = "x".repeat(150_000);
+    for _ in 0..48 {
+        let resp = fe
+            .http()
+            .post(fe.url("/v1/chat/completions"))
+            .bearer_auth(T)
+            .json(&serde_json::json!({
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": text}],
+            }))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200);
+        sent += 1;
+    }
+    let _cp = Gateway::start_control_plane(&yaml, &admin_address).await?;
+    let landed = wait_for_events(&db, sent, Duration::from_secs(30)).await?;
+    assert_eq!(landed, sent, "{}", fe.logs());
+    let store = keypool_store::Store::connect_only(&db.url()).await?;
+    let mut logged = 0;
+    for e in store.events_since(0, 100).await? {
+        let body = store.request_log(&e.id).await?.and_then(|l| l.request_body);
+        logged += usize::from(body.is_some_and(|b| b.len() > 150_000));
+    }
+    store.close().await;
+    assert_eq!(logged, 48, "every large body was stored whole");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontends_and_keypoolctl_reach_a_tls_control_plane() -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
