@@ -157,7 +157,7 @@ fn write_batch(
             order.retain(|&i| inserted.contains(&events[i].id));
             order
         } else {
-            // a fresh batch: an id stored twice fails it on the primary key
+            // a fresh batch: an id stored twice rolls the transaction back (`INSERT OR ROLLBACK`)
             let mut insert: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
             let mut at = 0;
             for (shape, rows) in runs(events.len()) {

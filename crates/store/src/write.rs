@@ -28,18 +28,21 @@ pub(crate) const EVENT_ARITY: usize = 18;
 const LOG_COLUMNS: &str = "event_id, at_ms, request_headers, request_body, response_body";
 const LOG_ARITY: usize = 5;
 
-/// How a dialect spells placeholders.
+/// The two dialects the writer speaks.
 #[derive(Clone, Copy)]
-enum Placeholders {
-    /// `$1, $2, ...` (PostgreSQL).
-    Numbered,
-    /// `?, ?, ...`, bound by position (SQLite).
-    Positional,
+enum Dialect {
+    /// Placeholders `$1, $2, ...`.
+    Postgres,
+    /// Placeholders `?, ?, ...`, bound by position.
+    Sqlite,
 }
 
 /// The batch writer's statements in one dialect, built once.
 pub(crate) struct Statements {
-    /// Inserts of events by shape (SQLite's fresh batches; PostgreSQL `COPY`s those).
+    /// Inserts of events by shape (SQLite's fresh batches; PostgreSQL `COPY`s those). On SQLite
+    /// `INSERT OR ROLLBACK`: a stored id fails the whole transaction anyway (the writer retries
+    /// it deduplicating), and a statement that cannot fail halfway needs no statement journal,
+    /// which copied every page a 64-row insert touched (a fifth of the writer's CPU).
     pub events: [String; SHAPES.len()],
     /// The same, skipping ids already stored and returning the ids inserted (retries, replays).
     pub events_dedupe: [String; SHAPES.len()],
@@ -48,32 +51,41 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
-    fn build(placeholders: Placeholders) -> Self {
-        let insert = |table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
-            let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
-            let mut n = 0;
-            for r in 0..rows {
-                sql.push_str(if r == 0 { "(" } else { ", (" });
-                for c in 0..arity {
-                    if c > 0 {
-                        sql.push_str(", ");
-                    }
-                    n += 1;
-                    match placeholders {
-                        Placeholders::Numbered => {
-                            sql.push('$');
-                            sql.push_str(&n.to_string());
+    fn build(dialect: Dialect) -> Self {
+        let insert_as =
+            |verb: &str, table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
+                let mut sql = format!("{verb} {table} ({columns}) VALUES ");
+                let mut n = 0;
+                for r in 0..rows {
+                    sql.push_str(if r == 0 { "(" } else { ", (" });
+                    for c in 0..arity {
+                        if c > 0 {
+                            sql.push_str(", ");
                         }
-                        Placeholders::Positional => sql.push('?'),
+                        n += 1;
+                        match dialect {
+                            Dialect::Postgres => {
+                                sql.push('$');
+                                sql.push_str(&n.to_string());
+                            }
+                            Dialect::Sqlite => sql.push('?'),
+                        }
                     }
+                    sql.push(')');
                 }
-                sql.push(')');
-            }
-            sql.push_str(tail);
-            sql
+                sql.push_str(tail);
+                sql
+            };
+        let insert = |table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
+            insert_as("INSERT INTO", table, columns, arity, rows, tail)
         };
-        let events = |tail: &str| {
-            SHAPES.map(|rows| insert("usage_events", EVENT_COLUMNS, EVENT_ARITY, rows, tail))
+        let events = |verb: &str, tail: &str| {
+            SHAPES
+                .map(|rows| insert_as(verb, "usage_events", EVENT_COLUMNS, EVENT_ARITY, rows, tail))
+        };
+        let fresh = match dialect {
+            Dialect::Postgres => "INSERT INTO",
+            Dialect::Sqlite => "INSERT OR ROLLBACK INTO",
         };
         let add = |c: &str| format!("{c} = usage_hourly.{c} + excluded.{c}");
         let rollup = insert(
@@ -96,17 +108,17 @@ impl Statements {
             ),
         );
         Self {
-            events: events(""),
-            events_dedupe: events(" ON CONFLICT (id) DO NOTHING RETURNING id"),
+            events: events(fresh, ""),
+            events_dedupe: events("INSERT INTO", " ON CONFLICT (id) DO NOTHING RETURNING id"),
             logs: SHAPES.map(|rows| insert("request_logs", LOG_COLUMNS, LOG_ARITY, rows, "")),
             rollup,
         }
     }
 }
 
-static POSTGRES: LazyLock<Statements> = LazyLock::new(|| Statements::build(Placeholders::Numbered));
+static POSTGRES: LazyLock<Statements> = LazyLock::new(|| Statements::build(Dialect::Postgres));
 pub(crate) static SQLITE: LazyLock<Statements> =
-    LazyLock::new(|| Statements::build(Placeholders::Positional));
+    LazyLock::new(|| Statements::build(Dialect::Sqlite));
 
 /// A rollup row's sums.
 #[derive(Default)]
@@ -448,7 +460,7 @@ mod tests {
 
     #[test]
     fn statements_number_their_placeholders() {
-        let pg = Statements::build(Placeholders::Numbered);
+        let pg = Statements::build(Dialect::Postgres);
         assert!(pg.events_dedupe[2].starts_with(
             "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) ON CONFLICT"
         ));
@@ -458,8 +470,10 @@ mod tests {
             pg.rollup
                 .contains("calls = usage_hourly.calls + excluded.calls")
         );
-        let sqlite = Statements::build(Placeholders::Positional);
+        let sqlite = Statements::build(Dialect::Sqlite);
         assert_eq!(sqlite.events[0].matches('?').count(), 64 * EVENT_ARITY);
+        assert!(sqlite.events[1].starts_with("INSERT OR ROLLBACK INTO usage_events ("));
+        assert!(sqlite.events_dedupe[1].starts_with("INSERT INTO usage_events ("));
         assert!(!sqlite.events[0].contains('$'));
         assert!(sqlite.events_dedupe[2].ends_with("?) ON CONFLICT (id) DO NOTHING RETURNING id"));
         let tail = |sql: &str| sql[sql.find(" ON CONFLICT").unwrap()..].to_owned();

@@ -268,7 +268,8 @@ async fn key_counters_are_saved_and_restored(url: String) {
 
 /// The writer's fast path for fresh batches (multi-row inserts on SQLite, COPY on PostgreSQL):
 /// large batches of every shape land whole and rolled up; a batch with an id already stored
-/// fails as a whole, and its retry through `write_batch` stores only what is new.
+/// fails as a whole (wherever in the batch it is), and its retry through `write_batch` stores
+/// only what is new.
 async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
     let store = Store::connect(&url).await.unwrap();
     let hour = 1_700_000_000_000 - 1_700_000_000_000 % HOUR;
@@ -303,6 +304,24 @@ async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
         "nothing of it landed"
     );
     assert_eq!(store.write_batch_new(&mixed).await.unwrap(), vec![1]);
+    // a stored id in a later statement than the first: what the earlier ones inserted goes too
+    let mut late: Vec<StoredEvent> = (0..70)
+        .map(|i| event(&format!("l{i:02}"), hour, "k", "m", (1, 2), 200))
+        .collect();
+    late.push(event("f0009", hour, "k", "m", (1, 2), 200));
+    assert!(
+        store.write_new_batch(&late).await.is_err(),
+        "f0009 is stored"
+    );
+    assert_eq!(
+        store.count_events().await.unwrap(),
+        1001,
+        "nothing of it landed"
+    );
+    assert_eq!(
+        store.write_batch_new(&late).await.unwrap(),
+        (0..70).collect::<Vec<_>>()
+    );
     // one id twice in a fresh batch fails it too; the retry stores it once
     let twice = vec![
         event("d1", hour, "k", "m", (1, 2), 200),
@@ -314,7 +333,7 @@ async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
         .usage_totals(0, i64::MAX, Grouping::Model, None)
         .await
         .unwrap();
-    assert_eq!((totals[0].calls, totals[0].total_tokens), (1002, 3006));
+    assert_eq!((totals[0].calls, totals[0].total_tokens), (1072, 3216));
     store.close().await;
 }
 
