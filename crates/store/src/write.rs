@@ -52,7 +52,7 @@ pub(crate) struct Statements {
 
 impl Statements {
     fn build(dialect: Dialect) -> Self {
-        let insert_as =
+        let insert =
             |verb: &str, table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
                 let mut sql = format!("{verb} {table} ({columns}) VALUES ");
                 let mut n = 0;
@@ -76,12 +76,8 @@ impl Statements {
                 sql.push_str(tail);
                 sql
             };
-        let insert = |table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
-            insert_as("INSERT INTO", table, columns, arity, rows, tail)
-        };
         let events = |verb: &str, tail: &str| {
-            SHAPES
-                .map(|rows| insert_as(verb, "usage_events", EVENT_COLUMNS, EVENT_ARITY, rows, tail))
+            SHAPES.map(|rows| insert(verb, "usage_events", EVENT_COLUMNS, EVENT_ARITY, rows, tail))
         };
         let fresh = match dialect {
             Dialect::Postgres => "INSERT INTO",
@@ -89,6 +85,7 @@ impl Statements {
         };
         let add = |c: &str| format!("{c} = usage_hourly.{c} + excluded.{c}");
         let rollup = insert(
+            "INSERT INTO",
             "usage_hourly",
             "hour_ms, gateway, key_name, model, calls, errors, prompt_tokens, \
              completion_tokens, total_tokens",
@@ -110,7 +107,16 @@ impl Statements {
         Self {
             events: events(fresh, ""),
             events_dedupe: events("INSERT INTO", " ON CONFLICT (id) DO NOTHING RETURNING id"),
-            logs: SHAPES.map(|rows| insert("request_logs", LOG_COLUMNS, LOG_ARITY, rows, "")),
+            logs: SHAPES.map(|rows| {
+                insert(
+                    "INSERT INTO",
+                    "request_logs",
+                    LOG_COLUMNS,
+                    LOG_ARITY,
+                    rows,
+                    "",
+                )
+            }),
             rollup,
         }
     }

@@ -266,6 +266,23 @@ async fn key_counters_are_saved_and_restored(url: String) {
     store.close().await;
 }
 
+/// A fresh batch that must fail as a whole: `write_new_batch` errs and stores nothing; the
+/// deduplicating retry stores the events at `new`.
+async fn refused_then_retried(store: &Store, batch: &[StoredEvent], new: &[usize]) {
+    let before = store.count_events().await.unwrap();
+    assert!(
+        store.write_new_batch(batch).await.is_err(),
+        "{} events",
+        batch.len()
+    );
+    assert_eq!(
+        store.count_events().await.unwrap(),
+        before,
+        "nothing of it landed"
+    );
+    assert_eq!(store.write_batch_new(batch).await.unwrap(), new);
+}
+
 /// The writer's fast path for fresh batches (multi-row inserts on SQLite, COPY on PostgreSQL):
 /// large batches of every shape land whole and rolled up; a batch with an id already stored
 /// fails as a whole (wherever in the batch it is), and its retry through `write_batch` stores
@@ -290,45 +307,24 @@ async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
             .as_deref(),
         Some("tab\there\\back\nline\rret")
     );
+    // a stored id: nothing of the batch lands, the retry stores what is new
     let mixed = vec![
         event("f0003", hour, "k", "m", (1, 2), 200),
         event("n1", hour, "k", "m", (1, 2), 200),
     ];
-    assert!(
-        store.write_new_batch(&mixed).await.is_err(),
-        "f0003 is stored"
-    );
-    assert_eq!(
-        store.count_events().await.unwrap(),
-        1000,
-        "nothing of it landed"
-    );
-    assert_eq!(store.write_batch_new(&mixed).await.unwrap(), vec![1]);
+    refused_then_retried(&store, &mixed, &[1]).await;
     // a stored id in a later statement than the first: what the earlier ones inserted goes too
     let mut late: Vec<StoredEvent> = (0..70)
         .map(|i| event(&format!("l{i:02}"), hour, "k", "m", (1, 2), 200))
         .collect();
     late.push(event("f0009", hour, "k", "m", (1, 2), 200));
-    assert!(
-        store.write_new_batch(&late).await.is_err(),
-        "f0009 is stored"
-    );
-    assert_eq!(
-        store.count_events().await.unwrap(),
-        1001,
-        "nothing of it landed"
-    );
-    assert_eq!(
-        store.write_batch_new(&late).await.unwrap(),
-        (0..70).collect::<Vec<_>>()
-    );
+    refused_then_retried(&store, &late, &(0..70).collect::<Vec<_>>()).await;
     // one id twice in a fresh batch fails it too; the retry stores it once
     let twice = vec![
         event("d1", hour, "k", "m", (1, 2), 200),
         event("d1", hour, "k", "m", (1, 2), 200),
     ];
-    assert!(store.write_new_batch(&twice).await.is_err(), "d1 twice");
-    assert_eq!(store.write_batch_new(&twice).await.unwrap(), vec![0]);
+    refused_then_retried(&store, &twice, &[0]).await;
     let totals = store
         .usage_totals(0, i64::MAX, Grouping::Model, None)
         .await
