@@ -7,6 +7,7 @@ mod m20261122_000001_usage;
 mod m20261122_000002_provider;
 mod m20261122_000003_admin;
 mod m20261201_000004_pg_time_indexes;
+mod m20261201_000005_event_ids_unindexed;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000002_provider::Migration),
             Box::new(m20261122_000003_admin::Migration),
             Box::new(m20261201_000004_pg_time_indexes::Migration),
+            Box::new(m20261201_000005_event_ids_unindexed::Migration),
         ]
     }
 

@@ -5,7 +5,9 @@
 //!   cargo run --release -p keypool-store --example write_cost             # SQLite, temp file
 //!   cargo run --release -p keypool-store --example write_cost -- postgres://postgres@127.0.0.1/scratch
 //!
-//! `EVENTS` (default 300000) and `BATCH` (default 2500) come from the environment. A PostgreSQL
+//! `EVENTS` (default 300000) and `BATCH` (default 2500) come from the environment; with
+//! `RETRY=1` every batch goes through [`Store::write_batch`], the deduplicating write of a
+//! retry or replay, instead. A PostgreSQL
 //! database is migrated and keeps the events: point it at a scratch database. The CPU time is
 //! this process's; PostgreSQL's own (its backend parses the `COPY` and maintains the indexes)
 //! shows on the server's processes.
@@ -66,6 +68,7 @@ fn event(n: usize, at_ms: i64) -> StoredEvent {
 async fn main() -> anyhow::Result<()> {
     let events = env("EVENTS", 300_000);
     let batch = env("BATCH", 2500).max(1);
+    let retry = env("RETRY", 0) == 1;
     let dir = tempfile::tempdir()?;
     let url = std::env::args().nth(1).unwrap_or_else(|| {
         format!(
@@ -85,7 +88,11 @@ async fn main() -> anyhow::Result<()> {
             .map(|i| event(written + i, now + i64::try_from(written / 50).unwrap_or(0)))
             .collect();
         made += t.elapsed();
-        let stored = store.write_new_batch(&chunk).await?;
+        let stored = if retry {
+            store.write_batch(&chunk).await?
+        } else {
+            store.write_new_batch(&chunk).await?
+        };
         anyhow::ensure!(stored == n, "{stored} of {n} events stored");
         written += n;
     }

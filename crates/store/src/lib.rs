@@ -47,6 +47,9 @@ pub struct Store {
     db: DatabaseConnection,
     /// On SQLite: the batch writer's own connection (see `sqlite.rs`).
     sqlite: Option<std::sync::Arc<sqlite::SqliteWriter>>,
+    /// On PostgreSQL: the first heap block whose BRIN range this process has not summarized
+    /// (see `write.rs`).
+    summarized: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// The connection URL for a store config: SQLite files are created when missing; PostgreSQL
@@ -136,7 +139,11 @@ impl Store {
             DbBackend::Sqlite => Some(sqlite::SqliteWriter::for_url(url)?),
             _ => None,
         };
-        Ok(Self { db, sqlite })
+        Ok(Self {
+            db,
+            sqlite,
+            summarized: std::sync::Arc::default(),
+        })
     }
 
     pub async fn migrate_up(&self) -> Result<(), StoreError> {

@@ -10,7 +10,6 @@
 //! beside this writer, and both sides wait for the write lock (`busy_timeout`) instead of
 //! failing.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -83,7 +82,7 @@ impl SqliteWriter {
         };
         let outcome = write_batch(conn, events, dedupe);
         if outcome.is_err() {
-            // a broken connection must not be reused; a constraint failure costs a reopen
+            // a broken connection must not be reused; any other failure costs a reopen
             *guard = None;
         }
         outcome
@@ -135,48 +134,42 @@ fn write_batch(
     events: &[StoredEvent],
     dedupe: bool,
 ) -> Result<Vec<usize>, rusqlite::Error> {
+    // `Immediate`: the transaction holds SQLite's write lock from its start, so what a retry
+    // looks up stays true until it commits
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // the statements borrow the transaction: they are done before it commits
     let new = {
-        let new = if dedupe {
-            // retries and replays: the ids the inserts return are the ones not stored before
-            let mut order = unique(events);
-            let mut inserted = HashSet::with_capacity(order.len());
-            let mut at = 0;
-            for (shape, rows) in runs(order.len()) {
-                let mut insert = tx.prepare_cached(&SQLITE.events_dedupe[shape])?;
-                for (n, &i) in order[at..at + rows].iter().enumerate() {
-                    bind_event(&mut insert, n * EVENT_ARITY, &events[i])?;
+        let mut new = unique(events);
+        if dedupe {
+            // retries and replays: skip the ids stored already, found by their time
+            let mut stored = tx.prepare_cached(
+                "SELECT 1 FROM usage_events WHERE at_ms = ?1 AND id = ?2 LIMIT 1",
+            )?;
+            let mut keep = Vec::with_capacity(new.len());
+            for i in new {
+                if !stored.exists(params![events[i].at_ms, events[i].id])? {
+                    keep.push(i);
                 }
-                let mut returned = insert.raw_query();
-                while let Some(row) = returned.next()? {
-                    inserted.insert(row.get::<_, String>(0)?);
-                }
-                at += rows;
             }
-            order.retain(|&i| inserted.contains(&events[i].id));
-            order
-        } else {
-            // a fresh batch: an id stored twice rolls the transaction back (`INSERT OR ROLLBACK`)
-            let mut insert: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
-            let mut at = 0;
-            for (shape, rows) in runs(events.len()) {
-                let stmt = match &mut insert {
-                    Some((s, stmt)) if *s == shape => stmt,
-                    _ => {
-                        &mut insert
-                            .insert((shape, tx.prepare_cached(&SQLITE.events[shape])?))
-                            .1
-                    }
-                };
-                for (n, e) in events[at..at + rows].iter().enumerate() {
-                    bind_event(stmt, n * EVENT_ARITY, e)?;
+            new = keep;
+        }
+        let mut insert: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
+        let mut at = 0;
+        for (shape, rows) in runs(new.len()) {
+            let stmt = match &mut insert {
+                Some((s, stmt)) if *s == shape => stmt,
+                _ => {
+                    &mut insert
+                        .insert((shape, tx.prepare_cached(&SQLITE.events[shape])?))
+                        .1
                 }
-                stmt.raw_execute()?;
-                at += rows;
+            };
+            for (n, &i) in new[at..at + rows].iter().enumerate() {
+                bind_event(stmt, n * EVENT_ARITY, &events[i])?;
             }
-            (0..events.len()).collect()
-        };
+            stmt.raw_execute()?;
+            at += rows;
+        }
         let mut log = tx.prepare_cached(&SQLITE.logs[SHAPES.len() - 1])?;
         for &i in &new {
             let e = &events[i];

@@ -2,11 +2,21 @@
 //!
 //! This is the store's hot path (every request becomes an event). SQLite batches go to the
 //! writer's own connection ([`crate::sqlite`]). PostgreSQL batches go through sqlx, sea-orm's
-//! own driver: a fresh batch by `COPY`, PostgreSQL's bulk path; a retry or replay (which must
-//! skip ids already stored) by multi-row inserts of a fixed shape (64, 8 and 1 rows: a batch of
-//! any size is a sum of those), each prepared once per connection. sea-orm's `insert_many`
-//! built a new statement for every batch size (its SQL text, then a fresh prepare of up to
-//! 18,000 parameters) and cost ~17 µs of CPU per event, as much as serving the request.
+//! own driver, as `COPY`, PostgreSQL's bulk path; logs by inserts of a fixed shape (64, 8 and
+//! 1 rows: a batch of any size is a sum of those), each prepared once per connection; the
+//! rollups in one statement over arrays. Fixed costs count: at ~1,500 events a batch, each
+//! statement's round trip and executor start cost about as much server CPU as 50 rows of the
+//! `COPY`. sea-orm's `insert_many` built a new statement for every batch size (its SQL
+//! text, then a fresh prepare of up to 18,000 parameters) and cost ~17 µs of CPU per event, as
+//! much as serving the request.
+//!
+//! Event ids are unique without a unique index (which cost half of every stored event): a
+//! batch stores each of its ids once, a fresh batch holds only ids minted for it, and a retry
+//! or replay first looks up which of its ids are stored, by their time (an event's `at_ms`
+//! never changes and is indexed). On PostgreSQL, where several processes write, that lookup
+//! runs under an exclusive advisory lock that every fresh batch takes shared: it waits for the
+//! writes in flight (a fresh batch whose commit answer was lost may still be committing) and
+//! keeps new ones out until it commits. On SQLite every write transaction is exclusive.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::LazyLock;
@@ -39,13 +49,10 @@ enum Dialect {
 
 /// The batch writer's statements in one dialect, built once.
 pub(crate) struct Statements {
-    /// Inserts of events by shape (SQLite's fresh batches; PostgreSQL `COPY`s those). On SQLite
-    /// `INSERT OR ROLLBACK`: a stored id fails the whole transaction anyway (the writer retries
-    /// it deduplicating), and a statement that cannot fail halfway needs no statement journal,
-    /// which copied every page a 64-row insert touched (a fifth of the writer's CPU).
+    /// Inserts of events by shape (SQLite; PostgreSQL `COPY`s them). On SQLite `INSERT OR
+    /// ROLLBACK`: a statement that cannot fail halfway needs no statement journal, which copied
+    /// every page a 64-row insert touched (a fifth of the writer's CPU then).
     pub events: [String; SHAPES.len()],
-    /// The same, skipping ids already stored and returning the ids inserted (retries, replays).
-    pub events_dedupe: [String; SHAPES.len()],
     pub logs: [String; SHAPES.len()],
     pub rollup: String,
 }
@@ -76,9 +83,6 @@ impl Statements {
                 sql.push_str(tail);
                 sql
             };
-        let events = |verb: &str, tail: &str| {
-            SHAPES.map(|rows| insert(verb, "usage_events", EVENT_COLUMNS, EVENT_ARITY, rows, tail))
-        };
         let fresh = match dialect {
             Dialect::Postgres => "INSERT INTO",
             Dialect::Sqlite => "INSERT OR ROLLBACK INTO",
@@ -105,8 +109,8 @@ impl Statements {
             ),
         );
         Self {
-            events: events(fresh, ""),
-            events_dedupe: events("INSERT INTO", " ON CONFLICT (id) DO NOTHING RETURNING id"),
+            events: SHAPES
+                .map(|rows| insert(fresh, "usage_events", EVENT_COLUMNS, EVENT_ARITY, rows, "")),
             logs: SHAPES.map(|rows| {
                 insert(
                     "INSERT INTO",
@@ -198,9 +202,9 @@ impl Store {
         self.write_events(events, true).await
     }
 
-    /// [`Store::write_batch`] without looking for already-stored ids first: for events fresh
-    /// from the request path (random 128-bit ids), the first attempt at writing them. A retry
-    /// must use `write_batch`, since a commit whose answer was lost may have landed.
+    /// [`Store::write_batch`] without looking for already-stored ids: for events fresh from
+    /// the request path (ids minted for them), the first attempt at writing them. A retry must
+    /// use `write_batch`, since a commit whose answer was lost may have landed.
     pub async fn write_new_batch(&self, events: &[StoredEvent]) -> Result<usize, StoreError> {
         Ok(self.write_events(events, false).await?.len())
     }
@@ -221,13 +225,19 @@ impl Store {
                 "unsupported database backend".into(),
             )));
         }
-        let mut tx = self.db.get_postgres_connection_pool().begin().await?;
-        let new = if dedupe {
-            insert_skipping_stored(&mut tx, events).await?
-        } else {
-            // a fresh batch: COPY (a stored id, or one id twice, fails the transaction, and
-            // the writer's retry takes the deduplicating insert)
-            let new: Vec<usize> = (0..events.len()).collect();
+        let pool = self.db.get_postgres_connection_pool();
+        if dedupe {
+            self.summarize_time_index(pool).await;
+        }
+        // the lock with `BEGIN`, in one round trip
+        let begin = if dedupe { BEGIN_RETRY } else { BEGIN_FRESH };
+        let mut tx = pool.begin_with(begin).await?;
+        let mut new = unique(events);
+        if dedupe {
+            let stored = stored_ids(&mut tx, events, &new).await?;
+            new.retain(|&i| !stored.contains(events[i].id.as_str()));
+        }
+        if !new.is_empty() {
             let mut copy = tx
                 .copy_in_raw(&format!(
                     "COPY usage_events ({EVENT_COLUMNS}) FROM STDIN (FORMAT text)"
@@ -235,53 +245,85 @@ impl Store {
                 .await?;
             copy.send(copy_text(events, &new)).await?;
             copy.finish().await?;
-            new
-        };
-        write_rest(&mut tx, events, &new).await?;
+            write_rest(&mut tx, events, &new).await?;
+        }
         tx.commit().await?;
         Ok(new)
     }
 }
 
-/// Inserts the events whose ids are not stored yet; answers their indices.
-async fn insert_skipping_stored(
-    conn: &mut PgConnection,
-    events: &[StoredEvent],
-) -> Result<Vec<usize>, sqlx::Error> {
-    let mut order = unique(events);
-    let mut inserted: HashSet<String> = HashSet::new();
-    let mut at = 0;
-    for (shape, rows) in runs(order.len()) {
-        let mut q = sqlx::query::<Postgres>(POSTGRES.events_dedupe[shape].as_str());
-        for &i in &order[at..at + rows] {
-            let e = &events[i];
-            q = q
-                .bind(e.id.as_str())
-                .bind(e.at_ms)
-                .bind(e.gateway.as_str())
-                .bind(e.caller.as_deref())
-                .bind(e.model.as_str())
-                .bind(e.key_name.as_deref())
-                .bind(e.provider.as_deref())
-                .bind(e.attempts)
-                .bind(e.status)
-                .bind(e.stream)
-                .bind(e.latency_ms)
-                .bind(e.ttfb_ms)
-                .bind(e.prompt_tokens)
-                .bind(e.completion_tokens)
-                .bind(e.total_tokens)
-                .bind(e.client_ip.as_deref())
-                .bind(e.user_agent.as_deref())
-                .bind(e.error.as_deref());
-        }
-        at += rows;
-        for row in q.fetch_all(&mut *conn).await? {
-            inserted.insert(row.try_get::<String, usize>(0)?);
+impl Store {
+    /// Summarizes the BRIN ranges of `usage_events` that filled up since this process last did,
+    /// so that a retry's lookup reads only the rows of its time ranges (BRIN scans every range
+    /// it has no summary of, and only VACUUM summarizes on its own). Complete ranges only: a
+    /// summarized range's summary is widened by each later insert into it, which costs. A
+    /// failure (the role does not own the table, say) only makes lookups slower: logged once.
+    async fn summarize_time_index(&self, pool: &sqlx::PgPool) {
+        use std::sync::atomic::Ordering;
+        let from = self.summarized.load(Ordering::Relaxed);
+        let next = sqlx::query_scalar::<Postgres, i64>(SUMMARIZE)
+            .bind(from)
+            .fetch_one(pool)
+            .await;
+        match next {
+            Ok(next) => self.summarized.store(next, Ordering::Relaxed),
+            Err(e) if from >= 0 => {
+                tracing::warn!(error = %e, "cannot summarize the usage events' time index: retries' lookups read more rows");
+                self.summarized.store(-1, Ordering::Relaxed);
+            }
+            Err(_) => {}
         }
     }
-    order.retain(|&i| inserted.contains(&events[i].id));
-    Ok(order)
+}
+
+/// Summarizes the complete BRIN ranges from block `$1` on (128 pages a range: PostgreSQL's
+/// default, as migration 4 made `idx_usage_events_at`); answers the first block after them.
+const SUMMARIZE: &str = "SELECT COALESCE(MAX(b) + 128, $1)::bigint FROM ( \
+     SELECT b, brin_summarize_range('idx_usage_events_at'::regclass, b) \
+     FROM generate_series(GREATEST($1, 0), \
+         pg_relation_size('usage_events') / current_setting('block_size')::bigint - 128, 128) AS b \
+     ) AS summarized";
+
+/// `BEGIN` with the advisory lock (key `0x6b70_7573_6167_6500`, "kpusage") that orders a
+/// retry's lookup after the writes in flight (module docs): `BEGIN_RETRY` takes it exclusive,
+/// `BEGIN_FRESH` shared.
+const BEGIN_FRESH: &str = "BEGIN; SELECT pg_advisory_xact_lock_shared(7741816897865737472)";
+/// A retry's lookups also read through the time index, whatever the planner's statistics say.
+const BEGIN_RETRY: &str =
+    "BEGIN; SELECT pg_advisory_xact_lock(7741816897865737472); SET LOCAL enable_seqscan = off";
+
+/// Events further apart than this are looked up in separate time ranges.
+const LOOKUP_GAP_MS: i64 = 1000;
+
+/// Which of the ids of `events[order]` are stored already. One query per run of events close
+/// in time: it reads the rows stored in that time range (the BRIN index on `at_ms`), so a
+/// replay of events hours apart does not read the hours between.
+async fn stored_ids(
+    conn: &mut PgConnection,
+    events: &[StoredEvent],
+    order: &[usize],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut by_time: Vec<(i64, &str)> = order
+        .iter()
+        .map(|&i| (events[i].at_ms, events[i].id.as_str()))
+        .collect();
+    by_time.sort_unstable();
+    let mut stored = HashSet::new();
+    for run in by_time.chunk_by(|a, b| b.0 - a.0 <= LOOKUP_GAP_MS) {
+        let ids: Vec<&str> = run.iter().map(|&(_, id)| id).collect();
+        let rows = sqlx::query::<Postgres>(
+            "SELECT id FROM usage_events WHERE at_ms BETWEEN $1 AND $2 AND id = ANY($3)",
+        )
+        .bind(run[0].0)
+        .bind(run[run.len() - 1].0)
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            stored.insert(row.try_get::<String, usize>(0)?);
+        }
+    }
+    Ok(stored)
 }
 
 /// The request logs and hourly rollups of the `new` events.
@@ -310,22 +352,60 @@ async fn write_rest(
         at += rows;
         q.execute(&mut *conn).await?;
     }
-    for ((hour, gateway, key, model), r) in rollups(events, new) {
-        sqlx::query::<Postgres>(POSTGRES.rollup.as_str())
-            .bind(hour)
-            .bind(gateway)
-            .bind(key)
-            .bind(model)
-            .bind(r.calls)
-            .bind(r.errors)
-            .bind(r.prompt)
-            .bind(r.completion)
-            .bind(r.total)
-            .execute(&mut *conn)
-            .await?;
+    // all of the batch's rollup rows in one statement
+    let groups = rollups(events, new);
+    let mut columns = RollupColumns::default();
+    for ((hour, gateway, key, model), r) in groups {
+        columns.hour.push(hour);
+        columns.gateway.push(gateway);
+        columns.key.push(key);
+        columns.model.push(model);
+        columns.calls.push(r.calls);
+        columns.errors.push(r.errors);
+        columns.prompt.push(r.prompt);
+        columns.completion.push(r.completion);
+        columns.total.push(r.total);
     }
+    sqlx::query::<Postgres>(ROLLUP_ARRAYS)
+        .bind(columns.hour)
+        .bind(columns.gateway)
+        .bind(columns.key)
+        .bind(columns.model)
+        .bind(columns.calls)
+        .bind(columns.errors)
+        .bind(columns.prompt)
+        .bind(columns.completion)
+        .bind(columns.total)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
+
+/// A batch's rollup rows as columns, bound as arrays.
+#[derive(Default)]
+struct RollupColumns<'a> {
+    hour: Vec<i64>,
+    gateway: Vec<&'a str>,
+    key: Vec<&'a str>,
+    model: Vec<&'a str>,
+    calls: Vec<i64>,
+    errors: Vec<i64>,
+    prompt: Vec<i64>,
+    completion: Vec<i64>,
+    total: Vec<i64>,
+}
+
+/// PostgreSQL's rollup upsert, one row per element of its arrays (a batch's groups are
+/// distinct, as one statement may not update a row twice).
+const ROLLUP_ARRAYS: &str = "INSERT INTO usage_hourly (hour_ms, gateway, key_name, model, \
+     calls, errors, prompt_tokens, completion_tokens, total_tokens) \
+     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+     $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[]) \
+     ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET \
+     calls = usage_hourly.calls + excluded.calls, errors = usage_hourly.errors + excluded.errors, \
+     prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, \
+     completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, \
+     total_tokens = usage_hourly.total_tokens + excluded.total_tokens";
 
 /// The `new` events as the rows of a `COPY ... (FORMAT text)`: tab-separated, `\N` for NULL,
 /// backslash, tab, newline and carriage return escaped.
@@ -464,13 +544,15 @@ mod tests {
         }
     }
 
+    const WRITE_LOCK: i64 = 0x6b70_7573_6167_6500;
+
     #[test]
     fn statements_number_their_placeholders() {
         let pg = Statements::build(Dialect::Postgres);
-        assert!(pg.events_dedupe[2].starts_with(
-            "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) ON CONFLICT"
+        assert!(pg.events[2].starts_with(
+            "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
         ));
-        assert!(pg.events_dedupe[0].ends_with("$1152) ON CONFLICT (id) DO NOTHING RETURNING id"));
+        assert!(pg.events[0].ends_with("$1152)"));
         assert_eq!(pg.logs[1].matches('$').count(), 8 * LOG_ARITY);
         assert!(
             pg.rollup
@@ -479,10 +561,38 @@ mod tests {
         let sqlite = Statements::build(Dialect::Sqlite);
         assert_eq!(sqlite.events[0].matches('?').count(), 64 * EVENT_ARITY);
         assert!(sqlite.events[1].starts_with("INSERT OR ROLLBACK INTO usage_events ("));
-        assert!(sqlite.events_dedupe[1].starts_with("INSERT INTO usage_events ("));
         assert!(!sqlite.events[0].contains('$'));
-        assert!(sqlite.events_dedupe[2].ends_with("?) ON CONFLICT (id) DO NOTHING RETURNING id"));
-        let tail = |sql: &str| sql[sql.find(" ON CONFLICT").unwrap()..].to_owned();
+        let tail = |sql: &str| sql[sql.find(" ON CONFLICT").unwrap()..].replace("  ", " ");
         assert_eq!(tail(&sqlite.rollup), tail(&pg.rollup));
+        assert_eq!(tail(ROLLUP_ARRAYS), tail(&pg.rollup));
+        let lock = WRITE_LOCK.to_string();
+        assert!(BEGIN_FRESH.ends_with(&format!("pg_advisory_xact_lock_shared({lock})")));
+        assert!(BEGIN_RETRY.contains(&format!("pg_advisory_xact_lock({lock});")));
+    }
+
+    #[test]
+    fn a_batch_keeps_the_first_event_of_each_id() {
+        let e = |id: &str| StoredEvent {
+            id: id.into(),
+            at_ms: 1,
+            gateway: "g".into(),
+            caller: None,
+            model: "m".into(),
+            key_name: None,
+            provider: None,
+            attempts: 1,
+            status: 200,
+            stream: false,
+            latency_ms: 1,
+            ttfb_ms: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            total_tokens: None,
+            client_ip: None,
+            user_agent: None,
+            error: None,
+            log: None,
+        };
+        assert_eq!(unique(&[e("a"), e("b"), e("a"), e("c"), e("b")]), [0, 1, 3]);
     }
 }

@@ -88,7 +88,8 @@ async fn migrations_up_down_up(url: String) {
             "m20261122_000001_usage",
             "m20261122_000002_provider",
             "m20261122_000003_admin",
-            "m20261201_000004_pg_time_indexes"
+            "m20261201_000004_pg_time_indexes",
+            "m20261201_000005_event_ids_unindexed"
         ]
     );
     // the admin tables: gateways and keys with their owner, upserted by name
@@ -266,28 +267,27 @@ async fn key_counters_are_saved_and_restored(url: String) {
     store.close().await;
 }
 
-/// A fresh batch that must fail as a whole: `write_new_batch` errs and stores nothing; the
-/// deduplicating retry stores the events at `new`.
-async fn refused_then_retried(store: &Store, batch: &[StoredEvent], new: &[usize]) {
-    let before = store.count_events().await.unwrap();
-    assert!(
-        store.write_new_batch(batch).await.is_err(),
-        "{} events",
-        batch.len()
-    );
-    assert_eq!(
-        store.count_events().await.unwrap(),
-        before,
-        "nothing of it landed"
-    );
-    assert_eq!(store.write_batch_new(batch).await.unwrap(), new);
+/// How many stored events share an id with an earlier one (the store keeps ids unique without
+/// an index, so the tests look).
+async fn repeated_ids(url: &str) -> i64 {
+    let db = Database::connect(url).await.unwrap();
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) - COUNT(DISTINCT id) AS n FROM usage_events",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let n = row.try_get::<i64>("", "n").unwrap();
+    db.close().await.unwrap();
+    n
 }
 
 /// The writer's fast path for fresh batches (multi-row inserts on SQLite, COPY on PostgreSQL):
-/// large batches of every shape land whole and rolled up; a batch with an id already stored
-/// fails as a whole (wherever in the batch it is), and its retry through `write_batch` stores
-/// only what is new.
-async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
+/// large batches of every shape land whole and rolled up, an id repeated inside one lands once,
+/// and a retry of a batch that landed (its commit answer lost) stores only what is new.
+async fn fresh_batches_land_whole_and_retries_store_only_the_new(url: String) {
     let store = Store::connect(&url).await.unwrap();
     let hour = 1_700_000_000_000 - 1_700_000_000_000 % HOUR;
     let mut fresh: Vec<StoredEvent> = (0..1000)
@@ -307,29 +307,119 @@ async fn fresh_batches_land_whole_and_a_stored_id_fails_them(url: String) {
             .as_deref(),
         Some("tab\there\\back\nline\rret")
     );
-    // a stored id: nothing of the batch lands, the retry stores what is new
-    let mixed = vec![
-        event("f0003", hour, "k", "m", (1, 2), 200),
-        event("n1", hour, "k", "m", (1, 2), 200),
-    ];
-    refused_then_retried(&store, &mixed, &[1]).await;
-    // a stored id in a later statement than the first: what the earlier ones inserted goes too
-    let mut late: Vec<StoredEvent> = (0..70)
-        .map(|i| event(&format!("l{i:02}"), hour, "k", "m", (1, 2), 200))
-        .collect();
-    late.push(event("f0009", hour, "k", "m", (1, 2), 200));
-    refused_then_retried(&store, &late, &(0..70).collect::<Vec<_>>()).await;
-    // one id twice in a fresh batch fails it too; the retry stores it once
+    // the retry of a batch that landed, with new events of the same millisecond and far from it
+    let mut retry: Vec<StoredEvent> = fresh[..70].to_vec();
+    retry.push(event("n1", hour + 3, "k", "m", (1, 2), 200));
+    retry.push(event("n2", hour + 5 * HOUR, "k", "m", (1, 2), 200));
+    retry.extend(fresh[900..].iter().cloned());
+    assert_eq!(store.write_batch_new(&retry).await.unwrap(), [70, 71]);
+    assert_eq!(
+        store.write_batch(&retry).await.unwrap(),
+        0,
+        "all stored now"
+    );
+    // one id twice in a fresh batch is stored once
     let twice = vec![
         event("d1", hour, "k", "m", (1, 2), 200),
         event("d1", hour, "k", "m", (1, 2), 200),
     ];
-    refused_then_retried(&store, &twice, &[0]).await;
+    assert_eq!(store.write_new_batch(&twice).await.unwrap(), 1);
+    assert_eq!(store.count_events().await.unwrap(), 1003);
+    assert_eq!(repeated_ids(&url).await, 0);
     let totals = store
         .usage_totals(0, i64::MAX, Grouping::Model, None)
         .await
         .unwrap();
-    assert_eq!((totals[0].calls, totals[0].total_tokens), (1072, 3216));
+    assert_eq!((totals[0].calls, totals[0].total_tokens), (1003, 3009));
+    store.close().await;
+}
+
+/// Writes of the same events at once store each event once: retries racing each other (on
+/// PostgreSQL on separate connections of the pool), a frontend's batch sent twice to the
+/// control plane, and on PostgreSQL retries that start while the first attempt is still
+/// committing (its answer lost, say).
+async fn concurrent_writes_of_the_same_events_store_them_once(url: String) {
+    let store = Store::connect(&url).await.unwrap();
+    let at = 1_700_000_000_000;
+    let batch = |name: &str, n: i64| -> Vec<StoredEvent> {
+        (0..n)
+            .map(|i| event(&format!("{name}-{i:05}"), at + i / 7, "k", "m", (1, 1), 200))
+            .collect()
+    };
+    let mut expected = 0;
+    for round in 0..5 {
+        let b = batch(&format!("r{round}"), 300);
+        let (x, y, z) = tokio::join!(
+            store.write_batch(&b),
+            store.write_batch(&b),
+            store.write_batch(&b[100..]),
+        );
+        assert_eq!(x.unwrap() + y.unwrap() + z.unwrap(), 300, "round {round}");
+        expected += 300;
+    }
+    if store.backend() == sea_orm::DbBackend::Postgres {
+        // the first attempt is in flight (its COPY holds the shared write lock) when the
+        // retries start: they wait for it, then find everything stored
+        let watch = Database::connect(url.as_str()).await.unwrap();
+        let mut seen_in_flight = 0;
+        for round in 0..3 {
+            let b = batch(&format!("f{round}"), 20_000);
+            let first = tokio::spawn({
+                let (store, b) = (store.clone(), b.clone());
+                async move { store.write_new_batch(&b).await.unwrap() }
+            });
+            while !first.is_finished() {
+                let held = watch
+                    .query_one_raw(sea_orm::Statement::from_string(
+                        sea_orm::DbBackend::Postgres,
+                        "SELECT COUNT(*) AS n FROM pg_locks \
+                         WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted",
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .try_get::<i64>("", "n")
+                    .unwrap();
+                if held > 0 {
+                    seen_in_flight += 1;
+                    break;
+                }
+            }
+            let (x, y) = tokio::join!(store.write_batch(&b), store.write_batch(&b[5000..]));
+            assert_eq!(first.await.unwrap() + x.unwrap() + y.unwrap(), 20_000);
+            expected += 20_000;
+        }
+        assert!(
+            seen_in_flight > 0,
+            "no retry started while a first attempt ran"
+        );
+        // the retries summarized the time index's complete ranges (60,000+ rows fill several),
+        // so their lookups read only their own time range
+        let unsummarized = watch
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT brin_summarize_range('idx_usage_events_at'::regclass, 0) \
+                 + brin_summarize_range('idx_usage_events_at'::regclass, 128) AS n",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i32>("", "n")
+            .unwrap();
+        assert_eq!(unsummarized, 0);
+        watch.close().await.unwrap();
+    }
+    assert_eq!(store.count_events().await.unwrap(), expected);
+    assert_eq!(repeated_ids(&url).await, 0);
+    let totals = store
+        .usage_totals(0, i64::MAX, Grouping::Model, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        totals[0].calls,
+        i64::try_from(expected).unwrap(),
+        "rolled up once"
+    );
     store.close().await;
 }
 
@@ -358,7 +448,8 @@ on_both_databases!(
     each_event_is_written_once_and_rolled_up_once,
     request_logs_and_retention,
     key_counters_are_saved_and_restored,
-    fresh_batches_land_whole_and_a_stored_id_fails_them,
+    fresh_batches_land_whole_and_retries_store_only_the_new,
+    concurrent_writes_of_the_same_events_store_them_once,
 );
 
 /// On a multi-thread runtime (as in `keypool serve`) the SQLite writer runs in place instead of
@@ -366,7 +457,7 @@ on_both_databases!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_batches_written_in_place_on_a_multi_thread_runtime() {
     let (db, url) = TestDb::sqlite();
-    fresh_batches_land_whole_and_a_stored_id_fails_them(url).await;
+    fresh_batches_land_whole_and_retries_store_only_the_new(url).await;
     db.drop_db().await;
     let (db, url) = TestDb::sqlite();
     each_event_is_written_once_and_rolled_up_once(url).await;
