@@ -182,6 +182,35 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use sea_orm::sqlx;
+
+    /// WAL and `synchronous=NORMAL` on every pooled SQLite connection, not only the first (a
+    /// PRAGMA run once reached one connection of four): the pool's four held at once.
+    #[tokio::test]
+    async fn every_pooled_sqlite_connection_is_wal_with_synchronous_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/kp.sqlite?mode=rwc", dir.path().display());
+        let store = super::Store::connect(&url).await.unwrap();
+        let pool = store.db.get_sqlite_connection_pool();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(pool.acquire().await.unwrap());
+        }
+        for conn in &mut held {
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!((synchronous, journal.as_str()), (1, "wal"));
+        }
+        drop(held);
+        store.close().await;
+    }
+
     #[test]
     fn postgres_key_value_form() {
         assert_eq!(

@@ -208,6 +208,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_writers_connection_is_wal_with_synchronous_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/kp.sqlite?mode=rwc", dir.path().display());
+        let conn = SqliteWriter::for_url(&url).unwrap().open().unwrap();
+        let synchronous: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        let journal: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!((synchronous, journal.as_str()), (1, "wal"));
+    }
+
+    #[test]
     fn the_writer_needs_a_file() {
         let w = SqliteWriter::for_url("sqlite:///tmp/x/kp.sqlite?mode=rwc").unwrap();
         assert_eq!(w.path, PathBuf::from("/tmp/x/kp.sqlite"));
