@@ -144,12 +144,21 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    let got = cl
-        .get_gateway(authed(pb::GetGatewayRequest {
-            name: "team".into(),
-        }))
-        .await?
-        .into_inner();
+    // a request's tokens are counted by a task that runs just after its response was
+    // written: the client may ask before that task ran
+    let mut got = pb::Gateway::default();
+    for _ in 0..40 {
+        got = cl
+            .get_gateway(authed(pb::GetGatewayRequest {
+                name: "team".into(),
+            }))
+            .await?
+            .into_inner();
+        if got.tokens_used > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert!(got.spec_json.contains("ingress:100/minute"));
     assert_eq!(got.tokens_used, 10);
 
