@@ -359,7 +359,8 @@ async fn concurrent_writes_of_the_same_events_store_them_once(url: String) {
     }
     if store.backend() == sea_orm::DbBackend::Postgres {
         // the first attempt is in flight (its COPY holds the shared write lock) when the
-        // retries start: they wait for it, then find everything stored
+        // retries start: they wait for it, then find everything stored. (`pg_locks` shows the
+        // whole server's locks: tests writing to other databases hold the same key.)
         let watch = Database::connect(url.as_str()).await.unwrap();
         let mut seen_in_flight = 0;
         for round in 0..3 {
@@ -373,7 +374,9 @@ async fn concurrent_writes_of_the_same_events_store_them_once(url: String) {
                     .query_one_raw(sea_orm::Statement::from_string(
                         sea_orm::DbBackend::Postgres,
                         "SELECT COUNT(*) AS n FROM pg_locks \
-                         WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted",
+                         WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted \
+                         AND database = (SELECT oid FROM pg_database \
+                         WHERE datname = current_database())",
                     ))
                     .await
                     .unwrap()
