@@ -47,88 +47,126 @@ enum Dialect {
     Sqlite,
 }
 
-/// The batch writer's statements in one dialect, built once.
+/// `{verb} {table} ({columns}) VALUES (...), ...`: `rows` rows of `arity` placeholders, then
+/// `tail`.
+fn insert(
+    dialect: Dialect,
+    verb: &str,
+    table: &str,
+    columns: &str,
+    (arity, rows): (usize, usize),
+    tail: &str,
+) -> String {
+    let mut sql = format!("{verb} {table} ({columns}) VALUES ");
+    let mut n = 0;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..arity {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            match dialect {
+                Dialect::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                }
+                Dialect::Sqlite => sql.push('?'),
+            }
+        }
+        sql.push(')');
+    }
+    sql.push_str(tail);
+    sql
+}
+
+const ROLLUP_COLUMNS: &str = "hour_ms, gateway, key_name, model, calls, errors, \
+     prompt_tokens, completion_tokens, total_tokens";
+
+/// What a rollup insert does with an existing row: adds to its sums.
+fn rollup_upsert() -> String {
+    let add = |c: &str| format!("{c} = usage_hourly.{c} + excluded.{c}");
+    let sums = [
+        "calls",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    ];
+    format!(
+        " ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET {}",
+        sums.map(add).join(", ")
+    )
+}
+
+/// The SQLite writer's statements, built once.
 pub(crate) struct Statements {
-    /// Inserts of events by shape (SQLite; PostgreSQL `COPY`s them). On SQLite `INSERT OR
-    /// ROLLBACK`: a statement that cannot fail halfway needs no statement journal, which copied
-    /// every page a 64-row insert touched (a fifth of the writer's CPU then).
+    /// Inserts of events by shape, `INSERT OR ROLLBACK`: a statement that cannot fail halfway
+    /// needs no statement journal, which copied every page a 64-row insert touched (a fifth of
+    /// the writer's CPU then).
     pub events: [String; SHAPES.len()],
     pub logs: [String; SHAPES.len()],
+    /// One rollup row.
     pub rollup: String,
 }
 
-impl Statements {
-    fn build(dialect: Dialect) -> Self {
-        let insert =
-            |verb: &str, table: &str, columns: &str, arity: usize, rows: usize, tail: &str| {
-                let mut sql = format!("{verb} {table} ({columns}) VALUES ");
-                let mut n = 0;
-                for r in 0..rows {
-                    sql.push_str(if r == 0 { "(" } else { ", (" });
-                    for c in 0..arity {
-                        if c > 0 {
-                            sql.push_str(", ");
-                        }
-                        n += 1;
-                        match dialect {
-                            Dialect::Postgres => {
-                                sql.push('$');
-                                sql.push_str(&n.to_string());
-                            }
-                            Dialect::Sqlite => sql.push('?'),
-                        }
-                    }
-                    sql.push(')');
-                }
-                sql.push_str(tail);
-                sql
-            };
-        let fresh = match dialect {
-            Dialect::Postgres => "INSERT INTO",
-            Dialect::Sqlite => "INSERT OR ROLLBACK INTO",
-        };
-        let add = |c: &str| format!("{c} = usage_hourly.{c} + excluded.{c}");
-        let rollup = insert(
+pub(crate) static SQLITE: LazyLock<Statements> = LazyLock::new(|| {
+    let sqlite = |verb, table, columns, shape, tail| {
+        insert(Dialect::Sqlite, verb, table, columns, shape, tail)
+    };
+    Statements {
+        events: SHAPES.map(|rows| {
+            sqlite(
+                "INSERT OR ROLLBACK INTO",
+                "usage_events",
+                EVENT_COLUMNS,
+                (EVENT_ARITY, rows),
+                "",
+            )
+        }),
+        logs: SHAPES.map(|rows| {
+            sqlite(
+                "INSERT INTO",
+                "request_logs",
+                LOG_COLUMNS,
+                (LOG_ARITY, rows),
+                "",
+            )
+        }),
+        rollup: sqlite(
             "INSERT INTO",
             "usage_hourly",
-            "hour_ms, gateway, key_name, model, calls, errors, prompt_tokens, \
-             completion_tokens, total_tokens",
-            9,
-            1,
-            &format!(
-                " ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET {}",
-                [
-                    "calls",
-                    "errors",
-                    "prompt_tokens",
-                    "completion_tokens",
-                    "total_tokens"
-                ]
-                .map(add)
-                .join(", ")
-            ),
-        );
-        Self {
-            events: SHAPES
-                .map(|rows| insert(fresh, "usage_events", EVENT_COLUMNS, EVENT_ARITY, rows, "")),
-            logs: SHAPES.map(|rows| {
-                insert(
-                    "INSERT INTO",
-                    "request_logs",
-                    LOG_COLUMNS,
-                    LOG_ARITY,
-                    rows,
-                    "",
-                )
-            }),
-            rollup,
-        }
+            ROLLUP_COLUMNS,
+            (9, 1),
+            &rollup_upsert(),
+        ),
     }
-}
+});
 
-static POSTGRES: LazyLock<Statements> = LazyLock::new(|| Statements::build(Dialect::Postgres));
-pub(crate) static SQLITE: LazyLock<Statements> =
-    LazyLock::new(|| Statements::build(Dialect::Sqlite));
+/// PostgreSQL's inserts of request logs by shape (its events go by `COPY`).
+static POSTGRES_LOGS: LazyLock<[String; SHAPES.len()]> = LazyLock::new(|| {
+    SHAPES.map(|rows| {
+        insert(
+            Dialect::Postgres,
+            "INSERT INTO",
+            "request_logs",
+            LOG_COLUMNS,
+            (LOG_ARITY, rows),
+            "",
+        )
+    })
+});
+
+/// PostgreSQL's rollup upsert: a batch's rows in one statement, one per element of its arrays
+/// (the groups are distinct, as one statement may not update a row twice).
+static POSTGRES_ROLLUP: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO usage_hourly ({ROLLUP_COLUMNS}) SELECT * FROM unnest($1::bigint[], \
+         $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], \
+         $8::bigint[], $9::bigint[]){}",
+        rollup_upsert()
+    )
+});
 
 /// A rollup row's sums.
 #[derive(Default)]
@@ -250,9 +288,7 @@ impl Store {
         tx.commit().await?;
         Ok(new)
     }
-}
 
-impl Store {
     /// Summarizes the BRIN ranges of `usage_events` that filled up since this process last did,
     /// so that a retry's lookup reads only the rows of its time ranges (BRIN scans every range
     /// it has no summary of, and only VACUUM summarizes on its own). Complete ranges only: a
@@ -339,7 +375,7 @@ async fn write_rest(
         .collect();
     let mut at = 0;
     for (shape, rows) in runs(logged.len()) {
-        let mut q = sqlx::query::<Postgres>(POSTGRES.logs[shape].as_str());
+        let mut q = sqlx::query::<Postgres>(POSTGRES_LOGS[shape].as_str());
         for e in &logged[at..at + rows] {
             let log = e.log.as_ref();
             q = q
@@ -366,7 +402,7 @@ async fn write_rest(
         columns.completion.push(r.completion);
         columns.total.push(r.total);
     }
-    sqlx::query::<Postgres>(ROLLUP_ARRAYS)
+    sqlx::query::<Postgres>(POSTGRES_ROLLUP.as_str())
         .bind(columns.hour)
         .bind(columns.gateway)
         .bind(columns.key)
@@ -394,18 +430,6 @@ struct RollupColumns<'a> {
     completion: Vec<i64>,
     total: Vec<i64>,
 }
-
-/// PostgreSQL's rollup upsert, one row per element of its arrays (a batch's groups are
-/// distinct, as one statement may not update a row twice).
-const ROLLUP_ARRAYS: &str = "INSERT INTO usage_hourly (hour_ms, gateway, key_name, model, \
-     calls, errors, prompt_tokens, completion_tokens, total_tokens) \
-     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-     $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[]) \
-     ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET \
-     calls = usage_hourly.calls + excluded.calls, errors = usage_hourly.errors + excluded.errors, \
-     prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, \
-     completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, \
-     total_tokens = usage_hourly.total_tokens + excluded.total_tokens";
 
 /// The `new` events as the rows of a `COPY ... (FORMAT text)`: tab-separated, `\N` for NULL,
 /// backslash, tab, newline and carriage return escaped.
@@ -505,9 +529,9 @@ mod tests {
         assert_eq!(runs(1000).count(), 15 + 5);
     }
 
-    #[test]
-    fn copy_rows_escape_what_the_text_format_reserves() {
-        let e = StoredEvent {
+    /// An event with text the `COPY` format must escape.
+    fn event() -> StoredEvent {
+        StoredEvent {
             id: "0123".into(),
             at_ms: 5,
             gateway: "default".into(),
@@ -527,7 +551,12 @@ mod tests {
             user_agent: Some("curl\r".into()),
             error: None,
             log: None,
-        };
+        }
+    }
+
+    #[test]
+    fn copy_rows_escape_what_the_text_format_reserves() {
+        let e = event();
         let text = String::from_utf8(copy_text(&[e], &[0])).unwrap();
         assert_eq!(
             text,
@@ -548,23 +577,31 @@ mod tests {
 
     #[test]
     fn statements_number_their_placeholders() {
-        let pg = Statements::build(Dialect::Postgres);
-        assert!(pg.events[2].starts_with(
+        let events = |dialect, rows| {
+            insert(
+                dialect,
+                "INSERT INTO",
+                "usage_events",
+                EVENT_COLUMNS,
+                (EVENT_ARITY, rows),
+                "",
+            )
+        };
+        assert_eq!(
+            events(Dialect::Postgres, 1),
             "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-        ));
-        assert!(pg.events[0].ends_with("$1152)"));
-        assert_eq!(pg.logs[1].matches('$').count(), 8 * LOG_ARITY);
-        assert!(
-            pg.rollup
-                .contains("calls = usage_hourly.calls + excluded.calls")
         );
-        let sqlite = Statements::build(Dialect::Sqlite);
-        assert_eq!(sqlite.events[0].matches('?').count(), 64 * EVENT_ARITY);
-        assert!(sqlite.events[1].starts_with("INSERT OR ROLLBACK INTO usage_events ("));
-        assert!(!sqlite.events[0].contains('$'));
-        let tail = |sql: &str| sql[sql.find(" ON CONFLICT").unwrap()..].replace("  ", " ");
-        assert_eq!(tail(&sqlite.rollup), tail(&pg.rollup));
-        assert_eq!(tail(ROLLUP_ARRAYS), tail(&pg.rollup));
+        assert!(events(Dialect::Postgres, 64).ends_with("$1152)"));
+        assert_eq!(POSTGRES_LOGS[1].matches('$').count(), 8 * LOG_ARITY);
+        assert_eq!(SQLITE.events[0].matches('?').count(), 64 * EVENT_ARITY);
+        assert!(SQLITE.events[1].starts_with("INSERT OR ROLLBACK INTO usage_events ("));
+        assert!(!SQLITE.events[0].contains('$'));
+        assert!(
+            SQLITE
+                .rollup
+                .ends_with(" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET calls = usage_hourly.calls + excluded.calls, errors = usage_hourly.errors + excluded.errors, prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, total_tokens = usage_hourly.total_tokens + excluded.total_tokens")
+        );
+        assert!(POSTGRES_ROLLUP.contains("$9::bigint[]) ON CONFLICT (hour_ms"));
         let lock = WRITE_LOCK.to_string();
         assert!(BEGIN_FRESH.ends_with(&format!("pg_advisory_xact_lock_shared({lock})")));
         assert!(BEGIN_RETRY.contains(&format!("pg_advisory_xact_lock({lock});")));
@@ -574,24 +611,7 @@ mod tests {
     fn a_batch_keeps_the_first_event_of_each_id() {
         let e = |id: &str| StoredEvent {
             id: id.into(),
-            at_ms: 1,
-            gateway: "g".into(),
-            caller: None,
-            model: "m".into(),
-            key_name: None,
-            provider: None,
-            attempts: 1,
-            status: 200,
-            stream: false,
-            latency_ms: 1,
-            ttfb_ms: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            total_tokens: None,
-            client_ip: None,
-            user_agent: None,
-            error: None,
-            log: None,
+            ..event()
         };
         assert_eq!(unique(&[e("a"), e("b"), e("a"), e("c"), e("b")]), [0, 1, 3]);
     }
