@@ -459,7 +459,7 @@ mod tests {
             while std::time::Instant::now() < until {
                 if let Ok((mut b, _)) = l.accept() {
                     b.set_nonblocking(false).unwrap();
-                    // the test's runtime closes the connection once the client is dropped
+                    // ends when the client's connection closes; the timeout only bounds a hang
                     b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                     while read_request(&mut b).is_some() {
                         requests += 1;
@@ -473,10 +473,10 @@ mod tests {
         })
     }
 
-    /// A pooled connection the upstream closed while it sat idle is not used again: the next
-    /// request goes on a new connection, and reaches the upstream once.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_connection_closed_while_idle_is_replaced() {
+    /// One request answered on a pooled connection, which the upstream then closes; returns
+    /// once it did, without letting this runtime run (so the connection's task has not seen
+    /// the close yet).
+    async fn pooled_then_closed() -> (UpstreamClient, url::Url, std::thread::JoinHandle<usize>) {
         let (l, url) = listener();
         let (close_tx, close_rx) = mpsc::channel();
         let (closed_tx, closed_rx) = mpsc::channel();
@@ -485,16 +485,31 @@ mod tests {
         assert_eq!(post(&client, &url).await.unwrap(), "ok");
         close_tx.send(()).unwrap();
         closed_rx.recv().unwrap();
+        (client, url, server)
+    }
+
+    /// Drops the client, lets its connections' tasks close them, and answers how many
+    /// requests reached the upstream.
+    async fn requests_seen(
+        client: UpstreamClient,
+        server: std::thread::JoinHandle<usize>,
+    ) -> usize {
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.join().unwrap()
+    }
+
+    /// A pooled connection the upstream closed while it sat idle is not used again: the next
+    /// request goes on a new connection, and reaches the upstream once.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        let (client, url, server) = pooled_then_closed().await;
         // the connection's task runs meanwhile and sees the close
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(post(&client, &url).await.unwrap(), "ok");
         assert_eq!(post(&client, &url).await.unwrap(), "ok");
-        drop(client);
-        assert_eq!(
-            server.join().unwrap(),
-            3,
-            "each request reached the upstream once"
-        );
+        let requests = requests_seen(client, server).await;
+        assert_eq!(requests, 3, "each request reached the upstream once");
     }
 
     /// A close that races the reuse (it arrives while this worker is busy, so the connection's
@@ -504,20 +519,11 @@ mod tests {
     /// that read a request and closed looks the same from here).
     #[tokio::test(flavor = "current_thread")]
     async fn a_close_racing_the_reuse_never_sends_a_request_twice() {
-        let (l, url) = listener();
-        let (close_tx, close_rx) = mpsc::channel();
-        let (closed_tx, closed_rx) = mpsc::channel();
-        let server = closes_idle_connection(l, close_rx, closed_tx);
-        let client = client();
-        assert_eq!(post(&client, &url).await.unwrap(), "ok");
-        close_tx.send(()).unwrap();
-        // blocks the runtime's only thread: the connection's task cannot see the close
-        closed_rx.recv().unwrap();
+        let (client, url, server) = pooled_then_closed().await;
+        // still without yielding: the close has arrived, unseen
         std::thread::sleep(Duration::from_millis(20));
         let second = post(&client, &url).await;
-        drop(client);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let requests = server.join().unwrap();
+        let requests = requests_seen(client, server).await;
         match second {
             Ok(body) => assert_eq!((body.as_str(), requests), ("ok", 2)),
             Err(e) => {
