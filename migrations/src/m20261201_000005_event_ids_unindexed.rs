@@ -44,25 +44,25 @@ CREATE INDEX "idx_usage_events_at" ON "usage_events" ("at_ms");"#
     )
 }
 
+/// Runs `postgres` on PostgreSQL, or rebuilds the table on SQLite with `id` declared as
+/// `sqlite_id`.
+async fn apply(m: &SchemaManager<'_>, postgres: &str, sqlite_id: &str) -> Result<(), DbErr> {
+    let sql = match m.get_database_backend() {
+        DbBackend::Postgres => postgres.to_owned(),
+        DbBackend::Sqlite => sqlite_rebuild(sqlite_id),
+        _ => return Ok(()),
+    };
+    m.get_connection().execute_unprepared(&sql).await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match m.get_database_backend() {
-            DbBackend::Postgres => PG_UP.to_owned(),
-            DbBackend::Sqlite => sqlite_rebuild(r#""id" varchar(32) NOT NULL"#),
-            _ => return Ok(()),
-        };
-        m.get_connection().execute_unprepared(&sql).await?;
-        Ok(())
+        apply(m, PG_UP, r#""id" varchar(32) NOT NULL"#).await
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match m.get_database_backend() {
-            DbBackend::Postgres => PG_DOWN.to_owned(),
-            DbBackend::Sqlite => sqlite_rebuild(r#""id" varchar(32) NOT NULL PRIMARY KEY"#),
-            _ => return Ok(()),
-        };
-        m.get_connection().execute_unprepared(&sql).await?;
-        Ok(())
+        apply(m, PG_DOWN, r#""id" varchar(32) NOT NULL PRIMARY KEY"#).await
     }
 }
