@@ -57,7 +57,7 @@ impl ModelRule {
 #[derive(Debug, Clone)]
 pub struct UpstreamKey {
     /// Stable, secret-free name: shown in `x-keypool-upstream`, logs, metrics and the admin API.
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// The credential sent upstream as `Authorization: Bearer <sk>`.
     pub sk: Secret,
     /// `sk: asis`: forward the client's own `Authorization` header instead.
@@ -103,7 +103,7 @@ impl UpstreamKey {
     /// of the parts that take a key.
     pub fn plain(name: &str, endpoint: &str) -> Result<Self, url::ParseError> {
         Ok(Self {
-            name: name.to_owned(),
+            name: name.into(),
             sk: Secret::new(format!("sk-{name}")),
             passthrough_auth: false,
             endpoint: endpoint.to_owned(),
@@ -127,7 +127,7 @@ impl UpstreamKey {
     /// to its frontends only). Validating it gives this key back.
     pub fn to_raw(&self) -> crate::raw::RawUpstream {
         crate::raw::RawUpstream {
-            name: Some(self.name.clone()),
+            name: Some(self.name.to_string()),
             sk: Some(if self.passthrough_auth {
                 "asis".to_owned()
             } else {

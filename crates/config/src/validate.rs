@@ -569,7 +569,7 @@ fn validate_upstream(
     let endpoint_url = endpoint_url?;
     let rules = |entries: Vec<String>| entries.iter().map(|e| ModelRule::parse(e)).collect();
     Some(UpstreamKey {
-        name,
+        name: name.into(),
         passthrough_auth: sk == "asis",
         sk: Secret::new(sk),
         endpoint,

@@ -255,7 +255,7 @@ impl KeyActor {
         if self.cooldowns_in_row >= keypool_telemetry::notify::cooling_alert_after() {
             keypool_telemetry::alert(
                 keypool_telemetry::Cause::KeyCooling,
-                self.key.name.clone(),
+                self.key.name.to_string(),
                 format!(
                     "key {} is cooling down again ({} times in a row; now for {} s): its upstream keeps refusing or failing",
                     self.key.name,
@@ -335,7 +335,7 @@ impl KeyActor {
                     );
                     keypool_telemetry::alert(
                         keypool_telemetry::Cause::KeyDisabled,
-                        self.key.name.clone(),
+                        self.key.name.to_string(),
                         format!(
                             "key {} disabled: its upstream answered {status} (the key was rejected)",
                             self.key.name
@@ -465,7 +465,7 @@ impl Handler<Snapshot> for KeyActor {
             self.publish_health();
         }
         actix::MessageResult(KeyState {
-            name: self.key.name.clone(),
+            name: self.key.name.to_string(),
             health: self.health.clone(),
             window_requests: self.requests.used(now),
             window_tokens: self.tokens.used(now),

@@ -106,7 +106,7 @@ impl KeyPool {
             .iter()
             .enumerate()
             .map(|(i, key)| {
-                PoolKey::start(i as u64, key.clone(), epoch, seeds.get(&key.name).cloned())
+                PoolKey::start(i as u64, key.clone(), epoch, seeds.get(&*key.name).cloned())
             })
             .collect();
         let view = Arc::new(RwLock::new(Arc::new(PoolView {
@@ -181,11 +181,16 @@ impl Handler<crate::messages::RemoveKey> for KeyPool {
 
     fn handle(&mut self, msg: crate::messages::RemoveKey, _: &mut Context<Self>) -> Self::Result {
         let view = self.current();
-        let gone = view.keys.iter().find(|k| k.key.name == msg.0)?.addr.clone();
+        let gone = view
+            .keys
+            .iter()
+            .find(|k| *k.key.name == msg.0)?
+            .addr
+            .clone();
         let keys = view
             .keys
             .iter()
-            .filter(|k| k.key.name != msg.0)
+            .filter(|k| *k.key.name != msg.0)
             .cloned()
             .collect();
         self.publish(keys);
@@ -217,7 +222,7 @@ impl Handler<crate::messages::SetEnabled> for KeyPool {
         let k = view
             .keys
             .iter()
-            .find(|k| k.key.name == msg.name)
+            .find(|k| *k.key.name == msg.name)
             .ok_or_else(|| format!("no key named {:?}", msg.name))?;
         k.addr.do_send(crate::messages::Enable(msg.enabled));
         Ok(())
@@ -357,7 +362,7 @@ impl PoolHandle {
     /// Applies a key health event another replica published.
     pub fn apply_health(&self, key: &str, event: crate::HealthEvent) {
         let view = self.view();
-        if let Some(k) = view.keys.iter().find(|k| k.key.name == key) {
+        if let Some(k) = view.keys.iter().find(|k| &*k.key.name == key) {
             k.addr.do_send(crate::messages::RemoteHealth(event));
         }
     }

@@ -51,7 +51,7 @@ async fn least_used_spreads_four_each_then_refuses_with_the_reset_time() {
     let mut per_key = std::collections::HashMap::<String, u32>::new();
     for _ in 0..12 {
         let l = lease(&pool).await.unwrap();
-        *per_key.entry(l.key.name.clone()).or_default() += 1;
+        *per_key.entry(l.key.name.to_string()).or_default() += 1;
         l.settle(ok());
     }
     assert_eq!(per_key.values().copied().collect::<Vec<_>>(), vec![4, 4, 4]);
@@ -75,7 +75,7 @@ async fn order_policy_uses_the_first_key_until_its_budget_is_gone() {
     let mut names = vec![];
     for _ in 0..4 {
         let l = lease(&pool).await.unwrap();
-        names.push(l.key.name.clone());
+        names.push(l.key.name.to_string());
         l.settle(ok());
     }
     assert_eq!(names, vec!["a", "a", "b", "b"]);
@@ -88,7 +88,7 @@ async fn exclude_skips_tried_keys_and_model_rules_apply() {
     let keys = [key("a", None, None), Arc::new(only_embed)];
     let pool = KeyPool::start(&keys, LbPolicy::Order);
     let first = lease(&pool).await.unwrap();
-    assert_eq!(first.key.name, "a");
+    assert_eq!(&*first.key.name, "a");
     let id = first.key_id;
     first.settle(ok());
     // chat model: only "a" allows it; excluded → nothing serves
@@ -98,7 +98,7 @@ async fn exclude_skips_tried_keys_and_model_rules_apply() {
     );
     let mut p = pick(1, vec![id]);
     p.model = "text-embedding-3-small".into();
-    assert_eq!(pool.pick(&p).await.unwrap().key.name, "e");
+    assert_eq!(&*pool.pick(&p).await.unwrap().key.name, "e");
 }
 
 #[actix_rt::test]
@@ -106,7 +106,7 @@ async fn upstream_429_cools_the_key_for_its_retry_after() {
     let keys = [key("a", None, None), key("b", None, None)];
     let pool = KeyPool::start(&keys, LbPolicy::Order);
     let l = lease(&pool).await.unwrap();
-    assert_eq!(l.key.name, "a");
+    assert_eq!(&*l.key.name, "a");
     l.settle(Outcome::RateLimited {
         cooldown: Some(Duration::from_millis(300)),
     });
@@ -115,11 +115,11 @@ async fn upstream_429_cools_the_key_for_its_retry_after() {
     assert!(matches!(states[0].health, Health::CoolingUntil(_)));
     for _ in 0..3 {
         let l = lease(&pool).await.unwrap();
-        assert_eq!(l.key.name, "b");
+        assert_eq!(&*l.key.name, "b");
         l.settle(ok());
     }
     tokio::time::sleep(Duration::from_millis(320)).await;
-    assert_eq!(lease(&pool).await.unwrap().key.name, "a");
+    assert_eq!(&*lease(&pool).await.unwrap().key.name, "a");
 }
 
 #[actix_rt::test]
@@ -158,11 +158,11 @@ async fn repeated_failures_cool_a_key_down() {
     let pool = KeyPool::start(&keys, LbPolicy::Order);
     for _ in 0..3 {
         let l = lease(&pool).await.unwrap();
-        assert_eq!(l.key.name, "a");
+        assert_eq!(&*l.key.name, "a");
         l.settle(Outcome::ServerError { status: 500 });
     }
     pool.list().await;
-    assert_eq!(lease(&pool).await.unwrap().key.name, "b");
+    assert_eq!(&*lease(&pool).await.unwrap().key.name, "b");
 }
 
 #[actix_rt::test]
@@ -227,7 +227,7 @@ async fn seeds_restore_counters_and_the_last_minute() {
         "the 90 s old request is outside the window"
     );
     // least-used prefers b, which served nothing in the last minute
-    assert_eq!(lease(&pool).await.unwrap().key.name, "b");
+    assert_eq!(&*lease(&pool).await.unwrap().key.name, "b");
 }
 
 #[actix_rt::test]
@@ -238,7 +238,7 @@ async fn anonymous_callers_only_reach_noauth_keys() {
     let pool = KeyPool::start(&keys, LbPolicy::Order);
     let mut p = pick(1, vec![]);
     p.caller = None;
-    assert_eq!(pool.pick(&p).await.unwrap().key.name, "open");
+    assert_eq!(&*pool.pick(&p).await.unwrap().key.name, "open");
 }
 
 #[actix_rt::test]
@@ -252,7 +252,7 @@ async fn an_open_gateway_lets_anonymous_callers_use_every_key() {
         "not open: noauth keys only"
     );
     p.open = true;
-    assert_eq!(pool.pick(&p).await.unwrap().key.name, "a");
+    assert_eq!(&*pool.pick(&p).await.unwrap().key.name, "a");
 }
 
 #[actix_rt::test]
@@ -270,7 +270,7 @@ async fn unbudgeted_keys_are_counted_without_messages_and_spread_at_once() {
     }
     let mut per_key = std::collections::BTreeMap::<String, u32>::new();
     for l in &held {
-        *per_key.entry(l.key.name.clone()).or_default() += 1;
+        *per_key.entry(l.key.name.to_string()).or_default() += 1;
     }
     assert_eq!(
         per_key.values().copied().collect::<Vec<_>>(),
@@ -300,7 +300,7 @@ async fn a_success_between_failures_resets_the_breaker() {
     let pool = KeyPool::start(&keys, LbPolicy::Order);
     let fail = |pool: PoolHandle| async move {
         let l = lease(&pool).await.unwrap();
-        let name = l.key.name.clone();
+        let name = l.key.name.to_string();
         l.settle(Outcome::ServerError { status: 500 });
         name
     };
@@ -313,7 +313,7 @@ async fn a_success_between_failures_resets_the_breaker() {
     assert_eq!(fail(pool.clone()).await, "a");
     let next = |pool: PoolHandle| async move {
         pool.list().await; // every settlement handled
-        lease(&pool).await.unwrap().key.name.clone()
+        lease(&pool).await.unwrap().key.name.to_string()
     };
     assert_eq!(next(pool.clone()).await, "a", "two in a row: not yet");
     assert_eq!(fail(pool.clone()).await, "a");

@@ -62,7 +62,7 @@ pub struct RequestCtx {
     /// Attempts made so far.
     pub attempts: u32,
     /// The key of the last attempt.
-    pub key: Option<String>,
+    pub key: Option<Arc<str>>,
     /// Its provider.
     pub provider: Option<&'static str>,
     pub ttfb: Option<Duration>,
@@ -187,8 +187,8 @@ impl RequestCtx {
         self.sink.record(UsageEvent {
             id: new_event_id(),
             at: SystemTime::now(),
-            gateway: self.gateway.to_string(),
-            caller: self.caller.id.as_deref().map(str::to_owned),
+            gateway: self.gateway.clone(),
+            caller: self.caller.id.clone(),
             model: self.inspected.model.clone(),
             key: self.key.clone(),
             provider: self.provider,
@@ -221,7 +221,7 @@ impl RequestCtx {
         }
         s.record("keypool.gateway", &*self.gateway);
         if let Some(k) = &self.key {
-            s.record("keypool.key", k.as_str());
+            s.record("keypool.key", &**k);
         }
         s.record("keypool.attempts", self.attempts);
         if let Some(e) = error {

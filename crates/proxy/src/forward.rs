@@ -45,7 +45,7 @@ pub enum Reply {
         status: u16,
         headers: HeaderMap,
         body: Bytes,
-        key: Option<String>,
+        key: Option<Arc<str>>,
         /// Usage read from a successful JSON body (read once, for both tpm and accounting).
         usage: Option<Usage>,
     },
@@ -54,12 +54,12 @@ pub enum Reply {
         status: u16,
         headers: HeaderMap,
         relay: Box<Relay>,
-        key: String,
+        key: Arc<str>,
     },
     /// An error keypool makes itself.
     Error {
         error: ApiError,
-        key: Option<String>,
+        key: Option<Arc<str>>,
     },
 }
 
@@ -70,10 +70,10 @@ enum Failure {
         status: u16,
         headers: HeaderMap,
         body: Bytes,
-        key: String,
+        key: Arc<str>,
     },
     /// No HTTP answer.
-    Transport { error: ApiError, key: String },
+    Transport { error: ApiError, key: Arc<str> },
 }
 
 impl Failure {
@@ -292,7 +292,7 @@ impl Engine {
                 sleep(jitter(ctx.attempts)).await;
             }
             ctx.attempts += 1;
-            select.record("keypool.key", lease.key.name.as_str());
+            select.record("keypool.key", &*lease.key.name);
             drop(select);
             ctx.key = Some(lease.key.name.clone());
             ctx.provider = Some(lease.key.kind.as_str());

@@ -403,7 +403,7 @@ fn respond(reply: Reply) -> HttpResponse {
             let mut b = HttpResponse::build(status(code));
             copy_headers(&mut b, &headers);
             if let Some(key) = key {
-                b.insert_header((UPSTREAM_HEADER, key));
+                b.insert_header((UPSTREAM_HEADER, &*key));
             }
             b.body(body)
         }
@@ -415,7 +415,7 @@ fn respond(reply: Reply) -> HttpResponse {
         } => {
             let mut b = HttpResponse::build(status(code));
             copy_headers(&mut b, &headers);
-            b.insert_header((UPSTREAM_HEADER, key))
+            b.insert_header((UPSTREAM_HEADER, &*key))
                 .insert_header(("x-accel-buffering", "no"))
                 .insert_header((header::CACHE_CONTROL, "no-cache"));
             b.streaming(Box::pin(relay.into_stream()))

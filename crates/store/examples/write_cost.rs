@@ -42,7 +42,7 @@ fn cpu() -> Duration {
 
 fn event(n: usize, at_ms: i64) -> StoredEvent {
     StoredEvent {
-        id: keypool_types::new_event_id(),
+        id: keypool_types::event_id_hex(keypool_types::new_event_id()),
         at_ms,
         gateway: "default".into(),
         caller: Some("tok-3f2a9c01b7de".into()),

@@ -57,12 +57,12 @@ impl From<UsageEvent> for StoredEvent {
     fn from(e: UsageEvent) -> Self {
         let usage = e.usage;
         Self {
-            id: e.id,
+            id: keypool_types::event_id_hex(e.id),
             at_ms: unix_ms(e.at),
-            gateway: e.gateway,
-            caller: e.caller,
+            gateway: e.gateway.to_string(),
+            caller: e.caller.as_deref().map(str::to_owned),
             model: e.model,
-            key_name: e.key,
+            key_name: e.key.as_deref().map(str::to_owned),
             provider: e.provider.map(str::to_owned),
             attempts: i32::try_from(e.attempts).unwrap_or(i32::MAX),
             status: i32::from(e.status),

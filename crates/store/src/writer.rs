@@ -51,13 +51,14 @@ pub struct WriterStats {
 /// The request path's side of the writer: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct WriterSink {
-    tx: mpsc::Sender<StoredEvent>,
+    tx: mpsc::Sender<UsageEvent>,
     stats: Arc<WriterStats>,
 }
 
 impl UsageSink for WriterSink {
     fn record(&self, event: UsageEvent) {
-        if self.tx.try_send(StoredEvent::from(event)).is_ok() {
+        // converted to the stored form on the writer's side: the request path only moves it
+        if self.tx.try_send(event).is_ok() {
             self.stats.queued.fetch_add(1, Ordering::Relaxed);
         } else {
             {
@@ -162,8 +163,9 @@ struct Loop<T> {
 }
 
 impl<T: BatchTarget> Loop<T> {
-    async fn run(mut self, mut rx: mpsc::Receiver<StoredEvent>, mut stop: oneshot::Receiver<()>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<UsageEvent>, mut stop: oneshot::Receiver<()>) {
         self.replay().await;
+        let mut incoming = Vec::with_capacity(BATCH);
         loop {
             let mut batch = Vec::with_capacity(BATCH);
             // while something waits in the spill file, wake up once a second to retry it even
@@ -171,7 +173,7 @@ impl<T: BatchTarget> Loop<T> {
             let pending = !self.db_ok || self.spill.len() > 0;
             let stopping = tokio::select! {
                 _ = &mut stop => true,
-                n = rx.recv_many(&mut batch, BATCH) => n == 0,
+                n = rx.recv_many(&mut incoming, BATCH) => n == 0,
                 () = tokio::time::sleep(PROBE_EVERY), if pending => {
                     self.probe().await;
                     continue;
@@ -181,20 +183,21 @@ impl<T: BatchTarget> Loop<T> {
             // little (events are at most LINGER late in the store; the request path never
             // waits). Asleep on the timer, not on the queue, so senders wake nobody meanwhile.
             let mut stopping = stopping;
-            if !stopping && batch.len() < BATCH {
+            if !stopping && incoming.len() < BATCH {
                 tokio::select! {
                     _ = &mut stop => stopping = true,
                     () = tokio::time::sleep(LINGER) => {}
                 }
-                let room = BATCH - batch.len();
-                if !rx.is_empty() && rx.recv_many(&mut batch, room).await == 0 {
+                let room = BATCH - incoming.len();
+                if !rx.is_empty() && rx.recv_many(&mut incoming, room).await == 0 {
                     stopping = true;
                 }
             }
+            batch.extend(incoming.drain(..).map(StoredEvent::from));
             if stopping {
                 rx.close();
                 while let Some(e) = rx.recv().await {
-                    batch.push(e);
+                    batch.push(StoredEvent::from(e));
                     if batch.len() == BATCH {
                         self.flush(std::mem::take(&mut batch)).await;
                     }

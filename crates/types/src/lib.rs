@@ -8,7 +8,7 @@ mod error;
 mod usage;
 
 pub use error::{ApiError, ErrorKind};
-pub use usage::{RequestLog, Usage, UsageEvent, UsageSink, new_event_id};
+pub use usage::{RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, new_event_id};
 
 mod secret;
 pub use secret::{Secret, constant_time_eq};

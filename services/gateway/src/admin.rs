@@ -69,7 +69,7 @@ fn key_pb(e: &KeyEntry, state: Option<&keypool_pool::KeyState>) -> pb::Key {
     let k = &e.key;
     let now = tokio::time::Instant::now();
     let mut out = pb::Key {
-        name: k.name.clone(),
+        name: k.name.to_string(),
         provider: k.kind.as_str().to_owned(),
         endpoint: k.endpoint.clone(),
         secret_masked: if k.passthrough_auth {
@@ -125,7 +125,7 @@ fn now_ms() -> i64 {
 impl AdminService {
     async fn key_with_state(&self, e: &KeyEntry) -> pb::Key {
         let states = self.control.pool.list().await;
-        key_pb(e, states.iter().find(|s| s.name == e.key.name))
+        key_pb(e, states.iter().find(|s| s.name == *e.key.name))
     }
 }
 
@@ -245,7 +245,7 @@ impl Admin for AdminService {
             .control
             .key_entries()
             .iter()
-            .map(|e| key_pb(e, states.iter().find(|s| s.name == e.key.name)))
+            .map(|e| key_pb(e, states.iter().find(|s| s.name == *e.key.name)))
             .collect();
         Ok(Response::new(pb::ListKeysResponse { keys }))
     }

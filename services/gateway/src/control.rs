@@ -162,7 +162,7 @@ impl Control {
         let mut k_entries = BTreeMap::new();
         for key in &config.upstreams {
             k_entries.insert(
-                key.name.clone(),
+                key.name.to_string(),
                 KeyEntry {
                     key: key.clone(),
                     owner: OWNER_CONFIG,
@@ -245,22 +245,22 @@ impl Control {
         let config_keys: Vec<KeyEntry> = lock(&self.key_entries).values().cloned().collect();
         for e in config_keys {
             let enabled = stored
-                .get(&e.key.name)
+                .get(&*e.key.name)
                 .is_none_or(|r| r.owner != OWNER_CONFIG || r.enabled);
             if !enabled {
                 let _ = self.pool.set_enabled(&e.key.name, false).await;
-                if let Some(entry) = lock(&self.key_entries).get_mut(&e.key.name) {
+                if let Some(entry) = lock(&self.key_entries).get_mut(&*e.key.name) {
                     entry.enabled = false;
                 }
             }
             store
                 .save_key(&KeyRow {
-                    name: e.key.name.clone(),
+                    name: e.key.name.to_string(),
                     spec: key_summary(&e.key).to_string(),
                     sealed_secret: None,
                     owner: OWNER_CONFIG.to_owned(),
                     enabled,
-                    updated_ms: stored.get(&e.key.name).map_or(0, |r| r.updated_ms),
+                    updated_ms: stored.get(&*e.key.name).map_or(0, |r| r.updated_ms),
                 })
                 .await?;
         }
@@ -380,7 +380,7 @@ impl Control {
         let rows = store.keys().await?;
         let local = self.key_entries();
         for row in &rows {
-            match local.iter().find(|e| e.key.name == row.name) {
+            match local.iter().find(|e| *e.key.name == row.name) {
                 Some(e) => {
                     if e.owner == OWNER_ADMIN
                         && serde_json::to_string(&e.raw).ok().as_deref() != Some(row.spec.as_str())
@@ -405,8 +405,8 @@ impl Control {
             }
         }
         for e in local.iter().filter(|e| e.owner == OWNER_ADMIN) {
-            if !rows.iter().any(|r| r.name == e.key.name) {
-                lock(&self.key_entries).remove(&e.key.name);
+            if !rows.iter().any(|r| r.name == *e.key.name) {
+                lock(&self.key_entries).remove(&*e.key.name);
                 let (pool, name, grace) = (
                     self.pool.clone(),
                     e.key.name.clone(),
@@ -474,7 +474,7 @@ impl Control {
         self.apply_gateways()?;
         let local = self.key_entries();
         for key in &config.upstreams {
-            let enabled = !disabled.contains(&key.name);
+            let enabled = !disabled.contains(&*key.name);
             let was = local.iter().find(|e| e.key.name == key.name);
             match was {
                 None => {
@@ -493,7 +493,7 @@ impl Control {
                 let _ = self.pool.set_enabled(&key.name, enabled).await;
             }
             lock(&self.key_entries).insert(
-                key.name.clone(),
+                key.name.to_string(),
                 KeyEntry {
                     key: key.clone(),
                     owner: OWNER_ADMIN,
@@ -504,7 +504,7 @@ impl Control {
         }
         for e in &local {
             if !config.upstreams.iter().any(|k| k.name == e.key.name) {
-                lock(&self.key_entries).remove(&e.key.name);
+                lock(&self.key_entries).remove(&*e.key.name);
                 let (pool, name, grace) = (
                     self.pool.clone(),
                     e.key.name.clone(),
@@ -647,7 +647,7 @@ impl Control {
         let order = self.pool.keys();
         let mut out: Vec<KeyEntry> = order
             .iter()
-            .filter_map(|k| entries.get(&k.name).cloned())
+            .filter_map(|k| entries.get(&*k.name).cloned())
             .collect();
         for e in entries.values() {
             if !out.iter().any(|o| o.key.name == e.key.name) {
@@ -677,14 +677,14 @@ impl Control {
                     .await
                     .map_err(|x| ControlError::Store(x.to_string()))?
                     .into_iter()
-                    .find(|r| r.name == e.key.name)
+                    .find(|r| r.name == *e.key.name)
                     .and_then(|r| r.sealed_secret),
             };
             (spec, sealed)
         };
         store
             .save_key(&KeyRow {
-                name: e.key.name.clone(),
+                name: e.key.name.to_string(),
                 spec,
                 sealed_secret: sealed,
                 owner: e.owner.to_owned(),
@@ -726,7 +726,7 @@ impl Control {
             (None, _) => None,
         };
         raw.sk = None;
-        raw.name = Some(key.name.clone());
+        raw.name = Some(key.name.to_string());
         let key = Arc::new(key);
         let entry = KeyEntry {
             key: key.clone(),
@@ -736,7 +736,7 @@ impl Control {
         };
         self.persist_key(&entry, sealed).await?;
         self.pool.add_key(key).await.map_err(ControlError::Exists)?;
-        lock(&self.key_entries).insert(entry.key.name.clone(), entry.clone());
+        lock(&self.key_entries).insert(entry.key.name.to_string(), entry.clone());
         self.bump();
         Ok(entry)
     }
