@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # keypool benchmark (a program, not a test). wrk pinned to core 0; everything else shares the
 # machine's cores. Every target is started first and the rounds alternate between them (direct,
-# nginx, each keypool), so a slow stretch of this VM hits them all alike:
+# nginx, each keypool), each round starting one target later, so a slow stretch of this VM hits
+# them all alike and none always runs after the others (ROUNDS a multiple of the number of
+# targets gives every target every place equally):
 #   - the mock upstream in no-delay mode, directly;
 #   - nginx as a plain keep-alive reverse proxy to it (the floor for one hop; NGINX=0 skips it);
 #   - keypool with 3 keys for each mode in STORES (default "none sqlite postgres"; request-body
@@ -152,9 +154,14 @@ for t in $TARGETS; do
 done
 declare -A SERVED0
 for t in $STORES; do SERVED0[$t]=$(served "${URL[$t]}"); done
-for _ in $(seq "$ROUNDS"); do
-  for t in $TARGETS; do run "$t" 64; done
-  for t in $TARGETS; do run "$t" 1; done
+# each round starts one target later: back-to-back saturated runs slow the VM down (the third
+# keypool of a round measured 5-8% below the second, whichever store it was), so every target
+# takes every place in the order once per len(TARGETS) rounds
+read -ra ORDER <<< "$TARGETS"
+for r in $(seq 0 $((ROUNDS - 1))); do
+  ROUND=("${ORDER[@]:r % ${#ORDER[@]}}" "${ORDER[@]:0:r % ${#ORDER[@]}}")
+  for t in "${ROUND[@]}"; do run "$t" 64; done
+  for t in "${ROUND[@]}"; do run "$t" 1; done
 done
 
 for store in $STORES; do
