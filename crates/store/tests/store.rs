@@ -284,7 +284,8 @@ async fn repeated_ids(url: &str) -> i64 {
     n
 }
 
-/// The writer's fast path for fresh batches (multi-row inserts on SQLite, COPY on PostgreSQL):
+/// The writer's fast path for fresh batches (multi-row inserts on SQLite; on PostgreSQL COPY,
+/// or one insert of arrays for a small batch):
 /// large batches of every shape land whole and rolled up, an id repeated inside one lands once,
 /// and a retry of a batch that landed (its commit answer lost) stores only what is new.
 async fn fresh_batches_land_whole_and_retries_store_only_the_new(url: String) {
@@ -307,6 +308,44 @@ async fn fresh_batches_land_whole_and_retries_store_only_the_new(url: String) {
             .as_deref(),
         Some("tab\there\\back\nline\rret")
     );
+    // a small batch (on PostgreSQL one insert of arrays, not COPY) stores every field as sent,
+    // NULLs included, as the large one did
+    let mut small = vec![
+        event("s1", hour + 1500, "k", "m", (1, 2), 200),
+        event("s2", hour + 1501, "k", "m", (1, 2), 502),
+    ];
+    small[0].user_agent = Some("tab\there\\back\nline\rret".into());
+    small[1].caller = None;
+    small[1].ttfb_ms = None;
+    small[1].prompt_tokens = None;
+    small[1].error = Some("upstream_5xx".into());
+    assert_eq!(store.write_new_batch(&small).await.unwrap(), 2);
+    let stored = store.events_since(0, 2000).await.unwrap();
+    for sent in [&fresh[7], &fresh[999], &small[0], &small[1]] {
+        let e = stored.iter().find(|e| e.id == sent.id).unwrap();
+        let back = StoredEvent {
+            id: e.id.clone(),
+            at_ms: e.at_ms,
+            gateway: e.gateway.clone(),
+            caller: e.caller.clone(),
+            model: e.model.clone(),
+            key_name: e.key_name.clone(),
+            provider: e.provider.clone(),
+            attempts: e.attempts,
+            status: e.status,
+            stream: e.stream,
+            latency_ms: e.latency_ms,
+            ttfb_ms: e.ttfb_ms,
+            prompt_tokens: e.prompt_tokens,
+            completion_tokens: e.completion_tokens,
+            total_tokens: e.total_tokens,
+            client_ip: e.client_ip.clone(),
+            user_agent: e.user_agent.clone(),
+            error: e.error.clone(),
+            log: None,
+        };
+        assert_eq!(&back, sent);
+    }
     // the retry of a batch that landed, with new events of the same millisecond and far from it
     let mut retry: Vec<StoredEvent> = fresh[..70].to_vec();
     retry.push(event("n1", hour + 3, "k", "m", (1, 2), 200));
@@ -324,13 +363,13 @@ async fn fresh_batches_land_whole_and_retries_store_only_the_new(url: String) {
         event("d1", hour, "k", "m", (1, 2), 200),
     ];
     assert_eq!(store.write_new_batch(&twice).await.unwrap(), 1);
-    assert_eq!(store.count_events().await.unwrap(), 1003);
+    assert_eq!(store.count_events().await.unwrap(), 1005);
     assert_eq!(repeated_ids(&url).await, 0);
     let totals = store
         .usage_totals(0, i64::MAX, Grouping::Model, None)
         .await
         .unwrap();
-    assert_eq!((totals[0].calls, totals[0].total_tokens), (1003, 3009));
+    assert_eq!((totals[0].calls, totals[0].total_tokens), (1005, 3015));
     store.close().await;
 }
 
