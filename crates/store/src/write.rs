@@ -385,47 +385,45 @@ async fn stored_ids(
     Ok(stored)
 }
 
-/// The request logs and hourly rollups of the `new` events.
 /// Inserts the `new` events as [`POSTGRES_EVENTS`] (a batch below [`COPY_FROM`]).
 async fn insert_arrays(
     conn: &mut PgConnection,
     events: &[StoredEvent],
     new: &[usize],
 ) -> Result<(), sqlx::Error> {
-    let column = |f: &dyn Fn(&StoredEvent) -> Option<&str>| -> Vec<Option<&str>> {
+    // one column of the new events, as an array parameter
+    fn column<'a, T>(
+        events: &'a [StoredEvent],
+        new: &[usize],
+        f: impl Fn(&'a StoredEvent) -> T,
+    ) -> Vec<T> {
         new.iter().map(|&i| f(&events[i])).collect()
-    };
-    let int = |f: &dyn Fn(&StoredEvent) -> Option<i64>| -> Vec<Option<i64>> {
-        new.iter().map(|&i| f(&events[i])).collect()
-    };
+    }
     sqlx::query::<Postgres>(POSTGRES_EVENTS.as_str())
-        .bind(column(&|e| Some(&e.id)))
-        .bind(int(&|e| Some(e.at_ms)))
-        .bind(column(&|e| Some(&e.gateway)))
-        .bind(column(&|e| e.caller.as_deref()))
-        .bind(column(&|e| Some(&e.model)))
-        .bind(column(&|e| e.key_name.as_deref()))
-        .bind(column(&|e| e.provider.as_deref()))
-        .bind(
-            new.iter()
-                .map(|&i| events[i].attempts)
-                .collect::<Vec<i32>>(),
-        )
-        .bind(new.iter().map(|&i| events[i].status).collect::<Vec<i32>>())
-        .bind(new.iter().map(|&i| events[i].stream).collect::<Vec<bool>>())
-        .bind(int(&|e| Some(e.latency_ms)))
-        .bind(int(&|e| e.ttfb_ms))
-        .bind(int(&|e| e.prompt_tokens))
-        .bind(int(&|e| e.completion_tokens))
-        .bind(int(&|e| e.total_tokens))
-        .bind(column(&|e| e.client_ip.as_deref()))
-        .bind(column(&|e| e.user_agent.as_deref()))
-        .bind(column(&|e| e.error.as_deref()))
+        .bind(column(events, new, |e| e.id.as_str()))
+        .bind(column(events, new, |e| e.at_ms))
+        .bind(column(events, new, |e| e.gateway.as_str()))
+        .bind(column(events, new, |e| e.caller.as_deref()))
+        .bind(column(events, new, |e| e.model.as_str()))
+        .bind(column(events, new, |e| e.key_name.as_deref()))
+        .bind(column(events, new, |e| e.provider.as_deref()))
+        .bind(column(events, new, |e| e.attempts))
+        .bind(column(events, new, |e| e.status))
+        .bind(column(events, new, |e| e.stream))
+        .bind(column(events, new, |e| e.latency_ms))
+        .bind(column(events, new, |e| e.ttfb_ms))
+        .bind(column(events, new, |e| e.prompt_tokens))
+        .bind(column(events, new, |e| e.completion_tokens))
+        .bind(column(events, new, |e| e.total_tokens))
+        .bind(column(events, new, |e| e.client_ip.as_deref()))
+        .bind(column(events, new, |e| e.user_agent.as_deref()))
+        .bind(column(events, new, |e| e.error.as_deref()))
         .execute(conn)
         .await?;
     Ok(())
 }
 
+/// The request logs and hourly rollups of the `new` events.
 async fn write_rest(
     conn: &mut PgConnection,
     events: &[StoredEvent],

@@ -97,7 +97,7 @@ pub fn new_event_id() -> u128 {
 /// An event id as the store keeps it: 32 hex digits, most significant first, so ids sort by time.
 pub fn event_id_hex(id: u128) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    // 32 hex digits, most significant first (`format!` cost ~1,600 instructions per request)
+    // 32 hex digits, most significant first (`format!` cost ~1,600 instructions per event)
     let digits: Vec<u8> = (0..32)
         .rev()
         .map(|n| HEX[((id >> (n * 4)) & 0xf) as usize])
@@ -109,7 +109,7 @@ pub fn event_id_hex(id: u128) -> String {
 mod tests {
     #[test]
     fn event_ids_are_32_hex_unique_and_time_ordered() {
-        let hex = |id| super::event_id_hex(id);
+        let hex = super::event_id_hex;
         let a = hex(super::new_event_id());
         std::thread::sleep(std::time::Duration::from_millis(2));
         let b = hex(super::new_event_id());
