@@ -149,7 +149,7 @@ async fn control_plane_pushes_config_to_three_frontends_and_collects_their_usage
     let applied_in = created.elapsed();
 
     // usage from all three lands in PostgreSQL exactly once and shows in StreamUsage (the
-    // writer batches for up to 50 ms: count what was sent, not what is stored by now)
+    // writer batches for up to 200 ms: count what was sent, not what is stored by now)
     let before = 3;
     for i in 0..30 {
         let fe = &fes[i % 3];

@@ -7,7 +7,10 @@
 #   - the mock upstream in no-delay mode, directly;
 #   - nginx as a plain keep-alive reverse proxy to it (the floor for one hop; NGINX=0 skips it);
 #   - keypool with 3 keys for each mode in STORES (default "none sqlite postgres"; request-body
-#     logging off; postgres uses a fresh database on 127.0.0.1:5432, dropped afterwards);
+#     logging off; postgres uses a fresh database on 127.0.0.1:5432, dropped afterwards, over
+#     TCP with sqlx's default TLS negotiation (this machine's server offers TLS, so it is TLS);
+#     pglocal the same over the Unix socket in /var/run/postgresql (PGSOCKET), how a database on
+#     the same host is reached: no TCP, no TLS);
 #     `rpm` = dbtype none with an rpm budget on every key (exact in-process windows), `redis` =
 #     the same budgets kept in the Redis on 127.0.0.1:6379 (one admission script per request;
 #     the round trips per request are counted from Redis's command stats); `redispick` = Redis
@@ -30,11 +33,13 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk;
 cargo build --release -q -p keypool-gateway
 BIN=${CARGO_TARGET_DIR:-target}/release/keypool
 WORK=$(mktemp -d)
-PGDB=""
+PGDBS=""
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   wait 2>/dev/null || true
-  [ -n "$PGDB" ] && psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1
+  for db in $PGDBS; do
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
+  done
   redis-cli --scan --pattern "kp-bench*-$$:*" 2>/dev/null | xargs -r redis-cli del > /dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -83,11 +88,14 @@ for store in $STORES; do
     none|rpm) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
-    postgres)
-      PGDB="kp_bench_$$"
+    postgres|pglocal)
+      PGDB="kp_bench_${store}_$$"
+      PGDBS="$PGDBS $PGDB"
       psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $PGDB" >/dev/null
+      if [ "$store" = postgres ]; then PGADDR="postgres://postgres@127.0.0.1:5432/$PGDB"
+      else PGADDR="postgres://postgres@localhost/$PGDB?host=${PGSOCKET:-/var/run/postgresql}"; fi
       DB="dbtype: postgres
-dbaddr: postgres://postgres@127.0.0.1:5432/$PGDB" ;;
+dbaddr: \"$PGADDR\"" ;;
     redis|redispick) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
     frontends) DB="dbtype: sqlite
@@ -170,7 +178,7 @@ for store in $STORES; do
     redis|redispick|frontends)
       echo "$store: redis round trips per request: ${EVALS[$store]} scripts / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
-  case "$store" in sqlite|postgres)
+  case "$store" in sqlite|postgres|pglocal)
     # nothing lost: every request's event is in the store (or still queued), none dropped
     sleep 0.3
     curl -s "${URL[$store]%/v1}/metrics" | awk -v s="$store" '

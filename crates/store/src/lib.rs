@@ -62,7 +62,9 @@ pub fn database_url(config: &StoreConfig) -> Option<String> {
     }
 }
 
-/// `host=h port=p user=u password=w dbname=d sslmode=m` → `postgres://u:w@h:p/d?sslmode=m`.
+/// `host=h port=p user=u password=w dbname=d sslmode=m` → `postgres://u:w@h:p/d?sslmode=m`. A
+/// host that starts with `/` is the directory of the server's Unix socket, as for libpq
+/// (`?host=/dir` in the URL).
 fn postgres_url(dsn: &str) -> String {
     if dsn.contains("://") {
         return dsn.to_owned();
@@ -88,10 +90,18 @@ fn postgres_url(dsn: &str) -> String {
     } else {
         format!("{user}:{password}")
     };
-    let query = if sslmode.is_empty() {
+    let mut query = Vec::new();
+    if host.starts_with('/') {
+        query.push(format!("host={host}"));
+        host = "localhost";
+    }
+    if !sslmode.is_empty() {
+        query.push(format!("sslmode={sslmode}"));
+    }
+    let query = if query.is_empty() {
         String::new()
     } else {
-        format!("?sslmode={sslmode}")
+        format!("?{}", query.join("&"))
     };
     format!("postgres://{auth}@{host}:{port}/{dbname}{query}")
 }
@@ -220,5 +230,9 @@ mod tests {
             "postgres://postgres:woshimima@127.0.0.1:5432/openai_api_route?sslmode=disable"
         );
         assert_eq!(super::postgres_url("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(
+            super::postgres_url("host=/var/run/postgresql user=kp dbname=usage sslmode=disable"),
+            "postgres://kp@localhost:5432/usage?host=/var/run/postgresql&sslmode=disable"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - The request path only `try_send`s into a bounded queue ([`WriterSink`]); it never waits on
 //!   the database. A full queue (past `log.queue_capacity`) drops the event, counted and logged.
-//! - Batches (up to 4000 events; what arrived within 50 ms of the first) are written in one
+//! - Batches (up to 4000 events; what arrived within 200 ms of the first) are written in one
 //!   transaction, so a busy gateway commits a few times a second, not per request. A failed
 //!   write is retried twice (100 ms, 400 ms); then the batch is appended to the spill file
 //!   (fsync'd) and the writer treats the database as down: further batches go straight to the
@@ -32,8 +32,11 @@ use crate::{Store, StoredEvent};
 const BATCH: usize = 4000;
 const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// How long a batch that is not full waits for more events before it is written.
-const LINGER: Duration = Duration::from_millis(50);
+/// How long a batch that is not full waits for more events before it is written. A batch costs
+/// PostgreSQL ~2 ms of CPU and the writer ~0.8 ms whatever its size (`write_cost`: 7.8 µs of
+/// server CPU per event in batches of 500, 4.0 in batches of 5000); at 50 ms a saturated gateway
+/// wrote batches of ~900, and the store's CPU per request fell by 15% at 200 ms.
+const LINGER: Duration = Duration::from_millis(200);
 
 /// Counters of the writer, shared with metrics and tests.
 #[derive(Debug, Default)]

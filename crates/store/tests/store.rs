@@ -505,3 +505,33 @@ async fn sqlite_batches_written_in_place_on_a_multi_thread_runtime() {
     each_event_is_written_once_and_rolled_up_once(url).await;
     db.drop_db().await;
 }
+
+/// A database on the same host is best reached over its Unix socket (no TCP, no TLS: the
+/// benchmark's `pglocal`): openai-api-route's key/value form with a socket directory as the
+/// host, as libpq takes it, writes both kinds of batch (an insert of arrays and a `COPY`).
+#[tokio::test]
+async fn postgres_over_the_unix_socket() {
+    let (db, _) = TestDb::postgres().await;
+    let TestDb::Postgres(name) = &db else {
+        unreachable!()
+    };
+    let url = keypool_store::database_url(&keypool_config::StoreConfig::Postgres {
+        dsn: format!("host=/var/run/postgresql user=postgres dbname={name}"),
+    })
+    .unwrap();
+    assert!(url.contains("?host=/var/run/postgresql"), "{url}");
+    // the connection is the socket's: the server sees no client address
+    let conn = Database::connect(&url).await.unwrap();
+    let row = conn
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT inet_client_addr() IS NULL AS local",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(row.try_get::<bool>("", "local").unwrap());
+    conn.close().await.unwrap();
+    fresh_batches_land_whole_and_retries_store_only_the_new(url).await;
+    db.drop_db().await;
+}
