@@ -38,7 +38,7 @@ cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   wait 2>/dev/null || true
   for db in $PGDBS; do
-    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
   done
   redis-cli --scan --pattern "kp-bench*-$$:*" 2>/dev/null | xargs -r redis-cli del > /dev/null 2>&1 || true
   rm -rf "$WORK"
