@@ -179,8 +179,9 @@ for store in $STORES; do
       echo "$store: redis round trips per request: ${EVALS[$store]} scripts / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
   case "$store" in sqlite|postgres|pglocal)
-    # nothing lost: every request's event is in the store (or still queued), none dropped
-    sleep 0.3
+    # nothing lost: every request's event is in the store (or still queued), none dropped;
+    # the writer's last batch waits up to 200 ms for more events before it is written
+    sleep 0.5
     curl -s "${URL[$store]%/v1}/metrics" | awk -v s="$store" '
       /^keypool_requests_total/ {n += $2} /^keypool_usage_written_total/ {w = $2}
       /^keypool_usage_dropped_total/ {d = $2} /^keypool_usage_queue_depth/ {q = $2}

@@ -170,7 +170,6 @@ impl<T: BatchTarget> Loop<T> {
         self.replay().await;
         let mut incoming = Vec::with_capacity(BATCH);
         loop {
-            let mut batch = Vec::with_capacity(BATCH);
             // while something waits in the spill file, wake up once a second to retry it even
             // when no new event arrives
             let pending = !self.db_ok || self.spill.len() > 0;
@@ -196,7 +195,7 @@ impl<T: BatchTarget> Loop<T> {
                     stopping = true;
                 }
             }
-            batch.extend(incoming.drain(..).map(StoredEvent::from));
+            let mut batch: Vec<StoredEvent> = incoming.drain(..).map(StoredEvent::from).collect();
             if stopping {
                 rx.close();
                 while let Some(e) = rx.recv().await {
