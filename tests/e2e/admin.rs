@@ -87,21 +87,20 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         Code::Unauthenticated
     );
 
-    // config seeding: the file's gateway, owned by the config, its secret only hashed
+    // config seeding: `default` (the top level, `/v1`) first, then the file's gateway, both
+    // owned by the config, secrets only hashed
     let list = cl
         .list_gateways(authed(pb::ListGatewaysRequest {}))
         .await?
         .into_inner();
-    assert_eq!(list.gateways.len(), 1);
-    assert_eq!(
-        (
-            list.gateways[0].name.as_str(),
-            list.gateways[0].owner.as_str()
-        ),
-        ("cfg", "config")
-    );
-    assert!(list.gateways[0].spec_json.contains("sha256:"));
-    assert!(!list.gateways[0].spec_json.contains("cfg-secret"));
+    let names: Vec<(&str, &str)> = list
+        .gateways
+        .iter()
+        .map(|g| (g.name.as_str(), g.owner.as_str()))
+        .collect();
+    assert_eq!(names, [("default", "config"), ("cfg", "config")]);
+    assert!(list.gateways[1].spec_json.contains("sha256:"));
+    assert!(!list.gateways[1].spec_json.contains("cfg-secret"));
 
     // validation errors name the field
     let err = cl
@@ -182,6 +181,24 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         .update_gateway(authed(pb::UpdateGatewayRequest {
             name: "cfg".into(),
             spec: "active: false\n".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // `default` is the config's top level: edited in the file, never created or replaced here
+    for spec in ["active: false\n", "name: default\n"] {
+        let err = cl
+            .update_gateway(authed(pb::UpdateGatewayRequest {
+                name: "default".into(),
+                spec: spec.into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+    }
+    let err = cl
+        .create_gateway(authed(pb::CreateGatewayRequest {
+            spec: "name: default\n".into(),
         }))
         .await
         .unwrap_err();
@@ -387,7 +404,7 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(st.store, "ok");
-    assert_eq!((st.keys, st.gateways), (2, 1));
+    assert_eq!((st.keys, st.gateways), (2, 2), "default and cfg");
     assert!(st.config_version > 1);
     assert_eq!(st.replicas.len(), 1);
     assert!(!gw.logs().contains("sk-added-secret-9999"));

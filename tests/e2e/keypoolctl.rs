@@ -66,7 +66,8 @@ async fn keypoolctl_manages_a_running_keypool() -> anyhow::Result<()> {
     let (ok, out, _) = run(vec!["--json", "gateways", "list"]).await?;
     assert!(ok);
     let list: Value = serde_json::from_str(&out)?;
-    assert_eq!(list[0]["name"], "team");
+    assert_eq!(list[0]["name"], "default", "`/v1`, the config's top level");
+    assert_eq!(list[1]["name"], "team");
     assert!(!out.contains("team-secret"), "only the hash is shown");
     let resp = gw
         .http()

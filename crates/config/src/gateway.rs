@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::{FieldError, ModelRule};
+use crate::{FieldError, ModelRule, UpstreamKey};
+
+/// The gateway at `/v1/*`, whose policy is the config's top level.
+pub const DEFAULT_GATEWAY: &str = "default";
 
 /// One `gateways:` entry as written. Names are a contract: add fields, never rename one.
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -105,6 +108,26 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway named `name` with no policy at all: open, every model, no limits.
+    pub fn open(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            auth: None,
+            expires_at: None,
+            active: true,
+            token_quota: None,
+            models: None,
+            retries: None,
+            rate_limits: Vec::new(),
+            whitelist: Vec::new(),
+            blacklist: Vec::new(),
+            timezone: chrono_tz::UTC,
+            prompt_template: None,
+            param_map: Vec::new(),
+            param_fixed: Vec::new(),
+        }
+    }
+
     /// Whether the gateway rewrites request bodies.
     pub fn transforms(&self) -> bool {
         self.prompt_template.is_some() || !self.param_map.is_empty() || !self.param_fixed.is_empty()
@@ -127,6 +150,8 @@ pub struct GatewayAuth {
 pub enum AuthMethod {
     /// SHA-256 of each accepted secret.
     Exact(Vec<[u8; 32]>),
+    /// The `default` gateway's client tokens (see [`ClientTokens`]).
+    Tokens(std::sync::Arc<ClientTokens>),
     Regex(Regex),
     Jwt {
         key: DecodingKey,
@@ -138,9 +163,75 @@ impl std::fmt::Debug for AuthMethod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Exact(h) => write!(f, "Exact({} secrets)", h.len()),
+            Self::Tokens(t) => write!(f, "Tokens({} tokens)", t.tokens.len()),
             Self::Regex(r) => write!(f, "Regex({})", r.as_str()),
             Self::Jwt { algorithms, .. } => write!(f, "Jwt({algorithms:?})"),
         }
+    }
+}
+
+/// The `default` gateway's credentials: the top-level `authorization` tokens plus every key's
+/// own `authorization` tokens (openai-api-route's rules). Unlike a named gateway's secrets, a
+/// token also chooses keys: a key with its own `authorization` list serves only those tokens,
+/// and a `noauth` key serves callers with no valid token at all.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientTokens {
+    /// Each accepted token with its [`caller_id`], computed once.
+    pub tokens: Vec<(std::sync::Arc<str>, std::sync::Arc<str>)>,
+    /// Some key is `noauth`: a caller without a valid token is admitted, anonymously.
+    pub anonymous: bool,
+}
+
+impl std::fmt::Debug for ClientTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientTokens({} tokens)", self.tokens.len())
+    }
+}
+
+impl ClientTokens {
+    /// From the top-level tokens and the keys in use; `None` when no token is configured
+    /// anywhere (an open gateway).
+    pub fn new(client_tokens: &[String], keys: &[std::sync::Arc<UpstreamKey>]) -> Option<Self> {
+        let mut tokens: Vec<(std::sync::Arc<str>, std::sync::Arc<str>)> = Vec::new();
+        let all = client_tokens
+            .iter()
+            .chain(keys.iter().flat_map(|k| k.authorization.iter()));
+        for t in all {
+            if !tokens.iter().any(|(x, _)| x.as_ref() == t) {
+                tokens.push((t.as_str().into(), caller_id(t).into()));
+            }
+        }
+        (!tokens.is_empty()).then(|| Self {
+            tokens,
+            anonymous: keys.iter().any(|k| k.noauth),
+        })
+    }
+}
+
+/// `tok-<12 hex of sha256>`: identifies a credential in usage and logs without revealing it.
+pub fn caller_id(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut id = String::with_capacity(16);
+    id.push_str("tok-");
+    id.push_str(&hex(&digest[..6]));
+    id
+}
+
+impl Gateway {
+    /// The `default` gateway as it runs: `spec` (from the top level of the config) with the
+    /// client tokens of the config and of `keys` as its credentials.
+    #[must_use]
+    pub fn with_client_tokens(
+        &self,
+        client_tokens: &[String],
+        keys: &[std::sync::Arc<UpstreamKey>],
+    ) -> Self {
+        let mut g = self.clone();
+        g.auth = ClientTokens::new(client_tokens, keys).map(|t| GatewayAuth {
+            method: AuthMethod::Tokens(std::sync::Arc::new(t)),
+            position: Position::Header("authorization".to_owned()),
+        });
+        g
     }
 }
 

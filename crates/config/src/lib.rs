@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use gateway::{Gateway, RawGateway, validate_gateway};
+pub use gateway::{DEFAULT_GATEWAY, Gateway, RawGateway, caller_id, validate_gateway};
 pub use upstream::{ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
 pub use validate::{ALWAYS_REDACTED, validate, validate_key};
 
@@ -44,6 +44,12 @@ pub struct Config {
     pub log: LogPolicy,
     /// Peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The `default` gateway (`/v1/*`): the policy written at the top level, without its
+    /// credentials (the client tokens, joined with the keys' at run time:
+    /// [`Gateway::with_client_tokens`]).
+    pub default_gateway: Arc<Gateway>,
+    /// The same as written (what `ListGateways` shows).
+    pub raw_default_gateway: RawGateway,
     /// Gateways at `/llm/api/{name}/v1/*`, in config order.
     pub gateways: Vec<Arc<Gateway>>,
     /// The same gateways as written, secrets hashed (what the admin service seeds the store with).
@@ -55,7 +61,7 @@ pub struct Config {
     /// What a control plane sends its frontends besides keys and gateways: the top-level
     /// request policy as written (`authorization`, timeouts, `lb_policy`, `queue_timeout`,
     /// `max_body_bytes`, `retries`, `shutdown_grace`, `trusted_proxies`, the recording half of
-    /// `log`), as a JSON object with the file's field names.
+    /// `log`, the `default` gateway's policy), as a JSON object with the file's field names.
     pub policy: serde_json::Value,
 }
 

@@ -52,6 +52,59 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     /// Shared state across replicas.
     pub redis: Option<RawRedis>,
+
+    // The `default` gateway's policy (`/v1/*`): the same fields, with the same meaning, as a
+    // `gateways:` entry (see `RawGateway`). Its credentials are `authorization` above plus the
+    // keys' own `authorization` tokens, and its `retries` is the top-level `retries`.
+    /// RFC 3339; after it every call to `/v1/*` gets 403 `gateway_expired`.
+    pub expires_at: Option<String>,
+    /// `false` answers 403 `gateway_inactive`. Default `true`.
+    pub active: Option<bool>,
+    /// Total tokens `/v1/*` may use, or `no-limit` (default).
+    pub token_quota: Option<crate::gateway::Quota>,
+    /// Models callers may ask for (exact, or a `prefix*`); default all.
+    pub models: Option<Vec<String>>,
+    /// `ingress:n/unit` and `secret:n/unit` (per client token), or `no-limit`.
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
+    /// `ip:CIDR`, `secret:REGEX`, `time:HH:MM-HH:MM`.
+    #[serde(default)]
+    pub whitelist: Vec<String>,
+    #[serde(default)]
+    pub blacklist: Vec<String>,
+    /// IANA name for `time:` rules and the monitoring day. Default UTC.
+    pub timezone: Option<String>,
+    /// Replaces the last user message's text; must contain `{{query}}`.
+    pub prompt_template: Option<String>,
+    /// `field: [old, new]`.
+    #[serde(default)]
+    pub param_map: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
+    /// `field: value`, set on every request.
+    #[serde(default)]
+    pub param_fixed: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl RawConfig {
+    /// The `default` gateway (`/v1/*`) as a `gateways:` entry would write it (no `auth`: its
+    /// credentials are the client tokens, added at run time with the keys').
+    pub fn default_gateway(&self) -> crate::gateway::RawGateway {
+        crate::gateway::RawGateway {
+            name: Some(crate::gateway::DEFAULT_GATEWAY.to_owned()),
+            auth: None,
+            expires_at: self.expires_at.clone(),
+            active: self.active,
+            token_quota: self.token_quota.clone(),
+            models: self.models.clone(),
+            retries: self.retries,
+            rate_limits: self.rate_limits.clone(),
+            whitelist: self.whitelist.clone(),
+            blacklist: self.blacklist.clone(),
+            timezone: self.timezone.clone(),
+            prompt_template: self.prompt_template.clone(),
+            param_map: self.param_map.clone(),
+            param_fixed: self.param_fixed.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -54,6 +54,7 @@ impl Errors {
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut errs = Errors::default();
     let policy = policy_of(&raw);
+    let raw_default_gateway = raw.default_gateway();
 
     let address = normalise_address(raw.address.as_deref().unwrap_or(":8888"));
     if address
@@ -163,13 +164,28 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         }
     }
+    let default_gateway = match crate::gateway::validate_gateway(&raw_default_gateway, "") {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            // the top-level fields: no `default.` in front of their paths
+            for f in e {
+                errs.push(f.path.trim_start_matches('.'), f.reason);
+            }
+            Arc::new(crate::Gateway::open(crate::DEFAULT_GATEWAY))
+        }
+    };
     let mut gateways = Vec::with_capacity(raw.gateways.len());
     let mut gateway_names = HashSet::new();
     for (i, g) in raw.gateways.iter().enumerate() {
         let at = format!("gateways[{i}]");
         match crate::gateway::validate_gateway(g, &at) {
             Ok(g) => {
-                if !gateway_names.insert(g.name.clone()) {
+                if g.name == crate::DEFAULT_GATEWAY {
+                    errs.push(
+                        format!("{at}.name"),
+                        "`default` is the gateway at /v1/*: set its policy at the top level",
+                    );
+                } else if !gateway_names.insert(g.name.clone()) {
                     errs.push(
                         format!("{at}.name"),
                         format!("duplicate gateway name {:?}", g.name),
@@ -230,6 +246,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         upstreams,
         log,
         trusted_proxies,
+        default_gateway,
+        raw_default_gateway,
         gateways,
         raw_gateways: raw
             .gateways
@@ -268,6 +286,17 @@ fn policy_of(raw: &RawConfig) -> serde_json::Value {
         "shutdown_grace": raw.shutdown_grace,
         "trusted_proxies": raw.trusted_proxies,
         "log": log,
+        "expires_at": raw.expires_at,
+        "active": raw.active,
+        "token_quota": raw.token_quota,
+        "models": raw.models,
+        "rate_limits": raw.rate_limits,
+        "whitelist": raw.whitelist,
+        "blacklist": raw.blacklist,
+        "timezone": raw.timezone,
+        "prompt_template": raw.prompt_template,
+        "param_map": raw.param_map,
+        "param_fixed": raw.param_fixed,
     })
 }
 

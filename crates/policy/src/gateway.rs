@@ -1,48 +1,35 @@
-//! A gateway's policy at run time: the checks in their order, and the state they keep.
+//! A gateway's policy at run time: the checks, and the state they keep.
 //!
-//! Order (each step refuses with its own code): gateway exists → active → not expired → auth →
-//! whitelist/blacklist → rate limits → quota → model allowed → transforms. The HTTP layer calls
-//! the steps in that order; the steps themselves are pure functions of the request, the gateway's
-//! spec, its state and the clock they are given, so tests drive them with a fixed clock.
+//! Order (each step refuses with its own code, the request pipeline calls them in this order):
+//! gateway exists → active → not expired → auth ([`crate::auth`]) → whitelist/blacklist →
+//! rate limits → quota → model allowed → transforms ([`crate::transform`]). The steps are pure
+//! functions of the request, the gateway's spec, its state and the clock they are given, so
+//! tests drive them with a fixed clock.
 //!
 //! State ([`GatewayState`]: rate windows and tokens used) lives apart from the spec, so a spec
 //! replaced by the admin service keeps its counts.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Timelike, Utc};
 use keypool_config::Gateway;
-use keypool_config::gateway::{AuthMethod, LimitScope, ListRule, Position, RateLimit, secret_hash};
+use keypool_config::gateway::{LimitScope, ListRule, RateLimit};
 use keypool_pool::{Admit, SharedState, WindowReq};
-use keypool_types::{ApiError, ErrorKind, constant_time_eq};
-use serde_json::{Map, Value};
+use keypool_types::{ApiError, ErrorKind};
 use tokio::time::Instant;
 
-use crate::{caller_id, strip_bearer};
+use crate::{Caller, strip_bearer};
 
-/// Leeway for JWT `exp` / `nbf`, for clocks that disagree a little.
-pub const JWT_LEEWAY_SECS: u64 = 5;
-
-/// The JWT claims keypool reads (`exp` / `nbf` are checked by the validator).
-#[derive(serde::Deserialize)]
-struct Claims {
-    sub: Option<String>,
-}
-
-/// Who a gateway caller is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// What `secret:` limits, usage and logs use: the JWT `sub`, else `tok-<hash>` of the
-    /// credential; `None` for an open gateway.
-    pub id: Option<Arc<str>>,
-}
+pub use crate::transform::{body_credential, query_arg, remove_query_arg, transform};
 
 /// A gateway's spec and state, as requests see it.
 pub struct GatewayRuntime {
+    /// The spec's name, shared with every usage event and metric of the gateway.
+    pub name: Arc<str>,
     pub spec: Arc<Gateway>,
     pub state: Arc<GatewayState>,
 }
@@ -102,12 +89,13 @@ impl GatewayState {
         self.tokens_used.load(Ordering::Relaxed)
     }
 
-    /// Adds real usage (a request's total tokens); with shared state, also to the replicas'
-    /// common counter (in the background: the request never waits for it).
-    pub fn add_tokens(&self, n: u64) {
+    /// Adds real usage (a request's total tokens); with shared state and a quota to enforce,
+    /// also to the replicas' common counter (in the background: the request never waits).
+    pub fn add_tokens(&self, n: u64, quota: bool) {
         self.tokens_used.fetch_add(n, Ordering::Relaxed);
         if let Some((shared, gateway)) = &self.shared
             && n > 0
+            && quota
         {
             let (shared, key) = (shared.clone(), quota_counter(gateway));
             tokio::spawn(async move {
@@ -147,9 +135,15 @@ impl GatewayState {
 impl GatewayRuntime {
     pub fn new(spec: Arc<Gateway>) -> Self {
         Self {
+            name: Arc::from(spec.name.as_str()),
             spec,
             state: Arc::default(),
         }
+    }
+
+    /// Settles a request's real usage against the gateway's count and quota.
+    pub fn add_tokens(&self, n: u64) {
+        self.state.add_tokens(n, self.spec.token_quota.is_some());
     }
 
     /// Active and not expired.
@@ -172,91 +166,6 @@ impl GatewayRuntime {
         Ok(())
     }
 
-    /// Where the credential is, when the gateway has auth.
-    pub fn position(&self) -> Option<&Position> {
-        self.spec.auth.as_ref().map(|a| &a.position)
-    }
-
-    /// Checks the credential found at the gateway's position (`Bearer ` already stripped or
-    /// not: both are accepted).
-    pub fn authenticate(&self, credential: Option<&str>) -> Result<Identity, ApiError> {
-        let Some(auth) = &self.spec.auth else {
-            return Ok(Identity { id: None });
-        };
-        let missing = || {
-            refuse(
-                ErrorKind::InvalidApiKey,
-                format!(
-                    "Missing credential: this gateway reads it from {}.",
-                    describe(&auth.position)
-                ),
-            )
-        };
-        let wrong = || refuse(ErrorKind::InvalidApiKey, "Incorrect API key provided.");
-        let raw = credential.ok_or_else(missing)?;
-        let cred = std::str::from_utf8(strip_bearer(raw.as_bytes())).unwrap_or("");
-        if cred.is_empty() {
-            return Err(missing());
-        }
-        match &auth.method {
-            AuthMethod::Exact(hashes) => {
-                let h = secret_hash(cred.as_bytes());
-                let mut ok = false;
-                for stored in hashes {
-                    ok |= constant_time_eq(stored, &h);
-                }
-                if ok {
-                    Ok(Identity {
-                        id: Some(Arc::from(caller_id(cred))),
-                    })
-                } else {
-                    Err(wrong())
-                }
-            }
-            AuthMethod::Regex(re) => {
-                if re.is_match(cred) {
-                    Ok(Identity {
-                        id: Some(Arc::from(caller_id(cred))),
-                    })
-                } else {
-                    Err(wrong())
-                }
-            }
-            AuthMethod::Jwt { key, algorithms } => {
-                let mut v = jsonwebtoken::Validation::new(algorithms[0]);
-                v.algorithms.clone_from(algorithms);
-                v.leeway = JWT_LEEWAY_SECS;
-                v.validate_nbf = true;
-                v.validate_aud = false;
-                match jsonwebtoken::decode::<Claims>(cred, key, &v) {
-                    Ok(data) => Ok(Identity {
-                        id: Some(Arc::from(
-                            data.claims
-                                .sub
-                                .filter(|s| !s.is_empty())
-                                .unwrap_or_else(|| caller_id(cred)),
-                        )),
-                    }),
-                    Err(e) => {
-                        use jsonwebtoken::errors::ErrorKind as J;
-                        let why = match e.kind() {
-                            J::ExpiredSignature => "the token has expired",
-                            J::ImmatureSignature => "the token is not valid yet (nbf)",
-                            J::InvalidAlgorithm => "the token's algorithm is not accepted",
-                            J::InvalidSignature => "the token's signature is invalid",
-                            J::MissingRequiredClaim(_) => "the token has no exp claim",
-                            _ => "the token is malformed",
-                        };
-                        Err(refuse(
-                            ErrorKind::InvalidApiKey,
-                            format!("Incorrect API key provided: {why}."),
-                        ))
-                    }
-                }
-            }
-        }
-    }
-
     /// Whitelist / blacklist. `credential` is the extracted credential (`secret:` rules),
     /// `now` the clock for `time:` rules.
     pub fn check_lists(
@@ -266,6 +175,9 @@ impl GatewayRuntime {
         now: DateTime<Utc>,
     ) -> Result<(), ApiError> {
         let g = &self.spec;
+        if g.whitelist.is_empty() && g.blacklist.is_empty() {
+            return Ok(());
+        }
         let minute = {
             let local = now.with_timezone(&g.timezone);
             (local.hour() * 60 + local.minute()) as u16
@@ -299,14 +211,14 @@ impl GatewayRuntime {
     /// exhausted. Returns the headers of the tightest limit.
     pub fn admit(
         &self,
-        identity: &Identity,
+        caller: &Caller,
         client_ip: Option<IpAddr>,
         now: Instant,
     ) -> Result<Option<RateHeaders>, Refused> {
         if self.spec.rate_limits.is_empty() {
             return Ok(None);
         }
-        let windows = self.windows(identity, client_ip);
+        let windows = self.windows(caller, client_ip);
         self.verdict(self.state.local.admit_now(&windows, now))
     }
 
@@ -314,13 +226,13 @@ impl GatewayRuntime {
     /// shared state is unavailable).
     fn admit_share(
         &self,
-        identity: &Identity,
+        caller: &Caller,
         client_ip: Option<IpAddr>,
         now: Instant,
         share_of: u32,
     ) -> Result<Option<RateHeaders>, Refused> {
         let share = u64::from(share_of.max(1));
-        let mut windows = self.windows(identity, client_ip);
+        let mut windows = self.windows(caller, client_ip);
         for w in &mut windows {
             w.limit = (w.limit / share).max(1);
         }
@@ -328,8 +240,8 @@ impl GatewayRuntime {
     }
 
     /// The windows a call counts in: one per limit (`secret:` ones per caller).
-    fn windows(&self, identity: &Identity, client_ip: Option<IpAddr>) -> Vec<WindowReq> {
-        let who = who(identity, client_ip);
+    fn windows(&self, caller: &Caller, client_ip: Option<IpAddr>) -> Vec<WindowReq> {
+        let who = who(caller, client_ip);
         let gateway = &self.spec.name;
         self.spec
             .rate_limits
@@ -378,18 +290,18 @@ impl GatewayRuntime {
     /// to this replica's windows while it is unavailable).
     pub async fn admit_everywhere(
         &self,
-        identity: &Identity,
+        caller: &Caller,
         client_ip: Option<IpAddr>,
         now: Instant,
     ) -> Result<Option<RateHeaders>, Refused> {
         let limits = &self.spec.rate_limits;
         let Some((shared, _)) = &self.state.shared else {
-            return self.admit(identity, client_ip, now);
+            return self.admit(caller, client_ip, now);
         };
         if limits.is_empty() {
             return Ok(None);
         }
-        match shared.admit(&self.windows(identity, client_ip), now).await {
+        match shared.admit(&self.windows(caller, client_ip), now).await {
             Ok(outcome) => self.verdict(outcome),
             Err(e) => {
                 keypool_pool::shared_failed(&e);
@@ -399,7 +311,7 @@ impl GatewayRuntime {
                         headers: None,
                     });
                 }
-                self.admit_share(identity, client_ip, now, shared.replicas_hint())
+                self.admit_share(caller, client_ip, now, shared.replicas_hint())
             }
         }
     }
@@ -456,8 +368,8 @@ impl GatewayRuntime {
 }
 
 /// Whom `secret:` limits count: the identity, else (open gateways) the client IP.
-fn who(identity: &Identity, client_ip: Option<IpAddr>) -> Arc<str> {
-    match (&identity.id, client_ip) {
+fn who(caller: &Caller, client_ip: Option<IpAddr>) -> Arc<str> {
+    match (&caller.id, client_ip) {
         (Some(id), _) => id.clone(),
         (None, Some(ip)) => Arc::from(format!("ip:{ip}")),
         (None, None) => Arc::from("anonymous"),
@@ -492,14 +404,6 @@ fn limit_error(l: &RateLimit, secs: u64) -> ApiError {
     .retry_after(secs)
 }
 
-fn describe(p: &Position) -> String {
-    match p {
-        Position::Header(h) => format!("the `{h}` header"),
-        Position::Body(f) => format!("the `{f}` body field"),
-        Position::Arg(a) => format!("the `{a}` query parameter"),
-    }
-}
-
 /// An IPv4-mapped IPv6 address is matched as the IPv4 address it is.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -517,10 +421,11 @@ fn in_range(minute: u16, from: u16, to: u16) -> bool {
     }
 }
 
-/// Every gateway by name; replaced whole when the configuration changes (state kept by name).
+/// Every gateway by name, the `default` one included; replaced whole when the configuration
+/// changes (state kept by name). Requests read it without a lock.
 #[derive(Default)]
 pub struct Gateways {
-    map: RwLock<Arc<HashMap<String, Arc<GatewayRuntime>>>>,
+    map: arc_swap::ArcSwap<HashMap<String, Arc<GatewayRuntime>>>,
     shared: Option<Arc<dyn SharedState>>,
 }
 
@@ -532,7 +437,7 @@ impl Gateways {
     /// Gateways whose limits and quotas hold across replicas through `shared`.
     pub fn with_shared(specs: &[Arc<Gateway>], shared: Option<Arc<dyn SharedState>>) -> Self {
         let g = Self {
-            map: RwLock::default(),
+            map: arc_swap::ArcSwap::default(),
             shared,
         };
         g.replace(specs);
@@ -540,176 +445,40 @@ impl Gateways {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<GatewayRuntime>> {
-        self.map
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .cloned()
+        self.map.load().get(name).cloned()
     }
 
+    /// Every gateway, by name.
     pub fn all(&self) -> Vec<Arc<GatewayRuntime>> {
-        let map = self
-            .map
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let mut v: Vec<_> = map.values().cloned().collect();
+        let mut v: Vec<_> = self.map.load().values().cloned().collect();
         v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         v
     }
 
     /// Installs a new set of specs atomically; a gateway that keeps its name keeps its state.
     pub fn replace(&self, specs: &[Arc<Gateway>]) {
-        let mut guard = self
-            .map
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = HashMap::with_capacity(specs.len());
-        for spec in specs {
-            let state = guard.get(&spec.name).map_or_else(
-                || {
-                    Arc::new(GatewayState {
-                        shared: self.shared.clone().map(|s| (s, spec.name.clone())),
-                        ..GatewayState::default()
-                    })
-                },
-                |r| r.state.clone(),
-            );
-            next.insert(
-                spec.name.clone(),
-                Arc::new(GatewayRuntime {
-                    spec: spec.clone(),
-                    state,
-                }),
-            );
-        }
-        *guard = Arc::new(next);
-    }
-}
-
-/// Reads a top-level string field of a JSON body, for `body:` positions.
-pub fn body_credential(body: &Map<String, Value>, field: &str) -> Option<String> {
-    match body.get(field)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// The decoded value of query parameter `name`.
-pub fn query_arg(query: &str, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
-}
-
-/// The query without parameter `name` (other parameters kept exactly as sent).
-pub fn remove_query_arg(query: &str, name: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| {
-            let key = pair.split('=').next().unwrap_or("");
-            url::form_urlencoded::parse(key.as_bytes())
-                .next()
-                .is_none_or(|(k, _)| k != name)
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// Applies `param_map`, `param_fixed` and `prompt_template`, in that order.
-pub fn transform(g: &Gateway, body: &mut Map<String, Value>) {
-    for (path, old, new) in &g.param_map {
-        if let Some(v) = get_mut(body, path)
-            && v == old
-        {
-            *v = new.clone();
-        }
-    }
-    for (path, value) in &g.param_fixed {
-        set(body, path, value.clone());
-    }
-    if let Some(t) = &g.prompt_template {
-        apply_template(body, t);
-    }
-}
-
-fn get_mut<'a>(body: &'a mut Map<String, Value>, path: &[String]) -> Option<&'a mut Value> {
-    let (first, rest) = path.split_first()?;
-    let mut v = body.get_mut(first)?;
-    for p in rest {
-        v = v.as_object_mut()?.get_mut(p)?;
-    }
-    Some(v)
-}
-
-fn set(body: &mut Map<String, Value>, path: &[String], value: Value) {
-    let Some((last, parents)) = path.split_last() else {
-        return;
-    };
-    let mut obj = body;
-    for p in parents {
-        let slot = obj
-            .entry(p.clone())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !slot.is_object() {
-            *slot = Value::Object(Map::new());
-        }
-        let Value::Object(next) = slot else {
-            return;
-        };
-        obj = next;
-    }
-    obj.insert(last.clone(), value);
-}
-
-/// The last user message's text (a string, or its text parts joined by newlines into the first
-/// text part) becomes the template with `{{query}}` replaced; a completions `prompt` string too.
-fn apply_template(body: &mut Map<String, Value>, template: &str) {
-    if let Some(Value::String(p)) = body.get_mut("prompt") {
-        *p = template.replace("{{query}}", p);
-    }
-    let Some(Value::Array(messages)) = body.get_mut("messages") else {
-        return;
-    };
-    let Some(last_user) = messages
-        .iter_mut()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-    else {
-        return;
-    };
-    let Some(content) = last_user.get_mut("content") else {
-        return;
-    };
-    match content {
-        Value::String(s) => *s = template.replace("{{query}}", s),
-        Value::Array(parts) => {
-            let is_text = |p: &Value| p.get("type").and_then(Value::as_str) == Some("text");
-            let query = parts
-                .iter()
-                .filter(|p| is_text(p))
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join("\n");
-            let mut first = true;
-            parts.retain_mut(|p| {
-                if !is_text(p) {
-                    return true;
-                }
-                if std::mem::take(&mut first) {
-                    if let Some(obj) = p.as_object_mut() {
-                        obj.insert(
-                            "text".into(),
-                            Value::String(template.replace("{{query}}", &query)),
-                        );
-                    }
-                    true
-                } else {
-                    false
-                }
-            });
-        }
-        _ => {}
+        self.map.rcu(|old| {
+            let mut next = HashMap::with_capacity(specs.len());
+            for spec in specs {
+                let state = old.get(&spec.name).map_or_else(
+                    || {
+                        Arc::new(GatewayState {
+                            shared: self.shared.clone().map(|s| (s, spec.name.clone())),
+                            ..GatewayState::default()
+                        })
+                    },
+                    |r| r.state.clone(),
+                );
+                next.insert(
+                    spec.name.clone(),
+                    Arc::new(GatewayRuntime {
+                        name: Arc::from(spec.name.as_str()),
+                        spec: spec.clone(),
+                        state,
+                    }),
+                );
+            }
+            next
+        });
     }
 }

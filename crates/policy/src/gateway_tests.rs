@@ -10,7 +10,8 @@ use keypool_config::gateway::{RawGateway, validate_gateway};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::gateway::{GatewayRuntime, Identity, query_arg, remove_query_arg, transform};
+use crate::Caller;
+use crate::gateway::{GatewayRuntime, query_arg, remove_query_arg, transform};
 
 fn runtime(yaml: &str) -> GatewayRuntime {
     let raw: RawGateway = serde_norway::from_str(yaml).unwrap();
@@ -286,11 +287,13 @@ fn time_rules_cross_midnight_in_the_gateway_timezone() {
 #[test]
 fn sliding_windows_are_exact_at_their_edges() {
     let g = runtime("name: t\nrate_limits: ['ingress:3/minute', 'secret:2/second']\n");
-    let alice = Identity {
+    let alice = Caller {
         id: Some(Arc::from("alice")),
+        ..Caller::ANONYMOUS
     };
-    let bob = Identity {
+    let bob = Caller {
         id: Some(Arc::from("bob")),
+        ..Caller::ANONYMOUS
     };
     let t0 = Instant::now();
     let h = g.admit(&alice, None, t0).unwrap().unwrap();
@@ -353,9 +356,9 @@ fn sliding_windows_are_exact_at_their_edges() {
 fn quota_refuses_once_reached() {
     let g = runtime("name: t\ntoken_quota: 100\n");
     assert!(g.check_quota().is_ok());
-    g.state.add_tokens(99);
+    g.add_tokens(99);
     assert!(g.check_quota().is_ok());
-    g.state.add_tokens(1);
+    g.add_tokens(1);
     let e = g.check_quota().unwrap_err();
     assert_eq!((e.status(), code(&e)), (429, "insufficient_quota"));
 }
@@ -440,4 +443,91 @@ fn query_args_are_read_and_removed() {
     assert_eq!(remove_query_arg("a=1&token=x%2By&b=2", "token"), "a=1&b=2");
     assert_eq!(remove_query_arg("token=x", "token"), "");
     assert_eq!(remove_query_arg("tok%65n=x&c", "token"), "c");
+}
+
+/// The `default` gateway as the config's top level builds it, with its keys' tokens.
+fn default_gateway(yaml: &str) -> GatewayRuntime {
+    let config = keypool_config::from_yaml(yaml).unwrap();
+    GatewayRuntime::new(Arc::new(
+        config
+            .default_gateway
+            .with_client_tokens(&config.client_tokens, &config.upstreams),
+    ))
+}
+
+#[test]
+fn client_tokens_accept_bearer_and_choose_keys() {
+    use keypool_pool::KeyAccess;
+    let g = default_gateway("authorization: one,two\n");
+    let two = g.authenticate(Some("Bearer two")).unwrap();
+    assert_eq!(two.keys, KeyAccess::Token(Some(Arc::from("two"))));
+    assert_eq!(two.id.as_deref(), Some(crate::caller_id("two").as_str()));
+    assert!(
+        two.authorization_consumed,
+        "a keypool token is never forwarded"
+    );
+    assert!(g.authenticate(Some("bearer  one ")).is_ok());
+    assert_eq!(
+        g.authenticate(Some("Bearer three")).unwrap_err().status(),
+        401
+    );
+    assert!(
+        g.authenticate(None)
+            .unwrap_err()
+            .message
+            .contains("Missing")
+    );
+}
+
+#[test]
+fn key_tokens_count_and_noauth_admits_anonymous_callers() {
+    use keypool_pool::KeyAccess;
+    let g = default_gateway(
+        "authorization: g\nupstreams:\n  - {sk: k, endpoint: 'http://x/v1', authorization: u}\n",
+    );
+    assert!(g.authenticate(Some("Bearer u")).is_ok());
+    assert!(g.authenticate(None).is_err());
+    let open = default_gateway(
+        "authorization: g\nupstreams:\n  - {sk: k, endpoint: 'http://x/v1', noauth: true}\n",
+    );
+    for presented in [None, Some("Bearer nope")] {
+        let anonymous = open.authenticate(presented).unwrap();
+        assert_eq!(anonymous.keys, KeyAccess::Token(None));
+        assert!(
+            !anonymous.authorization_consumed,
+            "not a keypool token: the caller's own, which `sk: asis` keys may forward"
+        );
+    }
+}
+
+#[test]
+fn no_tokens_is_an_open_default_gateway() {
+    let g = default_gateway("upstreams: []\n");
+    assert!(g.spec.auth.is_none());
+    assert_eq!(g.authenticate(None).unwrap(), Caller::ANONYMOUS);
+}
+
+#[test]
+fn the_top_level_policy_is_the_default_gateways() {
+    let g = default_gateway(
+        "rate_limits: ['ingress:2/minute']\nwhitelist: ['ip:10.0.0.0/8']\ntoken_quota: 5\nmodels: [gpt-4o*]\nretries: 1\n",
+    );
+    assert_eq!(g.spec.name, "default");
+    assert_eq!(g.spec.rate_limits.len(), 1);
+    assert_eq!(g.spec.token_quota, Some(5));
+    assert_eq!(g.spec.retries, Some(1));
+    assert!(g.check_model("gpt-4o-mini").is_ok() && g.check_model("o1").is_err());
+    let outside: IpAddr = "192.0.2.1".parse().unwrap();
+    assert!(g.check_lists(Some(outside), None, Utc::now()).is_err());
+    // mistakes in the top-level fields name the field itself
+    let err = keypool_config::from_yaml(
+        "rate_limits: ['ingress:x/minute']\ngateways:\n  - name: default\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("rate_limits[0]:") && !err.contains(".rate_limits"),
+        "{err}"
+    );
+    assert!(err.contains("gateways[0].name"), "{err}");
 }

@@ -19,7 +19,7 @@ pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
 pub use messages::{AddKey, BusyCause, ListKeys, NoKey, Outcome, RemoveKey, SetEnabled, UpdateKey};
-pub use pool::{KeyPool, Lease, Pick, PoolHandle, PoolView};
+pub use pool::{KeyAccess, KeyPool, Lease, Pick, PoolHandle, PoolView};
 pub use shared::{
     Admit, HealthEvent, InMemory, Picked, RedisState, SharedError, SharedState, TokenReq,
     WindowReq, shared_failed,

@@ -68,18 +68,35 @@ pub struct Pick {
     pub model: Arc<str>,
     /// The request path (`/v1/audio/transcriptions`), which allow/deny entries may name.
     pub path: Arc<str>,
-    /// The client token the caller authenticated with; `None` for an anonymous caller.
-    pub caller: Option<Arc<str>>,
-    /// The gateway accepts no token at all (an open gateway): every key serves every caller.
-    pub open: bool,
-    /// A named gateway's caller: it authenticated with the gateway, so the keys' client-token
-    /// rules do not apply; `sk: asis` keys (which would forward the caller's credential) are
-    /// skipped.
-    pub gateway: bool,
+    /// Which keys may serve the caller (its gateway's rules).
+    pub access: KeyAccess,
+    /// The request carries a credential of the caller's own to pass on: only then may
+    /// `sk: asis` keys serve it (they forward it instead of a key).
+    pub passthrough: bool,
     /// Tokens reserved against tpm until the real usage is known.
     pub est_tokens: u64,
     /// Keys already tried by this request ([`Lease::key_id`]s), skipped.
     pub exclude: Vec<u64>,
+}
+
+/// Which keys a caller may use, by its gateway's auth rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyAccess {
+    /// Every key: the caller authenticated with its gateway's own credential, or the gateway
+    /// is open.
+    All,
+    /// The `default` gateway's client-token rules: keys whose own `authorization` list admits
+    /// this token; `None` is a caller with no valid token, whom only `noauth` keys serve.
+    Token(Option<Arc<str>>),
+}
+
+impl KeyAccess {
+    pub fn allows(&self, key: &UpstreamKey) -> bool {
+        match self {
+            Self::All => true,
+            Self::Token(t) => key.allows_caller(t.as_deref()),
+        }
+    }
 }
 
 /// The supervisor actor: owns the key set and publishes the view requests pick from.
@@ -386,8 +403,8 @@ impl PoolHandle {
         for (order, k) in view.keys.iter().enumerate() {
             if pick.exclude.contains(&k.id)
                 || !k.key.allows_model(&pick.model, &pick.path)
-                || (pick.gateway && k.key.passthrough_auth)
-                || !(pick.open || pick.gateway || k.key.allows_caller(pick.caller.as_deref()))
+                || (k.key.passthrough_auth && !pick.passthrough)
+                || !pick.access.allows(&k.key)
             {
                 continue;
             }

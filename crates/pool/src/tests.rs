@@ -20,9 +20,8 @@ fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
     Pick {
         model: "gpt-4o-mini".into(),
         path: "/v1/chat/completions".into(),
-        caller: Some("t".into()),
-        open: false,
-        gateway: false,
+        access: crate::KeyAccess::Token(Some("t".into())),
+        passthrough: false,
         est_tokens,
         exclude,
     }
@@ -237,7 +236,7 @@ async fn anonymous_callers_only_reach_noauth_keys() {
     let keys = [key("closed", None, None), Arc::new(open)];
     let pool = KeyPool::start(&keys, LbPolicy::Order);
     let mut p = pick(1, vec![]);
-    p.caller = None;
+    p.access = crate::KeyAccess::Token(None);
     assert_eq!(&*pool.pick(&p).await.unwrap().key.name, "open");
 }
 
@@ -245,14 +244,26 @@ async fn anonymous_callers_only_reach_noauth_keys() {
 async fn an_open_gateway_lets_anonymous_callers_use_every_key() {
     let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::Order);
     let mut p = pick(1, vec![]);
-    p.caller = None;
+    p.access = crate::KeyAccess::Token(None);
     assert_eq!(
         pool.pick(&p).await.unwrap_err(),
         NoKey::NoneServes,
         "not open: noauth keys only"
     );
-    p.open = true;
+    p.access = crate::KeyAccess::All;
     assert_eq!(&*pool.pick(&p).await.unwrap().key.name, "a");
+}
+
+#[actix_rt::test]
+async fn asis_keys_serve_only_requests_with_a_credential_to_pass_on() {
+    let mut asis = (*key("asis", None, None)).clone();
+    asis.passthrough_auth = true;
+    let pool = KeyPool::start(&[Arc::new(asis)], LbPolicy::Order);
+    let mut p = pick(1, vec![]);
+    p.access = crate::KeyAccess::All;
+    assert_eq!(pool.pick(&p).await.unwrap_err(), NoKey::NoneServes);
+    p.passthrough = true;
+    assert_eq!(&*pool.pick(&p).await.unwrap().key.name, "asis");
 }
 
 #[actix_rt::test]

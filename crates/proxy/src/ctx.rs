@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use keypool_policy::Caller;
+use keypool_policy::gateway::GatewayRuntime;
 use keypool_types::{RequestLog, Usage, UsageEvent, UsageSink, new_event_id};
 use reqwest::header::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
@@ -73,11 +74,9 @@ pub struct RequestCtx {
     pub log_response_cap: Option<usize>,
     /// Attempts allowed in all (the gateway's `retries` + 1).
     pub max_attempts: u32,
-    /// The gateway's name in usage events (`default` for `/v1/*`).
-    pub gateway: Arc<str>,
-    /// A named gateway's state: its quota is settled with this request's real usage, and the
-    /// key pool treats the caller as the gateway's (key client-token rules do not apply).
-    pub gateway_state: Option<Arc<keypool_policy::gateway::GatewayState>>,
+    /// The gateway the request came through (`default` for `/v1/*`), as it was when the request
+    /// started: its name goes in usage events, its quota is settled with the real usage.
+    pub gateway: Arc<GatewayRuntime>,
     /// Time spent in upstream attempts (to the first byte for streams).
     pub upstream_time: Duration,
     /// Time spent waiting for a key with budget.
@@ -93,52 +92,55 @@ pub struct RequestCtx {
     accounted: bool,
 }
 
-/// The name of the `/v1/*` gateway in usage events.
-pub static DEFAULT_GATEWAY: std::sync::LazyLock<Arc<str>> =
-    std::sync::LazyLock::new(|| Arc::from("default"));
+/// What the request pipeline established about a request before `forward`: the fields of a
+/// new [`RequestCtx`], by name.
+pub struct NewRequest {
+    pub started: Instant,
+    pub method: reqwest::Method,
+    pub path: Arc<str>,
+    pub upstream_path: String,
+    pub query: Option<String>,
+    pub caller: Caller,
+    pub gateway: Arc<GatewayRuntime>,
+    pub client_ip: Option<IpAddr>,
+    pub inspected: Inspected,
+    pub headers: (HeaderMap, HeaderMap),
+    pub client_authorization: Option<HeaderValue>,
+    pub user_agent: Option<String>,
+    pub log: Option<RequestLog>,
+    pub log_response_cap: Option<usize>,
+    pub max_attempts: u32,
+    pub sink: Arc<dyn UsageSink>,
+}
 
 impl RequestCtx {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        method: reqwest::Method,
-        path: Arc<str>,
-        upstream_path: String,
-        query: Option<String>,
-        caller: Caller,
-        client_ip: Option<IpAddr>,
-        inspected: Inspected,
-        headers: (HeaderMap, HeaderMap),
-        client_authorization: Option<HeaderValue>,
-        sink: Arc<dyn UsageSink>,
-        started: Instant,
-    ) -> Self {
+    pub fn new(r: NewRequest) -> Self {
         Self {
-            started,
-            method,
-            path,
-            upstream_path,
-            query,
-            caller,
-            client_ip,
-            inspected,
-            headers,
-            client_authorization,
+            started: r.started,
+            method: r.method,
+            path: r.path,
+            upstream_path: r.upstream_path,
+            query: r.query,
+            caller: r.caller,
+            client_ip: r.client_ip,
+            inspected: r.inspected,
+            headers: r.headers,
+            client_authorization: r.client_authorization,
             attempts: 0,
             key: None,
             provider: None,
             ttfb: None,
-            user_agent: None,
-            log: None,
-            log_response_cap: None,
-            max_attempts: 1,
-            gateway: DEFAULT_GATEWAY.clone(),
-            gateway_state: None,
+            user_agent: r.user_agent,
+            log: r.log,
+            log_response_cap: r.log_response_cap,
+            max_attempts: r.max_attempts,
+            gateway: r.gateway,
             upstream_time: Duration::ZERO,
             queued: Duration::ZERO,
             span: tracing::Span::none(),
             response_model: None,
             answered: None,
-            sink,
+            sink: r.sink,
             accounted: false,
         }
     }
@@ -162,8 +164,8 @@ impl RequestCtx {
         if std::mem::replace(&mut self.accounted, true) {
             return;
         }
-        if let (Some(state), Some(u)) = (&self.gateway_state, usage) {
-            state.add_tokens(u.total());
+        if let Some(u) = usage {
+            self.gateway.add_tokens(u.total());
         }
         let latency = self
             .answered
@@ -174,7 +176,7 @@ impl RequestCtx {
             self.trace_outcome(status, usage, error);
         }
         keypool_telemetry::metrics().request(&keypool_telemetry::RequestRecord {
-            gateway: &self.gateway,
+            gateway: &self.gateway.name,
             model: &self.inspected.model,
             key: self.key.as_deref(),
             status,
@@ -187,7 +189,7 @@ impl RequestCtx {
         self.sink.record(UsageEvent {
             id: new_event_id(),
             at: SystemTime::now(),
-            gateway: self.gateway.clone(),
+            gateway: self.gateway.name.clone(),
             caller: self.caller.id.clone(),
             model: self.inspected.model.clone(),
             key: self.key.clone(),
@@ -219,7 +221,7 @@ impl RequestCtx {
             s.record("gen_ai.usage.input_tokens", u.prompt_tokens);
             s.record("gen_ai.usage.output_tokens", u.completion_tokens);
         }
-        s.record("keypool.gateway", &*self.gateway);
+        s.record("keypool.gateway", &*self.gateway.name);
         if let Some(k) = &self.key {
             s.record("keypool.key", &**k);
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use keypool_config::Config;
-use keypool_pool::{BusyCause, Lease, NoKey, Outcome, Pick, PoolHandle};
+use keypool_pool::{BusyCause, KeyAccess, Lease, NoKey, Outcome, Pick, PoolHandle};
 use keypool_types::{ApiError, ErrorKind, Usage};
 use reqwest::header::HeaderMap;
 use tokio::time::{Instant, sleep, timeout_at};
@@ -32,8 +32,6 @@ pub struct Engine {
     pub config: Arc<Config>,
     pub pool: PoolHandle,
     pub adapters: Adapters,
-    /// The default gateway accepts some token: anonymous callers that reach nothing get 401.
-    pub requires_token: bool,
     /// Some key has `keep_header`: only then is the client's full header set prepared.
     pub keeps_headers: bool,
 }
@@ -102,11 +100,11 @@ impl Failure {
     fn give_up(self, ctx: &RequestCtx) -> Reply {
         keypool_telemetry::alert(
             keypool_telemetry::Cause::AllUpstreamsFailed,
-            format!("{}/{}", ctx.gateway, ctx.inspected.model),
+            format!("{}/{}", ctx.gateway.name, ctx.inspected.model),
             format!(
                 "all upstreams failed for model {} on gateway {} ({} attempt{}; last: {})",
                 ctx.inspected.model,
-                ctx.gateway,
+                ctx.gateway.name,
                 ctx.attempts,
                 if ctx.attempts == 1 { "" } else { "s" },
                 self.describe()
@@ -229,7 +227,7 @@ impl Engine {
             }
             Reply::Error { error, key } => {
                 if key.is_none() {
-                    keypool_telemetry::metrics().refusal(&ctx.gateway, error.kind.wire().code);
+                    keypool_telemetry::metrics().refusal(&ctx.gateway.name, error.kind.wire().code);
                 }
                 ctx.account(error.status(), None, Some(error.kind.wire().code));
             }
@@ -247,9 +245,8 @@ impl Engine {
         let mut pick = Pick {
             model: Arc::from(ctx.inspected.model.as_str()),
             path: ctx.path.clone(),
-            caller: ctx.caller.token.clone(),
-            open: !self.requires_token,
-            gateway: ctx.gateway_state.is_some(),
+            access: ctx.caller.keys.clone(),
+            passthrough: ctx.client_authorization.is_some(),
             est_tokens: ctx.inspected.est_tokens,
             exclude: Vec::new(),
         };
@@ -282,7 +279,7 @@ impl Engine {
                     return match last {
                         Some(f) => f.give_up(ctx),
                         None => Reply::Error {
-                            error: self.no_key(&no, ctx),
+                            error: Self::no_key(&no, ctx),
                             key: None,
                         },
                     };
@@ -340,19 +337,20 @@ impl Engine {
         }
     }
 
-    fn no_key(&self, no: &NoKey, ctx: &RequestCtx) -> ApiError {
+    fn no_key(no: &NoKey, ctx: &RequestCtx) -> ApiError {
         if *no == NoKey::AllDisabled {
             keypool_telemetry::alert(
                 keypool_telemetry::Cause::AllUpstreamsFailed,
-                format!("{}/{}", ctx.gateway, ctx.inspected.model),
+                format!("{}/{}", ctx.gateway.name, ctx.inspected.model),
                 format!(
                     "all upstreams failed for model {} on gateway {}: every key that serves it is disabled",
-                    ctx.inspected.model, ctx.gateway
+                    ctx.inspected.model, ctx.gateway.name
                 ),
             );
         }
         match no {
-            NoKey::NoneServes if ctx.caller.token.is_none() && self.requires_token => {
+            // a caller without a valid token, whom only `noauth` keys serve
+            NoKey::NoneServes if ctx.caller.keys == KeyAccess::Token(None) => {
                 ApiError::new(ErrorKind::InvalidApiKey, "Missing or incorrect API key.")
             }
             NoKey::NoneServes => ApiError::new(

@@ -1,9 +1,10 @@
 //! The forwarding engine: everything between an accepted HTTP request and the upstream.
 //!
-//! Phases of a request (see [`http::proxy`]): `authenticate` (policy) → read and [`inspect`] the
-//! body once → `select_key` + `forward` in the attempt loop ([`forward`]) → relay the answer
-//! (whole, or a stream through [`relay`]) → `account` (one usage event per request, [`ctx`]).
-//! Providers sit behind one trait in [`adapter`].
+//! Every request goes through one [`pipeline`] of named phases, whatever its gateway:
+//! `resolve` → `authenticate` → `admit` → read and [`inspect`] the body once → `transform` →
+//! `select_key` + `forward` in the attempt loop ([`forward`]) → relay the answer (whole, or a
+//! stream through [`relay`]) → `account` (one usage event per request, [`ctx`]). Providers sit
+//! behind one trait in [`adapter`].
 
 pub mod adapter;
 pub mod capture;
@@ -14,6 +15,7 @@ pub mod forward;
 pub mod headers;
 pub mod http;
 pub mod inspect;
+pub mod pipeline;
 pub mod relay;
 pub mod sse;
 

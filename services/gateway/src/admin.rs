@@ -164,7 +164,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListGatewaysResponse>, Status> {
         let gateways = self
             .control
-            .gateway_entries()
+            .listed_gateways()
             .iter()
             .map(|e| gateway_pb(e, &self.control))
             .collect();
@@ -599,7 +599,7 @@ impl Admin for AdminService {
             redis: redis_health.to_owned(),
             config_version: version,
             keys: self.control.pool.keys().len() as u64,
-            gateways: self.control.gateway_entries().len() as u64,
+            gateways: self.control.listed_gateways().len() as u64,
         }))
     }
 }

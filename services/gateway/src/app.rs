@@ -6,7 +6,8 @@ use actix_web::{App, HttpRequest, HttpResponse, web};
 use keypool_proxy::Frontend;
 
 use crate::monitor::Monitor;
-use keypool_proxy::http::{error_response, gateway_proxy, proxy};
+use keypool_proxy::http::error_response;
+use keypool_proxy::pipeline;
 use keypool_types::{ApiError, ErrorKind};
 
 /// Builds one worker's app around its [`Frontend`].
@@ -71,16 +72,9 @@ async fn route(
             None,
         );
     }
-    if req.path().starts_with("/v1/") {
-        return proxy(req, payload, frontend).await;
-    }
-    // `/llm/api/{name}/v1/...`: a named gateway; the path after the name is its OpenAI path
-    if let Some(rest) = req.path().strip_prefix("/llm/api/")
-        && let Some((name, path)) = rest.split_once('/')
-        && path.starts_with("v1/")
-    {
-        let (name, path) = (name.to_owned(), format!("/{path}"));
-        return gateway_proxy(req, payload, frontend, &name, &path).await;
+    // `/v1/...` (the `default` gateway) and `/llm/api/{name}/v1/...`: one pipeline
+    if pipeline::route(req.path()).is_some() {
+        return pipeline::handle(req, payload, frontend).await;
     }
     if let Some(name) = req
         .path()

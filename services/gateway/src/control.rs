@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use keypool_config::raw::RawUpstream;
-use keypool_config::{Config, FieldError, RawGateway, UpstreamKey, validate_gateway, validate_key};
+use keypool_config::{
+    Config, DEFAULT_GATEWAY, FieldError, Gateway, RawGateway, UpstreamKey, validate_gateway,
+    validate_key,
+};
 use keypool_policy::gateway::Gateways;
 use keypool_pool::PoolHandle;
 use keypool_store::{KeyRow, Store, StoredEvent};
@@ -65,6 +68,27 @@ pub struct GatewayEntry {
     pub raw: RawGateway,
     pub owner: &'static str,
     pub updated_ms: i64,
+}
+
+/// The `default` gateway (`/v1/*`) as the top level of a config declares it.
+struct DefaultGateway {
+    spec: Arc<Gateway>,
+    entry: GatewayEntry,
+    client_tokens: Vec<String>,
+}
+
+impl DefaultGateway {
+    fn of(config: &Config) -> Self {
+        Self {
+            spec: config.default_gateway.clone(),
+            entry: GatewayEntry {
+                raw: config.raw_default_gateway.clone(),
+                owner: OWNER_CONFIG,
+                updated_ms: now_ms(),
+            },
+            client_tokens: config.client_tokens.clone(),
+        }
+    }
 }
 
 /// A key as the control plane holds it.
@@ -120,9 +144,10 @@ pub struct Control {
     pub changed: tokio::sync::watch::Sender<u64>,
     /// Frontends seen through `WatchConfig` / `PublishUsage` (control plane role).
     pub frontends: Mutex<BTreeMap<String, FrontendSeen>>,
-    /// The running client-token check, rebuilt when keys change (their own `authorization`
-    /// tokens and `noauth` flags count).
-    pub auth: Mutex<Option<Arc<arc_swap::ArcSwap<keypool_policy::ClientAuth>>>>,
+    /// The `default` gateway's policy (the config's top level, or the control plane's
+    /// snapshot): rebuilt with the keys' client tokens whenever keys change.
+    default_gateway: Mutex<DefaultGateway>,
+    /// The named gateways.
     gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
     key_entries: Mutex<BTreeMap<String, KeyEntry>>,
 }
@@ -183,7 +208,7 @@ impl Control {
             redis: Mutex::new(None),
             changed: tokio::sync::watch::Sender::new(0),
             frontends: Mutex::new(BTreeMap::new()),
-            auth: Mutex::new(None),
+            default_gateway: Mutex::new(DefaultGateway::of(&config)),
             gateway_entries: Mutex::new(g_entries),
             key_entries: Mutex::new(k_entries),
         });
@@ -333,7 +358,7 @@ impl Control {
     /// the store).
     fn bump(&self) {
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        self.refresh_auth();
+        self.refresh_default();
         self.changed.send_replace(version);
         let redis = lock(&self.redis).clone();
         if let (Some(redis), Some(_)) = (redis, &self.store) {
@@ -416,21 +441,17 @@ impl Control {
             }
         }
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        self.refresh_auth();
+        self.refresh_default();
         self.changed.send_replace(version);
         Ok(())
     }
 
-    /// Rebuilds the client-token check from the top-level tokens and the keys now in use.
-    pub fn refresh_auth(&self) {
-        let Some(auth) = lock(&self.auth).clone() else {
-            return;
-        };
-        let keys: Vec<Arc<UpstreamKey>> = self.key_entries().into_iter().map(|e| e.key).collect();
-        auth.store(Arc::new(keypool_policy::ClientAuth::from_parts(
-            &self.config.client_tokens,
-            &keys,
-        )));
+    /// Rebuilds the `default` gateway from its policy and the keys now in use (their own
+    /// `authorization` tokens and `noauth` flags count).
+    pub fn refresh_default(&self) {
+        if let Err(e) = self.apply_gateways() {
+            tracing::error!(error = %e, "gateways not refreshed");
+        }
     }
 
     /// The whole configuration a frontend needs, as `WatchConfig` sends it: the top-level
@@ -457,6 +478,7 @@ impl Control {
         disabled: &std::collections::HashSet<String>,
         version: u64,
     ) -> anyhow::Result<()> {
+        *lock(&self.default_gateway) = DefaultGateway::of(config);
         {
             let mut entries = lock(&self.gateway_entries);
             entries.clear();
@@ -514,14 +536,22 @@ impl Control {
             }
         }
         self.version.store(version, Ordering::Relaxed);
+        self.refresh_default();
         self.changed.send_replace(version);
         Ok(())
     }
 
-    /// Validates every gateway entry and installs them in the running gateway at once.
+    /// Validates every gateway entry and installs them, with the `default` gateway, in the
+    /// running gateway at once.
     fn apply_gateways(&self) -> Result<(), ControlError> {
+        let keys: Vec<Arc<UpstreamKey>> = self.key_entries().into_iter().map(|e| e.key).collect();
+        let default = {
+            let d = lock(&self.default_gateway);
+            Arc::new(d.spec.with_client_tokens(&d.client_tokens, &keys))
+        };
         let entries = lock(&self.gateway_entries);
-        let mut specs = Vec::with_capacity(entries.len());
+        let mut specs = Vec::with_capacity(entries.len() + 1);
+        specs.push(default);
         for (i, e) in entries.values().enumerate() {
             let g = validate_gateway(&e.raw, &format!("gateways[{i}]"))
                 .map_err(ControlError::Invalid)?;
@@ -531,11 +561,22 @@ impl Control {
         Ok(())
     }
 
+    /// The named gateways (what the store holds and frontends are sent besides the policy).
     pub fn gateway_entries(&self) -> Vec<GatewayEntry> {
         lock(&self.gateway_entries).values().cloned().collect()
     }
 
+    /// Every gateway, `default` first: what `ListGateways` shows.
+    pub fn listed_gateways(&self) -> Vec<GatewayEntry> {
+        let mut all = vec![lock(&self.default_gateway).entry.clone()];
+        all.extend(self.gateway_entries());
+        all
+    }
+
     pub fn gateway_entry(&self, name: &str) -> Option<GatewayEntry> {
+        if name == DEFAULT_GATEWAY {
+            return Some(lock(&self.default_gateway).entry.clone());
+        }
         lock(&self.gateway_entries).get(name).cloned()
     }
 
@@ -565,6 +606,9 @@ impl Control {
         }
         validate_gateway(&raw, "gateway").map_err(ControlError::Invalid)?;
         let name = raw.name.clone().unwrap_or_default();
+        if name == DEFAULT_GATEWAY {
+            return Err(config_owned("gateway", &name));
+        }
         {
             let entries = lock(&self.gateway_entries);
             match (entries.get(&name), replace) {

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use actix_web::{HttpServer, web};
 use anyhow::Context as _;
 use keypool_config::Config;
-use keypool_policy::ClientAuth;
 use keypool_proxy::adapter::Adapters;
 use keypool_proxy::{Engine, Frontend};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +33,8 @@ pub fn install_tls_provider() {
 }
 
 /// Warnings about a configuration that works but is probably not what the operator wants.
-fn startup_warnings(config: &Config, auth: &ClientAuth) {
-    if auth.is_open() {
+fn startup_warnings(config: &Config, default: &keypool_config::Gateway) {
+    if default.auth.is_none() {
         tracing::warn!(
             "NO `authorization` IS CONFIGURED: this gateway is open to anyone who can reach it"
         );
@@ -91,8 +90,13 @@ pub async fn run_with(
     }
     let config = Arc::new(config);
     let proxying = !matches!(role, Role::ControlPlane);
-    let auth = Arc::new(ClientAuth::from_config(&config));
-    startup_warnings(&config, &auth);
+    // every gateway, `default` (`/v1/*`) first; the control plane keeps them in line from here
+    let default = config
+        .default_gateway
+        .with_client_tokens(&config.client_tokens, &config.upstreams);
+    startup_warnings(&config, &default);
+    let mut specs = vec![Arc::new(default)];
+    specs.extend(config.gateways.iter().cloned());
     let store = usage::open_store(&config).await?;
     let redis = match &config.redis {
         None => None,
@@ -109,7 +113,7 @@ pub async fn run_with(
         .clone()
         .map(|r| r as Arc<dyn keypool_pool::SharedState>);
     let gateways = Arc::new(keypool_policy::gateway::Gateways::with_shared(
-        &config.gateways,
+        &specs,
         shared.clone(),
     ));
     if let Some(store) = &store {
@@ -154,9 +158,7 @@ pub async fn run_with(
     let engine = Arc::new(arc_swap::ArcSwap::from_pointee(engine_for(
         config.clone(),
         &pool,
-        &auth,
     )));
-    let auth = Arc::new(arc_swap::ArcSwap::new(auth));
     let (feed, _) = tokio::sync::broadcast::channel(config.admin.stream_buffer);
     let sink: Arc<dyn keypool_types::UsageSink> = Arc::new(control::FeedSink {
         inner: usage.sink.clone(),
@@ -170,27 +172,22 @@ pub async fn run_with(
         feed,
     )
     .await?;
-    *control
-        .auth
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(auth.clone());
-    control.refresh_auth(); // admin keys restored from the store count too
+    control.refresh_default(); // admin keys restored from the store count too
     if let Some(mut link) = link {
         // a frontend: the first snapshot's disabled keys and version, then every later snapshot
         control
             .apply_snapshot(&config, &link.first.disabled, link.first.version)
             .await?;
         link.applied.send_replace(link.first.version);
-        let (c, engine, auth, pool) = (control.clone(), engine.clone(), auth.clone(), pool.clone());
+        let (c, engine, pool) = (control.clone(), engine.clone(), pool.clone());
         tokio::spawn(async move {
             while let Some(p) = link.updates.recv().await {
                 match c.apply_snapshot(&p.config, &p.disabled, p.version).await {
                     Ok(()) => {
-                        // the policy (client tokens, timeouts, limits on bodies, ...) and the
-                        // token check follow the snapshot too; requests in flight keep theirs
-                        let new_auth = Arc::new(ClientAuth::from_config(&p.config));
-                        engine.store(Arc::new(engine_for(Arc::new(p.config), &pool, &new_auth)));
-                        auth.store(new_auth);
+                        // the policy (timeouts, limits on bodies, ...) follows the snapshot
+                        // too (the `default` gateway did in `apply_snapshot`); requests in
+                        // flight keep theirs
+                        engine.store(Arc::new(engine_for(Arc::new(p.config), &pool)));
                         tracing::info!(version = p.version, "config snapshot applied");
                         link.applied.send_replace(p.version);
                     }
@@ -280,7 +277,6 @@ pub async fn run_with(
         crate::app::app(
             web::Data::new(Frontend {
                 engine: engine.clone(),
-                auth: auth.clone(),
                 gateways: gateways.clone(),
                 sink: sink.clone(),
                 client: keypool_proxy::UpstreamClient::new(use_env_proxies),
@@ -329,13 +325,12 @@ pub async fn run_with(
 }
 
 /// The forwarding engine for one configuration.
-fn engine_for(config: Arc<Config>, pool: &keypool_pool::PoolHandle, auth: &ClientAuth) -> Engine {
+fn engine_for(config: Arc<Config>, pool: &keypool_pool::PoolHandle) -> Engine {
     Engine {
         keeps_headers: config.upstreams.iter().any(|u| u.keep_header),
         config,
         pool: pool.clone(),
         adapters: Adapters::new(),
-        requires_token: !auth.is_open(),
     }
 }
 

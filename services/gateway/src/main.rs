@@ -166,7 +166,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         // logging (and traces, when configured) start inside the runtime the exporter needs
         let traces = keypool_telemetry::trace::init(serve.as_ref().map(|c| &c.telemetry));
-        let result = run(command, serve).await;
+        let result = Box::pin(run(command, serve)).await;
         let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
         result
     });

@@ -9,9 +9,9 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use chrono::{TimeZone, Utc};
-use keypool_config::gateway::Position;
 use keypool_proxy::Frontend;
 use keypool_proxy::http::error_response;
+use keypool_proxy::pipeline::Incoming;
 use keypool_store::Store;
 use keypool_types::{ApiError, ErrorKind};
 use serde_json::json;
@@ -124,17 +124,9 @@ async fn usage(
             format!("There is no gateway named `{name}`."),
         )
     })?;
-    let credential = match gw.position() {
-        None => None,
-        Some(Position::Header(h)) => req
-            .headers()
-            .get(h.as_str())
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-        Some(Position::Arg(a) | Position::Body(a)) => {
-            keypool_policy::gateway::query_arg(req.query_string(), a)
-        }
-    };
-    gw.authenticate(credential.as_deref())?;
+    // the gateway's own credential rule, a `body:` field read from the query
+    let incoming = Incoming { req, body: None };
+    gw.authenticate(gw.credential(&incoming).as_deref())?;
     let tz = gw.spec.timezone;
     let now = Utc::now().with_timezone(&tz);
     let midnight = tz

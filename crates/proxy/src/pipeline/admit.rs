@@ -1,0 +1,31 @@
+//! `admit`: whitelist/blacklist, then the rate limits (counted across replicas when the state
+//! is shared), then the token quota. Returns the tightest limit's headers, which go out with
+//! every answer from here on, a refusal by a limit included.
+
+use std::net::IpAddr;
+
+use keypool_policy::gateway::{GatewayRuntime, RateHeaders};
+use keypool_types::ApiError;
+use tokio::time::Instant;
+
+use super::authenticate::Authenticated;
+
+pub(super) async fn admit(
+    gw: &GatewayRuntime,
+    auth: &Authenticated,
+    client_ip: Option<IpAddr>,
+    rate: &mut Option<RateHeaders>,
+) -> Result<(), ApiError> {
+    gw.check_lists(client_ip, auth.credential.as_deref(), chrono::Utc::now())?;
+    match gw
+        .admit_everywhere(&auth.caller, client_ip, Instant::now())
+        .await
+    {
+        Ok(h) => *rate = h,
+        Err(refused) => {
+            *rate = refused.headers;
+            return Err(refused.error);
+        }
+    }
+    gw.check_quota_everywhere().await
+}

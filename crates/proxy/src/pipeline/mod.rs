@@ -1,0 +1,164 @@
+//! The request pipeline: every API request, on `/v1/*` (the gateway named `default`) and on
+//! every named gateway (`/llm/api/{name}/v1/*`), goes through the same phases over one context.
+//!
+//! ```text
+//!  resolve ─▶ authenticate ─▶ admit ─────────────▶ read body ─▶ inspect ─▶ transform
+//!  gateway    credential(&req)  lists, rate limits,   bounded     model,      param_map,
+//!  exists,    by the gateway's  quota                 (413)       stream,     param_fixed,
+//!  active,    policy → Caller   (x-ratelimit-*)                   est tokens  prompt_template
+//!  not expired                                                    (model ACL)
+//!        ─▶ build ctx ─▶ forward ──────────────────▶ relay ───────────▶ account
+//!                        select key, attempts,        whole answer or     one usage event
+//!                        failover, backoff            SSE stream          per request
+//!                        (crate::forward)             (crate::relay)      (crate::ctx)
+//! ```
+//!
+//! The order is written once, in [`prepare`]; each phase is a function in its own module.
+//! A credential in the body (`body:` positions) is the one reason the body is read before the
+//! caller is known. What the phases record: the `policy` span covers everything before
+//! `forward`; a refusal there is counted once, in [`handle`]; `forward` records a span per key
+//! selection and per attempt; `account` records the request's metrics and its usage event.
+//! A new API surface adds its own inspect and relay adapters, not a new pipeline.
+
+mod admit;
+mod authenticate;
+mod body;
+mod context;
+
+pub use authenticate::Incoming;
+
+use std::sync::Arc;
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use keypool_config::DEFAULT_GATEWAY;
+use keypool_policy::gateway::{GatewayRuntime, RateHeaders};
+use keypool_types::{ApiError, ErrorKind};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::ctx::RequestCtx;
+use crate::forward::Engine;
+use crate::http::{Frontend, client_ip, error_response, respond};
+
+/// The gateway and the OpenAI path (`/v1/...`) of an API request path: `/v1/*` is the
+/// `default` gateway, `/llm/api/{name}/v1/*` the gateway `name`; `None` for any other path.
+pub fn route(path: &str) -> Option<(&str, &str)> {
+    if path.starts_with("/v1/") {
+        return Some((DEFAULT_GATEWAY, path));
+    }
+    let rest = path.strip_prefix("/llm/api/")?;
+    let (name, tail) = rest.split_once('/')?;
+    tail.starts_with("v1/").then(|| (name, &rest[name.len()..]))
+}
+
+/// Serves one API request (a path [`route`] accepts; any other gets 404).
+pub async fn handle(
+    req: HttpRequest,
+    payload: web::Payload,
+    fe: web::Data<Frontend>,
+) -> HttpResponse {
+    let Some((gateway, path)) = route(req.path()) else {
+        return error_response(
+            &ApiError::new(ErrorKind::NotFound, "Unknown request URL."),
+            None,
+        );
+    };
+    let started = Instant::now();
+    let span = server_span(&req);
+    let policy = keypool_telemetry::trace::child(&span, "policy");
+    // the engine and the gateway this request keeps from start to end, loaded once
+    let engine = fe.engine();
+    let mut rate = None;
+    let mut resp = match prepare(
+        &req, payload, &fe, &engine, gateway, path, started, &mut rate,
+    )
+    .instrument(policy)
+    .await
+    {
+        Ok(mut ctx) => {
+            ctx.span = span.clone();
+            respond(engine.forward(&fe.client, ctx).instrument(span).await)
+        }
+        Err(error) => {
+            let name = if error.kind == ErrorKind::GatewayNotFound {
+                "unknown"
+            } else {
+                gateway
+            };
+            keypool_telemetry::metrics().refusal(name, error.kind.wire().code);
+            error_response(&error, None)
+        }
+    };
+    if let Some(r) = rate {
+        rate_headers(&mut resp, &r);
+    }
+    resp
+}
+
+/// Every phase before `forward`, in their order. `rate` receives the tightest rate limit's
+/// headers once `admit` ran, refused or not.
+#[allow(clippy::too_many_arguments)] // the request, its surroundings, and one out-parameter
+async fn prepare(
+    req: &HttpRequest,
+    payload: web::Payload,
+    fe: &Frontend,
+    engine: &Engine,
+    gateway: &str,
+    path: &str,
+    started: Instant,
+    rate: &mut Option<RateHeaders>,
+) -> Result<RequestCtx, ApiError> {
+    let gw = resolve(fe, gateway)?;
+    let mut body = body::Body::new(payload, engine.config.max_body_bytes);
+    if gw.credential_in_body() {
+        body.read_json(req).await?;
+    }
+    let auth = authenticate::caller(&gw, req, &body)?;
+    let client_ip = client_ip(req, &engine.config);
+    admit::admit(&gw, &auth, client_ip, rate).await?;
+    let inspected = body.inspect(req, &gw, path).await?;
+    context::build(
+        req, fe, engine, path, auth, gw, client_ip, inspected, started,
+    )
+}
+
+/// The gateway exists, is active and has not expired.
+fn resolve(fe: &Frontend, name: &str) -> Result<Arc<GatewayRuntime>, ApiError> {
+    let gw = fe.gateways.get(name).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::GatewayNotFound,
+            format!("There is no gateway named `{name}`."),
+        )
+    })?;
+    gw.check_open(std::time::SystemTime::now())?;
+    Ok(gw)
+}
+
+/// The request's server span (none unless traces are exported).
+fn server_span(req: &HttpRequest) -> tracing::Span {
+    if !keypool_telemetry::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    keypool_telemetry::trace::server_span(
+        req.method().as_str(),
+        req.path(),
+        h("traceparent"),
+        h("tracestate"),
+    )
+}
+
+/// `x-ratelimit-*-requests` of the tightest limit, on every answer after `admit`.
+fn rate_headers(resp: &mut HttpResponse, r: &RateHeaders) {
+    let h = resp.headers_mut();
+    for (n, v) in [
+        ("x-ratelimit-limit-requests", r.limit.to_string()),
+        ("x-ratelimit-remaining-requests", r.remaining.to_string()),
+        ("x-ratelimit-reset-requests", r.reset_text()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(HeaderName::from_static(n), v);
+        }
+    }
+}

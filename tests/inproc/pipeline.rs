@@ -1,0 +1,301 @@
+//! The request pipeline in process (see `app.rs`): `/v1` is the gateway named `default`, with
+//! the same phases, in the same order, as every named gateway; how upstream answers drive
+//! failover; whose credential may travel upstream.
+
+mod app;
+
+use std::time::Duration;
+
+use app::{App, status_code};
+use keypool_e2e::{Behavior, config, hello, mock, served_by};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_gateways_top_level_rate_limits_hold_on_v1() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let app = App::start(
+        &config()
+            .token("t")
+            .set("rate_limits", "['ingress:2/minute']")
+            .key(&up, "up", "")
+            .yaml(),
+    )
+    .await?;
+    for remaining in ["1", "0"] {
+        let ok = app.chat("t", hello("gpt-4o-mini")).await?;
+        assert_eq!(ok.status(), 200);
+        assert_eq!(header(&ok, "x-ratelimit-limit-requests"), "2");
+        assert_eq!(header(&ok, "x-ratelimit-remaining-requests"), remaining);
+    }
+    let refused = app.chat("t", hello("gpt-4o-mini")).await?;
+    assert!(header(&refused, "retry-after").parse::<u64>()? >= 1);
+    assert_eq!(
+        status_code(refused).await?,
+        (429, "rate_limit_exceeded".into())
+    );
+    assert_eq!(
+        up.requests(),
+        2,
+        "a refused call never reaches the upstream"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_gateways_whitelist_holds_on_v1() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let app = App::start(
+        &config()
+            .token("std-1,vip-1")
+            .set("whitelist", "['ip:10.0.0.0/8', 'secret:^vip-']")
+            .key(&up, "up", "")
+            .yaml(),
+    )
+    .await?;
+    // 127.0.0.1 is not in 10.0.0.0/8: only the vip token's rule admits
+    let denied = app.chat("std-1", hello("gpt-4o-mini")).await?;
+    assert_eq!(status_code(denied).await?, (403, "access_denied".into()));
+    assert_eq!(app.chat("vip-1", hello("gpt-4o-mini")).await?.status(), 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_gateways_token_quota_holds_on_v1() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let app = App::start(
+        &config()
+            .token("t")
+            .set("token_quota", "15")
+            .key(&up, "up", "")
+            .yaml(),
+    )
+    .await?;
+    // each call: 5 prompt + 5 completion tokens; the quota is settled just after the answer
+    for _ in 0..2 {
+        assert_eq!(app.chat("t", hello("gpt-4o-mini")).await?.status(), 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = app.chat("t", hello("gpt-4o-mini")).await?;
+    assert_eq!(
+        status_code(refused).await?,
+        (429, "insufficient_quota".into())
+    );
+    assert_eq!(up.requests(), 2);
+    Ok(())
+}
+
+/// Each phase refuses before the next one runs: resolve (active, expiry) → authenticate →
+/// admit (lists, limits, quota) → read body → model. The body is not read before the caller is
+/// known, so an anonymous client cannot make keypool hold a large body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phases_refuse_in_their_order() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let start = |extra: &'static str| {
+        let mut c = config()
+            .token("t")
+            .set("max_body_bytes", "100")
+            .set("models", "[gpt-4o-mini]")
+            .key(&up, "up", "");
+        for line in extra.lines() {
+            let (k, v) = line.split_once(": ").unwrap_or_default();
+            c = c.set(k, v);
+        }
+        let yaml = c.yaml();
+        async move { App::start(&yaml).await }
+    };
+    let big = serde_json::json!({"model": "nope", "pad": "x".repeat(500)});
+
+    let off = start("active: false").await?;
+    assert_eq!(
+        status_code(off.post(CHAT, "wrong", &big).await?).await?,
+        (403, "gateway_inactive".into())
+    );
+    let old = start("expires_at: '2020-01-01T00:00:00Z'").await?;
+    assert_eq!(
+        status_code(old.post(CHAT, "wrong", &big).await?).await?,
+        (403, "gateway_expired".into())
+    );
+
+    let app = start("rate_limits: ['ingress:3/minute']").await?;
+    // authenticate before the body: a wrong token with a too-large body is 401, not 413
+    assert_eq!(
+        status_code(app.post(CHAT, "wrong", &big).await?).await?,
+        (401, "invalid_api_key".into())
+    );
+    // the body is read after admission: 413
+    assert_eq!(
+        status_code(app.post(CHAT, "t", &big).await?).await?,
+        (413, "request_too_large".into())
+    );
+    // the model check comes after the limits (and the call counts against them)
+    assert_eq!(
+        status_code(app.chat("t", hello("o1")).await?).await?,
+        (404, "model_not_found".into())
+    );
+    assert_eq!(app.chat("t", hello("gpt-4o-mini")).await?.status(), 200);
+    // the limit is spent (413, 404, 200): refused before the body or the model is looked at
+    assert_eq!(
+        status_code(app.post(CHAT, "t", &big).await?).await?,
+        (429, "rate_limit_exceeded".into())
+    );
+    assert_eq!(up.requests(), 1);
+    Ok(())
+}
+
+/// A named gateway's caller who asks for an unknown model gets 404, whatever `/v1`'s tokens
+/// are (it was 401 `invalid_api_key` while gateways ran a pipeline of their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_model_on_a_named_gateway_is_404_not_401() -> anyhow::Result<()> {
+    let up = mock(
+        "up",
+        Behavior {
+            models: Some(vec!["gpt-4o-mini".into()]),
+            ..Behavior::default()
+        },
+    );
+    let app = App::start(
+        &config()
+            .token("t")
+            .key(&up, "up", "allow: [gpt-4o-mini]")
+            .block("gateways:\n  - {name: team, auth: {method: exact, secrets: [s]}}")
+            .yaml(),
+    )
+    .await?;
+    let at = "/llm/api/team/v1/chat/completions";
+    assert_eq!(
+        app.post(at, "s", &hello("gpt-4o-mini")).await?.status(),
+        200
+    );
+    assert_eq!(
+        status_code(app.post(at, "s", &hello("o1")).await?).await?,
+        (404, "model_not_found".into())
+    );
+    // `/llm/api/default/v1` is `/v1`
+    let default = app
+        .post(
+            "/llm/api/default/v1/chat/completions",
+            "t",
+            &hello("gpt-4o-mini"),
+        )
+        .await?;
+    assert_eq!(default.status(), 200);
+    Ok(())
+}
+
+/// How each upstream answer drives failover (keys in config order): 5xx, 429 and 401/403 move
+/// on to the next key (429 cools the key, 401 disables it); 400 and 404 come back as they are;
+/// when every attempt failed the client gets the last upstream's own status and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_are_classified_for_failover() -> anyhow::Result<()> {
+    let failing = |status: u16| {
+        mock(
+            "a",
+            Behavior {
+                status: Some(status),
+                retry_after: (status == 429).then(|| "30".into()),
+                ..Behavior::default()
+            },
+        )
+    };
+    for (status, fails_over, key_stays_out) in [
+        (500, true, false),
+        (503, true, false),
+        (429, true, true),
+        (401, true, true),
+        (403, true, true),
+        (400, false, false),
+        (404, false, false),
+    ] {
+        let a = failing(status);
+        let b = mock("b", Behavior::default());
+        let app = App::start(
+            &config()
+                .token("t")
+                .set("lb_policy", "order")
+                .key(&a, "a", "")
+                .key(&b, "b", "")
+                .yaml(),
+        )
+        .await?;
+        let resp = app.chat("t", hello("gpt-4o-mini")).await?;
+        if fails_over {
+            assert_eq!((status, resp.status().as_u16()), (status, 200));
+            assert_eq!(served_by(&resp), "b");
+        } else {
+            assert_eq!(resp.status().as_u16(), status, "returned as it is");
+            assert_eq!((status, b.requests()), (status, 0));
+        }
+        // a second call: a cooled or disabled key is not tried again
+        app.chat("t", hello("gpt-4o-mini")).await?;
+        let expected_a = if key_stays_out { 1 } else { 2 };
+        assert_eq!((status, a.requests()), (status, expected_a));
+    }
+    // every key fails: the last upstream's real answer, not a blanket 502
+    let a = failing(500);
+    let b = failing(503);
+    let app = App::start(
+        &config()
+            .token("t")
+            .set("lb_policy", "order")
+            .key(&a, "a", "")
+            .key(&b, "b", "")
+            .yaml(),
+    )
+    .await?;
+    let resp = app.chat("t", hello("gpt-4o-mini")).await?;
+    assert_eq!(served_by(&resp), "b");
+    assert_eq!(resp.status(), 503);
+    // no HTTP answer at all (nothing listens): 502 from keypool itself
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let app = App::start(&format!(
+        "dbtype: none\nauthorization: t\nupstreams:\n  - {{name: gone, sk: sk-gone-0123456789, endpoint: 'http://{closed}/v1'}}\n"
+    ))
+    .await?;
+    assert_eq!(
+        status_code(app.chat("t", hello("gpt-4o-mini")).await?)
+            .await?
+            .0,
+        502
+    );
+    Ok(())
+}
+
+/// `sk: asis` keys forward the caller's own credential, never a keypool token: a caller who
+/// authenticated with a token is not served by them; an anonymous caller (a `noauth` key makes
+/// that possible) has its own `Authorization` passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asis_keys_never_forward_a_keypool_token() -> anyhow::Result<()> {
+    let up = mock(
+        "own",
+        Behavior {
+            require_key: Some("client-own-key".into()),
+            ..Behavior::default()
+        },
+    );
+    let app = App::start(&format!(
+        "dbtype: none\nauthorization: t\nupstreams:\n  - {{name: own, sk: asis, noauth: true, endpoint: '{}'}}\n",
+        up.url()
+    ))
+    .await?;
+    let with_token = app.chat("t", hello("gpt-4o-mini")).await?;
+    assert_eq!(
+        status_code(with_token).await?,
+        (404, "model_not_found".into())
+    );
+    assert_eq!(up.requests(), 0, "the keypool token never left");
+    let own = app.chat("client-own-key", hello("gpt-4o-mini")).await?;
+    assert_eq!(own.status(), 200);
+    assert_eq!(
+        up.last_request().expect("recorded").header("authorization"),
+        Some("Bearer client-own-key")
+    );
+    Ok(())
+}
