@@ -17,6 +17,9 @@
 #     without budgets (the least-used pick across replicas only); `frontends` = the production
 #     topology: `keypool admin` (SQLite) feeding two `keypool frontend`s that share the rpm
 #     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
+#     `before` = dbtype none served by another build of keypool, BASELINE=/path/to/keypool (e.g.
+#     one built from the commit before a change): before and after in the same run, rounds
+#     alternating, its ratio to `none` printed per round.
 # REDIS2=1 adds two `serve` replicas sharing the Redis budgets, loaded at once (needs redis).
 # Prints throughput at 64 connections and latency at 1 keep-alive connection (medians of ROUNDS
 # rounds of DURATION seconds) beside direct, keypool's peak RSS, and for stores the requests
@@ -24,6 +27,7 @@
 #
 #   tests/load/bench.sh                    # DURATION=10 ROUNDS=3
 #   STORES=none DURATION=5 ROUNDS=1 tests/load/bench.sh
+#   STORES="none before" BASELINE=/tmp/keypool-main tests/load/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
@@ -85,7 +89,7 @@ fi
 
 for store in $STORES; do
   case "$store" in
-    none|rpm) DB="dbtype: none" ;;
+    none|rpm|before) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
     postgres|pglocal)
@@ -130,7 +134,9 @@ YAML
     URL[$store]=$(url_in "$WORK/fea.out")
     URL[feb]=$(url_in "$WORK/feb.out")
   else
-    RUST_LOG=warn "$BIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-$store.out" 2> "$WORK/kp-$store.err" &
+    KBIN=$BIN
+    [ "$store" = before ] && KBIN=${BASELINE:?STORES=before needs BASELINE=/path/to/keypool}
+    RUST_LOG=warn "$KBIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-$store.out" 2> "$WORK/kp-$store.err" &
     PID[$store]=$!
     wait_line "$WORK/kp-$store.out" "listening on"
     URL[$store]=$(url_in "$WORK/kp-$store.out")

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Timelike, Utc};
 use keypool_config::Gateway;
 use keypool_config::gateway::{LimitScope, ListRule, RateLimit};
-use keypool_pool::{Admit, SharedState, WindowReq};
+use keypool_shared::{Admit, SharedState, WindowReq};
 use keypool_types::{ApiError, ErrorKind};
 use tokio::time::Instant;
 
@@ -40,7 +40,7 @@ pub struct GatewayState {
     /// Total tokens used, settled from real usage (restored from the store at start-up).
     tokens_used: AtomicU64,
     /// This replica's windows (all of them without Redis; a fallback with it).
-    local: keypool_pool::InMemory,
+    local: keypool_shared::InMemory,
     /// Across replicas (Redis): windows and the quota counter live there too.
     shared: Option<(Arc<dyn SharedState>, String)>,
 }
@@ -100,7 +100,7 @@ impl GatewayState {
             let (shared, key) = (shared.clone(), quota_counter(gateway));
             tokio::spawn(async move {
                 if let Err(e) = shared.add(&key, n).await {
-                    keypool_pool::shared_failed(&e);
+                    keypool_shared::shared_failed(&e);
                 }
             });
         }
@@ -112,7 +112,7 @@ impl GatewayState {
         if let Some((shared, gateway)) = &self.shared
             && let Err(e) = shared.init(&quota_counter(gateway), n).await
         {
-            keypool_pool::shared_failed(&e);
+            keypool_shared::shared_failed(&e);
         }
     }
 
@@ -124,7 +124,7 @@ impl GatewayState {
             Some((shared, gateway)) => match shared.get(&quota_counter(gateway)).await {
                 Ok(n) => n,
                 Err(e) => {
-                    keypool_pool::shared_failed(&e);
+                    keypool_shared::shared_failed(&e);
                     self.tokens_used()
                 }
             },
@@ -304,7 +304,7 @@ impl GatewayRuntime {
         match shared.admit(&self.windows(caller, client_ip), now).await {
             Ok(outcome) => self.verdict(outcome),
             Err(e) => {
-                keypool_pool::shared_failed(&e);
+                keypool_shared::shared_failed(&e);
                 if shared.fail_closed() {
                     return Err(Refused {
                         error: shared_unavailable(),
@@ -325,7 +325,7 @@ impl GatewayRuntime {
             return match shared.get(&quota_counter(gateway)).await {
                 Ok(used) => self.quota_verdict(used),
                 Err(e) => {
-                    keypool_pool::shared_failed(&e);
+                    keypool_shared::shared_failed(&e);
                     if shared.fail_closed() {
                         Err(shared_unavailable())
                     } else {

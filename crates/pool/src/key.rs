@@ -160,6 +160,8 @@ pub struct KeyActor {
     refresh: Option<SpawnHandle>,
     /// Disabled by an admin (health says `Disabled` while this is set).
     admin_disabled: bool,
+    /// Where this key's cooldowns and disablings go for the other replicas.
+    announcer: keypool_shared::HealthAnnouncer,
 }
 
 impl KeyActor {
@@ -206,9 +208,17 @@ impl KeyActor {
             cooldowns_in_row: 0,
             refresh: None,
             admin_disabled: false,
+            announcer: keypool_shared::HealthAnnouncer::default(),
         };
         actor.publish_health();
         actor
+    }
+
+    /// The same actor, telling `announcer` about its key's health changes.
+    #[must_use]
+    pub fn announcing(mut self, announcer: keypool_shared::HealthAnnouncer) -> Self {
+        self.announcer = announcer;
+        self
     }
 
     fn publish_health(&self) {
@@ -250,7 +260,8 @@ impl KeyActor {
             _ => {}
         }
         tracing::warn!(key = %self.key.name, cooldown_ms = period.as_millis() as u64, "key cooling down");
-        crate::shared::announce(&self.key.name, crate::HealthEvent::Cooling(period));
+        self.announcer
+            .announce(&self.key.name, crate::HealthEvent::Cooling(period));
         self.cooldowns_in_row += 1;
         if self.cooldowns_in_row >= keypool_telemetry::notify::cooling_alert_after() {
             keypool_telemetry::alert(
@@ -329,10 +340,8 @@ impl KeyActor {
                 tracing::error!(key = %self.key.name, status, "upstream rejected the key; disabling it");
                 self.counters.last_error = Some(reason.clone());
                 if !matches!(self.health, Health::Disabled { .. }) {
-                    crate::shared::announce(
-                        &self.key.name,
-                        crate::HealthEvent::Disabled(reason.clone()),
-                    );
+                    self.announcer
+                        .announce(&self.key.name, crate::HealthEvent::Disabled(reason.clone()));
                     keypool_telemetry::alert(
                         keypool_telemetry::Cause::KeyDisabled,
                         self.key.name.to_string(),

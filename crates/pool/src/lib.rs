@@ -13,17 +13,16 @@ pub mod key;
 pub mod messages;
 mod pool;
 pub mod select;
-pub mod shared;
 pub mod tally;
 pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
-pub use messages::{AddKey, BusyCause, ListKeys, NoKey, Outcome, RemoveKey, SetEnabled, UpdateKey};
-pub use pool::{KeyAccess, KeyPool, Lease, Pick, PoolHandle, PoolView};
-pub use shared::{
+pub use keypool_shared::{
     Admit, HealthEvent, InMemory, Picked, RedisState, SharedError, SharedState, TokenReq,
     WindowReq, shared_failed,
 };
+pub use messages::{AddKey, BusyCause, ListKeys, NoKey, Outcome, RemoveKey, SetEnabled, UpdateKey};
+pub use pool::{KeyAccess, KeyPool, Lease, Pick, PoolHandle, PoolView};
 pub use window::RateWindow;
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use crate::key::{KeyActor, KeyGauge, KeySeed, KeyState};
 use crate::messages::{BusyCause, ListKeys, NoKey, Outcome, Refusal, Reserve, Settle, Snapshot};
 use crate::select::{Candidate, rank};
 use crate::tally::KeyTally;
+use keypool_shared::HealthAnnouncer;
 
 /// One key as the pool publishes it.
 #[derive(Clone)]
@@ -40,10 +41,18 @@ struct PoolKey {
 
 impl PoolKey {
     /// Starts the key's actor (on the current arbiter).
-    fn start(id: u64, key: Arc<UpstreamKey>, epoch: Instant, seed: Option<KeySeed>) -> Self {
+    fn start(
+        id: u64,
+        key: Arc<UpstreamKey>,
+        epoch: Instant,
+        seed: Option<KeySeed>,
+        announcer: HealthAnnouncer,
+    ) -> Self {
         let gauge = Arc::new(KeyGauge::default());
         let tally = Arc::new(KeyTally::new(&key.name, key.kind.as_str()));
-        let addr = KeyActor::new(key.clone(), epoch, gauge.clone(), tally.clone(), seed).start();
+        let addr = KeyActor::new(key.clone(), epoch, gauge.clone(), tally.clone(), seed)
+            .announcing(announcer)
+            .start();
         Self {
             id,
             key,
@@ -104,26 +113,41 @@ pub struct KeyPool {
     view: Arc<RwLock<Arc<PoolView>>>,
     /// The next key id (ids are never reused, so a request's `exclude` stays right).
     next_id: u64,
+    /// Handed to every key actor: where it tells other replicas about its key's health.
+    announcer: HealthAnnouncer,
 }
 
 impl KeyPool {
     /// Starts one [`KeyActor`] per key and the pool, on the current actix arbiter.
     pub fn start(keys: &[Arc<UpstreamKey>], policy: LbPolicy) -> PoolHandle {
-        Self::start_seeded(keys, policy, &std::collections::HashMap::new())
+        Self::start_seeded(
+            keys,
+            policy,
+            &std::collections::HashMap::new(),
+            HealthAnnouncer::default(),
+        )
     }
 
-    /// Like [`KeyPool::start`], with each key's counters and recent requests restored.
+    /// Like [`KeyPool::start`], with each key's counters and recent requests restored, and the
+    /// keys' health changes announced through `announcer`.
     pub fn start_seeded(
         keys: &[Arc<UpstreamKey>],
         policy: LbPolicy,
         seeds: &std::collections::HashMap<String, KeySeed>,
+        announcer: HealthAnnouncer,
     ) -> PoolHandle {
         let epoch = Instant::now();
         let keys = keys
             .iter()
             .enumerate()
             .map(|(i, key)| {
-                PoolKey::start(i as u64, key.clone(), epoch, seeds.get(&*key.name).cloned())
+                PoolKey::start(
+                    i as u64,
+                    key.clone(),
+                    epoch,
+                    seeds.get(&*key.name).cloned(),
+                    announcer.clone(),
+                )
             })
             .collect();
         let view = Arc::new(RwLock::new(Arc::new(PoolView {
@@ -135,6 +159,7 @@ impl KeyPool {
         let supervisor = Self {
             view: view.clone(),
             next_id,
+            announcer,
         }
         .start();
         PoolHandle {
@@ -186,7 +211,13 @@ impl Handler<crate::messages::AddKey> for KeyPool {
             return Err(format!("a key named {:?} exists", msg.0.name));
         }
         let mut keys = view.keys.clone();
-        keys.push(PoolKey::start(self.next_id, msg.0, view.epoch, None));
+        keys.push(PoolKey::start(
+            self.next_id,
+            msg.0,
+            view.epoch,
+            None,
+            self.announcer.clone(),
+        ));
         self.next_id += 1;
         self.publish(keys);
         Ok(())
@@ -467,7 +498,7 @@ impl PoolHandle {
                     })
                 })
                 .collect();
-            let id = format!("{}-{first_lease}", crate::shared::process_id());
+            let id = format!("{}-{first_lease}", keypool_shared::process_id());
             match shared
                 .pick_reserving(
                     &windows,

@@ -218,7 +218,12 @@ async fn seeds_restore_counters_and_the_last_minute() {
         },
     );
     let keys = [key("a", Some(3), None), key("b", Some(3), None)];
-    let pool = KeyPool::start_seeded(&keys, LbPolicy::LeastUsed, &seeds);
+    let pool = KeyPool::start_seeded(
+        &keys,
+        LbPolicy::LeastUsed,
+        &seeds,
+        keypool_shared::HealthAnnouncer::default(),
+    );
     let states = pool.list().await;
     assert_eq!(states[0].counters.used, 7);
     assert_eq!(

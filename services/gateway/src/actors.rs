@@ -19,6 +19,7 @@ impl ActorHost {
         keys: Vec<Arc<UpstreamKey>>,
         policy: LbPolicy,
         seeds: std::collections::HashMap<String, KeySeed>,
+        announcer: keypool_shared::HealthAnnouncer,
     ) -> std::io::Result<(Self, PoolHandle)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -27,7 +28,7 @@ impl ActorHost {
                 let runner = actix_rt::System::new();
                 let started = runner.block_on(async {
                     (
-                        KeyPool::start_seeded(&keys, policy, &seeds),
+                        KeyPool::start_seeded(&keys, policy, &seeds, announcer),
                         actix_rt::System::current(),
                     )
                 });

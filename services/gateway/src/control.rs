@@ -139,7 +139,7 @@ pub struct Control {
     pub started: std::time::Instant,
     version: AtomicU64,
     /// With Redis: where changes are announced to the other replicas.
-    pub redis: Mutex<Option<Arc<keypool_pool::RedisState>>>,
+    pub redis: Mutex<Option<Arc<keypool_shared::RedisState>>>,
     /// The version after every applied change (what `WatchConfig` streams wait on).
     pub changed: tokio::sync::watch::Sender<u64>,
     /// Frontends seen through `WatchConfig` / `PublishUsage` (control plane role).
@@ -364,7 +364,7 @@ impl Control {
         if let (Some(redis), Some(_)) = (redis, &self.store) {
             tokio::spawn(async move {
                 if let Err(e) = redis.announce_config(version).await {
-                    keypool_pool::shared_failed(&e);
+                    keypool_shared::shared_failed(&e);
                 }
             });
         }

@@ -327,7 +327,7 @@ pub async fn connect(
         client: client.clone(),
         conn: tokio::sync::Mutex::new(None),
         seq: AtomicU64::new(0),
-        id: keypool_pool::shared::process_id().to_owned(),
+        id: keypool_shared::process_id().to_owned(),
         address,
         applied: applied_rx.clone(),
     });

@@ -101,17 +101,18 @@ pub async fn run_with(
     let redis = match &config.redis {
         None => None,
         Some(r) => {
-            let mut state = keypool_pool::RedisState::connect(r.url.expose(), &r.prefix, r.timeout)
-                .await
-                .context("cannot reach redis.url at start-up")?;
+            let mut state =
+                keypool_shared::RedisState::connect(r.url.expose(), &r.prefix, r.timeout)
+                    .await
+                    .context("cannot reach redis.url at start-up")?;
             state.closed = r.fail_closed;
             state.replicas_hint = r.replicas_hint;
             Some(Arc::new(state))
         }
     };
-    let shared: Option<Arc<dyn keypool_pool::SharedState>> = redis
+    let shared: Option<Arc<dyn keypool_shared::SharedState>> = redis
         .clone()
-        .map(|r| r as Arc<dyn keypool_pool::SharedState>);
+        .map(|r| r as Arc<dyn keypool_shared::SharedState>);
     let gateways = Arc::new(keypool_policy::gateway::Gateways::with_shared(
         &specs,
         shared.clone(),
@@ -123,13 +124,24 @@ pub async fn run_with(
         Some(s) => usage::seeds(s).await,
         None => std::collections::HashMap::new(),
     };
-    let (actors, pool) = ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds)?;
-    let pool = match (&shared, &redis, &config.redis) {
-        (Some(s), Some(r), Some(rc)) => {
-            keypool_pool::shared::share_health(
+    // key actors announce their keys' health to the other replicas only when there are any
+    let (announcer, announcements) = match &redis {
+        Some(_) => {
+            let (a, rx) = keypool_shared::HealthAnnouncer::channel();
+            (a, Some(rx))
+        }
+        None => (keypool_shared::HealthAnnouncer::default(), None),
+    };
+    let (actors, pool) =
+        ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds, announcer)?;
+    let pool = match (&shared, &redis, &config.redis, announcements) {
+        (Some(s), Some(r), Some(rc), Some(announcements)) => {
+            let remote = pool.clone();
+            keypool_shared::share_health(
                 r,
                 rc.url.expose().to_owned(),
-                pool.clone(),
+                announcements,
+                move |key, event| remote.apply_health(key, event),
                 shutdown.clone(),
             );
             tracing::info!(
@@ -222,7 +234,7 @@ pub async fn run_with(
                 })
                 .to_string();
                 if let Err(e) = beat.heartbeat(&info).await {
-                    keypool_pool::shared_failed(&e);
+                    keypool_shared::shared_failed(&e);
                 }
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -231,7 +243,7 @@ pub async fn run_with(
             }
         });
         let c = control.clone();
-        keypool_pool::shared::subscribe(
+        keypool_shared::subscribe(
             rc.url.expose().to_owned(),
             r.config_channel(),
             shutdown.clone(),

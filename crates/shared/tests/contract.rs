@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keypool_pool::{Admit, InMemory, Picked, RedisState, SharedState, TokenReq, WindowReq};
+use keypool_shared::{Admit, InMemory, Picked, RedisState, SharedState, TokenReq, WindowReq};
 use tokio::time::Instant;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";

@@ -1,0 +1,148 @@
+//! [`SharedState`]: the counters that must hold across replicas — sliding windows (key rpm,
+//! gateway `ingress:`/`secret:` limits), token counters (quotas) and key health events — with an
+//! in-process implementation ([`InMemory`]) and a Redis one ([`RedisState`]).
+//!
+//! Both give the same contract, tested by one suite over both: `admit` checks every window of a
+//! call and, only when all have room, counts the call in all of them — atomically (a mutex in
+//! process; one Lua script in Redis, on Redis's clock), so concurrent callers on any number of
+//! replicas never admit more than a limit. "n per minute" means at most n in any trailing minute.
+
+mod health;
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+pub use health::{
+    Announcements, HealthAnnouncer, parse_health, process_id, share_health, subscribe,
+};
+pub use memory::InMemory;
+pub use redis::RedisState;
+
+use tokio::time::Instant;
+
+/// One sliding window a call must fit in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowReq {
+    /// Identifies the window (the prefix is added by the implementation).
+    pub key: String,
+    pub limit: u64,
+    pub per: Duration,
+}
+
+/// A key's token window a pick must also fit in (its `tpm`): `cost` estimated tokens, settled
+/// later with [`SharedState::settle_tokens`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReq {
+    pub key: String,
+    pub limit: u64,
+    pub cost: u64,
+}
+
+/// What `admit` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    /// Counted in every window; calls left in each (in request order) after this one.
+    Admitted { remaining: Vec<u64> },
+    /// Window `index` is full until one call leaves it, in `free_in`; nothing was counted.
+    Refused { index: usize, free_in: Duration },
+}
+
+/// What `pick` chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Picked {
+    /// Candidate `i` had room and the call is counted in its window.
+    Index(usize),
+    /// None had room; the first frees up in this long.
+    Busy(Duration),
+}
+
+/// A key's health as one replica saw it, for the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthEvent {
+    /// Cooling down for this long from now.
+    Cooling(Duration),
+    /// Rejected by its upstream (401/403).
+    Disabled(String),
+}
+
+/// The shared state is unreachable or answered nonsense.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("shared state unavailable: {0}")]
+pub struct SharedError(pub String);
+
+#[async_trait::async_trait]
+pub trait SharedState: Send + Sync {
+    /// `"memory"` or `"redis"`.
+    fn kind(&self) -> &'static str;
+
+    /// Checks every window and counts the call in all of them, or in none. `now` is the
+    /// in-process clock (a shared implementation uses its own, the same for all replicas).
+    async fn admit(&self, windows: &[WindowReq], now: Instant) -> Result<Admit, SharedError>;
+
+    /// Chooses among candidate windows (in preference order) the one with room — the least
+    /// used (`least_used`, ties to the earlier) or the first — and counts the call in it: the
+    /// pick and the reservation in one step (one round trip in Redis). A window with limit
+    /// `u64::MAX` is unbudgeted: it only ranks, and may be counted approximately.
+    async fn pick(
+        &self,
+        candidates: &[WindowReq],
+        least_used: bool,
+        now: Instant,
+    ) -> Result<Picked, SharedError> {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        self.pick_reserving(candidates, &[], least_used, &id, now)
+            .await
+    }
+
+    /// [`Self::pick`] where candidate `i` must also fit `tokens[i]` (when given: its key's
+    /// token window, a trailing sum); the chosen one's tokens are reserved under `id`.
+    async fn pick_reserving(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        now: Instant,
+    ) -> Result<Picked, SharedError>;
+
+    /// Replaces the estimate reserved under `id` in a token window by the real count (nothing
+    /// when the reservation already left the window).
+    async fn settle_tokens(&self, req: &TokenReq, id: &str, actual: u64)
+    -> Result<(), SharedError>;
+
+    /// Adds `n` to a counter; answers the new total.
+    async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError>;
+
+    /// A counter's total (0 when absent).
+    async fn get(&self, counter: &str) -> Result<u64, SharedError>;
+
+    /// Sets a counter unless it exists (start-up restore: the first replica's value wins).
+    async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError>;
+
+    /// Tells the other replicas about a key's health.
+    async fn publish_health(&self, key: &str, event: &HealthEvent) -> Result<(), SharedError>;
+
+    /// While unavailable, refuse (`true`, `on_failure: closed`) rather than fall back to local
+    /// limits.
+    fn fail_closed(&self) -> bool {
+        false
+    }
+
+    /// How many replicas share the limits (`redis.replicas_hint`): while the shared state is
+    /// unavailable, each replica enforces `1/N` of every rate budget on its own.
+    fn replicas_hint(&self) -> u32 {
+        1
+    }
+}
+
+/// Counts and logs a shared-state failure (the caller falls back to local state).
+pub fn shared_failed(e: &SharedError) {
+    keypool_telemetry::metrics().redis_errors.inc();
+    tracing::warn!(error = %e, "shared state unavailable: using local state");
+    keypool_telemetry::alert(
+        keypool_telemetry::Cause::RedisUnavailable,
+        "redis",
+        format!("Redis (shared state) is unavailable: {e}; replicas fall back to local limits"),
+    );
+}

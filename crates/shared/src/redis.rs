@@ -1,0 +1,291 @@
+//! [`RedisState`]: the shared state in Redis — one Lua script per decision (`scripts/`), run
+//! on Redis's clock, so every replica's calls are counted atomically in one place.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::{
+    Admit, HealthEvent, Picked, SharedError, SharedState, TokenReq, WindowReq, process_id,
+};
+
+/// Redis: sorted sets of admission times (scored in Redis's milliseconds), plain counters, and a
+/// pub/sub channel for key health. Calls time out after `timeout`, so a dead Redis never holds a
+/// request; the connection manager reconnects by itself.
+pub struct RedisState {
+    /// `on_failure: closed`.
+    pub closed: bool,
+    /// `redis.replicas_hint` (1 when unset).
+    pub replicas_hint: u32,
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    script: redis::Script,
+    pick_script: redis::Script,
+    settle_script: redis::Script,
+}
+
+/// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
+/// id, then (limit, per_ms) per window. Returns {1, remaining...} or {0, index, free_in_ms}.
+const ADMIT: &str = include_str!("scripts/admit.lua");
+
+/// Chooses and reserves in one step. KEYS: per candidate, in preference order, its request
+/// window and its token window. ARGV: member id, `least` or `first`, then per candidate
+/// (limit, per_ms, token_limit, token_cost); a limit of 0 means unbudgeted, a token limit of 0
+/// no token budget. Returns {1, index} or {0, free_in_ms}.
+///
+/// A budgeted window is exact (a sorted set of admission times, bounded by its limit). An
+/// unbudgeted one only ranks, so it is two per-window counters (this window and the last one,
+/// weighted by how much of the last still overlaps): O(1), whatever the traffic. A token window
+/// is a sorted set of `id:tokens` members with a running sum beside it (`<key>:sum`): members
+/// leaving the window are subtracted once, so the check is O(1) amortised.
+const PICK: &str = include_str!("scripts/pick.lua");
+
+/// Settles a token reservation: KEYS[1] the token window; ARGV: id, estimated cost, actual.
+const SETTLE_TOKENS: &str = include_str!("scripts/settle_tokens.lua");
+
+impl RedisState {
+    /// Connects (or fails within `timeout`).
+    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
+        let client = redis::Client::open(url).map_err(|e| SharedError(e.to_string()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            timeout * 4,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| SharedError("connecting to Redis timed out".into()))?
+        .map_err(|e| SharedError(e.to_string()))?;
+        Ok(Self {
+            closed: false,
+            replicas_hint: 1,
+            conn,
+            prefix: prefix.to_owned(),
+            timeout,
+            script: redis::Script::new(ADMIT),
+            pick_script: redis::Script::new(PICK),
+            settle_script: redis::Script::new(SETTLE_TOKENS),
+        })
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    /// The health channel's name.
+    pub fn health_channel(&self) -> String {
+        self.key("health")
+    }
+
+    /// The channel replicas announce admin changes on.
+    pub fn config_channel(&self) -> String {
+        self.key("config")
+    }
+
+    /// Records this replica as alive (`info`: JSON the status call shows).
+    pub async fn heartbeat(&self, info: &str) -> Result<(), SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key("replicas");
+        let (field, value) = (process_id().to_owned(), info.to_owned());
+        self.run(async move {
+            redis::cmd("HSET")
+                .arg(key)
+                .arg(field)
+                .arg(value)
+                .query_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Every replica's last heartbeat: (replica id, info JSON).
+    pub async fn replicas(&self) -> Result<Vec<(String, String)>, SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key("replicas");
+        self.run(async move {
+            redis::cmd("HGETALL")
+                .arg(key)
+                .query_async::<Vec<(String, String)>>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    /// Tells the other replicas that the admin state in the store changed.
+    pub async fn announce_config(&self, version: u64) -> Result<(), SharedError> {
+        self.publish(
+            self.config_channel(),
+            format!("{}\t{version}", process_id()),
+        )
+        .await
+    }
+
+    async fn publish(&self, channel: String, msg: String) -> Result<(), SharedError> {
+        let mut conn = self.conn.clone();
+        self.run(async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(msg)
+                .query_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn run<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(SharedError(e.to_string())),
+            Err(_) => Err(SharedError("Redis did not answer in time".into())),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SharedState for RedisState {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn fail_closed(&self) -> bool {
+        self.closed
+    }
+
+    fn replicas_hint(&self) -> u32 {
+        self.replicas_hint.max(1)
+    }
+
+    async fn admit(&self, windows: &[WindowReq], _: Instant) -> Result<Admit, SharedError> {
+        let mut inv = self.script.prepare_invoke();
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        inv.arg(id);
+        for w in windows {
+            inv.key(self.key(&w.key));
+            inv.arg(w.limit).arg(w.per.as_millis() as u64);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, rest @ ..] => Ok(Admit::Admitted {
+                remaining: rest
+                    .iter()
+                    .map(|r| u64::try_from(*r).unwrap_or(0))
+                    .collect(),
+            }),
+            [0, index, free] => Ok(Admit::Refused {
+                index: usize::try_from(*index).unwrap_or(0),
+                free_in: Duration::from_millis(u64::try_from(*free).unwrap_or(0)),
+            }),
+            other => Err(SharedError(format!("unexpected admit answer {other:?}"))),
+        }
+    }
+
+    async fn pick_reserving(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        _: Instant,
+    ) -> Result<Picked, SharedError> {
+        let mut inv = self.pick_script.prepare_invoke();
+        inv.arg(id);
+        inv.arg(if least_used { "least" } else { "first" });
+        for (i, w) in candidates.iter().enumerate() {
+            inv.key(self.key(&w.key));
+            // unbudgeted (u64::MAX): 0 tells the script to count approximately
+            let limit = if w.limit == u64::MAX { 0 } else { w.limit };
+            inv.arg(limit).arg(w.per.as_millis() as u64);
+            if let Some(Some(t)) = tokens.get(i) {
+                inv.key(self.key(&t.key));
+                inv.arg(t.limit).arg(t.cost);
+            } else {
+                // no token budget: a placeholder key the script never touches
+                inv.key(self.key(&format!("{}:tok", w.key)));
+                inv.arg(0).arg(0);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, i] => Ok(Picked::Index(usize::try_from(*i).unwrap_or(0))),
+            [0, free] => Ok(Picked::Busy(Duration::from_millis(
+                u64::try_from(*free).unwrap_or(0),
+            ))),
+            other => Err(SharedError(format!("unexpected pick answer {other:?}"))),
+        }
+    }
+
+    async fn settle_tokens(
+        &self,
+        req: &TokenReq,
+        id: &str,
+        actual: u64,
+    ) -> Result<(), SharedError> {
+        let mut inv = self.settle_script.prepare_invoke();
+        inv.key(self.key(&req.key));
+        inv.arg(id).arg(req.cost.min(req.limit)).arg(actual);
+        let mut conn = self.conn.clone();
+        let _: i64 = self.run(inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(counter);
+        self.run(async move {
+            redis::cmd("INCRBY")
+                .arg(key)
+                .arg(n)
+                .query_async::<u64>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn get(&self, counter: &str) -> Result<u64, SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(counter);
+        let v: Option<u64> = self
+            .run(async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(counter);
+        self.run(async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(n)
+                .arg("NX")
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn publish_health(&self, key: &str, event: &HealthEvent) -> Result<(), SharedError> {
+        let msg = match event {
+            HealthEvent::Cooling(d) => format!("{}\tcool\t{}\t{key}", process_id(), d.as_millis()),
+            HealthEvent::Disabled(why) => {
+                format!(
+                    "{}\tdisable\t{}\t{key}",
+                    process_id(),
+                    why.replace('\t', " ")
+                )
+            }
+        };
+        self.publish(self.health_channel(), msg).await
+    }
+}

@@ -1,0 +1,94 @@
+-- Chooses and reserves in one step. KEYS: per candidate, in preference order, its request
+-- window and its token window. ARGV: member id, `least` or `first`, then per candidate
+-- (limit, per_ms, token_limit, token_cost); a limit of 0 means unbudgeted, a token limit of 0
+-- no token budget. Returns {1, index} or {0, free_in_ms}.
+--
+-- A budgeted window is exact (a sorted set of admission times, bounded by its limit). An
+-- unbudgeted one only ranks, so it is two per-window counters (this window and the last one,
+-- weighted by how much of the last still overlaps): O(1), whatever the traffic. A token window
+-- is a sorted set of `id:tokens` members with a running sum beside it (`<key>:sum`): members
+-- leaving the window are subtracted once, so the check is O(1) amortised.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local least = ARGV[2] == 'least'
+local best, best_n, earliest = 0, -1, -1
+local function tokens_used(k, per)
+  local sum = tonumber(redis.call('GET', k .. ':sum') or '0')
+  local old = redis.call('ZRANGEBYSCORE', k, '-inf', now - per)
+  if #old > 0 then
+    for _, m in ipairs(old) do sum = sum - tonumber(string.match(m, ':(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
+    if sum < 0 or redis.call('ZCARD', k) == 0 then sum = 0 end
+    redis.call('SET', k .. ':sum', sum, 'PX', per)
+  end
+  return sum
+end
+for i = 1, #KEYS / 2 do
+  local limit = tonumber(ARGV[4 * i - 1])
+  local per = tonumber(ARGV[4 * i])
+  local tlimit = tonumber(ARGV[4 * i + 1])
+  local tk = KEYS[2 * i]
+  local n
+  local tokens_fit = true
+  if tlimit > 0 then
+    local cost = math.min(tonumber(ARGV[4 * i + 2]), tlimit)
+    local used = tokens_used(tk, per)
+    if used + cost > tlimit then
+      tokens_fit = false
+      local must_free = used + cost - tlimit
+      local free = per
+      local all = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
+      for j = 1, #all, 2 do
+        local m = tonumber(string.match(all[j], ':(%d+)$'))
+        if m >= must_free then free = tonumber(all[j + 1]) + per - now break end
+        must_free = must_free - m
+      end
+      if earliest < 0 or free < earliest then earliest = free end
+    end
+  end
+  local k = KEYS[2 * i - 1]
+  if not tokens_fit then
+    n = nil
+  elseif limit == 0 then
+    local slot = math.floor(now / per)
+    local cur = tonumber(redis.call('GET', k .. ':' .. slot) or '0')
+    local prev = tonumber(redis.call('GET', k .. ':' .. (slot - 1)) or '0')
+    n = cur + prev * (1 - (now % per) / per)
+    limit = n + 1
+  else
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
+    n = redis.call('ZCARD', k)
+  end
+  if n == nil then
+    -- no room for its tokens: ranked out
+  elseif n < limit then
+    if best == 0 or n < best_n then best, best_n = i, n end
+    if not least then break end
+  else
+    local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+    local free = per
+    if oldest[2] then free = tonumber(oldest[2]) + per - now end
+    if earliest < 0 or free < earliest then earliest = free end
+  end
+end
+if best == 0 then return {0, earliest} end
+local per = tonumber(ARGV[4 * best])
+local k = KEYS[2 * best - 1]
+if tonumber(ARGV[4 * best - 1]) == 0 then
+  local c = k .. ':' .. math.floor(now / per)
+  redis.call('INCR', c)
+  redis.call('PEXPIRE', c, 2 * per)
+else
+  redis.call('ZADD', k, now, ARGV[1])
+  redis.call('PEXPIRE', k, per)
+end
+local tlimit = tonumber(ARGV[4 * best + 1])
+if tlimit > 0 then
+  local tk = KEYS[2 * best]
+  local cost = math.min(tonumber(ARGV[4 * best + 2]), tlimit)
+  redis.call('ZADD', tk, now, ARGV[1] .. ':' .. cost)
+  redis.call('INCRBY', tk .. ':sum', cost)
+  redis.call('PEXPIRE', tk, per)
+  redis.call('PEXPIRE', tk .. ':sum', per)
+end
+return {1, best - 1}
