@@ -399,7 +399,7 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
                 format!("{at}.rate_limits[{i}]"),
                 "no-limit cannot be combined with limits".to_owned(),
             ),
-            Err(reason) => err(format!("{at}.rate_limits[{i}]"), reason),
+            Err(reason) => err(format!("{at}.rate_limits[{i}]"), reason.to_string()),
         }
     }
     let mut lists = [Vec::new(), Vec::new()];
@@ -410,7 +410,7 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
         for (i, e) in entries.iter().enumerate() {
             match parse_list_rule(e) {
                 Ok(rule) => lists[li].push(rule),
-                Err(reason) => err(format!("{at}.{field}[{i}]"), reason),
+                Err(reason) => err(format!("{at}.{field}[{i}]"), reason.to_string()),
             }
         }
     }
@@ -609,12 +609,27 @@ fn jwt_method(a: &RawGatewayAuth, err: &mut impl FnMut(&str, String)) -> Option<
     }
 }
 
+/// Why a `rate_limits` or list entry is not valid (the field's reason in a [`FieldError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("expected ingress:N/UNIT or secret:N/UNIT (second, minute, hour, day), got {0:?}")]
+    RateLimit(String),
+    #[error("a limit of 0 would refuse every call; set active: false instead")]
+    ZeroLimit,
+    #[error("expected ip:CIDR, got {0:?}")]
+    Cidr(String),
+    #[error("invalid regex: {0}")]
+    Regex(#[from] regex::Error),
+    #[error("expected time:HH:MM-HH:MM, got {0:?}")]
+    Time(String),
+    #[error("expected ip:CIDR, secret:REGEX or time:HH:MM-HH:MM, got {0:?}")]
+    ListRule(String),
+}
+
 /// `ingress:100/minute`, `secret:10/hour`.
-fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+fn parse_rate_limit(text: &str) -> Result<RateLimit, RuleError> {
     let t = text.trim();
-    let bad = || {
-        format!("expected ingress:N/UNIT or secret:N/UNIT (second, minute, hour, day), got {t:?}")
-    };
+    let bad = || RuleError::RateLimit(t.to_owned());
     let (scope, rest) = t.split_once(':').ok_or_else(bad)?;
     let scope = match scope {
         "ingress" => LimitScope::Ingress,
@@ -631,7 +646,7 @@ fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
         _ => return Err(bad()),
     };
     if limit == 0 {
-        return Err("a limit of 0 would refuse every call; set active: false instead".to_owned());
+        return Err(RuleError::ZeroLimit);
     }
     Ok(RateLimit {
         scope,
@@ -641,7 +656,7 @@ fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
     })
 }
 
-fn parse_list_rule(text: &str) -> Result<ListRule, String> {
+fn parse_list_rule(text: &str) -> Result<ListRule, RuleError> {
     let t = text.trim();
     match t.split_once(':') {
         Some(("ip", net)) => {
@@ -649,21 +664,17 @@ fn parse_list_rule(text: &str) -> Result<ListRule, String> {
             net.parse::<ipnet::IpNet>()
                 .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
                 .map(ListRule::Ip)
-                .map_err(|_| format!("expected ip:CIDR, got {t:?}"))
+                .map_err(|_| RuleError::Cidr(t.to_owned()))
         }
-        Some(("secret", re)) => Regex::new(re)
-            .map(ListRule::Secret)
-            .map_err(|e| format!("invalid regex: {e}")),
+        Some(("secret", re)) => Ok(ListRule::Secret(Regex::new(re)?)),
         Some(("time", range)) => {
             let (from, to) = range
                 .split_once('-')
                 .and_then(|(a, b)| Some((hhmm(a)?, hhmm(b)?)))
-                .ok_or_else(|| format!("expected time:HH:MM-HH:MM, got {t:?}"))?;
+                .ok_or_else(|| RuleError::Time(t.to_owned()))?;
             Ok(ListRule::Time { from, to })
         }
-        _ => Err(format!(
-            "expected ip:CIDR, secret:REGEX or time:HH:MM-HH:MM, got {t:?}"
-        )),
+        _ => Err(RuleError::ListRule(t.to_owned())),
     }
 }
 

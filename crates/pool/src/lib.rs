@@ -21,7 +21,9 @@ pub use keypool_shared::{
     Admit, HealthEvent, InMemory, Picked, RedisState, SharedError, SharedState, TokenReq,
     WindowReq, shared_failed,
 };
-pub use messages::{AddKey, BusyCause, ListKeys, NoKey, Outcome, RemoveKey, SetEnabled, UpdateKey};
+pub use messages::{
+    AddKey, BusyCause, ListKeys, NoKey, Outcome, PoolError, RemoveKey, SetEnabled, UpdateKey,
+};
 pub use pool::{KeyAccess, KeyPool, Lease, Pick, PoolHandle, PoolView};
 pub use window::RateWindow;
 

@@ -118,9 +118,21 @@ pub struct Snapshot;
 #[rtype(result = "Vec<KeyState>")]
 pub struct ListKeys;
 
+/// Why the pool refused a change to its key set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("a key named {0:?} exists")]
+    Exists(String),
+    #[error("no key named {0:?}")]
+    NoSuchKey(String),
+    /// The supervisor is gone (the process is stopping).
+    #[error("the key pool has stopped")]
+    Stopped,
+}
+
 /// Add a key to the pool (the supervisor starts its actor).
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), PoolError>")]
 pub struct AddKey(pub std::sync::Arc<keypool_config::UpstreamKey>);
 
 /// Take a key out of the pool: no new picks at once; its actor lives on until the leases in
@@ -131,12 +143,12 @@ pub struct RemoveKey(pub String);
 
 /// Replace a key's spec (limits, allow/deny, ...), keeping its state. The name must not change.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), PoolError>")]
 pub struct UpdateKey(pub std::sync::Arc<keypool_config::UpstreamKey>);
 
 /// Enable or disable a key by hand.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), PoolError>")]
 pub struct SetEnabled {
     pub name: String,
     pub enabled: bool,

@@ -24,7 +24,9 @@ use keypool_config::{LbPolicy, UpstreamKey};
 use tokio::time::Instant;
 
 use crate::key::{KeyActor, KeyGauge, KeySeed, KeyState};
-use crate::messages::{BusyCause, ListKeys, NoKey, Outcome, Refusal, Reserve, Settle, Snapshot};
+use crate::messages::{
+    BusyCause, ListKeys, NoKey, Outcome, PoolError, Refusal, Reserve, Settle, Snapshot,
+};
 use crate::select::{Candidate, rank};
 use crate::tally::KeyTally;
 use keypool_shared::HealthAnnouncer;
@@ -203,12 +205,12 @@ impl KeyPool {
 }
 
 impl Handler<crate::messages::AddKey> for KeyPool {
-    type Result = Result<(), String>;
+    type Result = Result<(), PoolError>;
 
     fn handle(&mut self, msg: crate::messages::AddKey, _: &mut Context<Self>) -> Self::Result {
         let view = self.current();
         if view.keys.iter().any(|k| k.key.name == msg.0.name) {
-            return Err(format!("a key named {:?} exists", msg.0.name));
+            return Err(PoolError::Exists(msg.0.name.to_string()));
         }
         let mut keys = view.keys.clone();
         keys.push(PoolKey::start(
@@ -247,12 +249,12 @@ impl Handler<crate::messages::RemoveKey> for KeyPool {
 }
 
 impl Handler<crate::messages::UpdateKey> for KeyPool {
-    type Result = Result<(), String>;
+    type Result = Result<(), PoolError>;
 
     fn handle(&mut self, msg: crate::messages::UpdateKey, _: &mut Context<Self>) -> Self::Result {
         let view = self.current();
         let Some(pos) = view.keys.iter().position(|k| k.key.name == msg.0.name) else {
-            return Err(format!("no key named {:?}", msg.0.name));
+            return Err(PoolError::NoSuchKey(msg.0.name.to_string()));
         };
         let mut keys = view.keys.clone();
         keys[pos].key = msg.0.clone();
@@ -263,7 +265,7 @@ impl Handler<crate::messages::UpdateKey> for KeyPool {
 }
 
 impl Handler<crate::messages::SetEnabled> for KeyPool {
-    type Result = Result<(), String>;
+    type Result = Result<(), PoolError>;
 
     fn handle(&mut self, msg: crate::messages::SetEnabled, _: &mut Context<Self>) -> Self::Result {
         let view = self.current();
@@ -271,7 +273,7 @@ impl Handler<crate::messages::SetEnabled> for KeyPool {
             .keys
             .iter()
             .find(|k| *k.key.name == msg.name)
-            .ok_or_else(|| format!("no key named {:?}", msg.name))?;
+            .ok_or_else(|| PoolError::NoSuchKey(msg.name.clone()))?;
         k.addr.do_send(crate::messages::Enable(msg.enabled));
         Ok(())
     }
@@ -594,28 +596,28 @@ impl PoolHandle {
             .collect()
     }
 
-    pub async fn add_key(&self, key: Arc<UpstreamKey>) -> Result<(), String> {
+    pub async fn add_key(&self, key: Arc<UpstreamKey>) -> Result<(), PoolError> {
         self.supervisor
             .send(crate::messages::AddKey(key))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|_| PoolError::Stopped)?
     }
 
-    pub async fn update_key(&self, key: Arc<UpstreamKey>) -> Result<(), String> {
+    pub async fn update_key(&self, key: Arc<UpstreamKey>) -> Result<(), PoolError> {
         self.supervisor
             .send(crate::messages::UpdateKey(key))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|_| PoolError::Stopped)?
     }
 
-    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), String> {
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), PoolError> {
         self.supervisor
             .send(crate::messages::SetEnabled {
                 name: name.to_owned(),
                 enabled,
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|_| PoolError::Stopped)?
     }
 
     /// Removes a key from picking at once, then waits (up to `drain`) until its in-flight

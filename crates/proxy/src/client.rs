@@ -159,7 +159,7 @@ struct Idle {
 struct Pool {
     idle: Mutex<Vec<(String, Vec<Idle>)>>,
     /// TLS for `https://` upstreams; the reason when it could not be set up.
-    tls: Result<tokio_rustls::TlsConnector, String>,
+    tls: Result<tokio_rustls::TlsConnector, rustls::Error>,
 }
 
 impl Pool {
@@ -323,7 +323,7 @@ impl Stream for PooledBody {
 }
 
 /// rustls with ring and the platform's roots, HTTP/1.1 by ALPN.
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+fn tls_connector() -> Result<tokio_rustls::TlsConnector, rustls::Error> {
     use rustls_platform_verifier::BuilderVerifierExt;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -331,7 +331,7 @@ fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
         .and_then(BuilderVerifierExt::with_platform_verifier)
         .map_err(|e| {
             tracing::warn!(error = %e, "cannot set up TLS for https:// upstreams");
-            e.to_string()
+            e
         })?
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

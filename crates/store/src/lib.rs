@@ -24,7 +24,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend};
 pub use admin::{GatewayRow, KeyRow};
 pub use event::{StoredEvent, StoredLog};
 pub use query::{Grouping, HourCalls, KeyCounterRow, UsageTotal};
-pub use writer::{BatchTarget, UsageWriter, WriterSink, WriterStats};
+pub use writer::{BatchTarget, TargetError, UsageWriter, WriterSink, WriterStats};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]

@@ -77,6 +77,16 @@ impl UsageSink for WriterSink {
     }
 }
 
+/// Why a batch did not reach its target: the writer keeps it (spill file, retry) either way.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(transparent)]
+    Store(#[from] crate::StoreError),
+    /// Another target's own error (a frontend's link to its control plane).
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Where the writer's batches go.
 pub trait BatchTarget: Send + Sync + 'static {
     /// What the logs and alerts call it (`usage store`, `control plane`).
@@ -87,9 +97,9 @@ pub trait BatchTarget: Send + Sync + 'static {
         &self,
         batch: &[StoredEvent],
         fresh: bool,
-    ) -> impl std::future::Future<Output = Result<usize, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<usize, TargetError>> + Send;
     /// Whether the target is reachable again.
-    fn ping(&self) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    fn ping(&self) -> impl std::future::Future<Output = Result<(), TargetError>> + Send;
 }
 
 impl BatchTarget for Store {
@@ -97,17 +107,17 @@ impl BatchTarget for Store {
         "usage store"
     }
 
-    async fn write(&self, batch: &[StoredEvent], fresh: bool) -> Result<usize, String> {
+    async fn write(&self, batch: &[StoredEvent], fresh: bool) -> Result<usize, TargetError> {
         let written = if fresh {
             self.write_new_batch(batch).await
         } else {
             self.write_batch(batch).await
         };
-        written.map_err(|e| e.to_string())
+        Ok(written?)
     }
 
-    async fn ping(&self) -> Result<(), String> {
-        Store::ping(self).await.map_err(|e| e.to_string())
+    async fn ping(&self) -> Result<(), TargetError> {
+        Ok(Store::ping(self).await?)
     }
 }
 

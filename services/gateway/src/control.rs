@@ -29,30 +29,30 @@ pub const OWNER_CONFIG: &str = "config";
 pub const OWNER_ADMIN: &str = "admin";
 
 /// Why a change was refused.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid(Vec<FieldError>),
+    #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
     Exists(String),
+    #[error("{0}")]
     Precondition(String),
+    #[error("{0}")]
     Store(String),
 }
 
-impl std::fmt::Display for ControlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Invalid(errs) => {
-                let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
-                write!(f, "{}", all.join("; "))
-            }
-            Self::NotFound(m) | Self::Exists(m) | Self::Precondition(m) | Self::Store(m) => {
-                write!(f, "{m}")
-            }
+impl From<keypool_pool::PoolError> for ControlError {
+    fn from(e: keypool_pool::PoolError) -> Self {
+        use keypool_pool::PoolError as P;
+        match e {
+            P::Exists(_) => Self::Exists(e.to_string()),
+            P::NoSuchKey(_) => Self::NotFound(e.to_string()),
+            P::Stopped => Self::Precondition(e.to_string()),
         }
     }
 }
-
-impl std::error::Error for ControlError {}
 
 fn invalid(path: &str, reason: impl Into<String>) -> ControlError {
     ControlError::Invalid(vec![FieldError {
@@ -779,7 +779,7 @@ impl Control {
             raw: Some(raw),
         };
         self.persist_key(&entry, sealed).await?;
-        self.pool.add_key(key).await.map_err(ControlError::Exists)?;
+        self.pool.add_key(key).await?;
         lock(&self.key_entries).insert(entry.key.name.to_string(), entry.clone());
         self.bump();
         Ok(entry)
@@ -839,15 +839,9 @@ impl Control {
             }
         }
         let key = Arc::new(key);
-        self.pool
-            .update_key(key.clone())
-            .await
-            .map_err(ControlError::NotFound)?;
+        self.pool.update_key(key.clone()).await?;
         if let Some(en) = enabled {
-            self.pool
-                .set_enabled(name, en)
-                .await
-                .map_err(ControlError::NotFound)?;
+            self.pool.set_enabled(name, en).await?;
             entry.enabled = en;
         }
         entry.key = key;

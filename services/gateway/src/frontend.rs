@@ -25,7 +25,7 @@ use anyhow::Context as _;
 use keypool_config::Config;
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_client::AdminClient;
-use keypool_store::{BatchTarget, StoredEvent};
+use keypool_store::{BatchTarget, StoredEvent, TargetError};
 use keypool_types::Secret;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -407,8 +407,29 @@ struct Conn {
     acks: tonic::Streaming<pb::UsageAck>,
 }
 
+/// Why a batch did not reach the control plane (the writer keeps it and retries).
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("no answer from the control plane")]
+    NoAnswer,
+    #[error("the control plane refused: {}", .0.message())]
+    Refused(#[from] tonic::Status),
+    #[error("the usage stream closed")]
+    Closed,
+    #[error("no acknowledgement within {0:?}")]
+    NoAck(std::time::Duration),
+    #[error("cannot encode a usage event: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl From<UplinkError> for TargetError {
+    fn from(e: UplinkError) -> Self {
+        Self::Other(Box::new(e))
+    }
+}
+
 impl Uplink {
-    async fn open(&self) -> Result<Conn, String> {
+    async fn open(&self) -> Result<Conn, UplinkError> {
         let (tx, rx) = mpsc::channel(4);
         let opened = tokio::time::timeout(
             CONNECT_WAIT,
@@ -417,8 +438,7 @@ impl Uplink {
                 .publish_usage(tokio_stream::wrappers::ReceiverStream::new(rx)),
         )
         .await
-        .map_err(|_| "no answer from the control plane".to_owned())?
-        .map_err(|s| s.message().to_owned())?;
+        .map_err(|_| UplinkError::NoAnswer)??;
         Ok(Conn {
             tx,
             acks: opened.into_inner(),
@@ -426,13 +446,13 @@ impl Uplink {
     }
 
     /// Sends one batch and waits for its acknowledgement; returns how many events were new.
-    async fn send(&self, events_json: Vec<String>) -> Result<usize, String> {
+    async fn send(&self, events_json: Vec<String>) -> Result<usize, UplinkError> {
         let mut conn = self.conn.lock().await;
         if conn.is_none() {
             *conn = Some(self.open().await?);
         }
         let Some(c) = conn.as_mut() else {
-            return Err("not connected".to_owned());
+            return Err(UplinkError::Closed);
         };
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let batch = pb::UsageBatch {
@@ -443,14 +463,12 @@ impl Uplink {
             events_json,
         };
         let outcome = async {
-            c.tx.send(batch)
-                .await
-                .map_err(|_| "the usage stream closed".to_owned())?;
+            c.tx.send(batch).await.map_err(|_| UplinkError::Closed)?;
             loop {
                 match tokio::time::timeout(ACK_WAIT, c.acks.message()).await {
-                    Err(_) => return Err(format!("no acknowledgement within {ACK_WAIT:?}")),
-                    Ok(Err(s)) => return Err(s.message().to_owned()),
-                    Ok(Ok(None)) => return Err("the usage stream closed".to_owned()),
+                    Err(_) => return Err(UplinkError::NoAck(ACK_WAIT)),
+                    Ok(Err(s)) => return Err(s.into()),
+                    Ok(Ok(None)) => return Err(UplinkError::Closed),
                     Ok(Ok(Some(ack))) if ack.seq == seq => return Ok(ack.stored as usize),
                     Ok(Ok(Some(_))) => {} // a late ack of an abandoned batch
                 }
@@ -479,12 +497,12 @@ impl BatchTarget for UplinkTarget {
     /// is 4 MiB, and events with request logs are large), each acknowledged once stored. If a
     /// later message fails, the whole batch is retried: the control plane skips the ids it
     /// already stored.
-    async fn write(&self, batch: &[StoredEvent], _fresh: bool) -> Result<usize, String> {
+    async fn write(&self, batch: &[StoredEvent], _fresh: bool) -> Result<usize, TargetError> {
         let mut stored = 0;
         let mut message = Vec::new();
         let mut bytes = 0;
         for event in batch {
-            let json = serde_json::to_string(event).map_err(|e| e.to_string())?;
+            let json = serde_json::to_string(event).map_err(UplinkError::from)?;
             if !message.is_empty() && bytes + json.len() > UPLINK_MESSAGE_BYTES {
                 stored += self.0.send(std::mem::take(&mut message)).await?;
                 bytes = 0;
@@ -498,7 +516,7 @@ impl BatchTarget for UplinkTarget {
         Ok(stored)
     }
 
-    async fn ping(&self) -> Result<(), String> {
-        self.0.send(Vec::new()).await.map(|_| ())
+    async fn ping(&self) -> Result<(), TargetError> {
+        Ok(self.0.send(Vec::new()).await.map(|_| ())?)
     }
 }

@@ -93,8 +93,17 @@ fn bad_request(param: &str, message: &str) -> UpstreamResponse {
     )
 }
 
+/// Message content Replicate's text models cannot take.
+#[derive(Debug, thiserror::Error)]
+enum Unsupported {
+    #[error("content parts of type {0:?}")]
+    Part(String),
+    #[error("non-text content")]
+    NotText,
+}
+
 /// Message content as text; `Err` names an unsupported part.
-fn content_text(content: &Value) -> Result<String, String> {
+fn content_text(content: &Value) -> Result<String, Unsupported> {
     match content {
         Value::String(s) => Ok(s.clone()),
         Value::Null => Ok(String::new()),
@@ -106,13 +115,13 @@ fn content_text(content: &Value) -> Result<String, String> {
                         text.push_str(p.get("text").and_then(Value::as_str).unwrap_or(""));
                     }
                     other => {
-                        return Err(format!("content parts of type {:?}", other.unwrap_or("?")));
+                        return Err(Unsupported::Part(other.unwrap_or("?").to_owned()));
                     }
                 }
             }
             Ok(text)
         }
-        _ => Err("non-text content".to_owned()),
+        _ => Err(Unsupported::NotText),
     }
 }
 
