@@ -99,13 +99,21 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         .map(|g| (g.name.as_str(), g.owner.as_str()))
         .collect();
     assert_eq!(names, [("default", "config"), ("cfg", "config")]);
-    assert!(list.gateways[1].spec_json.contains("sha256:"));
-    assert!(!list.gateways[1].spec_json.contains("cfg-secret"));
+    let secrets = list.gateways[1]
+        .spec
+        .clone()
+        .and_then(|s| s.auth)
+        .map(|a| a.secrets)
+        .unwrap_or_default();
+    assert!(!secrets.is_empty() && secrets.iter().all(|s| s.starts_with("sha256:")));
+    assert!(!secrets.iter().any(|s| s.contains("cfg-secret")));
 
     // validation errors name the field
     let err = cl
         .create_gateway(authed(pb::CreateGatewayRequest {
-            spec: "name: Bad_Name\nrate_limits: ['ingress:x/minute']\n".into(),
+            gateway: Some(keypool_e2e::gateway_spec(
+                "name: Bad_Name\nrate_limits: ['ingress:x/minute']\n",
+            )),
         }))
         .await
         .unwrap_err();
@@ -120,7 +128,7 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     let created = Instant::now();
     let gw_created = cl
         .create_gateway(authed(pb::CreateGatewayRequest {
-            spec: "name: team\nauth: {method: exact, secrets: [t-1]}\nrate_limits: ['ingress:100/minute']\n".into(),
+            gateway: Some(keypool_e2e::gateway_spec("name: team\nauth: {method: exact, secrets: [t-1]}\nrate_limits: ['ingress:100/minute']\n")),
         }))
         .await?
         .into_inner();
@@ -138,7 +146,7 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     assert!(created.elapsed() < Duration::from_secs(1));
     let err = cl
         .create_gateway(authed(pb::CreateGatewayRequest {
-            spec: "name: team\n".into(),
+            gateway: Some(keypool_e2e::gateway_spec("name: team\n")),
         }))
         .await
         .unwrap_err();
@@ -158,13 +166,18 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(got.spec_json.contains("ingress:100/minute"));
+    assert_eq!(
+        got.spec.unwrap_or_default().rate_limits,
+        ["ingress:100/minute"]
+    );
     assert_eq!(got.tokens_used, 10);
 
     // update (full replace) applies at once; config-owned gateways are refused
     cl.update_gateway(authed(pb::UpdateGatewayRequest {
         name: "team".into(),
-        spec: "auth: {method: exact, secrets: [t-1]}\nmodels: [only-this]\n".into(),
+        gateway: Some(keypool_e2e::gateway_spec(
+            "auth: {method: exact, secrets: [t-1]}\nmodels: [only-this]\n",
+        )),
     }))
     .await?;
     assert_eq!(
@@ -180,7 +193,7 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     let err = cl
         .update_gateway(authed(pb::UpdateGatewayRequest {
             name: "cfg".into(),
-            spec: "active: false\n".into(),
+            gateway: Some(keypool_e2e::gateway_spec("active: false\n")),
         }))
         .await
         .unwrap_err();
@@ -190,7 +203,7 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         let err = cl
             .update_gateway(authed(pb::UpdateGatewayRequest {
                 name: "default".into(),
-                spec: spec.into(),
+                gateway: Some(keypool_e2e::gateway_spec(spec)),
             }))
             .await
             .unwrap_err();
@@ -198,7 +211,7 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     }
     let err = cl
         .create_gateway(authed(pb::CreateGatewayRequest {
-            spec: "name: default\n".into(),
+            gateway: Some(keypool_e2e::gateway_spec("name: default\n")),
         }))
         .await
         .unwrap_err();
@@ -212,7 +225,17 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert!(rotated.secret.starts_with("kp-"));
-    assert!(!rotated.gateway.unwrap().spec_json.contains(&rotated.secret));
+    let stored = rotated
+        .gateway
+        .and_then(|g| g.spec)
+        .and_then(|s| s.auth)
+        .map(|a| a.secrets)
+        .unwrap_or_default();
+    assert!(
+        stored
+            .iter()
+            .all(|s| s.starts_with("sha256:") && !s.contains(&rotated.secret))
+    );
     assert_eq!(
         chat_at(
             &gw,
@@ -306,7 +329,9 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     // add: validated like the file; the secret is sealed, never returned
     let err = cl
         .add_key(authed(pb::AddKeyRequest {
-            spec: "{name: c, sk: sk-x, endpoint: 'not a url'}".into(),
+            key: Some(keypool_e2e::key_spec(
+                "{name: c, sk: sk-x, endpoint: 'not a url'}",
+            )),
         }))
         .await
         .unwrap_err();
@@ -318,10 +343,10 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     );
     let added = cl
         .add_key(authed(pb::AddKeyRequest {
-            spec: format!(
+            key: Some(keypool_e2e::key_spec(&format!(
                 "{{name: c, sk: sk-added-secret-9999, endpoint: \"{}\", allow: [slow-model]}}",
                 key_c.url()
-            ),
+            ))),
         }))
         .await?
         .into_inner();
@@ -421,14 +446,16 @@ async fn admin_changes_survive_a_restart_and_secrets_stay_sealed() -> anyhow::Re
     let mut gw = Gateway::start(&yaml).await?;
     let mut cl = admin(&gw).await?;
     cl.create_gateway(authed(pb::CreateGatewayRequest {
-        spec: "name: kept\nauth: {method: exact, secrets: [k-1]}\n".into(),
+        gateway: Some(keypool_e2e::gateway_spec(
+            "name: kept\nauth: {method: exact, secrets: [k-1]}\n",
+        )),
     }))
     .await?;
     cl.add_key(authed(pb::AddKeyRequest {
-        spec: format!(
+        key: Some(keypool_e2e::key_spec(&format!(
             "{{name: d, sk: sk-sealed-secret-4242, endpoint: \"{}\", allow: [d-model], authorization: [d-only-token]}}",
             d.url()
-        ),
+        ))),
     }))
     .await?;
     // a token only the added key names is accepted at once
@@ -523,12 +550,13 @@ async fn stream_usage_filters_and_drops_a_stalled_subscriber() -> anyhow::Result
             (
                 e.model.as_str(),
                 e.gateway.as_str(),
-                e.key.as_str(),
+                e.key.as_deref(),
                 e.status
             ),
-            ("m1", "default", "up", 200)
+            ("m1", "default", Some("up"), 200)
         );
-        assert_eq!(e.total_tokens, 10);
+        assert_eq!(e.total_tokens, Some(10));
+        assert!(e.log.is_none(), "the live feed carries no request log");
         seen += 1;
     }
     // the stalled one is dropped with a clear status once it reads again

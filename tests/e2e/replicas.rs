@@ -524,7 +524,9 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> 
     let started = std::time::Instant::now();
     admin
         .create_gateway(authed(pb::CreateGatewayRequest {
-            spec: "name: fresh\nauth: {method: exact, secrets: [f-1]}\n".into(),
+            gateway: Some(keypool_e2e::gateway_spec(
+                "name: fresh\nauth: {method: exact, secrets: [f-1]}\n",
+            )),
         }))
         .await?;
     let path = "/llm/api/fresh/v1/chat/completions";
@@ -556,10 +558,10 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> 
         .await?;
     admin
         .add_key(authed(pb::AddKeyRequest {
-            spec: format!(
+            key: Some(keypool_e2e::key_spec(&format!(
                 "{{name: c, sk: sk-added-c-1234, endpoint: \"{}\"}}",
                 c.url()
-            ),
+            ))),
         }))
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;

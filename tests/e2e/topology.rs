@@ -255,11 +255,11 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
         fe_b.logs()
     );
 
-    // the control plane comes back on the same address, with a second client token in its
-    // file: every event lands, once
+    // the control plane comes back on the same address, with a second client token and a
+    // rate limit for `/v1` (the `default` gateway) in its file: every event lands, once
     let edited = yaml.replacen(
         &format!("authorization: {T}"),
-        &format!("authorization: {T},second-token"),
+        &format!("authorization: {T},second-token\nrate_limits: ['ingress:100000/minute']"),
         1,
     );
     assert_ne!(edited, yaml);
@@ -277,7 +277,9 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
     // and a change made now reaches the frontends that reconnected
     let mut cl = AdminClient::connect(cp.admin_url().await?).await?;
     cl.create_gateway(authed(pb::CreateGatewayRequest {
-        spec: "name: late\nauth: {method: exact, secrets: [late-secret]}\n".into(),
+        gateway: Some(keypool_e2e::gateway_spec(
+            "name: late\nauth: {method: exact, secrets: [late-secret]}\n",
+        )),
     }))
     .await?;
     for fe in [&fe_a, &fe_b] {
@@ -291,6 +293,22 @@ async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> any
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // and so does the `default` gateway's top-level policy, typed in the snapshot
+        let resp = fe
+            .http()
+            .post(fe.url("/v1/chat/completions"))
+            .bearer_auth(T)
+            .json(&hello("gpt-4o-mini"))
+            .send()
+            .await?;
+        assert_eq!(
+            resp.headers()
+                .get("x-ratelimit-limit-requests")
+                .and_then(|v| v.to_str().ok()),
+            Some("100000"),
+            "{}",
+            fe.origin
+        );
         while post(fe, "/llm/api/late/v1/chat/completions", "late-secret").await? != 200 {
             assert!(
                 started.elapsed() < Duration::from_secs(15),
@@ -428,7 +446,9 @@ async fn a_snapshot_applied_mid_stream_leaves_the_stream_whole() -> anyhow::Resu
     tokio::time::sleep(Duration::from_millis(250)).await;
     let mut cl = AdminClient::connect(admin).await?;
     cl.create_gateway(authed(pb::CreateGatewayRequest {
-        spec: "name: mid\nauth: {method: exact, secrets: [mid-secret]}\n".into(),
+        gateway: Some(keypool_e2e::gateway_spec(
+            "name: mid\nauth: {method: exact, secrets: [mid-secret]}\n",
+        )),
     }))
     .await?;
     cl.update_key(authed(pb::UpdateKeyRequest {

@@ -867,3 +867,17 @@ impl Drop for TlsTerminator {
         self.accept.abort();
     }
 }
+
+/// A `gateways:` entry written in YAML, as the admin API's message.
+pub fn gateway_spec(yaml: &str) -> keypool_proto::admin::v1::GatewaySpec {
+    let raw: keypool_config::RawGateway =
+        serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("gateway spec {yaml:?}: {e}"));
+    keypool_proto::admin::v1::GatewaySpec::from(&raw)
+}
+
+/// An `upstreams:` entry written in YAML, as the admin API's message.
+pub fn key_spec(yaml: &str) -> keypool_proto::admin::v1::UpstreamSpec {
+    let raw: keypool_config::raw::RawUpstream =
+        serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("key spec {yaml:?}: {e}"));
+    keypool_proto::admin::v1::UpstreamSpec::from(&raw)
+}

@@ -19,7 +19,7 @@ use crate::{FieldError, ModelRule, UpstreamKey};
 pub const DEFAULT_GATEWAY: &str = "default";
 
 /// One `gateways:` entry as written. Names are a contract: add fields, never rename one.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGateway {
     /// URL segment, `[a-z0-9-]`.
@@ -58,7 +58,7 @@ pub struct RawGateway {
     pub param_fixed: BTreeMap<String, Value>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGatewayAuth {
     /// `exact` | `regex` | `jwt`.

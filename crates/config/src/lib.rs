@@ -46,10 +46,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The `default` gateway (`/v1/*`): the policy written at the top level, without its
     /// credentials (the client tokens, joined with the keys' at run time:
-    /// [`Gateway::with_client_tokens`]).
+    /// [`Gateway::with_client_tokens`]). As written: `policy.default_gateway`.
     pub default_gateway: Arc<Gateway>,
-    /// The same as written (what `ListGateways` shows).
-    pub raw_default_gateway: RawGateway,
     /// Gateways at `/llm/api/{name}/v1/*`, in config order.
     pub gateways: Vec<Arc<Gateway>>,
     /// The same gateways as written, secrets hashed (what the admin service seeds the store with).
@@ -61,8 +59,8 @@ pub struct Config {
     /// What a control plane sends its frontends besides keys and gateways: the top-level
     /// request policy as written (`authorization`, timeouts, `lb_policy`, `queue_timeout`,
     /// `max_body_bytes`, `retries`, `shutdown_grace`, `trusted_proxies`, the recording half of
-    /// `log`, the `default` gateway's policy), as a JSON object with the file's field names.
-    pub policy: serde_json::Value,
+    /// `log`, the `default` gateway's policy).
+    pub policy: Arc<raw::RawPolicy>,
 }
 
 /// Shared state in Redis.

@@ -84,7 +84,100 @@ pub struct RawConfig {
     pub param_fixed: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
+/// What a control plane pushes to its frontends besides keys and gateways: the top-level
+/// request policy as written. Unset fields take the file's defaults on the frontend too.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct RawPolicy {
+    pub authorization: Vec<String>,
+    pub timeout: Option<Seconds>,
+    pub stream_timeout: Option<Seconds>,
+    pub idle_timeout: Option<Seconds>,
+    pub lb_policy: Option<String>,
+    pub queue_timeout: Option<Seconds>,
+    pub max_body_bytes: Option<u64>,
+    pub retries: Option<u32>,
+    pub shutdown_grace: Option<Seconds>,
+    pub trusted_proxies: Vec<String>,
+    /// The recording half of `log:` (where the events go is each process's own).
+    pub log: RawLogPolicy,
+    /// The `default` gateway's fields.
+    pub default_gateway: crate::gateway::RawGateway,
+}
+
+/// The recording half of `log:`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct RawLogPolicy {
+    pub request_body: bool,
+    pub response_body: bool,
+    pub headers: bool,
+    pub max_field_bytes: Option<usize>,
+    pub redact_headers: Vec<String>,
+}
+
 impl RawConfig {
+    /// The top-level request policy, as written.
+    pub fn policy(&self) -> RawPolicy {
+        let log = self.log.as_ref();
+        RawPolicy {
+            authorization: self
+                .authorization
+                .as_ref()
+                .map(StringOrList::entries)
+                .unwrap_or_default(),
+            timeout: self.timeout,
+            stream_timeout: self.stream_timeout,
+            idle_timeout: self.idle_timeout,
+            lb_policy: self.lb_policy.clone(),
+            queue_timeout: self.queue_timeout,
+            max_body_bytes: self.max_body_bytes,
+            retries: self.retries,
+            shutdown_grace: self.shutdown_grace,
+            trusted_proxies: self.trusted_proxies.clone(),
+            log: RawLogPolicy {
+                request_body: log.is_some_and(|l| l.request_body),
+                response_body: log.is_some_and(|l| l.response_body),
+                headers: log.is_some_and(|l| l.headers),
+                max_field_bytes: log.and_then(|l| l.max_field_bytes),
+                redact_headers: log.map(|l| l.redact_headers.clone()).unwrap_or_default(),
+            },
+            default_gateway: self.default_gateway(),
+        }
+    }
+
+    /// Takes `policy` as this config's top-level request policy (a frontend's, from its
+    /// control plane); the rest of `log:` and everything else stay this config's.
+    pub fn set_policy(&mut self, policy: RawPolicy) {
+        let g = policy.default_gateway;
+        self.authorization =
+            (!policy.authorization.is_empty()).then_some(StringOrList::Many(policy.authorization));
+        self.timeout = policy.timeout;
+        self.stream_timeout = policy.stream_timeout;
+        self.idle_timeout = policy.idle_timeout;
+        self.lb_policy = policy.lb_policy;
+        self.queue_timeout = policy.queue_timeout;
+        self.max_body_bytes = policy.max_body_bytes;
+        self.retries = policy.retries;
+        self.shutdown_grace = policy.shutdown_grace;
+        self.trusted_proxies = policy.trusted_proxies;
+        let log = self.log.get_or_insert_with(RawLog::default);
+        log.request_body = policy.log.request_body;
+        log.response_body = policy.log.response_body;
+        log.headers = policy.log.headers;
+        log.max_field_bytes = policy.log.max_field_bytes;
+        log.redact_headers = policy.log.redact_headers;
+        self.expires_at = g.expires_at;
+        self.active = g.active;
+        self.token_quota = g.token_quota;
+        self.models = g.models;
+        self.rate_limits = g.rate_limits;
+        self.whitelist = g.whitelist;
+        self.blacklist = g.blacklist;
+        self.timezone = g.timezone;
+        self.prompt_template = g.prompt_template;
+        self.param_map = g.param_map;
+        self.param_fixed = g.param_fixed;
+    }
+
     /// The `default` gateway (`/v1/*`) as a `gateways:` entry would write it (no `auth`: its
     /// credentials are the client tokens, added at run time with the keys').
     pub fn default_gateway(&self) -> crate::gateway::RawGateway {

@@ -53,8 +53,7 @@ impl Errors {
 /// Validates a parsed file into a [`Config`], reporting every invalid field at once.
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut errs = Errors::default();
-    let policy = policy_of(&raw);
-    let raw_default_gateway = raw.default_gateway();
+    let policy = Arc::new(raw.policy());
 
     let address = normalise_address(raw.address.as_deref().unwrap_or(":8888"));
     if address
@@ -164,7 +163,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         }
     }
-    let default_gateway = match crate::gateway::validate_gateway(&raw_default_gateway, "") {
+    let default_gateway = match crate::gateway::validate_gateway(&policy.default_gateway, "") {
         Ok(g) => Arc::new(g),
         Err(e) => {
             // the top-level fields: no `default.` in front of their paths
@@ -247,7 +246,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         log,
         trusted_proxies,
         default_gateway,
-        raw_default_gateway,
         gateways,
         raw_gateways: raw
             .gateways
@@ -259,44 +257,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin,
         redis,
         policy,
-    })
-}
-
-/// The fields a control plane pushes to its frontends besides keys and gateways, as written
-/// (see [`Config::policy`]).
-fn policy_of(raw: &RawConfig) -> serde_json::Value {
-    let log = raw.log.as_ref().map(|l| {
-        serde_json::json!({
-            "request_body": l.request_body,
-            "response_body": l.response_body,
-            "headers": l.headers,
-            "max_field_bytes": l.max_field_bytes,
-            "redact_headers": l.redact_headers,
-        })
-    });
-    serde_json::json!({
-        "authorization": raw.authorization,
-        "timeout": raw.timeout,
-        "stream_timeout": raw.stream_timeout,
-        "idle_timeout": raw.idle_timeout,
-        "lb_policy": raw.lb_policy,
-        "queue_timeout": raw.queue_timeout,
-        "max_body_bytes": raw.max_body_bytes,
-        "retries": raw.retries,
-        "shutdown_grace": raw.shutdown_grace,
-        "trusted_proxies": raw.trusted_proxies,
-        "log": log,
-        "expires_at": raw.expires_at,
-        "active": raw.active,
-        "token_quota": raw.token_quota,
-        "models": raw.models,
-        "rate_limits": raw.rate_limits,
-        "whitelist": raw.whitelist,
-        "blacklist": raw.blacklist,
-        "timezone": raw.timezone,
-        "prompt_template": raw.prompt_template,
-        "param_map": raw.param_map,
-        "param_fixed": raw.param_fixed,
     })
 }
 

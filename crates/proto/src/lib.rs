@@ -1,8 +1,15 @@
-//! The generated `keypool.admin.v1` types, client and server, and the encoded descriptor set
-//! that gRPC reflection serves.
+//! The generated `keypool.admin.v1` types, client and server, the encoded descriptor set that
+//! gRPC reflection serves, and the conversions between the config file's shapes and their
+//! messages ([`convert`]).
 
-#![allow(clippy::all, clippy::pedantic)]
+pub mod convert;
 
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 pub mod admin {
     pub mod v1 {
         tonic::include_proto!("keypool.admin.v1");

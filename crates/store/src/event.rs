@@ -83,3 +83,118 @@ impl From<UsageEvent> for StoredEvent {
         }
     }
 }
+
+/// A stored event as the admin API's message (`PublishUsage` whole, `StreamUsage` without its
+/// log): the one conversion between the two shapes, each way.
+impl From<&StoredEvent> for keypool_proto::admin::v1::UsageEvent {
+    fn from(e: &StoredEvent) -> Self {
+        let n = |v: Option<i64>| v.map(|t| u64::try_from(t).unwrap_or(0));
+        Self {
+            id: e.id.clone(),
+            at_ms: e.at_ms,
+            gateway: e.gateway.clone(),
+            caller: e.caller.clone(),
+            model: e.model.clone(),
+            key: e.key_name.clone(),
+            provider: e.provider.clone(),
+            attempts: u32::try_from(e.attempts).unwrap_or(0),
+            status: u32::try_from(e.status).unwrap_or(0),
+            stream: e.stream,
+            latency_ms: u64::try_from(e.latency_ms).unwrap_or(0),
+            prompt_tokens: n(e.prompt_tokens),
+            completion_tokens: n(e.completion_tokens),
+            total_tokens: n(e.total_tokens),
+            error: e.error.clone(),
+            ttfb_ms: n(e.ttfb_ms),
+            client_ip: e.client_ip.clone(),
+            user_agent: e.user_agent.clone(),
+            log: e
+                .log
+                .as_ref()
+                .map(|l| keypool_proto::admin::v1::RequestLog {
+                    request_headers: l.request_headers.clone(),
+                    request_body: l.request_body.clone(),
+                    response_body: l.response_body.clone(),
+                }),
+        }
+    }
+}
+
+impl From<keypool_proto::admin::v1::UsageEvent> for StoredEvent {
+    fn from(e: keypool_proto::admin::v1::UsageEvent) -> Self {
+        let n = |v: Option<u64>| v.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        Self {
+            id: e.id,
+            at_ms: e.at_ms,
+            gateway: e.gateway,
+            caller: e.caller,
+            model: e.model,
+            key_name: e.key,
+            provider: e.provider,
+            attempts: i32::try_from(e.attempts).unwrap_or(i32::MAX),
+            status: i32::try_from(e.status).unwrap_or(i32::MAX),
+            stream: e.stream,
+            latency_ms: i64::try_from(e.latency_ms).unwrap_or(i64::MAX),
+            ttfb_ms: n(e.ttfb_ms),
+            prompt_tokens: n(e.prompt_tokens),
+            completion_tokens: n(e.completion_tokens),
+            total_tokens: n(e.total_tokens),
+            client_ip: e.client_ip,
+            user_agent: e.user_agent,
+            error: e.error,
+            log: e.log.map(|l| StoredLog {
+                request_headers: l.request_headers,
+                request_body: l.request_body,
+                response_body: l.response_body,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(log: Option<StoredLog>, usage: bool) -> StoredEvent {
+        let t = |n: i64| usage.then_some(n);
+        StoredEvent {
+            id: "0190abcdef".into(),
+            at_ms: 1_764_000_000_123,
+            gateway: "team".into(),
+            caller: usage.then(|| "tok-abc".into()),
+            model: "gpt-4o-mini".into(),
+            key_name: usage.then(|| "k1".into()),
+            provider: usage.then(|| "openai".into()),
+            attempts: 2,
+            status: 200,
+            stream: true,
+            latency_ms: 1234,
+            ttfb_ms: t(56),
+            prompt_tokens: t(11),
+            completion_tokens: t(7),
+            total_tokens: t(18),
+            client_ip: usage.then(|| "127.0.0.1".into()),
+            user_agent: usage.then(|| "OpenAI/Python".into()),
+            error: (!usage).then(|| "client_cancelled".into()),
+            log,
+        }
+    }
+
+    #[test]
+    fn a_usage_event_round_trips_through_its_message() {
+        let log = StoredLog {
+            request_headers: Some("{}".into()),
+            request_body: None,
+            response_body: Some("hi".into()),
+        };
+        for e in [
+            event(Some(log), true),
+            event(None, true),
+            // no usage and no key: unset, not zeros
+            event(None, false),
+        ] {
+            let message = keypool_proto::admin::v1::UsageEvent::from(&e);
+            assert_eq!(StoredEvent::from(message), e);
+        }
+    }
+}

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use keypool_config::RawGateway;
+use keypool_config::raw::RawUpstream;
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_server::{Admin, AdminServer};
 use keypool_store::Grouping;
@@ -42,7 +44,7 @@ fn gateway_pb(e: &GatewayEntry, control: &Control) -> pb::Gateway {
             .get(&name)
             .map_or(0, |g| g.state.tokens_used()),
         name,
-        spec_json: serde_json::to_string(&e.raw).unwrap_or_default(),
+        spec: Some(pb::GatewaySpec::from(&e.raw)),
         owner: e.owner.to_owned(),
         updated_at_ms: e.updated_ms,
     }
@@ -187,7 +189,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::CreateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
-        let raw = Control::parse_gateway(&req.into_inner().spec).map_err(status)?;
+        let raw = RawGateway::from(req.into_inner().gateway.unwrap_or_default());
         let e = self
             .control
             .put_gateway(None, raw, false)
@@ -201,7 +203,7 @@ impl Admin for AdminService {
         req: Request<pb::UpdateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
         let r = req.into_inner();
-        let raw = Control::parse_gateway(&r.spec).map_err(status)?;
+        let raw = RawGateway::from(r.gateway.unwrap_or_default());
         let e = self
             .control
             .put_gateway(Some(&r.name), raw, true)
@@ -253,7 +255,7 @@ impl Admin for AdminService {
     async fn add_key(&self, req: Request<pb::AddKeyRequest>) -> Result<Response<pb::Key>, Status> {
         let e = self
             .control
-            .add_key(&req.into_inner().spec)
+            .add_key(RawUpstream::from(req.into_inner().key.unwrap_or_default()))
             .await
             .map_err(status)?;
         Ok(Response::new(self.key_with_state(&e).await))
@@ -385,24 +387,8 @@ impl Admin for AdminService {
                 if !wanted {
                     continue;
                 }
-                let n = |v: Option<i64>| v.map_or(0, |t| u64::try_from(t).unwrap_or(0));
-                let ev = pb::UsageEvent {
-                    id: e.id.clone(),
-                    at_ms: e.at_ms,
-                    gateway: e.gateway.clone(),
-                    caller: e.caller.clone().unwrap_or_default(),
-                    model: e.model.clone(),
-                    key: e.key_name.clone().unwrap_or_default(),
-                    provider: e.provider.clone().unwrap_or_default(),
-                    attempts: u32::try_from(e.attempts).unwrap_or(0),
-                    status: u32::try_from(e.status).unwrap_or(0),
-                    stream: e.stream,
-                    latency_ms: n(Some(e.latency_ms)),
-                    prompt_tokens: n(e.prompt_tokens),
-                    completion_tokens: n(e.completion_tokens),
-                    total_tokens: n(e.total_tokens),
-                    error: e.error.clone().unwrap_or_default(),
-                };
+                // the feed's events carry no request log
+                let ev = pb::UsageEvent::from(&*e);
                 if tx.send(Ok(ev)).await.is_err() {
                     return; // the subscriber went away
                 }
@@ -434,13 +420,7 @@ impl Admin for AdminService {
         tokio::spawn(async move {
             loop {
                 changed.borrow_and_update();
-                let (version, config_json) = control.snapshot();
-                let sent = tx
-                    .send(Ok(pb::ConfigSnapshot {
-                        version,
-                        config_json,
-                    }))
-                    .await;
+                let sent = tx.send(Ok(control.snapshot())).await;
                 if sent.is_err() {
                     break;
                 }
@@ -486,20 +466,16 @@ impl Admin for AdminService {
                     batch.config_version,
                     None,
                 );
-                let mut events = Vec::with_capacity(batch.events_json.len());
-                for text in &batch.events_json {
-                    match serde_json::from_str::<keypool_store::StoredEvent>(text) {
-                        Ok(e) if !e.id.is_empty() => events.push(e),
-                        _ => {
-                            let _ = tx
-                                .send(Err(Status::invalid_argument(
-                                    "events_json: not a usage event with an id",
-                                )))
-                                .await;
-                            return;
-                        }
-                    }
+                if batch.events.iter().any(|e| e.id.is_empty()) {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(
+                            "events: a usage event without an id",
+                        )))
+                        .await;
+                    return;
                 }
+                let events: Vec<keypool_store::StoredEvent> =
+                    batch.events.into_iter().map(Into::into).collect();
                 // acknowledged only once stored; a failed write ends the stream unacknowledged,
                 // and the frontend keeps (spools) the batch and sends it again
                 let new = match store.write_batch_new(&events).await {

@@ -21,6 +21,7 @@ use keypool_config::{
 };
 use keypool_policy::gateway::Gateways;
 use keypool_pool::PoolHandle;
+use keypool_proto::admin::v1 as pb;
 use keypool_store::{KeyRow, Store, StoredEvent};
 use keypool_types::{Secret, UsageEvent, UsageSink};
 use tokio::sync::broadcast;
@@ -82,7 +83,7 @@ impl DefaultGateway {
         Self {
             spec: config.default_gateway.clone(),
             entry: GatewayEntry {
-                raw: config.raw_default_gateway.clone(),
+                raw: config.policy.default_gateway.clone(),
                 owner: OWNER_CONFIG,
                 updated_ms: now_ms(),
             },
@@ -457,16 +458,26 @@ impl Control {
     /// The whole configuration a frontend needs, as `WatchConfig` sends it: the top-level
     /// policy, every key (secrets included) with the disabled ones named, every gateway
     /// (secrets hashed).
-    pub fn snapshot(&self) -> (u64, String) {
-        let version = self.version();
+    pub fn snapshot(&self) -> pb::ConfigSnapshot {
         let keys = self.key_entries();
-        let doc = serde_json::json!({
-            "policy": self.config.policy,
-            "upstreams": keys.iter().map(|e| e.key.to_raw()).collect::<Vec<_>>(),
-            "disabled": keys.iter().filter(|e| !e.enabled).map(|e| e.key.name.clone()).collect::<Vec<_>>(),
-            "gateways": self.gateway_entries().into_iter().map(|e| e.raw).collect::<Vec<_>>(),
-        });
-        (version, doc.to_string())
+        pb::ConfigSnapshot {
+            version: self.version(),
+            policy: Some(pb::Policy::from(&*self.config.policy)),
+            upstreams: keys
+                .iter()
+                .map(|e| pb::UpstreamSpec::from(&e.key.to_raw()))
+                .collect(),
+            disabled: keys
+                .iter()
+                .filter(|e| !e.enabled)
+                .map(|e| e.key.name.to_string())
+                .collect(),
+            gateways: self
+                .gateway_entries()
+                .iter()
+                .map(|e| pb::GatewaySpec::from(&e.raw))
+                .collect(),
+        }
     }
 
     /// A frontend's side of [`Control::snapshot`]: brings the running gateways and keys in line
@@ -578,11 +589,6 @@ impl Control {
             return Some(lock(&self.default_gateway).entry.clone());
         }
         lock(&self.gateway_entries).get(name).cloned()
-    }
-
-    /// Parses a YAML or JSON gateway spec.
-    pub fn parse_gateway(spec: &str) -> Result<RawGateway, ControlError> {
-        serde_norway::from_str::<RawGateway>(spec).map_err(|e| invalid("spec", e.to_string()))
     }
 
     /// Creates (`replace: false`) or replaces an admin-owned gateway.
@@ -740,9 +746,7 @@ impl Control {
     }
 
     /// Adds a key from a YAML/JSON `upstreams:` entry.
-    pub async fn add_key(&self, spec: &str) -> Result<KeyEntry, ControlError> {
-        let mut raw: RawUpstream =
-            serde_norway::from_str(spec).map_err(|e| invalid("spec", e.to_string()))?;
+    pub async fn add_key(&self, mut raw: RawUpstream) -> Result<KeyEntry, ControlError> {
         let sealing = self.config.admin.secret_key.clone();
         let sk = raw.sk.clone().unwrap_or_default();
         if sk == "asis" {

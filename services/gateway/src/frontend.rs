@@ -22,11 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keypool_config::Config;
+use keypool_config::raw::{RawAdmin, RawConfig, RawLog, RawPolicy, RawRedis, RawUpstream};
+use keypool_config::{Config, RawGateway};
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_client::AdminClient;
 use keypool_store::{BatchTarget, StoredEvent, TargetError};
 use keypool_types::Secret;
+use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -162,62 +164,57 @@ fn snapshot_key(args: &FrontendArgs) -> Secret {
 
 /// Validates a snapshot into this frontend's [`Config`]: the control plane's policy, keys and
 /// gateways; this frontend's address, Redis and state directory; no database, no admin API.
-pub fn build(args: &FrontendArgs, version: u64, json: &str) -> anyhow::Result<Pushed> {
-    let doc: serde_json::Value = serde_json::from_str(json).context("snapshot is not JSON")?;
-    let mut raw = doc["policy"].as_object().cloned().unwrap_or_default();
-    raw.retain(|_, v| !v.is_null());
-    let mut log = raw
-        .remove("log")
-        .and_then(|l| l.as_object().cloned())
-        .unwrap_or_default();
-    log.retain(|_, v| !v.is_null());
-    log.insert(
-        "spill_path".into(),
-        args.state_dir.join(SPOOL_FILE).display().to_string().into(),
-    );
-    log.insert("spill_max_bytes".into(), args.spool_max_bytes.into());
-    raw.insert("log".into(), log.into());
-    raw.insert("upstreams".into(), doc["upstreams"].clone());
-    raw.insert("gateways".into(), doc["gateways"].clone());
-    raw.insert("dbtype".into(), "none".into());
-    raw.insert("address".into(), args.address.clone().into());
-    raw.insert("admin".into(), serde_json::json!({"enabled": false}));
-    if let Some(url) = &args.redis {
-        raw.insert(
-            "redis".into(),
-            serde_json::json!({
-                "url": url,
-                "prefix": args.redis_prefix,
-                "on_failure": args.redis_on_failure,
-                "timeout_ms": args.redis_timeout_ms,
-                "replicas_hint": args.redis_replicas_hint,
-            }),
-        );
-    }
-    let raw: keypool_config::raw::RawConfig =
-        serde_json::from_value(raw.into()).context("snapshot does not fit the config schema")?;
+pub fn build(args: &FrontendArgs, snap: &pb::ConfigSnapshot) -> anyhow::Result<Pushed> {
+    let mut raw = RawConfig {
+        address: Some(args.address.clone()),
+        dbtype: Some("none".to_owned()),
+        upstreams: snap
+            .upstreams
+            .iter()
+            .cloned()
+            .map(RawUpstream::from)
+            .collect(),
+        gateways: snap
+            .gateways
+            .iter()
+            .cloned()
+            .map(RawGateway::from)
+            .collect(),
+        log: Some(RawLog {
+            spill_path: Some(args.state_dir.join(SPOOL_FILE).display().to_string()),
+            spill_max_bytes: Some(args.spool_max_bytes),
+            ..RawLog::default()
+        }),
+        admin: Some(RawAdmin {
+            enabled: Some(false),
+            ..RawAdmin::default()
+        }),
+        redis: args.redis.as_ref().map(|url| RawRedis {
+            url: url.clone(),
+            prefix: Some(args.redis_prefix.clone()),
+            timeout_ms: Some(args.redis_timeout_ms),
+            on_failure: Some(args.redis_on_failure.clone()),
+            replicas_hint: args.redis_replicas_hint,
+        }),
+        ..RawConfig::default()
+    };
+    raw.set_policy(snap.policy.clone().map(RawPolicy::from).unwrap_or_default());
     let config = keypool_config::validate(raw).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let disabled = doc["disabled"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
     Ok(Pushed {
-        version,
+        version: snap.version,
         config,
-        disabled,
+        disabled: snap.disabled.iter().cloned().collect(),
     })
 }
 
-/// Writes the snapshot (sealed) so that a restart without the control plane still serves.
-fn persist(args: &FrontendArgs, version: u64, json: &str) -> anyhow::Result<()> {
+/// Writes the snapshot (its protobuf encoding, sealed) so that a restart without the control
+/// plane still serves.
+fn persist(args: &FrontendArgs, snap: &pb::ConfigSnapshot) -> anyhow::Result<()> {
+    use base64::Engine as _;
     use std::io::Write as _;
     std::fs::create_dir_all(&args.state_dir)?;
-    let doc = serde_json::json!({"version": version, "config_json": json}).to_string();
-    let sealed = crate::seal::seal(&snapshot_key(args), &doc)?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(snap.encode_to_vec());
+    let sealed = crate::seal::seal(&snapshot_key(args), &encoded)?;
     let path = args.state_dir.join(SNAPSHOT_FILE);
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -227,21 +224,26 @@ fn persist(args: &FrontendArgs, version: u64, json: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The persisted snapshot, if there is one this token can open.
-fn load_persisted(args: &FrontendArgs) -> anyhow::Result<Option<(u64, String)>> {
+/// The persisted snapshot, if there is one this token can open (one persisted by a keypool
+/// before snapshots were typed is ignored, with a warning: the control plane sends a new one).
+fn load_persisted(args: &FrontendArgs) -> anyhow::Result<Option<pb::ConfigSnapshot>> {
+    use base64::Engine as _;
     let path = args.state_dir.join(SNAPSHOT_FILE);
     let sealed = match std::fs::read_to_string(&path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let doc = crate::seal::open(&snapshot_key(args), sealed.trim())
+    let encoded = crate::seal::open(&snapshot_key(args), sealed.trim())
         .with_context(|| format!("{} cannot be opened with this token", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&doc)?;
-    Ok(Some((
-        v["version"].as_u64().unwrap_or(0),
-        v["config_json"].as_str().unwrap_or_default().to_owned(),
-    )))
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| pb::ConfigSnapshot::decode(bytes.as_slice()).ok());
+    if decoded.is_none() {
+        tracing::warn!(path = %path.display(), "the persisted snapshot is in an older format: ignored");
+    }
+    Ok(decoded)
 }
 
 /// Follows `WatchConfig` for as long as the process runs: every snapshot is validated,
@@ -277,9 +279,9 @@ fn watch_config(
                         };
                         let Ok(Some(snap)) = msg else { break };
                         backoff = Duration::from_millis(500);
-                        match build(&args, snap.version, &snap.config_json) {
+                        match build(&args, &snap) {
                             Ok(pushed) => {
-                                if let Err(e) = persist(&args, snap.version, &snap.config_json) {
+                                if let Err(e) = persist(&args, &snap) {
                                     tracing::error!(error = %e, "cannot persist the config snapshot");
                                 }
                                 if tx.send(pushed).await.is_err() {
@@ -344,12 +346,12 @@ pub async fn connect(
         Ok(Some(p)) => p,
         Ok(None) => return Ok(None),
         Err(_) => {
-            if let Some((version, json)) = load_persisted(args)? {
+            if let Some(snap) = load_persisted(args)? {
                 tracing::warn!(
-                    version,
+                    version = snap.version,
                     "control plane unreachable: serving the persisted config snapshot"
                 );
-                build(args, version, &json).context("the persisted snapshot is invalid")?
+                build(args, &snap).context("the persisted snapshot is invalid")?
             } else {
                 tracing::warn!(
                     "control plane unreachable and no persisted snapshot: waiting for the control plane"
@@ -418,8 +420,6 @@ pub enum UplinkError {
     Closed,
     #[error("no acknowledgement within {0:?}")]
     NoAck(std::time::Duration),
-    #[error("cannot encode a usage event: {0}")]
-    Encode(#[from] serde_json::Error),
 }
 
 impl From<UplinkError> for TargetError {
@@ -446,7 +446,7 @@ impl Uplink {
     }
 
     /// Sends one batch and waits for its acknowledgement; returns how many events were new.
-    async fn send(&self, events_json: Vec<String>) -> Result<usize, UplinkError> {
+    async fn send(&self, events: Vec<pb::UsageEvent>) -> Result<usize, UplinkError> {
         let mut conn = self.conn.lock().await;
         if conn.is_none() {
             *conn = Some(self.open().await?);
@@ -460,7 +460,7 @@ impl Uplink {
             replica_id: self.id.clone(),
             address: self.address.clone(),
             config_version: *self.applied.borrow(),
-            events_json,
+            events,
         };
         let outcome = async {
             c.tx.send(batch).await.map_err(|_| UplinkError::Closed)?;
@@ -485,7 +485,7 @@ impl Uplink {
 /// [`Uplink`] as the writer's [`BatchTarget`].
 pub struct UplinkTarget(pub Arc<Uplink>);
 
-/// Largest `PublishUsage` message a frontend sends (JSON bytes of its events).
+/// Largest `PublishUsage` message a frontend sends (encoded bytes of its events).
 const UPLINK_MESSAGE_BYTES: usize = 1 << 20;
 
 impl BatchTarget for UplinkTarget {
@@ -502,13 +502,14 @@ impl BatchTarget for UplinkTarget {
         let mut message = Vec::new();
         let mut bytes = 0;
         for event in batch {
-            let json = serde_json::to_string(event).map_err(UplinkError::from)?;
-            if !message.is_empty() && bytes + json.len() > UPLINK_MESSAGE_BYTES {
+            let event = pb::UsageEvent::from(event);
+            let len = event.encoded_len();
+            if !message.is_empty() && bytes + len > UPLINK_MESSAGE_BYTES {
                 stored += self.0.send(std::mem::take(&mut message)).await?;
                 bytes = 0;
             }
-            bytes += json.len();
-            message.push(json);
+            bytes += len;
+            message.push(event);
         }
         if !message.is_empty() {
             stored += self.0.send(message).await?;

@@ -1,6 +1,8 @@
 //! `keypoolctl`: the admin API from a terminal. Human tables by default, `--json` for scripts;
 //! a failed call exits non-zero with the gRPC status and message.
 
+use keypool_config::RawGateway;
+use keypool_config::raw::RawUpstream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -191,6 +193,29 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
 }
 
+/// A YAML or JSON file holding one `gateways:` entry of the config file, as its message.
+fn read_gateway(path: &PathBuf) -> anyhow::Result<pb::GatewaySpec> {
+    let raw: RawGateway = serde_norway::from_str(&read(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(pb::GatewaySpec::from(&raw))
+}
+
+/// A YAML or JSON file holding one `upstreams:` entry of the config file, as its message.
+fn read_key(path: &PathBuf) -> anyhow::Result<pb::UpstreamSpec> {
+    let raw: RawUpstream = serde_norway::from_str(&read(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(pb::UpstreamSpec::from(&raw))
+}
+
+/// A gateway's spec with the config file's field names.
+fn spec_json(g: &pb::Gateway) -> Value {
+    g.spec
+        .clone()
+        .map(RawGateway::from)
+        .and_then(|raw| serde_json::to_value(raw).ok())
+        .unwrap_or(Value::Null)
+}
+
 /// `30m`, `24h`, `7d`, `90s` → milliseconds.
 fn since_ms(s: &str) -> anyhow::Result<i64> {
     let (n, unit) = s.split_at(s.trim_end_matches(char::is_alphabetic).len());
@@ -247,7 +272,7 @@ fn gateway_json(g: &pb::Gateway) -> Value {
         "owner": g.owner,
         "tokens_used": g.tokens_used,
         "updated_at_ms": g.updated_at_ms,
-        "spec": serde_json::from_str::<Value>(&g.spec_json).unwrap_or(Value::Null),
+        "spec": spec_json(g),
     })
 }
 
@@ -270,7 +295,7 @@ fn print_gateways(cli: &Cli, gs: &[pb::Gateway]) {
     let rows: Vec<Vec<String>> = gs
         .iter()
         .map(|g| {
-            let spec: Value = serde_json::from_str(&g.spec_json).unwrap_or(Value::Null);
+            let spec = spec_json(g);
             vec![
                 g.name.clone(),
                 g.owner.clone(),
@@ -372,7 +397,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             GatewayCmd::Create { file } => {
                 let r = c
-                    .create_gateway(pb::CreateGatewayRequest { spec: read(file)? })
+                    .create_gateway(pb::CreateGatewayRequest {
+                        gateway: Some(read_gateway(file)?),
+                    })
                     .await?
                     .into_inner();
                 print_gateways(&cli, &[r]);
@@ -381,7 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let r = c
                     .update_gateway(pb::UpdateGatewayRequest {
                         name: name.clone(),
-                        spec: read(file)?,
+                        gateway: Some(read_gateway(file)?),
                     })
                     .await?
                     .into_inner();
@@ -415,7 +442,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             KeyCmd::Add { file } => {
                 let r = c
-                    .add_key(pb::AddKeyRequest { spec: read(file)? })
+                    .add_key(pb::AddKeyRequest {
+                        key: Some(read_key(file)?),
+                    })
                     .await?
                     .into_inner();
                 print_keys(&cli, &[r]);
@@ -508,11 +537,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             time(e.at_ms),
                             e.gateway,
                             e.model,
-                            if e.key.is_empty() { "-" } else { &e.key },
+                            e.key.as_deref().unwrap_or("-"),
                             e.status,
                             e.attempts,
-                            e.prompt_tokens,
-                            e.completion_tokens,
+                            e.prompt_tokens.unwrap_or(0),
+                            e.completion_tokens.unwrap_or(0),
                             e.latency_ms
                         );
                     }
