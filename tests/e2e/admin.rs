@@ -52,6 +52,7 @@ async fn chat_at(gw: &Gateway, path: &str, secret: &str, model: &str) -> anyhow:
     Ok(status)
 }
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     let key_a = mock("a", Behavior::default());

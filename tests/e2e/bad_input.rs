@@ -18,6 +18,7 @@ async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> anyho
     Ok(())
 }
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() -> anyhow::Result<()> {
     let a = mock(

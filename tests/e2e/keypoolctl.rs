@@ -24,6 +24,7 @@ fn ctl(server: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
     ))
 }
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keypoolctl_manages_a_running_keypool() -> anyhow::Result<()> {
     let up_a = mock("a", Behavior::default());

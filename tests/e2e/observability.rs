@@ -22,6 +22,7 @@ async fn scrape(gw: &Gateway, path: &str) -> anyhow::Result<String> {
     Ok(resp.text().await?)
 }
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_after_a_mixed_workload_pass_promtool() -> anyhow::Result<()> {
     let broken = mock(
@@ -209,6 +210,7 @@ async fn metrics_can_require_a_token() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_reach_feishu_matrix_and_a_webhook_once_per_cause() -> anyhow::Result<()> {
     let feishu = Receiver::start(true).await?;

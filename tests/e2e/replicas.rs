@@ -497,6 +497,7 @@ async fn on_failure_closed_refuses_until_redis_returns() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() -> anyhow::Result<()> {
     use keypool_proto::admin::v1 as pb;

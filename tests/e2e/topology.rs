@@ -189,6 +189,7 @@ async fn control_plane_pushes_config_to_three_frontends_and_collects_their_usage
     Ok(())
 }
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontends_outlive_the_control_plane_and_every_event_lands_once() -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());

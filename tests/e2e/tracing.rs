@@ -77,6 +77,7 @@ fn hex(bytes: &[u8]) -> String {
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_of_a_plain_and_a_streamed_request_reach_an_otlp_receiver() -> anyhow::Result<()> {
     let receiver = Receiver::default();

@@ -6,7 +6,10 @@
 //! The same `validate` will serve keys and gateways arriving through the admin service.
 
 pub mod gateway;
+mod gateway_validate;
+mod key_validate;
 pub mod raw;
+mod sections;
 mod upstream;
 mod validate;
 
@@ -15,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use gateway::{DEFAULT_GATEWAY, Gateway, RawGateway, caller_id, validate_gateway};
+pub use key_validate::validate_key;
 pub use upstream::{ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
-pub use validate::{ALWAYS_REDACTED, validate, validate_key};
+pub use validate::{ALWAYS_REDACTED, validate};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]

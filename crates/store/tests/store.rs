@@ -377,6 +377,7 @@ async fn fresh_batches_land_whole_and_retries_store_only_the_new(url: String) {
 /// PostgreSQL on separate connections of the pool), a frontend's batch sent twice to the
 /// control plane, and on PostgreSQL retries that start while the first attempt is still
 /// committing (its answer lost, say).
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn concurrent_writes_of_the_same_events_store_them_once(url: String) {
     let store = Store::connect(&url).await.unwrap();
     let at = 1_700_000_000_000;

@@ -76,7 +76,7 @@ pub async fn run(
 }
 
 /// [`run`] in a given [`Role`].
-#[allow(clippy::too_many_lines)]
+#[allow(clippy::too_many_lines)] // the wiring of a whole process; to become named builders (issue 19, item 4)
 pub async fn run_with(
     config: Config,
     listener: TcpListener,

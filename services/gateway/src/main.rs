@@ -91,6 +91,7 @@ fn normalise_args() -> Vec<String> {
         .collect()
 }
 
+#[allow(clippy::too_many_lines)] // arguments, config, runtime, run: each failure its own exit code and message
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args());
     let command = cli.command.unwrap_or(Command::Serve(ConfigArgs {

@@ -126,6 +126,7 @@ fn content_text(content: &Value) -> Result<String, Unsupported> {
 }
 
 /// Translates an OpenAI chat request, or answers why it cannot be (a 400 / 404 to return as is).
+#[allow(clippy::too_many_lines)] // the request's fields one after another, each refused with its own 400
 fn translate(key: &UpstreamKey, path: &str, body: &[u8]) -> Result<Translated, UpstreamResponse> {
     if path != "/chat/completions" {
         return Err(openai_error(

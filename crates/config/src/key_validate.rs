@@ -1,0 +1,217 @@
+//! An `upstreams:` entry, raw → validated ([`UpstreamKey`]), in a file or added at run time.
+
+use std::time::Duration;
+
+use keypool_types::Secret;
+use sha2::{Digest, Sha256};
+
+use crate::raw::RawUpstream;
+use crate::validate::Errors;
+use crate::{Config, FieldError, ModelRule, UpstreamKey, UpstreamKind};
+
+const DEFAULT_REPLICATE_ENDPOINT: &str = "https://api.replicate.com/v1";
+
+/// Validates one key outside a whole file (keys added through the admin service), with the
+/// running config's defaults; errors name fields as `upstream.<field>`.
+pub fn validate_key(raw: RawUpstream, config: &Config) -> Result<UpstreamKey, Vec<FieldError>> {
+    let mut errs = Errors::default();
+    match validate_upstream(
+        "upstream",
+        raw,
+        config.timeout,
+        config.stream_timeout,
+        &mut errs,
+    ) {
+        Some(k) if errs.0.is_empty() => Ok(k),
+        _ => Err(errs.0),
+    }
+}
+
+pub(crate) fn validate_upstream(
+    path: &str,
+    up: RawUpstream,
+    default_timeout: Duration,
+    default_stream_timeout: Duration,
+    errs: &mut Errors,
+) -> Option<UpstreamKey> {
+    let before = errs.0.len();
+    let kind = kind_of(path, up.r#type.as_deref(), errs);
+    let endpoint = match (up.endpoint, kind) {
+        (Some(e), _) => e.trim().trim_end_matches('/').to_owned(),
+        (None, UpstreamKind::Replicate) => DEFAULT_REPLICATE_ENDPOINT.to_owned(),
+        (None, UpstreamKind::OpenAi) => {
+            errs.push(format!("{path}.endpoint"), "is required");
+            String::new()
+        }
+    };
+    let endpoint_url = endpoint_url(path, &endpoint, errs);
+    let sk = match up.sk {
+        Some(sk) if !sk.trim().is_empty() => sk.trim().to_owned(),
+        _ => {
+            errs.push(
+                format!("{path}.sk"),
+                "is required (use `asis` to pass the client's own)",
+            );
+            String::new()
+        }
+    };
+    let timeout = errs.seconds(&format!("{path}.timeout"), up.timeout, default_timeout);
+    let stream_timeout = errs.seconds(
+        &format!("{path}.stream_timeout"),
+        up.stream_timeout,
+        default_stream_timeout,
+    );
+    if up.rpm == Some(0) {
+        errs.push(
+            format!("{path}.rpm"),
+            "must be greater than 0 (leave it out for no limit)",
+        );
+    }
+    let chat_template = chat_template(path, up.chat_template.as_deref(), errs);
+    if chat_template.is_some() && kind != UpstreamKind::Replicate {
+        errs.push(
+            format!("{path}.chat_template"),
+            "only applies to type: replicate",
+        );
+    }
+    if up.tpm == Some(0) {
+        errs.push(
+            format!("{path}.tpm"),
+            "must be greater than 0 (leave it out for no limit)",
+        );
+    }
+    let name = match up.name {
+        Some(n) => checked_name(path, n, errs),
+        None => derived_name(&endpoint, &sk),
+    };
+    if errs.0.len() != before {
+        return None;
+    }
+    let endpoint_url = endpoint_url?;
+    let rules = |entries: Vec<String>| entries.iter().map(|e| ModelRule::parse(e)).collect();
+    Some(UpstreamKey {
+        name: name.into(),
+        passthrough_auth: sk == "asis",
+        sk: Secret::new(sk),
+        endpoint,
+        endpoint_url,
+        kind,
+        timeout,
+        stream_timeout,
+        allow: rules(up.allow),
+        deny: rules(up.deny),
+        authorization: up
+            .authorization
+            .as_ref()
+            .map(crate::raw::StringOrList::entries)
+            .unwrap_or_default(),
+        noauth: up.noauth,
+        keep_header: up.keep_header,
+        rpm: up.rpm,
+        tpm: up.tpm,
+        unusable: None,
+        chat_template,
+    })
+}
+
+/// `<host>-<6 hex of sha256(sk)>`: stable across restarts and reorderings, reveals nothing of the
+/// key (24 bits of a hash of a high-entropy secret).
+fn derived_name(endpoint: &str, sk: &str) -> String {
+    let host = endpoint
+        .split("://")
+        .nth(1)
+        .unwrap_or(endpoint)
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("upstream")
+        .replace(':', "_");
+    let digest = Sha256::digest(sk.as_bytes());
+    let [a, b, c, ..] = digest.as_slice() else {
+        return host;
+    };
+    format!("{host}-{a:02x}{b:02x}{c:02x}")
+}
+
+/// `endpoint` as a URL: http(s), with a host and no query string.
+fn endpoint_url(path: &str, endpoint: &str, errs: &mut Errors) -> Option<url::Url> {
+    if endpoint.is_empty() {
+        None
+    } else if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+        errs.push(
+            format!("{path}.endpoint"),
+            format!("must start with http:// or https://, got {endpoint:?}"),
+        );
+        None
+    } else {
+        match url::Url::parse(endpoint) {
+            Ok(u) if u.host().is_some() && u.query().is_none() => Some(u),
+            Ok(_) => {
+                errs.push(
+                    format!("{path}.endpoint"),
+                    "needs a host and no query string",
+                );
+                None
+            }
+            Err(e) => {
+                errs.push(
+                    format!("{path}.endpoint"),
+                    format!("is not a valid URL: {e}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Replicate's chat template: `mistral`, `llama3`, or a template with `{{prompt}}`.
+fn chat_template(
+    path: &str,
+    template: Option<&str>,
+    errs: &mut Errors,
+) -> Option<crate::ChatTemplate> {
+    match template {
+        None => None,
+        Some("mistral") => Some(crate::ChatTemplate::Mistral),
+        Some("llama3") => Some(crate::ChatTemplate::Llama3),
+        Some(t) if t.contains("{{prompt}}") => Some(crate::ChatTemplate::Custom(t.to_owned())),
+        Some(t) => {
+            errs.push(
+                format!("{path}.chat_template"),
+                format!(
+                    "expected mistral, llama3 or a template containing {{{{prompt}}}}, got {t:?}"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A written key name: `[A-Za-z0-9._-]`, non-empty.
+fn checked_name(path: &str, n: String, errs: &mut Errors) -> String {
+    if n.is_empty()
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        errs.push(
+            format!("{path}.name"),
+            format!("must be non-empty and use only [A-Za-z0-9._-], got {n:?}"),
+        );
+    }
+    n
+}
+
+/// `type`: `openai` (default) or `replicate`.
+fn kind_of(path: &str, written: Option<&str>, errs: &mut Errors) -> UpstreamKind {
+    match written {
+        None | Some("openai") => UpstreamKind::OpenAi,
+        Some("replicate") => UpstreamKind::Replicate,
+        Some(other) => {
+            errs.push(
+                format!("{path}.type"),
+                format!("expected openai or replicate, got {other:?}"),
+            );
+            UpstreamKind::OpenAi
+        }
+    }
+}

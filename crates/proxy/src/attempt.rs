@@ -1,0 +1,407 @@
+//! One attempt on one leased key ([`Engine::attempt`]) and how its answer is classified:
+//! success (relayed: a stream through [`crate::relay`], or a whole body), a client error (returned
+//! as it is), or a [`Failure`] to fail over from (5xx, 429, 401/403, 408, no answer in time).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use keypool_config::UpstreamKey;
+use keypool_pool::{Lease, Outcome};
+use keypool_types::{ApiError, ErrorKind};
+use reqwest::header::HeaderMap;
+use tokio::time::{Instant, timeout_at};
+
+use crate::adapter::{AttemptRequest, BodyStream, UpstreamResponse};
+use crate::client::UpstreamClient;
+use crate::cooldown::cooldown;
+use crate::ctx::RequestCtx;
+use crate::forward::{Engine, Reply};
+use crate::inspect::response_usage;
+use crate::relay::{Relay, StreamSetup};
+
+/// A failed attempt, kept in case it is the last.
+pub(crate) enum Failure {
+    /// The upstream answered with this status and body.
+    Upstream {
+        status: u16,
+        headers: HeaderMap,
+        body: Bytes,
+        key: Arc<str>,
+    },
+    /// No HTTP answer.
+    Transport { error: ApiError, key: Arc<str> },
+}
+
+impl Failure {
+    /// The failover reason, as metrics label it.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Self::Upstream { status: 429, .. } => "rate_limited",
+            Self::Upstream {
+                status: 401 | 403, ..
+            } => "auth_failed",
+            Self::Upstream { .. } => "server_error",
+            Self::Transport { error, .. } if error.kind == ErrorKind::UpstreamTimeout => "timeout",
+            Self::Transport { .. } => "connect",
+        }
+    }
+
+    /// Puts the failure on its attempt's span (when traced).
+    pub(crate) fn record(&self, span: &tracing::Span) {
+        if span.is_none() {
+            return;
+        }
+        span.record("error.type", self.reason());
+        span.record("otel.status_code", "ERROR");
+        if let Self::Upstream { status, .. } = self {
+            span.record("http.response.status_code", *status);
+        }
+    }
+
+    /// What the alert says about the last failure.
+    fn describe(&self) -> String {
+        match self {
+            Self::Upstream { status, key, .. } => format!("key {key} answered {status}"),
+            Self::Transport { error, key } => format!("key {key}: {}", error.message),
+        }
+    }
+
+    /// Every attempt failed: the client gets the last failure, operators an alert.
+    pub(crate) fn give_up(self, ctx: &RequestCtx) -> Reply {
+        keypool_telemetry::alert(
+            keypool_telemetry::Cause::AllUpstreamsFailed,
+            format!("{}/{}", ctx.gateway.name, ctx.inspected.model),
+            format!(
+                "all upstreams failed for model {} on gateway {} ({} attempt{}; last: {})",
+                ctx.inspected.model,
+                ctx.gateway.name,
+                ctx.attempts,
+                if ctx.attempts == 1 { "" } else { "s" },
+                self.describe()
+            ),
+        );
+        self.into_reply()
+    }
+
+    fn into_reply(self) -> Reply {
+        match self {
+            Self::Upstream {
+                status,
+                headers,
+                body,
+                key,
+            } => Reply::Whole {
+                status,
+                headers,
+                body,
+                key: Some(key),
+                usage: None,
+            },
+            Self::Transport { error, key } => Reply::Error {
+                error,
+                key: Some(key),
+            },
+        }
+    }
+}
+
+pub(crate) enum Attempt {
+    Done(Reply),
+    Failed(Failure),
+}
+
+/// How an upstream status drives failover.
+enum Class {
+    Success,
+    /// Return as-is; the key is fine.
+    Client,
+    /// Fail over; report this outcome for the key.
+    Retry(Outcome),
+}
+
+fn classify(status: u16, headers: &HeaderMap, passthrough_auth: bool) -> Class {
+    match status {
+        100..=399 => Class::Success,
+        401 | 403 if passthrough_auth => Class::Client,
+        401 | 403 => Class::Retry(Outcome::AuthFailed { status }),
+        429 => Class::Retry(Outcome::RateLimited {
+            cooldown: cooldown(
+                |name| headers.get(name).and_then(|v| v.to_str().ok()),
+                std::time::SystemTime::now(),
+            ),
+        }),
+        408 | 500..=599 => Class::Retry(Outcome::ServerError { status }),
+        _ => Class::Client,
+    }
+}
+
+/// Longest time spent reading the body of an upstream error before failing over.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+impl Engine {
+    /// One attempt on one leased key: send, classify the answer, then relay a stream or read a
+    /// whole answer. The lease is settled on every path.
+    pub(crate) async fn attempt(
+        &self,
+        client: &UpstreamClient,
+        ctx: &mut RequestCtx,
+        lease: Lease,
+        span: &tracing::Span,
+    ) -> Attempt {
+        let key = lease.key.clone();
+        let traced_headers = traced_headers(ctx, &key, span);
+        let stream = ctx.inspected.stream;
+        let started = Instant::now();
+        let deadline = started
+            + if stream {
+                key.stream_timeout
+            } else {
+                key.timeout
+            };
+        let req = AttemptRequest {
+            method: ctx.method.clone(),
+            path: &ctx.upstream_path,
+            query: ctx.query.as_deref(),
+            headers: match &traced_headers {
+                Some(h) => h,
+                None if key.keep_header => &ctx.headers.1,
+                None => &ctx.headers.0,
+            },
+            client_authorization: ctx.client_authorization.as_ref(),
+            body: ctx.inspected.body.clone(),
+        };
+        let adapter = self.adapters.for_kind(key.kind);
+        let resp = match timeout_at(deadline, adapter.send(client, &key, req)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                lease.settle(Outcome::Connect);
+                tracing::warn!(key = %key.name, error = %e, "upstream unreachable");
+                return Attempt::Failed(Failure::Transport {
+                    error: ApiError::new(ErrorKind::UpstreamUnreachable, e.to_string()),
+                    key: key.name.clone(),
+                });
+            }
+            Err(_) => return Attempt::Failed(timed_out(lease, stream)),
+        };
+        ctx.ttfb = Some(ctx.started.elapsed());
+        span.record("http.response.status_code", resp.status);
+        lease.observe_ttfb(started.elapsed());
+        match classify(resp.status, &resp.headers, key.passthrough_auth) {
+            Class::Success if stream && is_sse(&resp.headers) => {
+                self.relay(ctx, resp, lease, deadline).await
+            }
+            Class::Success => whole(ctx, resp, lease, started, span).await,
+            Class::Client => {
+                let UpstreamResponse {
+                    status,
+                    headers,
+                    body,
+                } = resp;
+                let body = read_body(body, deadline.min(Instant::now() + ERROR_BODY_TIMEOUT)).await;
+                lease.settle(Outcome::ClientError { status });
+                Attempt::Done(Reply::Whole {
+                    status,
+                    headers,
+                    body: body.unwrap_or_default(),
+                    key: Some(key.name.clone()),
+                    usage: None,
+                })
+            }
+            Class::Retry(outcome) => {
+                let UpstreamResponse {
+                    status,
+                    headers,
+                    body,
+                } = resp;
+                let body = read_body(body, Instant::now() + ERROR_BODY_TIMEOUT).await;
+                tracing::warn!(key = %key.name, status, outcome = outcome.label(), "upstream refused; failing over");
+                lease.settle(outcome);
+                Attempt::Failed(Failure::Upstream {
+                    status,
+                    headers,
+                    body: body.unwrap_or_default(),
+                    key: key.name.clone(),
+                })
+            }
+        }
+    }
+
+    /// A stream that answered: relayed once its first event arrived (the lease goes with it);
+    /// no data before the time-to-first-byte deadline fails the attempt over.
+    async fn relay(
+        &self,
+        ctx: &RequestCtx,
+        resp: UpstreamResponse,
+        lease: Lease,
+        deadline: Instant,
+    ) -> Attempt {
+        let key = lease.key.name.clone();
+        let UpstreamResponse {
+            status,
+            headers,
+            body,
+        } = resp;
+        let relay = Relay::start(
+            body,
+            lease,
+            deadline,
+            StreamSetup {
+                idle: self.config.idle_timeout,
+                strip_usage_chunk: ctx.inspected.strip_usage_chunk,
+                require_done: ctx.path.ends_with("/completions"),
+                status,
+                collect_text: ctx.log_response_cap,
+            },
+        );
+        match relay.await {
+            Ok(relay) => Attempt::Done(Reply::Stream {
+                status,
+                headers,
+                relay: Box::new(relay),
+                key,
+            }),
+            Err((lease, outcome)) => {
+                let timeout = outcome == Outcome::Timeout;
+                lease.settle(outcome);
+                let error = if timeout {
+                    ApiError::new(
+                        ErrorKind::UpstreamTimeout,
+                        "The upstream sent no data in time.",
+                    )
+                } else {
+                    ApiError::new(
+                        ErrorKind::UpstreamUnreachable,
+                        "The upstream closed the stream before any data.",
+                    )
+                };
+                Attempt::Failed(Failure::Transport { error, key })
+            }
+        }
+    }
+}
+
+/// The attempt's headers when traced: the upstream continues this attempt's span.
+fn traced_headers(ctx: &RequestCtx, key: &UpstreamKey, span: &tracing::Span) -> Option<HeaderMap> {
+    if span.is_none() {
+        return None;
+    }
+    let mut h = if key.keep_header {
+        ctx.headers.1.clone()
+    } else {
+        ctx.headers.0.clone()
+    };
+    for (n, v) in keypool_telemetry::trace::propagation_headers(span) {
+        if let (Ok(n), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(n.as_bytes()),
+            reqwest::header::HeaderValue::from_str(&v),
+        ) {
+            h.insert(n, v);
+        }
+    }
+    Some(h)
+}
+
+fn is_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"))
+}
+
+/// A whole successful answer, read before the key's timeout; its usage read once, for the
+/// key's tpm and the request's accounting.
+async fn whole(
+    ctx: &mut RequestCtx,
+    resp: UpstreamResponse,
+    lease: Lease,
+    started: Instant,
+    span: &tracing::Span,
+) -> Attempt {
+    let UpstreamResponse {
+        status,
+        headers,
+        body,
+    } = resp;
+    let key = lease.key.name.clone();
+    match read_body(body, started + lease.key.timeout).await {
+        Ok(body) => {
+            let is_json = headers
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.contains("json"));
+            let usage = if is_json { response_usage(&body) } else { None };
+            if is_json && !span.is_none() {
+                ctx.response_model = crate::inspect::response_model(&body);
+            }
+            lease.settle(Outcome::Success {
+                tokens: usage.map(|u| u.total()),
+                latency: started.elapsed(),
+            });
+            Attempt::Done(Reply::Whole {
+                status,
+                headers,
+                body,
+                key: Some(key),
+                usage,
+            })
+        }
+        Err(BodyError::Timeout) => Attempt::Failed(timed_out(lease, false)),
+        Err(BodyError::Broken(e)) => {
+            lease.settle(Outcome::Connect);
+            Attempt::Failed(Failure::Transport {
+                error: ApiError::new(ErrorKind::UpstreamUnreachable, e),
+                key,
+            })
+        }
+    }
+}
+
+fn timed_out(lease: Lease, stream: bool) -> Failure {
+    let key = lease.key.name.clone();
+    let limit = if stream {
+        lease.key.stream_timeout
+    } else {
+        lease.key.timeout
+    };
+    lease.settle(Outcome::Timeout);
+    tracing::warn!(key = %key, "upstream timed out");
+    Failure::Transport {
+        error: ApiError::new(
+            ErrorKind::UpstreamTimeout,
+            format!(
+                "The upstream did not answer within {:.1} s.",
+                limit.as_secs_f64()
+            ),
+        ),
+        key,
+    }
+}
+
+enum BodyError {
+    Timeout,
+    Broken(String),
+}
+
+/// Reads a whole body before `deadline`. A body that came in one chunk is returned uncopied.
+async fn read_body(mut body: BodyStream, deadline: Instant) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    loop {
+        match timeout_at(deadline, body.next()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => return Ok(first.unwrap_or_else(|| buf.freeze())),
+            Ok(Some(Ok(chunk))) => {
+                if first.is_none() && buf.is_empty() {
+                    first = Some(chunk);
+                } else {
+                    if let Some(f) = first.take() {
+                        buf.extend_from_slice(&f);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+            Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
+        }
+    }
+}
