@@ -34,44 +34,6 @@ async fn openai_api_route_sample_config_loads_unchanged() -> anyhow::Result<()> 
     Ok(())
 }
 
-#[test]
-fn a_config_mistake_names_the_field_and_exits_before_binding() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(
-        &path,
-        "address: 127.0.0.1:0\nlb_policy: fastest\nupstreams:\n  - sk: k\n    endpoint: ftp://x\n",
-    )?;
-    let out = std::process::Command::new(keypool_bin())
-        .args(["serve", "--config", &path.display().to_string()])
-        .output()?;
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("lb_policy: expected least-used, order or random"),
-        "{err}"
-    );
-    assert!(
-        err.contains("upstreams[0].endpoint: must start with http"),
-        "{err}"
-    );
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
-
-    let missing = std::process::Command::new(keypool_bin())
-        .args(["serve", "--config", "/nonexistent.yaml"])
-        .output()?;
-    assert_eq!(missing.status.code(), Some(2));
-    let help = std::process::Command::new(keypool_bin())
-        .arg("--help")
-        .output()?;
-    let text = String::from_utf8_lossy(&help.stdout);
-    assert!(
-        help.status.success() && text.contains("serve") && text.contains("demo"),
-        "{text}"
-    );
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_offline_with_its_printed_token() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

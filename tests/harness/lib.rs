@@ -24,7 +24,8 @@ use serde_json::Value;
 /// The repository's root folder.
 pub const REPO_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
-/// The `keypool` binary built alongside this test (`target/<profile>/keypool`).
+/// The `keypool` binary built alongside this test (`target/<profile>/keypool`): the workspace's
+/// test build builds it for `keypool-gateway`'s own CLI test (`services/gateway/tests/cli.rs`).
 pub fn keypool_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/debug/deps/<test> → target/debug/keypool
@@ -33,7 +34,13 @@ pub fn keypool_bin() -> PathBuf {
         .and_then(|d| d.parent())
         .map(PathBuf::from)
         .unwrap_or_default();
-    dir.join("keypool")
+    let bin = dir.join("keypool");
+    assert!(
+        bin.exists(),
+        "{} is not built: run the workspace's tests (`cargo nextest run --workspace`), or `cargo build -p keypool-gateway -p keypoolctl` first",
+        bin.display()
+    );
+    bin
 }
 
 /// The `keypoolctl` binary built alongside this test.
