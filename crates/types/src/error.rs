@@ -1,8 +1,8 @@
 //! Error kinds and their wire form.
 //!
 //! Every refusal keypool makes itself is an [`ApiError`] with an [`ErrorKind`]. The kind decides
-//! the HTTP status, the OpenAI `type` and the `code`, from the single table in
-//! [`ErrorKind::wire`], so that SDKs raise the right exception (`AuthenticationError` for 401,
+//! the HTTP status, the OpenAI `type`, the `code` and the admin API's gRPC code, from the single
+//! table in [`ErrorKind::wire`], so that SDKs raise the right exception (`AuthenticationError` for 401,
 //! `RateLimitError` for 429, ...). Errors that came from an upstream are passed through with the
 //! upstream's own status and body instead and never become an `ApiError`.
 
@@ -50,45 +50,76 @@ pub enum ErrorKind {
     InsufficientQuota,
     /// Redis (shared state) is down and `redis.on_failure: closed` (503).
     SharedStateUnavailable,
+    // The control plane's own (the admin API):
+    /// A gateway or key spec that does not validate; the message names each field.
+    InvalidSpec,
+    /// A gateway or key by that name exists already.
+    AlreadyExists,
+    /// The change is not allowed as things are (a config-owned entry, no `secret_key`, ...).
+    FailedPrecondition,
+    /// The store is unreachable.
+    StoreUnavailable,
+    /// A live-usage subscriber fell too far behind and was dropped.
+    SubscriberTooSlow,
 }
 
-/// The wire form of one kind: HTTP status, OpenAI `type`, `code`.
+/// A gRPC status code (its number), the admin API's column of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum GrpcCode {
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Internal = 13,
+    Unavailable = 14,
+    Unauthenticated = 16,
+}
+
+/// The wire form of one kind: HTTP status, OpenAI `type`, `code`, and the gRPC status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wire {
     pub status: u16,
     pub r#type: &'static str,
     pub code: &'static str,
+    pub grpc: GrpcCode,
 }
 
 impl ErrorKind {
-    /// The one table: kind → status, OpenAI `type`, `code`.
+    /// The one table: kind → HTTP status, OpenAI `type`, `code`, gRPC code.
+    #[rustfmt::skip] // one row per kind: the table reads as a table
     pub const fn wire(self) -> Wire {
-        let (status, r#type, code) = match self {
-            Self::InvalidApiKey => (401, "invalid_request_error", "invalid_api_key"),
-            Self::InvalidRequest => (400, "invalid_request_error", "invalid_request"),
-            Self::BodyTooLarge => (413, "invalid_request_error", "request_too_large"),
-            Self::ModelNotFound => (404, "invalid_request_error", "model_not_found"),
-            Self::NotFound => (404, "invalid_request_error", "unknown_url"),
-            Self::PoolBudgetExhausted => (429, "rate_limit_error", "pool_budget_exhausted"),
-            Self::UpstreamRateLimited => (429, "rate_limit_error", "upstream_rate_limited"),
-            Self::NoUsableKey => (503, "server_error", "no_usable_key"),
-            Self::UpstreamUnreachable => (502, "server_error", "upstream_unreachable"),
-            Self::UpstreamTimeout => (504, "server_error", "upstream_timeout"),
-            Self::UpstreamStreamBroken => (502, "server_error", "upstream_stream_broken"),
-            Self::Internal => (500, "server_error", "internal_error"),
-            Self::GatewayNotFound => (404, "invalid_request_error", "gateway_not_found"),
-            Self::GatewayInactive => (403, "permission_error", "gateway_inactive"),
-            Self::GatewayExpired => (403, "permission_error", "gateway_expired"),
-            Self::AccessDenied => (403, "permission_error", "access_denied"),
-            Self::RateLimitExceeded => (429, "rate_limit_error", "rate_limit_exceeded"),
-            Self::InsufficientQuota => (429, "insufficient_quota", "insufficient_quota"),
-            Self::SharedStateUnavailable => (503, "server_error", "shared_state_unavailable"),
+        use GrpcCode as G;
+        let (status, r#type, code, grpc) = match self {
+            Self::InvalidApiKey          => (401, "invalid_request_error", "invalid_api_key",          G::Unauthenticated),
+            Self::InvalidRequest         => (400, "invalid_request_error", "invalid_request",          G::InvalidArgument),
+            Self::BodyTooLarge           => (413, "invalid_request_error", "request_too_large",        G::InvalidArgument),
+            Self::ModelNotFound          => (404, "invalid_request_error", "model_not_found",          G::NotFound),
+            Self::NotFound               => (404, "invalid_request_error", "unknown_url",              G::NotFound),
+            Self::PoolBudgetExhausted    => (429, "rate_limit_error",      "pool_budget_exhausted",    G::ResourceExhausted),
+            Self::UpstreamRateLimited    => (429, "rate_limit_error",      "upstream_rate_limited",    G::ResourceExhausted),
+            Self::NoUsableKey            => (503, "server_error",          "no_usable_key",            G::Unavailable),
+            Self::UpstreamUnreachable    => (502, "server_error",          "upstream_unreachable",     G::Unavailable),
+            Self::UpstreamTimeout        => (504, "server_error",          "upstream_timeout",         G::DeadlineExceeded),
+            Self::UpstreamStreamBroken   => (502, "server_error",          "upstream_stream_broken",   G::Unavailable),
+            Self::Internal               => (500, "server_error",          "internal_error",           G::Internal),
+            Self::GatewayNotFound        => (404, "invalid_request_error", "gateway_not_found",        G::NotFound),
+            Self::GatewayInactive        => (403, "permission_error",      "gateway_inactive",         G::PermissionDenied),
+            Self::GatewayExpired         => (403, "permission_error",      "gateway_expired",          G::PermissionDenied),
+            Self::AccessDenied           => (403, "permission_error",      "access_denied",            G::PermissionDenied),
+            Self::RateLimitExceeded      => (429, "rate_limit_error",      "rate_limit_exceeded",      G::ResourceExhausted),
+            Self::InsufficientQuota      => (429, "insufficient_quota",    "insufficient_quota",       G::ResourceExhausted),
+            Self::SharedStateUnavailable => (503, "server_error",          "shared_state_unavailable", G::Unavailable),
+            Self::InvalidSpec            => (400, "invalid_request_error", "invalid_spec",             G::InvalidArgument),
+            Self::AlreadyExists          => (409, "invalid_request_error", "already_exists",           G::AlreadyExists),
+            Self::FailedPrecondition     => (409, "invalid_request_error", "failed_precondition",      G::FailedPrecondition),
+            Self::StoreUnavailable       => (503, "server_error",          "store_unavailable",        G::Unavailable),
+            Self::SubscriberTooSlow      => (429, "rate_limit_error",      "subscriber_too_slow",      G::ResourceExhausted),
         };
-        Wire {
-            status,
-            r#type,
-            code,
-        }
+        Wire { status, r#type, code, grpc }
     }
 }
 
@@ -169,6 +200,42 @@ mod tests {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "invalid_api_key");
         assert_eq!(err.status(), 401);
+    }
+
+    #[test]
+    fn the_grpc_column_follows_the_http_one() {
+        let agree = |kind: ErrorKind| {
+            let w = kind.wire();
+            let expected = match w.status {
+                400 | 413 => GrpcCode::InvalidArgument,
+                401 => GrpcCode::Unauthenticated,
+                403 => GrpcCode::PermissionDenied,
+                404 => GrpcCode::NotFound,
+                429 => GrpcCode::ResourceExhausted,
+                500 => GrpcCode::Internal,
+                502 | 503 => GrpcCode::Unavailable,
+                504 => GrpcCode::DeadlineExceeded,
+                _ => w.grpc, // 409: AlreadyExists or FailedPrecondition, by kind
+            };
+            assert_eq!(w.grpc, expected, "{kind:?}");
+        };
+        for kind in [
+            ErrorKind::InvalidApiKey,
+            ErrorKind::BodyTooLarge,
+            ErrorKind::GatewayExpired,
+            ErrorKind::ModelNotFound,
+            ErrorKind::InsufficientQuota,
+            ErrorKind::Internal,
+            ErrorKind::NoUsableKey,
+            ErrorKind::UpstreamTimeout,
+            ErrorKind::InvalidSpec,
+            ErrorKind::StoreUnavailable,
+        ] {
+            agree(kind);
+        }
+        assert_eq!(ErrorKind::AlreadyExists.wire().grpc as i32, 6);
+        assert_eq!(ErrorKind::FailedPrecondition.wire().grpc as i32, 9);
+        assert_eq!(ErrorKind::InvalidApiKey.wire().grpc as i32, 16);
     }
 
     #[test]

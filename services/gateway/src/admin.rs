@@ -14,6 +14,7 @@ use keypool_config::raw::RawUpstream;
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_server::{Admin, AdminServer};
 use keypool_store::Grouping;
+use keypool_types::ErrorKind;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -26,13 +27,14 @@ pub struct AdminService {
     shutdown: CancellationToken,
 }
 
-fn status(e: ControlError) -> Status {
-    match e {
-        ControlError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        ControlError::NotFound(m) => Status::not_found(m),
-        ControlError::Exists(m) => Status::already_exists(m),
-        ControlError::Precondition(m) => Status::failed_precondition(m),
-        ControlError::Store(m) => Status::unavailable(format!("store: {m}")),
+/// A refusal as a gRPC status, its code from the one error table ([`ErrorKind::wire`]).
+fn grpc(kind: ErrorKind, message: impl Into<String>) -> Status {
+    Status::new(tonic::Code::from(kind.wire().grpc as i32), message)
+}
+
+impl From<ControlError> for Status {
+    fn from(e: ControlError) -> Self {
+        grpc(e.kind(), e.to_string())
     }
 }
 
@@ -181,7 +183,7 @@ impl Admin for AdminService {
         let e = self
             .control
             .gateway_entry(&name)
-            .ok_or_else(|| Status::not_found(format!("no gateway named {name:?}")))?;
+            .ok_or_else(|| grpc(ErrorKind::NotFound, format!("no gateway named {name:?}")))?;
         Ok(Response::new(gateway_pb(&e, &self.control)))
     }
 
@@ -190,11 +192,7 @@ impl Admin for AdminService {
         req: Request<pb::CreateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
         let raw = RawGateway::from(req.into_inner().gateway.unwrap_or_default());
-        let e = self
-            .control
-            .put_gateway(None, raw, false)
-            .await
-            .map_err(status)?;
+        let e = self.control.put_gateway(None, raw, false).await?;
         Ok(Response::new(gateway_pb(&e, &self.control)))
     }
 
@@ -204,11 +202,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Gateway>, Status> {
         let r = req.into_inner();
         let raw = RawGateway::from(r.gateway.unwrap_or_default());
-        let e = self
-            .control
-            .put_gateway(Some(&r.name), raw, true)
-            .await
-            .map_err(status)?;
+        let e = self.control.put_gateway(Some(&r.name), raw, true).await?;
         Ok(Response::new(gateway_pb(&e, &self.control)))
     }
 
@@ -216,10 +210,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DeleteGatewayRequest>,
     ) -> Result<Response<pb::DeleteGatewayResponse>, Status> {
-        self.control
-            .delete_gateway(&req.into_inner().name)
-            .await
-            .map_err(status)?;
+        self.control.delete_gateway(&req.into_inner().name).await?;
         Ok(Response::new(pb::DeleteGatewayResponse {}))
     }
 
@@ -227,11 +218,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RotateGatewaySecretRequest>,
     ) -> Result<Response<pb::RotateGatewaySecretResponse>, Status> {
-        let (e, secret) = self
-            .control
-            .rotate_secret(&req.into_inner().name)
-            .await
-            .map_err(status)?;
+        let (e, secret) = self.control.rotate_secret(&req.into_inner().name).await?;
         Ok(Response::new(pb::RotateGatewaySecretResponse {
             gateway: Some(gateway_pb(&e, &self.control)),
             secret,
@@ -256,8 +243,7 @@ impl Admin for AdminService {
         let e = self
             .control
             .add_key(RawUpstream::from(req.into_inner().key.unwrap_or_default()))
-            .await
-            .map_err(status)?;
+            .await?;
         Ok(Response::new(self.key_with_state(&e).await))
     }
 
@@ -286,8 +272,7 @@ impl Admin for AdminService {
                 r.deny.map(|d| d.entries),
                 r.enabled,
             )
-            .await
-            .map_err(status)?;
+            .await?;
         Ok(Response::new(self.key_with_state(&e).await))
     }
 
@@ -295,10 +280,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::RemoveKeyResponse>, Status> {
-        self.control
-            .remove_key(&req.into_inner().name)
-            .await
-            .map_err(status)?;
+        self.control.remove_key(&req.into_inner().name).await?;
         Ok(Response::new(pb::RemoveKeyResponse {}))
     }
 
@@ -308,7 +290,10 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let r = req.into_inner();
         let store = self.control.store.as_ref().ok_or_else(|| {
-            Status::failed_precondition("no store (dbtype: none): usage is not kept")
+            grpc(
+                ErrorKind::FailedPrecondition,
+                "no store (dbtype: none): usage is not kept",
+            )
         })?;
         let now = now_ms();
         let to = if r.to_ms > 0 { r.to_ms } else { now + 1 };
@@ -336,13 +321,13 @@ impl Admin for AdminService {
                         })
                         .collect::<Vec<_>>()
                 })
-                .map_err(|e| Status::unavailable(format!("store: {e}")))
+                .map_err(|e| grpc(ErrorKind::StoreUnavailable, format!("store: {e}")))
         };
         let day = if r.day_ms > 0 { r.day_ms } else { now };
         let hours = store
             .calls_per_hour(day, gateway)
             .await
-            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+            .map_err(|e| grpc(ErrorKind::StoreUnavailable, format!("store: {e}")))?;
         Ok(Response::new(pb::GetUsageResponse {
             by_gateway: totals(Grouping::Gateway).await?,
             by_key: totals(Grouping::Key).await?,
@@ -369,18 +354,19 @@ impl Admin for AdminService {
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::UsageEvent, Status>>(64);
         tokio::spawn(async move {
             loop {
-                let e = match rx.recv().await {
-                    Ok(e) => e,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::resource_exhausted(format!(
+                let e =
+                    match rx.recv().await {
+                        Ok(e) => e,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let _ = tx
+                            .send(Err(grpc(ErrorKind::SubscriberTooSlow, format!(
                                 "subscriber too slow: {n} usage events were missed; reconnect"
                             ))))
                             .await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
                 let wanted = (filter.gateway.is_empty() || filter.gateway == e.gateway)
                     && (filter.model.is_empty() || filter.model == e.model)
                     && (filter.key.is_empty() || Some(&filter.key) == e.key_name.as_ref());
@@ -445,7 +431,8 @@ impl Admin for AdminService {
         req: Request<tonic::Streaming<pb::UsageBatch>>,
     ) -> Result<Response<Self::PublishUsageStream>, Status> {
         let Some(store) = self.control.store.clone() else {
-            return Err(Status::failed_precondition(
+            return Err(grpc(
+                ErrorKind::FailedPrecondition,
                 "this control plane has no store (dbtype: none): it cannot collect usage",
             ));
         };
@@ -468,7 +455,8 @@ impl Admin for AdminService {
                 );
                 if batch.events.iter().any(|e| e.id.is_empty()) {
                     let _ = tx
-                        .send(Err(Status::invalid_argument(
+                        .send(Err(grpc(
+                            ErrorKind::InvalidRequest,
                             "events: a usage event without an id",
                         )))
                         .await;
@@ -483,7 +471,10 @@ impl Admin for AdminService {
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot store a frontend's usage batch");
                         let _ = tx
-                            .send(Err(Status::unavailable(format!("store: {e}"))))
+                            .send(Err(grpc(
+                                ErrorKind::StoreUnavailable,
+                                format!("store: {e}"),
+                            )))
                             .await;
                         return;
                     }
@@ -603,7 +594,8 @@ pub async fn serve(
         if keypool_types::constant_time_eq(presented, token) {
             Ok(req)
         } else {
-            Err(Status::unauthenticated(
+            Err(grpc(
+                ErrorKind::InvalidApiKey,
                 "the admin API needs `authorization: Bearer <admin token>`",
             ))
         }

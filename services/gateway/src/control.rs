@@ -40,8 +40,22 @@ pub enum ControlError {
     Exists(String),
     #[error("{0}")]
     Precondition(String),
-    #[error("{0}")]
+    #[error("store: {0}")]
     Store(String),
+}
+
+impl ControlError {
+    /// Its row in the one error table (the admin API's gRPC code).
+    pub fn kind(&self) -> keypool_types::ErrorKind {
+        use keypool_types::ErrorKind as K;
+        match self {
+            Self::Invalid(_) => K::InvalidSpec,
+            Self::NotFound(_) => K::NotFound,
+            Self::Exists(_) => K::AlreadyExists,
+            Self::Precondition(_) => K::FailedPrecondition,
+            Self::Store(_) => K::StoreUnavailable,
+        }
+    }
 }
 
 impl From<keypool_pool::PoolError> for ControlError {
