@@ -5,7 +5,7 @@
 //! - **Config.** The first snapshot is awaited for up to [`FIRST_SNAPSHOT_WAIT`]; without one
 //!   the last snapshot persisted in `--state-dir` is served (sealed with a key derived from the
 //!   admin token, since it holds upstream secrets). Every snapshot received is persisted, then
-//!   applied at once ([`crate::control::Control::apply_snapshot`]). A lost control plane is
+//!   applied at once ([`keypool_control::Control::apply_snapshot`]). A lost control plane is
 //!   retried with backoff (0.5 s doubling to 10 s) while the last snapshot keeps serving.
 //! - **Usage.** The store's own batched writer runs with the control plane as its target
 //!   ([`Uplink`]): a batch is sent and counts as written only when its acknowledgement comes
@@ -214,7 +214,7 @@ fn persist(args: &FrontendArgs, snap: &pb::ConfigSnapshot) -> anyhow::Result<()>
     use std::io::Write as _;
     std::fs::create_dir_all(&args.state_dir)?;
     let encoded = base64::engine::general_purpose::STANDARD.encode(snap.encode_to_vec());
-    let sealed = crate::seal::seal(&snapshot_key(args), &encoded)?;
+    let sealed = keypool_control::seal::seal(&snapshot_key(args), &encoded)?;
     let path = args.state_dir.join(SNAPSHOT_FILE);
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -234,7 +234,7 @@ fn load_persisted(args: &FrontendArgs) -> anyhow::Result<Option<pb::ConfigSnapsh
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let encoded = crate::seal::open(&snapshot_key(args), sealed.trim())
+    let encoded = keypool_control::seal::open(&snapshot_key(args), sealed.trim())
         .with_context(|| format!("{} cannot be opened with this token", path.display()))?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())

@@ -5,14 +5,11 @@
 //! arguments, loads config and calls it; tests and `keypool demo` call it the same way.
 
 pub mod actors;
-pub mod admin;
 pub mod app;
-pub mod control;
 pub mod demo;
 pub mod frontend;
 pub mod mock;
 pub mod monitor;
-pub mod seal;
 pub mod usage;
 
 use std::net::TcpListener;
@@ -172,11 +169,11 @@ pub async fn run_with(
         &pool,
     )));
     let (feed, _) = tokio::sync::broadcast::channel(config.admin.stream_buffer);
-    let sink: Arc<dyn keypool_types::UsageSink> = Arc::new(control::FeedSink {
+    let sink: Arc<dyn keypool_types::UsageSink> = Arc::new(keypool_control::FeedSink {
         inner: usage.sink.clone(),
         feed: feed.clone(),
     });
-    let control = control::Control::start(
+    let control = keypool_control::Control::start(
         config.clone(),
         gateways.clone(),
         pool.clone(),
@@ -274,7 +271,7 @@ pub async fn run_with(
         tracing::info!(%admin_addr, "admin API listening");
         let (control, stop) = (control.clone(), shutdown.clone());
         Some(tokio::spawn(async move {
-            if let Err(e) = admin::serve(control, listener, stop).await {
+            if let Err(e) = keypool_admin::serve(control, listener, stop).await {
                 tracing::error!(error = %e, "admin API stopped");
             }
         }))

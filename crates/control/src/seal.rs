@@ -14,11 +14,28 @@ fn cipher(key: &Secret) -> ChaCha20Poly1305 {
     ChaCha20Poly1305::new(Key::from_slice(&k))
 }
 
-pub fn seal(key: &Secret, secret: &str) -> anyhow::Result<String> {
+/// Why a secret could not be sealed or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("sealing failed")]
+    Seal,
+    #[error("unknown sealing format")]
+    Format,
+    #[error("sealed secret too short")]
+    Short,
+    #[error("sealed secret is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("cannot unseal: wrong admin.secret_key?")]
+    WrongKey,
+    #[error("the unsealed secret is not UTF-8")]
+    Utf8(#[from] std::string::FromUtf8Error),
+}
+
+pub fn seal(key: &Secret, secret: &str) -> Result<String, SealError> {
     let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
     let ct = cipher(key)
         .encrypt(&nonce, secret.as_bytes())
-        .map_err(|_| anyhow::anyhow!("sealing failed"))?;
+        .map_err(|_| SealError::Seal)?;
     let mut out = nonce.to_vec();
     out.extend_from_slice(&ct);
     Ok(format!(
@@ -27,16 +44,16 @@ pub fn seal(key: &Secret, secret: &str) -> anyhow::Result<String> {
     ))
 }
 
-pub fn open(key: &Secret, sealed: &str) -> anyhow::Result<String> {
-    let raw = sealed
-        .strip_prefix("v1:")
-        .ok_or_else(|| anyhow::anyhow!("unknown sealing format"))?;
+pub fn open(key: &Secret, sealed: &str) -> Result<String, SealError> {
+    let raw = sealed.strip_prefix("v1:").ok_or(SealError::Format)?;
     let bytes = base64::engine::general_purpose::STANDARD.decode(raw)?;
-    anyhow::ensure!(bytes.len() > 12, "sealed secret too short");
+    if bytes.len() <= 12 {
+        return Err(SealError::Short);
+    }
     let (nonce, ct) = bytes.split_at(12);
     let clear = cipher(key)
         .decrypt(Nonce::from_slice(nonce), ct)
-        .map_err(|_| anyhow::anyhow!("cannot unseal: wrong admin.secret_key?"))?;
+        .map_err(|_| SealError::WrongKey)?;
     Ok(String::from_utf8(clear)?)
 }
 

@@ -15,11 +15,15 @@ use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_server::{Admin, AdminServer};
 use keypool_store::Grouping;
 use keypool_types::ErrorKind;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::control::{Control, ControlError, GatewayEntry, KeyEntry};
+use keypool_control::{Control, ControlError, KeyEntry};
+
+mod messages;
+mod streams;
+pub use messages::mask;
+use messages::{gateway_pb, key_pb};
 
 pub struct AdminService {
     control: Arc<Control>,
@@ -27,100 +31,37 @@ pub struct AdminService {
     shutdown: CancellationToken,
 }
 
+/// Why the admin API stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
 /// A refusal as a gRPC status, its code from the one error table ([`ErrorKind::wire`]).
 fn grpc(kind: ErrorKind, message: impl Into<String>) -> Status {
     Status::new(tonic::Code::from(kind.wire().grpc as i32), message)
 }
 
-impl From<ControlError> for Status {
-    fn from(e: ControlError) -> Self {
-        grpc(e.kind(), e.to_string())
+/// A control-plane refusal as a gRPC status (its kind's row of the table).
+fn status(e: &ControlError) -> Status {
+    grpc(e.kind(), e.to_string())
+}
+
+/// `?` for the control plane's results inside a handler.
+trait OrStatus<T> {
+    fn or_status(self) -> Result<T, Status>;
+}
+
+impl<T> OrStatus<T> for Result<T, ControlError> {
+    fn or_status(self) -> Result<T, Status> {
+        self.map_err(|e| status(&e))
     }
 }
 
-fn gateway_pb(e: &GatewayEntry, control: &Control) -> pb::Gateway {
-    let name = e.raw.name.clone().unwrap_or_default();
-    pb::Gateway {
-        tokens_used: control
-            .gateways
-            .get(&name)
-            .map_or(0, |g| g.state.tokens_used()),
-        name,
-        spec: Some(pb::GatewaySpec::from(&e.raw)),
-        owner: e.owner.to_owned(),
-        updated_at_ms: e.updated_ms,
-    }
-}
-
-/// `sk-…abcd`: enough to tell keys apart, never enough to use one.
-pub fn mask(secret: &str) -> String {
-    let tail: String = secret
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    if secret.chars().count() <= 8 {
-        return "…".to_owned();
-    }
-    let head: String = secret.chars().take(3).collect();
-    format!("{head}…{tail}")
-}
-
-fn key_pb(e: &KeyEntry, state: Option<&keypool_pool::KeyState>) -> pb::Key {
-    let k = &e.key;
-    let now = tokio::time::Instant::now();
-    let mut out = pb::Key {
-        name: k.name.to_string(),
-        provider: k.kind.as_str().to_owned(),
-        endpoint: k.endpoint.clone(),
-        secret_masked: if k.passthrough_auth {
-            "asis".to_owned()
-        } else {
-            mask(k.sk.expose())
-        },
-        enabled: e.enabled,
-        health: "healthy".to_owned(),
-        rpm: k.rpm,
-        tpm: k.tpm,
-        allow: k.allow.iter().map(rule_text).collect(),
-        deny: k.deny.iter().map(rule_text).collect(),
-        owner: e.owner.to_owned(),
-        ..pb::Key::default()
-    };
-    if let Some(s) = state {
-        out.enabled = s.enabled;
-        match &s.health {
-            keypool_pool::Health::Healthy => {}
-            keypool_pool::Health::CoolingUntil(t) => {
-                "cooling".clone_into(&mut out.health);
-                let left = t.saturating_duration_since(now);
-                out.cooling_until_ms = now_ms() + left.as_millis() as i64;
-            }
-            keypool_pool::Health::Disabled { .. } => "disabled".clone_into(&mut out.health),
-        }
-        out.window_requests = s.window_requests;
-        out.window_tokens = s.window_tokens;
-        out.in_flight = s.in_flight;
-        out.used = s.counters.used;
-        out.success = s.counters.success;
-        out.failure = s.counters.failure;
-        out.last_error = s.counters.last_error.clone().unwrap_or_default();
-        out.latency_ms = s.latency_ms;
-    }
-    out
-}
-
-fn rule_text(r: &keypool_config::ModelRule) -> String {
-    match r {
-        keypool_config::ModelRule::Exact(s) => s.clone(),
-        keypool_config::ModelRule::Prefix(p) => format!("{p}*"),
-    }
-}
-
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -192,7 +133,11 @@ impl Admin for AdminService {
         req: Request<pb::CreateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
         let raw = RawGateway::from(req.into_inner().gateway.unwrap_or_default());
-        let e = self.control.put_gateway(None, raw, false).await?;
+        let e = self
+            .control
+            .put_gateway(None, raw, false)
+            .await
+            .or_status()?;
         Ok(Response::new(gateway_pb(&e, &self.control)))
     }
 
@@ -202,7 +147,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Gateway>, Status> {
         let r = req.into_inner();
         let raw = RawGateway::from(r.gateway.unwrap_or_default());
-        let e = self.control.put_gateway(Some(&r.name), raw, true).await?;
+        let e = self
+            .control
+            .put_gateway(Some(&r.name), raw, true)
+            .await
+            .or_status()?;
         Ok(Response::new(gateway_pb(&e, &self.control)))
     }
 
@@ -210,7 +159,10 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DeleteGatewayRequest>,
     ) -> Result<Response<pb::DeleteGatewayResponse>, Status> {
-        self.control.delete_gateway(&req.into_inner().name).await?;
+        self.control
+            .delete_gateway(&req.into_inner().name)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::DeleteGatewayResponse {}))
     }
 
@@ -218,7 +170,11 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RotateGatewaySecretRequest>,
     ) -> Result<Response<pb::RotateGatewaySecretResponse>, Status> {
-        let (e, secret) = self.control.rotate_secret(&req.into_inner().name).await?;
+        let (e, secret) = self
+            .control
+            .rotate_secret(&req.into_inner().name)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::RotateGatewaySecretResponse {
             gateway: Some(gateway_pb(&e, &self.control)),
             secret,
@@ -243,7 +199,8 @@ impl Admin for AdminService {
         let e = self
             .control
             .add_key(RawUpstream::from(req.into_inner().key.unwrap_or_default()))
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(self.key_with_state(&e).await))
     }
 
@@ -272,7 +229,8 @@ impl Admin for AdminService {
                 r.deny.map(|d| d.entries),
                 r.enabled,
             )
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(self.key_with_state(&e).await))
     }
 
@@ -280,7 +238,10 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::RemoveKeyResponse>, Status> {
-        self.control.remove_key(&req.into_inner().name).await?;
+        self.control
+            .remove_key(&req.into_inner().name)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::RemoveKeyResponse {}))
     }
 
@@ -350,36 +311,9 @@ impl Admin for AdminService {
         req: Request<pb::StreamUsageRequest>,
     ) -> Result<Response<Self::StreamUsageStream>, Status> {
         let filter = req.into_inner();
-        let mut rx = self.control.feed.subscribe();
+        let rx = self.control.feed.subscribe();
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::UsageEvent, Status>>(64);
-        tokio::spawn(async move {
-            loop {
-                let e =
-                    match rx.recv().await {
-                        Ok(e) => e,
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let _ = tx
-                            .send(Err(grpc(ErrorKind::SubscriberTooSlow, format!(
-                                "subscriber too slow: {n} usage events were missed; reconnect"
-                            ))))
-                            .await;
-                            return;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    };
-                let wanted = (filter.gateway.is_empty() || filter.gateway == e.gateway)
-                    && (filter.model.is_empty() || filter.model == e.model)
-                    && (filter.key.is_empty() || Some(&filter.key) == e.key_name.as_ref());
-                if !wanted {
-                    continue;
-                }
-                // the feed's events carry no request log
-                let ev = pb::UsageEvent::from(&*e);
-                if tx.send(Ok(ev)).await.is_err() {
-                    return; // the subscriber went away
-                }
-            }
-        });
+        tokio::spawn(streams::feed_usage(filter, rx, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out),
         )))
@@ -393,7 +327,7 @@ impl Admin for AdminService {
     ) -> Result<Response<Self::WatchConfigStream>, Status> {
         let who = req.into_inner();
         let (control, stop) = (self.control.clone(), self.shutdown.clone());
-        let mut changed = control.changed.subscribe();
+        let changed = control.changed.subscribe();
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::ConfigSnapshot, Status>>(2);
         tracing::info!(replica = %who.replica_id, address = %who.address, "frontend watching config");
         saw_frontend(
@@ -403,22 +337,7 @@ impl Admin for AdminService {
             who.have_version,
             Some(true),
         );
-        tokio::spawn(async move {
-            loop {
-                changed.borrow_and_update();
-                let sent = tx.send(Ok(control.snapshot())).await;
-                if sent.is_err() {
-                    break;
-                }
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tx.closed() => break,
-                    r = changed.changed() => if r.is_err() { break },
-                }
-            }
-            saw_frontend(&control, &who.replica_id, "", 0, Some(false));
-            tracing::info!(replica = %who.replica_id, "frontend stopped watching config");
-        });
+        tokio::spawn(streams::push_snapshots(control, stop, who, changed, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out),
         )))
@@ -436,65 +355,10 @@ impl Admin for AdminService {
                 "this control plane has no store (dbtype: none): it cannot collect usage",
             ));
         };
-        let mut batches = req.into_inner();
+        let batches = req.into_inner();
         let (control, stop) = (self.control.clone(), self.shutdown.clone());
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::UsageAck, Status>>(4);
-        tokio::spawn(async move {
-            loop {
-                let batch = tokio::select! {
-                    () = stop.cancelled() => return,
-                    b = batches.message() => b,
-                };
-                let Ok(Some(batch)) = batch else { return };
-                saw_frontend(
-                    &control,
-                    &batch.replica_id,
-                    &batch.address,
-                    batch.config_version,
-                    None,
-                );
-                if batch.events.iter().any(|e| e.id.is_empty()) {
-                    let _ = tx
-                        .send(Err(grpc(
-                            ErrorKind::InvalidRequest,
-                            "events: a usage event without an id",
-                        )))
-                        .await;
-                    return;
-                }
-                let events: Vec<keypool_store::StoredEvent> =
-                    batch.events.into_iter().map(Into::into).collect();
-                // acknowledged only once stored; a failed write ends the stream unacknowledged,
-                // and the frontend keeps (spools) the batch and sends it again
-                let new = match store.write_batch_new(&events).await {
-                    Ok(new) => new,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot store a frontend's usage batch");
-                        let _ = tx
-                            .send(Err(grpc(
-                                ErrorKind::StoreUnavailable,
-                                format!("store: {e}"),
-                            )))
-                            .await;
-                        return;
-                    }
-                };
-                if control.feed.receiver_count() > 0 {
-                    for &i in &new {
-                        let mut e = events[i].clone();
-                        e.log = None;
-                        let _ = control.feed.send(Arc::new(e));
-                    }
-                }
-                let ack = pb::UsageAck {
-                    seq: batch.seq,
-                    stored: u32::try_from(new.len()).unwrap_or(u32::MAX),
-                };
-                if tx.send(Ok(ack)).await.is_err() {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(streams::collect_usage(store, control, stop, batches, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out),
         )))
@@ -576,7 +440,7 @@ pub async fn serve(
     control: Arc<Control>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let token = control.token().map(|t| t.expose().as_bytes().to_vec());
     let tls = control.config.admin.tls.clone();
     let check = move |req: Request<()>| -> Result<Request<()>, Status> {
@@ -636,13 +500,4 @@ pub async fn serve(
         )
         .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn masks_keep_only_a_hint() {
-        assert_eq!(super::mask("sk-test-abcdefgh1234"), "sk-…1234");
-        assert_eq!(super::mask("short"), "…");
-    }
 }
