@@ -68,6 +68,11 @@ async fn keypoolctl_manages_a_running_keypool() -> anyhow::Result<()> {
     assert!(ok);
     let list: Value = serde_json::from_str(&out)?;
     assert_eq!(list[0]["name"], "default", "`/v1`, the config's top level");
+    assert_eq!(list[0]["spec"]["auth"]["method"], "tokens", "{list}");
+    assert!(
+        list[0]["spec"]["auth"]["secrets"].is_null(),
+        "tokens are never shown: {list}"
+    );
     assert_eq!(list[1]["name"], "team");
     assert!(!out.contains("team-secret"), "only the hash is shown");
     let resp = gw

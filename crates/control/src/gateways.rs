@@ -15,16 +15,35 @@ impl Control {
 
     /// Every gateway, `default` first: what `ListGateways` shows.
     pub fn listed_gateways(&self) -> Vec<GatewayEntry> {
-        let mut all = vec![lock(&self.default_gateway).entry.clone()];
+        let mut all = vec![self.default_entry()];
         all.extend(self.gateway_entries());
         all
     }
 
     pub fn gateway_entry(&self, name: &str) -> Option<GatewayEntry> {
         if name == DEFAULT_GATEWAY {
-            return Some(lock(&self.default_gateway).entry.clone());
+            return Some(self.default_entry());
         }
         lock(&self.gateway_entries).get(name).cloned()
+    }
+
+    /// The `default` gateway as listed: its policy as written, and `auth: {method: tokens}`
+    /// while some client token (top-level or a key's) is configured (the tokens themselves
+    /// are never shown).
+    fn default_entry(&self) -> GatewayEntry {
+        let mut entry = lock(&self.default_gateway).entry.clone();
+        let tokens = self
+            .gateways
+            .get(DEFAULT_GATEWAY)
+            .is_some_and(|g| g.spec.auth.is_some());
+        if tokens {
+            entry.raw.auth = Some(keypool_config::gateway::RawGatewayAuth {
+                method: Some("tokens".to_owned()),
+                position: Some("header:Authorization".to_owned()),
+                ..Default::default()
+            });
+        }
+        entry
     }
 
     /// Creates (`replace: false`) or replaces an admin-owned gateway.
