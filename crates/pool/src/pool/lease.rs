@@ -1,0 +1,112 @@
+//! [`Lease`]: one reserved use of one key for one attempt, settled once (on drop at the latest).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use keypool_config::UpstreamKey;
+use tokio::time::Instant;
+
+use crate::key::KeyActor;
+use crate::messages::{Outcome, Settle};
+use crate::tally::KeyTally;
+
+/// A reserved use of one key for one attempt. Settle it with the attempt's [`Outcome`]; dropping
+/// it unsettled (the client went away) settles it as [`Outcome::Cancelled`].
+#[derive(Debug)]
+pub struct Lease {
+    /// The pool's id of the key (for [`crate::Pick::exclude`]).
+    pub key_id: u64,
+    pub key: Arc<UpstreamKey>,
+    pub(in crate::pool) addr: Addr<KeyActor>,
+    pub(in crate::pool) tally: Arc<KeyTally>,
+    /// This reservation's id in the key's windows.
+    pub(in crate::pool) id: u64,
+    pub(in crate::pool) settled: bool,
+    /// When the lease was taken: the attempt's start, for its latency.
+    pub(in crate::pool) started: Instant,
+    /// The tokens reserved in the shared token window (a `tpm` key with shared state), settled
+    /// there to the real count after a success.
+    pub(in crate::pool) shared_tokens: Option<SharedTokens>,
+}
+
+/// A token reservation in the shared state, settled there with the real count.
+pub(in crate::pool) struct SharedTokens {
+    pub(in crate::pool) state: Arc<dyn crate::SharedState>,
+    pub(in crate::pool) req: crate::TokenReq,
+    pub(in crate::pool) id: String,
+}
+
+impl std::fmt::Debug for SharedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTokens")
+            .field("req", &self.req)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Records the attempt's time to response headers (its key's TTFB histogram).
+    pub fn observe_ttfb(&self, ttfb: Duration) {
+        self.tally.metrics.ttfb.observe(ttfb.as_secs_f64());
+    }
+
+    pub fn settle(mut self, outcome: Outcome) {
+        self.settled = true;
+        self.tally.returned();
+        if let (
+            Some(shared),
+            Outcome::Success {
+                tokens: Some(actual),
+                ..
+            },
+        ) = (self.shared_tokens.take(), &outcome)
+        {
+            let actual = *actual;
+            // off the response path: the count matters to the next picks, not to this one
+            tokio::spawn(async move {
+                if let Err(e) = shared
+                    .state
+                    .settle_tokens(&shared.req, &shared.id, actual)
+                    .await
+                {
+                    crate::shared_failed(&e);
+                }
+            });
+        }
+        let elapsed = self.started.elapsed();
+        match outcome {
+            // the common case changes only numbers that add up: the tally, no message
+            Outcome::Success { tokens, latency }
+                if self.key.tpm.is_none() && self.tally.quiet() =>
+            {
+                self.tally.success(latency, elapsed, tokens);
+            }
+            Outcome::Cancelled => cancelled(&self.key, elapsed),
+            outcome => {
+                self.tally.settle_sent();
+                self.addr.do_send(Settle {
+                    lease_id: self.id,
+                    outcome,
+                    elapsed,
+                });
+            }
+        }
+    }
+}
+
+/// A lease given up unsettled (the client went away): not the key's fault, nothing for its
+/// actor to apply; a tpm reservation keeps its estimate.
+fn cancelled(key: &UpstreamKey, elapsed: Duration) {
+    keypool_telemetry::metrics().attempt(&key.name, key.kind.as_str(), "cancelled", elapsed);
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.tally.returned();
+            cancelled(&self.key, self.started.elapsed());
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! [`PoolHandle::pick`]: one pass over the published view (the keys the caller may use, not
+//! yet tried, allowed for the model, usable now), ranked by the policy, then reserved: in the
+//! shared windows first when replicas share them, then by the key's actor when it has a budget.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keypool_config::{LbPolicy, UpstreamKey};
+use tokio::time::Instant;
+
+use super::{Lease, PoolHandle, PoolView, SharedTokens};
+use crate::messages::{BusyCause, NoKey, Refusal, Reserve};
+use crate::select::{Candidate, rank};
+
+/// What a request asks of the pool for one attempt.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    /// The request's model (JSON `model`, multipart `model`, or the path).
+    pub model: Arc<str>,
+    /// The request path (`/v1/audio/transcriptions`), which allow/deny entries may name.
+    pub path: Arc<str>,
+    /// Which keys may serve the caller (its gateway's rules).
+    pub access: KeyAccess,
+    /// The request carries a credential of the caller's own to pass on: only then may
+    /// `sk: asis` keys serve it (they forward it instead of a key).
+    pub passthrough: bool,
+    /// Tokens reserved against tpm until the real usage is known.
+    pub est_tokens: u64,
+    /// Keys already tried by this request ([`Lease::key_id`]s), skipped.
+    pub exclude: Vec<u64>,
+}
+
+/// Which keys a caller may use, by its gateway's auth rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyAccess {
+    /// Every key: the caller authenticated with its gateway's own credential, or the gateway
+    /// is open.
+    All,
+    /// The `default` gateway's client-token rules: keys whose own `authorization` list admits
+    /// this token; `None` is a caller with no valid token, whom only `noauth` keys serve.
+    Token(Option<Arc<str>>),
+}
+
+impl KeyAccess {
+    pub fn allows(&self, key: &UpstreamKey) -> bool {
+        match self {
+            Self::All => true,
+            Self::Token(t) => key.allows_caller(t.as_deref()),
+        }
+    }
+}
+
+/// Earliest time some key frees up, and why it is busy until then.
+#[derive(Default)]
+struct Earliest(Option<(Instant, BusyCause)>);
+
+impl Earliest {
+    fn offer(&mut self, until: Instant, cause: BusyCause) {
+        if self.0.is_none_or(|(t, _)| until < t) {
+            self.0 = Some((until, cause));
+        }
+    }
+}
+
+impl PoolHandle {
+    /// Picks a key for one attempt and reserves its budget.
+    pub async fn pick(&self, pick: &Pick) -> Result<Lease, NoKey> {
+        let view = self.view();
+        let now = Instant::now();
+        let Gathered {
+            mut cands,
+            mut disabled,
+            mut earliest,
+        } = gather(&view, pick, now)?;
+        rank(view.policy, &mut cands);
+        let first_lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        // across replicas: choose and reserve in the shared windows, in one round trip, so the
+        // replicas rank on the same counts (least-used) and never exceed a key's rpm together
+        let (chosen, share_of, mut shared_tokens) = match &self.shared {
+            Some(shared) if !cands.is_empty() => {
+                let id = format!("{}-{first_lease}", keypool_shared::process_id());
+                match shared_pick(shared, &view, &cands, pick, id, now).await {
+                    SharedPick::Chosen(c, tokens) => (Some(vec![c]), 1, tokens),
+                    SharedPick::Busy(until) => {
+                        earliest.offer(until, BusyCause::Budget);
+                        (Some(Vec::new()), 1, None)
+                    }
+                    SharedPick::Failed if shared.fail_closed() => {
+                        return Err(NoKey::SharedUnavailable);
+                    }
+                    SharedPick::Failed => (None, shared.replicas_hint(), None),
+                }
+            }
+            _ => (None, 1, None),
+        };
+        for (n, c) in chosen.as_deref().unwrap_or(&cands).iter().enumerate() {
+            let k = &view.keys[c.order];
+            let lease_id = if n == 0 {
+                first_lease
+            } else {
+                self.next_lease.fetch_add(1, Ordering::Relaxed)
+            };
+            let mut lease = || {
+                k.tally.leased();
+                Lease {
+                    key_id: k.id,
+                    key: k.key.clone(),
+                    addr: k.addr.clone(),
+                    tally: k.tally.clone(),
+                    id: lease_id,
+                    settled: false,
+                    started: Instant::now(),
+                    shared_tokens: shared_tokens.take(),
+                }
+            };
+            if k.key.rpm.is_none() && k.key.tpm.is_none() {
+                k.tally.record();
+                return Ok(lease());
+            }
+            let reserve = Reserve {
+                lease_id,
+                est_tokens: pick.est_tokens,
+                share_of,
+            };
+            match k.addr.send(reserve).await {
+                Ok(Ok(())) => return Ok(lease()),
+                Ok(Err(Refusal::Budget { until })) => earliest.offer(until, BusyCause::Budget),
+                Ok(Err(Refusal::Cooling { until })) => earliest.offer(until, BusyCause::Cooling),
+                Ok(Err(Refusal::Disabled)) | Err(_) => disabled += 1,
+            }
+        }
+        match earliest.0 {
+            Some((until, cause)) => Err(NoKey::Busy { until, cause }),
+            None if disabled > 0 => Err(NoKey::AllDisabled),
+            None => Err(NoKey::NoneServes),
+        }
+    }
+}
+
+/// The keys that may serve a pick and are usable now, with what the others say.
+struct Gathered {
+    cands: Vec<Candidate>,
+    /// Keys that serve the pick but are disabled.
+    disabled: usize,
+    /// When the first cooling key comes back.
+    earliest: Earliest,
+}
+
+/// One pass over the view: the keys allowed for the pick, split into candidates (usable now),
+/// disabled and cooling ones. `NoneServes` when no key serves it at all.
+fn gather(view: &PoolView, pick: &Pick, now: Instant) -> Result<Gathered, NoKey> {
+    let now_ms = now.saturating_duration_since(view.epoch).as_millis() as u64;
+    let mut serving = 0usize;
+    let mut out = Gathered {
+        cands: Vec::with_capacity(view.keys.len()),
+        disabled: 0,
+        earliest: Earliest::default(),
+    };
+    for (order, k) in view.keys.iter().enumerate() {
+        if pick.exclude.contains(&k.id)
+            || !k.key.allows_model(&pick.model, &pick.path)
+            || (k.key.passthrough_auth && !pick.passthrough)
+            || !pick.access.allows(&k.key)
+        {
+            continue;
+        }
+        serving += 1;
+        let available_at = k.gauge.available_at_ms.load(Ordering::Relaxed);
+        if available_at == u64::MAX {
+            out.disabled += 1;
+        } else if available_at > now_ms {
+            let until = view.epoch + Duration::from_millis(available_at);
+            out.earliest.offer(until, BusyCause::Cooling);
+        } else {
+            let pending = u32::try_from(k.tally.pending()).unwrap_or(u32::MAX);
+            out.cands.push(Candidate {
+                order,
+                window_requests: k
+                    .gauge
+                    .window_requests
+                    .load(Ordering::Relaxed)
+                    .saturating_add(pending),
+                in_flight: k.tally.in_flight(),
+            });
+        }
+    }
+    if serving == 0 {
+        return Err(NoKey::NoneServes);
+    }
+    Ok(out)
+}
+
+/// What the shared state chose among the candidates.
+enum SharedPick {
+    /// This candidate, its call counted (and its tokens reserved, when it has a tpm).
+    Chosen(Candidate, Option<SharedTokens>),
+    /// None has room before this.
+    Busy(Instant),
+    /// The shared state is unavailable (already counted and logged).
+    Failed,
+}
+
+/// Chooses and reserves among `cands` in the shared windows, in one round trip.
+async fn shared_pick(
+    shared: &Arc<dyn crate::SharedState>,
+    view: &PoolView,
+    cands: &[Candidate],
+    pick: &Pick,
+    id: String,
+    now: Instant,
+) -> SharedPick {
+    let mut ordered = cands.to_vec();
+    if view.policy != LbPolicy::Random {
+        ordered.sort_by_key(|c| c.order); // ties go to config order
+    }
+    let windows: Vec<crate::WindowReq> = ordered
+        .iter()
+        .map(|c| {
+            let key = &view.keys[c.order].key;
+            crate::WindowReq {
+                key: format!("key:{}:req", key.name),
+                limit: key.rpm.map_or(u64::MAX, u64::from),
+                per: crate::key::WINDOW,
+            }
+        })
+        .collect();
+    let tokens: Vec<Option<crate::TokenReq>> = ordered
+        .iter()
+        .map(|c| {
+            let key = &view.keys[c.order].key;
+            key.tpm.map(|limit| crate::TokenReq {
+                key: format!("key:{}:tok", key.name),
+                limit,
+                cost: pick.est_tokens,
+            })
+        })
+        .collect();
+    let least_used = view.policy == LbPolicy::LeastUsed;
+    match shared
+        .pick_reserving(&windows, &tokens, least_used, &id, now)
+        .await
+    {
+        Ok(crate::Picked::Index(i)) => {
+            let i = i.min(ordered.len() - 1);
+            let reserved = tokens[i].clone().map(|req| SharedTokens {
+                state: shared.clone(),
+                req,
+                id,
+            });
+            SharedPick::Chosen(ordered[i], reserved)
+        }
+        Ok(crate::Picked::Busy(free_in)) => SharedPick::Busy(Instant::now() + free_in),
+        Err(e) => {
+            crate::shared_failed(&e);
+            SharedPick::Failed
+        }
+    }
+}
