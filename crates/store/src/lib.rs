@@ -9,6 +9,7 @@
 mod admin;
 pub mod entity;
 mod event;
+mod pg_write;
 mod query;
 mod spill;
 mod sqlite;

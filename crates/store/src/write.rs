@@ -23,11 +23,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::LazyLock;
 
 use sea_orm::DbBackend;
-use sea_orm::sqlx::{self, PgConnection, Postgres, Row};
+use sea_orm::sqlx::{self, Postgres};
 
+use crate::pg_write::{
+    BEGIN_FRESH, BEGIN_RETRY, SUMMARIZE, copy_text, insert_arrays, stored_ids, write_rest,
+};
 use crate::{Store, StoreError, StoredEvent};
 
-const HOUR_MS: i64 = 3_600_000;
+pub(crate) const HOUR_MS: i64 = 3_600_000;
 
 /// Rows per multi-row insert, largest first; the last must be 1.
 pub(crate) const SHAPES: [usize; 3] = [64, 8, 1];
@@ -145,7 +148,7 @@ pub(crate) static SQLITE: LazyLock<Statements> = LazyLock::new(|| {
 });
 
 /// PostgreSQL's inserts of request logs by shape (its events go by `COPY` or as arrays).
-static POSTGRES_LOGS: LazyLock<[String; SHAPES.len()]> = LazyLock::new(|| {
+pub(crate) static POSTGRES_LOGS: LazyLock<[String; SHAPES.len()]> = LazyLock::new(|| {
     SHAPES.map(|rows| {
         insert(
             Dialect::Postgres,
@@ -160,7 +163,7 @@ static POSTGRES_LOGS: LazyLock<[String; SHAPES.len()]> = LazyLock::new(|| {
 
 /// PostgreSQL's rollup upsert: a batch's rows in one statement, one per element of its arrays
 /// (the groups are distinct, as one statement may not update a row twice).
-static POSTGRES_ROLLUP: LazyLock<String> = LazyLock::new(|| {
+pub(crate) static POSTGRES_ROLLUP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO usage_hourly ({ROLLUP_COLUMNS}) SELECT * FROM unnest($1::bigint[], \
          $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], \
@@ -178,7 +181,7 @@ static POSTGRES_ROLLUP: LazyLock<String> = LazyLock::new(|| {
 const COPY_FROM: usize = 256;
 
 /// A batch's events as one `INSERT ... SELECT FROM unnest(...)`, one array per column.
-static POSTGRES_EVENTS: LazyLock<String> = LazyLock::new(|| {
+pub(crate) static POSTGRES_EVENTS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO usage_events ({EVENT_COLUMNS}) SELECT * FROM unnest($1::text[], \
          $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[], \
@@ -335,345 +338,6 @@ impl Store {
     }
 }
 
-/// Summarizes the complete BRIN ranges from block `$1` on (128 pages a range: PostgreSQL's
-/// default, as migration 4 made `idx_usage_events_at`); answers the first block after them.
-const SUMMARIZE: &str = "SELECT COALESCE(MAX(b) + 128, $1)::bigint FROM ( \
-     SELECT b, brin_summarize_range('idx_usage_events_at'::regclass, b) \
-     FROM generate_series(GREATEST($1, 0), \
-         pg_relation_size('usage_events') / current_setting('block_size')::bigint - 128, 128) AS b \
-     ) AS summarized";
-
-/// `BEGIN` with the advisory lock (key `0x6b70_7573_6167_6500`, "kpusage") that orders a
-/// retry's lookup after the writes in flight (module docs): `BEGIN_RETRY` takes it exclusive,
-/// `BEGIN_FRESH` shared.
-const BEGIN_FRESH: &str = "BEGIN; SELECT pg_advisory_xact_lock_shared(7741816897865737472)";
-/// A retry's lookups also read through the time index, whatever the planner's statistics say.
-const BEGIN_RETRY: &str =
-    "BEGIN; SELECT pg_advisory_xact_lock(7741816897865737472); SET LOCAL enable_seqscan = off";
-
-/// Events further apart than this are looked up in separate time ranges.
-const LOOKUP_GAP_MS: i64 = 1000;
-
-/// Which of the ids of `events[order]` are stored already. One query per run of events close
-/// in time: it reads the rows stored in that time range (the BRIN index on `at_ms`), so a
-/// replay of events hours apart does not read the hours between.
-async fn stored_ids(
-    conn: &mut PgConnection,
-    events: &[StoredEvent],
-    order: &[usize],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let mut by_time: Vec<(i64, &str)> = order
-        .iter()
-        .map(|&i| (events[i].at_ms, events[i].id.as_str()))
-        .collect();
-    by_time.sort_unstable();
-    let mut stored = HashSet::new();
-    for run in by_time.chunk_by(|a, b| b.0 - a.0 <= LOOKUP_GAP_MS) {
-        let ids: Vec<&str> = run.iter().map(|&(_, id)| id).collect();
-        let rows = sqlx::query::<Postgres>(
-            "SELECT id FROM usage_events WHERE at_ms BETWEEN $1 AND $2 AND id = ANY($3)",
-        )
-        .bind(run[0].0)
-        .bind(run[run.len() - 1].0)
-        .bind(ids)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            stored.insert(row.try_get::<String, usize>(0)?);
-        }
-    }
-    Ok(stored)
-}
-
-/// Inserts the `new` events as [`POSTGRES_EVENTS`] (a batch below [`COPY_FROM`]).
-async fn insert_arrays(
-    conn: &mut PgConnection,
-    events: &[StoredEvent],
-    new: &[usize],
-) -> Result<(), sqlx::Error> {
-    // one column of the new events, as an array parameter
-    fn column<'a, T>(
-        events: &'a [StoredEvent],
-        new: &[usize],
-        f: impl Fn(&'a StoredEvent) -> T,
-    ) -> Vec<T> {
-        new.iter().map(|&i| f(&events[i])).collect()
-    }
-    sqlx::query::<Postgres>(POSTGRES_EVENTS.as_str())
-        .bind(column(events, new, |e| e.id.as_str()))
-        .bind(column(events, new, |e| e.at_ms))
-        .bind(column(events, new, |e| e.gateway.as_str()))
-        .bind(column(events, new, |e| e.caller.as_deref()))
-        .bind(column(events, new, |e| e.model.as_str()))
-        .bind(column(events, new, |e| e.key_name.as_deref()))
-        .bind(column(events, new, |e| e.provider.as_deref()))
-        .bind(column(events, new, |e| e.attempts))
-        .bind(column(events, new, |e| e.status))
-        .bind(column(events, new, |e| e.stream))
-        .bind(column(events, new, |e| e.latency_ms))
-        .bind(column(events, new, |e| e.ttfb_ms))
-        .bind(column(events, new, |e| e.prompt_tokens))
-        .bind(column(events, new, |e| e.completion_tokens))
-        .bind(column(events, new, |e| e.total_tokens))
-        .bind(column(events, new, |e| e.client_ip.as_deref()))
-        .bind(column(events, new, |e| e.user_agent.as_deref()))
-        .bind(column(events, new, |e| e.error.as_deref()))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// The request logs and hourly rollups of the `new` events.
-async fn write_rest(
-    conn: &mut PgConnection,
-    events: &[StoredEvent],
-    new: &[usize],
-) -> Result<(), sqlx::Error> {
-    let logged: Vec<&StoredEvent> = new
-        .iter()
-        .map(|&i| &events[i])
-        .filter(|e| e.log.is_some())
-        .collect();
-    let mut at = 0;
-    for (shape, rows) in runs(logged.len()) {
-        let mut q = sqlx::query::<Postgres>(POSTGRES_LOGS[shape].as_str());
-        for e in &logged[at..at + rows] {
-            let log = e.log.as_ref();
-            q = q
-                .bind(e.id.as_str())
-                .bind(e.at_ms)
-                .bind(log.and_then(|l| l.request_headers.as_deref()))
-                .bind(log.and_then(|l| l.request_body.as_deref()))
-                .bind(log.and_then(|l| l.response_body.as_deref()));
-        }
-        at += rows;
-        q.execute(&mut *conn).await?;
-    }
-    // all of the batch's rollup rows in one statement
-    let groups = rollups(events, new);
-    let mut columns = RollupColumns::default();
-    for ((hour, gateway, key, model), r) in groups {
-        columns.hour.push(hour);
-        columns.gateway.push(gateway);
-        columns.key.push(key);
-        columns.model.push(model);
-        columns.calls.push(r.calls);
-        columns.errors.push(r.errors);
-        columns.prompt.push(r.prompt);
-        columns.completion.push(r.completion);
-        columns.total.push(r.total);
-    }
-    sqlx::query::<Postgres>(POSTGRES_ROLLUP.as_str())
-        .bind(columns.hour)
-        .bind(columns.gateway)
-        .bind(columns.key)
-        .bind(columns.model)
-        .bind(columns.calls)
-        .bind(columns.errors)
-        .bind(columns.prompt)
-        .bind(columns.completion)
-        .bind(columns.total)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// A batch's rollup rows as columns, bound as arrays.
-#[derive(Default)]
-struct RollupColumns<'a> {
-    hour: Vec<i64>,
-    gateway: Vec<&'a str>,
-    key: Vec<&'a str>,
-    model: Vec<&'a str>,
-    calls: Vec<i64>,
-    errors: Vec<i64>,
-    prompt: Vec<i64>,
-    completion: Vec<i64>,
-    total: Vec<i64>,
-}
-
-/// The `new` events as the rows of a `COPY ... (FORMAT text)`: tab-separated, `\N` for NULL,
-/// backslash, tab, newline and carriage return escaped.
-fn copy_text(events: &[StoredEvent], new: &[usize]) -> Vec<u8> {
-    enum Field<'a> {
-        Text(Option<&'a str>),
-        Int(Option<i64>),
-        Bool(bool),
-    }
-    use Field::{Bool, Int, Text};
-    let mut out = Vec::with_capacity(new.len() * 160);
-    for &i in new {
-        let e = &events[i];
-        let row = [
-            Text(Some(&e.id)),
-            Int(Some(e.at_ms)),
-            Text(Some(&e.gateway)),
-            Text(e.caller.as_deref()),
-            Text(Some(&e.model)),
-            Text(e.key_name.as_deref()),
-            Text(e.provider.as_deref()),
-            Int(Some(i64::from(e.attempts))),
-            Int(Some(i64::from(e.status))),
-            Bool(e.stream),
-            Int(Some(e.latency_ms)),
-            Int(e.ttfb_ms),
-            Int(e.prompt_tokens),
-            Int(e.completion_tokens),
-            Int(e.total_tokens),
-            Text(e.client_ip.as_deref()),
-            Text(e.user_agent.as_deref()),
-            Text(e.error.as_deref()),
-        ];
-        for (n, field) in row.iter().enumerate() {
-            if n > 0 {
-                out.push(b'\t');
-            }
-            match field {
-                Text(None) | Int(None) => out.extend_from_slice(b"\\N"),
-                Int(Some(v)) => push_int(&mut out, *v),
-                Bool(v) => out.push(if *v { b't' } else { b'f' }),
-                Text(Some(v))
-                    if !v
-                        .bytes()
-                        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
-                {
-                    out.extend_from_slice(v.as_bytes());
-                }
-                Text(Some(v)) => {
-                    for &b in v.as_bytes() {
-                        match b {
-                            b'\\' => out.extend_from_slice(b"\\\\"),
-                            b'\t' => out.extend_from_slice(b"\\t"),
-                            b'\n' => out.extend_from_slice(b"\\n"),
-                            b'\r' => out.extend_from_slice(b"\\r"),
-                            b => out.push(b),
-                        }
-                    }
-                }
-            }
-        }
-        out.push(b'\n');
-    }
-    out
-}
-
-/// Appends `v` in decimal.
-fn push_int(out: &mut Vec<u8>, v: i64) {
-    let mut digits = [0u8; 20];
-    let mut n = v.unsigned_abs();
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if v < 0 {
-        out.push(b'-');
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_of_any_size_are_sums_of_the_shapes() {
-        for n in [0, 1, 7, 8, 9, 63, 64, 65, 1000] {
-            let r: Vec<(usize, usize)> = runs(n).collect();
-            assert_eq!(r.iter().map(|(_, rows)| rows).sum::<usize>(), n, "{n}");
-            assert!(r.iter().all(|&(s, rows)| SHAPES[s] == rows));
-        }
-        assert_eq!(runs(1000).count(), 15 + 5);
-    }
-
-    /// An event with text the `COPY` format must escape.
-    fn event() -> StoredEvent {
-        StoredEvent {
-            id: "0123".into(),
-            at_ms: 5,
-            gateway: "default".into(),
-            caller: None,
-            model: "a\tb\\c\nd".into(),
-            key_name: Some("k".into()),
-            provider: None,
-            attempts: 1,
-            status: 200,
-            stream: true,
-            latency_ms: 7,
-            ttfb_ms: None,
-            prompt_tokens: Some(3),
-            completion_tokens: Some(4),
-            total_tokens: Some(7),
-            client_ip: None,
-            user_agent: Some("curl\r".into()),
-            error: None,
-            log: None,
-        }
-    }
-
-    #[test]
-    fn copy_rows_escape_what_the_text_format_reserves() {
-        let e = event();
-        let text = String::from_utf8(copy_text(&[e], &[0])).unwrap();
-        assert_eq!(
-            text,
-            "0123\t5\tdefault\t\\N\ta\\tb\\\\c\\nd\tk\t\\N\t1\t200\tt\t7\t\\N\t3\t4\t7\t\\N\tcurl\\r\t\\N\n"
-        );
-    }
-
-    #[test]
-    fn integers_in_decimal() {
-        for v in [0, 7, -7, 1_234_567_890_123, i64::MIN, i64::MAX] {
-            let mut out = Vec::new();
-            push_int(&mut out, v);
-            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
-        }
-    }
-
-    const WRITE_LOCK: i64 = 0x6b70_7573_6167_6500;
-
-    #[test]
-    fn statements_number_their_placeholders() {
-        let events = |dialect, rows| {
-            insert(
-                dialect,
-                "INSERT INTO",
-                "usage_events",
-                EVENT_COLUMNS,
-                (EVENT_ARITY, rows),
-                "",
-            )
-        };
-        assert_eq!(
-            events(Dialect::Postgres, 1),
-            "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-        );
-        assert!(events(Dialect::Postgres, 64).ends_with("$1152)"));
-        assert_eq!(POSTGRES_LOGS[1].matches('$').count(), 8 * LOG_ARITY);
-        assert_eq!(SQLITE.events[0].matches('?').count(), 64 * EVENT_ARITY);
-        assert!(SQLITE.events[1].starts_with("INSERT OR ROLLBACK INTO usage_events ("));
-        assert!(!SQLITE.events[0].contains('$'));
-        assert!(
-            SQLITE
-                .rollup
-                .ends_with(" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET calls = usage_hourly.calls + excluded.calls, errors = usage_hourly.errors + excluded.errors, prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, total_tokens = usage_hourly.total_tokens + excluded.total_tokens")
-        );
-        assert!(POSTGRES_ROLLUP.contains("$9::bigint[]) ON CONFLICT (hour_ms"));
-        let lock = WRITE_LOCK.to_string();
-        assert!(BEGIN_FRESH.ends_with(&format!("pg_advisory_xact_lock_shared({lock})")));
-        assert!(BEGIN_RETRY.contains(&format!("pg_advisory_xact_lock({lock});")));
-    }
-
-    #[test]
-    fn a_batch_keeps_the_first_event_of_each_id() {
-        let e = |id: &str| StoredEvent {
-            id: id.into(),
-            ..event()
-        };
-        assert_eq!(unique(&[e("a"), e("b"), e("a"), e("c"), e("b")]), [0, 1, 3]);
-    }
-}
+#[path = "write_tests.rs"]
+mod tests;

@@ -1,0 +1,225 @@
+//! The upstream client's pool against a raw upstream that closes idle connections.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+
+use futures::StreamExt;
+
+use super::*;
+
+/// Reads one request (head and `Content-Length` body) off `stream`; `None` at EOF.
+fn read_request(stream: &mut TcpStream) -> Option<String> {
+    let mut data = Vec::new();
+    let mut byte = [0u8; 1];
+    while !data.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        data.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&data).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>())
+        })
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).ok()?;
+    Some(head)
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// Sends one POST to `endpoint` and reads the whole answer.
+async fn post(client: &UpstreamClient, endpoint: &url::Url) -> Result<String, TransportError> {
+    let target = Target::new(endpoint, "/chat/completions", None)?;
+    let resp = client
+        .send(
+            reqwest::Method::POST,
+            &target,
+            HeaderMap::new(),
+            Bytes::from_static(b"{}"),
+        )
+        .await?;
+    let mut body = Vec::new();
+    let mut stream = resp.body;
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk?);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+fn client() -> UpstreamClient {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    UpstreamClient::new(false)
+}
+
+fn listener() -> (TcpListener, url::Url) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = url::Url::parse(&format!("http://{}/v1", l.local_addr().unwrap())).unwrap();
+    (l, url)
+}
+
+/// An upstream that answers one request, then closes the connection when told (its
+/// keep-alive timeout), then answers every request on a second connection. Answers how
+/// many requests reached it.
+fn closes_idle_connection(
+    l: TcpListener,
+    close: mpsc::Receiver<()>,
+    closed: mpsc::Sender<()>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut requests = 0;
+        let (mut a, _) = l.accept().unwrap();
+        read_request(&mut a).unwrap();
+        requests += 1;
+        a.write_all(OK).unwrap();
+        close.recv().unwrap();
+        a.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(a);
+        closed.send(()).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < until {
+            if let Ok((mut b, _)) = l.accept() {
+                b.set_nonblocking(false).unwrap();
+                // ends when the client's connection closes; the timeout only bounds a hang
+                b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                while read_request(&mut b).is_some() {
+                    requests += 1;
+                    b.write_all(OK).unwrap();
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        requests
+    })
+}
+
+/// One request answered on a pooled connection, which the upstream then closes; returns
+/// once it did, without letting this runtime run (so the connection's task has not seen
+/// the close yet).
+async fn pooled_then_closed() -> (UpstreamClient, url::Url, std::thread::JoinHandle<usize>) {
+    let (l, url) = listener();
+    let (close_tx, close_rx) = mpsc::channel();
+    let (closed_tx, closed_rx) = mpsc::channel();
+    let server = closes_idle_connection(l, close_rx, closed_tx);
+    let client = client();
+    assert_eq!(post(&client, &url).await.unwrap(), "ok");
+    close_tx.send(()).unwrap();
+    closed_rx.recv().unwrap();
+    (client, url, server)
+}
+
+/// Drops the client, lets its connections' tasks close them, and answers how many
+/// requests reached the upstream.
+async fn requests_seen(client: UpstreamClient, server: std::thread::JoinHandle<usize>) -> usize {
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.join().unwrap()
+}
+
+/// A pooled connection the upstream closed while it sat idle is not used again: the next
+/// request goes on a new connection, and reaches the upstream once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_closed_while_idle_is_replaced() {
+    let (client, url, server) = pooled_then_closed().await;
+    // the connection's task runs meanwhile and sees the close
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(post(&client, &url).await.unwrap(), "ok");
+    assert_eq!(post(&client, &url).await.unwrap(), "ok");
+    let requests = requests_seen(client, server).await;
+    assert_eq!(requests, 3, "each request reached the upstream once");
+}
+
+/// A close that races the reuse (it arrives while this worker is busy, so the connection's
+/// task has not seen it when the next request takes the connection): the request is sent
+/// at most once. hyper may find it unsent (then it goes on a new connection) or written
+/// (then the attempt fails as `Broken`, and the engine's failover decides, since an upstream
+/// that read a request and closed looks the same from here).
+#[tokio::test(flavor = "current_thread")]
+async fn a_close_racing_the_reuse_never_sends_a_request_twice() {
+    let (client, url, server) = pooled_then_closed().await;
+    // still without yielding: the close has arrived, unseen
+    std::thread::sleep(Duration::from_millis(20));
+    let second = post(&client, &url).await;
+    let requests = requests_seen(client, server).await;
+    match second {
+        Ok(body) => assert_eq!((body.as_str(), requests), ("ok", 2)),
+        Err(e) => {
+            assert!(matches!(e, TransportError::Broken(_)), "{e:?}");
+            assert_eq!(requests, 1, "the request was sent again");
+        }
+    }
+}
+
+/// A request the upstream may have received (it read it, then closed the connection
+/// without answering) is never sent again: the attempt fails, and the engine decides.
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_that_left_is_not_sent_again() {
+    let (l, url) = listener();
+    let server = std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        read_request(&mut a).unwrap();
+        a.write_all(OK).unwrap();
+        read_request(&mut a).unwrap();
+        drop(a);
+        // nothing else arrives: no second connection within a second
+        l.set_nonblocking(true).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        l.accept().is_err()
+    });
+    let client = client();
+    assert_eq!(post(&client, &url).await.unwrap(), "ok");
+    assert!(matches!(
+        post(&client, &url).await,
+        Err(TransportError::Broken(_))
+    ));
+    assert!(server.join().unwrap(), "the request was sent again");
+}
+
+/// A new connection the upstream closes at once fails the attempt (no loop of reconnects).
+#[tokio::test(flavor = "current_thread")]
+async fn a_new_connection_closed_at_once_fails_the_attempt() {
+    let (l, url) = listener();
+    let server = std::thread::spawn(move || {
+        drop(l.accept().unwrap());
+        l.set_nonblocking(true).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        l.accept().is_err()
+    });
+    let client = client();
+    assert!(post(&client, &url).await.is_err());
+    assert!(server.join().unwrap(), "it connected again");
+}
+
+#[test]
+fn targets_are_the_endpoint_origin_and_its_path_under_it() {
+    let url = |s: &str| url::Url::parse(s).unwrap();
+    let e = url("https://api.openai.com/v1");
+    let t = Target::new(&e, "/chat/completions", Some("x=1")).unwrap();
+    assert_eq!(t.origin, "https://api.openai.com");
+    assert!(t.tls);
+    assert_eq!((t.host, t.port), ("api.openai.com", 443));
+    assert_eq!(t.path_and_query, "/v1/chat/completions?x=1");
+    assert_eq!(t.url(), "https://api.openai.com/v1/chat/completions?x=1");
+    let e = url("http://127.0.0.1:8080/openai/v1/");
+    let t = Target::new(&e, "/models", Some("limit=2&after=x")).unwrap();
+    assert_eq!(t.origin, "http://127.0.0.1:8080");
+    assert_eq!(t.path_and_query, "/openai/v1/models?limit=2&after=x");
+    let e = url("http://[::1]:9000");
+    let t = Target::new(&e, "/embeddings", None).unwrap();
+    assert_eq!(
+        (t.origin, t.host, t.port),
+        ("http://[::1]:9000", "[::1]", 9000)
+    );
+    assert_eq!(t.path_and_query, "/embeddings");
+    assert_eq!(Target::new(&e, "", None).unwrap().path_and_query, "/");
+    assert!(Target::new(&url("ftp://x/y"), "/z", None).is_err());
+}
