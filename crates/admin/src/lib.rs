@@ -6,13 +6,12 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use keypool_config::RawGateway;
 use keypool_config::raw::RawUpstream;
 use keypool_proto::admin::v1 as pb;
-use keypool_proto::admin::v1::admin_server::{Admin, AdminServer};
+use keypool_proto::admin::v1::admin_server::Admin;
 use keypool_store::Grouping;
 use keypool_types::ErrorKind;
 use tokio_util::sync::CancellationToken;
@@ -21,23 +20,16 @@ use tonic::{Request, Response, Status};
 use keypool_control::{Control, ControlError, KeyEntry};
 
 mod messages;
+mod serve;
 mod streams;
 pub use messages::mask;
 use messages::{gateway_pb, key_pb};
+pub use serve::{ServeError, serve};
 
 pub struct AdminService {
     control: Arc<Control>,
     /// Ends the long-lived streams (`WatchConfig`, `PublishUsage`) on shutdown.
     shutdown: CancellationToken,
-}
-
-/// Why the admin API stopped serving.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    #[error(transparent)]
-    Transport(#[from] tonic::transport::Error),
 }
 
 /// A refusal as a gRPC status, its code from the one error table ([`ErrorKind::wire`]).
@@ -433,71 +425,4 @@ impl Admin for AdminService {
             gateways: self.control.listed_gateways().len() as u64,
         }))
     }
-}
-
-/// Serves the admin API, health and reflection on `listener` until `shutdown`.
-pub async fn serve(
-    control: Arc<Control>,
-    listener: tokio::net::TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    let token = control.token().map(|t| t.expose().as_bytes().to_vec());
-    let tls = control.config.admin.tls.clone();
-    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let Some(token) = &token else {
-            return Ok(req);
-        };
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .map(tonic::metadata::MetadataValue::as_bytes)
-            .unwrap_or_default();
-        let presented = presented
-            .strip_prefix(b"Bearer ".as_slice())
-            .unwrap_or(presented);
-        if keypool_types::constant_time_eq(presented, token) {
-            Ok(req)
-        } else {
-            Err(grpc(
-                ErrorKind::InvalidApiKey,
-                "the admin API needs `authorization: Bearer <admin token>`",
-            ))
-        }
-    };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AdminServer<AdminService>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(keypool_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(keypool_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let admin = AdminServer::with_interceptor(
-        AdminService {
-            control,
-            shutdown: shutdown.clone(),
-        },
-        check,
-    );
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(&tls.cert_pem, tls.key_pem.expose()),
-        ))?;
-    }
-    server
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await?;
-    Ok(())
 }

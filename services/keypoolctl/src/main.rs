@@ -1,140 +1,23 @@
 //! `keypoolctl`: the admin API from a terminal. Human tables by default, `--json` for scripts;
 //! a failed call exits non-zero with the gRPC status and message.
 
-use keypool_config::RawGateway;
-
+mod cli;
 mod print;
-use keypool_config::raw::RawUpstream;
-use print::{gateway_json, print_gateways, print_keys, table, time};
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use cli::{Cli, Cmd, GatewayCmd, KeyCmd};
+use keypool_config::RawGateway;
+use keypool_config::raw::RawUpstream;
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_client::AdminClient;
+use print::{gateway_json, print_gateways, print_keys, table, time};
 use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "keypoolctl",
-    version,
-    about = "Manage a running keypool through its admin API"
-)]
-struct Cli {
-    /// The admin API.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:8889")]
-    server: String,
-    /// Admin token (sent as `authorization: Bearer <token>`).
-    #[arg(
-        long,
-        global = true,
-        env = "KEYPOOL_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
-    token: Option<String>,
-    /// With an `https://` server: a PEM CA certificate to trust (default: the web PKI roots).
-    #[arg(long, global = true, value_name = "PATH")]
-    ca: Option<PathBuf>,
-    /// Print JSON instead of tables.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Gateways at /llm/api/{name}/v1.
-    #[command(subcommand)]
-    Gateways(GatewayCmd),
-    /// Upstream keys and their live state.
-    #[command(subcommand)]
-    Keys(KeyCmd),
-    /// Tokens and calls per gateway / key / model, or live events with --follow.
-    Usage {
-        #[arg(long)]
-        gateway: Option<String>,
-        /// Only with --follow.
-        #[arg(long)]
-        model: Option<String>,
-        /// Only with --follow.
-        #[arg(long)]
-        key: Option<String>,
-        /// How far back: 30m, 24h, 7d.
-        #[arg(long, default_value = "24h")]
-        since: String,
-        /// Stream live usage events until interrupted.
-        #[arg(long)]
-        follow: bool,
-    },
-    /// Version, uptime, replicas, store and Redis health.
-    Status,
-}
-
-#[derive(Debug, Subcommand)]
-enum GatewayCmd {
-    List,
-    Get {
-        name: String,
-    },
-    /// Create from a YAML/JSON file holding one `gateways:` entry.
-    Create {
-        #[arg(short = 'f', long = "file")]
-        file: PathBuf,
-    },
-    /// Replace a gateway's spec with the file's.
-    Update {
-        name: String,
-        #[arg(short = 'f', long = "file")]
-        file: PathBuf,
-    },
-    Delete {
-        name: String,
-    },
-    /// Replace the gateway's secrets with one new secret, printed once.
-    RotateSecret {
-        name: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum KeyCmd {
-    List,
-    /// Add from a YAML/JSON file holding one `upstreams:` entry.
-    Add {
-        #[arg(short = 'f', long = "file")]
-        file: PathBuf,
-    },
-    Update {
-        name: String,
-        #[arg(long)]
-        rpm: Option<u32>,
-        #[arg(long)]
-        tpm: Option<u64>,
-        #[arg(long, conflicts_with = "rpm")]
-        clear_rpm: bool,
-        #[arg(long, conflicts_with = "tpm")]
-        clear_tpm: bool,
-        /// Comma-separated models (`prefix*` allowed); empty clears.
-        #[arg(long)]
-        allow: Option<String>,
-        #[arg(long)]
-        deny: Option<String>,
-    },
-    Enable {
-        name: String,
-    },
-    Disable {
-        name: String,
-    },
-    /// Stop using a key, wait for its in-flight requests, forget it.
-    Remove {
-        name: String,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

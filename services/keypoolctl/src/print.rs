@@ -4,7 +4,7 @@ use keypool_config::RawGateway;
 use keypool_proto::admin::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::Cli;
+use crate::cli::Cli;
 
 /// A gateway's spec with the config file's field names.
 fn spec_json(g: &pb::Gateway) -> Value {
