@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -17,39 +18,32 @@ use crate::{
     now_ms,
 };
 
+/// What the running gateways and keys should be, for [`Control::reconcile`].
+pub(crate) struct Desired {
+    /// The `default` gateway's policy; `None` keeps the running one.
+    pub default: Option<DefaultGateway>,
+    /// Every named gateway, by name.
+    pub gateways: BTreeMap<String, GatewayEntry>,
+    /// Every key, in order, with its owner and `enabled`.
+    pub keys: Vec<KeyEntry>,
+}
+
 impl Control {
+    /// At start-up: the file's gateways and keys are (re)written to the store as config-owned
+    /// (what a previous file declared and this one does not is deleted), then the running state
+    /// is brought in line with the store (admin-owned entries, keys disabled by hand).
     pub(crate) async fn restore(&self, store: &Store) -> Result<(), ControlError> {
-        // admin-owned gateways come back; the file's are (re)written as config-owned
+        let config_gateways: Vec<GatewayEntry> =
+            lock(&self.gateway_entries).values().cloned().collect();
         for row in store.gateways().await? {
-            let config_owned = lock(&self.gateway_entries)
-                .get(&row.name)
-                .is_some_and(|e| e.owner == OWNER_CONFIG);
-            if config_owned {
-                continue;
-            }
-            if row.owner == OWNER_CONFIG {
-                // declared by a previous file, not by this one
+            let declared = config_gateways
+                .iter()
+                .any(|e| e.raw.name.as_deref() == Some(&row.name));
+            if row.owner == OWNER_CONFIG && !declared {
                 store.delete_gateway(&row.name).await?;
-                continue;
             }
-            let raw: RawGateway = match serde_json::from_str(&row.spec) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(gateway = %row.name, error = %e, "stored gateway unreadable; skipped");
-                    continue;
-                }
-            };
-            lock(&self.gateway_entries).insert(
-                row.name.clone(),
-                GatewayEntry {
-                    raw,
-                    owner: OWNER_ADMIN,
-                    updated_ms: row.updated_ms,
-                },
-            );
         }
-        let entries: Vec<GatewayEntry> = lock(&self.gateway_entries).values().cloned().collect();
-        for e in entries.iter().filter(|e| e.owner == OWNER_CONFIG) {
+        for e in &config_gateways {
             store
                 .save_gateway(
                     e.raw.name.as_deref().unwrap_or_default(),
@@ -58,26 +52,23 @@ impl Control {
                 )
                 .await?;
         }
-        self.apply_gateways()?;
-
         let stored: BTreeMap<String, KeyRow> = store
             .keys()
             .await?
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
-        // config keys: stored as config-owned; an admin's `enabled: false` survives the restart
-        let config_keys: Vec<KeyEntry> = lock(&self.key_entries).values().cloned().collect();
-        for e in config_keys {
+        let config_keys = self.key_entries();
+        for row in stored.values() {
+            if row.owner == OWNER_CONFIG && !config_keys.iter().any(|e| *e.key.name == row.name) {
+                store.delete_key(&row.name).await?;
+            }
+        }
+        for e in &config_keys {
+            // an admin's `enabled: false` on a config key survives the restart
             let enabled = stored
                 .get(&*e.key.name)
                 .is_none_or(|r| r.owner != OWNER_CONFIG || r.enabled);
-            if !enabled {
-                let _ = self.pool.set_enabled(&e.key.name, false).await;
-                if let Some(entry) = lock(&self.key_entries).get_mut(&*e.key.name) {
-                    entry.enabled = false;
-                }
-            }
             store
                 .save_key(&KeyRow {
                     name: e.key.name.to_string(),
@@ -89,45 +80,130 @@ impl Control {
                 })
                 .await?;
         }
-        for row in stored.values() {
-            if lock(&self.key_entries).contains_key(&row.name) {
-                continue;
-            }
-            if row.owner == OWNER_CONFIG {
-                store.delete_key(&row.name).await?;
-                continue;
-            }
-            self.apply_stored_key(row).await;
-        }
-        Ok(())
+        let desired = self.desired_from_store(store).await?;
+        self.reconcile(desired).await
     }
 
-    /// Starts using an admin key from the store (unsealing its secret), with its enabled flag.
-    async fn apply_stored_key(&self, row: &KeyRow) {
-        let (key, raw) = match self.unseal_key(row) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(key = %row.name, error = %e, "stored key not applied");
-                return;
+    /// The running state as the store says it should be: the config-owned gateways and keys
+    /// as running (keys with their stored `enabled`), plus every admin-owned one stored.
+    async fn desired_from_store(&self, store: &Store) -> Result<Desired, ControlError> {
+        let mut gateways: BTreeMap<String, GatewayEntry> = lock(&self.gateway_entries)
+            .iter()
+            .filter(|(_, e)| e.owner == OWNER_CONFIG)
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        for row in store.gateways().await? {
+            if row.owner != OWNER_ADMIN || gateways.contains_key(&row.name) {
+                continue;
             }
-        };
-        let key = Arc::new(key);
-        if let Err(e) = self.pool.add_key(key.clone()).await {
-            tracing::error!(key = %row.name, error = %e, "stored key not applied");
-            return;
+            match serde_json::from_str::<RawGateway>(&row.spec) {
+                Ok(raw) => {
+                    let entry = GatewayEntry {
+                        raw,
+                        owner: OWNER_ADMIN,
+                        updated_ms: row.updated_ms,
+                    };
+                    gateways.insert(row.name.clone(), entry);
+                }
+                Err(e) => {
+                    tracing::error!(gateway = %row.name, error = %e, "stored gateway unreadable; skipped");
+                }
+            }
         }
-        if !row.enabled {
-            let _ = self.pool.set_enabled(&row.name, false).await;
+        let rows = store.keys().await?;
+        let running = self.key_entries();
+        let mut keys: Vec<KeyEntry> = Vec::with_capacity(rows.len());
+        for e in running.iter().filter(|e| e.owner == OWNER_CONFIG) {
+            let enabled = rows
+                .iter()
+                .find(|r| r.name == *e.key.name)
+                .map_or(e.enabled, |r| r.enabled);
+            keys.push(KeyEntry {
+                enabled,
+                ..e.clone()
+            });
         }
-        lock(&self.key_entries).insert(
-            row.name.clone(),
-            KeyEntry {
-                key,
-                owner: OWNER_ADMIN,
+        for row in rows.iter().filter(|r| r.owner == OWNER_ADMIN) {
+            // a running key whose stored spec did not change is not unsealed again
+            let same = running.iter().find(|e| {
+                *e.key.name == row.name
+                    && serde_json::to_string(&e.raw).ok().as_deref() == Some(row.spec.as_str())
+            });
+            let entry = match same {
+                Some(e) => e.clone(),
+                None => match self.unseal_key(row) {
+                    Ok((key, raw)) => KeyEntry {
+                        key: Arc::new(key),
+                        owner: OWNER_ADMIN,
+                        enabled: row.enabled,
+                        raw: Some(raw),
+                    },
+                    Err(e) => {
+                        tracing::error!(key = %row.name, error = %e, "stored key not applied");
+                        continue;
+                    }
+                },
+            };
+            keys.push(KeyEntry {
                 enabled: row.enabled,
-                raw: Some(raw),
-            },
-        );
+                ..entry
+            });
+        }
+        Ok(Desired {
+            default: None,
+            gateways,
+            keys,
+        })
+    }
+
+    /// The one way the running gateways and keys change as a whole (start-up, another replica's
+    /// change, a pushed snapshot): gateways validated first (an invalid one refuses the change
+    /// before anything moved), then keys not running start, changed specs are replaced,
+    /// `enabled` follows, keys no longer wanted drain and go; in-flight requests keep what they
+    /// started with.
+    pub(crate) async fn reconcile(&self, desired: Desired) -> Result<(), ControlError> {
+        for (i, e) in desired.gateways.values().enumerate() {
+            validate_gateway(&e.raw, &format!("gateways[{i}]")).map_err(ControlError::Invalid)?;
+        }
+        if let Some(d) = desired.default {
+            *lock(&self.default_gateway) = d;
+        }
+        *lock(&self.gateway_entries) = desired.gateways;
+        let running = self.key_entries();
+        for want in &desired.keys {
+            let was = running.iter().find(|e| e.key.name == want.key.name);
+            match was {
+                None => {
+                    if let Err(e) = self.pool.add_key(want.key.clone()).await {
+                        tracing::error!(key = %want.key.name, error = %e, "key not applied");
+                        continue;
+                    }
+                }
+                Some(e) if e.key.to_raw() != want.key.to_raw() => {
+                    let _ = self.pool.update_key(want.key.clone()).await;
+                }
+                Some(_) => {}
+            }
+            // a new key starts enabled
+            if was.map_or(!want.enabled, |e| e.enabled != want.enabled) {
+                let _ = self.pool.set_enabled(&want.key.name, want.enabled).await;
+            }
+            lock(&self.key_entries).insert(want.key.name.to_string(), want.clone());
+        }
+        for gone in running
+            .iter()
+            .filter(|e| !desired.keys.iter().any(|k| k.key.name == e.key.name))
+        {
+            lock(&self.key_entries).remove(&*gone.key.name);
+            let (pool, name, grace) = (
+                self.pool.clone(),
+                gone.key.name.clone(),
+                self.config.shutdown_grace.max(Duration::from_secs(1)),
+            );
+            tokio::spawn(async move { pool.remove_key(&name, grace).await });
+        }
+        // the `default` gateway's credentials include the keys' own tokens
+        self.apply_gateways()
     }
 
     fn unseal_key(&self, row: &KeyRow) -> Result<(UpstreamKey, RawUpstream), ControlError> {
@@ -151,72 +227,9 @@ impl Control {
         let Some(store) = &self.store else {
             return Ok(());
         };
-        let rows = store.gateways().await?;
-        {
-            let mut entries = lock(&self.gateway_entries);
-            entries.retain(|_, e| e.owner == OWNER_CONFIG);
-            for row in rows.iter().filter(|r| r.owner == OWNER_ADMIN) {
-                if entries.contains_key(&row.name) {
-                    continue;
-                }
-                match serde_json::from_str::<RawGateway>(&row.spec) {
-                    Ok(raw) => {
-                        entries.insert(
-                            row.name.clone(),
-                            GatewayEntry {
-                                raw,
-                                owner: OWNER_ADMIN,
-                                updated_ms: row.updated_ms,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(gateway = %row.name, error = %e, "stored gateway unreadable");
-                    }
-                }
-            }
-        }
-        self.apply_gateways()?;
-        let rows = store.keys().await?;
-        let local = self.key_entries();
-        for row in &rows {
-            match local.iter().find(|e| *e.key.name == row.name) {
-                Some(e) => {
-                    if e.owner == OWNER_ADMIN
-                        && serde_json::to_string(&e.raw).ok().as_deref() != Some(row.spec.as_str())
-                        && let Ok((key, raw)) = self.unseal_key(row)
-                    {
-                        let key = Arc::new(key);
-                        let _ = self.pool.update_key(key.clone()).await;
-                        if let Some(entry) = lock(&self.key_entries).get_mut(&row.name) {
-                            entry.key = key;
-                            entry.raw = Some(raw);
-                        }
-                    }
-                    if e.enabled != row.enabled {
-                        let _ = self.pool.set_enabled(&row.name, row.enabled).await;
-                        if let Some(entry) = lock(&self.key_entries).get_mut(&row.name) {
-                            entry.enabled = row.enabled;
-                        }
-                    }
-                }
-                None if row.owner == OWNER_ADMIN => self.apply_stored_key(row).await,
-                None => {}
-            }
-        }
-        for e in local.iter().filter(|e| e.owner == OWNER_ADMIN) {
-            if !rows.iter().any(|r| r.name == *e.key.name) {
-                lock(&self.key_entries).remove(&*e.key.name);
-                let (pool, name, grace) = (
-                    self.pool.clone(),
-                    e.key.name.clone(),
-                    self.config.shutdown_grace,
-                );
-                tokio::spawn(async move { pool.remove_key(&name, grace).await });
-            }
-        }
+        let desired = self.desired_from_store(store).await?;
+        self.reconcile(desired).await?;
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        self.refresh_default();
         self.changed.send_replace(version);
         Ok(())
     }
@@ -255,73 +268,42 @@ impl Control {
     }
 
     /// A frontend's side of [`Control::snapshot`]: brings the running gateways and keys in line
-    /// with `config` (validated from a snapshot) at once. In-flight requests keep what they
-    /// started with; removed keys drain first.
+    /// with `config` (validated from a snapshot) at once.
     pub async fn apply_snapshot(
         &self,
         config: &Config,
         disabled: &std::collections::HashSet<String>,
         version: u64,
     ) -> Result<(), ControlError> {
-        *lock(&self.default_gateway) = DefaultGateway::of(config);
-        {
-            let mut entries = lock(&self.gateway_entries);
-            entries.clear();
-            for raw in &config.raw_gateways {
-                entries.insert(
-                    raw.name.clone().unwrap_or_default(),
-                    GatewayEntry {
-                        raw: raw.clone(),
-                        owner: OWNER_ADMIN,
-                        updated_ms: now_ms(),
-                    },
-                );
-            }
-        }
-        self.apply_gateways()?;
-        let local = self.key_entries();
-        for key in &config.upstreams {
-            let enabled = !disabled.contains(&*key.name);
-            let was = local.iter().find(|e| e.key.name == key.name);
-            match was {
-                None => {
-                    if let Err(e) = self.pool.add_key(key.clone()).await {
-                        tracing::error!(key = %key.name, error = %e, "pushed key not applied");
-                        continue;
-                    }
-                }
-                Some(e) if e.key.to_raw() != key.to_raw() => {
-                    let _ = self.pool.update_key(key.clone()).await;
-                }
-                Some(_) => {}
-            }
-            // a new key starts enabled
-            if was.map_or(!enabled, |e| e.enabled != enabled) {
-                let _ = self.pool.set_enabled(&key.name, enabled).await;
-            }
-            lock(&self.key_entries).insert(
-                key.name.to_string(),
-                KeyEntry {
-                    key: key.clone(),
+        let gateways = config
+            .raw_gateways
+            .iter()
+            .map(|raw| {
+                let entry = GatewayEntry {
+                    raw: raw.clone(),
                     owner: OWNER_ADMIN,
-                    enabled,
-                    raw: None,
-                },
-            );
-        }
-        for e in &local {
-            if !config.upstreams.iter().any(|k| k.name == e.key.name) {
-                lock(&self.key_entries).remove(&*e.key.name);
-                let (pool, name, grace) = (
-                    self.pool.clone(),
-                    e.key.name.clone(),
-                    self.config.shutdown_grace.max(Duration::from_secs(1)),
-                );
-                tokio::spawn(async move { pool.remove_key(&name, grace).await });
-            }
-        }
+                    updated_ms: now_ms(),
+                };
+                (raw.name.clone().unwrap_or_default(), entry)
+            })
+            .collect();
+        let keys = config
+            .upstreams
+            .iter()
+            .map(|key| KeyEntry {
+                key: key.clone(),
+                owner: OWNER_ADMIN,
+                enabled: !disabled.contains(&*key.name),
+                raw: None,
+            })
+            .collect();
+        self.reconcile(Desired {
+            default: Some(DefaultGateway::of(config)),
+            gateways,
+            keys,
+        })
+        .await?;
         self.version.store(version, Ordering::Relaxed);
-        self.refresh_default();
         self.changed.send_replace(version);
         Ok(())
     }
