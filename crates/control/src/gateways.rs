@@ -100,8 +100,11 @@ impl Control {
             owner: OWNER_ADMIN,
             updated_ms,
         };
-        lock(&self.gateway_entries).insert(name, entry.clone());
-        self.apply_gateways()?;
+        let applied = entry.clone();
+        self.change(|d| {
+            d.gateways.insert(name, applied);
+        })
+        .await?;
         self.bump();
         Ok(entry)
     }
@@ -117,8 +120,10 @@ impl Control {
                 .await
                 .map_err(|e| ControlError::Store(e.to_string()))?;
         }
-        lock(&self.gateway_entries).remove(name);
-        self.apply_gateways()?;
+        self.change(|d| {
+            d.gateways.remove(name);
+        })
+        .await?;
         self.bump();
         Ok(())
     }

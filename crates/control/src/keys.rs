@@ -1,7 +1,6 @@
 //! Key changes through the admin API: add (sealed), update, enable/disable, remove.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use keypool_config::raw::RawUpstream;
 use keypool_config::{UpstreamKey, validate_key};
@@ -108,8 +107,8 @@ impl Control {
             raw: Some(raw),
         };
         self.persist_key(&entry, sealed).await?;
-        self.pool.add_key(key).await?;
-        lock(&self.key_entries).insert(entry.key.name.to_string(), entry.clone());
+        let added = entry.clone();
+        self.change(|d| d.keys.push(added)).await?;
         self.bump();
         Ok(entry)
     }
@@ -167,15 +166,19 @@ impl Control {
                 raw.deny = d;
             }
         }
-        let key = Arc::new(key);
-        self.pool.update_key(key.clone()).await?;
         if let Some(en) = enabled {
-            self.pool.set_enabled(name, en).await?;
             entry.enabled = en;
         }
-        entry.key = key;
+        entry.key = Arc::new(key);
         self.persist_key(&entry, None).await?;
-        lock(&self.key_entries).insert(name.to_owned(), entry.clone());
+        self.change(|d| {
+            for k in &mut d.keys {
+                if *k.key.name == *name {
+                    k.clone_from(&entry);
+                }
+            }
+        })
+        .await?;
         self.bump();
         Ok(entry)
     }
@@ -187,10 +190,13 @@ impl Control {
             Some(e) if e.owner == OWNER_CONFIG => return Err(config_owned("key", name)),
             Some(_) => {}
         }
-        lock(&self.key_entries).remove(name);
-        self.pool
-            .remove_key(name, self.config.shutdown_grace.max(Duration::from_secs(1)))
-            .await;
+        // answered once the key's in-flight requests and streams finished
+        for drain in self
+            .change(|d| d.keys.retain(|k| *k.key.name != *name))
+            .await?
+        {
+            let _ = drain.await;
+        }
         if let Some(s) = &self.store {
             s.delete_key(name)
                 .await

@@ -181,6 +181,9 @@ pub struct Control {
     /// The `default` gateway's policy (the config's top level, or the control plane's
     /// snapshot): rebuilt with the keys' client tokens whenever keys change.
     default_gateway: Mutex<DefaultGateway>,
+    /// Held from reading the running state to reconciling it, so changes apply one at a time
+    /// and none is lost to another's stale copy.
+    changes: tokio::sync::Mutex<()>,
     /// The named gateways.
     gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
     key_entries: Mutex<BTreeMap<String, KeyEntry>>,
@@ -243,6 +246,7 @@ impl Control {
             changed: tokio::sync::watch::Sender::new(0),
             frontends: Mutex::new(BTreeMap::new()),
             default_gateway: Mutex::new(DefaultGateway::of(&config)),
+            changes: tokio::sync::Mutex::new(()),
             gateway_entries: Mutex::new(g_entries),
             key_entries: Mutex::new(k_entries),
         });

@@ -80,8 +80,9 @@ impl Control {
                 })
                 .await?;
         }
+        let _one_at_a_time = self.changes.lock().await;
         let desired = self.desired_from_store(store).await?;
-        self.reconcile(desired).await
+        self.reconcile(desired).await.map(drop)
     }
 
     /// The running state as the store says it should be: the config-owned gateways and keys
@@ -161,7 +162,11 @@ impl Control {
     /// before anything moved), then keys not running start, changed specs are replaced,
     /// `enabled` follows, keys no longer wanted drain and go; in-flight requests keep what they
     /// started with.
-    pub(crate) async fn reconcile(&self, desired: Desired) -> Result<(), ControlError> {
+    /// Answers the drains of the keys it removed (a caller may wait for them).
+    pub(crate) async fn reconcile(
+        &self,
+        desired: Desired,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, ControlError> {
         for (i, e) in desired.gateways.values().enumerate() {
             validate_gateway(&e.raw, &format!("gateways[{i}]")).map_err(ControlError::Invalid)?;
         }
@@ -170,6 +175,7 @@ impl Control {
         }
         *lock(&self.gateway_entries) = desired.gateways;
         let running = self.key_entries();
+        let mut drains = Vec::new();
         for want in &desired.keys {
             let was = running.iter().find(|e| e.key.name == want.key.name);
             match was {
@@ -200,10 +206,29 @@ impl Control {
                 gone.key.name.clone(),
                 self.config.shutdown_grace.max(Duration::from_secs(1)),
             );
-            tokio::spawn(async move { pool.remove_key(&name, grace).await });
+            drains.push(tokio::spawn(async move {
+                pool.remove_key(&name, grace).await;
+            }));
         }
         // the `default` gateway's credentials include the keys' own tokens
-        self.apply_gateways()
+        self.apply_gateways()?;
+        Ok(drains)
+    }
+
+    /// An admin change: `edit` changes the running state as it is, which is then reconciled,
+    /// one change at a time.
+    pub(crate) async fn change(
+        &self,
+        edit: impl FnOnce(&mut Desired),
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, ControlError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let mut desired = Desired {
+            default: None,
+            gateways: lock(&self.gateway_entries).clone(),
+            keys: self.key_entries(),
+        };
+        edit(&mut desired);
+        self.reconcile(desired).await
     }
 
     fn unseal_key(&self, row: &KeyRow) -> Result<(UpstreamKey, RawUpstream), ControlError> {
@@ -227,6 +252,7 @@ impl Control {
         let Some(store) = &self.store else {
             return Ok(());
         };
+        let _one_at_a_time = self.changes.lock().await;
         let desired = self.desired_from_store(store).await?;
         self.reconcile(desired).await?;
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
@@ -297,6 +323,7 @@ impl Control {
                 raw: None,
             })
             .collect();
+        let _one_at_a_time = self.changes.lock().await;
         self.reconcile(Desired {
             default: Some(DefaultGateway::of(config)),
             gateways,
