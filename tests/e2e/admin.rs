@@ -647,6 +647,15 @@ async fn grpcurl_lists_describes_checks_health_and_is_refused_without_the_token(
         "{out}"
     );
     assert!(!out.contains("sk-test-up-0123456789"));
+    // the scheme is case-insensitive (RFC 9110)
+    let (ok, out) = grpcurl(run(&[
+        "-H",
+        "authorization: bearer admin-secret-token",
+        &addr,
+        "keypool.admin.v1.Admin/ListKeys",
+    ]))
+    .await?;
+    assert!(ok, "{out}");
     Ok(())
 }
 

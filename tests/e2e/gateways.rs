@@ -23,7 +23,7 @@ gateways:
     expires_at: "2020-01-01T00:00:00Z"
     auth: {method: exact, secrets: [s]}
   - name: byarg
-    auth: {method: regex, position: "arg:token", pattern: "^ok-"}
+    auth: {method: regex, position: "arg:token", pattern: "ok-.+"}
   - name: bybody
     auth: {method: exact, position: "body:user_id", secrets: [u-1]}
   - name: byheader
@@ -33,7 +33,7 @@ gateways:
   - name: vip
     whitelist: ["ip:10.0.0.0/8", "secret:^vip-"]
     blacklist: ["secret:^vip-banned"]
-    auth: {method: regex, pattern: "^(vip|std)-"}
+    auth: {method: regex, pattern: "(vip|std)-.+"}
   - name: ingress
     rate_limits: ["ingress:2/minute", "ingress:100/day"]
   - name: quota

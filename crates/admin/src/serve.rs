@@ -38,9 +38,7 @@ pub async fn serve(
             .get("authorization")
             .map(tonic::metadata::MetadataValue::as_bytes)
             .unwrap_or_default();
-        let presented = presented
-            .strip_prefix(b"Bearer ".as_slice())
-            .unwrap_or(presented);
+        let presented = keypool_types::strip_bearer(presented);
         if keypool_types::constant_time_eq(presented, token) {
             Ok(req)
         } else {

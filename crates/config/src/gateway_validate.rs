@@ -250,7 +250,8 @@ fn validate_auth(a: &RawGatewayAuth, at: &str) -> Result<GatewayAuth, Vec<FieldE
                 err("pattern", "regex auth needs a pattern".to_owned());
                 None
             }
-            Some(p) => match Regex::new(p) {
+            // the whole credential must match, not a part of it
+            Some(p) => match Regex::new(&format!("^(?:{p})$")) {
                 Ok(r) => Some(AuthMethod::Regex(r)),
                 Err(e) => {
                     err("pattern", format!("invalid regex: {e}"));

@@ -531,3 +531,12 @@ fn the_top_level_policy_is_the_default_gateways() {
     );
     assert!(err.contains("gateways[0].name"), "{err}");
 }
+
+#[test]
+fn a_regex_must_match_the_whole_credential() {
+    let g = runtime("name: t\nauth: {method: regex, pattern: 'team-[a-z]+'}\n");
+    assert!(g.authenticate(Some("team-abc")).is_ok());
+    for partial in ["xx-team-a-!!", "team-abc!", "my-team-x"] {
+        assert!(g.authenticate(Some(partial)).is_err(), "{partial}");
+    }
+}

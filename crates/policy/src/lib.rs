@@ -39,12 +39,4 @@ impl Caller {
     };
 }
 
-/// `Bearer abc` → `abc` (case-insensitive scheme, surrounding spaces trimmed).
-pub(crate) fn strip_bearer(value: &[u8]) -> &[u8] {
-    let v = value.trim_ascii();
-    if v.len() >= 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-        v[7..].trim_ascii()
-    } else {
-        v
-    }
-}
+pub(crate) use keypool_types::strip_bearer;

@@ -58,6 +58,8 @@ const NEVER_RETURN: &[&str] = &[
     "content-encoding",
     "date",
     "server",
+    // an upstream's cookies are for keypool's own connection to it, never for its callers
+    "set-cookie",
 ];
 
 /// The request headers to send upstream, for both kinds of key: `(default set, keep_header set)`.
@@ -119,5 +121,6 @@ mod tests {
         assert!(!all.contains_key("authorization") && !all.contains_key("cookie"));
         assert!(returns_to_client("x-request-id"));
         assert!(!returns_to_client("transfer-encoding"));
+        assert!(!returns_to_client("set-cookie"));
     }
 }

@@ -11,4 +11,4 @@ pub use error::{ApiError, ErrorKind, GrpcCode};
 pub use usage::{RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, new_event_id};
 
 mod secret;
-pub use secret::{Secret, constant_time_eq};
+pub use secret::{Secret, constant_time_eq, strip_bearer};

@@ -58,6 +58,17 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// `Bearer abc` → `abc`: the scheme matched without regard to case (RFC 9110: `bearer` is
+/// `Bearer`), surrounding spaces trimmed; a value without the scheme is returned trimmed.
+pub fn strip_bearer(value: &[u8]) -> &[u8] {
+    let v = value.trim_ascii();
+    if v.len() >= 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
+        v[7..].trim_ascii()
+    } else {
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +88,13 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer t", "bearer t", "BEARER  t ", " t "] {
+            assert_eq!(strip_bearer(v.as_bytes()), b"t", "{v:?}");
+        }
+        assert_eq!(strip_bearer(b"Basic t"), b"Basic t");
     }
 }

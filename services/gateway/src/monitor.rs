@@ -34,7 +34,7 @@ pub async fn prometheus(req: &HttpRequest, monitor: &Monitor) -> HttpResponse {
             .headers()
             .get(header::AUTHORIZATION)
             .map(actix_web::http::header::HeaderValue::as_bytes)
-            .and_then(|v| v.strip_prefix(b"Bearer ".as_slice()))
+            .map(keypool_types::strip_bearer)
             .unwrap_or_default();
         if !keypool_types::constant_time_eq(presented, token.expose().as_bytes()) {
             return error_response(
