@@ -48,18 +48,6 @@ impl Failure {
         }
     }
 
-    /// Puts the failure on its attempt's span (when traced).
-    pub(crate) fn record(&self, span: &tracing::Span) {
-        if span.is_none() {
-            return;
-        }
-        span.record("error.type", self.reason());
-        span.record("otel.status_code", "ERROR");
-        if let Self::Upstream { status, .. } = self {
-            span.record("http.response.status_code", *status);
-        }
-    }
-
     /// What the alert says about the last failure.
     fn describe(&self) -> String {
         match self {
@@ -70,18 +58,13 @@ impl Failure {
 
     /// Every attempt failed: the client gets the last failure, operators an alert.
     pub(crate) fn give_up(self, ctx: &RequestCtx) -> Reply {
-        keypool_telemetry::alert(
-            keypool_telemetry::Cause::AllUpstreamsFailed,
-            format!("{}/{}", ctx.gateway.name, ctx.inspected.model),
-            format!(
-                "all upstreams failed for model {} on gateway {} ({} attempt{}; last: {})",
-                ctx.inspected.model,
-                ctx.gateway.name,
-                ctx.attempts,
-                if ctx.attempts == 1 { "" } else { "s" },
-                self.describe()
-            ),
+        let why = format!(
+            " ({} attempt{}; last: {})",
+            ctx.attempts,
+            if ctx.attempts == 1 { "" } else { "s" },
+            self.describe()
         );
+        crate::observe::all_failed(ctx, &why);
         self.into_reply()
     }
 
@@ -291,7 +274,7 @@ fn traced_headers(ctx: &RequestCtx, key: &UpstreamKey, span: &tracing::Span) -> 
     } else {
         ctx.headers.0.clone()
     };
-    for (n, v) in keypool_telemetry::trace::propagation_headers(span) {
+    for (n, v) in crate::observe::trace_context(span) {
         if let (Ok(n), Ok(v)) = (
             reqwest::header::HeaderName::from_bytes(n.as_bytes()),
             reqwest::header::HeaderValue::from_str(&v),

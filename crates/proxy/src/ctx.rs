@@ -171,21 +171,7 @@ impl RequestCtx {
             .answered
             .unwrap_or_else(Instant::now)
             .saturating_duration_since(self.started);
-        let tokens = usage.unwrap_or_default();
-        if !self.span.is_none() {
-            self.trace_outcome(status, usage, error);
-        }
-        keypool_telemetry::metrics().request(&keypool_telemetry::RequestRecord {
-            gateway: &self.gateway.name,
-            model: &self.inspected.model,
-            key: self.key.as_deref(),
-            status,
-            latency,
-            overhead: (self.attempts > 0 && !self.inspected.stream)
-                .then(|| latency.saturating_sub(self.upstream_time + self.queued)),
-            prompt_tokens: tokens.prompt_tokens,
-            completion_tokens: tokens.completion_tokens,
-        });
+        crate::observe::answered(self, status, usage, error, latency);
         self.sink.record(UsageEvent {
             id: new_event_id(),
             at: SystemTime::now(),
@@ -205,36 +191,6 @@ impl RequestCtx {
             user_agent: self.user_agent.take(),
             log: self.log.take().map(Box::new),
         });
-    }
-}
-
-impl RequestCtx {
-    /// Puts the request's outcome on its server span.
-    fn trace_outcome(&self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
-        let s = &self.span;
-        s.record("http.response.status_code", status);
-        s.record("gen_ai.request.model", self.inspected.model.as_str());
-        if let Some(m) = &self.response_model {
-            s.record("gen_ai.response.model", m.as_str());
-        }
-        if let Some(u) = usage {
-            s.record("gen_ai.usage.input_tokens", u.prompt_tokens);
-            s.record("gen_ai.usage.output_tokens", u.completion_tokens);
-        }
-        s.record("keypool.gateway", &*self.gateway.name);
-        if let Some(k) = &self.key {
-            s.record("keypool.key", &**k);
-        }
-        s.record("keypool.attempts", self.attempts);
-        if let Some(e) = error {
-            s.record("error.type", e);
-        }
-        if status >= 500 {
-            s.record("otel.status_code", "ERROR");
-        }
-        // a span's end time is its last exit: for a stream, that is now, not when the handler
-        // returned the response head
-        drop(s.enter());
     }
 }
 

@@ -23,6 +23,7 @@ use crate::adapter::Adapters;
 use crate::attempt::{Attempt, Failure};
 use crate::client::UpstreamClient;
 use crate::ctx::RequestCtx;
+use crate::observe;
 use crate::relay::Relay;
 
 /// The engine shared by all frontend workers.
@@ -119,7 +120,7 @@ impl Engine {
             }
             Reply::Error { error, key } => {
                 if key.is_none() {
-                    keypool_telemetry::metrics().refusal(&ctx.gateway.name, error.kind.wire().code);
+                    observe::refused(&ctx.gateway.name, error);
                 }
                 ctx.account(error.status(), None, Some(error.kind.wire().code));
             }
@@ -143,11 +144,7 @@ impl Engine {
             exclude: Vec::new(),
         };
         while ctx.attempts < max_attempts {
-            let select = keypool_telemetry::trace::select_span(
-                &ctx.span,
-                ctx.attempts + 1,
-                lb_policy_name(self.config.lb_policy),
-            );
+            let select = observe::select_span(ctx, lb_policy_name(self.config.lb_policy));
             let lease = match self.pool.pick(&pick).instrument(select.clone()).await {
                 Ok(lease) => lease,
                 Err(NoKey::Busy { until, cause }) => {
@@ -180,10 +177,6 @@ impl Engine {
                 Attempt::Done(reply) => return reply,
                 Attempt::Failed(f) => {
                     tracing::debug!(attempt = ctx.attempts, "attempt failed; failing over");
-                    keypool_telemetry::metrics()
-                        .failovers
-                        .with_label_values(&[f.reason()])
-                        .inc();
                     last = Some(f);
                 }
             }
@@ -208,19 +201,13 @@ impl Engine {
         ctx.key = Some(lease.key.name.clone());
         ctx.provider = Some(lease.key.kind.as_str());
         let t = Instant::now();
-        let span = keypool_telemetry::trace::attempt_span(
-            &ctx.span,
-            ctx.attempts,
-            &lease.key.name,
-            lease.key.kind.as_str(),
-            ctx.method.as_str(),
-        );
+        let span = observe::attempt_span(ctx, &lease.key.name, lease.key.kind.as_str());
         let outcome = self
             .attempt(client, ctx, lease, &span)
             .instrument(span.clone())
             .await;
         if let Attempt::Failed(f) = &outcome {
-            f.record(&span);
+            observe::attempt_failed(&span, f);
         }
         ctx.upstream_time += t.elapsed();
         outcome
@@ -228,14 +215,7 @@ impl Engine {
 
     fn no_key(no: &NoKey, ctx: &RequestCtx) -> ApiError {
         if *no == NoKey::AllDisabled {
-            keypool_telemetry::alert(
-                keypool_telemetry::Cause::AllUpstreamsFailed,
-                format!("{}/{}", ctx.gateway.name, ctx.inspected.model),
-                format!(
-                    "all upstreams failed for model {} on gateway {}: every key that serves it is disabled",
-                    ctx.inspected.model, ctx.gateway.name
-                ),
-            );
+            observe::all_failed(ctx, ": every key that serves it is disabled");
         }
         match no {
             // a caller without a valid token, whom only `noauth` keys serve
@@ -290,9 +270,7 @@ async fn wait_for_budget(
     }
     sleep(wake - now).await;
     ctx.queued += wake - now;
-    keypool_telemetry::metrics()
-        .queue_wait
-        .observe((wake - now).as_secs_f64());
+    observe::queued(wake - now);
     true
 }
 

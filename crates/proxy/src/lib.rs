@@ -16,6 +16,7 @@ pub mod forward;
 pub mod headers;
 pub mod http;
 pub mod inspect;
+mod observe;
 pub mod pipeline;
 pub mod relay;
 pub mod sse;

@@ -97,7 +97,7 @@ impl Relay {
     pub fn attach(&mut self, mut ctx: RequestCtx) {
         if !ctx.span.is_none() {
             let ttfb = ctx.ttfb.map_or(0, |d| d.as_millis() as u64);
-            self.span = keypool_telemetry::trace::stream_span(&ctx.span, ttfb);
+            self.span = crate::observe::stream_span(&ctx, ttfb);
             ctx.response_model = self.first.as_deref().and_then(crate::inspect::stream_model);
         }
         self.ctx = Some(ctx);

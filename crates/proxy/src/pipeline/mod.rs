@@ -15,9 +15,8 @@
 //!
 //! The order is written once, in [`prepare`]; each phase is a function in its own module.
 //! A credential in the body (`body:` positions) is the one reason the body is read before the
-//! caller is known. What the phases record: the `policy` span covers everything before
-//! `forward`; a refusal there is counted once, in [`handle`]; `forward` records a span per key
-//! selection and per attempt; `account` records the request's metrics and its usage event.
+//! caller is known. What each phase records (spans, metrics, alerts) is said in one place,
+//! `crate::observe`; the phases call it at their boundaries.
 //! A new API surface adds its own inspect and relay adapters, not a new pipeline.
 
 mod admit;
@@ -40,6 +39,7 @@ use tracing::Instrument;
 use crate::ctx::RequestCtx;
 use crate::forward::Engine;
 use crate::http::{Frontend, client_ip, error_response, respond};
+use crate::observe;
 
 /// The gateway and the OpenAI path (`/v1/...`) of an API request path: `/v1/*` is the
 /// `default` gateway, `/llm/api/{name}/v1/*` the gateway `name`; `None` for any other path.
@@ -65,8 +65,8 @@ pub async fn handle(
         );
     };
     let started = Instant::now();
-    let span = server_span(&req);
-    let policy = keypool_telemetry::trace::child(&span, "policy");
+    let span = observe::server_span(&req);
+    let policy = observe::policy_span(&span);
     // the engine and the gateway this request keeps from start to end, loaded once
     let engine = fe.engine();
     let mut rate = None;
@@ -86,7 +86,7 @@ pub async fn handle(
             } else {
                 gateway
             };
-            keypool_telemetry::metrics().refusal(name, error.kind.wire().code);
+            observe::refused(name, &error);
             error_response(&error, None)
         }
     };
@@ -133,20 +133,6 @@ fn resolve(fe: &Frontend, name: &str) -> Result<Arc<GatewayRuntime>, ApiError> {
     })?;
     gw.check_open(std::time::SystemTime::now())?;
     Ok(gw)
-}
-
-/// The request's server span (none unless traces are exported).
-fn server_span(req: &HttpRequest) -> tracing::Span {
-    if !keypool_telemetry::trace::enabled() {
-        return tracing::Span::none();
-    }
-    let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
-    keypool_telemetry::trace::server_span(
-        req.method().as_str(),
-        req.path(),
-        h("traceparent"),
-        h("tracestate"),
-    )
 }
 
 /// `x-ratelimit-*-requests` of the tightest limit, on every answer after `admit`.
