@@ -13,7 +13,7 @@
 //!                        (crate::forward)             (crate::relay)      (crate::ctx)
 //! ```
 //!
-//! The order is written once, in [`prepare`]; each phase is a function in its own module.
+//! The order is written once, in `prepare`; each phase is a function in its own module.
 //! A credential in the body (`body:` positions) is the one reason the body is read before the
 //! caller is known. What each phase records (spans, metrics, alerts) is said in one place,
 //! `crate::observe`; the phases call it at their boundaries.
