@@ -72,7 +72,7 @@ pub(crate) fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> cr
             .filter(|k| !k.is_empty())
             .or_else(|| env_nonempty("KEYPOOL_SECRET_KEY"))
             .map(Secret::new),
-        stream_buffer: raw.stream_buffer.unwrap_or(4096).max(1),
+        stream_buffer: errs.ranged("admin.stream_buffer", raw.stream_buffer, 4096, 1..=1 << 20),
     }
 }
 
@@ -173,19 +173,20 @@ pub(crate) fn validate_log(
     store: &StoreConfig,
     errs: &mut Errors,
 ) -> crate::LogPolicy {
-    let max_field_bytes = raw.max_field_bytes.unwrap_or(64 * 1024);
-    if max_field_bytes == 0 {
-        errs.push("log.max_field_bytes", "must be greater than 0");
-    }
-    let queue_capacity = raw.queue_capacity.unwrap_or(100_000);
-    if queue_capacity == 0 {
-        errs.push("log.queue_capacity", "must be greater than 0");
-    }
-    if raw.retention_days == Some(0) {
-        errs.push(
-            "log.retention_days",
-            "must be at least 1 (leave it out to keep everything)",
-        );
+    let max_field_bytes = errs.ranged(
+        "log.max_field_bytes",
+        raw.max_field_bytes,
+        64 << 10,
+        1..=16 << 20,
+    );
+    let queue_capacity = errs.ranged(
+        "log.queue_capacity",
+        raw.queue_capacity,
+        100_000,
+        1..=10_000_000,
+    );
+    if let Some(days) = raw.retention_days {
+        errs.ranged("log.retention_days", Some(days), 1, 1..=36_500);
     }
     let mut redact_headers: Vec<String> = ALWAYS_REDACTED.iter().map(|h| (*h).to_owned()).collect();
     for h in raw.redact_headers {
@@ -210,7 +211,12 @@ pub(crate) fn validate_log(
         retention_days: raw.retention_days,
         queue_capacity,
         spill_path,
-        spill_max_bytes: raw.spill_max_bytes.unwrap_or(1 << 30),
+        spill_max_bytes: errs.ranged(
+            "log.spill_max_bytes",
+            raw.spill_max_bytes,
+            1 << 30,
+            1..=1 << 40,
+        ),
     }
 }
 

@@ -36,6 +36,35 @@ impl Errors {
         });
     }
 
+    /// A count that must lie in `range` (each numeric field has one, documented in the README):
+    /// outside it, the field's error and the default, so nothing downstream ever sees it.
+    pub(crate) fn ranged<T>(
+        &mut self,
+        path: &str,
+        value: Option<T>,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> T
+    where
+        T: PartialOrd + Copy + std::fmt::Display,
+    {
+        match value {
+            None => default,
+            Some(v) if range.contains(&v) => v,
+            Some(v) => {
+                self.push(
+                    path,
+                    format!(
+                        "must be between {} and {}, got {v}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
     pub(crate) fn seconds(
         &mut self,
         path: &str,
@@ -106,15 +135,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
 
-    let max_body_bytes = match raw.max_body_bytes {
-        None => 32 * 1024 * 1024,
-        Some(0) => {
-            errs.push("max_body_bytes", "must be greater than 0");
-            0
-        }
-        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-    };
+    let max_body_bytes =
+        errs.ranged("max_body_bytes", raw.max_body_bytes, 32 << 20, 1..=1 << 30) as usize;
 
+    if let Some(r) = raw.retries {
+        errs.ranged("retries", Some(r), 0, 0..=100);
+    }
     let upstreams = validate_upstreams(raw.upstreams, timeout, stream_timeout, &mut errs);
     let retries = raw
         .retries
@@ -288,7 +314,12 @@ fn validate_redis(r: crate::raw::RawRedis, errs: &mut Errors) -> crate::Redis {
     crate::Redis {
         url: Secret::new(r.url),
         prefix: r.prefix.unwrap_or_else(|| "keypool:".to_owned()),
-        timeout: Duration::from_millis(r.timeout_ms.unwrap_or(250).max(1)),
+        timeout: Duration::from_millis(errs.ranged(
+            "redis.timeout_ms",
+            r.timeout_ms,
+            250,
+            1..=60_000,
+        )),
         fail_closed,
         replicas_hint: match r.replicas_hint {
             Some(0) => {

@@ -89,3 +89,24 @@ fn empty_file_is_a_valid_open_gateway_with_no_keys() {
     assert!(cfg.client_tokens.is_empty());
     assert!(cfg.upstreams.is_empty());
 }
+
+/// Values that crashed keypool (a panic, or memory reserved until the kernel killed it) are
+/// refused at load, each naming its field and its range.
+#[test]
+fn numeric_fields_outside_their_range_are_refused() {
+    let text = "admin: {stream_buffer: 18446744073709551615}\nlog: {queue_capacity: 2305843009213693952, max_field_bytes: 0, spill_max_bytes: 0}\nmax_body_bytes: 99999999999999\nretries: 1000\nredis: {url: 'redis://127.0.0.1:6379', timeout_ms: 0}\n";
+    let err = crate::from_yaml(text).unwrap_err().to_string();
+    for field in [
+        "admin.stream_buffer: must be between 1 and 1048576",
+        "log.queue_capacity: must be between 1 and 10000000",
+        "log.max_field_bytes: must be between 1 and",
+        "log.spill_max_bytes: must be between 1 and",
+        "max_body_bytes: must be between 1 and 1073741824",
+        "retries: must be between 0 and 100",
+        "redis.timeout_ms: must be between 1 and 60000",
+    ] {
+        assert!(err.contains(field), "{field} missing from:\n{err}");
+    }
+    let ok = crate::from_yaml("admin: {stream_buffer: 1048576}\nlog: {queue_capacity: 1}\n");
+    assert!(ok.is_ok(), "{ok:?}");
+}

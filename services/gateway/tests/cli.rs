@@ -39,3 +39,30 @@ fn a_config_mistake_names_the_field_and_exits_before_binding() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A value that panicked or exhausted memory after start-up is refused before any port is
+/// bound: exit 2, the field and its range named.
+#[test]
+fn an_out_of_range_number_exits_2_before_binding() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("huge.yaml");
+    std::fs::write(
+        &path,
+        "address: 127.0.0.1:0\ndbtype: none\nadmin: {stream_buffer: 18446744073709551615}\nlog: {queue_capacity: 2305843009213693952}\n",
+    )?;
+    let out = std::process::Command::new(KEYPOOL)
+        .args(["serve", "--config", &path.display().to_string()])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin.stream_buffer: must be between 1 and 1048576"),
+        "{err}"
+    );
+    assert!(
+        err.contains("log.queue_capacity: must be between 1 and 10000000"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    Ok(())
+}
