@@ -299,3 +299,24 @@ async fn asis_keys_never_forward_a_keypool_token() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A request asking to upgrade the connection is refused at once (its "body" would be the rest
+/// of the connection: read, it holds the connection for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_is_refused_at_once() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock("up", Behavior::default());
+    let app = App::start(&config().token("t").key(&up, "up", "").yaml()).await?;
+    let addr = app.origin.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await?;
+    conn.write_all(
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await?;
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut head)).await??;
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(up.requests(), 0);
+    Ok(())
+}

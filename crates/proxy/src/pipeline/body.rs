@@ -13,6 +13,9 @@ use serde_json::{Map, Value};
 
 use crate::inspect::{Inspected, inspect};
 
+/// What a body buffer reserves up front at most; larger bodies grow as they arrive.
+const INITIAL_BODY_CAPACITY: usize = 64 * 1024;
+
 /// A request body, read on first need.
 pub(super) struct Body {
     payload: Option<web::Payload>,
@@ -67,7 +70,9 @@ impl Body {
         if declared.is_some_and(|n| n > limit) {
             return Err(too_large());
         }
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+        // reserved as it arrives, never from the declared length (a client may declare 1 MB and
+        // send 40 bytes); the first 64 KiB at once
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(INITIAL_BODY_CAPACITY));
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|e| {
                 ApiError::new(

@@ -58,6 +58,14 @@ pub async fn handle(
     payload: web::Payload,
     fe: web::Data<Frontend>,
 ) -> HttpResponse {
+    // an upgrade would turn the rest of the connection into the body: never read, never held
+    if req.headers().contains_key(actix_web::http::header::UPGRADE) {
+        let error = ApiError::new(
+            ErrorKind::InvalidRequest,
+            "keypool does not upgrade connections (Upgrade: is refused).",
+        );
+        return error_response(&error, None);
+    }
     let Some((gateway, path)) = route(req.path()) else {
         return error_response(
             &ApiError::new(ErrorKind::NotFound, "Unknown request URL."),
