@@ -129,7 +129,7 @@ async fn model_routing_by_allow_deny_json_multipart_and_path() -> anyhow::Result
         &config()
             .token(T)
             .key(&chat, "chat", "allow: [\"gpt-4o*\"], deny: [gpt-4o-audio]")
-            .key(&audio, "audio", "allow: [whisper-1, /v1/models]")
+            .key(&audio, "audio", "allow: [whisper-1, /v1/files]")
             .yaml(),
     )
     .await?;
@@ -154,7 +154,7 @@ async fn model_routing_by_allow_deny_json_multipart_and_path() -> anyhow::Result
     // no model in a GET: the path is matched
     let resp = gw
         .http()
-        .get(gw.url("/v1/models"))
+        .get(gw.url("/v1/files"))
         .bearer_auth(T)
         .send()
         .await?;

@@ -628,12 +628,27 @@ pub async fn run_python_check(
     base_url: String,
     token: &str,
 ) -> anyhow::Result<(bool, String)> {
+    run_python_check_with(script, base_url, token, &[]).await
+}
+
+/// [`run_python_check`] with more environment variables for the script.
+pub async fn run_python_check_with(
+    script: &str,
+    base_url: String,
+    token: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(bool, String)> {
     let venv = tokio::task::spawn_blocking(python_venv).await??;
     let script = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
     let token = token.to_owned();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(venv.join("bin/python"))
             .arg(script)
+            .envs(env)
             .env("KEYPOOL_BASE_URL", base_url)
             .env("KEYPOOL_TOKEN", token)
             .env_remove("OPENAI_BASE_URL")

@@ -34,18 +34,34 @@ pub struct RawGateway {
     /// Total tokens this gateway may use, or `no-limit` (default).
     pub token_quota: Option<Quota>,
     /// Models callers may ask for (exact, or a `prefix*`); default all.
+    #[serde(
+        default,
+        deserialize_with = "crate::raw::one_or_many::option::deserialize"
+    )]
     pub models: Option<Vec<String>>,
     /// Failover attempts after the first (default: the top-level `retries`).
     pub retries: Option<u32>,
     /// `ingress:n/unit` (all calls) and `secret:n/unit` (per caller); unit second, minute, hour
     /// or day; or `no-limit`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::raw::one_or_many::deserialize",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub rate_limits: Vec<String>,
     /// `ip:CIDR`, `secret:REGEX`, `time:HH:MM-HH:MM`; any match admits, and wins over the
     /// blacklist.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::raw::one_or_many::deserialize",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub whitelist: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::raw::one_or_many::deserialize",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub blacklist: Vec<String>,
     /// IANA name for `time:` rules. Default UTC.
     pub timezone: Option<String>,
@@ -67,14 +83,22 @@ pub struct RawGatewayAuth {
     /// `header:NAME` (default `header:Authorization`), `body:FIELD` or `arg:NAME`.
     pub position: Option<String>,
     /// exact: the accepted secrets, plain or as `sha256:<hex>`; kept only hashed.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::raw::one_or_many::deserialize",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub secrets: Vec<String>,
     /// regex: a credential matching it is accepted.
     pub pattern: Option<String>,
     /// jwt: the HMAC secret, or a PEM public key for RS*/PS*/ES*/EdDSA.
     pub jwt_key: Option<String>,
     /// jwt: the algorithms accepted (default `[HS256]`); `none` is always rejected.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::raw::one_or_many::deserialize",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub jwt_algorithms: Vec<String>,
 }
 

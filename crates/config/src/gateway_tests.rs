@@ -86,3 +86,12 @@ fn no_limit_and_defaults() {
         Position::Header("authorization".into())
     );
 }
+
+#[test]
+fn a_gateway_round_trips_through_json_with_its_unset_lists() {
+    let raw: RawGateway = serde_norway::from_str("name: team\nmodels: gpt-4o\n").unwrap();
+    let back: RawGateway = serde_json::from_str(&serde_json::to_string(&raw).unwrap()).unwrap();
+    assert_eq!(back, raw);
+    let none: RawGateway = serde_json::from_str(r#"{"name": "t", "models": null}"#).unwrap();
+    assert_eq!(none.models, None);
+}

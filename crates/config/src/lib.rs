@@ -8,8 +8,10 @@
 pub mod gateway;
 mod gateway_validate;
 mod key_validate;
+mod parse;
 pub mod raw;
 mod sections;
+mod summary;
 mod upstream;
 mod validate;
 
@@ -219,12 +221,7 @@ impl std::fmt::Display for FieldError {
 
 /// Parses YAML text into a validated [`Config`].
 pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-    let raw: raw::RawConfig = if text.trim().is_empty() {
-        raw::RawConfig::default()
-    } else {
-        serde_norway::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?
-    };
-    validate(raw)
+    validate(parse::parse(text)?)
 }
 
 /// Reads and validates the file at `path`.

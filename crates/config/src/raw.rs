@@ -39,7 +39,7 @@ pub struct RawConfig {
     /// What is recorded of each request, and how usage is written.
     pub log: Option<RawLog>,
     /// Proxies whose `X-Forwarded-For` is believed for the client IP (CIDRs).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::raw::one_or_many::deserialize")]
     pub trusted_proxies: Vec<String>,
     /// Per-tenant gateways at `/llm/api/{name}/v1/*`.
     #[serde(default)]
@@ -63,14 +63,18 @@ pub struct RawConfig {
     /// Total tokens `/v1/*` may use, or `no-limit` (default).
     pub token_quota: Option<crate::gateway::Quota>,
     /// Models callers may ask for (exact, or a `prefix*`); default all.
+    #[serde(
+        default,
+        deserialize_with = "crate::raw::one_or_many::option::deserialize"
+    )]
     pub models: Option<Vec<String>>,
     /// `ingress:n/unit` and `secret:n/unit` (per client token), or `no-limit`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::raw::one_or_many::deserialize")]
     pub rate_limits: Vec<String>,
     /// `ip:CIDR`, `secret:REGEX`, `time:HH:MM-HH:MM`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::raw::one_or_many::deserialize")]
     pub whitelist: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::raw::one_or_many::deserialize")]
     pub blacklist: Vec<String>,
     /// IANA name for `time:` rules and the monitoring day. Default UTC.
     pub timezone: Option<String>,
@@ -308,7 +312,7 @@ pub struct RawLog {
     /// Cap per recorded field, in bytes (default 64 KiB); longer values are truncated and marked.
     pub max_field_bytes: Option<usize>,
     /// Headers redacted in addition to authorization, api-key, x-api-key, cookie.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::raw::one_or_many::deserialize")]
     pub redact_headers: Vec<String>,
     /// Delete events and logs older than this many days (default: keep).
     pub retention_days: Option<u32>,
@@ -333,9 +337,9 @@ pub struct RawUpstream {
     pub r#type: Option<String>,
     pub timeout: Option<Seconds>,
     pub stream_timeout: Option<Seconds>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::raw::one_or_many::deserialize")]
     pub allow: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::raw::one_or_many::deserialize")]
     pub deny: Vec<String>,
     /// Client tokens allowed to use this upstream (comma-separated or a list).
     pub authorization: Option<StringOrList>,
@@ -375,5 +379,73 @@ impl StringOrList {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect()
+    }
+}
+
+/// `allow: gpt-4o` is `allow: [gpt-4o]`: a scalar is accepted wherever a list of strings is.
+pub(crate) mod one_or_many {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+
+    struct Strings;
+
+    impl<'de> Visitor<'de> for Strings {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_owned()])
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_any(Strings)
+    }
+
+    /// The same, for an optional field (`null` is `None`).
+    pub(crate) mod option {
+        use serde::de::{Deserializer, Visitor};
+
+        struct MaybeStrings;
+
+        impl<'de> Visitor<'de> for MaybeStrings {
+            type Value = Option<Vec<String>>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+
+            fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                super::deserialize(d).map(Some)
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<String>>, D::Error> {
+            d.deserialize_option(MaybeStrings)
+        }
     }
 }

@@ -113,7 +113,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Duration::from_secs(10),
     );
     let idle_timeout = errs.seconds("idle_timeout", raw.idle_timeout, Duration::from_secs(60));
-    let queue_timeout = errs.seconds("queue_timeout", raw.queue_timeout, Duration::from_secs(30));
+    // 0: never wait for a key with budget (429 at once)
+    let queue_timeout = match raw.queue_timeout {
+        Some(0.0) => Duration::ZERO,
+        s => errs.seconds("queue_timeout", s, Duration::from_secs(30)),
+    };
     let shutdown_grace = errs.seconds(
         "shutdown_grace",
         raw.shutdown_grace,

@@ -110,3 +110,83 @@ fn numeric_fields_outside_their_range_are_refused() {
     let ok = crate::from_yaml("admin: {stream_buffer: 1048576}\nlog: {queue_capacity: 1}\n");
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+#[test]
+fn every_parse_mistake_of_a_file_is_named_in_one_run() {
+    let err = from_yaml(
+        "addres: ':8888'\n\
+         timeout: soon\n\
+         upstreams:\n\
+         - {sk: sk-a, endpoint: 'http://a/v1', rpm: many, alow: [x]}\n\
+         - {sk: sk-b, endpoint: 'http://b/v1'}\n\
+         gateways:\n\
+         - {name: team, retries: -1}\n\
+         log: {headers: maybe}\n",
+    )
+    .unwrap_err();
+    let ConfigError::Invalid(errors) = &err else {
+        panic!("{err}");
+    };
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "addres",
+        "timeout",
+        "upstreams[0].rpm",
+        "upstreams[0].alow",
+        "gateways[0].retries",
+        "log.headers",
+    ] {
+        assert!(paths.contains(&want), "{want} missing from {err}");
+    }
+    assert_eq!(errors.len(), 6, "{err}");
+    assert!(err.to_string().contains("unknown field `addres`"), "{err}");
+}
+
+#[test]
+fn a_scalar_is_a_one_item_list() {
+    let cfg = from_yaml(
+        "models: gpt-4o\nupstreams:\n- {sk: sk-a, endpoint: 'http://a/v1', allow: gpt-4o, deny: [o1]}\n\
+         gateways:\n- {name: team, whitelist: 'ip:10.0.0.0/8', models: gpt-4o}\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.upstreams[0].allow.len(), 1);
+    assert_eq!(cfg.upstreams[0].deny.len(), 1);
+    assert_eq!(cfg.gateways[0].whitelist.len(), 1);
+    assert_eq!(cfg.gateways[0].models.as_ref().map(Vec::len), Some(1));
+    assert_eq!(cfg.default_gateway.models.as_ref().map(Vec::len), Some(1));
+    let err = from_yaml("upstreams:\n- {sk: a, endpoint: 'http://a/v1', allow: 3}\n").unwrap_err();
+    assert!(err.to_string().contains("upstreams[0].allow"), "{err}");
+}
+
+#[test]
+fn queue_timeout_zero_never_waits() {
+    let cfg = from_yaml("queue_timeout: 0\n").unwrap();
+    assert_eq!(cfg.queue_timeout, std::time::Duration::ZERO);
+    assert!(from_yaml("queue_timeout: -1\n").is_err());
+}
+
+#[test]
+fn environment_variables_fill_string_values() {
+    // cargo and nextest set CARGO_MANIFEST_DIR for the test process
+    let cfg = from_yaml(
+        "authorization: ${CARGO_MANIFEST_DIR}\n\
+         dbtype: sqlite\n\
+         dbaddr: ${KEYPOOL_TEST_CFG_UNSET:-./fallback.db}\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.client_tokens, vec![env!("CARGO_MANIFEST_DIR")]);
+    assert_eq!(
+        cfg.store,
+        StoreConfig::Sqlite {
+            path: "./fallback.db".into()
+        }
+    );
+    let err =
+        from_yaml("upstreams:\n- {sk: '${KEYPOOL_TEST_CFG_UNSET}', endpoint: 'http://a/v1'}\n")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("upstreams[0].sk") && err.contains("KEYPOOL_TEST_CFG_UNSET is not set"),
+        "{err}"
+    );
+}

@@ -28,6 +28,8 @@ pub struct Frontend {
     pub sink: Arc<dyn UsageSink>,
     /// Pooled, keep-alive connections owned by this worker's runtime.
     pub client: crate::client::UpstreamClient,
+    /// The upstreams' model lists for `GET /v1/models`, shared by every worker.
+    pub models: Arc<crate::models::ModelCatalog>,
 }
 
 impl Frontend {

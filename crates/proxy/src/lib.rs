@@ -16,6 +16,7 @@ pub mod forward;
 pub mod headers;
 pub mod http;
 pub mod inspect;
+pub mod models;
 mod observe;
 pub mod pipeline;
 pub mod relay;

@@ -49,6 +49,25 @@ pub(crate) fn startup_warnings(config: &Config, default: &keypool_config::Gatewa
     }
 }
 
+/// HTTP workers: `KEYPOOL_WORKERS` (1 to 1024), else one per core. A value that is not such a
+/// number is an error (`main` exits 2 on it before binding anything).
+pub fn workers() -> Result<usize, String> {
+    match std::env::var("KEYPOOL_WORKERS") {
+        Err(std::env::VarError::NotPresent) => {
+            Ok(std::thread::available_parallelism().map_or(2, usize::from))
+        }
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "KEYPOOL_WORKERS must be a number of workers from 1 to 1024, got {v:?}"
+            )),
+        },
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err("KEYPOOL_WORKERS must be a number of workers from 1 to 1024".to_owned())
+        }
+    }
+}
+
 /// What a process is (see the README's topology): all of keypool, the control plane, or a
 /// data-plane replica fed by one.
 pub enum Role {

@@ -63,6 +63,12 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8889")]
         admin_address: String,
     },
+    /// Validate a config file and print what it serves (exit 2 naming every mistake).
+    Check {
+        /// Config file.
+        #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
+        config: PathBuf,
+    },
     /// Run the OpenAI-compatible mock upstream alone.
     Mock(MockArgs),
     /// Run the store's migrations and exit (`serve` runs them too).
@@ -100,7 +106,23 @@ fn main() -> ExitCode {
         admin_address: cli.admin_address,
     }));
     // Validate before anything binds a port.
+    if let Err(e) = keypool_gateway::workers() {
+        eprintln!("keypool: {e}");
+        return ExitCode::from(2);
+    }
     let serve = match &command {
+        Command::Check { config } => {
+            return match keypool_config::load(config) {
+                Ok(cfg) => {
+                    println!("{}: OK\n{}", config.display(), cfg.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keypool: invalid config {}:\n{e}", config.display());
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Migrate { config, .. } => match keypool_config::load(config) {
             Ok(cfg) => Some(cfg),
             Err(e) => {
@@ -228,7 +250,13 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
             (Command::Migrate { down, .. }, Some(cfg)) => {
                 keypool_gateway::usage::migrate(&cfg, down).await
             }
-            (Command::Serve(_) | Command::Admin(_) | Command::Migrate { .. }, None) => Ok(()),
+            (
+                Command::Serve(_)
+                | Command::Admin(_)
+                | Command::Migrate { .. }
+                | Command::Check { .. },
+                _,
+            ) => Ok(()),
         }
     }
 }

@@ -243,6 +243,7 @@ pub fn http_server(
     let use_env_proxies = ["https_proxy", "http_proxy", "all_proxy"]
         .iter()
         .any(|v| std::env::var_os(v).is_some() || std::env::var_os(v.to_uppercase()).is_some());
+    let models = Arc::new(keypool_proxy::models::ModelCatalog::default());
     Ok(HttpServer::new(move || {
         crate::app::app(
             web::Data::new(Frontend {
@@ -250,16 +251,12 @@ pub fn http_server(
                 gateways: gateways.clone(),
                 sink: sink.clone(),
                 client: keypool_proxy::UpstreamClient::new(use_env_proxies),
+                models: models.clone(),
             }),
             monitor.clone(),
         )
     })
-    .workers(
-        std::env::var("KEYPOOL_WORKERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from)),
-    )
+    .workers(crate::workers().unwrap_or(2))
     .disable_signals()
     .shutdown_timeout(config.shutdown_grace.as_secs().max(1))
     .on_connect(|conn, _| {

@@ -123,7 +123,15 @@ impl Body {
             None => self.bytes,
         };
         let inspected = inspect(path, content_type(req), body)?;
-        if !checked_model && inspected.model != path {
+        if inspected.model == path {
+            // a gateway limited to some models serves only requests that name one
+            if gw.spec.models.is_some() {
+                return Err(ApiError::new(
+                    ErrorKind::ModelNotFound,
+                    "This gateway serves only its models: the request must name one.",
+                ));
+            }
+        } else if !checked_model {
             gw.check_model(&inspected.model)?;
         }
         Ok(inspected)

@@ -6,7 +6,8 @@
 //!  gateway    credential(&req)  lists, rate limits,   bounded     model,      param_map,
 //!  exists,    by the gateway's  quota                 (413)       stream,     param_fixed,
 //!  active,    policy → Caller   (x-ratelimit-*)                   est tokens  prompt_template
-//!  not expired                                                    (model ACL)
+//!  not expired                      (GET /v1/models is           (model ACL)
+//!                                    answered here: crate::models)
 //!        ─▶ build ctx ─▶ forward ──────────────────▶ relay ───────────▶ account
 //!                        select key, attempts,        whole answer or     one usage event
 //!                        failover, backoff            SSE stream          per request
@@ -39,7 +40,7 @@ use tracing::Instrument;
 use crate::ctx::RequestCtx;
 use crate::forward::Engine;
 use crate::http::{Frontend, client_ip, error_response, respond};
-use crate::observe;
+use crate::{models, observe};
 
 /// The gateway and the OpenAI path (`/v1/...`) of an API request path: `/v1/*` is the
 /// `default` gateway, `/llm/api/{name}/v1/*` the gateway `name`; `None` for any other path.
@@ -84,10 +85,11 @@ pub async fn handle(
     .instrument(policy)
     .await
     {
-        Ok(mut ctx) => {
+        Ok(Prepared::Forward(mut ctx)) => {
             ctx.span = span.clone();
             respond(engine.forward(&fe.client, ctx).instrument(span).await)
         }
+        Ok(Prepared::Answered(resp)) => resp,
         Err(error) => {
             let name = if error.kind == ErrorKind::GatewayNotFound {
                 "unknown"
@@ -104,6 +106,15 @@ pub async fn handle(
     resp
 }
 
+/// Where the phases before `forward` leave a request.
+#[allow(clippy::large_enum_variant)] // unpacked at once; a Box would cost every forwarded request an allocation
+enum Prepared {
+    /// On to the key pool.
+    Forward(RequestCtx),
+    /// Answered by keypool itself (`GET /v1/models`).
+    Answered(HttpResponse),
+}
+
 /// Every phase before `forward`, in their order. `rate` receives the tightest rate limit's
 /// headers once `admit` ran, refused or not.
 #[allow(clippy::too_many_arguments)] // the request, its surroundings, and one out-parameter
@@ -116,7 +127,7 @@ async fn prepare(
     path: &str,
     started: Instant,
     rate: &mut Option<RateHeaders>,
-) -> Result<RequestCtx, ApiError> {
+) -> Result<Prepared, ApiError> {
     let gw = resolve(fe, gateway)?;
     let mut body = body::Body::new(payload, engine.config.max_body_bytes);
     if gw.credential_in_body() {
@@ -125,10 +136,24 @@ async fn prepare(
     let auth = authenticate::caller(&gw, req, &body)?;
     let client_ip = client_ip(req, &engine.config);
     admit::admit(&gw, &auth, client_ip, rate).await?;
+    if let Some(what) = models::listing(req.method(), path) {
+        let keys = engine.pool.keys();
+        let resp = models::answer(
+            &fe.models,
+            fe.client.reqwest(),
+            &keys,
+            &auth.caller.keys,
+            &gw,
+            &what,
+        )
+        .await?;
+        return Ok(Prepared::Answered(resp));
+    }
     let inspected = body.inspect(req, &gw, path).await?;
     context::build(
         req, fe, engine, path, auth, gw, client_ip, inspected, started,
     )
+    .map(Prepared::Forward)
 }
 
 /// The gateway exists, is active and has not expired.
