@@ -126,13 +126,140 @@ fn keypool_migrate_applies_and_reverts_the_migrations() -> anyhow::Result<()> {
         text.contains("m20261122_000001_usage") && text.contains("m20261122_000002_provider"),
         "{text}"
     );
-    let down = run(&["--down"])?;
+    let down = run(&["--down", "--yes"])?;
     assert!(down.status.success());
     assert!(String::from_utf8_lossy(&down.stdout).contains("applied migrations: []"));
     std::fs::write(&path, "dbtype: none\n")?;
     assert!(
         !run(&[])?.status.success(),
         "nothing to migrate without a store"
+    );
+    Ok(())
+}
+
+/// Every command the demo's banner prints runs as printed (`keypoolctl` through the binary
+/// this test build made instead of `cargo run --release`, `python3` from the test venv with
+/// the `openai` SDK installed), and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_the_demo_prints_runs() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::BufRead as _;
+    let venv = tokio::task::spawn_blocking(keypool_e2e::python_venv).await??;
+    let mut child = std::process::Command::new(keypool_e2e::keypool_bin())
+        .args([
+            "demo",
+            "--address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line.starts_with("keypool listening on");
+            text.push_str(&line);
+            text.push('\n');
+            if done {
+                break;
+            }
+        }
+        text
+    })
+    .await?;
+    // a command: a line indented by two spaces, up to the next blank line
+    let mut commands = Vec::new();
+    let mut current: Option<String> = None;
+    for line in banner.lines() {
+        match (&mut current, line) {
+            (Some(c), l) if !l.trim().is_empty() => {
+                c.push('\n');
+                c.push_str(l);
+            }
+            (Some(_), _) => commands.extend(current.take()),
+            (None, l) if l.starts_with("  ") && !l.starts_with("   ") => {
+                current = Some(l.to_owned());
+            }
+            _ => {}
+        }
+    }
+    commands.extend(current);
+    assert_eq!(commands.len(), 6, "{banner}");
+    let ctl = keypool_e2e::keypoolctl_bin().display().to_string();
+    let python = venv.join("bin/python").display().to_string();
+    for command in &commands {
+        let runnable = command
+            .replace(keypool_gateway::demo::KEYPOOLCTL, &ctl)
+            .replacen("python3 -c", &format!("{python} -c"), 1);
+        let out = tokio::process::Command::new("bash")
+            .args(["-c", &runnable])
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.trim().is_empty(),
+            "{command}\n-> {}\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if command.contains("chat/completions") || command.contains("python") {
+            assert!(text.contains("Hello"), "{command}\n-> {text}");
+        }
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// With a port taken, the demo exits non-zero before printing its banner.
+#[test]
+fn the_demo_with_its_port_taken_exits_before_the_banner() -> anyhow::Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.to_string();
+    for args in [
+        ["--address", "127.0.0.1:0", "--admin-address", port.as_str()],
+        ["--address", port.as_str(), "--admin-address", "127.0.0.1:0"],
+    ] {
+        let out = std::process::Command::new(keypool_e2e::keypool_bin())
+            .arg("demo")
+            .args(args)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(!stdout.contains("Try it"), "{stdout}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&port));
+    }
+    Ok(())
+}
+
+/// `serve` with no admin settings uses the default admin address only when it is free: with it
+/// taken, keypool serves anyway and its log says the admin API was not started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_skips_a_taken_default_admin_port_and_says_so() -> anyhow::Result<()> {
+    // held by this test, or by someone else: taken either way
+    let _taken = std::net::TcpListener::bind("127.0.0.1:8889");
+    let a = mock("a", Behavior::default());
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, config().token("t").key(&a, "a", "").yaml())?;
+    let path = path.display().to_string();
+    let gw = Gateway::start_with(
+        dir,
+        &["serve", "--config", &path, "--address", "127.0.0.1:0"],
+    )
+    .await?;
+    assert_eq!(gw.chat("t", hello("gpt-4o-mini")).await?.status(), 200);
+    assert!(
+        gw.logs()
+            .contains("admin API not started: its default address is taken"),
+        "{}",
+        gw.logs()
     );
     Ok(())
 }

@@ -86,6 +86,10 @@ pub struct Redis {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub enabled: bool,
+    /// The operator asked for it (`admin.address` or `enabled: true` in the file, or
+    /// `--admin-address`): a taken port stops start-up. Otherwise the default address is bound
+    /// only when free, and the log says which.
+    pub requested: bool,
     /// `host:port`.
     pub address: String,
     pub token: Option<keypool_types::Secret>,

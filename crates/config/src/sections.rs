@@ -9,6 +9,9 @@ use crate::validate::Errors;
 use crate::{ALWAYS_REDACTED, StoreConfig};
 
 pub(crate) fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> crate::Admin {
+    // asked for: an address or `enabled: true` written (a taken port then stops start-up);
+    // otherwise the default address is used only when it is free
+    let requested = raw.address.is_some() || raw.enabled == Some(true);
     let address = normalise_address(raw.address.as_deref().unwrap_or("127.0.0.1:8889"));
     let token = raw
         .token
@@ -65,6 +68,7 @@ pub(crate) fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> cr
     crate::Admin {
         tls,
         enabled,
+        requested,
         address,
         token,
         secret_key: raw

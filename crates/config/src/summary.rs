@@ -120,8 +120,16 @@ impl Config {
         }
         let _ = writeln!(
             out,
-            "policy    lb_policy {:?}, retries {}, queue_timeout {:?}, timeout {:?}, stream_timeout {:?}",
-            self.lb_policy, self.retries, self.queue_timeout, self.timeout, self.stream_timeout
+            "policy    lb_policy {}, retries {}, queue_timeout {:?}, timeout {:?}, stream_timeout {:?}",
+            match self.lb_policy {
+                crate::LbPolicy::LeastUsed => "least-used",
+                crate::LbPolicy::Order => "order",
+                crate::LbPolicy::Random => "random",
+            },
+            self.retries,
+            self.queue_timeout,
+            self.timeout,
+            self.stream_timeout
         );
         let admin = if self.admin.enabled {
             format!(

@@ -61,7 +61,10 @@ impl TraceGuard {
 /// Installs logging (and tracing when `telemetry` names an endpoint). Call inside the tokio
 /// runtime, once.
 pub fn init(telemetry: Option<&keypool_config::Telemetry>) -> TraceGuard {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn,sea_orm_migration=warn"))
+    };
     let json = telemetry.is_some_and(|t| t.json_logs);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = if json {

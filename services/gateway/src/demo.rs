@@ -1,4 +1,8 @@
-//! `keypool demo`: three mock upstream keys and the gateway in one process, offline.
+//! `keypool demo`: three mock upstream keys and the gateway in one process, offline, with a
+//! temporary SQLite store (so `keypoolctl usage` has something to show).
+//!
+//! The banner is printed only once every port is bound, and every command in it runs as
+//! printed from the repository (a test runs them all).
 
 use std::net::TcpListener;
 
@@ -8,12 +12,19 @@ use tokio_util::sync::CancellationToken;
 /// The client token the demo accepts.
 pub const DEMO_TOKEN: &str = "demo-token";
 
+/// How the banner runs `keypoolctl`: built from the repository, as the README's run command
+/// builds `keypool`.
+pub const KEYPOOLCTL: &str = "cargo run -q --release -p keypoolctl --";
+
 /// Starts three mocks and serves the gateway on `address` until `shutdown`.
 pub async fn run(
     address: &str,
     admin_address: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(address).map_err(|e| {
+        anyhow::anyhow!("cannot listen on {address}: {e} (choose another with --address)")
+    })?;
     let mut mocks = Vec::new();
     for name in ["mock-a", "mock-b", "mock-c"] {
         mocks.push(MockServer::start(Behavior {
@@ -22,6 +33,7 @@ pub async fn run(
             ..Behavior::default()
         })?);
     }
+    let store = tempfile::tempdir()?;
     let mut upstreams = String::new();
     for (m, name) in mocks.iter().zip(["mock-a", "mock-b", "mock-c"]) {
         use std::fmt::Write;
@@ -32,16 +44,47 @@ pub async fn run(
         );
     }
     let yaml = format!(
-        "authorization: {DEMO_TOKEN}\ndbtype: none\nlb_policy: least-used\nupstreams:\n{upstreams}"
+        "authorization: {DEMO_TOKEN}\ndbtype: sqlite\ndbaddr: \"{}\"\nlb_policy: least-used\nupstreams:\n{upstreams}",
+        store.path().join("demo.sqlite").display()
     );
     let mut config = keypool_config::from_yaml(&yaml)?;
     admin_address.clone_into(&mut config.admin.address);
-    let listener = TcpListener::bind(address)?;
-    let base = format!("http://{}/v1", listener.local_addr()?);
+    config.admin.requested = true;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let serving = tokio::spawn(crate::run_until(
+        config,
+        listener,
+        shutdown,
+        crate::Role::AllInOne,
+        Some(ready_tx),
+    ));
+    // a port that cannot be bound ends the demo here, before any banner
+    let result = match ready_rx.await {
+        Ok(ready) => {
+            print_banner(ready);
+            serving.await?
+        }
+        Err(_) => match serving.await? {
+            Err(e) => Err(e.context("the demo did not start")),
+            Ok(()) => Ok(()),
+        },
+    };
+    for m in &mocks {
+        m.stop().await;
+    }
+    drop(store);
+    result
+}
+
+fn print_banner(ready: crate::Ready) {
+    let base = format!("http://{}/v1", ready.api);
+    let admin = ready
+        .admin
+        .map_or_else(|| "(admin API off)".to_owned(), |a| format!("http://{a}"));
     println!(
         "keypool demo: 3 mock upstream keys (mock-a, mock-b, mock-c) behind {base}
 
-Try it:
+Try it (each command runs as printed, from the repository):
 
   curl -s {base}/chat/completions \\
     -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' \\
@@ -51,6 +94,10 @@ Try it:
     -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' \\
     -d '{{\"model\":\"gpt-4o-mini\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'
 
+  curl -s {base}/models -H 'Authorization: Bearer {DEMO_TOKEN}'
+
+With the official SDK (pip install openai):
+
   python3 -c '
 from openai import OpenAI
 client = OpenAI(base_url=\"{base}\", api_key=\"{DEMO_TOKEN}\")
@@ -59,16 +106,13 @@ print(r.choices[0].message.content, r.usage)
 '
 
 The x-keypool-upstream response header names the key that served each call. The admin API
-(no token: loopback only) is on {admin_address}:
+(no token: loopback only) is on {admin}; usage goes to a temporary SQLite store:
 
-  keypoolctl --server http://{admin_address} keys list
+  {KEYPOOLCTL} --server {admin} keys list
+
+  {KEYPOOLCTL} --server {admin} usage
 
 Ctrl-C stops.
 keypool listening on {base}"
     );
-    let result = crate::run(config, listener, shutdown).await;
-    for m in &mocks {
-        m.stop().await;
-    }
-    result
 }

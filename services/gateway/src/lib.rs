@@ -89,6 +89,14 @@ pub async fn run(
     run_with(config, listener, shutdown, Role::AllInOne).await
 }
 
+/// Where a process serves, once every port is bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub api: std::net::SocketAddr,
+    /// `None` when the admin API is off (or its default address was taken).
+    pub admin: Option<std::net::SocketAddr>,
+}
+
 /// [`run`] in a given [`Role`]: the process's parts, built in order (each builder in
 /// `wiring.rs` says what it starts), then the HTTP server until `shutdown`, then the drain.
 pub async fn run_with(
@@ -96,6 +104,18 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: CancellationToken,
     role: Role,
+) -> anyhow::Result<()> {
+    run_until(config, listener, shutdown, role, None).await
+}
+
+/// [`run_with`], telling `ready` where it serves once every port is bound (`keypool demo`
+/// prints its banner then, never before).
+pub async fn run_until(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    role: Role,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> anyhow::Result<()> {
     let config = wiring::bound_config(config, &listener);
     let store = usage::open_store(&config).await?;
@@ -131,8 +151,9 @@ pub async fn run_with(
     if let (Some(r), Some(rc)) = (&redis, &config.redis) {
         wiring::share_admin_changes(r, rc, &control, &shutdown, listener.local_addr()?);
     }
-    let admin_task = wiring::admin_api(&config, &control, &shutdown).await?;
+    let admin = wiring::admin_api(&config, &control, &shutdown).await?;
     let addr = listener.local_addr()?;
+    let gateways_served = gateways.all().len();
     let server = wiring::http_server(&config, listener, engine, gateways, sink, monitor)?;
     let handle = server.handle();
     let stop = shutdown.clone();
@@ -141,11 +162,25 @@ pub async fn run_with(
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         handle.stop(true).await;
     });
-    tracing::info!(%addr, keys = config.upstreams.len(), "keypool listening");
+    tracing::info!(
+        %addr,
+        store = %config.store.describe(),
+        keys = pool.keys().len(),
+        gateways = gateways_served,
+        auth = if config.client_tokens.is_empty() { "open" } else { "client tokens" },
+        admin = %admin.as_ref().map_or_else(|| "off".to_owned(), |(_, a)| a.to_string()),
+        "keypool listening"
+    );
+    if let Some(ready) = ready {
+        let _ = ready.send(Ready {
+            api: addr,
+            admin: admin.as_ref().map(|(_, a)| *a),
+        });
+    }
     let outcome = server.await;
     // the server has drained: every finished request's event is queued; flush them
     usage.shutdown(&pool).await;
-    if let Some(t) = admin_task {
+    if let Some((t, _)) = admin {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }
     actors.stop();

@@ -76,9 +76,12 @@ enum Command {
         /// Config file (its dbtype / dbaddr).
         #[arg(long, value_name = "PATH", default_value = "./config.yaml")]
         config: PathBuf,
-        /// Revert every migration instead.
+        /// Revert every migration instead (drops every table: needs `--yes`).
         #[arg(long)]
         down: bool,
+        /// Confirms `--down`.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -108,6 +111,19 @@ fn main() -> ExitCode {
     // Validate before anything binds a port.
     if let Err(e) = keypool_gateway::workers() {
         eprintln!("keypool: {e}");
+        return ExitCode::from(2);
+    }
+    if let Command::Migrate {
+        down: true,
+        yes: false,
+        config,
+    } = &command
+    {
+        eprintln!(
+            "keypool: `migrate --down` drops every table of the store in {} and its usage history; \
+             add --yes to do it",
+            config.display()
+        );
         return ExitCode::from(2);
     }
     let serve = match &command {
@@ -146,6 +162,10 @@ fn main() -> ExitCode {
                 }
                 if let Some(a) = admin_address {
                     cfg.admin.address.clone_from(a);
+                    cfg.admin.requested = true;
+                }
+                if matches!(command, Command::Admin(_)) {
+                    cfg.admin.requested = true;
                 }
                 if matches!(command, Command::Admin(_)) {
                     if cfg.store == keypool_config::StoreConfig::None {
@@ -210,15 +230,24 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
             (command @ (Command::Serve(_) | Command::Admin(_)), Some(cfg)) => {
                 let listener = TcpListener::bind(&cfg.address)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.address))?;
-                let addr = listener.local_addr()?;
-                let role = if matches!(command, Command::Admin(_)) {
-                    println!("keypool control plane listening on http://{addr}");
+                let control_plane = matches!(command, Command::Admin(_));
+                let role = if control_plane {
                     keypool_gateway::Role::ControlPlane
                 } else {
-                    println!("keypool listening on http://{addr}/v1");
                     keypool_gateway::Role::AllInOne
                 };
-                keypool_gateway::run_with(cfg, listener, shutdown, role).await
+                // said once every port is bound and the store is open, not before
+                let (ready, bound) = tokio::sync::oneshot::channel::<keypool_gateway::Ready>();
+                tokio::spawn(async move {
+                    if let Ok(r) = bound.await {
+                        if control_plane {
+                            println!("keypool control plane listening on http://{}", r.api);
+                        } else {
+                            println!("keypool listening on http://{}/v1", r.api);
+                        }
+                    }
+                });
+                keypool_gateway::run_until(cfg, listener, shutdown, role, Some(ready)).await
             }
             (Command::Frontend(args), _) => {
                 let listener = TcpListener::bind(&args.address)

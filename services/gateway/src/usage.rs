@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use keypool_config::Config;
 use keypool_policy::gateway::Gateways;
 use keypool_pool::{KeyCounters, KeySeed, PoolHandle};
@@ -53,10 +52,44 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Option<Store>> {
     let Some(url) = database_url(&config.store) else {
         return Ok(None);
     };
+    reachable(&config.store).await?;
     let store = Store::connect(&url)
         .await
-        .context("cannot open the store (dbtype/dbaddr)")?;
+        .map_err(|e| store_error(&config.store, &e))?;
     Ok(Some(store))
+}
+
+/// A store error as a person reads it: the store (never its password) and the root cause,
+/// once (the driver's errors repeat their sources in their own text).
+fn store_error(store: &keypool_config::StoreConfig, e: &dyn std::error::Error) -> anyhow::Error {
+    let mut root: &dyn std::error::Error = e;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    anyhow::anyhow!("cannot open the store ({}): {root}", store.describe())
+}
+
+/// PostgreSQL's host and port answer (the driver's own error for a refused connection is only
+/// "pool timed out").
+async fn reachable(store: &keypool_config::StoreConfig) -> anyhow::Result<()> {
+    let keypool_config::StoreConfig::Postgres { dsn } = store else {
+        return Ok(());
+    };
+    let Ok(url) = url::Url::parse(dsn) else {
+        return Ok(());
+    };
+    let (Some(host), port) = (url.host_str(), url.port().unwrap_or(5432)) else {
+        return Ok(()); // a Unix socket: the driver says what is wrong
+    };
+    let connect = tokio::net::TcpStream::connect((host, port));
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => anyhow::bail!("cannot open the store ({}): {e}", store.describe()),
+        Err(_) => anyhow::bail!(
+            "cannot open the store ({}): no answer from {host}:{port} within 5 s",
+            store.describe()
+        ),
+    }
 }
 
 /// `keypool migrate`: applies (or with `down`, reverts) every migration.
@@ -64,9 +97,10 @@ pub async fn migrate(config: &Config, down: bool) -> anyhow::Result<()> {
     let Some(url) = database_url(&config.store) else {
         anyhow::bail!("dbtype is none: there is nothing to migrate");
     };
+    reachable(&config.store).await?;
     let store = Store::connect_only(&url)
         .await
-        .context("cannot open the store")?;
+        .map_err(|e| store_error(&config.store, &e))?;
     if down {
         store.migrate_down().await?;
     } else {

@@ -199,18 +199,33 @@ pub fn share_admin_changes(
     );
 }
 
-/// The admin API on `admin.address`, when enabled (bound now: a taken port stops start-up).
+/// The admin API on `admin.address`, when enabled, and where it listens. Bound now: a taken
+/// port stops start-up when the operator asked for the API, and is logged and skipped when it
+/// is only the default.
 pub async fn admin_api(
     config: &Config,
     control: &Arc<Control>,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Option<(tokio::task::JoinHandle<()>, SocketAddr)>> {
     if !config.admin.enabled {
         return Ok(None);
     }
-    let listener = tokio::net::TcpListener::bind(&config.admin.address)
-        .await
-        .with_context(|| format!("cannot listen on admin.address {}", config.admin.address))?;
+    let listener = match tokio::net::TcpListener::bind(&config.admin.address).await {
+        Ok(l) => l,
+        Err(e) if !config.admin.requested => {
+            tracing::warn!(
+                address = %config.admin.address,
+                error = %e,
+                "admin API not started: its default address is taken (set admin.address to choose one)"
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot listen on admin.address {}", config.admin.address)
+            });
+        }
+    };
     let admin_addr = listener.local_addr()?;
     if config.admin.token.is_none() {
         tracing::warn!(%admin_addr, "the admin API has no token: anyone on this machine may use it");
@@ -223,11 +238,12 @@ pub async fn admin_api(
     println!("keypool admin listening on {scheme}://{admin_addr}");
     tracing::info!(%admin_addr, "admin API listening");
     let (control, stop) = (control.clone(), shutdown.clone());
-    Ok(Some(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = keypool_admin::serve(control, listener, stop).await {
             tracing::error!(error = %e, "admin API stopped");
         }
-    })))
+    });
+    Ok(Some((task, admin_addr)))
 }
 
 /// The HTTP server: `KEYPOOL_WORKERS` workers (default one per core), each with its own
