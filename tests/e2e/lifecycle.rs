@@ -263,3 +263,76 @@ async fn serve_skips_a_taken_default_admin_port_and_says_so() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// SIGHUP reloads the config file: a good file's new token works at once and the old one is
+/// refused, while a stream begun before finishes; a bad file is refused, its mistake logged,
+/// and the running config kept. The process never stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_and_keeps_it_when_the_new_one_is_bad() -> anyhow::Result<()>
+{
+    let a = mock(
+        "a",
+        Behavior {
+            chunk_interval_ms: 100,
+            reply_words: 15,
+            ..Behavior::default()
+        },
+    );
+    let gw = Gateway::start(&config().token("old-token").key(&a, "a", "").yaml()).await?;
+    let req = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let resp = gw.chat("old-token", req).await?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut all = String::from_utf8_lossy(&body.next().await.expect("first chunk")?).into_owned();
+
+    std::fs::write(
+        gw.config_file(),
+        config()
+            .token("new-token")
+            .key(&a, "a", "")
+            .block("gateways:\n- {name: added, auth: {method: exact, secrets: [g-secret]}}")
+            .yaml(),
+    )?;
+    gw.signal("HUP")?;
+    gw.wait_log("config reloaded", 1).await?;
+    assert_eq!(
+        gw.chat("new-token", hello("gpt-4o-mini")).await?.status(),
+        200
+    );
+    assert_eq!(
+        gw.chat("old-token", hello("gpt-4o-mini")).await?.status(),
+        401
+    );
+    let added = gw
+        .http()
+        .post(gw.url("/llm/api/added/v1/chat/completions"))
+        .bearer_auth("g-secret")
+        .json(&hello("gpt-4o-mini"))
+        .send()
+        .await?;
+    assert_eq!(added.status(), 200);
+    while let Some(chunk) = body.next().await {
+        all.push_str(&String::from_utf8_lossy(&chunk?));
+    }
+    assert!(
+        all.ends_with("data: [DONE]\n\n"),
+        "the stream finished: {all}"
+    );
+
+    std::fs::write(
+        gw.config_file(),
+        "authorization: x\nupstreams: 3\nmistake: true\n",
+    )?;
+    gw.signal("HUP")?;
+    gw.wait_log("config not reloaded", 1).await?;
+    assert!(
+        gw.logs().contains("unknown field `mistake`"),
+        "{}",
+        gw.logs()
+    );
+    assert_eq!(
+        gw.chat("new-token", hello("gpt-4o-mini")).await?.status(),
+        200
+    );
+    Ok(())
+}

@@ -318,13 +318,37 @@ impl Gateway {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) -> anyhow::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Sends the signal named `name` (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()?;
         if !status.success() {
-            bail!("kill -TERM failed");
+            bail!("kill -{name} failed");
         }
         Ok(())
+    }
+
+    /// The config file [`Gateway::start`] wrote (rewrite it, then send `HUP`).
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    /// Waits up to 10 s for the log to contain `text` `times` times.
+    pub async fn wait_log(&self, text: &str, times: usize) -> anyhow::Result<()> {
+        for _ in 0..200 {
+            if self.logs().matches(text).count() >= times {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "the log never said {text:?} {times} time(s):\n{}",
+            self.logs()
+        )
     }
 
     /// Waits for the process to exit.

@@ -368,7 +368,7 @@ impl Admin for AdminService {
         let version = self.control.version();
         let mut replicas = vec![pb::Replica {
             id: keypool_shared::process_id().to_owned(),
-            address: self.control.config.address.clone(),
+            address: self.control.config().address.clone(),
             last_seen_ms: now_ms(),
             config_version: version,
         }];

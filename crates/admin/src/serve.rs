@@ -28,7 +28,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let token = control.token().map(|t| t.expose().as_bytes().to_vec());
-    let tls = control.config.admin.tls.clone();
+    let tls = control.config().admin.tls.clone();
     let check = move |req: Request<()>| -> Result<Request<()>, Status> {
         let Some(token) = &token else {
             return Ok(req);

@@ -71,7 +71,7 @@ impl Control {
 
     /// Adds a key from a YAML/JSON `upstreams:` entry.
     pub async fn add_key(&self, mut raw: RawUpstream) -> Result<KeyEntry, ControlError> {
-        let sealing = self.config.admin.secret_key.clone();
+        let sealing = self.config.load().admin.secret_key.clone();
         let sk = raw.sk.clone().unwrap_or_default();
         if sk == "asis" {
             return Err(invalid(
@@ -79,7 +79,7 @@ impl Control {
                 "asis keys come from the config file only",
             ));
         }
-        let key = validate_key(raw.clone(), &self.config).map_err(ControlError::Invalid)?;
+        let key = validate_key(raw.clone(), &self.config.load()).map_err(ControlError::Invalid)?;
         if self.key_entry(&key.name).is_some() {
             return Err(ControlError::Exists(format!(
                 "a key named {:?} exists",

@@ -165,7 +165,9 @@ pub struct FrontendSeen {
 }
 
 pub struct Control {
-    pub config: Arc<Config>,
+    /// The configuration now in force: replaced as a whole by a reloaded file
+    /// ([`Control::apply_file`]).
+    config: arc_swap::ArcSwap<Config>,
     pub gateways: Arc<Gateways>,
     pub pool: PoolHandle,
     pub store: Option<Store>,
@@ -234,7 +236,7 @@ impl Control {
             );
         }
         let control = Arc::new(Self {
-            config: config.clone(),
+            config: arc_swap::ArcSwap::new(config.clone()),
             gateways,
             pool,
             store: store.clone(),
@@ -254,6 +256,11 @@ impl Control {
             control.restore(store).await?;
         }
         Ok(control)
+    }
+
+    /// The configuration now in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 
     /// The configuration version: bumped by every applied change.
@@ -278,8 +285,8 @@ impl Control {
     }
 
     /// The admin token, if any.
-    pub fn token(&self) -> Option<&Secret> {
-        self.config.admin.token.as_ref()
+    pub fn token(&self) -> Option<Secret> {
+        self.config.load().admin.token.clone()
     }
 }
 

@@ -33,8 +33,21 @@ impl Control {
     /// (what a previous file declared and this one does not is deleted), then the running state
     /// is brought in line with the store (admin-owned entries, keys disabled by hand).
     pub(crate) async fn restore(&self, store: &Store) -> Result<(), ControlError> {
-        let config_gateways: Vec<GatewayEntry> =
-            lock(&self.gateway_entries).values().cloned().collect();
+        self.persist_config_owned(store).await?;
+        let _one_at_a_time = self.changes.lock().await;
+        let desired = self.desired_from_store(store).await?;
+        self.reconcile(desired).await.map(drop)
+    }
+
+    /// Writes the running config-owned gateways and keys to the store, deleting the
+    /// config-owned rows the file no longer declares (an admin's `enabled: false` on a config
+    /// key is kept).
+    async fn persist_config_owned(&self, store: &Store) -> Result<(), ControlError> {
+        let config_gateways: Vec<GatewayEntry> = lock(&self.gateway_entries)
+            .values()
+            .filter(|e| e.owner == OWNER_CONFIG)
+            .cloned()
+            .collect();
         for row in store.gateways().await? {
             let declared = config_gateways
                 .iter()
@@ -58,7 +71,8 @@ impl Control {
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
-        let config_keys = self.key_entries();
+        let mut config_keys = self.key_entries();
+        config_keys.retain(|e| e.owner == OWNER_CONFIG);
         for row in stored.values() {
             if row.owner == OWNER_CONFIG && !config_keys.iter().any(|e| *e.key.name == row.name) {
                 store.delete_key(&row.name).await?;
@@ -80,9 +94,65 @@ impl Control {
                 })
                 .await?;
         }
+        Ok(())
+    }
+
+    /// A reloaded config file (SIGHUP): its gateways and keys replace the config-owned ones,
+    /// the admin-owned ones stay (a file entry of the same name wins, as at start-up), its
+    /// top-level policy becomes the `default` gateway's; then the store is brought in line
+    /// and frontends get the new snapshot. A gateway that does not validate refuses the whole
+    /// file before anything changed.
+    pub async fn apply_file(&self, new: Arc<Config>) -> Result<(), ControlError> {
         let _one_at_a_time = self.changes.lock().await;
-        let desired = self.desired_from_store(store).await?;
-        self.reconcile(desired).await.map(drop)
+        let running = self.key_entries();
+        let mut gateways: BTreeMap<String, GatewayEntry> = lock(&self.gateway_entries)
+            .iter()
+            .filter(|(_, e)| e.owner == OWNER_ADMIN)
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        for raw in &new.raw_gateways {
+            let entry = GatewayEntry {
+                raw: raw.clone(),
+                owner: OWNER_CONFIG,
+                updated_ms: now_ms(),
+            };
+            gateways.insert(raw.name.clone().unwrap_or_default(), entry);
+        }
+        let mut keys: Vec<KeyEntry> = new
+            .upstreams
+            .iter()
+            .map(|key| KeyEntry {
+                key: key.clone(),
+                owner: OWNER_CONFIG,
+                // a config key disabled by hand stays disabled
+                enabled: running
+                    .iter()
+                    .find(|e| e.key.name == key.name && e.owner == OWNER_CONFIG)
+                    .is_none_or(|e| e.enabled),
+                raw: None,
+            })
+            .collect();
+        keys.extend(
+            running
+                .iter()
+                .filter(|e| {
+                    e.owner == OWNER_ADMIN && !new.upstreams.iter().any(|k| k.name == e.key.name)
+                })
+                .cloned(),
+        );
+        self.reconcile(Desired {
+            default: Some(DefaultGateway::of(&new)),
+            gateways,
+            keys,
+        })
+        .await?;
+        self.config.store(new);
+        if let Some(store) = &self.store {
+            self.persist_config_owned(store).await?;
+        }
+        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        self.changed.send_replace(version);
+        Ok(())
     }
 
     /// The running state as the store says it should be: the config-owned gateways and keys
@@ -204,7 +274,10 @@ impl Control {
             let (pool, name, grace) = (
                 self.pool.clone(),
                 gone.key.name.clone(),
-                self.config.shutdown_grace.max(Duration::from_secs(1)),
+                self.config
+                    .load()
+                    .shutdown_grace
+                    .max(Duration::from_secs(1)),
             );
             drains.push(tokio::spawn(async move {
                 pool.remove_key(&name, grace).await;
@@ -237,11 +310,12 @@ impl Control {
             .sealed_secret
             .as_deref()
             .ok_or_else(|| ControlError::Precondition("no sealed secret".to_owned()))?;
-        let key = self.config.admin.secret_key.as_ref().ok_or_else(|| {
+        let config = self.config.load();
+        let key = config.admin.secret_key.as_ref().ok_or_else(|| {
             ControlError::Precondition("admin.secret_key is not set: cannot unseal".to_owned())
         })?;
         raw.sk = Some(crate::seal::open(key, sealed)?);
-        let validated = validate_key(raw.clone(), &self.config).map_err(ControlError::Invalid)?;
+        let validated = validate_key(raw.clone(), &config).map_err(ControlError::Invalid)?;
         raw.sk = None;
         Ok((validated, raw))
     }
@@ -275,7 +349,7 @@ impl Control {
         let keys = self.key_entries();
         pb::ConfigSnapshot {
             version: self.version(),
-            policy: Some(pb::Policy::from(&*self.config.policy)),
+            policy: Some(pb::Policy::from(&*self.config.load().policy)),
             upstreams: keys
                 .iter()
                 .map(|e| pb::UpstreamSpec::from(&e.key.to_raw()))

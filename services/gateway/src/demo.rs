@@ -56,7 +56,10 @@ pub async fn run(
         listener,
         shutdown,
         crate::Role::AllInOne,
-        Some(ready_tx),
+        crate::Options {
+            ready: Some(ready_tx),
+            config_file: None,
+        },
     ));
     // a port that cannot be bound ends the demo here, before any banner
     let result = match ready_rx.await {

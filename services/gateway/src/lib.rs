@@ -105,17 +105,27 @@ pub async fn run_with(
     shutdown: CancellationToken,
     role: Role,
 ) -> anyhow::Result<()> {
-    run_until(config, listener, shutdown, role, None).await
+    run_until(config, listener, shutdown, role, Options::default()).await
 }
 
-/// [`run_with`], telling `ready` where it serves once every port is bound (`keypool demo`
-/// prints its banner then, never before).
+/// What [`run_until`] is told besides the config.
+#[derive(Default)]
+pub struct Options {
+    /// Told where the process serves once every port is bound (`keypool demo` prints its
+    /// banner then, `main` its `listening` line).
+    pub ready: Option<tokio::sync::oneshot::Sender<Ready>>,
+    /// The file the config came from: SIGHUP reloads it. Without one, SIGHUP is logged and
+    /// ignored (it never stops the process).
+    pub config_file: Option<std::path::PathBuf>,
+}
+
+/// [`run_with`] with [`Options`].
 pub async fn run_until(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
     role: Role,
-    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
+    options: Options,
 ) -> anyhow::Result<()> {
     let config = wiring::bound_config(config, &listener);
     let store = usage::open_store(&config).await?;
@@ -145,12 +155,20 @@ pub async fn run_until(
     )));
     let (control, sink) =
         wiring::control(&config, &gateways, &pool, store, usage.sink.clone()).await?;
+    let link_free = link.is_none();
     if let Some(link) = link {
         wiring::follow_control_plane(*link, &control, &config, &engine, &pool).await?;
     }
     if let (Some(r), Some(rc)) = (&redis, &config.redis) {
         wiring::share_admin_changes(r, rc, &control, &shutdown, listener.local_addr()?);
     }
+    wiring::reload_on_hangup(
+        options.config_file.filter(|_| link_free),
+        &control,
+        &engine,
+        &pool,
+        &shutdown,
+    );
     let admin = wiring::admin_api(&config, &control, &shutdown).await?;
     let addr = listener.local_addr()?;
     let gateways_served = gateways.all().len();
@@ -162,21 +180,11 @@ pub async fn run_until(
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         handle.stop(true).await;
     });
-    tracing::info!(
-        %addr,
-        store = %config.store.describe(),
-        keys = pool.keys().len(),
-        gateways = gateways_served,
-        auth = if config.client_tokens.is_empty() { "open" } else { "client tokens" },
-        admin = %admin.as_ref().map_or_else(|| "off".to_owned(), |(_, a)| a.to_string()),
-        "keypool listening"
-    );
-    if let Some(ready) = ready {
-        let _ = ready.send(Ready {
-            api: addr,
-            admin: admin.as_ref().map(|(_, a)| *a),
-        });
-    }
+    let ready = Ready {
+        api: addr,
+        admin: admin.as_ref().map(|(_, a)| *a),
+    };
+    wiring::announce(&config, &pool, gateways_served, ready, options.ready);
     let outcome = server.await;
     // the server has drained: every finished request's event is queued; flush them
     usage.shutdown(&pool).await;

@@ -228,6 +228,10 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
         keypool_gateway::cancel_on_signals(shutdown.clone());
         match (command, serve) {
             (command @ (Command::Serve(_) | Command::Admin(_)), Some(cfg)) => {
+                let (Command::Serve(a) | Command::Admin(a)) = &command else {
+                    unreachable!("matched above")
+                };
+                let config_file = a.config.clone();
                 let listener = TcpListener::bind(&cfg.address)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.address))?;
                 let control_plane = matches!(command, Command::Admin(_));
@@ -247,7 +251,11 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
                         }
                     }
                 });
-                keypool_gateway::run_until(cfg, listener, shutdown, role, Some(ready)).await
+                let options = keypool_gateway::Options {
+                    ready: Some(ready),
+                    config_file: Some(config_file),
+                };
+                keypool_gateway::run_until(cfg, listener, shutdown, role, options).await
             }
             (Command::Frontend(args), _) => {
                 let listener = TcpListener::bind(&args.address)

@@ -283,3 +283,135 @@ pub fn http_server(
     .listen(listener)?
     .run())
 }
+
+/// SIGHUP reloads `file` (never stops the process): a file that does not validate is refused,
+/// its mistakes logged, the running config kept; a valid one goes through the same
+/// reconcile as an admin change ([`Control::apply_file`]), then new requests take the new
+/// policy while in-flight ones keep theirs. What only a restart changes (listen address,
+/// store, admin, redis, telemetry, notify, log writer, `lb_policy`) keeps its running value,
+/// and a change to it is logged.
+pub fn reload_on_hangup(
+    file: Option<std::path::PathBuf>,
+    control: &Arc<Control>,
+    engine: &Arc<arc_swap::ArcSwap<Engine>>,
+    pool: &PoolHandle,
+    shutdown: &CancellationToken,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        let (control, engine, pool, stop) = (
+            control.clone(),
+            engine.clone(),
+            pool.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    got = hangups.recv() => if got.is_none() { return },
+                }
+                let Some(file) = &file else {
+                    tracing::warn!("SIGHUP ignored: this process has no config file to reload");
+                    continue;
+                };
+                reload(file, &control, &engine, &pool).await;
+            }
+        });
+    }
+}
+
+async fn reload(
+    file: &std::path::Path,
+    control: &Arc<Control>,
+    engine: &Arc<arc_swap::ArcSwap<Engine>>,
+    pool: &PoolHandle,
+) {
+    let mut new = match keypool_config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                file = %file.display(),
+                "config not reloaded, the running one is kept:\n{e}"
+            );
+            return;
+        }
+    };
+    let old = control.config();
+    let mut restart_only = Vec::new();
+    if new.address != old.address {
+        restart_only.push("address");
+    }
+    if new.store != old.store {
+        restart_only.push("dbtype/dbaddr");
+    }
+    if new.lb_policy != old.lb_policy {
+        restart_only.push("lb_policy");
+    }
+    if new.admin.address != old.admin.address || new.admin.enabled != old.admin.enabled {
+        restart_only.push("admin");
+    }
+    if new.redis.is_some() != old.redis.is_some() {
+        restart_only.push("redis");
+    }
+    if !restart_only.is_empty() {
+        tracing::warn!(
+            fields = %restart_only.join(", "),
+            "these fields change only on a restart; their running values are kept"
+        );
+    }
+    new.address.clone_from(&old.address);
+    new.store = old.store.clone();
+    new.lb_policy = old.lb_policy;
+    new.admin = old.admin.clone();
+    new.redis = old.redis.clone();
+    new.telemetry = old.telemetry.clone();
+    new.notify = old.notify.clone();
+    new.log.queue_capacity = old.log.queue_capacity;
+    new.log.spill_path.clone_from(&old.log.spill_path);
+    new.log.spill_max_bytes = old.log.spill_max_bytes;
+    new.log.retention_days = old.log.retention_days;
+    let new = Arc::new(new);
+    match control.apply_file(new.clone()).await {
+        Ok(()) => {
+            engine.store(Arc::new(engine_for(new.clone(), pool)));
+            tracing::info!(
+                file = %file.display(),
+                keys = pool.keys().len(),
+                file_gateways = new.gateways.len(),
+                version = control.version(),
+                "config reloaded"
+            );
+        }
+        Err(e) => {
+            tracing::error!(file = %file.display(), error = %e, "config not reloaded, the running one is kept");
+        }
+    }
+}
+
+/// The one start-up line (store without its password, keys in service after the store's were
+/// restored, gateways, auth, admin), then `ready` is told.
+pub fn announce(
+    config: &Config,
+    pool: &PoolHandle,
+    gateways: usize,
+    ready: crate::Ready,
+    tell: Option<tokio::sync::oneshot::Sender<crate::Ready>>,
+) {
+    tracing::info!(
+        addr = %ready.api,
+        store = %config.store.describe(),
+        keys = pool.keys().len(),
+        gateways,
+        auth = if config.client_tokens.is_empty() { "open" } else { "client tokens" },
+        admin = %ready.admin.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        "keypool listening"
+    );
+    if let Some(tell) = tell {
+        let _ = tell.send(ready);
+    }
+}
