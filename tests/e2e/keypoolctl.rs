@@ -178,3 +178,82 @@ async fn keypoolctl_manages_a_running_keypool() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
     Ok(())
 }
+
+/// `KEYPOOL_ADMIN_URL` and `KEYPOOL_ADMIN_TOKEN` stand for `--server` and `--token` (an
+/// unauthenticated call names them); `keys add -f` takes an openai-api-route file's
+/// `upstreams:` list and adds every key, their secrets masked in what it prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keypoolctl_reads_the_environment_and_adds_an_upstreams_list() -> anyhow::Result<()> {
+    let up = mock("a", Behavior::default());
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("ctl.sqlite").display().to_string();
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("dbtype", "sqlite")
+            .set("dbaddr", &format!("\"{db}\""))
+            .key(&up, "a", "")
+            .block(&format!(
+                "admin: {{token: {ADMIN}, secret_key: ctl-sealing-key-0123456789}}"
+            ))
+            .yaml(),
+    )
+    .await?;
+    let server = gw.admin_url().await?;
+    let file = dir.path().join("oar.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "address: :8888\nauthorization: woshimima\nupstreams:\n\
+             - sk: sk-oar-first-secret-00000001\n  endpoint: {u}\n  name: oar-1\n\
+             - sk: short-sk-0001\n  endpoint: {u}\n  name: oar-2\n  allow: gpt-4o-mini\n",
+            u = up.url()
+        ),
+    )?;
+    let file = file.display().to_string();
+    let env_ctl = move |args: Vec<String>, token: Option<&'static str>| {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(keypoolctl_bin());
+            cmd.args(&args)
+                .env("KEYPOOL_ADMIN_URL", server)
+                .env_remove("KEYPOOL_ADMIN_TOKEN");
+            if let Some(t) = token {
+                cmd.env("KEYPOOL_ADMIN_TOKEN", t);
+            }
+            cmd.output()
+        })
+    };
+    let out = env_ctl(vec!["keys".into(), "list".into()], None).await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("Unauthenticated") && err.contains("KEYPOOL_ADMIN_TOKEN"),
+        "{err}"
+    );
+    let out = env_ctl(
+        vec!["keys".into(), "add".into(), "-f".into(), file],
+        Some(ADMIN),
+    )
+    .await??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("oar-1") && text.contains("oar-2"), "{text}");
+    assert!(
+        text.contains("sk-…0001") && text.contains("…0001"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("short-sk") && !text.contains("first-secret"),
+        "{text}"
+    );
+    let out = env_ctl(vec!["keys".into(), "list".into()], Some(ADMIN)).await??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.lines().count(), 4, "header, a, oar-1, oar-2:\n{text}");
+    Ok(())
+}

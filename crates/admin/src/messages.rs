@@ -20,21 +20,10 @@ pub(crate) fn gateway_pb(e: &GatewayEntry, control: &Control) -> pb::Gateway {
     }
 }
 
-/// `sk-…abcd`: enough to tell keys apart, never enough to use one.
+/// `sk-…abcd`: enough to tell keys apart, never enough to use one (see
+/// [`keypool_types::mask`]).
 pub fn mask(secret: &str) -> String {
-    let tail: String = secret
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    if secret.chars().count() <= 8 {
-        return "…".to_owned();
-    }
-    let head: String = secret.chars().take(3).collect();
-    format!("{head}…{tail}")
+    keypool_types::mask(secret)
 }
 
 pub(crate) fn key_pb(e: &KeyEntry, state: Option<&keypool_pool::KeyState>) -> pb::Key {
@@ -94,5 +83,6 @@ mod tests {
     fn masks_keep_only_a_hint() {
         assert_eq!(super::mask("sk-test-abcdefgh1234"), "sk-…1234");
         assert_eq!(super::mask("short"), "…");
+        assert_eq!(super::mask("0123456789abc"), "…9abc");
     }
 }

@@ -11,4 +11,4 @@ pub use error::{ApiError, ErrorKind, GrpcCode};
 pub use usage::{RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, new_event_id};
 
 mod secret;
-pub use secret::{Secret, constant_time_eq, strip_bearer};
+pub use secret::{Secret, constant_time_eq, mask, strip_bearer};

@@ -16,21 +16,29 @@ impl Secret {
         &self.0
     }
 
-    /// `sk-…abcd`: a prefix up to the first dash and the last four characters, as admin listings
-    /// show keys. Short secrets show only `…`.
+    /// `sk-…abcd`, as admin listings and logs show keys: see [`mask`].
     pub fn masked(&self) -> String {
-        let s = &self.0;
-        let chars: Vec<char> = s.chars().collect();
-        if chars.len() < 12 {
-            return "…".to_owned();
-        }
-        let prefix: String = match s.find('-') {
-            Some(i) if i <= 8 => s[..=i].to_owned(),
-            _ => String::new(),
-        };
-        let tail: String = chars[chars.len() - 4..].iter().collect();
-        format!("{prefix}…{tail}")
+        mask(&self.0)
     }
+}
+
+/// Enough of a secret to tell keys apart, never enough to use one: under 12 characters only
+/// `…`; under 20, `…` and the last 4 (at most 4 characters shown); longer, a prefix of up to 3
+/// characters ending in a dash or underscore (`sk-`, `r8_`) and the last 4.
+pub fn mask(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() < 12 {
+        return "…".to_owned();
+    }
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    if chars.len() < 20 {
+        return format!("…{tail}");
+    }
+    let prefix: String = match chars.iter().take(3).position(|c| *c == '-' || *c == '_') {
+        Some(i) => chars[..=i].iter().collect(),
+        None => String::new(),
+    };
+    format!("{prefix}…{tail}")
 }
 
 impl std::fmt::Debug for Secret {
@@ -77,9 +85,12 @@ mod tests {
     fn masks() {
         assert_eq!(Secret::new("sk-abcdefghijklmnop1234").masked(), "sk-…1234");
         assert_eq!(Secret::new("short").masked(), "…");
+        // a short secret shows at most 4 characters
+        assert_eq!(Secret::new("sk-abcdefgh12").masked(), "…gh12");
+        assert_eq!(Secret::new("sk-test-a-0123456789").masked(), "sk-…6789");
         assert_eq!(
             format!("{:?}", Secret::new("r8_abcdefghijklmnopqrstuvwxyz")),
-            "Secret(…wxyz)"
+            "Secret(r8_…wxyz)"
         );
     }
 

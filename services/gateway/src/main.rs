@@ -297,3 +297,31 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                out.push(format!("{path} <{id}>"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let path = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() {
+                out.push(path.clone());
+            }
+            undocumented(sub, &path, out);
+        }
+    }
+
+    #[test]
+    fn every_command_and_flag_has_help() {
+        let mut out = Vec::new();
+        undocumented(&super::Cli::command(), "keypool", &mut out);
+        assert!(out.is_empty(), "no help text: {out:?}");
+    }
+}

@@ -11,10 +11,15 @@ use clap::{Parser, Subcommand};
     about = "Manage a running keypool through its admin API"
 )]
 pub struct Cli {
-    /// The admin API.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:8889")]
+    /// The admin API (`https://` for one serving TLS).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYPOOL_ADMIN_URL",
+        default_value = "http://127.0.0.1:8889"
+    )]
     pub server: String,
-    /// Admin token (sent as `authorization: Bearer <token>`).
+    /// Admin token (sent as `authorization: Bearer <token>`); the API's `admin.token`.
     #[arg(
         long,
         global = true,
@@ -42,12 +47,13 @@ pub enum Cmd {
     Keys(KeyCmd),
     /// Tokens and calls per gateway / key / model, or live events with --follow.
     Usage {
+        /// Only this gateway (`default` is `/v1`).
         #[arg(long)]
         gateway: Option<String>,
-        /// Only with --follow.
+        /// Only this model (with --follow).
         #[arg(long)]
         model: Option<String>,
-        /// Only with --follow.
+        /// Only this key (with --follow).
         #[arg(long)]
         key: Option<String>,
         /// How far back: 30m, 24h, 7d.
@@ -63,62 +69,115 @@ pub enum Cmd {
 
 #[derive(Debug, Subcommand)]
 pub enum GatewayCmd {
+    /// Every gateway, `default` (`/v1`) first: owner, auth, quota and use.
     List,
+    /// One gateway and its spec (secrets hashed).
     Get {
+        /// The gateway's name.
         name: String,
     },
     /// Create from a YAML/JSON file holding one `gateways:` entry.
     Create {
+        /// The file (`name`, `auth`, `models`, `rate_limits`, ... as in the config file).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
     /// Replace a gateway's spec with the file's.
     Update {
+        /// The gateway's name.
         name: String,
+        /// The file holding its new spec.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// Delete an admin-owned gateway (a config file's gateways change in the file).
     Delete {
+        /// The gateway's name.
         name: String,
     },
     /// Replace the gateway's secrets with one new secret, printed once.
     RotateSecret {
+        /// The gateway's name.
         name: String,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCmd {
+    /// Every key: secret (masked), health, cooldown, rpm/tpm use, counts, last error.
     List,
-    /// Add from a YAML/JSON file holding one `upstreams:` entry.
+    /// Add keys from a YAML/JSON file: one `upstreams:` entry, a list of them, or a config
+    /// file's `upstreams:` (openai-api-route's included). The secrets are sealed before they
+    /// are stored.
     Add {
+        /// The file.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// Change a key's budgets or model lists (admin-owned keys; `enabled` for any).
     Update {
+        /// The key's name.
         name: String,
+        /// Requests per minute.
         #[arg(long)]
         rpm: Option<u32>,
+        /// Tokens per minute.
         #[arg(long)]
         tpm: Option<u64>,
+        /// Remove the rpm budget.
         #[arg(long, conflicts_with = "rpm")]
         clear_rpm: bool,
+        /// Remove the tpm budget.
         #[arg(long, conflicts_with = "tpm")]
         clear_tpm: bool,
         /// Comma-separated models (`prefix*` allowed); empty clears.
         #[arg(long)]
         allow: Option<String>,
+        /// Comma-separated models refused (`prefix*` allowed); empty clears.
         #[arg(long)]
         deny: Option<String>,
     },
+    /// Put a disabled key back in service.
     Enable {
+        /// The key's name.
         name: String,
     },
+    /// Stop picking a key (in-flight requests finish); kept across restarts.
     Disable {
+        /// The key's name.
         name: String,
     },
     /// Stop using a key, wait for its in-flight requests, forget it.
     Remove {
+        /// The key's name.
         name: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                out.push(format!("{path} <{id}>"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let path = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() {
+                out.push(path.clone());
+            }
+            undocumented(sub, &path, out);
+        }
+    }
+
+    #[test]
+    fn every_subcommand_and_flag_has_help() {
+        let mut out = Vec::new();
+        undocumented(&super::Cli::command(), "keypoolctl", &mut out);
+        assert!(out.is_empty(), "no help text: {out:?}");
+    }
 }

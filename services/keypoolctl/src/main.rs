@@ -35,6 +35,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
+                Some(s) if s.code() == tonic::Code::Unauthenticated => eprintln!(
+                    "keypoolctl: Unauthenticated: {} (pass --token or set KEYPOOL_ADMIN_TOKEN; \
+                     the server is --server or KEYPOOL_ADMIN_URL)",
+                    s.message()
+                ),
                 Some(s) => eprintln!("keypoolctl: {:?}: {}", s.code(), s.message()),
                 None => eprintln!("keypoolctl: {e:#}"),
             }
@@ -86,11 +91,61 @@ fn read_gateway(path: &PathBuf) -> anyhow::Result<pb::GatewaySpec> {
     Ok(pb::GatewaySpec::from(&raw))
 }
 
-/// A YAML or JSON file holding one `upstreams:` entry of the config file, as its message.
-fn read_key(path: &PathBuf) -> anyhow::Result<pb::UpstreamSpec> {
-    let raw: RawUpstream = serde_norway::from_str(&read(path)?)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(pb::UpstreamSpec::from(&raw))
+/// A YAML or JSON file holding `upstreams:` entries of the config file: one entry, a list
+/// of them, or a whole config file's `upstreams:` (openai-api-route's too).
+fn read_keys(path: &PathBuf) -> anyhow::Result<Vec<pb::UpstreamSpec>> {
+    let bad = |e: serde_norway::Error| anyhow::anyhow!("{}: {e}", path.display());
+    let value: serde_norway::Value = serde_norway::from_str(&read(path)?).map_err(bad)?;
+    let entries = match value {
+        serde_norway::Value::Mapping(mut m) => match m.remove("upstreams") {
+            Some(list) => list,
+            None => serde_norway::Value::Sequence(vec![serde_norway::Value::Mapping(m)]),
+        },
+        list => list,
+    };
+    let raws: Vec<RawUpstream> = serde_norway::from_value(entries).map_err(bad)?;
+    anyhow::ensure!(!raws.is_empty(), "{}: no upstreams in it", path.display());
+    Ok(raws.iter().map(pb::UpstreamSpec::from).collect())
+}
+
+/// `usage --follow`'s columns, fixed widths so lines stay aligned as they come.
+const FOLLOW_HEADER: [&str; 9] = [
+    "TIME",
+    "GATEWAY",
+    "MODEL",
+    "KEY",
+    "STATUS",
+    "ATTEMPTS",
+    "PROMPT",
+    "COMPLETION",
+    "LATENCY_MS",
+];
+const FOLLOW_WIDTHS: [usize; 9] = [19, 12, 22, 16, 6, 8, 8, 10, 10];
+
+fn follow_line(cells: &[String; 9]) -> String {
+    let parts: Vec<String> = cells
+        .iter()
+        .zip(FOLLOW_WIDTHS)
+        .enumerate()
+        .map(|(i, (c, w))| {
+            if i >= 4 {
+                format!("{c:>w$}")
+            } else {
+                format!("{c:<w$}")
+            }
+        })
+        .collect();
+    parts.join("  ")
+}
+
+/// A usage group as shown: a request no key served (refused by the pool: every key busy,
+/// cooling down or not allowed) has no key.
+fn group_name(title: &str, group: &str) -> String {
+    match (title, group) {
+        ("KEY", "") => "(none: refused by the pool)".to_owned(),
+        (_, "") => "-".to_owned(),
+        _ => group.to_owned(),
+    }
 }
 
 /// `30m`, `24h`, `7d`, `90s` → milliseconds.
@@ -196,13 +251,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_keys(&cli, &r.keys);
             }
             KeyCmd::Add { file } => {
-                let r = c
-                    .add_key(pb::AddKeyRequest {
-                        key: Some(read_key(file)?),
-                    })
-                    .await?
-                    .into_inner();
-                print_keys(&cli, &[r]);
+                let mut added = Vec::new();
+                for key in read_keys(file)? {
+                    match c.add_key(pb::AddKeyRequest { key: Some(key) }).await {
+                        Ok(r) => added.push(r.into_inner()),
+                        Err(e) => {
+                            print_keys(&cli, &added);
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "{} of the file's keys added before this one was refused",
+                                added.len()
+                            )));
+                        }
+                    }
+                }
+                print_keys(&cli, &added);
             }
             KeyCmd::Update {
                 name,
@@ -270,9 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 if !cli.json {
-                    println!(
-                        "TIME  GATEWAY  MODEL  KEY  STATUS  ATTEMPTS  PROMPT  COMPLETION  LATENCY_MS"
-                    );
+                    println!("{}", follow_line(&FOLLOW_HEADER.map(str::to_owned)));
                 }
                 while let Some(e) = stream.message().await? {
                     if cli.json {
@@ -288,16 +348,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         );
                     } else {
                         println!(
-                            "{}  {}  {}  {}  {}  {}  {}  {}  {}",
-                            time(e.at_ms),
-                            e.gateway,
-                            e.model,
-                            e.key.as_deref().unwrap_or("-"),
-                            e.status,
-                            e.attempts,
-                            e.prompt_tokens.unwrap_or(0),
-                            e.completion_tokens.unwrap_or(0),
-                            e.latency_ms
+                            "{}",
+                            follow_line(&[
+                                time(e.at_ms),
+                                e.gateway,
+                                e.model,
+                                e.key.unwrap_or_else(|| "(none)".to_owned()),
+                                e.status.to_string(),
+                                e.attempts.to_string(),
+                                e.prompt_tokens.unwrap_or(0).to_string(),
+                                e.completion_tokens.unwrap_or(0).to_string(),
+                                e.latency_ms.to_string(),
+                            ])
                         );
                     }
                     let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -347,7 +409,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|t| {
                         vec![
-                            t.group.clone(),
+                            group_name(title, &t.group),
                             t.calls.to_string(),
                             t.errors.to_string(),
                             t.prompt_tokens.to_string(),
