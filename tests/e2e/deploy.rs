@@ -5,21 +5,44 @@ use std::process::Command;
 
 use keypool_e2e::{REPO_ROOT, keypool_bin, python_venv};
 
+/// The variables the Kubernetes Secret sets (`${...}` in the ConfigMap's config).
+const SECRET_ENV: [(&str, &str); 5] = [
+    ("KEYPOOL_ADMIN_TOKEN", "from-the-k8s-secret"),
+    ("KEYPOOL_SECRET_KEY", "from-the-k8s-secret"),
+    ("KEYPOOL_CLIENT_TOKENS", "client-token-from-the-secret"),
+    ("KEYPOOL_DB_PASSWORD", "db-password-from-the-secret"),
+    ("OPENAI_API_KEY_1", "sk-from-the-secret-0123456789"),
+];
+
 /// Runs `keypool admin` (the control plane) on a config: it must get past validation (exit
 /// code 2 and "invalid config" mean it did not); it then fails to reach the database this
-/// machine does not have.
+/// machine does not have. `keypool check` must find its `/v1` closed (client tokens set).
 fn loads(path: &str) -> anyhow::Result<()> {
     let out = Command::new(keypool_bin())
         .args(["admin", "--config", path, "--address", "127.0.0.1:0"])
         .args(["--admin-address", "127.0.0.1:0"])
-        .env("KEYPOOL_ADMIN_TOKEN", "from-the-k8s-secret")
-        .env("KEYPOOL_SECRET_KEY", "from-the-k8s-secret")
+        .envs(SECRET_ENV)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     anyhow::ensure!(
         out.status.code() != Some(2) && !err.contains("invalid config"),
         "{path} does not load: {err}"
     );
+    let check = Command::new(keypool_bin())
+        .args(["check", "--config", path])
+        .envs(SECRET_ENV)
+        .output()?;
+    let summary = String::from_utf8_lossy(&check.stdout);
+    anyhow::ensure!(
+        check.status.success() && summary.contains("client token(s)) at /v1"),
+        "{path}: /v1 is not closed by client tokens:\n{summary}"
+    );
+    for (_, secret) in SECRET_ENV {
+        anyhow::ensure!(
+            !summary.contains(secret),
+            "{path}: a secret is shown:\n{summary}"
+        );
+    }
     Ok(())
 }
 
@@ -42,6 +65,18 @@ fn deploy_configs_load_and_manifests_validate() -> anyhow::Result<()> {
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, embedded)?;
     loads(&path.display().to_string())?;
+    // without the Secret's variables the config is refused, naming them: nothing is silently
+    // empty
+    let bare = Command::new(keypool_bin())
+        .args(["check", "--config", &path.display().to_string()])
+        .output()?;
+    let err = String::from_utf8_lossy(&bare.stderr);
+    assert_eq!(bare.status.code(), Some(2), "{err}");
+    assert!(err.contains("KEYPOOL_CLIENT_TOKENS is not set"), "{err}");
+    assert!(!k8s.contains("sk-replace-me"), "no key in the ConfigMap");
+    // the image is built from the sources only
+    let ignore = std::fs::read_to_string(format!("{REPO_ROOT}/.dockerignore"))?;
+    assert!(ignore.lines().any(|l| l.trim() == "target/"), "{ignore}");
 
     let venv = python_venv()?;
     let compose = Command::new(venv.join("bin/python"))
