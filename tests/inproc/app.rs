@@ -73,6 +73,31 @@ impl App {
         Ok(req.send().await?)
     }
 
+    /// `GET path` written on the socket as it is (an HTTP client would normalise the path
+    /// first): the status line's code and the body.
+    pub async fn raw_get(&self, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let host = self.origin.trim_start_matches("http://");
+        let mut tcp = tokio::net::TcpStream::connect(host).await?;
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await??;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status line")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        Ok((code, body))
+    }
+
     /// POSTs JSON to `/v1/chat/completions`.
     pub async fn chat(&self, token: &str, body: Value) -> anyhow::Result<reqwest::Response> {
         self.post("/v1/chat/completions", token, &body).await

@@ -320,3 +320,54 @@ async fn an_upgrade_is_refused_at_once() -> anyhow::Result<()> {
     assert_eq!(up.requests(), 0);
     Ok(())
 }
+
+/// Path rules see one spelling of the path, the one forwarded: repeated slashes, `.` segments,
+/// a trailing slash and encoded unreserved characters cannot pass a `deny`; `..` and `;` are
+/// refused with 400 before anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_path_meets_the_same_rules() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let app = App::start(
+        &config()
+            .token("t")
+            .key(
+                &up,
+                "up",
+                "allow: ['/v1/sandbox/*'], deny: ['/v1/sandbox/secret']",
+            )
+            .yaml(),
+    )
+    .await?;
+    for spelling in [
+        "/v1/sandbox/secret",
+        "/v1/sandbox//secret",
+        "/v1/sandbox/./secret",
+        "/v1/sandbox/secret/",
+        "/v1/sandbox/%73ecret",
+    ] {
+        let (code, body) = app.raw_get(spelling, "t").await?;
+        assert_eq!(code, 404, "{spelling}: {body}");
+        assert!(body.contains("model_not_found"), "{spelling}: {body}");
+    }
+    for refused in [
+        "/v1/sandbox/../../admin/keys",
+        "/v1/sandbox/%2e%2e/x",
+        "/v1/sandbox/secret;x",
+    ] {
+        let (code, body) = app.raw_get(refused, "t").await?;
+        assert_eq!(code, 400, "{refused}: {body}");
+        assert!(body.contains("invalid_request_error"), "{refused}: {body}");
+    }
+    assert_eq!(up.requests(), 0, "nothing reached the upstream");
+    // an allowed path is forwarded in its plain form
+    let (code, _) = app.raw_get("/v1/sandbox//%6Fpen/", "t").await?;
+    assert_eq!(
+        code, 404,
+        "the mock has no such route; what matters is what it was asked"
+    );
+    assert_eq!(
+        up.last_request().map(|r| r.path),
+        Some("/v1/sandbox/open".to_owned())
+    );
+    Ok(())
+}

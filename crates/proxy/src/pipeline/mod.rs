@@ -14,7 +14,8 @@
 //!                        (crate::forward)             (crate::relay)      (crate::ctx)
 //! ```
 //!
-//! The order is written once, in `prepare`; each phase is a function in its own module.
+//! Before any phase the path is normalised once (`path.rs`): the form every rule sees is the
+//! form forwarded. The order is written once, in `prepare`; each phase is a function in its own module.
 //! A credential in the body (`body:` positions) is the one reason the body is read before the
 //! caller is known. What each phase records (spans, metrics, alerts) is said in one place,
 //! `crate::observe`; the phases call it at their boundaries.
@@ -24,6 +25,7 @@ mod admit;
 mod authenticate;
 mod body;
 mod context;
+mod path;
 
 pub use authenticate::Incoming;
 
@@ -67,7 +69,12 @@ pub async fn handle(
         );
         return error_response(&error, None);
     }
-    let Some((gateway, path)) = route(req.path()) else {
+    // one spelling of the path for every rule and for the upstream
+    let normal = match path::normalise(req.path()) {
+        Ok(p) => p,
+        Err(error) => return error_response(&error, None),
+    };
+    let Some((gateway, path)) = route(&normal) else {
         return error_response(
             &ApiError::new(ErrorKind::NotFound, "Unknown request URL."),
             None,

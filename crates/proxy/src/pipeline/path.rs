@@ -1,0 +1,137 @@
+//! `normalise`: the request path as every rule sees it and as it is forwarded, made once,
+//! before routing. Repeated slashes, `.` segments and a trailing slash go; percent-encoded
+//! unreserved characters (`%73` is `s`) are decoded; `..` segments and `;` (path parameters,
+//! which some upstream servers strip) are refused, so no spelling of a path can pass an
+//! `allow`/`deny` rule that its plain form would not, or leave `/v1/` upstream.
+
+use std::borrow::Cow;
+
+use keypool_types::{ApiError, ErrorKind};
+
+fn refused(why: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::InvalidRequest,
+        format!("The request path is not accepted: {why}."),
+    )
+}
+
+/// Whether `b` is an RFC 3986 unreserved character (decoded when percent-encoded).
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// One segment with its unreserved characters decoded; other escapes kept, in upper case.
+fn decode_segment(seg: &str) -> String {
+    let bytes = seg.as_bytes();
+    let mut out = String::with_capacity(seg.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            let b = h * 16 + l;
+            if unreserved(b) {
+                out.push(char::from(b));
+            } else {
+                out.push('%');
+                out.push_str(&format!("{b:02X}"));
+            }
+            i += 3;
+        } else {
+            // the path is ASCII (actix refuses anything else); push the char as it is
+            let ch = seg[i..].chars().next().unwrap_or('\u{FFFD}');
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    out
+}
+
+/// The path to route and forward: borrowed when it is already normal (the common case costs
+/// one scan and no allocation).
+pub fn normalise(path: &str) -> Result<Cow<'_, str>, ApiError> {
+    if path.contains(';') {
+        return Err(refused("`;` path parameters are refused"));
+    }
+    let plain = !path.contains("//")
+        && !path.contains("/.")
+        && !path.contains('%')
+        && (path.len() <= 1 || !path.ends_with('/'));
+    if plain {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut out = String::with_capacity(path.len());
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        let seg = if seg.contains('%') {
+            Cow::Owned(decode_segment(seg))
+        } else {
+            Cow::Borrowed(seg)
+        };
+        match &*seg {
+            "." => {}
+            ".." => return Err(refused("`..` segments are refused")),
+            s => {
+                out.push('/');
+                out.push_str(s);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalise;
+
+    #[test]
+    fn a_normal_path_is_borrowed() {
+        assert!(matches!(
+            normalise("/v1/chat/completions").unwrap(),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn every_spelling_of_a_path_becomes_its_plain_form() {
+        for raw in [
+            "/v1/sandbox//secret",
+            "/v1/sandbox/./secret",
+            "/v1/sandbox/secret/",
+            "/v1/sandbox/%73ecret",
+            "/v1/sandbox/%73%65%63%72%65%74",
+            "//v1///sandbox/secret",
+            "/v1/sandbox/%2e/secret",
+        ] {
+            assert_eq!(normalise(raw).unwrap(), "/v1/sandbox/secret", "{raw}");
+        }
+        // a reserved character stays encoded (upper-case hex)
+        assert_eq!(normalise("/v1/files/a%2fb").unwrap(), "/v1/files/a%2Fb");
+    }
+
+    #[test]
+    fn dot_dot_and_path_parameters_are_refused() {
+        for raw in [
+            "/v1/sandbox/../../admin/keys",
+            "/v1/sandbox/%2e%2e/admin",
+            "/v1/sandbox/%2E%2E",
+            "/v1/sandbox/secret;x",
+        ] {
+            assert!(normalise(raw).is_err(), "{raw}");
+        }
+    }
+}
