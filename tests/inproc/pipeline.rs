@@ -371,3 +371,56 @@ async fn every_spelling_of_a_path_meets_the_same_rules() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An upstream that answers `status_line` to every request on a raw socket (keeping the
+/// connection open, as an upgraded one would be); its `http://…/v1` URL.
+async fn raw_upstream(status_line: &'static str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp.write_all(status_line.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    Ok(url)
+}
+
+/// A 101 (or a status outside HTTP's) is not an answer: the attempt fails over to the next
+/// key, and with no other key the client gets 502, never the 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_101_or_600_fails_over_and_is_never_relayed() -> anyhow::Result<()> {
+    let good = mock("good", Behavior::default());
+    for line in [
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        "HTTP/1.1 600 Weird\r\nContent-Length: 0\r\n\r\n",
+    ] {
+        let bad = raw_upstream(line).await?;
+        let yaml = format!(
+            "authorization: t\ndbtype: none\nlb_policy: order\nupstreams:\n  \
+             - {{name: bad, sk: sk-bad-0123456789, endpoint: \"{bad}\"}}\n  \
+             - {{name: good, sk: sk-good-0123456789, endpoint: \"{}\"}}\n",
+            good.url()
+        );
+        let app = App::start(&yaml).await?;
+        let resp = app.chat("t", hello("gpt-4o-mini")).await?;
+        assert_eq!(resp.status(), 200, "{line}");
+        assert_eq!(served_by(&resp), "good");
+        let alone = App::start(&format!(
+            "authorization: t\ndbtype: none\nupstreams:\n  - {{name: bad, sk: sk-bad-0123456789, endpoint: \"{bad}\"}}\n"
+        ))
+        .await?;
+        let resp = alone.chat("t", hello("gpt-4o-mini")).await?;
+        assert_eq!(
+            status_code(resp).await?,
+            (502, "upstream_unreachable".into()),
+            "{line}"
+        );
+    }
+    Ok(())
+}

@@ -106,7 +106,7 @@ enum Class {
 
 fn classify(status: u16, headers: &HeaderMap, passthrough_auth: bool) -> Class {
     match status {
-        100..=399 => Class::Success,
+        200..=399 => Class::Success,
         401 | 403 if passthrough_auth => Class::Client,
         401 | 403 => Class::Retry(Outcome::AuthFailed { status }),
         429 => Class::Retry(Outcome::RateLimited {
@@ -170,6 +170,21 @@ impl Engine {
         ctx.ttfb = Some(ctx.started.elapsed());
         span.record("http.response.status_code", resp.status);
         lease.observe_ttfb(started.elapsed());
+        if !(200..=599).contains(&resp.status) {
+            // a 1xx (101 above all) or a number outside HTTP's is no answer to relay
+            let status = resp.status;
+            lease.settle(Outcome::ServerError { status });
+            tracing::warn!(key = %key.name, status, "upstream answered with no final HTTP status; failing over");
+            return Attempt::Failed(Failure::Transport {
+                error: ApiError::new(
+                    ErrorKind::UpstreamUnreachable,
+                    format!(
+                        "The upstream answered with status {status}, which is not a final answer."
+                    ),
+                ),
+                key: key.name.clone(),
+            });
+        }
         match classify(resp.status, &resp.headers, key.passthrough_auth) {
             Class::Success if stream && is_sse(&resp.headers) => {
                 self.relay(ctx, resp, lease, deadline).await
