@@ -102,11 +102,14 @@ enum Class {
     Client,
     /// Fail over; report this outcome for the key.
     Retry(Outcome),
+    /// No final HTTP status (a 1xx, or a number outside HTTP's).
+    NoAnswer,
 }
 
 fn classify(status: u16, headers: &HeaderMap, passthrough_auth: bool) -> Class {
     match status {
         200..=399 => Class::Success,
+        0..=199 | 600.. => Class::NoAnswer,
         401 | 403 if passthrough_auth => Class::Client,
         401 | 403 => Class::Retry(Outcome::AuthFailed { status }),
         429 => Class::Retry(Outcome::RateLimited {
@@ -118,6 +121,21 @@ fn classify(status: u16, headers: &HeaderMap, passthrough_auth: bool) -> Class {
         408 | 500..=599 => Class::Retry(Outcome::ServerError { status }),
         _ => Class::Client,
     }
+}
+
+/// A 1xx (101 above all) or a number outside HTTP's is no answer to relay: an upstream
+/// protocol error, failed over like a 5xx, 502 when it is the last.
+fn no_final_status(lease: Lease, status: u16) -> Attempt {
+    let key = lease.key.name.clone();
+    lease.settle(Outcome::ServerError { status });
+    tracing::warn!(key = %key, status, "upstream answered with no final HTTP status; failing over");
+    Attempt::Failed(Failure::Transport {
+        error: ApiError::new(
+            ErrorKind::UpstreamUnreachable,
+            format!("The upstream answered with status {status}, which is not a final answer."),
+        ),
+        key,
+    })
 }
 
 /// Longest time spent reading the body of an upstream error before failing over.
@@ -170,26 +188,12 @@ impl Engine {
         ctx.ttfb = Some(ctx.started.elapsed());
         span.record("http.response.status_code", resp.status);
         lease.observe_ttfb(started.elapsed());
-        if !(200..=599).contains(&resp.status) {
-            // a 1xx (101 above all) or a number outside HTTP's is no answer to relay
-            let status = resp.status;
-            lease.settle(Outcome::ServerError { status });
-            tracing::warn!(key = %key.name, status, "upstream answered with no final HTTP status; failing over");
-            return Attempt::Failed(Failure::Transport {
-                error: ApiError::new(
-                    ErrorKind::UpstreamUnreachable,
-                    format!(
-                        "The upstream answered with status {status}, which is not a final answer."
-                    ),
-                ),
-                key: key.name.clone(),
-            });
-        }
         match classify(resp.status, &resp.headers, key.passthrough_auth) {
             Class::Success if stream && is_sse(&resp.headers) => {
                 self.relay(ctx, resp, lease, deadline).await
             }
             Class::Success => whole(ctx, resp, lease, started, span).await,
+            Class::NoAnswer => no_final_status(lease, resp.status),
             Class::Client => {
                 let UpstreamResponse {
                     status,

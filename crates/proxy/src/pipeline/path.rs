@@ -5,6 +5,7 @@
 //! `allow`/`deny` rule that its plain form would not, or leave `/v1/` upstream.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use keypool_types::{ApiError, ErrorKind};
 
@@ -45,8 +46,7 @@ fn decode_segment(seg: &str) -> String {
             if unreserved(b) {
                 out.push(char::from(b));
             } else {
-                out.push('%');
-                out.push_str(&format!("{b:02X}"));
+                let _ = write!(out, "%{b:02X}");
             }
             i += 3;
         } else {
