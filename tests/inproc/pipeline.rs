@@ -375,15 +375,23 @@ async fn every_spelling_of_a_path_meets_the_same_rules() -> anyhow::Result<()> {
 /// An upstream that answers `status_line` to every request on a raw socket (keeping the
 /// connection open, as an upgraded one would be); its `http://…/v1` URL.
 async fn raw_upstream(status_line: &'static str) -> anyhow::Result<String> {
+    raw_answer(status_line.as_bytes().to_vec()).await
+}
+
+/// An upstream that writes `answer` (head and body, as bytes) to every request on a raw
+/// socket, then keeps the connection open; its `http://…/v1` URL.
+async fn raw_answer(answer: Vec<u8>) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/v1", listener.local_addr()?);
+    let answer = std::sync::Arc::new(answer);
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = tcp.read(&mut buf).await;
-                let _ = tcp.write_all(status_line.as_bytes()).await;
+                let _ = tcp.write_all(&answer).await;
                 tokio::time::sleep(Duration::from_secs(30)).await;
             });
         }
@@ -422,5 +430,95 @@ async fn an_upstream_101_or_600_fails_over_and_is_never_relayed() -> anyhow::Res
             "{line}"
         );
     }
+    Ok(())
+}
+
+/// Upstream answers are bounded: a whole answer past `max_response_bytes` is a 502
+/// `response_too_large` (never buffered past the limit); an error body past 1 MiB on the
+/// failover path fails over, and alone is that 502; one stream event past
+/// `max_stream_event_bytes` ends the stream with an error event; a stream past
+/// `stream_deadline` ends with one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_are_bounded() -> anyhow::Result<()> {
+    let long = mock(
+        "long",
+        Behavior {
+            reply_words: 3000,
+            ..Behavior::default()
+        },
+    );
+    let app = App::start(
+        &config()
+            .token("t")
+            .set("max_response_bytes", "4096")
+            .key(&long, "long", "")
+            .yaml(),
+    )
+    .await?;
+    let resp = app.chat("t", hello("gpt-4o-mini")).await?;
+    assert_eq!(status_code(resp).await?, (502, "response_too_large".into()));
+
+    let mut huge_error = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 3145728\r\n\r\n".to_vec();
+    huge_error.resize(huge_error.len() + (3 << 20), b' ');
+    let bad = raw_answer(huge_error).await?;
+    let good = mock("good", Behavior::default());
+    let yaml = |keys: &str| {
+        format!("authorization: t\ndbtype: none\nlb_policy: order\nupstreams:\n{keys}")
+    };
+    let bad_key = format!("  - {{name: bad, sk: sk-bad-0123456789, endpoint: \"{bad}\"}}\n");
+    let good_key = format!(
+        "  - {{name: good, sk: sk-good-0123456789, endpoint: \"{}\"}}\n",
+        good.url()
+    );
+    let app = App::start(&yaml(&format!("{bad_key}{good_key}"))).await?;
+    let resp = app.chat("t", hello("gpt-4o-mini")).await?;
+    assert_eq!(served_by(&resp), "good");
+    let app = App::start(&yaml(&bad_key)).await?;
+    let resp = app.chat("t", hello("gpt-4o-mini")).await?;
+    assert_eq!(status_code(resp).await?, (502, "response_too_large".into()));
+
+    let mut endless = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: ".to_vec();
+    endless.resize(endless.len() + 8192, b'x');
+    let sse = raw_answer(endless).await?;
+    let app = App::start(&format!(
+        "authorization: t\ndbtype: none\nmax_stream_event_bytes: 2048\nupstreams:\n  - {{name: sse, sk: sk-sse-0123456789, endpoint: \"{sse}\"}}\n"
+    ))
+    .await?;
+    let mut req = hello("gpt-4o-mini");
+    req["stream"] = serde_json::json!(true);
+    let text = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.chat("t", req.clone()).await?.text(),
+    )
+    .await??;
+    assert!(
+        text.contains("max_stream_event_bytes") && !text.contains("xxxx"),
+        "{text}"
+    );
+
+    let slow = mock(
+        "slow",
+        Behavior {
+            chunk_interval_ms: 100,
+            reply_words: 40,
+            ..Behavior::default()
+        },
+    );
+    let app = App::start(
+        &config()
+            .token("t")
+            .set("stream_deadline", "0.5")
+            .key(&slow, "slow", "")
+            .yaml(),
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let text = app.chat("t", req).await?.text().await?;
+    assert!(text.contains("stream_deadline"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     Ok(())
 }

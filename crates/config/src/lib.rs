@@ -42,6 +42,13 @@ pub struct Config {
     /// How long a request may wait for a key with budget before it gets 429.
     pub queue_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Largest upstream answer buffered whole; past it the client gets 502
+    /// `response_too_large`.
+    pub max_response_bytes: usize,
+    /// Largest single event of an upstream stream; past it the stream ends with an error event.
+    pub max_stream_event_bytes: usize,
+    /// Longest a stream may last (`None`: only `idle_timeout` bounds it).
+    pub stream_deadline: Option<Duration>,
     /// Failover attempts after the first one.
     pub retries: u32,
     pub shutdown_grace: Duration,

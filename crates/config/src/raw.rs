@@ -34,6 +34,12 @@ pub struct RawConfig {
     pub retries: Option<u32>,
     /// How long in-flight requests get to finish on SIGTERM. Default 30.
     pub shutdown_grace: Option<Seconds>,
+    /// Largest upstream answer buffered whole (non-stream answers, error bodies). Default 64 MiB.
+    pub max_response_bytes: Option<u64>,
+    /// Largest single event of an upstream stream. Default 4 MiB.
+    pub max_stream_event_bytes: Option<u64>,
+    /// Longest a stream may last, in seconds. Default: no limit (only `idle_timeout`).
+    pub stream_deadline: Option<Seconds>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
     /// What is recorded of each request, and how usage is written.
@@ -101,6 +107,9 @@ pub struct RawPolicy {
     pub max_body_bytes: Option<u64>,
     pub retries: Option<u32>,
     pub shutdown_grace: Option<Seconds>,
+    pub max_response_bytes: Option<u64>,
+    pub max_stream_event_bytes: Option<u64>,
+    pub stream_deadline: Option<Seconds>,
     pub trusted_proxies: Vec<String>,
     /// The recording half of `log:` (where the events go is each process's own).
     pub log: RawLogPolicy,
@@ -136,6 +145,9 @@ impl RawConfig {
             max_body_bytes: self.max_body_bytes,
             retries: self.retries,
             shutdown_grace: self.shutdown_grace,
+            max_response_bytes: self.max_response_bytes,
+            max_stream_event_bytes: self.max_stream_event_bytes,
+            stream_deadline: self.stream_deadline,
             trusted_proxies: self.trusted_proxies.clone(),
             log: RawLogPolicy {
                 request_body: log.is_some_and(|l| l.request_body),
@@ -162,6 +174,9 @@ impl RawConfig {
         self.max_body_bytes = policy.max_body_bytes;
         self.retries = policy.retries;
         self.shutdown_grace = policy.shutdown_grace;
+        self.max_response_bytes = policy.max_response_bytes;
+        self.max_stream_event_bytes = policy.max_stream_event_bytes;
+        self.stream_deadline = policy.stream_deadline;
         self.trusted_proxies = policy.trusted_proxies;
         let log = self.log.get_or_insert_with(RawLog::default);
         log.request_body = policy.log.request_body;

@@ -141,6 +141,21 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let max_body_bytes =
         errs.ranged("max_body_bytes", raw.max_body_bytes, 32 << 20, 1..=1 << 30) as usize;
+    let max_response_bytes = errs.ranged(
+        "max_response_bytes",
+        raw.max_response_bytes,
+        64 << 20,
+        1024..=4 << 30,
+    ) as usize;
+    let max_stream_event_bytes = errs.ranged(
+        "max_stream_event_bytes",
+        raw.max_stream_event_bytes,
+        4 << 20,
+        1024..=256 << 20,
+    ) as usize;
+    let stream_deadline = raw
+        .stream_deadline
+        .map(|s| errs.seconds("stream_deadline", Some(s), Duration::ZERO));
 
     if let Some(r) = raw.retries {
         errs.ranged("retries", Some(r), 0, 0..=100);
@@ -183,6 +198,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         lb_policy,
         queue_timeout,
         max_body_bytes,
+        max_response_bytes,
+        max_stream_event_bytes,
+        stream_deadline,
         retries,
         shutdown_grace,
         upstreams,

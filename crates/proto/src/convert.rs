@@ -165,6 +165,9 @@ impl From<&RawPolicy> for pb::Policy {
             max_body_bytes: p.max_body_bytes,
             retries: p.retries,
             shutdown_grace: p.shutdown_grace,
+            max_response_bytes: p.max_response_bytes,
+            max_stream_event_bytes: p.max_stream_event_bytes,
+            stream_deadline: p.stream_deadline,
             trusted_proxies: p.trusted_proxies.clone(),
             log: Some(pb::LogPolicy {
                 request_body: p.log.request_body,
@@ -191,6 +194,9 @@ impl From<pb::Policy> for RawPolicy {
             max_body_bytes: p.max_body_bytes,
             retries: p.retries,
             shutdown_grace: p.shutdown_grace,
+            max_response_bytes: p.max_response_bytes,
+            max_stream_event_bytes: p.max_stream_event_bytes,
+            stream_deadline: p.stream_deadline,
             trusted_proxies: p.trusted_proxies,
             log: RawLogPolicy {
                 request_body: log.request_body,

@@ -138,6 +138,87 @@ fn no_final_status(lease: Lease, status: u16) -> Attempt {
     })
 }
 
+/// An upstream 4xx that is the caller's: relayed as it is (the key is fine), unless it is
+/// larger than keypool buffers.
+async fn client_error(
+    resp: UpstreamResponse,
+    lease: Lease,
+    until: Instant,
+    limit: usize,
+) -> Attempt {
+    let UpstreamResponse {
+        status,
+        headers,
+        body,
+    } = resp;
+    let key = lease.key.name.clone();
+    let body = read_body(body, until, limit).await;
+    lease.settle(Outcome::ClientError { status });
+    match body {
+        Err(BodyError::TooLarge) => too_large(key, limit),
+        body => Attempt::Done(Reply::Whole {
+            status,
+            headers,
+            body: body.unwrap_or_default(),
+            key: Some(key),
+            usage: None,
+        }),
+    }
+}
+
+/// An upstream refusal that fails over: its body kept (up to [`ERROR_BODY_LIMIT`]) for when it
+/// is the last.
+async fn refused(resp: UpstreamResponse, lease: Lease, outcome: Outcome) -> Attempt {
+    let UpstreamResponse {
+        status,
+        headers,
+        body,
+    } = resp;
+    let key = lease.key.name.clone();
+    let body = read_body(body, Instant::now() + ERROR_BODY_TIMEOUT, ERROR_BODY_LIMIT).await;
+    tracing::warn!(key = %key, status, outcome = outcome.label(), "upstream refused; failing over");
+    lease.settle(outcome);
+    if matches!(body, Err(BodyError::TooLarge)) {
+        keypool_telemetry::metrics()
+            .answers_cut
+            .with_label_values(&["response_too_large"])
+            .inc();
+        return Attempt::Failed(Failure::Transport {
+            error: ApiError::new(
+                ErrorKind::ResponseTooLarge,
+                format!("The upstream's {status} answer was larger than {ERROR_BODY_LIMIT} bytes."),
+            ),
+            key,
+        });
+    }
+    Attempt::Failed(Failure::Upstream {
+        status,
+        headers,
+        body: body.unwrap_or_default(),
+        key,
+    })
+}
+
+/// An answer larger than `limit`: never buffered past it; 502 `response_too_large`.
+fn too_large(key: Arc<str>, limit: usize) -> Attempt {
+    keypool_telemetry::metrics()
+        .answers_cut
+        .with_label_values(&["response_too_large"])
+        .inc();
+    Attempt::Done(Reply::Error {
+        error: ApiError::new(
+            ErrorKind::ResponseTooLarge,
+            format!(
+                "The upstream's answer was larger than the {limit} bytes keypool buffers (max_response_bytes)."
+            ),
+        ),
+        key: Some(key),
+    })
+}
+
+/// The most of an upstream error body kept while failing over.
+const ERROR_BODY_LIMIT: usize = 1 << 20;
+
 /// Longest time spent reading the body of an upstream error before failing over.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 impl Engine {
@@ -192,40 +273,17 @@ impl Engine {
             Class::Success if stream && is_sse(&resp.headers) => {
                 self.relay(ctx, resp, lease, deadline).await
             }
-            Class::Success => whole(ctx, resp, lease, started, span).await,
+            Class::Success => {
+                let limit = self.config.max_response_bytes;
+                whole(ctx, resp, lease, started, span, limit).await
+            }
             Class::NoAnswer => no_final_status(lease, resp.status),
             Class::Client => {
-                let UpstreamResponse {
-                    status,
-                    headers,
-                    body,
-                } = resp;
-                let body = read_body(body, deadline.min(Instant::now() + ERROR_BODY_TIMEOUT)).await;
-                lease.settle(Outcome::ClientError { status });
-                Attempt::Done(Reply::Whole {
-                    status,
-                    headers,
-                    body: body.unwrap_or_default(),
-                    key: Some(key.name.clone()),
-                    usage: None,
-                })
+                let limit = self.config.max_response_bytes;
+                let until = deadline.min(Instant::now() + ERROR_BODY_TIMEOUT);
+                client_error(resp, lease, until, limit).await
             }
-            Class::Retry(outcome) => {
-                let UpstreamResponse {
-                    status,
-                    headers,
-                    body,
-                } = resp;
-                let body = read_body(body, Instant::now() + ERROR_BODY_TIMEOUT).await;
-                tracing::warn!(key = %key.name, status, outcome = outcome.label(), "upstream refused; failing over");
-                lease.settle(outcome);
-                Attempt::Failed(Failure::Upstream {
-                    status,
-                    headers,
-                    body: body.unwrap_or_default(),
-                    key: key.name.clone(),
-                })
-            }
+            Class::Retry(outcome) => refused(resp, lease, outcome).await,
         }
     }
 
@@ -254,6 +312,8 @@ impl Engine {
                 require_done: ctx.path.ends_with("/completions"),
                 status,
                 collect_text: ctx.log_response_cap,
+                max_event: self.config.max_stream_event_bytes,
+                deadline: self.config.stream_deadline.map(|d| ctx.started + d),
             },
         );
         match relay.await {
@@ -319,6 +379,7 @@ async fn whole(
     lease: Lease,
     started: Instant,
     span: &tracing::Span,
+    max_response_bytes: usize,
 ) -> Attempt {
     let UpstreamResponse {
         status,
@@ -326,7 +387,8 @@ async fn whole(
         body,
     } = resp;
     let key = lease.key.name.clone();
-    match read_body(body, started + lease.key.timeout).await {
+    let limit = max_response_bytes;
+    match read_body(body, started + lease.key.timeout, limit).await {
         Ok(body) => {
             let is_json = headers
                 .get(reqwest::header::CONTENT_TYPE)
@@ -349,6 +411,10 @@ async fn whole(
             })
         }
         Err(BodyError::Timeout) => Attempt::Failed(timed_out(lease, false)),
+        Err(BodyError::TooLarge) => {
+            lease.settle(Outcome::ClientError { status });
+            too_large(key, limit)
+        }
         Err(BodyError::Broken(e)) => {
             lease.settle(Outcome::Connect);
             Attempt::Failed(Failure::Transport {
@@ -383,17 +449,28 @@ fn timed_out(lease: Lease, stream: bool) -> Failure {
 enum BodyError {
     Timeout,
     Broken(String),
+    /// Past the limit: reading stopped (the connection is dropped, not drained).
+    TooLarge,
 }
 
 /// Reads a whole body before `deadline`. A body that came in one chunk is returned uncopied.
-async fn read_body(mut body: BodyStream, deadline: Instant) -> Result<Bytes, BodyError> {
+async fn read_body(
+    mut body: BodyStream,
+    deadline: Instant,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
+    let mut read = 0usize;
     loop {
         match timeout_at(deadline, body.next()).await {
             Err(_) => return Err(BodyError::Timeout),
             Ok(None) => return Ok(first.unwrap_or_else(|| buf.freeze())),
             Ok(Some(Ok(chunk))) => {
+                read = read.saturating_add(chunk.len());
+                if read > limit {
+                    return Err(BodyError::TooLarge);
+                }
                 if first.is_none() && buf.is_empty() {
                     first = Some(chunk);
                 } else {

@@ -32,6 +32,10 @@ pub struct StreamSetup {
     pub status: u16,
     /// Collect the streamed text (for request logs), up to this many bytes.
     pub collect_text: Option<usize>,
+    /// Largest single event (`max_stream_event_bytes`).
+    pub max_event: usize,
+    /// When the whole stream must have ended (`stream_deadline`).
+    pub deadline: Option<Instant>,
 }
 
 /// A started stream.
@@ -50,6 +54,7 @@ pub struct Relay {
     require_done: bool,
     status: u16,
     started: Instant,
+    deadline: Option<Instant>,
     finished: bool,
 }
 
@@ -68,6 +73,8 @@ impl Relay {
             require_done,
             status,
             collect_text,
+            max_event,
+            deadline,
         } = setup;
         let started = Instant::now();
         let first = match timeout_at(first_byte_deadline, upstream.next()).await {
@@ -76,7 +83,9 @@ impl Relay {
             Ok(Some(Err(_))) => return Err((lease, Outcome::Connect)),
             Ok(Some(Ok(chunk))) => chunk,
         };
-        let mut tap = SseTap::new(strip_usage_chunk).collecting_text(collect_text);
+        let mut tap = SseTap::new(strip_usage_chunk)
+            .collecting_text(collect_text)
+            .max_event(max_event);
         let first = tap.feed(&first);
         Ok(Self {
             upstream,
@@ -88,6 +97,7 @@ impl Relay {
             require_done,
             status,
             started,
+            deadline,
             finished: false,
             span: tracing::Span::none(),
         })
@@ -120,9 +130,16 @@ impl Relay {
             return None;
         }
         loop {
-            match timeout(self.idle, self.upstream.next()).await {
+            let wait = match self.deadline {
+                Some(d) => self.idle.min(d.saturating_duration_since(Instant::now())),
+                None => self.idle,
+            };
+            match timeout(wait, self.upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     let out = self.tap.feed(&chunk);
+                    if self.tap.oversized {
+                        return Some(self.cut(&out, "stream_event_too_large"));
+                    }
                     if !out.is_empty() {
                         return Some(out);
                     }
@@ -140,6 +157,10 @@ impl Relay {
                 Ok(Some(Err(e))) => {
                     let rest = self.tap.finish();
                     return Some(self.broken(&rest, &format!("The upstream stream broke: {e}")));
+                }
+                Err(_) if self.deadline.is_some_and(|d| Instant::now() >= d) => {
+                    let rest = self.tap.finish();
+                    return Some(self.cut(&rest, "stream_deadline"));
                 }
                 Err(_) => {
                     let rest = self.tap.finish();
@@ -169,6 +190,21 @@ impl Relay {
             ctx.capture_stream_text(&self.tap.text);
             ctx.account(self.status, usage, None);
         }
+    }
+
+    /// Ends a stream keypool cut off (`reason`: an event past `max_stream_event_bytes`, or
+    /// past `stream_deadline`), with an error event after what was already complete.
+    fn cut(&mut self, rest: &[u8], reason: &'static str) -> Bytes {
+        keypool_telemetry::metrics()
+            .answers_cut
+            .with_label_values(&[reason])
+            .inc();
+        let why = if reason == "stream_deadline" {
+            "The stream ran past the gateway's stream_deadline."
+        } else {
+            "An event of the upstream stream was larger than max_stream_event_bytes."
+        };
+        self.broken(rest, why)
     }
 
     /// Ends the stream with an error event after whatever partial data was left.

@@ -3,6 +3,8 @@
 //! It learns the exact usage from the `include_usage` chunk, notices `data: [DONE]`, and strips the
 //! usage chunk when keypool (not the client) asked for it. Complete events are released as soon as
 //! their terminating blank line arrives; a partial event waits only for the rest of itself.
+//! Each byte is scanned for an event's end once (a stream without blank lines costs linear
+//! time, not quadratic), and a partial event may grow to `max_event` bytes at most.
 
 use bytes::{Bytes, BytesMut};
 use keypool_types::Usage;
@@ -12,6 +14,12 @@ use serde::Deserialize;
 #[derive(Debug, Default)]
 pub struct SseTap {
     pending: BytesMut,
+    /// Where in `pending` the search for an event's end resumes.
+    scanned: usize,
+    /// Largest event (`max_stream_event_bytes`); 0: no limit.
+    max_event: usize,
+    /// An event grew past `max_event`: the stream must end (`pending` was dropped).
+    pub oversized: bool,
     strip_usage_chunk: bool,
     /// Usage reported by the stream (its last chunk).
     pub usage: Option<Usage>,
@@ -40,6 +48,13 @@ impl SseTap {
             strip_usage_chunk,
             ..Self::default()
         }
+    }
+
+    /// Bounds one event to `max` bytes.
+    #[must_use]
+    pub fn max_event(mut self, max: usize) -> Self {
+        self.max_event = max;
+        self
     }
 
     /// Also collects the streamed text, up to `cap` bytes.
@@ -72,12 +87,23 @@ impl SseTap {
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
         // complete events go out at once; a partial one waits in `pending` for its end
         let mut out = BytesMut::new();
+        if self.oversized {
+            return out.freeze();
+        }
         self.pending.extend_from_slice(chunk);
-        while let Some((end, next)) = event_end(&self.pending) {
+        while let Some((end, next)) = event_end(&self.pending, self.scanned) {
             let event = self.pending.split_to(next);
+            self.scanned = 0;
             if self.inspect(&event[..end]) {
                 out.extend_from_slice(&event);
             }
+        }
+        // a terminator may straddle this chunk and the next: resume two bytes back
+        self.scanned = self.pending.len().saturating_sub(2);
+        if self.max_event > 0 && self.pending.len() > self.max_event {
+            self.oversized = true;
+            self.pending = BytesMut::new();
+            self.scanned = 0;
         }
         out.freeze()
     }
@@ -124,10 +150,19 @@ impl SseTap {
     }
 }
 
-/// End of the first complete event in `buf`: (end of its content, start of the next event).
-fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+/// End of the first complete event in `buf`, searching from `from`: (end of its content, start
+/// of the next event).
+fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i + 1 < buf.len() {
+        // jump to the next newline (memchr-fast in std)
+        match buf[i..].iter().position(|&b| b == b'\n') {
+            Some(at) => i += at,
+            None => return None,
+        }
+        if i + 1 >= buf.len() {
+            return None;
+        }
         if buf[i] == b'\n' {
             if buf[i + 1] == b'\n' {
                 return Some((i, i + 2));
@@ -199,5 +234,38 @@ mod tests {
         let out = tap.feed(b"data: a\r\n\r\ndata: [DONE]\r\n\r\n");
         assert_eq!(out.as_ref(), b"data: a\r\n\r\ndata: [DONE]\r\n\r\n");
         assert!(tap.done);
+    }
+
+    #[test]
+    fn a_stream_without_blank_lines_costs_linear_time_and_is_cut_at_its_cap() {
+        let mut tap = SseTap::new(false).max_event(8 << 20);
+        let piece = vec![b'x'; 1024];
+        let started = std::time::Instant::now();
+        // 6 MiB in 1 KiB chunks: quadratic rescanning would be ~18 G byte comparisons
+        for _ in 0..6 * 1024 {
+            assert!(tap.feed(&piece).is_empty());
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!tap.oversized);
+        for _ in 0..3 * 1024 {
+            tap.feed(&piece);
+        }
+        assert!(tap.oversized, "past 8 MiB the event is refused");
+        assert!(
+            tap.feed(b"\n\ndata: late\n\n").is_empty(),
+            "nothing after the cut"
+        );
+    }
+
+    #[test]
+    fn a_terminator_split_across_chunks_is_found() {
+        let mut tap = SseTap::new(false);
+        assert!(tap.feed(b"data: a\r\n\r").is_empty());
+        assert_eq!(tap.feed(b"\ndata: b\n").as_ref(), b"data: a\r\n\r\n");
+        assert_eq!(tap.feed(b"\n").as_ref(), b"data: b\n\n");
     }
 }

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     pub rate_limited: IntCounterVec,
     pub refusals: IntCounterVec,
+    pub answers_cut: IntCounterVec,
     pub key_healthy: IntGaugeVec,
     pub key_disabled: IntGaugeVec,
     pub key_cooldown: prometheus::GaugeVec,
@@ -228,6 +229,12 @@ impl Metrics {
                 "keypool_refusals_total",
                 "Requests refused by keypool before any upstream, by gateway and error code.",
                 &["gateway", "code"],
+            ),
+            answers_cut: counter(
+                &r,
+                "keypool_upstream_answers_cut_total",
+                "Upstream answers keypool cut off: response_too_large (a buffered answer past max_response_bytes), stream_event_too_large (an event past max_stream_event_bytes), stream_deadline (a stream past stream_deadline).",
+                &["reason"],
             ),
             key_healthy: gauge(
                 &r,

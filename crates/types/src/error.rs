@@ -61,6 +61,9 @@ pub enum ErrorKind {
     StoreUnavailable,
     /// A live-usage subscriber fell too far behind and was dropped.
     SubscriberTooSlow,
+    /// An upstream answer larger than keypool buffers (`max_response_bytes`,
+    /// `max_stream_event_bytes`).
+    ResponseTooLarge,
 }
 
 /// A gRPC status code (its number), the admin API's column of the table.
@@ -118,6 +121,7 @@ impl ErrorKind {
             Self::FailedPrecondition     => (409, "invalid_request_error", "failed_precondition",      G::FailedPrecondition),
             Self::StoreUnavailable       => (503, "server_error",          "store_unavailable",        G::Unavailable),
             Self::SubscriberTooSlow      => (429, "rate_limit_error",      "subscriber_too_slow",      G::ResourceExhausted),
+            Self::ResponseTooLarge       => (502, "server_error",          "response_too_large",       G::Unavailable),
         };
         Wire { status, r#type, code, grpc }
     }
