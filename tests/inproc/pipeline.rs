@@ -522,3 +522,85 @@ async fn upstream_answers_are_bounded() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Writes `head` then `body` on a new connection to `app` and answers what came back within
+/// `wait` (the status code; 0 when nothing came), keeping the connection for the caller.
+async fn send_raw(
+    app: &App,
+    head: &str,
+    body: &[u8],
+    wait: Duration,
+) -> anyhow::Result<(u16, String, tokio::net::TcpStream)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(app.origin.trim_start_matches("http://")).await?;
+    tcp.write_all(head.as_bytes()).await?;
+    tcp.write_all(body).await?;
+    let mut buf = vec![0u8; 8192];
+    let n = match tokio::time::timeout(wait, tcp.read(&mut buf)).await {
+        Ok(r) => r?,
+        Err(_) => 0,
+    };
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, text, tcp))
+}
+
+/// A body that stops arriving gets 408 after `body_timeout`; the bytes being received at once
+/// across connections are capped (503 with Retry-After past `max_buffered_request_bytes`),
+/// and given back when a body is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_bounded_in_time_and_in_bytes_at_once() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let app = App::start(
+        &config()
+            .token("t")
+            .set("body_timeout", "0.5")
+            .set("max_buffered_request_bytes", "1048576")
+            .key(&up, "up", "")
+            .yaml(),
+    )
+    .await?;
+    let head = |len: usize| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    // 40 of 100 declared bytes, then nothing: 408, not held for good
+    let (code, text, _held) =
+        send_raw(&app, &head(100), &[b' '; 40], Duration::from_secs(5)).await?;
+    assert_eq!(code, 408, "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+
+    // one upload holds 1 MiB minus a little of the budget; a second one past it is refused
+    let (code, _, slow) = send_raw(
+        &app,
+        &head(2 << 20),
+        &vec![b' '; (1 << 20) - 1000],
+        Duration::from_millis(200),
+    )
+    .await?;
+    assert_eq!(code, 0, "still receiving");
+    let (code, text, _) = send_raw(
+        &app,
+        &head(100_000),
+        &vec![b' '; 100_000],
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert_eq!(code, 503, "{text}");
+    assert!(
+        text.contains("server_busy") && text.to_ascii_lowercase().contains("retry-after"),
+        "{text}"
+    );
+    // the slow upload times out and gives its bytes back: requests are served again
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(app.chat("t", hello("gpt-4o-mini")).await?.status(), 200);
+    assert_eq!(up.requests(), 1);
+    Ok(())
+}

@@ -49,6 +49,10 @@ pub struct Config {
     pub max_stream_event_bytes: usize,
     /// Longest a stream may last (`None`: only `idle_timeout` bounds it).
     pub stream_deadline: Option<Duration>,
+    /// Longest a request body may take to arrive (408 past it).
+    pub body_timeout: Duration,
+    /// Request body bytes being received at once across connections (503 past it).
+    pub max_buffered_request_bytes: usize,
     /// Failover attempts after the first one.
     pub retries: u32,
     pub shutdown_grace: Duration,

@@ -36,6 +36,11 @@ pub struct RawConfig {
     pub shutdown_grace: Option<Seconds>,
     /// Largest upstream answer buffered whole (non-stream answers, error bodies). Default 64 MiB.
     pub max_response_bytes: Option<u64>,
+    /// Longest a request body may take to arrive, in seconds (408 past it). Default 30.
+    pub body_timeout: Option<Seconds>,
+    /// Request body bytes being received at once across all connections (503 past it).
+    /// Default 512 MiB.
+    pub max_buffered_request_bytes: Option<u64>,
     /// Largest single event of an upstream stream. Default 4 MiB.
     pub max_stream_event_bytes: Option<u64>,
     /// Longest a stream may last, in seconds. Default: no limit (only `idle_timeout`).
@@ -110,6 +115,8 @@ pub struct RawPolicy {
     pub max_response_bytes: Option<u64>,
     pub max_stream_event_bytes: Option<u64>,
     pub stream_deadline: Option<Seconds>,
+    pub body_timeout: Option<Seconds>,
+    pub max_buffered_request_bytes: Option<u64>,
     pub trusted_proxies: Vec<String>,
     /// The recording half of `log:` (where the events go is each process's own).
     pub log: RawLogPolicy,
@@ -148,6 +155,8 @@ impl RawConfig {
             max_response_bytes: self.max_response_bytes,
             max_stream_event_bytes: self.max_stream_event_bytes,
             stream_deadline: self.stream_deadline,
+            body_timeout: self.body_timeout,
+            max_buffered_request_bytes: self.max_buffered_request_bytes,
             trusted_proxies: self.trusted_proxies.clone(),
             log: RawLogPolicy {
                 request_body: log.is_some_and(|l| l.request_body),
@@ -177,6 +186,8 @@ impl RawConfig {
         self.max_response_bytes = policy.max_response_bytes;
         self.max_stream_event_bytes = policy.max_stream_event_bytes;
         self.stream_deadline = policy.stream_deadline;
+        self.body_timeout = policy.body_timeout;
+        self.max_buffered_request_bytes = policy.max_buffered_request_bytes;
         self.trusted_proxies = policy.trusted_proxies;
         let log = self.log.get_or_insert_with(RawLog::default);
         log.request_body = policy.log.request_body;

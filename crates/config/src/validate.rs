@@ -153,6 +153,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         4 << 20,
         1024..=256 << 20,
     ) as usize;
+    let body_timeout = errs.seconds("body_timeout", raw.body_timeout, Duration::from_secs(30));
+    let max_buffered_request_bytes = errs.ranged(
+        "max_buffered_request_bytes",
+        raw.max_buffered_request_bytes,
+        512 << 20,
+        1 << 20..=64 << 30,
+    ) as usize;
     let stream_deadline = raw
         .stream_deadline
         .map(|s| errs.seconds("stream_deadline", Some(s), Duration::ZERO));
@@ -201,6 +208,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         max_response_bytes,
         max_stream_event_bytes,
         stream_deadline,
+        body_timeout,
+        max_buffered_request_bytes,
         retries,
         shutdown_grace,
         upstreams,

@@ -168,6 +168,8 @@ impl From<&RawPolicy> for pb::Policy {
             max_response_bytes: p.max_response_bytes,
             max_stream_event_bytes: p.max_stream_event_bytes,
             stream_deadline: p.stream_deadline,
+            body_timeout: p.body_timeout,
+            max_buffered_request_bytes: p.max_buffered_request_bytes,
             trusted_proxies: p.trusted_proxies.clone(),
             log: Some(pb::LogPolicy {
                 request_body: p.log.request_body,
@@ -197,6 +199,8 @@ impl From<pb::Policy> for RawPolicy {
             max_response_bytes: p.max_response_bytes,
             max_stream_event_bytes: p.max_stream_event_bytes,
             stream_deadline: p.stream_deadline,
+            body_timeout: p.body_timeout,
+            max_buffered_request_bytes: p.max_buffered_request_bytes,
             trusted_proxies: p.trusted_proxies,
             log: RawLogPolicy {
                 request_body: log.request_body,

@@ -30,6 +30,8 @@ pub struct Frontend {
     pub client: crate::client::UpstreamClient,
     /// The upstreams' model lists for `GET /v1/models`, shared by every worker.
     pub models: Arc<crate::models::ModelCatalog>,
+    /// Request body bytes being received now, by every worker.
+    pub receiving: Arc<crate::pipeline::Receiving>,
 }
 
 impl Frontend {

@@ -64,6 +64,10 @@ pub enum ErrorKind {
     /// An upstream answer larger than keypool buffers (`max_response_bytes`,
     /// `max_stream_event_bytes`).
     ResponseTooLarge,
+    /// The request body did not arrive within `body_timeout`.
+    RequestTimeout,
+    /// Too many request bytes are being received at once (`max_buffered_request_bytes`).
+    ServerBusy,
 }
 
 /// A gRPC status code (its number), the admin API's column of the table.
@@ -122,6 +126,8 @@ impl ErrorKind {
             Self::StoreUnavailable       => (503, "server_error",          "store_unavailable",        G::Unavailable),
             Self::SubscriberTooSlow      => (429, "rate_limit_error",      "subscriber_too_slow",      G::ResourceExhausted),
             Self::ResponseTooLarge       => (502, "server_error",          "response_too_large",       G::Unavailable),
+            Self::RequestTimeout         => (408, "invalid_request_error", "request_timeout",          G::DeadlineExceeded),
+            Self::ServerBusy             => (503, "server_error",          "server_busy",              G::Unavailable),
         };
         Wire { status, r#type, code, grpc }
     }

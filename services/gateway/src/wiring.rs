@@ -260,6 +260,7 @@ pub fn http_server(
         .iter()
         .any(|v| std::env::var_os(v).is_some() || std::env::var_os(v.to_uppercase()).is_some());
     let models = Arc::new(keypool_proxy::models::ModelCatalog::default());
+    let receiving = Arc::new(keypool_proxy::pipeline::Receiving::default());
     Ok(HttpServer::new(move || {
         crate::app::app(
             web::Data::new(Frontend {
@@ -268,6 +269,7 @@ pub fn http_server(
                 sink: sink.clone(),
                 client: keypool_proxy::UpstreamClient::new(use_env_proxies),
                 models: models.clone(),
+                receiving: receiving.clone(),
             }),
             monitor.clone(),
         )

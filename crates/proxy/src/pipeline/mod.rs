@@ -28,6 +28,7 @@ mod context;
 mod path;
 
 pub use authenticate::Incoming;
+pub use body::Receiving;
 
 use std::sync::Arc;
 
@@ -136,7 +137,14 @@ async fn prepare(
     rate: &mut Option<RateHeaders>,
 ) -> Result<Prepared, ApiError> {
     let gw = resolve(fe, gateway)?;
-    let mut body = body::Body::new(payload, engine.config.max_body_bytes);
+    let config = &engine.config;
+    let limits = body::Limits {
+        max_bytes: config.max_body_bytes,
+        timeout: config.body_timeout,
+        receiving: fe.receiving.clone(),
+        max_receiving: config.max_buffered_request_bytes,
+    };
+    let mut body = body::Body::new(payload, limits);
     if gw.credential_in_body() {
         body.read_json(req).await?;
     }
