@@ -6,6 +6,19 @@ use keypool_proto::admin::v1 as pb;
 
 use crate::now_ms;
 
+/// A gateway's spec as the API shows it: exact secrets are hashes already; an HMAC `jwt_key`
+/// is masked as upstream keys are (a PEM public key is shown).
+fn shown_spec(raw: &keypool_config::RawGateway) -> pb::GatewaySpec {
+    let mut spec = pb::GatewaySpec::from(raw);
+    if let Some(auth) = spec.auth.as_mut()
+        && let Some(key) = auth.jwt_key.as_mut()
+        && !key.trim_start().starts_with("-----BEGIN")
+    {
+        *key = mask(key);
+    }
+    spec
+}
+
 pub(crate) fn gateway_pb(e: &GatewayEntry, control: &Control) -> pb::Gateway {
     let name = e.raw.name.clone().unwrap_or_default();
     pb::Gateway {
@@ -14,7 +27,7 @@ pub(crate) fn gateway_pb(e: &GatewayEntry, control: &Control) -> pb::Gateway {
             .get(&name)
             .map_or(0, |g| g.state.tokens_used()),
         name,
-        spec: Some(pb::GatewaySpec::from(&e.raw)),
+        spec: Some(shown_spec(&e.raw)),
         owner: e.owner.to_owned(),
         updated_at_ms: e.updated_ms,
     }

@@ -139,11 +139,25 @@ fn endpoint_url(path: &str, endpoint: &str, errs: &mut Errors) -> Option<url::Ur
     } else if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
         errs.push(
             format!("{path}.endpoint"),
-            format!("must start with http:// or https://, got {endpoint:?}"),
+            if endpoint.contains('@') {
+                // never echo what may be a credential
+                "must start with http:// or https://".to_owned()
+            } else {
+                format!("must start with http:// or https://, got {endpoint:?}")
+            },
         );
         None
     } else {
         match url::Url::parse(endpoint) {
+            // credentials in the URL would be neither sent nor kept secret (the key's name, its
+            // logs and metrics derive from the endpoint): refused
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                errs.push(
+                    format!("{path}.endpoint"),
+                    "must not carry credentials (user:password@host): put the key in sk",
+                );
+                None
+            }
             Ok(u) if u.host().is_some() && u.query().is_none() => Some(u),
             Ok(_) => {
                 errs.push(

@@ -190,3 +190,19 @@ fn environment_variables_fill_string_values() {
         "{err}"
     );
 }
+
+#[test]
+fn an_endpoint_with_credentials_is_refused_without_echoing_them() {
+    let err = from_yaml("upstreams:\n- {sk: sk-a, endpoint: 'http://user:pw-secret-9@host/v1'}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("upstreams[0].endpoint: must not carry credentials"),
+        "{err}"
+    );
+    assert!(!err.contains("pw-secret-9"), "{err}");
+    let err = from_yaml("upstreams:\n- {sk: sk-a, endpoint: 'ftp://u:pw-secret-9@host/v1'}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("pw-secret-9"), "{err}");
+}

@@ -87,7 +87,7 @@ impl Control {
                 _ => {}
             }
         }
-        let spec = serde_json::to_string(&raw).map_err(|e| ControlError::Store(e.to_string()))?;
+        let spec = self.stored_gateway(&raw, OWNER_ADMIN)?;
         let updated_ms = match &self.store {
             Some(s) => s
                 .save_gateway(&name, &spec, OWNER_ADMIN)
@@ -149,5 +149,52 @@ impl Control {
         auth.secrets = vec![secret.clone()];
         let entry = self.put_gateway(Some(name), raw, true).await?;
         Ok((entry, secret))
+    }
+}
+
+/// What a gateway's `jwt_key` is stored as when it came from the config file (the file keeps
+/// it; the store never holds it in clear).
+const IN_THE_FILE: &str = "(in the config file)";
+
+impl Control {
+    /// A gateway's spec as the store keeps it: exact secrets hashed (already), an HMAC
+    /// `jwt_key` sealed with `admin.secret_key` (an admin-owned one needs that key; a
+    /// config-owned one is not stored at all: the file has it). A PEM public key is no secret.
+    pub(crate) fn stored_gateway(
+        &self,
+        raw: &RawGateway,
+        owner: &str,
+    ) -> Result<String, ControlError> {
+        let mut raw = raw.clone();
+        if let Some(key) = raw.auth.as_mut().and_then(|a| a.jwt_key.as_mut())
+            && !key.trim_start().starts_with("-----BEGIN")
+        {
+            *key = if owner == OWNER_CONFIG {
+                IN_THE_FILE.to_owned()
+            } else {
+                let config = self.config();
+                let sealing = config.admin.secret_key.as_ref().ok_or_else(|| {
+                    ControlError::Precondition(
+                        "admin.secret_key (or KEYPOOL_SECRET_KEY) is needed to keep a gateway's jwt_key".to_owned(),
+                    )
+                })?;
+                format!("sealed:{}", crate::seal::seal(sealing, key)?)
+            };
+        }
+        serde_json::to_string(&raw).map_err(|e| ControlError::Store(e.to_string()))
+    }
+
+    /// A stored admin-owned gateway with its `jwt_key` unsealed.
+    pub(crate) fn unseal_gateway(&self, mut raw: RawGateway) -> Result<RawGateway, ControlError> {
+        if let Some(key) = raw.auth.as_mut().and_then(|a| a.jwt_key.as_mut())
+            && let Some(sealed) = key.strip_prefix("sealed:")
+        {
+            let config = self.config();
+            let sealing = config.admin.secret_key.as_ref().ok_or_else(|| {
+                ControlError::Precondition("admin.secret_key is not set: cannot unseal".to_owned())
+            })?;
+            *key = crate::seal::open(sealing, sealed)?;
+        }
+        Ok(raw)
     }
 }

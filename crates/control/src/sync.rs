@@ -60,7 +60,7 @@ impl Control {
             store
                 .save_gateway(
                     e.raw.name.as_deref().unwrap_or_default(),
-                    &serde_json::to_string(&e.raw)?,
+                    &self.stored_gateway(&e.raw, OWNER_CONFIG)?,
                     OWNER_CONFIG,
                 )
                 .await?;
@@ -167,7 +167,10 @@ impl Control {
             if row.owner != OWNER_ADMIN || gateways.contains_key(&row.name) {
                 continue;
             }
-            match serde_json::from_str::<RawGateway>(&row.spec) {
+            let read = serde_json::from_str::<RawGateway>(&row.spec)
+                .map_err(ControlError::from)
+                .and_then(|raw| self.unseal_gateway(raw));
+            match read {
                 Ok(raw) => {
                     let entry = GatewayEntry {
                         raw,
