@@ -188,3 +188,46 @@ async fn cors_preflight_and_headers() -> anyhow::Result<()> {
     assert_eq!(resp.headers()["access-control-allow-origin"], "*");
     Ok(())
 }
+
+/// Requests the HTTP server cannot parse are counted (`keypool_malformed_requests_total`) and
+/// summarised, never logged one ERROR line each (a fuzzer produced 30,000 of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_counted_not_logged_one_by_one() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let a = mock("a", Behavior::default());
+    let gw = Gateway::start(&config().token(T).key(&a, "a", "").yaml()).await?;
+    let host = gw.url("").trim_start_matches("http://").to_owned();
+    for i in 0..40 {
+        let mut tcp = tokio::net::TcpStream::connect(&host).await?;
+        tcp.write_all(format!("GET /v1/models HTTP/9.{i}\r\nHost: x\r\n\r\n").as_bytes())
+            .await?;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            tcp.read_to_end(&mut sink),
+        )
+        .await;
+    }
+    let metrics = gw
+        .http()
+        .get(gw.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keypool_malformed_requests_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(count >= 40, "{count}");
+    let errors = gw
+        .logs()
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("actix_http"))
+        .count();
+    assert_eq!(errors, 0, "{}", gw.logs());
+    // still serving
+    assert_eq!(gw.chat(T, hello("gpt-4o-mini")).await?.status(), 200);
+    Ok(())
+}

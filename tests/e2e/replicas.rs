@@ -484,6 +484,9 @@ async fn on_failure_closed_refuses_until_redis_returns() -> anyhow::Result<()> {
         before,
         "nothing reached the upstream unlimited"
     );
+    // the log says what the process does, not "using local state"
+    gw.wait_log("on_failure: closed", 1).await?;
+    assert!(!gw.logs().contains("using local state"), "{}", gw.logs());
     let _redis = OwnRedis::start(port)?;
     let mut back = false;
     for _ in 0..50 {

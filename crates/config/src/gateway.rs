@@ -100,14 +100,43 @@ pub struct RawGatewayAuth {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub jwt_algorithms: Vec<String>,
+    /// jwt: when set, a token's `aud` must include it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// jwt: when set, a token's `iss` must equal it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
 }
 
 /// `token_quota: 1000000` or `token_quota: no-limit`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Quota {
     Tokens(u64),
     Text(String),
+}
+
+/// By hand rather than `untagged`, so a mistake says what was expected.
+impl<'de> Deserialize<'de> for Quota {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Quota;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of tokens or no-limit")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Quota::Tokens(v))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Quota::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A validated gateway.
@@ -181,6 +210,10 @@ pub enum AuthMethod {
     Jwt {
         key: DecodingKey,
         algorithms: Vec<Algorithm>,
+        /// Required `aud`, when set.
+        audience: Option<String>,
+        /// Required `iss`, when set.
+        issuer: Option<String>,
     },
 }
 

@@ -320,7 +320,12 @@ fn jwt_method(a: &RawGatewayAuth, err: &mut impl FnMut(&str, String)) -> Option<
         jsonwebtoken::AlgorithmFamily::Ed => DecodingKey::from_ed_pem(key.as_bytes()),
     };
     match decoded {
-        Ok(key) => Some(AuthMethod::Jwt { key, algorithms }),
+        Ok(key) => Some(AuthMethod::Jwt {
+            key,
+            algorithms,
+            audience: a.jwt_audience.clone().filter(|s| !s.is_empty()),
+            issuer: a.jwt_issuer.clone().filter(|s| !s.is_empty()),
+        }),
         Err(e) => {
             err(
                 "jwt_key",

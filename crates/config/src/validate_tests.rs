@@ -206,3 +206,24 @@ fn an_endpoint_with_credentials_is_refused_without_echoing_them() {
         .to_string();
     assert!(!err.contains("pw-secret-9"), "{err}");
 }
+
+#[test]
+fn list_or_string_values_name_the_wrong_item() {
+    let err = from_yaml("authorization: [tok, {a: b}]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("authorization[1]") && err.contains("expected a string"),
+        "{err}"
+    );
+    let err = from_yaml("token_quota: [1]\n").unwrap_err().to_string();
+    assert!(
+        err.contains("token_quota") && err.contains("no-limit"),
+        "{err}"
+    );
+    // a bare number is a token (YAML reads `123456` as an integer)
+    assert_eq!(
+        from_yaml("authorization: 123456\n").unwrap().client_tokens,
+        vec!["123456"]
+    );
+}

@@ -92,7 +92,18 @@ impl GatewayRuntime {
                     .then(|| caller_id(cred))
                     .ok_or_else(wrong)?
             }
-            AuthMethod::Jwt { key, algorithms } => jwt(cred.ok_or_else(missing)?, key, algorithms)?,
+            AuthMethod::Jwt {
+                key,
+                algorithms,
+                audience,
+                issuer,
+            } => {
+                let expect = Expect {
+                    audience: audience.as_deref(),
+                    issuer: issuer.as_deref(),
+                };
+                jwt(cred.ok_or_else(missing)?, key, algorithms, expect)?
+            }
         };
         Ok(Caller {
             id: Some(Arc::from(id)),
@@ -132,18 +143,39 @@ fn client_token(tokens: &ClientTokens, presented: Option<&str>) -> Result<Caller
     }
 }
 
-/// A JWT's signature, `exp` (required) and `nbf`: the caller is its `sub`, else `tok-<hash>`.
+/// The claims a gateway requires besides the signature and times.
+#[derive(Clone, Copy)]
+struct Expect<'a> {
+    audience: Option<&'a str>,
+    issuer: Option<&'a str>,
+}
+
+/// A JWT's signature, `exp` (required), `nbf`, and `aud`/`iss` when the gateway names them;
+/// a token naming `crit` header parameters is refused (keypool understands none). The caller
+/// is its `sub`, else `tok-<hash>`.
 fn jwt(
     cred: &str,
     key: &jsonwebtoken::DecodingKey,
     algorithms: &[jsonwebtoken::Algorithm],
+    expect: Expect<'_>,
 ) -> Result<String, ApiError> {
     let mut v = jsonwebtoken::Validation::new(algorithms[0]);
     v.algorithms = algorithms.to_vec();
     v.leeway = JWT_LEEWAY_SECS;
     v.validate_nbf = true;
-    v.validate_aud = false;
+    v.validate_aud = expect.audience.is_some();
+    if let Some(aud) = expect.audience {
+        v.set_audience(&[aud]);
+        v.required_spec_claims.insert("aud".to_owned());
+    }
+    if let Some(iss) = expect.issuer {
+        v.set_issuer(&[iss]);
+        v.required_spec_claims.insert("iss".to_owned());
+    }
     match jsonwebtoken::decode::<Claims>(cred, key, &v) {
+        Ok(data) if data.header.crit.as_ref().is_some_and(|c| !c.is_empty()) => Err(refuse(
+            "Incorrect API key provided: the token names critical header parameters keypool does not understand.",
+        )),
         Ok(data) => Ok(data
             .claims
             .sub
@@ -156,7 +188,14 @@ fn jwt(
                 J::ImmatureSignature => "the token is not valid yet (nbf)",
                 J::InvalidAlgorithm => "the token's algorithm is not accepted",
                 J::InvalidSignature => "the token's signature is invalid",
-                J::MissingRequiredClaim(_) => "the token has no exp claim",
+                J::MissingRequiredClaim(c) if c == "exp" => "the token has no exp claim",
+                J::MissingRequiredClaim(c) if c == "iss" => {
+                    "the token's issuer is not accepted (iss)"
+                }
+                J::InvalidIssuer => "the token's issuer is not accepted (iss)",
+                J::MissingRequiredClaim(_) | J::InvalidAudience => {
+                    "the token is not for this gateway (aud)"
+                }
                 _ => "the token is malformed",
             };
             Err(refuse(format!("Incorrect API key provided: {why}.")))

@@ -304,7 +304,7 @@ impl GatewayRuntime {
         match shared.admit(&self.windows(caller, client_ip), now).await {
             Ok(outcome) => self.verdict(outcome),
             Err(e) => {
-                keypool_shared::shared_failed(&e);
+                keypool_shared::shared_failed_as(&e, shared.fail_closed());
                 if shared.fail_closed() {
                     return Err(Refused {
                         error: shared_unavailable(),
@@ -325,7 +325,7 @@ impl GatewayRuntime {
             return match shared.get(&quota_counter(gateway)).await {
                 Ok(used) => self.quota_verdict(used),
                 Err(e) => {
-                    keypool_shared::shared_failed(&e);
+                    keypool_shared::shared_failed_as(&e, shared.fail_closed());
                     if shared.fail_closed() {
                         Err(shared_unavailable())
                     } else {

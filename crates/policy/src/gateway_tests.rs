@@ -540,3 +540,47 @@ fn a_regex_must_match_the_whole_credential() {
         assert!(g.authenticate(Some(partial)).is_err(), "{partial}");
     }
 }
+
+#[test]
+fn jwt_audience_issuer_and_crit_headers() {
+    let g = runtime(&format!(
+        "name: t\nauth: {{method: jwt, jwt_key: {HS_KEY}, jwt_audience: keypool-team, jwt_issuer: https://idp.example}}\n"
+    ));
+    let exp = now_secs() + 600;
+    let ok = hs_token(
+        &json!({"sub": "a", "exp": exp, "aud": "keypool-team", "iss": "https://idp.example"}),
+    );
+    assert!(g.authenticate(Some(&ok)).is_ok());
+    for (claims, why) in [
+        (
+            json!({"sub": "a", "exp": exp, "aud": "other", "iss": "https://idp.example"}),
+            "aud",
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "iss": "https://idp.example"}),
+            "aud",
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "aud": "keypool-team", "iss": "https://evil"}),
+            "iss",
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "aud": "keypool-team"}),
+            "iss",
+        ),
+    ] {
+        let e = g.authenticate(Some(&hs_token(&claims))).unwrap_err();
+        assert!(e.message.contains(why), "{claims}: {}", e.message);
+    }
+    // a critical header parameter keypool does not understand
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.crit = Some(vec!["x-must-understand".to_owned()]);
+    let crit = jsonwebtoken::encode(
+        &header,
+        &json!({"sub": "a", "exp": exp, "aud": "keypool-team", "iss": "https://idp.example"}),
+        &jsonwebtoken::EncodingKey::from_secret(HS_KEY.as_bytes()),
+    )
+    .unwrap();
+    let e = g.authenticate(Some(&crit)).unwrap_err();
+    assert!(e.message.contains("critical"), "{}", e.message);
+}

@@ -89,6 +89,8 @@ impl From<&RawGatewayAuth> for pb::GatewayAuth {
             pattern: a.pattern.clone(),
             jwt_key: a.jwt_key.clone(),
             jwt_algorithms: a.jwt_algorithms.clone(),
+            jwt_audience: a.jwt_audience.clone(),
+            jwt_issuer: a.jwt_issuer.clone(),
         }
     }
 }
@@ -102,6 +104,8 @@ impl From<pb::GatewayAuth> for RawGatewayAuth {
             pattern: a.pattern,
             jwt_key: a.jwt_key,
             jwt_algorithms: a.jwt_algorithms,
+            jwt_audience: a.jwt_audience,
+            jwt_issuer: a.jwt_issuer,
         }
     }
 }

@@ -23,6 +23,19 @@ pub fn cooldown<'a>(get: impl Fn(&str) -> Option<&'a str>, now: SystemTime) -> O
     candidates.into_iter().flatten().max().map(|d| d.min(CAP))
 }
 
+/// Whether an upstream's `Retry-After` or `retry-after-ms` value is one a client can use (a
+/// non-negative number of seconds, or an HTTP date); junk never reaches clients.
+pub fn relayable(name: &str, value: &str) -> bool {
+    match name {
+        "retry-after" => retry_after(value, SystemTime::now()).is_some(),
+        "retry-after-ms" => value
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|ms| ms.is_finite() && ms >= 0.0),
+        _ => true,
+    }
+}
+
 fn secs(s: f64) -> Option<Duration> {
     (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(CAP.as_secs_f64())))
 }
@@ -149,5 +162,18 @@ mod tests {
             Some(Duration::from_millis(100))
         );
         assert_eq!(parse(&[]), None);
+    }
+
+    #[test]
+    fn only_usable_retry_after_values_are_relayed() {
+        use super::relayable;
+        assert!(relayable("retry-after", "5"));
+        assert!(relayable("retry-after", "Tue, 14 Nov 2023 22:13:50 GMT"));
+        assert!(relayable("retry-after-ms", "250"));
+        for junk in ["soon", "-3", "NaN", "", "5; drop table"] {
+            assert!(!relayable("retry-after", junk), "{junk}");
+        }
+        assert!(!relayable("retry-after-ms", "-1"));
+        assert!(relayable("x-request-id", "anything"));
     }
 }

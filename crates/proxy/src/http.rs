@@ -58,7 +58,13 @@ fn status(code: u16) -> StatusCode {
 
 fn copy_headers(builder: &mut HttpResponseBuilder, headers: &reqwest::header::HeaderMap) {
     for (name, value) in headers {
-        if !returns_to_client(name.as_str()) {
+        let n = name.as_str();
+        if !returns_to_client(n)
+            || (n.starts_with("retry-after")
+                && !value
+                    .to_str()
+                    .is_ok_and(|v| crate::cooldown::relayable(n, v)))
+        {
             continue;
         }
         if let (Ok(n), Ok(v)) = (

@@ -136,13 +136,48 @@ pub trait SharedState: Send + Sync {
     }
 }
 
-/// Counts and logs a shared-state failure (the caller falls back to local state).
+/// Counts and logs a shared-state failure of a background task (heartbeats, health
+/// announcements: retried later).
 pub fn shared_failed(e: &SharedError) {
+    report(e, "a background task will retry");
+}
+
+/// Counts a shared-state failure and says what the caller does about it: refuse with 503
+/// (`closed`, `on_failure: closed`) or fall back to local limits. Logged at most once every
+/// 10 s (with how many failures were not), alerted as the alert policy says.
+pub fn shared_failed_as(e: &SharedError, closed: bool) {
+    report(
+        e,
+        if closed {
+            "refusing requests that need it with 503 shared_state_unavailable (redis.on_failure: closed)"
+        } else {
+            "using local state (redis.on_failure: local)"
+        },
+    );
+}
+
+fn report(e: &SharedError, what: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOGGED_S: AtomicU64 = AtomicU64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
     keypool_telemetry::metrics().redis_errors.inc();
-    tracing::warn!(error = %e, "shared state unavailable: using local state");
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_LOGGED_S.load(Ordering::Relaxed);
+    if now_s >= last + 10
+        && LAST_LOGGED_S
+            .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let unlogged = UNLOGGED.swap(0, Ordering::Relaxed);
+        tracing::warn!(error = %e, failures_not_logged = unlogged, "shared state unavailable: {what}");
+    } else {
+        UNLOGGED.fetch_add(1, Ordering::Relaxed);
+    }
     keypool_telemetry::alert(
         keypool_telemetry::Cause::RedisUnavailable,
         "redis",
-        format!("Redis (shared state) is unavailable: {e}; replicas fall back to local limits"),
+        format!("Redis (shared state) is unavailable: {e}; {what}"),
     );
 }

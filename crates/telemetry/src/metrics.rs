@@ -57,6 +57,7 @@ pub struct Metrics {
     pub usage_spilled: IntCounter,
     pub usage_dropped: IntCounter,
     pub redis_errors: IntCounter,
+    pub malformed_requests: IntCounter,
     pub alerts: IntCounterVec,
     models: RwLock<HashSet<String>>,
 }
@@ -310,6 +311,11 @@ impl Metrics {
                 &r,
                 "keypool_usage_spilled_total",
                 "Usage events spilled to the local file while the store was unavailable.",
+            ),
+            malformed_requests: plain_counter(
+                &r,
+                "keypool_malformed_requests_total",
+                "Client requests the HTTP server could not parse or that broke off (reported by actix), counted instead of logged one by one.",
             ),
             usage_dropped: plain_counter(
                 &r,

@@ -28,6 +28,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -65,6 +66,9 @@ pub fn init(telemetry: Option<&keypool_config::Telemetry>) -> TraceGuard {
         EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn,sea_orm_migration=warn"))
     };
+    // actix's per-connection parse errors are counted and summarised, never logged one by one
+    let not_actix_dispatch =
+        || tracing_subscriber::filter::filter_fn(|m| m.target() != ACTIX_DISPATCH);
     let json = telemetry.is_some_and(|t| t.json_logs);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = if json {
@@ -73,13 +77,13 @@ pub fn init(telemetry: Option<&keypool_config::Telemetry>) -> TraceGuard {
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(std::io::stderr)
-            .with_filter(filter())
+            .with_filter(filter().and(not_actix_dispatch()))
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr)
-            .with_filter(filter())
+            .with_filter(filter().and(not_actix_dispatch()))
             .boxed()
     };
     let provider = telemetry
@@ -101,7 +105,16 @@ pub fn init(telemetry: Option<&keypool_config::Telemetry>) -> TraceGuard {
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
+        // filtered to its one target: no other event is enabled for its sake
+        .with(
+            MalformedRequests.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.target() == ACTIX_DISPATCH
+            })),
+        )
         .try_init();
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(summarise_malformed());
+    }
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         ENABLED.store(true, Ordering::Relaxed);
@@ -134,6 +147,64 @@ fn build_provider(
         )));
     }
     Ok(builder.build())
+}
+
+/// Where actix reports a request it could not parse, or one that broke off, at ERROR: one line
+/// per connection, so a fuzzer or a scanner could fill the log (30,000 lines seen).
+const ACTIX_DISPATCH: &str = "actix_http::h1::dispatcher";
+
+/// The last such report, for the summary line.
+static LAST_MALFORMED: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// The `message` field of an event, cut at 200 bytes.
+struct Message<'a>(&'a mut String);
+impl tracing::field::Visit for Message<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            use std::fmt::Write as _;
+            self.0.clear();
+            let _ = write!(self.0, "{value:?}");
+            self.0.truncate(200);
+        }
+    }
+}
+
+/// Counts actix's malformed-request events (`keypool_malformed_requests_total`) and keeps the
+/// last one's text; the fmt layer does not print them.
+struct MalformedRequests;
+
+impl<S: tracing::Subscriber> Layer<S> for MalformedRequests {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if event.metadata().target() != ACTIX_DISPATCH {
+            return;
+        }
+        crate::metrics().malformed_requests.inc();
+        if let Ok(mut last) = LAST_MALFORMED.try_lock() {
+            event.record(&mut Message(&mut last));
+        }
+    }
+}
+
+/// One WARN line every 10 s while malformed requests arrive: how many, and the last one.
+async fn summarise_malformed() {
+    let mut seen = crate::metrics().malformed_requests.get();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        let now = crate::metrics().malformed_requests.get();
+        if now > seen {
+            let last = LAST_MALFORMED.lock().map(|l| l.clone()).unwrap_or_default();
+            tracing::warn!(
+                count = now - seen,
+                last = %last,
+                "malformed or broken-off client requests in the last 10 s (keypool_malformed_requests_total)"
+            );
+            seen = now;
+        }
+    }
 }
 
 /// The target of keypool's request spans (the only spans exported).

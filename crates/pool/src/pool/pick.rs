@@ -252,7 +252,7 @@ async fn shared_pick(
         }
         Ok(crate::Picked::Busy(free_in)) => SharedPick::Busy(Instant::now() + free_in),
         Err(e) => {
-            crate::shared_failed(&e);
+            keypool_shared::shared_failed_as(&e, shared.fail_closed());
             SharedPick::Failed
         }
     }
