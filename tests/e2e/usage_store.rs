@@ -485,3 +485,58 @@ async fn retention_deletes_old_events_at_start_up_and_keeps_new_ones() -> anyhow
     );
     Ok(())
 }
+
+/// Sustained load with a writer queue of 2 events: what the queue cannot take goes to the
+/// spill file and is replayed; after SIGTERM the store holds one event per answered request,
+/// none dropped (`log.on_overflow: spill`, the default). With `drop`, the overflow is
+/// counted instead; with `backpressure`, requests wait (or get 503) and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_writer_loses_no_event() -> anyhow::Result<()> {
+    for mode in ["spill", "backpressure"] {
+        let db = Db::sqlite()?;
+        let a = mock("a", Behavior::default());
+        let log = format!("log: {{queue_capacity: 2, on_overflow: {mode}}}\n");
+        let mut gw = Gateway::start(&gateway_yaml(&db, &a, &log)).await?;
+        let (http, url) = (gw.http().clone(), gw.url("/v1/chat/completions"));
+        let statuses: Vec<u16> = futures::stream::iter(0..600)
+            .map(|_| {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    match http
+                        .post(url)
+                        .bearer_auth(T)
+                        .json(&hello("gpt-4o-mini"))
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            if r.bytes().await.is_ok() { s } else { 0 }
+                        }
+                        Err(_) => 0,
+                    }
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let answered = statuses.iter().filter(|s| **s == 200).count() as u64;
+        assert!(
+            statuses
+                .iter()
+                .all(|s| *s == 200 || (mode == "backpressure" && *s == 503)),
+            "{mode}: {statuses:?}"
+        );
+        gw.terminate()?;
+        assert!(gw.wait(Duration::from_secs(30)).await?.success());
+        let store = Store::connect_only(&db.url()).await?;
+        assert_eq!(
+            store.count_events().await?,
+            answered,
+            "{mode}: {}",
+            gw.logs()
+        );
+        assert!(gw.logs().contains("dropped=0"), "{mode}: {}", gw.logs());
+    }
+    Ok(())
+}

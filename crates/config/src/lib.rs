@@ -178,6 +178,22 @@ pub struct LogPolicy {
     pub queue_capacity: usize,
     pub spill_path: std::path::PathBuf,
     pub spill_max_bytes: u64,
+    /// What happens to an event when the queue is full.
+    pub on_overflow: Overflow,
+}
+
+/// `log.on_overflow`: what happens to a usage event when the writer's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Appended to the spill file (one fsync per batch, off the request path) and replayed in
+    /// order; dropped, counted, only past `spill_max_bytes`.
+    #[default]
+    Spill,
+    /// New requests wait for room in the queue (up to 1 s), then get 503 with `Retry-After`;
+    /// an event that still finds the queue full is spilled.
+    Backpressure,
+    /// Dropped, counted and logged.
+    Drop,
 }
 
 impl LogPolicy {

@@ -350,6 +350,9 @@ pub struct RawLog {
     pub spill_path: Option<String>,
     /// Largest spill file (default 1 GiB); past it events are dropped, counted and logged.
     pub spill_max_bytes: Option<u64>,
+    /// When the queue is full: `spill` (default: events go to the spill file, replayed in
+    /// order), `backpressure` (new requests wait for room, then 503), or `drop` (counted).
+    pub on_overflow: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]

@@ -206,7 +206,20 @@ pub(crate) fn validate_log(
         },
         std::path::PathBuf::from,
     );
+    let on_overflow = match raw.on_overflow.as_deref() {
+        None | Some("spill") => crate::Overflow::Spill,
+        Some("backpressure") => crate::Overflow::Backpressure,
+        Some("drop") => crate::Overflow::Drop,
+        Some(other) => {
+            errs.push(
+                "log.on_overflow",
+                format!("expected spill, backpressure or drop, got {other:?}"),
+            );
+            crate::Overflow::Spill
+        }
+    };
     crate::LogPolicy {
+        on_overflow,
         request_body: raw.request_body,
         response_body: raw.response_body,
         headers: raw.headers,

@@ -143,6 +143,10 @@ pub struct FeedSink {
 }
 
 impl UsageSink for FeedSink {
+    fn saturated(&self) -> bool {
+        self.inner.saturated()
+    }
+
     fn record(&self, mut event: UsageEvent) {
         if self.feed.receiver_count() > 0 {
             // subscribers get the event without its request log

@@ -1,7 +1,11 @@
 //! [`UsageWriter`]: takes usage events off the request path and writes them in batches.
 //!
 //! - The request path only `try_send`s into a bounded queue ([`WriterSink`]); it never waits on
-//!   the database. A full queue (past `log.queue_capacity`) drops the event, counted and logged.
+//!   the database. When the queue is full (past `log.queue_capacity`), `log.on_overflow`
+//!   decides: `spill` (default) hands the event to an overflow thread that appends batches to
+//!   the spill file (one fsync per batch), replayed in order like any spill; `backpressure`
+//!   also makes new requests wait for room (the pipeline asks [`UsageSink::saturated`]);
+//!   `drop` drops it. Every event is counted: written, spilled or dropped.
 //! - Batches (up to 4000 events; what arrived within 200 ms of the first) are written in one
 //!   transaction, so a busy gateway commits a few times a second, not per request. A failed
 //!   write is retried twice (100 ms, 400 ms); then the batch is appended to the spill file
@@ -30,6 +34,9 @@ use crate::spill::Spill;
 use crate::{Store, StoredEvent};
 
 const BATCH: usize = 4000;
+/// Events the overflow thread may hold while it appends a batch (at least; or the queue's
+/// capacity when larger): one fsync'd append of 4000 events takes milliseconds.
+const OVERFLOW_BUFFER: usize = 16_384;
 const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long a batch that is not full waits for more events before it is written. A batch costs
@@ -49,6 +56,8 @@ pub struct WriterStats {
     pub dropped: AtomicU64,
     /// Events currently waiting in the queue.
     pub queued: AtomicU64,
+    /// Events handed to the overflow thread, not yet in the spill file.
+    pub overflowed: AtomicU64,
 }
 
 /// The request path's side of the writer: cheap to clone, never blocks.
@@ -56,23 +65,122 @@ pub struct WriterStats {
 pub struct WriterSink {
     tx: mpsc::Sender<UsageEvent>,
     stats: Arc<WriterStats>,
+    /// Where events go when the queue is full (`on_overflow: spill` or `backpressure`).
+    overflow: Option<std::sync::mpsc::SyncSender<Overflowed>>,
+    backpressure: bool,
+}
+
+/// What the overflow thread is handed (an event moves in whole: boxing it would cost the
+/// overflow path an allocation per event).
+#[allow(clippy::large_enum_variant)]
+enum Overflowed {
+    Event(UsageEvent),
+    /// Everything handed over before this is in the spill file once the sender hears back.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+impl WriterSink {
+    fn dropped(&self, why: &str) {
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 || n.is_multiple_of(1000) {
+            tracing::error!(dropped = n, "usage event dropped: {why}");
+        }
+    }
 }
 
 impl UsageSink for WriterSink {
     fn record(&self, event: UsageEvent) {
         // converted to the stored form on the writer's side: the request path only moves it
-        if self.tx.try_send(event).is_ok() {
-            self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        } else {
-            {
-                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == 1 || n.is_multiple_of(1000) {
-                    tracing::error!(
-                        dropped = n,
-                        "usage queue full (log.queue_capacity): usage event dropped"
-                    );
+        let event = match self.tx.try_send(event) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e)) => e,
+        };
+        let Some(overflow) = &self.overflow else {
+            self.dropped("usage queue full (log.queue_capacity, on_overflow: drop)");
+            return;
+        };
+        match overflow.try_send(Overflowed::Event(event)) {
+            Ok(()) => {
+                self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.dropped("usage queue and overflow queue full"),
+        }
+    }
+
+    fn saturated(&self) -> bool {
+        self.backpressure && self.tx.capacity() == 0
+    }
+}
+
+/// Starts the overflow thread; its sender, or `None` (a full queue then drops events).
+fn start_overflow(
+    policy: &LogPolicy,
+    spill: &Spill,
+    stats: &Arc<WriterStats>,
+) -> Option<std::sync::mpsc::SyncSender<Overflowed>> {
+    // the overflow thread's own queue: what the disk takes between two batches
+    let (otx, orx) = std::sync::mpsc::sync_channel(policy.queue_capacity.max(OVERFLOW_BUFFER));
+    let (spill, stats) = (spill.clone(), stats.clone());
+    let spawned = std::thread::Builder::new()
+        .name("usage-overflow".to_owned())
+        .spawn(move || overflow_thread(orx, spill, stats));
+    match spawned {
+        Ok(_) => Some(otx),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the usage overflow thread: a full queue drops events");
+            None
+        }
+    }
+}
+
+/// The overflow thread: batches what the full queue could not take into the spill file.
+#[allow(clippy::needless_pass_by_value)] // the thread owns what it runs on
+fn overflow_thread(
+    rx: std::sync::mpsc::Receiver<Overflowed>,
+    spill: Spill,
+    stats: Arc<WriterStats>,
+) {
+    let mut batch: Vec<StoredEvent> = Vec::new();
+    let mut acks = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Overflowed::Event(e) => batch.push(StoredEvent::from(e)),
+                Overflowed::Flush(ack) => acks.push(ack),
+            }
+            if batch.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            match spill.append(&batch) {
+                Ok(dropped) => {
+                    stats
+                        .spilled
+                        .fetch_add(n - dropped as u64, Ordering::Relaxed);
+                    stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+                    if dropped > 0 {
+                        tracing::error!(
+                            dropped,
+                            "spill file full (log.spill_max_bytes): usage events dropped"
+                        );
+                    }
+                }
+                Err(e) => {
+                    stats.dropped.fetch_add(n, Ordering::Relaxed);
+                    tracing::error!(error = %e, events = n, "cannot spill overflowing usage events: dropped");
                 }
             }
+            stats.overflowed.fetch_sub(n, Ordering::Relaxed);
+            batch.clear();
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
         }
     }
 }
@@ -126,6 +234,8 @@ pub struct UsageWriter {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     pub stats: Arc<WriterStats>,
+    /// To flush the overflow thread before the last replay.
+    overflow: Option<std::sync::mpsc::SyncSender<Overflowed>>,
 }
 
 impl UsageWriter {
@@ -135,6 +245,9 @@ impl UsageWriter {
         let (stop_tx, stop_rx) = oneshot::channel();
         let stats = Arc::new(WriterStats::default());
         let spill = Spill::new(policy.spill_path.clone(), policy.spill_max_bytes);
+        let overflow = (policy.on_overflow != keypool_config::Overflow::Drop)
+            .then(|| start_overflow(policy, &spill, &stats))
+            .flatten();
         let task = tokio::spawn(
             Loop {
                 store,
@@ -145,18 +258,35 @@ impl UsageWriter {
             }
             .run(rx, stop_rx),
         );
+        let backpressure = policy.on_overflow == keypool_config::Overflow::Backpressure;
         (
             Self {
                 stop: Some(stop_tx),
                 task,
                 stats: stats.clone(),
+                overflow: overflow.clone(),
             },
-            WriterSink { tx, stats },
+            WriterSink {
+                tx,
+                stats,
+                overflow,
+                backpressure,
+            },
         )
     }
 
-    /// Drains the queue and stops, waiting at most `limit`.
+    /// Drains the queue and stops, waiting at most `limit`: what overflowed is in the spill
+    /// file first, so the writer's last replay stores it too.
     pub async fn shutdown(mut self, limit: Duration) {
+        if let Some(overflow) = self.overflow.take() {
+            let _ = tokio::task::spawn_blocking(move || {
+                let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+                if overflow.send(Overflowed::Flush(ack_tx)).is_ok() {
+                    let _ = ack_rx.recv_timeout(limit);
+                }
+            })
+            .await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -81,6 +81,12 @@ pub struct RequestLog {
 pub trait UsageSink: Send + Sync + 'static {
     /// Takes one event. Must not block: the request path calls it.
     fn record(&self, event: UsageEvent);
+
+    /// Whether a new request should wait before it starts (`log.on_overflow: backpressure`
+    /// and the queue is full). Cheap: the request path asks it.
+    fn saturated(&self) -> bool {
+        false
+    }
 }
 
 /// A new event id: the Unix time in milliseconds (48 bits), then 80 random bits. Time-ordered:

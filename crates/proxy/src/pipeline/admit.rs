@@ -29,3 +29,23 @@ pub(super) async fn admit(
     }
     gw.check_quota_everywhere().await
 }
+
+/// `log.on_overflow: backpressure`: while the usage queue is full a new request waits for room
+/// (up to 1 s), then gets 503 with `Retry-After`; every other mode never waits here.
+pub(super) async fn usage_room(sink: &dyn keypool_types::UsageSink) -> Result<(), ApiError> {
+    if !sink.saturated() {
+        return Ok(());
+    }
+    for _ in 0..200 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        if !sink.saturated() {
+            return Ok(());
+        }
+    }
+    let mut busy = ApiError::new(
+        keypool_types::ErrorKind::ServerBusy,
+        "keypool's usage writer is behind (log.on_overflow: backpressure); retry shortly.",
+    );
+    busy.retry_after_secs = Some(1);
+    Err(busy)
+}

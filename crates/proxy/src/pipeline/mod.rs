@@ -151,6 +151,7 @@ async fn prepare(
     let auth = authenticate::caller(&gw, req, &body)?;
     let client_ip = client_ip(req, &engine.config);
     admit::admit(&gw, &auth, client_ip, rate).await?;
+    admit::usage_room(fe.sink.as_ref()).await?;
     if let Some(what) = models::listing(req.method(), path) {
         let keys = engine.pool.keys();
         let resp = models::answer(
