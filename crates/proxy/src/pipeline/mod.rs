@@ -29,6 +29,7 @@ mod path;
 
 pub use authenticate::Incoming;
 pub use body::Receiving;
+pub use path::normalise as normalise_path;
 
 use std::sync::Arc;
 
