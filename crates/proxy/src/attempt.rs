@@ -179,10 +179,7 @@ async fn refused(resp: UpstreamResponse, lease: Lease, outcome: Outcome) -> Atte
     tracing::warn!(key = %key, status, outcome = outcome.label(), "upstream refused; failing over");
     lease.settle(outcome);
     if matches!(body, Err(BodyError::TooLarge)) {
-        keypool_telemetry::metrics()
-            .answers_cut
-            .with_label_values(&["response_too_large"])
-            .inc();
+        crate::observe::answer_cut("response_too_large");
         return Attempt::Failed(Failure::Transport {
             error: ApiError::new(
                 ErrorKind::ResponseTooLarge,
@@ -201,10 +198,7 @@ async fn refused(resp: UpstreamResponse, lease: Lease, outcome: Outcome) -> Atte
 
 /// An answer larger than `limit`: never buffered past it; 502 `response_too_large`.
 fn too_large(key: Arc<str>, limit: usize) -> Attempt {
-    keypool_telemetry::metrics()
-        .answers_cut
-        .with_label_values(&["response_too_large"])
-        .inc();
+    crate::observe::answer_cut("response_too_large");
     Attempt::Done(Reply::Error {
         error: ApiError::new(
             ErrorKind::ResponseTooLarge,

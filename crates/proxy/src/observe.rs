@@ -156,3 +156,12 @@ fn trace_outcome(ctx: &RequestCtx, status: u16, usage: Option<Usage>, error: Opt
     // returned the response head
     drop(s.enter());
 }
+
+/// An upstream answer keypool cut off (`response_too_large`, `stream_event_too_large`,
+/// `stream_deadline`).
+pub(crate) fn answer_cut(reason: &str) {
+    keypool_telemetry::metrics()
+        .answers_cut
+        .with_label_values(&[reason])
+        .inc();
+}

@@ -195,10 +195,7 @@ impl Relay {
     /// Ends a stream keypool cut off (`reason`: an event past `max_stream_event_bytes`, or
     /// past `stream_deadline`), with an error event after what was already complete.
     fn cut(&mut self, rest: &[u8], reason: &'static str) -> Bytes {
-        keypool_telemetry::metrics()
-            .answers_cut
-            .with_label_values(&[reason])
-            .inc();
+        crate::observe::answer_cut(reason);
         let why = if reason == "stream_deadline" {
             "The stream ran past the gateway's stream_deadline."
         } else {
