@@ -53,7 +53,7 @@ wait_line() { # file pattern
   for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; exit 1
 }
-url_in() { grep -o 'http://[^ ]*' "$1" | head -1; }
+url_in() { grep -v 'admin listening' "$1" | grep -o 'http://[^ ]*' | head -1; }  # the API, not the admin API
 evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
 served() { curl -s "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 
@@ -128,7 +128,7 @@ YAML
         --redis redis://127.0.0.1:6379/0 --redis-prefix "kp-bench-fe-$$:" --state-dir "$WORK/fe-$r" \
         > "$WORK/fe$r.out" 2> "$WORK/fe$r.err" &
       PID[fe$r]=$!
-      wait_line "$WORK/fe$r.out" "listening on"
+      wait_line "$WORK/fe$r.out" "listening on http.*/v1"
     done
     PID[$store]=${PID[fea]}
     URL[$store]=$(url_in "$WORK/fea.out")
@@ -138,7 +138,7 @@ YAML
     [ "$store" = before ] && KBIN=${BASELINE:?STORES=before needs BASELINE=/path/to/keypool}
     RUST_LOG=warn "$KBIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-$store.out" 2> "$WORK/kp-$store.err" &
     PID[$store]=$!
-    wait_line "$WORK/kp-$store.out" "listening on"
+    wait_line "$WORK/kp-$store.out" "listening on http.*/v1"
     URL[$store]=$(url_in "$WORK/kp-$store.out")
   fi
   TARGETS="$TARGETS $store"
@@ -214,7 +214,7 @@ if [ "${REDIS2:-0}" = 1 ]; then
     echo "REDIS2=1 needs redis in STORES" >&2; exit 2; }
   for r in a b; do
     RUST_LOG=warn "$BIN" serve --config "$WORK/config-redis2.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp2$r.out" 2> "$WORK/kp2$r.err" &
-    wait_line "$WORK/kp2$r.out" "listening on"
+    wait_line "$WORK/kp2$r.out" "listening on http.*/v1"
   done
   KA=$(url_in "$WORK/kp2a.out"); KB=$(url_in "$WORK/kp2b.out")
   for _ in $(seq "$ROUNDS"); do
