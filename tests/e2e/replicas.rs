@@ -127,6 +127,7 @@ in_both_topologies!(
     three_replicas_spread_load_over_keys_as_evenly_as_one,
     gateway_limits_and_quotas_hold_across_replicas,
     a_429_seen_by_one_replica_cools_the_key_on_all,
+    a_redis_cluster_holds_limits_and_survives_a_dead_master,
 );
 
 async fn post(gw: &Gateway, path: &str, model: &str) -> anyhow::Result<u16> {
@@ -308,6 +309,67 @@ async fn a_429_seen_by_one_replica_cools_the_key_on_all(topo: Topo) -> anyhow::R
         assert_eq!(post(&gws[1], "/v1/chat/completions", "m").await?, 200);
     }
     assert_eq!(limited.requests(), 1, "B never tried the key A saw cooling");
+    Ok(())
+}
+
+/// A 3-master Redis Cluster of the test's own: a gateway limit holds across three replicas as
+/// on one Redis; the master holding keypool's slot is killed mid-load and every request is still
+/// answered (`on_failure: local`), none waiting much past the Redis timeout.
+async fn a_redis_cluster_holds_limits_and_survives_a_dead_master(
+    topo: Topo,
+) -> anyhow::Result<()> {
+    let mut servers =
+        keypool_shared::testing::Servers::cluster(3).map_err(|e| anyhow::anyhow!(e))?;
+    let nodes = servers.urls(0);
+    let up = mock("up", Behavior::default());
+    let yaml = config()
+        .token(T)
+        .key(&up, "up", "rpm: 100000")
+        .block(&format!(
+            "redis: {{cluster: [{}], timeout_ms: 200}}\ngateways:\n  - {{name: four, rate_limits: [\"ingress:4/minute\"]}}\n  - {{name: g, rate_limits: [\"ingress:100000/minute\"]}}",
+            nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+        ))
+        .yaml();
+    let flags = [
+        "--redis-cluster".to_owned(),
+        nodes.join(","),
+        "--redis-timeout-ms".to_owned(),
+        "200".to_owned(),
+    ];
+    let gws = replicas(topo, 3, &yaml, &flags).await?;
+    let mut admitted = 0;
+    for i in 0..9 {
+        let s = post(&gws[i % 3], "/llm/api/four/v1/chat/completions", "m").await?;
+        assert!(s == 200 || s == 429, "{s}");
+        admitted += usize::from(s == 200);
+    }
+    assert_eq!(admitted, 4, "ingress:4/minute across three replicas on a cluster");
+
+    let holder = servers.master_of("{keypool:}x").map_err(|e| anyhow::anyhow!(e))?;
+    let victim = servers.index_of(holder).unwrap_or(0);
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        servers.kill(victim);
+        servers
+    });
+    let mut slowest = Duration::ZERO;
+    for i in 0..60 {
+        let t = std::time::Instant::now();
+        let s = post(&gws[i % 3], "/llm/api/g/v1/chat/completions", "m").await?;
+        assert_eq!(s, 200, "request {i}");
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _servers = killer.await?;
+    assert!(slowest < Duration::from_millis(1500), "slowest {slowest:?}");
+    let mut felt = false;
+    for gw in gws.iter() {
+        let metrics = gw.http().get(gw.url("/metrics")).send().await?.text().await?;
+        felt |= metrics
+            .lines()
+            .any(|l| l.starts_with("keypool_redis_errors_total ") && !l.ends_with(" 0"));
+    }
+    assert!(felt, "the dead master was noticed (and the replicas fell back to local limits)");
     Ok(())
 }
 

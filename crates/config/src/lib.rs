@@ -83,14 +83,30 @@ pub struct Config {
 /// Shared state in Redis.
 #[derive(Debug, Clone)]
 pub struct Redis {
-    /// May hold a password: never logged.
-    pub url: keypool_types::Secret,
+    /// Where it is (URLs may hold passwords: never logged).
+    pub servers: RedisServers,
     pub prefix: String,
     pub timeout: Duration,
     /// `on_failure: closed`: refuse with 503 while Redis is unavailable.
     pub fail_closed: bool,
     /// `replicas_hint`: each replica's share of the limits while Redis is unavailable.
     pub replicas_hint: u32,
+}
+
+/// How the shared state's Redis is reached.
+#[derive(Debug, Clone)]
+pub enum RedisServers {
+    /// `redis.url`: one server.
+    Url(keypool_types::Secret),
+    /// `redis.cluster`: a Redis Cluster's seed nodes.
+    Cluster(Vec<keypool_types::Secret>),
+    /// `redis.sentinel`: the master Sentinel names `master`.
+    Sentinel {
+        master: String,
+        nodes: Vec<keypool_types::Secret>,
+        password: Option<keypool_types::Secret>,
+        db: i64,
+    },
 }
 
 /// The admin gRPC service's settings.

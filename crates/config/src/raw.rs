@@ -233,8 +233,12 @@ impl RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
-    /// `redis://host:6379/0`
-    pub url: String,
+    /// `redis://host:6379/0`: one server. Exactly one of `url`, `cluster` and `sentinel`.
+    pub url: Option<String>,
+    /// A Redis Cluster's seed nodes (`redis://host:7000`, ...).
+    pub cluster: Option<Vec<String>>,
+    /// A master watched by Sentinel.
+    pub sentinel: Option<RawSentinel>,
     /// Prefix of every key keypool writes (default `keypool:`).
     pub prefix: Option<String>,
     /// Longest wait for one Redis call, in milliseconds (default 250).
@@ -245,6 +249,19 @@ pub struct RawRedis {
     /// With `on_failure: local`: how many replicas share the limits; while Redis is down each
     /// enforces `1/N` of every rate budget (default 1: each enforces all of it).
     pub replicas_hint: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSentinel {
+    /// The monitored master's name (`sentinel monitor <name> ...`).
+    pub master: String,
+    /// The Sentinels (`redis://host:26379`).
+    pub nodes: Vec<String>,
+    /// The master's password (not the Sentinels').
+    pub password: Option<String>,
+    /// The master's database (default 0).
+    pub db: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

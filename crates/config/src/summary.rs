@@ -147,7 +147,16 @@ impl Config {
         let _ = writeln!(out, "admin     {admin}");
         let redis = self.redis.as_ref().map_or_else(
             || "none (limits and health in this process)".to_owned(),
-            |r| format!("prefix {:?} (url not shown)", r.prefix),
+            |r| {
+                let what = match &r.servers {
+                    crate::RedisServers::Url(_) => "one server".to_owned(),
+                    crate::RedisServers::Cluster(n) => format!("cluster of {} seed nodes", n.len()),
+                    crate::RedisServers::Sentinel { master, nodes, .. } => {
+                        format!("master {master:?} through {} Sentinels", nodes.len())
+                    }
+                };
+                format!("{what}, prefix {:?} (urls not shown)", r.prefix)
+            },
         );
         let _ = write!(out, "redis     {redis}");
         out

@@ -327,10 +327,62 @@ fn validate_gateways(
     (default_gateway, gateways)
 }
 
-fn validate_redis(r: crate::raw::RawRedis, errs: &mut Errors) -> crate::Redis {
-    if url::Url::parse(&r.url).map_or(true, |u| !matches!(u.scheme(), "redis" | "rediss")) {
-        errs.push("redis.url", "expected redis://host:port[/db]");
+fn redis_url(at: &str, u: &str, errs: &mut Errors) -> Secret {
+    // never echo the value: it may hold a password
+    if url::Url::parse(u).map_or(true, |u| !matches!(u.scheme(), "redis" | "rediss")) {
+        errs.push(at, "expected redis://host:port[/db]");
     }
+    Secret::new(u.to_owned())
+}
+
+fn redis_servers(r: &crate::raw::RawRedis, errs: &mut Errors) -> crate::RedisServers {
+    use crate::RedisServers;
+    let given = usize::from(r.url.is_some())
+        + usize::from(r.cluster.is_some())
+        + usize::from(r.sentinel.is_some());
+    if given != 1 {
+        errs.push("redis", "expected exactly one of url, cluster and sentinel");
+    }
+    if let Some(nodes) = &r.cluster {
+        if nodes.is_empty() {
+            errs.push("redis.cluster", "expected at least one seed node");
+        }
+        return RedisServers::Cluster(
+            nodes
+                .iter()
+                .enumerate()
+                .map(|(i, u)| redis_url(&format!("redis.cluster[{i}]"), u, errs))
+                .collect(),
+        );
+    }
+    if let Some(s) = &r.sentinel {
+        if s.nodes.is_empty() {
+            errs.push("redis.sentinel.nodes", "expected at least one Sentinel");
+        }
+        if s.master.trim().is_empty() {
+            errs.push("redis.sentinel.master", "expected the monitored master's name");
+        }
+        let db = s.db.unwrap_or(0);
+        if !(0..=1_000_000).contains(&db) {
+            errs.push("redis.sentinel.db", "must be between 0 and 1000000");
+        }
+        return RedisServers::Sentinel {
+            master: s.master.clone(),
+            nodes: s
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, u)| redis_url(&format!("redis.sentinel.nodes[{i}]"), u, errs))
+                .collect(),
+            password: s.password.clone().map(Secret::new),
+            db,
+        };
+    }
+    RedisServers::Url(redis_url("redis.url", r.url.as_deref().unwrap_or(""), errs))
+}
+
+fn validate_redis(r: crate::raw::RawRedis, errs: &mut Errors) -> crate::Redis {
+    let servers = redis_servers(&r, errs);
     let fail_closed = match r.on_failure.as_deref() {
         None | Some("local") => false,
         Some("closed") => true,
@@ -343,7 +395,7 @@ fn validate_redis(r: crate::raw::RawRedis, errs: &mut Errors) -> crate::Redis {
         }
     };
     crate::Redis {
-        url: Secret::new(r.url),
+        servers,
         prefix: r.prefix.unwrap_or_else(|| "keypool:".to_owned()),
         timeout: Duration::from_millis(errs.ranged(
             "redis.timeout_ms",

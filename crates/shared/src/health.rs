@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::connect::{RedisTarget, pubsub_url};
 use crate::{HealthEvent, RedisState, SharedError, SharedState, shared_failed};
 
 /// This process's id in health messages (its own are ignored when they come back).
@@ -54,7 +55,7 @@ impl HealthAnnouncer {
 /// Calls `on_message` with every message another replica publishes on `channel`, through a
 /// subscription that reconnects by itself, until `stop`.
 pub fn subscribe<F, Fut>(
-    url: String,
+    target: RedisTarget,
     channel: String,
     stop: tokio_util::sync::CancellationToken,
     on_message: F,
@@ -64,12 +65,18 @@ pub fn subscribe<F, Fut>(
 {
     tokio::spawn(async move {
         use futures_util::StreamExt;
+        let mut attempt = 0;
         loop {
+            attempt += 1;
             let sub = async {
-                let client = redis::Client::open(url.as_str())?;
-                let mut ps = client.get_async_pubsub().await?;
-                ps.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(ps)
+                let url = pubsub_url(&target, attempt, Duration::from_secs(1)).await?;
+                let connected = async {
+                    let client = redis::Client::open(url.as_str())?;
+                    let mut ps = client.get_async_pubsub().await?;
+                    ps.subscribe(&channel).await?;
+                    Ok::<_, redis::RedisError>(ps)
+                };
+                connected.await.map_err(|e| SharedError(e.to_string()))
             };
             match sub.await {
                 Ok(ps) => {
@@ -93,7 +100,7 @@ pub fn subscribe<F, Fut>(
                         }
                     }
                 }
-                Err(e) => shared_failed(&SharedError(e.to_string())),
+                Err(e) => shared_failed(&e),
             }
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -108,7 +115,6 @@ pub fn subscribe<F, Fut>(
 /// itself, until `stop`.
 pub fn share_health(
     state: &std::sync::Arc<RedisState>,
-    url: String,
     mut announcements: Announcements,
     apply: impl Fn(&str, HealthEvent) + Send + Sync + 'static,
     stop: tokio_util::sync::CancellationToken,
@@ -130,7 +136,7 @@ pub fn share_health(
             }
         }
     });
-    subscribe(url, state.health_channel(), stop, move |payload| {
+    subscribe(state.target().clone(), state.health_channel(), stop, move |payload| {
         if let Some((key, event)) = parse_health(&payload) {
             apply(&key, event);
         }

@@ -7,15 +7,19 @@
 //! process; one Lua script in Redis, on Redis's clock), so concurrent callers on any number of
 //! replicas never admit more than a limit. "n per minute" means at most n in any trailing minute.
 
+mod connect;
 mod health;
 mod memory;
 mod redis;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::time::Duration;
 
 pub use health::{
     Announcements, HealthAnnouncer, parse_health, process_id, share_health, subscribe,
 };
+pub use connect::RedisTarget;
 pub use memory::InMemory;
 pub use redis::RedisState;
 

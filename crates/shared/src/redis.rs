@@ -5,19 +5,21 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::connect::{Conn, RedisTarget, Source};
 use crate::{
     Admit, HealthEvent, Picked, SharedError, SharedState, TokenReq, WindowReq, process_id,
 };
 
 /// Redis: sorted sets of admission times (scored in Redis's milliseconds), plain counters, and a
 /// pub/sub channel for key health. Calls time out after `timeout`, so a dead Redis never holds a
-/// request; the connection manager reconnects by itself.
+/// request; the connection reconnects by itself (and follows a master Sentinel moves).
 pub struct RedisState {
     /// `on_failure: closed`.
     pub closed: bool,
     /// `redis.replicas_hint` (1 when unset).
     pub replicas_hint: u32,
-    conn: redis::aio::ConnectionManager,
+    source: Source,
+    target: RedisTarget,
     prefix: String,
     timeout: Duration,
     script: redis::Script,
@@ -45,25 +47,29 @@ const PICK: &str = include_str!("scripts/pick.lua");
 const SETTLE_TOKENS: &str = include_str!("scripts/settle_tokens.lua");
 
 impl RedisState {
-    /// Connects (or fails within `timeout`).
+    /// Connects to one server (or fails within a few `timeout`s).
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
-        let client = redis::Client::open(url).map_err(|e| SharedError(e.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
-            timeout * 4,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| SharedError("connecting to Redis timed out".into()))?
-        .map_err(|e| SharedError(e.to_string()))?;
+        Self::connect_to(&RedisTarget::Single(url.to_owned()), prefix, timeout).await
+    }
+
+    /// Connects to a server, a cluster or a Sentinel-watched master (or fails within a few
+    /// `timeout`s). In a cluster every key is `{prefix}name`: one hash tag, one slot, so each
+    /// script's keys are on one node and its decision is as atomic as on one server.
+    pub async fn connect_to(
+        target: &RedisTarget,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, SharedError> {
+        let source = crate::connect::connect(target, timeout).await?;
         Ok(Self {
             closed: false,
             replicas_hint: 1,
-            conn,
-            prefix: prefix.to_owned(),
+            source,
+            prefix: match target {
+                RedisTarget::Cluster(_) => hash_tagged(prefix),
+                _ => prefix.to_owned(),
+            },
+            target: target.clone(),
             timeout,
             script: redis::Script::new(ADMIT),
             pick_script: redis::Script::new(PICK),
@@ -73,6 +79,20 @@ impl RedisState {
 
     fn key(&self, k: &str) -> String {
         format!("{}{k}", self.prefix)
+    }
+
+    fn conn(&self) -> Conn {
+        self.source.conn()
+    }
+
+    /// Where this state's Redis is (what subscriptions connect to).
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
+    }
+
+    /// The longest wait for one call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The health channel's name.
@@ -87,7 +107,7 @@ impl RedisState {
 
     /// Records this replica as alive (`info`: JSON the status call shows).
     pub async fn heartbeat(&self, info: &str) -> Result<(), SharedError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let key = self.key("replicas");
         let (field, value) = (process_id().to_owned(), info.to_owned());
         self.run(async move {
@@ -104,7 +124,7 @@ impl RedisState {
 
     /// Every replica's last heartbeat: (replica id, info JSON).
     pub async fn replicas(&self) -> Result<Vec<(String, String)>, SharedError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let key = self.key("replicas");
         self.run(async move {
             redis::cmd("HGETALL")
@@ -125,7 +145,7 @@ impl RedisState {
     }
 
     async fn publish(&self, channel: String, msg: String) -> Result<(), SharedError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.run(async move {
             redis::cmd("PUBLISH")
                 .arg(channel)
@@ -141,11 +161,24 @@ impl RedisState {
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, SharedError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(SharedError(e.to_string())),
-            Err(_) => Err(SharedError("Redis did not answer in time".into())),
-        }
+        let out = match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => SharedError(e.to_string()),
+            Err(_) => SharedError("Redis did not answer in time".into()),
+        };
+        self.source.failed();
+        Err(out)
+    }
+}
+
+/// `{prefix}`: the prefix as a Redis Cluster hash tag (without braces of its own, which would
+/// end the tag early, and never empty, which would be no tag at all).
+fn hash_tagged(prefix: &str) -> String {
+    let tag: String = prefix.chars().filter(|c| !matches!(c, '{' | '}')).collect();
+    if tag.is_empty() {
+        "{keypool}".to_owned()
+    } else {
+        format!("{{{tag}}}")
     }
 }
 
@@ -171,7 +204,7 @@ impl SharedState for RedisState {
             inv.key(self.key(&w.key));
             inv.arg(w.limit).arg(w.per.as_millis() as u64);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
         match out.as_slice() {
             [1, rest @ ..] => Ok(Admit::Admitted {
@@ -213,7 +246,7 @@ impl SharedState for RedisState {
                 inv.arg(0).arg(0);
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
         match out.as_slice() {
             [1, i] => Ok(Picked::Index(usize::try_from(*i).unwrap_or(0))),
@@ -233,13 +266,13 @@ impl SharedState for RedisState {
         let mut inv = self.settle_script.prepare_invoke();
         inv.key(self.key(&req.key));
         inv.arg(id).arg(req.cost.min(req.limit)).arg(actual);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let _: i64 = self.run(inv.invoke_async(&mut conn)).await?;
         Ok(())
     }
 
     async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let key = self.key(counter);
         self.run(async move {
             redis::cmd("INCRBY")
@@ -252,7 +285,7 @@ impl SharedState for RedisState {
     }
 
     async fn get(&self, counter: &str) -> Result<u64, SharedError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let key = self.key(counter);
         let v: Option<u64> = self
             .run(async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
@@ -261,7 +294,7 @@ impl SharedState for RedisState {
     }
 
     async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let key = self.key(counter);
         self.run(async move {
             redis::cmd("SET")

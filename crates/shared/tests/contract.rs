@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keypool_shared::{Admit, InMemory, Picked, RedisState, SharedState, TokenReq, WindowReq};
+use keypool_shared::{
+    Admit, InMemory, Picked, RedisState, RedisTarget, SharedState, TokenReq, WindowReq,
+};
 use tokio::time::Instant;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -265,4 +267,115 @@ async fn unbudgeted_picks_spread_evenly_in_both() {
     let r = Redis::new().await;
     unbudgeted_windows_rank_evenly(r.state.as_ref()).await;
     r.cleanup().await;
+}
+
+/// A 3-master Redis Cluster the test starts: the same contract holds, every key keypool writes
+/// lands in one slot, and two connections (two replicas) share the windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_contract() {
+    let servers = keypool_shared::testing::Servers::cluster(3).expect("a Redis Cluster");
+    let target = RedisTarget::Cluster(servers.urls(0));
+    let connect = || RedisState::connect_to(&target, "kp-cluster:", Duration::from_secs(2));
+    let s: Arc<dyn SharedState> = Arc::new(connect().await.unwrap());
+    counts_exactly_and_slides(s.as_ref()).await;
+    all_or_nothing(s.as_ref()).await;
+    never_over_admits_under_concurrency(s.clone()).await;
+    picks_least_used_or_first_and_reserves(s.as_ref()).await;
+    token_windows_hold_sums_and_settle(s.as_ref()).await;
+    counters(s.as_ref()).await;
+    unbudgeted_windows_rank_evenly(s.as_ref()).await;
+    let other = connect().await.unwrap();
+    assert!(matches!(
+        other
+            .admit(&[w("busy", 10, 60_000)], Instant::now())
+            .await
+            .unwrap(),
+        Admit::Refused { .. }
+    ));
+    // one hash tag: every key is on the master that holds `{kp-cluster:}`
+    let holder = servers.master_of("{kp-cluster:}x").unwrap();
+    for url in servers.urls(0) {
+        let mut c = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+        let on_holder = url.ends_with(&format!(":{holder}"));
+        assert_eq!(keys > 0, on_holder, "{url}: {keys} keys");
+    }
+}
+
+/// The master that holds the slot is killed while calls are in flight: every call ends (an
+/// error within its timeout, never a hang), and the state answers again when the cluster does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_killed_mid_load_fails_calls_fast() {
+    let mut servers = keypool_shared::testing::Servers::cluster(3).expect("a Redis Cluster");
+    let target = RedisTarget::Cluster(servers.urls(0));
+    let s = Arc::new(
+        RedisState::connect_to(&target, "kp-kill:", Duration::from_millis(200))
+            .await
+            .unwrap(),
+    );
+    let load = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed, mut slowest) = (0u32, 0u32, Duration::ZERO);
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                let t = std::time::Instant::now();
+                match s.admit(&[w("load", 1_000_000, 60_000)], Instant::now()).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                slowest = slowest.max(t.elapsed());
+            }
+            (ok, failed, slowest)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let holder = servers.master_of("{kp-kill:}x").unwrap();
+    servers.kill(servers.index_of(holder).unwrap());
+    let (ok, failed, slowest) = load.await.unwrap();
+    assert!(ok > 0, "calls succeeded before the kill");
+    assert!(failed > 0, "calls failed after the kill");
+    assert!(slowest < Duration::from_secs(2), "a call hung for {slowest:?}");
+}
+
+/// A master watched by Sentinel: the contract holds through it, and when the master dies the
+/// state follows Sentinel to the promoted replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_contract_and_failover() {
+    let mut servers = keypool_shared::testing::Servers::sentinel("kpm").expect("a Sentinel");
+    let target = RedisTarget::Sentinel {
+        master: "kpm".into(),
+        nodes: servers.urls(2),
+        password: None,
+        db: 0,
+    };
+    let s: Arc<dyn SharedState> = Arc::new(
+        RedisState::connect_to(&target, "kp-sentinel:", Duration::from_millis(300))
+            .await
+            .unwrap(),
+    );
+    counts_exactly_and_slides(s.as_ref()).await;
+    all_or_nothing(s.as_ref()).await;
+    counters(s.as_ref()).await;
+    let old = servers.ports[0];
+    servers.kill(0);
+    let new = servers.wait_for_failover("kpm", old).unwrap();
+    assert_eq!(new, servers.ports[1]);
+    // within a few seconds the state writes to the new master
+    let start = std::time::Instant::now();
+    loop {
+        if s.add("after-failover", 1).await.is_ok() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "never followed the failover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let win = [w("after", 2, 60_000)];
+    assert!(matches!(s.admit(&win, Instant::now()).await.unwrap(), Admit::Admitted { .. }));
+    assert!(matches!(s.admit(&win, Instant::now()).await.unwrap(), Admit::Admitted { .. }));
+    assert!(matches!(s.admit(&win, Instant::now()).await.unwrap(), Admit::Refused { .. }));
 }

@@ -69,6 +69,16 @@ pub struct FrontendArgs {
         hide_env_values = true
     )]
     pub redis: Option<String>,
+    /// A Redis Cluster instead: its seed nodes, comma-separated (`redis://h1:7000,redis://h2:7000`).
+    #[arg(
+        long,
+        value_name = "URL,...",
+        env = "KEYPOOL_REDIS_CLUSTER",
+        hide_env_values = true,
+        value_delimiter = ',',
+        conflicts_with = "redis"
+    )]
+    pub redis_cluster: Vec<String>,
     /// Prefix of every Redis key (the same on every replica).
     #[arg(long, default_value = "keypool:")]
     pub redis_prefix: String,
@@ -191,8 +201,10 @@ pub fn build(args: &FrontendArgs, snap: &pb::ConfigSnapshot) -> anyhow::Result<P
             enabled: Some(false),
             ..RawAdmin::default()
         }),
-        redis: args.redis.as_ref().map(|url| RawRedis {
-            url: url.clone(),
+        redis: (args.redis.is_some() || !args.redis_cluster.is_empty()).then(|| RawRedis {
+            url: args.redis.clone(),
+            cluster: (!args.redis_cluster.is_empty()).then(|| args.redis_cluster.clone()),
+            sentinel: None,
             prefix: Some(args.redis_prefix.clone()),
             timeout_ms: Some(args.redis_timeout_ms),
             on_failure: Some(args.redis_on_failure.clone()),

@@ -159,8 +159,8 @@ pub async fn run_until(
     if let Some(link) = link {
         wiring::follow_control_plane(*link, &control, &config, &engine, &pool).await?;
     }
-    if let (Some(r), Some(rc)) = (&redis, &config.redis) {
-        wiring::share_admin_changes(r, rc, &control, &shutdown, listener.local_addr()?);
+    if let Some(r) = &redis {
+        wiring::share_admin_changes(r, &control, &shutdown, listener.local_addr()?);
     }
     wiring::reload_on_hangup(
         options.config_file.filter(|_| link_free),

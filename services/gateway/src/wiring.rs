@@ -32,12 +32,33 @@ pub async fn connect_redis(config: &Config) -> anyhow::Result<Option<Arc<RedisSt
     let Some(r) = &config.redis else {
         return Ok(None);
     };
-    let mut state = RedisState::connect(r.url.expose(), &r.prefix, r.timeout)
+    let mut state = RedisState::connect_to(&redis_target(&r.servers), &r.prefix, r.timeout)
         .await
-        .context("cannot reach redis.url at start-up")?;
+        .context("cannot reach the shared state's Redis at start-up")?;
     state.closed = r.fail_closed;
     state.replicas_hint = r.replicas_hint;
     Ok(Some(Arc::new(state)))
+}
+
+fn redis_target(servers: &keypool_config::RedisServers) -> keypool_shared::RedisTarget {
+    use keypool_config::RedisServers;
+    use keypool_shared::RedisTarget;
+    let urls = |v: &[keypool_types::Secret]| v.iter().map(|u| u.expose().to_owned()).collect();
+    match servers {
+        RedisServers::Url(u) => RedisTarget::Single(u.expose().to_owned()),
+        RedisServers::Cluster(nodes) => RedisTarget::Cluster(urls(nodes)),
+        RedisServers::Sentinel {
+            master,
+            nodes,
+            password,
+            db,
+        } => RedisTarget::Sentinel {
+            master: master.clone(),
+            nodes: urls(nodes),
+            password: password.as_ref().map(|p| p.expose().to_owned()),
+            db: *db,
+        },
+    }
 }
 
 /// Every gateway, `default` (`/v1/*`) first, their quotas restored from the store; the control
@@ -83,13 +104,12 @@ pub async fn key_pool(
     };
     let (actors, pool) =
         ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds, announcer)?;
-    let (Some(r), Some(rc), Some(announcements)) = (redis, &config.redis, announcements) else {
+    let (Some(r), Some(announcements)) = (redis, announcements) else {
         return Ok((actors, pool));
     };
     let remote = pool.clone();
     keypool_shared::share_health(
         r,
-        rc.url.expose().to_owned(),
         announcements,
         move |key, event| remote.apply_health(key, event),
         shutdown.clone(),
@@ -154,7 +174,6 @@ pub async fn follow_control_plane(
 /// seen), and an admin change on one reaches the others at once.
 pub fn share_admin_changes(
     redis: &Arc<RedisState>,
-    rc: &keypool_config::Redis,
     control: &Arc<Control>,
     shutdown: &CancellationToken,
     address: SocketAddr,
@@ -185,7 +204,7 @@ pub fn share_admin_changes(
     });
     let c = control.clone();
     keypool_shared::subscribe(
-        rc.url.expose().to_owned(),
+        redis.target().clone(),
         redis.config_channel(),
         shutdown.clone(),
         move |_| {
