@@ -315,9 +315,7 @@ async fn a_429_seen_by_one_replica_cools_the_key_on_all(topo: Topo) -> anyhow::R
 /// A 3-master Redis Cluster of the test's own: a gateway limit holds across three replicas as
 /// on one Redis; the master holding keypool's slot is killed mid-load and every request is still
 /// answered (`on_failure: local`), none waiting much past the Redis timeout.
-async fn a_redis_cluster_holds_limits_and_survives_a_dead_master(
-    topo: Topo,
-) -> anyhow::Result<()> {
+async fn a_redis_cluster_holds_limits_and_survives_a_dead_master(topo: Topo) -> anyhow::Result<()> {
     let mut servers =
         keypool_shared::testing::Servers::cluster(3).map_err(|e| anyhow::anyhow!(e))?;
     let nodes = servers.urls(0);
@@ -343,9 +341,14 @@ async fn a_redis_cluster_holds_limits_and_survives_a_dead_master(
         assert!(s == 200 || s == 429, "{s}");
         admitted += usize::from(s == 200);
     }
-    assert_eq!(admitted, 4, "ingress:4/minute across three replicas on a cluster");
+    assert_eq!(
+        admitted, 4,
+        "ingress:4/minute across three replicas on a cluster"
+    );
 
-    let holder = servers.master_of("{keypool:}x").map_err(|e| anyhow::anyhow!(e))?;
+    let holder = servers
+        .master_of("{keypool:}x")
+        .map_err(|e| anyhow::anyhow!(e))?;
     let victim = servers.index_of(holder).unwrap_or(0);
     let killer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -364,12 +367,21 @@ async fn a_redis_cluster_holds_limits_and_survives_a_dead_master(
     assert!(slowest < Duration::from_millis(1500), "slowest {slowest:?}");
     let mut felt = false;
     for gw in gws.iter() {
-        let metrics = gw.http().get(gw.url("/metrics")).send().await?.text().await?;
+        let metrics = gw
+            .http()
+            .get(gw.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
         felt |= metrics
             .lines()
             .any(|l| l.starts_with("keypool_redis_errors_total ") && !l.ends_with(" 0"));
     }
-    assert!(felt, "the dead master was noticed (and the replicas fell back to local limits)");
+    assert!(
+        felt,
+        "the dead master was noticed (and the replicas fell back to local limits)"
+    );
     Ok(())
 }
 

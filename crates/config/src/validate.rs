@@ -360,7 +360,10 @@ fn redis_servers(r: &crate::raw::RawRedis, errs: &mut Errors) -> crate::RedisSer
             errs.push("redis.sentinel.nodes", "expected at least one Sentinel");
         }
         if s.master.trim().is_empty() {
-            errs.push("redis.sentinel.master", "expected the monitored master's name");
+            errs.push(
+                "redis.sentinel.master",
+                "expected the monitored master's name",
+            );
         }
         let db = s.db.unwrap_or(0);
         if !(0..=1_000_000).contains(&db) {

@@ -227,3 +227,44 @@ fn list_or_string_values_name_the_wrong_item() {
         vec!["123456"]
     );
 }
+
+#[test]
+fn redis_is_one_server_a_cluster_or_a_sentinel() {
+    let ok = from_yaml("redis: {cluster: ['redis://a:7000', 'redis://b:7000']}\n").unwrap();
+    assert!(matches!(
+        ok.redis.map(|r| r.servers),
+        Some(crate::RedisServers::Cluster(n)) if n.len() == 2
+    ));
+    let ok =
+        from_yaml("redis: {sentinel: {master: m, nodes: ['redis://s:26379'], db: 2}}\n").unwrap();
+    assert!(matches!(
+        ok.redis.map(|r| r.servers),
+        Some(crate::RedisServers::Sentinel { db: 2, .. })
+    ));
+    for (text, says) in [
+        (
+            "redis: {prefix: x}\n",
+            "redis: expected exactly one of url, cluster and sentinel",
+        ),
+        (
+            "redis: {url: 'redis://a', cluster: ['redis://b']}\n",
+            "redis: expected exactly one of url, cluster and sentinel",
+        ),
+        (
+            "redis: {cluster: []}\n",
+            "redis.cluster: expected at least one seed node",
+        ),
+        (
+            "redis: {cluster: ['http://:hunter2@a']}\n",
+            "redis.cluster[0]: expected redis://host:port[/db]",
+        ),
+        (
+            "redis: {sentinel: {master: '', nodes: []}}\n",
+            "redis.sentinel.nodes: expected at least one Sentinel",
+        ),
+    ] {
+        let err = from_yaml(text).unwrap_err().to_string();
+        assert!(err.contains(says), "{text}: {err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

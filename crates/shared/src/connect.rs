@@ -51,7 +51,10 @@ pub enum Conn {
 }
 
 impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
@@ -159,10 +162,7 @@ fn master_url((host, port): &(String, u16), password: Option<&str>, db: i64) -> 
         host.clone()
     };
     match password {
-        Some(p) => format!(
-            "redis://:{}@{host}:{port}/{db}",
-            url_escape(p)
-        ),
+        Some(p) => format!("redis://:{}@{host}:{port}/{db}", url_escape(p)),
         None => format!("redis://{host}:{port}/{db}"),
     }
 }
@@ -190,10 +190,13 @@ async fn manager(url: &str, timeout: Duration) -> Result<ConnectionManager, Shar
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1);
-    tokio::time::timeout(timeout * 4, client.get_connection_manager_with_config(config))
-        .await
-        .map_err(|_| SharedError("connecting to Redis timed out".into()))?
-        .map_err(|e| err(&e))
+    tokio::time::timeout(
+        timeout * 4,
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+    .map_err(|_| SharedError("connecting to Redis timed out".into()))?
+    .map_err(|e| err(&e))
 }
 
 /// Where the Sentinels say `master` is: the first Sentinel that answers decides.
@@ -226,7 +229,10 @@ pub(crate) async fn master_address(
 }
 
 /// Connects to `target` (or fails within a few `timeout`s).
-pub(crate) async fn connect(target: &RedisTarget, timeout: Duration) -> Result<Source, SharedError> {
+pub(crate) async fn connect(
+    target: &RedisTarget,
+    timeout: Duration,
+) -> Result<Source, SharedError> {
     match target {
         RedisTarget::Single(url) => Ok(Source::Fixed(Conn::Single(manager(url, timeout).await?))),
         RedisTarget::Cluster(nodes) => {
@@ -309,7 +315,10 @@ mod tests {
             master_url(&("10.0.0.1".into(), 6380), Some("p@ss:w/rd"), 2),
             "redis://:p%40ss%3Aw%2Frd@10.0.0.1:6380/2"
         );
-        assert_eq!(master_url(&("::1".into(), 6379), None, 0), "redis://[::1]:6379/0");
+        assert_eq!(
+            master_url(&("::1".into(), 6379), None, 0),
+            "redis://[::1]:6379/0"
+        );
     }
 
     #[test]

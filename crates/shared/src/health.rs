@@ -136,10 +136,15 @@ pub fn share_health(
             }
         }
     });
-    subscribe(state.target().clone(), state.health_channel(), stop, move |payload| {
-        if let Some((key, event)) = parse_health(&payload) {
-            apply(&key, event);
-        }
-        std::future::ready(())
-    });
+    subscribe(
+        state.target().clone(),
+        state.health_channel(),
+        stop,
+        move |payload| {
+            if let Some((key, event)) = parse_health(&payload) {
+                apply(&key, event);
+            }
+            std::future::ready(())
+        },
+    );
 }

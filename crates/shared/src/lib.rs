@@ -16,10 +16,10 @@ pub mod testing;
 
 use std::time::Duration;
 
+pub use connect::RedisTarget;
 pub use health::{
     Announcements, HealthAnnouncer, parse_health, process_id, share_health, subscribe,
 };
-pub use connect::RedisTarget;
 pub use memory::InMemory;
 pub use redis::RedisState;
 

@@ -15,18 +15,66 @@ type TokenEntry = (Instant, String, u64);
 /// One process's state: windows of admission instants, counters.
 #[derive(Default)]
 pub struct InMemory {
-    windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+    windows: Mutex<HashMap<String, Window>>,
     /// Token windows.
     tokens: Mutex<HashMap<String, VecDeque<TokenEntry>>>,
     counters: Mutex<HashMap<String, u64>>,
 }
 
-fn prune(q: &mut VecDeque<Instant>, now: Instant, per: Duration) {
-    while q
-        .front()
-        .is_some_and(|t| now.saturating_duration_since(*t) >= per)
-    {
-        q.pop_front();
+/// Above this limit a window counts in buckets rather than one record per call.
+pub const EXACT_UP_TO: u64 = 4096;
+/// A bucketed window holds at most this many buckets (plus the one filling).
+pub const BUCKETS: u32 = 1024;
+
+/// A sliding window of admissions: `(first, last, count)` runs of calls. Up to
+/// [`EXACT_UP_TO`] calls each run is one instant (an exact log); above, calls within
+/// `per / BUCKETS` of a run's first join it, so a window holds at most `BUCKETS + 1` runs
+/// however large its limit. A run counts in full until its *last* call leaves the window:
+/// never more than the limit in any trailing `per`, at the price of a full window freeing up
+/// to `per / BUCKETS` later than an exact log would.
+#[derive(Default)]
+struct Window {
+    runs: VecDeque<(Instant, Instant, u64)>,
+    total: u64,
+}
+
+impl Window {
+    fn prune(&mut self, now: Instant, per: Duration) {
+        while let Some(&(_, last, n)) = self.runs.front() {
+            if now.saturating_duration_since(last) < per {
+                break;
+            }
+            self.total -= n;
+            self.runs.pop_front();
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// When the oldest run leaves (what a refused call waits for).
+    fn frees_in(&self, now: Instant, per: Duration) -> Duration {
+        self.runs.front().map_or(Duration::ZERO, |(_, last, _)| {
+            (*last + per).saturating_duration_since(now)
+        })
+    }
+
+    fn last(&self) -> Option<Instant> {
+        self.runs.back().map(|(_, last, _)| *last)
+    }
+
+    fn push(&mut self, now: Instant, limit: u64, per: Duration) {
+        self.total += 1;
+        if limit > EXACT_UP_TO
+            && let Some(run) = self.runs.back_mut()
+            && now.saturating_duration_since(run.0) < per / BUCKETS
+        {
+            run.1 = now;
+            run.2 += 1;
+            return;
+        }
+        self.runs.push_back((now, now, 1));
     }
 }
 
@@ -56,7 +104,7 @@ impl SharedState for InMemory {
             .tokens
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut best: Option<(usize, usize)> = None;
+        let mut best: Option<(usize, u64)> = None;
         let mut earliest: Option<Duration> = None;
         for (i, w) in candidates.iter().enumerate() {
             if let Some(Some(t)) = tokens.get(i) {
@@ -84,8 +132,8 @@ impl SharedState for InMemory {
                 }
             }
             let q = all.entry(w.key.clone()).or_default();
-            prune(q, now, w.per);
-            if (q.len() as u64) < w.limit {
+            q.prune(now, w.per);
+            if q.len() < w.limit {
                 if best.is_none_or(|(_, n)| q.len() < n) {
                     best = Some((i, q.len()));
                 }
@@ -93,17 +141,16 @@ impl SharedState for InMemory {
                     break;
                 }
             } else {
-                let free = q.front().map_or(Duration::ZERO, |t| {
-                    (*t + w.per).saturating_duration_since(now)
-                });
+                let free = q.frees_in(now, w.per);
                 earliest = Some(earliest.map_or(free, |e| e.min(free)));
             }
         }
         Ok(match best {
             Some((i, _)) => {
-                all.entry(candidates[i].key.clone())
+                let w = &candidates[i];
+                all.entry(w.key.clone())
                     .or_default()
-                    .push_back(now);
+                    .push(now, w.limit, w.per);
                 if let Some(Some(t)) = tokens.get(i) {
                     toks.entry(t.key.clone()).or_default().push_back((
                         now,
@@ -180,11 +227,9 @@ impl InMemory {
         let mut refused: Option<(usize, Duration)> = None;
         for (i, w) in windows.iter().enumerate() {
             let q = all.entry(w.key.clone()).or_default();
-            prune(q, now, w.per);
-            if q.len() as u64 >= w.limit {
-                let free_in = q.front().map_or(Duration::ZERO, |t| {
-                    (*t + w.per).saturating_duration_since(now)
-                });
+            q.prune(now, w.per);
+            if q.len() >= w.limit {
+                let free_in = q.frees_in(now, w.per);
                 if refused.is_none_or(|(_, d)| free_in > d) {
                     refused = Some((i, free_in));
                 }
@@ -197,17 +242,53 @@ impl InMemory {
             .iter()
             .map(|w| {
                 let q = all.entry(w.key.clone()).or_default();
-                q.push_back(now);
-                w.limit.saturating_sub(q.len() as u64)
+                q.push(now, w.limit, w.per);
+                w.limit.saturating_sub(q.len())
             })
             .collect();
         if all.len() > 4096 {
             let longest = windows.iter().map(|w| w.per).max().unwrap_or_default();
             all.retain(|_, q| {
-                q.back()
-                    .is_some_and(|t| now.saturating_duration_since(*t) < longest)
+                q.last()
+                    .is_some_and(|t| now.saturating_duration_since(t) < longest)
             });
         }
         Admit::Admitted { remaining }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A million calls spread over a day in a `1000000000/day` window: at most 1,025 runs held,
+    /// the count exact, and a run leaves only when its last call does.
+    #[test]
+    fn a_huge_limit_holds_buckets_not_calls() {
+        let day = Duration::from_secs(86_400);
+        let start = Instant::now();
+        let mut w = Window::default();
+        for i in 0..1_000_000u64 {
+            let now = start + day.mul_f64(i as f64 / 1_000_000.0);
+            w.prune(now, day);
+            w.push(now, 1_000_000_000, day);
+        }
+        assert!(w.runs.len() <= 1025, "{} runs", w.runs.len());
+        assert_eq!(w.len(), 1_000_000);
+        // half a day later: the first half's runs are gone, nothing of the second half is
+        let later = start + day + day / 2;
+        w.prune(later, day);
+        assert!((499_000..=501_000).contains(&w.len()), "{}", w.len());
+    }
+
+    /// Small limits keep the exact log: one run per call.
+    #[test]
+    fn small_limits_stay_exact() {
+        let now = Instant::now();
+        let mut w = Window::default();
+        for i in 0..10u64 {
+            w.push(now + Duration::from_micros(i), 100, Duration::from_secs(60));
+        }
+        assert_eq!(w.runs.len(), 10);
     }
 }

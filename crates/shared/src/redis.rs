@@ -29,7 +29,10 @@ pub struct RedisState {
 
 /// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
 /// id, then (limit, per_ms) per window. Returns {1, remaining...} or {0, index, free_in_ms}.
-const ADMIT: &str = include_str!("scripts/admit.lua");
+const ADMIT: &str = concat!(
+    include_str!("scripts/window.lua"),
+    include_str!("scripts/admit.lua")
+);
 
 /// Chooses and reserves in one step. KEYS: per candidate, in preference order, its request
 /// window and its token window. ARGV: member id, `least` or `first`, then per candidate
@@ -41,7 +44,10 @@ const ADMIT: &str = include_str!("scripts/admit.lua");
 /// weighted by how much of the last still overlaps): O(1), whatever the traffic. A token window
 /// is a sorted set of `id:tokens` members with a running sum beside it (`<key>:sum`): members
 /// leaving the window are subtracted once, so the check is O(1) amortised.
-const PICK: &str = include_str!("scripts/pick.lua");
+const PICK: &str = concat!(
+    include_str!("scripts/window.lua"),
+    include_str!("scripts/pick.lua")
+);
 
 /// Settles a token reservation: KEYS[1] the token window; ARGV: id, estimated cost, actual.
 const SETTLE_TOKENS: &str = include_str!("scripts/settle_tokens.lua");

@@ -65,7 +65,14 @@ impl Servers {
         let port = free_port()?;
         let mut cmd = Command::new("redis-server");
         cmd.args(args)
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -172,7 +179,11 @@ impl Servers {
     pub fn sentinel(master: &str) -> Result<Self> {
         let mut s = Self::new("sentinel")?;
         let primary = s.spawn(&[])?;
-        s.spawn(&["--replicaof".into(), "127.0.0.1".into(), primary.to_string()])?;
+        s.spawn(&[
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.to_string(),
+        ])?;
         let replica = s.ports[1];
         wait_for("the replica to sync", Duration::from_secs(10), || {
             cli(replica, &["INFO", "replication"]).filter(|o| o.contains("master_link_status:up"))
@@ -190,9 +201,11 @@ impl Servers {
         .map_err(|e| e.to_string())?;
         s.spawn(&[conf.display().to_string(), "--sentinel".into()])?;
         let sentinel = s.ports[2];
-        wait_for("the Sentinel to see the replica", Duration::from_secs(10), || {
-            cli(sentinel, &["SENTINEL", "replicas", master]).filter(|o| o.contains("slave"))
-        })?;
+        wait_for(
+            "the Sentinel to see the replica",
+            Duration::from_secs(10),
+            || cli(sentinel, &["SENTINEL", "replicas", master]).filter(|o| o.contains("slave")),
+        )?;
         Ok(s)
     }
 

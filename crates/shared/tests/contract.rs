@@ -191,6 +191,21 @@ async fn token_windows_hold_sums_and_settle(s: &dyn SharedState) {
     ));
 }
 
+/// A limit above 4096 counts in runs, not one record per call: still never over the limit.
+async fn large_limits_never_over_admit(s: &dyn SharedState) {
+    let win = [w("huge", 5000, 60_000)];
+    for i in 0..5000 {
+        let a = s.admit(&win, Instant::now()).await.unwrap();
+        assert!(matches!(a, Admit::Admitted { .. }), "call {i}: {a:?}");
+    }
+    match s.admit(&win, Instant::now()).await.unwrap() {
+        Admit::Refused { index: 0, free_in } => {
+            assert!(free_in > Duration::from_secs(50) && free_in <= Duration::from_secs(60));
+        }
+        other => panic!("the 5001st call: {other:?}"),
+    }
+}
+
 async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 0);
     s.init("q", 100).await.unwrap();
@@ -208,6 +223,7 @@ async fn in_memory_contract() {
     picks_least_used_or_first_and_reserves(s.as_ref()).await;
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
+    large_limits_never_over_admit(s.as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,6 +236,27 @@ async fn redis_contract() {
     picks_least_used_or_first_and_reserves(s.as_ref()).await;
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
+    large_limits_never_over_admit(s.as_ref()).await;
+    // ... in at most 1,025 runs (here a few: the calls came within a second)
+    {
+        let mut c = redis::Client::open(REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let runs: u64 = redis::cmd("ZCARD")
+            .arg(format!("{}huge:b", r.prefix))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!((1..=1025).contains(&runs), "{runs} runs");
+        let log: u64 = redis::cmd("EXISTS")
+            .arg(format!("{}huge", r.prefix))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(log, 0, "no per-call log for a large limit");
+    }
     // two "replicas" (two connections) share the same windows
     let other = RedisState::connect(REDIS, &r.prefix, Duration::from_secs(2))
         .await
@@ -283,6 +320,7 @@ async fn redis_cluster_contract() {
     picks_least_used_or_first_and_reserves(s.as_ref()).await;
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
+    large_limits_never_over_admit(s.as_ref()).await;
     unbudgeted_windows_rank_evenly(s.as_ref()).await;
     let other = connect().await.unwrap();
     assert!(matches!(
@@ -324,7 +362,10 @@ async fn a_cluster_master_killed_mid_load_fails_calls_fast() {
             let start = std::time::Instant::now();
             while start.elapsed() < Duration::from_secs(3) {
                 let t = std::time::Instant::now();
-                match s.admit(&[w("load", 1_000_000, 60_000)], Instant::now()).await {
+                match s
+                    .admit(&[w("load", 1_000_000, 60_000)], Instant::now())
+                    .await
+                {
                     Ok(_) => ok += 1,
                     Err(_) => failed += 1,
                 }
@@ -339,7 +380,10 @@ async fn a_cluster_master_killed_mid_load_fails_calls_fast() {
     let (ok, failed, slowest) = load.await.unwrap();
     assert!(ok > 0, "calls succeeded before the kill");
     assert!(failed > 0, "calls failed after the kill");
-    assert!(slowest < Duration::from_secs(2), "a call hung for {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a call hung for {slowest:?}"
+    );
 }
 
 /// A master watched by Sentinel: the contract holds through it, and when the master dies the
@@ -371,11 +415,23 @@ async fn redis_sentinel_contract_and_failover() {
         if s.add("after-failover", 1).await.is_ok() {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "never followed the failover");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "never followed the failover"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let win = [w("after", 2, 60_000)];
-    assert!(matches!(s.admit(&win, Instant::now()).await.unwrap(), Admit::Admitted { .. }));
-    assert!(matches!(s.admit(&win, Instant::now()).await.unwrap(), Admit::Admitted { .. }));
-    assert!(matches!(s.admit(&win, Instant::now()).await.unwrap(), Admit::Refused { .. }));
+    assert!(matches!(
+        s.admit(&win, Instant::now()).await.unwrap(),
+        Admit::Admitted { .. }
+    ));
+    assert!(matches!(
+        s.admit(&win, Instant::now()).await.unwrap(),
+        Admit::Admitted { .. }
+    ));
+    assert!(matches!(
+        s.admit(&win, Instant::now()).await.unwrap(),
+        Admit::Refused { .. }
+    ));
 }

@@ -3,13 +3,12 @@
 -- (limit, per_ms, token_limit, token_cost); a limit of 0 means unbudgeted, a token limit of 0
 -- no token budget. Returns {1, index} or {0, free_in_ms}.
 --
--- A budgeted window is exact (a sorted set of admission times, bounded by its limit). An
+-- A budgeted window is a request window (window.lua, which comes first: exact up to 4096, in
+-- runs above). An
 -- unbudgeted one only ranks, so it is two per-window counters (this window and the last one,
 -- weighted by how much of the last still overlaps): O(1), whatever the traffic. A token window
 -- is a sorted set of `id:tokens` members with a running sum beside it (`<key>:sum`): members
 -- leaving the window are subtracted once, so the check is O(1) amortised.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local least = ARGV[2] == 'least'
 local best, best_n, earliest = 0, -1, -1
 local function tokens_used(k, per)
@@ -47,6 +46,7 @@ for i = 1, #KEYS / 2 do
     end
   end
   local k = KEYS[2 * i - 1]
+  local oldest
   if not tokens_fit then
     n = nil
   elseif limit == 0 then
@@ -56,8 +56,7 @@ for i = 1, #KEYS / 2 do
     n = cur + prev * (1 - (now % per) / per)
     limit = n + 1
   else
-    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
-    n = redis.call('ZCARD', k)
+    n, oldest = window_used(k, limit, per)
   end
   if n == nil then
     -- no room for its tokens: ranked out
@@ -65,9 +64,8 @@ for i = 1, #KEYS / 2 do
     if best == 0 or n < best_n then best, best_n = i, n end
     if not least then break end
   else
-    local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
     local free = per
-    if oldest[2] then free = tonumber(oldest[2]) + per - now end
+    if oldest then free = tonumber(oldest) + per - now end
     if earliest < 0 or free < earliest then earliest = free end
   end
 end
@@ -79,8 +77,7 @@ if tonumber(ARGV[4 * best - 1]) == 0 then
   redis.call('INCR', c)
   redis.call('PEXPIRE', c, 2 * per)
 else
-  redis.call('ZADD', k, now, ARGV[1])
-  redis.call('PEXPIRE', k, per)
+  window_add(k, tonumber(ARGV[4 * best - 1]), per, ARGV[1])
 end
 local tlimit = tonumber(ARGV[4 * best + 1])
 if tlimit > 0 then

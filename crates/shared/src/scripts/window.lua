@@ -1,0 +1,55 @@
+-- Request windows, shared by the admit and pick scripts (this file is put in front of each).
+-- Up to EXACT_UP_TO a window is exact: a sorted set of admission times (member: the call's id).
+-- Above, it counts in runs, at most BUCKETS of them (plus the one filling) however large the
+-- limit: `<k>:b` (sorted set: a run's first call time -> scored by its last call), `<k>:c`
+-- (hash: run -> calls) and `<k>:n` (calls in all runs). A run counts in full until its last
+-- call leaves the window, so a window never holds more than its limit in any trailing `per`;
+-- a full one frees up to per/BUCKETS later than an exact log would. The same rule as
+-- memory.rs's `Window`.
+local EXACT_UP_TO, BUCKETS = 4096, 1024
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Calls in window k now, and the score of its oldest entry (nil when empty).
+local function window_used(k, limit, per)
+  if limit <= EXACT_UP_TO then
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
+    local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+    return redis.call('ZCARD', k), oldest[2]
+  end
+  local b, c, nk = k .. ':b', k .. ':c', k .. ':n'
+  local total = tonumber(redis.call('GET', nk) or '0')
+  local old = redis.call('ZRANGEBYSCORE', b, '-inf', now - per)
+  if #old > 0 then
+    for _, run in ipairs(old) do total = total - tonumber(redis.call('HGET', c, run) or '0') end
+    redis.call('HDEL', c, unpack(old))
+    redis.call('ZREMRANGEBYSCORE', b, '-inf', now - per)
+    if total < 0 or redis.call('ZCARD', b) == 0 then total = 0 end
+    redis.call('SET', nk, total, 'PX', per)
+  end
+  local oldest = redis.call('ZRANGE', b, 0, 0, 'WITHSCORES')
+  return total, oldest[2]
+end
+
+-- Counts a call (id) in window k; returns the calls in it after.
+local function window_add(k, limit, per, id)
+  if limit <= EXACT_UP_TO then
+    redis.call('ZADD', k, now, id)
+    redis.call('PEXPIRE', k, per)
+    return redis.call('ZCARD', k)
+  end
+  local b, c, nk = k .. ':b', k .. ':c', k .. ':n'
+  local newest = redis.call('ZRANGE', b, -1, -1)[1]
+  local run = newest
+  if run == nil or now - tonumber(run) >= math.max(1, math.floor(per / BUCKETS)) then
+    run = tostring(now)
+  end
+  redis.call('ZADD', b, now, run)
+  redis.call('HINCRBY', c, run, 1)
+  local n = redis.call('INCR', nk)
+  redis.call('PEXPIRE', b, per)
+  redis.call('PEXPIRE', c, per)
+  redis.call('PEXPIRE', nk, per)
+  return n
+end
+
