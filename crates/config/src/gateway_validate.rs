@@ -60,6 +60,9 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
         .as_deref()
         .map_or(chrono_tz::UTC, |tz| errs.timezone(tz));
     let (param_map, param_fixed) = errs.transforms(raw);
+    if raw.retries.is_some_and(|r| r > 100) {
+        errs.push("retries", "must be between 0 and 100");
+    }
     if !errs.all.is_empty() {
         return Err(errs.all);
     }

@@ -27,6 +27,10 @@ pub fn validate_key(raw: RawUpstream, config: &Config) -> Result<UpstreamKey, Ve
     }
 }
 
+/// The largest `tpm`: a quadrillion tokens a minute, far below where a Lua number stops being
+/// exact.
+const MAX_TPM: u64 = 1_000_000_000_000_000;
+
 pub(crate) fn validate_upstream(
     path: &str,
     up: RawUpstream,
@@ -78,6 +82,13 @@ pub(crate) fn validate_upstream(
         errs.push(
             format!("{path}.tpm"),
             "must be greater than 0 (leave it out for no limit)",
+        );
+    }
+    // token sums are Lua numbers in Redis (doubles): exact below 2^53
+    if up.tpm.is_some_and(|t| t > MAX_TPM) {
+        errs.push(
+            format!("{path}.tpm"),
+            format!("must be between 1 and {MAX_TPM}"),
         );
     }
     let name = match up.name {

@@ -107,6 +107,19 @@ fn numeric_fields_outside_their_range_are_refused() {
     ] {
         assert!(err.contains(field), "{field} missing from:\n{err}");
     }
+    let err = crate::from_yaml(
+        "upstreams: [{sk: a, tpm: 18446744073709551615}]\ngateways: [{name: g, retries: 4294967295}]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("upstreams[0].tpm: must be between 1 and"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gateways[0].retries: must be between 0 and 100"),
+        "{err}"
+    );
     let ok = crate::from_yaml("admin: {stream_buffer: 1048576}\nlog: {queue_capacity: 1}\n");
     assert!(ok.is_ok(), "{ok:?}");
 }
