@@ -21,6 +21,9 @@
 #     one built from the commit before a change): before and after in the same run, rounds
 #     alternating, its ratio to `none` printed per round.
 # REDIS2=1 adds two `serve` replicas sharing the Redis budgets, loaded at once (needs redis).
+# OVERLOAD=1 adds a run that saturates the usage writer (SQLite, `log.queue_capacity: 64`,
+# `on_overflow: spill`), stops keypool with SIGTERM and reports answered 200s against the usage
+# events stored (they must be equal).
 # Prints throughput at 64 connections and latency at 1 keep-alive connection (medians of ROUNDS
 # rounds of DURATION seconds) beside direct, keypool's peak RSS, and for stores the requests
 # answered beside the usage events written (nothing may be dropped).
@@ -223,6 +226,30 @@ if [ "${REDIS2:-0}" = 1 ]; then
     wait %%
     echo "two replicas + redis, 2x32 conns: $(awk '/Requests\/sec/ {s += $2} END {printf "%.0f", s}' "$WORK/r2a.txt" "$WORK/r2b.txt") req/s" >> "$WORK/notes.txt"
   done
+fi
+
+if [ "${OVERLOAD:-0}" = 1 ]; then
+  cat > "$WORK/config-overload.yaml" <<YAML
+address: 127.0.0.1:0
+authorization: bench-token
+dbtype: sqlite
+dbaddr: $WORK/overload.sqlite
+log: {queue_capacity: 64, on_overflow: spill, spill_path: "$WORK/overload.spill"}
+upstreams:
+  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
+YAML
+  RUST_LOG=warn "$BIN" serve --config "$WORK/config-overload.yaml" --admin-address 127.0.0.1:0 > "$WORK/ov.out" 2> "$WORK/ov.err" &
+  OV=$!
+  wait_line "$WORK/ov.out" "listening on http.*/v1"
+  OVURL=$(url_in "$WORK/ov.out")
+  taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" -s tests/load/chat.lua "$OVURL/chat/completions" > "$WORK/ov.txt"
+  sleep 0.5   # requests still in flight when wrk stopped are answered too
+  SPILLED=$(curl -s "${OVURL%/v1}/metrics" | awk '/^keypool_usage_spilled_total/ {n += $2} END {print n + 0}')
+  SERVED_OV=$(served "$OVURL")
+  kill -TERM "$OV"; wait "$OV" 2>/dev/null || true
+  ANSWERED=$(python3 -c 'import re,sys; t=open(sys.argv[1]).read(); n=int(re.search(r"(\d+) requests in", t).group(1)); e=re.search(r"Non-2xx or 3xx responses: (\d+)", t); print(n - (int(e.group(1)) if e else 0))' "$WORK/ov.txt")
+  STORED=$(sqlite3 "$WORK/overload.sqlite" 'select count(*) from usage_events' 2>/dev/null || echo "?")
+  echo "overload (queue_capacity 64, spill): $SERVED_OV requests answered by keypool ($ANSWERED 200s seen by wrk before it stopped), $STORED usage events stored after SIGTERM, $SPILLED spilled on the way" >> "$WORK/notes.txt"
 fi
 
 python3 - "$WORK/results.tsv" "$WORK/rss.tsv" "$STORES" <<'PY'
