@@ -139,7 +139,7 @@ fn keypool_migrate_applies_and_reverts_the_migrations() -> anyhow::Result<()> {
 
 /// Every command the demo's banner prints runs as printed (`keypoolctl` through the binary
 /// this test build made instead of `cargo run --release`, `python3` from the test venv with
-/// the `openai` SDK installed), and succeeds.
+/// the `openai` and `anthropic` SDKs installed), and succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_the_demo_prints_runs() -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -190,7 +190,7 @@ async fn every_command_the_demo_prints_runs() -> anyhow::Result<()> {
         }
     }
     commands.extend(current);
-    assert_eq!(commands.len(), 6, "{banner}");
+    assert_eq!(commands.len(), 8, "{banner}");
     let ctl = keypool_e2e::keypoolctl_bin().display().to_string();
     let python = venv.join("bin/python").display().to_string();
     for command in &commands {
@@ -208,7 +208,10 @@ async fn every_command_the_demo_prints_runs() -> anyhow::Result<()> {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        if command.contains("chat/completions") || command.contains("python") {
+        if ["chat/completions", "/messages", "python"]
+            .iter()
+            .any(|c| command.contains(c))
+        {
             assert!(text.contains("Hello"), "{command}\n-> {text}");
         }
     }

@@ -10,6 +10,7 @@ use crate::validate::Errors;
 use crate::{Config, FieldError, ModelRule, UpstreamKey, UpstreamKind};
 
 const DEFAULT_REPLICATE_ENDPOINT: &str = "https://api.replicate.com/v1";
+const DEFAULT_ANTHROPIC_ENDPOINT: &str = "https://api.anthropic.com/v1";
 
 /// Validates one key outside a whole file (keys added through the admin service), with the
 /// running config's defaults; errors name fields as `upstream.<field>`.
@@ -41,8 +42,13 @@ pub(crate) fn validate_upstream(
     let before = errs.0.len();
     let kind = kind_of(path, up.r#type.as_deref(), errs);
     let endpoint = match (up.endpoint, kind) {
+        // Anthropic's documented base (`https://api.anthropic.com`) means its `/v1`
+        (Some(e), UpstreamKind::Anthropic) if bare_host(&e) => {
+            format!("{}/v1", e.trim().trim_end_matches('/'))
+        }
         (Some(e), _) => e.trim().trim_end_matches('/').to_owned(),
         (None, UpstreamKind::Replicate) => DEFAULT_REPLICATE_ENDPOINT.to_owned(),
+        (None, UpstreamKind::Anthropic) => DEFAULT_ANTHROPIC_ENDPOINT.to_owned(),
         (None, UpstreamKind::OpenAi) => {
             errs.push(format!("{path}.endpoint"), "is required");
             String::new()
@@ -65,30 +71,12 @@ pub(crate) fn validate_upstream(
         up.stream_timeout,
         default_stream_timeout,
     );
-    if up.rpm == Some(0) {
-        errs.push(
-            format!("{path}.rpm"),
-            "must be greater than 0 (leave it out for no limit)",
-        );
-    }
+    check_budgets(path, up.rpm, up.tpm, errs);
     let chat_template = chat_template(path, up.chat_template.as_deref(), errs);
     if chat_template.is_some() && kind != UpstreamKind::Replicate {
         errs.push(
             format!("{path}.chat_template"),
             "only applies to type: replicate",
-        );
-    }
-    if up.tpm == Some(0) {
-        errs.push(
-            format!("{path}.tpm"),
-            "must be greater than 0 (leave it out for no limit)",
-        );
-    }
-    // token sums are Lua numbers in Redis (doubles): exact below 2^53
-    if up.tpm.is_some_and(|t| t > MAX_TPM) {
-        errs.push(
-            format!("{path}.tpm"),
-            format!("must be between 1 and {MAX_TPM}"),
         );
     }
     let name = match up.name {
@@ -123,6 +111,37 @@ pub(crate) fn validate_upstream(
         unusable: None,
         chat_template,
     })
+}
+
+/// Whether an endpoint is a scheme and host with no path (`https://api.anthropic.com/`).
+fn bare_host(endpoint: &str) -> bool {
+    endpoint
+        .trim()
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.trim_end_matches('/').contains('/'))
+}
+
+/// `rpm` and `tpm`: left out for no limit, otherwise at least 1; token sums are Lua numbers in
+/// Redis (doubles), exact below 2^53, so `tpm` stops at [`MAX_TPM`].
+fn check_budgets(path: &str, rpm: Option<u32>, tpm: Option<u64>, errs: &mut Errors) {
+    if rpm == Some(0) {
+        errs.push(
+            format!("{path}.rpm"),
+            "must be greater than 0 (leave it out for no limit)",
+        );
+    }
+    if tpm == Some(0) {
+        errs.push(
+            format!("{path}.tpm"),
+            "must be greater than 0 (leave it out for no limit)",
+        );
+    }
+    if tpm.is_some_and(|t| t > MAX_TPM) {
+        errs.push(
+            format!("{path}.tpm"),
+            format!("must be between 1 and {MAX_TPM}"),
+        );
+    }
 }
 
 /// `<host>-<6 hex of sha256(sk)>`: stable across restarts and reorderings, reveals nothing of the
@@ -226,15 +245,16 @@ fn checked_name(path: &str, n: String, errs: &mut Errors) -> String {
     n
 }
 
-/// `type`: `openai` (default) or `replicate`.
+/// `type`: `openai` (default), `anthropic` or `replicate`.
 fn kind_of(path: &str, written: Option<&str>, errs: &mut Errors) -> UpstreamKind {
     match written {
         None | Some("openai") => UpstreamKind::OpenAi,
+        Some("anthropic") => UpstreamKind::Anthropic,
         Some("replicate") => UpstreamKind::Replicate,
         Some(other) => {
             errs.push(
                 format!("{path}.type"),
-                format!("expected openai or replicate, got {other:?}"),
+                format!("expected openai, anthropic or replicate, got {other:?}"),
             );
             UpstreamKind::OpenAi
         }

@@ -8,6 +8,8 @@ use keypool_types::Secret;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamKind {
     OpenAi,
+    /// Anthropic's Messages API (`x-api-key`, `anthropic-version`).
+    Anthropic,
     Replicate,
 }
 
@@ -15,8 +17,15 @@ impl UpstreamKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenAi => "openai",
+            Self::Anthropic => "anthropic",
             Self::Replicate => "replicate",
         }
+    }
+
+    /// Whether keys of this kind answer requests of `surface`: Anthropic keys the Messages
+    /// API, the others OpenAI's.
+    pub fn serves(self, surface: keypool_types::Surface) -> bool {
+        (self == Self::Anthropic) == (surface == keypool_types::Surface::Anthropic)
     }
 }
 

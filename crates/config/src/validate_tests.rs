@@ -281,3 +281,25 @@ fn redis_is_one_server_a_cluster_or_a_sentinel() {
         assert!(!err.contains("hunter2"), "{err}");
     }
 }
+
+#[test]
+fn anthropic_keys_default_to_anthropics_v1() {
+    let cfg = from_yaml(
+        "upstreams:\n  - {type: anthropic, sk: a}\n  - {type: anthropic, sk: b, endpoint: 'https://api.anthropic.com/'}\n  - {type: anthropic, sk: c, endpoint: 'http://127.0.0.1:9/proxy/v1'}\n",
+    )
+    .unwrap();
+    let endpoints: Vec<&str> = cfg.upstreams.iter().map(|u| u.endpoint.as_str()).collect();
+    assert_eq!(
+        endpoints,
+        [
+            "https://api.anthropic.com/v1",
+            "https://api.anthropic.com/v1",
+            "http://127.0.0.1:9/proxy/v1"
+        ]
+    );
+    assert!(
+        cfg.upstreams
+            .iter()
+            .all(|u| u.kind == crate::UpstreamKind::Anthropic)
+    );
+}

@@ -20,7 +20,7 @@ fn error(status: u16, kind: &str, code: &str, message: &str) -> HttpResponse {
         )
 }
 
-async fn pause(ms: u64) {
+pub(crate) async fn pause(ms: u64) {
     if ms > 0 {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -56,6 +56,10 @@ pub(crate) async fn dispatch(
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(recorded);
     }
     let b = state.behavior();
+    let path = req.path().strip_prefix("/v1").unwrap_or(req.path());
+    if path.starts_with("/messages") {
+        return crate::anthropic::dispatch(&req, &b, &body, state.into_inner()).await;
+    }
     if let Some(key) = &b.require_key {
         let presented = req
             .headers()
@@ -87,7 +91,6 @@ pub(crate) async fn dispatch(
         }
         return resp;
     }
-    let path = req.path().strip_prefix("/v1").unwrap_or(req.path());
     match (req.method().as_str(), path) {
         ("GET", "/models") => models(&b),
         ("POST", "/chat/completions") => chat(&b, &body, state.into_inner()),
@@ -178,7 +181,7 @@ fn prompt_tokens(v: &Value) -> u64 {
     }
 }
 
-fn reply_words(b: &Behavior) -> Vec<String> {
+pub(crate) fn reply_words(b: &Behavior) -> Vec<String> {
     let n = if b.reply_words == 0 { 5 } else { b.reply_words };
     let base = ["Hello", "from", name(b), "the", "mock"];
     (0..n).map(|i| base[i % base.len()].to_owned()).collect()
@@ -283,7 +286,7 @@ fn base64_encode(raw: &[u8]) -> String {
     out
 }
 
-mod stream;
+pub(crate) mod stream;
 
 #[cfg(test)]
 mod tests {

@@ -50,9 +50,15 @@ impl GatewayRuntime {
     }
 
     /// The credential as the request carries it (`Bearer ` not yet stripped); `None` when the
-    /// gateway has no auth or the request has none.
+    /// gateway has no auth or the request has none. Where the policy says `Authorization`,
+    /// `x-api-key` is read when `Authorization` is absent: Anthropic's SDKs and Claude Code
+    /// send their key there.
     pub fn credential<'r>(&self, req: &'r impl CredentialSource) -> Option<Cow<'r, str>> {
         match self.position()? {
+            Position::Header(h) if h == "authorization" => req
+                .header("authorization")
+                .or_else(|| req.header("x-api-key"))
+                .map(String::from_utf8_lossy),
             Position::Header(h) => req.header(h.as_str()).map(String::from_utf8_lossy),
             Position::Arg(a) => req.query_arg(a.as_str()).map(Cow::Owned),
             Position::Body(f) => req.body_field(f.as_str()).map(Cow::Owned),

@@ -303,7 +303,8 @@ impl Engine {
             StreamSetup {
                 idle: self.config.idle_timeout,
                 strip_usage_chunk: ctx.inspected.strip_usage_chunk,
-                require_done: ctx.path.ends_with("/completions"),
+                require_done: ctx.path.ends_with("/completions") || &*ctx.path == "/v1/messages",
+                surface: keypool_types::Surface::of_path(&ctx.path),
                 status,
                 collect_text: ctx.log_response_cap,
                 max_event: self.config.max_stream_event_bytes,

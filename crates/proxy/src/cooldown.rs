@@ -3,7 +3,10 @@
 //! Looks at `retry-after-ms` (ms), `Retry-After` (seconds, decimal seconds or an HTTP date) and
 //! OpenAI's `x-ratelimit-reset-requests` / `x-ratelimit-reset-tokens` (`1m30s`, `6m0s`, `20ms`,
 //! `1.5s`, `2h`). The longest sensible value wins; garbage is ignored, never an error. Values are
-//! capped at one hour so a broken upstream cannot park a key forever.
+//! capped at one hour so a broken upstream cannot park a key forever. Anthropic's
+//! `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset` (RFC 3339 instants)
+//! are read only when none of those is there: Anthropic sends `retry-after` with its 429s, and a
+//! reset of a limit that is not the exhausted one would park the key for nothing.
 
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +23,31 @@ pub fn cooldown<'a>(get: impl Fn(&str) -> Option<&'a str>, now: SystemTime) -> O
         get("x-ratelimit-reset-requests").and_then(go_duration),
         get("x-ratelimit-reset-tokens").and_then(go_duration),
     ];
-    candidates.into_iter().flatten().max().map(|d| d.min(CAP))
+    let anthropic = || {
+        [
+            "anthropic-ratelimit-requests-reset",
+            "anthropic-ratelimit-tokens-reset",
+            "anthropic-ratelimit-input-tokens-reset",
+            "anthropic-ratelimit-output-tokens-reset",
+        ]
+        .into_iter()
+        .filter_map(|h| get(h).and_then(|v| instant(v, now)))
+        .max()
+    };
+    candidates
+        .into_iter()
+        .flatten()
+        .max()
+        .or_else(anthropic)
+        .map(|d| d.min(CAP))
+}
+
+/// An RFC 3339 instant (`2026-12-05T03:00:00Z`) as the time left until it.
+fn instant(value: &str, now: SystemTime) -> Option<Duration> {
+    let at = chrono::DateTime::parse_from_rfc3339(value.trim()).ok()?;
+    let at =
+        SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(at.timestamp_millis()).ok()?);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Whether an upstream's `Retry-After` or `retry-after-ms` value is one a client can use (a
@@ -99,6 +126,30 @@ mod tests {
             |name| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v),
             now,
         )
+    }
+
+    #[test]
+    fn anthropic_reset_instants_when_nothing_else_says() {
+        // 1_700_000_000 is 2023-11-14T22:13:20Z
+        assert_eq!(
+            parse(&[
+                ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:50Z"),
+                ("anthropic-ratelimit-tokens-reset", "2023-11-14T22:13:25.5Z"),
+            ]),
+            Some(Duration::from_secs(30))
+        );
+        // retry-after wins
+        assert_eq!(
+            parse(&[
+                ("retry-after", "3"),
+                ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:50Z"),
+            ]),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            parse(&[("anthropic-ratelimit-requests-reset", "soon")]),
+            None
+        );
     }
 
     #[test]

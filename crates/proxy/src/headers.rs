@@ -18,6 +18,8 @@ const DEFAULT_FORWARD: &[&str] = &[
     "openai-organization",
     "openai-project",
     "openai-beta",
+    "anthropic-version",
+    "anthropic-beta",
     "traceparent",
     "tracestate",
     "x-request-id",

@@ -8,7 +8,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder};
 use keypool_policy::gateway::Gateways;
-use keypool_types::{ApiError, UsageSink};
+use keypool_types::{ApiError, Surface, UsageSink};
 
 use crate::capture;
 use crate::forward::{Engine, Reply};
@@ -76,7 +76,8 @@ fn copy_headers(builder: &mut HttpResponseBuilder, headers: &reqwest::header::He
     }
 }
 
-pub(crate) fn respond(reply: Reply) -> HttpResponse {
+/// The engine's reply as an HTTP response; keypool's own errors in `surface`'s shape.
+pub(crate) fn respond(reply: Reply, surface: Surface) -> HttpResponse {
     match reply {
         Reply::Whole {
             status: code,
@@ -105,12 +106,18 @@ pub(crate) fn respond(reply: Reply) -> HttpResponse {
                 .insert_header((header::CACHE_CONTROL, "no-cache"));
             b.streaming(Box::pin(relay.into_stream()))
         }
-        Reply::Error { error, key } => error_response(&error, key.as_deref()),
+        Reply::Error { error, key } => error_response_for(&error, key.as_deref(), surface),
     }
 }
 
 /// An OpenAI-shaped error response, with `Retry-After` when the error says when to come back.
 pub fn error_response(error: &ApiError, key: Option<&str>) -> HttpResponse {
+    error_response_for(error, key, Surface::OpenAi)
+}
+
+/// An error response in `surface`'s shape (OpenAI's or Anthropic's), with `Retry-After` when
+/// the error says when to come back.
+pub fn error_response_for(error: &ApiError, key: Option<&str>, surface: Surface) -> HttpResponse {
     let mut b = HttpResponse::build(status(error.status()));
     b.content_type("application/json");
     if let Some(secs) = error.retry_after_secs {
@@ -119,5 +126,5 @@ pub fn error_response(error: &ApiError, key: Option<&str>) -> HttpResponse {
     if let Some(key) = key {
         b.insert_header((UPSTREAM_HEADER, key.to_owned()));
     }
-    b.body(error.to_json())
+    b.body(error.to_json_for(surface))
 }

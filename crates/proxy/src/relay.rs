@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use keypool_pool::{Lease, Outcome};
-use keypool_types::{ApiError, ErrorKind};
+use keypool_types::{ApiError, ErrorKind, Surface};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::adapter::BodyStream;
@@ -26,8 +26,10 @@ pub struct StreamSetup {
     pub idle: Duration,
     /// keypool asked for the usage chunk; the client did not.
     pub strip_usage_chunk: bool,
-    /// Completion streams must end with `data: [DONE]`.
+    /// Completion streams must end with `data: [DONE]`, Messages streams with `message_stop`.
     pub require_done: bool,
+    /// Whose events these are (and the shape of keypool's error event).
+    pub surface: Surface,
     /// Status of the response head.
     pub status: u16,
     /// Collect the streamed text (for request logs), up to this many bytes.
@@ -50,8 +52,10 @@ pub struct Relay {
     idle: Duration,
     /// Output of the first chunk, sent before anything else.
     first: Option<Bytes>,
-    /// Completion streams must end with `data: [DONE]`; others (e.g. Responses API) need not.
+    /// Completion streams must end with `data: [DONE]`, Messages streams with `message_stop`;
+    /// others (e.g. Responses API) need not.
     require_done: bool,
+    surface: Surface,
     status: u16,
     started: Instant,
     deadline: Option<Instant>,
@@ -71,6 +75,7 @@ impl Relay {
             idle,
             strip_usage_chunk,
             require_done,
+            surface,
             status,
             collect_text,
             max_event,
@@ -84,6 +89,7 @@ impl Relay {
             Ok(Some(Ok(chunk))) => chunk,
         };
         let mut tap = SseTap::new(strip_usage_chunk)
+            .speaking(surface)
             .collecting_text(collect_text)
             .max_event(max_event);
         let first = tap.feed(&first);
@@ -95,6 +101,7 @@ impl Relay {
             idle,
             first: Some(first),
             require_done,
+            surface,
             status,
             started,
             deadline,
@@ -150,9 +157,11 @@ impl Relay {
                         self.complete();
                         return (!rest.is_empty()).then_some(rest);
                     }
-                    return Some(
-                        self.broken(&rest, "The upstream ended the stream without [DONE]."),
-                    );
+                    let why = match self.surface {
+                        Surface::OpenAi => "The upstream ended the stream without [DONE].",
+                        Surface::Anthropic => "The upstream ended the stream without message_stop.",
+                    };
+                    return Some(self.broken(&rest, why));
                 }
                 Ok(Some(Err(e))) => {
                     let rest = self.tap.finish();
@@ -218,7 +227,10 @@ impl Relay {
             ctx.capture_stream_text(&self.tap.text);
             ctx.account(self.status, self.tap.usage, Some("upstream_stream_broken"));
         }
-        let event = error_event(&ApiError::new(ErrorKind::UpstreamStreamBroken, why));
+        let event = error_event(
+            &ApiError::new(ErrorKind::UpstreamStreamBroken, why),
+            self.surface,
+        );
         let mut out = BytesMut::with_capacity(rest.len() + 2 + event.len());
         out.extend_from_slice(rest);
         if !rest.is_empty() && !rest.ends_with(b"\n\n") {

@@ -1,13 +1,15 @@
-//! [`SseTap`]: watches an OpenAI event stream as it passes, event by event.
+//! [`SseTap`]: watches an OpenAI or Anthropic event stream as it passes, event by event.
 //!
-//! It learns the exact usage from the `include_usage` chunk, notices `data: [DONE]`, and strips the
-//! usage chunk when keypool (not the client) asked for it. Complete events are released as soon as
+//! OpenAI's: it learns the exact usage from the `include_usage` chunk, notices `data: [DONE]`,
+//! and strips the usage chunk when keypool (not the client) asked for it. Anthropic's: the usage
+//! is `message_start`'s (input and cache tokens) updated by each `message_delta`'s (output
+//! tokens, and whatever else it repeats), and the end is `message_stop`. Complete events are released as soon as
 //! their terminating blank line arrives; a partial event waits only for the rest of itself.
 //! Each byte is scanned for an event's end once (a stream without blank lines costs linear
 //! time, not quadratic), and a partial event may grow to `max_event` bytes at most.
 
 use bytes::{Bytes, BytesMut};
-use keypool_types::Usage;
+use keypool_types::{Surface, Usage};
 use serde::Deserialize;
 
 /// State of one stream's tap.
@@ -32,6 +34,36 @@ pub struct SseTap {
     collect_text: Option<usize>,
     /// The collected text.
     pub text: String,
+    /// Whose events these are.
+    surface: Surface,
+    /// Anthropic's counts so far: input, cache writes, cache reads, output.
+    anthropic: [Option<u64>; 4],
+}
+
+/// Anthropic's `usage` fields, each when present.
+#[derive(Deserialize, Default)]
+#[expect(clippy::struct_field_names, reason = "Anthropic's field names")]
+struct AnthropicCounts {
+    input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicEvent {
+    #[serde(default)]
+    r#type: String,
+    #[serde(default)]
+    usage: Option<AnthropicCounts>,
+    #[serde(default)]
+    message: Option<AnthropicMessage>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicMessage {
+    #[serde(default)]
+    usage: Option<AnthropicCounts>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +89,13 @@ impl SseTap {
         self
     }
 
+    /// Reads the stream as `surface`'s events (OpenAI's by default).
+    #[must_use]
+    pub fn speaking(mut self, surface: Surface) -> Self {
+        self.surface = surface;
+        self
+    }
+
     /// Also collects the streamed text, up to `cap` bytes.
     #[must_use]
     pub fn collecting_text(mut self, cap: Option<usize>) -> Self {
@@ -69,9 +108,13 @@ impl SseTap {
         if self.text.len() >= cap {
             return;
         }
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
-            && let Some(choices) = v.get("choices").and_then(serde_json::Value::as_array)
-        {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return;
+        };
+        if let Some(t) = v.pointer("/delta/text").and_then(serde_json::Value::as_str) {
+            self.text.push_str(t); // Anthropic's content_block_delta
+        }
+        if let Some(choices) = v.get("choices").and_then(serde_json::Value::as_array) {
             for c in choices {
                 if let Some(t) = c
                     .pointer("/delta/content")
@@ -126,6 +169,11 @@ impl SseTap {
                 continue;
             };
             let data = data.trim_ascii();
+            if self.surface == Surface::Anthropic {
+                self.collect(data);
+                self.anthropic_event(data);
+                continue;
+            }
             if data == b"[DONE]" {
                 self.done = true;
                 continue;
@@ -147,6 +195,48 @@ impl SseTap {
             self.events += 1;
         }
         keep
+    }
+}
+
+impl SseTap {
+    /// Reads one Anthropic event's data: its usage, and whether it is `message_stop`.
+    fn anthropic_event(&mut self, data: &[u8]) {
+        let stop = contains(data, b"\"message_stop\"");
+        if !stop && !contains(data, b"\"usage\"") {
+            return;
+        }
+        let Ok(e) = serde_json::from_slice::<AnthropicEvent>(data) else {
+            return;
+        };
+        if e.r#type == "message_stop" {
+            self.done = true;
+            return;
+        }
+        let counts = match e.r#type.as_str() {
+            "message_start" => e.message.and_then(|m| m.usage),
+            "message_delta" => e.usage,
+            _ => None,
+        };
+        let Some(c) = counts else { return };
+        let fields = [
+            c.input_tokens,
+            c.cache_creation_input_tokens,
+            c.cache_read_input_tokens,
+            c.output_tokens,
+        ];
+        // a later event's counts replace the earlier ones (they are totals so far)
+        for (kept, new) in self.anthropic.iter_mut().zip(fields) {
+            if new.is_some() {
+                *kept = new;
+            }
+        }
+        let [input, written, read, output] = self.anthropic.map(|n| n.unwrap_or(0));
+        let prompt = input + written + read;
+        self.usage = Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: output,
+            total_tokens: prompt + output,
+        });
     }
 }
 
@@ -182,8 +272,15 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// The SSE event keypool sends when a stream breaks after it started: the `openai` SDKs raise an
 /// `APIError` on a `data:` event carrying an `error` object.
-pub fn error_event(err: &keypool_types::ApiError) -> Bytes {
-    Bytes::from(format!("data: {}\n\n", err.to_json()))
+/// On Anthropic's surface it is Anthropic's `event: error`.
+pub fn error_event(err: &keypool_types::ApiError, surface: Surface) -> Bytes {
+    match surface {
+        Surface::OpenAi => Bytes::from(format!("data: {}\n\n", err.to_json())),
+        Surface::Anthropic => Bytes::from(format!(
+            "event: error\ndata: {}\n\n",
+            err.to_json_for(surface)
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +291,51 @@ mod tests {
         "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
     const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
+
+    /// A real-shaped Messages stream: usage from `message_start` (input and cache) and the
+    /// last `message_delta` (output), the end from `message_stop`, split anywhere.
+    #[test]
+    fn reads_anthropic_usage_and_end() {
+        let stream = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":10,\"cache_read_input_tokens\":2000,\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\n",
+            "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        for size in [1, 7, 64, stream.len()] {
+            let mut tap = SseTap::new(false)
+                .speaking(Surface::Anthropic)
+                .collecting_text(Some(100));
+            let mut out = Vec::new();
+            for piece in stream.as_bytes().chunks(size) {
+                out.extend_from_slice(&tap.feed(piece));
+            }
+            out.extend_from_slice(&tap.finish());
+            assert_eq!(out, stream.as_bytes(), "passed through unchanged");
+            let u = tap.usage.unwrap();
+            assert_eq!((u.prompt_tokens, u.completion_tokens), (25 + 10 + 2000, 15));
+            assert!(tap.done);
+            assert_eq!(tap.text, "Hello");
+        }
+        // without message_stop the stream is not done
+        let mut tap = SseTap::new(false).speaking(Surface::Anthropic);
+        tap.feed(&stream.as_bytes()[..stream.find("event: message_stop").unwrap()]);
+        assert!(!tap.done);
+        let e = error_event(
+            &keypool_types::ApiError::new(keypool_types::ErrorKind::UpstreamStreamBroken, "cut"),
+            Surface::Anthropic,
+        );
+        assert!(
+            e.starts_with(b"event: error\ndata: {\"error\":")
+                || e.starts_with(b"event: error\ndata: {\"type\":\"error\"")
+        );
+    }
 
     #[test]
     fn passes_events_and_reads_usage() {

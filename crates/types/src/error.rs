@@ -148,6 +148,41 @@ struct Body<'a> {
     error: Inner<'a>,
 }
 
+/// The API a request speaks, which decides the shape of keypool's own errors on it and which
+/// keys can answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Surface {
+    /// OpenAI's API (`/v1/chat/completions`, `/v1/embeddings`, ...).
+    #[default]
+    OpenAi,
+    /// Anthropic's Messages API (`/v1/messages`, `/v1/messages/count_tokens`).
+    Anthropic,
+}
+
+impl Surface {
+    /// The surface of an API path (`/v1/...`, already normalised).
+    pub fn of_path(path: &str) -> Self {
+        match path.strip_prefix("/v1/messages") {
+            Some("" | "/count_tokens") => Self::Anthropic,
+            _ => Self::OpenAi,
+        }
+    }
+}
+
+/// Anthropic's error `type` for a status (its documented set).
+fn anthropic_type(status: u16) -> &'static str {
+    match status {
+        400 | 408 | 409 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
 #[derive(Serialize)]
 struct Inner<'a> {
     message: &'a str,
@@ -190,6 +225,21 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The error body in the shape of `surface`: OpenAI's ([`Self::to_json`]) or Anthropic's
+    /// `{"type":"error","error":{"type","message"}}`.
+    pub fn to_json_for(&self, surface: Surface) -> String {
+        match surface {
+            Surface::OpenAi => self.to_json(),
+            Surface::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": {"type": anthropic_type(self.status()), "message": self.message},
+            })
+            .to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.message, self.kind.wire().code)
@@ -201,6 +251,28 @@ impl std::error::Error for ApiError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anthropic_surface_gets_anthropic_errors() {
+        assert_eq!(Surface::of_path("/v1/messages"), Surface::Anthropic);
+        assert_eq!(
+            Surface::of_path("/v1/messages/count_tokens"),
+            Surface::Anthropic
+        );
+        assert_eq!(Surface::of_path("/v1/messagesx"), Surface::OpenAi);
+        assert_eq!(Surface::of_path("/v1/chat/completions"), Surface::OpenAi);
+        let err = ApiError::new(ErrorKind::InvalidApiKey, "no");
+        let v: serde_json::Value =
+            serde_json::from_str(&err.to_json_for(Surface::Anthropic)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        assert_eq!(v["error"]["message"], "no");
+        let busy = ApiError::new(ErrorKind::PoolBudgetExhausted, "wait");
+        assert!(
+            busy.to_json_for(Surface::Anthropic)
+                .contains("rate_limit_error")
+        );
+    }
 
     #[test]
     fn body_is_openai_shaped() {

@@ -7,7 +7,7 @@
 mod error;
 mod usage;
 
-pub use error::{ApiError, ErrorKind, GrpcCode};
+pub use error::{ApiError, ErrorKind, GrpcCode, Surface};
 pub use usage::{RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, new_event_id};
 
 mod secret;

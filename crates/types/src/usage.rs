@@ -1,18 +1,59 @@
-//! Token usage as OpenAI reports it.
+//! Token usage, in OpenAI's terms whichever provider reported it.
 
 use std::sync::Arc;
 
 use serde::Deserialize;
 
-/// The `usage` object of a completion, a stream's last chunk or an embedding response.
+/// The `usage` object of a completion, a stream's last chunk or an embedding response, or of an
+/// Anthropic message. `prompt_tokens` counts every input token, cached or not, as OpenAI's does:
+/// Anthropic's `input_tokens` leaves out the cache's, so they are added back
+/// (`input_tokens + cache_creation_input_tokens + cache_read_input_tokens`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "WireUsage")]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
-    #[serde(default)]
     pub total_tokens: u64,
+}
+
+/// Either provider's `usage` object as it comes.
+#[derive(Deserialize)]
+#[expect(clippy::struct_field_names, reason = "the providers' field names")]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: u64,
+    // Anthropic's
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(w: WireUsage) -> Self {
+        if w.input_tokens.is_none() && w.output_tokens.is_none() {
+            return Self {
+                prompt_tokens: w.prompt_tokens,
+                completion_tokens: w.completion_tokens,
+                total_tokens: w.total_tokens,
+            };
+        }
+        let prompt = w.input_tokens.unwrap_or(0)
+            + w.cache_creation_input_tokens.unwrap_or(0)
+            + w.cache_read_input_tokens.unwrap_or(0);
+        let completion = w.output_tokens.unwrap_or(0);
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
 }
 
 impl Usage {
@@ -135,5 +176,34 @@ mod tests {
         let many: std::collections::HashSet<u128> =
             (0..10_000).map(|_| super::new_event_id()).collect();
         assert_eq!(many.len(), 10_000);
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::Usage;
+
+    #[test]
+    fn openai_usage_is_taken_as_it_is() {
+        let u: Usage = serde_json::from_str(
+            r#"{"prompt_tokens":1200,"completion_tokens":30,"total_tokens":1230,"prompt_tokens_details":{"cached_tokens":1024}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total()),
+            (1200, 30, 1230)
+        );
+    }
+
+    #[test]
+    fn anthropic_usage_adds_the_cache_back_into_the_prompt() {
+        // a real-shaped Messages usage: 5-minute and 1-hour cache writes, a cache read
+        let u: Usage = serde_json::from_str(
+            r#"{"input_tokens":21,"cache_creation_input_tokens":188,"cache_read_input_tokens":1024,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":88},"output_tokens":393,"service_tier":"standard"}"#,
+        )
+        .unwrap();
+        assert_eq!(u.prompt_tokens, 21 + 188 + 1024);
+        assert_eq!(u.completion_tokens, 393);
+        assert_eq!(u.total(), 21 + 188 + 1024 + 393);
     }
 }

@@ -1,5 +1,6 @@
-//! `keypool demo`: three mock upstream keys and the gateway in one process, offline, with a
-//! temporary SQLite store (so `keypoolctl usage` has something to show).
+//! `keypool demo`: three mock OpenAI keys, one mock Anthropic key and the gateway in one
+//! process, offline, with a temporary SQLite store (so `keypoolctl usage` has something to
+//! show).
 //!
 //! The banner is printed only once every port is bound, and every command in it runs as
 //! printed from the repository (a test runs them all).
@@ -16,7 +17,15 @@ pub const DEMO_TOKEN: &str = "demo-token";
 /// builds `keypool`.
 pub const KEYPOOLCTL: &str = "cargo run -q --release -p keypoolctl --";
 
-/// Starts three mocks and serves the gateway on `address` until `shutdown`.
+/// The demo's keys: three OpenAI-style and one Anthropic one.
+const KEYS: [(&str, &str); 4] = [
+    ("mock-a", "openai"),
+    ("mock-b", "openai"),
+    ("mock-c", "openai"),
+    ("mock-claude", "anthropic"),
+];
+
+/// Starts four mocks and serves the gateway on `address` until `shutdown`.
 pub async fn run(
     address: &str,
     admin_address: &str,
@@ -26,7 +35,7 @@ pub async fn run(
         anyhow::anyhow!("cannot listen on {address}: {e} (choose another with --address)")
     })?;
     let mut mocks = Vec::new();
-    for name in ["mock-a", "mock-b", "mock-c"] {
+    for (name, _) in KEYS {
         mocks.push(MockServer::start(Behavior {
             name: name.to_owned(),
             chunk_interval_ms: 40,
@@ -35,11 +44,11 @@ pub async fn run(
     }
     let store = tempfile::tempdir()?;
     let mut upstreams = String::new();
-    for (m, name) in mocks.iter().zip(["mock-a", "mock-b", "mock-c"]) {
+    for (m, (name, kind)) in mocks.iter().zip(KEYS) {
         use std::fmt::Write;
         let _ = writeln!(
             upstreams,
-            "  - {{name: {name}, sk: sk-demo-{name}, endpoint: \"{}\", rpm: 600}}",
+            "  - {{name: {name}, type: {kind}, sk: sk-demo-{name}, endpoint: \"{}\", rpm: 600}}",
             m.url()
         );
     }
@@ -80,12 +89,14 @@ pub async fn run(
 }
 
 fn print_banner(ready: crate::Ready) {
-    let base = format!("http://{}/v1", ready.api);
+    let root = format!("http://{}", ready.api);
+    let base = format!("{root}/v1");
     let admin = ready
         .admin
         .map_or_else(|| "(admin API off)".to_owned(), |a| format!("http://{a}"));
     println!(
-        "keypool demo: 3 mock upstream keys (mock-a, mock-b, mock-c) behind {base}
+        "keypool demo: 3 mock OpenAI keys (mock-a, mock-b, mock-c) and a mock Anthropic key
+(mock-claude) behind {base}
 
 Try it (each command runs as printed, from the repository):
 
@@ -107,6 +118,21 @@ client = OpenAI(base_url=\"{base}\", api_key=\"{DEMO_TOKEN}\")
 r = client.chat.completions.create(model=\"gpt-4o-mini\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])
 print(r.choices[0].message.content, r.usage)
 '
+
+Anthropic's Messages API, on the same token (pip install anthropic):
+
+  curl -s {base}/messages \\
+    -H 'x-api-key: {DEMO_TOKEN}' -H 'anthropic-version: 2023-06-01' -H 'Content-Type: application/json' \\
+    -d '{{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":64,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'
+
+  python3 -c '
+from anthropic import Anthropic
+client = Anthropic(base_url=\"{root}\", api_key=\"{DEMO_TOKEN}\")
+m = client.messages.create(model=\"claude-sonnet-4-5\", max_tokens=64, messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])
+print(m.content[0].text, m.usage)
+'
+
+Claude Code uses it with ANTHROPIC_BASE_URL={root} ANTHROPIC_AUTH_TOKEN={DEMO_TOKEN}.
 
 The x-keypool-upstream response header names the key that served each call. The admin API
 (no token: loopback only) is on {admin}; usage goes to a temporary SQLite store:

@@ -67,13 +67,23 @@ pub(super) fn respond(
         ));
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    // the role chunk is event 0; cut after `n` content chunks
+    paced(b, events, b.cut_after.map(|n| n + 1), state)
+}
+
+/// Sends `events` paced by the behaviour, breaking the connection before event `cut_at`.
+pub(crate) fn paced(
+    b: &Behavior,
+    events: Vec<Bytes>,
+    cut_at: Option<usize>,
+    state: Arc<State>,
+) -> HttpResponse {
     let plan = Plan {
         events,
         next: 0,
         ttfb_ms: b.ttfb_ms,
         interval_ms: b.chunk_interval_ms,
-        // the role chunk is event 0; cut after `n` content chunks
-        cut_at: b.cut_after.map(|n| n + 1),
+        cut_at,
         guard: Guard { state, done: false },
     };
     let body = futures::stream::unfold(plan, |mut p| async move {

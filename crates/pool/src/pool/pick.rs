@@ -157,8 +157,11 @@ fn gather(view: &PoolView, pick: &Pick, now: Instant) -> Result<Gathered, NoKey>
         disabled: 0,
         earliest: Earliest::default(),
     };
+    // Anthropic keys answer the Messages API, the others OpenAI's
+    let surface = keypool_types::Surface::of_path(&pick.path);
     for (order, k) in view.keys.iter().enumerate() {
         if pick.exclude.contains(&k.id)
+            || !k.key.kind.serves(surface)
             || !k.key.allows_model(&pick.model, &pick.path)
             || (k.key.passthrough_auth && !pick.passthrough)
             || !pick.access.allows(&k.key)

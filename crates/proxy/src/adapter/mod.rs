@@ -2,9 +2,11 @@
 //!
 //! An adapter turns one attempt into a request to its provider and hands back the answer in
 //! OpenAI's wire format (status, headers, body bytes or SSE), so the forwarding engine never asks
-//! which provider it is talking to. `openai` forwards as-is; `replicate` translates to and from
+//! which provider it is talking to. `openai` forwards as-is; `anthropic` forwards Messages
+//! requests as they are, with Anthropic's key header; `replicate` translates to and from
 //! Replicate predictions.
 
+mod anthropic;
 mod openai;
 mod replicate;
 
@@ -16,6 +18,7 @@ use futures::future::BoxFuture;
 use keypool_config::{UpstreamKey, UpstreamKind};
 use reqwest::header::HeaderMap;
 
+pub use anthropic::AnthropicAdapter;
 pub use openai::OpenAiAdapter;
 
 use crate::client::UpstreamClient;
@@ -90,6 +93,7 @@ pub trait UpstreamAdapter: Send + Sync {
 /// The adapter for each provider.
 pub struct Adapters {
     openai: OpenAiAdapter,
+    anthropic: AnthropicAdapter,
     replicate: ReplicateAdapter,
 }
 
@@ -97,6 +101,7 @@ impl Adapters {
     pub fn new() -> Self {
         Self {
             openai: OpenAiAdapter,
+            anthropic: AnthropicAdapter,
             replicate: ReplicateAdapter,
         }
     }
@@ -104,6 +109,7 @@ impl Adapters {
     pub fn for_kind(&self, kind: UpstreamKind) -> &dyn UpstreamAdapter {
         match kind {
             UpstreamKind::OpenAi => &self.openai,
+            UpstreamKind::Anthropic => &self.anthropic,
             UpstreamKind::Replicate => &self.replicate,
         }
     }

@@ -37,13 +37,13 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use keypool_config::DEFAULT_GATEWAY;
 use keypool_policy::gateway::{GatewayRuntime, RateHeaders};
-use keypool_types::{ApiError, ErrorKind};
+use keypool_types::{ApiError, ErrorKind, Surface};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::ctx::RequestCtx;
 use crate::forward::Engine;
-use crate::http::{Frontend, client_ip, error_response, respond};
+use crate::http::{Frontend, client_ip, error_response, error_response_for, respond};
 use crate::{models, observe};
 
 /// The gateway and the OpenAI path (`/v1/...`) of an API request path: `/v1/*` is the
@@ -82,6 +82,8 @@ pub async fn handle(
             None,
         );
     };
+    // whose API this is: keypool's own errors answer in its shape
+    let surface = Surface::of_path(path);
     let started = Instant::now();
     let span = observe::server_span(&req);
     let policy = observe::policy_span(&span);
@@ -96,7 +98,10 @@ pub async fn handle(
     {
         Ok(Prepared::Forward(mut ctx)) => {
             ctx.span = span.clone();
-            respond(engine.forward(&fe.client, ctx).instrument(span).await)
+            respond(
+                engine.forward(&fe.client, ctx).instrument(span).await,
+                surface,
+            )
         }
         Ok(Prepared::Answered(resp)) => resp,
         Err(error) => {
@@ -106,7 +111,7 @@ pub async fn handle(
                 gateway
             };
             observe::refused(name, &error);
-            error_response(&error, None)
+            error_response_for(&error, None, surface)
         }
     };
     if let Some(r) = rate {

@@ -1,0 +1,53 @@
+//! The Anthropic adapter: the request goes to `{endpoint}{path}` as it came (the body untouched),
+//! with the key as `x-api-key` and an `anthropic-version` when the client sent none.
+//! `anthropic-beta` and the client's own `anthropic-version` pass through.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use keypool_config::UpstreamKey;
+use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
+
+use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
+use crate::client::{Target, UpstreamClient};
+
+/// The API version sent when the client names none (Anthropic requires one).
+pub const DEFAULT_VERSION: &str = "2023-06-01";
+
+/// Forwards to Anthropic's Messages API.
+pub struct AnthropicAdapter;
+
+impl UpstreamAdapter for AnthropicAdapter {
+    fn send<'a>(
+        &'a self,
+        client: &'a UpstreamClient,
+        key: &'a UpstreamKey,
+        req: AttemptRequest<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
+        async move {
+            let target = Target::new(&key.endpoint_url, req.path, req.query)?;
+            let mut headers = req.headers.clone();
+            let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
+            if let Ok(host) = HeaderValue::from_str(authority) {
+                headers.insert(reqwest::header::HOST, host);
+            }
+            let version = HeaderName::from_static("anthropic-version");
+            if !headers.contains_key(&version) {
+                headers.insert(version, HeaderValue::from_static(DEFAULT_VERSION));
+            }
+            if key.passthrough_auth {
+                // `sk: asis`: the caller's own credential (an OAuth bearer token)
+                if let Some(v) = req.client_authorization {
+                    headers.insert(AUTHORIZATION, v.clone());
+                }
+            } else {
+                let mut value = HeaderValue::from_str(key.sk.expose()).map_err(|_| {
+                    TransportError::Connect("the key is not a valid header value".into())
+                })?;
+                value.set_sensitive(true);
+                headers.insert(HeaderName::from_static("x-api-key"), value);
+            }
+            client.send(req.method, &target, headers, req.body).await
+        }
+        .boxed()
+    }
+}

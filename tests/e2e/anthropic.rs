@@ -1,0 +1,300 @@
+//! Anthropic's Messages API through keypool: `type: anthropic` keys, `/v1/messages` and
+//! `/v1/messages/count_tokens` on `/v1` and on named gateways, the client's key as `x-api-key`,
+//! Anthropic-shaped errors, streams relayed event by event, failover past a 529, and usage with
+//! cache tokens stored exactly. Driven by raw HTTP and by the official `anthropic` SDK.
+
+#![allow(clippy::expect_used)]
+
+use std::time::Duration;
+
+use keypool_e2e::{Behavior, Gateway, MockServer, config, mock, run_python_check_with};
+use serde_json::{Value, json};
+
+const T: &str = "client-token-anthropic";
+
+fn message(stream: bool) -> Value {
+    json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream,
+           "system": [{"type": "text", "text": "Be brief", "cache_control": {"type": "ephemeral"}}],
+           "messages": [{"role": "user", "content": "Hello there friend"}]})
+}
+
+async fn post(
+    gw: &Gateway,
+    path: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> anyhow::Result<reqwest::Response> {
+    let mut req = gw.http().post(gw.url(path)).json(body);
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    Ok(req
+        .header("anthropic-beta", "prompt-caching-2024-07-31")
+        .send()
+        .await?)
+}
+
+fn both(gpt: &MockServer, claude: &MockServer) -> String {
+    config()
+        .token(T)
+        .key(gpt, "gpt", "")
+        .key(claude, "claude", "type: anthropic")
+        .yaml()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_go_to_anthropic_keys_with_their_own_header() -> anyhow::Result<()> {
+    let gpt = mock("gpt", Behavior::default());
+    let claude = mock("claude", Behavior::default());
+    let gw = Gateway::start(&both(&gpt, &claude)).await?;
+    let body = message(false);
+    let resp = post(&gw, "/v1/messages", &body, Some(T)).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-keypool-upstream"], "claude");
+    let v: Value = resp.json().await?;
+    assert_eq!(v["type"], "message");
+    assert!(
+        v["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Hello from claude"))
+    );
+    assert_eq!(v["usage"]["cache_read_input_tokens"], 1024);
+    assert_eq!((gpt.requests(), claude.requests()), (0, 1));
+    let seen = claude.last_request().expect("recorded");
+    assert_eq!(seen.path, "/v1/messages");
+    assert_eq!(seen.header("x-api-key"), Some("sk-test-claude-0123456789"));
+    assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(
+        seen.header("anthropic-beta"),
+        Some("prompt-caching-2024-07-31")
+    );
+    assert_eq!(seen.header("authorization"), None);
+    // the body is passed as it came: cache_control untouched, no re-serialisation
+    assert_eq!(seen.body, serde_json::to_vec(&body)?);
+
+    // a client's own anthropic-version is kept; Authorization: Bearer works too
+    let resp = gw
+        .http()
+        .post(gw.url("/v1/messages/count_tokens"))
+        .bearer_auth(T)
+        .header("anthropic-version", "2023-01-01")
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await?["input_tokens"], 7);
+    let seen = claude.last_request().expect("recorded");
+    assert_eq!(seen.header("anthropic-version"), Some("2023-01-01"));
+
+    // OpenAI's surface never reaches the Anthropic key
+    let chat = gw
+        .chat(
+            T,
+            json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await?;
+    assert_eq!(chat.status(), 200);
+    assert_eq!((gpt.requests(), claude.requests()), (1, 2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_on_the_messages_surface_are_anthropic_shaped() -> anyhow::Result<()> {
+    let gpt = mock("gpt", Behavior::default());
+    let claude = mock("claude", Behavior::default());
+    let gw = Gateway::start(&both(&gpt, &claude)).await?;
+    let resp = post(&gw, "/v1/messages", &message(false), None).await?;
+    assert_eq!(resp.status(), 401);
+    let v: Value = resp.json().await?;
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "authentication_error");
+    let resp = post(&gw, "/v1/messages", &json!("not an object"), Some(T)).await?;
+    let status = resp.status();
+    let v: Value = resp.json().await?;
+    assert_eq!(
+        (status.as_u16(), v["type"].as_str()),
+        (400, Some("error")),
+        "{v}"
+    );
+    // OpenAI's surface keeps OpenAI's shape
+    let resp = gw
+        .http()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.json::<Value>().await?["error"]["code"],
+        "invalid_api_key"
+    );
+
+    // no Anthropic key at all: the Messages surface says so in its shape
+    let only_gpt = Gateway::start(&config().token(T).key(&gpt, "gpt", "").yaml()).await?;
+    let resp = post(&only_gpt, "/v1/messages", &message(false), Some(T)).await?;
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await?;
+    assert_eq!(
+        (status, v["error"]["type"].as_str()),
+        (404, Some("not_found_error")),
+        "{v}"
+    );
+    assert_eq!(gpt.requests(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_relayed_and_a_truncated_one_ends_with_an_error_event() -> anyhow::Result<()> {
+    let claude = mock("claude", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .key(&claude, "claude", "type: anthropic")
+            .yaml(),
+    )
+    .await?;
+    let resp = post(&gw, "/v1/messages", &message(true), Some(T)).await?;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await?;
+    assert!(text.starts_with("event: message_start\n"), "{text}");
+    assert!(
+        text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+        "{text}"
+    );
+
+    claude.set(Behavior {
+        name: "claude".into(),
+        cut_after: Some(2),
+        chunk_interval_ms: 20,
+        ..Behavior::default()
+    });
+    let text = post(&gw, "/v1/messages", &message(true), Some(T))
+        .await?
+        .text()
+        .await?;
+    assert!(text.contains("\"text\":\" from\""), "{text}");
+    assert!(!text.contains("message_stop"), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or("");
+    assert!(last.starts_with("event: error\ndata: "), "{text}");
+    let v: Value = serde_json::from_str(last.trim_start_matches("event: error\ndata: "))?;
+    assert_eq!(v["type"], "error");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_529_fails_over_to_the_next_anthropic_key() -> anyhow::Result<()> {
+    let busy = mock(
+        "busy",
+        Behavior {
+            status: Some(529),
+            ..Behavior::default()
+        },
+    );
+    let ok = mock("ok", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("lb_policy", "order")
+            .key(&busy, "busy", "type: anthropic")
+            .key(&ok, "ok", "type: anthropic")
+            .yaml(),
+    )
+    .await?;
+    let resp = post(&gw, "/v1/messages", &message(false), Some(T)).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-keypool-upstream"], "ok");
+    assert_eq!((busy.requests(), ok.requests()), (1, 1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let claude = mock("claude", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("dbtype", "sqlite")
+            .set(
+                "dbaddr",
+                &format!("\"{}/usage.sqlite\"", dir.path().display()),
+            )
+            .key(&claude, "claude", "type: anthropic")
+            .yaml(),
+    )
+    .await?;
+    assert_eq!(
+        post(&gw, "/v1/messages", &message(false), Some(T))
+            .await?
+            .status(),
+        200
+    );
+    let _ = post(&gw, "/v1/messages", &message(true), Some(T))
+        .await?
+        .text()
+        .await?;
+    let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
+    let store = keypool_store::Store::connect_only(&url).await?;
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = store.events_since(0, 10).await?;
+        if events.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // input: "Be brief" 2 + message 3 + 2 = 7, plus 1,024 read from the cache; output 5 words
+    let tokens: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e.stream,
+                e.prompt_tokens,
+                e.completion_tokens,
+                e.total_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(
+        tokens,
+        vec![
+            (false, Some(1031), Some(5), Some(1036)),
+            (true, Some(1031), Some(5), Some(1036)),
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.provider.as_deref() == Some("anthropic"))
+    );
+    Ok(())
+}
+
+/// The official `anthropic` SDK, on `/v1` and on a named gateway with a rate limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_python_sdk_against_keypool() -> anyhow::Result<()> {
+    let claude = mock("claude", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .key(&claude, "claude", "type: anthropic")
+            .block(
+                "gateways:\n  - {name: team, auth: {method: exact, secrets: [team-secret]}, rate_limits: [\"ingress:7/minute\"]}",
+            )
+            .yaml(),
+    )
+    .await?;
+    let root = gw.url("");
+    let root = root.trim_end_matches('/').to_owned();
+    let (ok, out) = run_python_check_with("anthropic_check.py", root.clone(), T, &[]).await?;
+    anyhow::ensure!(ok, "anthropic_check.py on /v1 failed:\n{out}");
+    let (ok, out) = run_python_check_with(
+        "anthropic_check.py",
+        format!("{root}/llm/api/team"),
+        "team-secret",
+        &[("KEYPOOL_LIMITED", "1")],
+    )
+    .await?;
+    anyhow::ensure!(ok, "anthropic_check.py on a gateway failed:\n{out}");
+    Ok(())
+}
