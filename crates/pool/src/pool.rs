@@ -8,7 +8,9 @@
 //! - a key with an rpm/tpm budget is asked ([`Reserve`], one round trip); its actor is the
 //!   authority, so concurrent picks never over-admit, and a refusal moves on to the next key;
 //! - a key without a budget has nothing to refuse but its health, which its gauge showed, so its
-//!   reservation is only counted in its [`KeyTally`], which the actor folds in on its own time.
+//!   reservation is only counted in its [`KeyTally`], which the actor folds in on its own time;
+//!   unless a settlement still waits in the actor's mailbox (the gauge may not show it yet):
+//!   then it is asked too, and answers after that settlement.
 //!
 //! A lease settles the same way: a success on a key without a tpm budget is counted in the tally
 //! (no message) unless a settlement is still waiting in its actor's mailbox (see [`KeyTally`]

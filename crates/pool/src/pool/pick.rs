@@ -114,7 +114,11 @@ impl PoolHandle {
                     shared_tokens: shared_tokens.take(),
                 }
             };
-            if k.key.rpm.is_none() && k.key.tpm.is_none() {
+            // without a budget only health can refuse, and the gauge shows it, unless an
+            // outcome (a 429's cooldown, say) still waits in the actor's mailbox: then the
+            // actor answers, after that outcome, so a client's next request after a 429 never
+            // reaches the key it was just told is cooling down
+            if k.key.rpm.is_none() && k.key.tpm.is_none() && k.tally.quiet() {
                 k.tally.record();
                 return Ok(lease());
             }
