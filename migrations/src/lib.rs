@@ -8,6 +8,7 @@ mod m20261122_000002_provider;
 mod m20261122_000003_admin;
 mod m20261201_000004_pg_time_indexes;
 mod m20261201_000005_event_ids_unindexed;
+mod m20261205_000006_cache_tokens;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000003_admin::Migration),
             Box::new(m20261201_000004_pg_time_indexes::Migration),
             Box::new(m20261201_000005_event_ids_unindexed::Migration),
+            Box::new(m20261205_000006_cache_tokens::Migration),
         ]
     }
 

@@ -207,10 +207,15 @@ async fn a_529_fails_over_to_the_next_anthropic_key() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cache tokens are parts of the prompt, counted once, and kept in their own columns and
+/// metrics: Anthropic's reads and one-hour writes, plain and streamed, and OpenAI's
+/// `cached_tokens`.
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom: requests, rows, rollups, metrics
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let claude = mock("claude", Behavior::default());
+    let gpt = mock("gpt", Behavior::default());
     let gw = Gateway::start(
         &config()
             .token(T)
@@ -220,6 +225,7 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
                 &format!("\"{}/usage.sqlite\"", dir.path().display()),
             )
             .key(&claude, "claude", "type: anthropic")
+            .key(&gpt, "gpt", "")
             .yaml(),
     )
     .await?;
@@ -229,44 +235,87 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
             .status(),
         200
     );
-    let _ = post(&gw, "/v1/messages", &message(true), Some(T))
+    // the stream's system block is cached for an hour: 256 tokens written, 1,024 read
+    let mut streamed = message(true);
+    streamed["system"][0]["cache_control"]["ttl"] = json!("1h");
+    let _ = post(&gw, "/v1/messages", &streamed, Some(T))
         .await?
         .text()
         .await?;
+    let chat = json!({"model": "gpt-4o-mini", "prompt_cache_key": "conv-1", "messages": [
+        {"role": "system", "content": "You are a careful assistant"},
+        {"role": "user", "content": "Hello there"}]});
+    assert_eq!(gw.chat(T, chat).await?.status(), 200);
     let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
     let store = keypool_store::Store::connect_only(&url).await?;
     let mut events = Vec::new();
     for _ in 0..100 {
         events = store.events_since(0, 10).await?;
-        if events.len() == 2 {
+        if events.len() == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // input: "Be brief" 2 + message 3 + 2 = 7, plus 1,024 read from the cache; output 5 words
+    events.sort_by_key(|e| e.id.clone());
+    // input: "Be brief" 2 + message 3 + 2 = 7, plus 1,024 read (and 256 written) in the cache;
+    // output 5 words. The chat: 5 + 2 and 2 + 2, the system message's 7 cached.
     let tokens: Vec<_> = events
         .iter()
         .map(|e| {
             (
-                e.stream,
                 e.prompt_tokens,
                 e.completion_tokens,
                 e.total_tokens,
+                e.cache_read_tokens,
+                e.cache_write_tokens,
+                e.cache_write_1h_tokens,
             )
         })
         .collect();
+    let some = |v: [i64; 6]| v.map(Some).into();
     assert_eq!(
         tokens,
         vec![
-            (false, Some(1031), Some(5), Some(1036)),
-            (true, Some(1031), Some(5), Some(1036)),
+            some([1031, 5, 1036, 1024, 0, 0]),
+            some([1287, 5, 1292, 1024, 256, 256]),
+            some([11, 5, 16, 7, 0, 0]),
         ]
     );
-    assert!(
-        events
-            .iter()
-            .all(|e| e.provider.as_deref() == Some("anthropic"))
+    let providers: Vec<_> = events.iter().map(|e| e.provider.as_deref()).collect();
+    assert_eq!(
+        providers,
+        [Some("anthropic"), Some("anthropic"), Some("openai")]
     );
+    let rollup = store
+        .usage_totals(0, i64::MAX, keypool_store::Grouping::Key, None)
+        .await?;
+    let claude_total = rollup
+        .iter()
+        .find(|t| t.group == "claude")
+        .expect("rolled up");
+    assert_eq!(
+        (
+            claude_total.prompt_tokens,
+            claude_total.cache_read_tokens,
+            claude_total.cache_write_tokens,
+            claude_total.cache_write_1h_tokens
+        ),
+        (2318, 2048, 256, 256)
+    );
+    let metrics = gw
+        .http()
+        .get(gw.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for line in [
+        "keypool_cache_read_tokens_total{gateway=\"default\",key=\"claude\",model=\"claude-sonnet-4-5\"} 2048",
+        "keypool_cache_write_tokens_total{gateway=\"default\",key=\"claude\",model=\"claude-sonnet-4-5\"} 256",
+        "keypool_cache_read_tokens_total{gateway=\"default\",key=\"gpt\",model=\"gpt-4o-mini\"} 7",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     Ok(())
 }
 

@@ -457,6 +457,9 @@ async fn retention_deletes_old_events_at_start_up_and_keeps_new_ones() -> anyhow
         client_ip: None,
         user_agent: None,
         error: None,
+        cache_read_tokens: Some(0),
+        cache_write_tokens: Some(0),
+        cache_write_1h_tokens: Some(0),
         log: None,
     };
     seeded.write_batch(std::slice::from_ref(&old)).await?;

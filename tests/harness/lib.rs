@@ -111,6 +111,16 @@ impl ConfigBuilder {
         self
     }
 
+    /// An Azure OpenAI key on `mock` (its root is the resource endpoint), with `extra` fields.
+    #[must_use]
+    pub fn azure_key(mut self, mock: &MockServer, name: &str, extra: &str) -> Self {
+        self.upstreams.push(format!(
+            "  - {{name: {name}, type: azure, sk: azure-key-{name}-0123456789, endpoint: \"http://{}\", {extra}}}",
+            mock.addr()
+        ));
+        self
+    }
+
     /// A YAML block appended after the upstreams (e.g. a `gateways:` list).
     #[must_use]
     pub fn block(mut self, yaml: &str) -> Self {

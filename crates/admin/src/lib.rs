@@ -271,6 +271,9 @@ impl Admin for AdminService {
                             prompt_tokens: t.prompt_tokens,
                             completion_tokens: t.completion_tokens,
                             total_tokens: t.total_tokens,
+                            cache_read_tokens: t.cache_read_tokens,
+                            cache_write_tokens: t.cache_write_tokens,
+                            cache_write_1h_tokens: t.cache_write_1h_tokens,
                         })
                         .collect::<Vec<_>>()
                 })

@@ -49,7 +49,7 @@ pub(crate) fn validate_upstream(
         (Some(e), _) => e.trim().trim_end_matches('/').to_owned(),
         (None, UpstreamKind::Replicate) => DEFAULT_REPLICATE_ENDPOINT.to_owned(),
         (None, UpstreamKind::Anthropic) => DEFAULT_ANTHROPIC_ENDPOINT.to_owned(),
-        (None, UpstreamKind::OpenAi) => {
+        (None, UpstreamKind::OpenAi | UpstreamKind::Azure) => {
             errs.push(format!("{path}.endpoint"), "is required");
             String::new()
         }
@@ -79,6 +79,7 @@ pub(crate) fn validate_upstream(
             "only applies to type: replicate",
         );
     }
+    let azure = azure(path, kind, up.api_version, &up.deployments, errs);
     let name = match up.name {
         Some(n) => checked_name(path, n, errs),
         None => derived_name(&endpoint, &sk),
@@ -88,6 +89,12 @@ pub(crate) fn validate_upstream(
     }
     let endpoint_url = endpoint_url?;
     let rules = |entries: Vec<String>| entries.iter().map(|e| ModelRule::parse(e)).collect();
+    // an Azure key with deployments serves those models, unless its `allow` says otherwise
+    let allow = if up.allow.is_empty() {
+        up.deployments.keys().cloned().collect()
+    } else {
+        up.allow
+    };
     Some(UpstreamKey {
         name: name.into(),
         passthrough_auth: sk == "asis",
@@ -97,7 +104,7 @@ pub(crate) fn validate_upstream(
         kind,
         timeout,
         stream_timeout,
-        allow: rules(up.allow),
+        allow: rules(allow),
         deny: rules(up.deny),
         authorization: up
             .authorization
@@ -110,6 +117,54 @@ pub(crate) fn validate_upstream(
         tpm: up.tpm,
         unusable: None,
         chat_template,
+        azure,
+    })
+}
+
+/// `api_version` and `deployments`: for `type: azure` only; names Azure accepts in a URL path.
+fn azure(
+    path: &str,
+    kind: UpstreamKind,
+    api_version: Option<String>,
+    deployments: &std::collections::BTreeMap<String, String>,
+    errs: &mut Errors,
+) -> Option<crate::Azure> {
+    if kind != UpstreamKind::Azure {
+        if api_version.is_some() {
+            errs.push(format!("{path}.api_version"), "only applies to type: azure");
+        }
+        if !deployments.is_empty() {
+            errs.push(format!("{path}.deployments"), "only applies to type: azure");
+        }
+        return None;
+    }
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    for (model, deployment) in deployments {
+        if !plain(deployment) {
+            errs.push(
+                format!("{path}.deployments.{model}"),
+                "must be 1 to 64 letters, digits, '-', '_' or '.'",
+            );
+        }
+    }
+    let api_version = api_version.map_or_else(
+        || crate::AZURE_API_VERSION.to_owned(),
+        |v| v.trim().to_owned(),
+    );
+    if !plain(&api_version) {
+        errs.push(
+            format!("{path}.api_version"),
+            "must be a version such as 2024-10-21",
+        );
+    }
+    Some(crate::Azure {
+        api_version,
+        deployments: deployments.clone(),
     })
 }
 
@@ -245,16 +300,17 @@ fn checked_name(path: &str, n: String, errs: &mut Errors) -> String {
     n
 }
 
-/// `type`: `openai` (default), `anthropic` or `replicate`.
+/// `type`: `openai` (default), `anthropic`, `azure` or `replicate`.
 fn kind_of(path: &str, written: Option<&str>, errs: &mut Errors) -> UpstreamKind {
     match written {
         None | Some("openai") => UpstreamKind::OpenAi,
         Some("anthropic") => UpstreamKind::Anthropic,
+        Some("azure") => UpstreamKind::Azure,
         Some("replicate") => UpstreamKind::Replicate,
         Some(other) => {
             errs.push(
                 format!("{path}.type"),
-                format!("expected openai, anthropic or replicate, got {other:?}"),
+                format!("expected openai, anthropic, azure or replicate, got {other:?}"),
             );
             UpstreamKind::OpenAi
         }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use gateway::{DEFAULT_GATEWAY, Gateway, RawGateway, caller_id, validate_gateway};
 pub use key_validate::validate_key;
-pub use upstream::{ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
+pub use upstream::{AZURE_API_VERSION, Azure, ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
 pub use validate::{ALWAYS_REDACTED, validate};
 
 /// A validated configuration.

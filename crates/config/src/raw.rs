@@ -379,7 +379,7 @@ pub struct RawUpstream {
     /// The upstream key; `asis` passes the client's `Authorization` header through.
     pub sk: Option<String>,
     pub endpoint: Option<String>,
-    /// `openai` (default) | `replicate`.
+    /// `openai` (default) | `anthropic` | `azure` | `replicate`.
     pub r#type: Option<String>,
     pub timeout: Option<Seconds>,
     pub stream_timeout: Option<Seconds>,
@@ -402,6 +402,13 @@ pub struct RawUpstream {
     /// Replicate only: how chat messages become a prompt: `mistral` (`[INST]`), `llama3`, or a
     /// custom template with `{{system}}` and `{{prompt}}`. Default: from the model name.
     pub chat_template: Option<String>,
+    /// Azure only: the `api-version` query parameter (default [`crate::AZURE_API_VERSION`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// Azure only: model → deployment (`{gpt-4o: my-gpt4o}`); a model not listed is its own
+    /// deployment's name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub deployments: std::collections::BTreeMap<String, String>,
 }
 
 /// `"a,b"` or `[a, b]` (a bare number is a one-token string).

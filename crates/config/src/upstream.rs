@@ -10,6 +10,8 @@ pub enum UpstreamKind {
     OpenAi,
     /// Anthropic's Messages API (`x-api-key`, `anthropic-version`).
     Anthropic,
+    /// Azure OpenAI: OpenAI's API under `/openai/deployments/{deployment}`, with `api-key`.
+    Azure,
     Replicate,
 }
 
@@ -18,6 +20,7 @@ impl UpstreamKind {
         match self {
             Self::OpenAi => "openai",
             Self::Anthropic => "anthropic",
+            Self::Azure => "azure",
             Self::Replicate => "replicate",
         }
     }
@@ -93,6 +96,27 @@ pub struct UpstreamKey {
     pub unusable: Option<String>,
     /// Replicate only: the chat template (`None`: chosen from the model name).
     pub chat_template: Option<ChatTemplate>,
+    /// Azure only: the API version and the deployments.
+    pub azure: Option<Azure>,
+}
+
+/// The `api-version` an Azure key sends unless it names one (Azure OpenAI's latest GA
+/// data-plane version when this was written).
+pub const AZURE_API_VERSION: &str = "2024-10-21";
+
+/// Where an Azure OpenAI key sends a model's requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Azure {
+    pub api_version: String,
+    /// Model → deployment name.
+    pub deployments: std::collections::BTreeMap<String, String>,
+}
+
+impl Azure {
+    /// The deployment serving `model`: the mapped one, or the model's own name.
+    pub fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
+        self.deployments.get(model).map_or(model, String::as_str)
+    }
 }
 
 /// How a Replicate upstream renders chat messages into one prompt.
@@ -129,6 +153,7 @@ impl UpstreamKey {
             tpm: None,
             unusable: None,
             chat_template: None,
+            azure: None,
         })
     }
 
@@ -159,6 +184,12 @@ impl UpstreamKey {
                 ChatTemplate::Llama3 => "llama3".to_owned(),
                 ChatTemplate::Custom(c) => c.clone(),
             }),
+            api_version: self.azure.as_ref().map(|a| a.api_version.clone()),
+            deployments: self
+                .azure
+                .as_ref()
+                .map(|a| a.deployments.clone())
+                .unwrap_or_default(),
         }
     }
 

@@ -303,3 +303,44 @@ fn anthropic_keys_default_to_anthropics_v1() {
             .all(|u| u.kind == crate::UpstreamKind::Anthropic)
     );
 }
+
+#[test]
+fn azure_keys_map_models_to_deployments() {
+    let cfg = from_yaml(
+        "upstreams:\n  - {type: azure, sk: a, endpoint: 'https://res.openai.azure.com', deployments: {gpt-4o: prod-4o}}\n  - {type: azure, sk: b, endpoint: 'https://res2.openai.azure.com', api_version: 2025-01-01-preview}\n",
+    )
+    .unwrap();
+    let a = cfg.upstreams[0].azure.as_ref().unwrap();
+    assert_eq!(a.api_version, crate::AZURE_API_VERSION);
+    assert_eq!(
+        (a.deployment("gpt-4o"), a.deployment("gpt-4.1")),
+        ("prod-4o", "gpt-4.1")
+    );
+    // deployments are the models an Azure key serves, unless `allow` says otherwise
+    assert!(cfg.upstreams[0].allows_model("gpt-4o", "/v1/chat/completions"));
+    assert!(!cfg.upstreams[0].allows_model("gpt-4o-mini", "/v1/chat/completions"));
+    assert!(cfg.upstreams[1].allows_model("gpt-4o-mini", "/v1/chat/completions"));
+    assert_eq!(
+        cfg.upstreams[1].azure.as_ref().unwrap().api_version,
+        "2025-01-01-preview"
+    );
+    // the key round-trips through its config entry
+    let raw = cfg.upstreams[0].to_raw();
+    assert_eq!(
+        raw.deployments.get("gpt-4o").map(String::as_str),
+        Some("prod-4o")
+    );
+    let err = from_yaml(
+        "upstreams:\n  - {type: azure, sk: a}\n  - {sk: b, endpoint: 'http://x', deployments: {m: d}, api_version: v}\n  - {type: azure, sk: c, endpoint: 'http://y', deployments: {m: 'a/../b'}}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for field in [
+        "upstreams[0].endpoint",
+        "upstreams[1].api_version",
+        "upstreams[1].deployments",
+        "upstreams[2].deployments.m",
+    ] {
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}

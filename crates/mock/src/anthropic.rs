@@ -14,6 +14,8 @@ use crate::{Behavior, State};
 
 /// Tokens a request with `cache_control` reports as read from the cache.
 pub const CACHE_READ: u64 = 1024;
+/// Tokens a request with a one-hour `cache_control` (`"ttl": "1h"`) also reports as written.
+pub const CACHE_WRITE_1H: u64 = 256;
 
 fn error(status: u16, message: &str) -> HttpResponse {
     let kind = match status {
@@ -73,15 +75,23 @@ pub(crate) async fn dispatch(
     if v.get("max_tokens").and_then(Value::as_u64).is_none() {
         return error(400, "max_tokens: Field required");
     }
-    let cached = if body.windows(15).any(|w| w == b"\"cache_control\"") {
+    let has = |text: &[u8]| body.windows(text.len()).any(|w| w == text);
+    let cached = if has(b"\"cache_control\"") {
         CACHE_READ
+    } else {
+        0
+    };
+    let written = if has(b"\"ttl\":\"1h\"") {
+        CACHE_WRITE_1H
     } else {
         0
     };
     let words = crate::openai::reply_words(b);
     let usage = |output: usize| {
-        json!({"input_tokens": input, "cache_creation_input_tokens": 0,
-               "cache_read_input_tokens": cached, "output_tokens": output})
+        json!({"input_tokens": input, "cache_creation_input_tokens": written,
+               "cache_read_input_tokens": cached, "output_tokens": output,
+               "cache_creation": {"ephemeral_5m_input_tokens": 0,
+                                  "ephemeral_1h_input_tokens": written}})
     };
     if v.get("stream").and_then(Value::as_bool) == Some(true) {
         return stream(b, &model, &words, &usage(1), &usage(words.len()), state);

@@ -3,7 +3,8 @@
 //!
 //! It serves `/v1/chat/completions` (plain and SSE, honouring `stream_options.include_usage`),
 //! `/v1/embeddings` (float and base64), `/v1/models` and `/v1/audio/transcriptions`, and
-//! Anthropic's `/v1/messages` (plain and SSE, cache usage) and `/v1/messages/count_tokens`. A
+//! Anthropic's `/v1/messages` (plain and SSE, cache usage) and `/v1/messages/count_tokens`, and
+//! Azure OpenAI's `/openai/deployments/{deployment}/...` (with `api-version` and `api-key`). A
 //! [`Behavior`] sets latency, time to first byte, chunk pacing, a forced status with
 //! `Retry-After`, a mid-stream cut, the key it expects and the models it knows; it can be changed
 //! while running ([`MockServer::set`]). [`MockServer`] counts requests, cancelled streams and keeps

@@ -33,6 +33,86 @@ pub(crate) async fn dispatch(
     state: web::Data<State>,
 ) -> HttpResponse {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    record(&req, &body, &state);
+    let b = state.behavior();
+    // Azure OpenAI: /openai/deployments/{deployment}/..., `api-version` and `api-key`
+    let azure = req
+        .path()
+        .strip_prefix("/openai/deployments/")
+        .and_then(|rest| rest.find('/').map(|at| &rest[at..]));
+    let path = match azure {
+        Some(rest) => rest,
+        None => req.path().strip_prefix("/v1").unwrap_or(req.path()),
+    };
+    if azure.is_some() && !req.query_string().contains("api-version=") {
+        return error(404, "404", "404", "Resource not found");
+    }
+    if path.starts_with("/messages") {
+        return crate::anthropic::dispatch(&req, &b, &body, state.into_inner()).await;
+    }
+    if let Some(key) = &b.require_key {
+        let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+        let presented = if azure.is_some() {
+            header("api-key") == Some(key.as_str())
+        } else {
+            header("authorization").unwrap_or("") == format!("Bearer {key}")
+        };
+        if !presented {
+            return error(
+                401,
+                "invalid_request_error",
+                "invalid_api_key",
+                "Incorrect API key provided.",
+            );
+        }
+    }
+    pause(b.latency_ms).await;
+    if let Some(status) = b.status {
+        return forced(&b, status, azure.is_some());
+    }
+    match (req.method().as_str(), path) {
+        ("GET", "/models") => models(&b),
+        ("POST", "/chat/completions") => chat(&b, &body, state.into_inner()),
+        ("POST", "/embeddings") => embeddings(&b, &body),
+        ("POST", "/audio/transcriptions") => {
+            HttpResponse::Ok().json(json!({"text": format!("Hello from {}.", name(&b))}))
+        }
+        _ => error(
+            404,
+            "invalid_request_error",
+            "unknown_url",
+            &format!("Unknown request URL: {}", req.path()),
+        ),
+    }
+}
+
+/// The answer of a mock told to fail with `status` (with its `Retry-After`, and Azure's
+/// `retry-after-ms`).
+fn forced(b: &Behavior, status: u16, azure: bool) -> HttpResponse {
+    let mut resp = error(
+        status,
+        "server_error",
+        "mock_forced",
+        &format!("mock forced status {status}"),
+    );
+    if let Some(ra) = &b.retry_after
+        && let Ok(v) = actix_web::http::header::HeaderValue::from_str(ra)
+    {
+        resp.headers_mut()
+            .insert(actix_web::http::header::RETRY_AFTER, v);
+    }
+    // Azure says it in milliseconds too
+    if azure && let Some(secs) = b.retry_after.as_deref().and_then(|r| r.parse::<u64>().ok()) {
+        resp.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("retry-after-ms"),
+            actix_web::http::header::HeaderValue::from(secs * 1000),
+        );
+    }
+    resp
+}
+
+/// Keeps the request for [`crate::MockServer::last_request`] when asked to.
+fn record(req: &HttpRequest, body: &Bytes, state: &State) {
     if state.record {
         let recorded = Recorded {
             method: req.method().to_string(),
@@ -54,56 +134,6 @@ pub(crate) async fn dispatch(
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(recorded);
-    }
-    let b = state.behavior();
-    let path = req.path().strip_prefix("/v1").unwrap_or(req.path());
-    if path.starts_with("/messages") {
-        return crate::anthropic::dispatch(&req, &b, &body, state.into_inner()).await;
-    }
-    if let Some(key) = &b.require_key {
-        let presented = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if presented != format!("Bearer {key}") {
-            return error(
-                401,
-                "invalid_request_error",
-                "invalid_api_key",
-                "Incorrect API key provided.",
-            );
-        }
-    }
-    pause(b.latency_ms).await;
-    if let Some(status) = b.status {
-        let mut resp = error(
-            status,
-            "server_error",
-            "mock_forced",
-            &format!("mock forced status {status}"),
-        );
-        if let Some(ra) = &b.retry_after
-            && let Ok(v) = actix_web::http::header::HeaderValue::from_str(ra)
-        {
-            resp.headers_mut()
-                .insert(actix_web::http::header::RETRY_AFTER, v);
-        }
-        return resp;
-    }
-    match (req.method().as_str(), path) {
-        ("GET", "/models") => models(&b),
-        ("POST", "/chat/completions") => chat(&b, &body, state.into_inner()),
-        ("POST", "/embeddings") => embeddings(&b, &body),
-        ("POST", "/audio/transcriptions") => {
-            HttpResponse::Ok().json(json!({"text": format!("Hello from {}.", name(&b))}))
-        }
-        _ => error(
-            404,
-            "invalid_request_error",
-            "unknown_url",
-            &format!("Unknown request URL: {}", req.path()),
-        ),
     }
 }
 
@@ -204,11 +234,21 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
         );
     }
     let words = reply_words(b);
-    let usage = json!({
-        "prompt_tokens": prompt_tokens(&v),
+    let prompt = prompt_tokens(&v);
+    let mut usage = json!({
+        "prompt_tokens": prompt,
         "completion_tokens": words.len(),
-        "total_tokens": prompt_tokens(&v) + words.len() as u64,
+        "total_tokens": prompt + words.len() as u64,
     });
+    // with a `prompt_cache_key`, every prompt token but the last message's was cached
+    if v.get("prompt_cache_key").is_some() {
+        let last = v
+            .pointer("/messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last());
+        let cached = prompt - last.map_or(0, |m| prompt_tokens(&json!({"messages": [m]})));
+        usage["prompt_tokens_details"] = json!({"cached_tokens": cached, "audio_tokens": 0});
+    }
     if v.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage = v
             .pointer("/stream_options/include_usage")

@@ -131,6 +131,8 @@ impl From<&RawUpstream> for pb::UpstreamSpec {
             rpm: u.rpm,
             tpm: u.tpm,
             chat_template: u.chat_template.clone(),
+            api_version: u.api_version.clone(),
+            deployments: u.deployments.clone().into_iter().collect(),
         }
     }
 }
@@ -153,6 +155,8 @@ impl From<pb::UpstreamSpec> for RawUpstream {
             rpm: u.rpm,
             tpm: u.tpm,
             chat_template: u.chat_template,
+            api_version: u.api_version,
+            deployments: u.deployments.into_iter().collect(),
         }
     }
 }

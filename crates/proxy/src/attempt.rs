@@ -238,6 +238,7 @@ impl Engine {
         let req = AttemptRequest {
             method: ctx.method.clone(),
             path: &ctx.upstream_path,
+            model: &ctx.inspected.model,
             query: ctx.query.as_deref(),
             headers: match &traced_headers {
                 Some(h) => h,

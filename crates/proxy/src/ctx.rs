@@ -34,6 +34,8 @@ impl UsageSink for LogSink {
             latency_ms = e.latency.as_millis() as u64,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
+            cache_read_tokens = usage.cache_read_tokens,
+            cache_write_tokens = usage.cache_write_tokens,
             error = e.error.unwrap_or("-"),
             "request"
         );

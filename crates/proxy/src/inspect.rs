@@ -375,6 +375,7 @@ mod tests {
             prompt_tokens: p,
             completion_tokens: c,
             total_tokens: p + c,
+            ..keypool_types::Usage::default()
         };
         let cases: [(&[u8], Option<keypool_types::Usage>); 8] = [
             // the usual shape, keys after usage, pretty-printed

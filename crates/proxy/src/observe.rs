@@ -126,6 +126,8 @@ pub(crate) fn answered(
             .then(|| latency.saturating_sub(ctx.upstream_time + ctx.queued)),
         prompt_tokens: tokens.prompt_tokens,
         completion_tokens: tokens.completion_tokens,
+        cache_read_tokens: tokens.cache_read_tokens,
+        cache_write_tokens: tokens.cache_write_tokens,
     });
 }
 

@@ -9,7 +9,7 @@
 //! time, not quadratic), and a partial event may grow to `max_event` bytes at most.
 
 use bytes::{Bytes, BytesMut};
-use keypool_types::{Surface, Usage};
+use keypool_types::{AnthropicCounts, Surface, Usage};
 use serde::Deserialize;
 
 /// State of one stream's tap.
@@ -36,18 +36,8 @@ pub struct SseTap {
     pub text: String,
     /// Whose events these are.
     surface: Surface,
-    /// Anthropic's counts so far: input, cache writes, cache reads, output.
-    anthropic: [Option<u64>; 4],
-}
-
-/// Anthropic's `usage` fields, each when present.
-#[derive(Deserialize, Default)]
-#[expect(clippy::struct_field_names, reason = "Anthropic's field names")]
-struct AnthropicCounts {
-    input_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
-    cache_read_input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+    /// Anthropic's counts so far.
+    anthropic: AnthropicCounts,
 }
 
 #[derive(Deserialize)]
@@ -218,25 +208,8 @@ impl SseTap {
             _ => None,
         };
         let Some(c) = counts else { return };
-        let fields = [
-            c.input_tokens,
-            c.cache_creation_input_tokens,
-            c.cache_read_input_tokens,
-            c.output_tokens,
-        ];
-        // a later event's counts replace the earlier ones (they are totals so far)
-        for (kept, new) in self.anthropic.iter_mut().zip(fields) {
-            if new.is_some() {
-                *kept = new;
-            }
-        }
-        let [input, written, read, output] = self.anthropic.map(|n| n.unwrap_or(0));
-        let prompt = input + written + read;
-        self.usage = Some(Usage {
-            prompt_tokens: prompt,
-            completion_tokens: output,
-            total_tokens: prompt + output,
-        });
+        self.anthropic.update(c);
+        self.usage = Some(self.anthropic.usage());
     }
 }
 

@@ -60,6 +60,9 @@ fn event(n: usize, at_ms: i64) -> StoredEvent {
         client_ip: Some("127.0.0.1".into()),
         user_agent: Some("wrk".into()),
         error: None,
+        cache_read_tokens: Some(0),
+        cache_write_tokens: Some(0),
+        cache_write_1h_tokens: Some(0),
         log: None,
     }
 }

@@ -27,6 +27,13 @@ pub struct StoredEvent {
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
     pub error: Option<String>,
+    /// Parts of `prompt_tokens` (absent from events spilled before they existed).
+    #[serde(default)]
+    pub cache_read_tokens: Option<i64>,
+    #[serde(default)]
+    pub cache_write_tokens: Option<i64>,
+    #[serde(default)]
+    pub cache_write_1h_tokens: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<StoredLog>,
 }
@@ -75,6 +82,9 @@ impl From<UsageEvent> for StoredEvent {
             client_ip: e.client_ip.map(|ip| ip.to_string()),
             user_agent: e.user_agent,
             error: e.error.map(str::to_owned),
+            cache_read_tokens: usage.map(|u| tokens(u.cache_read_tokens)),
+            cache_write_tokens: usage.map(|u| tokens(u.cache_write_tokens)),
+            cache_write_1h_tokens: usage.map(|u| tokens(u.cache_write_1h_tokens)),
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -106,6 +116,9 @@ impl From<&StoredEvent> for keypool_proto::admin::v1::UsageEvent {
             total_tokens: n(e.total_tokens),
             error: e.error.clone(),
             ttfb_ms: n(e.ttfb_ms),
+            cache_read_tokens: n(e.cache_read_tokens),
+            cache_write_tokens: n(e.cache_write_tokens),
+            cache_write_1h_tokens: n(e.cache_write_1h_tokens),
             client_ip: e.client_ip.clone(),
             user_agent: e.user_agent.clone(),
             log: e
@@ -142,6 +155,9 @@ impl From<keypool_proto::admin::v1::UsageEvent> for StoredEvent {
             client_ip: e.client_ip,
             user_agent: e.user_agent,
             error: e.error,
+            cache_read_tokens: n(e.cache_read_tokens),
+            cache_write_tokens: n(e.cache_write_tokens),
+            cache_write_1h_tokens: n(e.cache_write_1h_tokens),
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -176,6 +192,9 @@ mod tests {
             client_ip: usage.then(|| "127.0.0.1".into()),
             user_agent: usage.then(|| "OpenAI/Python".into()),
             error: (!usage).then(|| "client_cancelled".into()),
+            cache_read_tokens: t(4),
+            cache_write_tokens: t(2),
+            cache_write_1h_tokens: t(1),
             log,
         }
     }

@@ -92,6 +92,9 @@ pub(crate) async fn insert_arrays(
         .bind(column(events, new, |e| e.client_ip.as_deref()))
         .bind(column(events, new, |e| e.user_agent.as_deref()))
         .bind(column(events, new, |e| e.error.as_deref()))
+        .bind(column(events, new, |e| e.cache_read_tokens))
+        .bind(column(events, new, |e| e.cache_write_tokens))
+        .bind(column(events, new, |e| e.cache_write_1h_tokens))
         .execute(conn)
         .await?;
     Ok(())
@@ -136,6 +139,9 @@ pub(crate) async fn write_rest(
         columns.prompt.push(r.prompt);
         columns.completion.push(r.completion);
         columns.total.push(r.total);
+        columns.cache_read.push(r.cache_read);
+        columns.cache_write.push(r.cache_write);
+        columns.cache_write_1h.push(r.cache_write_1h);
     }
     sqlx::query::<Postgres>(POSTGRES_ROLLUP.as_str())
         .bind(columns.hour)
@@ -147,6 +153,9 @@ pub(crate) async fn write_rest(
         .bind(columns.prompt)
         .bind(columns.completion)
         .bind(columns.total)
+        .bind(columns.cache_read)
+        .bind(columns.cache_write)
+        .bind(columns.cache_write_1h)
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -164,6 +173,9 @@ struct RollupColumns<'a> {
     prompt: Vec<i64>,
     completion: Vec<i64>,
     total: Vec<i64>,
+    cache_read: Vec<i64>,
+    cache_write: Vec<i64>,
+    cache_write_1h: Vec<i64>,
 }
 
 /// The `new` events as the rows of a `COPY ... (FORMAT text)`: tab-separated, `\N` for NULL,
@@ -197,6 +209,9 @@ pub(crate) fn copy_text(events: &[StoredEvent], new: &[usize]) -> Vec<u8> {
             Text(e.client_ip.as_deref()),
             Text(e.user_agent.as_deref()),
             Text(e.error.as_deref()),
+            Int(e.cache_read_tokens),
+            Int(e.cache_write_tokens),
+            Int(e.cache_write_1h_tokens),
         ];
         for (n, field) in row.iter().enumerate() {
             if n > 0 {

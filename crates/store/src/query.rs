@@ -32,6 +32,11 @@ pub struct UsageTotal {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
+    /// Parts of `prompt_tokens`: read from the prompt cache, written to it, written for an
+    /// hour.
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub cache_write_1h_tokens: i64,
 }
 
 /// Calls in one hour.
@@ -85,6 +90,9 @@ impl Store {
             t.prompt_tokens += r.prompt_tokens;
             t.completion_tokens += r.completion_tokens;
             t.total_tokens += r.total_tokens;
+            t.cache_read_tokens += r.cache_read_tokens;
+            t.cache_write_tokens += r.cache_write_tokens;
+            t.cache_write_1h_tokens += r.cache_write_1h_tokens;
         }
         let mut out: Vec<UsageTotal> = totals.into_values().collect();
         out.sort_by(|a, b| {

@@ -153,6 +153,9 @@ mod tests {
                 client_ip: None,
                 user_agent: None,
                 error: None,
+                cache_read_tokens: Some(1),
+                cache_write_tokens: Some(0),
+                cache_write_1h_tokens: Some(0),
                 log: None,
             })
             .collect()

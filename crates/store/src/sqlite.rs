@@ -98,7 +98,7 @@ impl SqliteWriter {
     }
 }
 
-/// Binds one event's 18 values from parameter `offset + 1` on.
+/// Binds one event's 21 values from parameter `offset + 1` on.
 fn bind_event(
     stmt: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
@@ -126,7 +126,10 @@ fn bind_event(
     bind(&e.total_tokens)?;
     bind(&e.client_ip)?;
     bind(&e.user_agent)?;
-    bind(&e.error)
+    bind(&e.error)?;
+    bind(&e.cache_read_tokens)?;
+    bind(&e.cache_write_tokens)?;
+    bind(&e.cache_write_1h_tokens)
 }
 
 fn write_batch(
@@ -194,7 +197,10 @@ fn write_batch(
                 r.errors,
                 r.prompt,
                 r.completion,
-                r.total
+                r.total,
+                r.cache_read,
+                r.cache_write,
+                r.cache_write_1h
             ])?;
         }
         new

@@ -37,8 +37,8 @@ pub(crate) const SHAPES: [usize; 3] = [64, 8, 1];
 
 const EVENT_COLUMNS: &str = "id, at_ms, gateway, caller, model, key_name, provider, attempts, \
      status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, \
-     client_ip, user_agent, error";
-pub(crate) const EVENT_ARITY: usize = 18;
+     client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens";
+pub(crate) const EVENT_ARITY: usize = 21;
 const LOG_COLUMNS: &str = "event_id, at_ms, request_headers, request_body, response_body";
 const LOG_ARITY: usize = 5;
 
@@ -85,7 +85,9 @@ fn insert(
 }
 
 const ROLLUP_COLUMNS: &str = "hour_ms, gateway, key_name, model, calls, errors, \
-     prompt_tokens, completion_tokens, total_tokens";
+     prompt_tokens, completion_tokens, total_tokens, cache_read_tokens, cache_write_tokens, \
+     cache_write_1h_tokens";
+const ROLLUP_ARITY: usize = 12;
 
 /// What a rollup insert does with an existing row: adds to its sums.
 fn rollup_upsert() -> String {
@@ -96,6 +98,9 @@ fn rollup_upsert() -> String {
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "cache_write_1h_tokens",
     ];
     format!(
         " ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET {}",
@@ -141,7 +146,7 @@ pub(crate) static SQLITE: LazyLock<Statements> = LazyLock::new(|| {
             "INSERT INTO",
             "usage_hourly",
             ROLLUP_COLUMNS,
-            (9, 1),
+            (ROLLUP_ARITY, 1),
             &rollup_upsert(),
         ),
     }
@@ -167,7 +172,7 @@ pub(crate) static POSTGRES_ROLLUP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO usage_hourly ({ROLLUP_COLUMNS}) SELECT * FROM unnest($1::bigint[], \
          $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], \
-         $8::bigint[], $9::bigint[]){}",
+         $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[]){}",
         rollup_upsert()
     )
 });
@@ -186,7 +191,8 @@ pub(crate) static POSTGRES_EVENTS: LazyLock<String> = LazyLock::new(|| {
         "INSERT INTO usage_events ({EVENT_COLUMNS}) SELECT * FROM unnest($1::text[], \
          $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[], \
          $9::int[], $10::bool[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], \
-         $15::bigint[], $16::text[], $17::text[], $18::text[])"
+         $15::bigint[], $16::text[], $17::text[], $18::text[], $19::bigint[], $20::bigint[], \
+         $21::bigint[])"
     )
 });
 
@@ -198,6 +204,9 @@ pub(crate) struct Rollup {
     pub prompt: i64,
     pub completion: i64,
     pub total: i64,
+    pub cache_read: i64,
+    pub cache_write: i64,
+    pub cache_write_1h: i64,
 }
 
 /// The hourly rollups of the `new` events: `(hour, gateway, key, model)` → sums.
@@ -222,6 +231,9 @@ pub(crate) fn rollups<'a>(
         g.prompt += e.prompt_tokens.unwrap_or(0);
         g.completion += e.completion_tokens.unwrap_or(0);
         g.total += e.total_tokens.unwrap_or(0);
+        g.cache_read += e.cache_read_tokens.unwrap_or(0);
+        g.cache_write += e.cache_write_tokens.unwrap_or(0);
+        g.cache_write_1h += e.cache_write_1h_tokens.unwrap_or(0);
     }
     groups
 }

@@ -75,6 +75,9 @@ fn event(
         client_ip: Some("127.0.0.1".into()),
         user_agent: Some("test".into()),
         error: None,
+        cache_read_tokens: Some(tokens.0 / 2),
+        cache_write_tokens: Some(1),
+        cache_write_1h_tokens: Some(0),
         log: None,
     }
 }
@@ -89,7 +92,8 @@ async fn migrations_up_down_up(url: String) {
             "m20261122_000002_provider",
             "m20261122_000003_admin",
             "m20261201_000004_pg_time_indexes",
-            "m20261201_000005_event_ids_unindexed"
+            "m20261201_000005_event_ids_unindexed",
+            "m20261205_000006_cache_tokens"
         ]
     );
     // the admin tables: gateways and keys with their owner, upserted by name
@@ -169,6 +173,15 @@ async fn each_event_is_written_once_and_rolled_up_once(url: String) {
             by_model[0].total_tokens
         ),
         ("gpt-4o-mini", 2, 40)
+    );
+    // cache tokens are rolled up in their own columns, once per event: 10/2 + 20/2 read
+    assert_eq!(
+        (
+            by_model[0].cache_read_tokens,
+            by_model[0].cache_write_tokens,
+            by_model[0].cache_write_1h_tokens
+        ),
+        (15, 2, 0)
     );
     assert_eq!(
         (
@@ -284,6 +297,34 @@ async fn repeated_ids(url: &str) -> i64 {
     n
 }
 
+/// A stored row as the event it was written from (without its log).
+fn from_row(e: &keypool_store::entity::usage_events::Model) -> StoredEvent {
+    StoredEvent {
+        id: e.id.clone(),
+        at_ms: e.at_ms,
+        gateway: e.gateway.clone(),
+        caller: e.caller.clone(),
+        model: e.model.clone(),
+        key_name: e.key_name.clone(),
+        provider: e.provider.clone(),
+        attempts: e.attempts,
+        status: e.status,
+        stream: e.stream,
+        latency_ms: e.latency_ms,
+        ttfb_ms: e.ttfb_ms,
+        prompt_tokens: e.prompt_tokens,
+        completion_tokens: e.completion_tokens,
+        total_tokens: e.total_tokens,
+        client_ip: e.client_ip.clone(),
+        user_agent: e.user_agent.clone(),
+        error: e.error.clone(),
+        cache_read_tokens: e.cache_read_tokens,
+        cache_write_tokens: e.cache_write_tokens,
+        cache_write_1h_tokens: e.cache_write_1h_tokens,
+        log: None,
+    }
+}
+
 /// The writer's fast path for fresh batches (multi-row inserts on SQLite; on PostgreSQL COPY,
 /// or one insert of arrays for a small batch):
 /// large batches of every shape land whole and rolled up, an id repeated inside one lands once,
@@ -323,27 +364,7 @@ async fn fresh_batches_land_whole_and_retries_store_only_the_new(url: String) {
     let stored = store.events_since(0, 2000).await.unwrap();
     for sent in [&fresh[7], &fresh[999], &small[0], &small[1]] {
         let e = stored.iter().find(|e| e.id == sent.id).unwrap();
-        let back = StoredEvent {
-            id: e.id.clone(),
-            at_ms: e.at_ms,
-            gateway: e.gateway.clone(),
-            caller: e.caller.clone(),
-            model: e.model.clone(),
-            key_name: e.key_name.clone(),
-            provider: e.provider.clone(),
-            attempts: e.attempts,
-            status: e.status,
-            stream: e.stream,
-            latency_ms: e.latency_ms,
-            ttfb_ms: e.ttfb_ms,
-            prompt_tokens: e.prompt_tokens,
-            completion_tokens: e.completion_tokens,
-            total_tokens: e.total_tokens,
-            client_ip: e.client_ip.clone(),
-            user_agent: e.user_agent.clone(),
-            error: e.error.clone(),
-            log: None,
-        };
+        let back = from_row(e);
         assert_eq!(&back, sent);
     }
     // the retry of a batch that landed, with new events of the same millisecond and far from it

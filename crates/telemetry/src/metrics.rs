@@ -40,6 +40,8 @@ pub struct Metrics {
     pub upstream_latency: HistogramVec,
     pub prompt_tokens: IntCounterVec,
     pub completion_tokens: IntCounterVec,
+    pub cache_read_tokens: IntCounterVec,
+    pub cache_write_tokens: IntCounterVec,
     pub queue_wait: Histogram,
     pub rate_limited: IntCounterVec,
     pub refusals: IntCounterVec,
@@ -148,6 +150,9 @@ pub struct RequestRecord<'a> {
     pub overhead: Option<Duration>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Parts of `prompt_tokens`: read from the provider's prompt cache, written to it.
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
 }
 
 impl Metrics {
@@ -211,6 +216,18 @@ impl Metrics {
                 &r,
                 "keypool_completion_tokens_total",
                 "Completion tokens used, by gateway, model and key.",
+                &["gateway", "model", "key"],
+            ),
+            cache_read_tokens: counter(
+                &r,
+                "keypool_cache_read_tokens_total",
+                "Prompt tokens read from the provider's prompt cache (part of the prompt tokens), by gateway, model and key.",
+                &["gateway", "model", "key"],
+            ),
+            cache_write_tokens: counter(
+                &r,
+                "keypool_cache_write_tokens_total",
+                "Prompt tokens written to the provider's prompt cache (part of the prompt tokens), by gateway, model and key.",
                 &["gateway", "model", "key"],
             ),
             queue_wait: plain_histogram(
@@ -380,6 +397,13 @@ impl Metrics {
             self.completion_tokens
                 .with_label_values(&labels)
                 .inc_by(r.completion_tokens);
+            // with the prompt's series, so a hit rate (read / prompt) always has both
+            self.cache_read_tokens
+                .with_label_values(&labels)
+                .inc_by(r.cache_read_tokens);
+            self.cache_write_tokens
+                .with_label_values(&labels)
+                .inc_by(r.cache_write_tokens);
         }
     }
 

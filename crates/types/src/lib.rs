@@ -8,7 +8,9 @@ mod error;
 mod usage;
 
 pub use error::{ApiError, ErrorKind, GrpcCode, Surface};
-pub use usage::{RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, new_event_id};
+pub use usage::{
+    AnthropicCounts, RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, new_event_id,
+};
 
 mod secret;
 pub use secret::{Secret, constant_time_eq, mask, strip_bearer};

@@ -4,21 +4,32 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-/// The `usage` object of a completion, a stream's last chunk or an embedding response, or of an
-/// Anthropic message. `prompt_tokens` counts every input token, cached or not, as OpenAI's does:
-/// Anthropic's `input_tokens` leaves out the cache's, so they are added back
-/// (`input_tokens + cache_creation_input_tokens + cache_read_input_tokens`).
+/// The `usage` object of a completion, a stream's last chunk, an embedding response, a
+/// Responses API response or an Anthropic message.
+///
+/// `prompt_tokens` counts every input token, cached or not, as OpenAI's does; the cache counts
+/// are parts of it, never added to it again. Anthropic's `input_tokens` leaves the cache's out,
+/// so they are added back (`input_tokens + cache_creation_input_tokens +
+/// cache_read_input_tokens`); OpenAI's `prompt_tokens` (and the Responses API's `input_tokens`)
+/// already hold `cached_tokens`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(from = "WireUsage")]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Prompt tokens read from the provider's prompt cache: OpenAI's
+    /// `prompt_tokens_details.cached_tokens`, Anthropic's `cache_read_input_tokens`.
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to the cache: Anthropic's `cache_creation_input_tokens`.
+    pub cache_write_tokens: u64,
+    /// Of `cache_write_tokens`, those written for an hour (Anthropic's
+    /// `cache_creation.ephemeral_1h_input_tokens`); the rest are kept five minutes.
+    pub cache_write_1h_tokens: u64,
 }
 
 /// Either provider's `usage` object as it comes.
 #[derive(Deserialize)]
-#[expect(clippy::struct_field_names, reason = "the providers' field names")]
 struct WireUsage {
     #[serde(default)]
     prompt_tokens: u64,
@@ -26,32 +37,123 @@ struct WireUsage {
     completion_tokens: u64,
     #[serde(default)]
     total_tokens: u64,
-    // Anthropic's
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+    /// The Responses API's name for `prompt_tokens_details`.
+    #[serde(default)]
+    input_tokens_details: Option<Details>,
+    // Anthropic's, and the Responses API's input/output (not flattened: a flattened struct
+    // is read through a buffered map, allocations on every answer)
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
-    #[serde(default)]
     cache_creation_input_tokens: Option<u64>,
-    #[serde(default)]
     cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Deserialize, Default)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+/// Anthropic's usage counts, each when present. A stream reports them over several events
+/// (`message_start`, then each `message_delta`): [`Self::update`] keeps the latest of each.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct AnthropicCounts {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct CacheCreation {
+    #[serde(default)]
+    ephemeral_1h_input_tokens: u64,
+}
+
+impl AnthropicCounts {
+    /// Takes each count `later` reports (they are totals so far, not increments).
+    pub fn update(&mut self, later: Self) {
+        fn take<T>(kept: &mut Option<T>, new: Option<T>) {
+            if new.is_some() {
+                *kept = new;
+            }
+        }
+        take(&mut self.input_tokens, later.input_tokens);
+        take(&mut self.output_tokens, later.output_tokens);
+        take(
+            &mut self.cache_creation_input_tokens,
+            later.cache_creation_input_tokens,
+        );
+        take(
+            &mut self.cache_read_input_tokens,
+            later.cache_read_input_tokens,
+        );
+        take(&mut self.cache_creation, later.cache_creation);
+    }
+
+    /// Whether any count is there (an object without one is not Anthropic's usage).
+    fn any(&self) -> bool {
+        self.input_tokens.is_some() || self.output_tokens.is_some()
+    }
+
+    /// In keypool's terms: the prompt is every input token, cache writes and reads included.
+    pub fn usage(&self) -> Usage {
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let written = self.cache_creation_input_tokens.unwrap_or(0);
+        let prompt = self.input_tokens.unwrap_or(0) + written + read;
+        let completion = self.output_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cache_read_tokens: read,
+            cache_write_tokens: written,
+            cache_write_1h_tokens: self
+                .cache_creation
+                .map_or(0, |c| c.ephemeral_1h_input_tokens.min(written)),
+        }
+    }
 }
 
 impl From<WireUsage> for Usage {
     fn from(w: WireUsage) -> Self {
-        if w.input_tokens.is_none() && w.output_tokens.is_none() {
+        let cached = |d: Option<Details>| d.and_then(|d| d.cached_tokens).unwrap_or(0);
+        let a = AnthropicCounts {
+            input_tokens: w.input_tokens,
+            output_tokens: w.output_tokens,
+            cache_creation_input_tokens: w.cache_creation_input_tokens,
+            cache_read_input_tokens: w.cache_read_input_tokens,
+            cache_creation: w.cache_creation,
+        };
+        // the Responses API: input_tokens (cache included), output_tokens, total_tokens
+        if let Some(details) = w.input_tokens_details {
+            let prompt = a.input_tokens.unwrap_or(0);
+            let completion = a.output_tokens.unwrap_or(0);
             return Self {
-                prompt_tokens: w.prompt_tokens,
-                completion_tokens: w.completion_tokens,
-                total_tokens: w.total_tokens,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_tokens: if w.total_tokens == 0 {
+                    prompt + completion
+                } else {
+                    w.total_tokens
+                },
+                cache_read_tokens: cached(Some(details)),
+                ..Self::default()
             };
         }
-        let prompt = w.input_tokens.unwrap_or(0)
-            + w.cache_creation_input_tokens.unwrap_or(0)
-            + w.cache_read_input_tokens.unwrap_or(0);
-        let completion = w.output_tokens.unwrap_or(0);
+        if a.any() {
+            return a.usage();
+        }
         Self {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt + completion,
+            prompt_tokens: w.prompt_tokens,
+            completion_tokens: w.completion_tokens,
+            total_tokens: w.total_tokens,
+            cache_read_tokens: cached(w.prompt_tokens_details),
+            ..Self::default()
         }
     }
 }
@@ -181,29 +283,85 @@ mod tests {
 
 #[cfg(test)]
 mod usage_tests {
-    use super::Usage;
+    //! Reference cases: whole `usage` objects shaped as the providers send them.
+    use super::{AnthropicCounts, Usage};
+
+    fn parse(json: &str) -> Usage {
+        serde_json::from_str(json).unwrap()
+    }
 
     #[test]
-    fn openai_usage_is_taken_as_it_is() {
-        let u: Usage = serde_json::from_str(
-            r#"{"prompt_tokens":1200,"completion_tokens":30,"total_tokens":1230,"prompt_tokens_details":{"cached_tokens":1024}}"#,
-        )
-        .unwrap();
+    fn openai_chat_usage_keeps_cached_tokens_inside_the_prompt() {
+        let u = parse(
+            r#"{"prompt_tokens":1200,"completion_tokens":30,"total_tokens":1230,
+                "prompt_tokens_details":{"cached_tokens":1024,"audio_tokens":0},
+                "completion_tokens_details":{"reasoning_tokens":12,"audio_tokens":0,
+                "accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}"#,
+        );
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.total()),
             (1200, 30, 1230)
         );
+        assert_eq!((u.cache_read_tokens, u.cache_write_tokens), (1024, 0));
+        // an older answer without details
+        let u = parse(r#"{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}"#);
+        assert_eq!((u.prompt_tokens, u.cache_read_tokens), (9, 0));
+    }
+
+    #[test]
+    fn responses_api_usage_keeps_cached_tokens_inside_the_input() {
+        let u = parse(
+            r#"{"input_tokens":2048,"input_tokens_details":{"cached_tokens":1920},
+                "output_tokens":100,"output_tokens_details":{"reasoning_tokens":64},
+                "total_tokens":2148}"#,
+        );
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total()),
+            (2048, 100, 2148)
+        );
+        assert_eq!(u.cache_read_tokens, 1920);
     }
 
     #[test]
     fn anthropic_usage_adds_the_cache_back_into_the_prompt() {
         // a real-shaped Messages usage: 5-minute and 1-hour cache writes, a cache read
-        let u: Usage = serde_json::from_str(
-            r#"{"input_tokens":21,"cache_creation_input_tokens":188,"cache_read_input_tokens":1024,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":88},"output_tokens":393,"service_tier":"standard"}"#,
-        )
-        .unwrap();
+        let u = parse(
+            r#"{"input_tokens":21,"cache_creation_input_tokens":188,"cache_read_input_tokens":1024,
+                "cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":88},
+                "output_tokens":393,"service_tier":"standard"}"#,
+        );
         assert_eq!(u.prompt_tokens, 21 + 188 + 1024);
         assert_eq!(u.completion_tokens, 393);
         assert_eq!(u.total(), 21 + 188 + 1024 + 393);
+        assert_eq!(
+            (
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens
+            ),
+            (1024, 188, 88)
+        );
+        // without the split, every write is a five-minute one
+        let u = parse(r#"{"input_tokens":3,"cache_creation_input_tokens":50,"output_tokens":1}"#);
+        assert_eq!((u.cache_write_tokens, u.cache_write_1h_tokens), (50, 0));
+    }
+
+    #[test]
+    fn an_anthropic_stream_counts_start_then_deltas() {
+        let mut counts = AnthropicCounts::default();
+        let start: AnthropicCounts = serde_json::from_str(
+            r#"{"input_tokens":25,"cache_creation_input_tokens":10,"cache_read_input_tokens":2000,"output_tokens":1}"#,
+        )
+        .unwrap();
+        counts.update(start);
+        // message_delta repeats the running output total (newer API versions repeat the rest)
+        counts.update(serde_json::from_str(r#"{"output_tokens":7}"#).unwrap());
+        counts.update(serde_json::from_str(r#"{"output_tokens":15}"#).unwrap());
+        let u = counts.usage();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total()),
+            (2035, 15, 2050)
+        );
+        assert_eq!((u.cache_read_tokens, u.cache_write_tokens), (2000, 10));
     }
 }

@@ -344,7 +344,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 "status": e.status, "stream": e.stream,
                                 "latency_ms": e.latency_ms, "prompt_tokens": e.prompt_tokens,
                                 "completion_tokens": e.completion_tokens,
-                                "total_tokens": e.total_tokens, "error": e.error})
+                                "total_tokens": e.total_tokens,
+                                "cache_read_tokens": e.cache_read_tokens,
+                                "cache_write_tokens": e.cache_write_tokens,
+                                "cache_write_1h_tokens": e.cache_write_1h_tokens,
+                                "error": e.error})
                         );
                     } else {
                         println!(
@@ -383,7 +387,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             json!({"group": t.group, "calls": t.calls, "errors": t.errors,
                                 "prompt_tokens": t.prompt_tokens,
                                 "completion_tokens": t.completion_tokens,
-                                "total_tokens": t.total_tokens})
+                                "total_tokens": t.total_tokens,
+                                "cache_read_tokens": t.cache_read_tokens,
+                                "cache_write_tokens": t.cache_write_tokens,
+                                "cache_write_1h_tokens": t.cache_write_1h_tokens})
                         })
                         .collect(),
                 )
@@ -413,13 +420,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             t.calls.to_string(),
                             t.errors.to_string(),
                             t.prompt_tokens.to_string(),
+                            t.cache_read_tokens.to_string(),
+                            t.cache_write_tokens.to_string(),
                             t.completion_tokens.to_string(),
                             t.total_tokens.to_string(),
                         ]
                     })
                     .collect();
                 table(
-                    &[title, "CALLS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL"],
+                    &[
+                        title,
+                        "CALLS",
+                        "ERRORS",
+                        "PROMPT",
+                        "CACHE READ",
+                        "CACHE WRITE",
+                        "COMPLETION",
+                        "TOTAL",
+                    ],
                     &rows,
                 );
                 println!();

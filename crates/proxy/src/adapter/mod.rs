@@ -3,10 +3,12 @@
 //! An adapter turns one attempt into a request to its provider and hands back the answer in
 //! OpenAI's wire format (status, headers, body bytes or SSE), so the forwarding engine never asks
 //! which provider it is talking to. `openai` forwards as-is; `anthropic` forwards Messages
-//! requests as they are, with Anthropic's key header; `replicate` translates to and from
-//! Replicate predictions.
+//! requests as they are, with Anthropic's key header; `azure` forwards OpenAI requests under the
+//! model's deployment with Azure's key header; `replicate` translates to and from Replicate
+//! predictions.
 
 mod anthropic;
+mod azure;
 mod openai;
 mod replicate;
 
@@ -19,6 +21,7 @@ use keypool_config::{UpstreamKey, UpstreamKind};
 use reqwest::header::HeaderMap;
 
 pub use anthropic::AnthropicAdapter;
+pub use azure::AzureAdapter;
 pub use openai::OpenAiAdapter;
 
 use crate::client::UpstreamClient;
@@ -32,6 +35,8 @@ pub struct AttemptRequest<'a> {
     pub method: reqwest::Method,
     /// Path after the `/v1` prefix: `/chat/completions`.
     pub path: &'a str,
+    /// The request's model (Azure sends it to the model's deployment).
+    pub model: &'a str,
     /// The client's query string, if any.
     pub query: Option<&'a str>,
     /// Client headers already filtered for forwarding (never the client's credentials).
@@ -94,6 +99,7 @@ pub trait UpstreamAdapter: Send + Sync {
 pub struct Adapters {
     openai: OpenAiAdapter,
     anthropic: AnthropicAdapter,
+    azure: AzureAdapter,
     replicate: ReplicateAdapter,
 }
 
@@ -102,6 +108,7 @@ impl Adapters {
         Self {
             openai: OpenAiAdapter,
             anthropic: AnthropicAdapter,
+            azure: AzureAdapter,
             replicate: ReplicateAdapter,
         }
     }
@@ -110,6 +117,7 @@ impl Adapters {
         match kind {
             UpstreamKind::OpenAi => &self.openai,
             UpstreamKind::Anthropic => &self.anthropic,
+            UpstreamKind::Azure => &self.azure,
             UpstreamKind::Replicate => &self.replicate,
         }
     }

@@ -24,6 +24,11 @@ pub struct Model {
     pub user_agent: Option<String>,
     pub error: Option<String>,
     pub provider: Option<String>,
+    /// Parts of `prompt_tokens`: read from the provider's prompt cache, written to it, and of
+    /// those written the ones kept an hour.
+    pub cache_read_tokens: Option<i64>,
+    pub cache_write_tokens: Option<i64>,
+    pub cache_write_1h_tokens: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

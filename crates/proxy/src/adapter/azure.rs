@@ -1,0 +1,89 @@
+//! The Azure OpenAI adapter: OpenAI's API under a deployment. `/chat/completions` for model
+//! `gpt-4o` goes to `{endpoint}/openai/deployments/{deployment}/chat/completions?api-version=…`
+//! (the deployment from the key's `deployments`, else the model's own name), the key as
+//! `api-key`. Bodies and answers are OpenAI's, untouched.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use keypool_config::UpstreamKey;
+use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
+
+use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
+use crate::client::{Target, UpstreamClient};
+
+/// Forwards to an Azure OpenAI resource.
+pub struct AzureAdapter;
+
+impl UpstreamAdapter for AzureAdapter {
+    fn send<'a>(
+        &'a self,
+        client: &'a UpstreamClient,
+        key: &'a UpstreamKey,
+        req: AttemptRequest<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
+        async move {
+            let Some(azure) = &key.azure else {
+                return Err(TransportError::Connect(
+                    "an Azure key without its settings".into(),
+                ));
+            };
+            let deployment = segment(azure.deployment(req.model));
+            let path = format!("/openai/deployments/{deployment}{}", req.path);
+            let query = match req.query {
+                Some(q) if !q.is_empty() => format!("{q}&api-version={}", azure.api_version),
+                _ => format!("api-version={}", azure.api_version),
+            };
+            let target = Target::new(&key.endpoint_url, &path, Some(&query))?;
+            let mut headers = req.headers.clone();
+            let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
+            if let Ok(host) = HeaderValue::from_str(authority) {
+                headers.insert(reqwest::header::HOST, host);
+            }
+            if key.passthrough_auth {
+                // `sk: asis`: the caller's own credential (an Entra ID bearer token)
+                if let Some(v) = req.client_authorization {
+                    headers.insert(AUTHORIZATION, v.clone());
+                }
+            } else {
+                let mut value = HeaderValue::from_str(key.sk.expose()).map_err(|_| {
+                    TransportError::Connect("the key is not a valid header value".into())
+                })?;
+                value.set_sensitive(true);
+                headers.insert(HeaderName::from_static("api-key"), value);
+            }
+            client.send(req.method, &target, headers, req.body).await
+        }
+        .boxed()
+    }
+}
+
+/// `name` as one path segment: unreserved characters as they are, every other byte
+/// percent-encoded, so a model name can never add a segment or a query (Azure then answers
+/// its own 404 for a deployment that does not exist).
+fn segment(name: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'~')
+            || (b == b'.' && !name.trim_matches('.').is_empty())
+        {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_model_is_one_path_segment() {
+        assert_eq!(super::segment("gpt-4o"), "gpt-4o");
+        assert_eq!(super::segment("gpt-4.1_mini"), "gpt-4.1_mini");
+        assert_eq!(super::segment("a/../b?x=1"), "a%2F..%2Fb%3Fx%3D1");
+        assert_eq!(super::segment(".."), "%2E%2E");
+        assert_eq!(super::segment(""), "");
+    }
+}
