@@ -26,9 +26,14 @@ impl UpstreamKind {
     }
 
     /// Whether keys of this kind answer requests of `surface`: Anthropic keys the Messages
-    /// API, the others OpenAI's.
+    /// API, OpenAI keys the Responses API, all but Anthropic keys the rest of OpenAI's.
     pub fn serves(self, surface: keypool_types::Surface) -> bool {
-        (self == Self::Anthropic) == (surface == keypool_types::Surface::Anthropic)
+        use keypool_types::Surface;
+        match surface {
+            Surface::Anthropic => self == Self::Anthropic,
+            Surface::Responses => self == Self::OpenAi,
+            Surface::OpenAi => self != Self::Anthropic,
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! It serves `/v1/chat/completions` (plain and SSE, honouring `stream_options.include_usage`),
 //! `/v1/embeddings` (float and base64), `/v1/models` and `/v1/audio/transcriptions`, and
 //! Anthropic's `/v1/messages` (plain and SSE, cache usage) and `/v1/messages/count_tokens`, and
-//! Azure OpenAI's `/openai/deployments/{deployment}/...` (with `api-version` and `api-key`). A
+//! Azure OpenAI's `/openai/deployments/{deployment}/...` (with `api-version` and `api-key`),
+//! and the Responses API (create, stream, retrieve, delete, input items). A
 //! [`Behavior`] sets latency, time to first byte, chunk pacing, a forced status with
 //! `Retry-After`, a mid-stream cut, the key it expects and the models it knows; it can be changed
 //! while running ([`MockServer::set`]). [`MockServer`] counts requests, cancelled streams and keeps
@@ -13,6 +14,7 @@
 mod anthropic;
 mod openai;
 pub mod replicate;
+mod responses;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,9 +77,24 @@ pub(crate) struct State {
     streams_completed: AtomicU64,
     last: Mutex<Option<Recorded>>,
     record: bool,
+    /// Responses API responses this mock created, by id.
+    responses: Mutex<std::collections::HashMap<String, responses::Stored>>,
+    responses_created: AtomicU64,
 }
 
 impl State {
+    pub(crate) fn responses(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, responses::Stored>> {
+        self.responses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn next_response(&self) -> u64 {
+        self.responses_created.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     pub(crate) fn behavior(&self) -> Behavior {
         self.behavior
             .lock()

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{Behavior, Recorded, State};
 
-fn error(status: u16, kind: &str, code: &str, message: &str) -> HttpResponse {
+pub(crate) fn error(status: u16, kind: &str, code: &str, message: &str) -> HttpResponse {
     HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .content_type("application/json")
         .body(
@@ -50,6 +50,7 @@ pub(crate) async fn dispatch(
     if path.starts_with("/messages") {
         return crate::anthropic::dispatch(&req, &b, &body, state.into_inner()).await;
     }
+    let responses = path == "/responses" || path.starts_with("/responses/");
     if let Some(key) = &b.require_key {
         let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
         let presented = if azure.is_some() {
@@ -74,6 +75,7 @@ pub(crate) async fn dispatch(
         ("GET", "/models") => models(&b),
         ("POST", "/chat/completions") => chat(&b, &body, state.into_inner()),
         ("POST", "/embeddings") => embeddings(&b, &body),
+        _ if responses => crate::responses::dispatch(&req, &b, path, &body, state.into_inner()),
         ("POST", "/audio/transcriptions") => {
             HttpResponse::Ok().json(json!({"text": format!("Hello from {}.", name(&b))}))
         }
@@ -137,7 +139,7 @@ fn record(req: &HttpRequest, body: &Bytes, state: &State) {
     }
 }
 
-fn name(b: &Behavior) -> &str {
+pub(crate) fn name(b: &Behavior) -> &str {
     if b.name.is_empty() { "mock" } else { &b.name }
 }
 

@@ -24,7 +24,7 @@ pub use keypool_shared::{
 pub use messages::{
     AddKey, BusyCause, ListKeys, NoKey, Outcome, PoolError, RemoveKey, SetEnabled, UpdateKey,
 };
-pub use pool::{KeyAccess, KeyPool, Lease, Pick, PoolHandle, PoolView};
+pub use pool::{KeyAccess, KeyPool, Lease, PIN_TTL, Pick, PoolHandle, PoolView};
 pub use window::RateWindow;
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use actix::{Actor, Addr, Context, Handler, ResponseFuture};
 use keypool_config::{LbPolicy, UpstreamKey};
 use tokio::time::Instant;
 
+use crate::SharedState as _;
 use crate::key::{KeyActor, KeyGauge, KeySeed, KeyState};
 use crate::messages::{ListKeys, PoolError, Snapshot};
 use crate::tally::KeyTally;
@@ -137,6 +138,7 @@ impl KeyPool {
             supervisor,
             next_lease: Arc::new(AtomicU64::new(1)),
             shared: None,
+            pins: Arc::new(crate::InMemory::default()),
         }
     }
 }
@@ -256,7 +258,13 @@ pub struct PoolHandle {
     next_lease: Arc<AtomicU64>,
     /// Shared across replicas (Redis): key rpm windows are admitted there first.
     shared: Option<Arc<dyn crate::SharedState>>,
+    /// This process's pins (every pin is kept here too: a follow-up on this replica needs no
+    /// round trip, and survives a Redis outage).
+    pins: Arc<crate::InMemory>,
 }
+
+/// How long a Responses API response stays pinned to the key that created it.
+pub const PIN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl PoolHandle {
     /// Uses `shared` for key rpm windows from now on (a Redis shared state across replicas).
@@ -264,6 +272,34 @@ impl PoolHandle {
     pub fn with_shared(mut self, shared: Arc<dyn crate::SharedState>) -> Self {
         self.shared = Some(shared);
         self
+    }
+
+    /// Pins a Responses API response id to the key that created it, here and (with Redis) for
+    /// every replica, for [`PIN_TTL`].
+    pub async fn pin(&self, response_id: &str, key: &str) {
+        let _ = self.pins.pin(response_id, key, PIN_TTL).await;
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared.pin(response_id, key, PIN_TTL).await
+        {
+            crate::shared_failed(&e);
+        }
+    }
+
+    /// The key a response id is pinned to, if any: this process's pin, else the shared one.
+    pub async fn pinned(&self, response_id: &str) -> Option<Arc<str>> {
+        if let Ok(Some(key)) = self.pins.pinned(response_id).await {
+            return Some(key.into());
+        }
+        match &self.shared {
+            Some(shared) => match shared.pinned(response_id).await {
+                Ok(key) => key.map(Into::into),
+                Err(e) => {
+                    crate::shared_failed(&e);
+                    None
+                }
+            },
+            None => None,
+        }
     }
 
     /// Applies a key health event another replica published.

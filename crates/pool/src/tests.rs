@@ -24,6 +24,7 @@ fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
         passthrough: false,
         est_tokens,
         exclude,
+        only: None,
     }
 }
 

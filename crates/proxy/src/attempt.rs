@@ -304,7 +304,8 @@ impl Engine {
             StreamSetup {
                 idle: self.config.idle_timeout,
                 strip_usage_chunk: ctx.inspected.strip_usage_chunk,
-                require_done: ctx.path.ends_with("/completions") || &*ctx.path == "/v1/messages",
+                require_done: ctx.path.ends_with("/completions")
+                    || matches!(&*ctx.path, "/v1/messages" | "/v1/responses"),
                 surface: keypool_types::Surface::of_path(&ctx.path),
                 status,
                 collect_text: ctx.log_response_cap,

@@ -142,6 +142,7 @@ impl Engine {
             passthrough: ctx.client_authorization.is_some(),
             est_tokens: ctx.inspected.est_tokens,
             exclude: Vec::new(),
+            only: self.pinned_key(ctx).await,
         };
         while ctx.attempts < max_attempts {
             let select = observe::select_span(ctx, lb_policy_name(self.config.lb_policy));
@@ -174,7 +175,10 @@ impl Engine {
             drop(select);
             pick.exclude.push(lease.key_id);
             match self.traced_attempt(client, ctx, lease).await {
-                Attempt::Done(reply) => return reply,
+                Attempt::Done(mut reply) => {
+                    self.pin_created(ctx, &mut reply).await;
+                    return reply;
+                }
                 Attempt::Failed(f) => {
                     tracing::debug!(attempt = ctx.attempts, "attempt failed; failing over");
                     last = Some(f);
@@ -211,6 +215,46 @@ impl Engine {
         }
         ctx.upstream_time += t.elapsed();
         outcome
+    }
+
+    /// The key a Responses API request must go to: the one that created the response it names
+    /// (by path or `previous_response_id`), when that is pinned.
+    async fn pinned_key(&self, ctx: &RequestCtx) -> Option<Arc<str>> {
+        if keypool_types::Surface::of_path(&ctx.path) != keypool_types::Surface::Responses {
+            return None;
+        }
+        let id = crate::inspect::referenced_response(&ctx.path, &ctx.inspected)?;
+        self.pool.pinned(id).await
+    }
+
+    /// Pins a response the Responses API just created to the key that created it: a whole
+    /// answer before it is sent, a stream when its `response.created` passes.
+    async fn pin_created(&self, ctx: &RequestCtx, reply: &mut Reply) {
+        if keypool_types::Surface::of_path(&ctx.path) != keypool_types::Surface::Responses
+            || &*ctx.path != "/v1/responses"
+            || ctx.method != reqwest::Method::POST
+        {
+            return;
+        }
+        match reply {
+            Reply::Whole {
+                status: 200..=299,
+                body,
+                key: Some(key),
+                ..
+            } => {
+                if let Some(id) = crate::inspect::response_id(body) {
+                    self.pool.pin(&id, key).await;
+                }
+            }
+            Reply::Stream { relay, key, .. } => {
+                let (pool, key) = (self.pool.clone(), key.clone());
+                relay.on_response_id(Box::new(move |id| {
+                    tokio::spawn(async move { pool.pin(&id, &key).await });
+                }));
+            }
+            _ => {}
+        }
     }
 
     fn no_key(no: &NoKey, ctx: &RequestCtx) -> ApiError {

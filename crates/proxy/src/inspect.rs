@@ -20,6 +20,8 @@ pub struct Inspected {
     pub body: Bytes,
     /// The client did not ask for the stream's usage chunk; keypool did, and strips it.
     pub strip_usage_chunk: bool,
+    /// The Responses API's `previous_response_id`: the key that created it must serve this.
+    pub previous_response: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -32,8 +34,13 @@ struct Peek<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    /// The Responses API's.
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(borrow, default)]
+    previous_response_id: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +83,7 @@ pub fn inspect(path: &str, content_type: &str, body: Bytes) -> Result<Inspected,
         est_tokens: body.len() as u64 / 4,
         body,
         strip_usage_chunk: false,
+        previous_response: None,
     })
 }
 
@@ -99,6 +107,7 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
     let completion = peek
         .max_completion_tokens
         .or(peek.max_tokens)
+        .or(peek.max_output_tokens)
         .unwrap_or(DEFAULT_COMPLETION_ESTIMATE);
     let est_tokens = body.len() as u64 / 4 + completion;
     let asked = peek
@@ -106,6 +115,11 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    let previous_response = peek
+        .previous_response_id
+        .as_deref()
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned);
     drop(peek);
     let wants_usage_rewrite =
         stream && !asked && (path.ends_with("/chat/completions") || path.ends_with("/completions"));
@@ -120,6 +134,7 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
         est_tokens,
         body,
         strip_usage_chunk: wants_usage_rewrite,
+        previous_response,
     })
 }
 
@@ -165,6 +180,28 @@ fn multipart_field(boundary: &str, body: &[u8], name: &str) -> Option<String> {
 }
 
 /// `usage` of a non-stream JSON response, if any.
+/// The top-level `id` of a JSON response (a Responses API response's, to pin it to its key).
+pub fn response_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct I<'a> {
+        #[serde(borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<I<'_>>(body)
+        .ok()
+        .and_then(|m| m.id.map(std::borrow::Cow::into_owned))
+}
+
+/// The response id a Responses API request refers to: `/v1/responses/{id}[/...]`, or the
+/// body's `previous_response_id`.
+pub fn referenced_response<'a>(path: &'a str, inspected: &'a Inspected) -> Option<&'a str> {
+    if let Some(rest) = path.strip_prefix("/v1/responses/") {
+        let id = rest.split('/').next().unwrap_or(rest);
+        return (!id.is_empty()).then_some(id);
+    }
+    inspected.previous_response.as_deref()
+}
+
 /// The `model` a JSON response names (for traces).
 pub fn response_model(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]

@@ -52,14 +52,17 @@ pub struct Relay {
     idle: Duration,
     /// Output of the first chunk, sent before anything else.
     first: Option<Bytes>,
-    /// Completion streams must end with `data: [DONE]`, Messages streams with `message_stop`;
-    /// others (e.g. Responses API) need not.
+    /// Completion streams must end with `data: [DONE]`, Messages streams with `message_stop`,
+    /// Responses API streams with `response.completed` (or `.failed` / `.incomplete`); others
+    /// need not.
     require_done: bool,
     surface: Surface,
     status: u16,
     started: Instant,
     deadline: Option<Instant>,
     finished: bool,
+    /// Called once with the Responses API response id when the stream names it.
+    on_response_id: Option<Box<dyn FnOnce(String) + Send>>,
 }
 
 impl Relay {
@@ -107,7 +110,24 @@ impl Relay {
             deadline,
             finished: false,
             span: tracing::Span::none(),
+            on_response_id: None,
         })
+    }
+
+    /// Calls `f` once with the Responses API response id when the stream names it
+    /// (`response.created`), at once if it already has.
+    pub fn on_response_id(&mut self, f: Box<dyn FnOnce(String) + Send>) {
+        self.on_response_id = Some(f);
+        self.response_id_seen();
+    }
+
+    fn response_id_seen(&mut self) {
+        if self.on_response_id.is_some()
+            && let Some(id) = self.tap.response_id.take()
+            && let Some(f) = self.on_response_id.take()
+        {
+            f(id);
+        }
     }
 
     /// Attaches the request context that records the usage event when the stream ends.
@@ -144,6 +164,7 @@ impl Relay {
             match timeout(wait, self.upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     let out = self.tap.feed(&chunk);
+                    self.response_id_seen();
                     if self.tap.oversized {
                         return Some(self.cut(&out, "stream_event_too_large"));
                     }
@@ -160,6 +181,9 @@ impl Relay {
                     let why = match self.surface {
                         Surface::OpenAi => "The upstream ended the stream without [DONE].",
                         Surface::Anthropic => "The upstream ended the stream without message_stop.",
+                        Surface::Responses => {
+                            "The upstream ended the stream without response.completed."
+                        }
                     };
                     return Some(self.broken(&rest, why));
                 }

@@ -3,7 +3,9 @@
 //! OpenAI's: it learns the exact usage from the `include_usage` chunk, notices `data: [DONE]`,
 //! and strips the usage chunk when keypool (not the client) asked for it. Anthropic's: the usage
 //! is `message_start`'s (input and cache tokens) updated by each `message_delta`'s (output
-//! tokens, and whatever else it repeats), and the end is `message_stop`. Complete events are released as soon as
+//! tokens, and whatever else it repeats), and the end is `message_stop`. The Responses API's:
+//! the id from `response.created`, the usage and the end from `response.completed` (or
+//! `.failed` / `.incomplete`). Complete events are released as soon as
 //! their terminating blank line arrives; a partial event waits only for the rest of itself.
 //! Each byte is scanned for an event's end once (a stream without blank lines costs linear
 //! time, not quadratic), and a partial event may grow to `max_event` bytes at most.
@@ -38,6 +40,25 @@ pub struct SseTap {
     surface: Surface,
     /// Anthropic's counts so far.
     anthropic: AnthropicCounts,
+    /// The Responses API's response id (from `response.created`).
+    pub response_id: Option<String>,
+}
+
+/// A Responses API stream event, as far as keypool reads it.
+#[derive(Deserialize)]
+struct ResponsesEvent {
+    #[serde(default)]
+    r#type: String,
+    #[serde(default)]
+    response: Option<ResponseObject>,
+}
+
+#[derive(Deserialize)]
+struct ResponseObject {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +125,11 @@ impl SseTap {
         if let Some(t) = v.pointer("/delta/text").and_then(serde_json::Value::as_str) {
             self.text.push_str(t); // Anthropic's content_block_delta
         }
+        if v.get("type").and_then(serde_json::Value::as_str) == Some("response.output_text.delta")
+            && let Some(t) = v.get("delta").and_then(serde_json::Value::as_str)
+        {
+            self.text.push_str(t);
+        }
         if let Some(choices) = v.get("choices").and_then(serde_json::Value::as_array) {
             for c in choices {
                 if let Some(t) = c
@@ -164,6 +190,11 @@ impl SseTap {
                 self.anthropic_event(data);
                 continue;
             }
+            if self.surface == Surface::Responses {
+                self.collect(data);
+                self.responses_event(data);
+                continue;
+            }
             if data == b"[DONE]" {
                 self.done = true;
                 continue;
@@ -189,6 +220,37 @@ impl SseTap {
 }
 
 impl SseTap {
+    /// Reads one Responses API event's data: the id from `response.created`, the usage and the
+    /// end from `response.completed` (or `.failed` / `.incomplete`, which end it too).
+    fn responses_event(&mut self, data: &[u8]) {
+        const READ: [&[u8]; 4] = [
+            b"\"response.created\"",
+            b"\"response.completed\"",
+            b"\"response.failed\"",
+            b"\"response.incomplete\"",
+        ];
+        if !READ.iter().any(|t| contains(data, t)) {
+            return;
+        }
+        let Ok(e) = serde_json::from_slice::<ResponsesEvent>(data) else {
+            return;
+        };
+        let Some(r) = e.response else { return };
+        match e.r#type.as_str() {
+            "response.created" => self.response_id = r.id,
+            "response.completed" | "response.failed" | "response.incomplete" => {
+                self.done = true;
+                if r.usage.is_some() {
+                    self.usage = r.usage;
+                }
+                if self.response_id.is_none() {
+                    self.response_id = r.id;
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Reads one Anthropic event's data: its usage, and whether it is `message_stop`.
     fn anthropic_event(&mut self, data: &[u8]) {
         let stop = contains(data, b"\"message_stop\"");
@@ -245,7 +307,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// The SSE event keypool sends when a stream breaks after it started: the `openai` SDKs raise an
 /// `APIError` on a `data:` event carrying an `error` object.
-/// On Anthropic's surface it is Anthropic's `event: error`.
+/// On Anthropic's surface it is Anthropic's `event: error`, on the Responses API its `error`
+/// event.
 pub fn error_event(err: &keypool_types::ApiError, surface: Surface) -> Bytes {
     match surface {
         Surface::OpenAi => Bytes::from(format!("data: {}\n\n", err.to_json())),
@@ -253,12 +316,48 @@ pub fn error_event(err: &keypool_types::ApiError, surface: Surface) -> Bytes {
             "event: error\ndata: {}\n\n",
             err.to_json_for(surface)
         )),
+        // the Responses API's `error` event: its fields at the top level
+        Surface::Responses => Bytes::from(format!(
+            "event: error\ndata: {}\n\n",
+            serde_json::json!({"type": "error", "code": err.kind.wire().code,
+                               "message": err.message, "param": null})
+        )),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_responses_stream_gives_its_id_usage_and_end() {
+        let stream = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":1200,\"input_tokens_details\":{\"cached_tokens\":1024},\"output_tokens\":3,\"total_tokens\":1203}}}\n\n",
+        );
+        let mut tap = SseTap::new(false)
+            .speaking(Surface::Responses)
+            .collecting_text(Some(100));
+        let mut out = Vec::new();
+        // cut anywhere: the same result
+        for chunk in stream.as_bytes().chunks(7) {
+            out.extend_from_slice(&tap.feed(chunk));
+            if out.len() < 40 {
+                assert!(!tap.done);
+            }
+        }
+        out.extend_from_slice(&tap.finish());
+        assert_eq!(out, stream.as_bytes(), "relayed as it came");
+        assert!(tap.done);
+        assert_eq!(tap.response_id.as_deref(), Some("resp_1"));
+        assert_eq!(tap.text, "Hi");
+        let u = tap.usage.unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cache_read_tokens),
+            (1200, 3, 1024)
+        );
+    }
 
     const CHUNK: &str =
         "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";

@@ -124,6 +124,13 @@ pub trait SharedState: Send + Sync {
     /// Sets a counter unless it exists (start-up restore: the first replica's value wins).
     async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError>;
 
+    /// Remembers `value` under `name` for `ttl` (which key created a Responses API response),
+    /// replacing what was there.
+    async fn pin(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError>;
+
+    /// What [`Self::pin`] remembered under `name`, while its ttl lasts.
+    async fn pinned(&self, name: &str) -> Result<Option<String>, SharedError>;
+
     /// Tells the other replicas about a key's health.
     async fn publish_health(&self, key: &str, event: &HealthEvent) -> Result<(), SharedError>;
 

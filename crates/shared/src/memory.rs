@@ -19,7 +19,14 @@ pub struct InMemory {
     /// Token windows.
     tokens: Mutex<HashMap<String, VecDeque<TokenEntry>>>,
     counters: Mutex<HashMap<String, u64>>,
+    /// Pins and when each expires.
+    pins: Mutex<HashMap<String, (String, Instant)>>,
 }
+
+/// The most pins one process keeps: past it, expired ones go, then the ones expiring soonest
+/// (a pin is a hint that keeps a follow-up on its key; losing one costs that follow-up a 404
+/// from another key, never a wrong answer).
+pub const MAX_PINS: usize = 100_000;
 
 /// Above this limit a window counts in buckets rather than one record per call.
 pub const EXACT_UP_TO: u64 = 4096;
@@ -210,6 +217,41 @@ impl SharedState for InMemory {
             .entry(counter.to_owned())
             .or_insert(n);
         Ok(())
+    }
+
+    async fn pin(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
+        let now = Instant::now();
+        let mut pins = self
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pins.len() >= MAX_PINS && !pins.contains_key(name) {
+            pins.retain(|_, (_, until)| *until > now);
+            if pins.len() >= MAX_PINS {
+                // a tenth at once, so the next inserts do not sort again
+                let mut by_end: Vec<(Instant, String)> = pins
+                    .iter()
+                    .map(|(k, (_, until))| (*until, k.clone()))
+                    .collect();
+                by_end.sort_unstable();
+                for (_, k) in by_end.into_iter().take(MAX_PINS / 10) {
+                    pins.remove(&k);
+                }
+            }
+        }
+        pins.insert(name.to_owned(), (value.to_owned(), now + ttl));
+        Ok(())
+    }
+
+    async fn pinned(&self, name: &str) -> Result<Option<String>, SharedError> {
+        let pins = self
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(pins
+            .get(name)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(v, _)| v.clone()))
     }
 
     async fn publish_health(&self, _: &str, _: &HealthEvent) -> Result<(), SharedError> {

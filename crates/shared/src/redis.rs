@@ -314,6 +314,30 @@ impl SharedState for RedisState {
         .map(|_| ())
     }
 
+    async fn pin(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
+        let mut conn = self.conn();
+        let key = self.key(&format!("pin:{name}"));
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let value = value.to_owned();
+        self.run(async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ms)
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn pinned(&self, name: &str) -> Result<Option<String>, SharedError> {
+        let mut conn = self.conn();
+        let key = self.key(&format!("pin:{name}"));
+        self.run(async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await
+    }
+
     async fn publish_health(&self, key: &str, event: &HealthEvent) -> Result<(), SharedError> {
         let msg = match event {
             HealthEvent::Cooling(d) => format!("{}\tcool\t{}\t{key}", process_id(), d.as_millis()),

@@ -214,6 +214,25 @@ async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 110);
 }
 
+async fn pins_last_their_ttl(s: &dyn SharedState) {
+    assert_eq!(s.pinned("resp_a").await.unwrap(), None);
+    s.pin("resp_a", "key-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.pin("resp_b", "key-2", Duration::from_millis(150))
+        .await
+        .unwrap();
+    assert_eq!(s.pinned("resp_a").await.unwrap().as_deref(), Some("key-1"));
+    assert_eq!(s.pinned("resp_b").await.unwrap().as_deref(), Some("key-2"));
+    // a later pin replaces the earlier one
+    s.pin("resp_a", "key-3", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(s.pinned("resp_a").await.unwrap().as_deref(), Some("key-3"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.pinned("resp_b").await.unwrap(), None, "expired");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_memory_contract() {
     let s: Arc<dyn SharedState> = Arc::new(InMemory::default());
@@ -224,6 +243,7 @@ async fn in_memory_contract() {
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
+    pins_last_their_ttl(s.as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,6 +257,7 @@ async fn redis_contract() {
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
+    pins_last_their_ttl(s.as_ref()).await;
     // ... in at most 1,025 runs (here a few: the calls came within a second)
     {
         let mut c = redis::Client::open(REDIS)
@@ -268,6 +289,11 @@ async fn redis_contract() {
             .unwrap(),
         Admit::Refused { .. }
     ));
+    // ... and the pins
+    assert_eq!(
+        other.pinned("resp_a").await.unwrap().as_deref(),
+        Some("key-3")
+    );
     r.cleanup().await;
 }
 
@@ -322,6 +348,7 @@ async fn redis_cluster_contract() {
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
     unbudgeted_windows_rank_evenly(s.as_ref()).await;
+    pins_last_their_ttl(s.as_ref()).await;
     let other = connect().await.unwrap();
     assert!(matches!(
         other

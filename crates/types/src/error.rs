@@ -157,11 +157,19 @@ pub enum Surface {
     OpenAi,
     /// Anthropic's Messages API (`/v1/messages`, `/v1/messages/count_tokens`).
     Anthropic,
+    /// OpenAI's Responses API (`/v1/responses`, `/v1/responses/{id}/...`): OpenAI's errors,
+    /// its own stream events, answered by OpenAI keys only.
+    Responses,
 }
 
 impl Surface {
     /// The surface of an API path (`/v1/...`, already normalised).
     pub fn of_path(path: &str) -> Self {
+        if let Some(rest) = path.strip_prefix("/v1/responses")
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return Self::Responses;
+        }
         match path.strip_prefix("/v1/messages") {
             Some("" | "/count_tokens") => Self::Anthropic,
             _ => Self::OpenAi,
@@ -230,7 +238,7 @@ impl ApiError {
     /// `{"type":"error","error":{"type","message"}}`.
     pub fn to_json_for(&self, surface: Surface) -> String {
         match surface {
-            Surface::OpenAi => self.to_json(),
+            Surface::OpenAi | Surface::Responses => self.to_json(),
             Surface::Anthropic => serde_json::json!({
                 "type": "error",
                 "error": {"type": anthropic_type(self.status()), "message": self.message},
@@ -261,6 +269,12 @@ mod tests {
         );
         assert_eq!(Surface::of_path("/v1/messagesx"), Surface::OpenAi);
         assert_eq!(Surface::of_path("/v1/chat/completions"), Surface::OpenAi);
+        assert_eq!(Surface::of_path("/v1/responses"), Surface::Responses);
+        assert_eq!(
+            Surface::of_path("/v1/responses/resp_1/input_items"),
+            Surface::Responses
+        );
+        assert_eq!(Surface::of_path("/v1/responsesx"), Surface::OpenAi);
         let err = ApiError::new(ErrorKind::InvalidApiKey, "no");
         let v: serde_json::Value =
             serde_json::from_str(&err.to_json_for(Surface::Anthropic)).unwrap();

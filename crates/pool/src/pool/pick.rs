@@ -29,6 +29,9 @@ pub struct Pick {
     pub est_tokens: u64,
     /// Keys already tried by this request ([`Lease::key_id`]s), skipped.
     pub exclude: Vec<u64>,
+    /// Only this key may serve (a Responses API response lives with the key that created
+    /// it); its allow/deny rules are not asked again (the request names an id, not a model).
+    pub only: Option<Arc<str>>,
 }
 
 /// Which keys a caller may use, by its gateway's auth rules.
@@ -161,12 +164,16 @@ fn gather(view: &PoolView, pick: &Pick, now: Instant) -> Result<Gathered, NoKey>
         disabled: 0,
         earliest: Earliest::default(),
     };
-    // Anthropic keys answer the Messages API, the others OpenAI's
+    // Anthropic keys answer the Messages API, OpenAI keys the Responses API
     let surface = keypool_types::Surface::of_path(&pick.path);
     for (order, k) in view.keys.iter().enumerate() {
+        let allowed = match &pick.only {
+            Some(only) => k.key.name == *only,
+            None => k.key.allows_model(&pick.model, &pick.path),
+        };
         if pick.exclude.contains(&k.id)
             || !k.key.kind.serves(surface)
-            || !k.key.allows_model(&pick.model, &pick.path)
+            || !allowed
             || (k.key.passthrough_auth && !pick.passthrough)
             || !pick.access.allows(&k.key)
         {
