@@ -129,9 +129,15 @@ async fn errors_on_the_messages_surface_are_anthropic_shaped() -> anyhow::Result
         "invalid_api_key"
     );
 
-    // no Anthropic key at all: the Messages surface says so in its shape
+    // no Anthropic key at all: count_tokens (which does not translate) says so in its shape
     let only_gpt = Gateway::start(&config().token(T).key(&gpt, "gpt", "").yaml()).await?;
-    let resp = post(&only_gpt, "/v1/messages", &message(false), Some(T)).await?;
+    let resp = post(
+        &only_gpt,
+        "/v1/messages/count_tokens",
+        &message(false),
+        Some(T),
+    )
+    .await?;
     let status = resp.status().as_u16();
     let v: Value = resp.json().await?;
     assert_eq!(

@@ -35,6 +35,19 @@ impl UpstreamKind {
             Surface::OpenAi => self != Self::Anthropic,
         }
     }
+
+    /// Whether keys of this kind can answer `path` of `surface` by translation: Anthropic keys
+    /// chat completions, OpenAI and Azure keys the Messages API (not `count_tokens`).
+    pub fn translates(self, surface: keypool_types::Surface, path: &str) -> bool {
+        use keypool_types::Surface;
+        match surface {
+            Surface::OpenAi => self == Self::Anthropic && path == "/v1/chat/completions",
+            Surface::Anthropic => {
+                matches!(self, Self::OpenAi | Self::Azure) && path == "/v1/messages"
+            }
+            Surface::Responses => false,
+        }
+    }
 }
 
 /// An `allow` / `deny` entry: a model name or a URL path (`/v1/audio/transcriptions`), exact, or a

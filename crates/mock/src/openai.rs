@@ -264,16 +264,24 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
             state,
         );
     }
+    // with tools, the first one is called (with empty arguments)
+    let (message, finish) = match v.pointer("/tools/0/function/name") {
+        Some(name) => (
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_mock",
+                "type": "function", "function": {"name": name, "arguments": "{}"}}]}),
+            "tool_calls",
+        ),
+        None => (
+            json!({"role": "assistant", "content": words.join(" ")}),
+            "stop",
+        ),
+    };
     HttpResponse::Ok().json(json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": words.join(" ")},
-            "finish_reason": "stop"
-        }],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": usage,
     }))
 }

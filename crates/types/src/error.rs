@@ -178,7 +178,7 @@ impl Surface {
 }
 
 /// Anthropic's error `type` for a status (its documented set).
-fn anthropic_type(status: u16) -> &'static str {
+pub(crate) fn anthropic_type(status: u16) -> &'static str {
     match status {
         400 | 408 | 409 | 422 => "invalid_request_error",
         401 => "authentication_error",
@@ -234,6 +234,11 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// Anthropic's error `type` for an HTTP status (its documented set).
+    pub fn anthropic_type(status: u16) -> &'static str {
+        anthropic_type(status)
+    }
+
     /// The error body in the shape of `surface`: OpenAI's ([`Self::to_json`]) or Anthropic's
     /// `{"type":"error","error":{"type","message"}}`.
     pub fn to_json_for(&self, surface: Surface) -> String {

@@ -75,7 +75,11 @@ impl PoolHandle {
             mut cands,
             mut disabled,
             mut earliest,
-        } = gather(&view, pick, now)?;
+        } = match gather(&view, pick, now, false) {
+            // no key speaks the request's API for this model: one that can by translation
+            Err(NoKey::NoneServes) => gather(&view, pick, now, true)?,
+            other => other?,
+        };
         rank(view.policy, &mut cands);
         let first_lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
         // across replicas: choose and reserve in the shared windows, in one round trip, so the
@@ -156,7 +160,8 @@ struct Gathered {
 
 /// One pass over the view: the keys allowed for the pick, split into candidates (usable now),
 /// disabled and cooling ones. `NoneServes` when no key serves it at all.
-fn gather(view: &PoolView, pick: &Pick, now: Instant) -> Result<Gathered, NoKey> {
+/// With `translated`, the keys that answer the request's API by translation instead of natively.
+fn gather(view: &PoolView, pick: &Pick, now: Instant, translated: bool) -> Result<Gathered, NoKey> {
     let now_ms = now.saturating_duration_since(view.epoch).as_millis() as u64;
     let mut serving = 0usize;
     let mut out = Gathered {
@@ -171,8 +176,13 @@ fn gather(view: &PoolView, pick: &Pick, now: Instant) -> Result<Gathered, NoKey>
             Some(only) => k.key.name == *only,
             None => k.key.allows_model(&pick.model, &pick.path),
         };
+        let speaks = if translated {
+            k.key.kind.translates(surface, &pick.path)
+        } else {
+            k.key.kind.serves(surface)
+        };
         if pick.exclude.contains(&k.id)
-            || !k.key.kind.serves(surface)
+            || !speaks
             || !allowed
             || (k.key.passthrough_auth && !pick.passthrough)
             || !pick.access.allows(&k.key)

@@ -1,6 +1,8 @@
 //! The Anthropic adapter: the request goes to `{endpoint}{path}` as it came (the body untouched),
 //! with the key as `x-api-key` and an `anthropic-version` when the client sent none.
-//! `anthropic-beta` and the client's own `anthropic-version` pass through.
+//! `anthropic-beta` and the client's own `anthropic-version` pass through. A chat completions
+//! request (for a model only Anthropic keys serve) is translated to Messages and its answer
+//! back ([`super::translate::to_messages`]).
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -24,30 +26,74 @@ impl UpstreamAdapter for AnthropicAdapter {
         req: AttemptRequest<'a>,
     ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
         async move {
-            let target = Target::new(&key.endpoint_url, req.path, req.query)?;
-            let mut headers = req.headers.clone();
-            let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
-            if let Ok(host) = HeaderValue::from_str(authority) {
-                headers.insert(reqwest::header::HOST, host);
+            if req.path == "/chat/completions" {
+                return via_messages(client, key, req).await;
             }
-            let version = HeaderName::from_static("anthropic-version");
-            if !headers.contains_key(&version) {
-                headers.insert(version, HeaderValue::from_static(DEFAULT_VERSION));
-            }
-            if key.passthrough_auth {
-                // `sk: asis`: the caller's own credential (an OAuth bearer token)
-                if let Some(v) = req.client_authorization {
-                    headers.insert(AUTHORIZATION, v.clone());
-                }
-            } else {
-                let mut value = HeaderValue::from_str(key.sk.expose()).map_err(|_| {
-                    TransportError::Connect("the key is not a valid header value".into())
-                })?;
-                value.set_sensitive(true);
-                headers.insert(HeaderName::from_static("x-api-key"), value);
-            }
-            client.send(req.method, &target, headers, req.body).await
+            forward(client, key, req).await
         }
         .boxed()
     }
+}
+
+/// A chat completions request, translated to Messages and back.
+async fn via_messages(
+    client: &UpstreamClient,
+    key: &UpstreamKey,
+    req: AttemptRequest<'_>,
+) -> Result<UpstreamResponse, TransportError> {
+    use super::translate::{Shape, error, to_messages, unsupported};
+    let Ok(chat) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&req.body)
+    else {
+        return Ok(error(
+            Shape::OpenAi,
+            400,
+            "invalid_request_error",
+            "The request body must be a JSON object.",
+        ));
+    };
+    let t = match to_messages::request(&chat) {
+        Ok(t) => t,
+        Err(u) => return Ok(unsupported(Shape::OpenAi, &u, "Anthropic")),
+    };
+    let resp = forward(
+        client,
+        key,
+        AttemptRequest {
+            path: "/messages",
+            body: t.body.clone(),
+            ..req
+        },
+    )
+    .await?;
+    to_messages::response(resp, &t).await
+}
+
+/// Sends a Messages request as it is.
+async fn forward(
+    client: &UpstreamClient,
+    key: &UpstreamKey,
+    req: AttemptRequest<'_>,
+) -> Result<UpstreamResponse, TransportError> {
+    let target = Target::new(&key.endpoint_url, req.path, req.query)?;
+    let mut headers = req.headers.clone();
+    let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        headers.insert(reqwest::header::HOST, host);
+    }
+    let version = HeaderName::from_static("anthropic-version");
+    if !headers.contains_key(&version) {
+        headers.insert(version, HeaderValue::from_static(DEFAULT_VERSION));
+    }
+    if key.passthrough_auth {
+        // `sk: asis`: the caller's own credential (an OAuth bearer token)
+        if let Some(v) = req.client_authorization {
+            headers.insert(AUTHORIZATION, v.clone());
+        }
+    } else {
+        let mut value = HeaderValue::from_str(key.sk.expose())
+            .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        headers.insert(HeaderName::from_static("x-api-key"), value);
+    }
+    client.send(req.method, &target, headers, req.body).await
 }

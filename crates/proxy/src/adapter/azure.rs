@@ -22,39 +22,50 @@ impl UpstreamAdapter for AzureAdapter {
         req: AttemptRequest<'a>,
     ) -> BoxFuture<'a, Result<UpstreamResponse, TransportError>> {
         async move {
-            let Some(azure) = &key.azure else {
-                return Err(TransportError::Connect(
-                    "an Azure key without its settings".into(),
-                ));
-            };
-            let deployment = segment(azure.deployment(req.model));
-            let path = format!("/openai/deployments/{deployment}{}", req.path);
-            let query = match req.query {
-                Some(q) if !q.is_empty() => format!("{q}&api-version={}", azure.api_version),
-                _ => format!("api-version={}", azure.api_version),
-            };
-            let target = Target::new(&key.endpoint_url, &path, Some(&query))?;
-            let mut headers = req.headers.clone();
-            let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
-            if let Ok(host) = HeaderValue::from_str(authority) {
-                headers.insert(reqwest::header::HOST, host);
+            if req.path == "/messages" {
+                return super::translate::via_chat(client, key, req, forward).await;
             }
-            if key.passthrough_auth {
-                // `sk: asis`: the caller's own credential (an Entra ID bearer token)
-                if let Some(v) = req.client_authorization {
-                    headers.insert(AUTHORIZATION, v.clone());
-                }
-            } else {
-                let mut value = HeaderValue::from_str(key.sk.expose()).map_err(|_| {
-                    TransportError::Connect("the key is not a valid header value".into())
-                })?;
-                value.set_sensitive(true);
-                headers.insert(HeaderName::from_static("api-key"), value);
-            }
-            client.send(req.method, &target, headers, req.body).await
+            forward(client, key, req).await
         }
         .boxed()
     }
+}
+
+/// Sends an OpenAI request under the model's deployment.
+async fn forward(
+    client: &UpstreamClient,
+    key: &UpstreamKey,
+    req: AttemptRequest<'_>,
+) -> Result<UpstreamResponse, TransportError> {
+    let Some(azure) = &key.azure else {
+        return Err(TransportError::Connect(
+            "an Azure key without its settings".into(),
+        ));
+    };
+    let deployment = segment(azure.deployment(req.model));
+    let path = format!("/openai/deployments/{deployment}{}", req.path);
+    let query = match req.query {
+        Some(q) if !q.is_empty() => format!("{q}&api-version={}", azure.api_version),
+        _ => format!("api-version={}", azure.api_version),
+    };
+    let target = Target::new(&key.endpoint_url, &path, Some(&query))?;
+    let mut headers = req.headers.clone();
+    let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        headers.insert(reqwest::header::HOST, host);
+    }
+    if key.passthrough_auth {
+        // `sk: asis`: the caller's own credential (an Entra ID bearer token)
+        if let Some(v) = req.client_authorization {
+            headers.insert(AUTHORIZATION, v.clone());
+        }
+    } else {
+        let mut value = HeaderValue::from_str(key.sk.expose())
+            .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        headers.insert(HeaderName::from_static("api-key"), value);
+    }
+    client.send(req.method, &target, headers, req.body).await
 }
 
 /// `name` as one path segment: unreserved characters as they are, every other byte

@@ -11,6 +11,7 @@ mod anthropic;
 mod azure;
 mod openai;
 mod replicate;
+pub mod translate;
 
 use std::pin::Pin;
 

@@ -30,7 +30,8 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// One segment with its unreserved characters decoded; other escapes kept, in upper case.
+/// One segment with its unreserved characters decoded; other escapes kept, in upper case; a
+/// bare `%` escaped.
 fn decode_segment(seg: &str) -> String {
     let bytes = seg.as_bytes();
     let mut out = String::with_capacity(seg.len());
@@ -49,6 +50,12 @@ fn decode_segment(seg: &str) -> String {
                 let _ = write!(out, "%{b:02X}");
             }
             i += 3;
+        } else if bytes[i] == b'%' {
+            // a `%` that starts no escape is itself escaped: left bare, with a decoded digit
+            // after it, it would spell a new escape (`%%373` → `%73`) that the upstream
+            // decodes but no rule saw
+            out.push_str("%25");
+            i += 1;
         } else {
             // the path is ASCII (actix refuses anything else); push the char as it is
             let ch = seg[i..].chars().next().unwrap_or('\u{FFFD}');
@@ -99,6 +106,17 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::normalise;
+
+    #[test]
+    fn decoding_never_spells_a_new_escape() {
+        // found by the `path` fuzz target: `%%373` came out as `%73`, which a second
+        // decoding (the upstream's) reads as `s`, past a rule that saw `%73`
+        let once = normalise("/v1/sandbox/%%373ecret").unwrap();
+        assert_eq!(once, "/v1/sandbox/%2573ecret");
+        assert_eq!(normalise(&once).unwrap(), once);
+        assert_eq!(normalise("/v1/a%").unwrap(), "/v1/a%25");
+        assert_eq!(normalise("/v1/a%zz").unwrap(), "/v1/a%25zz");
+    }
 
     #[test]
     fn a_path_always_starts_with_a_slash() {
