@@ -325,13 +325,24 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
     Ok(())
 }
 
-/// The official `anthropic` SDK, on `/v1` and on a named gateway with a rate limit.
+/// The official `anthropic` SDK, on `/v1` and on a named gateway with a rate limit, its first
+/// call failing over from an overloaded key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_python_sdk_against_keypool() -> anyhow::Result<()> {
+    // the first key is overloaded (529): the SDK's first call fails over from it unseen
+    let overloaded = mock(
+        "overloaded",
+        Behavior {
+            status: Some(529),
+            ..Behavior::default()
+        },
+    );
     let claude = mock("claude", Behavior::default());
     let gw = Gateway::start(
         &config()
             .token(T)
+            .set("lb_policy", "order")
+            .key(&overloaded, "overloaded", "type: anthropic")
             .key(&claude, "claude", "type: anthropic")
             .block(
                 "gateways:\n  - {name: team, auth: {method: exact, secrets: [team-secret]}, rate_limits: [\"ingress:7/minute\"]}",
@@ -351,5 +362,50 @@ async fn anthropic_python_sdk_against_keypool() -> anyhow::Result<()> {
     )
     .await?;
     anyhow::ensure!(ok, "anthropic_check.py on a gateway failed:\n{out}");
+    assert!(overloaded.requests() >= 1, "the overloaded key was tried");
+    Ok(())
+}
+
+/// Anthropic's 429 (its `retry-after` and `anthropic-ratelimit-*-reset` times) cools the key
+/// for that long; the next key serves meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_cools_the_anthropic_key_until_its_reset() -> anyhow::Result<()> {
+    let limited = mock(
+        "limited",
+        Behavior {
+            status: Some(429),
+            retry_after: Some("30".into()),
+            ..Behavior::default()
+        },
+    );
+    let ok = mock("ok", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token(T)
+            .set("lb_policy", "order")
+            .key(&limited, "limited", "type: anthropic")
+            .key(&ok, "ok", "type: anthropic")
+            .yaml(),
+    )
+    .await?;
+    for _ in 0..3 {
+        let resp = post(&gw, "/v1/messages", &message(false), Some(T)).await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-keypool-upstream"], "ok");
+    }
+    assert_eq!(limited.requests(), 1, "tried once, then cooling");
+    let metrics = gw
+        .http()
+        .get(gw.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("keypool_key_cooldown_seconds{key=\"limited\"}"))
+        .expect("a cooldown gauge");
+    let seconds: f64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+    assert!((20.0..=31.0).contains(&seconds), "{line}");
     Ok(())
 }

@@ -50,14 +50,7 @@ pub(crate) async fn dispatch(
     }
     crate::openai::pause(b.latency_ms).await;
     if let Some(status) = b.status {
-        let mut resp = error(status, &format!("mock forced status {status}"));
-        if let Some(ra) = &b.retry_after
-            && let Ok(v) = actix_web::http::header::HeaderValue::from_str(ra)
-        {
-            resp.headers_mut()
-                .insert(actix_web::http::header::RETRY_AFTER, v);
-        }
-        return resp;
+        return forced(b, status);
     }
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return error(400, "The request body is not valid JSON.");
@@ -138,6 +131,57 @@ fn input_tokens(v: &Value) -> u64 {
     system + messages
 }
 
+/// The answer of a mock told to fail with `status`: Anthropic's error, its `retry-after`, and
+/// the `anthropic-ratelimit-*-reset` times it implies.
+fn forced(b: &Behavior, status: u16) -> HttpResponse {
+    let mut resp = error(status, &format!("mock forced status {status}"));
+    if let Some(ra) = &b.retry_after
+        && let Ok(v) = actix_web::http::header::HeaderValue::from_str(ra)
+    {
+        resp.headers_mut()
+            .insert(actix_web::http::header::RETRY_AFTER, v);
+    }
+    // Anthropic says when its limits reset, as RFC 3339 times
+    if let Some(secs) = b.retry_after.as_deref().and_then(|r| r.parse::<u64>().ok()) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&rfc3339(now + secs)) {
+            for name in [
+                "anthropic-ratelimit-requests-reset",
+                "anthropic-ratelimit-tokens-reset",
+            ] {
+                resp.headers_mut().insert(
+                    actix_web::http::header::HeaderName::from_static(name),
+                    v.clone(),
+                );
+            }
+        }
+    }
+    resp
+}
+
+/// A Unix time as RFC 3339 in UTC (`2026-12-05T07:44:20Z`).
+fn rfc3339(unix: u64) -> String {
+    let (days, rest) = (unix / 86_400, unix % 86_400);
+    // civil from days (Howard Hinnant's algorithm), for days since 1970-01-01
+    let z = days.cast_signed() + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
@@ -185,4 +229,14 @@ fn stream(
     events.push(event("message_stop", &json!({"type": "message_stop"})));
     // message_start and content_block_start come first; cut after `n` text deltas
     crate::openai::stream::paced(b, events, b.cut_after.map(|n| n + 2), state)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_457_860), "2026-12-05T08:04:20Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
 }
