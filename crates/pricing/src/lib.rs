@@ -1,0 +1,131 @@
+//! Prices and costs: what one request cost, in exact decimal USD.
+//!
+//! A [`Catalog`] maps model names (exact, or globs with `*`) to a [`Price`]: USD per million
+//! tokens for input, output, cache reads and cache writes (five-minute and one-hour), with an
+//! optional context-length tier (prices for prompts above a number of tokens). The built-in
+//! catalog ([`Catalog::builtin`], `catalog.yaml`, its source and date at its top) ships with the
+//! binary. [`cost`] prices a [`Usage`]: the cache counts are parts of the prompt (see
+//! `keypool_types::Usage`), so the uncached input is what is left of the prompt after them, and
+//! no token is priced twice.
+//!
+//! Money is counted in pico-dollars (10⁻¹² USD) as integers: a price of at most six decimal
+//! places per million tokens is a whole number of pico-dollars per token, so a cost is exact,
+//! with no float drift however many requests are added up.
+
+mod catalog;
+mod glob;
+
+pub use catalog::{Catalog, CatalogError};
+
+use keypool_types::Usage;
+
+/// Pico-dollars (10⁻¹² USD) per token: USD per million tokens × 10⁶.
+pub type PerToken = u64;
+
+/// Prices for one model (or one tier of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Price {
+    pub input: PerToken,
+    pub output: PerToken,
+    /// A token read from the prompt cache.
+    pub cached_input: PerToken,
+    /// A token written to the cache for five minutes / for an hour.
+    pub cache_write_5m: PerToken,
+    pub cache_write_1h: PerToken,
+    /// Prices for prompts of more than this many tokens.
+    pub above: Option<(u64, Box<Price>)>,
+}
+
+impl Price {
+    /// This price times `factor` (a discounted or marked-up key), each per-token price rounded
+    /// to the nearest pico-dollar.
+    #[must_use]
+    pub fn scaled(&self, factor: f64) -> Self {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let s = |p: PerToken| (p as f64 * factor).round().max(0.0) as PerToken;
+        Self {
+            input: s(self.input),
+            output: s(self.output),
+            cached_input: s(self.cached_input),
+            cache_write_5m: s(self.cache_write_5m),
+            cache_write_1h: s(self.cache_write_1h),
+            above: self
+                .above
+                .as_ref()
+                .map(|(t, p)| (*t, Box::new(p.scaled(factor)))),
+        }
+    }
+
+    /// The prices that apply to a prompt of `prompt_tokens`.
+    fn tier(&self, prompt_tokens: u64) -> &Self {
+        match &self.above {
+            Some((threshold, p)) if prompt_tokens > *threshold => p.tier(prompt_tokens),
+            _ => self,
+        }
+    }
+}
+
+/// An amount of money, in pico-dollars.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cost(pub u128);
+
+impl Cost {
+    /// Pico-dollars in one dollar.
+    pub const PICO_PER_USD: u128 = 1_000_000_000_000;
+
+    /// Whole dollars of `usd` (for budgets written in dollars).
+    pub fn usd(usd: u64) -> Self {
+        Self(u128::from(usd) * Self::PICO_PER_USD)
+    }
+
+    /// The amount in dollars as a float, for metrics (which are floats anyway).
+    #[allow(clippy::cast_precision_loss)]
+    pub fn as_f64(self) -> f64 {
+        self.0 as f64 / Self::PICO_PER_USD as f64
+    }
+}
+
+impl std::ops::Add for Cost {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        Self(self.0.saturating_add(other.0))
+    }
+}
+
+/// Decimal dollars, without trailing zeros: `0.00202`, `12`, `0.000000000001`.
+impl std::fmt::Display for Cost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let whole = self.0 / Self::PICO_PER_USD;
+        let frac = self.0 % Self::PICO_PER_USD;
+        if frac == 0 {
+            return write!(f, "{whole}");
+        }
+        let digits = format!("{frac:012}");
+        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+/// What `usage` cost at `price`: uncached input, cache reads, five-minute and one-hour cache
+/// writes, and output, each at its price (the prompt's tier chosen by its whole size).
+pub fn cost(price: &Price, usage: &Usage) -> Cost {
+    let p = price.tier(usage.prompt_tokens);
+    let read = usage.cache_read_tokens.min(usage.prompt_tokens);
+    let written = usage.cache_write_tokens.min(usage.prompt_tokens - read);
+    let written_1h = usage.cache_write_1h_tokens.min(written);
+    let uncached = usage.prompt_tokens - read - written;
+    let at = |tokens: u64, per: PerToken| u128::from(tokens) * u128::from(per);
+    Cost(
+        at(uncached, p.input)
+            + at(read, p.cached_input)
+            + at(written - written_1h, p.cache_write_5m)
+            + at(written_1h, p.cache_write_1h)
+            + at(usage.completion_tokens, p.output),
+    )
+}
+
+#[cfg(test)]
+mod tests;
