@@ -7,7 +7,7 @@
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use keypool_config::UpstreamKey;
-use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use reqwest::header::{HeaderName, HeaderValue};
 
 use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
 use crate::client::{Target, UpstreamClient};
@@ -75,25 +75,11 @@ async fn forward(
     req: AttemptRequest<'_>,
 ) -> Result<UpstreamResponse, TransportError> {
     let target = Target::new(&key.endpoint_url, req.path, req.query)?;
-    let mut headers = req.headers.clone();
-    let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
-    if let Ok(host) = HeaderValue::from_str(authority) {
-        headers.insert(reqwest::header::HOST, host);
-    }
+    // `sk: asis`: the caller's own credential (an OAuth bearer token)
+    let mut headers = super::upstream_headers(key, &req, HeaderName::from_static("x-api-key"), "")?;
     let version = HeaderName::from_static("anthropic-version");
     if !headers.contains_key(&version) {
         headers.insert(version, HeaderValue::from_static(DEFAULT_VERSION));
-    }
-    if key.passthrough_auth {
-        // `sk: asis`: the caller's own credential (an OAuth bearer token)
-        if let Some(v) = req.client_authorization {
-            headers.insert(AUTHORIZATION, v.clone());
-        }
-    } else {
-        let mut value = HeaderValue::from_str(key.sk.expose())
-            .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        headers.insert(HeaderName::from_static("x-api-key"), value);
     }
     client.send(req.method, &target, headers, req.body).await
 }

@@ -6,7 +6,7 @@
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use keypool_config::UpstreamKey;
-use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use reqwest::header::HeaderName;
 
 use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
 use crate::client::{Target, UpstreamClient};
@@ -49,22 +49,8 @@ async fn forward(
         _ => format!("api-version={}", azure.api_version),
     };
     let target = Target::new(&key.endpoint_url, &path, Some(&query))?;
-    let mut headers = req.headers.clone();
-    let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
-    if let Ok(host) = HeaderValue::from_str(authority) {
-        headers.insert(reqwest::header::HOST, host);
-    }
-    if key.passthrough_auth {
-        // `sk: asis`: the caller's own credential (an Entra ID bearer token)
-        if let Some(v) = req.client_authorization {
-            headers.insert(AUTHORIZATION, v.clone());
-        }
-    } else {
-        let mut value = HeaderValue::from_str(key.sk.expose())
-            .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        headers.insert(HeaderName::from_static("api-key"), value);
-    }
+    // `sk: asis`: the caller's own credential (an Entra ID bearer token)
+    let headers = super::upstream_headers(key, &req, HeaderName::from_static("api-key"), "")?;
     client.send(req.method, &target, headers, req.body).await
 }
 

@@ -75,6 +75,38 @@ impl TransportError {
     }
 }
 
+/// The headers of a request to `key`'s endpoint: the client's (already filtered), the
+/// endpoint's `Host` (HTTP/1.1 wants one; the origin-form request target carries none), and the
+/// key's credential: the client's own `Authorization` for `sk: asis` keys, else `name` with
+/// `prefix` and the secret, marked sensitive.
+pub(crate) fn upstream_headers(
+    key: &UpstreamKey,
+    req: &AttemptRequest<'_>,
+    name: reqwest::header::HeaderName,
+    prefix: &str,
+) -> Result<HeaderMap, TransportError> {
+    use reqwest::header::{AUTHORIZATION, HOST, HeaderValue};
+    let mut headers = req.headers.clone();
+    let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        headers.insert(HOST, host);
+    }
+    if key.passthrough_auth {
+        if let Some(v) = req.client_authorization {
+            headers.insert(AUTHORIZATION, v.clone());
+        }
+        return Ok(headers);
+    }
+    let mut secret = String::with_capacity(prefix.len() + key.sk.expose().len());
+    secret.push_str(prefix);
+    secret.push_str(key.sk.expose());
+    let mut value = HeaderValue::from_str(&secret)
+        .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
+    value.set_sensitive(true);
+    headers.insert(name, value);
+    Ok(headers)
+}
+
 /// A reqwest response body as a [`BodyStream`].
 pub(crate) fn body_of(resp: reqwest::Response) -> BodyStream {
     use futures::TryStreamExt;

@@ -5,7 +5,7 @@
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use keypool_config::UpstreamKey;
-use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::header::AUTHORIZATION;
 
 use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
 use crate::client::{Target, UpstreamClient};
@@ -37,24 +37,6 @@ async fn forward(
     req: AttemptRequest<'_>,
 ) -> Result<UpstreamResponse, TransportError> {
     let target = Target::new(&key.endpoint_url, req.path, req.query)?;
-    let mut headers = req.headers.clone();
-    // HTTP/1.1 wants a Host; the origin-form request target carries none
-    let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
-    if let Ok(host) = HeaderValue::from_str(authority) {
-        headers.insert(reqwest::header::HOST, host);
-    }
-    if key.passthrough_auth {
-        if let Some(v) = req.client_authorization {
-            headers.insert(AUTHORIZATION, v.clone());
-        }
-    } else {
-        let mut bearer = String::with_capacity(7 + key.sk.expose().len());
-        bearer.push_str("Bearer ");
-        bearer.push_str(key.sk.expose());
-        let mut value = HeaderValue::from_str(&bearer)
-            .map_err(|_| TransportError::Connect("the key is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        headers.insert(AUTHORIZATION, value);
-    }
+    let headers = super::upstream_headers(key, &req, AUTHORIZATION, "Bearer ")?;
     client.send(req.method, &target, headers, req.body).await
 }

@@ -18,10 +18,11 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use keypool_config::UpstreamKey;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::translate::whole;
 use super::{AttemptRequest, TransportError, UpstreamAdapter, UpstreamResponse};
 use template::Turn;
 
@@ -73,15 +74,6 @@ struct Translated {
 fn openai_error(status: u16, kind: &str, code: &str, message: &str) -> UpstreamResponse {
     let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
     whole(status, HeaderMap::new(), Bytes::from(body.to_string()))
-}
-
-fn whole(status: u16, mut headers: HeaderMap, body: Bytes) -> UpstreamResponse {
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    UpstreamResponse {
-        status,
-        headers,
-        body: Box::pin(futures::stream::once(async move { Ok(body) })),
-    }
 }
 
 fn bad_request(param: &str, message: &str) -> UpstreamResponse {

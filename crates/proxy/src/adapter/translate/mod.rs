@@ -131,6 +131,41 @@ pub(crate) fn error_body(shape: Shape, status: u16, body: &[u8]) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// The upstream's answer translated: an error body into the client's `shape` (its status and
+/// headers kept, for cooldown and failover), a stream event by event through `stream`, a
+/// whole answer through `whole_answer`.
+pub(crate) async fn answer(
+    resp: UpstreamResponse,
+    shape: Shape,
+    stream: Option<impl sse::Translation>,
+    whole_answer: fn(&Value) -> Value,
+) -> Result<UpstreamResponse, TransportError> {
+    let UpstreamResponse {
+        status,
+        headers,
+        body,
+    } = resp;
+    if !(200..300).contains(&status) {
+        let bytes = read_all(body).await?;
+        return Ok(whole(status, headers, error_body(shape, status, &bytes)));
+    }
+    if let Some(t) = stream {
+        return Ok(UpstreamResponse {
+            status,
+            headers,
+            body: sse::translated(body, t),
+        });
+    }
+    let bytes = read_all(body).await?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|_| TransportError::Broken("the upstream answer is not JSON".into()))?;
+    Ok(whole(
+        status,
+        headers,
+        Bytes::from(whole_answer(&v).to_string()),
+    ))
+}
+
 /// The text of a content value: a string, or the `text` of its text parts.
 pub(crate) fn text_of(content: &Value) -> String {
     match content {

@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use serde_json::{Map, Value, json};
 
 use super::sse::Translation;
-use super::{Shape, Unsupported, error_body, read_all, text_of, whole};
+use super::{Shape, Unsupported, text_of};
 use crate::adapter::{TransportError, UpstreamResponse};
 
 /// Messages request fields with no effect on the answer, passed over.
@@ -224,34 +224,8 @@ pub(crate) async fn response(
     resp: UpstreamResponse,
     t: &Translated,
 ) -> Result<UpstreamResponse, TransportError> {
-    let UpstreamResponse {
-        status,
-        headers,
-        body,
-    } = resp;
-    if !(200..300).contains(&status) {
-        let bytes = read_all(body).await?;
-        return Ok(whole(
-            status,
-            headers,
-            error_body(Shape::Anthropic, status, &bytes),
-        ));
-    }
-    if t.stream {
-        return Ok(UpstreamResponse {
-            status,
-            headers,
-            body: super::sse::translated(body, MessageEvents::default()),
-        });
-    }
-    let bytes = read_all(body).await?;
-    let c: Value = serde_json::from_slice(&bytes)
-        .map_err(|_| TransportError::Broken("the upstream answer is not JSON".into()))?;
-    Ok(whole(
-        status,
-        headers,
-        Bytes::from(whole_answer(&c).to_string()),
-    ))
+    let stream = t.stream.then(MessageEvents::default);
+    super::answer(resp, Shape::Anthropic, stream, whole_answer).await
 }
 
 /// The block being streamed.

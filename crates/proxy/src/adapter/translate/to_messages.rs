@@ -6,7 +6,7 @@ use keypool_types::AnthropicCounts;
 use serde_json::{Map, Value, json};
 
 use super::sse::Translation;
-use super::{Shape, Unsupported, error_body, read_all, text_of, whole};
+use super::{Shape, Unsupported, text_of};
 use crate::adapter::{TransportError, UpstreamResponse};
 
 /// `max_tokens` when the chat request names none (Anthropic requires one).
@@ -321,38 +321,11 @@ pub(crate) async fn response(
     resp: UpstreamResponse,
     t: &Translated,
 ) -> Result<UpstreamResponse, TransportError> {
-    let UpstreamResponse {
-        status,
-        headers,
-        body,
-    } = resp;
-    if !(200..300).contains(&status) {
-        let bytes = read_all(body).await?;
-        return Ok(whole(
-            status,
-            headers,
-            error_body(Shape::OpenAi, status, &bytes),
-        ));
-    }
-    if t.stream {
-        let stream = ChatChunks {
-            include_usage: t.include_usage,
-            ..ChatChunks::default()
-        };
-        return Ok(UpstreamResponse {
-            status,
-            headers,
-            body: super::sse::translated(body, stream),
-        });
-    }
-    let bytes = read_all(body).await?;
-    let message: Value = serde_json::from_slice(&bytes)
-        .map_err(|_| TransportError::Broken("the upstream answer is not JSON".into()))?;
-    Ok(whole(
-        status,
-        headers,
-        Bytes::from(whole_answer(&message).to_string()),
-    ))
+    let stream = t.stream.then(|| ChatChunks {
+        include_usage: t.include_usage,
+        ..ChatChunks::default()
+    });
+    super::answer(resp, Shape::OpenAi, stream, whole_answer).await
 }
 
 /// Anthropic's stream events as chat completion chunks.
