@@ -9,6 +9,7 @@ mod m20261122_000003_admin;
 mod m20261201_000004_pg_time_indexes;
 mod m20261201_000005_event_ids_unindexed;
 mod m20261205_000006_cache_tokens;
+mod m20261205_000007_cost;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000004_pg_time_indexes::Migration),
             Box::new(m20261201_000005_event_ids_unindexed::Migration),
             Box::new(m20261205_000006_cache_tokens::Migration),
+            Box::new(m20261205_000007_cost::Migration),
         ]
     }
 

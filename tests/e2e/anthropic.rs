@@ -235,12 +235,10 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
             .yaml(),
     )
     .await?;
-    assert_eq!(
-        post(&gw, "/v1/messages", &message(false), Some(T))
-            .await?
-            .status(),
-        200
-    );
+    let plain = post(&gw, "/v1/messages", &message(false), Some(T)).await?;
+    assert_eq!(plain.status(), 200);
+    // at claude-sonnet-4-5's catalog prices: 7 x 3 + 1,024 read x 0.30 + 5 out x 15 per million
+    assert_eq!(plain.headers()["x-keypool-cost"], "0.0004032");
     // the stream's system block is cached for an hour: 256 tokens written, 1,024 read
     let mut streamed = message(true);
     streamed["system"][0]["cache_control"]["ttl"] = json!("1h");
@@ -287,6 +285,13 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
             some([11, 5, 16, 7, 0, 0]),
         ]
     );
+    // costs in pico-dollars: the stream adds 256 one-hour writes x 6; the chat is gpt-4o-mini's
+    // 4 x 0.15 + 7 cached x 0.075 + 5 x 0.60
+    let costs: Vec<_> = events.iter().map(|e| e.cost_pico).collect();
+    assert_eq!(
+        costs,
+        [Some(403_200_000), Some(1_939_200_000), Some(4_125_000)]
+    );
     let providers: Vec<_> = events.iter().map(|e| e.provider.as_deref()).collect();
     assert_eq!(
         providers,
@@ -308,6 +313,7 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
         ),
         (2318, 2048, 256, 256)
     );
+    assert_eq!(claude_total.cost_pico, 2_342_400_000, "rolled up exactly");
     let metrics = gw
         .http()
         .get(gw.url("/metrics"))
@@ -319,6 +325,7 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
         "keypool_cache_read_tokens_total{gateway=\"default\",key=\"claude\",model=\"claude-sonnet-4-5\"} 2048",
         "keypool_cache_write_tokens_total{gateway=\"default\",key=\"claude\",model=\"claude-sonnet-4-5\"} 256",
         "keypool_cache_read_tokens_total{gateway=\"default\",key=\"gpt\",model=\"gpt-4o-mini\"} 7",
+        "keypool_spend_usd_total{gateway=\"default\",key=\"claude\",model=\"claude-sonnet-4-5\"} 0.0023424",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }

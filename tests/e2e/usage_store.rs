@@ -460,6 +460,7 @@ async fn retention_deletes_old_events_at_start_up_and_keeps_new_ones() -> anyhow
         cache_read_tokens: Some(0),
         cache_write_tokens: Some(0),
         cache_write_1h_tokens: Some(0),
+        cost_pico: None,
         log: None,
     };
     seeded.write_batch(std::slice::from_ref(&old)).await?;
@@ -541,5 +542,54 @@ async fn an_overloaded_writer_loses_no_event() -> anyhow::Result<()> {
         );
         assert!(gw.logs().contains("dropped=0"), "{mode}: {}", gw.logs());
     }
+    Ok(())
+}
+
+/// A model without a price: no `x-keypool-cost`, a null cost (never 0), counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpriced_model_has_no_cost_never_zero() -> anyhow::Result<()> {
+    let db = Db::sqlite()?;
+    let (dbtype, dbaddr) = db.yaml();
+    let up = mock("up", Behavior::default());
+    let gw = Gateway::start(
+        &config()
+            .token("t")
+            .set("dbtype", &dbtype)
+            .set("dbaddr", &dbaddr)
+            .key(&up, "up", "")
+            .yaml(),
+    )
+    .await?;
+    let resp = gw.chat("t", hello("my-fine-tune")).await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("x-keypool-cost").is_none());
+    let priced = gw.chat("t", hello("gpt-4o-mini")).await?;
+    assert!(priced.headers().get("x-keypool-cost").is_some());
+    let store = Store::connect_only(&db.url()).await?;
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = store.events_since(0, 10).await?;
+        if events.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let costs: Vec<_> = events
+        .iter()
+        .map(|e| (e.model.as_str(), e.cost_pico.is_some()))
+        .collect();
+    assert!(costs.contains(&("my-fine-tune", false)), "{costs:?}");
+    assert!(costs.contains(&("gpt-4o-mini", true)), "{costs:?}");
+    let metrics = gw
+        .http()
+        .get(gw.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("keypool_unpriced_requests_total 1"),
+        "{metrics}"
+    );
     Ok(())
 }

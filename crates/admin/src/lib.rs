@@ -274,6 +274,7 @@ impl Admin for AdminService {
                             cache_read_tokens: t.cache_read_tokens,
                             cache_write_tokens: t.cache_write_tokens,
                             cache_write_1h_tokens: t.cache_write_1h_tokens,
+                            cost_pico: t.cost_pico,
                         })
                         .collect::<Vec<_>>()
                 })

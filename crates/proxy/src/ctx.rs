@@ -92,6 +92,9 @@ pub struct RequestCtx {
     pub answered: Option<Instant>,
     sink: Arc<dyn UsageSink>,
     accounted: bool,
+    /// The cost (for the answer's header, then the usage event), once `priced`.
+    cost: Option<keypool_pricing::Cost>,
+    priced: bool,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -144,6 +147,8 @@ impl RequestCtx {
             answered: None,
             sink: r.sink,
             accounted: false,
+            cost: None,
+            priced: false,
         }
     }
 
@@ -162,6 +167,14 @@ impl RequestCtx {
     }
 
     /// Records this request's usage event (once; later calls are ignored).
+    /// What `usage` cost (worked out once per request: an unpriced model is counted once).
+    pub fn cost_of(&mut self, usage: Option<Usage>) -> Option<keypool_pricing::Cost> {
+        if !std::mem::replace(&mut self.priced, true) {
+            self.cost = usage.and_then(|u| crate::spend::cost(&self.inspected.model, &u));
+        }
+        self.cost
+    }
+
     pub fn account(&mut self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
         if std::mem::replace(&mut self.accounted, true) {
             return;
@@ -173,7 +186,8 @@ impl RequestCtx {
             .answered
             .unwrap_or_else(Instant::now)
             .saturating_duration_since(self.started);
-        crate::observe::answered(self, status, usage, error, latency);
+        let cost = self.cost_of(usage);
+        crate::observe::answered(self, status, usage, cost, error, latency);
         self.sink.record(UsageEvent {
             id: new_event_id(),
             at: SystemTime::now(),
@@ -188,6 +202,7 @@ impl RequestCtx {
             latency,
             ttfb: self.ttfb,
             usage,
+            cost_pico: cost.map(|c| u64::try_from(c.0).unwrap_or(u64::MAX)),
             client_ip: self.client_ip,
             error,
             user_agent: self.user_agent.take(),

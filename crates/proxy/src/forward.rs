@@ -74,6 +74,9 @@ impl Drop for AccountLater {
     }
 }
 
+/// A non-stream answer's cost in USD, at the price catalog's prices (absent when unknown).
+pub const COST_HEADER: &str = "x-keypool-cost";
+
 /// Cap on the jitter added to waits.
 const MAX_JITTER: Duration = Duration::from_secs(1);
 
@@ -97,9 +100,17 @@ impl Engine {
                 status,
                 usage,
                 body,
+                headers,
                 ..
             } => {
                 ctx.capture_response(body);
+                // the cost is keypool's to say, never the upstream's
+                headers.remove(COST_HEADER);
+                if let Some(cost) = ctx.cost_of(*usage)
+                    && let Ok(v) = reqwest::header::HeaderValue::from_str(&cost.to_string())
+                {
+                    headers.insert(COST_HEADER, v);
+                }
                 let error = (*status >= 400).then_some(if *status >= 500 {
                     "upstream_5xx"
                 } else {

@@ -20,6 +20,7 @@ pub mod models;
 mod observe;
 pub mod pipeline;
 pub mod relay;
+pub mod spend;
 pub mod sse;
 
 pub use client::UpstreamClient;

@@ -109,6 +109,7 @@ pub(crate) fn answered(
     ctx: &RequestCtx,
     status: u16,
     usage: Option<Usage>,
+    cost: Option<keypool_pricing::Cost>,
     error: Option<&'static str>,
     latency: Duration,
 ) {
@@ -128,6 +129,7 @@ pub(crate) fn answered(
         completion_tokens: tokens.completion_tokens,
         cache_read_tokens: tokens.cache_read_tokens,
         cache_write_tokens: tokens.cache_write_tokens,
+        cost_usd: cost.map(keypool_pricing::Cost::as_f64),
     });
 }
 

@@ -63,6 +63,7 @@ fn event(n: usize, at_ms: i64) -> StoredEvent {
         cache_read_tokens: Some(0),
         cache_write_tokens: Some(0),
         cache_write_1h_tokens: Some(0),
+        cost_pico: Some(2_020_000),
         log: None,
     }
 }

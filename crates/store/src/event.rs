@@ -34,6 +34,9 @@ pub struct StoredEvent {
     pub cache_write_tokens: Option<i64>,
     #[serde(default)]
     pub cache_write_1h_tokens: Option<i64>,
+    /// Pico-dollars; none for a model without a price.
+    #[serde(default)]
+    pub cost_pico: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<StoredLog>,
 }
@@ -85,6 +88,7 @@ impl From<UsageEvent> for StoredEvent {
             cache_read_tokens: usage.map(|u| tokens(u.cache_read_tokens)),
             cache_write_tokens: usage.map(|u| tokens(u.cache_write_tokens)),
             cache_write_1h_tokens: usage.map(|u| tokens(u.cache_write_1h_tokens)),
+            cost_pico: e.cost_pico.map(tokens),
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -119,6 +123,7 @@ impl From<&StoredEvent> for keypool_proto::admin::v1::UsageEvent {
             cache_read_tokens: n(e.cache_read_tokens),
             cache_write_tokens: n(e.cache_write_tokens),
             cache_write_1h_tokens: n(e.cache_write_1h_tokens),
+            cost_pico: n(e.cost_pico),
             client_ip: e.client_ip.clone(),
             user_agent: e.user_agent.clone(),
             log: e
@@ -158,6 +163,7 @@ impl From<keypool_proto::admin::v1::UsageEvent> for StoredEvent {
             cache_read_tokens: n(e.cache_read_tokens),
             cache_write_tokens: n(e.cache_write_tokens),
             cache_write_1h_tokens: n(e.cache_write_1h_tokens),
+            cost_pico: n(e.cost_pico),
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -195,6 +201,7 @@ mod tests {
             cache_read_tokens: t(4),
             cache_write_tokens: t(2),
             cache_write_1h_tokens: t(1),
+            cost_pico: t(2_020_000_000),
             log,
         }
     }

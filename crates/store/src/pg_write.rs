@@ -95,6 +95,7 @@ pub(crate) async fn insert_arrays(
         .bind(column(events, new, |e| e.cache_read_tokens))
         .bind(column(events, new, |e| e.cache_write_tokens))
         .bind(column(events, new, |e| e.cache_write_1h_tokens))
+        .bind(column(events, new, |e| e.cost_pico))
         .execute(conn)
         .await?;
     Ok(())
@@ -142,6 +143,7 @@ pub(crate) async fn write_rest(
         columns.cache_read.push(r.cache_read);
         columns.cache_write.push(r.cache_write);
         columns.cache_write_1h.push(r.cache_write_1h);
+        columns.cost_pico.push(r.cost_pico);
     }
     sqlx::query::<Postgres>(POSTGRES_ROLLUP.as_str())
         .bind(columns.hour)
@@ -156,6 +158,7 @@ pub(crate) async fn write_rest(
         .bind(columns.cache_read)
         .bind(columns.cache_write)
         .bind(columns.cache_write_1h)
+        .bind(columns.cost_pico)
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -176,6 +179,7 @@ struct RollupColumns<'a> {
     cache_read: Vec<i64>,
     cache_write: Vec<i64>,
     cache_write_1h: Vec<i64>,
+    cost_pico: Vec<i64>,
 }
 
 /// The `new` events as the rows of a `COPY ... (FORMAT text)`: tab-separated, `\N` for NULL,
@@ -212,6 +216,7 @@ pub(crate) fn copy_text(events: &[StoredEvent], new: &[usize]) -> Vec<u8> {
             Int(e.cache_read_tokens),
             Int(e.cache_write_tokens),
             Int(e.cache_write_1h_tokens),
+            Int(e.cost_pico),
         ];
         for (n, field) in row.iter().enumerate() {
             if n > 0 {

@@ -37,6 +37,8 @@ pub struct UsageTotal {
     pub cache_read_tokens: i64,
     pub cache_write_tokens: i64,
     pub cache_write_1h_tokens: i64,
+    /// What the calls with a price cost, in pico-dollars.
+    pub cost_pico: i64,
 }
 
 /// Calls in one hour.
@@ -93,6 +95,7 @@ impl Store {
             t.cache_read_tokens += r.cache_read_tokens;
             t.cache_write_tokens += r.cache_write_tokens;
             t.cache_write_1h_tokens += r.cache_write_1h_tokens;
+            t.cost_pico = t.cost_pico.saturating_add(r.cost_pico);
         }
         let mut out: Vec<UsageTotal> = totals.into_values().collect();
         out.sort_by(|a, b| {

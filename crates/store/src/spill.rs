@@ -156,6 +156,7 @@ mod tests {
                 cache_read_tokens: Some(1),
                 cache_write_tokens: Some(0),
                 cache_write_1h_tokens: Some(0),
+                cost_pico: None,
                 log: None,
             })
             .collect()

@@ -98,7 +98,7 @@ impl SqliteWriter {
     }
 }
 
-/// Binds one event's 21 values from parameter `offset + 1` on.
+/// Binds one event's 22 values from parameter `offset + 1` on.
 fn bind_event(
     stmt: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
@@ -129,7 +129,8 @@ fn bind_event(
     bind(&e.error)?;
     bind(&e.cache_read_tokens)?;
     bind(&e.cache_write_tokens)?;
-    bind(&e.cache_write_1h_tokens)
+    bind(&e.cache_write_1h_tokens)?;
+    bind(&e.cost_pico)
 }
 
 fn write_batch(
@@ -200,7 +201,8 @@ fn write_batch(
                 r.total,
                 r.cache_read,
                 r.cache_write,
-                r.cache_write_1h
+                r.cache_write_1h,
+                r.cost_pico
             ])?;
         }
         new

@@ -37,8 +37,9 @@ pub(crate) const SHAPES: [usize; 3] = [64, 8, 1];
 
 const EVENT_COLUMNS: &str = "id, at_ms, gateway, caller, model, key_name, provider, attempts, \
      status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, \
-     client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens";
-pub(crate) const EVENT_ARITY: usize = 21;
+     client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, \
+     cost_pico";
+pub(crate) const EVENT_ARITY: usize = 22;
 const LOG_COLUMNS: &str = "event_id, at_ms, request_headers, request_body, response_body";
 const LOG_ARITY: usize = 5;
 
@@ -86,8 +87,8 @@ fn insert(
 
 const ROLLUP_COLUMNS: &str = "hour_ms, gateway, key_name, model, calls, errors, \
      prompt_tokens, completion_tokens, total_tokens, cache_read_tokens, cache_write_tokens, \
-     cache_write_1h_tokens";
-const ROLLUP_ARITY: usize = 12;
+     cache_write_1h_tokens, cost_pico";
+const ROLLUP_ARITY: usize = 13;
 
 /// What a rollup insert does with an existing row: adds to its sums.
 fn rollup_upsert() -> String {
@@ -101,6 +102,7 @@ fn rollup_upsert() -> String {
         "cache_read_tokens",
         "cache_write_tokens",
         "cache_write_1h_tokens",
+        "cost_pico",
     ];
     format!(
         " ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET {}",
@@ -172,7 +174,7 @@ pub(crate) static POSTGRES_ROLLUP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO usage_hourly ({ROLLUP_COLUMNS}) SELECT * FROM unnest($1::bigint[], \
          $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], \
-         $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[]){}",
+         $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[]){}",
         rollup_upsert()
     )
 });
@@ -192,7 +194,7 @@ pub(crate) static POSTGRES_EVENTS: LazyLock<String> = LazyLock::new(|| {
          $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[], \
          $9::int[], $10::bool[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], \
          $15::bigint[], $16::text[], $17::text[], $18::text[], $19::bigint[], $20::bigint[], \
-         $21::bigint[])"
+         $21::bigint[], $22::bigint[])"
     )
 });
 
@@ -207,6 +209,7 @@ pub(crate) struct Rollup {
     pub cache_read: i64,
     pub cache_write: i64,
     pub cache_write_1h: i64,
+    pub cost_pico: i64,
 }
 
 /// The hourly rollups of the `new` events: `(hour, gateway, key, model)` → sums.
@@ -234,6 +237,7 @@ pub(crate) fn rollups<'a>(
         g.cache_read += e.cache_read_tokens.unwrap_or(0);
         g.cache_write += e.cache_write_tokens.unwrap_or(0);
         g.cache_write_1h += e.cache_write_1h_tokens.unwrap_or(0);
+        g.cost_pico = g.cost_pico.saturating_add(e.cost_pico.unwrap_or(0));
     }
     groups
 }

@@ -37,6 +37,7 @@ fn event() -> StoredEvent {
         cache_read_tokens: Some(2),
         cache_write_tokens: None,
         cache_write_1h_tokens: None,
+        cost_pico: Some(5),
         log: None,
     }
 }
@@ -47,7 +48,7 @@ fn copy_rows_escape_what_the_text_format_reserves() {
     let text = String::from_utf8(copy_text(&[e], &[0])).unwrap();
     assert_eq!(
         text,
-        "0123\t5\tdefault\t\\N\ta\\tb\\\\c\\nd\tk\t\\N\t1\t200\tt\t7\t\\N\t3\t4\t7\t\\N\tcurl\\r\t\\N\t2\t\\N\t\\N\n"
+        "0123\t5\tdefault\t\\N\ta\\tb\\\\c\\nd\tk\t\\N\t1\t200\tt\t7\t\\N\t3\t4\t7\t\\N\tcurl\\r\t\\N\t2\t\\N\t\\N\t5\n"
     );
 }
 
@@ -76,9 +77,9 @@ fn statements_number_their_placeholders() {
     };
     assert_eq!(
         events(Dialect::Postgres, 1),
-        "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+        "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, cost_pico) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
     );
-    assert!(events(Dialect::Postgres, 64).ends_with("$1344)"));
+    assert!(events(Dialect::Postgres, 64).ends_with("$1408)"));
     assert_eq!(POSTGRES_LOGS[1].matches('$').count(), 8 * LOG_ARITY);
     assert_eq!(SQLITE.events[0].matches('?').count(), 64 * EVENT_ARITY);
     assert!(SQLITE.events[1].starts_with("INSERT OR ROLLBACK INTO usage_events ("));
@@ -86,9 +87,9 @@ fn statements_number_their_placeholders() {
     assert!(
         SQLITE
             .rollup
-            .ends_with(" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET calls = usage_hourly.calls + excluded.calls, errors = usage_hourly.errors + excluded.errors, prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, total_tokens = usage_hourly.total_tokens + excluded.total_tokens, cache_read_tokens = usage_hourly.cache_read_tokens + excluded.cache_read_tokens, cache_write_tokens = usage_hourly.cache_write_tokens + excluded.cache_write_tokens, cache_write_1h_tokens = usage_hourly.cache_write_1h_tokens + excluded.cache_write_1h_tokens")
+            .ends_with(" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET calls = usage_hourly.calls + excluded.calls, errors = usage_hourly.errors + excluded.errors, prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, total_tokens = usage_hourly.total_tokens + excluded.total_tokens, cache_read_tokens = usage_hourly.cache_read_tokens + excluded.cache_read_tokens, cache_write_tokens = usage_hourly.cache_write_tokens + excluded.cache_write_tokens, cache_write_1h_tokens = usage_hourly.cache_write_1h_tokens + excluded.cache_write_1h_tokens, cost_pico = usage_hourly.cost_pico + excluded.cost_pico")
     );
-    assert!(POSTGRES_ROLLUP.contains("$12::bigint[]) ON CONFLICT (hour_ms"));
+    assert!(POSTGRES_ROLLUP.contains("$13::bigint[]) ON CONFLICT (hour_ms"));
     let lock = WRITE_LOCK.to_string();
     assert!(BEGIN_FRESH.ends_with(&format!("pg_advisory_xact_lock_shared({lock})")));
     assert!(BEGIN_RETRY.contains(&format!("pg_advisory_xact_lock({lock});")));

@@ -78,6 +78,7 @@ fn event(
         cache_read_tokens: Some(tokens.0 / 2),
         cache_write_tokens: Some(1),
         cache_write_1h_tokens: Some(0),
+        cost_pico: Some(tokens.0 * 1_000_000),
         log: None,
     }
 }
@@ -93,7 +94,8 @@ async fn migrations_up_down_up(url: String) {
             "m20261122_000003_admin",
             "m20261201_000004_pg_time_indexes",
             "m20261201_000005_event_ids_unindexed",
-            "m20261205_000006_cache_tokens"
+            "m20261205_000006_cache_tokens",
+            "m20261205_000007_cost"
         ]
     );
     // the admin tables: gateways and keys with their owner, upserted by name
@@ -183,6 +185,8 @@ async fn each_event_is_written_once_and_rolled_up_once(url: String) {
         ),
         (15, 2, 0)
     );
+    // and the cost, summed exactly: (10 + 20) x 1e6 pico-dollars
+    assert_eq!(by_model[0].cost_pico, 30_000_000);
     assert_eq!(
         (
             by_model[1].group.as_str(),
@@ -321,6 +325,7 @@ fn from_row(e: &keypool_store::entity::usage_events::Model) -> StoredEvent {
         cache_read_tokens: e.cache_read_tokens,
         cache_write_tokens: e.cache_write_tokens,
         cache_write_1h_tokens: e.cache_write_1h_tokens,
+        cost_pico: e.cost_pico,
         log: None,
     }
 }

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub completion_tokens: IntCounterVec,
     pub cache_read_tokens: IntCounterVec,
     pub cache_write_tokens: IntCounterVec,
+    pub spend: prometheus::CounterVec,
+    pub unpriced: prometheus::IntCounter,
     pub queue_wait: Histogram,
     pub rate_limited: IntCounterVec,
     pub refusals: IntCounterVec,
@@ -73,6 +75,14 @@ pub fn metrics() -> &'static Metrics {
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn float_counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::CounterVec {
+    let c = prometheus::CounterVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(c.clone()))
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -153,6 +163,8 @@ pub struct RequestRecord<'a> {
     /// Parts of `prompt_tokens`: read from the provider's prompt cache, written to it.
     pub cache_read_tokens: u64,
     pub cache_write_tokens: u64,
+    /// What it cost, in USD (`None`: no usage, or a model without a price).
+    pub cost_usd: Option<f64>,
 }
 
 impl Metrics {
@@ -223,6 +235,17 @@ impl Metrics {
                 "keypool_cache_read_tokens_total",
                 "Prompt tokens read from the provider's prompt cache (part of the prompt tokens), by gateway, model and key.",
                 &["gateway", "model", "key"],
+            ),
+            spend: float_counter(
+                &r,
+                "keypool_spend_usd_total",
+                "What requests cost in USD at the price catalog's prices, by gateway, model and key.",
+                &["gateway", "model", "key"],
+            ),
+            unpriced: plain_counter(
+                &r,
+                "keypool_unpriced_requests_total",
+                "Requests with usage whose model has no price (their cost is left empty, never 0).",
             ),
             cache_write_tokens: counter(
                 &r,
@@ -404,6 +427,9 @@ impl Metrics {
             self.cache_write_tokens
                 .with_label_values(&labels)
                 .inc_by(r.cache_write_tokens);
+            if let Some(usd) = r.cost_usd {
+                self.spend.with_label_values(&labels).inc_by(usd);
+            }
         }
     }
 

@@ -194,6 +194,9 @@ pub struct UsageEvent {
     pub latency: std::time::Duration,
     pub ttfb: Option<std::time::Duration>,
     pub usage: Option<Usage>,
+    /// What the usage cost, in pico-dollars (10⁻¹² USD); `None` without usage or for a model
+    /// without a price (never 0 for "unknown").
+    pub cost_pico: Option<u64>,
     pub client_ip: Option<std::net::IpAddr>,
     /// Error class when the request did not succeed (`upstream_5xx`, `client_cancelled`, ...).
     pub error: Option<&'static str>,

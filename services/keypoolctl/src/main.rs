@@ -348,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 "cache_read_tokens": e.cache_read_tokens,
                                 "cache_write_tokens": e.cache_write_tokens,
                                 "cache_write_1h_tokens": e.cache_write_1h_tokens,
+                                "cost_usd": e.cost_pico.map(usd),
                                 "error": e.error})
                         );
                     } else {
@@ -390,7 +391,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 "total_tokens": t.total_tokens,
                                 "cache_read_tokens": t.cache_read_tokens,
                                 "cache_write_tokens": t.cache_write_tokens,
-                                "cache_write_1h_tokens": t.cache_write_1h_tokens})
+                                "cache_write_1h_tokens": t.cache_write_1h_tokens,
+                                "cost_usd": usd(u64::try_from(t.cost_pico).unwrap_or(0))})
                         })
                         .collect(),
                 )
@@ -424,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             t.cache_write_tokens.to_string(),
                             t.completion_tokens.to_string(),
                             t.total_tokens.to_string(),
+                            usd(u64::try_from(t.cost_pico).unwrap_or(0)),
                         ]
                     })
                     .collect();
@@ -437,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "CACHE WRITE",
                         "COMPLETION",
                         "TOTAL",
+                        "SPEND (USD)",
                     ],
                     &rows,
                 );
@@ -487,4 +491,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pico-dollars as decimal dollars, exact (`0.00202`).
+fn usd(pico: u64) -> String {
+    const PER_USD: u64 = 1_000_000_000_000;
+    let (whole, frac) = (pico / PER_USD, pico % PER_USD);
+    if frac == 0 {
+        return whole.to_string();
+    }
+    format!("{whole}.{}", format!("{frac:012}").trim_end_matches('0'))
 }

@@ -29,6 +29,8 @@ pub struct Model {
     pub cache_read_tokens: Option<i64>,
     pub cache_write_tokens: Option<i64>,
     pub cache_write_1h_tokens: Option<i64>,
+    /// What it cost, in pico-dollars; none for a model without a price.
+    pub cost_pico: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

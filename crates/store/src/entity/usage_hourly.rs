@@ -22,6 +22,8 @@ pub struct Model {
     pub cache_read_tokens: i64,
     pub cache_write_tokens: i64,
     pub cache_write_1h_tokens: i64,
+    /// Pico-dollars.
+    pub cost_pico: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
