@@ -5,8 +5,6 @@
 
 #![allow(clippy::expect_used)]
 
-use std::time::Duration;
-
 use keypool_e2e::{Behavior, Gateway, MockServer, config, mock, run_python_check_with};
 use serde_json::{Value, json};
 
@@ -251,15 +249,7 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
         {"role": "user", "content": "Hello there"}]});
     assert_eq!(gw.chat(T, chat).await?.status(), 200);
     let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
-    let store = keypool_store::Store::connect_only(&url).await?;
-    let mut events = Vec::new();
-    for _ in 0..100 {
-        events = store.events_since(0, 10).await?;
-        if events.len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut events = keypool_e2e::stored_events(&url, 3).await?;
     events.sort_by_key(|e| e.id.clone());
     // input: "Be brief" 2 + message 3 + 2 = 7, plus 1,024 read (and 256 written) in the cache;
     // output 5 words. The chat: 5 + 2 and 2 + 2, the system message's 7 cached.
@@ -297,7 +287,8 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
         providers,
         [Some("anthropic"), Some("anthropic"), Some("openai")]
     );
-    let rollup = store
+    let rollup = keypool_store::Store::connect_only(&url)
+        .await?
         .usage_totals(0, i64::MAX, keypool_store::Grouping::Key, None)
         .await?;
     let claude_total = rollup

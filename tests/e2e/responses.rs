@@ -5,8 +5,6 @@
 
 #![allow(clippy::expect_used)]
 
-use std::time::Duration;
-
 use keypool_e2e::{Behavior, Gateway, config, json, mock, run_python_check_with};
 use serde_json::{Value, json as j};
 
@@ -113,15 +111,7 @@ async fn a_stream_is_relayed_with_its_usage_and_a_cut_one_ends_with_an_error() -
         .to_owned();
     assert!(id.starts_with("resp_a_"), "{id}");
     let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
-    let store = keypool_store::Store::connect_only(&url).await?;
-    let mut events = Vec::new();
-    for _ in 0..100 {
-        events = store.events_since(0, 10).await?;
-        if !events.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let events = keypool_e2e::stored_events(&url, 1).await?;
     let e = &events[0];
     assert_eq!(
         (

@@ -222,15 +222,7 @@ async fn both_sdks_through_translation_with_exact_usage() -> anyhow::Result<()> 
     .await?;
     assert!(ok && out.contains("ok"), "{out}");
     let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
-    let store = keypool_store::Store::connect_only(&url).await?;
-    let mut events = Vec::new();
-    for _ in 0..100 {
-        events = store.events_since(0, 20).await?;
-        if events.len() == 6 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let events = keypool_e2e::stored_events(&url, 6).await?;
     let mut seen: Vec<_> = events
         .iter()
         .map(|e| {

@@ -565,15 +565,7 @@ async fn an_unpriced_model_has_no_cost_never_zero() -> anyhow::Result<()> {
     assert!(resp.headers().get("x-keypool-cost").is_none());
     let priced = gw.chat("t", hello("gpt-4o-mini")).await?;
     assert!(priced.headers().get("x-keypool-cost").is_some());
-    let store = Store::connect_only(&db.url()).await?;
-    let mut events = Vec::new();
-    for _ in 0..100 {
-        events = store.events_since(0, 10).await?;
-        if events.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let events = keypool_e2e::stored_events(&db.url(), 2).await?;
     let costs: Vec<_> = events
         .iter()
         .map(|e| (e.model.as_str(), e.cost_pico.is_some()))

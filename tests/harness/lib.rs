@@ -937,3 +937,21 @@ pub fn key_spec(yaml: &str) -> keypool_proto::admin::v1::UpstreamSpec {
         serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("key spec {yaml:?}: {e}"));
     keypool_proto::admin::v1::UpstreamSpec::from(&raw)
 }
+
+/// The usage events in the store at `url` once there are `n` of them (up to 10 s: the writer
+/// batches), oldest first; fewer if they never all arrive.
+pub async fn stored_events(
+    url: &str,
+    n: usize,
+) -> anyhow::Result<Vec<keypool_store::entity::usage_events::Model>> {
+    let store = keypool_store::Store::connect_only(url).await?;
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = store.events_since(0, 100).await?;
+        if events.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(events)
+}
