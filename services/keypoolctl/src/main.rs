@@ -14,7 +14,10 @@ use keypool_config::RawGateway;
 use keypool_config::raw::RawUpstream;
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_client::AdminClient;
-use print::{gateway_json, print_gateways, print_keys, table, time};
+use print::{
+    FOLLOW_HEADER, follow_line, gateway_json, group_name, print_gateways, print_keys, table, time,
+    usd,
+};
 use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -106,46 +109,6 @@ fn read_keys(path: &PathBuf) -> anyhow::Result<Vec<pb::UpstreamSpec>> {
     let raws: Vec<RawUpstream> = serde_norway::from_value(entries).map_err(bad)?;
     anyhow::ensure!(!raws.is_empty(), "{}: no upstreams in it", path.display());
     Ok(raws.iter().map(pb::UpstreamSpec::from).collect())
-}
-
-/// `usage --follow`'s columns, fixed widths so lines stay aligned as they come.
-const FOLLOW_HEADER: [&str; 9] = [
-    "TIME",
-    "GATEWAY",
-    "MODEL",
-    "KEY",
-    "STATUS",
-    "ATTEMPTS",
-    "PROMPT",
-    "COMPLETION",
-    "LATENCY_MS",
-];
-const FOLLOW_WIDTHS: [usize; 9] = [19, 12, 22, 16, 6, 8, 8, 10, 10];
-
-fn follow_line(cells: &[String; 9]) -> String {
-    let parts: Vec<String> = cells
-        .iter()
-        .zip(FOLLOW_WIDTHS)
-        .enumerate()
-        .map(|(i, (c, w))| {
-            if i >= 4 {
-                format!("{c:>w$}")
-            } else {
-                format!("{c:<w$}")
-            }
-        })
-        .collect();
-    parts.join("  ")
-}
-
-/// A usage group as shown: a request no key served (refused by the pool: every key busy,
-/// cooling down or not allowed) has no key.
-fn group_name(title: &str, group: &str) -> String {
-    match (title, group) {
-        ("KEY", "") => "(none: refused by the pool)".to_owned(),
-        (_, "") => "-".to_owned(),
-        _ => group.to_owned(),
-    }
 }
 
 /// `30m`, `24h`, `7d`, `90s` → milliseconds.
@@ -491,14 +454,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Pico-dollars as decimal dollars, exact (`0.00202`).
-fn usd(pico: u64) -> String {
-    const PER_USD: u64 = 1_000_000_000_000;
-    let (whole, frac) = (pico / PER_USD, pico % PER_USD);
-    if frac == 0 {
-        return whole.to_string();
-    }
-    format!("{whole}.{}", format!("{frac:012}").trim_end_matches('0'))
 }

@@ -136,3 +136,53 @@ pub(crate) fn print_keys(cli: &Cli, ks: &[pb::Key]) {
         &rows,
     );
 }
+
+/// `usage --follow`'s columns, fixed widths so lines stay aligned as they come.
+pub(crate) const FOLLOW_HEADER: [&str; 9] = [
+    "TIME",
+    "GATEWAY",
+    "MODEL",
+    "KEY",
+    "STATUS",
+    "ATTEMPTS",
+    "PROMPT",
+    "COMPLETION",
+    "LATENCY_MS",
+];
+const FOLLOW_WIDTHS: [usize; 9] = [19, 12, 22, 16, 6, 8, 8, 10, 10];
+
+pub(crate) fn follow_line(cells: &[String; 9]) -> String {
+    let parts: Vec<String> = cells
+        .iter()
+        .zip(FOLLOW_WIDTHS)
+        .enumerate()
+        .map(|(i, (c, w))| {
+            if i >= 4 {
+                format!("{c:>w$}")
+            } else {
+                format!("{c:<w$}")
+            }
+        })
+        .collect();
+    parts.join("  ")
+}
+
+/// A usage group as shown: a request no key served (refused by the pool: every key busy,
+/// cooling down or not allowed) has no key.
+pub(crate) fn group_name(title: &str, group: &str) -> String {
+    match (title, group) {
+        ("KEY", "") => "(none: refused by the pool)".to_owned(),
+        (_, "") => "-".to_owned(),
+        _ => group.to_owned(),
+    }
+}
+
+/// Pico-dollars as decimal dollars, exact (`0.00202`).
+pub(crate) fn usd(pico: u64) -> String {
+    const PER_USD: u64 = 1_000_000_000_000;
+    let (whole, frac) = (pico / PER_USD, pico % PER_USD);
+    if frac == 0 {
+        return whole.to_string();
+    }
+    format!("{whole}.{}", format!("{frac:012}").trim_end_matches('0'))
+}
