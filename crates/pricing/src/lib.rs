@@ -96,16 +96,29 @@ impl std::ops::Add for Cost {
     }
 }
 
-/// Decimal dollars, without trailing zeros: `0.00202`, `12`, `0.000000000001`.
+/// Decimal dollars, without trailing zeros: `0.00202`, `12`, `0.000000000001`. Written digit by
+/// digit into a stack buffer (it is formatted for every answer's `x-keypool-cost`).
 impl std::fmt::Display for Cost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let whole = self.0 / Self::PICO_PER_USD;
-        let frac = self.0 % Self::PICO_PER_USD;
+        // below 10^12: a u64, whose division is a machine instruction (u128's is a call)
+        let mut frac = u64::try_from(self.0 % Self::PICO_PER_USD).unwrap_or(0);
+        write!(f, "{whole}")?;
         if frac == 0 {
-            return write!(f, "{whole}");
+            return Ok(());
         }
-        let digits = format!("{frac:012}");
-        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+        let mut digits = [b'0'; 12];
+        for d in digits.iter_mut().rev() {
+            // `frac` < 10^12: every digit fits a u8
+            #[allow(clippy::cast_possible_truncation)]
+            let digit = (frac % 10) as u8;
+            *d = b'0' + digit;
+            frac /= 10;
+        }
+        let used = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
+        f.write_str(".")?;
+        // ASCII digits
+        f.write_str(std::str::from_utf8(&digits[..used]).unwrap_or_default())
     }
 }
 

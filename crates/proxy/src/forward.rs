@@ -76,6 +76,8 @@ impl Drop for AccountLater {
 
 /// A non-stream answer's cost in USD, at the price catalog's prices (absent when unknown).
 pub const COST_HEADER: &str = "x-keypool-cost";
+const COST_NAME: reqwest::header::HeaderName =
+    reqwest::header::HeaderName::from_static(COST_HEADER);
 
 /// Cap on the jitter added to waits.
 const MAX_JITTER: Duration = Duration::from_secs(1);
@@ -105,11 +107,11 @@ impl Engine {
             } => {
                 ctx.capture_response(body);
                 // the cost is keypool's to say, never the upstream's
-                headers.remove(COST_HEADER);
+                headers.remove(&COST_NAME);
                 if let Some(cost) = ctx.cost_of(*usage)
                     && let Ok(v) = reqwest::header::HeaderValue::from_str(&cost.to_string())
                 {
-                    headers.insert(COST_HEADER, v);
+                    headers.insert(COST_NAME, v);
                 }
                 let error = (*status >= 400).then_some(if *status >= 500 {
                     "upstream_5xx"
