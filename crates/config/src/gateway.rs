@@ -33,6 +33,12 @@ pub struct RawGateway {
     pub active: Option<bool>,
     /// Total tokens this gateway may use, or `no-limit` (default).
     pub token_quota: Option<Quota>,
+    /// What the gateway may spend a period, in USD: `{usd: 50, period: day}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::RawBudget>,
+    /// What each caller (credential) may spend a period through this gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_budget: Option<crate::budget::RawBudget>,
     /// Models callers may ask for (exact, or a `prefix*`); default all.
     #[serde(
         default,
@@ -147,6 +153,8 @@ pub struct Gateway {
     pub expires_at: Option<SystemTime>,
     pub active: bool,
     pub token_quota: Option<u64>,
+    pub budget: Option<crate::budget::Budget>,
+    pub caller_budget: Option<crate::budget::Budget>,
     /// `None` = every model.
     pub models: Option<Vec<ModelRule>>,
     pub retries: Option<u32>,
@@ -170,6 +178,8 @@ impl Gateway {
             expires_at: None,
             active: true,
             token_quota: None,
+            budget: None,
+            caller_budget: None,
             models: None,
             retries: None,
             rate_limits: Vec::new(),

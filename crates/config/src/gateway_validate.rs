@@ -47,6 +47,8 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
     };
     let expires_at = raw.expires_at.as_deref().and_then(|s| errs.expiry(s));
     let token_quota = raw.token_quota.as_ref().and_then(|q| errs.quota(q));
+    let budget = errs.budget("budget", raw.budget.as_ref());
+    let caller_budget = errs.budget("caller_budget", raw.caller_budget.as_ref());
     let models = raw.models.as_ref().map(|m| {
         m.iter()
             .map(|s| ModelRule::parse(s.trim()))
@@ -72,6 +74,8 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
         expires_at,
         active: raw.active.unwrap_or(true),
         token_quota,
+        budget,
+        caller_budget,
         models,
         retries: raw.retries,
         rate_limits,
@@ -127,6 +131,20 @@ impl Errors<'_> {
                     );
                 }
                 n
+            }
+        }
+    }
+
+    fn budget(
+        &mut self,
+        field: &str,
+        raw: Option<&crate::budget::RawBudget>,
+    ) -> Option<crate::budget::Budget> {
+        match raw?.validate() {
+            Ok(b) => Some(b),
+            Err((sub, reason)) => {
+                self.push(format!("{field}.{sub}"), reason);
+                None
             }
         }
     }

@@ -41,19 +41,7 @@ pub(crate) fn validate_upstream(
 ) -> Option<UpstreamKey> {
     let before = errs.0.len();
     let kind = kind_of(path, up.r#type.as_deref(), errs);
-    let endpoint = match (up.endpoint, kind) {
-        // Anthropic's documented base (`https://api.anthropic.com`) means its `/v1`
-        (Some(e), UpstreamKind::Anthropic) if bare_host(&e) => {
-            format!("{}/v1", e.trim().trim_end_matches('/'))
-        }
-        (Some(e), _) => e.trim().trim_end_matches('/').to_owned(),
-        (None, UpstreamKind::Replicate) => DEFAULT_REPLICATE_ENDPOINT.to_owned(),
-        (None, UpstreamKind::Anthropic) => DEFAULT_ANTHROPIC_ENDPOINT.to_owned(),
-        (None, UpstreamKind::OpenAi | UpstreamKind::Azure) => {
-            errs.push(format!("{path}.endpoint"), "is required");
-            String::new()
-        }
-    };
+    let endpoint = endpoint_of(path, up.endpoint, kind, errs);
     let endpoint_url = endpoint_url(path, &endpoint, errs);
     let sk = match up.sk {
         Some(sk) if !sk.trim().is_empty() => sk.trim().to_owned(),
@@ -80,6 +68,13 @@ pub(crate) fn validate_upstream(
         );
     }
     let azure = azure(path, kind, up.api_version, &up.deployments, errs);
+    let (budget, pricing) = spend(
+        path,
+        up.budget.as_ref(),
+        &up.pricing,
+        up.price_multiplier,
+        errs,
+    );
     let name = match up.name {
         Some(n) => checked_name(path, n, errs),
         None => derived_name(&endpoint, &sk),
@@ -118,7 +113,80 @@ pub(crate) fn validate_upstream(
         unusable: None,
         chat_template,
         azure,
+        budget,
+        pricing,
     })
+}
+
+/// The base URL as keypool uses it: written without a trailing slash, or the kind's default.
+fn endpoint_of(
+    path: &str,
+    endpoint: Option<String>,
+    kind: UpstreamKind,
+    errs: &mut Errors,
+) -> String {
+    match (endpoint, kind) {
+        // Anthropic's documented base (`https://api.anthropic.com`) means its `/v1`
+        (Some(e), UpstreamKind::Anthropic) if bare_host(&e) => {
+            format!("{}/v1", e.trim().trim_end_matches('/'))
+        }
+        (Some(e), _) => e.trim().trim_end_matches('/').to_owned(),
+        (None, UpstreamKind::Replicate) => DEFAULT_REPLICATE_ENDPOINT.to_owned(),
+        (None, UpstreamKind::Anthropic) => DEFAULT_ANTHROPIC_ENDPOINT.to_owned(),
+        (None, UpstreamKind::OpenAi | UpstreamKind::Azure) => {
+            errs.push(format!("{path}.endpoint"), "is required");
+            String::new()
+        }
+    }
+}
+
+/// A key's `budget`, and its `pricing` or `price_multiplier` (not both: a multiplier on the
+/// key's own prices would say the same thing twice).
+fn spend(
+    path: &str,
+    budget: Option<&crate::budget::RawBudget>,
+    pricing: &[keypool_pricing::RawPrice],
+    multiplier: Option<f64>,
+    errs: &mut Errors,
+) -> (
+    Option<crate::Budget>,
+    Option<std::sync::Arc<keypool_pricing::KeyPricing>>,
+) {
+    let budget = budget.and_then(|b| match b.validate() {
+        Ok(b) => Some(b),
+        Err((sub, reason)) => {
+            errs.push(format!("{path}.budget.{sub}"), reason);
+            None
+        }
+    });
+    let multiplier_ppm = multiplier.and_then(|m| {
+        let ppm = keypool_pricing::KeyPricing::multiplier(m);
+        if ppm.is_none() {
+            errs.push(
+                format!("{path}.price_multiplier"),
+                format!(
+                    "must be between 0 and {}, got {m}",
+                    keypool_pricing::MAX_MULTIPLIER
+                ),
+            );
+        }
+        ppm
+    });
+    if multiplier.is_some() && !pricing.is_empty() {
+        errs.push(
+            format!("{path}.price_multiplier"),
+            "give the key its own `pricing` or a `price_multiplier`, not both",
+        );
+    }
+    let catalog = errs.prices_at(&format!("{path}.pricing"), pricing);
+    let pricing = (multiplier_ppm.is_some() || !catalog.is_empty()).then(|| {
+        std::sync::Arc::new(keypool_pricing::KeyPricing {
+            catalog,
+            raw: pricing.to_vec(),
+            multiplier_ppm,
+        })
+    });
+    (budget, pricing)
 }
 
 /// `api_version` and `deployments`: for `type: azure` only; names Azure accepts in a URL path.

@@ -5,6 +5,7 @@
 //! path (`upstreams[2].endpoint: ...`), so a bad file stops keypool before it binds a port.
 //! The same `validate` will serve keys and gateways arriving through the admin service.
 
+pub mod budget;
 pub mod gateway;
 mod gateway_validate;
 mod key_validate;
@@ -19,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use budget::{Budget, Period};
 pub use gateway::{DEFAULT_GATEWAY, Gateway, RawGateway, caller_id, validate_gateway};
 pub use key_validate::validate_key;
 pub use upstream::{AZURE_API_VERSION, Azure, ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
@@ -78,6 +80,10 @@ pub struct Config {
     /// `max_body_bytes`, `retries`, `shutdown_grace`, `trusted_proxies`, the recording half of
     /// `log`, the `default` gateway's policy).
     pub policy: Arc<raw::RawPolicy>,
+    /// The prices requests are charged at (`pricing:` before the built-in catalog).
+    pub prices: Arc<keypool_pricing::Prices>,
+    /// Answer tokens a budget's estimate assumes when a request names no `max_tokens`.
+    pub completion_estimate: u64,
 }
 
 /// Shared state in Redis.

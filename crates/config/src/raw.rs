@@ -69,6 +69,12 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     /// Shared state across replicas.
     pub redis: Option<RawRedis>,
+    /// Prices that replace the built-in catalog's (model names or globs; the first match wins).
+    #[serde(default)]
+    pub pricing: Vec<keypool_pricing::RawPrice>,
+    /// Answer tokens assumed, for a budget's estimate, when a request names no `max_tokens`.
+    /// Default 256.
+    pub completion_estimate: Option<u64>,
 
     // The `default` gateway's policy (`/v1/*`): the same fields, with the same meaning, as a
     // `gateways:` entry (see `RawGateway`). Its credentials are `authorization` above plus the
@@ -79,6 +85,10 @@ pub struct RawConfig {
     pub active: Option<bool>,
     /// Total tokens `/v1/*` may use, or `no-limit` (default).
     pub token_quota: Option<crate::gateway::Quota>,
+    /// What `/v1/*` may spend a period, in USD.
+    pub budget: Option<crate::budget::RawBudget>,
+    /// What each client token may spend a period on `/v1/*`.
+    pub caller_budget: Option<crate::budget::RawBudget>,
     /// Models callers may ask for (exact, or a `prefix*`); default all.
     #[serde(
         default,
@@ -124,6 +134,11 @@ pub struct RawPolicy {
     pub body_timeout: Option<Seconds>,
     pub max_buffered_request_bytes: Option<u64>,
     pub trusted_proxies: Vec<String>,
+    /// The config's prices (`pricing:`).
+    #[serde(default)]
+    pub pricing: Vec<keypool_pricing::RawPrice>,
+    #[serde(default)]
+    pub completion_estimate: Option<u64>,
     /// The recording half of `log:` (where the events go is each process's own).
     pub log: RawLogPolicy,
     /// The `default` gateway's fields.
@@ -164,6 +179,8 @@ impl RawConfig {
             body_timeout: self.body_timeout,
             max_buffered_request_bytes: self.max_buffered_request_bytes,
             trusted_proxies: self.trusted_proxies.clone(),
+            pricing: self.pricing.clone(),
+            completion_estimate: self.completion_estimate,
             log: RawLogPolicy {
                 request_body: log.is_some_and(|l| l.request_body),
                 response_body: log.is_some_and(|l| l.response_body),
@@ -195,6 +212,8 @@ impl RawConfig {
         self.body_timeout = policy.body_timeout;
         self.max_buffered_request_bytes = policy.max_buffered_request_bytes;
         self.trusted_proxies = policy.trusted_proxies;
+        self.pricing = policy.pricing;
+        self.completion_estimate = policy.completion_estimate;
         let log = self.log.get_or_insert_with(RawLog::default);
         log.request_body = policy.log.request_body;
         log.response_body = policy.log.response_body;
@@ -204,6 +223,8 @@ impl RawConfig {
         self.expires_at = g.expires_at;
         self.active = g.active;
         self.token_quota = g.token_quota;
+        self.budget = g.budget;
+        self.caller_budget = g.caller_budget;
         self.models = g.models;
         self.rate_limits = g.rate_limits;
         self.whitelist = g.whitelist;
@@ -223,6 +244,8 @@ impl RawConfig {
             expires_at: self.expires_at.clone(),
             active: self.active,
             token_quota: self.token_quota.clone(),
+            budget: self.budget.clone(),
+            caller_budget: self.caller_budget.clone(),
             models: self.models.clone(),
             retries: self.retries,
             rate_limits: self.rate_limits.clone(),
@@ -273,6 +296,15 @@ pub struct RawUpstream {
     /// deployment's name.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub deployments: std::collections::BTreeMap<String, String>,
+    /// What this key may spend a period, in USD (its own cap: past it the key is not picked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::RawBudget>,
+    /// This key's own prices (before the config's and the built-in ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pricing: Vec<keypool_pricing::RawPrice>,
+    /// A factor on the prices that apply to this key (`0.8`: a 20% discount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_multiplier: Option<f64>,
 }
 
 /// `"a,b"` or `[a, b]` (a bare number is a one-token string).

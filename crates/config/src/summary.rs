@@ -75,6 +75,16 @@ fn gateway_line(g: &Gateway, client_tokens: usize) -> String {
     if let Some(q) = g.token_quota {
         let _ = write!(line, "; quota {q} tokens");
     }
+    for (what, b) in [("budget", g.budget), ("per caller", g.caller_budget)] {
+        if let Some(b) = b {
+            let _ = write!(
+                line,
+                "; {what} {} {}",
+                crate::budget::dollars(b.nanos),
+                b.period.adjective()
+            );
+        }
+    }
     if !g.active {
         line.push_str("; INACTIVE");
     }
@@ -90,24 +100,7 @@ impl Config {
         let _ = writeln!(out, "store     {}", self.store.describe());
         let _ = writeln!(out, "keys      {}", self.upstreams.len());
         for k in &self.upstreams {
-            let mut line = format!("  {} ({}, {}", k.name, k.kind.as_str(), k.endpoint);
-            if k.passthrough_auth {
-                line.push_str(", sk asis");
-            }
-            if !k.allow.is_empty() {
-                let _ = write!(line, ", allow {}", models(&k.allow));
-            }
-            if let Some(rpm) = k.rpm {
-                let _ = write!(line, ", rpm {rpm}");
-            }
-            if let Some(tpm) = k.tpm {
-                let _ = write!(line, ", tpm {tpm}");
-            }
-            if let Some(why) = &k.unusable {
-                let _ = write!(line, "; UNUSABLE: {why}");
-            }
-            line.push(')');
-            let _ = writeln!(out, "{line}");
+            let _ = writeln!(out, "{}", key_line(k));
         }
         let _ = writeln!(out, "gateways  {}", 1 + self.gateways.len());
         let _ = writeln!(
@@ -161,6 +154,36 @@ impl Config {
         let _ = write!(out, "redis     {redis}");
         out
     }
+}
+
+/// One key: its kind, endpoint and the limits it has.
+fn key_line(k: &crate::UpstreamKey) -> String {
+    let mut line = format!("  {} ({}, {}", k.name, k.kind.as_str(), k.endpoint);
+    if k.passthrough_auth {
+        line.push_str(", sk asis");
+    }
+    if !k.allow.is_empty() {
+        let _ = write!(line, ", allow {}", models(&k.allow));
+    }
+    if let Some(rpm) = k.rpm {
+        let _ = write!(line, ", rpm {rpm}");
+    }
+    if let Some(tpm) = k.tpm {
+        let _ = write!(line, ", tpm {tpm}");
+    }
+    if let Some(b) = k.budget {
+        let _ = write!(
+            line,
+            ", budget {} {}",
+            crate::budget::dollars(b.nanos),
+            b.period.adjective()
+        );
+    }
+    if let Some(why) = &k.unusable {
+        let _ = write!(line, "; UNUSABLE: {why}");
+    }
+    line.push(')');
+    line
 }
 
 #[cfg(test)]

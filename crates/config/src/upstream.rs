@@ -116,6 +116,10 @@ pub struct UpstreamKey {
     pub chat_template: Option<ChatTemplate>,
     /// Azure only: the API version and the deployments.
     pub azure: Option<Azure>,
+    /// What the key may spend a period (past it, it is not picked until the next).
+    pub budget: Option<crate::Budget>,
+    /// Its own prices or multiplier (`None`: the config's and the built-in prices as they are).
+    pub pricing: Option<std::sync::Arc<keypool_pricing::KeyPricing>>,
 }
 
 /// The `api-version` an Azure key sends unless it names one (Azure OpenAI's latest GA
@@ -172,6 +176,8 @@ impl UpstreamKey {
             unusable: None,
             chat_template: None,
             azure: None,
+            budget: None,
+            pricing: None,
         })
     }
 
@@ -208,6 +214,13 @@ impl UpstreamKey {
                 .as_ref()
                 .map(|a| a.deployments.clone())
                 .unwrap_or_default(),
+            budget: self.budget.map(crate::Budget::to_raw),
+            pricing: self
+                .pricing
+                .as_ref()
+                .map(|p| p.raw.clone())
+                .unwrap_or_default(),
+            price_multiplier: self.pricing.as_ref().and_then(|p| p.factor()),
         }
     }
 

@@ -36,6 +36,25 @@ impl Errors {
         });
     }
 
+    /// A `pricing:` list (at `path`) as a catalog; a mistake names its entry.
+    pub(crate) fn prices_at(
+        &mut self,
+        path: &str,
+        entries: &[keypool_pricing::RawPrice],
+    ) -> keypool_pricing::Catalog {
+        keypool_pricing::Catalog::from_entries(entries, path).unwrap_or_else(|e| {
+            match e {
+                keypool_pricing::CatalogError::Entry { at, why } => self.push(at, why),
+                keypool_pricing::CatalogError::Yaml(why) => self.push(path, why),
+            }
+            keypool_pricing::Catalog::default()
+        })
+    }
+
+    fn prices(&mut self, entries: &[keypool_pricing::RawPrice]) -> keypool_pricing::Catalog {
+        self.prices_at("pricing", entries)
+    }
+
     /// A count that must lie in `range` (each numeric field has one, documented in the README):
     /// outside it, the field's error and the default, so nothing downstream ever sees it.
     pub(crate) fn ranged<T>(
@@ -192,6 +211,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let notify = validate_notify(raw.notify.unwrap_or_default(), &mut errs);
     let admin = validate_admin(raw.admin.unwrap_or_default(), &mut errs);
     let redis = raw.redis.map(|r| validate_redis(r, &mut errs));
+    let prices = errs.prices(&raw.pricing);
+    let completion_estimate = errs.ranged(
+        "completion_estimate",
+        raw.completion_estimate,
+        256,
+        1..=10_000_000,
+    );
     if !errs.0.is_empty() {
         return Err(ConfigError::Invalid(errs.0));
     }
@@ -227,6 +253,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin,
         redis,
         policy,
+        prices: Arc::new(keypool_pricing::Prices::new(prices)),
+        completion_estimate,
     })
 }
 

@@ -344,3 +344,59 @@ fn azure_keys_map_models_to_deployments() {
         assert!(err.contains(field), "{field}: {err}");
     }
 }
+
+#[test]
+fn budgets_and_prices_are_checked_with_their_paths() {
+    let text = r"
+completion_estimate: 0
+pricing: [{models: [a], input: -1, output: 1}]
+budget: {usd: 0}
+gateways:
+  - {name: g, budget: {usd: 5, period: year}, caller_budget: {usd: 2000000}}
+upstreams:
+  - endpoint: http://x
+    sk: a
+    budget: {usd: 1, period: week}
+    price_multiplier: 0.5
+    pricing: [{models: [a], input: 1, output: 1}]
+  - endpoint: http://y
+    sk: b
+    price_multiplier: .nan
+";
+    let Err(ConfigError::Invalid(errs)) = from_yaml(text) else {
+        panic!("expected invalid")
+    };
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    for p in [
+        "completion_estimate",
+        "pricing[0]",
+        "budget.usd",
+        "gateways[0].budget.period",
+        "gateways[0].caller_budget.usd",
+        "upstreams[0].price_multiplier",
+        "upstreams[1].price_multiplier",
+    ] {
+        assert!(paths.contains(&p), "{p} not in {paths:?}");
+    }
+    // valid: every part lands in the config
+    let cfg = from_yaml(
+        "pricing: [{models: [\"house*\"], input: 1, output: 2}]\nbudget: {usd: 7.5, period: day}\nupstreams:\n  - {endpoint: http://x, sk: a, budget: {usd: 1}, price_multiplier: 0.8}\n",
+    )
+    .unwrap();
+    assert!(cfg.prices.overrides.price("house-1").is_some());
+    assert_eq!(
+        cfg.default_gateway.budget.map(|b| (b.nanos, b.period)),
+        Some((7_500_000_000, crate::Period::Day))
+    );
+    let key = &cfg.upstreams[0];
+    assert_eq!(key.budget.map(|b| b.period), Some(crate::Period::Month));
+    assert_eq!(
+        key.pricing.as_ref().and_then(|p| p.multiplier_ppm),
+        Some(800_000)
+    );
+    // and a key's spend settings survive the trip to a frontend
+    let back = crate::validate_key(key.to_raw(), &cfg).unwrap();
+    assert_eq!(back.budget, key.budget);
+    assert_eq!(back.pricing.and_then(|p| p.multiplier_ppm), Some(800_000));
+    assert_eq!(cfg.completion_estimate, 256);
+}

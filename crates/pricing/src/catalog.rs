@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{PerToken, Price};
 
@@ -18,28 +18,32 @@ pub enum CatalogError {
 }
 
 /// One catalog entry as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrice {
     /// Exact names or globs.
     pub models: Vec<String>,
     #[serde(flatten)]
     pub prices: RawTier,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub above: Option<RawAbove>,
 }
 
 /// Prices, USD per million tokens.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct RawTier {
     pub input: f64,
     pub output: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_input: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_5m: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_1h: Option<f64>,
 }
 
 /// A context-length tier.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct RawAbove {
     pub tokens: u64,
     #[serde(flatten)]

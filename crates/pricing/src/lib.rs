@@ -15,7 +15,7 @@
 mod catalog;
 mod glob;
 
-pub use catalog::{Catalog, CatalogError};
+pub use catalog::{Catalog, CatalogError, RawAbove, RawPrice, RawTier};
 
 use keypool_types::Usage;
 
@@ -82,6 +82,11 @@ impl Cost {
         Self(u128::from(usd) * Self::PICO_PER_USD)
     }
 
+    /// The amount in nano-dollars (what budgets count), rounded half up.
+    pub fn nanos(self) -> u64 {
+        u64::try_from(self.0.saturating_add(500) / 1000).unwrap_or(u64::MAX)
+    }
+
     /// The amount in dollars as a float, for metrics (which are floats anyway).
     #[allow(clippy::cast_precision_loss)]
     pub fn as_f64(self) -> f64 {
@@ -119,6 +124,65 @@ impl std::fmt::Display for Cost {
         f.write_str(".")?;
         // ASCII digits
         f.write_str(std::str::from_utf8(&digits[..used]).unwrap_or_default())
+    }
+}
+
+/// A key's own prices: its `pricing:` entries, or a multiplier on the prices that would apply
+/// (a discounted key: `price_multiplier: 0.8`).
+#[derive(Debug, Clone, Default)]
+pub struct KeyPricing {
+    pub catalog: Catalog,
+    /// The entries `catalog` was made from, as written (what the key's spec shows).
+    pub raw: Vec<RawPrice>,
+    /// Parts per million (`0.8` is 800 000): applied to the cost, in integers.
+    pub multiplier_ppm: Option<u64>,
+}
+
+/// The largest `price_multiplier`.
+pub const MAX_MULTIPLIER: f64 = 1000.0;
+
+impl KeyPricing {
+    /// A multiplier as written (`0.8`), checked: between 0 and [`MAX_MULTIPLIER`].
+    pub fn multiplier(factor: f64) -> Option<u64> {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        (factor.is_finite() && (0.0..=MAX_MULTIPLIER).contains(&factor))
+            .then(|| (factor * 1e6).round() as u64)
+    }
+
+    /// The multiplier as written (`0.8`).
+    #[allow(clippy::cast_precision_loss)]
+    pub fn factor(&self) -> Option<f64> {
+        self.multiplier_ppm.map(|p| p as f64 / 1e6)
+    }
+}
+
+/// The prices this process charges at: a key's own, then the config's `pricing:`, then the
+/// built-in catalog (each looked up by the model the request named).
+#[derive(Debug, Clone, Default)]
+pub struct Prices {
+    pub overrides: Catalog,
+}
+
+impl Prices {
+    pub fn new(overrides: Catalog) -> Self {
+        Self { overrides }
+    }
+
+    /// The price of `model` served by a key with `key`'s pricing.
+    pub fn price<'a>(&'a self, model: &str, key: Option<&'a KeyPricing>) -> Option<&'a Price> {
+        key.and_then(|k| k.catalog.price(model))
+            .or_else(|| self.overrides.price(model))
+            .or_else(|| Catalog::builtin().price(model))
+    }
+
+    /// What `usage` of `model` cost on a key with `key`'s pricing; `None` without a price.
+    pub fn cost(&self, model: &str, usage: &Usage, key: Option<&KeyPricing>) -> Option<Cost> {
+        let c = cost(self.price(model, key)?, usage);
+        Some(match key.and_then(|k| k.multiplier_ppm) {
+            // rounded half up to the pico-dollar
+            Some(ppm) => Cost((c.0 * u128::from(ppm) + 500_000) / 1_000_000),
+            None => c,
+        })
     }
 }
 

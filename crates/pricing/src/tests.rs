@@ -109,3 +109,47 @@ fn a_discounted_key_and_bad_entries() {
     assert!(err.to_string().contains("names no model"), "{err}");
     assert!(Catalog::parse("models:\n  - {models: [m], input: 1, output: 1, bogus: 2}\n").is_err());
 }
+
+#[test]
+fn a_keys_prices_then_the_configs_then_the_builtin_ones() {
+    use crate::{KeyPricing, Prices};
+    let overrides = Catalog::parse(
+        "models:\n  - {models: [\"gpt-4o*\"], input: 1, output: 2}\n  - {models: [house-model], input: 3, output: 3}\n",
+    )
+    .unwrap();
+    let prices = Prices::new(overrides);
+    let u =
+        usage(r#"{"prompt_tokens":1000000,"completion_tokens":1000000,"total_tokens":2000000}"#);
+    // the config's glob wins over the built-in exact name
+    assert_eq!(prices.cost("gpt-4o", &u, None).unwrap().to_string(), "3");
+    assert_eq!(
+        prices.cost("house-model", &u, None).unwrap().to_string(),
+        "6"
+    );
+    // not overridden: the built-in catalog (o3 is $2 + $8)
+    assert_eq!(prices.cost("o3", &u, None).unwrap().to_string(), "10");
+    assert_eq!(prices.cost("nobody-knows", &u, None), None);
+    // a discounted key: 80% of whatever applies, in integers
+    let discounted = KeyPricing {
+        catalog: Catalog::default(),
+        raw: Vec::new(),
+        multiplier_ppm: KeyPricing::multiplier(0.8),
+    };
+    assert_eq!(
+        prices
+            .cost("o3", &u, Some(&discounted))
+            .unwrap()
+            .to_string(),
+        "8"
+    );
+    let own = KeyPricing {
+        catalog: Catalog::parse("models:\n  - {models: [o3], input: 0.5, output: 0.5}\n").unwrap(),
+        raw: Vec::new(),
+        multiplier_ppm: None,
+    };
+    assert_eq!(prices.cost("o3", &u, Some(&own)).unwrap().to_string(), "1");
+    assert_eq!(KeyPricing::multiplier(-1.0), None);
+    assert_eq!(KeyPricing::multiplier(f64::INFINITY), None);
+    assert_eq!(Cost(1_499).nanos(), 1);
+    assert_eq!(Cost(1_500).nanos(), 2);
+}

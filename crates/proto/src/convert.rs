@@ -7,8 +7,10 @@
 //! doubles: a whole number comes back as an integer (`max_tokens: 100` stays `100`, never
 //! `100.0`), so `2.0` written in a file comes back as `2`.
 
+use keypool_config::budget::RawBudget;
 use keypool_config::gateway::{Quota, RawGateway, RawGatewayAuth};
 use keypool_config::raw::{RawLogPolicy, RawPolicy, RawUpstream, StringOrList};
+use keypool_pricing::{RawAbove, RawPrice, RawTier};
 use prost_types::value::Kind;
 
 use crate::admin::v1 as pb;
@@ -44,6 +46,8 @@ impl From<&RawGateway> for pb::GatewaySpec {
                 .iter()
                 .map(|(k, v)| (k.clone(), to_value(v)))
                 .collect(),
+            budget: g.budget.as_ref().map(pb::Budget::from),
+            caller_budget: g.caller_budget.as_ref().map(pb::Budget::from),
         }
     }
 }
@@ -76,6 +80,73 @@ impl From<pb::GatewaySpec> for RawGateway {
                 .into_iter()
                 .map(|(k, v)| (k, from_value(v)))
                 .collect(),
+            budget: g.budget.map(RawBudget::from),
+            caller_budget: g.caller_budget.map(RawBudget::from),
+        }
+    }
+}
+
+impl From<&RawBudget> for pb::Budget {
+    fn from(b: &RawBudget) -> Self {
+        Self {
+            usd: b.usd,
+            period: b.period.clone(),
+        }
+    }
+}
+
+impl From<pb::Budget> for RawBudget {
+    fn from(b: pb::Budget) -> Self {
+        Self {
+            usd: b.usd,
+            period: b.period,
+        }
+    }
+}
+
+impl From<&RawPrice> for pb::Price {
+    fn from(p: &RawPrice) -> Self {
+        let t = &p.prices;
+        Self {
+            models: p.models.clone(),
+            input: t.input,
+            output: t.output,
+            cached_input: t.cached_input,
+            cache_write_5m: t.cache_write_5m,
+            cache_write_1h: t.cache_write_1h,
+            above: p.above.as_ref().map(|a| pb::PriceTier {
+                tokens: a.tokens,
+                input: a.prices.input,
+                output: a.prices.output,
+                cached_input: a.prices.cached_input,
+                cache_write_5m: a.prices.cache_write_5m,
+                cache_write_1h: a.prices.cache_write_1h,
+            }),
+        }
+    }
+}
+
+impl From<pb::Price> for RawPrice {
+    fn from(p: pb::Price) -> Self {
+        Self {
+            models: p.models,
+            prices: RawTier {
+                input: p.input,
+                output: p.output,
+                cached_input: p.cached_input,
+                cache_write_5m: p.cache_write_5m,
+                cache_write_1h: p.cache_write_1h,
+            },
+            above: p.above.map(|a| RawAbove {
+                tokens: a.tokens,
+                prices: RawTier {
+                    input: a.input,
+                    output: a.output,
+                    cached_input: a.cached_input,
+                    cache_write_5m: a.cache_write_5m,
+                    cache_write_1h: a.cache_write_1h,
+                },
+            }),
         }
     }
 }
@@ -133,6 +204,9 @@ impl From<&RawUpstream> for pb::UpstreamSpec {
             chat_template: u.chat_template.clone(),
             api_version: u.api_version.clone(),
             deployments: u.deployments.clone().into_iter().collect(),
+            budget: u.budget.as_ref().map(pb::Budget::from),
+            pricing: u.pricing.iter().map(pb::Price::from).collect(),
+            price_multiplier: u.price_multiplier,
         }
     }
 }
@@ -157,6 +231,9 @@ impl From<pb::UpstreamSpec> for RawUpstream {
             chat_template: u.chat_template,
             api_version: u.api_version,
             deployments: u.deployments.into_iter().collect(),
+            budget: u.budget.map(RawBudget::from),
+            pricing: u.pricing.into_iter().map(RawPrice::from).collect(),
+            price_multiplier: u.price_multiplier,
         }
     }
 }
@@ -179,6 +256,8 @@ impl From<&RawPolicy> for pb::Policy {
             body_timeout: p.body_timeout,
             max_buffered_request_bytes: p.max_buffered_request_bytes,
             trusted_proxies: p.trusted_proxies.clone(),
+            pricing: p.pricing.iter().map(pb::Price::from).collect(),
+            completion_estimate: p.completion_estimate,
             log: Some(pb::LogPolicy {
                 request_body: p.log.request_body,
                 response_body: p.log.response_body,
@@ -210,6 +289,8 @@ impl From<pb::Policy> for RawPolicy {
             body_timeout: p.body_timeout,
             max_buffered_request_bytes: p.max_buffered_request_bytes,
             trusted_proxies: p.trusted_proxies,
+            pricing: p.pricing.into_iter().map(RawPrice::from).collect(),
+            completion_estimate: p.completion_estimate,
             log: RawLogPolicy {
                 request_body: log.request_body,
                 response_body: log.response_body,
@@ -297,6 +378,8 @@ timezone: Asia/Shanghai
 prompt_template: "Answer: {{query}}"
 param_map: {model: [deepseek, gpt-4o-mini]}
 param_fixed: {temperature: 0.2, max_tokens: 100, metadata.tags: [a, 1, true, null], nested: {x: -3}}
+budget: {usd: 50.5, period: day}
+caller_budget: {usd: 2}
 "#,
         );
         let back = RawGateway::from(pb::GatewaySpec::from(&raw));
@@ -320,7 +403,7 @@ param_fixed: {temperature: 0.2, max_tokens: 100, metadata.tags: [a, 1, true, nul
     #[test]
     fn a_key_round_trips_field_for_field() {
         let raw: RawUpstream = serde_norway::from_str(
-            "{name: k, sk: sk-1, endpoint: 'http://x/v1', type: replicate, timeout: 1.5, stream_timeout: 2, allow: [a], deny: [b], authorization: 't1,t2', noauth: true, keep_header: true, rpm: 5, tpm: 6, chat_template: llama3}",
+            "{name: k, sk: sk-1, endpoint: 'http://x/v1', type: replicate, timeout: 1.5, stream_timeout: 2, allow: [a], deny: [b], authorization: 't1,t2', noauth: true, keep_header: true, rpm: 5, tpm: 6, chat_template: llama3, budget: {usd: 9, period: week}, pricing: [{models: ['gpt-4o*'], input: 1.5, output: 6, cached_input: 0.5, above: {tokens: 200000, input: 3, output: 12}}], price_multiplier: 0.8}",
         )
         .unwrap();
         let back = RawUpstream::from(pb::UpstreamSpec::from(&raw));
@@ -339,7 +422,7 @@ param_fixed: {temperature: 0.2, max_tokens: 100, metadata.tags: [a, 1, true, nul
     #[test]
     fn the_policy_round_trips_with_the_default_gateway() {
         let config: keypool_config::raw::RawConfig = serde_norway::from_str(
-            "authorization: [a, b]\ntimeout: 30\nlb_policy: order\nmax_body_bytes: 10\nretries: 1\ntrusted_proxies: [10.0.0.0/8]\nlog: {request_body: true, max_field_bytes: 99, redact_headers: [x-secret]}\nrate_limits: ['ingress:5/minute']\ntoken_quota: 7\n",
+            "authorization: [a, b]\ntimeout: 30\nlb_policy: order\nmax_body_bytes: 10\nretries: 1\ntrusted_proxies: [10.0.0.0/8]\nlog: {request_body: true, max_field_bytes: 99, redact_headers: [x-secret]}\nrate_limits: ['ingress:5/minute']\ntoken_quota: 7\npricing: [{models: [house], input: 1, output: 2, cache_write_1h: 4}]\ncompletion_estimate: 512\nbudget: {usd: 1, period: total}\n",
         )
         .unwrap();
         let policy = config.policy();

@@ -43,6 +43,32 @@ pub struct TokenReq {
     pub cost: u64,
 }
 
+/// A USD budget a request must fit: what was spent in its period and what requests in flight
+/// hold, in nano-dollars, under `key` until `ttl` lapses (the period's end plus a margin;
+/// `None`: never).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetReq {
+    pub key: String,
+    pub limit: u64,
+    pub ttl: Option<Duration>,
+}
+
+/// What `hold` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// The amount is held against every budget.
+    Held,
+    /// Budget `index` has no room left (`spent` of it settled); nothing was held.
+    Over { index: usize, spent: u64 },
+}
+
+/// One budget's settled spend before and after a settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spent {
+    pub before: u64,
+    pub after: u64,
+}
+
 /// What `admit` decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
@@ -114,6 +140,22 @@ pub trait SharedState: Send + Sync {
     /// when the reservation already left the window).
     async fn settle_tokens(&self, req: &TokenReq, id: &str, actual: u64)
     -> Result<(), SharedError>;
+
+    /// Holds `amount` against every budget, or against none when one has no room left (its
+    /// spend plus what is held reached its limit): a request's estimate, before it is
+    /// forwarded. Requests in flight overshoot a budget by at most their own estimates.
+    async fn hold(&self, budgets: &[BudgetReq], amount: u64) -> Result<Held, SharedError>;
+
+    /// Releases a hold of `held` and adds the real `spent`, to every budget (one round trip).
+    async fn settle_budgets(
+        &self,
+        budgets: &[BudgetReq],
+        held: u64,
+        spent: u64,
+    ) -> Result<Vec<Spent>, SharedError>;
+
+    /// Sets a budget's spend unless it has one (start-up restore: the first replica's wins).
+    async fn init_budget(&self, budget: &BudgetReq, spent: u64) -> Result<(), SharedError>;
 
     /// Adds `n` to a counter; answers the new total.
     async fn add(&self, counter: &str, n: u64) -> Result<u64, SharedError>;

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::{Admit, HealthEvent, Picked, SharedError, SharedState, TokenReq, WindowReq};
+use crate::{
+    Admit, BudgetReq, HealthEvent, Held, Picked, SharedError, SharedState, Spent, TokenReq,
+    WindowReq,
+};
 
 /// A token reservation: when, under which id, how many.
 type TokenEntry = (Instant, String, u64);
@@ -21,6 +24,37 @@ pub struct InMemory {
     counters: Mutex<HashMap<String, u64>>,
     /// Pins and when each expires.
     pins: Mutex<HashMap<String, (String, Instant)>>,
+    budgets: Mutex<HashMap<String, BudgetEntry>>,
+}
+
+/// A USD budget's counters (nano-dollars) and when they lapse.
+#[derive(Default, Clone, Copy)]
+struct BudgetEntry {
+    spent: u64,
+    held: u64,
+    expires: Option<Instant>,
+}
+
+/// Budgets kept before the lapsed ones are swept (each period of each budget is one entry).
+const BUDGETS_BEFORE_SWEEP: usize = 10_000;
+
+impl InMemory {
+    /// The budget's entry, a fresh one when it lapsed; lapsed entries are swept now and then.
+    fn budget_entry<'a>(
+        map: &'a mut HashMap<String, BudgetEntry>,
+        b: &BudgetReq,
+        now: Instant,
+    ) -> &'a mut BudgetEntry {
+        if map.len() >= BUDGETS_BEFORE_SWEEP && !map.contains_key(&b.key) {
+            map.retain(|_, e| e.expires.is_none_or(|t| t > now));
+        }
+        let e = map.entry(b.key.clone()).or_default();
+        if e.expires.is_some_and(|t| t <= now) {
+            *e = BudgetEntry::default();
+        }
+        e.expires = b.ttl.map(|t| now + t);
+        e
+    }
 }
 
 /// The most pins one process keeps: past it, expired ones go, then the ones expiring soonest
@@ -186,6 +220,66 @@ impl SharedState for InMemory {
             .and_then(|q| q.iter_mut().rev().find(|(_, i, _)| i == id))
         {
             e.2 = actual;
+        }
+        Ok(())
+    }
+
+    async fn hold(&self, budgets: &[BudgetReq], amount: u64) -> Result<Held, SharedError> {
+        let now = Instant::now();
+        let mut map = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (index, b) in budgets.iter().enumerate() {
+            let e = Self::budget_entry(&mut map, b, now);
+            if e.spent.saturating_add(e.held) >= b.limit {
+                return Ok(Held::Over {
+                    index,
+                    spent: e.spent,
+                });
+            }
+        }
+        for b in budgets {
+            let e = Self::budget_entry(&mut map, b, now);
+            e.held = e.held.saturating_add(amount);
+        }
+        Ok(Held::Held)
+    }
+
+    async fn settle_budgets(
+        &self,
+        budgets: &[BudgetReq],
+        held: u64,
+        spent: u64,
+    ) -> Result<Vec<Spent>, SharedError> {
+        let now = Instant::now();
+        let mut map = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(budgets
+            .iter()
+            .map(|b| {
+                let e = Self::budget_entry(&mut map, b, now);
+                e.held = e.held.saturating_sub(held);
+                let before = e.spent;
+                e.spent = e.spent.saturating_add(spent);
+                Spent {
+                    before,
+                    after: e.spent,
+                }
+            })
+            .collect())
+    }
+
+    async fn init_budget(&self, budget: &BudgetReq, spent: u64) -> Result<(), SharedError> {
+        let now = Instant::now();
+        let mut map = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !map.contains_key(&budget.key) {
+            Self::budget_entry(&mut map, budget, now).spent = spent;
         }
         Ok(())
     }

@@ -7,7 +7,8 @@ use tokio::time::Instant;
 
 use crate::connect::{Conn, RedisTarget, Source};
 use crate::{
-    Admit, HealthEvent, Picked, SharedError, SharedState, TokenReq, WindowReq, process_id,
+    Admit, BudgetReq, HealthEvent, Held, Picked, SharedError, SharedState, Spent, TokenReq,
+    WindowReq, process_id,
 };
 
 /// Redis: sorted sets of admission times (scored in Redis's milliseconds), plain counters, and a
@@ -25,6 +26,9 @@ pub struct RedisState {
     script: redis::Script,
     pick_script: redis::Script,
     settle_script: redis::Script,
+    budget_hold: redis::Script,
+    budget_settle: redis::Script,
+    budget_init: redis::Script,
 }
 
 /// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
@@ -80,6 +84,9 @@ impl RedisState {
             script: redis::Script::new(ADMIT),
             pick_script: redis::Script::new(PICK),
             settle_script: redis::Script::new(SETTLE_TOKENS),
+            budget_hold: redis::Script::new(include_str!("scripts/budget_hold.lua")),
+            budget_settle: redis::Script::new(include_str!("scripts/budget_settle.lua")),
+            budget_init: redis::Script::new(include_str!("scripts/budget_init.lua")),
         })
     }
 
@@ -177,6 +184,13 @@ impl RedisState {
     }
 }
 
+/// A budget's time to live for the scripts: milliseconds, 0 for none.
+fn ttl_ms(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
 /// `{prefix}`: the prefix as a Redis Cluster hash tag (without braces of its own, which would
 /// end the tag early, and never empty, which would be no tag at all).
 fn hash_tagged(prefix: &str) -> String {
@@ -272,6 +286,58 @@ impl SharedState for RedisState {
         let mut inv = self.settle_script.prepare_invoke();
         inv.key(self.key(&req.key));
         inv.arg(id).arg(req.cost.min(req.limit)).arg(actual);
+        let mut conn = self.conn();
+        let _: i64 = self.run(inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn hold(&self, budgets: &[BudgetReq], amount: u64) -> Result<Held, SharedError> {
+        let mut inv = self.budget_hold.prepare_invoke();
+        inv.arg(amount);
+        for b in budgets {
+            inv.key(self.key(&b.key));
+            inv.arg(b.limit).arg(ttl_ms(b.ttl));
+        }
+        let mut conn = self.conn();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, ..] => Ok(Held::Held),
+            [0, index, spent] => Ok(Held::Over {
+                index: usize::try_from(*index).unwrap_or(0),
+                spent: u64::try_from(*spent).unwrap_or(0),
+            }),
+            other => Err(SharedError(format!("unexpected hold answer {other:?}"))),
+        }
+    }
+
+    async fn settle_budgets(
+        &self,
+        budgets: &[BudgetReq],
+        held: u64,
+        spent: u64,
+    ) -> Result<Vec<Spent>, SharedError> {
+        let mut inv = self.budget_settle.prepare_invoke();
+        inv.arg(held).arg(spent);
+        for b in budgets {
+            inv.key(self.key(&b.key));
+            inv.arg(ttl_ms(b.ttl));
+        }
+        let mut conn = self.conn();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(out
+            .chunks_exact(2)
+            .map(|p| Spent {
+                before: n(p[0]),
+                after: n(p[1]),
+            })
+            .collect())
+    }
+
+    async fn init_budget(&self, budget: &BudgetReq, spent: u64) -> Result<(), SharedError> {
+        let mut inv = self.budget_init.prepare_invoke();
+        inv.key(self.key(&budget.key));
+        inv.arg(spent).arg(ttl_ms(budget.ttl));
         let mut conn = self.conn();
         let _: i64 = self.run(inv.invoke_async(&mut conn)).await?;
         Ok(())

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keypool_shared::{
-    Admit, InMemory, Picked, RedisState, RedisTarget, SharedState, TokenReq, WindowReq,
+    Admit, BudgetReq, Held, InMemory, Picked, RedisState, RedisTarget, SharedState, Spent,
+    TokenReq, WindowReq,
 };
 use tokio::time::Instant;
 
@@ -214,6 +215,82 @@ async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 110);
 }
 
+fn budget(key: &str, limit: u64, ttl_ms: Option<u64>) -> BudgetReq {
+    BudgetReq {
+        key: key.to_owned(),
+        limit,
+        ttl: ttl_ms.map(Duration::from_millis),
+    }
+}
+
+/// Holds count against the limit until settled; a settlement replaces the estimate by the
+/// spend; two budgets hold all or nothing; a budget's period lapses with its ttl.
+async fn budgets_hold_settle_and_lapse(s: &dyn SharedState) {
+    let (gw, caller) = (
+        budget("b:gw", 100, Some(60_000)),
+        budget("b:caller", 30, None),
+    );
+    let both = [gw.clone(), caller.clone()];
+    assert_eq!(s.hold(&both, 20).await.unwrap(), Held::Held);
+    // the caller has 30 - 20 held = room left, so a second hold still fits (overshoot by at
+    // most its own estimate)
+    assert_eq!(s.hold(&both, 20).await.unwrap(), Held::Held);
+    assert_eq!(
+        s.hold(&both, 1).await.unwrap(),
+        Held::Over { index: 1, spent: 0 },
+        "40 held of the caller's 30"
+    );
+    // nothing was held for the gateway by the refused call: 40 held there
+    let settled = s.settle_budgets(&both, 20, 5).await.unwrap();
+    assert_eq!(
+        settled,
+        vec![
+            Spent {
+                before: 0,
+                after: 5
+            };
+            2
+        ]
+    );
+    s.settle_budgets(&both, 20, 0).await.unwrap();
+    assert_eq!(
+        s.hold(std::slice::from_ref(&gw), 95).await.unwrap(),
+        Held::Held
+    );
+    assert_eq!(
+        s.hold(std::slice::from_ref(&gw), 1).await.unwrap(),
+        Held::Over { index: 0, spent: 5 }
+    );
+    s.settle_budgets(std::slice::from_ref(&gw), 95, 95)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.hold(&[gw], 1).await.unwrap(),
+        Held::Over {
+            index: 0,
+            spent: 100
+        }
+    );
+    // a restore sets the spend only where there is none
+    s.init_budget(&caller, 999).await.unwrap();
+    let restored = budget("b:restored", 10, Some(200));
+    s.init_budget(&restored, 10).await.unwrap();
+    s.init_budget(&restored, 0).await.unwrap();
+    assert_eq!(
+        s.hold(std::slice::from_ref(&restored), 1).await.unwrap(),
+        Held::Over {
+            index: 0,
+            spent: 10
+        }
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.hold(&[restored], 1).await.unwrap(),
+        Held::Held,
+        "the period lapsed"
+    );
+}
+
 async fn pins_last_their_ttl(s: &dyn SharedState) {
     assert_eq!(s.pinned("resp_a").await.unwrap(), None);
     s.pin("resp_a", "key-1", Duration::from_secs(60))
@@ -244,6 +321,7 @@ async fn in_memory_contract() {
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
+    budgets_hold_settle_and_lapse(s.as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,6 +336,7 @@ async fn redis_contract() {
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
+    budgets_hold_settle_and_lapse(s.as_ref()).await;
     // ... in at most 1,025 runs (here a few: the calls came within a second)
     {
         let mut c = redis::Client::open(REDIS)
@@ -349,6 +428,7 @@ async fn redis_cluster_contract() {
     large_limits_never_over_admit(s.as_ref()).await;
     unbudgeted_windows_rank_evenly(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
+    budgets_hold_settle_and_lapse(s.as_ref()).await;
     let other = connect().await.unwrap();
     assert!(matches!(
         other
