@@ -423,10 +423,17 @@ fn in_range(minute: u16, from: u16, to: u16) -> bool {
 
 /// Every gateway by name, the `default` one included; replaced whole when the configuration
 /// changes (state kept by name). Requests read it without a lock.
-#[derive(Default)]
 pub struct Gateways {
     map: arc_swap::ArcSwap<HashMap<String, Arc<GatewayRuntime>>>,
     shared: Option<Arc<dyn SharedState>>,
+    /// Every USD budget's counters (gateways', callers' and keys').
+    budgets: Arc<crate::budget::Budgets>,
+}
+
+impl Default for Gateways {
+    fn default() -> Self {
+        Self::with_shared(&[], None)
+    }
 }
 
 impl Gateways {
@@ -438,10 +445,16 @@ impl Gateways {
     pub fn with_shared(specs: &[Arc<Gateway>], shared: Option<Arc<dyn SharedState>>) -> Self {
         let g = Self {
             map: arc_swap::ArcSwap::default(),
+            budgets: Arc::new(crate::budget::Budgets::new(shared.clone())),
             shared,
         };
         g.replace(specs);
         g
+    }
+
+    /// The USD budgets' counters.
+    pub fn budgets(&self) -> &Arc<crate::budget::Budgets> {
+        &self.budgets
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<GatewayRuntime>> {

@@ -8,6 +8,7 @@
 //! lists, sliding rate limits, quotas, model lists and request transforms.
 
 pub mod auth;
+pub mod budget;
 pub mod gateway;
 #[cfg(test)]
 mod gateway_tests;

@@ -95,6 +95,8 @@ pub struct RequestCtx {
     /// The cost (for the answer's header, then the usage event), once `priced`.
     cost: Option<keypool_pricing::Cost>,
     priced: bool,
+    /// Prices, and what the request holds against its budgets.
+    pub spend: crate::spend::Spending,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -116,6 +118,7 @@ pub struct NewRequest {
     pub log_response_cap: Option<usize>,
     pub max_attempts: u32,
     pub sink: Arc<dyn UsageSink>,
+    pub spend: crate::spend::Spending,
 }
 
 impl RequestCtx {
@@ -149,6 +152,7 @@ impl RequestCtx {
             accounted: false,
             cost: None,
             priced: false,
+            spend: r.spend,
         }
     }
 
@@ -170,7 +174,7 @@ impl RequestCtx {
     /// What `usage` cost (worked out once per request: an unpriced model is counted once).
     pub fn cost_of(&mut self, usage: Option<Usage>) -> Option<keypool_pricing::Cost> {
         if !std::mem::replace(&mut self.priced, true) {
-            self.cost = usage.and_then(|u| crate::spend::cost(&self.inspected.model, &u));
+            self.cost = usage.and_then(|u| self.spend.cost(&self.inspected.model, &u));
         }
         self.cost
     }
@@ -187,6 +191,15 @@ impl RequestCtx {
             .unwrap_or_else(Instant::now)
             .saturating_duration_since(self.started);
         let cost = self.cost_of(usage);
+        // a failure that produced no output costs its budgets nothing (its usage is still
+        // recorded below)
+        let empty_failure = error.is_some() && usage.is_none_or(|u| u.completion_tokens == 0);
+        let spent = if empty_failure {
+            0
+        } else {
+            cost.map_or(0, keypool_pricing::Cost::nanos)
+        };
+        self.spend.settle(spent);
         crate::observe::answered(self, status, usage, cost, error, latency);
         self.sink.record(UsageEvent {
             id: new_event_id(),

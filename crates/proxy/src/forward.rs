@@ -147,6 +147,7 @@ impl Engine {
         let max_attempts = ctx.max_attempts.max(1);
         let mut last: Option<Failure> = None;
         let mut waits = 0u32;
+        let mut keys_spent = 0u32;
         // one pick for the whole request: attempts only add to `exclude`
         let mut pick = Pick {
             model: Arc::from(ctx.inspected.model.as_str()),
@@ -174,6 +175,10 @@ impl Engine {
                 Err(no) => {
                     return match last {
                         Some(f) => f.give_up(ctx),
+                        None if keys_spent > 0 => Reply::Error {
+                            error: keys_spent_error(&ctx.inspected.model),
+                            key: None,
+                        },
                         None => Reply::Error {
                             error: Self::no_key(&no, ctx),
                             key: None,
@@ -181,6 +186,12 @@ impl Engine {
                     };
                 }
             };
+            if !self.hold_key_budget(ctx, &lease).await {
+                // this key spent its budget: not an attempt, another key is picked
+                keys_spent += 1;
+                pick.exclude.push(lease.key_id);
+                continue;
+            }
             if ctx.attempts > 0 {
                 sleep(jitter(ctx.attempts)).await;
             }
@@ -205,6 +216,29 @@ impl Engine {
                 key: None,
             },
         }
+    }
+
+    /// Holds the request's estimate against the leased key's own budget (releasing the hold on
+    /// the key of a failed attempt before); `false` when the key has spent it. Takes the key's
+    /// prices for the request's cost.
+    async fn hold_key_budget(&self, ctx: &mut RequestCtx, lease: &keypool_pool::Lease) -> bool {
+        let key = &lease.key;
+        ctx.spend.key_hold = None;
+        ctx.spend.key_pricing.clone_from(&key.pricing);
+        let Some(budget) = key.budget else {
+            return true;
+        };
+        let amount = crate::spend::estimate(
+            &ctx.spend.prices,
+            &ctx.inspected.model,
+            ctx.inspected.est_prompt,
+            ctx.inspected
+                .max_output
+                .unwrap_or(self.config.completion_estimate),
+            key.pricing.as_deref(),
+        );
+        ctx.spend.key_hold = ctx.spend.budgets.hold_key(&key.name, budget, amount).await;
+        ctx.spend.key_hold.is_some()
     }
 
     /// One attempt on a leased key, inside its own span (its failure recorded there).
@@ -294,6 +328,16 @@ impl Engine {
             NoKey::SharedUnavailable => shared_unavailable(),
         }
     }
+}
+
+/// Every key that serves the model has spent its own budget for the period.
+fn keys_spent_error(model: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::InsufficientQuota,
+        format!(
+            "Every upstream key that serves `{model}` has reached its own budget for this period."
+        ),
+    )
 }
 
 fn shared_unavailable() -> ApiError {

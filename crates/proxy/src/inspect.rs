@@ -16,6 +16,10 @@ pub struct Inspected {
     pub stream: bool,
     /// Tokens to reserve against tpm: a size-based prompt estimate plus `max_tokens`.
     pub est_tokens: u64,
+    /// The prompt's part of it (a quarter of the body's bytes).
+    pub est_prompt: u64,
+    /// The answer length the request asks for at most (`max_tokens` and its kin), if any.
+    pub max_output: Option<u64>,
     /// The body to send upstream (rewritten when usage had to be requested).
     pub body: Bytes,
     /// The client did not ask for the stream's usage chunk; keypool did, and strips it.
@@ -81,6 +85,8 @@ pub fn inspect(path: &str, content_type: &str, body: Bytes) -> Result<Inspected,
         },
         stream: false,
         est_tokens: body.len() as u64 / 4,
+        est_prompt: body.len() as u64 / 4,
+        max_output: None,
         body,
         strip_usage_chunk: false,
         previous_response: None,
@@ -104,12 +110,12 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
         .unwrap_or(path)
         .to_owned();
     let stream = peek.stream.unwrap_or(false);
-    let completion = peek
+    let max_output = peek
         .max_completion_tokens
         .or(peek.max_tokens)
-        .or(peek.max_output_tokens)
-        .unwrap_or(DEFAULT_COMPLETION_ESTIMATE);
-    let est_tokens = body.len() as u64 / 4 + completion;
+        .or(peek.max_output_tokens);
+    let est_prompt = body.len() as u64 / 4;
+    let est_tokens = est_prompt + max_output.unwrap_or(DEFAULT_COMPLETION_ESTIMATE);
     let asked = peek
         .stream_options
         .as_ref()
@@ -132,6 +138,8 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
         model,
         stream,
         est_tokens,
+        est_prompt,
+        max_output,
         body,
         strip_usage_chunk: wants_usage_rewrite,
         previous_response,

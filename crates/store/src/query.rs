@@ -148,6 +148,35 @@ impl Store {
         Ok(hours)
     }
 
+    /// What each caller of `gateway` spent (pico-dollars) in events at or after `from_ms`: the
+    /// start-up restore of caller budgets (the rollups do not keep callers).
+    pub async fn caller_spend(
+        &self,
+        gateway: &str,
+        from_ms: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        use sea_orm::sea_query::Expr;
+        let rows: Vec<(Option<String>, i64)> = usage_events::Entity::find()
+            .select_only()
+            .column(usage_events::Column::Caller)
+            // Postgres sums a BIGINT as NUMERIC: cast back
+            .column_as(
+                Expr::cust("CAST(COALESCE(SUM(cost_pico), 0) AS BIGINT)"),
+                "spent",
+            )
+            .filter(usage_events::Column::Gateway.eq(gateway))
+            .filter(usage_events::Column::AtMs.gte(from_ms))
+            .filter(usage_events::Column::Caller.is_not_null())
+            .group_by(usage_events::Column::Caller)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(c, spent)| Some((c?, spent)))
+            .collect())
+    }
+
     /// Number of stored events.
     pub async fn count_events(&self) -> Result<u64, StoreError> {
         Ok(usage_events::Entity::find().count(&self.db).await?)

@@ -31,6 +31,8 @@ pub enum Cause {
     StoreUnavailable,
     /// Redis (shared state) is unreachable.
     RedisUnavailable,
+    /// A USD budget reached 80% or 100% of its period's amount.
+    Budget,
 }
 
 impl Cause {
@@ -41,6 +43,7 @@ impl Cause {
             Self::AllUpstreamsFailed => "all_upstreams_failed",
             Self::StoreUnavailable => "store_unavailable",
             Self::RedisUnavailable => "redis_unavailable",
+            Self::Budget => "budget",
         }
     }
 }

@@ -47,6 +47,77 @@ pub async fn restore_gateway_usage(store: &Store, gateways: &Gateways) {
     }
 }
 
+/// Restores what each USD budget spent in its current period from the store: a gateway's and a
+/// key's from the hourly rollups (from the hour its period starts in), a caller's from the
+/// events. With Redis, a budget that already has counters there keeps them.
+pub async fn restore_budgets(
+    store: &Store,
+    gateways: &Gateways,
+    keys: &[Arc<keypool_config::UpstreamKey>],
+) {
+    use keypool_policy::budget::Wanted;
+    let now = chrono::Utc::now();
+    let budgets = gateways.budgets();
+    let nanos = |pico: i64| u64::try_from(pico.max(0)).unwrap_or(0).div_ceil(1000);
+    let since = |w: &Wanted| w.since.map_or(0, |(t, _)| t.timestamp_millis());
+    let mut failed = None;
+    for g in gateways.all() {
+        if let Some(w) = Wanted::gateway(&g, now) {
+            match store
+                .usage_totals(
+                    since(&w),
+                    i64::MAX,
+                    keypool_store::Grouping::Gateway,
+                    Some(&g.name),
+                )
+                .await
+            {
+                Ok(t) => {
+                    budgets
+                        .restore(&w, t.first().map_or(0, |t| nanos(t.cost_pico)))
+                        .await;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if g.spec.caller_budget.is_some() {
+            let Some(period) = Wanted::caller_id(&g, "", now) else {
+                continue;
+            };
+            match store.caller_spend(&g.name, since(&period)).await {
+                Ok(rows) => {
+                    for (caller, pico) in rows {
+                        if let Some(w) = Wanted::caller_id(&g, &caller, now) {
+                            budgets.restore(&w, nanos(pico)).await;
+                        }
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+    }
+    for k in keys {
+        let Some(b) = k.budget else { continue };
+        let w = Wanted::key(&k.name, b, now);
+        match store
+            .usage_totals(since(&w), i64::MAX, keypool_store::Grouping::Key, None)
+            .await
+        {
+            Ok(t) => {
+                let spent = t
+                    .iter()
+                    .find(|t| t.group == *k.name)
+                    .map_or(0, |t| nanos(t.cost_pico));
+                budgets.restore(&w, spent).await;
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, "cannot restore some USD budgets' spend; they start at 0");
+    }
+}
+
 /// Connects to the configured store and runs its migrations (`None` for `dbtype: none`).
 pub async fn open_store(config: &Config) -> anyhow::Result<Option<Store>> {
     let Some(url) = database_url(&config.store) else {

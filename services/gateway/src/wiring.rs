@@ -78,6 +78,7 @@ pub async fn gateways(
     let gateways = Arc::new(Gateways::with_shared(&specs, shared));
     if let Some(store) = store {
         usage::restore_gateway_usage(store, &gateways).await;
+        usage::restore_budgets(store, &gateways, &config.upstreams).await;
     }
     gateways
 }

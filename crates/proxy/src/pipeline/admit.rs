@@ -1,14 +1,19 @@
 //! `admit`: whitelist/blacklist, then the rate limits (counted across replicas when the state
 //! is shared), then the token quota. Returns the tightest limit's headers, which go out with
-//! every answer from here on, a refusal by a limit included.
+//! every answer from here on, a refusal by a limit included. Once the body is inspected,
+//! `hold_budgets` holds the request's estimated cost against its USD budgets.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use keypool_policy::budget::{Budgets, Hold, Refusal, request_budgets};
 use keypool_policy::gateway::{GatewayRuntime, RateHeaders};
 use keypool_types::ApiError;
 use tokio::time::Instant;
 
 use super::authenticate::Authenticated;
+use crate::forward::Engine;
+use crate::inspect::Inspected;
 
 pub(super) async fn admit(
     gw: &GatewayRuntime,
@@ -28,6 +33,34 @@ pub(super) async fn admit(
         }
     }
     gw.check_quota_everywhere().await
+}
+
+/// The request's estimated cost (its prompt, plus `max_tokens` or `completion_estimate`, at
+/// its model's price) held against its gateway's and its caller's budgets: 429
+/// `insufficient_quota` naming the budget without room. `None` when none applies.
+pub(super) async fn hold_budgets(
+    gw: &GatewayRuntime,
+    auth: &Authenticated,
+    inspected: &Inspected,
+    engine: &Engine,
+    budgets: &Arc<Budgets>,
+) -> Result<Option<Hold>, ApiError> {
+    let wanted = request_budgets(gw, &auth.caller);
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let config = &engine.config;
+    let amount = crate::spend::estimate(
+        &config.prices,
+        &inspected.model,
+        inspected.est_prompt,
+        inspected.max_output.unwrap_or(config.completion_estimate),
+        None,
+    );
+    budgets
+        .hold(wanted, amount)
+        .await
+        .map_err(Refusal::into_error)
 }
 
 /// `log.on_overflow: backpressure`: while the usage queue is full a new request waits for room

@@ -29,6 +29,7 @@ pub(super) fn build(
     client_ip: Option<IpAddr>,
     inspected: Inspected,
     started: Instant,
+    spend: crate::spend::Spending,
 ) -> Result<RequestCtx, ApiError> {
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
         .map_err(|_| ApiError::new(ErrorKind::InvalidRequest, "Unsupported method."))?;
@@ -77,5 +78,6 @@ pub(super) fn build(
         log_response_cap: policy.response_body.then_some(policy.max_field_bytes),
         max_attempts: retries.saturating_add(1),
         sink: fe.sink.clone(),
+        spend,
     }))
 }

@@ -2,11 +2,11 @@
 //! every named gateway (`/llm/api/{name}/v1/*`), goes through the same phases over one context.
 //!
 //! ```text
-//!  resolve ─▶ authenticate ─▶ admit ─────────────▶ read body ─▶ inspect ─▶ transform
-//!  gateway    credential(&req)  lists, rate limits,   bounded     model,      param_map,
-//!  exists,    by the gateway's  quota                 (413)       stream,     param_fixed,
-//!  active,    policy → Caller   (x-ratelimit-*)                   est tokens  prompt_template
-//!  not expired                      (GET /v1/models is           (model ACL)
+//!  resolve ─▶ authenticate ─▶ admit ─────────────▶ read body ─▶ inspect ─▶ transform ─▶ budgets
+//!  gateway    credential(&req)  lists, rate limits,   bounded     model,      param_map,    estimate
+//!  exists,    by the gateway's  quota                 (413)       stream,     param_fixed,  held (USD,
+//!  active,    policy → Caller   (x-ratelimit-*)                   est tokens  prompt_template gateway,
+//!  not expired                      (GET /v1/models is           (model ACL)               caller)
 //!                                    answered here: crate::models)
 //!        ─▶ build ctx ─▶ forward ──────────────────▶ relay ───────────▶ account
 //!                        select key, attempts,        whole answer or     one usage event
@@ -172,8 +172,12 @@ async fn prepare(
         return Ok(Prepared::Answered(resp));
     }
     let inspected = body.inspect(req, &gw, path).await?;
+    let budgets = fe.gateways.budgets();
+    let hold = admit::hold_budgets(&gw, &auth, &inspected, engine, budgets).await?;
+    let mut spend = crate::spend::Spending::new(engine.config.prices.clone(), budgets.clone());
+    spend.hold = hold;
     context::build(
-        req, fe, engine, path, auth, gw, client_ip, inspected, started,
+        req, fe, engine, path, auth, gw, client_ip, inspected, started, spend,
     )
     .map(Prepared::Forward)
 }
