@@ -63,6 +63,26 @@ pub enum Cmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Spend per upstream key (or gateway, or model) over a time range, as CSV or JSON: for
+    /// reconciling with a provider's bill.
+    Spend {
+        /// What each row is: key, gateway or model.
+        #[arg(long, default_value = "key", value_parser = ["key", "gateway", "model"])]
+        by: String,
+        /// From (inclusive): a UTC date `2026-11-01`, an RFC 3339 time, or unix milliseconds.
+        /// Default: 30 days ago.
+        #[arg(long)]
+        from: Option<String>,
+        /// To (exclusive), in the same forms. Default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// csv (default) or json (`--json` too).
+        #[arg(long, default_value = "csv", value_parser = ["csv", "json"])]
+        format: String,
+    },
     /// Version, uptime, replicas, store and Redis health.
     Status,
 }

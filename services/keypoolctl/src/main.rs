@@ -3,6 +3,7 @@
 
 mod cli;
 mod print;
+mod spend;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -422,6 +423,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .collect();
             table(&["HOUR (UTC, today)", "CALLS", "TOKENS"], &busy);
+        }
+        Cmd::Spend {
+            by,
+            from,
+            to,
+            gateway,
+            format,
+        } => {
+            let range = spend::Range::parse(from.as_deref(), to.as_deref(), now_ms())?;
+            let r = c
+                .get_usage(pb::GetUsageRequest {
+                    from_ms: range.from_ms,
+                    to_ms: range.to_ms,
+                    gateway: gateway.clone().unwrap_or_default(),
+                    day_ms: 0,
+                })
+                .await?
+                .into_inner();
+            let rows = match by.as_str() {
+                "gateway" => &r.by_gateway,
+                "model" => &r.by_model,
+                _ => &r.by_key,
+            };
+            let json = cli.json || format == "json";
+            print!("{}", spend::render(by, &range, rows, json));
         }
         Cmd::Status => {
             let s = c.get_status(pb::GetStatusRequest {}).await?.into_inner();
