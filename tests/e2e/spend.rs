@@ -1,0 +1,314 @@
+//! USD budgets and prices over real `keypool` processes: a gateway budget held across three
+//! replicas sharing Redis under concurrency, caller and key budgets, a failure that costs
+//! nothing, budgets that survive a restart, a price override pushed to every frontend, and
+//! the budget alerts.
+//!
+//! Prices here are the tests' own (`pricing:`, 10 cents a token for model `m`), so a call to
+//! the mock (5 prompt tokens, 5 completion tokens) costs exactly $1, and its estimate (a quarter
+//! of the body's ~72 bytes, plus `completion_estimate: 5`) is $2.3: never less than the cost.
+
+use std::time::Duration;
+
+use keypool_e2e::{Behavior, Gateway, MockServer, Receiver, config, hello, mock, served_by};
+use serde_json::Value;
+
+const PRICING: &str =
+    "pricing: [{models: [m], input: 100000, output: 100000}]\ncompletion_estimate: 5";
+
+/// A call's estimate: never less than its cost ($1).
+const ESTIMATE_USD: f64 = 2.3;
+
+fn redis_block(prefix: &str) -> String {
+    format!("redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\"}}")
+}
+
+/// One call: its status, its cost (`x-keypool-cost`, 0 without one) and its body.
+async fn call(gw: &Gateway, path: &str, token: Option<&str>) -> anyhow::Result<(u16, f64, Value)> {
+    let mut req = gw.http().post(gw.url(path)).json(&hello("m"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    let cost = resp
+        .headers()
+        .get("x-keypool-cost")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let mut body: Value = resp.json().await.unwrap_or(Value::Null);
+    if let Some(r) = retry_after {
+        body["retry_after"] = Value::from(r.to_str().unwrap_or_default());
+    }
+    Ok((status, cost, body))
+}
+
+fn team_config(up: &MockServer, extra: &str) -> String {
+    config()
+        .key(up, "up", "")
+        .block(&format!(
+            "{PRICING}\n{extra}\ngateways:\n  - {{name: team, budget: {{usd: 10, period: day}}}}"
+        ))
+        .yaml()
+}
+
+/// 30 calls at once over three replicas, then one at a time until refused: the spend never
+/// passes the $10 budget by more than one estimate (every estimate covers its cost, and a call
+/// is admitted only while spend plus holds is under the budget), and once refused, every
+/// replica refuses with 429 `insufficient_quota`, the budget named, `Retry-After` its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usd_budget_holds_across_three_replicas() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let prefix = format!("kp-e2e-{:016x}:", fastrand::u64(..));
+    let yaml = team_config(&up, &redis_block(&prefix));
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        gws.push(Gateway::start(&yaml).await?);
+    }
+    let path = "/llm/api/team/v1/chat/completions";
+    let burst = futures::future::join_all((0..30).map(|i| call(&gws[i % 3], path, None))).await;
+    let mut spent = 0.0;
+    for r in burst {
+        let (status, cost, body) = r?;
+        assert!(status == 200 || status == 429, "{status} {body}");
+        if status == 200 {
+            assert!((cost - 1.0).abs() < 1e-9, "each call costs $1: {cost}");
+        }
+        spent += cost;
+    }
+    assert!(
+        spent <= 10.0 + ESTIMATE_USD,
+        "spent ${spent} of $10 in a burst"
+    );
+    let mut refused = None;
+    for i in 0..20 {
+        // the previous call's settlement lands first: a refusal means the budget is spent
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (status, cost, body) = call(&gws[i % 3], path, None).await?;
+        spent += cost;
+        if status == 429 {
+            refused = Some(body);
+            break;
+        }
+    }
+    let refused = refused.expect("refused once the budget was spent");
+    assert!(
+        (10.0..=10.0 + ESTIMATE_USD).contains(&spent),
+        "spent ${spent} of $10"
+    );
+    assert_eq!(refused["error"]["code"], "insufficient_quota", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("The gateway `team` has reached its daily budget of $10"),
+        "{message}"
+    );
+    let retry: u64 = refused["retry_after"].as_str().unwrap_or("0").parse()?;
+    assert!((1..=86_400).contains(&retry), "{refused}");
+    for gw in &gws {
+        assert_eq!(call(gw, path, None).await?.0, 429);
+    }
+    // `/v1` has no budget: unaffected
+    let free = gws[0].chat("any", hello("m")).await?;
+    assert_eq!(free.status(), 200);
+    Ok(())
+}
+
+/// Each caller spends its own `caller_budget`; a key with its own budget is skipped once spent
+/// (the next key serves), and with every key spent the answer is 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_and_key_budgets() -> anyhow::Result<()> {
+    let capped = mock("capped", Behavior::default());
+    let spare = mock("spare", Behavior::default());
+    let yaml = config()
+        .set("lb_policy", "order")
+        .key(&capped, "capped", "budget: {usd: 2, period: total}")
+        .key(&spare, "spare", "allow: [m]")
+        .block(&format!(
+            "{PRICING}\ngateways:\n  - {{name: shared, auth: {{secrets: [alice-secret, bob-secret]}}, caller_budget: {{usd: 3}}}}"
+        ))
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    let path = "/llm/api/shared/v1/chat/completions";
+    let mut served = Vec::new();
+    let mut alice = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = gw
+            .http()
+            .post(gw.url(path))
+            .bearer_auth("alice-secret")
+            .json(&hello("m"))
+            .send()
+            .await?;
+        if resp.status() == 429 {
+            let body: Value = resp.json().await?;
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.starts_with(
+                    "Your credential on the gateway `shared` has reached its monthly budget of $3"
+                ),
+                "{body}"
+            );
+            break;
+        }
+        assert_eq!(resp.status(), 200);
+        served.push(served_by(&resp));
+        alice += 1;
+        assert!(alice <= 4, "alice's $3 budget never ran out");
+    }
+    // $3 at $1 a call, each admitted while under: three calls (a fourth only if a settlement
+    // were late)
+    assert_eq!(alice, 3, "{served:?}");
+    // the capped key served its $2, then the spare one took over
+    assert_eq!(served, ["capped", "capped", "spare"]);
+    let (bob, _, _) = call(&gw, path, Some("bob-secret")).await?;
+    assert_eq!(bob, 200, "bob has his own budget");
+
+    // with only the spent key able to serve: 429 insufficient_quota, not "no such model"
+    let only = config()
+        .key(&capped, "capped", "budget: {usd: 1, period: total}")
+        .block(PRICING)
+        .yaml();
+    let gw = Gateway::start(&only).await?;
+    assert_eq!(gw.chat("t", hello("m")).await?.status(), 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resp = gw.chat("t", hello("m")).await?;
+    assert_eq!(resp.status(), 429);
+    let body: Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+    Ok(())
+}
+
+/// A failure with no output costs its budget nothing; what was spent survives a restart (the
+/// budget restored from the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_failures_are_free_and_spend_survives_a_restart() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let broken = mock(
+        "broken",
+        Behavior {
+            status: Some(500),
+            ..Behavior::default()
+        },
+    );
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("usage.sqlite").display().to_string();
+    let yaml = config()
+        .set("dbtype", "sqlite")
+        .set("dbaddr", &format!("\"{db}\""))
+        .set("retries", "0")
+        .set("queue_timeout", "0")
+        .key(&up, "up", "allow: [m]")
+        .key(&broken, "broken", "allow: [broken-model]")
+        .block("pricing: [{models: [m, broken-model], input: 100000, output: 100000}]\ncompletion_estimate: 5\nbudget: {usd: 2, period: total}")
+        .yaml();
+    let mut gw = Gateway::start(&yaml).await?;
+    for _ in 0..5 {
+        // the upstream's 500, or keypool's refusal while the key cools down: no output either way
+        let resp = gw.chat("t", hello("broken-model")).await?;
+        assert!(resp.status().as_u16() >= 429, "{}", resp.status());
+    }
+    // five failures later the $2 is untouched: two $1 calls pass
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(gw.chat("t", hello("m")).await?.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gw.chat("t", hello("m")).await?.status(), 429);
+    gw.terminate()?;
+    gw.wait(Duration::from_secs(10)).await?;
+    let gw = Gateway::start(&yaml).await?;
+    let resp = gw.chat("t", hello("m")).await?;
+    assert_eq!(
+        resp.status(),
+        429,
+        "the $2 spent before the restart still counts"
+    );
+    Ok(())
+}
+
+/// A price changed in the control plane's file (SIGHUP) reaches every frontend at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_override_reaches_every_frontend() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let db = keypool_e2e::PgDb::create()?;
+    let yaml = |price: u32| {
+        config()
+            .set("dbtype", "postgres")
+            .set("dbaddr", &format!("\"{}\"", db.url()))
+            .key(&up, "up", "")
+            .block(&format!(
+                "pricing: [{{models: [m], input: {price}, output: {price}}}]\nadmin: {{token: spend-admin, secret_key: spend-seal}}"
+            ))
+            .yaml()
+    };
+    let cp = Gateway::start_control_plane(&yaml(100_000), "127.0.0.1:0").await?;
+    let admin = cp.admin_url().await?;
+    let mut frontends = Vec::new();
+    for _ in 0..3 {
+        frontends.push(Gateway::start_frontend(&admin, "spend-admin", &[]).await?);
+    }
+    let cost = |resp: &reqwest::Response| {
+        resp.headers()
+            .get("x-keypool-cost")
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+    };
+    for fe in &frontends {
+        // 10 tokens at 10 cents each
+        let resp = fe.chat("t", hello("m")).await?;
+        assert_eq!(cost(&resp).as_deref(), Some("1"));
+    }
+    std::fs::write(cp.config_file(), yaml(200_000))?;
+    cp.signal("HUP")?;
+    for fe in &frontends {
+        let mut seen = None;
+        for _ in 0..50 {
+            let resp = fe.chat("t", hello("m")).await?;
+            seen = cost(&resp);
+            if seen.as_deref() == Some("2") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            seen.as_deref(),
+            Some("2"),
+            "the new price on every frontend"
+        );
+    }
+    Ok(())
+}
+
+/// Crossing 80% and 100% of a budget alerts once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_alerts_at_80_and_100_percent_once() -> anyhow::Result<()> {
+    let hook = Receiver::start(true).await?;
+    let up = mock("up", Behavior::default());
+    let yaml = config()
+        .key(&up, "up", "")
+        .block(&format!(
+            "{PRICING}\nbudget: {{usd: 5, period: week}}\nnotify: {{webhook: {{url: \"{}/hook\"}}}}",
+            hook.url
+        ))
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = gw.chat("t", hello("m")).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let texts: Vec<String> = hook
+        .received()
+        .iter()
+        .filter(|r| r.body["cause"] == "budget")
+        .map(|r| r.body["text"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(
+        texts[0].contains("The gateway `default` has spent $4 of its weekly budget of $5 (80%)"),
+        "{texts:?}"
+    );
+    assert!(texts[1].contains("(100%)"), "{texts:?}");
+    Ok(())
+}
