@@ -10,6 +10,7 @@ mod m20261201_000004_pg_time_indexes;
 mod m20261201_000005_event_ids_unindexed;
 mod m20261205_000006_cache_tokens;
 mod m20261205_000007_cost;
+mod m20261205_000008_settings;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000005_event_ids_unindexed::Migration),
             Box::new(m20261205_000006_cache_tokens::Migration),
             Box::new(m20261205_000007_cost::Migration),
+            Box::new(m20261205_000008_settings::Migration),
         ]
     }
 

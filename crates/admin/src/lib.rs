@@ -12,7 +12,6 @@ use keypool_config::RawGateway;
 use keypool_config::raw::RawUpstream;
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_server::Admin;
-use keypool_store::Grouping;
 use keypool_types::ErrorKind;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -22,6 +21,7 @@ use keypool_control::{Control, ControlError, KeyEntry};
 mod messages;
 mod serve;
 mod streams;
+mod usage;
 pub use messages::mask;
 use messages::{gateway_pb, key_pb};
 pub use serve::{ServeError, serve};
@@ -241,63 +241,39 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        let r = req.into_inner();
         let store = self.control.store.as_ref().ok_or_else(|| {
             grpc(
                 ErrorKind::FailedPrecondition,
                 "no store (dbtype: none): usage is not kept",
             )
         })?;
-        let now = now_ms();
-        let to = if r.to_ms > 0 { r.to_ms } else { now + 1 };
-        let from = if r.from_ms > 0 {
-            r.from_ms
-        } else {
-            to - 86_400_000
-        };
-        // rollups are hourly: include the hour `from` falls in
-        let from = from - from.rem_euclid(3_600_000);
-        let gateway = Some(r.gateway.as_str()).filter(|g| !g.is_empty());
-        let totals = |g: Grouping| async move {
-            store
-                .usage_totals(from, to, g, gateway)
-                .await
-                .map(|v| {
-                    v.into_iter()
-                        .map(|t| pb::UsageTotal {
-                            group: t.group,
-                            calls: t.calls,
-                            errors: t.errors,
-                            prompt_tokens: t.prompt_tokens,
-                            completion_tokens: t.completion_tokens,
-                            total_tokens: t.total_tokens,
-                            cache_read_tokens: t.cache_read_tokens,
-                            cache_write_tokens: t.cache_write_tokens,
-                            cache_write_1h_tokens: t.cache_write_1h_tokens,
-                            cost_pico: t.cost_pico,
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .map_err(|e| grpc(ErrorKind::StoreUnavailable, format!("store: {e}")))
-        };
-        let day = if r.day_ms > 0 { r.day_ms } else { now };
-        let hours = store
-            .calls_per_hour(day, gateway)
+        usage::answer(store, &req.into_inner())
             .await
-            .map_err(|e| grpc(ErrorKind::StoreUnavailable, format!("store: {e}")))?;
-        Ok(Response::new(pb::GetUsageResponse {
-            by_gateway: totals(Grouping::Gateway).await?,
-            by_key: totals(Grouping::Key).await?,
-            by_model: totals(Grouping::Model).await?,
-            calls_per_hour: hours
-                .into_iter()
-                .map(|h| pb::HourCalls {
-                    hour_ms: h.hour_ms,
-                    calls: h.calls,
-                    total_tokens: h.total_tokens,
-                })
-                .collect(),
-        }))
+            .map(Response::new)
+    }
+
+    async fn get_prices(
+        &self,
+        _req: Request<pb::GetPricesRequest>,
+    ) -> Result<Response<pb::Prices>, Status> {
+        Ok(Response::new(usage::prices_pb(
+            &self.control,
+            &self.control.admin_prices(),
+        )))
+    }
+
+    async fn set_prices(
+        &self,
+        req: Request<pb::SetPricesRequest>,
+    ) -> Result<Response<pb::Prices>, Status> {
+        let entries = req
+            .into_inner()
+            .pricing
+            .into_iter()
+            .map(keypool_pricing::RawPrice::from)
+            .collect();
+        let set = self.control.set_prices(entries).await.or_status()?;
+        Ok(Response::new(usage::prices_pb(&self.control, &set)))
     }
 
     type StreamUsageStream = EventStream;

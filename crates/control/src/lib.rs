@@ -10,11 +10,12 @@
 //! secrets are stored only sealed (ChaCha20-Poly1305 under `admin.secret_key`, [`seal`]).
 //!
 //! Files: this one holds the state and start-up; [`Control`]'s gateway changes are in
-//! `gateways.rs`, its key changes in `keys.rs`, and bringing the running state in line with the
-//! store (restore, another replica's change) or a pushed snapshot in `sync.rs`.
+//! `gateways.rs`, its key changes in `keys.rs`, the admin API's prices in `prices.rs`, and
+//! bringing the running state in line with the store (restore, another replica's change) or a pushed snapshot in `sync.rs`.
 
 mod gateways;
 mod keys;
+mod prices;
 pub mod seal;
 mod sync;
 
@@ -29,6 +30,8 @@ use keypool_pool::PoolHandle;
 use keypool_store::{Store, StoredEvent};
 use keypool_types::{Secret, UsageEvent, UsageSink};
 use tokio::sync::broadcast;
+
+pub use prices::AdminPrices;
 
 pub const OWNER_CONFIG: &str = "config";
 pub const OWNER_ADMIN: &str = "admin";
@@ -193,6 +196,8 @@ pub struct Control {
     /// The named gateways.
     gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
     key_entries: Mutex<BTreeMap<String, KeyEntry>>,
+    /// The prices set through the admin API.
+    admin_prices: Mutex<AdminPrices>,
 }
 
 fn now_ms() -> i64 {
@@ -255,10 +260,13 @@ impl Control {
             changes: tokio::sync::Mutex::new(()),
             gateway_entries: Mutex::new(g_entries),
             key_entries: Mutex::new(k_entries),
+            admin_prices: Mutex::new(AdminPrices::default()),
         });
         if let Some(store) = &store {
             control.restore(store).await?;
+            control.read_prices(store).await?;
         }
+        control.apply_prices();
         Ok(control)
     }
 

@@ -147,6 +147,7 @@ impl Control {
         })
         .await?;
         self.config.store(new);
+        self.apply_prices();
         if let Some(store) = &self.store {
             self.persist_config_owned(store).await?;
         }
@@ -332,6 +333,8 @@ impl Control {
         let _one_at_a_time = self.changes.lock().await;
         let desired = self.desired_from_store(store).await?;
         self.reconcile(desired).await?;
+        self.read_prices(store).await?;
+        self.apply_prices();
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
         self.changed.send_replace(version);
         Ok(())
@@ -346,13 +349,19 @@ impl Control {
     }
 
     /// The whole configuration a frontend needs, as `WatchConfig` sends it: the top-level
-    /// policy, every key (secrets included) with the disabled ones named, every gateway
+    /// policy (its `pricing:` the prices in force: the admin API's, then the file's), every key (secrets included) with the disabled ones named, every gateway
     /// (secrets hashed).
     pub fn snapshot(&self) -> pb::ConfigSnapshot {
         let keys = self.key_entries();
+        let mut policy = pb::Policy::from(&*self.config.load().policy);
+        policy.pricing = self
+            .pricing_in_force()
+            .iter()
+            .map(pb::Price::from)
+            .collect();
         pb::ConfigSnapshot {
             version: self.version(),
-            policy: Some(pb::Policy::from(&*self.config.load().policy)),
+            policy: Some(policy),
             upstreams: keys
                 .iter()
                 .map(|e| pb::UpstreamSpec::from(&e.key.to_raw()))
@@ -407,6 +416,7 @@ impl Control {
             keys,
         })
         .await?;
+        self.gateways.set_prices(config.prices.clone());
         self.version.store(version, Ordering::Relaxed);
         self.changed.send_replace(version);
         Ok(())

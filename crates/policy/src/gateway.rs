@@ -428,6 +428,9 @@ pub struct Gateways {
     shared: Option<Arc<dyn SharedState>>,
     /// Every USD budget's counters (gateways', callers' and keys').
     budgets: Arc<crate::budget::Budgets>,
+    /// The prices in force before the built-in catalog's (the admin API's, then the config's):
+    /// replaced whole with the configuration.
+    prices: arc_swap::ArcSwap<keypool_pricing::Prices>,
 }
 
 impl Default for Gateways {
@@ -446,6 +449,7 @@ impl Gateways {
         let g = Self {
             map: arc_swap::ArcSwap::default(),
             budgets: Arc::new(crate::budget::Budgets::new(shared.clone())),
+            prices: arc_swap::ArcSwap::default(),
             shared,
         };
         g.replace(specs);
@@ -455,6 +459,15 @@ impl Gateways {
     /// The USD budgets' counters.
     pub fn budgets(&self) -> &Arc<crate::budget::Budgets> {
         &self.budgets
+    }
+
+    /// The prices requests are charged at now.
+    pub fn prices(&self) -> Arc<keypool_pricing::Prices> {
+        self.prices.load_full()
+    }
+
+    pub fn set_prices(&self, prices: Arc<keypool_pricing::Prices>) {
+        self.prices.store(prices);
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<GatewayRuntime>> {

@@ -144,15 +144,16 @@ impl Catalog {
                 if m.contains('*') {
                     c.globs.push((m.clone(), n));
                 } else {
-                    // a later exact entry replaces an earlier one
-                    c.exact.insert(m.clone(), n);
+                    // the first entry naming a model wins, as among globs
+                    c.exact.entry(m.clone()).or_insert(n);
                 }
             }
         }
         Ok(c)
     }
 
-    /// The price of `model`: its exact entry, else the first glob that matches.
+    /// The price of `model`: the first entry naming it exactly, else the first glob that
+    /// matches.
     pub fn price(&self, model: &str) -> Option<&Price> {
         let i = self.exact.get(model).copied().or_else(|| {
             self.globs

@@ -156,8 +156,9 @@ impl KeyPricing {
     }
 }
 
-/// The prices this process charges at: a key's own, then the config's `pricing:`, then the
-/// built-in catalog (each looked up by the model the request named).
+/// The prices this process charges at: a key's own, then the overrides (the admin API's list,
+/// then the config's `pricing:`), then the built-in catalog (each looked up by the model the
+/// request named).
 #[derive(Debug, Clone, Default)]
 pub struct Prices {
     pub overrides: Catalog,

@@ -153,3 +153,15 @@ fn a_keys_prices_then_the_configs_then_the_builtin_ones() {
     assert_eq!(Cost(1_499).nanos(), 1);
     assert_eq!(Cost(1_500).nanos(), 2);
 }
+
+#[test]
+fn the_first_entry_naming_a_model_wins() {
+    // the admin API's list goes before the file's in one list: its entries must win
+    let c = Catalog::parse(
+        "models:\n  - {models: [m, \"g*\"], input: 1, output: 1}\n  - {models: [m, \"g*\"], input: 2, output: 2}\n",
+    )
+    .unwrap();
+    assert_eq!(c.price("m"), c.price("g1"));
+    let u = usage(r#"{"prompt_tokens":1000000,"completion_tokens":0,"total_tokens":1000000}"#);
+    assert_eq!(crate::cost(c.price("m").unwrap(), &u).to_string(), "1");
+}

@@ -1,9 +1,9 @@
-//! What the admin service persists: gateways and keys with their owner.
+//! What the admin service persists: gateways and keys with their owner, and run-time settings.
 
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, EntityTrait, QueryOrder};
 
-use crate::entity::{admin_gateways, admin_keys};
+use crate::entity::{admin_gateways, admin_keys, admin_settings};
 use crate::{Store, StoreError};
 
 /// A stored gateway.
@@ -135,5 +135,36 @@ impl Store {
             .exec(&self.db)
             .await?;
         Ok(())
+    }
+}
+
+impl Store {
+    /// A run-time setting's value (JSON) and when it was set; `None` when never set.
+    pub async fn setting(&self, name: &str) -> Result<Option<(String, i64)>, StoreError> {
+        Ok(admin_settings::Entity::find_by_id(name.to_owned())
+            .one(&self.db)
+            .await?
+            .map(|m| (m.value, m.updated_ms)))
+    }
+
+    /// Sets a run-time setting; answers its `updated_ms`.
+    pub async fn save_setting(&self, name: &str, value: &str) -> Result<i64, StoreError> {
+        let at = now_ms();
+        admin_settings::Entity::insert(admin_settings::ActiveModel {
+            name: Set(name.to_owned()),
+            value: Set(value.to_owned()),
+            updated_ms: Set(at),
+        })
+        .on_conflict(
+            OnConflict::column(admin_settings::Column::Name)
+                .update_columns([
+                    admin_settings::Column::Value,
+                    admin_settings::Column::UpdatedMs,
+                ])
+                .to_owned(),
+        )
+        .exec(&self.db)
+        .await?;
+        Ok(at)
     }
 }

@@ -47,6 +47,8 @@ pub struct HourCalls {
     pub hour_ms: i64,
     pub calls: i64,
     pub total_tokens: i64,
+    /// Pico-dollars.
+    pub cost_pico: i64,
 }
 
 /// A key's persisted counters.
@@ -106,6 +108,76 @@ impl Store {
         Ok(out)
     }
 
+    /// Calls, tokens and cost per caller (`tok-<hash>`, anonymous calls as `-`) for events in
+    /// `[from_ms, to_ms)`, largest total first: from the events (the rollups do not keep
+    /// callers), so only as far back as their retention.
+    pub async fn usage_by_caller(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        gateway: Option<&str>,
+    ) -> Result<Vec<UsageTotal>, StoreError> {
+        use sea_orm::sea_query::Expr;
+        type Row = (Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+        // Postgres sums a BIGINT as NUMERIC: each sum cast back
+        let sum = |c: &str| Expr::cust(format!("CAST(COALESCE(SUM({c}), 0) AS BIGINT)"));
+        let mut q = usage_events::Entity::find()
+            .select_only()
+            .column(usage_events::Column::Caller)
+            .column_as(Expr::cust("COUNT(*)"), "calls")
+            .column_as(
+                Expr::cust(
+                    "CAST(COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT)",
+                ),
+                "errors",
+            );
+        for c in [
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "cache_write_1h_tokens",
+            "cost_pico",
+        ] {
+            q = q.column_as(sum(c), c);
+        }
+        q = q
+            .filter(usage_events::Column::AtMs.gte(from_ms))
+            .filter(usage_events::Column::AtMs.lt(to_ms));
+        if let Some(g) = gateway {
+            q = q.filter(usage_events::Column::Gateway.eq(g));
+        }
+        let rows: Vec<Row> = q
+            .group_by(usage_events::Column::Caller)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut out: Vec<UsageTotal> = rows
+            .into_iter()
+            .map(
+                |(caller, calls, errors, p, c, t, cr, cw, cw1, cost)| UsageTotal {
+                    group: caller.unwrap_or_else(|| "-".to_owned()),
+                    calls,
+                    errors,
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                    total_tokens: t,
+                    cache_read_tokens: cr,
+                    cache_write_tokens: cw,
+                    cache_write_1h_tokens: cw1,
+                    cost_pico: cost,
+                },
+            )
+            .collect();
+        out.sort_by(|a, b| {
+            b.total_tokens
+                .cmp(&a.total_tokens)
+                .then(a.group.cmp(&b.group))
+        });
+        Ok(out)
+    }
+
     /// Calls per hour of the UTC day that contains `day_ms` (24 entries), optionally for one
     /// gateway.
     pub async fn calls_per_hour(
@@ -136,6 +208,7 @@ impl Store {
                 hour_ms: start + h * 3_600_000,
                 calls: 0,
                 total_tokens: 0,
+                cost_pico: 0,
             })
             .collect();
         for r in q.all(&self.db).await? {
@@ -144,6 +217,7 @@ impl Store {
                 .min(23);
             hours[i].calls += r.calls;
             hours[i].total_tokens += r.total_tokens;
+            hours[i].cost_pico = hours[i].cost_pico.saturating_add(r.cost_pico);
         }
         Ok(hours)
     }

@@ -95,9 +95,16 @@ async fn migrations_up_down_up(url: String) {
             "m20261201_000004_pg_time_indexes",
             "m20261201_000005_event_ids_unindexed",
             "m20261205_000006_cache_tokens",
-            "m20261205_000007_cost"
+            "m20261205_000007_cost",
+            "m20261205_000008_settings"
         ]
     );
+    // run-time settings: upserted by name
+    assert_eq!(store.setting("pricing").await.unwrap(), None);
+    store.save_setting("pricing", "[]").await.unwrap();
+    store.save_setting("pricing", "[1]").await.unwrap();
+    let (value, at) = store.setting("pricing").await.unwrap().unwrap();
+    assert!(value == "[1]" && at > 0);
     // the admin tables: gateways and keys with their owner, upserted by name
     store.save_gateway("g", "{}", "admin").await.unwrap();
     store

@@ -76,6 +76,8 @@ pub async fn gateways(
     specs.extend(config.gateways.iter().cloned());
     let shared = redis.map(|r| r.clone() as Arc<dyn keypool_shared::SharedState>);
     let gateways = Arc::new(Gateways::with_shared(&specs, shared));
+    // the control plane adds the admin API's prices once it has read them
+    gateways.set_prices(config.prices.clone());
     if let Some(store) = store {
         usage::restore_gateway_usage(store, &gateways).await;
         usage::restore_budgets(store, &gateways, &config.upstreams).await;

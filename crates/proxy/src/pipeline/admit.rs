@@ -44,17 +44,19 @@ pub(super) async fn hold_budgets(
     inspected: &Inspected,
     engine: &Engine,
     budgets: &Arc<Budgets>,
+    prices: &keypool_pricing::Prices,
 ) -> Result<Option<Hold>, ApiError> {
     let wanted = request_budgets(gw, &auth.caller);
     if wanted.is_empty() {
         return Ok(None);
     }
-    let config = &engine.config;
     let amount = crate::spend::estimate(
-        &config.prices,
+        prices,
         &inspected.model,
         inspected.est_prompt,
-        inspected.max_output.unwrap_or(config.completion_estimate),
+        inspected
+            .max_output
+            .unwrap_or(engine.config.completion_estimate),
         None,
     );
     budgets

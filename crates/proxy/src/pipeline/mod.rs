@@ -172,9 +172,9 @@ async fn prepare(
         return Ok(Prepared::Answered(resp));
     }
     let inspected = body.inspect(req, &gw, path).await?;
-    let budgets = fe.gateways.budgets();
-    let hold = admit::hold_budgets(&gw, &auth, &inspected, engine, budgets).await?;
-    let mut spend = crate::spend::Spending::new(engine.config.prices.clone(), budgets.clone());
+    let (budgets, prices) = (fe.gateways.budgets(), fe.gateways.prices());
+    let hold = admit::hold_budgets(&gw, &auth, &inspected, engine, budgets, &prices).await?;
+    let mut spend = crate::spend::Spending::new(prices, budgets.clone());
     spend.hold = hold;
     context::build(
         req, fe, engine, path, auth, gw, client_ip, inspected, started, spend,

@@ -2,6 +2,7 @@
 
 pub mod admin_gateways;
 pub mod admin_keys;
+pub mod admin_settings;
 pub mod key_counters;
 pub mod request_logs;
 pub mod usage_events;
