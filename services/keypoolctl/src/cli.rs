@@ -45,7 +45,8 @@ pub enum Cmd {
     /// Upstream keys and their live state.
     #[command(subcommand)]
     Keys(KeyCmd),
-    /// Tokens and calls per gateway / key / model, or live events with --follow.
+    /// Tokens, calls and spend per gateway / key / model / caller / day, or live events with
+    /// --follow.
     Usage {
         /// Only this gateway (`default` is `/v1`).
         #[arg(long)]
@@ -83,8 +84,27 @@ pub enum Cmd {
         #[arg(long, default_value = "csv", value_parser = ["csv", "json"])]
         format: String,
     },
+    /// Prices set at run time, in force before the config file's `pricing:` and the built-in
+    /// catalog (USD per million tokens).
+    #[command(subcommand)]
+    Prices(PriceCmd),
     /// Version, uptime, replicas, store and Redis health.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PriceCmd {
+    /// The prices in force: the admin API's, then the config file's.
+    List,
+    /// Replace the admin API's prices with a YAML/JSON file's `pricing:` list (a config file's
+    /// too) or a list of entries; every frontend charges them from its next request.
+    Set {
+        /// The file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Remove the admin API's prices (the config file's and the built-in ones apply).
+    Clear,
 }
 
 #[derive(Debug, Subcommand)]

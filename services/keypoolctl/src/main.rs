@@ -2,8 +2,10 @@
 //! a failed call exits non-zero with the gRPC status and message.
 
 mod cli;
+mod prices;
 mod print;
 mod spend;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,11 +17,8 @@ use keypool_config::RawGateway;
 use keypool_config::raw::RawUpstream;
 use keypool_proto::admin::v1 as pb;
 use keypool_proto::admin::v1::admin_client::AdminClient;
-use print::{
-    FOLLOW_HEADER, follow_line, gateway_json, group_name, print_gateways, print_keys, table, time,
-    usd,
-};
-use serde_json::{Value, json};
+use print::{gateway_json, print_gateways, print_keys, time};
+use serde_json::json;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
@@ -53,7 +52,8 @@ fn main() -> ExitCode {
 }
 
 type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
-type Client = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+pub(crate) type Client =
+    AdminClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let mut endpoint =
@@ -83,7 +83,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     Ok(AdminClient::with_interceptor(channel, auth))
 }
 
-fn read(path: &PathBuf) -> anyhow::Result<String> {
+pub(crate) fn read(path: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
 }
@@ -286,144 +286,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             since,
             follow,
         } => {
+            let gateway = gateway.clone().unwrap_or_default();
             if *follow {
-                let mut stream = c
-                    .stream_usage(pb::StreamUsageRequest {
-                        gateway: gateway.clone().unwrap_or_default(),
-                        model: model.clone().unwrap_or_default(),
-                        key: key.clone().unwrap_or_default(),
-                    })
-                    .await?
-                    .into_inner();
-                if !cli.json {
-                    println!("{}", follow_line(&FOLLOW_HEADER.map(str::to_owned)));
-                }
-                while let Some(e) = stream.message().await? {
-                    if cli.json {
-                        println!(
-                            "{}",
-                            json!({"id": e.id, "at_ms": e.at_ms, "gateway": e.gateway,
-                                "caller": e.caller, "model": e.model, "key": e.key,
-                                "provider": e.provider, "attempts": e.attempts,
-                                "status": e.status, "stream": e.stream,
-                                "latency_ms": e.latency_ms, "prompt_tokens": e.prompt_tokens,
-                                "completion_tokens": e.completion_tokens,
-                                "total_tokens": e.total_tokens,
-                                "cache_read_tokens": e.cache_read_tokens,
-                                "cache_write_tokens": e.cache_write_tokens,
-                                "cache_write_1h_tokens": e.cache_write_1h_tokens,
-                                "cost_usd": e.cost_pico.map(usd),
-                                "error": e.error})
-                        );
-                    } else {
-                        println!(
-                            "{}",
-                            follow_line(&[
-                                time(e.at_ms),
-                                e.gateway,
-                                e.model,
-                                e.key.unwrap_or_else(|| "(none)".to_owned()),
-                                e.status.to_string(),
-                                e.attempts.to_string(),
-                                e.prompt_tokens.unwrap_or(0).to_string(),
-                                e.completion_tokens.unwrap_or(0).to_string(),
-                                e.latency_ms.to_string(),
-                            ])
-                        );
-                    }
-                    let _ = std::io::Write::flush(&mut std::io::stdout());
-                }
-                return Ok(());
+                let filter = pb::StreamUsageRequest {
+                    gateway,
+                    model: model.clone().unwrap_or_default(),
+                    key: key.clone().unwrap_or_default(),
+                };
+                return usage::follow(&mut c, &cli, filter).await;
             }
             let to = now_ms() + 1;
             let r = c
                 .get_usage(pb::GetUsageRequest {
                     from_ms: to - since_ms(since)?,
                     to_ms: to,
-                    gateway: gateway.clone().unwrap_or_default(),
+                    gateway,
                     day_ms: 0,
                 })
                 .await?
                 .into_inner();
-            let totals = |v: &[pb::UsageTotal]| -> Value {
-                Value::Array(
-                    v.iter()
-                        .map(|t| {
-                            json!({"group": t.group, "calls": t.calls, "errors": t.errors,
-                                "prompt_tokens": t.prompt_tokens,
-                                "completion_tokens": t.completion_tokens,
-                                "total_tokens": t.total_tokens,
-                                "cache_read_tokens": t.cache_read_tokens,
-                                "cache_write_tokens": t.cache_write_tokens,
-                                "cache_write_1h_tokens": t.cache_write_1h_tokens,
-                                "cost_usd": usd(u64::try_from(t.cost_pico).unwrap_or(0))})
-                        })
-                        .collect(),
-                )
-            };
-            if cli.json {
-                println!(
-                    "{}",
-                    json!({
-                        "by_gateway": totals(&r.by_gateway),
-                        "by_key": totals(&r.by_key),
-                        "by_model": totals(&r.by_model),
-                        "calls_per_hour": r.calls_per_hour.iter().map(|h| json!({"hour_ms": h.hour_ms, "calls": h.calls, "total_tokens": h.total_tokens})).collect::<Vec<_>>(),
-                    })
-                );
-                return Ok(());
-            }
-            for (title, v) in [
-                ("GATEWAY", &r.by_gateway),
-                ("KEY", &r.by_key),
-                ("MODEL", &r.by_model),
-            ] {
-                let rows: Vec<Vec<String>> = v
-                    .iter()
-                    .map(|t| {
-                        vec![
-                            group_name(title, &t.group),
-                            t.calls.to_string(),
-                            t.errors.to_string(),
-                            t.prompt_tokens.to_string(),
-                            t.cache_read_tokens.to_string(),
-                            t.cache_write_tokens.to_string(),
-                            t.completion_tokens.to_string(),
-                            t.total_tokens.to_string(),
-                            usd(u64::try_from(t.cost_pico).unwrap_or(0)),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &[
-                        title,
-                        "CALLS",
-                        "ERRORS",
-                        "PROMPT",
-                        "CACHE READ",
-                        "CACHE WRITE",
-                        "COMPLETION",
-                        "TOTAL",
-                        "SPEND (USD)",
-                    ],
-                    &rows,
-                );
-                println!();
-            }
-            let busy: Vec<Vec<String>> = r
-                .calls_per_hour
-                .iter()
-                .filter(|h| h.calls > 0)
-                .map(|h| {
-                    vec![
-                        time(h.hour_ms),
-                        h.calls.to_string(),
-                        h.total_tokens.to_string(),
-                    ]
-                })
-                .collect();
-            table(&["HOUR (UTC, today)", "CALLS", "TOKENS"], &busy);
+            usage::print(&cli, &r);
         }
+        Cmd::Prices(p) => prices::run(&mut c, &cli, p).await?,
         Cmd::Spend {
             by,
             from,
