@@ -12,16 +12,7 @@ const ADMIN: &str = "ctl-admin-token";
 const T: &str = "client-token";
 
 fn ctl(server: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = Command::new(keypoolctl_bin())
-        .args(["--server", server])
-        .args(args)
-        .env("KEYPOOL_ADMIN_TOKEN", ADMIN)
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    keypool_e2e::keypoolctl(server, ADMIN, args)
 }
 
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom

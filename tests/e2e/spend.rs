@@ -1,7 +1,7 @@
 //! USD budgets and prices over real `keypool` processes: a gateway budget held across three
 //! replicas sharing Redis under concurrency, caller and key budgets, a failure that costs
-//! nothing, budgets that survive a restart, a price override pushed to every frontend, and
-//! the budget alerts.
+//! nothing, budgets that survive a restart, a price override pushed to every frontend (from
+//! the file and from the admin API), spend by caller and day, and the budget alerts.
 //!
 //! Prices here are the tests' own (`pricing:`, 10 cents a token for model `m`), so a call to
 //! the mock (5 prompt tokens, 5 completion tokens) costs exactly $1, and its estimate (a quarter
@@ -277,6 +277,165 @@ async fn a_price_override_reaches_every_frontend() -> anyhow::Result<()> {
             "the new price on every frontend"
         );
     }
+    Ok(())
+}
+
+/// `x-keypool-cost` of one call through `fe`, polled (up to 5 s) until it is `want`.
+async fn cost_becomes(fe: &Gateway, want: &str) -> anyhow::Result<Option<String>> {
+    let mut seen = None;
+    for _ in 0..50 {
+        let resp = fe.chat("t", hello("m")).await?;
+        seen = resp
+            .headers()
+            .get("x-keypool-cost")
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        if seen.as_deref() == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(seen)
+}
+
+/// `keypoolctl <args>` against `server` with the tests' admin token, from a blocking thread.
+async fn ctl(server: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let (server, args): (String, Vec<String>) = (
+        server.to_owned(),
+        args.iter().map(|a| (*a).to_owned()).collect(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        keypool_e2e::keypoolctl(&server, "spend-admin", &args)
+    })
+    .await?
+}
+
+/// Prices set through the admin API (`keypoolctl prices set`) win over the file's, reach every
+/// frontend at once, are refused with the entry named when wrong, outlive the control plane
+/// (another one on the same store has them), and clear back to the file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prices_set_at_run_time_reach_every_frontend_and_stay() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let db = keypool_e2e::PgDb::create()?;
+    let yaml = config()
+        .set("dbtype", "postgres")
+        .set("dbaddr", &format!("\"{}\"", db.url()))
+        .key(&up, "up", "")
+        .block("pricing: [{models: [m], input: 100000, output: 100000}]\nadmin: {token: spend-admin, secret_key: spend-seal}")
+        .yaml();
+    let cp = Gateway::start_control_plane(&yaml, "127.0.0.1:0").await?;
+    let admin = cp.admin_url().await?;
+    let frontends = [
+        Gateway::start_frontend(&admin, "spend-admin", &[]).await?,
+        Gateway::start_frontend(&admin, "spend-admin", &[]).await?,
+    ];
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("prices.yaml");
+    std::fs::write(
+        &file,
+        "pricing:\n  - {models: [m], input: 300000, output: 300000}\n",
+    )?;
+    let (ok, out, err) = ctl(
+        &admin,
+        &["prices", "set", "-f", &file.display().to_string()],
+    )
+    .await?;
+    assert!(ok, "{out}{err}");
+    for fe in &frontends {
+        assert_eq!(cost_becomes(fe, "3").await?.as_deref(), Some("3"));
+    }
+    let (ok, out, err) = ctl(&admin, &["--json", "prices", "list"]).await?;
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out)?;
+    assert_eq!(listed["admin"][0]["input"], 300_000.0, "{listed}");
+    assert_eq!(listed["file"][0]["input"], 100_000.0, "{listed}");
+    assert!(listed["updated_at_ms"].as_i64() > Some(0), "{listed}");
+
+    std::fs::write(&file, "[{models: [m], input: -1, output: 1}]")?;
+    let (ok, _, err) = ctl(
+        &admin,
+        &["prices", "set", "-f", &file.display().to_string()],
+    )
+    .await?;
+    assert!(
+        !ok && err.contains("InvalidArgument") && err.contains("pricing[0]"),
+        "{err}"
+    );
+
+    // a second control plane on the same store starts with them
+    let other = Gateway::start_control_plane(&yaml, "127.0.0.1:0").await?;
+    let (_, out, _) = ctl(&other.admin_url().await?, &["--json", "prices", "list"]).await?;
+    assert_eq!(
+        serde_json::from_str::<Value>(&out)?["admin"],
+        listed["admin"]
+    );
+
+    let (ok, _, err) = ctl(&admin, &["prices", "clear"]).await?;
+    assert!(ok, "{err}");
+    for fe in &frontends {
+        assert_eq!(cost_becomes(fe, "1").await?.as_deref(), Some("1"));
+    }
+    Ok(())
+}
+
+/// `GetUsage` (through `keypoolctl usage --json`) shows spend by caller and by day, the same
+/// total as by gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_shows_spend_by_caller_and_day() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let dir = tempfile::tempdir()?;
+    let yaml = config()
+        .set("authorization", "[t, u]")
+        .set("dbtype", "sqlite")
+        .set(
+            "dbaddr",
+            &format!("\"{}/usage.sqlite\"", dir.path().display()),
+        )
+        .key(&up, "up", "")
+        .block(&format!("{PRICING}\nadmin: {{token: spend-admin}}"))
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    for token in ["t", "t", "u"] {
+        assert_eq!(gw.chat(token, hello("m")).await?.status(), 200);
+    }
+    let admin = gw.admin_url().await?;
+    let mut usage = Value::Null;
+    for _ in 0..50 {
+        let (ok, out, err) = ctl(&admin, &["--json", "usage"]).await?;
+        assert!(ok, "{err}");
+        usage = serde_json::from_str(&out)?;
+        if usage["by_caller"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let callers = usage["by_caller"].as_array().cloned().unwrap_or_default();
+    let spent: Vec<(&str, i64, &str)> = callers
+        .iter()
+        .map(|c| {
+            let group = c["group"].as_str().unwrap_or_default();
+            (
+                group,
+                c["calls"].as_i64().unwrap_or(0),
+                c["cost_usd"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(spent.len(), 2, "{usage}");
+    assert!(
+        spent.iter().all(|(g, _, _)| g.starts_with("tok-")),
+        "{usage}"
+    );
+    assert_eq!((spent[0].1, spent[0].2), (2, "2"), "{usage}");
+    assert_eq!((spent[1].1, spent[1].2), (1, "1"), "{usage}");
+    assert_eq!(usage["by_gateway"][0]["cost_usd"], "3", "{usage}");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(usage["by_day"][0]["group"], today.as_str(), "{usage}");
+    assert_eq!(usage["by_day"][0]["cost_usd"], "3", "{usage}");
+    let hourly = usage["calls_per_hour"]
+        .as_array()
+        .map_or(0, |h| h.iter().filter(|h| h["cost_usd"] == "3").count());
+    assert_eq!(hourly, 1, "{usage}");
     Ok(())
 }
 

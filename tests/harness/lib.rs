@@ -48,6 +48,26 @@ pub fn keypoolctl_bin() -> PathBuf {
     keypool_bin().with_file_name("keypoolctl")
 }
 
+/// Runs `keypoolctl --server <server> <args>` with `token` as its admin token (blocking: call it
+/// from `spawn_blocking` while a keypool runs); answers whether it succeeded, its stdout and
+/// its stderr.
+pub fn keypoolctl(
+    server: &str,
+    token: &str,
+    args: &[&str],
+) -> anyhow::Result<(bool, String, String)> {
+    let out = std::process::Command::new(keypoolctl_bin())
+        .args(["--server", server])
+        .args(args)
+        .env("KEYPOOL_ADMIN_TOKEN", token)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// An HTTP client for tests (the TLS provider installed once).
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
