@@ -139,6 +139,10 @@ async fn exact_usage_for_plain_and_streamed_requests(db: Db) -> anyhow::Result<(
             (true, Some(6), Some(5), Some(11)),
         ]
     );
+    // at gpt-4o-mini's catalog prices (0.15 in, 0.60 out per million), streams included:
+    // 5 x 0.15 + 5 x 0.60 and 6 x 0.15 + 5 x 0.60 micro-dollars, in pico-dollars
+    let costs: Vec<Option<i64>> = events.iter().map(|e| e.cost_pico).collect();
+    assert_eq!(costs, [Some(3_750_000), Some(3_900_000), Some(3_900_000)]);
     for e in &events {
         assert_eq!(
             (e.gateway.as_str(), e.key_name.as_deref(), e.status),
@@ -154,7 +158,10 @@ async fn exact_usage_for_plain_and_streamed_requests(db: Db) -> anyhow::Result<(
     let totals = store
         .usage_totals(0, i64::MAX, Grouping::Model, None)
         .await?;
-    assert_eq!((totals[0].calls, totals[0].total_tokens), (3, 32));
+    assert_eq!(
+        (totals[0].calls, totals[0].total_tokens, totals[0].cost_pico),
+        (3, 32, 11_550_000)
+    );
     Ok(())
 }
 
