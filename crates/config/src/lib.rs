@@ -243,6 +243,21 @@ pub enum LbPolicy {
     Order,
     /// Uniformly random among eligible keys.
     Random,
+    /// The lowest recent time to first byte (an average of this process's own attempts, to
+    /// the millisecond), then least-used.
+    Latency,
+}
+
+impl LbPolicy {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastUsed => "least-used",
+            Self::Order => "order",
+            Self::Random => "random",
+            Self::Latency => "latency",
+        }
+    }
 }
 
 /// A mistake in the configuration, with the path of the field it concerns.

@@ -114,11 +114,7 @@ impl Config {
         let _ = writeln!(
             out,
             "policy    lb_policy {}, retries {}, queue_timeout {:?}, timeout {:?}, stream_timeout {:?}",
-            match self.lb_policy {
-                crate::LbPolicy::LeastUsed => "least-used",
-                crate::LbPolicy::Order => "order",
-                crate::LbPolicy::Random => "random",
-            },
+            self.lb_policy.as_str(),
             self.retries,
             self.queue_timeout,
             self.timeout,

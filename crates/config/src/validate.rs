@@ -149,10 +149,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None | Some("least-used") => LbPolicy::LeastUsed,
         Some("order") => LbPolicy::Order,
         Some("random") => LbPolicy::Random,
+        Some("latency") => LbPolicy::Latency,
         Some(other) => {
             errs.push(
                 "lb_policy",
-                format!("expected least-used, order or random, got {other:?}"),
+                format!("expected least-used, order, random or latency, got {other:?}"),
             );
             LbPolicy::LeastUsed
         }

@@ -2,6 +2,11 @@
 
 use keypool_config::LbPolicy;
 
+/// Times to first byte this close are the same speed to `lb_policy: latency` (least-used
+/// decides among them): a connection's set-up or a scheduler's hiccup moves a fast key's
+/// average by a few milliseconds.
+pub const LATENCY_STEP_MS: u32 = 5;
+
 /// What ranking needs to know of an eligible key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
@@ -10,14 +15,24 @@ pub struct Candidate {
     /// Requests in the key's trailing window.
     pub window_requests: u32,
     pub in_flight: u32,
+    /// The key's recent time to first byte, whole milliseconds (0: not measured yet).
+    pub ttfb_ms: u32,
 }
 
 /// Sorts `cands` best first:
 /// - `least-used`: fewest requests in the trailing window, then fewest in flight, then config order;
 /// - `order`: config order (openai-api-route);
-/// - `random`: a uniform shuffle.
+/// - `random`: a uniform shuffle;
+/// - `latency`: lowest recent time to first byte in steps of [`LATENCY_STEP_MS`] (a key not
+///   measured yet first, so it gets measured), then as `least-used`.
 pub fn rank(policy: LbPolicy, cands: &mut [Candidate]) {
     match policy {
+        LbPolicy::Latency => {
+            cands.sort_unstable_by_key(|c| {
+                let step = c.ttfb_ms / LATENCY_STEP_MS;
+                (step, c.window_requests, c.in_flight, c.order)
+            });
+        }
         LbPolicy::LeastUsed => {
             cands.sort_unstable_by_key(|c| (c.window_requests, c.in_flight, c.order));
         }
@@ -35,7 +50,25 @@ mod tests {
             order,
             window_requests,
             in_flight,
+            ttfb_ms: 0,
         }
+    }
+
+    #[test]
+    fn latency_then_least_used() {
+        let timed = |order, ttfb_ms, window_requests| Candidate {
+            ttfb_ms,
+            ..c(order, window_requests, 0)
+        };
+        let mut v = vec![
+            timed(0, 50, 0),
+            timed(1, 5, 9),
+            timed(2, 6, 3),
+            timed(3, 2, 20),
+        ];
+        rank(LbPolicy::Latency, &mut v);
+        // under 5 ms (or not measured), then the 5-9 ms keys least-used first, then the slow one
+        assert_eq!(orders(&v), vec![3, 2, 1, 0]);
     }
 
     fn orders(cands: &[Candidate]) -> Vec<usize> {

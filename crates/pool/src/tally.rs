@@ -37,6 +37,9 @@ pub struct KeyTally {
     tokens: AtomicU64,
     /// Settlements sent to the actor and not yet handled by it.
     settles_queued: AtomicU32,
+    /// The recent time to first byte, microseconds: an exponentially weighted average of this
+    /// process's attempts (0 until the first), for `lb_policy: latency`.
+    ttfb_us: AtomicU64,
     /// The key's attempt metrics, resolved once.
     pub(crate) metrics: KeyHandles,
 }
@@ -59,8 +62,28 @@ impl KeyTally {
             latency_us: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
             settles_queued: AtomicU32::new(0),
+            ttfb_us: AtomicU64::new(0),
             metrics: keypool_telemetry::metrics().key_handles(key, provider),
         }
+    }
+
+    /// One attempt's time to first byte (or the time it waited in vain) into the average:
+    /// each new one weighs a fifth. Two at once may lose one of them: an average, not a count.
+    pub(crate) fn observe_ttfb(&self, ttfb: Duration) {
+        let us = u64::try_from(ttfb.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.ttfb_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            us
+        } else {
+            (old.saturating_mul(4).saturating_add(us)) / 5
+        };
+        self.ttfb_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The recent time to first byte in whole milliseconds (0: not measured yet), so keys of
+    /// about the same speed tie and least-used decides among them.
+    pub(crate) fn ttfb_ms(&self) -> u32 {
+        u32::try_from(self.ttfb_us.load(Ordering::Relaxed) / 1000).unwrap_or(u32::MAX)
     }
 
     /// Attempts in flight now.

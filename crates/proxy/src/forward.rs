@@ -159,7 +159,8 @@ impl Engine {
             only: self.pinned_key(ctx).await,
         };
         while ctx.attempts < max_attempts {
-            let select = observe::select_span(ctx, lb_policy_name(self.config.lb_policy));
+            let select =
+                observe::select_span(ctx, keypool_config::LbPolicy::as_str(self.config.lb_policy));
             let lease = match self.pool.pick(&pick).instrument(select.clone()).await {
                 Ok(lease) => lease,
                 Err(NoKey::Busy { until, cause }) => {
@@ -346,14 +347,6 @@ fn shared_unavailable() -> ApiError {
         "The shared rate-limit state is unavailable and this gateway refuses rather than guess.",
     )
     .retry_after(1)
-}
-
-fn lb_policy_name(p: keypool_config::LbPolicy) -> &'static str {
-    match p {
-        keypool_config::LbPolicy::LeastUsed => "least-used",
-        keypool_config::LbPolicy::Order => "order",
-        keypool_config::LbPolicy::Random => "random",
-    }
 }
 
 /// Every key is out of budget until `until`: waits for it (plus jitter growing with `waits`)

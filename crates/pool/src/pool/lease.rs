@@ -50,6 +50,7 @@ impl Lease {
     /// Records the attempt's time to response headers (its key's TTFB histogram).
     pub fn observe_ttfb(&self, ttfb: Duration) {
         self.tally.metrics.ttfb.observe(ttfb.as_secs_f64());
+        self.tally.observe_ttfb(ttfb);
     }
 
     pub fn settle(mut self, outcome: Outcome) {
@@ -76,6 +77,10 @@ impl Lease {
             });
         }
         let elapsed = self.started.elapsed();
+        if matches!(outcome, Outcome::Timeout) {
+            // no first byte in all that time: as slow as that, for `lb_policy: latency`
+            self.tally.observe_ttfb(elapsed);
+        }
         match outcome {
             // the common case changes only numbers that add up: the tally, no message
             Outcome::Success { tokens, latency }

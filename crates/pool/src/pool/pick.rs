@@ -198,14 +198,22 @@ fn gather(view: &PoolView, pick: &Pick, now: Instant, translated: bool) -> Resul
             out.earliest.offer(until, BusyCause::Cooling);
         } else {
             let pending = u32::try_from(k.tally.pending()).unwrap_or(u32::MAX);
+            let window_requests = k
+                .gauge
+                .window_requests
+                .load(Ordering::Relaxed)
+                .saturating_add(pending);
             out.cands.push(Candidate {
                 order,
-                window_requests: k
-                    .gauge
-                    .window_requests
-                    .load(Ordering::Relaxed)
-                    .saturating_add(pending),
+                window_requests,
                 in_flight: k.tally.in_flight(),
+                // a key unused for a whole window is measured again (its last time may have
+                // been a cold connection's, or a bad minute's)
+                ttfb_ms: if window_requests == 0 {
+                    0
+                } else {
+                    k.tally.ttfb_ms()
+                },
             });
         }
     }
@@ -235,8 +243,10 @@ async fn shared_pick(
     now: Instant,
 ) -> SharedPick {
     let mut ordered = cands.to_vec();
-    if view.policy != LbPolicy::Random {
-        ordered.sort_by_key(|c| c.order); // ties go to config order
+    // random and latency: the first with room in their ranking; the others choose there by
+    // the shared counts, ties going to config order
+    if !matches!(view.policy, LbPolicy::Random | LbPolicy::Latency) {
+        ordered.sort_by_key(|c| c.order);
     }
     let windows: Vec<crate::WindowReq> = ordered
         .iter()
