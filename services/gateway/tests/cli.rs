@@ -24,7 +24,7 @@ fn a_config_mistake_names_the_field_and_exits_before_binding() -> anyhow::Result
         "address: 127.0.0.1:0\nlb_policy: fastest\nupstreams:\n  - sk: k\n    endpoint: ftp://x\n",
     )?;
     assert!(
-        err.contains("lb_policy: expected least-used, order or random"),
+        err.contains("lb_policy: expected least-used, order, random or latency"),
         "{err}"
     );
     assert!(
