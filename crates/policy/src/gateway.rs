@@ -9,7 +9,6 @@
 //! State ([`GatewayState`]: rate windows and tokens used) lives apart from the spec, so a spec
 //! replaced by the admin service keeps its counts.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::{Caller, strip_bearer};
 
+pub use crate::gateways::Gateways;
 pub use crate::transform::{body_credential, query_arg, remove_query_arg, transform};
 
 /// A gateway's spec and state, as requests see it.
@@ -43,6 +43,17 @@ pub struct GatewayState {
     local: keypool_shared::InMemory,
     /// Across replicas (Redis): windows and the quota counter live there too.
     shared: Option<(Arc<dyn SharedState>, String)>,
+}
+
+impl GatewayState {
+    /// A new gateway's state: counting in `shared` (under the gateway's name) when replicas
+    /// share their counts.
+    pub(crate) fn new(shared: Option<(Arc<dyn SharedState>, String)>) -> Self {
+        Self {
+            shared,
+            ..Self::default()
+        }
+    }
 }
 
 /// The `x-ratelimit-*-requests` values of the tightest limit, sent with every response.
@@ -418,93 +429,5 @@ fn in_range(minute: u16, from: u16, to: u16) -> bool {
         std::cmp::Ordering::Less => (from..to).contains(&minute),
         std::cmp::Ordering::Greater => minute >= from || minute < to,
         std::cmp::Ordering::Equal => true,
-    }
-}
-
-/// Every gateway by name, the `default` one included; replaced whole when the configuration
-/// changes (state kept by name). Requests read it without a lock.
-pub struct Gateways {
-    map: arc_swap::ArcSwap<HashMap<String, Arc<GatewayRuntime>>>,
-    shared: Option<Arc<dyn SharedState>>,
-    /// Every USD budget's counters (gateways', callers' and keys').
-    budgets: Arc<crate::budget::Budgets>,
-    /// The prices in force before the built-in catalog's (the admin API's, then the config's):
-    /// replaced whole with the configuration.
-    prices: arc_swap::ArcSwap<keypool_pricing::Prices>,
-}
-
-impl Default for Gateways {
-    fn default() -> Self {
-        Self::with_shared(&[], None)
-    }
-}
-
-impl Gateways {
-    pub fn new(specs: &[Arc<Gateway>]) -> Self {
-        Self::with_shared(specs, None)
-    }
-
-    /// Gateways whose limits and quotas hold across replicas through `shared`.
-    pub fn with_shared(specs: &[Arc<Gateway>], shared: Option<Arc<dyn SharedState>>) -> Self {
-        let g = Self {
-            map: arc_swap::ArcSwap::default(),
-            budgets: Arc::new(crate::budget::Budgets::new(shared.clone())),
-            prices: arc_swap::ArcSwap::default(),
-            shared,
-        };
-        g.replace(specs);
-        g
-    }
-
-    /// The USD budgets' counters.
-    pub fn budgets(&self) -> &Arc<crate::budget::Budgets> {
-        &self.budgets
-    }
-
-    /// The prices requests are charged at now.
-    pub fn prices(&self) -> Arc<keypool_pricing::Prices> {
-        self.prices.load_full()
-    }
-
-    pub fn set_prices(&self, prices: Arc<keypool_pricing::Prices>) {
-        self.prices.store(prices);
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<GatewayRuntime>> {
-        self.map.load().get(name).cloned()
-    }
-
-    /// Every gateway, by name.
-    pub fn all(&self) -> Vec<Arc<GatewayRuntime>> {
-        let mut v: Vec<_> = self.map.load().values().cloned().collect();
-        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-        v
-    }
-
-    /// Installs a new set of specs atomically; a gateway that keeps its name keeps its state.
-    pub fn replace(&self, specs: &[Arc<Gateway>]) {
-        self.map.rcu(|old| {
-            let mut next = HashMap::with_capacity(specs.len());
-            for spec in specs {
-                let state = old.get(&spec.name).map_or_else(
-                    || {
-                        Arc::new(GatewayState {
-                            shared: self.shared.clone().map(|s| (s, spec.name.clone())),
-                            ..GatewayState::default()
-                        })
-                    },
-                    |r| r.state.clone(),
-                );
-                next.insert(
-                    spec.name.clone(),
-                    Arc::new(GatewayRuntime {
-                        name: Arc::from(spec.name.as_str()),
-                        spec: spec.clone(),
-                        state,
-                    }),
-                );
-            }
-            next
-        });
     }
 }

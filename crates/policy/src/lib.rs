@@ -12,6 +12,7 @@ pub mod budget;
 pub mod gateway;
 #[cfg(test)]
 mod gateway_tests;
+mod gateways;
 pub mod transform;
 
 use std::sync::Arc;

@@ -1,0 +1,97 @@
+//! [`Gateways`]: every gateway's runtime by name, with what all of them share (the USD
+//! budgets' counters, the prices in force), replaced whole when the configuration changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use keypool_config::Gateway;
+use keypool_shared::SharedState;
+
+use crate::gateway::{GatewayRuntime, GatewayState};
+
+/// Every gateway by name, the `default` one included; replaced whole when the configuration
+/// changes (state kept by name). Requests read it without a lock.
+pub struct Gateways {
+    map: arc_swap::ArcSwap<HashMap<String, Arc<GatewayRuntime>>>,
+    shared: Option<Arc<dyn SharedState>>,
+    /// Every USD budget's counters (gateways', callers' and keys').
+    budgets: Arc<crate::budget::Budgets>,
+    /// The prices in force before the built-in catalog's (the admin API's, then the config's):
+    /// replaced whole with the configuration.
+    prices: arc_swap::ArcSwap<keypool_pricing::Prices>,
+}
+
+impl Default for Gateways {
+    fn default() -> Self {
+        Self::with_shared(&[], None)
+    }
+}
+
+impl Gateways {
+    pub fn new(specs: &[Arc<Gateway>]) -> Self {
+        Self::with_shared(specs, None)
+    }
+
+    /// Gateways whose limits and quotas hold across replicas through `shared`.
+    pub fn with_shared(specs: &[Arc<Gateway>], shared: Option<Arc<dyn SharedState>>) -> Self {
+        let g = Self {
+            map: arc_swap::ArcSwap::default(),
+            budgets: Arc::new(crate::budget::Budgets::new(shared.clone())),
+            prices: arc_swap::ArcSwap::default(),
+            shared,
+        };
+        g.replace(specs);
+        g
+    }
+
+    /// The USD budgets' counters.
+    pub fn budgets(&self) -> &Arc<crate::budget::Budgets> {
+        &self.budgets
+    }
+
+    /// The prices requests are charged at now.
+    pub fn prices(&self) -> Arc<keypool_pricing::Prices> {
+        self.prices.load_full()
+    }
+
+    pub fn set_prices(&self, prices: Arc<keypool_pricing::Prices>) {
+        self.prices.store(prices);
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<GatewayRuntime>> {
+        self.map.load().get(name).cloned()
+    }
+
+    /// Every gateway, by name.
+    pub fn all(&self) -> Vec<Arc<GatewayRuntime>> {
+        let mut v: Vec<_> = self.map.load().values().cloned().collect();
+        v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        v
+    }
+
+    /// Installs a new set of specs atomically; a gateway that keeps its name keeps its state.
+    pub fn replace(&self, specs: &[Arc<Gateway>]) {
+        self.map.rcu(|old| {
+            let mut next = HashMap::with_capacity(specs.len());
+            for spec in specs {
+                let state = old.get(&spec.name).map_or_else(
+                    || {
+                        Arc::new(GatewayState::new(
+                            self.shared.clone().map(|s| (s, spec.name.clone())),
+                        ))
+                    },
+                    |r| r.state.clone(),
+                );
+                next.insert(
+                    spec.name.clone(),
+                    Arc::new(GatewayRuntime {
+                        name: Arc::from(spec.name.as_str()),
+                        spec: spec.clone(),
+                        state,
+                    }),
+                );
+            }
+            next
+        });
+    }
+}
