@@ -131,15 +131,7 @@ impl Store {
                 ),
                 "errors",
             );
-        for c in [
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "cache_read_tokens",
-            "cache_write_tokens",
-            "cache_write_1h_tokens",
-            "cost_pico",
-        ] {
+        for c in crate::write::USAGE_SUMS {
             q = q.column_as(sum(c), c);
         }
         q = q

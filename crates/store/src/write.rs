@@ -90,23 +90,29 @@ const ROLLUP_COLUMNS: &str = "hour_ms, gateway, key_name, model, calls, errors, 
      cache_write_1h_tokens, cost_pico";
 const ROLLUP_ARITY: usize = 13;
 
+/// The token and cost columns events and rollups both sum (each rollup also counts calls and
+/// errors).
+pub(crate) const USAGE_SUMS: [&str; 7] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "cost_pico",
+];
+
 /// What a rollup insert does with an existing row: adds to its sums.
 fn rollup_upsert() -> String {
-    let add = |c: &str| format!("{c} = usage_hourly.{c} + excluded.{c}");
-    let sums = [
-        "calls",
-        "errors",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cache_read_tokens",
-        "cache_write_tokens",
-        "cache_write_1h_tokens",
-        "cost_pico",
-    ];
+    let add = |c: &&str| format!("{c} = usage_hourly.{c} + excluded.{c}");
+    let sums: Vec<String> = ["calls", "errors"]
+        .iter()
+        .chain(&USAGE_SUMS)
+        .map(add)
+        .collect();
     format!(
         " ON CONFLICT (hour_ms, gateway, key_name, model) DO UPDATE SET {}",
-        sums.map(add).join(", ")
+        sums.join(", ")
     )
 }
 
