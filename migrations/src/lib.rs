@@ -11,6 +11,7 @@ mod m20261201_000005_event_ids_unindexed;
 mod m20261205_000006_cache_tokens;
 mod m20261205_000007_cost;
 mod m20261205_000008_settings;
+mod m20261206_000009_routing;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000006_cache_tokens::Migration),
             Box::new(m20261205_000007_cost::Migration),
             Box::new(m20261205_000008_settings::Migration),
+            Box::new(m20261206_000009_routing::Migration),
         ]
     }
 

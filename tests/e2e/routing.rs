@@ -62,3 +62,114 @@ async fn equally_fast_keys_spread_least_used() -> anyhow::Result<()> {
     assert!((8..=12).contains(&on_a), "{by:?}");
     Ok(())
 }
+
+/// Every key of `gpt-4o` answers 500: the gateway's chain goes on to the next model it allows
+/// (a model its `models` does not allow is skipped), plain and streamed; the answer names the
+/// model that served, the usage event both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_chain_serves_when_the_primary_model_fails() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let failing = mock(
+        "failing",
+        Behavior {
+            status: Some(500),
+            ..Behavior::default()
+        },
+    );
+    let forbidden = mock("forbidden", Behavior::default());
+    let mini = mock("mini", Behavior::default());
+    let yaml = config()
+        .set("dbtype", "sqlite")
+        .set(
+            "dbaddr",
+            &format!("\"{}/usage.sqlite\"", dir.path().display()),
+        )
+        .key(&failing, "failing", "allow: [gpt-4o]")
+        .key(&failing, "failing-too", "allow: [gpt-4o]")
+        .key(&forbidden, "forbidden", "allow: [o1-pro]")
+        .key(&mini, "mini", "allow: [gpt-4o-mini]")
+        .block(
+            "gateways:\n  - name: team\n    auth: {secrets: [team-secret]}\n    retries: 1\n    models: [gpt-4o, gpt-4o-mini]\n    fallbacks: {gpt-4o: [o1-pro, gpt-4o-mini]}",
+        )
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    let call = |stream: bool| {
+        let mut body = hello("gpt-4o");
+        body["stream"] = serde_json::Value::Bool(stream);
+        gw.http()
+            .post(gw.url("/llm/api/team/v1/chat/completions"))
+            .bearer_auth("team-secret")
+            .json(&body)
+            .send()
+    };
+    let resp = call(false).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(served_by(&resp), "mini");
+    assert_eq!(resp.headers()["x-keypool-model"], "gpt-4o-mini");
+    let body: serde_json::Value = resp.json().await?;
+    assert!(body["choices"][0]["message"]["content"].is_string());
+    // retries: 1 → both keys of the failing model tried, none of the model the gateway forbids
+    assert_eq!((failing.requests(), forbidden.requests()), (2, 0));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&mini.last_request().unwrap().body)?["model"],
+        "gpt-4o-mini"
+    );
+    let resp = call(true).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-keypool-model"], "gpt-4o-mini");
+    let text = resp.text().await?;
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
+    let events = keypool_e2e::stored_events(&url, 2).await?;
+    assert_eq!(events.len(), 2);
+    for e in &events {
+        assert_eq!(
+            (
+                e.model.as_str(),
+                e.requested_model.as_deref(),
+                e.key_name.as_deref(),
+                e.attempts,
+                e.status
+            ),
+            ("gpt-4o-mini", Some("gpt-4o"), Some("mini"), 3, 200)
+        );
+    }
+    // without a fallback the failure is the client's answer
+    let resp = gw.chat("", hello("gpt-4o")).await?;
+    assert_eq!(resp.status(), 500);
+    Ok(())
+}
+
+/// A 400 `context_length_exceeded` moves the request to the `context_fallbacks` model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_length_error_moves_to_the_longer_model() -> anyhow::Result<()> {
+    let short = mock(
+        "short",
+        Behavior {
+            status: Some(400),
+            ..Behavior::default()
+        },
+    );
+    let long = mock("long", Behavior::default());
+    let yaml = config()
+        .token("t")
+        .set("context_fallbacks", "{gpt-4o-mini: [gpt-4.1]}")
+        .key(&short, "short", "allow: [gpt-4o-mini]")
+        .key(&long, "long", "allow: [gpt-4.1]")
+        .yaml();
+    let gw = Gateway::start(&yaml).await?;
+    let resp = gw.chat("t", hello("gpt-4o-mini")).await?;
+    // the mock's forced 400 is not a context error: it is the answer
+    assert_eq!(resp.status(), 400);
+    assert_eq!(long.requests(), 0);
+    short.set(Behavior {
+        status: Some(400),
+        error_code: Some("context_length_exceeded".into()),
+        ..Behavior::default()
+    });
+    let resp = gw.chat("t", hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-keypool-model"], "gpt-4.1");
+    assert_eq!(served_by(&resp), "long");
+    Ok(())
+}

@@ -468,6 +468,8 @@ async fn retention_deletes_old_events_at_start_up_and_keeps_new_ones() -> anyhow
         cache_write_tokens: Some(0),
         cache_write_1h_tokens: Some(0),
         cost_pico: None,
+        requested_model: None,
+        cache_hit: false,
         log: None,
     };
     seeded.write_batch(std::slice::from_ref(&old)).await?;

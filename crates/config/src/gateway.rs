@@ -79,6 +79,18 @@ pub struct RawGateway {
     /// `field: value`, set on every request; dots name nested fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub param_fixed: BTreeMap<String, Value>,
+    /// `model: [next, ...]`: models tried when no key for `model` can serve.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+    /// The same, for an answer `400 context_length_exceeded`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub context_fallbacks: BTreeMap<String, Vec<String>>,
+    /// `{ttl: 600}`: a session keeps its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<crate::routing::RawAffinity>,
+    /// `{ttl: 300, backend: memory}`: the exact response cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::routing::RawCache>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -167,6 +179,8 @@ pub struct Gateway {
     pub param_map: Vec<(Vec<String>, Value, Value)>,
     /// (path, value)
     pub param_fixed: Vec<(Vec<String>, Value)>,
+    /// Fallbacks, affinity and the response cache.
+    pub routing: crate::routing::Routing,
 }
 
 impl Gateway {
@@ -189,6 +203,7 @@ impl Gateway {
             prompt_template: None,
             param_map: Vec::new(),
             param_fixed: Vec::new(),
+            routing: crate::routing::Routing::default(),
         }
     }
 
@@ -360,6 +375,16 @@ impl RawGateway {
             }
         }
         g
+    }
+
+    /// Its routing fields.
+    pub fn routing(&self) -> crate::routing::RawRouting {
+        crate::routing::RawRouting {
+            fallbacks: self.fallbacks.clone(),
+            context_fallbacks: self.context_fallbacks.clone(),
+            affinity: self.affinity.clone(),
+            cache: self.cache.clone(),
+        }
     }
 }
 

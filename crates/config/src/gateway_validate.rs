@@ -65,6 +65,12 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
     if raw.retries.is_some_and(|r| r > 100) {
         errs.push("retries", "must be between 0 and 100");
     }
+    let routing = crate::routing::validate_routing(&raw.routing()).unwrap_or_else(|e| {
+        for (field, reason) in e {
+            errs.push(field, reason);
+        }
+        crate::routing::Routing::default()
+    });
     if !errs.all.is_empty() {
         return Err(errs.all);
     }
@@ -85,6 +91,7 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
         prompt_template: raw.prompt_template.clone(),
         param_map,
         param_fixed,
+        routing,
     })
 }
 

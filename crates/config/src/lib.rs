@@ -11,6 +11,7 @@ mod gateway_validate;
 mod key_validate;
 mod parse;
 pub mod raw;
+pub mod routing;
 mod sections;
 mod summary;
 mod upstream;

@@ -113,6 +113,16 @@ pub struct RawConfig {
     /// `field: value`, set on every request.
     #[serde(default)]
     pub param_fixed: std::collections::BTreeMap<String, serde_json::Value>,
+    /// `model: [next, ...]`: models tried when no key for `model` can serve.
+    #[serde(default)]
+    pub fallbacks: std::collections::BTreeMap<String, Vec<String>>,
+    /// The same, for an answer `400 context_length_exceeded`.
+    #[serde(default)]
+    pub context_fallbacks: std::collections::BTreeMap<String, Vec<String>>,
+    /// `{ttl: 600}`: a session keeps its key.
+    pub affinity: Option<crate::routing::RawAffinity>,
+    /// `{ttl: 300, backend: memory}`: the exact response cache.
+    pub cache: Option<crate::routing::RawCache>,
 }
 
 /// What a control plane pushes to its frontends besides keys and gateways: the top-level
@@ -233,6 +243,10 @@ impl RawConfig {
         self.prompt_template = g.prompt_template;
         self.param_map = g.param_map;
         self.param_fixed = g.param_fixed;
+        self.fallbacks = g.fallbacks;
+        self.context_fallbacks = g.context_fallbacks;
+        self.affinity = g.affinity;
+        self.cache = g.cache;
     }
 
     /// The `default` gateway (`/v1/*`) as a `gateways:` entry would write it (no `auth`: its
@@ -255,6 +269,10 @@ impl RawConfig {
             prompt_template: self.prompt_template.clone(),
             param_map: self.param_map.clone(),
             param_fixed: self.param_fixed.clone(),
+            fallbacks: self.fallbacks.clone(),
+            context_fallbacks: self.context_fallbacks.clone(),
+            affinity: self.affinity.clone(),
+            cache: self.cache.clone(),
         }
     }
 }

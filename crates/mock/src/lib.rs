@@ -38,6 +38,9 @@ pub struct Behavior {
     pub reply_words: usize,
     /// Answer every request with this status and an OpenAI error body.
     pub status: Option<u16>,
+    /// The `code` of a forced status's OpenAI error (default `mock_forced`), e.g.
+    /// `context_length_exceeded`.
+    pub error_code: Option<String>,
     /// `Retry-After` value sent with a forced status.
     pub retry_after: Option<String>,
     /// Stream only: break the connection after this many content chunks.

@@ -94,7 +94,7 @@ fn forced(b: &Behavior, status: u16, azure: bool) -> HttpResponse {
     let mut resp = error(
         status,
         "server_error",
-        "mock_forced",
+        b.error_code.as_deref().unwrap_or("mock_forced"),
         &format!("mock forced status {status}"),
     );
     if let Some(ra) = &b.retry_after

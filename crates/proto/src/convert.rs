@@ -10,6 +10,7 @@
 use keypool_config::budget::RawBudget;
 use keypool_config::gateway::{Quota, RawGateway, RawGatewayAuth};
 use keypool_config::raw::{RawLogPolicy, RawPolicy, RawUpstream, StringOrList};
+use keypool_config::routing::{RawAffinity, RawCache};
 use keypool_pricing::{RawAbove, RawPrice, RawTier};
 use prost_types::value::Kind;
 
@@ -48,8 +49,30 @@ impl From<&RawGateway> for pb::GatewaySpec {
                 .collect(),
             budget: g.budget.as_ref().map(pb::Budget::from),
             caller_budget: g.caller_budget.as_ref().map(pb::Budget::from),
+            fallbacks: lists(&g.fallbacks),
+            context_fallbacks: lists(&g.context_fallbacks),
+            affinity: g.affinity.as_ref().map(|a| pb::Affinity {
+                ttl: a.ttl,
+                hash_prompt: a.hash_prompt,
+            }),
+            cache: g.cache.as_ref().map(|c| pb::ResponseCache {
+                ttl: c.ttl,
+                max_entries: c.max_entries,
+                max_bytes: c.max_bytes,
+                backend: c.backend.clone(),
+                per_caller: c.per_caller,
+                tool_calls: c.tool_calls,
+            }),
         }
     }
+}
+
+fn lists(
+    m: &std::collections::BTreeMap<String, Vec<String>>,
+) -> std::collections::HashMap<String, pb::StringList> {
+    m.iter()
+        .map(|(k, v)| (k.clone(), pb::StringList { items: v.clone() }))
+        .collect()
 }
 
 impl From<pb::GatewaySpec> for RawGateway {
@@ -82,6 +105,24 @@ impl From<pb::GatewaySpec> for RawGateway {
                 .collect(),
             budget: g.budget.map(RawBudget::from),
             caller_budget: g.caller_budget.map(RawBudget::from),
+            fallbacks: g.fallbacks.into_iter().map(|(k, v)| (k, v.items)).collect(),
+            context_fallbacks: g
+                .context_fallbacks
+                .into_iter()
+                .map(|(k, v)| (k, v.items))
+                .collect(),
+            affinity: g.affinity.map(|a| RawAffinity {
+                ttl: a.ttl,
+                hash_prompt: a.hash_prompt,
+            }),
+            cache: g.cache.map(|c| RawCache {
+                ttl: c.ttl,
+                max_entries: c.max_entries,
+                max_bytes: c.max_bytes,
+                backend: c.backend,
+                per_caller: c.per_caller,
+                tool_calls: c.tool_calls,
+            }),
         }
     }
 }
@@ -380,6 +421,10 @@ param_map: {model: [deepseek, gpt-4o-mini]}
 param_fixed: {temperature: 0.2, max_tokens: 100, metadata.tags: [a, 1, true, null], nested: {x: -3}}
 budget: {usd: 50.5, period: day}
 caller_budget: {usd: 2}
+fallbacks: {gpt-4o: [gpt-4o-mini, claude-sonnet-4-5]}
+context_fallbacks: {gpt-4o-mini: [gpt-4.1]}
+affinity: {ttl: 120.5, hash_prompt: true}
+cache: {ttl: 60, max_entries: 10, max_bytes: 4096, backend: redis, per_caller: true, tool_calls: false}
 "#,
         );
         let back = RawGateway::from(pb::GatewaySpec::from(&raw));

@@ -97,6 +97,8 @@ pub struct RequestCtx {
     priced: bool,
     /// Prices, and what the request holds against its budgets.
     pub spend: crate::spend::Spending,
+    /// The model the client asked for, once a fallback model (`inspected.model`) is tried.
+    pub requested_model: Option<String>,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -153,6 +155,7 @@ impl RequestCtx {
             cost: None,
             priced: false,
             spend: r.spend,
+            requested_model: None,
         }
     }
 
@@ -220,6 +223,8 @@ impl RequestCtx {
             error,
             user_agent: self.user_agent.take(),
             log: self.log.take().map(Box::new),
+            requested_model: self.requested_model.take(),
+            cache_hit: false,
         });
     }
 }

@@ -23,6 +23,7 @@ use crate::adapter::Adapters;
 use crate::attempt::{Attempt, Failure};
 use crate::client::UpstreamClient;
 use crate::ctx::RequestCtx;
+use crate::fallback::Ended;
 use crate::observe;
 use crate::relay::Relay;
 
@@ -79,6 +80,16 @@ pub const COST_HEADER: &str = "x-keypool-cost";
 const COST_NAME: reqwest::header::HeaderName =
     reqwest::header::HeaderName::from_static(COST_HEADER);
 
+/// `x-keypool-model`: the model that served (a fallback's when one did).
+fn served_model(headers: &mut HeaderMap, ctx: &RequestCtx) {
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&ctx.inspected.model) {
+        headers.insert(
+            reqwest::header::HeaderName::from_static(crate::fallback::MODEL_HEADER),
+            v,
+        );
+    }
+}
+
 /// Cap on the jitter added to waits.
 const MAX_JITTER: Duration = Duration::from_secs(1);
 
@@ -103,8 +114,11 @@ impl Engine {
                 usage,
                 body,
                 headers,
-                ..
+                key,
             } => {
+                if key.is_some() {
+                    served_model(headers, &ctx);
+                }
                 ctx.capture_response(body);
                 // the cost is keypool's to say, never the upstream's
                 headers.remove(&COST_NAME);
@@ -137,14 +151,26 @@ impl Engine {
                 }
                 ctx.account(error.status(), None, Some(error.kind.wire().code));
             }
-            Reply::Stream { relay, .. } => relay.attach(ctx),
+            Reply::Stream { relay, headers, .. } => {
+                served_model(headers, &ctx);
+                relay.attach(ctx);
+            }
         }
         reply
     }
 
-    async fn attempts(&self, client: &UpstreamClient, ctx: &mut RequestCtx) -> Reply {
+    /// The attempt loop for the request's current model. `Ended::Exhausted` when no key for it
+    /// could serve; with `fallback_ready` (a fallback model is next) it does not wait for a
+    /// key's budget.
+    pub(crate) async fn model_attempts(
+        &self,
+        client: &UpstreamClient,
+        ctx: &mut RequestCtx,
+        fallback_ready: bool,
+    ) -> Ended {
         let queue_deadline = ctx.started + self.config.queue_timeout;
         let max_attempts = ctx.max_attempts.max(1);
+        let first_attempt = ctx.attempts;
         let mut last: Option<Failure> = None;
         let mut waits = 0u32;
         let mut keys_spent = 0u32;
@@ -158,23 +184,23 @@ impl Engine {
             exclude: Vec::new(),
             only: self.pinned_key(ctx).await,
         };
-        while ctx.attempts < max_attempts {
+        while ctx.attempts - first_attempt < max_attempts {
             let select =
                 observe::select_span(ctx, keypool_config::LbPolicy::as_str(self.config.lb_policy));
             let lease = match self.pool.pick(&pick).instrument(select.clone()).await {
                 Ok(lease) => lease,
                 Err(NoKey::Busy { until, cause }) => {
                     waits += 1;
-                    if wait_for_budget(ctx, until, waits, queue_deadline).await {
+                    if !fallback_ready && wait_for_budget(ctx, until, waits, queue_deadline).await {
                         continue;
                     }
-                    return match last {
+                    return Ended::Exhausted(match last {
                         Some(f) => f.give_up(ctx),
                         None => busy(until - Instant::now(), cause, &ctx.inspected.model),
-                    };
+                    });
                 }
                 Err(no) => {
-                    return match last {
+                    return Ended::Exhausted(match last {
                         Some(f) => f.give_up(ctx),
                         None if keys_spent > 0 => Reply::Error {
                             error: keys_spent_error(&ctx.inspected.model),
@@ -184,7 +210,7 @@ impl Engine {
                             error: Self::no_key(&no, ctx),
                             key: None,
                         },
-                    };
+                    });
                 }
             };
             if !self.hold_key_budget(ctx, &lease).await {
@@ -202,7 +228,7 @@ impl Engine {
             match self.traced_attempt(client, ctx, lease).await {
                 Attempt::Done(mut reply) => {
                     self.pin_created(ctx, &mut reply).await;
-                    return reply;
+                    return Ended::Served(reply);
                 }
                 Attempt::Failed(f) => {
                     tracing::debug!(attempt = ctx.attempts, "attempt failed; failing over");
@@ -210,13 +236,13 @@ impl Engine {
                 }
             }
         }
-        match last {
+        Ended::Exhausted(match last {
             Some(f) => f.give_up(ctx),
             None => Reply::Error {
                 error: ApiError::new(ErrorKind::NoUsableKey, "No attempt could be made."),
                 key: None,
             },
-        }
+        })
     }
 
     /// Holds the request's estimate against the leased key's own budget (releasing the hold on

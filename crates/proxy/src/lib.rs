@@ -12,6 +12,7 @@ pub mod capture;
 pub mod client;
 pub mod cooldown;
 pub mod ctx;
+mod fallback;
 pub mod forward;
 pub mod headers;
 pub mod http;

@@ -64,6 +64,8 @@ fn event(n: usize, at_ms: i64) -> StoredEvent {
         cache_write_tokens: Some(0),
         cache_write_1h_tokens: Some(0),
         cost_pico: Some(2_020_000),
+        requested_model: None,
+        cache_hit: false,
         log: None,
     }
 }

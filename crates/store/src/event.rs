@@ -39,6 +39,12 @@ pub struct StoredEvent {
     pub cost_pico: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<StoredLog>,
+    /// The model asked for, when a fallback (`model`) served it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_model: Option<String>,
+    /// Answered from the response cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_hit: bool,
 }
 
 /// The recorded parts of a request.
@@ -89,6 +95,8 @@ impl From<UsageEvent> for StoredEvent {
             cache_write_tokens: usage.map(|u| tokens(u.cache_write_tokens)),
             cache_write_1h_tokens: usage.map(|u| tokens(u.cache_write_1h_tokens)),
             cost_pico: e.cost_pico.map(tokens),
+            requested_model: e.requested_model,
+            cache_hit: e.cache_hit,
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -124,6 +132,8 @@ impl From<&StoredEvent> for keypool_proto::admin::v1::UsageEvent {
             cache_write_tokens: n(e.cache_write_tokens),
             cache_write_1h_tokens: n(e.cache_write_1h_tokens),
             cost_pico: n(e.cost_pico),
+            requested_model: e.requested_model.clone(),
+            cache_hit: e.cache_hit,
             client_ip: e.client_ip.clone(),
             user_agent: e.user_agent.clone(),
             log: e
@@ -164,6 +174,8 @@ impl From<keypool_proto::admin::v1::UsageEvent> for StoredEvent {
             cache_write_tokens: n(e.cache_write_tokens),
             cache_write_1h_tokens: n(e.cache_write_1h_tokens),
             cost_pico: n(e.cost_pico),
+            requested_model: e.requested_model,
+            cache_hit: e.cache_hit,
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -202,6 +214,8 @@ mod tests {
             cache_write_tokens: t(2),
             cache_write_1h_tokens: t(1),
             cost_pico: t(2_020_000_000),
+            requested_model: usage.then(|| "gpt-4o".into()),
+            cache_hit: !usage,
             log,
         }
     }

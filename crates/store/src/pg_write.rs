@@ -96,6 +96,8 @@ pub(crate) async fn insert_arrays(
         .bind(column(events, new, |e| e.cache_write_tokens))
         .bind(column(events, new, |e| e.cache_write_1h_tokens))
         .bind(column(events, new, |e| e.cost_pico))
+        .bind(column(events, new, |e| e.requested_model.as_deref()))
+        .bind(column(events, new, |e| e.cache_hit))
         .execute(conn)
         .await?;
     Ok(())
@@ -217,6 +219,8 @@ pub(crate) fn copy_text(events: &[StoredEvent], new: &[usize]) -> Vec<u8> {
             Int(e.cache_write_tokens),
             Int(e.cache_write_1h_tokens),
             Int(e.cost_pico),
+            Text(e.requested_model.as_deref()),
+            Bool(e.cache_hit),
         ];
         for (n, field) in row.iter().enumerate() {
             if n > 0 {

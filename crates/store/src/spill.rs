@@ -157,6 +157,8 @@ mod tests {
                 cache_write_tokens: Some(0),
                 cache_write_1h_tokens: Some(0),
                 cost_pico: None,
+                requested_model: None,
+                cache_hit: false,
                 log: None,
             })
             .collect()

@@ -98,7 +98,7 @@ impl SqliteWriter {
     }
 }
 
-/// Binds one event's 22 values from parameter `offset + 1` on.
+/// Binds one event's 24 values from parameter `offset + 1` on.
 fn bind_event(
     stmt: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
@@ -130,7 +130,9 @@ fn bind_event(
     bind(&e.cache_read_tokens)?;
     bind(&e.cache_write_tokens)?;
     bind(&e.cache_write_1h_tokens)?;
-    bind(&e.cost_pico)
+    bind(&e.cost_pico)?;
+    bind(&e.requested_model)?;
+    bind(&e.cache_hit)
 }
 
 fn write_batch(

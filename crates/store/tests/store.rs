@@ -79,6 +79,8 @@ fn event(
         cache_write_tokens: Some(1),
         cache_write_1h_tokens: Some(0),
         cost_pico: Some(tokens.0 * 1_000_000),
+        requested_model: None,
+        cache_hit: false,
         log: None,
     }
 }
@@ -96,7 +98,8 @@ async fn migrations_up_down_up(url: String) {
             "m20261201_000005_event_ids_unindexed",
             "m20261205_000006_cache_tokens",
             "m20261205_000007_cost",
-            "m20261205_000008_settings"
+            "m20261205_000008_settings",
+            "m20261206_000009_routing"
         ]
     );
     // run-time settings: upserted by name
@@ -333,6 +336,8 @@ fn from_row(e: &keypool_store::entity::usage_events::Model) -> StoredEvent {
         cache_write_tokens: e.cache_write_tokens,
         cache_write_1h_tokens: e.cache_write_1h_tokens,
         cost_pico: e.cost_pico,
+        requested_model: e.requested_model.clone(),
+        cache_hit: e.cache_hit,
         log: None,
     }
 }

@@ -203,6 +203,10 @@ pub struct UsageEvent {
     pub user_agent: Option<String>,
     /// What the `log:` policy asked to keep of this request, already redacted and capped.
     pub log: Option<Box<RequestLog>>,
+    /// The model the client asked for, when a fallback model (`model`) served it.
+    pub requested_model: Option<String>,
+    /// Answered from the response cache: no key, no upstream, no cost.
+    pub cache_hit: bool,
 }
 
 /// The recorded parts of one request, per the `log:` policy. Never contains a credential:

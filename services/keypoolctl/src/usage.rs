@@ -32,6 +32,8 @@ pub async fn follow(
                     "cache_read_tokens": e.cache_read_tokens,
                     "cache_write_tokens": e.cache_write_tokens,
                     "cache_write_1h_tokens": e.cache_write_1h_tokens,
+                    "requested_model": e.requested_model,
+                    "cache_hit": e.cache_hit,
                     "cost_usd": e.cost_pico.map(usd),
                     "error": e.error})
             );

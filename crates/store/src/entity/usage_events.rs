@@ -31,6 +31,10 @@ pub struct Model {
     pub cache_write_1h_tokens: Option<i64>,
     /// What it cost, in pico-dollars; none for a model without a price.
     pub cost_pico: Option<i64>,
+    /// The model asked for, when a fallback (`model`) served it.
+    pub requested_model: Option<String>,
+    /// Answered from the response cache.
+    pub cache_hit: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
