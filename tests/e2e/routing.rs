@@ -173,3 +173,82 @@ async fn a_context_length_error_moves_to_the_longer_model() -> anyhow::Result<()
     assert_eq!(served_by(&resp), "long");
     Ok(())
 }
+
+/// A counter's value in a replica's `/metrics` (0 when absent).
+async fn counter(gw: &Gateway, series: &str) -> anyhow::Result<u64> {
+    let text = gw
+        .http()
+        .get(gw.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Three replicas sharing Redis, `affinity:` at the top level. Six sessions of one call each
+/// spread least-used (two a key); then 20 calls of one session, sent round the replicas, stay
+/// on one key while it has rpm budget (10 a minute), move to the least used, stay there, and
+/// move again: three runs of 8, 8 and 4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_its_key_across_three_replicas() -> anyhow::Result<()> {
+    let mocks = ["a", "b", "c"].map(|n| mock(n, Behavior::default()));
+    let prefix = format!("kp-e2e-{:016x}:", fastrand::u64(..));
+    let mut cfg = config()
+        .token("t")
+        .set("affinity", "{ttl: 600}")
+        .set("queue_timeout", "0");
+    for m in &mocks {
+        cfg = cfg.key(m, &m.behavior().name, "rpm: 10");
+    }
+    let yaml = cfg
+        .block(&format!(
+            "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\"}}"
+        ))
+        .yaml();
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        gws.push(Gateway::start(&yaml).await?);
+    }
+    let call = async |i: usize, session: &str| -> anyhow::Result<String> {
+        let mut body = hello("gpt-4o-mini");
+        body["prompt_cache_key"] = serde_json::Value::from(session);
+        let resp = gws[i % 3].chat("t", body).await?;
+        assert_eq!(resp.status(), 200);
+        Ok(served_by(&resp))
+    };
+    let mut spread = Vec::new();
+    for i in 0..6 {
+        spread.push(call(i, &format!("session-{i}")).await?);
+    }
+    spread.sort();
+    assert_eq!(spread, ["a", "a", "b", "b", "c", "c"]);
+    let mut by = Vec::new();
+    for i in 0..20 {
+        by.push(call(i, "one-conversation").await?);
+    }
+    let runs: Vec<(String, usize)> = by
+        .chunk_by(|x, y| x == y)
+        .map(|r| (r[0].clone(), r.len()))
+        .collect();
+    let lengths: Vec<usize> = runs.iter().map(|r| r.1).collect();
+    assert_eq!(lengths, [8, 8, 4], "{by:?}");
+    let keys: std::collections::HashSet<&str> = runs.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(keys.len(), 3, "{by:?}");
+    let mut outcomes = [0u64; 3];
+    for gw in &gws {
+        for (i, outcome) in ["hit", "miss", "move"].iter().enumerate() {
+            outcomes[i] += counter(
+                gw,
+                &format!("keypool_affinity_total{{gateway=\"default\",outcome=\"{outcome}\"}}"),
+            )
+            .await?;
+        }
+    }
+    // 6 + 1 new sessions; two moves; every other call a hit
+    assert_eq!(outcomes, [17, 7, 2]);
+    Ok(())
+}

@@ -139,6 +139,7 @@ impl KeyPool {
             next_lease: Arc::new(AtomicU64::new(1)),
             shared: None,
             pins: Arc::new(crate::InMemory::default()),
+            sessions: Arc::new(crate::InMemory::default()),
         }
     }
 }
@@ -261,6 +262,8 @@ pub struct PoolHandle {
     /// This process's pins (every pin is kept here too: a follow-up on this replica needs no
     /// round trip, and survives a Redis outage).
     pins: Arc<crate::InMemory>,
+    /// Which key each session keeps, without shared state (bounded as pins are).
+    sessions: Arc<crate::InMemory>,
 }
 
 /// How long a Responses API response stays pinned to the key that created it.

@@ -25,6 +25,7 @@ fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
         est_tokens,
         exclude,
         only: None,
+        session: None,
     }
 }
 
@@ -335,4 +336,35 @@ async fn a_success_between_failures_resets_the_breaker() {
     assert_eq!(next(pool.clone()).await, "a", "two in a row: not yet");
     assert_eq!(fail(pool.clone()).await, "a");
     assert_eq!(next(pool.clone()).await, "b", "three in a row: cooled");
+}
+
+/// Without shared state a session keeps its key while it has budget, then moves and keeps the
+/// new one; calls without a session still spread least-used.
+#[actix_rt::test]
+async fn a_session_keeps_its_key_until_it_has_no_room() {
+    let keys = [key("a", Some(3), None), key("b", Some(100), None)];
+    let pool = KeyPool::start(&keys, LbPolicy::LeastUsed);
+    let in_session = || Pick {
+        session: Some(crate::SessionReq {
+            key: "aff:s".into(),
+            ttl: Duration::from_secs(60),
+        }),
+        ..pick(10, vec![])
+    };
+    let mut seen = vec![];
+    for _ in 0..5 {
+        let l = pool.pick(&in_session()).await.unwrap();
+        seen.push((l.key.name.to_string(), l.affinity.map(crate::Stick::as_str)));
+        l.settle(ok());
+    }
+    let want = [
+        ("a", "miss"),
+        ("a", "hit"),
+        ("a", "hit"),
+        ("b", "move"),
+        ("b", "hit"),
+    ];
+    assert_eq!(seen, want.map(|(k, s)| (k.to_owned(), Some(s))).to_vec());
+    let l = lease(&pool).await.unwrap();
+    assert_eq!((&*l.key.name, l.affinity), ("b", None));
 }

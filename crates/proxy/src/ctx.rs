@@ -99,6 +99,8 @@ pub struct RequestCtx {
     pub spend: crate::spend::Spending,
     /// The model the client asked for, once a fallback model (`inspected.model`) is tried.
     pub requested_model: Option<String>,
+    /// The session the request belongs to, on a gateway with `affinity:`.
+    pub session: Option<keypool_pool::SessionReq>,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -121,6 +123,7 @@ pub struct NewRequest {
     pub max_attempts: u32,
     pub sink: Arc<dyn UsageSink>,
     pub spend: crate::spend::Spending,
+    pub session: Option<keypool_pool::SessionReq>,
 }
 
 impl RequestCtx {
@@ -156,6 +159,7 @@ impl RequestCtx {
             priced: false,
             spend: r.spend,
             requested_model: None,
+            session: r.session,
         }
     }
 

@@ -183,6 +183,7 @@ impl Engine {
             est_tokens: ctx.inspected.est_tokens,
             exclude: Vec::new(),
             only: self.pinned_key(ctx).await,
+            session: ctx.session.clone(),
         };
         while ctx.attempts - first_attempt < max_attempts {
             let select =
@@ -224,6 +225,9 @@ impl Engine {
             }
             select.record("keypool.key", &*lease.key.name);
             drop(select);
+            if let Some(stick) = lease.affinity {
+                observe::affinity(&ctx.gateway.name, stick);
+            }
             pick.exclude.push(lease.key_id);
             match self.traced_attempt(client, ctx, lease).await {
                 Attempt::Done(mut reply) => {

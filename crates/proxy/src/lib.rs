@@ -7,6 +7,7 @@
 //! behind one trait in [`adapter`].
 
 pub mod adapter;
+mod affinity;
 mod attempt;
 pub mod capture;
 pub mod client;

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | request | the server span ([`server_span`]), its `policy` child over every phase before `forward` |
 //! | resolve … build ctx | a refusal: `keypool_refusals_total{gateway, code}` ([`refused`]) |
-//! | select key | a `select` span per attempt ([`select_span`]); a wait for budget: `keypool_queue_wait_seconds` ([`queued`]) |
+//! | select key | a `select` span per attempt ([`select_span`]); a wait for budget: `keypool_queue_wait_seconds` ([`queued`]); a session's pick: `keypool_affinity_total` ([`affinity`]) |
 //! | forward | an attempt span per key ([`attempt_span`]), its failure on it ([`attempt_failed`]); `keypool_failovers_total{reason}`; every key failed or disabled: an alert ([`all_failed`]); a fallback model: `keypool_model_fallbacks_total` ([`fell_back`]) |
 //! | relay | a `stream` span from the first byte (in [`crate::relay`]) |
 //! | account | the request's outcome on its server span, `keypool_requests_total` and the latency and token histograms ([`answered`]) |
@@ -88,6 +88,14 @@ pub(crate) fn attempt_failed(span: &tracing::Span, f: &Failure) {
     keypool_telemetry::metrics()
         .failovers
         .with_label_values(&[f.reason()])
+        .inc();
+}
+
+/// What a session's pick did with the session's key.
+pub(crate) fn affinity(gateway: &str, stick: keypool_pool::Stick) {
+    keypool_telemetry::metrics()
+        .affinity
+        .with_label_values(&[gateway, stick.as_str()])
         .inc();
 }
 

@@ -87,6 +87,36 @@ pub enum Picked {
     Busy(Duration),
 }
 
+/// A session whose calls keep one key (to keep the provider's prompt cache warm): `key` names
+/// it in the shared state (the implementation adds its prefix); it lasts `ttl` unused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionReq {
+    pub key: String,
+    pub ttl: Duration,
+}
+
+/// What a session's pick did with the key the session names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stick {
+    /// The session's key served again.
+    Hit,
+    /// The session named no key yet: the chosen one is remembered.
+    Miss,
+    /// The session's key could not serve (no room, unhealthy, already tried): the chosen one
+    /// is remembered instead.
+    Moved,
+}
+
+impl Stick {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Moved => "move",
+        }
+    }
+}
+
 /// A key's health as one replica saw it, for the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthEvent {
@@ -135,6 +165,66 @@ pub trait SharedState: Send + Sync {
         id: &str,
         now: Instant,
     ) -> Result<Picked, SharedError>;
+
+    /// [`Self::pick_reserving`] for a call of a session: the candidate the session names is
+    /// chosen while it has room, whatever the ranking ([`Stick::Hit`]); otherwise the choice is
+    /// the usual one and the session names it from now on. Every pick renews the session's
+    /// `ttl`; a busy answer leaves the session as it was. Redis does it all in one round trip;
+    /// this default takes up to four.
+    async fn pick_in_session(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        session: &SessionReq,
+        now: Instant,
+    ) -> Result<(Picked, Stick), SharedError> {
+        let named = self.pinned(&session.key).await?;
+        let stuck = named
+            .as_deref()
+            .and_then(|n| candidates.iter().position(|c| c.key == n));
+        let token = |i: usize| tokens.get(i).cloned().flatten();
+        let mut busy = None;
+        if let Some(i) = stuck {
+            match self
+                .pick_reserving(&candidates[i..=i], &[token(i)], least_used, id, now)
+                .await?
+            {
+                Picked::Index(_) => {
+                    self.pin(&session.key, &candidates[i].key, session.ttl)
+                        .await?;
+                    return Ok((Picked::Index(i), Stick::Hit));
+                }
+                Picked::Busy(d) => busy = Some(d),
+            }
+        }
+        let rest: Vec<usize> = (0..candidates.len())
+            .filter(|&j| Some(j) != stuck)
+            .collect();
+        let windows: Vec<WindowReq> = rest.iter().map(|&j| candidates[j].clone()).collect();
+        let toks: Vec<Option<TokenReq>> = rest.iter().map(|&j| token(j)).collect();
+        let picked = if windows.is_empty() {
+            Picked::Busy(busy.unwrap_or_default())
+        } else {
+            self.pick_reserving(&windows, &toks, least_used, id, now)
+                .await?
+        };
+        Ok(match picked {
+            Picked::Index(j) => {
+                let i = rest[j.min(rest.len() - 1)];
+                self.pin(&session.key, &candidates[i].key, session.ttl)
+                    .await?;
+                let stick = if named.is_some() {
+                    Stick::Moved
+                } else {
+                    Stick::Miss
+                };
+                (Picked::Index(i), stick)
+            }
+            Picked::Busy(d) => (Picked::Busy(busy.map_or(d, |b| b.min(d))), Stick::Moved),
+        })
+    }
 
     /// Replaces the estimate reserved under `id` in a token window by the real count (nothing
     /// when the reservation already left the window).

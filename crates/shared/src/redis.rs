@@ -7,8 +7,8 @@ use tokio::time::Instant;
 
 use crate::connect::{Conn, RedisTarget, Source};
 use crate::{
-    Admit, BudgetReq, HealthEvent, Held, Picked, SharedError, SharedState, Spent, TokenReq,
-    WindowReq, process_id,
+    Admit, BudgetReq, HealthEvent, Held, Picked, SessionReq, SharedError, SharedState, Spent,
+    Stick, TokenReq, WindowReq, process_id,
 };
 
 /// Redis: sorted sets of admission times (scored in Redis's milliseconds), plain counters, and a
@@ -41,7 +41,8 @@ const ADMIT: &str = concat!(
 /// Chooses and reserves in one step. KEYS: per candidate, in preference order, its request
 /// window and its token window. ARGV: member id, `least` or `first`, then per candidate
 /// (limit, per_ms, token_limit, token_cost); a limit of 0 means unbudgeted, a token limit of 0
-/// no token budget. Returns {1, index} or {0, free_in_ms}.
+/// no token budget; for a session's pick its key and ttl come last. Returns
+/// {1, index, stick} or {0, free_in_ms} (pick.lua says more).
 ///
 /// A budgeted window is exact (a sorted set of admission times, bounded by its limit). An
 /// unbudgeted one only ranks, so it is two per-window counters (this window and the last one,
@@ -96,6 +97,55 @@ impl RedisState {
 
     fn conn(&self) -> Conn {
         self.source.conn()
+    }
+
+    /// The pick script: choose, reserve and (for a session) remember, in one round trip.
+    async fn run_pick(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        session: Option<&SessionReq>,
+    ) -> Result<(Picked, Stick), SharedError> {
+        let mut inv = self.pick_script.prepare_invoke();
+        inv.arg(id);
+        inv.arg(if least_used { "least" } else { "first" });
+        for (i, w) in candidates.iter().enumerate() {
+            inv.key(self.key(&w.key));
+            // unbudgeted (u64::MAX): 0 tells the script to count approximately
+            let limit = if w.limit == u64::MAX { 0 } else { w.limit };
+            inv.arg(limit).arg(w.per.as_millis() as u64);
+            if let Some(Some(t)) = tokens.get(i) {
+                inv.key(self.key(&t.key));
+                inv.arg(t.limit).arg(t.cost);
+            } else {
+                // no token budget: a placeholder key the script never touches
+                inv.key(self.key(&format!("{}:tok", w.key)));
+                inv.arg(0).arg(0);
+            }
+        }
+        if let Some(s) = session {
+            inv.key(self.key(&s.key));
+            inv.arg(u64::try_from(s.ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        }
+        let mut conn = self.conn();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, i, stick] => {
+                let stick = match stick {
+                    1 => Stick::Hit,
+                    3 => Stick::Moved,
+                    _ => Stick::Miss,
+                };
+                Ok((Picked::Index(usize::try_from(*i).unwrap_or(0)), stick))
+            }
+            [0, free] => Ok((
+                Picked::Busy(Duration::from_millis(u64::try_from(*free).unwrap_or(0))),
+                Stick::Moved,
+            )),
+            other => Err(SharedError(format!("unexpected pick answer {other:?}"))),
+        }
     }
 
     /// Where this state's Redis is (what subscriptions connect to).
@@ -249,32 +299,22 @@ impl SharedState for RedisState {
         id: &str,
         _: Instant,
     ) -> Result<Picked, SharedError> {
-        let mut inv = self.pick_script.prepare_invoke();
-        inv.arg(id);
-        inv.arg(if least_used { "least" } else { "first" });
-        for (i, w) in candidates.iter().enumerate() {
-            inv.key(self.key(&w.key));
-            // unbudgeted (u64::MAX): 0 tells the script to count approximately
-            let limit = if w.limit == u64::MAX { 0 } else { w.limit };
-            inv.arg(limit).arg(w.per.as_millis() as u64);
-            if let Some(Some(t)) = tokens.get(i) {
-                inv.key(self.key(&t.key));
-                inv.arg(t.limit).arg(t.cost);
-            } else {
-                // no token budget: a placeholder key the script never touches
-                inv.key(self.key(&format!("{}:tok", w.key)));
-                inv.arg(0).arg(0);
-            }
-        }
-        let mut conn = self.conn();
-        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
-        match out.as_slice() {
-            [1, i] => Ok(Picked::Index(usize::try_from(*i).unwrap_or(0))),
-            [0, free] => Ok(Picked::Busy(Duration::from_millis(
-                u64::try_from(*free).unwrap_or(0),
-            ))),
-            other => Err(SharedError(format!("unexpected pick answer {other:?}"))),
-        }
+        self.run_pick(candidates, tokens, least_used, id, None)
+            .await
+            .map(|(picked, _)| picked)
+    }
+
+    async fn pick_in_session(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        session: &SessionReq,
+        _: Instant,
+    ) -> Result<(Picked, Stick), SharedError> {
+        self.run_pick(candidates, tokens, least_used, id, Some(session))
+            .await
     }
 
     async fn settle_tokens(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keypool_shared::{
-    Admit, BudgetReq, Held, InMemory, Picked, RedisState, RedisTarget, SharedState, Spent,
-    TokenReq, WindowReq,
+    Admit, BudgetReq, Held, InMemory, Picked, RedisState, RedisTarget, SessionReq, SharedState,
+    Spent, Stick, TokenReq, WindowReq,
 };
 use tokio::time::Instant;
 
@@ -310,6 +310,49 @@ async fn pins_last_their_ttl(s: &dyn SharedState) {
     assert_eq!(s.pinned("resp_b").await.unwrap(), None, "expired");
 }
 
+/// A session keeps the key it named while that key has room, whatever least-used says; then
+/// it moves, and keeps the new key; a session new here takes the usual choice.
+async fn sessions_keep_their_key(s: &dyn SharedState) {
+    let c = [
+        w("s1", 3, 60_000),
+        w("s2", 100, 60_000),
+        w("s3", 100, 60_000),
+    ];
+    let session = |name: &str| SessionReq {
+        key: format!("aff:{name}"),
+        ttl: Duration::from_secs(60),
+    };
+    let mut n = 0;
+    let mut pick = async |cands: &[WindowReq], name: &str| {
+        n += 1;
+        s.pick_in_session(
+            cands,
+            &[],
+            true,
+            &format!("call-{n}"),
+            &session(name),
+            Instant::now(),
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(pick(&c, "a").await, (Picked::Index(0), Stick::Miss));
+    // s1 has the most calls now, but the session stays while it has room (3 a minute)
+    assert_eq!(pick(&c, "a").await, (Picked::Index(0), Stick::Hit));
+    assert_eq!(pick(&c, "a").await, (Picked::Index(0), Stick::Hit));
+    // another session spreads least-used
+    assert_eq!(pick(&c, "b").await, (Picked::Index(1), Stick::Miss));
+    // s1 is full: session a moves to the least used, and stays there
+    assert_eq!(pick(&c, "a").await, (Picked::Index(2), Stick::Moved));
+    assert_eq!(pick(&c, "a").await, (Picked::Index(2), Stick::Hit));
+    // its key no longer a candidate (cooling, or tried already): it moves
+    assert_eq!(pick(&c[..2], "a").await, (Picked::Index(1), Stick::Moved));
+    // nothing with room: busy, and the session keeps what it named
+    let full = [w("s1", 3, 60_000)];
+    assert!(matches!(pick(&full, "a").await.0, Picked::Busy(_)));
+    assert_eq!(pick(&c, "a").await, (Picked::Index(1), Stick::Hit));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_memory_contract() {
     let s: Arc<dyn SharedState> = Arc::new(InMemory::default());
@@ -322,6 +365,7 @@ async fn in_memory_contract() {
     large_limits_never_over_admit(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
+    sessions_keep_their_key(s.as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,6 +381,7 @@ async fn redis_contract() {
     large_limits_never_over_admit(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
+    sessions_keep_their_key(s.as_ref()).await;
     // ... in at most 1,025 runs (here a few: the calls came within a second)
     {
         let mut c = redis::Client::open(REDIS)
@@ -429,6 +474,7 @@ async fn redis_cluster_contract() {
     unbudgeted_windows_rank_evenly(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
+    sessions_keep_their_key(s.as_ref()).await;
     let other = connect().await.unwrap();
     assert!(matches!(
         other

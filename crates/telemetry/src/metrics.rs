@@ -54,6 +54,7 @@ pub struct Metrics {
     pub key_healthy: IntGaugeVec,
     pub key_disabled: IntGaugeVec,
     pub key_cooldown: prometheus::GaugeVec,
+    pub key_prompt_cache_hit_ratio: prometheus::GaugeVec,
     pub key_window_requests: IntGaugeVec,
     pub key_window_tokens: IntGaugeVec,
     pub key_rpm_limit: IntGaugeVec,
@@ -323,6 +324,19 @@ impl Metrics {
                     .unwrap_or_else(|e| panic!("metric: {e}"));
                 g
             },
+            key_prompt_cache_hit_ratio: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "keypool_key_prompt_cache_hit_ratio",
+                        "Prompt tokens the key's provider read from its prompt cache, over all its prompt tokens, since start (from exact usage).",
+                    ),
+                    key,
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}"));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| panic!("metric: {e}"));
+                g
+            },
             key_window_requests: gauge(
                 &r,
                 "keypool_key_window_requests",
@@ -498,9 +512,41 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.update_hit_ratios();
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Each key's prompt-cache hit ratio, from the token counters (summed over gateways and
+    /// models), worked out when the metrics are read rather than on every request.
+    fn update_hit_ratios(&self) {
+        use prometheus::core::Collector;
+        let by_key = |c: &IntCounterVec| {
+            let mut sums = std::collections::HashMap::<String, f64>::new();
+            for family in c.collect() {
+                for m in family.get_metric() {
+                    let key = m
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == "key")
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default();
+                    *sums.entry(key).or_default() += m.get_counter().get_value();
+                }
+            }
+            sums
+        };
+        let (prompt, cached) = (by_key(&self.prompt_tokens), by_key(&self.cache_read_tokens));
+        for (key, p) in prompt {
+            if key.is_empty() || p <= 0.0 {
+                continue;
+            }
+            let c = cached.get(&key).copied().unwrap_or(0.0);
+            self.key_prompt_cache_hit_ratio
+                .with_label_values(&[key.as_str()])
+                .set(c / p);
+        }
     }
 
     /// Raises a counter to `total` (for totals read from elsewhere, e.g. the writer's stats).
@@ -511,3 +557,7 @@ impl Metrics {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "metrics_tests.rs"]
+mod tests;

@@ -28,6 +28,8 @@ pub struct Lease {
     /// The tokens reserved in the shared token window (a `tpm` key with shared state), settled
     /// there to the real count after a success.
     pub(in crate::pool) shared_tokens: Option<SharedTokens>,
+    /// For a session's pick: whether the session's key was kept, or it moved.
+    pub affinity: Option<crate::Stick>,
 }
 
 /// A token reservation in the shared state, settled there with the real count.

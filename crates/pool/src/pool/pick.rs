@@ -10,6 +10,7 @@ use keypool_config::{LbPolicy, UpstreamKey};
 use tokio::time::Instant;
 
 use super::{Lease, PoolHandle, PoolView, SharedTokens};
+use crate::SharedState as _;
 use crate::messages::{BusyCause, NoKey, Refusal, Reserve};
 use crate::select::{Candidate, rank};
 
@@ -32,6 +33,8 @@ pub struct Pick {
     /// Only this key may serve (a Responses API response lives with the key that created
     /// it); its allow/deny rules are not asked again (the request names an id, not a model).
     pub only: Option<Arc<str>>,
+    /// The request's session (`affinity:`): it keeps its key while that key can serve.
+    pub session: Option<crate::SessionReq>,
 }
 
 /// Which keys a caller may use, by its gateway's auth rules.
@@ -81,14 +84,19 @@ impl PoolHandle {
             other => other?,
         };
         rank(view.policy, &mut cands);
+        let named = self.session_first(pick, &view, &mut cands).await;
         let first_lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
         // across replicas: choose and reserve in the shared windows, in one round trip, so the
         // replicas rank on the same counts (least-used) and never exceed a key's rpm together
+        let mut affinity = None;
         let (chosen, share_of, mut shared_tokens) = match &self.shared {
             Some(shared) if !cands.is_empty() => {
                 let id = format!("{}-{first_lease}", keypool_shared::process_id());
                 match shared_pick(shared, &view, &cands, pick, id, now).await {
-                    SharedPick::Chosen(c, tokens) => (Some(vec![c]), 1, tokens),
+                    SharedPick::Chosen(c, tokens, stick) => {
+                        affinity = stick;
+                        (Some(vec![c]), 1, tokens)
+                    }
                     SharedPick::Busy(until) => {
                         earliest.offer(until, BusyCause::Budget);
                         (Some(Vec::new()), 1, None)
@@ -119,6 +127,7 @@ impl PoolHandle {
                     settled: false,
                     started: Instant::now(),
                     shared_tokens: shared_tokens.take(),
+                    affinity,
                 }
             };
             // without a budget only health can refuse, and the gauge shows it, unless an
@@ -127,7 +136,7 @@ impl PoolHandle {
             // reaches the key it was just told is cooling down
             if k.key.rpm.is_none() && k.key.tpm.is_none() && k.tally.quiet() {
                 k.tally.record();
-                return Ok(lease());
+                return Ok(self.remember(pick, named.as_deref(), lease()).await);
             }
             let reserve = Reserve {
                 lease_id,
@@ -135,7 +144,7 @@ impl PoolHandle {
                 share_of,
             };
             match k.addr.send(reserve).await {
-                Ok(Ok(())) => return Ok(lease()),
+                Ok(Ok(())) => return Ok(self.remember(pick, named.as_deref(), lease()).await),
                 Ok(Err(Refusal::Budget { until })) => earliest.offer(until, BusyCause::Budget),
                 Ok(Err(Refusal::Cooling { until })) => earliest.offer(until, BusyCause::Cooling),
                 Ok(Err(Refusal::Disabled)) | Err(_) => disabled += 1,
@@ -146,6 +155,43 @@ impl PoolHandle {
             None if disabled > 0 => Err(NoKey::AllDisabled),
             None => Err(NoKey::NoneServes),
         }
+    }
+}
+
+impl PoolHandle {
+    /// Without shared state: the key the pick's session names (if any) goes first among the
+    /// ranked candidates (the shared pick does that in its script). Answers that key's name.
+    async fn session_first(
+        &self,
+        pick: &Pick,
+        view: &PoolView,
+        cands: &mut [Candidate],
+    ) -> Option<String> {
+        let (Some(s), None) = (&pick.session, &self.shared) else {
+            return None;
+        };
+        let name = self.sessions.pinned(&s.key).await.ok().flatten()?;
+        if let Some(i) = cands
+            .iter()
+            .position(|c| *view.keys[c.order].key.name == *name)
+        {
+            cands[..=i].rotate_right(1);
+        }
+        Some(name)
+    }
+
+    /// Without shared state: the session (if any) keeps the leased key from now on, and the
+    /// lease says whether it was the session's.
+    async fn remember(&self, pick: &Pick, named: Option<&str>, mut lease: Lease) -> Lease {
+        if let (Some(s), None) = (&pick.session, &self.shared) {
+            let _ = self.sessions.pin(&s.key, &lease.key.name, s.ttl).await;
+            lease.affinity = Some(match named {
+                Some(n) if n == &*lease.key.name => crate::Stick::Hit,
+                Some(_) => crate::Stick::Moved,
+                None => crate::Stick::Miss,
+            });
+        }
+        lease
     }
 }
 
@@ -225,8 +271,9 @@ fn gather(view: &PoolView, pick: &Pick, now: Instant, translated: bool) -> Resul
 
 /// What the shared state chose among the candidates.
 enum SharedPick {
-    /// This candidate, its call counted (and its tokens reserved, when it has a tpm).
-    Chosen(Candidate, Option<SharedTokens>),
+    /// This candidate, its call counted (and its tokens reserved, when it has a tpm); for a
+    /// session, whether it kept its key.
+    Chosen(Candidate, Option<SharedTokens>, Option<crate::Stick>),
     /// None has room before this.
     Busy(Instant),
     /// The shared state is unavailable (already counted and logged).
@@ -271,20 +318,27 @@ async fn shared_pick(
         })
         .collect();
     let least_used = view.policy == LbPolicy::LeastUsed;
-    match shared
-        .pick_reserving(&windows, &tokens, least_used, &id, now)
-        .await
-    {
-        Ok(crate::Picked::Index(i)) => {
+    let picked = match &pick.session {
+        None => shared
+            .pick_reserving(&windows, &tokens, least_used, &id, now)
+            .await
+            .map(|p| (p, None)),
+        Some(session) => shared
+            .pick_in_session(&windows, &tokens, least_used, &id, session, now)
+            .await
+            .map(|(p, stick)| (p, Some(stick))),
+    };
+    match picked {
+        Ok((crate::Picked::Index(i), stick)) => {
             let i = i.min(ordered.len() - 1);
             let reserved = tokens[i].clone().map(|req| SharedTokens {
                 state: shared.clone(),
                 req,
                 id,
             });
-            SharedPick::Chosen(ordered[i], reserved)
+            SharedPick::Chosen(ordered[i], reserved, stick)
         }
-        Ok(crate::Picked::Busy(free_in)) => SharedPick::Busy(Instant::now() + free_in),
+        Ok((crate::Picked::Busy(free_in), _)) => SharedPick::Busy(Instant::now() + free_in),
         Err(e) => {
             keypool_shared::shared_failed_as(&e, shared.fail_closed());
             SharedPick::Failed

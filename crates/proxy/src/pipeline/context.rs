@@ -58,6 +58,7 @@ pub(super) fn build(
         .flatten()
         .and_then(|v| reqwest::header::HeaderValue::from_bytes(v.as_bytes()).ok());
     let retries = gateway.spec.retries.unwrap_or(config.retries);
+    let session = crate::affinity::session(&gateway, req.headers(), &inspected.body);
     Ok(RequestCtx::new(NewRequest {
         started,
         method,
@@ -79,5 +80,6 @@ pub(super) fn build(
         max_attempts: retries.saturating_add(1),
         sink: fe.sink.clone(),
         spend,
+        session,
     }))
 }

@@ -1,7 +1,9 @@
 -- Chooses and reserves in one step. KEYS: per candidate, in preference order, its request
--- window and its token window. ARGV: member id, `least` or `first`, then per candidate
--- (limit, per_ms, token_limit, token_cost); a limit of 0 means unbudgeted, a token limit of 0
--- no token budget. Returns {1, index} or {0, free_in_ms}.
+-- window and its token window; then, for a session's pick, the session's key. ARGV: member id,
+-- `least` or `first`, then per candidate (limit, per_ms, token_limit, token_cost); a limit of
+-- 0 means unbudgeted, a token limit of 0 no token budget; then, for a session, its ttl in ms.
+-- Returns {1, index, stick} or {0, free_in_ms}; stick: 0 no session, 1 the session's key
+-- (hit), 2 a session new here (miss), 3 the session's key could not serve (moved).
 --
 -- A budgeted window is a request window (window.lua, which comes first: exact up to 4096, in
 -- runs above). An
@@ -10,6 +12,9 @@
 -- is a sorted set of `id:tokens` members with a running sum beside it (`<key>:sum`): members
 -- leaving the window are subtracted once, so the check is O(1) amortised.
 local least = ARGV[2] == 'least'
+local ncand = math.floor(#KEYS / 2)
+local session = nil
+if #KEYS % 2 == 1 then session = KEYS[#KEYS] end
 local best, best_n, earliest = 0, -1, -1
 local function tokens_used(k, per)
   local sum = tonumber(redis.call('GET', k .. ':sum') or '0')
@@ -22,18 +27,17 @@ local function tokens_used(k, per)
   end
   return sum
 end
-for i = 1, #KEYS / 2 do
+-- Calls in candidate i's window when it has room (nil when it has none: `earliest` then
+-- says when it frees up).
+local function room(i)
   local limit = tonumber(ARGV[4 * i - 1])
   local per = tonumber(ARGV[4 * i])
   local tlimit = tonumber(ARGV[4 * i + 1])
   local tk = KEYS[2 * i]
-  local n
-  local tokens_fit = true
   if tlimit > 0 then
     local cost = math.min(tonumber(ARGV[4 * i + 2]), tlimit)
     local used = tokens_used(tk, per)
     if used + cost > tlimit then
-      tokens_fit = false
       local must_free = used + cost - tlimit
       local free = per
       local all = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
@@ -43,30 +47,45 @@ for i = 1, #KEYS / 2 do
         must_free = must_free - m
       end
       if earliest < 0 or free < earliest then earliest = free end
+      return nil
     end
   end
   local k = KEYS[2 * i - 1]
-  local oldest
-  if not tokens_fit then
-    n = nil
-  elseif limit == 0 then
+  if limit == 0 then
     local slot = math.floor(now / per)
     local cur = tonumber(redis.call('GET', k .. ':' .. slot) or '0')
     local prev = tonumber(redis.call('GET', k .. ':' .. (slot - 1)) or '0')
-    n = cur + prev * (1 - (now % per) / per)
-    limit = n + 1
-  else
-    n, oldest = window_used(k, limit, per)
+    return cur + prev * (1 - (now % per) / per)
   end
-  if n == nil then
-    -- no room for its tokens: ranked out
-  elseif n < limit then
-    if best == 0 or n < best_n then best, best_n = i, n end
-    if not least then break end
-  else
-    local free = per
-    if oldest then free = tonumber(oldest) + per - now end
-    if earliest < 0 or free < earliest then earliest = free end
+  local n, oldest = window_used(k, limit, per)
+  if n < limit then return n end
+  local free = per
+  if oldest then free = tonumber(oldest) + per - now end
+  if earliest < 0 or free < earliest then earliest = free end
+  return nil
+end
+-- a session keeps the key it names while that key has room
+local stick, stuck = 0, 0
+if session then
+  local named = redis.call('GET', session)
+  stick = 2
+  if named then
+    stick = 3
+    for i = 1, ncand do
+      if KEYS[2 * i - 1] == named then stuck = i end
+    end
+  end
+  if stuck > 0 and room(stuck) then best, stick = stuck, 1 end
+end
+if best == 0 then
+  for i = 1, ncand do
+    if i ~= stuck then
+      local n = room(i)
+      if n then
+        if best == 0 or n < best_n then best, best_n = i, n end
+        if not least then break end
+      end
+    end
   end
 end
 if best == 0 then return {0, earliest} end
@@ -88,4 +107,7 @@ if tlimit > 0 then
   redis.call('PEXPIRE', tk, per)
   redis.call('PEXPIRE', tk .. ':sum', per)
 end
-return {1, best - 1}
+if session then
+  redis.call('SET', session, k, 'PX', tonumber(ARGV[3 + 4 * ncand]))
+end
+return {1, best - 1, stick}
