@@ -90,7 +90,7 @@ pub fn mock(name: &str, behavior: Behavior) -> MockServer {
 }
 
 /// Builds a config YAML: top-level settings plus one upstream per mock.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct ConfigBuilder {
     top: Vec<String>,
     upstreams: Vec<String>,

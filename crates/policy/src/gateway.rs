@@ -43,6 +43,8 @@ pub struct GatewayState {
     local: keypool_shared::InMemory,
     /// Across replicas (Redis): windows and the quota counter live there too.
     shared: Option<(Arc<dyn SharedState>, String)>,
+    /// The response cache's entries kept in this process (`cache: {backend: memory}`).
+    pub(crate) cache: crate::cache::MemoryCache,
 }
 
 impl GatewayState {
@@ -96,6 +98,11 @@ fn refuse(kind: ErrorKind, message: impl Into<String>) -> ApiError {
 }
 
 impl GatewayState {
+    /// The replicas' shared state, when they share one.
+    pub(crate) fn shared(&self) -> Option<&Arc<dyn SharedState>> {
+        self.shared.as_ref().map(|(s, _)| s)
+    }
+
     pub fn tokens_used(&self) -> u64 {
         self.tokens_used.load(Ordering::Relaxed)
     }

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod budget;
+pub mod cache;
 pub mod gateway;
 #[cfg(test)]
 mod gateway_tests;

@@ -101,6 +101,10 @@ pub struct RequestCtx {
     pub requested_model: Option<String>,
     /// The session the request belongs to, on a gateway with `affinity:`.
     pub session: Option<keypool_pool::SessionReq>,
+    /// On a gateway with a response cache: where the answer is kept.
+    pub(crate) cache: Option<crate::cache::Pending>,
+    /// Answered from the response cache.
+    pub cache_hit: bool,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -160,6 +164,8 @@ impl RequestCtx {
             spend: r.spend,
             requested_model: None,
             session: r.session,
+            cache: None,
+            cache_hit: false,
         }
     }
 
@@ -175,6 +181,22 @@ impl RequestCtx {
         if let (Some(cap), Some(log)) = (self.log_response_cap, self.log.as_mut()) {
             log.response_body = Some(crate::capture::capped(text, cap));
         }
+    }
+
+    /// Answers from the response cache: the cached answer, and a usage event marked as a hit
+    /// (no key, no usage, no cost) naming the model that served it.
+    pub(crate) fn replay(
+        &mut self,
+        answer: &keypool_policy::cache::CachedAnswer,
+    ) -> actix_web::HttpResponse {
+        if answer.model != self.inspected.model {
+            let requested = std::mem::replace(&mut self.inspected.model, answer.model.clone());
+            self.requested_model = Some(requested);
+        }
+        self.cache_hit = true;
+        self.capture_response(&answer.body);
+        self.account(200, None, None);
+        crate::cache::replay(answer)
     }
 
     /// Records this request's usage event (once; later calls are ignored).
@@ -228,7 +250,7 @@ impl RequestCtx {
             user_agent: self.user_agent.take(),
             log: self.log.take().map(Box::new),
             requested_model: self.requested_model.take(),
-            cache_hit: false,
+            cache_hit: self.cache_hit,
         });
     }
 }

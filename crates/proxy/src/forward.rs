@@ -90,6 +90,16 @@ fn served_model(headers: &mut HeaderMap, ctx: &RequestCtx) {
     }
 }
 
+/// `x-keypool-cache` on a caching gateway's answers: `miss`, `refresh` or `bypass`.
+fn cache_outcome(headers: &mut HeaderMap, ctx: &RequestCtx) {
+    if let Some(c) = &ctx.cache {
+        headers.insert(
+            reqwest::header::HeaderName::from_static(crate::cache::CACHE_HEADER),
+            reqwest::header::HeaderValue::from_static(c.outcome),
+        );
+    }
+}
+
 /// Cap on the jitter added to waits.
 const MAX_JITTER: Duration = Duration::from_secs(1);
 
@@ -118,7 +128,14 @@ impl Engine {
             } => {
                 if key.is_some() {
                     served_model(headers, &ctx);
+                    if let Some(cache) = &ctx.cache {
+                        let content_type = headers
+                            .get(reqwest::header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok());
+                        cache.keep_whole(*status, content_type, &ctx.inspected.model, body);
+                    }
                 }
+                cache_outcome(headers, &ctx);
                 ctx.capture_response(body);
                 // the cost is keypool's to say, never the upstream's
                 headers.remove(&COST_NAME);
@@ -153,6 +170,14 @@ impl Engine {
             }
             Reply::Stream { relay, headers, .. } => {
                 served_model(headers, &ctx);
+                cache_outcome(headers, &ctx);
+                if let Some(keep) = ctx
+                    .cache
+                    .take()
+                    .and_then(|c| c.stream_keeper(ctx.inspected.model.clone()))
+                {
+                    relay.record_into(keep);
+                }
                 relay.attach(ctx);
             }
         }

@@ -9,6 +9,7 @@
 pub mod adapter;
 mod affinity;
 mod attempt;
+pub mod cache;
 pub mod capture;
 pub mod client;
 pub mod cooldown;

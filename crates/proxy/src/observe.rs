@@ -6,6 +6,7 @@
 //! |---|---|
 //! | request | the server span ([`server_span`]), its `policy` child over every phase before `forward` |
 //! | resolve … build ctx | a refusal: `keypool_refusals_total{gateway, code}` ([`refused`]) |
+//! | inspect | a response cache lookup: `keypool_response_cache_total` ([`response_cache`]) |
 //! | select key | a `select` span per attempt ([`select_span`]); a wait for budget: `keypool_queue_wait_seconds` ([`queued`]); a session's pick: `keypool_affinity_total` ([`affinity`]) |
 //! | forward | an attempt span per key ([`attempt_span`]), its failure on it ([`attempt_failed`]); `keypool_failovers_total{reason}`; every key failed or disabled: an alert ([`all_failed`]); a fallback model: `keypool_model_fallbacks_total` ([`fell_back`]) |
 //! | relay | a `stream` span from the first byte (in [`crate::relay`]) |
@@ -96,6 +97,14 @@ pub(crate) fn affinity(gateway: &str, stick: keypool_pool::Stick) {
     keypool_telemetry::metrics()
         .affinity
         .with_label_values(&[gateway, stick.as_str()])
+        .inc();
+}
+
+/// A response cache lookup: `hit`, `miss`, `refresh` or `bypass`.
+pub(crate) fn response_cache(gateway: &str, outcome: &str) {
+    keypool_telemetry::metrics()
+        .response_cache
+        .with_label_values(&[gateway, outcome])
         .inc();
 }
 

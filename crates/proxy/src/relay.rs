@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
+use keypool_config::routing::MAX_CACHE_ENTRY_BYTES;
 use keypool_pool::{Lease, Outcome};
 use keypool_types::{ApiError, ErrorKind, Surface};
 use tokio::time::{Instant, timeout, timeout_at};
@@ -40,6 +41,9 @@ pub struct StreamSetup {
     pub deadline: Option<Instant>,
 }
 
+/// Where a complete stream's bytes go (the response cache).
+pub type Keep = Box<dyn FnOnce(Bytes) + Send>;
+
 /// A started stream.
 pub struct Relay {
     /// The stream's span (none unless traced). First, so it is dropped (ends) before the
@@ -63,6 +67,11 @@ pub struct Relay {
     finished: bool,
     /// Called once with the Responses API response id when the stream names it.
     on_response_id: Option<Box<dyn FnOnce(String) + Send>>,
+    /// What the client received so far, for the response cache, and where it goes once the
+    /// stream ended complete (dropped past [`MAX_CACHE_ENTRY_BYTES`] or when it broke).
+    recording: Option<(BytesMut, Keep)>,
+    /// The stream ended complete.
+    succeeded: bool,
 }
 
 impl Relay {
@@ -111,6 +120,8 @@ impl Relay {
             finished: false,
             span: tracing::Span::none(),
             on_response_id: None,
+            recording: None,
+            succeeded: false,
         })
     }
 
@@ -143,8 +154,33 @@ impl Relay {
     /// The body to hand to the HTTP server.
     pub fn into_stream(self: Box<Self>) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static {
         futures::stream::unfold(self, |mut relay| async move {
-            relay.next_bytes().await.map(|b| (Ok(b), relay))
+            let next = relay.next_bytes().await;
+            if relay.recording.is_some() {
+                relay.record(next.as_ref());
+            }
+            next.map(|b| (Ok(b), relay))
         })
+    }
+
+    /// Keeps what the client receives, and hands it to `keep` once the stream ended complete.
+    pub fn record_into(&mut self, keep: Keep) {
+        self.recording = Some((BytesMut::new(), keep));
+    }
+
+    fn record(&mut self, sent: Option<&Bytes>) {
+        if let (Some(b), Some((buf, _))) = (sent, self.recording.as_mut()) {
+            if (buf.len() + b.len()) as u64 > MAX_CACHE_ENTRY_BYTES {
+                self.recording = None;
+                return;
+            }
+            buf.extend_from_slice(b);
+        }
+        if self.finished
+            && let Some((buf, keep)) = self.recording.take()
+            && self.succeeded
+        {
+            keep(buf.freeze());
+        }
     }
 
     async fn next_bytes(&mut self) -> Option<Bytes> {
@@ -209,6 +245,7 @@ impl Relay {
 
     fn complete(&mut self) {
         self.finished = true;
+        self.succeeded = true;
         self.span.record("keypool.stream.chunks", self.tap.events);
         // the stream span ends here, before its parent records the outcome (and ends)
         self.span = tracing::Span::none();

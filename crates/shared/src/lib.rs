@@ -256,8 +256,8 @@ pub trait SharedState: Send + Sync {
     /// Sets a counter unless it exists (start-up restore: the first replica's value wins).
     async fn init(&self, counter: &str, n: u64) -> Result<(), SharedError>;
 
-    /// Remembers `value` under `name` for `ttl` (which key created a Responses API response),
-    /// replacing what was there.
+    /// Remembers `value` under `name` for `ttl` (which key created a Responses API response,
+    /// which key a session keeps, a cached answer), replacing what was there.
     async fn pin(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError>;
 
     /// What [`Self::pin`] remembered under `name`, while its ttl lasts.

@@ -172,14 +172,24 @@ async fn prepare(
         return Ok(Prepared::Answered(resp));
     }
     let inspected = body.inspect(req, &gw, path).await?;
+    let cache = crate::cache::lookup(req, &gw, auth.caller.id.as_deref(), path, &inspected).await;
     let (budgets, prices) = (fe.gateways.budgets(), fe.gateways.prices());
-    let hold = admit::hold_budgets(&gw, &auth, &inspected, engine, budgets, &prices).await?;
-    let mut spend = crate::spend::Spending::new(prices, budgets.clone());
-    spend.hold = hold;
-    context::build(
+    let mut spend = crate::spend::Spending::new(prices.clone(), budgets.clone());
+    // a hit holds nothing: it costs nothing
+    if !matches!(cache, Some(crate::cache::Lookup::Hit(_))) {
+        spend.hold = admit::hold_budgets(&gw, &auth, &inspected, engine, budgets, &prices).await?;
+    }
+    let mut ctx = context::build(
         req, fe, engine, path, auth, gw, client_ip, inspected, started, spend,
-    )
-    .map(Prepared::Forward)
+    )?;
+    match cache {
+        Some(crate::cache::Lookup::Hit(answer)) => Ok(Prepared::Answered(ctx.replay(&answer))),
+        Some(crate::cache::Lookup::Forward(pending)) => {
+            ctx.cache = Some(pending);
+            Ok(Prepared::Forward(ctx))
+        }
+        None => Ok(Prepared::Forward(ctx)),
+    }
 }
 
 /// The gateway exists, is active and has not expired.
