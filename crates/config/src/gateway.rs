@@ -91,6 +91,12 @@ pub struct RawGateway {
     /// `{ttl: 300, backend: memory}`: the exact response cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::routing::RawCache>,
+    /// Personal data masked before it leaves for the provider (and restored in the answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_masking: Option<crate::guard::RawDataMasking>,
+    /// Prohibited content blocked or masked, in requests and answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_safety: Option<crate::guard::RawContentSafety>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -181,6 +187,8 @@ pub struct Gateway {
     pub param_fixed: Vec<(Vec<String>, Value)>,
     /// Fallbacks, affinity and the response cache.
     pub routing: crate::routing::Routing,
+    pub data_masking: Option<crate::guard::DataMasking>,
+    pub content_safety: Option<crate::guard::ContentSafety>,
 }
 
 impl Gateway {
@@ -204,6 +212,8 @@ impl Gateway {
             param_map: Vec::new(),
             param_fixed: Vec::new(),
             routing: crate::routing::Routing::default(),
+            data_masking: None,
+            content_safety: None,
         }
     }
 

@@ -65,12 +65,7 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
     if raw.retries.is_some_and(|r| r > 100) {
         errs.push("retries", "must be between 0 and 100");
     }
-    let routing = crate::routing::validate_routing(&raw.routing()).unwrap_or_else(|e| {
-        for (field, reason) in e {
-            errs.push(field, reason);
-        }
-        crate::routing::Routing::default()
-    });
+    let (routing, data_masking, content_safety) = errs.routing_and_guards(raw);
     if !errs.all.is_empty() {
         return Err(errs.all);
     }
@@ -92,6 +87,8 @@ pub fn validate_gateway(raw: &RawGateway, at: &str) -> Result<Gateway, Vec<Field
         param_map,
         param_fixed,
         routing,
+        data_masking,
+        content_safety,
     })
 }
 
@@ -194,6 +191,34 @@ impl Errors<'_> {
             );
             chrono_tz::UTC
         })
+    }
+
+    /// Routing (fallbacks, affinity, the response cache) and guardrails, validated.
+    fn routing_and_guards(
+        &mut self,
+        raw: &RawGateway,
+    ) -> (
+        crate::routing::Routing,
+        Option<crate::guard::DataMasking>,
+        Option<crate::guard::ContentSafety>,
+    ) {
+        let mut found = Vec::new();
+        let routing = crate::routing::validate_routing(&raw.routing()).unwrap_or_else(|e| {
+            found.extend(e);
+            crate::routing::Routing::default()
+        });
+        let masking = raw
+            .data_masking
+            .as_ref()
+            .map(|m| crate::guard::validate_masking(m, &mut found));
+        let safety = raw
+            .content_safety
+            .as_ref()
+            .map(|s| crate::guard::validate_safety(s, &mut found));
+        for (field, reason) in found {
+            self.push(field, reason);
+        }
+        (routing, masking, safety)
     }
 
     /// `prompt_template` checked; `param_map` and `param_fixed` parsed.

@@ -8,6 +8,7 @@
 pub mod budget;
 pub mod gateway;
 mod gateway_validate;
+pub mod guard;
 mod key_validate;
 mod parse;
 pub mod raw;

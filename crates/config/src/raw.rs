@@ -123,6 +123,10 @@ pub struct RawConfig {
     pub affinity: Option<crate::routing::RawAffinity>,
     /// `{ttl: 300, backend: memory}`: the exact response cache.
     pub cache: Option<crate::routing::RawCache>,
+    /// Personal data masked before it leaves for the provider.
+    pub data_masking: Option<crate::guard::RawDataMasking>,
+    /// Prohibited content blocked or masked.
+    pub content_safety: Option<crate::guard::RawContentSafety>,
 }
 
 /// What a control plane pushes to its frontends besides keys and gateways: the top-level
@@ -247,6 +251,8 @@ impl RawConfig {
         self.context_fallbacks = g.context_fallbacks;
         self.affinity = g.affinity;
         self.cache = g.cache;
+        self.data_masking = g.data_masking;
+        self.content_safety = g.content_safety;
     }
 
     /// The `default` gateway (`/v1/*`) as a `gateways:` entry would write it (no `auth`: its
@@ -273,6 +279,8 @@ impl RawConfig {
             context_fallbacks: self.context_fallbacks.clone(),
             affinity: self.affinity.clone(),
             cache: self.cache.clone(),
+            data_masking: self.data_masking.clone(),
+            content_safety: self.content_safety.clone(),
         }
     }
 }

@@ -97,7 +97,7 @@ pub(crate) async fn dispatch(
             "tool_use",
         ),
         None => (
-            json!([{"type": "text", "text": words.join(" ")}]),
+            json!([{"type": "text", "text": words.concat()}]),
             "end_turn",
         ),
     };
@@ -207,8 +207,8 @@ fn stream(
                     "content_block": {"type": "text", "text": ""}}),
         ),
     ];
-    for (i, w) in words.iter().enumerate() {
-        let text = if i == 0 { w.clone() } else { format!(" {w}") };
+    for w in words {
+        let text = w;
         events.push(event(
             "content_block_delta",
             &json!({"type": "content_block_delta", "index": 0,

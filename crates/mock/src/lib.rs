@@ -36,6 +36,9 @@ pub struct Behavior {
     pub chunk_interval_ms: u64,
     /// Words in a chat reply (one stream chunk each). 0 means 5.
     pub reply_words: usize,
+    /// The reply's text as its stream chunks, exactly (the whole answer is them joined);
+    /// replaces the words.
+    pub reply: Option<Vec<String>>,
     /// Answer every request with this status and an OpenAI error body.
     pub status: Option<u16>,
     /// The `code` of a forced status's OpenAI error (default `mock_forced`), e.g.

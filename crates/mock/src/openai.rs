@@ -213,10 +213,24 @@ fn prompt_tokens(v: &Value) -> u64 {
     }
 }
 
+/// The reply's stream chunks (each word after the first with its leading space); the whole
+/// answer is them joined.
 pub(crate) fn reply_words(b: &Behavior) -> Vec<String> {
+    if let Some(pieces) = &b.reply {
+        return pieces.clone();
+    }
     let n = if b.reply_words == 0 { 5 } else { b.reply_words };
     let base = ["Hello", "from", name(b), "the", "mock"];
-    (0..n).map(|i| base[i % base.len()].to_owned()).collect()
+    (0..n)
+        .map(|i| {
+            let w = base[i % base.len()];
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect()
 }
 
 fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
@@ -272,7 +286,7 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
             "tool_calls",
         ),
         None => (
-            json!({"role": "assistant", "content": words.join(" ")}),
+            json!({"role": "assistant", "content": words.concat()}),
             "stop",
         ),
     };

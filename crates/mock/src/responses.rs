@@ -137,7 +137,7 @@ fn create(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
     let n = state.next_response();
     let id = format!("resp_{}_{n}", crate::openai::name(b));
     let words = reply_words(b);
-    let text = words.join(" ");
+    let text = words.concat();
     let input_tokens = input_words(&input);
     let usage = json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
         "output_tokens": words.len(), "output_tokens_details": {"reasoning_tokens": 0},
@@ -202,8 +202,8 @@ fn stream(
             "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
         ),
     ];
-    for (i, w) in words.iter().enumerate() {
-        let delta = if i == 0 { w.clone() } else { format!(" {w}") };
+    for w in words {
+        let delta = w;
         events.push(event(
             &mut seq,
             "response.output_text.delta",
@@ -211,7 +211,7 @@ fn stream(
             "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
         ));
     }
-    let text = words.join(" ");
+    let text = words.concat();
     events.push(event(
         &mut seq,
         "response.output_text.done",

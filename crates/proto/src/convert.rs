@@ -9,6 +9,7 @@
 
 use keypool_config::budget::RawBudget;
 use keypool_config::gateway::{Quota, RawGateway, RawGatewayAuth};
+use keypool_config::guard::{RawContentSafety, RawDataMasking, RawRule};
 use keypool_config::raw::{RawLogPolicy, RawPolicy, RawUpstream, StringOrList};
 use keypool_config::routing::{RawAffinity, RawCache};
 use keypool_pricing::{RawAbove, RawPrice, RawTier};
@@ -63,7 +64,36 @@ impl From<&RawGateway> for pb::GatewaySpec {
                 per_caller: c.per_caller,
                 tool_calls: c.tool_calls,
             }),
+            data_masking: g.data_masking.as_ref().map(|m| pb::DataMasking {
+                detectors: m.detectors.clone().map(|items| pb::StringList { items }),
+                custom: m.custom.iter().map(rule).collect(),
+                action: m.action.clone(),
+                restore: m.restore,
+                alert: m.alert,
+            }),
+            content_safety: g.content_safety.as_ref().map(|s| pb::ContentSafety {
+                keywords: s.keywords.clone(),
+                keyword_files: s.keyword_files.clone(),
+                patterns: s.patterns.iter().map(rule).collect(),
+                on_request: s.on_request.clone(),
+                on_response: s.on_response.clone(),
+                alert: s.alert,
+            }),
         }
+    }
+}
+
+fn rule(r: &RawRule) -> pb::GuardRule {
+    pb::GuardRule {
+        name: r.name.clone(),
+        pattern: r.pattern.clone(),
+    }
+}
+
+fn raw_rule(r: pb::GuardRule) -> RawRule {
+    RawRule {
+        name: r.name,
+        pattern: r.pattern,
     }
 }
 
@@ -122,6 +152,21 @@ impl From<pb::GatewaySpec> for RawGateway {
                 backend: c.backend,
                 per_caller: c.per_caller,
                 tool_calls: c.tool_calls,
+            }),
+            data_masking: g.data_masking.map(|m| RawDataMasking {
+                detectors: m.detectors.map(|d| d.items),
+                custom: m.custom.into_iter().map(raw_rule).collect(),
+                action: m.action,
+                restore: m.restore,
+                alert: m.alert,
+            }),
+            content_safety: g.content_safety.map(|s| RawContentSafety {
+                keywords: s.keywords,
+                keyword_files: s.keyword_files,
+                patterns: s.patterns.into_iter().map(raw_rule).collect(),
+                on_request: s.on_request,
+                on_response: s.on_response,
+                alert: s.alert,
             }),
         }
     }
@@ -425,6 +470,8 @@ fallbacks: {gpt-4o: [gpt-4o-mini, claude-sonnet-4-5]}
 context_fallbacks: {gpt-4o-mini: [gpt-4.1]}
 affinity: {ttl: 120.5, hash_prompt: true}
 cache: {ttl: 60, max_entries: 10, max_bytes: 4096, backend: redis, per_caller: true, tool_calls: false}
+data_masking: {detectors: [phone, email], custom: [{name: emp, pattern: "EMP-[0-9]+"}], action: mask, restore: true, alert: true}
+content_safety: {keywords: [bad], keyword_files: [kw.txt], patterns: [{name: p, pattern: "x+"}], on_request: mask, on_response: block, alert: false}
 "#,
         );
         let back = RawGateway::from(pb::GatewaySpec::from(&raw));

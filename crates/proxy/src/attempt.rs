@@ -311,6 +311,11 @@ impl Engine {
                 collect_text: ctx.log_response_cap,
                 max_event: self.config.max_stream_event_bytes,
                 deadline: self.config.stream_deadline.map(|d| ctx.started + d),
+                guard: crate::guard::stream::StreamGuard::new(
+                    ctx.gateway.clone(),
+                    ctx.restore.clone(),
+                    keypool_types::Surface::of_path(&ctx.path),
+                ),
             },
         );
         match relay.await {

@@ -105,6 +105,8 @@ pub struct RequestCtx {
     pub(crate) cache: Option<crate::cache::Pending>,
     /// Answered from the response cache.
     pub cache_hit: bool,
+    /// What the answer restores (`data_masking` with `restore: true`).
+    pub restore: Option<crate::guard::Restore>,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -166,6 +168,7 @@ impl RequestCtx {
             session: r.session,
             cache: None,
             cache_hit: false,
+            restore: None,
         }
     }
 

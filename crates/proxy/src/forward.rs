@@ -90,6 +90,33 @@ fn served_model(headers: &mut HeaderMap, ctx: &RequestCtx) {
     }
 }
 
+/// The answer guardrails on a whole answer: placeholders restored, prohibited content masked,
+/// or (blocked) the answer replaced by the error; `true` when blocked.
+fn guard_answer(
+    ctx: &RequestCtx,
+    status: &mut u16,
+    headers: &mut HeaderMap,
+    body: &mut Bytes,
+) -> bool {
+    if !crate::guard::watches_answers(&ctx.gateway, ctx.restore.as_ref()) {
+        return false;
+    }
+    match crate::guard::answer(&ctx.gateway, ctx.restore.as_ref(), body) {
+        Ok(Some(guarded)) => *body = guarded,
+        Ok(None) => {}
+        Err(e) => {
+            *status = e.status();
+            *body = Bytes::from(e.to_json_for(keypool_types::Surface::of_path(&ctx.path)));
+            headers.insert(
+                reqwest::header::CONTENT_TYPE,
+                reqwest::header::HeaderValue::from_static("application/json"),
+            );
+            return true;
+        }
+    }
+    false
+}
+
 /// `x-keypool-cache` on a caching gateway's answers: `miss`, `refresh` or `bypass`.
 fn cache_outcome(headers: &mut HeaderMap, ctx: &RequestCtx) {
     if let Some(c) = &ctx.cache {
@@ -126,6 +153,8 @@ impl Engine {
                 headers,
                 key,
             } => {
+                let blocked =
+                    *status == 200 && key.is_some() && guard_answer(&ctx, status, headers, body);
                 if key.is_some() {
                     served_model(headers, &ctx);
                     if let Some(cache) = &ctx.cache {
@@ -144,7 +173,9 @@ impl Engine {
                 {
                     headers.insert(COST_NAME, v);
                 }
-                let error = (*status >= 400).then_some(if *status >= 500 {
+                let error = (*status >= 400).then_some(if blocked {
+                    "content_blocked"
+                } else if *status >= 500 {
                     "upstream_5xx"
                 } else {
                     "upstream_4xx"

@@ -16,6 +16,7 @@ pub mod cooldown;
 pub mod ctx;
 mod fallback;
 pub mod forward;
+pub mod guard;
 pub mod headers;
 pub mod http;
 pub mod inspect;

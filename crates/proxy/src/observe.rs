@@ -6,6 +6,7 @@
 //! |---|---|
 //! | request | the server span ([`server_span`]), its `policy` child over every phase before `forward` |
 //! | resolve … build ctx | a refusal: `keypool_refusals_total{gateway, code}` ([`refused`]) |
+//! | guard | a rule that matched, on the request or the answer: `keypool_guardrail_hits_total`, a log line, an alert with `alert: true` ([`guardrail_hit`]) |
 //! | inspect | a response cache lookup: `keypool_response_cache_total` ([`response_cache`]) |
 //! | select key | a `select` span per attempt ([`select_span`]); a wait for budget: `keypool_queue_wait_seconds` ([`queued`]); a session's pick: `keypool_affinity_total` ([`affinity`]) |
 //! | forward | an attempt span per key ([`attempt_span`]), its failure on it ([`attempt_failed`]); `keypool_failovers_total{reason}`; every key failed or disabled: an alert ([`all_failed`]); a fallback model: `keypool_model_fallbacks_total` ([`fell_back`]) |
@@ -98,6 +99,22 @@ pub(crate) fn affinity(gateway: &str, stick: keypool_pool::Stick) {
         .affinity
         .with_label_values(&[gateway, stick.as_str()])
         .inc();
+}
+
+/// A guardrail rule matched (counted once per request and rule; logged by name, never the text).
+pub(crate) fn guardrail_hit(gateway: &str, rule: &str, on: &str, alert: bool) {
+    keypool_telemetry::metrics()
+        .guardrail_hits
+        .with_label_values(&[gateway, rule, on])
+        .inc();
+    tracing::info!(gateway, rule, on, "guardrail rule matched");
+    if alert {
+        keypool_telemetry::alert(
+            keypool_telemetry::Cause::Guardrail,
+            format!("{gateway}/{rule}"),
+            format!("guardrail rule {rule} matched a {on} on gateway {gateway}"),
+        );
+    }
 }
 
 /// A response cache lookup: `hit`, `miss`, `refresh` or `bypass`.

@@ -39,6 +39,8 @@ pub struct StreamSetup {
     pub max_event: usize,
     /// When the whole stream must have ended (`stream_deadline`).
     pub deadline: Option<Instant>,
+    /// The answer guardrails (`data_masking` restore, `content_safety`), when the gateway has them.
+    pub guard: Option<crate::guard::stream::StreamGuard>,
 }
 
 /// Where a complete stream's bytes go (the response cache).
@@ -72,6 +74,7 @@ pub struct Relay {
     recording: Option<(BytesMut, Keep)>,
     /// The stream ended complete.
     succeeded: bool,
+    guard: Option<crate::guard::stream::StreamGuard>,
 }
 
 impl Relay {
@@ -92,6 +95,7 @@ impl Relay {
             collect_text,
             max_event,
             deadline,
+            guard,
         } = setup;
         let started = Instant::now();
         let first = match timeout_at(first_byte_deadline, upstream.next()).await {
@@ -122,6 +126,7 @@ impl Relay {
             on_response_id: None,
             recording: None,
             succeeded: false,
+            guard,
         })
     }
 
@@ -187,7 +192,10 @@ impl Relay {
         if let Some(first) = self.first.take()
             && !first.is_empty()
         {
-            return Some(first);
+            let first = self.guarded(first);
+            if !first.is_empty() || self.finished {
+                return Some(first);
+            }
         }
         if self.finished {
             return None;
@@ -204,7 +212,8 @@ impl Relay {
                     if self.tap.oversized {
                         return Some(self.cut(&out, "stream_event_too_large"));
                     }
-                    if !out.is_empty() {
+                    let out = self.guarded(out);
+                    if !out.is_empty() || self.finished {
                         return Some(out);
                     }
                 }
@@ -241,6 +250,44 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Released events through the answer guardrails; a blocked stream ends here.
+    fn guarded(&mut self, out: Bytes) -> Bytes {
+        let Some(guard) = self.guard.as_mut() else {
+            return out;
+        };
+        if out.is_empty() {
+            return out;
+        }
+        match guard.events(&out) {
+            crate::guard::stream::Guarded::Pass(b) => b,
+            crate::guard::stream::Guarded::Blocked(before, error) => self.block(&before, &error),
+        }
+    }
+
+    /// Ends a stream a `content_safety` rule blocked: what was clean, then the error event,
+    /// nothing after it. The upstream is dropped (cancelled); its usage so far is recorded.
+    fn block(&mut self, before: &[u8], error: &ApiError) -> Bytes {
+        self.finished = true;
+        self.span.record("error.type", "content_blocked");
+        self.span = tracing::Span::none();
+        let usage = self.tap.usage;
+        if let Some(lease) = self.lease.take() {
+            lease.settle(Outcome::Success {
+                tokens: usage.map(|u| u.total()),
+                latency: self.started.elapsed(),
+            });
+        }
+        if let Some(ctx) = self.ctx.as_mut() {
+            ctx.capture_stream_text(&self.tap.text);
+            ctx.account(self.status, usage, Some("content_blocked"));
+        }
+        let event = error_event(error, self.surface);
+        let mut out = BytesMut::with_capacity(before.len() + event.len());
+        out.extend_from_slice(before);
+        out.extend_from_slice(&event);
+        out.freeze()
     }
 
     fn complete(&mut self) {

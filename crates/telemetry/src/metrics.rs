@@ -51,6 +51,7 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     pub affinity: IntCounterVec,
     pub response_cache: IntCounterVec,
+    pub guardrail_hits: IntCounterVec,
     pub key_healthy: IntGaugeVec,
     pub key_disabled: IntGaugeVec,
     pub key_cooldown: prometheus::GaugeVec,
@@ -298,6 +299,12 @@ impl Metrics {
                 "keypool_response_cache_total",
                 "Response cache lookups by gateway and outcome: hit, miss, refresh (x-keypool-cache: refresh) or bypass (no-store, or not cacheable).",
                 &["gateway", "outcome"],
+            ),
+            guardrail_hits: counter(
+                &r,
+                "keypool_guardrail_hits_total",
+                "Guardrail rules that matched, by gateway, rule (a detector, a custom rule, `keywords` or a pattern's name) and where: request or response. Counted once per request and rule.",
+                &["gateway", "rule", "on"],
             ),
             key_healthy: gauge(
                 &r,

@@ -33,6 +33,8 @@ pub enum Cause {
     RedisUnavailable,
     /// A USD budget reached 80% or 100% of its period's amount.
     Budget,
+    /// A guardrail rule (`data_masking`, `content_safety` with `alert: true`) matched.
+    Guardrail,
 }
 
 impl Cause {
@@ -44,6 +46,7 @@ impl Cause {
             Self::StoreUnavailable => "store_unavailable",
             Self::RedisUnavailable => "redis_unavailable",
             Self::Budget => "budget",
+            Self::Guardrail => "guardrail",
         }
     }
 }

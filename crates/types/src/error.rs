@@ -68,6 +68,8 @@ pub enum ErrorKind {
     RequestTimeout,
     /// Too many request bytes are being received at once (`max_buffered_request_bytes`).
     ServerBusy,
+    /// A gateway's `content_safety` rule blocked the request or the answer (400).
+    ContentPolicyViolation,
 }
 
 /// A gRPC status code (its number), the admin API's column of the table.
@@ -128,6 +130,7 @@ impl ErrorKind {
             Self::ResponseTooLarge       => (502, "server_error",          "response_too_large",       G::Unavailable),
             Self::RequestTimeout         => (408, "invalid_request_error", "request_timeout",          G::DeadlineExceeded),
             Self::ServerBusy             => (503, "server_error",          "server_busy",              G::Unavailable),
+            Self::ContentPolicyViolation => (400, "invalid_request_error", "content_policy_violation", G::InvalidArgument),
         };
         Wire { status, r#type, code, grpc }
     }

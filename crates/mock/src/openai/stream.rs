@@ -55,9 +55,8 @@ pub(super) fn respond(
         json!({"role": "assistant", "content": ""}),
         Value::Null,
     ))];
-    for (i, w) in words.iter().enumerate() {
-        let text = if i == 0 { w.clone() } else { format!(" {w}") };
-        events.push(event(&chunk(json!({"content": text}), Value::Null)));
+    for w in words {
+        events.push(event(&chunk(json!({"content": w}), Value::Null)));
     }
     events.push(event(&chunk(json!({}), json!("stop"))));
     if let Some(usage) = usage {

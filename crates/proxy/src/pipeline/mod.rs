@@ -2,7 +2,7 @@
 //! every named gateway (`/llm/api/{name}/v1/*`), goes through the same phases over one context.
 //!
 //! ```text
-//!  resolve ─▶ authenticate ─▶ admit ─────────────▶ read body ─▶ inspect ─▶ transform ─▶ budgets
+//!  resolve ─▶ authenticate ─▶ admit ─────────────▶ read body ─▶ inspect ─▶ transform ─▶ guard ─▶ cache ─▶ budgets
 //!  gateway    credential(&req)  lists, rate limits,   bounded     model,      param_map,    estimate
 //!  exists,    by the gateway's  quota                 (413)       stream,     param_fixed,  held (USD,
 //!  active,    policy → Caller   (x-ratelimit-*)                   est tokens  prompt_template gateway,
@@ -171,8 +171,16 @@ async fn prepare(
         .await?;
         return Ok(Prepared::Answered(resp));
     }
-    let inspected = body.inspect(req, &gw, path).await?;
-    let cache = crate::cache::lookup(req, &gw, auth.caller.id.as_deref(), path, &inspected).await;
+    let mut inspected = body.inspect(req, &gw, path).await?;
+    let (guarded, restore) = crate::guard::request(&gw, &inspected.body)?;
+    if let Some(b) = guarded {
+        inspected.body = b;
+    }
+    // an answer that restores masked values is this caller's alone: never cached
+    let cache = match restore {
+        None => crate::cache::lookup(req, &gw, auth.caller.id.as_deref(), path, &inspected).await,
+        Some(_) => None,
+    };
     let (budgets, prices) = (fe.gateways.budgets(), fe.gateways.prices());
     let mut spend = crate::spend::Spending::new(prices.clone(), budgets.clone());
     // a hit holds nothing: it costs nothing
@@ -182,6 +190,7 @@ async fn prepare(
     let mut ctx = context::build(
         req, fe, engine, path, auth, gw, client_ip, inspected, started, spend,
     )?;
+    ctx.restore = restore;
     match cache {
         Some(crate::cache::Lookup::Hit(answer)) => Ok(Prepared::Answered(ctx.replay(&answer))),
         Some(crate::cache::Lookup::Forward(pending)) => {

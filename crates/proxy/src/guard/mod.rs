@@ -1,0 +1,197 @@
+//! Guardrails (`data_masking:`, `content_safety:` on a gateway): a phase after the body is
+//! inspected and transformed, and one over the answer (whole, or in the relay for streams).
+//!
+//! - On the request, the texts a model reads (strings under `content`, `text`, `prompt`,
+//!   `input`, `system`, `instructions`, and in arrays beneath them; never `model`, `role`, tool
+//!   arguments or image URLs) are masked, then checked for prohibited content: `block` answers
+//!   400 `content_policy_violation` naming the rule (never the text), `mask` stars the match.
+//! - On the answer, placeholders are put back (`restore: true`: the provider never saw the
+//!   values, the client sees them) and the answer's texts are checked: `mask` in place, `block`
+//!   turns a whole answer into the error and ends a stream with an error event, nothing after
+//!   it ([`stream`]).
+//! - Every hit is counted (`keypool_guardrail_hits_total{gateway, rule}`) and logged by rule
+//!   name; with `alert: true` it alerts.
+//! - A request whose values were masked skips the response cache: its answer holds values (once
+//!   restored) that another caller's identical masked request must not get.
+
+mod detect;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use keypool_policy::gateway::GatewayRuntime;
+use keypool_types::{ApiError, ErrorKind};
+use serde_json::Value;
+
+pub use detect::{Masker, Violation, mask_violations, restore, violations};
+
+/// Placeholder → original value: what a request's answer restores.
+pub type Restore = Arc<HashMap<String, String>>;
+
+/// The keys whose strings (and arrays of them) a model reads.
+const TEXT_KEYS: [&str; 7] = [
+    "content",
+    "text",
+    "prompt",
+    "input",
+    "system",
+    "instructions",
+    "delta",
+];
+
+/// Calls `f` on every string a model reads in `v`; `in_text`: `v` is under such a key.
+fn walk(
+    v: &mut Value,
+    in_text: bool,
+    f: &mut dyn FnMut(&mut String) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
+    match v {
+        Value::String(s) if in_text && !s.starts_with("data:") => f(s),
+        Value::Array(items) => items.iter_mut().try_for_each(|i| walk(i, in_text, f)),
+        Value::Object(m) => m
+            .iter_mut()
+            .try_for_each(|(k, child)| walk(child, TEXT_KEYS.contains(&k.as_str()), f)),
+        _ => Ok(()),
+    }
+}
+
+fn blocked(rule: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::ContentPolicyViolation,
+        format!("This content was blocked by the gateway's content safety rule `{rule}`."),
+    )
+}
+
+/// Counts (and logs, and with `alert` alerts) the rules that matched.
+fn hits(gw: &GatewayRuntime, rules: &[String], alert: bool, on: &str) {
+    for rule in rules {
+        crate::observe::guardrail_hit(&gw.name, rule, on, alert);
+    }
+}
+
+/// The request phase: the body as it goes upstream (`None`: unchanged) and what its answer
+/// restores, or the refusal of a blocked request.
+pub fn request(
+    gw: &GatewayRuntime,
+    body: &Bytes,
+) -> Result<(Option<Bytes>, Option<Restore>), ApiError> {
+    let (masking, safety) = (
+        gw.spec.data_masking.as_ref(),
+        gw.spec.content_safety.as_ref(),
+    );
+    if masking.is_none() && safety.is_none() {
+        return Ok((None, None));
+    }
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
+        return Ok((None, None));
+    };
+    let mut masker = Masker::default();
+    let mut matched: Vec<String> = Vec::new();
+    let mut changed = false;
+    let outcome = walk(&mut v, false, &mut |s: &mut String| {
+        if let Some(spec) = masking
+            && let Some(m) = masker.mask(spec, s)
+        {
+            *s = m;
+            changed = true;
+        }
+        if let Some(spec) = safety {
+            let found = violations(spec, s);
+            if let Some(first) = found.first() {
+                for f in &found {
+                    if !matched.contains(&f.rule) {
+                        matched.push(f.rule.clone());
+                    }
+                }
+                if spec.block_request {
+                    return Err(blocked(&first.rule));
+                }
+                *s = mask_violations(s, &found);
+                changed = true;
+            }
+        }
+        Ok(())
+    });
+    hits(
+        gw,
+        &masker.hits,
+        masking.is_some_and(|m| m.alert),
+        "request",
+    );
+    hits(gw, &matched, safety.is_some_and(|s| s.alert), "request");
+    outcome?;
+    let restore = masking
+        .filter(|m| m.restore)
+        .map(|_| masker.restorer())
+        .filter(|r| !r.is_empty())
+        .map(Arc::new);
+    let body = if changed {
+        serde_json::to_vec(&v).ok().map(Bytes::from)
+    } else {
+        None
+    };
+    Ok((body, restore))
+}
+
+/// Whether answers on `gw` go through [`answer`] (or a stream through [`stream::StreamGuard`]).
+pub fn watches_answers(gw: &GatewayRuntime, restore: Option<&Restore>) -> bool {
+    restore.is_some() || gw.spec.content_safety.is_some()
+}
+
+/// A whole answer: its placeholders restored and its texts checked. `Ok(None)`: unchanged;
+/// `Err`: blocked, naming the rule.
+pub fn answer(
+    gw: &GatewayRuntime,
+    restore_map: Option<&Restore>,
+    body: &[u8],
+) -> Result<Option<Bytes>, ApiError> {
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
+        return Ok(None);
+    };
+    let safety = gw.spec.content_safety.as_ref();
+    let mut matched: Vec<String> = Vec::new();
+    let mut changed = false;
+    // placeholders may sit anywhere (tool arguments too); prohibited content in the texts
+    if let Some(r) = restore_map {
+        restore_all(&mut v, r, &mut changed);
+    }
+    let outcome = walk(&mut v, false, &mut |s: &mut String| {
+        if let Some(spec) = safety {
+            let found = violations(spec, s);
+            if let Some(first) = found.first() {
+                for f in &found {
+                    if !matched.contains(&f.rule) {
+                        matched.push(f.rule.clone());
+                    }
+                }
+                if spec.block_response {
+                    return Err(blocked(&first.rule));
+                }
+                *s = mask_violations(s, &found);
+                changed = true;
+            }
+        }
+        Ok(())
+    });
+    hits(gw, &matched, safety.is_some_and(|s| s.alert), "response");
+    outcome?;
+    Ok(changed
+        .then(|| serde_json::to_vec(&v).ok().map(Bytes::from))
+        .flatten())
+}
+
+fn restore_all(v: &mut Value, r: &HashMap<String, String>, changed: &mut bool) {
+    match v {
+        Value::String(s) => {
+            if let Some(back) = restore(s, r) {
+                *s = back;
+                *changed = true;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| restore_all(i, r, changed)),
+        Value::Object(m) => m.values_mut().for_each(|i| restore_all(i, r, changed)),
+        _ => {}
+    }
+}
