@@ -1,5 +1,6 @@
-//! Routing in usage events: the model a client asked for when a fallback model served it
-//! (`model` stays the one that served), and whether the response cache answered.
+//! Routing and guardrails in usage events: the model a client asked for when a fallback model
+//! served it (`model` stays the one that served), whether the response cache answered, and
+//! the guardrail rules that matched (by name).
 
 use sea_orm_migration::prelude::*;
 
@@ -11,6 +12,7 @@ enum UsageEvents {
     Table,
     RequestedModel,
     CacheHit,
+    Guardrails,
 }
 
 #[async_trait::async_trait]
@@ -35,11 +37,22 @@ impl MigrationTrait for Migration {
                 )
                 .to_owned(),
         )
+        .await?;
+        m.alter_table(
+            Table::alter()
+                .table(UsageEvents::Table)
+                .add_column(ColumnDef::new(UsageEvents::Guardrails).text().null())
+                .to_owned(),
+        )
         .await
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        for column in [UsageEvents::RequestedModel, UsageEvents::CacheHit] {
+        for column in [
+            UsageEvents::RequestedModel,
+            UsageEvents::CacheHit,
+            UsageEvents::Guardrails,
+        ] {
             m.alter_table(
                 Table::alter()
                     .table(UsageEvents::Table)

@@ -75,9 +75,12 @@ fn sent_upstream(m: &MockServer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn personal_data_never_leaves_and_comes_back_in_the_answer() -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
+    let dir = tempfile::tempdir()?;
     let gw = Gateway::start(
         &config()
             .set("authorization", "s")
+            .set("dbtype", "sqlite")
+            .set("dbaddr", &format!("\"{}/usage.sqlite\"", dir.path().display()))
             .key(&up, "up", "")
             .block(GATEWAYS)
             .yaml(),
@@ -128,6 +131,12 @@ async fn personal_data_never_leaves_and_comes_back_in_the_answer() -> anyhow::Re
     assert_eq!(status, 200);
     assert!(sent_upstream(&up).contains("13812345678"));
     assert!(text_of(&body).contains("[PHONE_1]"));
+    // the usage events name the rules that matched, never the values
+    let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
+    let events = keypool_e2e::stored_events(&url, 3).await?;
+    let rules: Vec<Option<&str>> = events.iter().map(|e| e.guardrails.as_deref()).collect();
+    let all = "request:id_card,request:bank_card,request:phone,request:email,request:ipv4,request:api_key";
+    assert_eq!(rules, [Some(all), Some(all), None]);
     Ok(())
 }
 

@@ -470,6 +470,7 @@ async fn retention_deletes_old_events_at_start_up_and_keeps_new_ones() -> anyhow
         cost_pico: None,
         requested_model: None,
         cache_hit: false,
+        guardrails: None,
         log: None,
     };
     seeded.write_batch(std::slice::from_ref(&old)).await?;

@@ -61,13 +61,13 @@ fn main() -> anyhow::Result<()> {
     println!("request body: {} bytes", body.len());
     let runs = 20_000;
     time("no guardrails (the phase's own check)", runs, || {
-        let _ = keypool_proxy::guard::request(&plain, &body);
+        let _ = keypool_proxy::guard::request(&plain, &body, &mut Vec::new());
     });
     time("data_masking (6 detectors), 4 KB", runs, || {
-        let _ = keypool_proxy::guard::request(&masking_only, &body);
+        let _ = keypool_proxy::guard::request(&masking_only, &body, &mut Vec::new());
     });
     time("data_masking + 200 keywords, 4 KB", runs, || {
-        let _ = keypool_proxy::guard::request(&guarded, &body);
+        let _ = keypool_proxy::guard::request(&guarded, &body, &mut Vec::new());
     });
     // Chinese prose with a full-width word in it: the text has to be folded first
     let mut zh = String::new();
@@ -83,17 +83,17 @@ fn main() -> anyhow::Result<()> {
         "data_masking + 200 keywords, 4 KB, full-width",
         runs,
         || {
-            let _ = keypool_proxy::guard::request(&guarded, &zh_body);
+            let _ = keypool_proxy::guard::request(&guarded, &zh_body, &mut Vec::new());
         },
     );
-    let (_, restore) = keypool_proxy::guard::request(&guarded, &body)
+    let (_, restore) = keypool_proxy::guard::request(&guarded, &body, &mut Vec::new())
         .map_err(|e| anyhow::anyhow!("blocked: {}", e.message))?;
     let answer = Bytes::from(serde_json::to_vec(&serde_json::json!({
         "choices": [{"index": 0, "message": {"role": "assistant",
             "content": format!("{} I will call [PHONE_1].", &text[..1000])}}]
     }))?);
     time("answer: restore + 200 keywords, 1 KB", runs, || {
-        let _ = keypool_proxy::guard::answer(&guarded, restore.as_ref(), &answer);
+        let _ = keypool_proxy::guard::answer(&guarded, restore.as_ref(), &answer, &mut Vec::new());
     });
     Ok(())
 }

@@ -107,6 +107,8 @@ pub struct RequestCtx {
     pub cache_hit: bool,
     /// What the answer restores (`data_masking` with `restore: true`).
     pub restore: Option<crate::guard::Restore>,
+    /// Guardrail rules that matched, as `request:rule` / `response:rule`.
+    pub guardrails: Vec<String>,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -169,6 +171,7 @@ impl RequestCtx {
             cache: None,
             cache_hit: false,
             restore: None,
+            guardrails: Vec::new(),
         }
     }
 
@@ -254,6 +257,7 @@ impl RequestCtx {
             log: self.log.take().map(Box::new),
             requested_model: self.requested_model.take(),
             cache_hit: self.cache_hit,
+            guardrails: (!self.guardrails.is_empty()).then(|| self.guardrails.join(",")),
         });
     }
 }

@@ -93,7 +93,7 @@ fn served_model(headers: &mut HeaderMap, ctx: &RequestCtx) {
 /// The answer guardrails on a whole answer: placeholders restored, prohibited content masked,
 /// or (blocked) the answer replaced by the error; `true` when blocked.
 fn guard_answer(
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     status: &mut u16,
     headers: &mut HeaderMap,
     body: &mut Bytes,
@@ -101,7 +101,12 @@ fn guard_answer(
     if !crate::guard::watches_answers(&ctx.gateway, ctx.restore.as_ref()) {
         return false;
     }
-    match crate::guard::answer(&ctx.gateway, ctx.restore.as_ref(), body) {
+    match crate::guard::answer(
+        &ctx.gateway,
+        ctx.restore.as_ref(),
+        body,
+        &mut ctx.guardrails,
+    ) {
         Ok(Some(guarded)) => *body = guarded,
         Ok(None) => {}
         Err(e) => {
@@ -153,8 +158,9 @@ impl Engine {
                 headers,
                 key,
             } => {
-                let blocked =
-                    *status == 200 && key.is_some() && guard_answer(&ctx, status, headers, body);
+                let blocked = *status == 200
+                    && key.is_some()
+                    && guard_answer(&mut ctx, status, headers, body);
                 if key.is_some() {
                     served_model(headers, &ctx);
                     if let Some(cache) = &ctx.cache {

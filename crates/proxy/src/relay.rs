@@ -281,6 +281,9 @@ impl Relay {
         }
         if let Some(ctx) = self.ctx.as_mut() {
             ctx.capture_stream_text(&self.tap.text);
+            if let Some(g) = &self.guard {
+                ctx.guardrails.extend(g.matched.iter().cloned());
+            }
             ctx.account(self.status, usage, Some("content_blocked"));
         }
         let event = error_event(error, self.surface);
@@ -305,6 +308,9 @@ impl Relay {
         }
         if let Some(ctx) = self.ctx.as_mut() {
             ctx.capture_stream_text(&self.tap.text);
+            if let Some(g) = &self.guard {
+                ctx.guardrails.extend(g.matched.iter().cloned());
+            }
             ctx.account(self.status, usage, None);
         }
     }
@@ -333,6 +339,9 @@ impl Relay {
         }
         if let Some(ctx) = self.ctx.as_mut() {
             ctx.capture_stream_text(&self.tap.text);
+            if let Some(g) = &self.guard {
+                ctx.guardrails.extend(g.matched.iter().cloned());
+            }
             ctx.account(self.status, self.tap.usage, Some("upstream_stream_broken"));
         }
         let event = error_event(

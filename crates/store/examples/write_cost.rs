@@ -66,6 +66,7 @@ fn event(n: usize, at_ms: i64) -> StoredEvent {
         cost_pico: Some(2_020_000),
         requested_model: None,
         cache_hit: false,
+        guardrails: None,
         log: None,
     }
 }

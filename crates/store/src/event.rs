@@ -45,6 +45,9 @@ pub struct StoredEvent {
     /// Answered from the response cache.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cache_hit: bool,
+    /// Guardrail rules that matched, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardrails: Option<String>,
 }
 
 /// The recorded parts of a request.
@@ -97,6 +100,7 @@ impl From<UsageEvent> for StoredEvent {
             cost_pico: e.cost_pico.map(tokens),
             requested_model: e.requested_model,
             cache_hit: e.cache_hit,
+            guardrails: e.guardrails,
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -134,6 +138,7 @@ impl From<&StoredEvent> for keypool_proto::admin::v1::UsageEvent {
             cost_pico: n(e.cost_pico),
             requested_model: e.requested_model.clone(),
             cache_hit: e.cache_hit,
+            guardrails: e.guardrails.clone(),
             client_ip: e.client_ip.clone(),
             user_agent: e.user_agent.clone(),
             log: e
@@ -176,6 +181,7 @@ impl From<keypool_proto::admin::v1::UsageEvent> for StoredEvent {
             cost_pico: n(e.cost_pico),
             requested_model: e.requested_model,
             cache_hit: e.cache_hit,
+            guardrails: e.guardrails,
             log: e.log.map(|l| StoredLog {
                 request_headers: l.request_headers,
                 request_body: l.request_body,
@@ -216,6 +222,7 @@ mod tests {
             cost_pico: t(2_020_000_000),
             requested_model: usage.then(|| "gpt-4o".into()),
             cache_hit: !usage,
+            guardrails: usage.then(|| "request:phone".into()),
             log,
         }
     }

@@ -98,6 +98,7 @@ pub(crate) async fn insert_arrays(
         .bind(column(events, new, |e| e.cost_pico))
         .bind(column(events, new, |e| e.requested_model.as_deref()))
         .bind(column(events, new, |e| e.cache_hit))
+        .bind(column(events, new, |e| e.guardrails.as_deref()))
         .execute(conn)
         .await?;
     Ok(())
@@ -221,6 +222,7 @@ pub(crate) fn copy_text(events: &[StoredEvent], new: &[usize]) -> Vec<u8> {
             Int(e.cost_pico),
             Text(e.requested_model.as_deref()),
             Bool(e.cache_hit),
+            Text(e.guardrails.as_deref()),
         ];
         for (n, field) in row.iter().enumerate() {
             if n > 0 {

@@ -159,6 +159,7 @@ mod tests {
                 cost_pico: None,
                 requested_model: None,
                 cache_hit: false,
+                guardrails: None,
                 log: None,
             })
             .collect()

@@ -98,7 +98,7 @@ impl SqliteWriter {
     }
 }
 
-/// Binds one event's 24 values from parameter `offset + 1` on.
+/// Binds one event's 25 values from parameter `offset + 1` on.
 fn bind_event(
     stmt: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
@@ -132,7 +132,8 @@ fn bind_event(
     bind(&e.cache_write_1h_tokens)?;
     bind(&e.cost_pico)?;
     bind(&e.requested_model)?;
-    bind(&e.cache_hit)
+    bind(&e.cache_hit)?;
+    bind(&e.guardrails)
 }
 
 fn write_batch(

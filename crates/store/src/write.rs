@@ -38,8 +38,8 @@ pub(crate) const SHAPES: [usize; 3] = [64, 8, 1];
 const EVENT_COLUMNS: &str = "id, at_ms, gateway, caller, model, key_name, provider, attempts, \
      status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, \
      client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, \
-     cost_pico, requested_model, cache_hit";
-pub(crate) const EVENT_ARITY: usize = 24;
+     cost_pico, requested_model, cache_hit, guardrails";
+pub(crate) const EVENT_ARITY: usize = 25;
 const LOG_COLUMNS: &str = "event_id, at_ms, request_headers, request_body, response_body";
 const LOG_ARITY: usize = 5;
 
@@ -200,7 +200,7 @@ pub(crate) static POSTGRES_EVENTS: LazyLock<String> = LazyLock::new(|| {
          $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[], \
          $9::int[], $10::bool[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], \
          $15::bigint[], $16::text[], $17::text[], $18::text[], $19::bigint[], $20::bigint[], \
-         $21::bigint[], $22::bigint[], $23::text[], $24::bool[])"
+         $21::bigint[], $22::bigint[], $23::text[], $24::bool[], $25::text[])"
     )
 });
 

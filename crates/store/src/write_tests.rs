@@ -40,6 +40,7 @@ fn event() -> StoredEvent {
         cost_pico: Some(5),
         requested_model: Some("gpt-4o".into()),
         cache_hit: false,
+        guardrails: None,
         log: None,
     }
 }
@@ -50,7 +51,7 @@ fn copy_rows_escape_what_the_text_format_reserves() {
     let text = String::from_utf8(copy_text(&[e], &[0])).unwrap();
     assert_eq!(
         text,
-        "0123\t5\tdefault\t\\N\ta\\tb\\\\c\\nd\tk\t\\N\t1\t200\tt\t7\t\\N\t3\t4\t7\t\\N\tcurl\\r\t\\N\t2\t\\N\t\\N\t5\tgpt-4o\tf\n"
+        "0123\t5\tdefault\t\\N\ta\\tb\\\\c\\nd\tk\t\\N\t1\t200\tt\t7\t\\N\t3\t4\t7\t\\N\tcurl\\r\t\\N\t2\t\\N\t\\N\t5\tgpt-4o\tf\t\\N\n"
     );
 }
 
@@ -79,9 +80,9 @@ fn statements_number_their_placeholders() {
     };
     assert_eq!(
         events(Dialect::Postgres, 1),
-        "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, cost_pico, requested_model, cache_hit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+        "INSERT INTO usage_events (id, at_ms, gateway, caller, model, key_name, provider, attempts, status, stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, client_ip, user_agent, error, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens, cost_pico, requested_model, cache_hit, guardrails) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
     );
-    assert!(events(Dialect::Postgres, 64).ends_with("$1536)"));
+    assert!(events(Dialect::Postgres, 64).ends_with("$1600)"));
     assert_eq!(POSTGRES_LOGS[1].matches('$').count(), 8 * LOG_ARITY);
     assert_eq!(SQLITE.events[0].matches('?').count(), 64 * EVENT_ARITY);
     assert!(SQLITE.events[1].starts_with("INSERT OR ROLLBACK INTO usage_events ("));

@@ -81,6 +81,7 @@ fn event(
         cost_pico: Some(tokens.0 * 1_000_000),
         requested_model: None,
         cache_hit: false,
+        guardrails: None,
         log: None,
     }
 }
@@ -338,6 +339,7 @@ fn from_row(e: &keypool_store::entity::usage_events::Model) -> StoredEvent {
         cost_pico: e.cost_pico,
         requested_model: e.requested_model.clone(),
         cache_hit: e.cache_hit,
+        guardrails: e.guardrails.clone(),
         log: None,
     }
 }

@@ -207,6 +207,9 @@ pub struct UsageEvent {
     pub requested_model: Option<String>,
     /// Answered from the response cache: no key, no upstream, no cost.
     pub cache_hit: bool,
+    /// Guardrail rules that matched, by name (`request:phone,response:keywords`); never the
+    /// matched text.
+    pub guardrails: Option<String>,
 }
 
 /// The recorded parts of one request, per the `log:` policy. Never contains a credential:

@@ -34,6 +34,7 @@ pub async fn follow(
                     "cache_write_1h_tokens": e.cache_write_1h_tokens,
                     "requested_model": e.requested_model,
                     "cache_hit": e.cache_hit,
+                    "guardrails": e.guardrails,
                     "cost_usd": e.cost_pico.map(usd),
                     "error": e.error})
             );

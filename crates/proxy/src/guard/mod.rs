@@ -9,8 +9,9 @@
 //!   values, the client sees them) and the answer's texts are checked: `mask` in place, `block`
 //!   turns a whole answer into the error and ends a stream with an error event, nothing after
 //!   it ([`stream`]).
-//! - Every hit is counted (`keypool_guardrail_hits_total{gateway, rule}`) and logged by rule
-//!   name; with `alert: true` it alerts.
+//! - Every hit is counted (`keypool_guardrail_hits_total{gateway, rule, on}`), logged and kept
+//!   in the request's usage event (`guardrails`: `request:phone,response:keywords`) by rule
+//!   name, never the matched text; with `alert: true` it alerts.
 //! - A request whose values were masked skips the response cache: its answer holds values (once
 //!   restored) that another caller's identical masked request must not get.
 
@@ -64,18 +65,21 @@ fn blocked(rule: &str) -> ApiError {
     )
 }
 
-/// Counts (and logs, and with `alert` alerts) the rules that matched.
-fn hits(gw: &GatewayRuntime, rules: &[String], alert: bool, on: &str) {
+/// Counts (and logs, and with `alert` alerts) the rules that matched, and notes them for the
+/// usage event as `on:rule`.
+fn hits(gw: &GatewayRuntime, rules: &[String], alert: bool, on: &str, noted: &mut Vec<String>) {
     for rule in rules {
         crate::observe::guardrail_hit(&gw.name, rule, on, alert);
+        noted.push(format!("{on}:{rule}"));
     }
 }
 
 /// The request phase: the body as it goes upstream (`None`: unchanged) and what its answer
-/// restores, or the refusal of a blocked request.
+/// restores, or the refusal of a blocked request. The rules that matched go in `noted`.
 pub fn request(
     gw: &GatewayRuntime,
     body: &Bytes,
+    noted: &mut Vec<String>,
 ) -> Result<(Option<Bytes>, Option<Restore>), ApiError> {
     let (masking, safety) = (
         gw.spec.data_masking.as_ref(),
@@ -114,13 +118,15 @@ pub fn request(
         }
         Ok(())
     });
+    let alert = masking.is_some_and(|m| m.alert);
+    hits(gw, &masker.hits, alert, "request", noted);
     hits(
         gw,
-        &masker.hits,
-        masking.is_some_and(|m| m.alert),
+        &matched,
+        safety.is_some_and(|s| s.alert),
         "request",
+        noted,
     );
-    hits(gw, &matched, safety.is_some_and(|s| s.alert), "request");
     outcome?;
     let restore = masking
         .filter(|m| m.restore)
@@ -141,11 +147,12 @@ pub fn watches_answers(gw: &GatewayRuntime, restore: Option<&Restore>) -> bool {
 }
 
 /// A whole answer: its placeholders restored and its texts checked. `Ok(None)`: unchanged;
-/// `Err`: blocked, naming the rule.
+/// `Err`: blocked, naming the rule. The rules that matched go in `noted`.
 pub fn answer(
     gw: &GatewayRuntime,
     restore_map: Option<&Restore>,
     body: &[u8],
+    noted: &mut Vec<String>,
 ) -> Result<Option<Bytes>, ApiError> {
     let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
         return Ok(None);
@@ -175,7 +182,13 @@ pub fn answer(
         }
         Ok(())
     });
-    hits(gw, &matched, safety.is_some_and(|s| s.alert), "response");
+    hits(
+        gw,
+        &matched,
+        safety.is_some_and(|s| s.alert),
+        "response",
+        noted,
+    );
     outcome?;
     Ok(changed
         .then(|| serde_json::to_vec(&v).ok().map(Bytes::from))

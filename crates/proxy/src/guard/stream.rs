@@ -30,8 +30,8 @@ pub struct StreamGuard {
     pending: String,
     /// The last text event: its lines before `data:`, and its data.
     template: Option<(String, Value)>,
-    /// Rules that matched, counted once each when the stream ends.
-    matched: Vec<String>,
+    /// Rules that matched (each counted once), as `response:rule`.
+    pub matched: Vec<String>,
 }
 
 /// What the guard lets through.
@@ -139,8 +139,9 @@ impl StreamGuard {
         let keep = buf.split_off(cut);
         if let Some(first) = sent.first() {
             for v in &sent {
-                if !self.matched.contains(&v.rule) {
-                    self.matched.push(v.rule.clone());
+                let noted = format!("response:{}", v.rule);
+                if !self.matched.contains(&noted) {
+                    self.matched.push(noted);
                     crate::observe::guardrail_hit(
                         &self.gw.name,
                         &v.rule,

@@ -172,7 +172,8 @@ async fn prepare(
         return Ok(Prepared::Answered(resp));
     }
     let mut inspected = body.inspect(req, &gw, path).await?;
-    let (guarded, restore) = crate::guard::request(&gw, &inspected.body)?;
+    let mut guardrails = Vec::new();
+    let (guarded, restore) = crate::guard::request(&gw, &inspected.body, &mut guardrails)?;
     if let Some(b) = guarded {
         inspected.body = b;
     }
@@ -191,6 +192,7 @@ async fn prepare(
         req, fe, engine, path, auth, gw, client_ip, inspected, started, spend,
     )?;
     ctx.restore = restore;
+    ctx.guardrails = guardrails;
     match cache {
         Some(crate::cache::Lookup::Hit(answer)) => Ok(Prepared::Answered(ctx.replay(&answer))),
         Some(crate::cache::Lookup::Forward(pending)) => {

@@ -35,6 +35,8 @@ pub struct Model {
     pub requested_model: Option<String>,
     /// Answered from the response cache.
     pub cache_hit: bool,
+    /// Guardrail rules that matched, by name.
+    pub guardrails: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
