@@ -80,7 +80,10 @@ async fn personal_data_never_leaves_and_comes_back_in_the_answer() -> anyhow::Re
         &config()
             .set("authorization", "s")
             .set("dbtype", "sqlite")
-            .set("dbaddr", &format!("\"{}/usage.sqlite\"", dir.path().display()))
+            .set(
+                "dbaddr",
+                &format!("\"{}/usage.sqlite\"", dir.path().display()),
+            )
             .key(&up, "up", "")
             .block(GATEWAYS)
             .yaml(),
@@ -181,5 +184,44 @@ async fn prohibited_words_are_blocked_or_masked_in_any_case_or_width() -> anyhow
     let last = body.trim_end().lines().last().unwrap_or("");
     assert!(last.contains("content_policy_violation"), "{body}");
     assert!(!body.contains("more") && !body.contains("[DONE]"), "{body}");
+    Ok(())
+}
+
+/// `moderation:` asks a moderation model through the pool: a flagged request is refused, a
+/// clean one goes on; when the call cannot be made, `on_failure` decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moderation_model_screens_requests_and_its_failure_is_a_policy() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let gateways = "gateways:
+  - name: moderated
+    auth: {secrets: [s]}
+    content_safety: {moderation: {model: omni-moderation-latest, timeout_ms: 2000}}
+  - name: lenient
+    auth: {secrets: [s]}
+    content_safety: {moderation: {model: nobody-serves-this}}
+  - name: careful
+    auth: {secrets: [s]}
+    content_safety: {moderation: {model: nobody-serves-this, on_failure: block}}";
+    let gw = Gateway::start(
+        &config()
+            .set("authorization", "s")
+            .key(&up, "up", "allow: [gpt-4o-mini, omni-moderation-latest]")
+            .block(gateways)
+            .yaml(),
+    )
+    .await?;
+    let (status, body) = chat(&gw, "moderated", "please flag-me now", false).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("content_policy_violation") && body.contains("moderation"));
+    assert_eq!(up.requests(), 1, "only the moderation call went upstream");
+    let (status, _) = chat(&gw, "moderated", "a kind question", false).await?;
+    assert_eq!(status, 200);
+    assert_eq!(up.requests(), 3, "the moderation call, then the request");
+    // no key serves the moderation model: allowed by default, refused with on_failure: block
+    let (status, _) = chat(&gw, "lenient", "a kind question", true).await?;
+    assert_eq!(status, 200);
+    let (status, body) = chat(&gw, "careful", "a kind question", false).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("could not be checked"), "{body}");
     Ok(())
 }

@@ -57,6 +57,35 @@ pub struct RawContentSafety {
     /// Alert when a rule matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert: Option<bool>,
+    /// Also ask an OpenAI-compatible `/v1/moderations` model, through the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moderation: Option<RawModeration>,
+}
+
+/// `moderation:` as written.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModeration {
+    /// The moderation model (`omni-moderation-latest`); a key that serves it answers.
+    pub model: String,
+    /// What is checked: `request` (the only one so far).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<String>,
+    /// Milliseconds the call may take (default 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// When the call fails or times out: `allow` (default: the request goes on, counted) or
+    /// `block`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+}
+
+/// `moderation`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moderation {
+    pub model: String,
+    pub timeout: std::time::Duration,
+    pub block_on_failure: bool,
 }
 
 /// A named regex rule.
@@ -131,6 +160,7 @@ pub struct ContentSafety {
     pub block_request: bool,
     pub block_response: bool,
     pub alert: bool,
+    pub moderation: Option<Moderation>,
 }
 
 /// A character as keywords are matched: full-width ASCII forms as their half-width ones, the
@@ -269,6 +299,10 @@ pub fn validate_safety(raw: &RawContentSafety, errs: &mut Vec<(String, String)>)
     };
     let block_request = action("on_request", raw.on_request.as_deref(), "block");
     let block_response = action("on_response", raw.on_response.as_deref(), "mask");
+    let moderation = raw
+        .moderation
+        .as_ref()
+        .map(|m| validate_moderation(m, errs));
     ContentSafety {
         keywords,
         longest_keyword,
@@ -276,6 +310,45 @@ pub fn validate_safety(raw: &RawContentSafety, errs: &mut Vec<(String, String)>)
         block_request,
         block_response,
         alert: raw.alert.unwrap_or(false),
+        moderation,
+    }
+}
+
+fn validate_moderation(m: &RawModeration, errs: &mut Vec<(String, String)>) -> Moderation {
+    if m.model.trim().is_empty() {
+        errs.push((
+            "content_safety.moderation.model".into(),
+            "must name a model".into(),
+        ));
+    }
+    if m.on.as_deref().is_some_and(|on| on != "request") {
+        errs.push((
+            "content_safety.moderation.on".into(),
+            "only request is supported".into(),
+        ));
+    }
+    let ms = m.timeout_ms.unwrap_or(2000);
+    if !(1..=60_000).contains(&ms) {
+        errs.push((
+            "content_safety.moderation.timeout_ms".into(),
+            "must be between 1 and 60000".into(),
+        ));
+    }
+    let block_on_failure = match m.on_failure.as_deref().unwrap_or("allow") {
+        "allow" => false,
+        "block" => true,
+        other => {
+            errs.push((
+                "content_safety.moderation.on_failure".into(),
+                format!("expected allow or block, got {other:?}"),
+            ));
+            false
+        }
+    };
+    Moderation {
+        model: m.model.trim().to_owned(),
+        timeout: std::time::Duration::from_millis(ms),
+        block_on_failure,
     }
 }
 

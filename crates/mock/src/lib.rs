@@ -2,7 +2,8 @@
 //! benchmark. It is never a stand-in for keypool's own parts.
 //!
 //! It serves `/v1/chat/completions` (plain and SSE, honouring `stream_options.include_usage`),
-//! `/v1/embeddings` (float and base64), `/v1/models` and `/v1/audio/transcriptions`, and
+//! `/v1/embeddings` (float and base64), `/v1/moderations` (`flag-me` is flagged), `/v1/models`
+//! and `/v1/audio/transcriptions`, and
 //! Anthropic's `/v1/messages` (plain and SSE, cache usage) and `/v1/messages/count_tokens`, and
 //! Azure OpenAI's `/openai/deployments/{deployment}/...` (with `api-version` and `api-key`),
 //! and the Responses API (create, stream, retrieve, delete, input items). A

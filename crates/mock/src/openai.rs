@@ -75,6 +75,7 @@ pub(crate) async fn dispatch(
         ("GET", "/models") => models(&b),
         ("POST", "/chat/completions") => chat(&b, &body, state.into_inner()),
         ("POST", "/embeddings") => embeddings(&b, &body),
+        ("POST", "/moderations") => moderations(&b, &body),
         _ if responses => crate::responses::dispatch(&req, &b, path, &body, state.into_inner()),
         ("POST", "/audio/transcriptions") => {
             HttpResponse::Ok().json(json!({"text": format!("Hello from {}.", name(&b))}))
@@ -298,6 +299,29 @@ fn chat(b: &Behavior, body: &[u8], state: Arc<State>) -> HttpResponse {
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": usage,
     }))
+}
+
+/// OpenAI's moderation endpoint: an input containing `flag-me` is flagged (category
+/// `harassment`), anything else is not.
+fn moderations(b: &Behavior, body: &[u8]) -> HttpResponse {
+    let (v, model) = match request(b, body) {
+        Ok(x) => x,
+        Err(resp) => return *resp,
+    };
+    let inputs: Vec<String> = match v.get("input") {
+        Some(Value::Array(items)) => items.iter().map(Value::to_string).collect(),
+        Some(other) => vec![other.to_string()],
+        None => Vec::new(),
+    };
+    let results: Vec<Value> = inputs
+        .iter()
+        .map(|i| {
+            let flagged = i.contains("flag-me");
+            json!({"flagged": flagged, "categories": {"harassment": flagged},
+                   "category_scores": {"harassment": if flagged { 0.97 } else { 0.01 }}})
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"id": "modr-mock", "model": model, "results": results}))
 }
 
 fn embeddings(b: &Behavior, body: &[u8]) -> HttpResponse {

@@ -9,7 +9,7 @@
 
 use keypool_config::budget::RawBudget;
 use keypool_config::gateway::{Quota, RawGateway, RawGatewayAuth};
-use keypool_config::guard::{RawContentSafety, RawDataMasking, RawRule};
+use keypool_config::guard::{RawContentSafety, RawDataMasking, RawModeration, RawRule};
 use keypool_config::raw::{RawLogPolicy, RawPolicy, RawUpstream, StringOrList};
 use keypool_config::routing::{RawAffinity, RawCache};
 use keypool_pricing::{RawAbove, RawPrice, RawTier};
@@ -78,6 +78,12 @@ impl From<&RawGateway> for pb::GatewaySpec {
                 on_request: s.on_request.clone(),
                 on_response: s.on_response.clone(),
                 alert: s.alert,
+                moderation: s.moderation.as_ref().map(|m| pb::Moderation {
+                    model: m.model.clone(),
+                    on: m.on.clone(),
+                    timeout_ms: m.timeout_ms,
+                    on_failure: m.on_failure.clone(),
+                }),
             }),
         }
     }
@@ -167,6 +173,12 @@ impl From<pb::GatewaySpec> for RawGateway {
                 on_request: s.on_request,
                 on_response: s.on_response,
                 alert: s.alert,
+                moderation: s.moderation.map(|m| RawModeration {
+                    model: m.model,
+                    on: m.on,
+                    timeout_ms: m.timeout_ms,
+                    on_failure: m.on_failure,
+                }),
             }),
         }
     }
@@ -471,7 +483,7 @@ context_fallbacks: {gpt-4o-mini: [gpt-4.1]}
 affinity: {ttl: 120.5, hash_prompt: true}
 cache: {ttl: 60, max_entries: 10, max_bytes: 4096, backend: redis, per_caller: true, tool_calls: false}
 data_masking: {detectors: [phone, email], custom: [{name: emp, pattern: "EMP-[0-9]+"}], action: mask, restore: true, alert: true}
-content_safety: {keywords: [bad], keyword_files: [kw.txt], patterns: [{name: p, pattern: "x+"}], on_request: mask, on_response: block, alert: false}
+content_safety: {keywords: [bad], keyword_files: [kw.txt], patterns: [{name: p, pattern: "x+"}], on_request: mask, on_response: block, alert: false, moderation: {model: omni-moderation-latest, on: request, timeout_ms: 500, on_failure: block}}
 "#,
         );
         let back = RawGateway::from(pb::GatewaySpec::from(&raw));

@@ -189,6 +189,44 @@ impl RequestCtx {
         }
     }
 
+    /// A request keypool makes on this one's behalf (a moderation call): the same caller,
+    /// gateway and headers, its own path, model and JSON body, its own usage event; nothing held.
+    pub(crate) fn sub_request(&self, path: &str, model: &str, body: bytes::Bytes) -> Self {
+        let size = body.len() as u64 / 4;
+        Self::new(NewRequest {
+            started: Instant::now(),
+            method: reqwest::Method::POST,
+            path: Arc::from(path),
+            upstream_path: path.strip_prefix("/v1").unwrap_or(path).to_owned(),
+            query: None,
+            caller: self.caller.clone(),
+            gateway: self.gateway.clone(),
+            client_ip: self.client_ip,
+            inspected: Inspected {
+                model: model.to_owned(),
+                stream: false,
+                est_tokens: size,
+                est_prompt: size,
+                max_output: None,
+                body,
+                strip_usage_chunk: false,
+                previous_response: None,
+            },
+            headers: self.headers.clone(),
+            client_authorization: self.client_authorization.clone(),
+            user_agent: None,
+            log: None,
+            log_response_cap: None,
+            max_attempts: self.max_attempts,
+            sink: self.sink.clone(),
+            spend: crate::spend::Spending::new(
+                self.spend.prices.clone(),
+                self.spend.budgets.clone(),
+            ),
+            session: None,
+        })
+    }
+
     /// Answers from the response cache: the cached answer, and a usage event marked as a hit
     /// (no key, no usage, no cost) naming the model that served it.
     pub(crate) fn replay(

@@ -16,6 +16,7 @@
 //!   restored) that another caller's identical masked request must not get.
 
 mod detect;
+pub(crate) mod moderation;
 pub mod stream;
 
 use std::collections::HashMap;

@@ -193,6 +193,9 @@ async fn prepare(
     )?;
     ctx.restore = restore;
     ctx.guardrails = guardrails;
+    if !matches!(cache, Some(crate::cache::Lookup::Hit(_))) {
+        crate::guard::moderation::check(engine, &fe.client, &mut ctx).await?;
+    }
     match cache {
         Some(crate::cache::Lookup::Hit(answer)) => Ok(Prepared::Answered(ctx.replay(&answer))),
         Some(crate::cache::Lookup::Forward(pending)) => {
