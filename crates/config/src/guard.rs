@@ -383,6 +383,28 @@ mod tests {
     }
 
     #[test]
+    fn keyword_files_add_to_the_inline_list() {
+        let path = std::env::temp_dir().join(format!("kp-keywords-{}.txt", std::process::id()));
+        std::fs::write(&path, "# banned\nＳｐａｍ\n\n  egg  \n").unwrap();
+        let raw = RawContentSafety {
+            keywords: vec!["Ham".into()],
+            keyword_files: vec![path.display().to_string()],
+            ..RawContentSafety::default()
+        };
+        let mut errs = Vec::new();
+        let spec = validate_safety(&raw, &mut errs);
+        std::fs::remove_file(&path).unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        let ac = spec.keywords.unwrap();
+        let found: Vec<usize> = ac
+            .find_iter("spam, EGG and ham")
+            .map(|m| m.start())
+            .collect();
+        assert_eq!(found, [0, 6, 14]);
+        assert_eq!(spec.longest_keyword, 4);
+    }
+
+    #[test]
     fn mistakes_name_their_field() {
         let mut errs = Vec::new();
         let raw: RawDataMasking = serde_norway::from_str(
