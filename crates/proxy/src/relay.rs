@@ -269,23 +269,8 @@ impl Relay {
     /// Ends a stream a `content_safety` rule blocked: what was clean, then the error event,
     /// nothing after it. The upstream is dropped (cancelled); its usage so far is recorded.
     fn block(&mut self, before: &[u8], error: &ApiError) -> Bytes {
-        self.finished = true;
         self.span.record("error.type", "content_blocked");
-        self.span = tracing::Span::none();
-        let usage = self.tap.usage;
-        if let Some(lease) = self.lease.take() {
-            lease.settle(Outcome::Success {
-                tokens: usage.map(|u| u.total()),
-                latency: self.started.elapsed(),
-            });
-        }
-        if let Some(ctx) = self.ctx.as_mut() {
-            ctx.capture_stream_text(&self.tap.text);
-            if let Some(g) = &self.guard {
-                ctx.guardrails.extend(g.matched.iter().cloned());
-            }
-            ctx.account(self.status, usage, Some("content_blocked"));
-        }
+        self.end_answered(Some("content_blocked"));
         let event = error_event(error, self.surface);
         let mut out = BytesMut::with_capacity(before.len() + event.len());
         out.extend_from_slice(before);
@@ -294,9 +279,15 @@ impl Relay {
     }
 
     fn complete(&mut self) {
-        self.finished = true;
         self.succeeded = true;
         self.span.record("keypool.stream.chunks", self.tap.events);
+        self.end_answered(None);
+    }
+
+    /// Ends a stream its upstream answered (complete, or blocked by a guardrail): the key
+    /// served it; the usage so far is the request's.
+    fn end_answered(&mut self, error: Option<&'static str>) {
+        self.finished = true;
         // the stream span ends here, before its parent records the outcome (and ends)
         self.span = tracing::Span::none();
         let usage = self.tap.usage;
@@ -311,7 +302,7 @@ impl Relay {
             if let Some(g) = &self.guard {
                 ctx.guardrails.extend(g.matched.iter().cloned());
             }
-            ctx.account(self.status, usage, None);
+            ctx.account(self.status, usage, error);
         }
     }
 

@@ -66,6 +66,30 @@ fn blocked(rule: &str) -> ApiError {
     )
 }
 
+/// Checks one text for prohibited content: the rules that matched go in `matched`; with
+/// `block` a match is the error, otherwise it is starred in place (`true`: `s` changed).
+fn check(
+    spec: &keypool_config::guard::ContentSafety,
+    s: &mut String,
+    block: bool,
+    matched: &mut Vec<String>,
+) -> Result<bool, ApiError> {
+    let found = violations(spec, s);
+    let Some(first) = found.first() else {
+        return Ok(false);
+    };
+    for f in &found {
+        if !matched.contains(&f.rule) {
+            matched.push(f.rule.clone());
+        }
+    }
+    if block {
+        return Err(blocked(&first.rule));
+    }
+    *s = mask_violations(s, &found);
+    Ok(true)
+}
+
 /// Counts (and logs, and with `alert` alerts) the rules that matched, and notes them for the
 /// usage event as `on:rule`.
 fn hits(gw: &GatewayRuntime, rules: &[String], alert: bool, on: &str, noted: &mut Vec<String>) {
@@ -103,19 +127,7 @@ pub fn request(
             changed = true;
         }
         if let Some(spec) = safety {
-            let found = violations(spec, s);
-            if let Some(first) = found.first() {
-                for f in &found {
-                    if !matched.contains(&f.rule) {
-                        matched.push(f.rule.clone());
-                    }
-                }
-                if spec.block_request {
-                    return Err(blocked(&first.rule));
-                }
-                *s = mask_violations(s, &found);
-                changed = true;
-            }
+            changed |= check(spec, s, spec.block_request, &mut matched)?;
         }
         Ok(())
     });
@@ -167,19 +179,7 @@ pub fn answer(
     }
     let outcome = walk(&mut v, false, &mut |s: &mut String| {
         if let Some(spec) = safety {
-            let found = violations(spec, s);
-            if let Some(first) = found.first() {
-                for f in &found {
-                    if !matched.contains(&f.rule) {
-                        matched.push(f.rule.clone());
-                    }
-                }
-                if spec.block_response {
-                    return Err(blocked(&first.rule));
-                }
-                *s = mask_violations(s, &found);
-                changed = true;
-            }
+            changed |= check(spec, s, spec.block_response, &mut matched)?;
         }
         Ok(())
     });
