@@ -83,7 +83,13 @@ impl StreamGuard {
         };
         let Some(text) = text_mut(&mut data, self.surface) else {
             self.flush(out)?;
-            out.extend_from_slice(event);
+            // an event that repeats the answer whole (the Responses API's
+            // `response.output_text.done` and `response.completed`) is guarded as a whole answer
+            if self.scrub(&mut data)? {
+                write_event(out, head, &data, tail);
+            } else {
+                out.extend_from_slice(event);
+            }
             return Ok(());
         };
         let mut buf = std::mem::take(&mut self.pending);
@@ -158,6 +164,31 @@ impl StreamGuard {
             buf = mask_violations(&buf, &sent);
         }
         Ok((buf, keep))
+    }
+
+    /// Restores and checks every text of an event that carries no streamed text (`true`:
+    /// changed).
+    fn scrub(&mut self, data: &mut Value) -> Result<bool, ApiError> {
+        let mut changed = false;
+        if let Some(r) = &self.restore {
+            super::restore_all(data, r, &mut changed);
+        }
+        let Some(spec) = self.gw.spec.content_safety.as_ref() else {
+            return Ok(changed);
+        };
+        let mut matched = Vec::new();
+        let outcome = super::walk(data, false, &mut |s: &mut String| {
+            changed |= super::check(spec, s, spec.block_response, &mut matched)?;
+            Ok(())
+        });
+        for rule in matched {
+            let noted = format!("response:{rule}");
+            if !self.matched.contains(&noted) {
+                self.matched.push(noted);
+                crate::observe::guardrail_hit(&self.gw.name, &rule, "response", spec.alert);
+            }
+        }
+        outcome.map(|()| changed)
     }
 
     /// Keeps `before` for the blocked answer's last text event, and makes the error.

@@ -133,3 +133,32 @@ fn anthropic_text_deltas_are_guarded_too() {
 fn gateways_without_guardrails_are_not_watched() {
     assert!(StreamGuard::new(gateway(""), None, Surface::OpenAi).is_none());
 }
+
+#[test]
+fn a_responses_stream_is_guarded_in_its_deltas_and_in_the_whole_answer_it_repeats() {
+    let gw = gateway("data_masking: {restore: true}\ncontent_safety: {keywords: [secret]}");
+    let restore: Restore = Arc::new(HashMap::from([(
+        "[EMAIL_1]".to_owned(),
+        "a@b.io".to_owned(),
+    )]));
+    let mut g = StreamGuard::new(gw, Some(restore), Surface::Responses).unwrap();
+    let delta = |t: &str| {
+        format!(
+            "event: response.output_text.delta\ndata: {}\n\n",
+            serde_json::json!({"type": "response.output_text.delta", "delta": t})
+        )
+    };
+    let done = format!(
+        "event: response.completed\ndata: {}\n\n",
+        serde_json::json!({"type": "response.completed", "response": {"output": [{"content": [
+            {"type": "output_text", "text": "mail [EMAIL_1], a secret"}]}]}})
+    );
+    let (out, blocked) = run(
+        &mut g,
+        &[delta("mail [EMA"), delta("IL_1], a secret"), done],
+    );
+    assert!(blocked.is_none());
+    assert!(!out.contains("[EMAIL") && !out.contains("secret"), "{out}");
+    assert!(out.contains("\"text\":\"mail a@b.io, a ******\""), "{out}");
+    assert_eq!(out.matches("a@b.io").count(), 2, "{out}");
+}
