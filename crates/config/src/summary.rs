@@ -85,6 +85,43 @@ fn gateway_line(g: &Gateway, client_tokens: usize) -> String {
             );
         }
     }
+    let r = &g.routing;
+    if !r.fallbacks.is_empty() || !r.context_fallbacks.is_empty() {
+        let _ = write!(
+            line,
+            "; fallbacks for {} model(s)",
+            r.fallbacks.len() + r.context_fallbacks.len()
+        );
+    }
+    if let Some(a) = r.affinity {
+        let _ = write!(line, "; affinity {}s", a.ttl.as_secs());
+    }
+    if let Some(c) = r.cache {
+        let backend = match c.backend {
+            crate::routing::CacheBackend::Memory => "memory",
+            crate::routing::CacheBackend::Redis => "redis",
+        };
+        let _ = write!(line, "; cache {}s {backend}", c.ttl.as_secs());
+    }
+    if let Some(m) = &g.data_masking {
+        let _ = write!(
+            line,
+            "; masking {} rule(s){}",
+            m.detectors.len() + m.custom.len(),
+            if m.restore { ", restored" } else { "" }
+        );
+    }
+    if let Some(c) = &g.content_safety {
+        let _ = write!(
+            line,
+            "; content safety{}",
+            if c.moderation.is_some() {
+                " + moderation"
+            } else {
+                ""
+            }
+        );
+    }
     if !g.active {
         line.push_str("; INACTIVE");
     }
@@ -185,6 +222,27 @@ fn key_line(k: &crate::UpstreamKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::postgres_target;
+
+    #[test]
+    fn a_gateway_line_says_its_routing_and_guardrails() {
+        let cfg = crate::from_yaml(
+            "upstreams: [{sk: sk-1, endpoint: 'http://127.0.0.1:1/v1'}]
+gateways:
+  - name: team
+    fallbacks: {gpt-4o: [gpt-4o-mini]}
+    affinity: {ttl: 60}
+    cache: {ttl: 30, backend: redis}
+    data_masking: {detectors: [phone, email], restore: true}
+    content_safety: {keywords: [x], moderation: {model: m}}
+",
+        )
+        .unwrap();
+        let summary = cfg.summary();
+        assert!(
+            summary.contains("team (OPEN (no auth); fallbacks for 1 model(s); affinity 60s; cache 30s redis; masking 2 rule(s), restored; content safety + moderation)"),
+            "{summary}"
+        );
+    }
 
     #[test]
     fn a_postgres_target_never_shows_the_password() {
