@@ -2,7 +2,8 @@
 //! the provider and is restored in plain and streamed answers (a placeholder split over two SSE
 //! chunks included); keywords, in full-width and mixed case, block a request (400) and a
 //! stream (an error event, nothing after it) or are masked; a gateway without guardrails is
-//! untouched.
+//! untouched; a moderation model screens requests; a frontend applies what its control plane
+//! pushes.
 
 use keypool_e2e::{Behavior, Gateway, MockServer, config, mock};
 use serde_json::{Value, json};
@@ -223,5 +224,52 @@ async fn a_moderation_model_screens_requests_and_its_failure_is_a_policy() -> an
     let (status, body) = chat(&gw, "careful", "a kind question", false).await?;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("could not be checked"), "{body}");
+    Ok(())
+}
+
+/// A control plane pushes routing and guardrails to its frontends with the rest of a gateway's
+/// spec (as protobuf): a frontend masks, restores and falls back as the file says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frontend_applies_what_its_control_plane_pushes() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let failing = mock(
+        "failing",
+        Behavior {
+            status: Some(503),
+            ..Behavior::default()
+        },
+    );
+    let dir = tempfile::tempdir()?;
+    let yaml = config()
+        .set("dbtype", "sqlite")
+        .set("dbaddr", &format!("\"{}/cp.sqlite\"", dir.path().display()))
+        .key(&failing, "failing", "allow: [gpt-4o]")
+        .key(&up, "up", "allow: [gpt-4o-mini]")
+        .block(
+            "gateways:
+  - name: private
+    auth: {secrets: [s]}
+    fallbacks: {gpt-4o: [gpt-4o-mini]}
+    data_masking: {restore: true}
+admin: {token: cp-admin, secret_key: cp-seal}",
+        )
+        .yaml();
+    let cp = Gateway::start_control_plane(&yaml, "127.0.0.1:0").await?;
+    let fe = Gateway::start_frontend(&cp.admin_url().await?, "cp-admin", &[]).await?;
+    replying(&up, &["your phone is [PHONE_1]"]);
+    let resp = fe
+        .http()
+        .post(fe.url("/llm/api/private/v1/chat/completions"))
+        .bearer_auth("s")
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "call 13812345678"}]}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-keypool-model"], "gpt-4o-mini");
+    let body = resp.text().await?;
+    assert_eq!(text_of(&body), "your phone is 13812345678");
+    assert!(
+        sent_upstream(&up).contains("[PHONE_1]") && !sent_upstream(&up).contains("13812345678")
+    );
     Ok(())
 }
