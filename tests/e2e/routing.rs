@@ -137,6 +137,8 @@ async fn a_fallback_chain_serves_when_the_primary_model_fails() -> anyhow::Resul
     // without a fallback the failure is the client's answer
     let resp = gw.chat("", hello("gpt-4o")).await?;
     assert_eq!(resp.status(), 500);
+    // and a gateway without fallbacks does not name the model
+    assert!(!resp.headers().contains_key("x-keypool-model"));
     Ok(())
 }
 

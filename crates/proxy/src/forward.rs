@@ -80,8 +80,14 @@ pub const COST_HEADER: &str = "x-keypool-cost";
 const COST_NAME: reqwest::header::HeaderName =
     reqwest::header::HeaderName::from_static(COST_HEADER);
 
-/// `x-keypool-model`: the model that served (a fallback's when one did).
+/// `x-keypool-model`: the model that served (a fallback's when one did), on a gateway with
+/// fallbacks (elsewhere it is always the model asked for, and the header would cost every
+/// answer an allocation for nothing).
 fn served_model(headers: &mut HeaderMap, ctx: &RequestCtx) {
+    let routing = &ctx.gateway.spec.routing;
+    if routing.fallbacks.is_empty() && routing.context_fallbacks.is_empty() {
+        return;
+    }
     if let Ok(v) = reqwest::header::HeaderValue::from_str(&ctx.inspected.model) {
         headers.insert(
             reqwest::header::HeaderName::from_static(crate::fallback::MODEL_HEADER),
