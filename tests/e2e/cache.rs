@@ -137,3 +137,24 @@ async fn cached_answers_are_shared_by_replicas_per_gateway_and_cost_nothing() ->
     }
     Ok(())
 }
+
+/// `backend: redis` without a `redis:` section works from each process's memory, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cache_without_redis_is_warned_about_and_still_caches() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let gw = Gateway::start(&config().key(&up, "up", "").block(GATEWAYS).yaml()).await?;
+    gw.wait_log("cache backend is redis but no `redis:` is configured", 2)
+        .await?;
+    let call = |body: &Value| Call {
+        gw: &gw,
+        gateway: "team",
+        body: body.clone(),
+        header: None,
+    };
+    let plain = hello("gpt-4o-mini");
+    assert_eq!(send(call(&plain)).await?.1, "miss");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(send(call(&plain)).await?.1, "hit");
+    assert_eq!(up.requests(), 1);
+    Ok(())
+}

@@ -44,6 +44,18 @@ pub(crate) fn startup_warnings(config: &Config, default: &keypool_config::Gatewa
             tracing::warn!(gateway = %g.name, "gateway has no auth: open to anyone who can reach it");
         }
     }
+    for g in std::iter::once(default).chain(config.gateways.iter().map(AsRef::as_ref)) {
+        if config.redis.is_none()
+            && g.routing
+                .cache
+                .is_some_and(|c| c.backend == keypool_config::routing::CacheBackend::Redis)
+        {
+            tracing::warn!(
+                gateway = %g.name,
+                "cache backend is redis but no `redis:` is configured: each process keeps its own entries"
+            );
+        }
+    }
     if config.upstreams.is_empty() {
         tracing::warn!("no upstreams configured: every request will get 404 model_not_found");
     }
