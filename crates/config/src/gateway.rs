@@ -306,7 +306,7 @@ pub fn caller_id(token: &str) -> String {
     let digest = Sha256::digest(token.as_bytes());
     let mut id = String::with_capacity(16);
     id.push_str("tok-");
-    id.push_str(&hex(&digest[..6]));
+    id.push_str(&keypool_types::hex(&digest[..6]));
     id
 }
 
@@ -380,7 +380,7 @@ impl RawGateway {
             for s in &mut a.secrets {
                 if !s.starts_with("sha256:") {
                     let h = secret_hash(s.as_bytes());
-                    *s = format!("sha256:{}", hex(&h));
+                    *s = format!("sha256:{}", keypool_types::hex(&h));
                 }
             }
         }
@@ -396,14 +396,6 @@ impl RawGateway {
             cache: self.cache.clone(),
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// SHA-256 of a gateway secret, as [`AuthMethod::Exact`] keeps it.

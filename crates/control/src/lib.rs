@@ -310,11 +310,5 @@ fn config_owned(what: &str, name: &str) -> ControlError {
 
 /// `n` random bytes as hex (from the OS's randomness via a fresh hasher seed and the clock).
 pub fn random_hex(n: usize) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(n * 2);
-    let bytes = crate::seal::random_bytes(n);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    keypool_types::hex(&crate::seal::random_bytes(n))
 }

@@ -9,7 +9,7 @@ mod usage;
 
 pub use error::{ApiError, ErrorKind, GrpcCode, Surface};
 pub use usage::{
-    AnthropicCounts, RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, new_event_id,
+    AnthropicCounts, RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, hex, new_event_id,
 };
 
 mod secret;

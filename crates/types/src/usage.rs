@@ -253,6 +253,17 @@ pub fn new_event_id() -> u128 {
     ((ms & 0xffff_ffff_ffff) << 80) | random
 }
 
+/// `bytes` as lower-case hex digits (hashes in names: callers, sessions, cache entries).
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
 /// An event id as the store keeps it: 32 hex digits, most significant first, so ids sort by time.
 pub fn event_id_hex(id: u128) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -266,6 +277,12 @@ pub fn event_id_hex(id: u128) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bytes_as_hex() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(super::hex(&[]), "");
+    }
+
     #[test]
     fn event_ids_are_32_hex_unique_and_time_ordered() {
         let hex = super::event_id_hex;
