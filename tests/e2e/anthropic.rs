@@ -305,13 +305,7 @@ async fn usage_counts_cache_tokens_exactly_plain_and_streamed() -> anyhow::Resul
         (2318, 2048, 256, 256)
     );
     assert_eq!(claude_total.cost_pico, 2_342_400_000, "rolled up exactly");
-    let metrics = gw
-        .http()
-        .get(gw.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = gw.metrics().await?;
     for line in [
         "keypool_cache_read_tokens_total{gateway=\"default\",key=\"claude\",model=\"claude-sonnet-4-5\"} 2048",
         "keypool_cache_write_tokens_total{gateway=\"default\",key=\"claude\",model=\"claude-sonnet-4-5\"} 256",
@@ -392,13 +386,7 @@ async fn a_429_cools_the_anthropic_key_until_its_reset() -> anyhow::Result<()> {
         assert_eq!(resp.headers()["x-keypool-upstream"], "ok");
     }
     assert_eq!(limited.requests(), 1, "tried once, then cooling");
-    let metrics = gw
-        .http()
-        .get(gw.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = gw.metrics().await?;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("keypool_key_cooldown_seconds{key=\"limited\"}"))

@@ -208,13 +208,7 @@ async fn malformed_requests_are_counted_not_logged_one_by_one() -> anyhow::Resul
         )
         .await;
     }
-    let metrics = gw
-        .http()
-        .get(gw.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = gw.metrics().await?;
     let count: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("keypool_malformed_requests_total "))

@@ -124,6 +124,13 @@ async fn cached_answers_are_shared_by_replicas_per_gateway_and_cost_nothing() ->
     assert!(body.contains("insufficient_quota"), "{body}");
     assert_eq!(up.requests(), 5);
 
+    // counted by gateway and outcome: r1 saw team's plain and streamed hits and the refresh
+    let metrics = r1.metrics().await?;
+    for (outcome, n) in [("hit", 2), ("refresh", 1)] {
+        let line =
+            format!("keypool_response_cache_total{{gateway=\"team\",outcome=\"{outcome}\"}} {n}");
+        assert!(metrics.contains(&line), "{line}: {metrics}");
+    }
     // r0's hits are in its usage events: no key, no usage, no cost
     let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
     let events = keypool_e2e::stored_events(&url, 5).await?;

@@ -141,6 +141,18 @@ async fn personal_data_never_leaves_and_comes_back_in_the_answer() -> anyhow::Re
     let rules: Vec<Option<&str>> = events.iter().map(|e| e.guardrails.as_deref()).collect();
     let all = "request:id_card,request:bank_card,request:phone,request:email,request:ipv4,request:api_key";
     assert_eq!(rules, [Some(all), Some(all), None]);
+    // and are counted by gateway, rule and side
+    let metrics = gw.metrics().await?;
+    let phone = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("keypool_guardrail_hits_total{")
+                && l.contains("gateway=\"private\"")
+                && l.contains("rule=\"phone\"")
+                && l.contains("on=\"request\"")
+        })
+        .unwrap_or_default();
+    assert!(phone.ends_with(" 2"), "{metrics}");
     Ok(())
 }
 

@@ -367,13 +367,7 @@ async fn a_redis_cluster_holds_limits_and_survives_a_dead_master(topo: Topo) -> 
     assert!(slowest < Duration::from_millis(1500), "slowest {slowest:?}");
     let mut felt = false;
     for gw in gws.iter() {
-        let metrics = gw
-            .http()
-            .get(gw.url("/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let metrics = gw.metrics().await?;
         felt |= metrics
             .lines()
             .any(|l| l.starts_with("keypool_redis_errors_total ") && !l.ends_with(" 0"));
@@ -460,13 +454,7 @@ async fn a_dead_redis_never_hangs_requests_and_replicas_rejoin(topo: Topo) -> an
             t.elapsed()
         );
     }
-    let metrics = gw
-        .http()
-        .get(gw.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = gw.metrics().await?;
     assert!(
         metrics
             .lines()

@@ -178,13 +178,7 @@ async fn a_context_length_error_moves_to_the_longer_model() -> anyhow::Result<()
 
 /// A counter's value in a replica's `/metrics` (0 when absent).
 async fn counter(gw: &Gateway, series: &str) -> anyhow::Result<u64> {
-    let text = gw
-        .http()
-        .get(gw.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = gw.metrics().await?;
     Ok(text
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())

@@ -582,13 +582,7 @@ async fn an_unpriced_model_has_no_cost_never_zero() -> anyhow::Result<()> {
         .collect();
     assert!(costs.contains(&("my-fine-tune", false)), "{costs:?}");
     assert!(costs.contains(&("gpt-4o-mini", true)), "{costs:?}");
-    let metrics = gw
-        .http()
-        .get(gw.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = gw.metrics().await?;
     assert!(
         metrics.contains("keypool_unpriced_requests_total 1"),
         "{metrics}"

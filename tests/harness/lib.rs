@@ -338,6 +338,13 @@ impl Gateway {
     }
 
     /// What keypool logged so far.
+    /// `GET /metrics`: the Prometheus text (an error unless 200).
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let resp = self.http.get(self.url("/metrics")).send().await?;
+        anyhow::ensure!(resp.status() == 200, "GET /metrics: {}", resp.status());
+        Ok(resp.text().await?)
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("keypool.log")).unwrap_or_default()
     }

@@ -63,6 +63,12 @@ pub(crate) fn session(gw: &GatewayRuntime, headers: &HeaderMap, body: &[u8]) -> 
         .find_map(|h| headers.get(*h).filter(|v| !v.is_empty()))
         .and_then(|v| named(v.as_bytes()))
         .or_else(|| {
+            // only a body that can name a session is parsed for it
+            if !crate::sse::contains(body, b"\"prompt_cache_key\"")
+                && !crate::sse::contains(body, b"\"user_id\"")
+            {
+                return None;
+            }
             let peek: Peek<'_> = serde_json::from_slice(body).ok()?;
             let name = peek
                 .prompt_cache_key
@@ -109,14 +115,7 @@ fn hashed(gateway: &str, name: &[u8]) -> String {
     h.update(gateway.as_bytes());
     h.update([0]);
     h.update(&name[..name.len().min(MAX_NAME)]);
-    let digest = h.finalize();
-    let mut out = String::with_capacity(4 + 32);
-    out.push_str("aff:");
-    for b in &digest[..16] {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    format!("aff:{}", keypool_types::hex(&h.finalize()[..16]))
 }
 
 #[cfg(test)]

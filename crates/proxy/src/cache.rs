@@ -167,7 +167,7 @@ fn calls_tools(body: &[u8]) -> bool {
         b"\"tool_use\"",
     ]
     .iter()
-    .any(|needle| body.windows(needle.len()).any(|w| w == *needle))
+    .any(|needle| crate::sse::contains(body, needle))
 }
 
 /// The entry's name: a hash of the gateway, the caller (when entries are per caller), the
@@ -181,13 +181,7 @@ fn hash(gateway: &str, caller: Option<&str>, path: &str, body: &Value) -> String
     let mut canonical = Vec::with_capacity(256);
     write_sorted(&mut canonical, body);
     h.update(&canonical);
-    let digest = h.finalize();
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    keypool_types::hex(&h.finalize())
 }
 
 /// `v` as JSON with every object's keys in order, whatever order the map keeps them in.

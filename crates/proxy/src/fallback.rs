@@ -102,8 +102,8 @@ fn context_exceeded(reply: &Reply) -> bool {
     else {
         return false;
     };
-    let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
-    has(b"context_length_exceeded") || has(b"prompt is too long")
+    crate::sse::contains(body, b"context_length_exceeded")
+        || crate::sse::contains(body, b"prompt is too long")
 }
 
 /// The JSON body with its `model` replaced; `None` for a body that is not a JSON object.

@@ -301,8 +301,9 @@ fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     None
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+/// Whether `needle` occurs in `hay` (a vectorised substring search: bodies can be large).
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 /// The SSE event keypool sends when a stream breaks after it started: the `openai` SDKs raise an
