@@ -124,15 +124,19 @@ async fn cached_answers_are_shared_by_replicas_per_gateway_and_cost_nothing() ->
     assert!(body.contains("insufficient_quota"), "{body}");
     assert_eq!(up.requests(), 5);
 
-    // counted by gateway and outcome: r1 saw team's plain and streamed hits and the refresh
+    hits_are_recorded(&r1, dir.path()).await
+}
+
+/// The hits counted (r1 saw team's plain and streamed hits and the refresh) and in r0's usage
+/// events: no key, no usage, no cost.
+async fn hits_are_recorded(r1: &Gateway, dir: &std::path::Path) -> anyhow::Result<()> {
     let metrics = r1.metrics().await?;
     for (outcome, n) in [("hit", 2), ("refresh", 1)] {
         let line =
             format!("keypool_response_cache_total{{gateway=\"team\",outcome=\"{outcome}\"}} {n}");
         assert!(metrics.contains(&line), "{line}: {metrics}");
     }
-    // r0's hits are in its usage events: no key, no usage, no cost
-    let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.path().display());
+    let url = format!("sqlite://{}/usage.sqlite?mode=rwc", dir.display());
     let events = keypool_e2e::stored_events(&url, 5).await?;
     let hits: Vec<_> = events.iter().filter(|e| e.cache_hit).collect();
     assert_eq!(hits.len(), 2, "{events:?}");
