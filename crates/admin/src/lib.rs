@@ -73,24 +73,7 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<pb::UsageAck, Status>> + Send 
 
 /// Notes a frontend as seen now.
 fn saw_frontend(control: &Control, id: &str, address: &str, version: u64, watching: Option<bool>) {
-    if id.is_empty() {
-        return;
-    }
-    let mut seen = control
-        .frontends
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let f = seen.entry(id.to_owned()).or_default();
-    if !address.is_empty() {
-        address.clone_into(&mut f.address);
-    }
-    f.last_seen_ms = now_ms();
-    if version > 0 {
-        f.config_version = version;
-    }
-    if let Some(w) = watching {
-        f.watching = w;
-    }
+    control.frontends.saw(id, address, version, watching);
 }
 
 #[tonic::async_trait]
@@ -211,18 +194,14 @@ impl Admin for AdminService {
         } else {
             r.tpm.map(Some)
         };
-        let e = self
-            .control
-            .update_key(
-                &r.name,
-                rpm,
-                tpm,
-                r.allow.map(|a| a.entries),
-                r.deny.map(|d| d.entries),
-                r.enabled,
-            )
-            .await
-            .or_status()?;
+        let change = keypool_control::KeyChange {
+            rpm,
+            tpm,
+            allow: r.allow.map(|a| a.entries),
+            deny: r.deny.map(|d| d.entries),
+            enabled: r.enabled,
+        };
+        let e = self.control.update_key(&r.name, change).await.or_status()?;
         Ok(Response::new(self.key_with_state(&e).await))
     }
 
@@ -299,7 +278,7 @@ impl Admin for AdminService {
     ) -> Result<Response<Self::WatchConfigStream>, Status> {
         let who = req.into_inner();
         let (control, stop) = (self.control.clone(), self.shutdown.clone());
-        let changed = control.changed.subscribe();
+        let changed = control.watch_changes();
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::ConfigSnapshot, Status>>(2);
         tracing::info!(replica = %who.replica_id, address = %who.address, "frontend watching config");
         saw_frontend(
@@ -352,26 +331,16 @@ impl Admin for AdminService {
             last_seen_ms: now_ms(),
             config_version: version,
         }];
-        {
-            let seen = self
-                .control
-                .frontends
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // frontends watching now, or heard from in the last 15 s
-            for (id, f) in seen.iter() {
-                if f.watching || now_ms() - f.last_seen_ms <= 15_000 {
-                    replicas.push(pb::Replica {
-                        id: id.clone(),
-                        address: f.address.clone(),
-                        last_seen_ms: if f.watching { now_ms() } else { f.last_seen_ms },
-                        config_version: f.config_version,
-                    });
-                }
-            }
+        // frontends watching now, or heard from in the last 15 s
+        for (id, f) in self.control.frontends.recent(15_000) {
+            replicas.push(pb::Replica {
+                id,
+                address: f.address,
+                last_seen_ms: f.last_seen_ms,
+                config_version: f.config_version,
+            });
         }
-        let redis = self.control.redis.lock().ok().and_then(|r| r.clone());
-        let redis_health = match redis {
+        let redis_health = match &self.control.redis {
             None => "none",
             Some(r) => match r.replicas().await {
                 Ok(seen) => {

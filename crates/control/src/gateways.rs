@@ -2,15 +2,23 @@
 
 use keypool_config::{DEFAULT_GATEWAY, RawGateway, validate_gateway};
 
+use crate::owner::{Command, Owner};
 use crate::{
-    Control, ControlError, GatewayEntry, OWNER_ADMIN, OWNER_CONFIG, config_owned, invalid, lock,
+    Control, ControlError, GatewayEntry, OWNER_ADMIN, OWNER_CONFIG, State, config_owned, invalid,
     now_ms, random_hex,
 };
 
-impl Control {
+impl State {
     /// The named gateways (what the store holds and frontends are sent besides the policy).
     pub fn gateway_entries(&self) -> Vec<GatewayEntry> {
-        lock(&self.gateway_entries).values().cloned().collect()
+        self.gateways.values().cloned().collect()
+    }
+}
+
+impl Control {
+    /// The named gateways.
+    pub fn gateway_entries(&self) -> Vec<GatewayEntry> {
+        self.state.load().gateway_entries()
     }
 
     /// Every gateway, `default` first: what `ListGateways` shows.
@@ -24,14 +32,14 @@ impl Control {
         if name == DEFAULT_GATEWAY {
             return Some(self.default_entry());
         }
-        lock(&self.gateway_entries).get(name).cloned()
+        self.state.load().gateways.get(name).cloned()
     }
 
     /// The `default` gateway as listed: its policy as written, and `auth: {method: tokens}`
     /// while some client token (top-level or a key's) is configured (the tokens themselves
     /// are never shown).
     fn default_entry(&self) -> GatewayEntry {
-        let mut entry = lock(&self.default_gateway).entry.clone();
+        let mut entry = self.state.load().default.entry.clone();
         let tokens = self
             .gateways
             .get(DEFAULT_GATEWAY)
@@ -53,6 +61,40 @@ impl Control {
         raw: RawGateway,
         replace: bool,
     ) -> Result<GatewayEntry, ControlError> {
+        self.ask(|reply| Command::PutGateway {
+            name: name.map(str::to_owned),
+            raw: Box::new(raw),
+            replace,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete_gateway(&self, name: &str) -> Result<(), ControlError> {
+        self.ask(|reply| Command::DeleteGateway {
+            name: name.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Replaces an admin gateway's exact secrets with one new random secret (returned once).
+    pub async fn rotate_secret(&self, name: &str) -> Result<(GatewayEntry, String), ControlError> {
+        self.ask(|reply| Command::RotateSecret {
+            name: name.to_owned(),
+            reply,
+        })
+        .await
+    }
+}
+
+impl Owner {
+    pub(crate) async fn put_gateway(
+        &mut self,
+        name: Option<&str>,
+        raw: RawGateway,
+        replace: bool,
+    ) -> Result<GatewayEntry, ControlError> {
         let mut raw = raw.hashed();
         if let Some(n) = name {
             match raw.name.as_deref() {
@@ -70,22 +112,19 @@ impl Control {
         if name == DEFAULT_GATEWAY {
             return Err(config_owned("gateway", &name));
         }
-        {
-            let entries = lock(&self.gateway_entries);
-            match (entries.get(&name), replace) {
-                (Some(_), false) => {
-                    return Err(ControlError::Exists(format!(
-                        "a gateway named {name:?} exists"
-                    )));
-                }
-                (None, true) => {
-                    return Err(ControlError::NotFound(format!("no gateway named {name:?}")));
-                }
-                (Some(e), true) if e.owner == OWNER_CONFIG => {
-                    return Err(config_owned("gateway", &name));
-                }
-                _ => {}
+        match (self.state.gateways.get(&name), replace) {
+            (Some(_), false) => {
+                return Err(ControlError::Exists(format!(
+                    "a gateway named {name:?} exists"
+                )));
             }
+            (None, true) => {
+                return Err(ControlError::NotFound(format!("no gateway named {name:?}")));
+            }
+            (Some(e), true) if e.owner == OWNER_CONFIG => {
+                return Err(config_owned("gateway", &name));
+            }
+            _ => {}
         }
         let spec = self.stored_gateway(&raw, OWNER_ADMIN)?;
         let updated_ms = match &self.store {
@@ -109,8 +148,11 @@ impl Control {
         Ok(entry)
     }
 
-    pub async fn delete_gateway(&self, name: &str) -> Result<(), ControlError> {
-        match self.gateway_entry(name) {
+    pub(crate) async fn delete_gateway(&mut self, name: &str) -> Result<(), ControlError> {
+        if name == DEFAULT_GATEWAY {
+            return Err(config_owned("gateway", name));
+        }
+        match self.state.gateways.get(name) {
             None => return Err(ControlError::NotFound(format!("no gateway named {name:?}"))),
             Some(e) if e.owner == OWNER_CONFIG => return Err(config_owned("gateway", name)),
             Some(_) => {}
@@ -128,10 +170,18 @@ impl Control {
         Ok(())
     }
 
-    /// Replaces an admin gateway's exact secrets with one new random secret (returned once).
-    pub async fn rotate_secret(&self, name: &str) -> Result<(GatewayEntry, String), ControlError> {
+    pub(crate) async fn rotate_secret(
+        &mut self,
+        name: &str,
+    ) -> Result<(GatewayEntry, String), ControlError> {
+        if name == DEFAULT_GATEWAY {
+            return Err(config_owned("gateway", name));
+        }
         let entry = self
-            .gateway_entry(name)
+            .state
+            .gateways
+            .get(name)
+            .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("no gateway named {name:?}")))?;
         if entry.owner == OWNER_CONFIG {
             return Err(config_owned("gateway", name));
@@ -156,7 +206,7 @@ impl Control {
 /// it; the store never holds it in clear).
 const IN_THE_FILE: &str = "(in the config file)";
 
-impl Control {
+impl Owner {
     /// A gateway's spec as the store keeps it: exact secrets hashed (already), an HMAC
     /// `jwt_key` sealed with `admin.secret_key` (an admin-owned one needs that key; a
     /// config-owned one is not stored at all: the file has it). A PEM public key is no secret.
@@ -172,8 +222,7 @@ impl Control {
             *key = if owner == OWNER_CONFIG {
                 IN_THE_FILE.to_owned()
             } else {
-                let config = self.config();
-                let sealing = config.admin.secret_key.as_ref().ok_or_else(|| {
+                let sealing = self.state.config.admin.secret_key.as_ref().ok_or_else(|| {
                     ControlError::Precondition(
                         "admin.secret_key (or KEYPOOL_SECRET_KEY) is needed to keep a gateway's jwt_key".to_owned(),
                     )
@@ -189,8 +238,7 @@ impl Control {
         if let Some(key) = raw.auth.as_mut().and_then(|a| a.jwt_key.as_mut())
             && let Some(sealed) = key.strip_prefix("sealed:")
         {
-            let config = self.config();
-            let sealing = config.admin.secret_key.as_ref().ok_or_else(|| {
+            let sealing = self.state.config.admin.secret_key.as_ref().ok_or_else(|| {
                 ControlError::Precondition("admin.secret_key is not set: cannot unseal".to_owned())
             })?;
             *key = crate::seal::open(sealing, sealed)?;

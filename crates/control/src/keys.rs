@@ -6,36 +6,90 @@ use keypool_config::raw::RawUpstream;
 use keypool_config::{UpstreamKey, validate_key};
 use keypool_store::KeyRow;
 
+use keypool_pool::PoolHandle;
+
+use crate::owner::{Command, Owner};
 use crate::{
-    Control, ControlError, KeyEntry, OWNER_ADMIN, OWNER_CONFIG, config_owned, invalid, lock,
+    Control, ControlError, KeyEntry, OWNER_ADMIN, OWNER_CONFIG, State, config_owned, invalid,
 };
 
-impl Control {
-    pub fn key_entries(&self) -> Vec<KeyEntry> {
-        let entries = lock(&self.key_entries);
-        // pool order: config order, then added keys
-        let order = self.pool.keys();
+/// What `UpdateKey` changes: each field given is set (`Some(None)` clears a limit).
+#[derive(Debug, Clone, Default)]
+pub struct KeyChange {
+    pub rpm: Option<Option<u32>>,
+    pub tpm: Option<Option<u64>>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub enabled: Option<bool>,
+}
+
+impl State {
+    /// The keys in pool order: config order, then added keys.
+    pub fn key_entries(&self, pool: &PoolHandle) -> Vec<KeyEntry> {
+        let order = pool.keys();
         let mut out: Vec<KeyEntry> = order
             .iter()
-            .filter_map(|k| entries.get(&*k.name).cloned())
+            .filter_map(|k| self.keys.get(&*k.name).cloned())
             .collect();
-        for e in entries.values() {
+        for e in self.keys.values() {
             if !out.iter().any(|o| o.key.name == e.key.name) {
                 out.push(e.clone());
             }
         }
         out
     }
+}
 
-    pub fn key_entry(&self, name: &str) -> Option<KeyEntry> {
-        lock(&self.key_entries).get(name).cloned()
+impl Control {
+    pub fn key_entries(&self) -> Vec<KeyEntry> {
+        self.state.load().key_entries(&self.pool)
     }
 
-    pub(crate) async fn persist_key(
+    pub fn key_entry(&self, name: &str) -> Option<KeyEntry> {
+        self.state.load().keys.get(name).cloned()
+    }
+
+    /// Adds a key from a YAML/JSON `upstreams:` entry.
+    pub async fn add_key(&self, raw: RawUpstream) -> Result<KeyEntry, ControlError> {
+        self.ask(|reply| Command::AddKey {
+            raw: Box::new(raw),
+            reply,
+        })
+        .await
+    }
+
+    /// Changes a key's limits, allow/deny lists or enabled flag.
+    pub async fn update_key(
         &self,
-        e: &KeyEntry,
-        sealed: Option<String>,
-    ) -> Result<(), ControlError> {
+        name: &str,
+        change: KeyChange,
+    ) -> Result<KeyEntry, ControlError> {
+        self.ask(|reply| Command::UpdateKey {
+            name: name.to_owned(),
+            change,
+            reply,
+        })
+        .await
+    }
+
+    /// Takes a key out of use, waits for its in-flight requests, forgets it.
+    pub async fn remove_key(&self, name: &str) -> Result<(), ControlError> {
+        let drains = self
+            .ask(|reply| Command::RemoveKey {
+                name: name.to_owned(),
+                reply,
+            })
+            .await?;
+        // answered once the key's in-flight requests and streams finished
+        for drain in drains {
+            let _ = drain.await;
+        }
+        Ok(())
+    }
+}
+
+impl Owner {
+    async fn persist_key(&self, e: &KeyEntry, sealed: Option<String>) -> Result<(), ControlError> {
         let Some(store) = &self.store else {
             return Ok(());
         };
@@ -69,9 +123,8 @@ impl Control {
             .map_err(|x| ControlError::Store(x.to_string()))
     }
 
-    /// Adds a key from a YAML/JSON `upstreams:` entry.
-    pub async fn add_key(&self, mut raw: RawUpstream) -> Result<KeyEntry, ControlError> {
-        let sealing = self.config.load().admin.secret_key.clone();
+    pub(crate) async fn add_key(&mut self, mut raw: RawUpstream) -> Result<KeyEntry, ControlError> {
+        let sealing = self.state.config.admin.secret_key.clone();
         let sk = raw.sk.clone().unwrap_or_default();
         if sk == "asis" {
             return Err(invalid(
@@ -79,8 +132,8 @@ impl Control {
                 "asis keys come from the config file only",
             ));
         }
-        let key = validate_key(raw.clone(), &self.config.load()).map_err(ControlError::Invalid)?;
-        if self.key_entry(&key.name).is_some() {
+        let key = validate_key(raw.clone(), &self.state.config).map_err(ControlError::Invalid)?;
+        if self.state.keys.contains_key(&*key.name) {
             return Err(ControlError::Exists(format!(
                 "a key named {:?} exists",
                 key.name
@@ -113,19 +166,23 @@ impl Control {
         Ok(entry)
     }
 
-    /// Changes a key's limits, allow/deny lists or enabled flag.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn update_key(
-        &self,
+    pub(crate) async fn update_key(
+        &mut self,
         name: &str,
-        rpm: Option<Option<u32>>,
-        tpm: Option<Option<u64>>,
-        allow: Option<Vec<String>>,
-        deny: Option<Vec<String>>,
-        enabled: Option<bool>,
+        change: KeyChange,
     ) -> Result<KeyEntry, ControlError> {
+        let KeyChange {
+            rpm,
+            tpm,
+            allow,
+            deny,
+            enabled,
+        } = change;
         let mut entry = self
-            .key_entry(name)
+            .state
+            .keys
+            .get(name)
+            .cloned()
             .ok_or_else(|| ControlError::NotFound(format!("no key named {name:?}")))?;
         let mut key = (*entry.key).clone();
         if let Some(r) = rpm {
@@ -183,27 +240,26 @@ impl Control {
         Ok(entry)
     }
 
-    /// Takes a key out of use, waits for its in-flight requests, forgets it.
-    pub async fn remove_key(&self, name: &str) -> Result<(), ControlError> {
-        match self.key_entry(name) {
+    /// Answers the key's drain: the caller waits for its in-flight requests, not the owner.
+    pub(crate) async fn remove_key(
+        &mut self,
+        name: &str,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, ControlError> {
+        match self.state.keys.get(name) {
             None => return Err(ControlError::NotFound(format!("no key named {name:?}"))),
             Some(e) if e.owner == OWNER_CONFIG => return Err(config_owned("key", name)),
             Some(_) => {}
         }
-        // answered once the key's in-flight requests and streams finished
-        for drain in self
+        let drains = self
             .change(|d| d.keys.retain(|k| *k.key.name != *name))
-            .await?
-        {
-            let _ = drain.await;
-        }
+            .await?;
         if let Some(s) = &self.store {
             s.delete_key(name)
                 .await
                 .map_err(|e| ControlError::Store(e.to_string()))?;
         }
         self.bump();
-        Ok(())
+        Ok(drains)
     }
 }
 

@@ -9,19 +9,26 @@
 //! restart, limits come back from the file; admin-owned entries are fully managed. Upstream
 //! secrets are stored only sealed (ChaCha20-Poly1305 under `admin.secret_key`, [`seal`]).
 //!
-//! Files: this one holds the state and start-up; [`Control`]'s gateway changes are in
-//! `gateways.rs`, its key changes in `keys.rs`, the admin API's prices in `prices.rs`, and
-//! bringing the running state in line with the store (restore, another replica's change) or a pushed snapshot in `sync.rs`.
+//! One task owns the state ([`owner`]): every change is a typed [`owner::Command`] it applies
+//! one at a time, through one `reconcile(desired)` (start-up, a reloaded file, another
+//! replica's change, an admin change, a pushed snapshot); after each it publishes the whole
+//! [`State`], which [`Control`] (the handle everyone else holds) reads without locks.
+//!
+//! Files: this one holds the handle, the state and start-up; the owner task and its commands
+//! are in `owner.rs`, gateway changes in `gateways.rs`, key changes in `keys.rs`, the admin
+//! API's prices in `prices.rs`, and bringing the running state in line with the store
+//! (restore, another replica's change), a reloaded file or a pushed snapshot in `sync.rs`.
 
+mod frontends;
 mod gateways;
 mod keys;
+mod owner;
 mod prices;
 pub mod seal;
 mod sync;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use keypool_config::raw::RawUpstream;
 use keypool_config::{Config, FieldError, Gateway, RawGateway, UpstreamKey};
@@ -29,8 +36,10 @@ use keypool_policy::gateway::Gateways;
 use keypool_pool::PoolHandle;
 use keypool_store::{Store, StoredEvent};
 use keypool_types::{Secret, UsageEvent, UsageSink};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+pub use frontends::{FrontendSeen, Frontends};
+pub use keys::KeyChange;
 pub use prices::AdminPrices;
 
 pub const OWNER_CONFIG: &str = "config";
@@ -51,6 +60,8 @@ pub enum ControlError {
     Store(String),
     #[error(transparent)]
     Seal(#[from] seal::SealError),
+    #[error("the control plane has stopped")]
+    Stopped,
 }
 
 /// A stored entry that does not parse (or one that does not encode).
@@ -74,7 +85,7 @@ impl ControlError {
             Self::Invalid(_) => K::InvalidSpec,
             Self::NotFound(_) => K::NotFound,
             Self::Exists(_) => K::AlreadyExists,
-            Self::Precondition(_) | Self::Seal(_) => K::FailedPrecondition,
+            Self::Precondition(_) | Self::Seal(_) | Self::Stopped => K::FailedPrecondition,
             Self::Store(_) => K::StoreUnavailable,
         }
     }
@@ -108,6 +119,7 @@ pub struct GatewayEntry {
 }
 
 /// The `default` gateway (`/v1/*`) as the top level of a config declares it.
+#[derive(Clone)]
 struct DefaultGateway {
     spec: Arc<Gateway>,
     entry: GatewayEntry,
@@ -161,43 +173,47 @@ impl UsageSink for FeedSink {
     }
 }
 
-/// A `keypool frontend` as the control plane last heard of it.
-#[derive(Debug, Clone, Default)]
-pub struct FrontendSeen {
-    pub address: String,
-    pub last_seen_ms: i64,
-    pub config_version: u64,
-    /// Whether its `WatchConfig` stream is open.
-    pub watching: bool,
+/// The control plane's state as its owner last published it: what every reader sees, whole
+/// (a change in progress is not visible until it is applied).
+#[derive(Clone)]
+pub struct State {
+    /// The configuration now in force: replaced as a whole by a reloaded file.
+    config: Arc<Config>,
+    /// Bumped by every applied change.
+    version: u64,
+    /// The `default` gateway's policy (the config's top level, or the control plane's
+    /// snapshot): rebuilt with the keys' client tokens whenever keys change.
+    default: DefaultGateway,
+    /// The named gateways.
+    gateways: BTreeMap<String, GatewayEntry>,
+    keys: BTreeMap<String, KeyEntry>,
+    /// The prices set through the admin API.
+    prices: AdminPrices,
 }
 
+impl State {
+    /// The version this state was published at.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// The control plane as everyone but its owner holds it: reads of the published [`State`],
+/// and changes sent to the owner as commands (each answered once applied).
 pub struct Control {
-    /// The configuration now in force: replaced as a whole by a reloaded file
-    /// ([`Control::apply_file`]).
-    config: arc_swap::ArcSwap<Config>,
+    commands: mpsc::Sender<owner::Command>,
+    state: Arc<arc_swap::ArcSwap<State>>,
     pub gateways: Arc<Gateways>,
     pub pool: PoolHandle,
     pub store: Option<Store>,
     pub feed: broadcast::Sender<Arc<StoredEvent>>,
     pub started: std::time::Instant,
-    version: AtomicU64,
     /// With Redis: where changes are announced to the other replicas.
-    pub redis: Mutex<Option<Arc<keypool_shared::RedisState>>>,
+    pub redis: Option<Arc<keypool_shared::RedisState>>,
     /// The version after every applied change (what `WatchConfig` streams wait on).
-    pub changed: tokio::sync::watch::Sender<u64>,
+    changed: watch::Receiver<u64>,
     /// Frontends seen through `WatchConfig` / `PublishUsage` (control plane role).
-    pub frontends: Mutex<BTreeMap<String, FrontendSeen>>,
-    /// The `default` gateway's policy (the config's top level, or the control plane's
-    /// snapshot): rebuilt with the keys' client tokens whenever keys change.
-    default_gateway: Mutex<DefaultGateway>,
-    /// Held from reading the running state to reconciling it, so changes apply one at a time
-    /// and none is lost to another's stale copy.
-    changes: tokio::sync::Mutex<()>,
-    /// The named gateways.
-    gateway_entries: Mutex<BTreeMap<String, GatewayEntry>>,
-    key_entries: Mutex<BTreeMap<String, KeyEntry>>,
-    /// The prices set through the admin API.
-    admin_prices: Mutex<AdminPrices>,
+    pub frontends: Frontends,
 }
 
 fn now_ms() -> i64 {
@@ -206,99 +222,120 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// What the control plane starts from and works with.
+pub struct Parts {
+    pub config: Arc<Config>,
+    pub gateways: Arc<Gateways>,
+    pub pool: PoolHandle,
+    pub store: Option<Store>,
+    pub redis: Option<Arc<keypool_shared::RedisState>>,
+    pub feed: broadcast::Sender<Arc<StoredEvent>>,
 }
 
 impl Control {
-    /// Seeds the store with the file's gateways and keys, then applies what the admin service
-    /// stored before (admin-owned gateways and keys, keys disabled by hand).
-    pub async fn start(
-        config: Arc<Config>,
-        gateways: Arc<Gateways>,
-        pool: PoolHandle,
-        store: Option<Store>,
-        feed: broadcast::Sender<Arc<StoredEvent>>,
-    ) -> Result<Arc<Self>, ControlError> {
-        let mut g_entries = BTreeMap::new();
-        for raw in &config.raw_gateways {
-            let name = raw.name.clone().unwrap_or_default();
-            g_entries.insert(
-                name,
-                GatewayEntry {
+    /// Seeds the store with the file's gateways and keys, applies what the admin service
+    /// stored before (admin-owned gateways and keys, keys disabled by hand, prices), then
+    /// starts the owner task.
+    pub async fn start(parts: Parts) -> Result<Arc<Self>, ControlError> {
+        let config = parts.config;
+        let gateways = config
+            .raw_gateways
+            .iter()
+            .map(|raw| {
+                let entry = GatewayEntry {
                     raw: raw.clone(),
                     owner: OWNER_CONFIG,
                     updated_ms: now_ms(),
-                },
-            );
-        }
-        let mut k_entries = BTreeMap::new();
-        for key in &config.upstreams {
-            k_entries.insert(
-                key.name.to_string(),
-                KeyEntry {
+                };
+                (raw.name.clone().unwrap_or_default(), entry)
+            })
+            .collect();
+        let keys = config
+            .upstreams
+            .iter()
+            .map(|key| {
+                let entry = KeyEntry {
                     key: key.clone(),
                     owner: OWNER_CONFIG,
                     enabled: true,
                     raw: None,
-                },
-            );
-        }
-        let control = Arc::new(Self {
-            config: arc_swap::ArcSwap::new(config.clone()),
-            gateways,
-            pool,
-            store: store.clone(),
-            feed,
-            started: std::time::Instant::now(),
+                };
+                (key.name.to_string(), entry)
+            })
+            .collect();
+        let state = State {
+            default: DefaultGateway::of(&config),
+            config,
             // versions keep growing across restarts (a frontend compares them in logs only)
-            version: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(1)),
-            redis: Mutex::new(None),
-            changed: tokio::sync::watch::Sender::new(0),
-            frontends: Mutex::new(BTreeMap::new()),
-            default_gateway: Mutex::new(DefaultGateway::of(&config)),
-            changes: tokio::sync::Mutex::new(()),
-            gateway_entries: Mutex::new(g_entries),
-            key_entries: Mutex::new(k_entries),
-            admin_prices: Mutex::new(AdminPrices::default()),
-        });
-        if let Some(store) = &store {
-            control.restore(store).await?;
-            control.read_prices(store).await?;
-        }
-        control.apply_prices();
-        Ok(control)
+            version: u64::try_from(now_ms()).unwrap_or(1),
+            gateways,
+            keys,
+            prices: AdminPrices::default(),
+        };
+        let published = Arc::new(arc_swap::ArcSwap::from_pointee(state.clone()));
+        let (changed_tx, changed) = watch::channel(0);
+        let mut owner = owner::Owner {
+            state,
+            published: published.clone(),
+            changed: changed_tx,
+            gateways: parts.gateways.clone(),
+            pool: parts.pool.clone(),
+            store: parts.store.clone(),
+            redis: parts.redis.clone(),
+        };
+        owner.start().await?;
+        let (commands, inbox) = mpsc::channel(64);
+        tokio::spawn(owner.run(inbox));
+        Ok(Arc::new(Self {
+            commands,
+            state: published,
+            gateways: parts.gateways,
+            pool: parts.pool,
+            store: parts.store,
+            feed: parts.feed,
+            started: std::time::Instant::now(),
+            redis: parts.redis,
+            changed,
+            frontends: Frontends::default(),
+        }))
+    }
+
+    /// The state as last published (whole: never one change half applied).
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
     }
 
     /// The configuration now in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+        self.state.load().config.clone()
     }
 
     /// The configuration version: bumped by every applied change.
     pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Relaxed)
+        self.state.load().version
     }
 
-    /// A change applied here: a new version, announced to the other replicas (which re-read
-    /// the store).
-    pub(crate) fn bump(&self) {
-        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        self.refresh_default();
-        self.changed.send_replace(version);
-        let redis = lock(&self.redis).clone();
-        if let (Some(redis), Some(_)) = (redis, &self.store) {
-            tokio::spawn(async move {
-                if let Err(e) = redis.announce_config(version).await {
-                    keypool_shared::shared_failed(&e);
-                }
-            });
-        }
+    /// Wakes on every applied change (what `WatchConfig` streams wait on).
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
     }
 
     /// The admin token, if any.
     pub fn token(&self) -> Option<Secret> {
-        self.config.load().admin.token.clone()
+        self.state.load().config.admin.token.clone()
+    }
+
+    /// Sends the owner a command and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, ControlError>>) -> owner::Command,
+    ) -> Result<T, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        answer.await.map_err(|_| ControlError::Stopped)?
     }
 }
 

@@ -8,7 +8,8 @@ use keypool_config::FieldError;
 use keypool_pricing::{Catalog, CatalogError, Prices, RawPrice};
 use keypool_store::Store;
 
-use crate::{Control, ControlError, lock, now_ms};
+use crate::owner::{Command, Owner};
+use crate::{Control, ControlError, State, now_ms};
 
 /// What the store's settings row for the admin API's prices is named.
 const SETTING: &str = "pricing";
@@ -30,25 +31,41 @@ fn checked(entries: &[RawPrice]) -> Result<Catalog, ControlError> {
     })
 }
 
-impl Control {
-    /// The admin API's prices.
-    pub fn admin_prices(&self) -> AdminPrices {
-        lock(&self.admin_prices).clone()
-    }
-
+impl State {
     /// The prices in force before the built-in catalog: the admin API's, then the file's (the
     /// first entry naming a model wins).
     pub fn pricing_in_force(&self) -> Vec<RawPrice> {
-        let mut all = lock(&self.admin_prices).entries.clone();
-        all.extend(self.config.load().policy.pricing.iter().cloned());
+        let mut all = self.prices.entries.clone();
+        all.extend(self.config.policy.pricing.iter().cloned());
         all
+    }
+}
+
+impl Control {
+    /// The admin API's prices.
+    pub fn admin_prices(&self) -> AdminPrices {
+        self.state.load().prices.clone()
+    }
+
+    /// The prices in force before the built-in catalog.
+    pub fn pricing_in_force(&self) -> Vec<RawPrice> {
+        self.state.load().pricing_in_force()
     }
 
     /// Replaces the admin API's prices (an empty list clears them): checked, stored, charged
     /// from the next request on, and pushed to frontends and the other replicas.
     pub async fn set_prices(&self, entries: Vec<RawPrice>) -> Result<AdminPrices, ControlError> {
+        self.ask(|reply| Command::SetPrices { entries, reply })
+            .await
+    }
+}
+
+impl Owner {
+    pub(crate) async fn set_prices(
+        &mut self,
+        entries: Vec<RawPrice>,
+    ) -> Result<AdminPrices, ControlError> {
         checked(&entries)?;
-        let _one_at_a_time = self.changes.lock().await;
         let updated_ms = match &self.store {
             Some(s) => {
                 s.save_setting(SETTING, &serde_json::to_string(&entries)?)
@@ -60,7 +77,7 @@ impl Control {
             entries,
             updated_ms,
         };
-        *lock(&self.admin_prices) = set.clone();
+        self.state.prices = set.clone();
         self.apply_prices();
         self.bump();
         Ok(set)
@@ -68,7 +85,7 @@ impl Control {
 
     /// Reads the admin API's prices from the store (start-up, another replica's change); a row
     /// that does not parse is logged and the running prices kept.
-    pub(crate) async fn read_prices(&self, store: &Store) -> Result<(), ControlError> {
+    pub(crate) async fn read_prices(&mut self, store: &Store) -> Result<(), ControlError> {
         let Some((value, updated_ms)) = store.setting(SETTING).await? else {
             return Ok(());
         };
@@ -77,7 +94,7 @@ impl Control {
             .and_then(|entries| checked(&entries).map(|_| entries))
         {
             Ok(entries) => {
-                *lock(&self.admin_prices) = AdminPrices {
+                self.state.prices = AdminPrices {
                     entries,
                     updated_ms,
                 };
@@ -89,7 +106,7 @@ impl Control {
 
     /// Charges the prices in force from the next request on.
     pub(crate) fn apply_prices(&self) {
-        match checked(&self.pricing_in_force()) {
+        match checked(&self.state.pricing_in_force()) {
             Ok(catalog) => self.gateways.set_prices(Arc::new(Prices::new(catalog))),
             // each list was checked on its own; together they cannot fail
             Err(e) => tracing::error!(error = %e, "prices not applied"),

@@ -1,10 +1,8 @@
 //! Bringing the running gateways and keys in line: with the store at start-up and after another
 //! replica's change, with a control plane's snapshot on a frontend; and the snapshot itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keypool_config::raw::RawUpstream;
@@ -13,8 +11,9 @@ use keypool_proto::admin::v1 as pb;
 use keypool_store::{KeyRow, Store};
 
 use crate::keys::key_summary;
+use crate::owner::{Command, Owner};
 use crate::{
-    Control, ControlError, DefaultGateway, GatewayEntry, KeyEntry, OWNER_ADMIN, OWNER_CONFIG, lock,
+    Control, ControlError, DefaultGateway, GatewayEntry, KeyEntry, OWNER_ADMIN, OWNER_CONFIG,
     now_ms,
 };
 
@@ -29,12 +28,77 @@ pub(crate) struct Desired {
 }
 
 impl Control {
+    /// A reloaded config file (SIGHUP): its gateways and keys replace the config-owned ones,
+    /// the admin-owned ones stay (a file entry of the same name wins, as at start-up), its
+    /// top-level policy becomes the `default` gateway's; then the store is brought in line
+    /// and frontends get the new snapshot. A gateway that does not validate refuses the whole
+    /// file before anything changed.
+    pub async fn apply_file(&self, config: Arc<Config>) -> Result<(), ControlError> {
+        self.ask(|reply| Command::ApplyFile { config, reply }).await
+    }
+
+    /// Applies what another replica changed: re-reads the admin state from the store and brings
+    /// the running gateways and keys in line (without writing anything back).
+    pub async fn reload(&self) -> Result<(), ControlError> {
+        self.ask(|reply| Command::Reload { reply }).await
+    }
+
+    /// A frontend's side of [`Control::snapshot`]: brings the running gateways and keys in line
+    /// with `config` (validated from a snapshot) at once.
+    pub async fn apply_snapshot(
+        &self,
+        config: Arc<Config>,
+        disabled: HashSet<String>,
+        version: u64,
+    ) -> Result<(), ControlError> {
+        self.ask(|reply| Command::ApplySnapshot {
+            config,
+            disabled,
+            version,
+            reply,
+        })
+        .await
+    }
+
+    /// The whole configuration a frontend needs, as `WatchConfig` sends it: the top-level
+    /// policy (its `pricing:` the prices in force: the admin API's, then the file's), every key
+    /// (secrets included) with the disabled ones named, every gateway (secrets hashed).
+    pub fn snapshot(&self) -> pb::ConfigSnapshot {
+        let state = self.state();
+        let keys = state.key_entries(&self.pool);
+        let mut policy = pb::Policy::from(&*state.config.policy);
+        policy.pricing = state
+            .pricing_in_force()
+            .iter()
+            .map(pb::Price::from)
+            .collect();
+        pb::ConfigSnapshot {
+            version: state.version,
+            policy: Some(policy),
+            upstreams: keys
+                .iter()
+                .map(|e| pb::UpstreamSpec::from(&e.key.to_raw()))
+                .collect(),
+            disabled: keys
+                .iter()
+                .filter(|e| !e.enabled)
+                .map(|e| e.key.name.to_string())
+                .collect(),
+            gateways: state
+                .gateway_entries()
+                .iter()
+                .map(|e| pb::GatewaySpec::from(&e.raw))
+                .collect(),
+        }
+    }
+}
+
+impl Owner {
     /// At start-up: the file's gateways and keys are (re)written to the store as config-owned
     /// (what a previous file declared and this one does not is deleted), then the running state
     /// is brought in line with the store (admin-owned entries, keys disabled by hand).
-    pub(crate) async fn restore(&self, store: &Store) -> Result<(), ControlError> {
+    pub(crate) async fn restore(&mut self, store: &Store) -> Result<(), ControlError> {
         self.persist_config_owned(store).await?;
-        let _one_at_a_time = self.changes.lock().await;
         let desired = self.desired_from_store(store).await?;
         self.reconcile(desired).await.map(drop)
     }
@@ -43,7 +107,9 @@ impl Control {
     /// config-owned rows the file no longer declares (an admin's `enabled: false` on a config
     /// key is kept).
     async fn persist_config_owned(&self, store: &Store) -> Result<(), ControlError> {
-        let config_gateways: Vec<GatewayEntry> = lock(&self.gateway_entries)
+        let config_gateways: Vec<GatewayEntry> = self
+            .state
+            .gateways
             .values()
             .filter(|e| e.owner == OWNER_CONFIG)
             .cloned()
@@ -97,15 +163,11 @@ impl Control {
         Ok(())
     }
 
-    /// A reloaded config file (SIGHUP): its gateways and keys replace the config-owned ones,
-    /// the admin-owned ones stay (a file entry of the same name wins, as at start-up), its
-    /// top-level policy becomes the `default` gateway's; then the store is brought in line
-    /// and frontends get the new snapshot. A gateway that does not validate refuses the whole
-    /// file before anything changed.
-    pub async fn apply_file(&self, new: Arc<Config>) -> Result<(), ControlError> {
-        let _one_at_a_time = self.changes.lock().await;
+    pub(crate) async fn apply_file(&mut self, new: Arc<Config>) -> Result<(), ControlError> {
         let running = self.key_entries();
-        let mut gateways: BTreeMap<String, GatewayEntry> = lock(&self.gateway_entries)
+        let mut gateways: BTreeMap<String, GatewayEntry> = self
+            .state
+            .gateways
             .iter()
             .filter(|(_, e)| e.owner == OWNER_ADMIN)
             .map(|(n, e)| (n.clone(), e.clone()))
@@ -146,20 +208,22 @@ impl Control {
             keys,
         })
         .await?;
-        self.config.store(new);
+        self.state.config = new;
         self.apply_prices();
-        if let Some(store) = &self.store {
-            self.persist_config_owned(store).await?;
+        if let Some(store) = self.store.clone() {
+            self.persist_config_owned(&store).await?;
         }
-        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        self.changed.send_replace(version);
+        self.state.version += 1;
+        self.publish();
         Ok(())
     }
 
     /// The running state as the store says it should be: the config-owned gateways and keys
     /// as running (keys with their stored `enabled`), plus every admin-owned one stored.
     async fn desired_from_store(&self, store: &Store) -> Result<Desired, ControlError> {
-        let mut gateways: BTreeMap<String, GatewayEntry> = lock(&self.gateway_entries)
+        let mut gateways: BTreeMap<String, GatewayEntry> = self
+            .state
+            .gateways
             .iter()
             .filter(|(_, e)| e.owner == OWNER_CONFIG)
             .map(|(n, e)| (n.clone(), e.clone()))
@@ -238,16 +302,16 @@ impl Control {
     /// started with.
     /// Answers the drains of the keys it removed (a caller may wait for them).
     pub(crate) async fn reconcile(
-        &self,
+        &mut self,
         desired: Desired,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, ControlError> {
         for (i, e) in desired.gateways.values().enumerate() {
             validate_gateway(&e.raw, &format!("gateways[{i}]")).map_err(ControlError::Invalid)?;
         }
         if let Some(d) = desired.default {
-            *lock(&self.default_gateway) = d;
+            self.state.default = d;
         }
-        *lock(&self.gateway_entries) = desired.gateways;
+        self.state.gateways = desired.gateways;
         let running = self.key_entries();
         let mut drains = Vec::new();
         for want in &desired.keys {
@@ -268,20 +332,19 @@ impl Control {
             if was.map_or(!want.enabled, |e| e.enabled != want.enabled) {
                 let _ = self.pool.set_enabled(&want.key.name, want.enabled).await;
             }
-            lock(&self.key_entries).insert(want.key.name.to_string(), want.clone());
+            self.state
+                .keys
+                .insert(want.key.name.to_string(), want.clone());
         }
         for gone in running
             .iter()
             .filter(|e| !desired.keys.iter().any(|k| k.key.name == e.key.name))
         {
-            lock(&self.key_entries).remove(&*gone.key.name);
+            self.state.keys.remove(&*gone.key.name);
             let (pool, name, grace) = (
                 self.pool.clone(),
                 gone.key.name.clone(),
-                self.config
-                    .load()
-                    .shutdown_grace
-                    .max(Duration::from_secs(1)),
+                self.state.config.shutdown_grace.max(Duration::from_secs(1)),
             );
             drains.push(tokio::spawn(async move {
                 pool.remove_key(&name, grace).await;
@@ -292,16 +355,14 @@ impl Control {
         Ok(drains)
     }
 
-    /// An admin change: `edit` changes the running state as it is, which is then reconciled,
-    /// one change at a time.
+    /// An admin change: `edit` changes the running state as it is, which is then reconciled.
     pub(crate) async fn change(
-        &self,
+        &mut self,
         edit: impl FnOnce(&mut Desired),
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, ControlError> {
-        let _one_at_a_time = self.changes.lock().await;
         let mut desired = Desired {
             default: None,
-            gateways: lock(&self.gateway_entries).clone(),
+            gateways: self.state.gateways.clone(),
             keys: self.key_entries(),
         };
         edit(&mut desired);
@@ -314,77 +375,33 @@ impl Control {
             .sealed_secret
             .as_deref()
             .ok_or_else(|| ControlError::Precondition("no sealed secret".to_owned()))?;
-        let config = self.config.load();
+        let config = &self.state.config;
         let key = config.admin.secret_key.as_ref().ok_or_else(|| {
             ControlError::Precondition("admin.secret_key is not set: cannot unseal".to_owned())
         })?;
         raw.sk = Some(crate::seal::open(key, sealed)?);
-        let validated = validate_key(raw.clone(), &config).map_err(ControlError::Invalid)?;
+        let validated = validate_key(raw.clone(), config).map_err(ControlError::Invalid)?;
         raw.sk = None;
         Ok((validated, raw))
     }
 
-    /// Applies what another replica changed: re-reads the admin state from the store and brings
-    /// the running gateways and keys in line (without writing anything back).
-    pub async fn reload(&self) -> Result<(), ControlError> {
-        let Some(store) = &self.store else {
+    pub(crate) async fn reload(&mut self) -> Result<(), ControlError> {
+        let Some(store) = self.store.clone() else {
             return Ok(());
         };
-        let _one_at_a_time = self.changes.lock().await;
-        let desired = self.desired_from_store(store).await?;
+        let desired = self.desired_from_store(&store).await?;
         self.reconcile(desired).await?;
-        self.read_prices(store).await?;
+        self.read_prices(&store).await?;
         self.apply_prices();
-        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        self.changed.send_replace(version);
+        self.state.version += 1;
+        self.publish();
         Ok(())
     }
 
-    /// Rebuilds the `default` gateway from its policy and the keys now in use (their own
-    /// `authorization` tokens and `noauth` flags count).
-    pub fn refresh_default(&self) {
-        if let Err(e) = self.apply_gateways() {
-            tracing::error!(error = %e, "gateways not refreshed");
-        }
-    }
-
-    /// The whole configuration a frontend needs, as `WatchConfig` sends it: the top-level
-    /// policy (its `pricing:` the prices in force: the admin API's, then the file's), every key (secrets included) with the disabled ones named, every gateway
-    /// (secrets hashed).
-    pub fn snapshot(&self) -> pb::ConfigSnapshot {
-        let keys = self.key_entries();
-        let mut policy = pb::Policy::from(&*self.config.load().policy);
-        policy.pricing = self
-            .pricing_in_force()
-            .iter()
-            .map(pb::Price::from)
-            .collect();
-        pb::ConfigSnapshot {
-            version: self.version(),
-            policy: Some(policy),
-            upstreams: keys
-                .iter()
-                .map(|e| pb::UpstreamSpec::from(&e.key.to_raw()))
-                .collect(),
-            disabled: keys
-                .iter()
-                .filter(|e| !e.enabled)
-                .map(|e| e.key.name.to_string())
-                .collect(),
-            gateways: self
-                .gateway_entries()
-                .iter()
-                .map(|e| pb::GatewaySpec::from(&e.raw))
-                .collect(),
-        }
-    }
-
-    /// A frontend's side of [`Control::snapshot`]: brings the running gateways and keys in line
-    /// with `config` (validated from a snapshot) at once.
-    pub async fn apply_snapshot(
-        &self,
+    pub(crate) async fn apply_snapshot(
+        &mut self,
         config: &Config,
-        disabled: &std::collections::HashSet<String>,
+        disabled: &HashSet<String>,
         version: u64,
     ) -> Result<(), ControlError> {
         let gateways = config
@@ -409,7 +426,6 @@ impl Control {
                 raw: None,
             })
             .collect();
-        let _one_at_a_time = self.changes.lock().await;
         self.reconcile(Desired {
             default: Some(DefaultGateway::of(config)),
             gateways,
@@ -417,8 +433,8 @@ impl Control {
         })
         .await?;
         self.gateways.set_prices(config.prices.clone());
-        self.version.store(version, Ordering::Relaxed);
-        self.changed.send_replace(version);
+        self.state.version = version;
+        self.publish();
         Ok(())
     }
 
@@ -426,11 +442,9 @@ impl Control {
     /// running gateway at once.
     pub(crate) fn apply_gateways(&self) -> Result<(), ControlError> {
         let keys: Vec<Arc<UpstreamKey>> = self.key_entries().into_iter().map(|e| e.key).collect();
-        let default = {
-            let d = lock(&self.default_gateway);
-            Arc::new(d.spec.with_client_tokens(&d.client_tokens, &keys))
-        };
-        let entries = lock(&self.gateway_entries);
+        let d = &self.state.default;
+        let default = Arc::new(d.spec.with_client_tokens(&d.client_tokens, &keys));
+        let entries = &self.state.gateways;
         let mut specs = Vec::with_capacity(entries.len() + 1);
         specs.push(default);
         for (i, e) in entries.values().enumerate() {

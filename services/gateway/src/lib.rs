@@ -165,8 +165,15 @@ pub async fn run_until(
         config.clone(),
         &pool,
     )));
-    let (control, sink) =
-        wiring::control(&config, &gateways, &pool, store, usage.sink.clone()).await?;
+    let (control, sink) = wiring::control(
+        &config,
+        &gateways,
+        &pool,
+        store,
+        redis.as_ref(),
+        usage.sink.clone(),
+    )
+    .await?;
     let link_free = link.is_none();
     if let Some(link) = link {
         wiring::follow_control_plane(*link, &control, &config, &engine, &pool).await?;
@@ -185,13 +192,7 @@ pub async fn run_until(
     let addr = listener.local_addr()?;
     let gateways_served = gateways.all().len();
     let server = wiring::http_server(&config, listener, engine, gateways, sink, monitor)?;
-    let handle = server.handle();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        stop.cancelled().await;
-        tracing::info!("shutting down: no new connections; draining in-flight requests");
-        handle.stop(true).await;
-    });
+    wiring::stop_on(&shutdown, server.handle());
     let ready = Ready {
         api: addr,
         admin: admin.as_ref().map(|(_, a)| *a),

@@ -129,6 +129,7 @@ pub async fn control(
     gateways: &Arc<Gateways>,
     pool: &PoolHandle,
     store: Option<Store>,
+    redis: Option<&Arc<RedisState>>,
     usage: Arc<dyn keypool_types::UsageSink>,
 ) -> anyhow::Result<(Arc<Control>, Arc<dyn keypool_types::UsageSink>)> {
     let (feed, _) = tokio::sync::broadcast::channel(config.admin.stream_buffer);
@@ -136,9 +137,15 @@ pub async fn control(
         inner: usage,
         feed: feed.clone(),
     });
-    let control =
-        Control::start(config.clone(), gateways.clone(), pool.clone(), store, feed).await?;
-    control.refresh_default(); // admin keys restored from the store count too
+    let control = Control::start(keypool_control::Parts {
+        config: config.clone(),
+        gateways: gateways.clone(),
+        pool: pool.clone(),
+        store,
+        redis: redis.cloned(),
+        feed,
+    })
+    .await?;
     Ok((control, sink))
 }
 
@@ -152,15 +159,23 @@ pub async fn follow_control_plane(
     pool: &PoolHandle,
 ) -> anyhow::Result<()> {
     control
-        .apply_snapshot(config, &link.first.disabled, link.first.version)
+        .apply_snapshot(
+            Arc::new(config.clone()),
+            link.first.disabled.clone(),
+            link.first.version,
+        )
         .await?;
     link.applied.send_replace(link.first.version);
     let (c, engine, pool) = (control.clone(), engine.clone(), pool.clone());
     tokio::spawn(async move {
         while let Some(p) = link.updates.recv().await {
-            match c.apply_snapshot(&p.config, &p.disabled, p.version).await {
+            let config = Arc::new(p.config);
+            match c
+                .apply_snapshot(config.clone(), p.disabled, p.version)
+                .await
+            {
                 Ok(()) => {
-                    engine.store(Arc::new(engine_for(Arc::new(p.config), &pool)));
+                    engine.store(Arc::new(engine_for(config, &pool)));
                     tracing::info!(version = p.version, "config snapshot applied");
                     link.applied.send_replace(p.version);
                 }
@@ -181,10 +196,6 @@ pub fn share_admin_changes(
     shutdown: &CancellationToken,
     address: SocketAddr,
 ) {
-    *control
-        .redis
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(redis.clone());
     let (beat, c, stop) = (redis.clone(), control.clone(), shutdown.clone());
     tokio::spawn(async move {
         loop {
@@ -306,6 +317,17 @@ pub fn http_server(
     })
     .listen(listener)?
     .run())
+}
+
+/// Once `shutdown` is cancelled the server takes no new connections and drains the requests in
+/// flight.
+pub fn stop_on(shutdown: &CancellationToken, server: actix_web::dev::ServerHandle) {
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        server.stop(true).await;
+    });
 }
 
 /// SIGHUP reloads `file` (never stops the process): a file that does not validate is refused,

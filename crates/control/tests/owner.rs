@@ -1,0 +1,125 @@
+//! The control plane's one owner: changes sent from many tasks at once apply one at a time,
+//! each published whole; a refused change leaves the state and its version as they were.
+
+use std::sync::Arc;
+
+use keypool_config::raw::RawUpstream;
+use keypool_control::{Control, ControlError, KeyChange, Parts};
+use keypool_policy::gateway::Gateways;
+use keypool_pool::KeyPool;
+
+fn key(name: &str) -> RawUpstream {
+    serde_json::from_value(serde_json::json!({"name": name, "sk": format!("sk-{name}"), "endpoint": "http://127.0.0.1:9"}))
+        .expect("a key spec")
+}
+
+async fn control() -> Arc<Control> {
+    let config = keypool_config::from_yaml(
+        "upstreams:\n  - sk: sk-first\n    name: first\n    endpoint: http://127.0.0.1:9\n",
+    )
+    .expect("a config");
+    let config = Arc::new(config);
+    let pool = KeyPool::start(&config.upstreams, config.lb_policy);
+    let gateways = Arc::new(Gateways::new(&[config.default_gateway.clone()]));
+    let (feed, _) = tokio::sync::broadcast::channel(4);
+    Control::start(Parts {
+        config,
+        gateways,
+        pool,
+        store: None,
+        redis: None,
+        feed,
+    })
+    .await
+    .expect("the control plane starts")
+}
+
+#[actix_rt::test] // the key pool's actors need an actix system
+async fn concurrent_changes_apply_one_at_a_time_and_are_published_whole() {
+    let control = control().await;
+    let start = control.version();
+    let adds: Vec<_> = (0..16)
+        .map(|i| {
+            let c = control.clone();
+            tokio::spawn(async move { c.add_key(key(&format!("k{i}"))).await })
+        })
+        .collect();
+    // meanwhile every state read is one some change left: a version per key added
+    let reader = {
+        let c = control.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                let state = c.state();
+                let keys = state.key_entries(&c.pool).len() as u64;
+                assert_eq!(state.version() - start, keys - 1, "a state half applied");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for add in adds {
+        add.await.unwrap().unwrap();
+    }
+    reader.await.unwrap();
+    assert_eq!(control.version(), start + 16);
+    assert_eq!(control.key_entries().len(), 17);
+    assert_eq!(control.pool.keys().len(), 17, "every key runs in the pool");
+
+    let again = control.add_key(key("k3")).await.unwrap_err();
+    assert!(matches!(again, ControlError::Exists(_)), "{again}");
+    let zero = KeyChange {
+        rpm: Some(Some(0)),
+        ..KeyChange::default()
+    };
+    let refused = control.update_key("k3", zero).await.unwrap_err();
+    assert!(matches!(refused, ControlError::Invalid(_)), "{refused}");
+    assert_eq!(
+        control.version(),
+        start + 16,
+        "a refused change is no version"
+    );
+
+    let off = KeyChange {
+        enabled: Some(false),
+        ..KeyChange::default()
+    };
+    assert!(!control.update_key("k3", off).await.unwrap().enabled);
+    assert_eq!(control.snapshot().disabled, vec!["k3".to_owned()]);
+    control.remove_key("k3").await.unwrap();
+    assert!(control.key_entry("k3").is_none());
+    assert_eq!(
+        control.pool.keys().len(),
+        16,
+        "the removed key drained and went"
+    );
+    let config_owned = control.remove_key("first").await.unwrap_err();
+    assert!(matches!(config_owned, ControlError::Precondition(_)));
+    assert_eq!(control.version(), start + 18);
+}
+
+#[actix_rt::test]
+async fn gateway_changes_wake_watchers_and_default_stays_the_files() {
+    let control = control().await;
+    let mut changes = control.watch_changes();
+    changes.borrow_and_update();
+    let raw =
+        serde_json::from_value(serde_json::json!({"name": "team", "models": ["gpt-4o"]})).unwrap();
+    let made = control.put_gateway(None, raw, false).await.unwrap();
+    assert_eq!(made.owner, keypool_control::OWNER_ADMIN);
+    assert!(changes.has_changed().unwrap(), "WatchConfig is woken");
+    assert_eq!(*changes.borrow_and_update(), control.version());
+    assert!(control.gateways.get("team").is_some(), "served at once");
+    let names: Vec<_> = control
+        .listed_gateways()
+        .iter()
+        .map(|g| g.raw.name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["default", "team"]);
+    for refused in [
+        control.delete_gateway("default").await,
+        control.rotate_secret("default").await.map(drop),
+    ] {
+        assert!(matches!(refused, Err(ControlError::Precondition(_))));
+    }
+    control.delete_gateway("team").await.unwrap();
+    assert!(control.gateways.get("team").is_none());
+}
