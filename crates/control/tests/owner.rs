@@ -8,35 +8,38 @@ use keypool_control::{Control, ControlError, KeyChange, Parts};
 use keypool_policy::gateway::Gateways;
 use keypool_pool::KeyPool;
 
+type Error = Box<dyn std::error::Error>;
+
 fn key(name: &str) -> RawUpstream {
-    serde_json::from_value(serde_json::json!({"name": name, "sk": format!("sk-{name}"), "endpoint": "http://127.0.0.1:9"}))
-        .expect("a key spec")
+    RawUpstream {
+        name: Some(name.to_owned()),
+        sk: Some(format!("sk-{name}")),
+        endpoint: Some("http://127.0.0.1:9".to_owned()),
+        ..RawUpstream::default()
+    }
 }
 
-async fn control() -> Arc<Control> {
-    let config = keypool_config::from_yaml(
+async fn control() -> Result<Arc<Control>, Error> {
+    let config = Arc::new(keypool_config::from_yaml(
         "upstreams:\n  - sk: sk-first\n    name: first\n    endpoint: http://127.0.0.1:9\n",
-    )
-    .expect("a config");
-    let config = Arc::new(config);
+    )?);
     let pool = KeyPool::start(&config.upstreams, config.lb_policy);
-    let gateways = Arc::new(Gateways::new(&[config.default_gateway.clone()]));
+    let gateways = Arc::new(Gateways::new(std::slice::from_ref(&config.default_gateway)));
     let (feed, _) = tokio::sync::broadcast::channel(4);
-    Control::start(Parts {
+    let parts = Parts {
         config,
         gateways,
         pool,
         store: None,
         redis: None,
         feed,
-    })
-    .await
-    .expect("the control plane starts")
+    };
+    Ok(Control::start(parts).await?)
 }
 
 #[actix_rt::test] // the key pool's actors need an actix system
 async fn concurrent_changes_apply_one_at_a_time_and_are_published_whole() {
-    let control = control().await;
+    let control = control().await.unwrap();
     let start = control.version();
     let adds: Vec<_> = (0..16)
         .map(|i| {
@@ -98,7 +101,7 @@ async fn concurrent_changes_apply_one_at_a_time_and_are_published_whole() {
 
 #[actix_rt::test]
 async fn gateway_changes_wake_watchers_and_default_stays_the_files() {
-    let control = control().await;
+    let control = control().await.unwrap();
     let mut changes = control.watch_changes();
     changes.borrow_and_update();
     let raw =
