@@ -604,3 +604,43 @@ async fn request_bodies_are_bounded_in_time_and_in_bytes_at_once() -> anyhow::Re
     assert_eq!(up.requests(), 1);
     Ok(())
 }
+
+/// Each keypool records into the telemetry handle it was started with: two in one process
+/// count apart (no process-wide registry), and a key's attempts, the gateway's requests and its
+/// refusals all land in the one `/metrics` of the server that saw them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_keypools_in_one_process_record_apart() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let yaml = config().token("t").key(&up, "telemetry-key", "").yaml();
+    let (busy, idle) = (App::start(&yaml).await?, App::start(&yaml).await?);
+    for _ in 0..3 {
+        assert_eq!(busy.chat("t", hello("gpt-4o-mini")).await?.status(), 200);
+    }
+    assert_eq!(
+        busy.chat("wrong", hello("gpt-4o-mini")).await?.status(),
+        401
+    );
+    // counters: whole numbers in the text format
+    let count = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let (_, seen) = busy.raw_get("/metrics", "").await?;
+    let (_, quiet) = idle.raw_get("/metrics", "").await?;
+    let requests = "keypool_requests_total{";
+    let attempts = "keypool_upstream_attempts_total{key=\"telemetry-key\"";
+    let refusals = "keypool_refusals_total{";
+    assert_eq!(count(&seen, requests), 3, "{seen}");
+    assert_eq!(count(&seen, attempts), 3, "{seen}");
+    assert_eq!(count(&seen, refusals), 1, "{seen}");
+    for series in [requests, attempts, refusals] {
+        assert_eq!(
+            count(&quiet, series),
+            0,
+            "{series} in the idle one's: {quiet}"
+        );
+    }
+    Ok(())
+}

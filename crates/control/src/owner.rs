@@ -170,7 +170,7 @@ impl Owner {
             let version = self.state.version;
             tokio::spawn(async move {
                 if let Err(e) = redis.announce_config(version).await {
-                    keypool_shared::shared_failed(&e);
+                    redis.failures().background(&e);
                 }
             });
         }

@@ -214,6 +214,8 @@ impl Drop for Hold {
 pub struct Budgets {
     local: InMemory,
     shared: Option<Arc<dyn SharedState>>,
+    /// Where a budget's 80% and 100% crossings are alerted.
+    telemetry: keypool_telemetry::Telemetry,
     /// Keys' budgets known spent, until their period ends (asked again if the limit changes):
     /// a spent key costs the requests that pick it no round trip.
     spent_keys: Mutex<HashMap<String, SpentUntil>>,
@@ -240,12 +242,21 @@ impl Refusal {
 }
 
 impl Budgets {
-    pub fn new(shared: Option<Arc<dyn SharedState>>) -> Self {
+    pub fn new(
+        shared: Option<Arc<dyn SharedState>>,
+        telemetry: keypool_telemetry::Telemetry,
+    ) -> Self {
         Self {
             local: InMemory::default(),
             shared,
+            telemetry,
             spent_keys: Mutex::default(),
         }
+    }
+
+    /// Where budget alerts (and the spend of requests under them) are recorded.
+    pub fn telemetry(&self) -> &keypool_telemetry::Telemetry {
+        &self.telemetry
     }
 
     /// Holds `amount` nano-dollars against every budget in `wanted`, or refuses naming the one
@@ -264,7 +275,7 @@ impl Budgets {
             Some(shared) => match shared.hold(&reqs, amount).await {
                 Ok(h) => (Ok(h), false),
                 Err(e) => {
-                    keypool_shared::shared_failed_as(&e, shared.fail_closed());
+                    shared.failed(&e);
                     if shared.fail_closed() {
                         return Err(Refusal::Unavailable(
                             ApiError::new(
@@ -340,7 +351,7 @@ impl Budgets {
             (Some(shared), false) => match shared.settle_budgets(&reqs, held, spent).await {
                 Ok(s) => s,
                 Err(e) => {
-                    keypool_shared::shared_failed(&e);
+                    shared.background_failed(&e);
                     return;
                 }
             },
@@ -350,7 +361,7 @@ impl Budgets {
             },
         };
         for (w, s) in wanted.iter().zip(settled) {
-            alert_crossings(w, s.before, s.after);
+            alert_crossings(&self.telemetry, w, s.before, s.after);
         }
     }
 
@@ -360,7 +371,7 @@ impl Budgets {
         if let Some(shared) = &self.shared
             && let Err(e) = shared.init_budget(&wanted.req, spent).await
         {
-            keypool_shared::shared_failed(&e);
+            shared.background_failed(&e);
         }
         // this process's counters too: the fallback while the shared state is unavailable
         let _ = self.local.init_budget(&wanted.req, spent).await;
@@ -368,12 +379,12 @@ impl Budgets {
 }
 
 /// Alerts once for each of 80% and 100% that this settlement crossed.
-fn alert_crossings(w: &Wanted, before: u64, after: u64) {
+fn alert_crossings(telemetry: &keypool_telemetry::Telemetry, w: &Wanted, before: u64, after: u64) {
     let limit = u128::from(w.budget.nanos);
     for pct in [80u128, 100] {
         let line = limit * pct / 100;
         if u128::from(before) < line && u128::from(after) >= line {
-            keypool_telemetry::alert(
+            telemetry.alert(
                 keypool_telemetry::Cause::Budget,
                 format!("{}:{pct}", w.req.key),
                 format!(
@@ -453,7 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spent_key_is_remembered_until_its_period_ends() {
-        let budgets = Arc::new(Budgets::new(None));
+        let budgets = Arc::new(Budgets::new(None, keypool_telemetry::Telemetry::default()));
         let b = Budget {
             nanos: 10,
             period: Period::Day,

@@ -132,7 +132,7 @@ impl GatewayRuntime {
                 match shared.pinned(&format!("cache:{key}")).await {
                     Ok(v) => v.as_deref().and_then(decode),
                     Err(e) => {
-                        keypool_shared::shared_failed(&e);
+                        shared.background_failed(&e);
                         None
                     }
                 }
@@ -156,7 +156,7 @@ impl GatewayRuntime {
                     return;
                 };
                 if let Err(e) = shared.pin(&format!("cache:{key}"), &value, spec.ttl).await {
-                    keypool_shared::shared_failed(&e);
+                    shared.background_failed(&e);
                 }
             }
             _ => self.state.cache.put(key, answer, Instant::now(), spec),

@@ -32,6 +32,8 @@ pub struct GatewayRuntime {
     pub name: Arc<str>,
     pub spec: Arc<Gateway>,
     pub state: Arc<GatewayState>,
+    /// Where its requests' metrics, spans and alerts go.
+    pub telemetry: keypool_telemetry::Telemetry,
 }
 
 /// What a gateway remembers between requests.
@@ -118,7 +120,7 @@ impl GatewayState {
             let (shared, key) = (shared.clone(), quota_counter(gateway));
             tokio::spawn(async move {
                 if let Err(e) = shared.add(&key, n).await {
-                    keypool_shared::shared_failed(&e);
+                    shared.background_failed(&e);
                 }
             });
         }
@@ -130,7 +132,7 @@ impl GatewayState {
         if let Some((shared, gateway)) = &self.shared
             && let Err(e) = shared.init(&quota_counter(gateway), n).await
         {
-            keypool_shared::shared_failed(&e);
+            shared.background_failed(&e);
         }
     }
 
@@ -142,7 +144,7 @@ impl GatewayState {
             Some((shared, gateway)) => match shared.get(&quota_counter(gateway)).await {
                 Ok(n) => n,
                 Err(e) => {
-                    keypool_shared::shared_failed(&e);
+                    shared.background_failed(&e);
                     self.tokens_used()
                 }
             },
@@ -156,6 +158,7 @@ impl GatewayRuntime {
             name: Arc::from(spec.name.as_str()),
             spec,
             state: Arc::default(),
+            telemetry: keypool_telemetry::Telemetry::default(),
         }
     }
 
@@ -322,7 +325,7 @@ impl GatewayRuntime {
         match shared.admit(&self.windows(caller, client_ip), now).await {
             Ok(outcome) => self.verdict(outcome),
             Err(e) => {
-                keypool_shared::shared_failed_as(&e, shared.fail_closed());
+                shared.failed(&e);
                 if shared.fail_closed() {
                     return Err(Refused {
                         error: shared_unavailable(),
@@ -343,7 +346,7 @@ impl GatewayRuntime {
             return match shared.get(&quota_counter(gateway)).await {
                 Ok(used) => self.quota_verdict(used),
                 Err(e) => {
-                    keypool_shared::shared_failed_as(&e, shared.fail_closed());
+                    shared.failed(&e);
                     if shared.fail_closed() {
                         Err(shared_unavailable())
                     } else {

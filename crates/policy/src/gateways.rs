@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use keypool_config::Gateway;
 use keypool_shared::SharedState;
+use keypool_telemetry::Telemetry;
 
 use crate::gateway::{GatewayRuntime, GatewayState};
 
@@ -19,29 +20,46 @@ pub struct Gateways {
     /// The prices in force before the built-in catalog's (the admin API's, then the config's):
     /// replaced whole with the configuration.
     prices: arc_swap::ArcSwap<keypool_pricing::Prices>,
+    /// What every gateway records into (its runtime carries it to the requests).
+    telemetry: Telemetry,
 }
 
 impl Default for Gateways {
     fn default() -> Self {
-        Self::with_shared(&[], None)
+        Self::new(&[])
     }
 }
 
 impl Gateways {
+    /// In-process gateways with a telemetry handle of their own (tools and tests).
     pub fn new(specs: &[Arc<Gateway>]) -> Self {
-        Self::with_shared(specs, None)
+        Self::with_shared(specs, None, Telemetry::default())
     }
 
-    /// Gateways whose limits and quotas hold across replicas through `shared`.
-    pub fn with_shared(specs: &[Arc<Gateway>], shared: Option<Arc<dyn SharedState>>) -> Self {
+    /// Gateways whose limits and quotas hold across replicas through `shared`, recording into
+    /// `telemetry`.
+    pub fn with_shared(
+        specs: &[Arc<Gateway>],
+        shared: Option<Arc<dyn SharedState>>,
+        telemetry: Telemetry,
+    ) -> Self {
         let g = Self {
             map: arc_swap::ArcSwap::default(),
-            budgets: Arc::new(crate::budget::Budgets::new(shared.clone())),
+            budgets: Arc::new(crate::budget::Budgets::new(
+                shared.clone(),
+                telemetry.clone(),
+            )),
             prices: arc_swap::ArcSwap::default(),
             shared,
+            telemetry,
         };
         g.replace(specs);
         g
+    }
+
+    /// What every gateway records into.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     /// The USD budgets' counters.
@@ -88,6 +106,7 @@ impl Gateways {
                         name: Arc::from(spec.name.as_str()),
                         spec: spec.clone(),
                         state,
+                        telemetry: self.telemetry.clone(),
                     }),
                 );
             }

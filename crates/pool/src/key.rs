@@ -265,8 +265,9 @@ impl KeyActor {
         self.announcer
             .announce(&self.key.name, crate::HealthEvent::Cooling(period));
         self.cooldowns_in_row += 1;
-        if self.cooldowns_in_row >= keypool_telemetry::notify::cooling_alert_after() {
-            keypool_telemetry::alert(
+        let telemetry = &self.tally.telemetry;
+        if self.cooldowns_in_row >= telemetry.cooling_alert_after() {
+            telemetry.alert(
                 keypool_telemetry::Cause::KeyCooling,
                 self.key.name.to_string(),
                 format!(
@@ -344,7 +345,7 @@ impl KeyActor {
                 if !matches!(self.health, Health::Disabled { .. }) {
                     self.announcer
                         .announce(&self.key.name, crate::HealthEvent::Disabled(reason.clone()));
-                    keypool_telemetry::alert(
+                    self.tally.telemetry.alert(
                         keypool_telemetry::Cause::KeyDisabled,
                         self.key.name.to_string(),
                         format!(

@@ -19,7 +19,7 @@ pub mod window;
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
 pub use keypool_shared::{
     Admit, HealthEvent, InMemory, Picked, RedisState, SessionReq, SharedError, SharedState, Stick,
-    TokenReq, WindowReq, shared_failed,
+    TokenReq, WindowReq,
 };
 pub use messages::{
     AddKey, BusyCause, ListKeys, NoKey, Outcome, PoolError, RemoveKey, SetEnabled, UpdateKey,

@@ -34,6 +34,7 @@ mod lease;
 mod pick;
 
 use keypool_shared::HealthAnnouncer;
+use keypool_telemetry::Telemetry;
 pub use lease::Lease;
 use lease::SharedTokens;
 pub use pick::{KeyAccess, Pick};
@@ -56,9 +57,14 @@ impl PoolKey {
         epoch: Instant,
         seed: Option<KeySeed>,
         announcer: HealthAnnouncer,
+        telemetry: &Telemetry,
     ) -> Self {
         let gauge = Arc::new(KeyGauge::default());
-        let tally = Arc::new(KeyTally::new(&key.name, key.kind.as_str()));
+        let tally = Arc::new(KeyTally::new(
+            &key.name,
+            key.kind.as_str(),
+            telemetry.clone(),
+        ));
         let addr = KeyActor::new(key.clone(), epoch, gauge.clone(), tally.clone(), seed)
             .announcing(announcer)
             .start();
@@ -86,6 +92,8 @@ pub struct KeyPool {
     next_id: u64,
     /// Handed to every key actor: where it tells other replicas about its key's health.
     announcer: HealthAnnouncer,
+    /// Where every key's attempts are counted and its alerts go.
+    telemetry: Telemetry,
 }
 
 impl KeyPool {
@@ -96,16 +104,19 @@ impl KeyPool {
             policy,
             &std::collections::HashMap::new(),
             HealthAnnouncer::default(),
+            Telemetry::default(),
         )
     }
 
-    /// Like [`KeyPool::start`], with each key's counters and recent requests restored, and the
-    /// keys' health changes announced through `announcer`.
+    /// Like [`KeyPool::start`], with each key's counters and recent requests restored, the
+    /// keys' health changes announced through `announcer`, their attempts counted and their
+    /// alerts sent through `telemetry`.
     pub fn start_seeded(
         keys: &[Arc<UpstreamKey>],
         policy: LbPolicy,
         seeds: &std::collections::HashMap<String, KeySeed>,
         announcer: HealthAnnouncer,
+        telemetry: Telemetry,
     ) -> PoolHandle {
         let epoch = Instant::now();
         let keys = keys
@@ -118,6 +129,7 @@ impl KeyPool {
                     epoch,
                     seeds.get(&*key.name).cloned(),
                     announcer.clone(),
+                    &telemetry,
                 )
             })
             .collect();
@@ -131,6 +143,7 @@ impl KeyPool {
             view: view.clone(),
             next_id,
             announcer,
+            telemetry,
         }
         .start();
         PoolHandle {
@@ -190,6 +203,7 @@ impl Handler<crate::messages::AddKey> for KeyPool {
             view.epoch,
             None,
             self.announcer.clone(),
+            &self.telemetry,
         ));
         self.next_id += 1;
         self.publish(keys);
@@ -284,7 +298,7 @@ impl PoolHandle {
         if let Some(shared) = &self.shared
             && let Err(e) = shared.pin(response_id, key, PIN_TTL).await
         {
-            crate::shared_failed(&e);
+            shared.background_failed(&e);
         }
     }
 
@@ -297,7 +311,7 @@ impl PoolHandle {
             Some(shared) => match shared.pinned(response_id).await {
                 Ok(key) => key.map(Into::into),
                 Err(e) => {
-                    crate::shared_failed(&e);
+                    shared.background_failed(&e);
                     None
                 }
             },

@@ -42,6 +42,8 @@ pub struct KeyTally {
     ttfb_us: AtomicU64,
     /// The key's attempt metrics, resolved once.
     pub(crate) metrics: KeyHandles,
+    /// Where the key's other outcomes are counted and its alerts go.
+    pub(crate) telemetry: keypool_telemetry::Telemetry,
 }
 
 /// What one fold drained from a tally.
@@ -54,7 +56,7 @@ pub(crate) struct Folded {
 }
 
 impl KeyTally {
-    pub(crate) fn new(key: &str, provider: &str) -> Self {
+    pub(crate) fn new(key: &str, provider: &str, telemetry: keypool_telemetry::Telemetry) -> Self {
         Self {
             in_flight: AtomicU32::new(0),
             recorded: AtomicU64::new(0),
@@ -63,7 +65,8 @@ impl KeyTally {
             tokens: AtomicU64::new(0),
             settles_queued: AtomicU32::new(0),
             ttfb_us: AtomicU64::new(0),
-            metrics: keypool_telemetry::metrics().key_handles(key, provider),
+            metrics: telemetry.metrics().key_handles(key, provider),
+            telemetry,
         }
     }
 
@@ -163,7 +166,11 @@ mod tests {
 
     #[test]
     fn folds_drain_what_requests_added() {
-        let t = KeyTally::new("tally-test", "openai");
+        let t = KeyTally::new(
+            "tally-test",
+            "openai",
+            keypool_telemetry::Telemetry::default(),
+        );
         t.record();
         t.record();
         t.leased();

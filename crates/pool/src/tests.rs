@@ -225,6 +225,7 @@ async fn seeds_restore_counters_and_the_last_minute() {
         LbPolicy::LeastUsed,
         &seeds,
         keypool_shared::HealthAnnouncer::default(),
+        keypool_telemetry::Telemetry::default(),
     );
     let states = pool.list().await;
     assert_eq!(states[0].counters.used, 7);

@@ -153,9 +153,10 @@ async fn client_error(
     } = resp;
     let key = lease.key.name.clone();
     let body = read_body(body, until, limit).await;
+    let telemetry = lease.telemetry().clone();
     lease.settle(Outcome::ClientError { status });
     match body {
-        Err(BodyError::TooLarge) => too_large(key, limit),
+        Err(BodyError::TooLarge) => too_large(&telemetry, key, limit),
         body => Attempt::Done(Reply::Whole {
             status,
             headers,
@@ -177,9 +178,10 @@ async fn refused(resp: UpstreamResponse, lease: Lease, outcome: Outcome) -> Atte
     let key = lease.key.name.clone();
     let body = read_body(body, Instant::now() + ERROR_BODY_TIMEOUT, ERROR_BODY_LIMIT).await;
     tracing::warn!(key = %key, status, outcome = outcome.label(), "upstream refused; failing over");
+    let telemetry = lease.telemetry().clone();
     lease.settle(outcome);
     if matches!(body, Err(BodyError::TooLarge)) {
-        crate::observe::answer_cut("response_too_large");
+        crate::observe::answer_cut(&telemetry, "response_too_large");
         return Attempt::Failed(Failure::Transport {
             error: ApiError::new(
                 ErrorKind::ResponseTooLarge,
@@ -197,8 +199,8 @@ async fn refused(resp: UpstreamResponse, lease: Lease, outcome: Outcome) -> Atte
 }
 
 /// An answer larger than `limit`: never buffered past it; 502 `response_too_large`.
-fn too_large(key: Arc<str>, limit: usize) -> Attempt {
-    crate::observe::answer_cut("response_too_large");
+fn too_large(telemetry: &keypool_telemetry::Telemetry, key: Arc<str>, limit: usize) -> Attempt {
+    crate::observe::answer_cut(telemetry, "response_too_large");
     Attempt::Done(Reply::Error {
         error: ApiError::new(
             ErrorKind::ResponseTooLarge,
@@ -414,8 +416,9 @@ async fn whole(
         }
         Err(BodyError::Timeout) => Attempt::Failed(timed_out(lease, false)),
         Err(BodyError::TooLarge) => {
+            let telemetry = lease.telemetry().clone();
             lease.settle(Outcome::ClientError { status });
-            too_large(key, limit)
+            too_large(&telemetry, key, limit)
         }
         Err(BodyError::Broken(e)) => {
             lease.settle(Outcome::Connect);

@@ -72,7 +72,7 @@ pub(crate) async fn lookup(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let pending = |key, outcome| {
-        crate::observe::response_cache(&gw.name, outcome);
+        crate::observe::response_cache(gw, outcome);
         Some(Lookup::Forward(Pending {
             key,
             gateway: gw.clone(),
@@ -94,7 +94,7 @@ pub(crate) async fn lookup(
     }
     match gw.cached(&key).await {
         Some(answer) if answer.stream == inspected.stream => {
-            crate::observe::response_cache(&gw.name, "hit");
+            crate::observe::response_cache(gw, "hit");
             Some(Lookup::Hit(answer))
         }
         _ => pending(Some(key), "miss"),

@@ -73,7 +73,7 @@ impl Engine {
                 reason,
                 "falling back to another model"
             );
-            crate::observe::fell_back(&gw.name, &tried[0], &model, reason);
+            crate::observe::fell_back(&gw, &tried[0], &model, reason);
             ctx.inspected.body = body;
             let from = std::mem::replace(&mut ctx.inspected.model, model.clone());
             ctx.requested_model.get_or_insert(from);

@@ -207,7 +207,7 @@ impl Engine {
             }
             Reply::Error { error, key } => {
                 if key.is_none() {
-                    observe::refused(&ctx.gateway.name, error);
+                    observe::refused(&ctx.gateway.telemetry, &ctx.gateway.name, error);
                 }
                 ctx.account(error.status(), None, Some(error.kind.wire().code));
             }
@@ -294,7 +294,7 @@ impl Engine {
             select.record("keypool.key", &*lease.key.name);
             drop(select);
             if let Some(stick) = lease.affinity {
-                observe::affinity(&ctx.gateway.name, stick);
+                observe::affinity(&ctx.gateway, stick);
             }
             pick.exclude.push(lease.key_id);
             match self.traced_attempt(client, ctx, lease).await {
@@ -357,7 +357,7 @@ impl Engine {
             .instrument(span.clone())
             .await;
         if let Attempt::Failed(f) = &outcome {
-            observe::attempt_failed(&span, f);
+            observe::attempt_failed(&ctx.gateway, &span, f);
         }
         ctx.upstream_time += t.elapsed();
         outcome
@@ -462,7 +462,7 @@ async fn wait_for_budget(
     }
     sleep(wake - now).await;
     ctx.queued += wake - now;
-    observe::queued(wake - now);
+    observe::queued(&ctx.gateway, wake - now);
     true
 }
 

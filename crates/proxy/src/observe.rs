@@ -1,6 +1,7 @@
 //! What each phase of the request pipeline records, in one place: spans (when traces are
 //! exported), metrics and alerts. The phases call these at their boundaries and record nothing
-//! themselves.
+//! themselves. Everything goes to the [`Telemetry`] handle the process was started with: a
+//! gateway's runtime carries it (`gw.telemetry`), so does a key's lease.
 //!
 //! | phase | records |
 //! |---|---|
@@ -15,6 +16,8 @@
 
 use std::time::Duration;
 
+use keypool_policy::gateway::GatewayRuntime;
+use keypool_telemetry::Telemetry;
 use keypool_types::{ApiError, Usage};
 
 use crate::attempt::Failure;
@@ -22,8 +25,8 @@ use crate::ctx::RequestCtx;
 
 /// The request's server span (none unless traces are exported), from the caller's trace
 /// context headers.
-pub(crate) fn server_span(req: &actix_web::HttpRequest) -> tracing::Span {
-    if !keypool_telemetry::trace::enabled() {
+pub(crate) fn server_span(t: &Telemetry, req: &actix_web::HttpRequest) -> tracing::Span {
+    if !t.traced() {
         return tracing::Span::none();
     }
     let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
@@ -41,8 +44,8 @@ pub(crate) fn policy_span(server: &tracing::Span) -> tracing::Span {
 }
 
 /// A request refused by keypool itself (before any key was tried): counted by gateway and code.
-pub(crate) fn refused(gateway: &str, error: &ApiError) {
-    keypool_telemetry::metrics().refusal(gateway, error.kind.wire().code);
+pub(crate) fn refused(t: &Telemetry, gateway: &str, error: &ApiError) {
+    t.metrics().refusal(gateway, error.kind.wire().code);
 }
 
 /// The span of one key selection.
@@ -51,8 +54,9 @@ pub(crate) fn select_span(ctx: &RequestCtx, policy: &'static str) -> tracing::Sp
 }
 
 /// A wait for a key with budget.
-pub(crate) fn queued(wait: Duration) {
-    keypool_telemetry::metrics()
+pub(crate) fn queued(gw: &GatewayRuntime, wait: Duration) {
+    gw.telemetry
+        .metrics()
         .queue_wait
         .observe(wait.as_secs_f64());
 }
@@ -79,7 +83,7 @@ pub(crate) fn stream_span(ctx: &RequestCtx, ttfb_ms: u64) -> tracing::Span {
 }
 
 /// A failed attempt, failed over from: on its span, and counted by reason.
-pub(crate) fn attempt_failed(span: &tracing::Span, f: &Failure) {
+pub(crate) fn attempt_failed(gw: &GatewayRuntime, span: &tracing::Span, f: &Failure) {
     if !span.is_none() {
         span.record("error.type", f.reason());
         span.record("otel.status_code", "ERROR");
@@ -87,29 +91,33 @@ pub(crate) fn attempt_failed(span: &tracing::Span, f: &Failure) {
             span.record("http.response.status_code", *status);
         }
     }
-    keypool_telemetry::metrics()
+    gw.telemetry
+        .metrics()
         .failovers
         .with_label_values(&[f.reason()])
         .inc();
 }
 
 /// What a session's pick did with the session's key.
-pub(crate) fn affinity(gateway: &str, stick: keypool_pool::Stick) {
-    keypool_telemetry::metrics()
+pub(crate) fn affinity(gw: &GatewayRuntime, stick: keypool_pool::Stick) {
+    gw.telemetry
+        .metrics()
         .affinity
-        .with_label_values(&[gateway, stick.as_str()])
+        .with_label_values(&[&gw.name, stick.as_str()])
         .inc();
 }
 
 /// A guardrail rule matched (counted once per request and rule; logged by name, never the text).
-pub(crate) fn guardrail_hit(gateway: &str, rule: &str, on: &str, alert: bool) {
-    keypool_telemetry::metrics()
+pub(crate) fn guardrail_hit(gw: &GatewayRuntime, rule: &str, on: &str, alert: bool) {
+    let gateway = &*gw.name;
+    gw.telemetry
+        .metrics()
         .guardrail_hits
         .with_label_values(&[gateway, rule, on])
         .inc();
     tracing::info!(gateway, rule, on, "guardrail rule matched");
     if alert {
-        keypool_telemetry::alert(
+        gw.telemetry.alert(
             keypool_telemetry::Cause::Guardrail,
             format!("{gateway}/{rule}"),
             format!("guardrail rule {rule} matched a {on} on gateway {gateway}"),
@@ -118,25 +126,27 @@ pub(crate) fn guardrail_hit(gateway: &str, rule: &str, on: &str, alert: bool) {
 }
 
 /// A response cache lookup: `hit`, `miss`, `refresh` or `bypass`.
-pub(crate) fn response_cache(gateway: &str, outcome: &str) {
-    keypool_telemetry::metrics()
+pub(crate) fn response_cache(gw: &GatewayRuntime, outcome: &str) {
+    gw.telemetry
+        .metrics()
         .response_cache
-        .with_label_values(&[gateway, outcome])
+        .with_label_values(&[&gw.name, outcome])
         .inc();
 }
 
 /// A request moved on to a fallback model.
-pub(crate) fn fell_back(gateway: &str, from: &str, to: &str, reason: &str) {
-    keypool_telemetry::metrics()
+pub(crate) fn fell_back(gw: &GatewayRuntime, from: &str, to: &str, reason: &str) {
+    gw.telemetry
+        .metrics()
         .fallbacks
-        .with_label_values(&[gateway, from, to, reason])
+        .with_label_values(&[&gw.name, from, to, reason])
         .inc();
 }
 
 /// Every key that serves the request failed it (or is disabled): an alert, deduplicated by
 /// gateway and model.
 pub(crate) fn all_failed(ctx: &RequestCtx, why: &str) {
-    keypool_telemetry::alert(
+    ctx.gateway.telemetry.alert(
         keypool_telemetry::Cause::AllUpstreamsFailed,
         format!("{}/{}", ctx.gateway.name, ctx.inspected.model),
         format!(
@@ -159,20 +169,23 @@ pub(crate) fn answered(
         trace_outcome(ctx, status, usage, error);
     }
     let tokens = usage.unwrap_or_default();
-    keypool_telemetry::metrics().request(&keypool_telemetry::RequestRecord {
-        gateway: &ctx.gateway.name,
-        model: &ctx.inspected.model,
-        key: ctx.key.as_deref(),
-        status,
-        latency,
-        overhead: (ctx.attempts > 0 && !ctx.inspected.stream)
-            .then(|| latency.saturating_sub(ctx.upstream_time + ctx.queued)),
-        prompt_tokens: tokens.prompt_tokens,
-        completion_tokens: tokens.completion_tokens,
-        cache_read_tokens: tokens.cache_read_tokens,
-        cache_write_tokens: tokens.cache_write_tokens,
-        cost_usd: cost.map(keypool_pricing::Cost::as_f64),
-    });
+    ctx.gateway
+        .telemetry
+        .metrics()
+        .request(&keypool_telemetry::RequestRecord {
+            gateway: &ctx.gateway.name,
+            model: &ctx.inspected.model,
+            key: ctx.key.as_deref(),
+            status,
+            latency,
+            overhead: (ctx.attempts > 0 && !ctx.inspected.stream)
+                .then(|| latency.saturating_sub(ctx.upstream_time + ctx.queued)),
+            prompt_tokens: tokens.prompt_tokens,
+            completion_tokens: tokens.completion_tokens,
+            cache_read_tokens: tokens.cache_read_tokens,
+            cache_write_tokens: tokens.cache_write_tokens,
+            cost_usd: cost.map(keypool_pricing::Cost::as_f64),
+        });
 }
 
 /// Puts the request's outcome on its server span.
@@ -205,9 +218,6 @@ fn trace_outcome(ctx: &RequestCtx, status: u16, usage: Option<Usage>, error: Opt
 
 /// An upstream answer keypool cut off (`response_too_large`, `stream_event_too_large`,
 /// `stream_deadline`).
-pub(crate) fn answer_cut(reason: &str) {
-    keypool_telemetry::metrics()
-        .answers_cut
-        .with_label_values(&[reason])
-        .inc();
+pub(crate) fn answer_cut(t: &Telemetry, reason: &str) {
+    t.metrics().answers_cut.with_label_values(&[reason]).inc();
 }

@@ -75,6 +75,8 @@ pub struct Relay {
     /// The stream ended complete.
     succeeded: bool,
     guard: Option<crate::guard::stream::StreamGuard>,
+    /// Where a cut stream is counted (the key's, from its lease).
+    telemetry: keypool_telemetry::Telemetry,
 }
 
 impl Relay {
@@ -110,6 +112,7 @@ impl Relay {
             .max_event(max_event);
         let first = tap.feed(&first);
         Ok(Self {
+            telemetry: lease.telemetry().clone(),
             upstream,
             tap,
             lease: Some(lease),
@@ -309,7 +312,7 @@ impl Relay {
     /// Ends a stream keypool cut off (`reason`: an event past `max_stream_event_bytes`, or
     /// past `stream_deadline`), with an error event after what was already complete.
     fn cut(&mut self, rest: &[u8], reason: &'static str) -> Bytes {
-        crate::observe::answer_cut(reason);
+        crate::observe::answer_cut(&self.telemetry, reason);
         let why = if reason == "stream_deadline" {
             "The stream ran past the gateway's stream_deadline."
         } else {

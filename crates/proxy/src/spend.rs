@@ -3,19 +3,11 @@
 //! (counted, and warned about once per model: never priced at 0); and its holds against the
 //! USD budgets it falls under, settled to that cost when it ends.
 
-use std::collections::HashSet;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::Arc;
 
 use keypool_policy::budget::{Budgets, Hold};
 use keypool_pricing::{Cost, KeyPricing, Prices};
 use keypool_types::Usage;
-
-/// Models already warned about.
-static UNPRICED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Mutex::default);
-
-/// The most models warned about (then only counted): a client naming endless models must not
-/// grow this set without bound.
-const MAX_WARNED: usize = 1000;
 
 /// A request's prices and budget holds.
 pub struct Spending {
@@ -44,7 +36,7 @@ impl Spending {
     pub fn cost(&self, model: &str, usage: &Usage) -> Option<Cost> {
         let cost = self.prices.cost(model, usage, self.key_pricing.as_deref());
         if cost.is_none() {
-            unpriced(model);
+            unpriced(self.budgets.telemetry(), model);
         }
         cost
     }
@@ -78,10 +70,8 @@ pub fn estimate(
     prices.cost(model, &usage, key).map_or(0, Cost::nanos)
 }
 
-fn unpriced(model: &str) {
-    keypool_telemetry::metrics().unpriced.inc();
-    let mut warned = UNPRICED.lock().unwrap_or_else(PoisonError::into_inner);
-    if warned.len() < MAX_WARNED && warned.insert(model.to_owned()) {
+fn unpriced(telemetry: &keypool_telemetry::Telemetry, model: &str) {
+    if telemetry.metrics().unpriced(model) {
         tracing::warn!(
             model,
             "no price for this model in the catalog: its cost is left empty, not 0"

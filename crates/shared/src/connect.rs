@@ -115,6 +115,7 @@ pub(crate) struct Following {
     current: arc_swap::ArcSwap<ConnectionManager>,
     address: std::sync::Mutex<(String, u16)>,
     looking: AtomicBool,
+    failures: Arc<crate::Failures>,
 }
 
 impl Following {
@@ -124,7 +125,7 @@ impl Following {
         }
         tokio::spawn(async move {
             if let Err(e) = self.check().await {
-                crate::shared_failed(&e);
+                self.failures.background(&e);
             }
             // one lookup per second at most, however many calls fail meanwhile
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -232,6 +233,7 @@ pub(crate) async fn master_address(
 pub(crate) async fn connect(
     target: &RedisTarget,
     timeout: Duration,
+    failures: &Arc<crate::Failures>,
 ) -> Result<Source, SharedError> {
     match target {
         RedisTarget::Single(url) => Ok(Source::Fixed(Conn::Single(manager(url, timeout).await?))),
@@ -265,6 +267,7 @@ pub(crate) async fn connect(
                 current: arc_swap::ArcSwap::new(Arc::new(conn)),
                 address: std::sync::Mutex::new(at),
                 looking: AtomicBool::new(false),
+                failures: failures.clone(),
             });
             // a master that moves without a failed call (a planned switch-over) is found too
             let watch = Arc::downgrade(&following);

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::connect::{RedisTarget, pubsub_url};
-use crate::{HealthEvent, RedisState, SharedError, SharedState, shared_failed};
+use crate::connect::pubsub_url;
+use crate::{HealthEvent, RedisState, SharedError, SharedState};
 
 /// This process's id in health messages (its own are ignored when they come back).
 pub fn process_id() -> &'static str {
@@ -55,7 +55,7 @@ impl HealthAnnouncer {
 /// Calls `on_message` with every message another replica publishes on `channel`, through a
 /// subscription that reconnects by itself, until `stop`.
 pub fn subscribe<F, Fut>(
-    target: RedisTarget,
+    state: &RedisState,
     channel: String,
     stop: tokio_util::sync::CancellationToken,
     on_message: F,
@@ -63,6 +63,7 @@ pub fn subscribe<F, Fut>(
     F: Fn(String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    let (target, failures) = (state.target().clone(), state.failures());
     tokio::spawn(async move {
         use futures_util::StreamExt;
         let mut attempt = 0;
@@ -100,7 +101,7 @@ pub fn subscribe<F, Fut>(
                         }
                     }
                 }
-                Err(e) => shared_failed(&e),
+                Err(e) => failures.background(&e),
             }
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -129,22 +130,17 @@ pub fn share_health(
                     None => return,
                     Some((key, event)) => {
                         if let Err(e) = publisher.publish_health(&key, &event).await {
-                            shared_failed(&e);
+                            publisher.background_failed(&e);
                         }
                     }
                 },
             }
         }
     });
-    subscribe(
-        state.target().clone(),
-        state.health_channel(),
-        stop,
-        move |payload| {
-            if let Some((key, event)) = parse_health(&payload) {
-                apply(&key, event);
-            }
-            std::future::ready(())
-        },
-    );
+    subscribe(state, state.health_channel(), stop, move |payload| {
+        if let Some((key, event)) = parse_health(&payload) {
+            apply(&key, event);
+        }
+        std::future::ready(())
+    });
 }

@@ -277,50 +277,72 @@ pub trait SharedState: Send + Sync {
     fn replicas_hint(&self) -> u32 {
         1
     }
+
+    /// Counts, logs and alerts a failure of a background task's call (retried later).
+    fn background_failed(&self, _e: &SharedError) {}
+
+    /// Counts, logs and alerts a failure of a request's call, saying what the caller does about
+    /// it ([`SharedState::fail_closed`]: refuse, or fall back to local state).
+    fn failed(&self, _e: &SharedError) {}
 }
 
-/// Counts and logs a shared-state failure of a background task (heartbeats, health
-/// announcements: retried later).
-pub fn shared_failed(e: &SharedError) {
-    report(e, "a background task will retry");
+/// Where a shared state's failures go: counted (`keypool_redis_errors_total`), logged at most
+/// once every 10 s (with how many were not), alerted as the alert policy says.
+pub struct Failures {
+    telemetry: keypool_telemetry::Telemetry,
+    last_logged_s: std::sync::atomic::AtomicU64,
+    unlogged: std::sync::atomic::AtomicU64,
 }
 
-/// Counts a shared-state failure and says what the caller does about it: refuse with 503
-/// (`closed`, `on_failure: closed`) or fall back to local limits. Logged at most once every
-/// 10 s (with how many failures were not), alerted as the alert policy says.
-pub fn shared_failed_as(e: &SharedError, closed: bool) {
-    report(
-        e,
-        if closed {
-            "refusing requests that need it with 503 shared_state_unavailable (redis.on_failure: closed)"
-        } else {
-            "using local state (redis.on_failure: local)"
-        },
-    );
-}
-
-fn report(e: &SharedError, what: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST_LOGGED_S: AtomicU64 = AtomicU64::new(0);
-    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
-    keypool_telemetry::metrics().redis_errors.inc();
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_LOGGED_S.load(Ordering::Relaxed);
-    if now_s >= last + 10
-        && LAST_LOGGED_S
-            .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let unlogged = UNLOGGED.swap(0, Ordering::Relaxed);
-        tracing::warn!(error = %e, failures_not_logged = unlogged, "shared state unavailable: {what}");
-    } else {
-        UNLOGGED.fetch_add(1, Ordering::Relaxed);
+impl Failures {
+    pub fn new(telemetry: keypool_telemetry::Telemetry) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            telemetry,
+            last_logged_s: 0.into(),
+            unlogged: 0.into(),
+        })
     }
-    keypool_telemetry::alert(
-        keypool_telemetry::Cause::RedisUnavailable,
-        "redis",
-        format!("Redis (shared state) is unavailable: {e}; {what}"),
-    );
+
+    /// A failure of a background task (heartbeats, announcements, subscriptions): retried later.
+    pub fn background(&self, e: &SharedError) {
+        self.report(e, "a background task will retry");
+    }
+
+    /// A failure of a request's call, with what the caller does about it: refuse with 503
+    /// (`closed`, `on_failure: closed`) or fall back to local limits.
+    pub fn serving(&self, e: &SharedError, closed: bool) {
+        self.report(
+            e,
+            if closed {
+                "refusing requests that need it with 503 shared_state_unavailable (redis.on_failure: closed)"
+            } else {
+                "using local state (redis.on_failure: local)"
+            },
+        );
+    }
+
+    fn report(&self, e: &SharedError, what: &str) {
+        use std::sync::atomic::Ordering;
+        self.telemetry.metrics().redis_errors.inc();
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_logged_s.load(Ordering::Relaxed);
+        if now_s >= last + 10
+            && self
+                .last_logged_s
+                .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let unlogged = self.unlogged.swap(0, Ordering::Relaxed);
+            tracing::warn!(error = %e, failures_not_logged = unlogged, "shared state unavailable: {what}");
+        } else {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+        }
+        self.telemetry.alert(
+            keypool_telemetry::Cause::RedisUnavailable,
+            "redis",
+            format!("Redis (shared state) is unavailable: {e}; {what}"),
+        );
+    }
 }

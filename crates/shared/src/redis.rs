@@ -29,6 +29,7 @@ pub struct RedisState {
     budget_hold: redis::Script,
     budget_settle: redis::Script,
     budget_init: redis::Script,
+    failures: std::sync::Arc<crate::Failures>,
 }
 
 /// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
@@ -63,16 +64,35 @@ impl RedisState {
         Self::connect_to(&RedisTarget::Single(url.to_owned()), prefix, timeout).await
     }
 
-    /// Connects to a server, a cluster or a Sentinel-watched master (or fails within a few
-    /// `timeout`s). In a cluster every key is `{prefix}name`: one hash tag, one slot, so each
-    /// script's keys are on one node and its decision is as atomic as on one server.
+    /// [`RedisState::connect_with`] with a telemetry handle of its own (tests and tools).
     pub async fn connect_to(
         target: &RedisTarget,
         prefix: &str,
         timeout: Duration,
     ) -> Result<Self, SharedError> {
-        let source = crate::connect::connect(target, timeout).await?;
+        Self::connect_with(
+            target,
+            prefix,
+            timeout,
+            keypool_telemetry::Telemetry::default(),
+        )
+        .await
+    }
+
+    /// Connects to a server, a cluster or a Sentinel-watched master (or fails within a few
+    /// `timeout`s); its failures are counted, logged and alerted through `telemetry`. In a
+    /// cluster every key is `{prefix}name`: one hash tag, one slot, so each script's keys are
+    /// on one node and its decision is as atomic as on one server.
+    pub async fn connect_with(
+        target: &RedisTarget,
+        prefix: &str,
+        timeout: Duration,
+        telemetry: keypool_telemetry::Telemetry,
+    ) -> Result<Self, SharedError> {
+        let failures = crate::Failures::new(telemetry);
+        let source = crate::connect::connect(target, timeout, &failures).await?;
         Ok(Self {
+            failures,
             closed: false,
             replicas_hint: 1,
             source,
@@ -151,6 +171,11 @@ impl RedisState {
     /// Where this state's Redis is (what subscriptions connect to).
     pub fn target(&self) -> &RedisTarget {
         &self.target
+    }
+
+    /// Where this state's failures are counted, logged and alerted.
+    pub fn failures(&self) -> std::sync::Arc<crate::Failures> {
+        self.failures.clone()
     }
 
     /// The longest wait for one call.
@@ -260,6 +285,14 @@ impl SharedState for RedisState {
 
     fn fail_closed(&self) -> bool {
         self.closed
+    }
+
+    fn background_failed(&self, e: &SharedError) {
+        self.failures.background(e);
+    }
+
+    fn failed(&self, e: &SharedError) {
+        self.failures.serving(e, self.closed);
     }
 
     fn replicas_hint(&self) -> u32 {

@@ -239,8 +239,13 @@ pub struct UsageWriter {
 }
 
 impl UsageWriter {
-    /// Starts the writer on the current tokio runtime.
-    pub fn start(store: impl BatchTarget, policy: &LogPolicy) -> (Self, WriterSink) {
+    /// Starts the writer on the current tokio runtime; a target that goes away is alerted
+    /// through `telemetry`.
+    pub fn start(
+        store: impl BatchTarget,
+        policy: &LogPolicy,
+        telemetry: keypool_telemetry::Telemetry,
+    ) -> (Self, WriterSink) {
         let (tx, rx) = mpsc::channel(policy.queue_capacity);
         let (stop_tx, stop_rx) = oneshot::channel();
         let stats = Arc::new(WriterStats::default());
@@ -255,6 +260,7 @@ impl UsageWriter {
                 stats: stats.clone(),
                 db_ok: true,
                 last_try: Instant::now(),
+                telemetry,
             }
             .run(rx, stop_rx),
         );
@@ -303,6 +309,7 @@ struct Loop<T> {
     stats: Arc<WriterStats>,
     db_ok: bool,
     last_try: Instant,
+    telemetry: keypool_telemetry::Telemetry,
 }
 
 impl<T: BatchTarget> Loop<T> {
@@ -385,7 +392,7 @@ impl<T: BatchTarget> Loop<T> {
             if self.db_ok {
                 let name = self.store.name();
                 tracing::error!(spill = %self.spill_path(), "{name} unavailable: spilling usage events to disk");
-                keypool_telemetry::alert(
+                self.telemetry.alert(
                     keypool_telemetry::Cause::StoreUnavailable,
                     "store",
                     format!(

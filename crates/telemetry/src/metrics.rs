@@ -9,7 +9,7 @@
 //! other outcomes by the key actor); key and usage-writer gauges are read when scraped.
 
 use std::collections::HashSet;
-use std::sync::{LazyLock, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use prometheus::{
@@ -69,14 +69,13 @@ pub struct Metrics {
     pub malformed_requests: IntCounter,
     pub alerts: IntCounterVec,
     models: RwLock<HashSet<String>>,
+    /// Models without a price already warned about (at most [`MAX_UNPRICED_WARNED`]).
+    unpriced_warned: std::sync::Mutex<HashSet<String>>,
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-
-/// The process's metrics.
-pub fn metrics() -> &'static Metrics {
-    &METRICS
-}
+/// The most models warned about for having no price (then only counted): a client naming
+/// endless models must not grow the set without bound.
+const MAX_UNPRICED_WARNED: usize = 1000;
 
 /// `2xx`, `4xx`, `5xx`; 499 (client went away) is its own class.
 pub fn status_class(status: u16) -> &'static str {
@@ -126,6 +125,17 @@ pub struct RequestRecord<'a> {
 }
 
 impl Metrics {
+    /// A request for `model`, which has no price: counted; `true` the first time (then it is
+    /// worth a warning).
+    pub fn unpriced(&self, model: &str) -> bool {
+        self.unpriced.inc();
+        let mut warned = self
+            .unpriced_warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        warned.len() < MAX_UNPRICED_WARNED && warned.insert(model.to_owned())
+    }
+
     /// The model's label value: itself once an upstream served it with a 2xx, else `other`.
     fn model_label<'a>(&self, model: &'a str, ok: bool) -> &'a str {
         {

@@ -57,9 +57,17 @@ fn plain_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     c
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     #[allow(clippy::too_many_lines)] // one registration per metric, in the order /metrics lists them
-    pub(super) fn new() -> Self {
+    /// A registry of its own with every metric registered.
+    #[must_use]
+    pub fn new() -> Self {
         let r = Registry::new();
         let key = &["key"];
         Self {
@@ -301,6 +309,7 @@ impl Metrics {
                 &["channel", "result"],
             ),
             models: RwLock::new(HashSet::new()),
+            unpriced_warned: std::sync::Mutex::default(),
             registry: r,
         }
     }

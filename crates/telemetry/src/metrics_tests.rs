@@ -4,7 +4,7 @@ use super::*;
 
 #[test]
 fn a_keys_prompt_cache_hit_ratio_is_read_over_prompt_tokens() {
-    let m = metrics();
+    let m = Metrics::new();
     for (gateway, cached) in [("g1", 30), ("g2", 10)] {
         m.request(&RequestRecord {
             gateway,

@@ -1,6 +1,6 @@
 //! Alerts to Feishu/Lark, Matrix and a generic JSON webhook.
 //!
-//! Anyone may call [`alert`]: it never blocks and never fails (a full queue drops the alert and
+//! Anyone holding the [`crate::Telemetry`] handle may call its `alert`: it never blocks and never fails (a full queue drops the alert and
 //! counts it). One task owns the rest: per cause (kind + subject, e.g. "key disabled" + the key's
 //! name) the first alert is sent at once; repeats within `dedup` are only counted, and when that
 //! window closes with repeats, one summary says how many. Each message goes to every channel off
@@ -8,7 +8,7 @@
 //! Messages name keys, models and gateways — never a secret.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keypool_config::Notify;
@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::metrics::metrics;
+use crate::metrics::Metrics;
 
 /// What went wrong. Client aborts and client errors are never alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,44 +63,17 @@ const QUEUE: usize = 1024;
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-static SENDER: OnceLock<mpsc::Sender<Alert>> = OnceLock::new();
-static COOLING_AFTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(3);
-
-/// Consecutive cooldowns of one key before it is alerted (`notify.cooling_alert_after`).
-pub fn cooling_alert_after() -> u32 {
-    COOLING_AFTER.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Queues an alert (a no-op when no channel is configured).
-pub fn alert(cause: Cause, subject: impl Into<String>, text: impl Into<String>) {
-    let Some(tx) = SENDER.get() else {
-        return;
-    };
-    let a = Alert {
-        cause,
-        subject: subject.into(),
-        text: text.into(),
-    };
-    if tx.try_send(a).is_err() {
-        metrics()
-            .alerts
-            .with_label_values(&["queue", "dropped"])
-            .inc();
-    }
-}
-
-/// Starts the alert task on the current tokio runtime, once per process; `None` when no channel
-/// is configured.
-pub fn start(config: &Notify, instance: &str) -> Option<tokio::task::JoinHandle<()>> {
-    COOLING_AFTER.store(
-        config.cooling_alert_after,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+/// Starts the alert task on the current tokio runtime: its queue and the task; `None` when no
+/// channel is configured.
+pub(crate) fn start(
+    config: &Notify,
+    instance: &str,
+    metrics: Arc<Metrics>,
+) -> Option<(mpsc::Sender<Alert>, tokio::task::JoinHandle<()>)> {
     if !config.any() {
         return None;
     }
     let (tx, rx) = mpsc::channel(QUEUE);
-    SENDER.set(tx).ok()?;
     let client = reqwest::Client::builder()
         .timeout(SEND_TIMEOUT)
         .build()
@@ -109,14 +82,16 @@ pub fn start(config: &Notify, instance: &str) -> Option<tokio::task::JoinHandle<
         config: config.clone(),
         client,
         instance: instance.to_owned(),
+        metrics,
     };
-    Some(tokio::spawn(notifier.run(rx)))
+    Some((tx, tokio::spawn(notifier.run(rx))))
 }
 
 struct Notifier {
     config: Notify,
     client: reqwest::Client,
     instance: String,
+    metrics: Arc<Metrics>,
 }
 
 struct Slot {
@@ -145,7 +120,7 @@ impl Notifier {
                     if let Some(slot) = slots.get_mut(&key).filter(|s| s.until > now) {
                         slot.suppressed += 1;
                         slot.last = a;
-                        metrics()
+                        self.metrics
                             .alerts
                             .with_label_values(&["all", "suppressed"])
                             .inc();
@@ -246,7 +221,7 @@ impl Notifier {
         bearer: Option<String>,
         body: serde_json::Value,
     ) {
-        let client = self.client.clone();
+        let (client, metrics) = (self.client.clone(), self.metrics.clone());
         tokio::spawn(async move {
             for attempt in 0..2 {
                 let mut req = client.request(method.clone(), url.clone()).json(&body);
@@ -255,7 +230,7 @@ impl Notifier {
                 }
                 match req.send().await {
                     Ok(r) if r.status().is_success() => {
-                        metrics().alerts.with_label_values(&[channel, "sent"]).inc();
+                        metrics.alerts.with_label_values(&[channel, "sent"]).inc();
                         return;
                     }
                     Ok(r) => {
@@ -268,10 +243,7 @@ impl Notifier {
                     tokio::time::sleep(RETRY_AFTER).await;
                 }
             }
-            metrics()
-                .alerts
-                .with_label_values(&[channel, "failed"])
-                .inc();
+            metrics.alerts.with_label_values(&[channel, "failed"]).inc();
         });
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! [`init`] installs the `tracing` subscriber: text or JSON logs on stderr, plus, when an OTLP
 //! endpoint is configured, a `tracing-opentelemetry` layer exporting through OTLP/gRPC with a
-//! batch processor. Without an endpoint no span is ever created: every span helper here returns
-//! [`Span::none`] after one relaxed atomic load, so the hot path pays nothing.
+//! batch processor. Without an endpoint no span is ever created: the request's server span is
+//! [`Span::none`] unless [`crate::Telemetry::traced`], and every child of a none span is none,
+//! so the hot path pays nothing.
 //!
 //! Span tree of one request (names and attributes follow the HTTP and GenAI semantic
 //! conventions):
@@ -20,7 +21,7 @@
 //!   - `stream`: `keypool.stream.ttfb_ms`, `keypool.stream.chunks`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -33,20 +34,17 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
-
-/// Whether traces are being exported (spans exist at all).
-#[inline]
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
 /// Flushes and stops the exporter on drop... explicitly, through [`TraceGuard::shutdown`].
 pub struct TraceGuard {
     provider: Option<SdkTracerProvider>,
 }
 
 impl TraceGuard {
+    /// Whether spans are exported (an OTLP endpoint is configured and its exporter built).
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
     /// Exports the spans still buffered. Blocking: call it from `spawn_blocking` (the exporter
     /// needs the multi-thread runtime to make progress meanwhile).
     pub fn shutdown(&self) {
@@ -59,9 +57,12 @@ impl TraceGuard {
     }
 }
 
-/// Installs logging (and tracing when `telemetry` names an endpoint). Call inside the tokio
-/// runtime, once.
-pub fn init(telemetry: Option<&keypool_config::Telemetry>) -> TraceGuard {
+/// Installs logging (and tracing when `telemetry` names an endpoint); actix's malformed-request
+/// reports are counted into `metrics`. Call inside the tokio runtime, once.
+pub fn init(
+    telemetry: Option<&keypool_config::Telemetry>,
+    metrics: &Arc<crate::Metrics>,
+) -> TraceGuard {
     let filter = || {
         EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn,sea_orm_migration=warn"))
@@ -102,22 +103,26 @@ pub fn init(telemetry: Option<&keypool_config::Telemetry>) -> TraceGuard {
                 m.is_span() && m.target() == TARGET
             }))
     });
+    let malformed = MalformedRequests {
+        metrics: metrics.clone(),
+        last: Arc::default(),
+    };
+    let summary = (metrics.clone(), malformed.last.clone());
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
         // filtered to its one target: no other event is enabled for its sake
         .with(
-            MalformedRequests.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            malformed.with_filter(tracing_subscriber::filter::filter_fn(|m| {
                 m.target() == ACTIX_DISPATCH
             })),
         )
         .try_init();
     if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::spawn(summarise_malformed());
+        tokio::spawn(summarise_malformed(summary.0, summary.1));
     }
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        ENABLED.store(true, Ordering::Relaxed);
     }
     TraceGuard { provider }
 }
@@ -153,9 +158,6 @@ fn build_provider(
 /// per connection, so a fuzzer or a scanner could fill the log (30,000 lines seen).
 const ACTIX_DISPATCH: &str = "actix_http::h1::dispatcher";
 
-/// The last such report, for the summary line.
-static LAST_MALFORMED: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
-
 /// The `message` field of an event, cut at 200 bytes.
 struct Message<'a>(&'a mut String);
 impl tracing::field::Visit for Message<'_> {
@@ -170,8 +172,11 @@ impl tracing::field::Visit for Message<'_> {
 }
 
 /// Counts actix's malformed-request events (`keypool_malformed_requests_total`) and keeps the
-/// last one's text; the fmt layer does not print them.
-struct MalformedRequests;
+/// last one's text (for the summary line); the fmt layer does not print them.
+struct MalformedRequests {
+    metrics: Arc<crate::Metrics>,
+    last: Arc<Mutex<String>>,
+}
 
 impl<S: tracing::Subscriber> Layer<S> for MalformedRequests {
     fn on_event(
@@ -182,21 +187,21 @@ impl<S: tracing::Subscriber> Layer<S> for MalformedRequests {
         if event.metadata().target() != ACTIX_DISPATCH {
             return;
         }
-        crate::metrics().malformed_requests.inc();
-        if let Ok(mut last) = LAST_MALFORMED.try_lock() {
+        self.metrics.malformed_requests.inc();
+        if let Ok(mut last) = self.last.try_lock() {
             event.record(&mut Message(&mut last));
         }
     }
 }
 
 /// One WARN line every 10 s while malformed requests arrive: how many, and the last one.
-async fn summarise_malformed() {
-    let mut seen = crate::metrics().malformed_requests.get();
+async fn summarise_malformed(metrics: Arc<crate::Metrics>, last: Arc<Mutex<String>>) {
+    let mut seen = metrics.malformed_requests.get();
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-        let now = crate::metrics().malformed_requests.get();
+        let now = metrics.malformed_requests.get();
         if now > seen {
-            let last = LAST_MALFORMED.lock().map(|l| l.clone()).unwrap_or_default();
+            let last = last.lock().unwrap_or_else(PoisonError::into_inner).clone();
             tracing::warn!(
                 count = now - seen,
                 last = %last,
@@ -234,16 +239,14 @@ pub fn operation(path: &str) -> &'static str {
     }
 }
 
-/// The server span of one request, continuing the client's `traceparent` when it sent one.
+/// The server span of one request, continuing the client's `traceparent` when it sent one
+/// (called only while traces are exported: [`crate::Telemetry::traced`]).
 pub fn server_span(
     method: &str,
     path: &str,
     traceparent: Option<&str>,
     tracestate: Option<&str>,
 ) -> Span {
-    if !enabled() {
-        return Span::none();
-    }
     let span = tracing::info_span!(
         target: TARGET,
         "request",

@@ -20,6 +20,7 @@ impl ActorHost {
         policy: LbPolicy,
         seeds: std::collections::HashMap<String, KeySeed>,
         announcer: keypool_shared::HealthAnnouncer,
+        telemetry: keypool_telemetry::Telemetry,
     ) -> std::io::Result<(Self, PoolHandle)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -28,7 +29,7 @@ impl ActorHost {
                 let runner = actix_rt::System::new();
                 let started = runner.block_on(async {
                     (
-                        KeyPool::start_seeded(&keys, policy, &seeds, announcer),
+                        KeyPool::start_seeded(&keys, policy, &seeds, announcer, telemetry),
                         actix_rt::System::current(),
                     )
                 });

@@ -30,6 +30,7 @@ pub async fn run(
     address: &str,
     admin_address: &str,
     shutdown: CancellationToken,
+    options: crate::Options,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(address).map_err(|e| {
         anyhow::anyhow!("cannot listen on {address}: {e} (choose another with --address)")
@@ -67,7 +68,7 @@ pub async fn run(
         crate::Role::AllInOne,
         crate::Options {
             ready: Some(ready_tx),
-            config_file: None,
+            ..options
         },
     ));
     // a port that cannot be bound ends the demo here, before any banner

@@ -129,6 +129,11 @@ pub struct Options {
     /// The file the config came from: SIGHUP reloads it. Without one, SIGHUP is logged and
     /// ignored (it never stops the process).
     pub config_file: Option<std::path::PathBuf>,
+    /// The metrics registry `/metrics` serves (`main`'s, which its log layer counts into too);
+    /// `None`: one of this server's own.
+    pub metrics: Option<std::sync::Arc<keypool_telemetry::Metrics>>,
+    /// Traces are exported: requests get spans.
+    pub traced: bool,
 }
 
 /// [`run_with`] with [`Options`].
@@ -140,27 +145,22 @@ pub async fn run_until(
     options: Options,
 ) -> anyhow::Result<()> {
     let config = wiring::bound_config(config, &listener);
+    let (telemetry, alerts) = wiring::telemetry(&config, &options);
     let store = usage::open_store(&config).await?;
-    let redis = wiring::connect_redis(&config).await?;
-    let gateways = wiring::gateways(&config, redis.as_ref(), store.as_ref()).await;
-    let (actors, pool) =
-        wiring::key_pool(&config, redis.as_ref(), store.as_ref(), &shutdown).await?;
+    let redis = wiring::connect_redis(&config, &telemetry).await?;
+    let gateways = wiring::gateways(&config, redis.as_ref(), store.as_ref(), &telemetry).await;
+    let parts = (redis.as_ref(), store.as_ref(), &telemetry);
+    let (actors, pool) = wiring::key_pool(&config, parts, &shutdown).await?;
     let proxying = !matches!(role, Role::ControlPlane);
-    let (usage, link) = match role {
-        Role::Frontend(link) => (
-            usage::Usage::start_uplink(frontend::UplinkTarget(link.uplink.clone()), &config),
-            Some(link),
-        ),
-        _ => (usage::Usage::start(store.clone(), &config, &pool), None),
-    };
+    let (usage, link) = wiring::usage(role, store.as_ref(), &config, &pool, &telemetry);
     let monitor = web::Data::new(monitor::Monitor {
         proxying,
         store: store.clone(),
         pool: pool.clone(),
         writer_stats: usage.writer_stats(),
         metrics_token: config.telemetry.metrics_token.clone(),
+        telemetry,
     });
-    let alerts = keypool_telemetry::notify::start(&config.notify, &instance_name(&config));
     let engine = Arc::new(arc_swap::ArcSwap::from_pointee(engine_for(
         config.clone(),
         &pool,
@@ -226,7 +226,7 @@ pub(crate) fn engine_for(config: Arc<Config>, pool: &keypool_pool::PoolHandle) -
 }
 
 /// How alerts name this process: the host name and the listen address.
-fn instance_name(config: &Config) -> String {
+pub(crate) fn instance_name(config: &Config) -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .ok()

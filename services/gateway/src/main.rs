@@ -208,8 +208,14 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         // logging (and traces, when configured) start inside the runtime the exporter needs
-        let traces = keypool_telemetry::trace::init(serve.as_ref().map(|c| &c.telemetry));
-        let result = Box::pin(run(command, serve)).await;
+        // one metrics registry for the process: its log layer counts into it, `/metrics` reads it
+        let metrics = std::sync::Arc::new(keypool_telemetry::Metrics::new());
+        let traces = keypool_telemetry::trace::init(serve.as_ref().map(|c| &c.telemetry), &metrics);
+        let recorded = Recorded {
+            metrics,
+            traced: traces.exporting(),
+        };
+        let result = Box::pin(run(command, serve, recorded)).await;
         let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
         result
     });
@@ -222,7 +228,32 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow::Result<()> {
+/// Where the process records: its metrics registry, and whether traces are exported.
+struct Recorded {
+    metrics: std::sync::Arc<keypool_telemetry::Metrics>,
+    traced: bool,
+}
+
+impl Recorded {
+    fn options(
+        &self,
+        ready: Option<tokio::sync::oneshot::Sender<keypool_gateway::Ready>>,
+        config_file: Option<std::path::PathBuf>,
+    ) -> keypool_gateway::Options {
+        keypool_gateway::Options {
+            ready,
+            config_file,
+            metrics: Some(self.metrics.clone()),
+            traced: self.traced,
+        }
+    }
+}
+
+async fn run(
+    command: Command,
+    serve: Option<keypool_config::Config>,
+    recorded: Recorded,
+) -> anyhow::Result<()> {
     {
         let shutdown = CancellationToken::new();
         keypool_gateway::cancel_on_signals(shutdown.clone());
@@ -251,10 +282,7 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
                         }
                     }
                 });
-                let options = keypool_gateway::Options {
-                    ready: Some(ready),
-                    config_file: Some(config_file),
-                };
+                let options = recorded.options(Some(ready), Some(config_file));
                 keypool_gateway::run_until(cfg, listener, shutdown, role, options).await
             }
             (Command::Frontend(args), _) => {
@@ -268,11 +296,12 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
                 };
                 let cfg = link.first.config.clone();
                 println!("keypool frontend listening on http://{addr}/v1");
-                keypool_gateway::run_with(
+                keypool_gateway::run_until(
                     cfg,
                     listener,
                     shutdown,
                     keypool_gateway::Role::Frontend(Box::new(link)),
+                    recorded.options(None, None),
                 )
                 .await
             }
@@ -282,7 +311,10 @@ async fn run(command: Command, serve: Option<keypool_config::Config>) -> anyhow:
                     admin_address,
                 },
                 _,
-            ) => keypool_gateway::demo::run(&address, &admin_address, shutdown).await,
+            ) => {
+                let options = recorded.options(None, None);
+                keypool_gateway::demo::run(&address, &admin_address, shutdown, options).await
+            }
             (Command::Mock(args), _) => keypool_gateway::mock::run(args, shutdown).await,
             (Command::Migrate { down, .. }, Some(cfg)) => {
                 keypool_gateway::usage::migrate(&cfg, down).await

@@ -24,6 +24,8 @@ pub struct Monitor {
     /// `false` on the control plane (`keypool admin`): API calls go to the frontends.
     pub proxying: bool,
     pub metrics_token: Option<keypool_types::Secret>,
+    /// The registry `/metrics` serves.
+    pub telemetry: keypool_telemetry::Telemetry,
 }
 
 /// `GET /metrics` and `/v1/metrics`: the Prometheus text format. Key and usage-writer gauges
@@ -46,7 +48,7 @@ pub async fn prometheus(req: &HttpRequest, monitor: &Monitor) -> HttpResponse {
             );
         }
     }
-    let m = keypool_telemetry::metrics();
+    let m = monitor.telemetry.metrics();
     let now = tokio::time::Instant::now();
     for k in monitor.pool.list().await {
         let name = [k.name.as_str()];

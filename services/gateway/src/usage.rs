@@ -246,7 +246,12 @@ async fn snapshot(store: &Store, pool: &PoolHandle) {
 
 impl Usage {
     /// Starts the writer and the background tasks (when a store is configured).
-    pub fn start(store: Option<Store>, config: &Config, pool: &PoolHandle) -> Self {
+    pub fn start(
+        store: Option<Store>,
+        config: &Config,
+        pool: &PoolHandle,
+        telemetry: &keypool_telemetry::Telemetry,
+    ) -> Self {
         let stop = CancellationToken::new();
         let Some(store) = store else {
             return Self {
@@ -257,7 +262,7 @@ impl Usage {
                 tasks: Vec::new(),
             };
         };
-        let (writer, sink) = UsageWriter::start(store.clone(), &config.log);
+        let (writer, sink) = UsageWriter::start(store.clone(), &config.log, telemetry.clone());
         let mut tasks = Vec::new();
         {
             let (store, pool, stop) = (store.clone(), pool.clone(), stop.clone());
@@ -304,8 +309,12 @@ impl Usage {
 
     /// A frontend's usage: the batched writer with the control plane as its target (and its
     /// spill file as the spool); no store, no counter snapshots, no retention.
-    pub fn start_uplink(target: impl keypool_store::BatchTarget, config: &Config) -> Self {
-        let (writer, sink) = UsageWriter::start(target, &config.log);
+    pub fn start_uplink(
+        target: impl keypool_store::BatchTarget,
+        config: &Config,
+        telemetry: &keypool_telemetry::Telemetry,
+    ) -> Self {
+        let (writer, sink) = UsageWriter::start(target, &config.log, telemetry.clone());
         Self {
             sink: Arc::new(sink),
             store: None,

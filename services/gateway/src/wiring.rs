@@ -13,6 +13,7 @@ use keypool_pool::PoolHandle;
 use keypool_proxy::{Engine, Frontend};
 use keypool_shared::RedisState;
 use keypool_store::Store;
+use keypool_telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::ActorHost;
@@ -27,12 +28,30 @@ pub fn bound_config(mut config: Config, listener: &TcpListener) -> Arc<Config> {
     Arc::new(config)
 }
 
+/// What the process records into: `options`' metrics registry (or one of its own), its alerts
+/// as `notify:` says (the task that sends them, when a channel is configured).
+pub fn telemetry(
+    config: &Config,
+    options: &crate::Options,
+) -> (Telemetry, Option<tokio::task::JoinHandle<()>>) {
+    let metrics = options
+        .metrics
+        .clone()
+        .unwrap_or_else(|| Arc::new(keypool_telemetry::Metrics::new()));
+    let instance = crate::instance_name(config);
+    Telemetry::start(metrics, &config.notify, &instance, options.traced)
+}
+
 /// The shared state in Redis, when configured (reachable at start-up, or the process stops).
-pub async fn connect_redis(config: &Config) -> anyhow::Result<Option<Arc<RedisState>>> {
+pub async fn connect_redis(
+    config: &Config,
+    telemetry: &Telemetry,
+) -> anyhow::Result<Option<Arc<RedisState>>> {
     let Some(r) = &config.redis else {
         return Ok(None);
     };
-    let mut state = RedisState::connect_to(&redis_target(&r.servers), &r.prefix, r.timeout)
+    let target = redis_target(&r.servers);
+    let mut state = RedisState::connect_with(&target, &r.prefix, r.timeout, telemetry.clone())
         .await
         .context("cannot reach the shared state's Redis at start-up")?;
     state.closed = r.fail_closed;
@@ -67,6 +86,7 @@ pub async fn gateways(
     config: &Config,
     redis: Option<&Arc<RedisState>>,
     store: Option<&Store>,
+    telemetry: &Telemetry,
 ) -> Arc<Gateways> {
     let default = config
         .default_gateway
@@ -75,7 +95,7 @@ pub async fn gateways(
     let mut specs = vec![Arc::new(default)];
     specs.extend(config.gateways.iter().cloned());
     let shared = redis.map(|r| r.clone() as Arc<dyn keypool_shared::SharedState>);
-    let gateways = Arc::new(Gateways::with_shared(&specs, shared));
+    let gateways = Arc::new(Gateways::with_shared(&specs, shared, telemetry.clone()));
     // the control plane adds the admin API's prices once it has read them
     gateways.set_prices(config.prices.clone());
     if let Some(store) = store {
@@ -89,8 +109,7 @@ pub async fn gateways(
 /// and budgets shared with the other replicas.
 pub async fn key_pool(
     config: &Config,
-    redis: Option<&Arc<RedisState>>,
-    store: Option<&Store>,
+    (redis, store, telemetry): (Option<&Arc<RedisState>>, Option<&Store>, &Telemetry),
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(ActorHost, PoolHandle)> {
     let seeds = match store {
@@ -105,8 +124,13 @@ pub async fn key_pool(
         }
         None => (keypool_shared::HealthAnnouncer::default(), None),
     };
-    let (actors, pool) =
-        ActorHost::start(config.upstreams.clone(), config.lb_policy, seeds, announcer)?;
+    let (actors, pool) = ActorHost::start(
+        config.upstreams.clone(),
+        config.lb_policy,
+        seeds,
+        announcer,
+        telemetry.clone(),
+    )?;
     let (Some(r), Some(announcements)) = (redis, announcements) else {
         return Ok((actors, pool));
     };
@@ -120,6 +144,28 @@ pub async fn key_pool(
     tracing::info!("shared state: Redis (limits, quotas and key health hold across replicas)");
     let shared = r.clone() as Arc<dyn keypool_shared::SharedState>;
     Ok((actors, pool.with_shared(shared)))
+}
+
+/// Where usage events go: the store's batched writer (with its counter snapshots and
+/// retention), or on a frontend the uplink to its control plane (then its link is handed on).
+pub fn usage(
+    role: crate::Role,
+    store: Option<&Store>,
+    config: &Config,
+    pool: &PoolHandle,
+    telemetry: &Telemetry,
+) -> (usage::Usage, Option<Box<frontend::Link>>) {
+    match role {
+        crate::Role::Frontend(link) => {
+            let target = frontend::UplinkTarget(link.uplink.clone());
+            let usage = usage::Usage::start_uplink(target, config, telemetry);
+            (usage, Some(link))
+        }
+        _ => (
+            usage::Usage::start(store.cloned(), config, pool, telemetry),
+            None,
+        ),
+    }
 }
 
 /// The control plane's state (what the admin API changes), restored from the store, and the
@@ -208,7 +254,7 @@ pub fn share_admin_changes(
             })
             .to_string();
             if let Err(e) = beat.heartbeat(&info).await {
-                keypool_shared::shared_failed(&e);
+                beat.failures().background(&e);
             }
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -217,19 +263,14 @@ pub fn share_admin_changes(
         }
     });
     let c = control.clone();
-    keypool_shared::subscribe(
-        redis.target().clone(),
-        redis.config_channel(),
-        shutdown.clone(),
-        move |_| {
-            let c = c.clone();
-            async move {
-                if let Err(e) = c.reload().await {
-                    tracing::error!(error = %e, "cannot apply another replica's admin change");
-                }
+    keypool_shared::subscribe(redis, redis.config_channel(), shutdown.clone(), move |_| {
+        let c = c.clone();
+        async move {
+            if let Err(e) = c.reload().await {
+                tracing::error!(error = %e, "cannot apply another replica's admin change");
             }
-        },
-    );
+        }
+    });
 }
 
 /// The admin API on `admin.address`, when enabled, and where it listens. Bound now: a taken

@@ -55,7 +55,7 @@ impl Handler<Settle> for KeyActor {
         {
             self.tokens.settle(now, msg.lease_id, tokens);
         }
-        keypool_telemetry::metrics().attempt(
+        self.tally.telemetry.metrics().attempt(
             &self.key.name,
             self.key.kind.as_str(),
             msg.outcome.label(),

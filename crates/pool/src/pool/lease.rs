@@ -74,7 +74,7 @@ impl Lease {
                     .settle_tokens(&shared.req, &shared.id, actual)
                     .await
                 {
-                    crate::shared_failed(&e);
+                    shared.state.background_failed(&e);
                 }
             });
         }
@@ -90,7 +90,7 @@ impl Lease {
             {
                 self.tally.success(latency, elapsed, tokens);
             }
-            Outcome::Cancelled => cancelled(&self.key, elapsed),
+            Outcome::Cancelled => cancelled(&self.key, &self.tally, elapsed),
             outcome => {
                 self.tally.settle_sent();
                 self.addr.do_send(Settle {
@@ -105,15 +105,25 @@ impl Lease {
 
 /// A lease given up unsettled (the client went away): not the key's fault, nothing for its
 /// actor to apply; a tpm reservation keeps its estimate.
-fn cancelled(key: &UpstreamKey, elapsed: Duration) {
-    keypool_telemetry::metrics().attempt(&key.name, key.kind.as_str(), "cancelled", elapsed);
+impl Lease {
+    /// Where the key's attempts are counted and its alerts go.
+    pub fn telemetry(&self) -> &keypool_telemetry::Telemetry {
+        &self.tally.telemetry
+    }
+}
+
+fn cancelled(key: &UpstreamKey, tally: &KeyTally, elapsed: Duration) {
+    tally
+        .telemetry
+        .metrics()
+        .attempt(&key.name, key.kind.as_str(), "cancelled", elapsed);
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.settled {
             self.tally.returned();
-            cancelled(&self.key, self.started.elapsed());
+            cancelled(&self.key, &self.tally, self.started.elapsed());
         }
     }
 }

@@ -340,7 +340,7 @@ async fn shared_pick(
         }
         Ok((crate::Picked::Busy(free_in), _)) => SharedPick::Busy(Instant::now() + free_in),
         Err(e) => {
-            keypool_shared::shared_failed_as(&e, shared.fail_closed());
+            shared.failed(&e);
             SharedPick::Failed
         }
     }

@@ -94,7 +94,7 @@ fn check(
 /// usage event as `on:rule`.
 fn hits(gw: &GatewayRuntime, rules: &[String], alert: bool, on: &str, noted: &mut Vec<String>) {
     for rule in rules {
-        crate::observe::guardrail_hit(&gw.name, rule, on, alert);
+        crate::observe::guardrail_hit(gw, rule, on, alert);
         noted.push(format!("{on}:{rule}"));
     }
 }

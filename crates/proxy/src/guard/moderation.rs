@@ -62,17 +62,12 @@ pub(crate) async fn check(
     match flagged {
         Some(false) => Ok(()),
         Some(true) => {
-            crate::observe::guardrail_hit(&ctx.gateway.name, "moderation", "request", alert);
+            crate::observe::guardrail_hit(&ctx.gateway, "moderation", "request", alert);
             ctx.guardrails.push("request:moderation".to_owned());
             refuse(ctx, super::blocked("moderation"))
         }
         None => {
-            crate::observe::guardrail_hit(
-                &ctx.gateway.name,
-                "moderation_unavailable",
-                "request",
-                false,
-            );
+            crate::observe::guardrail_hit(&ctx.gateway, "moderation_unavailable", "request", false);
             tracing::warn!(gateway = %ctx.gateway.name, model = %m.model, "moderation call failed or timed out");
             if m.block_on_failure {
                 ctx.guardrails

@@ -149,7 +149,7 @@ impl StreamGuard {
                 if !self.matched.contains(&noted) {
                     self.matched.push(noted);
                     crate::observe::guardrail_hit(
-                        &self.gw.name,
+                        &self.gw,
                         &v.rule,
                         "response",
                         safety.is_some_and(|s| s.alert),
@@ -185,7 +185,7 @@ impl StreamGuard {
             let noted = format!("response:{rule}");
             if !self.matched.contains(&noted) {
                 self.matched.push(noted);
-                crate::observe::guardrail_hit(&self.gw.name, &rule, "response", spec.alert);
+                crate::observe::guardrail_hit(&self.gw, &rule, "response", spec.alert);
             }
         }
         outcome.map(|()| changed)

@@ -85,7 +85,7 @@ pub async fn handle(
     // whose API this is: keypool's own errors answer in its shape
     let surface = Surface::of_path(path);
     let started = Instant::now();
-    let span = observe::server_span(&req);
+    let span = observe::server_span(fe.gateways.telemetry(), &req);
     let policy = observe::policy_span(&span);
     // the engine and the gateway this request keeps from start to end, loaded once
     let engine = fe.engine();
@@ -110,7 +110,7 @@ pub async fn handle(
             } else {
                 gateway
             };
-            observe::refused(name, &error);
+            observe::refused(fe.gateways.telemetry(), name, &error);
             error_response_for(&error, None, surface)
         }
     };
