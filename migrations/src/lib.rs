@@ -12,6 +12,7 @@ mod m20261205_000006_cache_tokens;
 mod m20261205_000007_cost;
 mod m20261205_000008_settings;
 mod m20261206_000009_routing;
+mod m20261207_000010_audit;
 
 /// All migrations, oldest first.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000007_cost::Migration),
             Box::new(m20261205_000008_settings::Migration),
             Box::new(m20261206_000009_routing::Migration),
+            Box::new(m20261207_000010_audit::Migration),
         ]
     }
 

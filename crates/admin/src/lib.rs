@@ -32,6 +32,19 @@ pub struct AdminService {
     shutdown: CancellationToken,
 }
 
+impl AdminService {
+    /// The service the gRPC server runs, for another surface (the console's REST API) to call
+    /// the very same handlers.
+    pub fn new(control: Arc<Control>, shutdown: CancellationToken) -> Self {
+        Self { control, shutdown }
+    }
+}
+
+/// Who asks, for a call that did not come over gRPC (the console puts it in the request's
+/// extensions): the audit log's "who".
+#[derive(Debug, Clone)]
+pub struct Who(pub String);
+
 /// A refusal as a gRPC status, its code from the one error table ([`ErrorKind::wire`]).
 fn grpc(kind: ErrorKind, message: impl Into<String>) -> Status {
     Status::new(tonic::Code::from(kind.wire().grpc as i32), message)
@@ -71,6 +84,17 @@ type SnapshotStream =
     Pin<Box<dyn Stream<Item = Result<pb::ConfigSnapshot, Status>> + Send + 'static>>;
 type AckStream = Pin<Box<dyn Stream<Item = Result<pb::UsageAck, Status>> + Send + 'static>>;
 
+/// Who made a change, for the audit log: `grpc` and the peer's address (never the token).
+fn who<T>(req: &Request<T>) -> String {
+    if let Some(Who(w)) = req.extensions().get::<Who>() {
+        return w.clone();
+    }
+    match req.remote_addr() {
+        Some(a) => format!("grpc {a}"),
+        None => "grpc".to_owned(),
+    }
+}
+
 /// Notes a frontend as seen now.
 fn saw_frontend(control: &Control, id: &str, address: &str, version: u64, watching: Option<bool>) {
     control.frontends.saw(id, address, version, watching);
@@ -107,10 +131,11 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::CreateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
+        let who = who(&req);
         let raw = RawGateway::from(req.into_inner().gateway.unwrap_or_default());
         let e = self
             .control
-            .put_gateway(None, raw, false)
+            .put_gateway(&who, None, raw, false)
             .await
             .or_status()?;
         Ok(Response::new(gateway_pb(&e, &self.control)))
@@ -120,11 +145,12 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::UpdateGatewayRequest>,
     ) -> Result<Response<pb::Gateway>, Status> {
+        let who = who(&req);
         let r = req.into_inner();
         let raw = RawGateway::from(r.gateway.unwrap_or_default());
         let e = self
             .control
-            .put_gateway(Some(&r.name), raw, true)
+            .put_gateway(&who, Some(&r.name), raw, true)
             .await
             .or_status()?;
         Ok(Response::new(gateway_pb(&e, &self.control)))
@@ -135,7 +161,7 @@ impl Admin for AdminService {
         req: Request<pb::DeleteGatewayRequest>,
     ) -> Result<Response<pb::DeleteGatewayResponse>, Status> {
         self.control
-            .delete_gateway(&req.into_inner().name)
+            .delete_gateway(&who(&req), &req.into_inner().name)
             .await
             .or_status()?;
         Ok(Response::new(pb::DeleteGatewayResponse {}))
@@ -147,7 +173,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::RotateGatewaySecretResponse>, Status> {
         let (e, secret) = self
             .control
-            .rotate_secret(&req.into_inner().name)
+            .rotate_secret(&who(&req), &req.into_inner().name)
             .await
             .or_status()?;
         Ok(Response::new(pb::RotateGatewaySecretResponse {
@@ -173,7 +199,10 @@ impl Admin for AdminService {
     async fn add_key(&self, req: Request<pb::AddKeyRequest>) -> Result<Response<pb::Key>, Status> {
         let e = self
             .control
-            .add_key(RawUpstream::from(req.into_inner().key.unwrap_or_default()))
+            .add_key(
+                &who(&req),
+                RawUpstream::from(req.into_inner().key.unwrap_or_default()),
+            )
             .await
             .or_status()?;
         Ok(Response::new(self.key_with_state(&e).await))
@@ -183,6 +212,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::Key>, Status> {
+        let who = who(&req);
         let r = req.into_inner();
         let rpm = if r.clear_rpm {
             Some(None)
@@ -201,7 +231,11 @@ impl Admin for AdminService {
             deny: r.deny.map(|d| d.entries),
             enabled: r.enabled,
         };
-        let e = self.control.update_key(&r.name, change).await.or_status()?;
+        let e = self
+            .control
+            .update_key(&who, &r.name, change)
+            .await
+            .or_status()?;
         Ok(Response::new(self.key_with_state(&e).await))
     }
 
@@ -210,7 +244,7 @@ impl Admin for AdminService {
         req: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::RemoveKeyResponse>, Status> {
         self.control
-            .remove_key(&req.into_inner().name)
+            .remove_key(&who(&req), &req.into_inner().name)
             .await
             .or_status()?;
         Ok(Response::new(pb::RemoveKeyResponse {}))
@@ -245,13 +279,14 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetPricesRequest>,
     ) -> Result<Response<pb::Prices>, Status> {
+        let who = who(&req);
         let entries = req
             .into_inner()
             .pricing
             .into_iter()
             .map(keypool_pricing::RawPrice::from)
             .collect();
-        let set = self.control.set_prices(entries).await.or_status()?;
+        let set = self.control.set_prices(&who, entries).await.or_status()?;
         Ok(Response::new(usage::prices_pb(&self.control, &set)))
     }
 

@@ -58,13 +58,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(keypool_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let admin = AdminServer::with_interceptor(
-        AdminService {
-            control,
-            shutdown: shutdown.clone(),
-        },
-        check,
-    );
+    let admin = AdminServer::with_interceptor(AdminService::new(control, shutdown.clone()), check);
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(

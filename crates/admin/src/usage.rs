@@ -33,6 +33,22 @@ pub(crate) async fn answer(
     store: &Store,
     r: &pb::GetUsageRequest,
 ) -> Result<pb::GetUsageResponse, Status> {
+    // unix ms before the year 10000: range arithmetic never overflows
+    const LATEST_MS: i64 = 253_402_300_800_000;
+    for (field, ms) in [
+        ("from_ms", r.from_ms),
+        ("to_ms", r.to_ms),
+        ("day_ms", r.day_ms),
+    ] {
+        if !(0..LATEST_MS).contains(&ms) {
+            return Err(grpc(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{field}: must be a unix time in milliseconds before the year 10000 (0: the default)"
+                ),
+            ));
+        }
+    }
     let now = now_ms();
     let to = if r.to_ms > 0 { r.to_ms } else { now + 1 };
     let from = if r.from_ms > 0 {

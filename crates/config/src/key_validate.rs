@@ -30,7 +30,8 @@ pub fn validate_key(raw: RawUpstream, config: &Config) -> Result<UpstreamKey, Ve
 
 /// The largest `tpm`: a quadrillion tokens a minute, far below where a Lua number stops being
 /// exact.
-const MAX_TPM: u64 = 1_000_000_000_000_000;
+/// The largest `tpm` a key may have (token sums stay exact in Redis's doubles).
+pub const MAX_TPM: u64 = 1_000_000_000_000_000;
 
 pub(crate) fn validate_upstream(
     path: &str,

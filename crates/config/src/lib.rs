@@ -24,7 +24,7 @@ use std::time::Duration;
 
 pub use budget::{Budget, Period};
 pub use gateway::{DEFAULT_GATEWAY, Gateway, RawGateway, caller_id, validate_gateway};
-pub use key_validate::validate_key;
+pub use key_validate::{MAX_TPM, validate_key};
 pub use upstream::{AZURE_API_VERSION, Azure, ChatTemplate, ModelRule, UpstreamKey, UpstreamKind};
 pub use validate::{ALWAYS_REDACTED, validate};
 
@@ -127,6 +127,11 @@ pub struct Admin {
     pub requested: bool,
     /// `host:port`.
     pub address: String,
+    /// The console and its REST API (`host:port`); `None`: off (`http_address: none`).
+    pub http_address: Option<String>,
+    /// `http_address` was written (or given on the command line): a taken port stops
+    /// start-up; otherwise the default is bound only when free.
+    pub http_requested: bool,
     pub token: Option<keypool_types::Secret>,
     pub secret_key: Option<keypool_types::Secret>,
     pub stream_buffer: usize,

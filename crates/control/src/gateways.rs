@@ -57,11 +57,12 @@ impl Control {
     /// Creates (`replace: false`) or replaces an admin-owned gateway.
     pub async fn put_gateway(
         &self,
+        who: &str,
         name: Option<&str>,
         raw: RawGateway,
         replace: bool,
     ) -> Result<GatewayEntry, ControlError> {
-        self.ask(|reply| Command::PutGateway {
+        self.ask(who, |reply| Command::PutGateway {
             name: name.map(str::to_owned),
             raw: Box::new(raw),
             replace,
@@ -70,8 +71,8 @@ impl Control {
         .await
     }
 
-    pub async fn delete_gateway(&self, name: &str) -> Result<(), ControlError> {
-        self.ask(|reply| Command::DeleteGateway {
+    pub async fn delete_gateway(&self, who: &str, name: &str) -> Result<(), ControlError> {
+        self.ask(who, |reply| Command::DeleteGateway {
             name: name.to_owned(),
             reply,
         })
@@ -79,8 +80,12 @@ impl Control {
     }
 
     /// Replaces an admin gateway's exact secrets with one new random secret (returned once).
-    pub async fn rotate_secret(&self, name: &str) -> Result<(GatewayEntry, String), ControlError> {
-        self.ask(|reply| Command::RotateSecret {
+    pub async fn rotate_secret(
+        &self,
+        who: &str,
+        name: &str,
+    ) -> Result<(GatewayEntry, String), ControlError> {
+        self.ask(who, |reply| Command::RotateSecret {
             name: name.to_owned(),
             reply,
         })

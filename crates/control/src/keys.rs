@@ -50,8 +50,8 @@ impl Control {
     }
 
     /// Adds a key from a YAML/JSON `upstreams:` entry.
-    pub async fn add_key(&self, raw: RawUpstream) -> Result<KeyEntry, ControlError> {
-        self.ask(|reply| Command::AddKey {
+    pub async fn add_key(&self, who: &str, raw: RawUpstream) -> Result<KeyEntry, ControlError> {
+        self.ask(who, |reply| Command::AddKey {
             raw: Box::new(raw),
             reply,
         })
@@ -61,10 +61,11 @@ impl Control {
     /// Changes a key's limits, allow/deny lists or enabled flag.
     pub async fn update_key(
         &self,
+        who: &str,
         name: &str,
         change: KeyChange,
     ) -> Result<KeyEntry, ControlError> {
-        self.ask(|reply| Command::UpdateKey {
+        self.ask(who, |reply| Command::UpdateKey {
             name: name.to_owned(),
             change,
             reply,
@@ -73,9 +74,9 @@ impl Control {
     }
 
     /// Takes a key out of use, waits for its in-flight requests, forgets it.
-    pub async fn remove_key(&self, name: &str) -> Result<(), ControlError> {
+    pub async fn remove_key(&self, who: &str, name: &str) -> Result<(), ControlError> {
         let drains = self
-            .ask(|reply| Command::RemoveKey {
+            .ask(who, |reply| Command::RemoveKey {
                 name: name.to_owned(),
                 reply,
             })
@@ -192,8 +193,14 @@ impl Owner {
             key.rpm = r;
         }
         if let Some(t) = tpm {
-            if t == Some(0) {
-                return Err(invalid("upstream.tpm", "must be at least 1 (or cleared)"));
+            if t.is_some_and(|t| t == 0 || t > keypool_config::MAX_TPM) {
+                return Err(invalid(
+                    "upstream.tpm",
+                    format!(
+                        "must be between 1 and {} (or cleared)",
+                        keypool_config::MAX_TPM
+                    ),
+                ));
             }
             key.tpm = t;
         }

@@ -19,6 +19,7 @@
 //! API's prices in `prices.rs`, and bringing the running state in line with the store
 //! (restore, another replica's change), a reloaded file or a pushed snapshot in `sync.rs`.
 
+mod audit;
 mod frontends;
 mod gateways;
 mod keys;
@@ -201,7 +202,7 @@ impl State {
 /// The control plane as everyone but its owner holds it: reads of the published [`State`],
 /// and changes sent to the owner as commands (each answered once applied).
 pub struct Control {
-    commands: mpsc::Sender<owner::Command>,
+    commands: mpsc::Sender<(String, owner::Command)>,
     state: Arc<arc_swap::ArcSwap<State>>,
     pub gateways: Arc<Gateways>,
     pub pool: PoolHandle,
@@ -325,14 +326,16 @@ impl Control {
         self.state.load().config.admin.token.clone()
     }
 
-    /// Sends the owner a command and waits for its answer.
+    /// Sends the owner a command on behalf of `who` (the audit log's: the surface and where
+    /// from, never a token; empty for what keypool does by itself) and waits for its answer.
     async fn ask<T>(
         &self,
+        who: &str,
         command: impl FnOnce(oneshot::Sender<Result<T, ControlError>>) -> owner::Command,
     ) -> Result<T, ControlError> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(command(reply))
+            .send((who.to_owned(), command(reply)))
             .await
             .map_err(|_| ControlError::Stopped)?;
         answer.await.map_err(|_| ControlError::Stopped)?

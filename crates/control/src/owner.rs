@@ -1,6 +1,7 @@
 //! The one task that owns the control plane's [`State`]: it takes typed [`Command`]s one at a
 //! time, applies each (validated, persisted, reconciled with the running pool and gateways),
-//! publishes the new state and answers. Reads never wait for it.
+//! publishes the new state, records who asked in the audit log, and answers. Reads never wait
+//! for it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -70,6 +71,14 @@ pub(crate) enum Command {
     },
 }
 
+/// What became of a command.
+enum Applied {
+    Refused,
+    Done,
+    /// Applied, and what it created is named so (a key added without a name).
+    Named(String),
+}
+
 /// The owner: the state, and what applying a change touches.
 pub(crate) struct Owner {
     pub state: State,
@@ -96,59 +105,71 @@ impl Owner {
     }
 
     /// Applies commands until every [`crate::Control`] is gone.
-    pub async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
-        while let Some(command) = inbox.recv().await {
-            self.apply(command).await;
+    pub async fn run(mut self, mut inbox: mpsc::Receiver<(String, Command)>) {
+        while let Some((who, command)) = inbox.recv().await {
+            let described = crate::audit::described(&command);
+            let applied = self.apply(command).await;
+            if let Some((action, target, detail)) = described {
+                let target = match applied {
+                    Applied::Refused => continue,
+                    Applied::Done => target,
+                    Applied::Named(name) => name,
+                };
+                self.audit(&who, action, target, &detail).await;
+            }
         }
     }
 
-    async fn apply(&mut self, command: Command) {
+    /// Applies the command and answers it.
+    async fn apply(&mut self, command: Command) -> Applied {
         // a caller that stopped waiting does not stop the change
+        fn answer<T>(reply: Reply<T>, result: Result<T, ControlError>) -> Applied {
+            let ok = result.is_ok();
+            let _ = reply.send(result);
+            if ok { Applied::Done } else { Applied::Refused }
+        }
         match command {
             Command::PutGateway {
                 name,
                 raw,
                 replace,
                 reply,
-            } => {
-                let _ = reply.send(self.put_gateway(name.as_deref(), *raw, replace).await);
-            }
+            } => answer(
+                reply,
+                self.put_gateway(name.as_deref(), *raw, replace).await,
+            ),
             Command::DeleteGateway { name, reply } => {
-                let _ = reply.send(self.delete_gateway(&name).await);
+                answer(reply, self.delete_gateway(&name).await)
             }
-            Command::RotateSecret { name, reply } => {
-                let _ = reply.send(self.rotate_secret(&name).await);
-            }
+            Command::RotateSecret { name, reply } => answer(reply, self.rotate_secret(&name).await),
             Command::AddKey { raw, reply } => {
-                let _ = reply.send(self.add_key(*raw).await);
+                let added = self.add_key(*raw).await;
+                match added.as_ref().map(|e| e.key.name.to_string()) {
+                    Ok(name) => {
+                        let _ = reply.send(added);
+                        Applied::Named(name)
+                    }
+                    Err(_) => answer(reply, added),
+                }
             }
             Command::UpdateKey {
                 name,
                 change,
                 reply,
-            } => {
-                let _ = reply.send(self.update_key(&name, change).await);
-            }
-            Command::RemoveKey { name, reply } => {
-                let _ = reply.send(self.remove_key(&name).await);
-            }
-            Command::SetPrices { entries, reply } => {
-                let _ = reply.send(self.set_prices(entries).await);
-            }
-            Command::ApplyFile { config, reply } => {
-                let _ = reply.send(self.apply_file(config).await);
-            }
+            } => answer(reply, self.update_key(&name, change).await),
+            Command::RemoveKey { name, reply } => answer(reply, self.remove_key(&name).await),
+            Command::SetPrices { entries, reply } => answer(reply, self.set_prices(entries).await),
+            Command::ApplyFile { config, reply } => answer(reply, self.apply_file(config).await),
             Command::ApplySnapshot {
                 config,
                 disabled,
                 version,
                 reply,
-            } => {
-                let _ = reply.send(self.apply_snapshot(&config, &disabled, version).await);
-            }
-            Command::Reload { reply } => {
-                let _ = reply.send(self.reload().await);
-            }
+            } => answer(
+                reply,
+                self.apply_snapshot(&config, &disabled, version).await,
+            ),
+            Command::Reload { reply } => answer(reply, self.reload().await),
         }
     }
 

@@ -54,8 +54,12 @@ impl Control {
 
     /// Replaces the admin API's prices (an empty list clears them): checked, stored, charged
     /// from the next request on, and pushed to frontends and the other replicas.
-    pub async fn set_prices(&self, entries: Vec<RawPrice>) -> Result<AdminPrices, ControlError> {
-        self.ask(|reply| Command::SetPrices { entries, reply })
+    pub async fn set_prices(
+        &self,
+        who: &str,
+        entries: Vec<RawPrice>,
+    ) -> Result<AdminPrices, ControlError> {
+        self.ask(who, |reply| Command::SetPrices { entries, reply })
             .await
     }
 }

@@ -34,13 +34,17 @@ impl Control {
     /// and frontends get the new snapshot. A gateway that does not validate refuses the whole
     /// file before anything changed.
     pub async fn apply_file(&self, config: Arc<Config>) -> Result<(), ControlError> {
-        self.ask(|reply| Command::ApplyFile { config, reply }).await
+        self.ask("config file (SIGHUP)", |reply| Command::ApplyFile {
+            config,
+            reply,
+        })
+        .await
     }
 
     /// Applies what another replica changed: re-reads the admin state from the store and brings
     /// the running gateways and keys in line (without writing anything back).
     pub async fn reload(&self) -> Result<(), ControlError> {
-        self.ask(|reply| Command::Reload { reply }).await
+        self.ask("", |reply| Command::Reload { reply }).await
     }
 
     /// A frontend's side of [`Control::snapshot`]: brings the running gateways and keys in line
@@ -51,7 +55,7 @@ impl Control {
         disabled: HashSet<String>,
         version: u64,
     ) -> Result<(), ControlError> {
-        self.ask(|reply| Command::ApplySnapshot {
+        self.ask("", |reply| Command::ApplySnapshot {
             config,
             disabled,
             version,

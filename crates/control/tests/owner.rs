@@ -44,7 +44,7 @@ async fn concurrent_changes_apply_one_at_a_time_and_are_published_whole() {
     let adds: Vec<_> = (0..16)
         .map(|i| {
             let c = control.clone();
-            tokio::spawn(async move { c.add_key(key(&format!("k{i}"))).await })
+            tokio::spawn(async move { c.add_key("test", key(&format!("k{i}"))).await })
         })
         .collect();
     // meanwhile every state read is one some change left: a version per key added
@@ -67,13 +67,19 @@ async fn concurrent_changes_apply_one_at_a_time_and_are_published_whole() {
     assert_eq!(control.key_entries().len(), 17);
     assert_eq!(control.pool.keys().len(), 17, "every key runs in the pool");
 
-    let again = control.add_key(key("k3")).await.unwrap_err();
+    let again = control.add_key("test", key("k3")).await.unwrap_err();
     assert!(matches!(again, ControlError::Exists(_)), "{again}");
     let zero = KeyChange {
         rpm: Some(Some(0)),
         ..KeyChange::default()
     };
-    let refused = control.update_key("k3", zero).await.unwrap_err();
+    let refused = control.update_key("test", "k3", zero).await.unwrap_err();
+    assert!(matches!(refused, ControlError::Invalid(_)), "{refused}");
+    let huge = KeyChange {
+        tpm: Some(Some(keypool_config::MAX_TPM + 1)),
+        ..KeyChange::default()
+    };
+    let refused = control.update_key("test", "k3", huge).await.unwrap_err();
     assert!(matches!(refused, ControlError::Invalid(_)), "{refused}");
     assert_eq!(
         control.version(),
@@ -85,16 +91,16 @@ async fn concurrent_changes_apply_one_at_a_time_and_are_published_whole() {
         enabled: Some(false),
         ..KeyChange::default()
     };
-    assert!(!control.update_key("k3", off).await.unwrap().enabled);
+    assert!(!control.update_key("test", "k3", off).await.unwrap().enabled);
     assert_eq!(control.snapshot().disabled, vec!["k3".to_owned()]);
-    control.remove_key("k3").await.unwrap();
+    control.remove_key("test", "k3").await.unwrap();
     assert!(control.key_entry("k3").is_none());
     assert_eq!(
         control.pool.keys().len(),
         16,
         "the removed key drained and went"
     );
-    let config_owned = control.remove_key("first").await.unwrap_err();
+    let config_owned = control.remove_key("test", "first").await.unwrap_err();
     assert!(matches!(config_owned, ControlError::Precondition(_)));
     assert_eq!(control.version(), start + 18);
 }
@@ -106,7 +112,7 @@ async fn gateway_changes_wake_watchers_and_default_stays_the_files() {
     changes.borrow_and_update();
     let raw =
         serde_json::from_value(serde_json::json!({"name": "team", "models": ["gpt-4o"]})).unwrap();
-    let made = control.put_gateway(None, raw, false).await.unwrap();
+    let made = control.put_gateway("test", None, raw, false).await.unwrap();
     assert_eq!(made.owner, keypool_control::OWNER_ADMIN);
     assert!(changes.has_changed().unwrap(), "WatchConfig is woken");
     assert_eq!(*changes.borrow_and_update(), control.version());
@@ -118,11 +124,11 @@ async fn gateway_changes_wake_watchers_and_default_stays_the_files() {
         .collect();
     assert_eq!(names, ["default", "team"]);
     for refused in [
-        control.delete_gateway("default").await,
-        control.rotate_secret("default").await.map(drop),
+        control.delete_gateway("test", "default").await,
+        control.rotate_secret("test", "default").await.map(drop),
     ] {
         assert!(matches!(refused, Err(ControlError::Precondition(_))));
     }
-    control.delete_gateway("team").await.unwrap();
+    control.delete_gateway("test", "team").await.unwrap();
     assert!(control.gateways.get("team").is_none());
 }

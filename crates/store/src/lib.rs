@@ -7,6 +7,7 @@
 //! later; [`UsageWriter::shutdown`] flushes. Each event id is written once, replays included.
 
 mod admin;
+mod audit;
 pub mod entity;
 mod event;
 mod pg_write;
@@ -23,6 +24,7 @@ use keypool_migrations::{Migrator, MigratorTrait};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend};
 
 pub use admin::{GatewayRow, KeyRow};
+pub use audit::AuditRow;
 pub use event::{StoredEvent, StoredLog};
 pub use query::{Grouping, HourCalls, KeyCounterRow, UsageTotal};
 pub use writer::{BatchTarget, TargetError, UsageWriter, WriterSink, WriterStats};

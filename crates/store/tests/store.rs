@@ -100,7 +100,8 @@ async fn migrations_up_down_up(url: String) {
             "m20261205_000006_cache_tokens",
             "m20261205_000007_cost",
             "m20261205_000008_settings",
-            "m20261206_000009_routing"
+            "m20261206_000009_routing",
+            "m20261207_000010_audit"
         ]
     );
     // run-time settings: upserted by name

@@ -1,5 +1,6 @@
 //! sea-orm entities, one module per table (see the migrations for the schema).
 
+pub mod admin_audit;
 pub mod admin_gateways;
 pub mod admin_keys;
 pub mod admin_settings;
