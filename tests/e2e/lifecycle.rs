@@ -45,6 +45,8 @@ async fn demo_serves_offline_with_its_printed_token() -> anyhow::Result<()> {
             "127.0.0.1:0",
             "--admin-address",
             "127.0.0.1:0",
+            "--console-address",
+            "127.0.0.1:0",
         ],
     )
     .await?;
@@ -152,6 +154,8 @@ async fn every_command_the_demo_prints_runs() -> anyhow::Result<()> {
             "127.0.0.1:0",
             "--admin-address",
             "127.0.0.1:0",
+            "--console-address",
+            "127.0.0.1:0",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -225,10 +229,16 @@ async fn every_command_the_demo_prints_runs() -> anyhow::Result<()> {
 fn the_demo_with_its_port_taken_exits_before_the_banner() -> anyhow::Result<()> {
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = taken.local_addr()?.to_string();
-    for args in [
-        ["--address", "127.0.0.1:0", "--admin-address", port.as_str()],
-        ["--address", port.as_str(), "--admin-address", "127.0.0.1:0"],
-    ] {
+    let any = "127.0.0.1:0";
+    for [api, admin, console] in [[any, &port, any], [&port, any, any], [any, any, &port]] {
+        let args = [
+            "--address",
+            api,
+            "--admin-address",
+            admin,
+            "--console-address",
+            console,
+        ];
         let out = std::process::Command::new(keypool_e2e::keypool_bin())
             .arg("demo")
             .args(args)

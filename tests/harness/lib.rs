@@ -19,6 +19,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 pub use keypool_mock::{Behavior, MockServer};
+
+mod browser;
+pub use browser::{BrowserTools, browser_tools};
 use serde_json::Value;
 
 /// The repository's root folder.
@@ -167,6 +170,7 @@ pub struct Gateway {
     /// `http://127.0.0.1:PORT`
     pub origin: String,
     admin: Arc<Mutex<Option<String>>>,
+    console: Arc<Mutex<Option<String>>>,
     dir: tempfile::TempDir,
     http: reqwest::Client,
 }
@@ -193,6 +197,8 @@ impl Gateway {
                 "127.0.0.1:0",
                 "--admin-address",
                 admin_address,
+                "--console-address",
+                "127.0.0.1:0",
             ],
         )
         .await
@@ -242,6 +248,8 @@ impl Gateway {
             "127.0.0.1:0",
             "--admin-address",
             "127.0.0.1:0",
+            "--console-address",
+            "127.0.0.1:0",
         ];
         Self::start_with_env(dir, &args, env).await
     }
@@ -267,15 +275,23 @@ impl Gateway {
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         let admin: Arc<Mutex<Option<String>>> = Arc::default();
-        let admin_seen = admin.clone();
+        let console: Arc<Mutex<Option<String>>> = Arc::default();
+        let (admin_seen, console_seen) = (admin.clone(), console.clone());
         std::thread::spawn(move || {
             let mut sent = false;
+            let note = |slot: &Mutex<Option<String>>, url: &str| {
+                *slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(url.trim().trim_end_matches('/').to_owned());
+            };
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(url) = line.split("admin listening on ").nth(1) {
-                    *admin_seen
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(url.trim().to_owned());
+                    note(&admin_seen, url);
+                    continue;
+                }
+                if let Some(url) = line.split("console at ").nth(1) {
+                    note(&console_seen, url);
                     continue;
                 }
                 if !sent && let Some(url) = line.split("listening on ").nth(1) {
@@ -292,9 +308,26 @@ impl Gateway {
             child,
             origin,
             admin,
+            console,
             dir,
             http: client(),
         })
+    }
+
+    /// The console's `http://HOST:PORT`, once keypool reported it (waits up to 10 s).
+    pub async fn console_url(&self) -> anyhow::Result<String> {
+        for _ in 0..200 {
+            if let Some(u) = self
+                .console
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+            {
+                return Ok(u);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("keypool did not report its console address")
     }
 
     /// The admin API's `http://HOST:PORT`, once keypool reported it (waits up to 10 s).

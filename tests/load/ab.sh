@@ -30,7 +30,7 @@ start() { # bin name
   "$1" serve --help 2>/dev/null | grep -q admin-address || cfg="$WORK/config-plain.yaml"
   RUST_LOG=warn "$1" serve --config "$cfg" > "$WORK/$2.out" 2> "$WORK/$2.err" &
   wait_line "$WORK/$2.out" "listening on"
-  grep -o 'http://[^ ]*' "$WORK/$2.out" | head -1
+  grep 'keypool listening on' "$WORK/$2.out" | grep -o 'http://[^ ]*' | head -1
 }
 UA=$(start "$A" a); UB=$(start "$B" b)
 for u in "$UP" "$UA" "$UB"; do taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "$u/chat/completions" > /dev/null; done

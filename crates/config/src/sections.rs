@@ -19,6 +19,12 @@ pub(crate) fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> cr
         .or_else(|| env_nonempty("KEYPOOL_ADMIN_TOKEN"))
         .map(Secret::new);
     let enabled = raw.enabled.unwrap_or(true);
+    let http_requested = raw.http_address.is_some();
+    let http_address = http_address(
+        raw.http_address.as_deref(),
+        enabled && token.is_none(),
+        errs,
+    );
     match address.parse::<std::net::SocketAddr>() {
         Err(_) => errs.push(
             "admin.address",
@@ -70,6 +76,8 @@ pub(crate) fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> cr
         enabled,
         requested,
         address,
+        http_address,
+        http_requested,
         token,
         secret_key: raw
             .secret_key
@@ -78,6 +86,29 @@ pub(crate) fn validate_admin(raw: crate::raw::RawAdmin, errs: &mut Errors) -> cr
             .map(Secret::new),
         stream_buffer: errs.ranged("admin.stream_buffer", raw.stream_buffer, 4096, 1..=1 << 20),
     }
+}
+
+/// `admin.http_address`: the console's `ip:port` (default `127.0.0.1:8890`), `None` for
+/// `none`; beyond loopback only with an admin token (`tokenless`: there is none).
+fn http_address(given: Option<&str>, tokenless: bool, errs: &mut Errors) -> Option<String> {
+    let http = match given.map(str::trim) {
+        Some("none" | "off" | "") => return None,
+        given => normalise_address(given.unwrap_or("127.0.0.1:8890")),
+    };
+    match http.parse::<std::net::SocketAddr>() {
+        Err(_) => errs.push(
+            "admin.http_address",
+            format!("expected ip:port (e.g. 127.0.0.1:8890) or none, got {http:?}"),
+        ),
+        Ok(a) if tokenless && !a.ip().is_loopback() => errs.push(
+            "admin.token",
+            format!(
+                "the console listens on {a}, beyond this machine: set admin.token (or KEYPOOL_ADMIN_TOKEN)"
+            ),
+        ),
+        Ok(_) => {}
+    }
+    Some(http)
 }
 
 fn env_nonempty(name: &str) -> Option<String> {

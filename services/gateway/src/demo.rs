@@ -25,10 +25,10 @@ const KEYS: [(&str, &str); 4] = [
     ("mock-claude", "anthropic"),
 ];
 
-/// Starts four mocks and serves the gateway on `address` until `shutdown`.
+/// Starts four mocks and serves the gateway on `address` (its admin API and console on the
+/// other two) until `shutdown`.
 pub async fn run(
-    address: &str,
-    admin_address: &str,
+    [address, admin_address, console_address]: [&str; 3],
     shutdown: CancellationToken,
     options: crate::Options,
 ) -> anyhow::Result<()> {
@@ -60,6 +60,8 @@ pub async fn run(
     let mut config = keypool_config::from_yaml(&yaml)?;
     admin_address.clone_into(&mut config.admin.address);
     config.admin.requested = true;
+    config.admin.http_address = Some(console_address.to_owned());
+    config.admin.http_requested = true;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let serving = tokio::spawn(crate::run_until(
         config,
@@ -95,6 +97,9 @@ fn print_banner(ready: crate::Ready) {
     let admin = ready
         .admin
         .map_or_else(|| "(admin API off)".to_owned(), |a| format!("http://{a}"));
+    let console = ready
+        .console
+        .map_or_else(|| "(console off)".to_owned(), |a| format!("http://{a}/"));
     println!(
         "keypool demo: 3 mock OpenAI keys (mock-a, mock-b, mock-c) and a mock Anthropic key
 (mock-claude) behind {base}
@@ -141,6 +146,9 @@ The x-keypool-upstream response header names the key that served each call. The 
   {KEYPOOLCTL} --server {admin} keys list
 
   {KEYPOOLCTL} --server {admin} usage
+
+The console (keys, gateways, usage charts, the live request tail) is at {console} (no admin
+token: open on loopback).
 
 Ctrl-C stops.
 keypool listening on {base}"

@@ -107,6 +107,8 @@ pub struct Ready {
     pub api: std::net::SocketAddr,
     /// `None` when the admin API is off (or its default address was taken).
     pub admin: Option<std::net::SocketAddr>,
+    /// The console; `None` when off (or its default address was taken).
+    pub console: Option<std::net::SocketAddr>,
 }
 
 /// [`run`] in a given [`Role`]: the process's parts, built in order (each builder in
@@ -189,6 +191,7 @@ pub async fn run_until(
         &shutdown,
     );
     let admin = wiring::admin_api(&config, &control, &shutdown).await?;
+    let console = wiring::console(&config, &control, link_free, &shutdown)?;
     let addr = listener.local_addr()?;
     let gateways_served = gateways.all().len();
     let server = wiring::http_server(&config, listener, engine, gateways, sink, monitor)?;
@@ -196,6 +199,7 @@ pub async fn run_until(
     let ready = Ready {
         api: addr,
         admin: admin.as_ref().map(|(_, a)| *a),
+        console,
     };
     wiring::announce(&config, &pool, gateways_served, ready, options.ready);
     let outcome = server.await;

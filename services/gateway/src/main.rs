@@ -26,6 +26,9 @@ struct Cli {
     /// The admin API's listen address for the default `serve`.
     #[arg(long, value_name = "HOST:PORT")]
     admin_address: Option<String>,
+    /// The console's listen address for the default `serve` (`none`: off).
+    #[arg(long, value_name = "HOST:PORT")]
+    console_address: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -42,6 +45,10 @@ struct ConfigArgs {
     /// The admin API's listen address, overriding the config's `admin.address`.
     #[arg(long, value_name = "HOST:PORT")]
     admin_address: Option<String>,
+    /// The console's listen address, overriding the config's `admin.http_address` (`none`:
+    /// off).
+    #[arg(long, value_name = "HOST:PORT")]
+    console_address: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +69,9 @@ enum Command {
         /// The admin API's listen address.
         #[arg(long, default_value = "127.0.0.1:8889")]
         admin_address: String,
+        /// The console's listen address.
+        #[arg(long, default_value = "127.0.0.1:8890")]
+        console_address: String,
     },
     /// Validate a config file and print what it serves (exit 2 naming every mistake).
     Check {
@@ -107,6 +117,7 @@ fn main() -> ExitCode {
         config: cli.config.unwrap_or_else(|| PathBuf::from("./config.yaml")),
         address: cli.address,
         admin_address: cli.admin_address,
+        console_address: cli.console_address,
     }));
     // Validate before anything binds a port.
     if let Err(e) = keypool_gateway::workers() {
@@ -150,11 +161,13 @@ fn main() -> ExitCode {
             config,
             address,
             admin_address,
+            console_address,
         })
         | Command::Admin(ConfigArgs {
             config,
             address,
             admin_address,
+            console_address,
         }) => match keypool_config::load(config) {
             Ok(mut cfg) => {
                 if let Some(a) = address {
@@ -163,6 +176,10 @@ fn main() -> ExitCode {
                 if let Some(a) = admin_address {
                     cfg.admin.address.clone_from(a);
                     cfg.admin.requested = true;
+                }
+                if let Some(a) = console_address {
+                    cfg.admin.http_address = (a != "none").then(|| a.clone());
+                    cfg.admin.http_requested = true;
                 }
                 if matches!(command, Command::Admin(_)) {
                     cfg.admin.requested = true;
@@ -309,11 +326,13 @@ async fn run(
                 Command::Demo {
                     address,
                     admin_address,
+                    console_address,
                 },
                 _,
             ) => {
                 let options = recorded.options(None, None);
-                keypool_gateway::demo::run(&address, &admin_address, shutdown, options).await
+                let addresses = [address.as_str(), &admin_address, &console_address];
+                keypool_gateway::demo::run(addresses, shutdown, options).await
             }
             (Command::Mock(args), _) => keypool_gateway::mock::run(args, shutdown).await,
             (Command::Migrate { down, .. }, Some(cfg)) => {

@@ -320,6 +320,48 @@ pub async fn admin_api(
     Ok(Some((task, admin_addr)))
 }
 
+/// The console and its REST API on `admin.http_address` (not on a frontend: its control plane
+/// has them), where it listens. Bound now, as the admin API is: a taken port stops start-up
+/// when the operator asked for the address, and is logged and skipped when it is the default.
+pub fn console(
+    config: &Config,
+    control: &Arc<Control>,
+    served_here: bool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(address) = config.admin.http_address.as_deref() else {
+        return Ok(None);
+    };
+    if !config.admin.enabled || !served_here {
+        return Ok(None);
+    }
+    let listener = match TcpListener::bind(address) {
+        Ok(l) => l,
+        Err(e) if !config.admin.http_requested => {
+            tracing::warn!(
+                %address,
+                error = %e,
+                "console not started: its default address is taken (set admin.http_address to choose one, or none)"
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot listen on admin.http_address {address}"));
+        }
+    };
+    let at = listener.local_addr()?;
+    let server = keypool_console::serve(control.clone(), listener, shutdown.clone())?;
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "console stopped");
+        }
+    });
+    println!("keypool console at http://{at}/");
+    tracing::info!(%at, "console listening");
+    Ok(Some(at))
+}
+
 /// The HTTP server: `KEYPOOL_WORKERS` workers (default one per core), each with its own
 /// upstream client, `TCP_NODELAY` on every accepted connection, signals left to the caller.
 pub fn http_server(

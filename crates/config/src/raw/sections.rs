@@ -46,6 +46,9 @@ pub struct RawAdmin {
     pub enabled: Option<bool>,
     /// Default `127.0.0.1:8889`. A non-loopback address needs a token.
     pub address: Option<String>,
+    /// The console and its REST API: default `127.0.0.1:8890`, `none` turns them off. A
+    /// non-loopback address needs a token.
+    pub http_address: Option<String>,
     /// Bearer token for every `keypool.admin.v1` call (or `KEYPOOL_ADMIN_TOKEN`).
     pub token: Option<String>,
     /// Seals upstream secrets added through the admin service before they are stored (or
