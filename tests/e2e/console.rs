@@ -263,41 +263,11 @@ async fn the_openapi_document_and_the_app() -> anyhow::Result<()> {
         "/api/audit",
         "/api/status",
         "/api/events",
+        "/api/prices",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }
     assert!(doc["components"]["schemas"]["KeyView"]["properties"]["secret_masked"].is_object());
-    // out-of-range times and limits are 400s in the API's shape, never a crash
-    for query in [
-        "usage?day_ms=9223372036854775806",
-        "usage?to_ms=-5",
-        "audit?limit=0",
-        "audit?limit=x",
-    ] {
-        let (status, err) = body(
-            c.get(format!("{url}/api/{query}"))
-                .bearer_auth(ADMIN)
-                .send()
-                .await?,
-        )
-        .await?;
-        assert_eq!(status, 400, "{query}: {err}");
-        assert!(err["error"]["message"].is_string(), "{query}: {err}");
-    }
-    let wrong_method = c
-        .delete(format!("{url}/api/status"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await?;
-    assert_eq!(wrong_method.status(), 405);
-    assert_eq!(
-        wrong_method
-            .headers()
-            .get("allow")
-            .and_then(|v| v.to_str().ok()),
-        Some("GET")
-    );
-
     let page = c.get(format!("{url}/")).send().await?;
     let csp = page
         .headers()
@@ -320,6 +290,77 @@ async fn the_openapi_document_and_the_app() -> anyhow::Result<()> {
         let r = c.get(format!("{url}/assets/{asset}")).send().await?;
         assert_eq!(r.status(), 200, "{asset}");
     }
+
+    Ok(())
+}
+
+/// Run-time prices through the API; bad queries and unserved methods answered in the API's own
+/// shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prices_bad_queries_and_unserved_methods() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("console.sqlite").display().to_string();
+    let (_gw, url, _up) = console(&db).await?;
+    let c = http();
+    // out-of-range times and limits are 400s in the API's shape, never a crash
+    for query in [
+        "usage?day_ms=9223372036854775806",
+        "usage?to_ms=-5",
+        "audit?limit=0",
+        "audit?limit=x",
+    ] {
+        let (status, err) = body(
+            c.get(format!("{url}/api/{query}"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, 400, "{query}: {err}");
+        assert!(err["error"]["message"].is_string(), "{query}: {err}");
+    }
+    // run-time prices, as SetPrices: checked, then in force
+    let set = json!({"pricing": [{"models": ["gpt-4o-mini"], "input": 0.15, "output": 0.6}]});
+    let (status, prices) = body(
+        c.put(format!("{url}/api/prices"))
+            .bearer_auth(ADMIN)
+            .json(&set)
+            .send()
+            .await?,
+    )
+    .await?;
+    assert_eq!(status, 200, "{prices}");
+    assert_eq!(prices["admin"][0]["models"], json!(["gpt-4o-mini"]));
+    let bad = json!({"pricing": [{"models": ["x"], "input": -1, "output": 1}]});
+    let (status, err) = body(
+        c.put(format!("{url}/api/prices"))
+            .bearer_auth(ADMIN)
+            .json(&bad)
+            .send()
+            .await?,
+    )
+    .await?;
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pricing[0]"),
+        "{err}"
+    );
+    let wrong_method = c
+        .delete(format!("{url}/api/status"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?;
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(
+        wrong_method
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok()),
+        Some("GET")
+    );
 
     Ok(())
 }

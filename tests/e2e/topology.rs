@@ -414,6 +414,33 @@ async fn frontends_and_keypoolctl_reach_a_tls_control_plane() -> anyhow::Result<
         .env("KEYPOOL_ADMIN_TOKEN", ADMIN)
         .output()?;
     assert!(!plain.status.success());
+
+    // the console speaks TLS too, its session cookie `Secure`
+    let console = cp.console_url().await?;
+    assert!(console.starts_with("https://"), "{console}");
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?)
+        .build()?;
+    let login = trusting
+        .post(format!("{console}/api/login"))
+        .json(&serde_json::json!({"token": ADMIN}))
+        .send()
+        .await?;
+    assert_eq!(login.status(), 200);
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    let plain_console = keypool_e2e::client()
+        .get(console.replace("https://", "http://") + "/api/status")
+        .send()
+        .await;
+    assert!(
+        plain_console.is_err(),
+        "plaintext to the TLS console answered"
+    );
     Ok(())
 }
 

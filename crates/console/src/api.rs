@@ -16,7 +16,7 @@ use crate::Console;
 use crate::session::Access;
 use crate::views::{
     AuditView, ErrorView, GatewayCreated, GatewayInput, GatewayView, KeyPatch, KeyView, NewKey,
-    StatusView, UsageView,
+    PricesInput, PricesView, StatusView, UsageView,
 };
 
 /// A refusal, answered as its error table row says.
@@ -350,6 +350,36 @@ pub async fn usage(req: HttpRequest, c: web::Data<Console>, q: web::Query<UsageQ
     };
     let u = c.service.get_usage(call(&access, ask)).await?;
     Ok(HttpResponse::Ok().json(UsageView::from(u.into_inner())))
+}
+
+#[utoipa::path(get, path = "/api/prices", tag = "spend",
+    responses((status = 200, body = PricesView), (status = 401, body = ErrorView)))]
+pub async fn prices(req: HttpRequest, c: web::Data<Console>) -> Answer {
+    let access = c.sessions.check(&req)?;
+    let p = c
+        .service
+        .get_prices(call(&access, pb::GetPricesRequest {}))
+        .await?;
+    Ok(HttpResponse::Ok().json(PricesView::from(p.into_inner())))
+}
+
+#[utoipa::path(put, path = "/api/prices", tag = "spend", request_body = PricesInput,
+    responses((status = 200, body = PricesView), (status = 400, body = ErrorView),
+        (status = 401, body = ErrorView)))]
+pub async fn set_prices(req: HttpRequest, c: web::Data<Console>, body: web::Bytes) -> Answer {
+    let access = c.sessions.check(&req)?;
+    let input: PricesInput = serde_json::from_slice(&body).map_err(|e| invalid("prices", &e))?;
+    let mut pricing = Vec::with_capacity(input.pricing.len());
+    for (i, entry) in input.pricing.into_iter().enumerate() {
+        let raw: keypool_pricing::RawPrice =
+            serde_json::from_value(entry).map_err(|e| invalid(&format!("pricing[{i}]"), &e))?;
+        pricing.push(pb::Price::from(&raw));
+    }
+    let p = c
+        .service
+        .set_prices(call(&access, pb::SetPricesRequest { pricing }))
+        .await?;
+    Ok(HttpResponse::Ok().json(PricesView::from(p.into_inner())))
 }
 
 /// Which changes to list.

@@ -55,6 +55,8 @@ pub struct Console {
         api::delete_gateway,
         api::rotate_gateway,
         api::usage,
+        api::prices,
+        api::set_prices,
         api::audit,
     )
 )]
@@ -113,20 +115,48 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             )
             .service(path("/gateways/{name}/rotate", "POST").route(post().to(api::rotate_gateway)))
             .service(path("/usage", "GET").route(get().to(api::usage)))
+            .service(
+                path("/prices", "GET, PUT")
+                    .route(get().to(api::prices))
+                    .route(put().to(api::set_prices)),
+            )
             .service(path("/audit", "GET").route(get().to(api::audit)))
             .default_service(web::to(live::not_found)),
     )
     .configure(assets::routes);
 }
 
+/// The TLS the admin API has (`admin.tls_cert`/`tls_key`), for the console.
+fn tls(tls: &keypool_config::AdminTls) -> std::io::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::other(format!("admin TLS for the console: {what}: {e}"))
+    };
+    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("admin.tls_cert", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.expose().as_bytes())
+        .map_err(|e| bad("admin.tls_key", &e))?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocol versions", &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("certificate", &e))
+}
+
 /// Serves the console on `listener` until `shutdown` (one worker: an operator's browser and a
-/// few scripts, never API traffic).
+/// few scripts, never API traffic), over TLS when the admin API has it (its session cookie then
+/// `Secure`).
 pub fn serve(
     control: Arc<Control>,
     listener: std::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<actix_web::dev::Server> {
-    let sessions = Sessions::new(control.token(), false);
+    let config = control.config();
+    let tls = config.admin.tls.as_ref().map(tls).transpose()?;
+    let sessions = Sessions::new(control.token(), tls.is_some());
     let console = web::Data::new(Console {
         service: AdminService::new(control.clone(), shutdown.clone()),
         control,
@@ -141,8 +171,11 @@ pub fn serve(
     })
     .workers(1)
     .disable_signals()
-    .shutdown_timeout(1)
-    .listen(listener)?
+    .shutdown_timeout(1);
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+        None => server.listen(listener)?,
+    }
     .run();
     let handle = server.handle();
     tokio::spawn(async move {

@@ -365,3 +365,40 @@ pub struct ErrorView {
     #[schema(value_type = Object)]
     pub error: serde_json::Value,
 }
+
+/// The prices in force before the built-in catalog: the ones set at run time, then the config
+/// file's (`pricing:` entries: `models`, `input`, `output`, … in USD per million tokens).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PricesView {
+    #[schema(value_type = Vec<Object>)]
+    pub admin: Vec<serde_json::Value>,
+    #[schema(value_type = Vec<Object>)]
+    pub file: Vec<serde_json::Value>,
+    /// When the run-time prices were last set (0: never).
+    pub updated_at_ms: i64,
+}
+
+impl From<pb::Prices> for PricesView {
+    fn from(p: pb::Prices) -> Self {
+        let entries = |v: Vec<pb::Price>| {
+            v.into_iter()
+                .map(|p| {
+                    serde_json::to_value(keypool_pricing::RawPrice::from(p)).unwrap_or_default()
+                })
+                .collect()
+        };
+        Self {
+            admin: entries(p.admin),
+            file: entries(p.file),
+            updated_at_ms: p.updated_at_ms,
+        }
+    }
+}
+
+/// `PUT /api/prices`: the run-time prices, replaced whole (an empty list clears them).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PricesInput {
+    /// `pricing:` entries, as in the config file.
+    #[schema(value_type = Vec<Object>)]
+    pub pricing: Vec<serde_json::Value>,
+}

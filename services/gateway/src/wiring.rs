@@ -357,7 +357,12 @@ pub fn console(
             tracing::error!(error = %e, "console stopped");
         }
     });
-    println!("keypool console at http://{at}/");
+    let scheme = if config.admin.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("keypool console at {scheme}://{at}/");
     tracing::info!(%at, "console listening");
     Ok(Some(at))
 }
