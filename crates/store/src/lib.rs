@@ -10,6 +10,7 @@ mod admin;
 mod audit;
 pub mod entity;
 mod event;
+mod overflow;
 mod pg_write;
 mod query;
 mod spill;

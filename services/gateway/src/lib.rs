@@ -10,6 +10,7 @@ pub mod demo;
 pub mod frontend;
 pub mod mock;
 pub mod monitor;
+mod serving;
 pub mod usage;
 mod wiring;
 
