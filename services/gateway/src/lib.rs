@@ -8,6 +8,7 @@ pub mod actors;
 pub mod app;
 pub mod demo;
 pub mod frontend;
+pub mod limits;
 pub mod mock;
 pub mod monitor;
 mod serving;

@@ -109,7 +109,9 @@ pub fn console(
 }
 
 /// The HTTP server: `KEYPOOL_WORKERS` workers (default one per core), each with its own
-/// upstream client, `TCP_NODELAY` on every accepted connection, signals left to the caller.
+/// upstream client, `TCP_NODELAY` on every accepted connection, as many connections per worker
+/// as the open-files limit (raised to the hard one) leaves room for with their upstream halves
+/// ([`crate::limits`]), signals left to the caller.
 pub fn http_server(
     config: &Config,
     listener: TcpListener,
@@ -121,6 +123,18 @@ pub fn http_server(
     let use_env_proxies = ["https_proxy", "http_proxy", "all_proxy"]
         .iter()
         .any(|v| std::env::var_os(v).is_some() || std::env::var_os(v.to_uppercase()).is_some());
+    let fds = crate::limits::raise_nofile();
+    let workers = crate::workers().unwrap_or(2);
+    if let Some(streams) = fds.streams {
+        tracing::info!(
+            open_files = fds.nofile,
+            concurrent_streams = streams,
+            connections_per_worker = fds.per_worker(workers),
+            "open-files limit raised to the hard limit"
+        );
+    } else {
+        tracing::info!("no open-files limit");
+    }
     let models = Arc::new(keypool_proxy::models::ModelCatalog::default());
     let receiving = Arc::new(keypool_proxy::pipeline::Receiving::default());
     Ok(HttpServer::new(move || {
@@ -136,7 +150,8 @@ pub fn http_server(
             monitor.clone(),
         )
     })
-    .workers(crate::workers().unwrap_or(2))
+    .workers(workers)
+    .max_connections(fds.per_worker(workers))
     .disable_signals()
     .shutdown_timeout(config.shutdown_grace.as_secs().max(1))
     .on_connect(|conn, _| {
