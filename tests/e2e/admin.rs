@@ -434,6 +434,34 @@ async fn every_rpc_with_auth_validation_and_hot_apply() -> anyhow::Result<()> {
     assert!(st.config_version > 1);
     assert_eq!(st.replicas.len(), 1);
     assert!(!gw.logs().contains("sk-added-secret-9999"));
+
+    // every change made over gRPC is in the audit log, by its peer, without a secret
+    let audit = gw
+        .http()
+        .get(format!("{}/api/audit", gw.console_url().await?))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let rows: serde_json::Value = serde_json::from_str(&audit)?;
+    let by_grpc = |action: &str| {
+        rows.as_array().is_some_and(|a| {
+            a.iter().any(|r| {
+                r["action"] == action
+                    && r["who"]
+                        .as_str()
+                        .is_some_and(|w| w.starts_with("grpc 127.0.0.1:"))
+            })
+        })
+    };
+    for action in ["gateway.create", "key.add", "key.update"] {
+        assert!(by_grpc(action), "{action} not audited: {audit}");
+    }
+    assert!(
+        !audit.contains("sk-added-secret-9999") && !audit.contains(ADMIN),
+        "{audit}"
+    );
     Ok(())
 }
 

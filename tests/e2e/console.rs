@@ -1,8 +1,7 @@
 //! The console's REST API through the real binary: login with the admin token into a session
 //! cookie, CSRF on every write, bearer access for scripts, the same changes as the gRPC admin
 //! (applied, persisted, audited), the live usage stream, the OpenAPI document (and the API held
-//! to it by schemathesis), the app itself,
-//! and no secret in any answer.
+//! to it by schemathesis), the app itself, and no secret in any answer.
 
 use keypool_e2e::{Behavior, Gateway, config, hello, mock};
 use serde_json::{Value, json};

@@ -308,6 +308,13 @@ async fn sighup_reloads_the_config_file_and_keeps_it_when_the_new_one_is_bad() -
     )?;
     gw.signal("HUP")?;
     gw.wait_log("config reloaded", 1).await?;
+    // audited (in the log without a store): who, and what the file now declares
+    gw.wait_log("action=\"config.reload\"", 1).await?;
+    assert!(
+        gw.logs().contains("who=\"config file (SIGHUP)\""),
+        "{}",
+        gw.logs()
+    );
     assert_eq!(
         gw.chat("new-token", hello("gpt-4o-mini")).await?.status(),
         200

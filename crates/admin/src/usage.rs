@@ -33,8 +33,8 @@ pub(crate) async fn answer(
     store: &Store,
     r: &pb::GetUsageRequest,
 ) -> Result<pb::GetUsageResponse, Status> {
-    // unix ms before the year 10000: range arithmetic never overflows
-    const LATEST_MS: i64 = 253_402_300_800_000;
+    // unix ms before the year 10000 (the store's reach)
+    use keypool_store::LATEST_MS;
     for (field, ms) in [
         ("from_ms", r.from_ms),
         ("to_ms", r.to_ms),

@@ -408,7 +408,7 @@ pub async fn audit(req: HttpRequest, c: web::Data<Console>, q: web::Query<AuditQ
     };
     let limit = q.limit.unwrap_or(100);
     if q.before_ms
-        .is_some_and(|ms| !(0..253_402_300_800_000).contains(&ms))
+        .is_some_and(|ms| !(0..keypool_store::LATEST_MS).contains(&ms))
     {
         return Err(Refusal(ApiError::new(
             ErrorKind::InvalidRequest,

@@ -184,3 +184,26 @@ pub fn serve(
     });
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The document's bounds are literals (utoipa's attributes take no paths): they must stay
+    /// what the code enforces.
+    #[test]
+    fn the_documents_bounds_are_the_codes() {
+        let doc: serde_json::Value = serde_json::from_str(&super::openapi_json()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        for schema in ["KeyPatch", "NewKey"] {
+            let tpm = &schemas[schema]["properties"]["tpm"]["maximum"];
+            assert_eq!(tpm.as_u64(), Some(keypool_config::MAX_TPM), "{schema}");
+        }
+        let params = doc["paths"]["/api/audit"]["get"]["parameters"]
+            .as_array()
+            .unwrap();
+        let before = params.iter().find(|p| p["name"] == "before_ms").unwrap();
+        assert_eq!(
+            before["schema"]["maximum"].as_i64(),
+            Some(keypool_store::LATEST_MS - 1)
+        );
+    }
+}

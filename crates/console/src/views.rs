@@ -174,7 +174,7 @@ pub struct UsageTotalView {
 }
 
 fn usd(pico: i64) -> f64 {
-    pico as f64 / 1e12
+    keypool_pricing::Cost(u128::try_from(pico).unwrap_or(0)).as_f64()
 }
 
 impl From<pb::UsageTotal> for UsageTotalView {

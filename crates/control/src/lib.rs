@@ -348,7 +348,7 @@ fn config_owned(what: &str, name: &str) -> ControlError {
     ))
 }
 
-/// `n` random bytes as hex (from the OS's randomness via a fresh hasher seed and the clock).
+/// `n` random bytes from the operating system's generator, as hex.
 pub fn random_hex(n: usize) -> String {
     keypool_types::hex(&crate::seal::random_bytes(n))
 }

@@ -27,7 +27,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend};
 pub use admin::{GatewayRow, KeyRow};
 pub use audit::AuditRow;
 pub use event::{StoredEvent, StoredLog};
-pub use query::{Grouping, HourCalls, KeyCounterRow, UsageTotal};
+pub use query::{Grouping, HourCalls, KeyCounterRow, LATEST_MS, UsageTotal};
 pub use writer::{BatchTarget, TargetError, UsageWriter, WriterSink, WriterStats};
 
 /// A store failure.

@@ -13,6 +13,10 @@ use crate::{Store, StoreError};
 
 const DAY_MS: i64 = 86_400_000;
 
+/// The latest time the store reads by (unix ms of the year 10000): ranges beyond it are
+/// refused by the admin API and clamped here, so no range arithmetic overflows.
+pub const LATEST_MS: i64 = 253_402_300_800_000;
+
 /// How [`Store::usage_totals`] groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grouping {
@@ -177,6 +181,7 @@ impl Store {
         day_ms: i64,
         gateway: Option<&str>,
     ) -> Result<Vec<HourCalls>, StoreError> {
+        let day_ms = day_ms.clamp(0, LATEST_MS);
         self.hours_from(day_ms - day_ms.rem_euclid(DAY_MS), gateway)
             .await
     }
@@ -188,6 +193,8 @@ impl Store {
         start_ms: i64,
         gateway: Option<&str>,
     ) -> Result<Vec<HourCalls>, StoreError> {
+        // clamped: 24 hours after it always fit in an i64, whatever the caller asked
+        let start_ms = start_ms.clamp(0, LATEST_MS);
         let start = start_ms - start_ms.rem_euclid(3_600_000);
         let mut q = usage_hourly::Entity::find()
             .filter(usage_hourly::Column::HourMs.gte(start))

@@ -527,8 +527,19 @@ macro_rules! on_both_databases {
     )*};
 }
 
+/// Any i64 is a day to read hours of (clamped to the store's reach), never an overflow.
+async fn any_day_is_read_without_overflow(url: String) {
+    let store = Store::connect(&url).await.unwrap();
+    for far in [i64::MAX, i64::MIN, keypool_store::LATEST_MS] {
+        assert_eq!(store.calls_per_hour(far, None).await.unwrap().len(), 24);
+        assert_eq!(store.hours_from(far, None).await.unwrap().len(), 24);
+    }
+    store.close().await;
+}
+
 on_both_databases!(
     migrations_up_down_up,
+    any_day_is_read_without_overflow,
     each_event_is_written_once_and_rolled_up_once,
     request_logs_and_retention,
     key_counters_are_saved_and_restored,
