@@ -240,3 +240,41 @@ async fn an_idle_gap_ends_the_stream_with_an_error_event() -> anyhow::Result<()>
     assert!(started.elapsed() < Duration::from_secs(3));
     Ok(())
 }
+
+/// With 400 open files and one worker, 144 are left after the reserve: 64 streams (upstream
+/// connections) and 80 client connections. The 65th stream at once is answered 503
+/// `server_busy` with `Retry-After: 1`, before anything is sent upstream; the 64 run to their
+/// end; once they are over, streams are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_open_files_limit_are_refused_not_cut() -> anyhow::Result<()> {
+    let slow = mock(
+        "slow",
+        Behavior {
+            chunk_interval_ms: 250,
+            ..Behavior::default()
+        },
+    );
+    let yaml = config().token(T).key(&slow, "slow", "").yaml();
+    let gw = Gateway::start_nofile(&yaml, &[("KEYPOOL_WORKERS", "1")], 400).await?;
+    let mut open = Vec::new();
+    for _ in 0..64 {
+        let resp = gw.chat(T, stream_req(false)).await?;
+        assert_eq!(resp.status(), 200);
+        open.push(tokio::spawn(read_timed(resp)));
+    }
+    let sent = slow.requests();
+    let resp = gw.chat(T, stream_req(false)).await?;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "server_busy", "{body}");
+    assert_eq!(slow.requests(), sent, "nothing sent upstream for it");
+    for s in open {
+        let (_, all) = s.await?;
+        assert!(all.ends_with("data: [DONE]\n\n"), "cut: {all}");
+    }
+    let resp = gw.chat(T, stream_req(false)).await?;
+    assert_eq!(resp.status(), 200);
+    assert!(read_timed(resp).await.1.ends_with("data: [DONE]\n\n"));
+    Ok(())
+}

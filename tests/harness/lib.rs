@@ -260,8 +260,42 @@ impl Gateway {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::launch(dir, args, env, None).await
+    }
+
+    /// [`Gateway::start_env`] with the open-files limit (soft and hard) set to `nofile` for
+    /// the process (by the shell's `ulimit -n`).
+    pub async fn start_nofile(
+        yaml: &str,
+        env: &[(&str, &str)],
+        nofile: u32,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml)?;
+        let path = path.display().to_string();
+        let args = ["serve", "--config", &path, "--address", "127.0.0.1:0"];
+        Self::launch(dir, &args, env, Some(nofile)).await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(dir.path().join("keypool.log"))?;
-        let mut child = Command::new(keypool_bin())
+        let mut command = match nofile {
+            None => Command::new(keypool_bin()),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(keypool_bin());
+                sh
+            }
+        };
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .env(

@@ -109,6 +109,8 @@ pub struct RequestCtx {
     pub restore: Option<crate::guard::Restore>,
     /// Guardrail rules that matched, as `request:rule` / `response:rule`.
     pub guardrails: Vec<String>,
+    /// The hold on an upstream connection ([`crate::inflight`]), until the answer is relayed.
+    pub slot: Option<crate::inflight::Slot>,
 }
 
 /// What the request pipeline established about a request before `forward`: the fields of a
@@ -172,6 +174,7 @@ impl RequestCtx {
             cache_hit: false,
             restore: None,
             guardrails: Vec::new(),
+            slot: None,
         }
     }
 

@@ -32,6 +32,9 @@ pub struct Frontend {
     pub models: Arc<crate::models::ModelCatalog>,
     /// Request body bytes being received now, by every worker.
     pub receiving: Arc<crate::pipeline::Receiving>,
+    /// This worker's requests holding an upstream connection, and the most its share of the
+    /// open-files limit allows.
+    pub inflight: Arc<crate::inflight::InFlight>,
 }
 
 impl Frontend {

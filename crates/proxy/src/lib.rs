@@ -19,6 +19,7 @@ pub mod forward;
 pub mod guard;
 pub mod headers;
 pub mod http;
+pub mod inflight;
 pub mod inspect;
 pub mod models;
 mod observe;

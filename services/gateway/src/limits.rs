@@ -1,8 +1,11 @@
-//! File descriptors: a proxied stream holds two (the client's connection and the upstream's).
-//! At start the soft `RLIMIT_NOFILE` is raised to the hard limit, the log says how many
-//! concurrent streams that allows, and each HTTP worker accepts at most its share of them
-//! (connections past it wait in the listen backlog instead of failing midway for want of a
-//! descriptor).
+//! File descriptors: a proxied stream holds two (the client's connection and the upstream's),
+//! an idle keep-alive client one. At start the soft `RLIMIT_NOFILE` is raised to the hard
+//! limit and what is left after [`RESERVED`] is split: 45% for upstream connections (the
+//! concurrent streams, each worker its share, past which a request is answered `503
+//! server_busy` with `Retry-After: 1`: [`keypool_proxy::inflight`]) and 55% for client
+//! connections (each worker its share; connections past it wait in the listen backlog). The
+//! client side is the larger so that a request past the streams limit can still be answered
+//! instead of failing midway for want of a descriptor. The log says how many streams fit.
 
 /// Descriptors kept for everything else: listeners, the store, Redis, the admin API and
 /// console, the log and spill files.
@@ -13,24 +16,36 @@ const RESERVED: u64 = 256;
 pub struct FdBudget {
     /// The soft limit now (`None`: unlimited).
     pub nofile: Option<u64>,
-    /// Concurrent streams that fit (`None`: no limit from descriptors).
+    /// Concurrent streams (upstream connections) that fit (`None`: no limit from descriptors).
     pub streams: Option<u64>,
+    /// Client connections that fit.
+    pub connections: Option<u64>,
 }
 
 impl FdBudget {
-    /// Connections one of `workers` may hold (actix's default, 25,000, when unlimited).
-    pub fn per_worker(self, workers: usize) -> usize {
-        let workers = u64::try_from(workers.max(1)).unwrap_or(1);
-        self.streams.map_or(25_000, |s| {
-            usize::try_from((s / workers).max(1)).unwrap_or(usize::MAX)
-        })
+    /// Client connections one of `workers` may hold (actix's default, 25,000, when unlimited).
+    pub fn connections_per_worker(self, workers: usize) -> usize {
+        share(self.connections, workers).unwrap_or(25_000)
+    }
+
+    /// Streams one of `workers` may relay at once (`usize::MAX` when unlimited).
+    pub fn streams_per_worker(self, workers: usize) -> usize {
+        share(self.streams, workers).unwrap_or(usize::MAX)
     }
 }
 
+fn share(total: Option<u64>, workers: usize) -> Option<usize> {
+    let workers = u64::try_from(workers.max(1)).unwrap_or(1);
+    total.map(|t| usize::try_from((t / workers).max(1)).unwrap_or(usize::MAX))
+}
+
 fn budget(nofile: Option<u64>) -> FdBudget {
+    let usable = nofile.map(|n| n.saturating_sub(RESERVED).max(2));
+    let streams = usable.map(|u| (u * 45 / 100).max(1));
     FdBudget {
         nofile,
-        streams: nofile.map(|n| n.saturating_sub(RESERVED).max(2) / 2),
+        streams,
+        connections: usable.zip(streams).map(|(u, s)| u - s),
     }
 }
 
@@ -76,9 +91,12 @@ mod tests {
         let after = getrlimit(Resource::Nofile);
         assert_eq!(after.current, before.maximum);
         assert_eq!(b.nofile, before.maximum);
-        assert_eq!(budget(Some(1024)).streams, Some(384));
-        assert_eq!(budget(Some(1024)).per_worker(2), 192);
+        let b = budget(Some(1024));
+        assert_eq!((b.streams, b.connections), (Some(345), Some(423)));
+        assert_eq!(b.streams_per_worker(2), 172);
+        assert_eq!(b.connections_per_worker(2), 211);
         assert_eq!(budget(Some(10)).streams, Some(1));
-        assert_eq!(budget(None).per_worker(4), 25_000);
+        assert_eq!(budget(None).connections_per_worker(4), 25_000);
+        assert_eq!(budget(None).streams_per_worker(4), usize::MAX);
     }
 }

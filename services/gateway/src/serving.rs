@@ -109,9 +109,9 @@ pub fn console(
 }
 
 /// The HTTP server: `KEYPOOL_WORKERS` workers (default one per core), each with its own
-/// upstream client, `TCP_NODELAY` on every accepted connection, as many connections per worker
-/// as the open-files limit (raised to the hard one) leaves room for with their upstream halves
-/// ([`crate::limits`]), signals left to the caller.
+/// upstream client, `TCP_NODELAY` on every accepted connection, as many client connections and
+/// concurrent upstream requests per worker as its share of the open-files limit (raised to the
+/// hard one) allows ([`crate::limits`]), signals left to the caller.
 pub fn http_server(
     config: &Config,
     listener: TcpListener,
@@ -129,7 +129,7 @@ pub fn http_server(
         tracing::info!(
             open_files = fds.nofile,
             concurrent_streams = streams,
-            connections_per_worker = fds.per_worker(workers),
+            client_connections = fds.connections,
             "open-files limit raised to the hard limit"
         );
     } else {
@@ -146,12 +146,15 @@ pub fn http_server(
                 client: keypool_proxy::UpstreamClient::new(use_env_proxies),
                 models: models.clone(),
                 receiving: receiving.clone(),
+                inflight: Arc::new(keypool_proxy::inflight::InFlight::new(
+                    fds.streams_per_worker(workers),
+                )),
             }),
             monitor.clone(),
         )
     })
     .workers(workers)
-    .max_connections(fds.per_worker(workers))
+    .max_connections(fds.connections_per_worker(workers))
     .disable_signals()
     .shutdown_timeout(config.shutdown_grace.as_secs().max(1))
     .on_connect(|conn, _| {

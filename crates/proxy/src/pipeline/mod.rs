@@ -184,16 +184,19 @@ async fn prepare(
     };
     let (budgets, prices) = (fe.gateways.budgets(), fe.gateways.prices());
     let mut spend = crate::spend::Spending::new(prices.clone(), budgets.clone());
-    // a hit holds nothing: it costs nothing
-    if !matches!(cache, Some(crate::cache::Lookup::Hit(_))) {
+    // a hit holds nothing, neither budget nor upstream connection: it costs nothing
+    let hit = matches!(cache, Some(crate::cache::Lookup::Hit(_)));
+    let slot = if hit { None } else { Some(fe.inflight.take()?) };
+    if !hit {
         spend.hold = admit::hold_budgets(&gw, &auth, &inspected, engine, budgets, &prices).await?;
     }
     let mut ctx = context::build(
         req, fe, engine, path, auth, gw, client_ip, inspected, started, spend,
     )?;
+    ctx.slot = slot;
     ctx.restore = restore;
     ctx.guardrails = guardrails;
-    if !matches!(cache, Some(crate::cache::Lookup::Hit(_))) {
+    if !hit {
         crate::guard::moderation::check(engine, &fe.client, &mut ctx).await?;
     }
     match cache {
