@@ -24,6 +24,21 @@
 # OVERLOAD=1 adds a run that saturates the usage writer (SQLite, `log.queue_capacity: 64`,
 # `on_overflow: spill`), stops keypool with SIGTERM and reports answered 200s against the usage
 # events stored (they must be equal).
+# Knobs for a many-core machine (defaults: every core shared, as on the 2-core VM):
+#   WORKERS=N      keypool's KEYPOOL_WORKERS and nginx's worker_processes (default: the cores
+#                  PROXY_CPUS leaves, else all), the same for both;
+#   WRK_CPUS=0-3   the cores wrk runs on (default 0), WRK_THREADS=N its threads (default 1);
+#   PROXY_CPUS=4-11, UP_CPUS=12-15, UP_WORKERS=N   taskset for nginx and keypool, for the mock
+#                  upstream, and the mock's workers (default 1);
+#   MANY=2048      adds a many-connection run per target (throughput, p50/p99, the proxy's RSS
+#                  during it and what a connection costs in memory);
+#   STREAMS=N      adds a streams run: the mock streaming slowly (STREAM_INTERVAL ms between
+#                  events, default 500), N concurrent SSE streams opened over RAMP_MS (default
+#                  2000) by tests/load/streams.rs against the mock, nginx (proxy_buffering off)
+#                  and keypool (dbtype none): how many ended whole, the most open at once, time
+#                  to first event and each event's lateness (p50/p99), the proxy's idle and peak
+#                  RSS and the memory per stream.
+# Every row shows the proxy's RSS after its runs (nginx: master and workers summed).
 # Prints throughput at 64 connections and latency at 1 keep-alive connection (medians of ROUNDS
 # rounds of DURATION seconds) beside direct, keypool's peak RSS, and for stores the requests
 # answered beside the usage events written (nothing may be dropped).
@@ -38,7 +53,15 @@ ROUNDS=${ROUNDS:-3}
 STORES=${STORES:-none sqlite postgres}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p keypool-gateway
+[ -z "${STREAMS:-}" ] || cargo build --release -q -p keypool-e2e --example streams
 BIN=${CARGO_TARGET_DIR:-target}/release/keypool
+STREAMS_BIN=${CARGO_TARGET_DIR:-target}/release/examples/streams
+WRK_CPUS=${WRK_CPUS:-0}
+WRK_THREADS=${WRK_THREADS:-1}
+PROXY_PIN=(); [ -z "${PROXY_CPUS:-}" ] || PROXY_PIN=(taskset -c "$PROXY_CPUS")   # exec'd: $! is the proxy
+UP_PIN=(); [ -z "${UP_CPUS:-}" ] || UP_PIN=(taskset -c "$UP_CPUS")
+WORKERS=${WORKERS:-$("${PROXY_PIN[@]}" nproc)}
+export KEYPOOL_WORKERS=$WORKERS
 WORK=$(mktemp -d)
 PGDBS=""
 cleanup() {
@@ -60,31 +83,59 @@ url_in() { grep -v -e 'admin listening' -e 'console at' "$1" | grep -o 'http://[
 evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
 served() { curl -s "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 
-"$BIN" mock --address 127.0.0.1:0 --workers 1 > "$WORK/mock.out" 2>&1 &
+"${UP_PIN[@]}" "$BIN" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" > "$WORK/mock.out" 2>&1 &
 wait_line "$WORK/mock.out" "listening on"
 UP=$(url_in "$WORK/mock.out")   # .../v1
 TARGETS="direct"
 declare -A URL PID
 URL[direct]=$UP
+if [ -n "${STREAMS:-}" ]; then
+  "${UP_PIN[@]}" "$BIN" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" \
+    --chunk-interval-ms "${STREAM_INTERVAL:-500}" > "$WORK/slow.out" 2>&1 &
+  wait_line "$WORK/slow.out" "listening on"
+  SLOW=$(url_in "$WORK/slow.out")
+fi
+rss_kb() { # pid: resident KB of it and its children (nginx's workers)
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" 2>/dev/null); do
+    total=$(( total + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0) ))
+  done
+  echo "$total"
+}
+peak_while() { # pid file: the highest rss_kb, sampled every 100 ms until the file is removed
+  local peak=0 now
+  while [ -e "$2" ]; do now=$(rss_kb "$1"); [ "$now" -gt "$peak" ] && peak=$now; sleep 0.1; done
+  echo "$peak"
+}
 
 if [ "${NGINX:-1}" = 1 ] && command -v nginx >/dev/null; then
-  NG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  NG_PORT=$(free_port) NG_PORT2=$(free_port)
   UP_HOSTPORT=$(echo "$UP" | sed -E 's#http://([^/]+)/v1#\1#')
   cat > "$WORK/nginx.conf" <<NGX
-worker_processes 2;
+worker_processes $WORKERS;
+worker_rlimit_nofile 20000;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx.err;
-events { worker_connections 1024; }
+events { worker_connections 16384; }
 http {
   access_log off;
+  client_body_temp_path $WORK/ngx-body;
+  proxy_temp_path $WORK/ngx-proxy;
   upstream mock { server $UP_HOSTPORT; keepalive 128; }
   server {
     listen 127.0.0.1:$NG_PORT;
     location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
+$( [ -n "${STREAMS:-}" ] && echo "  upstream slow { server $(echo "$SLOW" | sed -E 's#http://([^/]+)/v1#\1#'); keepalive 128; }
+  server {
+    listen 127.0.0.1:$NG_PORT2;
+    location / { proxy_pass http://slow; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }
+  }" )
 }
 NGX
-  nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
+  "${PROXY_PIN[@]}" nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
+  PID[nginx]=$!
   sleep 0.5
   URL[nginx]="http://127.0.0.1:$NG_PORT/v1"
   TARGETS="$TARGETS nginx"
@@ -139,10 +190,12 @@ YAML
   else
     KBIN=$BIN
     [ "$store" = before ] && KBIN=${BASELINE:?STORES=before needs BASELINE=/path/to/keypool}
-    RUST_LOG=warn "$KBIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-$store.out" 2> "$WORK/kp-$store.err" &
+    RUST_LOG=warn "${PROXY_PIN[@]}" "$KBIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-$store.out" 2> "$WORK/kp-$store.err" &
     PID[$store]=$!
     wait_line "$WORK/kp-$store.out" "listening on http.*/v1"
     URL[$store]=$(url_in "$WORK/kp-$store.out")
+    sleep 0.2
+    echo "keypool[$store]	$(rss_kb "${PID[$store]}")" >> "$WORK/idle.tsv"
   fi
   TARGETS="$TARGETS $store"
 done
@@ -152,7 +205,8 @@ run() { # target connections
   local name=$1 e0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
   case "$1" in redis|redispick|frontends) e0=$(evals) ;; esac
-  taskset -c 0 wrk -t1 -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
+  taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
+  [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
   case "$1" in redis|redispick|frontends) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
   python3 - "$WORK/run.txt" "$name-$2" <<'PY' >> "$WORK/results.tsv"
 import re, sys
@@ -167,7 +221,7 @@ PY
 }
 
 for t in $TARGETS; do
-  taskset -c 0 wrk -t1 -c8 -d2s -s tests/load/chat.lua "${URL[$t]}/chat/completions" > /dev/null
+  taskset -c "$WRK_CPUS" wrk -t1 -c8 -d2s -s tests/load/chat.lua "${URL[$t]}/chat/completions" > /dev/null
 done
 declare -A SERVED0
 for t in $STORES; do SERVED0[$t]=$(served "${URL[$t]}"); done
@@ -200,8 +254,8 @@ done
 
 if [[ " $STORES " == *" frontends "* ]]; then
   for _ in $(seq "$ROUNDS"); do
-    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "${URL[frontends]}/chat/completions" > "$WORK/fa.txt" &
-    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "${URL[feb]}/chat/completions" > "$WORK/fb.txt"
+    taskset -c "$WRK_CPUS" wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "${URL[frontends]}/chat/completions" > "$WORK/fa.txt" &
+    taskset -c "$WRK_CPUS" wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "${URL[feb]}/chat/completions" > "$WORK/fb.txt"
     wait %%
     echo "two frontends + redis, 2x32 conns: $(awk '/Requests\/sec/ {s += $2} END {printf "%.0f", s}' "$WORK/fa.txt" "$WORK/fb.txt") req/s" >> "$WORK/notes.txt"
   done
@@ -221,8 +275,8 @@ if [ "${REDIS2:-0}" = 1 ]; then
   done
   KA=$(url_in "$WORK/kp2a.out"); KB=$(url_in "$WORK/kp2b.out")
   for _ in $(seq "$ROUNDS"); do
-    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KA/chat/completions" > "$WORK/r2a.txt" &
-    taskset -c 0 wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KB/chat/completions" > "$WORK/r2b.txt"
+    taskset -c "$WRK_CPUS" wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KA/chat/completions" > "$WORK/r2a.txt" &
+    taskset -c "$WRK_CPUS" wrk -t1 -c32 -d"${DURATION}s" -s tests/load/chat.lua "$KB/chat/completions" > "$WORK/r2b.txt"
     wait %%
     echo "two replicas + redis, 2x32 conns: $(awk '/Requests\/sec/ {s += $2} END {printf "%.0f", s}' "$WORK/r2a.txt" "$WORK/r2b.txt") req/s" >> "$WORK/notes.txt"
   done
@@ -242,7 +296,7 @@ YAML
   OV=$!
   wait_line "$WORK/ov.out" "listening on http.*/v1"
   OVURL=$(url_in "$WORK/ov.out")
-  taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" -s tests/load/chat.lua "$OVURL/chat/completions" > "$WORK/ov.txt"
+  taskset -c "$WRK_CPUS" wrk -t1 -c64 -d"${DURATION}s" -s tests/load/chat.lua "$OVURL/chat/completions" > "$WORK/ov.txt"
   sleep 0.5   # requests still in flight when wrk stopped are answered too
   SPILLED=$(curl -s "${OVURL%/v1}/metrics" | awk '/^keypool_usage_spilled_total/ {n += $2} END {print n + 0}')
   SERVED_OV=$(served "$OVURL")
@@ -252,21 +306,93 @@ YAML
   echo "overload (queue_capacity 64, spill): $SERVED_OV requests answered by keypool ($ANSWERED 200s seen by wrk before it stopped), $STORED usage events stored after SIGTERM, $SPILLED spilled on the way" >> "$WORK/notes.txt"
 fi
 
-python3 - "$WORK/results.tsv" "$WORK/rss.tsv" "$STORES" <<'PY'
+if [ -n "${MANY:-}" ]; then
+  # one run per target at MANY connections: throughput, latency, RSS during it (sampled)
+  for t in $TARGETS; do
+    name=$t; [ "$t" = direct ] || [ "$t" = nginx ] || name="keypool[$t]"
+    idle=0; [ -z "${PID[$t]:-}" ] || idle=$(rss_kb "${PID[$t]}")
+    touch "$WORK/sampling"
+    peak=0 sampler=""
+    if [ -n "${PID[$t]:-}" ]; then peak_while "${PID[$t]}" "$WORK/sampling" > "$WORK/peak.txt" & sampler=$!; fi
+    taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$MANY" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$t]}/chat/completions" > "$WORK/many.txt" 2>&1 || true
+    rm -f "$WORK/sampling"
+    if [ -n "$sampler" ]; then wait "$sampler"; peak=$(cat "$WORK/peak.txt"); fi
+    sleep 1; after=0; [ -z "${PID[$t]:-}" ] || after=$(rss_kb "${PID[$t]}")
+    python3 - "$WORK/many.txt" "$name" "$MANY" "$idle" "$peak" "$after" <<'PY' >> "$WORK/many.md"
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+pct = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", text, re.M)}
+errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+sock = re.search(r"Socket errors: (.*)", text)
+name, conns, idle, peak, after = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+mem = f"{peak / 1024:.1f} MB ({(peak - idle) / conns:.1f} KB a connection) | {after / 1024:.1f} MB" if peak else " |"
+print(f"| {name} | {rps:,.0f} req/s | {pct.get('50', 0):.2f} ms | {pct.get('99', 0):.2f} ms | {errs.group(1) if errs else 0} | {sock.group(1) if sock else ''} | {mem} |")
+PY
+  done
+fi
+
+if [ -n "${STREAMS:-}" ]; then
+  cat > "$WORK/config-streams.yaml" <<YAML
+address: 127.0.0.1:0
+authorization: bench-token
+dbtype: none
+upstreams:
+  - {name: k1, sk: sk-bench-1, endpoint: "$SLOW"}
+  - {name: k2, sk: sk-bench-2, endpoint: "$SLOW"}
+  - {name: k3, sk: sk-bench-3, endpoint: "$SLOW"}
+YAML
+  RUST_LOG=warn "${PROXY_PIN[@]}" "$BIN" serve --config "$WORK/config-streams.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-streams.out" 2> "$WORK/kp-streams.err" &
+  PID[streams]=$!
+  wait_line "$WORK/kp-streams.out" "listening on http.*/v1"
+  declare -A SURL=([direct]=$SLOW [keypool]=$(url_in "$WORK/kp-streams.out"))
+  declare -A SPID=([keypool]=${PID[streams]})
+  STARGETS="direct keypool"
+  if [ -n "${PID[nginx]:-}" ]; then SURL[nginx]="http://127.0.0.1:$NG_PORT2/v1"; SPID[nginx]=${PID[nginx]}; STARGETS="direct nginx keypool"; fi
+  for t in $STARGETS; do
+    idle=0; [ -z "${SPID[$t]:-}" ] || idle=$(rss_kb "${SPID[$t]}")
+    touch "$WORK/sampling"
+    peak=0 sampler=""
+    if [ -n "${SPID[$t]:-}" ]; then peak_while "${SPID[$t]}" "$WORK/sampling" > "$WORK/peak.txt" & sampler=$!; fi
+    taskset -c "$WRK_CPUS" "$STREAMS_BIN" "${SURL[$t]}/chat/completions" bench-token "$STREAMS" "${STREAM_INTERVAL:-500}" "${RAMP_MS:-2000}" > "$WORK/streams.json"
+    rm -f "$WORK/sampling"
+    if [ -n "$sampler" ]; then wait "$sampler"; peak=$(cat "$WORK/peak.txt"); fi
+    python3 - "$WORK/streams.json" "$t" "$idle" "$peak" <<'PY' >> "$WORK/streams.md"
+import json, sys
+r = json.load(open(sys.argv[1]))
+name, idle, peak = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+mem = f"{idle / 1024:.1f} / {peak / 1024:.1f} MB ({(peak - idle) / max(r['peak_open'], 1):.1f} KB a stream)" if peak else ""
+print(f"| {name} | {r['done']:,} / {r['streams']:,} ({r['refused']} refused, {r['cut']} cut) | {r['peak_open']:,} | {r['ttfb_p50_us'] / 1000:.2f} / {r['ttfb_p99_us'] / 1000:.2f} ms | {r['late_p50_us'] / 1000:.2f} / {r['late_p99_us'] / 1000:.2f} ms | {mem} |")
+PY
+  done
+fi
+
+touch "$WORK/rss-after.tsv" "$WORK/idle.tsv"
+python3 - "$WORK/results.tsv" "$WORK/rss.tsv" "$STORES" "$WORK/rss-after.tsv" "$WORK/idle.tsv" <<'PY'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().strip().splitlines()]
 rss = dict(l.split("\t") for l in open(sys.argv[2]).read().strip().splitlines())
+after = {}
+for l in open(sys.argv[4]).read().strip().splitlines():
+    k, v = l.split("\t")
+    after.setdefault(k, []).append(int(v))
+idle = dict(l.split("\t") for l in open(sys.argv[5]).read().strip().splitlines() if l)
+def rss_after(name):
+    v = after.get(name)
+    return f"{statistics.median(v) / 1024:.1f} MB" if v else ""
 def med(name, col):
     vals = [float(r[col]) for r in rows if r[0] == name]
     return statistics.median(vals) if vals else None
 d64, d1p50, d1p99 = med("direct-64", 1), med("direct-1", 2), med("direct-1", 3)
-print(f"| run (medians of rounds) | throughput, 64 conns | vs direct | p50, 1 conn | added p50 | p99, 1 conn | added p99 | peak RSS |")
-print("|---|---|---|---|---|---|---|---|")
-print(f"| direct to the mock upstream | {d64:,.0f} req/s | 1.00x | {d1p50:.3f} ms | | {d1p99:.3f} ms | | |")
+print(f"| run (medians of rounds) | throughput, 64 conns | vs direct | p50, 1 conn | added p50 | p99, 1 conn | added p99 | RSS after a run | peak RSS |")
+print("|---|---|---|---|---|---|---|---|---|")
+print(f"| direct to the mock upstream | {d64:,.0f} req/s | 1.00x | {d1p50:.3f} ms | | {d1p99:.3f} ms | | | |")
 n64 = med("nginx-64", 1)
 if n64:
     n1p50, n1p99 = med("nginx-1", 2), med("nginx-1", 3)
-    print(f"| nginx reverse proxy | {n64:,.0f} req/s | {n64 / d64:.2f}x | {n1p50:.3f} ms | +{n1p50 - d1p50:.3f} ms | {n1p99:.3f} ms | {n1p99 - d1p99:+.3f} ms | |")
+    print(f"| nginx reverse proxy | {n64:,.0f} req/s | {n64 / d64:.2f}x | {n1p50:.3f} ms | +{n1p50 - d1p50:.3f} ms | {n1p99:.3f} ms | {n1p99 - d1p99:+.3f} ms | {rss_after('nginx')} | |")
 base = None
 for store in sys.argv[3].split():
     name = f"keypool[{store}]"
@@ -275,7 +401,7 @@ for store in sys.argv[3].split():
         base = k64
     vs = f" ({k64 / base:.2f}x of none)" if base and store != "none" else ""
     mb = int(rss.get(name, "0")) / 1024
-    print(f"| keypool, {store} | {k64:,.0f} req/s{vs} | {k64 / d64:.2f}x | {k1p50:.3f} ms | +{k1p50 - d1p50:.3f} ms | {k1p99:.3f} ms | {k1p99 - d1p99:+.3f} ms | {mb:.1f} MB |")
+    print(f"| keypool, {store} | {k64:,.0f} req/s{vs} | {k64 / d64:.2f}x | {k1p50:.3f} ms | +{k1p50 - d1p50:.3f} ms | {k1p99:.3f} ms | {k1p99 - d1p99:+.3f} ms | {rss_after(name)} | {mb:.1f} MB |")
 pairs = {}
 for store in sys.argv[3].split():
     if store == "none":
@@ -291,6 +417,8 @@ print("\nper round (req/s at 64 conns):")
 names = list(dict.fromkeys(r[0] for r in rows if r[0].endswith("-64")))
 for n in names:
     print(f"  {n[:-3]:<20} " + "  ".join(f"{float(r[1]):>8,.0f}" for r in rows if r[0] == n))
+if idle:
+    print("\nidle RSS after start: " + ", ".join(f"{k} {int(v) / 1024:.1f} MB" for k, v in idle.items()))
 errs = sum(int(r[4]) for r in rows)
 print(f"\nnon-2xx responses: {errs}")
 try:
@@ -298,3 +426,11 @@ try:
 except OSError:
     pass
 PY
+if [ -s "$WORK/many.md" ]; then
+  echo; echo "| $MANY connections | throughput | p50 | p99 | non-2xx | socket errors | RSS during (memory a connection) | RSS 1 s after |"
+  echo "|---|---|---|---|---|---|---|---|"; cat "$WORK/many.md"
+fi
+if [ -s "$WORK/streams.md" ]; then
+  echo; echo "| $STREAMS streams, ${STREAM_INTERVAL:-500} ms apart | ended whole | most open at once | time to first event p50 / p99 | event lateness p50 / p99 | RSS idle / peak (a stream) |"
+  echo "|---|---|---|---|---|---|"; cat "$WORK/streams.md"
+fi

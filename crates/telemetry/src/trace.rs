@@ -68,8 +68,12 @@ pub fn init(
             .unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn,sea_orm_migration=warn"))
     };
     // actix's per-connection parse errors are counted and summarised, never logged one by one
-    let not_actix_dispatch =
-        || tracing_subscriber::filter::filter_fn(|m| m.target() != ACTIX_DISPATCH);
+    // (a hint of TRACE restricts nothing: the `and` takes the EnvFilter's level as the hint;
+    // a filter without one would make the whole process's level TRACE)
+    let not_actix_dispatch = || {
+        tracing_subscriber::filter::filter_fn(|m| m.target() != ACTIX_DISPATCH)
+            .with_max_level_hint(tracing::level_filters::LevelFilter::TRACE)
+    };
     let json = telemetry.is_some_and(|t| t.json_logs);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = if json {
@@ -99,9 +103,11 @@ pub fn init(
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("keypool"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.is_span() && m.target() == TARGET
-            }))
+            .with_filter(
+                tracing_subscriber::filter::filter_fn(|m| m.is_span() && m.target() == TARGET)
+                    // its spans are INFO: nothing more verbose is enabled for its sake
+                    .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
+            )
     });
     let malformed = MalformedRequests {
         metrics: metrics.clone(),
@@ -111,11 +117,17 @@ pub fn init(
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
-        // filtered to its one target: no other event is enabled for its sake
+        // filtered to its one target at WARN and above: no other event is enabled for its
+        // sake, and the level hint keeps every `trace!` and `debug!` in every crate off (with
+        // no hint the most verbose level was on, and actix's dispatcher traced its timers and
+        // flags several times per poll: 16% of the instructions of a request)
         .with(
-            malformed.with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.target() == ACTIX_DISPATCH
-            })),
+            malformed.with_filter(
+                tracing_subscriber::filter::filter_fn(|m| {
+                    m.target() == ACTIX_DISPATCH && *m.level() <= tracing::Level::WARN
+                })
+                .with_max_level_hint(tracing::level_filters::LevelFilter::WARN),
+            ),
         )
         .try_init();
     if tokio::runtime::Handle::try_current().is_ok() {

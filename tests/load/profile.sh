@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Instructions per request of one keypool worker, by callgrind (a program, not a test; this
+# VM has no hardware counters for perf, and instruction counts repeat where timings do not).
+# keypool (release, KEYPOOL_WORKERS=1, dbtype none, 3 keys) runs under valgrind against the
+# mock upstream; wrk warms it up with instrumentation off, then 15 s at 4 connections are
+# recorded. Prints the requests measured, the instructions per request and the top functions.
+# Note: valgrind counts each byte of a `rep movsb`/`rep stosb` as an instruction, so memcpy and
+# memset weigh more here than in cycles.
+#
+#   tests/load/profile.sh                      # the build of this tree
+#   BIN=/tmp/keypool-old tests/load/profile.sh # another build
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -q -p keypool-gateway
+  BIN=${CARGO_TARGET_DIR:-target}/release/keypool
+fi
+W=$(mktemp -d)
+OUT=${OUT:-$W/callgrind.out}
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+"$BIN" mock --address 127.0.0.1:0 --workers 1 > "$W/mock.out" 2>&1 &
+for _ in $(seq 50); do grep -q "listening on" "$W/mock.out" 2>/dev/null && break; sleep 0.1; done
+UP=$(grep -o 'http://[^ ]*' "$W/mock.out" | head -1)
+cat > "$W/config.yaml" <<YAML
+address: 127.0.0.1:0
+authorization: bench-token
+dbtype: none
+upstreams:
+  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
+  - {name: k2, sk: sk-bench-2, endpoint: "$UP"}
+  - {name: k3, sk: sk-bench-3, endpoint: "$UP"}
+YAML
+KEYPOOL_WORKERS=1 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+  "$BIN" serve --config "$W/config.yaml" --admin-address 127.0.0.1:0 --console-address none > "$W/kp.out" 2> "$W/kp.err" &
+KP=$!
+for _ in $(seq 300); do grep -q "listening on http.*/v1" "$W/kp.out" 2>/dev/null && break; sleep 0.2; done
+URL=$(grep -v -e 'admin listening' -e 'console at' "$W/kp.out" | grep -o 'http://[^ ]*' | head -1)
+served() { curl -s "${URL%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
+wrk -t1 -c4 -d5s -s tests/load/chat.lua "$URL/chat/completions" > /dev/null
+callgrind_control -i on "$KP" > /dev/null 2>&1
+S0=$(served)
+wrk -t1 -c4 -d15s -s tests/load/chat.lua "$URL/chat/completions" > /dev/null
+S1=$(served)
+callgrind_control -i off "$KP" > /dev/null 2>&1
+callgrind_control -d "$KP" > /dev/null 2>&1
+sleep 1
+DUMP=$(ls "$OUT".* | tail -1)
+TOTAL=$(callgrind_annotate "$DUMP" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "requests measured: $((S1 - S0)); instructions per request: $((TOTAL / (S1 - S0)))"
+callgrind_annotate "$DUMP" 2>/dev/null | sed -n '/PROGRAM TOTALS/,$p' | sed -n '5,30p' | cut -c1-160
+echo "inclusive, keypool's own:"
+callgrind_annotate --inclusive=yes "$DUMP" 2>/dev/null | grep -E '(keypool|prometheus)' | grep -v Profiled | head -15 | cut -c1-160
+[ "$OUT" = "$W/callgrind.out" ] || echo "profile kept in $DUMP"
