@@ -9,6 +9,7 @@
 #
 #   tests/load/profile.sh                      # the build of this tree
 #   BIN=/tmp/keypool-old tests/load/profile.sh # another build
+#   REDIS=1 tests/load/profile.sh              # rpm budgets kept in the Redis on 127.0.0.1:6379
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
@@ -19,18 +20,29 @@ if [ -z "${BIN:-}" ]; then
 fi
 W=$(mktemp -d)
 OUT=${OUT:-$W/callgrind.out}
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  redis-cli --scan --pattern "kp-profile-$$:*" 2>/dev/null | xargs -r redis-cli del > /dev/null 2>&1 || true
+}
+trap cleanup EXIT
 "$BIN" mock --address 127.0.0.1:0 --workers 1 > "$W/mock.out" 2>&1 &
 for _ in $(seq 50); do grep -q "listening on" "$W/mock.out" 2>/dev/null && break; sleep 0.1; done
 UP=$(grep -o 'http://[^ ]*' "$W/mock.out" | head -1)
+LIMIT="" SHARED=""
+if [ "${REDIS:-0}" = 1 ]; then
+  LIMIT=", rpm: 100000000"
+  SHARED="redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-profile-$$:\"}"
+fi
 cat > "$W/config.yaml" <<YAML
 address: 127.0.0.1:0
 authorization: bench-token
 dbtype: none
+$SHARED
 upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
-  - {name: k2, sk: sk-bench-2, endpoint: "$UP"}
-  - {name: k3, sk: sk-bench-3, endpoint: "$UP"}
+  - {name: k1, sk: sk-bench-1, endpoint: "$UP"$LIMIT}
+  - {name: k2, sk: sk-bench-2, endpoint: "$UP"$LIMIT}
+  - {name: k3, sk: sk-bench-3, endpoint: "$UP"$LIMIT}
 YAML
 KEYPOOL_WORKERS=1 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
   "$BIN" serve --config "$W/config.yaml" --admin-address 127.0.0.1:0 --console-address none > "$W/kp.out" 2> "$W/kp.err" &

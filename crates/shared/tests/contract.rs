@@ -207,6 +207,34 @@ async fn large_limits_never_over_admit(s: &dyn SharedState) {
     }
 }
 
+/// A large window slides whole: filled, it refuses; once its period has passed since the
+/// calls, every run has left and the count starts again from zero (no stale count kept).
+async fn large_windows_slide_whole(s: &dyn SharedState) {
+    let win = [w("huge-slide", 5000, 4000)];
+    let start = std::time::Instant::now();
+    for i in 0..5000 {
+        let a = s.admit(&win, Instant::now()).await.unwrap();
+        assert!(matches!(a, Admit::Admitted { .. }), "call {i}: {a:?}");
+    }
+    let filled = start.elapsed();
+    assert!(
+        filled < Duration::from_millis(3500),
+        "filling took {filled:?}"
+    );
+    assert!(matches!(
+        s.admit(&win, Instant::now()).await.unwrap(),
+        Admit::Refused { index: 0, .. }
+    ));
+    // every call came before `filled`: 4,300 ms after it, all have left
+    tokio::time::sleep(Duration::from_millis(4300)).await;
+    assert_eq!(
+        s.admit(&win, Instant::now()).await.unwrap(),
+        Admit::Admitted {
+            remaining: vec![4999]
+        }
+    );
+}
+
 async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 0);
     s.init("q", 100).await.unwrap();
@@ -363,6 +391,7 @@ async fn in_memory_contract() {
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
+    large_windows_slide_whole(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
     sessions_keep_their_key(s.as_ref()).await;
@@ -379,6 +408,7 @@ async fn redis_contract() {
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
+    large_windows_slide_whole(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
     sessions_keep_their_key(s.as_ref()).await;
@@ -401,6 +431,25 @@ async fn redis_contract() {
             .await
             .unwrap();
         assert_eq!(log, 0, "no per-call log for a large limit");
+        // a large window's three keys lapse together, `per + step` after its newest run
+        // started (60,000 ms and 58 ms steps here)
+        let mut ttls = Vec::new();
+        for part in ["b", "c", "n"] {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(format!("{}huge:{part}", r.prefix))
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            ttls.push(ttl);
+        }
+        assert!(
+            ttls.iter().all(|t| (40_000..=60_058).contains(t)),
+            "{ttls:?}"
+        );
+        assert!(
+            ttls.iter().max().unwrap() - ttls.iter().min().unwrap() < 1_000,
+            "{ttls:?}"
+        );
     }
     // two "replicas" (two connections) share the same windows
     let other = RedisState::connect(REDIS, &r.prefix, Duration::from_secs(2))

@@ -57,10 +57,9 @@ local function room(i)
     local prev = tonumber(redis.call('GET', k .. ':' .. (slot - 1)) or '0')
     return cur + prev * (1 - (now % per) / per)
   end
-  local n, oldest = window_used(k, limit, per)
+  local n = window_used(k, limit, per)
   if n < limit then return n end
-  local free = per
-  if oldest then free = tonumber(oldest) + per - now end
+  local free = window_free(k, limit, per)
   if earliest < 0 or free < earliest then earliest = free end
   return nil
 end
@@ -75,7 +74,10 @@ if session then
       if KEYS[2 * i - 1] == named then stuck = i end
     end
   end
-  if stuck > 0 and room(stuck) then best, stick = stuck, 1 end
+  if stuck > 0 then
+    local n = room(stuck)
+    if n then best, best_n, stick = stuck, n, 1 end
+  end
 end
 if best == 0 then
   for i = 1, ncand do
@@ -96,7 +98,7 @@ if tonumber(ARGV[4 * best - 1]) == 0 then
   redis.call('INCR', c)
   redis.call('PEXPIRE', c, 2 * per)
 else
-  window_add(k, tonumber(ARGV[4 * best - 1]), per, ARGV[1])
+  window_add(k, tonumber(ARGV[4 * best - 1]), per, ARGV[1], best_n)
 end
 local tlimit = tonumber(ARGV[4 * best + 1])
 if tlimit > 0 then

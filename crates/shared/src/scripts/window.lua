@@ -10,12 +10,11 @@ local EXACT_UP_TO, BUCKETS = 4096, 1024
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- Calls in window k now, and the score of its oldest entry (nil when empty).
+-- Calls in window k now (its old entries pruned).
 local function window_used(k, limit, per)
   if limit <= EXACT_UP_TO then
     redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
-    local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
-    return redis.call('ZCARD', k), oldest[2]
+    return redis.call('ZCARD', k)
   end
   local b, c, nk = k .. ':b', k .. ':c', k .. ':n'
   local total = tonumber(redis.call('GET', nk) or '0')
@@ -25,31 +24,46 @@ local function window_used(k, limit, per)
     redis.call('HDEL', c, unpack(old))
     redis.call('ZREMRANGEBYSCORE', b, '-inf', now - per)
     if total < 0 or redis.call('ZCARD', b) == 0 then total = 0 end
-    redis.call('SET', nk, total, 'PX', per)
+    -- the count keeps the runs' expiry (window_add), so the three keys lapse together
+    local ttl = redis.call('PTTL', b)
+    if ttl <= 0 then ttl = per end
+    redis.call('SET', nk, total, 'PX', ttl)
   end
-  local oldest = redis.call('ZRANGE', b, 0, 0, 'WITHSCORES')
-  return total, oldest[2]
+  return total
 end
 
--- Counts a call (id) in window k; returns the calls in it after.
-local function window_add(k, limit, per, id)
+-- In how many ms full window k frees up (asked only when it is full).
+local function window_free(k, limit, per)
+  local z = k
+  if limit > EXACT_UP_TO then z = k .. ':b' end
+  local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')[2]
+  if oldest then return tonumber(oldest) + per - now end
+  return per
+end
+
+-- Counts a call (id) in window k, which held n calls (window_used, in this script); returns
+-- the calls in it after.
+local function window_add(k, limit, per, id, n)
   if limit <= EXACT_UP_TO then
     redis.call('ZADD', k, now, id)
     redis.call('PEXPIRE', k, per)
-    return redis.call('ZCARD', k)
+    return n + 1
   end
   local b, c, nk = k .. ':b', k .. ':c', k .. ':n'
-  local newest = redis.call('ZRANGE', b, -1, -1)[1]
-  local run = newest
-  if run == nil or now - tonumber(run) >= math.max(1, math.floor(per / BUCKETS)) then
-    run = tostring(now)
-  end
+  local step = math.max(1, math.floor(per / BUCKETS))
+  local run = redis.call('ZRANGE', b, -1, -1)[1]
+  local fresh = run == nil or now - tonumber(run) >= step
+  if fresh then run = tostring(now) end
   redis.call('ZADD', b, now, run)
   redis.call('HINCRBY', c, run, 1)
-  local n = redis.call('INCR', nk)
-  redis.call('PEXPIRE', b, per)
-  redis.call('PEXPIRE', c, per)
-  redis.call('PEXPIRE', nk, per)
-  return n
+  local total = redis.call('INCR', nk)
+  -- a run's calls all come within `step` of its start: expiring the three keys `per + step`
+  -- after the newest run starts outlasts every call's time in the window, so their expiry is
+  -- set when a run starts, not on every call
+  if fresh then
+    redis.call('PEXPIRE', b, per + step)
+    redis.call('PEXPIRE', c, per + step)
+    redis.call('PEXPIRE', nk, per + step)
+  end
+  return total
 end
-
