@@ -10,6 +10,11 @@
 //! carries no text (the finish chunk, `content_block_stop`, `[DONE]`), in an event of its own
 //! shaped like the last text event. A `block` rule ends the stream: the text before the match
 //! is sent, then an error event, and nothing after it.
+//!
+//! Each choice (OpenAI's `choices[0].index`: with `n` > 1 their chunks interleave), content
+//! block (Anthropic's `index`) or output item (the Responses API's `output_index`) has its own
+//! buffer and its own last event, so one choice's text is never matched against, nor sent in
+//! an event of, another.
 
 use std::sync::Arc;
 
@@ -26,13 +31,25 @@ pub struct StreamGuard {
     gw: Arc<GatewayRuntime>,
     restore: Option<Restore>,
     surface: Surface,
+    /// One per choice, content block or output item seen, in the order first seen.
+    channels: Vec<Channel>,
+    /// The channel a `block` rule stopped.
+    blocking: usize,
+    /// Rules that matched (each counted once), as `response:rule`.
+    pub matched: Vec<String>,
+}
+
+/// One choice's (content block's, output item's) text.
+struct Channel {
+    index: u64,
     /// Text not sent yet.
     pending: String,
     /// The last text event: its lines before `data:`, and its data.
     template: Option<(String, Value)>,
-    /// Rules that matched (each counted once), as `response:rule`.
-    pub matched: Vec<String>,
 }
+
+/// A `block` rule matched: the clean text before the match, and the error.
+struct Block(String, ApiError);
 
 /// What the guard lets through.
 pub enum Guarded {
@@ -53,8 +70,8 @@ impl StreamGuard {
             gw,
             restore,
             surface,
-            pending: String::new(),
-            template: None,
+            channels: Vec::new(),
+            blocking: 0,
             matched: Vec::new(),
         })
     }
@@ -77,12 +94,18 @@ impl StreamGuard {
 
     fn event(&mut self, event: &[u8], out: &mut BytesMut) -> Result<(), ApiError> {
         let Some((head, mut data, tail)) = split_event(event) else {
-            self.flush(out)?;
+            self.flush_all(out)?;
             out.extend_from_slice(event);
             return Ok(());
         };
+        let index = channel_index(&data, self.surface);
         let Some(text) = text_mut(&mut data, self.surface) else {
-            self.flush(out)?;
+            // this choice's text is over (its finish chunk), or, with no index, all of it
+            match index.and_then(|i| self.channels.iter().position(|c| c.index == i)) {
+                Some(c) => self.flush(c, out)?,
+                None if index.is_none() => self.flush_all(out)?,
+                None => {}
+            }
             // an event that repeats the answer whole (the Responses API's
             // `response.output_text.done` and `response.completed`) is guarded as a whole answer
             if self.scrub(&mut data)? {
@@ -92,26 +115,54 @@ impl StreamGuard {
             }
             return Ok(());
         };
-        let mut buf = std::mem::take(&mut self.pending);
+        let c = self.channel(index.unwrap_or(0));
+        let mut buf = std::mem::take(&mut self.channels[c].pending);
         buf.push_str(text);
-        match self.settle(buf, false) {
-            Ok((send, keep)) => {
-                *text = send;
-                self.pending = keep;
-            }
+        match self.settle(c, buf, false) {
+            Ok(send) => *text = send,
             Err(e) => {
                 // the clean text before the match goes out in this event's shape
-                self.template = Some((head.to_owned(), data));
+                self.channels[c].template = Some((head.to_owned(), data));
                 return Err(e);
             }
         }
         write_event(out, head, &data, tail);
-        self.template = Some((head.to_owned(), data));
+        self.channels[c].template = Some((head.to_owned(), data));
         Ok(())
     }
 
+    /// The channel of `index`, made when first seen.
+    fn channel(&mut self, index: u64) -> usize {
+        if let Some(c) = self.channels.iter().position(|c| c.index == index) {
+            return c;
+        }
+        self.channels.push(Channel {
+            index,
+            pending: String::new(),
+            template: None,
+        });
+        self.channels.len() - 1
+    }
+
+    /// What of channel `c`'s `buf` can be sent now (restored, checked); the rest waits in the
+    /// channel (all of it is sent when `last`). On a `block` the clean text before the match
+    /// waits instead, for [`StreamGuard::before_block`].
+    fn settle(&mut self, c: usize, buf: String, last: bool) -> Result<String, ApiError> {
+        match self.check(buf, last) {
+            Ok((send, keep)) => {
+                self.channels[c].pending = keep;
+                Ok(send)
+            }
+            Err(Block(before, e)) => {
+                self.channels[c].pending = before;
+                self.blocking = c;
+                Err(e)
+            }
+        }
+    }
+
     /// What of `buf` can be sent now (restored, checked) and what waits; all of it when `last`.
-    fn settle(&mut self, buf: String, last: bool) -> Result<(String, String), ApiError> {
+    fn check(&mut self, buf: String, last: bool) -> Result<(String, String), Block> {
         let mut buf = match self.restore.as_ref().and_then(|r| restore(&buf, r)) {
             Some(b) => b,
             None => buf,
@@ -159,7 +210,7 @@ impl StreamGuard {
             if safety.is_some_and(|s| s.block_response) {
                 // the text before the match goes out; the match and everything after it never
                 buf.truncate(first.start);
-                return Err(self.carry_then_block(buf, &first.rule));
+                return Err(Block(buf, blocked(&first.rule)));
             }
             buf = mask_violations(&buf, &sent);
         }
@@ -191,41 +242,47 @@ impl StreamGuard {
         outcome.map(|()| changed)
     }
 
-    /// Keeps `before` for the blocked answer's last text event, and makes the error.
-    fn carry_then_block(&mut self, before: String, rule: &str) -> ApiError {
-        self.pending = before;
-        blocked(rule)
-    }
-
-    /// Sends what waits, in an event shaped like the last text event.
-    fn flush(&mut self, out: &mut BytesMut) -> Result<(), ApiError> {
-        if self.pending.is_empty() {
+    /// Sends what waits in channel `c`, in an event shaped like its last text event.
+    fn flush(&mut self, c: usize, out: &mut BytesMut) -> Result<(), ApiError> {
+        if self.channels[c].pending.is_empty() {
             return Ok(());
         }
-        let buf = std::mem::take(&mut self.pending);
-        let (send, _) = self.settle(buf, true)?;
-        self.emit(out, send);
+        let buf = std::mem::take(&mut self.channels[c].pending);
+        let send = self.settle(c, buf, true)?;
+        self.emit(c, out, send);
         Ok(())
     }
 
-    fn emit(&mut self, out: &mut BytesMut, text: String) {
+    /// Sends what waits in every channel.
+    fn flush_all(&mut self, out: &mut BytesMut) -> Result<(), ApiError> {
+        for c in 0..self.channels.len() {
+            self.flush(c, out)?;
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, c: usize, out: &mut BytesMut, text: String) {
         if text.is_empty() {
             return;
         }
-        if let Some((head, mut data)) = self.template.take() {
+        if let Some((head, mut data)) = self.channels[c].template.take() {
             if let Some(t) = text_mut(&mut data, self.surface) {
                 *t = text;
             }
             write_event(out, &head, &data, b"\n\n");
-            self.template = Some((head, data));
+            self.channels[c].template = Some((head, data));
         }
     }
 
-    /// The bytes a blocked stream sends before its error event: the text that was clean.
+    /// The bytes a blocked stream sends before its error event: the blocked channel's text
+    /// that was clean (another channel's held-back text is not sent: it was not checked whole).
     fn before_block(&mut self) -> Bytes {
-        let text = std::mem::take(&mut self.pending);
+        let c = self.blocking;
         let mut out = BytesMut::new();
-        self.emit(&mut out, text);
+        if let Some(channel) = self.channels.get_mut(c) {
+            let text = std::mem::take(&mut channel.pending);
+            self.emit(c, &mut out, text);
+        }
         out.freeze()
     }
 }
@@ -263,6 +320,16 @@ fn write_event(out: &mut BytesMut, head: &str, data: &Value, tail: &[u8]) {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(&serde_json::to_vec(data).unwrap_or_default());
     out.extend_from_slice(tail);
+}
+
+/// Which choice, content block or output item an event's text belongs to.
+fn channel_index(data: &Value, surface: Surface) -> Option<u64> {
+    match surface {
+        Surface::OpenAi => data.pointer("/choices/0/index"),
+        Surface::Anthropic => data.get("index"),
+        Surface::Responses => data.get("output_index"),
+    }
+    .and_then(Value::as_u64)
 }
 
 /// The streamed text of one event's data, by surface.

@@ -162,3 +162,81 @@ fn a_responses_stream_is_guarded_in_its_deltas_and_in_the_whole_answer_it_repeat
     assert!(out.contains("\"text\":\"mail a@b.io, a ******\""), "{out}");
     assert_eq!(out.matches("a@b.io").count(), 2, "{out}");
 }
+
+fn choice_chunk(index: u64, text: &str) -> String {
+    format!(
+        "data: {}\n\n",
+        serde_json::json!({"id": "c1", "choices": [{"index": index, "delta": {"content": text}}]})
+    )
+}
+
+fn finish(index: u64) -> String {
+    format!(
+        "data: {{\"choices\":[{{\"index\":{index},\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n"
+    )
+}
+
+/// The text each choice's events carry, by choice index.
+fn texts_by_choice(out: &str) -> [String; 2] {
+    let mut t = [String::new(), String::new()];
+    for line in out.lines() {
+        if let Some(d) = line.strip_prefix("data: ")
+            && let Ok(v) = serde_json::from_str::<Value>(d)
+            && let Some(s) = v
+                .pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+        {
+            let i = v
+                .pointer("/choices/0/index")
+                .and_then(Value::as_u64)
+                .unwrap();
+            t[usize::try_from(i).unwrap()].push_str(s);
+        }
+    }
+    t
+}
+
+/// With `n: 2` the choices' chunks interleave: each is restored and checked as its own text,
+/// and what one holds back goes out in an event of its own choice.
+#[test]
+fn interleaved_choices_are_guarded_apart() {
+    let gw = gateway("data_masking: {restore: true}\ncontent_safety: {keywords: [forbidden]}");
+    let restore: Restore = Arc::new(HashMap::from([(
+        "[PHONE_1]".to_owned(),
+        "13812345678".to_owned(),
+    )]));
+    let mut g = StreamGuard::new(gw, Some(restore), Surface::OpenAi).unwrap();
+    let (out, blocked) = run(
+        &mut g,
+        &[
+            choice_chunk(0, "call [PHO"),
+            choice_chunk(1, "a FORB"),
+            choice_chunk(0, "NE_1] now"),
+            choice_chunk(1, "idden word"),
+            finish(0),
+            choice_chunk(1, " and [PHONE_1"),
+            finish(1),
+        ],
+    );
+    assert!(blocked.is_none());
+    let [zero, one] = texts_by_choice(&out);
+    assert_eq!(zero, "call 13812345678 now");
+    assert_eq!(one, "a ********* word and [PHONE_1");
+    assert!(out.ends_with(&finish(1)), "{out}");
+    // a keyword split over one choice's chunks, with the other's between, is still found
+    let block = gateway("content_safety: {keywords: [forbidden], on_response: block}");
+    let mut g = StreamGuard::new(block, None, Surface::OpenAi).unwrap();
+    let (out, blocked) = run(
+        &mut g,
+        &[
+            choice_chunk(0, "fine FOR"),
+            choice_chunk(1, "bidden? no"),
+            choice_chunk(0, "BIDDEN tail"),
+            finish(0),
+        ],
+    );
+    assert!(blocked.is_some(), "{out}");
+    let [zero, one] = texts_by_choice(&out);
+    assert_eq!(zero, "fine ");
+    assert!(!one.contains("orbidden") && !out.contains("tail"), "{out}");
+}
