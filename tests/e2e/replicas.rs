@@ -663,3 +663,38 @@ fn authed<M>(m: M) -> tonic::Request<M> {
     );
     r
 }
+
+/// `redis.lease`: a replica reserves up to 4 calls of the key's rpm (10) at once and spends
+/// them locally; the limit still holds exactly across replicas, and calls a replica leased but
+/// did not spend go back once its lease lapses (400 ms), for another to spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_budgets_hold_exactly_and_unspent_calls_go_back() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let pfx = prefix();
+    let yaml = config()
+        .token(T)
+        .set("queue_timeout", "0.05")
+        .key(&up, "up", "rpm: 10")
+        .block(&format!(
+            "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{pfx}\", lease: 4, lease_ms: 400}}"
+        ))
+        .yaml();
+    let (a, b) = (Gateway::start(&yaml).await?, Gateway::start(&yaml).await?);
+    let run = async |gw: &Gateway, n: usize| -> anyhow::Result<usize> {
+        let mut ok = 0;
+        for _ in 0..n {
+            if post(gw, "/v1/chat/completions", "gpt-4o-mini").await? == 200 {
+                ok += 1;
+            }
+        }
+        Ok(ok)
+    };
+    // a spends one of the 4 it leases; b gets the 6 left, in leases of 4 and 2
+    assert_eq!(run(&a, 1).await?, 1);
+    assert_eq!(run(&b, 10).await?, 6);
+    // a's 3 unspent calls go back when its lease lapses: b spends them, and no more
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(run(&b, 6).await?, 3);
+    assert_eq!(up.requests(), 10);
+    Ok(())
+}

@@ -14,7 +14,8 @@ async fn served(gw: &Gateway, n: usize) -> anyhow::Result<Vec<String>> {
 }
 
 /// The slow key (80 ms to its answer) is listed first: it serves only while it is not yet
-/// measured, then the fast one (5 ms) serves the rest.
+/// measured (each key's first attempt is left out of its average), then the fast one (5 ms)
+/// serves the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_prefers_the_faster_upstream() -> anyhow::Result<()> {
     let slow = mock(
@@ -40,12 +41,14 @@ async fn latency_prefers_the_faster_upstream() -> anyhow::Result<()> {
     let gw = Gateway::start(&yaml).await?;
     let by = served(&gw, 20).await?;
     let on_slow = by.iter().filter(|k| *k == "slow").count();
-    assert!(on_slow <= 1, "{by:?}");
-    assert!(by[2..].iter().all(|k| k == "fast"), "{by:?}");
+    assert!(on_slow <= 2, "{by:?}");
+    assert!(by[4..].iter().all(|k| k == "fast"), "{by:?}");
     Ok(())
 }
 
-/// Two keys of the same speed tie on latency: least-used spreads the calls evenly.
+/// Two keys of the same speed tie on latency: least-used spreads the calls evenly, even when
+/// one of them served the process's first request (a cold connection, once ranked last for a
+/// minute).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equally_fast_keys_spread_least_used() -> anyhow::Result<()> {
     let a = mock("a", Behavior::default());

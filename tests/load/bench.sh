@@ -13,7 +13,9 @@
 #     the same host is reached: no TCP, no TLS);
 #     `rpm` = dbtype none with an rpm budget on every key (exact in-process windows), `redis` =
 #     the same budgets kept in the Redis on 127.0.0.1:6379 (one admission script per request;
-#     the round trips per request are counted from Redis's command stats); `redispick` = Redis
+#     the round trips per request are counted from Redis's command stats); `redislease` = the
+#     same with `redis.lease` (LEASE calls, default 64, reserved per round trip, spent within
+#     1 s); `redispick` = Redis
 #     without budgets (the least-used pick across replicas only); `frontends` = the production
 #     topology: `keypool admin` (SQLite) feeding two `keypool frontend`s that share the rpm
 #     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
@@ -156,13 +158,15 @@ dbaddr: $WORK/bench.sqlite" ;;
 dbaddr: \"$PGADDR\"" ;;
     redis|redispick) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
+    redislease) DB="dbtype: none
+redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\", lease: ${LEASE:-64}, lease_ms: 1000}" ;;
     frontends) DB="dbtype: sqlite
 dbaddr: $WORK/cp.sqlite
 admin: {token: bench-admin}" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
   LIMIT=""
-  case "$store" in rpm|redis|frontends) LIMIT=", rpm: 100000000" ;; esac
+  case "$store" in rpm|redis|redislease|frontends) LIMIT=", rpm: 100000000" ;; esac
   cat > "$WORK/config-$store.yaml" <<YAML
 address: 127.0.0.1:0
 authorization: bench-token
@@ -204,10 +208,10 @@ declare -A EVALS
 run() { # target connections
   local name=$1 e0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "$1" in redis|redispick|frontends) e0=$(evals) ;; esac
+  case "$1" in redis|redislease|redispick|frontends) e0=$(evals) ;; esac
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "$1" in redis|redispick|frontends) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
+  case "$1" in redis|redislease|redispick|frontends) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
   python3 - "$WORK/run.txt" "$name-$2" <<'PY' >> "$WORK/results.tsv"
 import re, sys
 text = open(sys.argv[1]).read()
@@ -238,7 +242,7 @@ done
 for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
   case "$store" in
-    redis|redispick|frontends)
+    redis|redislease|redispick|frontends)
       echo "$store: redis round trips per request: ${EVALS[$store]} scripts / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
   case "$store" in sqlite|postgres|pglocal)

@@ -443,5 +443,12 @@ fn validate_redis(r: crate::raw::RawRedis, errs: &mut Errors) -> crate::Redis {
             }
             n => n.unwrap_or(1),
         },
+        lease: errs.ranged("redis.lease", r.lease, 0, 0..=4096),
+        lease_ms: Duration::from_millis(errs.ranged(
+            "redis.lease_ms",
+            r.lease_ms,
+            1000,
+            10..=crate::MAX_LEASE_MS,
+        )),
     }
 }

@@ -18,8 +18,8 @@ pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
 pub use keypool_shared::{
-    Admit, HealthEvent, InMemory, Picked, RedisState, SessionReq, SharedError, SharedState, Stick,
-    TokenReq, WindowReq,
+    Admit, HealthEvent, InMemory, LeaseReq, Picked, RedisState, SessionReq, SharedError,
+    SharedState, Stick, TokenReq, WindowReq,
 };
 pub use messages::{
     AddKey, BusyCause, ListKeys, NoKey, Outcome, PoolError, RemoveKey, SetEnabled, UpdateKey,

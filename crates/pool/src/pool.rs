@@ -31,7 +31,10 @@ use crate::messages::{ListKeys, PoolError, Snapshot};
 use crate::tally::KeyTally;
 
 mod lease;
+mod leasing;
 mod pick;
+
+pub use leasing::Leasing;
 
 use keypool_shared::HealthAnnouncer;
 use keypool_telemetry::Telemetry;
@@ -153,6 +156,7 @@ impl KeyPool {
             shared: None,
             pins: Arc::new(crate::InMemory::default()),
             sessions: Arc::new(crate::InMemory::default()),
+            leasing: None,
         }
     }
 }
@@ -278,6 +282,8 @@ pub struct PoolHandle {
     pins: Arc<crate::InMemory>,
     /// Which key each session keeps, without shared state (bounded as pins are).
     sessions: Arc<crate::InMemory>,
+    /// Calls leased from the shared state (`redis.lease`), spent here.
+    leasing: Option<Arc<Leasing>>,
 }
 
 /// How long a Responses API response stays pinned to the key that created it.
@@ -288,6 +294,20 @@ impl PoolHandle {
     #[must_use]
     pub fn with_shared(mut self, shared: Arc<dyn crate::SharedState>) -> Self {
         self.shared = Some(shared);
+        self
+    }
+
+    /// With shared state: picks reserve up to `calls` calls of a key's rpm budget at once
+    /// and spend them here within `within` ([`Leasing`]); `calls` of 0 or 1 leases nothing.
+    /// Call after [`Self::with_shared`], inside the runtime (what lapses is given back by a
+    /// task of its own).
+    #[must_use]
+    pub fn with_leasing(mut self, calls: u32, within: std::time::Duration) -> Self {
+        if let (Some(shared), true) = (&self.shared, calls > 1) {
+            let leasing = Arc::new(Leasing::new(calls, within));
+            leasing.start_returning(shared.clone());
+            self.leasing = Some(leasing);
+        }
         self
     }
 

@@ -38,8 +38,11 @@ pub struct KeyTally {
     /// Settlements sent to the actor and not yet handled by it.
     settles_queued: AtomicU32,
     /// The recent time to first byte, microseconds: an exponentially weighted average of this
-    /// process's attempts (0 until the first), for `lb_policy: latency`.
+    /// process's attempts after its first (0 until then), for `lb_policy: latency`.
     ttfb_us: AtomicU64,
+    /// Whether the key's first attempt was seen: its time is left out of the average (it
+    /// opened the first connection, and may have paid the process's own first-request costs).
+    ttfb_first_seen: std::sync::atomic::AtomicBool,
     /// The key's attempt metrics, resolved once.
     pub(crate) metrics: KeyHandles,
     /// Where the key's other outcomes are counted and its alerts go.
@@ -65,14 +68,20 @@ impl KeyTally {
             tokens: AtomicU64::new(0),
             settles_queued: AtomicU32::new(0),
             ttfb_us: AtomicU64::new(0),
+            ttfb_first_seen: std::sync::atomic::AtomicBool::new(false),
             metrics: telemetry.metrics().key_handles(key, provider),
             telemetry,
         }
     }
 
     /// One attempt's time to first byte (or the time it waited in vain) into the average:
-    /// each new one weighs a fifth. Two at once may lose one of them: an average, not a count.
+    /// each new one weighs a fifth; the key's first is left out (a cold connection's, which
+    /// ranked a key last for a whole minute when it happened to serve the process's first
+    /// request). Two at once may lose one of them: an average, not a count.
     pub(crate) fn observe_ttfb(&self, ttfb: Duration) {
+        if !self.ttfb_first_seen.swap(true, Ordering::Relaxed) {
+            return;
+        }
         let us = u64::try_from(ttfb.as_micros()).unwrap_or(u64::MAX).max(1);
         let old = self.ttfb_us.load(Ordering::Relaxed);
         let new = if old == 0 {

@@ -87,6 +87,13 @@ pub enum Picked {
     Busy(Duration),
 }
 
+/// How many calls a pick may reserve at once, and how long the caller may spend them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseReq {
+    pub calls: u32,
+    pub within: Duration,
+}
+
 /// A session whose calls keep one key (to keep the provider's prompt cache warm): `key` names
 /// it in the shared state (the implementation adds its prefix); it lasts `ttl` unused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +172,42 @@ pub trait SharedState: Send + Sync {
         id: &str,
         now: Instant,
     ) -> Result<Picked, SharedError>;
+
+    /// [`Self::pick_reserving`] reserving up to `lease.calls` calls at once in the chosen
+    /// window (more than one only where it has an rpm budget and no token budget, and at most
+    /// its room), for the caller to spend over `lease.within` without asking again; answers
+    /// the calls reserved. The reserved calls count from `now + within`, the latest they may
+    /// be spent, so a window never holds more than its limit in any trailing period; what is
+    /// not spent goes back with [`Self::return_lease`]. One process shares nothing: this
+    /// default reserves one.
+    async fn pick_leasing(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        lease: LeaseReq,
+        now: Instant,
+    ) -> Result<(Picked, u32), SharedError> {
+        let _ = lease;
+        self.pick_reserving(candidates, tokens, least_used, id, now)
+            .await
+            .map(|p| (p, 1))
+    }
+
+    /// Gives back `unused` of the `granted` calls lease `id` reserved in `window` (once per
+    /// lease: the caller's to keep); answers the calls given back (none once they have left
+    /// the window).
+    async fn return_lease(
+        &self,
+        window: &WindowReq,
+        id: &str,
+        granted: u32,
+        unused: u32,
+    ) -> Result<u32, SharedError> {
+        let _ = (window, id, granted, unused);
+        Ok(0)
+    }
 
     /// [`Self::pick_reserving`] for a call of a session: the candidate the session names is
     /// chosen while it has room, whatever the ranking ([`Stick::Hit`]); otherwise the choice is

@@ -26,6 +26,7 @@ pub struct RedisState {
     script: redis::Script,
     pick_script: redis::Script,
     settle_script: redis::Script,
+    lease_return: redis::Script,
     budget_hold: redis::Script,
     budget_settle: redis::Script,
     budget_init: redis::Script,
@@ -53,6 +54,13 @@ const ADMIT: &str = concat!(
 const PICK: &str = concat!(
     include_str!("scripts/window.lua"),
     include_str!("scripts/pick.lua")
+);
+
+/// Gives back a lease's unspent calls: KEYS[1] the window; ARGV: limit, lease id, granted,
+/// unspent.
+const LEASE_RETURN: &str = concat!(
+    include_str!("scripts/window.lua"),
+    include_str!("scripts/lease_return.lua")
 );
 
 /// Settles a token reservation: KEYS[1] the token window; ARGV: id, estimated cost, actual.
@@ -105,6 +113,7 @@ impl RedisState {
             script: redis::Script::new(ADMIT),
             pick_script: redis::Script::new(PICK),
             settle_script: redis::Script::new(SETTLE_TOKENS),
+            lease_return: redis::Script::new(LEASE_RETURN),
             budget_hold: redis::Script::new(include_str!("scripts/budget_hold.lua")),
             budget_settle: redis::Script::new(include_str!("scripts/budget_settle.lua")),
             budget_init: redis::Script::new(include_str!("scripts/budget_init.lua")),
@@ -127,7 +136,8 @@ impl RedisState {
         least_used: bool,
         id: &str,
         session: Option<&SessionReq>,
-    ) -> Result<(Picked, Stick), SharedError> {
+        lease: Option<crate::LeaseReq>,
+    ) -> Result<(Picked, Stick, u32), SharedError> {
         let mut inv = self.pick_script.prepare_invoke();
         inv.arg(id);
         inv.arg(if least_used { "least" } else { "first" });
@@ -145,6 +155,12 @@ impl RedisState {
                 inv.arg(0).arg(0);
             }
         }
+        match lease {
+            Some(l) => inv
+                .arg(l.calls.max(1))
+                .arg(u64::try_from(l.within.as_millis()).unwrap_or(u64::MAX)),
+            None => inv.arg(1).arg(0),
+        };
         if let Some(s) = session {
             inv.key(self.key(&s.key));
             inv.arg(u64::try_from(s.ttl.as_millis()).unwrap_or(u64::MAX).max(1));
@@ -152,17 +168,23 @@ impl RedisState {
         let mut conn = self.conn();
         let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
         match out.as_slice() {
-            [1, i, stick] => {
+            [1, i, stick, granted] => {
                 let stick = match stick {
                     1 => Stick::Hit,
                     3 => Stick::Moved,
                     _ => Stick::Miss,
                 };
-                Ok((Picked::Index(usize::try_from(*i).unwrap_or(0)), stick))
+                let granted = u32::try_from(*granted).unwrap_or(1).max(1);
+                Ok((
+                    Picked::Index(usize::try_from(*i).unwrap_or(0)),
+                    stick,
+                    granted,
+                ))
             }
             [0, free] => Ok((
                 Picked::Busy(Duration::from_millis(u64::try_from(*free).unwrap_or(0))),
                 Stick::Moved,
+                0,
             )),
             other => Err(SharedError(format!("unexpected pick answer {other:?}"))),
         }
@@ -332,9 +354,41 @@ impl SharedState for RedisState {
         id: &str,
         _: Instant,
     ) -> Result<Picked, SharedError> {
-        self.run_pick(candidates, tokens, least_used, id, None)
+        self.run_pick(candidates, tokens, least_used, id, None, None)
             .await
-            .map(|(picked, _)| picked)
+            .map(|(picked, _, _)| picked)
+    }
+
+    async fn pick_leasing(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        lease: crate::LeaseReq,
+        _: Instant,
+    ) -> Result<(Picked, u32), SharedError> {
+        self.run_pick(candidates, tokens, least_used, id, None, Some(lease))
+            .await
+            .map(|(picked, _, granted)| (picked, granted))
+    }
+
+    async fn return_lease(
+        &self,
+        window: &WindowReq,
+        id: &str,
+        granted: u32,
+        unused: u32,
+    ) -> Result<u32, SharedError> {
+        let mut inv = self.lease_return.prepare_invoke();
+        inv.key(self.key(&window.key))
+            .arg(window.limit)
+            .arg(id)
+            .arg(granted)
+            .arg(unused);
+        let mut conn = self.conn();
+        let back: i64 = self.run(inv.invoke_async(&mut conn)).await?;
+        Ok(u32::try_from(back).unwrap_or(0))
     }
 
     async fn pick_in_session(
@@ -346,8 +400,9 @@ impl SharedState for RedisState {
         session: &SessionReq,
         _: Instant,
     ) -> Result<(Picked, Stick), SharedError> {
-        self.run_pick(candidates, tokens, least_used, id, Some(session))
+        self.run_pick(candidates, tokens, least_used, id, Some(session), None)
             .await
+            .map(|(picked, stick, _)| (picked, stick))
     }
 
     async fn settle_tokens(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keypool_shared::{
-    Admit, BudgetReq, Held, InMemory, Picked, RedisState, RedisTarget, SessionReq, SharedState,
-    Spent, Stick, TokenReq, WindowReq,
+    Admit, BudgetReq, Held, InMemory, LeaseReq, Picked, RedisState, RedisTarget, SessionReq,
+    SharedState, Spent, Stick, TokenReq, WindowReq,
 };
 use tokio::time::Instant;
 
@@ -235,6 +235,43 @@ async fn large_windows_slide_whole(s: &dyn SharedState) {
     );
 }
 
+/// A lease reserves up to its calls at once, never past the window's room, and what goes
+/// back is room again; a window with a token budget leases one call at a time. Exact and
+/// large windows alike. (Shared state only: one process leases nothing.)
+async fn leases_reserve_ahead_and_go_back(s: &dyn SharedState) {
+    let lease = |calls| LeaseReq {
+        calls,
+        within: Duration::from_millis(1000),
+    };
+    for (key, limit, calls) in [("lease-exact", 10, 4), ("lease-large", 5000, 2000)] {
+        let win = [w(key, limit, 60_000)];
+        let take = async |id: &str, calls| {
+            s.pick_leasing(&win, &[], true, id, lease(calls), Instant::now())
+                .await
+                .unwrap()
+        };
+        assert_eq!(take("l1", calls).await, (Picked::Index(0), calls));
+        assert_eq!(take("l2", calls).await, (Picked::Index(0), calls));
+        let rest = u32::try_from(limit).unwrap() - 2 * calls;
+        assert_eq!(take("l3", calls).await, (Picked::Index(0), rest));
+        assert!(matches!(take("l4", calls).await, (Picked::Busy(_), 0)));
+        assert_eq!(s.return_lease(&win[0], "l1", calls, 3).await.unwrap(), 3);
+        assert_eq!(take("l5", calls).await, (Picked::Index(0), 3));
+        assert!(matches!(take("l6", 1).await, (Picked::Busy(_), 0)));
+    }
+    let win = [w("lease-tokens", 100, 60_000)];
+    let tokens = [Some(TokenReq {
+        key: "lease-tokens:tok".into(),
+        limit: 1000,
+        cost: 1,
+    })];
+    let (picked, granted) = s
+        .pick_leasing(&win, &tokens, true, "t1", lease(10), Instant::now())
+        .await
+        .unwrap();
+    assert_eq!((picked, granted), (Picked::Index(0), 1));
+}
+
 async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 0);
     s.init("q", 100).await.unwrap();
@@ -409,6 +446,7 @@ async fn redis_contract() {
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
     large_windows_slide_whole(s.as_ref()).await;
+    leases_reserve_ahead_and_go_back(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
     sessions_keep_their_key(s.as_ref()).await;
@@ -431,8 +469,8 @@ async fn redis_contract() {
             .await
             .unwrap();
         assert_eq!(log, 0, "no per-call log for a large limit");
-        // a large window's three keys lapse together, `per + step` after its newest run
-        // started (60,000 ms and 58 ms steps here)
+        // a large window's three keys lapse together, `per + step` and the longest lease
+        // after its newest run started (60,000 ms, 58 ms steps and 60,000 ms here)
         let mut ttls = Vec::new();
         for part in ["b", "c", "n"] {
             let ttl: i64 = redis::cmd("PTTL")
@@ -443,7 +481,7 @@ async fn redis_contract() {
             ttls.push(ttl);
         }
         assert!(
-            ttls.iter().all(|t| (40_000..=60_058).contains(t)),
+            ttls.iter().all(|t| (100_000..=120_058).contains(t)),
             "{ttls:?}"
         );
         assert!(
@@ -520,6 +558,7 @@ async fn redis_cluster_contract() {
     token_windows_hold_sums_and_settle(s.as_ref()).await;
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
+    leases_reserve_ahead_and_go_back(s.as_ref()).await;
     unbudgeted_windows_rank_evenly(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;

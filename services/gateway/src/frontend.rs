@@ -92,6 +92,13 @@ pub struct FrontendArgs {
     /// Redis is down).
     #[arg(long, value_name = "N")]
     pub redis_replicas_hint: Option<u32>,
+    /// Calls of a key's rpm budget reserved in Redis at once and spent here (`redis.lease`;
+    /// default 0: one round trip per call).
+    #[arg(long, value_name = "CALLS")]
+    pub redis_lease: Option<u32>,
+    /// How long a lease may be spent before what is left goes back, in ms (default 1000).
+    #[arg(long, value_name = "MS")]
+    pub redis_lease_ms: Option<u64>,
     /// Where the last config snapshot (sealed) and the usage spool are kept.
     #[arg(long, value_name = "DIR", default_value = "./keypool-frontend")]
     pub state_dir: PathBuf,
@@ -209,6 +216,8 @@ pub fn build(args: &FrontendArgs, snap: &pb::ConfigSnapshot) -> anyhow::Result<P
             timeout_ms: Some(args.redis_timeout_ms),
             on_failure: Some(args.redis_on_failure.clone()),
             replicas_hint: args.redis_replicas_hint,
+            lease: args.redis_lease,
+            lease_ms: args.redis_lease_ms,
         }),
         ..RawConfig::default()
     };

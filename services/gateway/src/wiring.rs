@@ -143,7 +143,18 @@ pub async fn key_pool(
     );
     tracing::info!("shared state: Redis (limits, quotas and key health hold across replicas)");
     let shared = r.clone() as Arc<dyn keypool_shared::SharedState>;
-    Ok((actors, pool.with_shared(shared)))
+    let pool = match &config.redis {
+        Some(c) if c.lease > 1 => {
+            tracing::info!(
+                calls = c.lease,
+                within_ms = c.lease_ms.as_millis(),
+                "rpm budgets leased from Redis in slices"
+            );
+            pool.with_shared(shared).with_leasing(c.lease, c.lease_ms)
+        }
+        _ => pool.with_shared(shared),
+    };
+    Ok((actors, pool))
 }
 
 /// Where usage events go: the store's batched writer (with its counter snapshots and

@@ -24,6 +24,11 @@ pub struct RawRedis {
     /// With `on_failure: local`: how many replicas share the limits; while Redis is down each
     /// enforces `1/N` of every rate budget (default 1: each enforces all of it).
     pub replicas_hint: Option<u32>,
+    /// Calls of a key's rpm budget a replica reserves in one round trip and spends locally
+    /// (default 0: one round trip per call).
+    pub lease: Option<u32>,
+    /// How long a replica may spend a lease before what is left goes back, in ms (default 1000).
+    pub lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

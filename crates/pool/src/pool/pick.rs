@@ -91,8 +91,10 @@ impl PoolHandle {
         let mut affinity = None;
         let (chosen, share_of, mut shared_tokens) = match &self.shared {
             Some(shared) if !cands.is_empty() => {
-                let id = format!("{}-{first_lease}", keypool_shared::process_id());
-                match shared_pick(shared, &view, &cands, pick, id, now).await {
+                match self
+                    .shared_choice(shared, &view, &cands, pick, first_lease)
+                    .await
+                {
                     SharedPick::Chosen(c, tokens, stick) => {
                         affinity = stick;
                         (Some(vec![c]), 1, tokens)
@@ -159,6 +161,28 @@ impl PoolHandle {
 }
 
 impl PoolHandle {
+    /// With shared state: a call leased earlier (`redis.lease`) spent here without a round
+    /// trip, or else the shared pick.
+    async fn shared_choice(
+        &self,
+        shared: &Arc<dyn crate::SharedState>,
+        view: &PoolView,
+        cands: &[Candidate],
+        pick: &Pick,
+        lease_id: u64,
+    ) -> SharedPick {
+        let now = Instant::now();
+        let id = format!("{}-{lease_id}", keypool_shared::process_id());
+        let leased = match (&self.leasing, &pick.session) {
+            (Some(l), None) => l.spend(cands, |c| &view.keys[c.order].key.name, now),
+            _ => None,
+        };
+        match leased {
+            Some(c) => SharedPick::Chosen(c, None, None),
+            None => shared_pick(shared, view, cands, pick, id, now, self.leasing.as_ref()).await,
+        }
+    }
+
     /// Without shared state: the key the pick's session names (if any) goes first among the
     /// ranked candidates (the shared pick does that in its script). Answers that key's name.
     async fn session_first(
@@ -288,6 +312,7 @@ async fn shared_pick(
     pick: &Pick,
     id: String,
     now: Instant,
+    leasing: Option<&Arc<super::Leasing>>,
 ) -> SharedPick {
     let mut ordered = cands.to_vec();
     // random and latency: the first with room in their ranking; the others choose there by
@@ -318,19 +343,28 @@ async fn shared_pick(
         })
         .collect();
     let least_used = view.policy == LbPolicy::LeastUsed;
-    let picked = match &pick.session {
-        None => shared
+    let asked = Instant::now();
+    let picked = match (&pick.session, leasing) {
+        (None, Some(l)) => shared
+            .pick_leasing(&windows, &tokens, least_used, &id, l.req, now)
+            .await
+            .map(|(p, granted)| (p, None, granted)),
+        (None, None) => shared
             .pick_reserving(&windows, &tokens, least_used, &id, now)
             .await
-            .map(|p| (p, None)),
-        Some(session) => shared
+            .map(|p| (p, None, 1)),
+        (Some(session), _) => shared
             .pick_in_session(&windows, &tokens, least_used, &id, session, now)
             .await
-            .map(|(p, stick)| (p, Some(stick))),
+            .map(|(p, stick)| (p, Some(stick), 1)),
     };
     match picked {
-        Ok((crate::Picked::Index(i), stick)) => {
+        Ok((crate::Picked::Index(i), stick, granted)) => {
             let i = i.min(ordered.len() - 1);
+            if let (Some(l), true) = (leasing, granted > 1) {
+                let name = view.keys[ordered[i].order].key.name.clone();
+                l.keep(name, windows[i].clone(), id.clone(), granted, asked);
+            }
             let reserved = tokens[i].clone().map(|req| SharedTokens {
                 state: shared.clone(),
                 req,
@@ -338,7 +372,7 @@ async fn shared_pick(
             });
             SharedPick::Chosen(ordered[i], reserved, stick)
         }
-        Ok((crate::Picked::Busy(free_in), _)) => SharedPick::Busy(Instant::now() + free_in),
+        Ok((crate::Picked::Busy(free_in), _, _)) => SharedPick::Busy(Instant::now() + free_in),
         Err(e) => {
             shared.failed(&e);
             SharedPick::Failed

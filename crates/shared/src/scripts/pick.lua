@@ -1,9 +1,12 @@
 -- Chooses and reserves in one step. KEYS: per candidate, in preference order, its request
 -- window and its token window; then, for a session's pick, the session's key. ARGV: member id,
 -- `least` or `first`, then per candidate (limit, per_ms, token_limit, token_cost); a limit of
--- 0 means unbudgeted, a token limit of 0 no token budget; then, for a session, its ttl in ms.
--- Returns {1, index, stick} or {0, free_in_ms}; stick: 0 no session, 1 the session's key
--- (hit), 2 a session new here (miss), 3 the session's key could not serve (moved).
+-- 0 means unbudgeted, a token limit of 0 no token budget; then the calls wanted as a lease
+-- (1: none) and the lease's ms; then, for a session, its ttl in ms.
+-- Returns {1, index, stick, granted} or {0, free_in_ms}; stick: 0 no session, 1 the
+-- session's key (hit), 2 a session new here (miss), 3 the session's key could not serve
+-- (moved); granted: the calls reserved (more than 1 only for a lease, only on a window with an
+-- rpm budget and no token budget, at most what the window has room for).
 --
 -- A budgeted window is a request window (window.lua, which comes first: exact up to 4096, in
 -- runs above). An
@@ -93,14 +96,22 @@ end
 if best == 0 then return {0, earliest} end
 local per = tonumber(ARGV[4 * best])
 local k = KEYS[2 * best - 1]
-if tonumber(ARGV[4 * best - 1]) == 0 then
+local limit = tonumber(ARGV[4 * best - 1])
+local tlimit = tonumber(ARGV[4 * best + 1])
+local granted = 1
+if limit == 0 then
   local c = k .. ':' .. math.floor(now / per)
   redis.call('INCR', c)
   redis.call('PEXPIRE', c, 2 * per)
 else
-  window_add(k, tonumber(ARGV[4 * best - 1]), per, ARGV[1], best_n)
+  local lease = tonumber(ARGV[3 + 4 * ncand])
+  if lease > 1 and tlimit == 0 and not session then granted = math.min(lease, limit - best_n) end
+  if granted > 1 then
+    window_lease(k, limit, per, ARGV[1], best_n, granted, now + tonumber(ARGV[4 + 4 * ncand]))
+  else
+    window_add(k, limit, per, ARGV[1], best_n)
+  end
 end
-local tlimit = tonumber(ARGV[4 * best + 1])
 if tlimit > 0 then
   local tk = KEYS[2 * best]
   local cost = math.min(tonumber(ARGV[4 * best + 2]), tlimit)
@@ -110,6 +121,6 @@ if tlimit > 0 then
   redis.call('PEXPIRE', tk .. ':sum', per)
 end
 if session then
-  redis.call('SET', session, k, 'PX', tonumber(ARGV[3 + 4 * ncand]))
+  redis.call('SET', session, k, 'PX', tonumber(ARGV[5 + 4 * ncand]))
 end
-return {1, best - 1, stick}
+return {1, best - 1, stick, granted}

@@ -6,7 +6,12 @@
 -- call leaves the window, so a window never holds more than its limit in any trailing `per`;
 -- a full one frees up to per/BUCKETS later than an exact log would. The same rule as
 -- memory.rs's `Window`.
-local EXACT_UP_TO, BUCKETS = 4096, 1024
+--
+-- A lease (window_lease) counts calls a replica will spend over the next `lease_ms` at the
+-- latest time it may spend them, now + lease_ms, so each leaves the window no earlier than a
+-- call made then; every key lives LEASE_SLACK (the longest lease_ms) longer than the window
+-- for it, so a plain call's expiry never cuts a lease's short.
+local EXACT_UP_TO, BUCKETS, LEASE_SLACK = 4096, 1024, 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -26,7 +31,7 @@ local function window_used(k, limit, per)
     if total < 0 or redis.call('ZCARD', b) == 0 then total = 0 end
     -- the count keeps the runs' expiry (window_add), so the three keys lapse together
     local ttl = redis.call('PTTL', b)
-    if ttl <= 0 then ttl = per end
+    if ttl <= 0 then ttl = per + LEASE_SLACK end
     redis.call('SET', nk, total, 'PX', ttl)
   end
   return total
@@ -46,13 +51,14 @@ end
 local function window_add(k, limit, per, id, n)
   if limit <= EXACT_UP_TO then
     redis.call('ZADD', k, now, id)
-    redis.call('PEXPIRE', k, per)
+    redis.call('PEXPIRE', k, per + LEASE_SLACK)
     return n + 1
   end
   local b, c, nk = k .. ':b', k .. ':c', k .. ':n'
   local step = math.max(1, math.floor(per / BUCKETS))
-  local run = redis.call('ZRANGE', b, -1, -1)[1]
-  local fresh = run == nil or now - tonumber(run) >= step
+  -- the newest run begun by now (a lease's run is scored ahead, and named `L<id>`)
+  local run = redis.call('ZREVRANGEBYSCORE', b, now, '-inf', 'LIMIT', 0, 1)[1]
+  local fresh = run == nil or tonumber(run) == nil or now - tonumber(run) >= step
   if fresh then run = tostring(now) end
   redis.call('ZADD', b, now, run)
   redis.call('HINCRBY', c, run, 1)
@@ -61,9 +67,35 @@ local function window_add(k, limit, per, id, n)
   -- after the newest run starts outlasts every call's time in the window, so their expiry is
   -- set when a run starts, not on every call
   if fresh then
-    redis.call('PEXPIRE', b, per + step)
-    redis.call('PEXPIRE', c, per + step)
-    redis.call('PEXPIRE', nk, per + step)
+    redis.call('PEXPIRE', b, per + step + LEASE_SLACK)
+    redis.call('PEXPIRE', c, per + step + LEASE_SLACK)
+    redis.call('PEXPIRE', nk, per + step + LEASE_SLACK)
   end
+  return total
+end
+
+-- Counts g calls of lease `id` in window k (which held n), at time `at` (now + lease_ms);
+-- returns the calls in it after. An exact window gets g members `id:1`..`id:g`; a large one a
+-- run of its own, `L<id>`, scored `at`.
+local function window_lease(k, limit, per, id, n, g, at)
+  if limit <= EXACT_UP_TO then
+    local args = {}
+    for j = 1, g do
+      args[#args + 1] = at
+      args[#args + 1] = id .. ':' .. j
+    end
+    redis.call('ZADD', k, unpack(args))
+    redis.call('PEXPIRE', k, per + LEASE_SLACK)
+    return n + g
+  end
+  local b, c, nk = k .. ':b', k .. ':c', k .. ':n'
+  local step = math.max(1, math.floor(per / BUCKETS))
+  local run = 'L' .. id
+  redis.call('ZADD', b, at, run)
+  redis.call('HINCRBY', c, run, g)
+  local total = redis.call('INCRBY', nk, g)
+  redis.call('PEXPIRE', b, per + step + LEASE_SLACK)
+  redis.call('PEXPIRE', c, per + step + LEASE_SLACK)
+  redis.call('PEXPIRE', nk, per + step + LEASE_SLACK)
   return total
 end
