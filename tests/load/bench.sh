@@ -204,6 +204,20 @@ YAML
   TARGETS="$TARGETS $store"
 done
 
+wrk_stats() { # wrk output file: req/s, p50 ms, p99 ms, non-2xx, socket errors (tab-separated)
+  python3 - "$1" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+pct = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", text, re.M)}
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+sock = re.search(r"Socket errors: (.*)", text)
+print(f"{rps}\t{pct.get('50', 0)}\t{pct.get('99', 0)}\t{errors.group(1) if errors else 0}\t{sock.group(1) if sock else ''}")
+PY
+}
+
 declare -A EVALS
 run() { # target connections
   local name=$1 e0=0
@@ -212,16 +226,7 @@ run() { # target connections
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
   case "$1" in redis|redislease|redispick|frontends) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
-  python3 - "$WORK/run.txt" "$name-$2" <<'PY' >> "$WORK/results.tsv"
-import re, sys
-text = open(sys.argv[1]).read()
-def ms(v, unit):
-    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-pct = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", text, re.M)}
-errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-print(f"{sys.argv[2]}\t{rps}\t{pct.get('50', 0)}\t{pct.get('99', 0)}\t{errors.group(1) if errors else 0}")
-PY
+  echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
 
 for t in $TARGETS; do
@@ -322,18 +327,13 @@ if [ -n "${MANY:-}" ]; then
     rm -f "$WORK/sampling"
     if [ -n "$sampler" ]; then wait "$sampler"; peak=$(cat "$WORK/peak.txt"); fi
     sleep 1; after=0; [ -z "${PID[$t]:-}" ] || after=$(rss_kb "${PID[$t]}")
-    python3 - "$WORK/many.txt" "$name" "$MANY" "$idle" "$peak" "$after" <<'PY' >> "$WORK/many.md"
-import re, sys
-text = open(sys.argv[1]).read()
-def ms(v, unit):
-    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-pct = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", text, re.M)}
-errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-sock = re.search(r"Socket errors: (.*)", text)
-name, conns, idle, peak, after = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    IFS=$'\t' read -r rps p50 p99 errs sock <<< "$(wrk_stats "$WORK/many.txt")"
+    python3 - "$name" "$MANY" "$idle" "$peak" "$after" "$rps" "$p50" "$p99" "$errs" "$sock" <<'PY' >> "$WORK/many.md"
+import sys
+name, conns, idle, peak, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rps, p50, p99, errs, sock = float(sys.argv[6]), float(sys.argv[7]), float(sys.argv[8]), sys.argv[9], sys.argv[10]
 mem = f"{peak / 1024:.1f} MB ({(peak - idle) / conns:.1f} KB a connection) | {after / 1024:.1f} MB" if peak else " |"
-print(f"| {name} | {rps:,.0f} req/s | {pct.get('50', 0):.2f} ms | {pct.get('99', 0):.2f} ms | {errs.group(1) if errs else 0} | {sock.group(1) if sock else ''} | {mem} |")
+print(f"| {name} | {rps:,.0f} req/s | {p50:.2f} ms | {p99:.2f} ms | {errs} | {sock} | {mem} |")
 PY
   done
 fi

@@ -10,6 +10,14 @@ fn gateway(yaml: &str) -> Arc<GatewayRuntime> {
     )))
 }
 
+/// `[PHONE_1]` restores to a phone number.
+fn phone_restore() -> Restore {
+    Arc::new(HashMap::from([(
+        "[PHONE_1]".to_owned(),
+        "13812345678".to_owned(),
+    )]))
+}
+
 fn chunk(text: &str) -> String {
     format!(
         "data: {}\n\n",
@@ -53,10 +61,7 @@ fn run(guard: &mut StreamGuard, chunks: &[String]) -> (String, Option<ApiError>)
 #[test]
 fn a_placeholder_split_over_two_events_is_restored() {
     let gw = gateway("data_masking: {restore: true}");
-    let restore: Restore = Arc::new(HashMap::from([(
-        "[PHONE_1]".to_owned(),
-        "13812345678".to_owned(),
-    )]));
+    let restore = phone_restore();
     let mut g = StreamGuard::new(gw, Some(restore), Surface::OpenAi).unwrap();
     let (out, blocked) = run(
         &mut g,
@@ -201,10 +206,7 @@ fn texts_by_choice(out: &str) -> [String; 2] {
 #[test]
 fn interleaved_choices_are_guarded_apart() {
     let gw = gateway("data_masking: {restore: true}\ncontent_safety: {keywords: [forbidden]}");
-    let restore: Restore = Arc::new(HashMap::from([(
-        "[PHONE_1]".to_owned(),
-        "13812345678".to_owned(),
-    )]));
+    let restore = phone_restore();
     let mut g = StreamGuard::new(gw, Some(restore), Surface::OpenAi).unwrap();
     let (out, blocked) = run(
         &mut g,
