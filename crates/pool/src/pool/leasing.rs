@@ -4,11 +4,12 @@
 //! has passed since it asked. What is left then goes back to the shared window. The shared
 //! state counts leased calls from the latest moment they may be spent, so the limit holds in
 //! every trailing period; the cost is slack: calls one replica holds unspent are refused to
-//! the others until it spends or returns them (at most `calls - 1` per key per replica, for at
-//! most `within`; a replica that dies leaves its unspent calls counted until they leave the
-//! window).
+//! the others until it spends or returns them (`calls - 1` per lease held, for at most one and
+//! a half `within`: the lease's time, then the returner's half-period; a replica that dies
+//! leaves its unspent calls counted until they leave the window).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,6 +23,19 @@ use crate::{LeaseReq, SharedState, WindowReq};
 pub struct Leasing {
     pub(super) req: LeaseReq,
     credits: Mutex<HashMap<Arc<str>, Vec<Credit>>>,
+    /// A lease is being asked for: picks that find none left meanwhile ask for one call, so
+    /// a burst of them does not lease `calls` each (this replica's unspent calls stay under
+    /// `calls`).
+    asking: AtomicBool,
+}
+
+/// The one pick asking for a lease; the next may ask once it is dropped.
+pub(super) struct Asking<'a>(&'a AtomicBool);
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// One lease's calls still to spend.
@@ -41,7 +55,16 @@ impl Leasing {
         Self {
             req: LeaseReq { calls, within },
             credits: Mutex::default(),
+            asking: AtomicBool::new(false),
         }
+    }
+
+    /// The right to ask for a lease now, unless another pick is asking.
+    pub(super) fn ask(&self) -> Option<Asking<'_>> {
+        self.asking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            .then_some(Asking(&self.asking))
     }
 
     /// Spends one leased call of the first of `cands` (by name, in their order) that has one

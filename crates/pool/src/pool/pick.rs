@@ -344,6 +344,11 @@ async fn shared_pick(
         .collect();
     let least_used = view.policy == LbPolicy::LeastUsed;
     let asked = Instant::now();
+    // one lease asked for at a time; the picks meanwhile reserve one call each
+    let asking = leasing
+        .filter(|_| pick.session.is_none())
+        .and_then(|l| l.ask().map(|a| (l, a)));
+    let leasing = asking.as_ref().map(|(l, _)| *l);
     let picked = match (&pick.session, leasing) {
         (None, Some(l)) => shared
             .pick_leasing(&windows, &tokens, least_used, &id, l.req, now)
