@@ -128,6 +128,7 @@ in_both_topologies!(
     gateway_limits_and_quotas_hold_across_replicas,
     a_429_seen_by_one_replica_cools_the_key_on_all,
     a_redis_cluster_holds_limits_and_survives_a_dead_master,
+    leased_budgets_hold_exactly_and_unspent_calls_go_back,
 );
 
 async fn post(gw: &Gateway, path: &str, model: &str) -> anyhow::Result<u16> {
@@ -667,8 +668,7 @@ fn authed<M>(m: M) -> tonic::Request<M> {
 /// `redis.lease`: a replica reserves up to 4 calls of the key's rpm (10) at once and spends
 /// them locally; the limit still holds exactly across replicas, and calls a replica leased but
 /// did not spend go back once its lease lapses (400 ms), for another to spend.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leased_budgets_hold_exactly_and_unspent_calls_go_back() -> anyhow::Result<()> {
+async fn leased_budgets_hold_exactly_and_unspent_calls_go_back(topo: Topo) -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
     let pfx = prefix();
     let yaml = config()
@@ -679,7 +679,9 @@ async fn leased_budgets_hold_exactly_and_unspent_calls_go_back() -> anyhow::Resu
             "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{pfx}\", lease: 4, lease_ms: 400}}"
         ))
         .yaml();
-    let (a, b) = (Gateway::start(&yaml).await?, Gateway::start(&yaml).await?);
+    let mut flags = shared_redis(&pfx);
+    flags.extend(["--redis-lease", "4", "--redis-lease-ms", "400"].map(str::to_owned));
+    let gws = replicas(topo, 2, &yaml, &flags).await?;
     let run = async |gw: &Gateway, n: usize| -> anyhow::Result<usize> {
         let mut ok = 0;
         for _ in 0..n {
@@ -690,11 +692,11 @@ async fn leased_budgets_hold_exactly_and_unspent_calls_go_back() -> anyhow::Resu
         Ok(ok)
     };
     // a spends one of the 4 it leases; b gets the 6 left, in leases of 4 and 2
-    assert_eq!(run(&a, 1).await?, 1);
-    assert_eq!(run(&b, 10).await?, 6);
+    assert_eq!(run(&gws[0], 1).await?, 1);
+    assert_eq!(run(&gws[1], 10).await?, 6);
     // a's 3 unspent calls go back when its lease lapses: b spends them, and no more
     tokio::time::sleep(Duration::from_millis(900)).await;
-    assert_eq!(run(&b, 6).await?, 3);
+    assert_eq!(run(&gws[1], 6).await?, 3);
     assert_eq!(up.requests(), 10);
     Ok(())
 }
