@@ -369,3 +369,54 @@ async fn a_session_keeps_its_key_until_it_has_no_room() {
     let l = lease(&pool).await.unwrap();
     assert_eq!((&*l.key.name, l.affinity), ("b", None));
 }
+
+/// With `redis.lease`, picks that find no leased call while another is asking for a lease
+/// reserve one call each: 20 picks at once (on a key of `rpm: 100`, leases of 4) reserve
+/// 4 + 19 calls in the shared window, not 20 leases of 4, so 3 are held unspent, not 60.
+#[actix_rt::test]
+async fn one_lease_is_asked_for_at_a_time() {
+    use crate::{LeaseReq, RedisState, SharedState, WindowReq};
+    let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
+    let shared: Arc<dyn SharedState> = Arc::new(
+        RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    let pool = KeyPool::start(&[key("a", Some(100), None)], LbPolicy::LeastUsed)
+        .with_shared(shared.clone())
+        .with_leasing(4, Duration::from_secs(30));
+    let leases = futures_util::future::join_all((0..20).map(|_| lease(&pool))).await;
+    assert!(leases.iter().all(Result::is_ok));
+    // what the window still has room for: 100 less the 20 spent and the 3 leased unspent
+    let window = WindowReq {
+        key: "key:a:req".into(),
+        limit: 100,
+        per: crate::key::WINDOW,
+    };
+    let all = LeaseReq {
+        calls: 100,
+        within: Duration::from_secs(1),
+    };
+    let (_, room) = shared
+        .pick_leasing(&[window], &[], true, "probe", all, Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(room, 77);
+    let mut c = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+}

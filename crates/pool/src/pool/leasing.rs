@@ -64,7 +64,8 @@ impl Leasing {
         self.asking
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
-            .then_some(Asking(&self.asking))
+            // lazily: a guard made and dropped on refusal would clear the flag it did not set
+            .then(|| Asking(&self.asking))
     }
 
     /// Spends one leased call of the first of `cands` (by name, in their order) that has one

@@ -172,15 +172,15 @@ impl PoolHandle {
         lease_id: u64,
     ) -> SharedPick {
         let now = Instant::now();
-        let id = format!("{}-{lease_id}", keypool_shared::process_id());
         let leased = match (&self.leasing, &pick.session) {
             (Some(l), None) => l.spend(cands, |c| &view.keys[c.order].key.name, now),
             _ => None,
         };
-        match leased {
-            Some(c) => SharedPick::Chosen(c, None, None),
-            None => shared_pick(shared, view, cands, pick, id, now, self.leasing.as_ref()).await,
+        if let Some(c) = leased {
+            return SharedPick::Chosen(c, None, None);
         }
+        let id = format!("{}-{lease_id}", keypool_shared::process_id());
+        shared_pick(shared, view, cands, pick, id, now, self.leasing.as_ref()).await
     }
 
     /// Without shared state: the key the pick's session names (if any) goes first among the
