@@ -1,8 +1,9 @@
 //! Leased calls (`redis.lease`): a pick that goes to the shared state for a key with an rpm
 //! budget (and no token budget, no session) reserves up to `calls` calls there at once; this
 //! replica spends the rest on its next picks of that key, without a round trip, until `within`
-//! has passed since it asked. What is left then goes back to the shared window. The shared
-//! state counts leased calls from the latest moment they may be spent, so the limit holds in
+//! has passed since it asked. What is left then goes back to the shared window. One lease is
+//! asked for at a time: picks that find none left meanwhile wait for it once, then spend
+//! from it or reserve a single call. The shared state counts leased calls from the latest moment they may be spent, so the limit holds in
 //! every trailing period; the cost is slack: calls one replica holds unspent are refused to
 //! the others until it spends or returns them (`calls - 1` per lease held, for at most one and
 //! a half `within`: the lease's time, then the returner's half-period; a replica that dies
@@ -23,19 +24,29 @@ use crate::{LeaseReq, SharedState, WindowReq};
 pub struct Leasing {
     pub(super) req: LeaseReq,
     credits: Mutex<HashMap<Arc<str>, Vec<Credit>>>,
-    /// A lease is being asked for: picks that find none left meanwhile ask for one call, so
-    /// a burst of them does not lease `calls` each (this replica's unspent calls stay under
-    /// `calls`).
+    /// A lease is being asked for: picks that find none left meanwhile wait for it (once)
+    /// instead of leasing `calls` each, so a burst does not reserve a lease per pick.
     asking: AtomicBool,
+    /// Wakes the picks waiting for the lease being asked for.
+    landed: tokio::sync::Notify,
 }
 
-/// The one pick asking for a lease; the next may ask once it is dropped.
-pub(super) struct Asking<'a>(&'a AtomicBool);
+/// The one pick asking for a lease; when dropped (its lease kept, or the ask failed) the
+/// picks waiting for it wake and the next may ask.
+pub(super) struct Asking<'a>(&'a Leasing);
 
 impl Drop for Asking<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.asking.store(false, Ordering::Release);
+        self.0.landed.notify_waiters();
     }
+}
+
+/// A pick's turn when it found no leased call: ask for a lease, or the one being asked for
+/// has landed (spend from it, or reserve a single call).
+pub(super) enum Turn<'a> {
+    Ask(Asking<'a>),
+    Landed,
 }
 
 /// One lease's calls still to spend.
@@ -56,16 +67,25 @@ impl Leasing {
             req: LeaseReq { calls, within },
             credits: Mutex::default(),
             asking: AtomicBool::new(false),
+            landed: tokio::sync::Notify::new(),
         }
     }
 
-    /// The right to ask for a lease now, unless another pick is asking.
-    pub(super) fn ask(&self) -> Option<Asking<'_>> {
-        self.asking
+    /// Asks for a lease now, or, while another pick is asking, waits until it has landed.
+    pub(super) async fn turn(&self) -> Turn<'_> {
+        // registered before the flag is looked at, so a lease landing in between still wakes it
+        let landed = self.landed.notified();
+        tokio::pin!(landed);
+        landed.as_mut().enable();
+        if self
+            .asking
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
-            // lazily: a guard made and dropped on refusal would clear the flag it did not set
-            .then(|| Asking(&self.asking))
+        {
+            return Turn::Ask(Asking(self));
+        }
+        landed.await;
+        Turn::Landed
     }
 
     /// Spends one leased call of the first of `cands` (by name, in their order) that has one

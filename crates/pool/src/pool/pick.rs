@@ -171,16 +171,26 @@ impl PoolHandle {
         pick: &Pick,
         lease_id: u64,
     ) -> SharedPick {
-        let now = Instant::now();
-        let leased = match (&self.leasing, &pick.session) {
-            (Some(l), None) => l.spend(cands, |c| &view.keys[c.order].key.name, now),
-            _ => None,
-        };
-        if let Some(c) = leased {
-            return SharedPick::Chosen(c, None, None);
+        let name = |c: &Candidate| &view.keys[c.order].key.name;
+        let mut asking = None;
+        if let (Some(l), None) = (&self.leasing, &pick.session) {
+            if let Some(c) = l.spend(cands, name, Instant::now()) {
+                return SharedPick::Chosen(c, None, None);
+            }
+            // one lease asked for at a time: the picks meanwhile wait for it once, then spend
+            // from it or reserve a single call
+            match l.turn().await {
+                super::leasing::Turn::Ask(a) => asking = Some((l, a)),
+                super::leasing::Turn::Landed => {
+                    if let Some(c) = l.spend(cands, name, Instant::now()) {
+                        return SharedPick::Chosen(c, None, None);
+                    }
+                }
+            }
         }
         let id = format!("{}-{lease_id}", keypool_shared::process_id());
-        shared_pick(shared, view, cands, pick, id, now, self.leasing.as_ref()).await
+        let leasing = asking.as_ref().map(|(l, _)| *l);
+        shared_pick(shared, view, cands, pick, id, Instant::now(), leasing).await
     }
 
     /// Without shared state: the key the pick's session names (if any) goes first among the
@@ -304,7 +314,8 @@ enum SharedPick {
     Failed,
 }
 
-/// Chooses and reserves among `cands` in the shared windows, in one round trip.
+/// Chooses and reserves among `cands` in the shared windows, in one round trip; with
+/// `leasing` (this pick holds the turn to ask) a lease of several calls, kept for later picks.
 async fn shared_pick(
     shared: &Arc<dyn crate::SharedState>,
     view: &PoolView,
@@ -344,11 +355,6 @@ async fn shared_pick(
         .collect();
     let least_used = view.policy == LbPolicy::LeastUsed;
     let asked = Instant::now();
-    // one lease asked for at a time; the picks meanwhile reserve one call each
-    let asking = leasing
-        .filter(|_| pick.session.is_none())
-        .and_then(|l| l.ask().map(|a| (l, a)));
-    let leasing = asking.as_ref().map(|(l, _)| *l);
     let picked = match (&pick.session, leasing) {
         (None, Some(l)) => shared
             .pick_leasing(&windows, &tokens, least_used, &id, l.req, now)
