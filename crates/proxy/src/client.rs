@@ -216,7 +216,9 @@ impl Pool {
         loop {
             let (slot, (mut sender, pooled)) = match self.checkout(target.origin) {
                 (slot, Some(s)) => (slot, (s, true)),
-                (slot, None) => (slot, (self.connect(target).await?, false)),
+                // boxed: a new connection's future (TLS included) is ~3.5 KB, and inline it
+                // would make every attempt's future that much larger, pooled or not
+                (slot, None) => (slot, (Box::pin(self.connect(target)).await?, false)),
             };
             if sender.ready().await.is_err() {
                 if pooled {

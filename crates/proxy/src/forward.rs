@@ -63,7 +63,7 @@ pub enum Reply {
 
 /// A request's usage event, recorded when this is dropped.
 struct AccountLater {
-    ctx: RequestCtx,
+    ctx: Box<RequestCtx>,
     status: u16,
     usage: Option<Usage>,
     error: Option<&'static str>,
@@ -154,7 +154,7 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Engine {
     /// Runs the attempt loop for one request and records its usage event (a stream records it
     /// when it ends, through the context it carries).
-    pub async fn forward(&self, client: &UpstreamClient, mut ctx: RequestCtx) -> Reply {
+    pub async fn forward(&self, client: &UpstreamClient, mut ctx: Box<RequestCtx>) -> Reply {
         let mut reply = self.attempts(client, &mut ctx).await;
         match &mut reply {
             Reply::Whole {

@@ -54,7 +54,7 @@ pub struct Relay {
     upstream: BodyStream,
     tap: SseTap,
     lease: Option<Lease>,
-    ctx: Option<RequestCtx>,
+    ctx: Option<Box<RequestCtx>>,
     idle: Duration,
     /// Output of the first chunk, sent before anything else.
     first: Option<Bytes>,
@@ -150,7 +150,7 @@ impl Relay {
     }
 
     /// Attaches the request context that records the usage event when the stream ends.
-    pub fn attach(&mut self, mut ctx: RequestCtx) {
+    pub fn attach(&mut self, mut ctx: Box<RequestCtx>) {
         if !ctx.span.is_none() {
             let ttfb = ctx.ttfb.map_or(0, |d| d.as_millis() as u64);
             self.span = crate::observe::stream_span(&ctx, ttfb);

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 /// mimalloc: the request path allocates small, short-lived buffers; glibc malloc showed up as ~15%
 /// of keypool's CPU under load in the benchmark.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

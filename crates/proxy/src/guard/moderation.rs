@@ -15,6 +15,15 @@ use crate::client::UpstreamClient;
 use crate::ctx::RequestCtx;
 use crate::forward::{Engine, Reply};
 
+/// Whether `ctx`'s gateway asks a moderation model about requests.
+pub(crate) fn wanted(ctx: &RequestCtx) -> bool {
+    ctx.gateway
+        .spec
+        .content_safety
+        .as_ref()
+        .is_some_and(|s| s.moderation.is_some())
+}
+
 /// Asks the moderation model about `ctx`'s request; `Err` when it must not go on.
 pub(crate) async fn check(
     engine: &Engine,
@@ -42,7 +51,7 @@ pub(crate) async fn check(
         return Ok(());
     }
     let body = Bytes::from(json!({"model": m.model, "input": texts}).to_string());
-    let sub = ctx.sub_request("/v1/moderations", &m.model, body);
+    let sub = Box::new(ctx.sub_request("/v1/moderations", &m.model, body));
     let flagged = match tokio::time::timeout(m.timeout, engine.forward(client, sub)).await {
         Ok(Reply::Whole {
             status: 200, body, ..
