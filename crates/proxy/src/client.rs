@@ -36,6 +36,35 @@ use crate::adapter::{TransportError, UpstreamResponse, body_of};
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream origin.
 const POOL_MAX_IDLE: usize = 1024;
+/// The most recently used idle connections per origin that wait the whole [`POOL_IDLE`]; the
+/// others are a burst's surplus ([`Reaping`]).
+const POOL_WARM: usize = 64;
+/// How long a surplus idle connection waits before it is closed.
+const SPARE_IDLE: Duration = Duration::from_secs(10);
+/// How often a worker's pool closes what has waited too long.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+
+/// When a worker's idle connections are closed. A burst opens one connection per concurrent
+/// attempt, and each holds ~35 KB (hyper's buffers and request channel, its task) for as long
+/// as it waits: the `warm` most recently used wait up to [`POOL_IDLE`], as many as steady
+/// traffic keeps busy; the rest are closed once idle `spare_idle`, so the memory of 2,000
+/// connections opened for a burst goes back within seconds (not after 90 s).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reaping {
+    pub(crate) warm: usize,
+    pub(crate) spare_idle: Duration,
+    pub(crate) every: Duration,
+}
+
+impl Default for Reaping {
+    fn default() -> Self {
+        Self {
+            warm: POOL_WARM,
+            spare_idle: SPARE_IDLE,
+            every: REAP_EVERY,
+        }
+    }
+}
 
 /// One worker's upstream client.
 pub struct UpstreamClient {
@@ -49,8 +78,19 @@ impl UpstreamClient {
     /// A client; `use_env_proxies` when `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` is set
     /// (then every attempt goes through reqwest, which honours them and `NO_PROXY`).
     pub fn new(use_env_proxies: bool) -> Self {
+        Self::with_reaping(use_env_proxies, Reaping::default())
+    }
+
+    /// [`UpstreamClient::new`] with its own idle-connection policy. Called on a worker (or in
+    /// a runtime), the pool's reaper runs there; elsewhere idle connections are only checked
+    /// when taken.
+    pub(crate) fn with_reaping(use_env_proxies: bool, reaping: Reaping) -> Self {
+        let direct = (!use_env_proxies).then(|| Arc::new(Pool::new(reaping)));
+        if let Some(pool) = &direct {
+            reap_idle(Arc::downgrade(pool));
+        }
         Self {
-            direct: (!use_env_proxies).then(|| Arc::new(Pool::new())),
+            direct,
             reqwest: reqwest_client(use_env_proxies),
         }
     }
@@ -157,17 +197,48 @@ struct Idle {
 /// A worker's idle connections by origin (a handful of origins: a list, no hashing; an
 /// origin keeps its slot for the worker's life).
 struct Pool {
+    /// Per origin, its idle connections, the most recently returned last.
     idle: Mutex<Vec<(String, Vec<Idle>)>>,
     /// TLS for `https://` upstreams; the reason when it could not be set up.
     tls: Result<tokio_rustls::TlsConnector, rustls::Error>,
+    reaping: Reaping,
 }
 
 impl Pool {
-    fn new() -> Self {
+    fn new(reaping: Reaping) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
             tls: tls_connector(),
+            reaping,
         }
+    }
+
+    /// Closes the idle connections that are closed already, idle [`POOL_IDLE`], or beyond the
+    /// `warm` most recent and idle `spare_idle`; answers how many are left.
+    fn reap(&self) -> usize {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut left = 0;
+        for (_, list) in idle.iter_mut() {
+            let spare = list.len().saturating_sub(self.reaping.warm);
+            let mut i = 0;
+            list.retain(|c| {
+                let waited = c.since.elapsed();
+                let keep = !c.sender.is_closed()
+                    && waited < POOL_IDLE
+                    && (i >= spare || waited < self.reaping.spare_idle);
+                i += 1;
+                keep
+            });
+            left += list.len();
+        }
+        left
+    }
+
+    /// Idle connections, all origins together.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.iter().map(|(_, l)| l.len()).sum()
     }
 
     /// `origin`'s slot, and an idle connection to it that is still open, if any.
@@ -294,6 +365,29 @@ where
         tokio::task::spawn_local(conn);
     } else {
         tokio::spawn(conn);
+    }
+}
+
+/// Runs `pool`'s reaper every `reaping.every` on this worker (or runtime) until the pool is
+/// dropped; not at all outside a runtime.
+fn reap_idle(pool: std::sync::Weak<Pool>) {
+    let Some(every) = pool.upgrade().map(|p| p.reaping.every) else {
+        return;
+    };
+    let reaper = async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            pool.reap();
+        }
+    };
+    if actix_rt::Arbiter::try_current().is_some() {
+        tokio::task::spawn_local(reaper);
+    } else if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(reaper);
     }
 }
 

@@ -125,6 +125,65 @@ async fn requests_seen(client: UpstreamClient, server: std::thread::JoinHandle<u
     server.join().unwrap()
 }
 
+/// An upstream that answers every request on every connection it accepts, the first on each
+/// after 100 ms (so concurrent requests each open their own); reports each connection the
+/// client closed.
+fn answers_all(l: TcpListener, closed: mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let closed = closed.clone();
+            std::thread::spawn(move || {
+                let mut first = true;
+                while read_request(&mut conn).is_some() {
+                    if std::mem::take(&mut first) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    if conn.write_all(OK).is_err() {
+                        return;
+                    }
+                }
+                let _ = closed.send(());
+            });
+        }
+    });
+}
+
+/// After a burst, the connections beyond the warm ones are closed once idle `spare_idle` (their
+/// memory goes back), and the warm ones stay for the next requests.
+#[tokio::test(flavor = "current_thread")]
+async fn a_bursts_surplus_connections_are_closed_and_the_warm_ones_kept() {
+    let (l, url) = listener();
+    let (closed_tx, closed_rx) = mpsc::channel();
+    answers_all(l, closed_tx);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let reaping = Reaping {
+        warm: 2,
+        spare_idle: Duration::from_secs(1),
+        every: Duration::from_millis(50),
+    };
+    let client = UpstreamClient::with_reaping(false, reaping);
+    let burst = futures::future::join_all((0..10).map(|_| post(&client, &url))).await;
+    assert!(burst.iter().all(|r| r.as_deref().ok() == Some("ok")));
+    let pool = client.direct.clone().unwrap();
+    assert_eq!(pool.idle_count(), 10);
+    // younger than spare_idle: all kept
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool.idle_count(), 10);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(pool.idle_count(), 2);
+    for _ in 0..8 {
+        closed_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+    assert!(
+        closed_rx.try_recv().is_err(),
+        "a warm connection was closed"
+    );
+    // the warm ones serve the next requests: no new connection
+    assert_eq!(post(&client, &url).await.unwrap(), "ok");
+    assert_eq!(pool.idle_count(), 2);
+}
+
 /// A pooled connection the upstream closed while it sat idle is not used again: the next
 /// request goes on a new connection, and reaches the upstream once.
 #[tokio::test(flavor = "current_thread")]
