@@ -33,7 +33,7 @@
 #   PROXY_CPUS=4-11, UP_CPUS=12-15, UP_WORKERS=N   taskset for nginx and keypool, for the mock
 #                  upstream, and the mock's workers (default 1);
 #   MANY=2048      adds a many-connection run per target (throughput, p50/p99, the proxy's RSS
-#                  during it and what a connection costs in memory);
+#                  during it, 1 s and 20 s after, and what a connection costs in memory);
 #   STREAMS=N      adds a streams run: the mock streaming slowly (STREAM_INTERVAL ms between
 #                  events, default 500), N concurrent SSE streams opened over RAMP_MS (default
 #                  2000) by tests/load/streams.rs against the mock, nginx (proxy_buffering off)
@@ -326,13 +326,16 @@ if [ -n "${MANY:-}" ]; then
     taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$MANY" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$t]}/chat/completions" > "$WORK/many.txt" 2>&1 || true
     rm -f "$WORK/sampling"
     if [ -n "$sampler" ]; then wait "$sampler"; peak=$(cat "$WORK/peak.txt"); fi
-    sleep 1; after=0; [ -z "${PID[$t]:-}" ] || after=$(rss_kb "${PID[$t]}")
+    sleep 1; after=0 later=0; [ -z "${PID[$t]:-}" ] || after=$(rss_kb "${PID[$t]}")
+    # 20 s after: past keypool's reaping of a burst's idle upstream connections (10 s idle)
+    if [ -n "${PID[$t]:-}" ]; then sleep 19; later=$(rss_kb "${PID[$t]}"); fi
     IFS=$'\t' read -r rps p50 p99 errs sock <<< "$(wrk_stats "$WORK/many.txt")"
-    python3 - "$name" "$MANY" "$idle" "$peak" "$after" "$rps" "$p50" "$p99" "$errs" "$sock" <<'PY' >> "$WORK/many.md"
+    python3 - "$name" "$MANY" "$idle" "$peak" "$after" "$rps" "$p50" "$p99" "$errs" "$sock" "$later" <<'PY' >> "$WORK/many.md"
 import sys
 name, conns, idle, peak, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rps, p50, p99, errs, sock = float(sys.argv[6]), float(sys.argv[7]), float(sys.argv[8]), sys.argv[9], sys.argv[10]
-mem = f"{peak / 1024:.1f} MB ({(peak - idle) / conns:.1f} KB a connection) | {after / 1024:.1f} MB" if peak else " |"
+later = int(sys.argv[11])
+mem = f"{peak / 1024:.1f} MB ({(peak - idle) / conns:.1f} KB a connection) | {after / 1024:.1f} MB | {later / 1024:.1f} MB" if peak else " | |"
 print(f"| {name} | {rps:,.0f} req/s | {p50:.2f} ms | {p99:.2f} ms | {errs} | {sock} | {mem} |")
 PY
   done
@@ -431,8 +434,8 @@ except OSError:
     pass
 PY
 if [ -s "$WORK/many.md" ]; then
-  echo; echo "| $MANY connections | throughput | p50 | p99 | non-2xx | socket errors | RSS during (memory a connection) | RSS 1 s after |"
-  echo "|---|---|---|---|---|---|---|---|"; cat "$WORK/many.md"
+  echo; echo "| $MANY connections | throughput | p50 | p99 | non-2xx | socket errors | RSS during (memory a connection) | RSS 1 s after | 20 s after |"
+  echo "|---|---|---|---|---|---|---|---|---|"; cat "$WORK/many.md"
 fi
 if [ -s "$WORK/streams.md" ]; then
   echo; echo "| $STREAMS streams, ${STREAM_INTERVAL:-500} ms apart | ended whole | most open at once | time to first event p50 / p99 | event lateness p50 / p99 | RSS idle / peak (a stream) |"
