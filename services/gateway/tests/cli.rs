@@ -197,3 +197,48 @@ fn a_store_error_is_shown_once_with_its_root_cause() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The environment of a running `keypool mock` (started with `env`), read from /proc once it
+/// listens, so after it ran itself again with mimalloc's settings.
+#[cfg(feature = "mimalloc")]
+fn running_environment(env: &[(&str, &str)]) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(KEYPOOL)
+        .args(["mock", "--address", "127.0.0.1:0"])
+        .env_remove("MIMALLOC_PURGE_DELAY")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let environ = std::fs::read(format!("/proc/{}/environ", child.id()));
+    child.kill()?;
+    child.wait()?;
+    anyhow::ensure!(line.contains("listening on"), "{line}");
+    Ok(String::from_utf8_lossy(&environ?).replace('\0', "\n"))
+}
+
+#[cfg(feature = "mimalloc")]
+#[test]
+fn the_allocator_purges_freed_memory_after_100_ms_unless_told_otherwise() -> anyhow::Result<()> {
+    let env = running_environment(&[])?;
+    assert!(
+        env.lines().any(|l| l == "MIMALLOC_PURGE_DELAY=100"),
+        "{env}"
+    );
+    let env = running_environment(&[("MIMALLOC_PURGE_DELAY", "1000")])?;
+    assert!(
+        env.lines().any(|l| l == "MIMALLOC_PURGE_DELAY=1000"),
+        "{env}"
+    );
+    assert!(
+        !env.lines().any(|l| l == "MIMALLOC_PURGE_DELAY=100"),
+        "{env}"
+    );
+    Ok(())
+}
