@@ -314,8 +314,9 @@ async fn a_429_seen_by_one_replica_cools_the_key_on_all(topo: Topo) -> anyhow::R
 }
 
 /// A 3-master Redis Cluster of the test's own: a gateway limit holds across three replicas as
-/// on one Redis; the master holding keypool's slot is killed mid-load and every request is still
-/// answered (`on_failure: local`), none waiting much past the Redis timeout.
+/// on one Redis; the master holding the pool's slot is killed mid-load and every request is still
+/// answered (`on_failure: local`), none waiting much past the Redis timeout. (The gateways'
+/// keys have tags of their own: cluster_spread.rs in keypool-shared.)
 async fn a_redis_cluster_holds_limits_and_survives_a_dead_master(topo: Topo) -> anyhow::Result<()> {
     let mut servers =
         keypool_shared::testing::Servers::cluster(3).map_err(|e| anyhow::anyhow!(e))?;

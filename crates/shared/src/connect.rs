@@ -17,7 +17,8 @@ pub enum RedisTarget {
     /// `redis.url`: one server (or a proxy in front of several).
     Single(String),
     /// `redis.cluster`: seed nodes of a Redis Cluster; the rest of the cluster is discovered.
-    /// Every key keypool writes carries one hash tag, so each script touches one slot.
+    /// The keys a script touches share one hash tag, so each script touches one slot; a
+    /// gateway's keys have their own tag, so gateways spread over the masters.
     Cluster(Vec<String>),
     /// `redis.sentinel`: the master named `master`, as the Sentinels at `nodes` report it,
     /// reached with `password` and database `db`; followed when Sentinel fails over.

@@ -11,6 +11,7 @@ use crate::{
     Stick, TokenReq, WindowReq, process_id,
 };
 
+mod keys;
 mod pick;
 
 /// Redis: sorted sets of admission times (scored in Redis's milliseconds), plain counters, and a
@@ -23,7 +24,7 @@ pub struct RedisState {
     pub replicas_hint: u32,
     source: Source,
     target: RedisTarget,
-    prefix: String,
+    layout: keys::Layout,
     timeout: Duration,
     script: redis::Script,
     pick_script: redis::Script,
@@ -68,8 +69,9 @@ impl RedisState {
 
     /// Connects to a server, a cluster or a Sentinel-watched master (or fails within a few
     /// `timeout`s); its failures are counted, logged and alerted through `telemetry`. In a
-    /// cluster every key is `{prefix}name`: one hash tag, one slot, so each script's keys are
-    /// on one node and its decision is as atomic as on one server.
+    /// cluster the keys one script touches share a hash tag (a gateway's, the pool's, or a
+    /// lone key's own: `keys.rs`), so its decision is as atomic as on one server, and the
+    /// gateways spread over the masters.
     pub async fn connect_with(
         target: &RedisTarget,
         prefix: &str,
@@ -83,10 +85,7 @@ impl RedisState {
             closed: false,
             replicas_hint: 1,
             source,
-            prefix: match target {
-                RedisTarget::Cluster(_) => hash_tagged(prefix),
-                _ => prefix.to_owned(),
-            },
+            layout: keys::Layout::new(prefix, matches!(target, RedisTarget::Cluster(_))),
             target: target.clone(),
             timeout,
             script: redis::Script::new(ADMIT),
@@ -100,7 +99,7 @@ impl RedisState {
     }
 
     fn key(&self, k: &str) -> String {
-        format!("{}{k}", self.prefix)
+        self.layout.key(k)
     }
 
     fn conn(&self) -> Conn {
@@ -203,17 +202,6 @@ fn ttl_ms(ttl: Option<Duration>) -> u64 {
     ttl.map_or(0, |t| {
         u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
     })
-}
-
-/// `{prefix}`: the prefix as a Redis Cluster hash tag (without braces of its own, which would
-/// end the tag early, and never empty, which would be no tag at all).
-fn hash_tagged(prefix: &str) -> String {
-    let tag: String = prefix.chars().filter(|c| !matches!(c, '{' | '}')).collect();
-    if tag.is_empty() {
-        "{keypool}".to_owned()
-    } else {
-        format!("{{{tag}}}")
-    }
 }
 
 #[async_trait::async_trait]

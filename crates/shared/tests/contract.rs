@@ -543,8 +543,8 @@ async fn unbudgeted_picks_spread_evenly_in_both() {
     r.cleanup().await;
 }
 
-/// A 3-master Redis Cluster the test starts: the same contract holds, every key keypool writes
-/// lands in one slot, and two connections (two replicas) share the windows.
+/// A 3-master Redis Cluster the test starts: the same contract holds, the pool's keys land in
+/// one slot, and two connections (two replicas) share the windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_contract() {
     let servers = keypool_shared::testing::Servers::cluster(3).expect("a Redis Cluster");
@@ -571,7 +571,8 @@ async fn redis_cluster_contract() {
             .unwrap(),
         Admit::Refused { .. }
     ));
-    // one hash tag: every key is on the master that holds `{kp-cluster:}`
+    // the pool's keys (all of these but the pins) share one hash tag: all on the master
+    // that holds `{kp-cluster:}` (cluster_spread.rs: where the others go)
     let holder = servers.master_of("{kp-cluster:}x").unwrap();
     for url in servers.urls(0) {
         let mut c = redis::Client::open(url.as_str())
@@ -579,9 +580,22 @@ async fn redis_cluster_contract() {
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let pool = keys
+            .iter()
+            .filter(|k| k.starts_with("{kp-cluster:}"))
+            .count();
         let on_holder = url.ends_with(&format!(":{holder}"));
-        assert_eq!(keys > 0, on_holder, "{url}: {keys} keys");
+        assert_eq!(pool > 0, on_holder, "{url}: {keys:?}");
+        assert!(
+            keys.iter()
+                .all(|k| k.starts_with("{kp-cluster:}") || k.starts_with("{kp-cluster:pin:")),
+            "{keys:?}"
+        );
     }
 }
 
