@@ -10,6 +10,7 @@
 #   tests/load/profile.sh                      # the build of this tree
 #   BIN=/tmp/keypool-old tests/load/profile.sh # another build
 #   REDIS=1 tests/load/profile.sh              # rpm budgets kept in the Redis on 127.0.0.1:6379
+#   STREAM=1 tests/load/profile.sh             # streamed completions (the mock sends at once)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
@@ -44,16 +45,22 @@ upstreams:
   - {name: k2, sk: sk-bench-2, endpoint: "$UP"$LIMIT}
   - {name: k3, sk: sk-bench-3, endpoint: "$UP"$LIMIT}
 YAML
-KEYPOOL_WORKERS=1 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+LUA=tests/load/chat.lua
+if [ "${STREAM:-0}" = 1 ]; then
+  LUA=$W/stream.lua
+  sed 's/"model":"gpt-4o-mini",/"model":"gpt-4o-mini","stream":true,/' tests/load/chat.lua > "$LUA"
+fi
+# set, so keypool does not run itself again at start (valgrind would not follow the exec)
+MIMALLOC_PURGE_DELAY=100 KEYPOOL_WORKERS=1 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
   "$BIN" serve --config "$W/config.yaml" --admin-address 127.0.0.1:0 --console-address none > "$W/kp.out" 2> "$W/kp.err" &
 KP=$!
 for _ in $(seq 300); do grep -q "listening on http.*/v1" "$W/kp.out" 2>/dev/null && break; sleep 0.2; done
 URL=$(grep -v -e 'admin listening' -e 'console at' "$W/kp.out" | grep -o 'http://[^ ]*' | head -1)
 served() { curl -s "${URL%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
-wrk -t1 -c4 -d5s -s tests/load/chat.lua "$URL/chat/completions" > /dev/null
+wrk -t1 -c4 -d5s -s "$LUA" "$URL/chat/completions" > /dev/null
 callgrind_control -i on "$KP" > /dev/null 2>&1
 S0=$(served)
-wrk -t1 -c4 -d15s -s tests/load/chat.lua "$URL/chat/completions" > /dev/null
+wrk -t1 -c4 -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
 S1=$(served)
 callgrind_control -i off "$KP" > /dev/null 2>&1
 callgrind_control -d "$KP" > /dev/null 2>&1

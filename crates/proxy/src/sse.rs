@@ -10,8 +10,11 @@
 //! Each byte is scanned for an event's end once (a stream without blank lines costs linear
 //! time, not quadratic), and a partial event may grow to `max_event` bytes at most.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
 use keypool_types::{AnthropicCounts, Surface, Usage};
+use memchr::memmem;
 use serde::Deserialize;
 
 /// State of one stream's tap.
@@ -142,13 +145,38 @@ impl SseTap {
         }
     }
 
-    /// Feeds bytes from upstream; returns the bytes to send to the client now (possibly empty).
-    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
+    /// Feeds a chunk from upstream; returns the bytes to send to the client now (possibly
+    /// empty). A chunk of whole events with nothing waiting before it (the usual case: an
+    /// upstream writes an event at a time) goes out as it came, without a copy.
+    pub fn feed(&mut self, chunk: &Bytes) -> Bytes {
+        if self.oversized {
+            return Bytes::new();
+        }
+        if !self.pending.is_empty() {
+            return self.feed_pending(chunk);
+        }
+        // `out` only once an event is dropped; until then what goes out is `chunk[..at]`
+        let (mut at, mut out) = (0, None::<BytesMut>);
+        while let Some((end, next)) = event_end(chunk, at) {
+            let keep = self.inspect(&chunk[at..end]);
+            match (keep, out.as_mut()) {
+                (true, Some(o)) => o.extend_from_slice(&chunk[at..next]),
+                (false, None) => out = Some(BytesMut::from(&chunk[..at])),
+                _ => {}
+            }
+            at = next;
+        }
+        if at < chunk.len() {
+            self.pending.extend_from_slice(&chunk[at..]);
+            self.waiting();
+        }
+        out.map_or_else(|| chunk.slice(..at), BytesMut::freeze)
+    }
+
+    /// [`SseTap::feed`] behind a partial event: the chunk joins it.
+    fn feed_pending(&mut self, chunk: &[u8]) -> Bytes {
         // complete events go out at once; a partial one waits in `pending` for its end
         let mut out = BytesMut::new();
-        if self.oversized {
-            return out.freeze();
-        }
         self.pending.extend_from_slice(chunk);
         while let Some((end, next)) = event_end(&self.pending, self.scanned) {
             let event = self.pending.split_to(next);
@@ -157,6 +185,12 @@ impl SseTap {
                 out.extend_from_slice(&event);
             }
         }
+        self.waiting();
+        out.freeze()
+    }
+
+    /// After a chunk: where the search for the partial event's end resumes, and its bound.
+    fn waiting(&mut self) {
         // a terminator may straddle this chunk and the next: resume two bytes back
         self.scanned = self.pending.len().saturating_sub(2);
         if self.max_event > 0 && self.pending.len() > self.max_event {
@@ -164,7 +198,6 @@ impl SseTap {
             self.pending = BytesMut::new();
             self.scanned = 0;
         }
-        out.freeze()
     }
 
     /// What is left when the upstream ends (a partial event), to pass on as it is.
@@ -179,7 +212,11 @@ impl SseTap {
     /// Looks at one event; returns whether it goes to the client.
     fn inspect(&mut self, event: &[u8]) -> bool {
         let mut keep = true;
-        for line in event.split(|&b| b == b'\n') {
+        let mut start = 0;
+        while start < event.len() {
+            let end = memchr::memchr(b'\n', &event[start..]).map_or(event.len(), |n| start + n);
+            let line = &event[start..end];
+            start = end + 1;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(data) = line.strip_prefix(b"data:") else {
                 continue;
@@ -200,7 +237,7 @@ impl SseTap {
                 continue;
             }
             self.collect(data);
-            if !contains(data, b"\"usage\"") {
+            if USAGE.find(data).is_none() {
                 continue;
             }
             if let Ok(c) = serde_json::from_slice::<Chunk>(data)
@@ -254,7 +291,7 @@ impl SseTap {
     /// Reads one Anthropic event's data: its usage, and whether it is `message_stop`.
     fn anthropic_event(&mut self, data: &[u8]) {
         let stop = contains(data, b"\"message_stop\"");
-        if !stop && !contains(data, b"\"usage\"") {
+        if !stop && USAGE.find(data).is_none() {
             return;
         }
         let Ok(e) = serde_json::from_slice::<AnthropicEvent>(data) else {
@@ -280,8 +317,8 @@ impl SseTap {
 fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     let mut i = from;
     while i + 1 < buf.len() {
-        // jump to the next newline (memchr-fast in std)
-        match buf[i..].iter().position(|&b| b == b'\n') {
+        // jump to the next newline
+        match memchr::memchr(b'\n', &buf[i..]) {
             Some(at) => i += at,
             None => return None,
         }
@@ -305,6 +342,10 @@ fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(hay, needle).is_some()
 }
+
+/// `"usage"`, searched for in every event: a searcher built once, not per event.
+static USAGE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
 /// The SSE event keypool sends when a stream breaks after it started: the `openai` SDKs raise an
 /// `APIError` on a `data:` event carrying an `error` object.
@@ -330,6 +371,55 @@ pub fn error_event(err: &keypool_types::ApiError, surface: Surface) -> Bytes {
 mod tests {
     use super::*;
 
+    impl SseTap {
+        fn feed_slice(&mut self, chunk: &[u8]) -> Bytes {
+            self.feed(&Bytes::copy_from_slice(chunk))
+        }
+    }
+
+    /// The usual chunk (whole events, nothing waiting) goes out as the same buffer; a dropped
+    /// usage chunk among whole events, or a partial event after them, costs a copy but the
+    /// same bytes as feeding them one at a time.
+    #[test]
+    fn whole_events_go_out_uncopied_and_every_split_gives_the_same_bytes() {
+        let chunk = Bytes::from(format!("{CHUNK}{CHUNK}"));
+        let mut tap = SseTap::new(true);
+        let out = tap.feed(&chunk);
+        assert_eq!(out.as_ptr(), chunk.as_ptr(), "no copy");
+        assert_eq!(out, chunk);
+
+        let all = format!("{CHUNK}{USAGE}{CHUNK}{DONE}data: {{\"partial");
+        let relayed = |sizes: &[usize]| {
+            let mut tap = SseTap::new(true);
+            let (mut out, mut rest) = (Vec::new(), all.as_bytes());
+            for &n in sizes.iter().chain(std::iter::repeat(&usize::MAX)) {
+                if rest.is_empty() {
+                    break;
+                }
+                let (piece, r) = rest.split_at(n.min(rest.len()));
+                out.extend_from_slice(&tap.feed_slice(piece));
+                rest = r;
+            }
+            (out, tap.usage.map(|u| u.total()), tap.done, tap.finish())
+        };
+        let whole = relayed(&[usize::MAX]);
+        assert_eq!(
+            whole.0,
+            format!("{CHUNK}{CHUNK}{DONE}").as_bytes(),
+            "usage chunk dropped"
+        );
+        assert_eq!((whole.1, whole.2), (Some(7), true));
+        assert_eq!(whole.3.as_ref(), b"data: {\"partial");
+        for sizes in [
+            &[1][..],
+            &[5, 70],
+            &[CHUNK.len(), 3],
+            &[CHUNK.len() + USAGE.len()],
+        ] {
+            assert_eq!(relayed(sizes), whole, "{sizes:?}");
+        }
+    }
+
     #[test]
     fn a_responses_stream_gives_its_id_usage_and_end() {
         let stream = concat!(
@@ -343,7 +433,7 @@ mod tests {
         let mut out = Vec::new();
         // cut anywhere: the same result
         for chunk in stream.as_bytes().chunks(7) {
-            out.extend_from_slice(&tap.feed(chunk));
+            out.extend_from_slice(&tap.feed_slice(chunk));
             if out.len() < 40 {
                 assert!(!tap.done);
             }
@@ -387,7 +477,7 @@ mod tests {
                 .collecting_text(Some(100));
             let mut out = Vec::new();
             for piece in stream.as_bytes().chunks(size) {
-                out.extend_from_slice(&tap.feed(piece));
+                out.extend_from_slice(&tap.feed_slice(piece));
             }
             out.extend_from_slice(&tap.finish());
             assert_eq!(out, stream.as_bytes(), "passed through unchanged");
@@ -398,7 +488,7 @@ mod tests {
         }
         // without message_stop the stream is not done
         let mut tap = SseTap::new(false).speaking(Surface::Anthropic);
-        tap.feed(&stream.as_bytes()[..stream.find("event: message_stop").unwrap()]);
+        tap.feed_slice(&stream.as_bytes()[..stream.find("event: message_stop").unwrap()]);
         assert!(!tap.done);
         let e = error_event(
             &keypool_types::ApiError::new(keypool_types::ErrorKind::UpstreamStreamBroken, "cut"),
@@ -413,7 +503,7 @@ mod tests {
     #[test]
     fn passes_events_and_reads_usage() {
         let mut tap = SseTap::new(false);
-        let out = tap.feed(format!("{CHUNK}{USAGE}{DONE}").as_bytes());
+        let out = tap.feed_slice(format!("{CHUNK}{USAGE}{DONE}").as_bytes());
         assert_eq!(out, format!("{CHUNK}{USAGE}{DONE}").as_bytes());
         assert_eq!(tap.usage.unwrap().total(), 7);
         assert!(tap.done);
@@ -426,7 +516,7 @@ mod tests {
         // split at awkward places: inside an event and inside its terminator
         let all = format!("{CHUNK}{USAGE}{DONE}");
         for piece in all.as_bytes().chunks(7) {
-            out.extend_from_slice(&tap.feed(piece));
+            out.extend_from_slice(&tap.feed_slice(piece));
         }
         out.extend_from_slice(&tap.finish());
         assert_eq!(String::from_utf8(out).unwrap(), format!("{CHUNK}{DONE}"));
@@ -437,8 +527,11 @@ mod tests {
     #[test]
     fn partial_event_waits_only_for_itself() {
         let mut tap = SseTap::new(true);
-        assert!(tap.feed(b"data: {\"id\":").is_empty());
-        assert_eq!(tap.feed(b"1}\n\ndata: x").as_ref(), b"data: {\"id\":1}\n\n");
+        assert!(tap.feed_slice(b"data: {\"id\":").is_empty());
+        assert_eq!(
+            tap.feed_slice(b"1}\n\ndata: x").as_ref(),
+            b"data: {\"id\":1}\n\n"
+        );
         assert_eq!(tap.finish().as_ref(), b"data: x");
         assert!(!tap.done);
     }
@@ -446,7 +539,7 @@ mod tests {
     #[test]
     fn crlf_events() {
         let mut tap = SseTap::new(false);
-        let out = tap.feed(b"data: a\r\n\r\ndata: [DONE]\r\n\r\n");
+        let out = tap.feed_slice(b"data: a\r\n\r\ndata: [DONE]\r\n\r\n");
         assert_eq!(out.as_ref(), b"data: a\r\n\r\ndata: [DONE]\r\n\r\n");
         assert!(tap.done);
     }
@@ -458,7 +551,7 @@ mod tests {
         let started = std::time::Instant::now();
         // 6 MiB in 1 KiB chunks: quadratic rescanning would be ~18 G byte comparisons
         for _ in 0..6 * 1024 {
-            assert!(tap.feed(&piece).is_empty());
+            assert!(tap.feed_slice(&piece).is_empty());
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(2),
@@ -467,11 +560,11 @@ mod tests {
         );
         assert!(!tap.oversized);
         for _ in 0..3 * 1024 {
-            tap.feed(&piece);
+            tap.feed_slice(&piece);
         }
         assert!(tap.oversized, "past 8 MiB the event is refused");
         assert!(
-            tap.feed(b"\n\ndata: late\n\n").is_empty(),
+            tap.feed_slice(b"\n\ndata: late\n\n").is_empty(),
             "nothing after the cut"
         );
     }
@@ -479,8 +572,8 @@ mod tests {
     #[test]
     fn a_terminator_split_across_chunks_is_found() {
         let mut tap = SseTap::new(false);
-        assert!(tap.feed(b"data: a\r\n\r").is_empty());
-        assert_eq!(tap.feed(b"\ndata: b\n").as_ref(), b"data: a\r\n\r\n");
-        assert_eq!(tap.feed(b"\n").as_ref(), b"data: b\n\n");
+        assert!(tap.feed_slice(b"data: a\r\n\r").is_empty());
+        assert_eq!(tap.feed_slice(b"\ndata: b\n").as_ref(), b"data: a\r\n\r\n");
+        assert_eq!(tap.feed_slice(b"\n").as_ref(), b"data: b\n\n");
     }
 }
