@@ -69,6 +69,8 @@ pub struct Metrics {
     pub malformed_requests: IntCounter,
     pub alerts: IntCounterVec,
     models: RwLock<HashSet<String>>,
+    /// Request series resolved so far, by their labels' hash.
+    series: RwLock<std::collections::HashMap<u64, Vec<RequestSeries>>>,
     /// Models without a price already warned about (at most [`MAX_UNPRICED_WARNED`]).
     unpriced_warned: std::sync::Mutex<HashSet<String>>,
 }
@@ -103,6 +105,94 @@ pub struct KeyHandles {
 impl std::fmt::Debug for KeyHandles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyHandles").finish_non_exhaustive()
+    }
+}
+
+/// The most request series kept resolved (beyond them a request resolves its own by label).
+const MAX_SERIES: usize = 4096;
+
+/// The labels of a request's series.
+struct SeriesLabels<'a> {
+    gateway: &'a str,
+    model: &'a str,
+    key: &'a str,
+    class: &'static str,
+}
+
+impl SeriesLabels<'_> {
+    fn hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // fixed keys: the same labels hash alike in every call (the values are few and known)
+        let mut h = std::hash::DefaultHasher::new();
+        (self.gateway, self.model, self.key, self.class).hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The labels a resolved series was made for.
+struct OwnedLabels {
+    gateway: Box<str>,
+    model: Box<str>,
+    key: Box<str>,
+    class: &'static str,
+}
+
+impl OwnedLabels {
+    fn is(&self, l: &SeriesLabels<'_>) -> bool {
+        *self.gateway == *l.gateway
+            && *self.model == *l.model
+            && *self.key == *l.key
+            && self.class == l.class
+    }
+}
+
+/// One (gateway, model, key, status class)'s request series, resolved.
+struct RequestSeries {
+    labels: OwnedLabels,
+    requests: IntCounter,
+    duration: Histogram,
+    prompt: IntCounter,
+    completion: IntCounter,
+    cache_read: IntCounter,
+    cache_write: IntCounter,
+    spend: prometheus::Counter,
+}
+
+impl RequestSeries {
+    fn resolve(m: &Metrics, l: &SeriesLabels<'_>) -> Self {
+        let tokens = [l.gateway, l.model, l.key];
+        Self {
+            labels: OwnedLabels {
+                gateway: l.gateway.into(),
+                model: l.model.into(),
+                key: l.key.into(),
+                class: l.class,
+            },
+            requests: m
+                .requests
+                .with_label_values(&[l.gateway, l.model, l.key, l.class]),
+            duration: m.request_duration.with_label_values(&[l.gateway]),
+            prompt: m.prompt_tokens.with_label_values(&tokens),
+            completion: m.completion_tokens.with_label_values(&tokens),
+            cache_read: m.cache_read_tokens.with_label_values(&tokens),
+            cache_write: m.cache_write_tokens.with_label_values(&tokens),
+            spend: m.spend.with_label_values(&tokens),
+        }
+    }
+
+    fn record(&self, r: &RequestRecord<'_>) {
+        self.requests.inc();
+        self.duration.observe(r.latency.as_secs_f64());
+        if r.prompt_tokens > 0 || r.completion_tokens > 0 {
+            self.prompt.inc_by(r.prompt_tokens);
+            self.completion.inc_by(r.completion_tokens);
+            // with the prompt's series, so a hit rate (read / prompt) always has both
+            self.cache_read.inc_by(r.cache_read_tokens);
+            self.cache_write.inc_by(r.cache_write_tokens);
+            if let Some(usd) = r.cost_usd {
+                self.spend.inc_by(usd);
+            }
+        }
     }
 }
 
@@ -157,36 +247,43 @@ impl Metrics {
         model
     }
 
-    /// Records one finished client request.
+    /// Records one finished client request: a few atomic adds on its series, resolved by
+    /// label once per (gateway, model, key, status class) and kept ([`RequestSeries`]).
     pub fn request(&self, r: &RequestRecord<'_>) {
         let model = self.model_label(r.model, (200..300).contains(&r.status));
-        let key = r.key.unwrap_or("");
-        self.requests
-            .with_label_values(&[r.gateway, model, key, status_class(r.status)])
-            .inc();
-        self.request_duration
-            .with_label_values(&[r.gateway])
-            .observe(r.latency.as_secs_f64());
+        let labels = SeriesLabels {
+            gateway: r.gateway,
+            model,
+            key: r.key.unwrap_or(""),
+            class: status_class(r.status),
+        };
         if let Some(o) = r.overhead {
             self.overhead.observe(o.as_secs_f64());
         }
-        if r.prompt_tokens > 0 || r.completion_tokens > 0 {
-            let labels = [r.gateway, model, key];
-            self.prompt_tokens
-                .with_label_values(&labels)
-                .inc_by(r.prompt_tokens);
-            self.completion_tokens
-                .with_label_values(&labels)
-                .inc_by(r.completion_tokens);
-            // with the prompt's series, so a hit rate (read / prompt) always has both
-            self.cache_read_tokens
-                .with_label_values(&labels)
-                .inc_by(r.cache_read_tokens);
-            self.cache_write_tokens
-                .with_label_values(&labels)
-                .inc_by(r.cache_write_tokens);
-            if let Some(usd) = r.cost_usd {
-                self.spend.with_label_values(&labels).inc_by(usd);
+        let hash = labels.hash();
+        {
+            let known = self
+                .series
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(s) = known
+                .get(&hash)
+                .and_then(|v| v.iter().find(|s| s.labels.is(&labels)))
+            {
+                s.record(r);
+                return;
+            }
+        }
+        let series = RequestSeries::resolve(self, &labels);
+        series.record(r);
+        let mut known = self
+            .series
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.len() < MAX_SERIES {
+            let same = known.entry(hash).or_default();
+            if !same.iter().any(|s| s.labels.is(&labels)) {
+                same.push(series);
             }
         }
     }

@@ -309,6 +309,7 @@ impl Metrics {
                 &["channel", "result"],
             ),
             models: RwLock::new(HashSet::new()),
+            series: RwLock::default(),
             unpriced_warned: std::sync::Mutex::default(),
             registry: r,
         }

@@ -26,3 +26,70 @@ fn a_keys_prompt_cache_hit_ratio_is_read_over_prompt_tokens() {
         "{text}"
     );
 }
+
+/// A request's series are resolved once and kept: the same labels count into the same series
+/// as the label lookups did, a different status class or key into its own, and past
+/// `MAX_SERIES` requests are still counted (resolved each time).
+#[test]
+fn request_series_are_resolved_once_and_count_like_label_lookups() {
+    let m = Metrics::new();
+    let rec = |key: &'static str, status: u16, prompt: u64| RequestRecord {
+        gateway: "g",
+        model: "m",
+        key: Some(key),
+        status,
+        latency: Duration::from_millis(3),
+        overhead: Some(Duration::from_micros(40)),
+        prompt_tokens: prompt,
+        completion_tokens: 2,
+        cache_read_tokens: 1,
+        cache_write_tokens: 0,
+        cost_usd: Some(0.5),
+    };
+    for _ in 0..3 {
+        m.request(&rec("k1", 200, 10));
+    }
+    m.request(&rec("k1", 500, 0));
+    m.request(&rec("k2", 200, 4));
+    let get = |c: &IntCounterVec, l: &[&str]| c.with_label_values(l).get();
+    assert_eq!(get(&m.requests, &["g", "m", "k1", "2xx"]), 3);
+    assert_eq!(get(&m.requests, &["g", "m", "k1", "5xx"]), 1);
+    assert_eq!(get(&m.requests, &["g", "m", "k2", "2xx"]), 1);
+    assert_eq!(get(&m.prompt_tokens, &["g", "m", "k1"]), 30);
+    assert_eq!(
+        get(&m.completion_tokens, &["g", "m", "k1"]),
+        8,
+        "the 500 had completion tokens too"
+    );
+    assert_eq!(get(&m.cache_read_tokens, &["g", "m", "k2"]), 1);
+    assert!((m.spend.with_label_values(&["g", "m", "k1"]).get() - 2.0).abs() < 1e-9);
+    assert_eq!(
+        m.request_duration
+            .with_label_values(&["g"])
+            .get_sample_count(),
+        5
+    );
+    assert_eq!(m.overhead.get_sample_count(), 5);
+    assert_eq!(
+        m.series
+            .read()
+            .unwrap()
+            .values()
+            .map(Vec::len)
+            .sum::<usize>(),
+        3
+    );
+
+    // full: still counted
+    m.series.write().unwrap().clear();
+    for i in 0..MAX_SERIES {
+        m.series
+            .write()
+            .unwrap()
+            .insert(u64::MAX - i as u64, Vec::new());
+    }
+    m.request(&rec("k3", 200, 1));
+    m.request(&rec("k3", 200, 1));
+    assert_eq!(get(&m.requests, &["g", "m", "k3", "2xx"]), 2);
+    assert_eq!(m.series.read().unwrap().len(), MAX_SERIES);
+}
