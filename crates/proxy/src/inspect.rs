@@ -146,8 +146,30 @@ fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {
     })
 }
 
-/// Sets `stream_options.include_usage: true`, keeping every other field as sent.
+/// Sets `stream_options.include_usage: true`, keeping every other field as sent. A body
+/// without `stream_options` (the usual case) gets the field spliced in before its closing
+/// brace: every byte it had stays as it was, in its order, and nothing is parsed again.
 fn request_usage(body: &[u8]) -> Result<Bytes, ApiError> {
+    const FIELD: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    let text = body.trim_ascii();
+    if let (Some(b'{'), Some(b'}')) = (text.first(), text.last())
+        && !crate::sse::contains(body, b"\"stream_options\"")
+    {
+        // the object has a field at least (`stream`): the new one follows a comma
+        let close = body.trim_ascii_end().len() - 1;
+        let mut out = Vec::with_capacity(body.len() + FIELD.len() + 1);
+        out.extend_from_slice(&body[..close]);
+        out.push(b',');
+        out.extend_from_slice(FIELD);
+        out.extend_from_slice(&body[close..]);
+        return Ok(Bytes::from(out));
+    }
+    request_usage_merged(body)
+}
+
+/// [`request_usage`] for a body that has `stream_options` (or names it anywhere): parsed,
+/// merged and encoded again.
+fn request_usage_merged(body: &[u8]) -> Result<Bytes, ApiError> {
     let mut v: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(body).map_err(|_| bad("The request body must be a JSON object."))?;
     let opts = v
@@ -269,7 +291,9 @@ fn usage_near_the_end(body: &[u8]) -> Found {
 #[allow(clippy::option_option)]
 fn tail_usage(body: &[u8]) -> Option<Option<keypool_types::Usage>> {
     const KEY: &[u8] = b"\"usage\"";
-    let at = body.windows(KEY.len()).rposition(|w| w == KEY)?;
+    static LAST: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(KEY));
+    let at = LAST.rfind(body)?;
     // an escaped quote (an odd run of backslashes before it) is inside a string
     let backslashes = body[..at].iter().rev().take_while(|&&b| b == b'\\').count();
     if backslashes % 2 == 1 {
@@ -338,6 +362,45 @@ mod tests {
         let j = inspect("/v1/chat/completions", "application/json", asked.clone()).unwrap();
         assert!(!j.strip_usage_chunk);
         assert_eq!(j.body, asked);
+    }
+
+    /// The field is spliced in: the body's own bytes (order, spacing, numbers) stay as sent;
+    /// a body with `stream_options` already is merged instead.
+    #[test]
+    fn the_usage_field_is_spliced_into_the_body_as_sent() {
+        let rewritten = |body: &'static str| {
+            let i = inspect(
+                "/v1/chat/completions",
+                "application/json",
+                Bytes::from(body),
+            )
+            .unwrap();
+            assert!(i.strip_usage_chunk, "{body}");
+            String::from_utf8(i.body.to_vec()).unwrap()
+        };
+        assert_eq!(
+            rewritten(
+                r#"{"stream":true, "model":"m","temperature":1.0E0,"n":12345678901234567890}"#
+            ),
+            r#"{"stream":true, "model":"m","temperature":1.0E0,"n":12345678901234567890,"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            rewritten(" {\n \"stream\": true\n}\n"),
+            " {\n \"stream\": true\n,\"stream_options\":{\"include_usage\":true}}\n"
+        );
+        for merged in [
+            r#"{"stream":true,"stream_options":null}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        ] {
+            let v: serde_json::Value = serde_json::from_str(&rewritten(merged)).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true, "{merged}");
+            assert!(v.as_object().unwrap().len() == 2, "one stream_options: {v}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&rewritten(
+            r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        ))
+        .unwrap();
+        assert_eq!(v["stream_options"]["x"], 1);
     }
 
     #[test]

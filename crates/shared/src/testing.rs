@@ -94,6 +94,18 @@ impl Servers {
             .collect()
     }
 
+    /// Every key on each server, by its port (`KEYS *`: for tests' small data sets).
+    pub fn keys_by_port(&self) -> Result<std::collections::HashMap<u16, Vec<String>>> {
+        self.ports
+            .iter()
+            .map(|&p| {
+                let out = cli(p, &["KEYS", "*"]).ok_or_else(|| format!("KEYS on {p} failed"))?;
+                let keys = out.lines().filter(|l| !l.is_empty()).map(str::to_owned);
+                Ok((p, keys.collect()))
+            })
+            .collect()
+    }
+
     /// Kills server `i` (SIGKILL: no goodbye to its peers).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {

@@ -2,7 +2,7 @@
 //! hash tag of their own, pins each have their own, and the pool's keys keep one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,7 +108,7 @@ async fn a_clusters_gateways_spread_over_its_masters() {
     );
 
     // where each key is: a gateway's on its master only, the pool's on one, pins on several
-    let on = keys_by_master(&servers).await;
+    let on = servers.keys_by_port().unwrap();
     for (g, master) in &gateways {
         let tag = format!("{{kp-spread:gw:{g}}}");
         for (port, keys) in &on {
@@ -153,24 +153,4 @@ fn one_gateway_per_master(servers: &Servers) -> Vec<(String, u16)> {
     }
     assert_eq!(gateways.len(), 3, "{gateways:?}");
     gateways
-}
-
-/// Every key on each master, by its port.
-async fn keys_by_master(servers: &Servers) -> HashMap<u16, Vec<String>> {
-    let mut on: HashMap<u16, Vec<String>> = HashMap::new();
-    for url in servers.urls(0) {
-        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-        let mut c = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        on.insert(port, keys);
-    }
-    on
 }
