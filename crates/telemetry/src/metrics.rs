@@ -146,21 +146,27 @@ impl OwnedLabels {
     }
 }
 
-/// One (gateway, model, key, status class)'s request series, resolved.
+/// One (gateway, model, key, status class)'s request series, resolved. The token series come
+/// into being with the first request that has tokens, the spend series with the first that
+/// has a cost, as they did when each request looked them up.
 struct RequestSeries {
     labels: OwnedLabels,
     requests: IntCounter,
     duration: Histogram,
+    tokens: std::sync::OnceLock<TokenSeries>,
+    spend: std::sync::OnceLock<prometheus::Counter>,
+}
+
+/// The token counters of a request's (gateway, model, key).
+struct TokenSeries {
     prompt: IntCounter,
     completion: IntCounter,
     cache_read: IntCounter,
     cache_write: IntCounter,
-    spend: prometheus::Counter,
 }
 
 impl RequestSeries {
     fn resolve(m: &Metrics, l: &SeriesLabels<'_>) -> Self {
-        let tokens = [l.gateway, l.model, l.key];
         Self {
             labels: OwnedLabels {
                 gateway: l.gateway.into(),
@@ -172,26 +178,34 @@ impl RequestSeries {
                 .requests
                 .with_label_values(&[l.gateway, l.model, l.key, l.class]),
             duration: m.request_duration.with_label_values(&[l.gateway]),
-            prompt: m.prompt_tokens.with_label_values(&tokens),
-            completion: m.completion_tokens.with_label_values(&tokens),
-            cache_read: m.cache_read_tokens.with_label_values(&tokens),
-            cache_write: m.cache_write_tokens.with_label_values(&tokens),
-            spend: m.spend.with_label_values(&tokens),
+            tokens: std::sync::OnceLock::new(),
+            spend: std::sync::OnceLock::new(),
         }
     }
 
-    fn record(&self, r: &RequestRecord<'_>) {
+    fn record(&self, m: &Metrics, r: &RequestRecord<'_>) {
         self.requests.inc();
         self.duration.observe(r.latency.as_secs_f64());
-        if r.prompt_tokens > 0 || r.completion_tokens > 0 {
-            self.prompt.inc_by(r.prompt_tokens);
-            self.completion.inc_by(r.completion_tokens);
-            // with the prompt's series, so a hit rate (read / prompt) always has both
-            self.cache_read.inc_by(r.cache_read_tokens);
-            self.cache_write.inc_by(r.cache_write_tokens);
-            if let Some(usd) = r.cost_usd {
-                self.spend.inc_by(usd);
-            }
+        if r.prompt_tokens == 0 && r.completion_tokens == 0 {
+            return;
+        }
+        let l = &self.labels;
+        let labels = [&*l.gateway, &*l.model, &*l.key];
+        let t = self.tokens.get_or_init(|| TokenSeries {
+            prompt: m.prompt_tokens.with_label_values(&labels),
+            completion: m.completion_tokens.with_label_values(&labels),
+            cache_read: m.cache_read_tokens.with_label_values(&labels),
+            cache_write: m.cache_write_tokens.with_label_values(&labels),
+        });
+        t.prompt.inc_by(r.prompt_tokens);
+        t.completion.inc_by(r.completion_tokens);
+        // with the prompt's series, so a hit rate (read / prompt) always has both
+        t.cache_read.inc_by(r.cache_read_tokens);
+        t.cache_write.inc_by(r.cache_write_tokens);
+        if let Some(usd) = r.cost_usd {
+            self.spend
+                .get_or_init(|| m.spend.with_label_values(&labels))
+                .inc_by(usd);
         }
     }
 }
@@ -270,12 +284,12 @@ impl Metrics {
                 .get(&hash)
                 .and_then(|v| v.iter().find(|s| s.labels.is(&labels)))
             {
-                s.record(r);
+                s.record(self, r);
                 return;
             }
         }
         let series = RequestSeries::resolve(self, &labels);
-        series.record(r);
+        series.record(self, r);
         let mut known = self
             .series
             .write()

@@ -93,3 +93,35 @@ fn request_series_are_resolved_once_and_count_like_label_lookups() {
     assert_eq!(get(&m.requests, &["g", "m", "k3", "2xx"]), 2);
     assert_eq!(m.series.read().unwrap().len(), MAX_SERIES);
 }
+
+/// A request without tokens makes no token series, one without a cost no spend series (as
+/// when each request looked its series up).
+#[test]
+fn token_and_spend_series_appear_with_the_first_tokens_and_cost() {
+    let m = Metrics::new();
+    let rec = |key: &'static str, status: u16, tokens: u64| RequestRecord {
+        gateway: "g",
+        model: "m",
+        key: Some(key),
+        status,
+        latency: Duration::from_millis(1),
+        overhead: None,
+        prompt_tokens: tokens,
+        completion_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_usd: None,
+    };
+    m.request(&rec("k9", 429, 0));
+    m.request(&rec("k8", 200, 3));
+    let text = m.render();
+    let lines = |prefix: &str, key: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(&format!("key=\"{key}\"")))
+            .count()
+    };
+    assert_eq!(lines("keypool_requests_total", "k9"), 1, "{text}");
+    assert_eq!(lines("keypool_prompt_tokens_total", "k9"), 0, "{text}");
+    assert_eq!(lines("keypool_prompt_tokens_total", "k8"), 1, "{text}");
+    assert_eq!(lines("keypool_spend_usd_total", "k8"), 0, "{text}");
+}
