@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt};
 use keypool_config::routing::MAX_CACHE_ENTRY_BYTES;
 use keypool_pool::{Lease, Outcome};
 use keypool_types::{ApiError, ErrorKind, Surface};
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout_at};
 
 use crate::adapter::BodyStream;
 use crate::ctx::RequestCtx;
@@ -52,6 +52,9 @@ pub struct Relay {
     /// request context's server span, its parent.
     span: tracing::Span,
     upstream: BodyStream,
+    /// The idle gap's (and `deadline`'s) timer: one per stream, moved forward at each chunk
+    /// (a later deadline only updates it) rather than a timer made and dropped per chunk.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     tap: SseTap,
     lease: Option<Lease>,
     ctx: Option<Box<RequestCtx>>,
@@ -114,6 +117,7 @@ impl Relay {
         Ok(Self {
             telemetry: lease.telemetry().clone(),
             upstream,
+            timer: Box::pin(tokio::time::sleep(idle)),
             tap,
             lease: Some(lease),
             ctx: None,
@@ -204,11 +208,16 @@ impl Relay {
             return None;
         }
         loop {
-            let wait = match self.deadline {
-                Some(d) => self.idle.min(d.saturating_duration_since(Instant::now())),
-                None => self.idle,
+            let gap = Instant::now() + self.idle;
+            self.timer
+                .as_mut()
+                .reset(self.deadline.map_or(gap, |d| gap.min(d)));
+            let next = tokio::select! {
+                biased;
+                next = self.upstream.next() => Ok(next),
+                () = self.timer.as_mut() => Err(()),
             };
-            match timeout(wait, self.upstream.next()).await {
+            match next {
                 Ok(Some(Ok(chunk))) => {
                     let out = self.tap.feed(&chunk);
                     self.response_id_seen();
@@ -239,11 +248,11 @@ impl Relay {
                     let rest = self.tap.finish();
                     return Some(self.broken(&rest, &format!("The upstream stream broke: {e}")));
                 }
-                Err(_) if self.deadline.is_some_and(|d| Instant::now() >= d) => {
+                Err(()) if self.deadline.is_some_and(|d| Instant::now() >= d) => {
                     let rest = self.tap.finish();
                     return Some(self.cut(&rest, "stream_deadline"));
                 }
-                Err(_) => {
+                Err(()) => {
                     let rest = self.tap.finish();
                     let why = format!(
                         "The upstream sent no data for {:.1} s.",
