@@ -33,18 +33,12 @@ fn a_keys_prompt_cache_hit_ratio_is_read_over_prompt_tokens() {
 #[test]
 fn request_series_are_resolved_once_and_count_like_label_lookups() {
     let m = Metrics::new();
-    let rec = |key: &'static str, status: u16, prompt: u64| RequestRecord {
-        gateway: "g",
-        model: "m",
-        key: Some(key),
-        status,
-        latency: Duration::from_millis(3),
+    let rec = |key, status, prompt| RequestRecord {
         overhead: Some(Duration::from_micros(40)),
-        prompt_tokens: prompt,
         completion_tokens: 2,
         cache_read_tokens: 1,
-        cache_write_tokens: 0,
         cost_usd: Some(0.5),
+        ..record(key, status, prompt)
     };
     for _ in 0..3 {
         m.request(&rec("k1", 200, 10));
@@ -99,21 +93,8 @@ fn request_series_are_resolved_once_and_count_like_label_lookups() {
 #[test]
 fn token_and_spend_series_appear_with_the_first_tokens_and_cost() {
     let m = Metrics::new();
-    let rec = |key: &'static str, status: u16, tokens: u64| RequestRecord {
-        gateway: "g",
-        model: "m",
-        key: Some(key),
-        status,
-        latency: Duration::from_millis(1),
-        overhead: None,
-        prompt_tokens: tokens,
-        completion_tokens: 0,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        cost_usd: None,
-    };
-    m.request(&rec("k9", 429, 0));
-    m.request(&rec("k8", 200, 3));
+    m.request(&record("k9", 429, 0));
+    m.request(&record("k8", 200, 3));
     let text = m.render();
     let lines = |prefix: &str, key: &str| {
         text.lines()
@@ -124,4 +105,22 @@ fn token_and_spend_series_appear_with_the_first_tokens_and_cost() {
     assert_eq!(lines("keypool_prompt_tokens_total", "k9"), 0, "{text}");
     assert_eq!(lines("keypool_prompt_tokens_total", "k8"), 1, "{text}");
     assert_eq!(lines("keypool_spend_usd_total", "k8"), 0, "{text}");
+}
+
+/// A request of gateway `g` and model `m` through `key`, with `prompt` prompt tokens and no
+/// other usage, overhead or cost.
+fn record(key: &'static str, status: u16, prompt: u64) -> RequestRecord<'static> {
+    RequestRecord {
+        gateway: "g",
+        model: "m",
+        key: Some(key),
+        status,
+        latency: Duration::from_millis(1),
+        overhead: None,
+        prompt_tokens: prompt,
+        completion_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_usd: None,
+    }
 }
