@@ -9,7 +9,7 @@ DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
-wait_line() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no $2 in $1" >&2; exit 1; }
+. tests/load/lib.sh
 "$A" mock --address 127.0.0.1:0 --workers 1 > "$WORK/mock.out" 2>&1 &
 wait_line "$WORK/mock.out" "listening on"
 UP=$(grep -o 'http://[^ ]*' "$WORK/mock.out" | head -1)

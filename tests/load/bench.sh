@@ -77,11 +77,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_line() { # file pattern
-  for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; exit 1
-}
-url_in() { grep -v -e 'admin listening' -e 'console at' "$1" | grep -o 'http://[^ ]*' | head -1; }  # the API, not the admin API or the console
+. tests/load/lib.sh
 evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
 served() { curl -s "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 

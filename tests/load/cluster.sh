@@ -40,11 +40,7 @@ while True:
     print(p)
     break'
 }
-wait_line() { # file pattern [its stderr]
-  for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "timed out waiting for $2 in $1" >&2; cat "$1" ${3:-} >&2; exit 1
-}
-url_in() { grep -v -e 'admin listening' -e 'console at' "$1" | grep -o 'http://[^ ]*' | head -1; }
+. tests/load/lib.sh
 
 PORTS=()
 for i in $(seq "$MASTERS"); do

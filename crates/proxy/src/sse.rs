@@ -146,47 +146,44 @@ impl SseTap {
     }
 
     /// Feeds a chunk from upstream; returns the bytes to send to the client now (possibly
-    /// empty). A chunk of whole events with nothing waiting before it (the usual case: an
-    /// upstream writes an event at a time) goes out as it came, without a copy.
+    /// empty): its complete events at once, a partial one kept in `pending` for its end. A
+    /// chunk of whole events with nothing waiting before it (the usual case: an upstream writes
+    /// an event at a time) goes out as it came, without a copy.
     pub fn feed(&mut self, chunk: &Bytes) -> Bytes {
         if self.oversized {
             return Bytes::new();
         }
-        if !self.pending.is_empty() {
-            return self.feed_pending(chunk);
-        }
-        // `out` only once an event is dropped; until then what goes out is `chunk[..at]`
-        let (mut at, mut out) = (0, None::<BytesMut>);
-        while let Some((end, next)) = event_end(chunk, at) {
-            let keep = self.inspect(&chunk[at..end]);
-            match (keep, out.as_mut()) {
-                (true, Some(o)) => o.extend_from_slice(&chunk[at..next]),
-                (false, None) => out = Some(BytesMut::from(&chunk[..at])),
-                _ => {}
-            }
-            at = next;
-        }
-        if at < chunk.len() {
+        let out = if self.pending.is_empty() {
+            let (at, dropped) = self.release(chunk, 0);
             self.pending.extend_from_slice(&chunk[at..]);
-            self.waiting();
-        }
-        out.map_or_else(|| chunk.slice(..at), BytesMut::freeze)
+            dropped.unwrap_or_else(|| chunk.slice(..at))
+        } else {
+            let mut buf = std::mem::take(&mut self.pending);
+            buf.extend_from_slice(chunk);
+            let (at, dropped) = self.release(&buf, self.scanned);
+            let whole = buf.split_to(at).freeze();
+            self.pending = buf;
+            dropped.unwrap_or(whole)
+        };
+        self.waiting();
+        out
     }
 
-    /// [`SseTap::feed`] behind a partial event: the chunk joins it.
-    fn feed_pending(&mut self, chunk: &[u8]) -> Bytes {
-        // complete events go out at once; a partial one waits in `pending` for its end
-        let mut out = BytesMut::new();
-        self.pending.extend_from_slice(chunk);
-        while let Some((end, next)) = event_end(&self.pending, self.scanned) {
-            let event = self.pending.split_to(next);
-            self.scanned = 0;
-            if self.inspect(&event[..end]) {
-                out.extend_from_slice(&event);
+    /// Inspects the complete events at the start of `buf` (the search for the first one's end
+    /// resuming at `from`): the bytes they take, and what goes out instead of those bytes when
+    /// one of them is dropped (`None`: all of them, as they are).
+    fn release(&mut self, buf: &[u8], from: usize) -> (usize, Option<Bytes>) {
+        let (mut at, mut search, mut kept) = (0, from, None::<BytesMut>);
+        while let Some((end, next)) = event_end(buf, search) {
+            let keep = self.inspect(&buf[at..end]);
+            match (keep, kept.as_mut()) {
+                (true, Some(k)) => k.extend_from_slice(&buf[at..next]),
+                (false, None) => kept = Some(BytesMut::from(&buf[..at])),
+                _ => {}
             }
+            (at, search) = (next, next);
         }
-        self.waiting();
-        out.freeze()
+        (at, kept.map(BytesMut::freeze))
     }
 
     /// After a chunk: where the search for the partial event's end resumes, and its bound.
