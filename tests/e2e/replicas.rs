@@ -129,6 +129,7 @@ in_both_topologies!(
     a_429_seen_by_one_replica_cools_the_key_on_all,
     a_redis_cluster_holds_limits_and_survives_a_dead_master,
     leased_budgets_hold_exactly_and_unspent_calls_go_back,
+    leased_gateway_limits_hold_exactly_and_unspent_calls_go_back,
 );
 
 async fn post(gw: &Gateway, path: &str, model: &str) -> anyhow::Result<u16> {
@@ -699,5 +700,43 @@ async fn leased_budgets_hold_exactly_and_unspent_calls_go_back(topo: Topo) -> an
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(run(&gws[1], 6).await?, 3);
     assert_eq!(up.requests(), 10);
+    Ok(())
+}
+
+/// `redis.lease` on a gateway's `ingress:40/minute`: a replica leases 4 calls (a tenth of the
+/// limit, and `lease: 4`) and spends them locally; the limit holds exactly across replicas,
+/// and what a replica leased but did not spend goes back once its lease lapses (400 ms).
+async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
+    topo: Topo,
+) -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let pfx = prefix();
+    let yaml = config()
+        .token(T)
+        .key(&up, "up", "")
+        .block(&format!(
+            "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{pfx}\", lease: 4, lease_ms: 400}}\ngateways:\n  - {{name: forty, rate_limits: [\"ingress:40/minute\"]}}"
+        ))
+        .yaml();
+    let mut flags = shared_redis(&pfx);
+    flags.extend(["--redis-lease", "4", "--redis-lease-ms", "400"].map(str::to_owned));
+    let gws = replicas(topo, 2, &yaml, &flags).await?;
+    let run = async |gw: &Gateway, n: usize| -> anyhow::Result<usize> {
+        let mut ok = 0;
+        for _ in 0..n {
+            let s = post(gw, "/llm/api/forty/v1/chat/completions", "m").await?;
+            assert!(s == 200 || s == 429, "{s}");
+            ok += usize::from(s == 200);
+        }
+        Ok(ok)
+    };
+    // a spends one of the 4 it leases; b gets the 36 left
+    assert_eq!(run(&gws[0], 1).await?, 1);
+    assert_eq!(run(&gws[1], 40).await?, 36);
+    // a's 3 unspent calls go back when its lease lapses: b spends them, and no more
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(run(&gws[1], 6).await?, 3);
+    assert_eq!(run(&gws[0], 2).await?, 0);
+    assert_eq!(up.requests(), 40);
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Timelike, Utc};
 use keypool_config::Gateway;
 use keypool_config::gateway::{LimitScope, ListRule, RateLimit};
-use keypool_shared::{Admit, SharedState, WindowReq};
+use keypool_shared::{Admit, LeaseReq, Leasing, SharedState, Turn, WindowReq};
 use keypool_types::{ApiError, ErrorKind};
 use tokio::time::Instant;
 
@@ -34,6 +34,36 @@ pub struct GatewayRuntime {
     pub state: Arc<GatewayState>,
     /// Where its requests' metrics, spans and alerts go.
     pub telemetry: keypool_telemetry::Telemetry,
+    /// Calls of its rate limits leased from the shared state (`redis.lease`) and spent here
+    /// ([`lease_for`]); a new spec gets a new one, and the old one gives back what it holds.
+    lease: Option<Arc<Leasing<RateHeaders>>>,
+}
+
+/// A lease holder for `spec`'s rate limits when replicas share them and `lease` asks for more
+/// than one call at a time: only where every limit is `ingress:` (a caller's `secret:` window
+/// is its own), at most a tenth of the smallest limit at once (small limits stay shared out a
+/// call at a time: `ingress:100/minute` leases 10, `ingress:19/minute` none), spent within
+/// `lease.within` or the shortest window, whichever is shorter.
+pub(crate) fn lease_for(
+    spec: &Gateway,
+    shared: Option<&Arc<dyn SharedState>>,
+    lease: Option<LeaseReq>,
+) -> Option<Arc<Leasing<RateHeaders>>> {
+    let (shared, lease) = (shared?, lease?);
+    let limits = &spec.rate_limits;
+    if limits.is_empty() || limits.iter().any(|l| l.scope != LimitScope::Ingress) {
+        return None;
+    }
+    let smallest = limits.iter().map(|l| l.limit).min()?;
+    let calls = u32::try_from(smallest / 10).map_or(lease.calls, |c| c.min(lease.calls));
+    let shortest = limits.iter().map(|l| l.per).min()?;
+    (calls > 1).then(|| {
+        Arc::new(Leasing::new(
+            calls,
+            lease.within.min(shortest),
+            shared.clone(),
+        ))
+    })
 }
 
 /// What a gateway remembers between requests.
@@ -159,6 +189,24 @@ impl GatewayRuntime {
             spec,
             state: Arc::default(),
             telemetry: keypool_telemetry::Telemetry::default(),
+            lease: None,
+        }
+    }
+
+    /// This runtime with `state` and `telemetry`, leasing calls of its rate limits from the
+    /// state's shared windows as `lease` says ([`lease_for`]).
+    pub(crate) fn with_state(
+        spec: Arc<Gateway>,
+        state: Arc<GatewayState>,
+        telemetry: keypool_telemetry::Telemetry,
+        lease: Option<LeaseReq>,
+    ) -> Self {
+        Self {
+            name: Arc::from(spec.name.as_str()),
+            lease: lease_for(&spec, state.shared(), lease),
+            spec,
+            state,
+            telemetry,
         }
     }
 
@@ -308,7 +356,8 @@ impl GatewayRuntime {
     }
 
     /// [`Self::admit`] across replicas: through the shared state when there is one (falling back
-    /// to this replica's windows while it is unavailable).
+    /// to this replica's windows while it is unavailable); with a lease holder, a call leased
+    /// earlier is spent here without a round trip, and one admission at a time asks for more.
     pub async fn admit_everywhere(
         &self,
         caller: &Caller,
@@ -322,8 +371,32 @@ impl GatewayRuntime {
         if limits.is_empty() {
             return Ok(None);
         }
-        match shared.admit(&self.windows(caller, client_ip), now).await {
-            Ok(outcome) => self.verdict(outcome),
+        let mut asking = None;
+        if let Some(l) = &self.lease {
+            if let Some(h) = self.spend_leased(l, now) {
+                return Ok(Some(h));
+            }
+            // one lease asked for at a time: the admissions meanwhile wait for it once, then
+            // spend from it or count a single call
+            match l.turn().await {
+                Turn::Ask(a) => asking = Some((l, a)),
+                Turn::Landed => {
+                    if let Some(h) = self.spend_leased(l, now) {
+                        return Ok(Some(h));
+                    }
+                }
+            }
+        }
+        let windows = self.windows(caller, client_ip);
+        let decided = match &asking {
+            Some((l, _)) => self.admit_leasing(shared, l, windows, now).await,
+            None => shared
+                .admit(&windows, now)
+                .await
+                .map(|outcome| self.verdict(outcome)),
+        };
+        match decided {
+            Ok(verdict) => verdict,
             Err(e) => {
                 shared.failed(&e);
                 if shared.fail_closed() {
@@ -335,6 +408,45 @@ impl GatewayRuntime {
                 self.admit_share(caller, client_ip, now, shared.replicas_hint())
             }
         }
+    }
+
+    /// One call of a lease this replica holds, with the headers of the tightest limit (the
+    /// calls left there once the lease was counted, plus what the lease has left).
+    fn spend_leased(&self, l: &Leasing<RateHeaders>, now: Instant) -> Option<RateHeaders> {
+        l.spend(&[()], |()| &self.name, now).map(|s| RateHeaders {
+            remaining: s.meta.remaining + u64::from(s.left),
+            ..s.meta
+        })
+    }
+
+    /// Admits through the shared state reserving a lease of `l.req.calls`, and keeps what it
+    /// granted beyond this call for the next admissions.
+    async fn admit_leasing(
+        &self,
+        shared: &Arc<dyn SharedState>,
+        l: &Arc<Leasing<RateHeaders>>,
+        windows: Vec<WindowReq>,
+        now: Instant,
+    ) -> Result<Result<Option<RateHeaders>, Refused>, keypool_shared::SharedError> {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let (outcome, granted) = shared.admit_leasing(&windows, &id, l.req, now).await?;
+        let verdict = self.verdict(outcome);
+        Ok(match verdict {
+            Ok(Some(h)) if granted > 1 => {
+                let mine = RateHeaders {
+                    remaining: h.remaining + u64::from(granted - 1),
+                    ..h.clone()
+                };
+                l.keep(
+                    self.name.clone(),
+                    windows.into_boxed_slice(),
+                    (id, granted, now),
+                    h,
+                );
+                Ok(Some(mine))
+            }
+            other => other,
+        })
     }
 
     /// Refuses once the tokens used (on every replica, with shared state) reached the quota.

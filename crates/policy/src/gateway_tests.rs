@@ -584,3 +584,57 @@ fn jwt_audience_issuer_and_crit_headers() {
     let e = g.authenticate(Some(&crit)).unwrap_err();
     assert!(e.message.contains("critical"), "{}", e.message);
 }
+
+/// Only `ingress:` limits are leased, at most a tenth of the smallest at once, within the
+/// shortest window; a `secret:` limit, a small limit or no lease asked leases nothing.
+#[test]
+fn leases_only_ingress_limits_a_tenth_at_a_time() {
+    let shared: Arc<dyn keypool_shared::SharedState> =
+        Arc::new(keypool_shared::InMemory::default());
+    let req = keypool_shared::LeaseReq {
+        calls: 64,
+        within: Duration::from_secs(1),
+    };
+    let leased = |yaml: &str, lease| {
+        let g = runtime(yaml);
+        crate::gateway::lease_for(&g.spec, Some(&shared), lease).map(|l| l.req)
+    };
+    let limits = |l: &str| format!("name: t\nrate_limits: [{l}]\n");
+    assert_eq!(
+        leased(&limits("'ingress:100000/minute'"), Some(req)),
+        Some(req)
+    );
+    assert_eq!(
+        leased(
+            &limits("'ingress:100000/minute', 'ingress:200/second'"),
+            Some(req)
+        ),
+        Some(keypool_shared::LeaseReq { calls: 20, ..req })
+    );
+    assert_eq!(
+        leased(
+            &limits("'ingress:500/minute', 'ingress:20000/hour'"),
+            Some(req)
+        )
+        .map(|r| r.calls),
+        Some(50)
+    );
+    let short = leased(
+        &limits("'ingress:5000/second'"),
+        Some(keypool_shared::LeaseReq {
+            within: Duration::from_secs(5),
+            ..req
+        }),
+    );
+    assert_eq!(short.map(|r| r.within), Some(Duration::from_secs(1)));
+    assert_eq!(leased(&limits("'ingress:19/minute'"), Some(req)), None);
+    assert_eq!(
+        leased(
+            &limits("'ingress:100000/minute', 'secret:1000/minute'"),
+            Some(req)
+        ),
+        None
+    );
+    assert_eq!(leased(&limits("'ingress:100000/minute'"), None), None);
+    assert_eq!(leased("name: t\n", Some(req)), None);
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use keypool_config::Gateway;
-use keypool_shared::SharedState;
+use keypool_shared::{LeaseReq, SharedState};
 use keypool_telemetry::Telemetry;
 
 use crate::gateway::{GatewayRuntime, GatewayState};
@@ -15,6 +15,9 @@ use crate::gateway::{GatewayRuntime, GatewayState};
 pub struct Gateways {
     map: arc_swap::ArcSwap<HashMap<String, Arc<GatewayRuntime>>>,
     shared: Option<Arc<dyn SharedState>>,
+    /// How many calls of a gateway's rate limits to lease from `shared` at once
+    /// (`redis.lease`; [`crate::gateway::lease_for`]).
+    lease: Option<LeaseReq>,
     /// Every USD budget's counters (gateways', callers' and keys').
     budgets: Arc<crate::budget::Budgets>,
     /// The prices in force before the built-in catalog's (the admin API's, then the config's):
@@ -33,14 +36,15 @@ impl Default for Gateways {
 impl Gateways {
     /// In-process gateways with a telemetry handle of their own (tools and tests).
     pub fn new(specs: &[Arc<Gateway>]) -> Self {
-        Self::with_shared(specs, None, Telemetry::default())
+        Self::with_shared(specs, None, None, Telemetry::default())
     }
 
-    /// Gateways whose limits and quotas hold across replicas through `shared`, recording into
-    /// `telemetry`.
+    /// Gateways whose limits and quotas hold across replicas through `shared` (their rate
+    /// limits leased from it as `lease` says), recording into `telemetry`.
     pub fn with_shared(
         specs: &[Arc<Gateway>],
         shared: Option<Arc<dyn SharedState>>,
+        lease: Option<LeaseReq>,
         telemetry: Telemetry,
     ) -> Self {
         let g = Self {
@@ -51,6 +55,7 @@ impl Gateways {
             )),
             prices: arc_swap::ArcSwap::default(),
             shared,
+            lease,
             telemetry,
         };
         g.replace(specs);
@@ -102,12 +107,12 @@ impl Gateways {
                 );
                 next.insert(
                     spec.name.clone(),
-                    Arc::new(GatewayRuntime {
-                        name: Arc::from(spec.name.as_str()),
-                        spec: spec.clone(),
+                    Arc::new(GatewayRuntime::with_state(
+                        spec.clone(),
                         state,
-                        telemetry: self.telemetry.clone(),
-                    }),
+                        self.telemetry.clone(),
+                        self.lease,
+                    )),
                 );
             }
             next

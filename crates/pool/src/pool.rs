@@ -31,10 +31,9 @@ use crate::messages::{ListKeys, PoolError, Snapshot};
 use crate::tally::KeyTally;
 
 mod lease;
-mod leasing;
 mod pick;
 
-pub use leasing::Leasing;
+pub use keypool_shared::Leasing;
 
 use keypool_shared::HealthAnnouncer;
 use keypool_telemetry::Telemetry;
@@ -299,14 +298,12 @@ impl PoolHandle {
 
     /// With shared state: picks reserve up to `calls` calls of a key's rpm budget at once
     /// and spend them here within `within` ([`Leasing`]); `calls` of 0 or 1 leases nothing.
-    /// Call after [`Self::with_shared`], inside the runtime (what lapses is given back by a
-    /// task of its own).
+    /// Call after [`Self::with_shared`] (what lapses is given back by a task of its own,
+    /// started with the first lease).
     #[must_use]
     pub fn with_leasing(mut self, calls: u32, within: std::time::Duration) -> Self {
         if let (Some(shared), true) = (&self.shared, calls > 1) {
-            let leasing = Arc::new(Leasing::new(calls, within));
-            leasing.start_returning(shared.clone());
-            self.leasing = Some(leasing);
+            self.leasing = Some(Arc::new(Leasing::new(calls, within, shared.clone())));
         }
         self
     }

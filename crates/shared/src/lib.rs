@@ -9,6 +9,7 @@
 
 mod connect;
 mod health;
+mod leasing;
 mod memory;
 mod redis;
 #[cfg(feature = "testing")]
@@ -20,6 +21,7 @@ pub use connect::RedisTarget;
 pub use health::{
     Announcements, HealthAnnouncer, parse_health, process_id, share_health, subscribe,
 };
+pub use leasing::{Asking, Leasing, Spend, Turn};
 pub use memory::InMemory;
 pub use redis::RedisState;
 
@@ -146,6 +148,23 @@ pub trait SharedState: Send + Sync {
     /// Checks every window and counts the call in all of them, or in none. `now` is the
     /// in-process clock (a shared implementation uses its own, the same for all replicas).
     async fn admit(&self, windows: &[WindowReq], now: Instant) -> Result<Admit, SharedError>;
+
+    /// [`Self::admit`] reserving up to `lease.calls` calls at once in every window (at most
+    /// the room the fullest has), for the caller to spend over `lease.within` without asking
+    /// again; answers the calls reserved, and the remaining counts after all of them. As with
+    /// [`Self::pick_leasing`] the reserved calls count from `now + within`, and what is not
+    /// spent goes back with [`Self::return_lease`] (each window under the lease's `id`). One
+    /// process shares nothing: this default reserves one.
+    async fn admit_leasing(
+        &self,
+        windows: &[WindowReq],
+        id: &str,
+        lease: LeaseReq,
+        now: Instant,
+    ) -> Result<(Admit, u32), SharedError> {
+        let _ = (id, lease);
+        self.admit(windows, now).await.map(|a| (a, 1))
+    }
 
     /// Chooses among candidate windows (in preference order) the one with room — the least
     /// used (`least_used`, ties to the earlier) or the first — and counts the call in it: the

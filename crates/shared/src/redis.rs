@@ -37,7 +37,8 @@ pub struct RedisState {
 }
 
 /// Prunes, checks and (only if all fit) records, on Redis's clock. KEYS: windows. ARGV: member
-/// id, then (limit, per_ms) per window. Returns {1, remaining...} or {0, index, free_in_ms}.
+/// id, then (limit, per_ms) per window, then (for a lease) its calls and ms. Returns
+/// {1, remaining..., granted} or {0, index, free_in_ms}.
 const ADMIT: &str = concat!(
     include_str!("scripts/window.lua"),
     include_str!("scripts/admit.lua")
@@ -183,6 +184,47 @@ impl RedisState {
         .map(|_| ())
     }
 
+    /// The admission script: check every window and count the call (or a lease's calls) in
+    /// all of them, or in none.
+    async fn run_admit(
+        &self,
+        windows: &[WindowReq],
+        id: &str,
+        lease: Option<crate::LeaseReq>,
+    ) -> Result<(Admit, u32), SharedError> {
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(id);
+        for w in windows {
+            inv.key(self.key(&w.key));
+            inv.arg(w.limit).arg(w.per.as_millis() as u64);
+        }
+        if let Some(l) = lease {
+            inv.arg(l.calls.max(1))
+                .arg(u64::try_from(l.within.as_millis()).unwrap_or(u64::MAX));
+        }
+        let mut conn = self.conn();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, rest @ .., granted] => Ok((
+                Admit::Admitted {
+                    remaining: rest
+                        .iter()
+                        .map(|r| u64::try_from(*r).unwrap_or(0))
+                        .collect(),
+                },
+                u32::try_from(*granted).unwrap_or(1).max(1),
+            )),
+            [0, index, free] => Ok((
+                Admit::Refused {
+                    index: usize::try_from(*index).unwrap_or(0),
+                    free_in: Duration::from_millis(u64::try_from(*free).unwrap_or(0)),
+                },
+                0,
+            )),
+            other => Err(SharedError(format!("unexpected admit answer {other:?}"))),
+        }
+    }
+
     async fn run<T>(
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -227,28 +269,18 @@ impl SharedState for RedisState {
     }
 
     async fn admit(&self, windows: &[WindowReq], _: Instant) -> Result<Admit, SharedError> {
-        let mut inv = self.script.prepare_invoke();
         let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        inv.arg(id);
-        for w in windows {
-            inv.key(self.key(&w.key));
-            inv.arg(w.limit).arg(w.per.as_millis() as u64);
-        }
-        let mut conn = self.conn();
-        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
-        match out.as_slice() {
-            [1, rest @ ..] => Ok(Admit::Admitted {
-                remaining: rest
-                    .iter()
-                    .map(|r| u64::try_from(*r).unwrap_or(0))
-                    .collect(),
-            }),
-            [0, index, free] => Ok(Admit::Refused {
-                index: usize::try_from(*index).unwrap_or(0),
-                free_in: Duration::from_millis(u64::try_from(*free).unwrap_or(0)),
-            }),
-            other => Err(SharedError(format!("unexpected admit answer {other:?}"))),
-        }
+        self.run_admit(windows, &id, None).await.map(|(a, _)| a)
+    }
+
+    async fn admit_leasing(
+        &self,
+        windows: &[WindowReq],
+        id: &str,
+        lease: crate::LeaseReq,
+        _: Instant,
+    ) -> Result<(Admit, u32), SharedError> {
+        self.run_admit(windows, id, Some(lease)).await
     }
 
     async fn pick_reserving(

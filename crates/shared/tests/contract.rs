@@ -272,6 +272,58 @@ async fn leases_reserve_ahead_and_go_back(s: &dyn SharedState) {
     assert_eq!((picked, granted), (Picked::Index(0), 1));
 }
 
+/// An admission's lease reserves up to its calls in every window at once, never past the room
+/// of the fullest, and answers the remaining counts after all of them; what goes back is room
+/// again in each window. Exact and large windows alike. (Shared state only.)
+async fn admissions_lease_ahead_and_go_back(s: &dyn SharedState) {
+    let lease = |calls| LeaseReq {
+        calls,
+        within: Duration::from_millis(1000),
+    };
+    for (tag, limit) in [("exact", 10_u64), ("large", 5000)] {
+        let wins = [
+            w(&format!("gw:lease-{tag}:narrow"), limit, 60_000),
+            w(&format!("gw:lease-{tag}:wide"), 2 * limit, 60_000),
+        ];
+        let take = async |id: &str, calls| {
+            s.admit_leasing(&wins, id, lease(calls), Instant::now())
+                .await
+                .unwrap()
+        };
+        let admitted = |narrow: u64, wide: u64| Admit::Admitted {
+            remaining: vec![narrow, wide],
+        };
+        let calls = limit * 2 / 5;
+        let n = u32::try_from(calls).unwrap();
+        assert_eq!(
+            take("l1", n).await,
+            (admitted(limit - calls, 2 * limit - calls), n)
+        );
+        assert_eq!(
+            take("l2", n).await,
+            (admitted(limit - 2 * calls, 2 * limit - 2 * calls), n)
+        );
+        // the narrow window has room for a fifth of its limit: that is all the lease gets
+        let rest = limit - 2 * calls;
+        assert_eq!(
+            take("l3", n).await,
+            (admitted(0, limit), u32::try_from(rest).unwrap())
+        );
+        assert!(matches!(
+            take("l4", n).await,
+            (Admit::Refused { index: 0, .. }, 0)
+        ));
+        for win in &wins {
+            assert_eq!(s.return_lease(win, "l1", n, 3).await.unwrap(), 3);
+        }
+        assert_eq!(take("l5", n).await, (admitted(0, limit), 3));
+        assert!(matches!(
+            s.admit(&wins, Instant::now()).await.unwrap(),
+            Admit::Refused { index: 0, .. }
+        ));
+    }
+}
+
 async fn counters(s: &dyn SharedState) {
     assert_eq!(s.get("q").await.unwrap(), 0);
     s.init("q", 100).await.unwrap();
@@ -447,6 +499,7 @@ async fn redis_contract() {
     large_limits_never_over_admit(s.as_ref()).await;
     large_windows_slide_whole(s.as_ref()).await;
     leases_reserve_ahead_and_go_back(s.as_ref()).await;
+    admissions_lease_ahead_and_go_back(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
     sessions_keep_their_key(s.as_ref()).await;
@@ -559,6 +612,7 @@ async fn redis_cluster_contract() {
     counters(s.as_ref()).await;
     large_limits_never_over_admit(s.as_ref()).await;
     leases_reserve_ahead_and_go_back(s.as_ref()).await;
+    admissions_lease_ahead_and_go_back(s.as_ref()).await;
     unbudgeted_windows_rank_evenly(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
@@ -571,8 +625,9 @@ async fn redis_cluster_contract() {
             .unwrap(),
         Admit::Refused { .. }
     ));
-    // the pool's keys (all of these but the pins) share one hash tag: all on the master
-    // that holds `{kp-cluster:}` (cluster_spread.rs: where the others go)
+    // the pool's keys (all of these but the pins and the gateways' `gw:lease-*`) share one
+    // hash tag: all on the master that holds `{kp-cluster:}` (cluster_spread.rs: where the
+    // others go)
     let holder = servers.master_of("{kp-cluster:}x").unwrap();
     for (port, keys) in servers.keys_by_port().unwrap() {
         let pool = keys
@@ -581,8 +636,11 @@ async fn redis_cluster_contract() {
             .count();
         assert_eq!(pool > 0, port == holder, "{port}: {keys:?}");
         assert!(
-            keys.iter()
-                .all(|k| k.starts_with("{kp-cluster:}") || k.starts_with("{kp-cluster:pin:")),
+            keys.iter().all(
+                |k| ["{kp-cluster:}", "{kp-cluster:pin:", "{kp-cluster:gw:lease-"]
+                    .iter()
+                    .any(|p| k.starts_with(p))
+            ),
             "{keys:?}"
         );
     }

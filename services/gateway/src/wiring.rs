@@ -95,7 +95,20 @@ pub async fn gateways(
     let mut specs = vec![Arc::new(default)];
     specs.extend(config.gateways.iter().cloned());
     let shared = redis.map(|r| r.clone() as Arc<dyn keypool_shared::SharedState>);
-    let gateways = Arc::new(Gateways::with_shared(&specs, shared, telemetry.clone()));
+    let lease = config
+        .redis
+        .as_ref()
+        .filter(|c| c.lease > 1)
+        .map(|c| keypool_shared::LeaseReq {
+            calls: c.lease,
+            within: c.lease_ms,
+        });
+    let gateways = Arc::new(Gateways::with_shared(
+        &specs,
+        shared,
+        lease,
+        telemetry.clone(),
+    ));
     // the control plane adds the admin API's prices once it has read them
     gateways.set_prices(config.prices.clone());
     if let Some(store) = store {

@@ -174,16 +174,16 @@ impl PoolHandle {
         let name = |c: &Candidate| &view.keys[c.order].key.name;
         let mut asking = None;
         if let (Some(l), None) = (&self.leasing, &pick.session) {
-            if let Some(c) = l.spend(cands, name, Instant::now()) {
-                return SharedPick::Chosen(c, None, None);
+            if let Some(s) = l.spend(cands, name, Instant::now()) {
+                return SharedPick::Chosen(s.on, None, None);
             }
             // one lease asked for at a time: the picks meanwhile wait for it once, then spend
             // from it or reserve a single call
             match l.turn().await {
-                super::leasing::Turn::Ask(a) => asking = Some((l, a)),
-                super::leasing::Turn::Landed => {
-                    if let Some(c) = l.spend(cands, name, Instant::now()) {
-                        return SharedPick::Chosen(c, None, None);
+                keypool_shared::Turn::Ask(a) => asking = Some((l, a)),
+                keypool_shared::Turn::Landed => {
+                    if let Some(s) = l.spend(cands, name, Instant::now()) {
+                        return SharedPick::Chosen(s.on, None, None);
                     }
                 }
             }
@@ -374,7 +374,8 @@ async fn shared_pick(
             let i = i.min(ordered.len() - 1);
             if let (Some(l), true) = (leasing, granted > 1) {
                 let name = view.keys[ordered[i].order].key.name.clone();
-                l.keep(name, windows[i].clone(), id.clone(), granted, asked);
+                let window = Box::new([windows[i].clone()]);
+                l.keep(name, window, (id.clone(), granted, asked), ());
             }
             let reserved = tokens[i].clone().map(|req| SharedTokens {
                 state: shared.clone(),

@@ -1,0 +1,235 @@
+//! [`Leasing`] (`redis.lease`): calls of a shared rate budget reserved at once and spent by
+//! this replica without a round trip. A decision that goes to the shared state reserves up to
+//! `calls` calls there (a key's pick: [`SharedState::pick_leasing`]; a gateway's admission:
+//! [`SharedState::admit_leasing`]); this replica spends the rest on its next decisions of the
+//! same name (a key, a gateway), until `within` has passed since it asked. What is left then
+//! goes back to the shared windows. One lease is asked for at a time: decisions that find none
+//! left meanwhile wait for it once, then spend from it or reserve a single call. The shared
+//! state counts leased calls from the latest moment they may be spent, so the limit holds in
+//! every trailing period; the cost is slack: calls one replica holds unspent are refused to
+//! the others until it spends or returns them (`calls - 1` per lease held, for at most one and
+//! a half `within`: the lease's time, then the returner's half-period; a replica that dies
+//! leaves its unspent calls counted until they leave the window).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::{LeaseReq, SharedState, WindowReq};
+
+/// This replica's leased calls, by name (a name may hold several leases: decisions that found
+/// none left may have asked at once). Each lease carries `M`, what its asker wants back with
+/// every call spent from it (a gateway's rate headers; nothing for a key).
+pub struct Leasing<M = ()> {
+    pub req: LeaseReq,
+    credits: Mutex<HashMap<Arc<str>, Vec<Credit<M>>>>,
+    /// Where what lapses goes back to.
+    shared: Arc<dyn SharedState>,
+    /// A lease is being asked for: decisions that find none left meanwhile wait for it (once)
+    /// instead of leasing `calls` each, so a burst does not reserve a lease per decision.
+    asking: AtomicBool,
+    /// Wakes the decisions waiting for the lease being asked for.
+    landed: tokio::sync::Notify,
+    /// The task giving back what lapses runs (started with the first lease kept).
+    returning: AtomicBool,
+}
+
+/// The one decision asking for a lease; when dropped (its lease kept, or the ask failed) the
+/// decisions waiting for it wake and the next may ask.
+pub struct Asking<'a, M>(&'a Leasing<M>);
+
+impl<M> Drop for Asking<'_, M> {
+    fn drop(&mut self) {
+        self.0.asking.store(false, Ordering::Release);
+        self.0.landed.notify_waiters();
+    }
+}
+
+/// A decision's turn when it found no leased call: ask for a lease, or the one being asked for
+/// has landed (spend from it, or reserve a single call).
+pub enum Turn<'a, M> {
+    Ask(Asking<'a, M>),
+    Landed,
+}
+
+/// One lease's calls still to spend.
+struct Credit<M> {
+    /// The lease's id in the shared windows.
+    id: String,
+    windows: Box<[WindowReq]>,
+    granted: u32,
+    left: u32,
+    /// When it must be given back (the ask's time plus `within`).
+    until: Instant,
+    meta: M,
+}
+
+/// A call spent from a lease: what it was spent on, the calls the lease has left after it,
+/// and the lease's `M`.
+pub struct Spend<T, M> {
+    pub on: T,
+    pub left: u32,
+    pub meta: M,
+}
+
+impl<M: Clone + Send + 'static> Leasing<M> {
+    /// Up to `calls` calls reserved at once in `shared`, spent within `within`.
+    pub fn new(calls: u32, within: Duration, shared: Arc<dyn SharedState>) -> Self {
+        Self {
+            req: LeaseReq { calls, within },
+            credits: Mutex::default(),
+            shared,
+            asking: AtomicBool::new(false),
+            landed: tokio::sync::Notify::new(),
+            returning: AtomicBool::new(false),
+        }
+    }
+
+    /// Asks for a lease now, or, while another decision is asking, waits until it has landed.
+    pub async fn turn(&self) -> Turn<'_, M> {
+        // registered before the flag is looked at, so a lease landing in between still wakes it
+        let landed = self.landed.notified();
+        tokio::pin!(landed);
+        landed.as_mut().enable();
+        if self
+            .asking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Turn::Ask(Asking(self));
+        }
+        landed.await;
+        Turn::Landed
+    }
+
+    /// Spends one leased call of the first of `items` (by name, in their order) that has one
+    /// left in time; `None` when none has.
+    pub fn spend<'a, T: Copy>(
+        &self,
+        items: &[T],
+        name: impl Fn(&T) -> &'a Arc<str>,
+        now: Instant,
+    ) -> Option<Spend<T, M>> {
+        let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+        items.iter().find_map(|&on| {
+            let lease = credits
+                .get_mut(name(&on))?
+                .iter_mut()
+                .find(|l| l.left > 0 && now < l.until)?;
+            lease.left -= 1;
+            Some(Spend {
+                on,
+                left: lease.left,
+                meta: lease.meta.clone(),
+            })
+        })
+    }
+
+    /// Keeps what a lease of `granted` calls in `windows`, asked at `asked`, left to spend
+    /// (all but the asker's own call).
+    pub fn keep(
+        self: &Arc<Self>,
+        name: Arc<str>,
+        windows: Box<[WindowReq]>,
+        (id, granted, asked): (String, u32, Instant),
+        meta: M,
+    ) {
+        let credit = Credit {
+            id,
+            windows,
+            granted,
+            left: granted - 1,
+            until: asked + self.req.within,
+            meta,
+        };
+        self.credits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name)
+            .or_default()
+            .push(credit);
+        if !self.returning.swap(true, Ordering::Relaxed) {
+            self.start_returning();
+        }
+    }
+
+    /// Takes out the leases whose time is up (and those spent), to give back what is left.
+    fn lapsed(&self, now: Instant) -> Vec<Credit<M>> {
+        let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for leases in credits.values_mut() {
+            let (over, live): (Vec<_>, Vec<_>) = std::mem::take(leases)
+                .into_iter()
+                .partition(|c| c.left == 0 || now >= c.until);
+            *leases = live;
+            out.extend(over.into_iter().filter(|c| c.left > 0));
+        }
+        credits.retain(|_, leases| !leases.is_empty());
+        out
+    }
+
+    /// Gives back, every half `within`, what lapsed leases left (until this is dropped).
+    fn start_returning(self: &Arc<Self>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let leasing = Arc::downgrade(self);
+        let every = (self.req.within / 2).max(Duration::from_millis(5));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(leasing) = leasing.upgrade() else {
+                    return;
+                };
+                let lapsed = leasing.lapsed(Instant::now());
+                if !lapsed.is_empty() {
+                    give_back(&leasing.shared, lapsed);
+                }
+            }
+        });
+    }
+}
+
+/// A lease holder going away (a gateway's policy replaced, the process ending) gives back
+/// every call it has not spent, so they are not held until they leave the windows.
+impl<M> Drop for Leasing<M> {
+    fn drop(&mut self) {
+        let credits = std::mem::take(
+            self.credits
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let unspent: Vec<Credit<M>> = credits
+            .into_values()
+            .flatten()
+            .filter(|c| c.left > 0)
+            .collect();
+        if !unspent.is_empty() {
+            give_back(&self.shared, unspent);
+        }
+    }
+}
+
+/// Returns the unspent calls of `credits` to their shared windows, in the background.
+fn give_back<M>(shared: &Arc<dyn SharedState>, credits: Vec<Credit<M>>) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let shared = shared.clone();
+    let credits: Vec<_> = credits
+        .into_iter()
+        .map(|c| (c.id, c.windows, c.granted, c.left))
+        .collect();
+    tokio::spawn(async move {
+        for (id, windows, granted, left) in credits {
+            for w in &*windows {
+                if let Err(e) = shared.return_lease(w, &id, granted, left).await {
+                    shared.background_failed(&e);
+                }
+            }
+        }
+    });
+}
