@@ -16,7 +16,11 @@
 #     the round trips per request are counted from Redis's command stats); `redislease` = the
 #     same with `redis.lease` (LEASE calls, default 64, reserved per round trip, spent within
 #     1 s); `redispick` = Redis
-#     without budgets (the least-used pick across replicas only); `frontends` = the production
+#     without budgets (the least-used pick across replicas only), `picklease` the same with
+#     `redis.lease` (the picks leased too); `gw`, `gwredis`, `gwlease` =
+#     `rpm`, `redis`, `redislease` with a gateway rate limit on top (`rate_limits:
+#     [ingress:100000000/minute]`): in process, one admission and one pick script per request,
+#     and both leased; `frontends` = the production
 #     topology: `keypool admin` (SQLite) feeding two `keypool frontend`s that share the rpm
 #     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
 #     `before` = dbtype none served by another build of keypool, BASELINE=/path/to/keypool (e.g.
@@ -141,7 +145,7 @@ fi
 
 for store in $STORES; do
   case "$store" in
-    none|rpm|before) DB="dbtype: none" ;;
+    none|rpm|gw|before) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
     postgres|pglocal)
@@ -152,9 +156,9 @@ dbaddr: $WORK/bench.sqlite" ;;
       else PGADDR="postgres://postgres@localhost/$PGDB?host=${PGSOCKET:-/var/run/postgresql}"; fi
       DB="dbtype: postgres
 dbaddr: \"$PGADDR\"" ;;
-    redis|redispick) DB="dbtype: none
+    redis|redispick|gwredis) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
-    redislease) DB="dbtype: none
+    redislease|gwlease|picklease) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\", lease: ${LEASE:-64}, lease_ms: 1000}" ;;
     frontends) DB="dbtype: sqlite
 dbaddr: $WORK/cp.sqlite
@@ -162,7 +166,9 @@ admin: {token: bench-admin}" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
   LIMIT=""
-  case "$store" in rpm|redis|redislease|frontends) LIMIT=", rpm: 100000000" ;; esac
+  case "$store" in rpm|redis|redislease|frontends|gw*) LIMIT=", rpm: 100000000" ;; esac
+  case "$store" in gw*) DB="$DB
+rate_limits: [\"ingress:100000000/minute\"]" ;; esac
   cat > "$WORK/config-$store.yaml" <<YAML
 address: 127.0.0.1:0
 authorization: bench-token
@@ -218,10 +224,10 @@ declare -A EVALS
 run() { # target connections
   local name=$1 e0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "$1" in redis|redislease|redispick|frontends) e0=$(evals) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease) e0=$(evals) ;; esac
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "$1" in redis|redislease|redispick|frontends) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
   echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
 
@@ -243,7 +249,7 @@ done
 for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
   case "$store" in
-    redis|redislease|redispick|frontends)
+    redis|redislease|redispick|picklease|frontends|gwredis|gwlease)
       echo "$store: redis round trips per request: ${EVALS[$store]} scripts / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
   case "$store" in sqlite|postgres|pglocal)

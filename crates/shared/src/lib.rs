@@ -193,9 +193,9 @@ pub trait SharedState: Send + Sync {
     ) -> Result<Picked, SharedError>;
 
     /// [`Self::pick_reserving`] reserving up to `lease.calls` calls at once in the chosen
-    /// window (more than one only where it has an rpm budget and no token budget, and at most
-    /// its room), for the caller to spend over `lease.within` without asking again; answers
-    /// the calls reserved. The reserved calls count from `now + within`, the latest they may
+    /// window (more than one only where it has no token budget, and at most the room of one
+    /// with an rpm budget; an unbudgeted one counts them for its ranking), for the caller to
+    /// spend over `lease.within` without asking again; answers the calls reserved. The reserved calls count from `now + within`, the latest they may
     /// be spent, so a window never holds more than its limit in any trailing period; what is
     /// not spent goes back with [`Self::return_lease`]. One process shares nothing: this
     /// default reserves one.

@@ -317,6 +317,10 @@ impl SharedState for RedisState {
         granted: u32,
         unused: u32,
     ) -> Result<u32, SharedError> {
+        if window.limit == u64::MAX {
+            // an unbudgeted window's lease only ranked it: nothing to give back
+            return Ok(0);
+        }
         self.run_return_lease(window, id, granted, unused).await
     }
 

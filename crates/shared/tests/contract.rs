@@ -587,12 +587,39 @@ async fn unbudgeted_windows_rank_evenly(s: &dyn SharedState) {
     assert_eq!(counts, [10, 10, 10]);
 }
 
+/// A lease on unbudgeted windows takes all its calls (there is no room to run out of) and
+/// counts them for the ranking, so the next picks go to the others first; giving one back is
+/// nothing to do. (Shared state only.)
+async fn unbudgeted_leases_count_for_the_ranking(s: &dyn SharedState) {
+    let c = [w("ul1", u64::MAX, 3_600_000), w("ul2", u64::MAX, 3_600_000)];
+    let lease = LeaseReq {
+        calls: 8,
+        within: Duration::from_secs(1),
+    };
+    let take = async |id: &str| {
+        s.pick_leasing(&c, &[], true, id, lease, Instant::now())
+            .await
+            .unwrap()
+    };
+    assert_eq!(take("a").await, (Picked::Index(0), 8));
+    assert_eq!(take("b").await, (Picked::Index(1), 8));
+    assert_eq!(take("c").await, (Picked::Index(0), 8));
+    for _ in 0..8 {
+        assert_eq!(
+            s.pick(&c, true, Instant::now()).await.unwrap(),
+            Picked::Index(1)
+        );
+    }
+    assert_eq!(s.return_lease(&c[0], "a", 8, 7).await.unwrap(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbudgeted_picks_spread_evenly_in_both() {
     let mem = InMemory::default();
     unbudgeted_windows_rank_evenly(&mem).await;
     let r = Redis::new().await;
     unbudgeted_windows_rank_evenly(r.state.as_ref()).await;
+    unbudgeted_leases_count_for_the_ranking(r.state.as_ref()).await;
     r.cleanup().await;
 }
 

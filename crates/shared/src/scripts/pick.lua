@@ -5,8 +5,9 @@
 -- (1: none) and the lease's ms; then, for a session, its ttl in ms.
 -- Returns {1, index, stick, granted} or {0, free_in_ms}; stick: 0 no session, 1 the
 -- session's key (hit), 2 a session new here (miss), 3 the session's key could not serve
--- (moved); granted: the calls reserved (more than 1 only for a lease, only on a window with an
--- rpm budget and no token budget, at most what the window has room for).
+-- (moved); granted: the calls reserved (more than 1 only for a lease, only on a window with no
+-- token budget, at most what a budgeted window has room for; an unbudgeted one counts them
+-- for its ranking).
 --
 -- A budgeted window is a request window (window.lua, which comes first: exact up to 4096, in
 -- runs above). An
@@ -99,13 +100,16 @@ local k = KEYS[2 * best - 1]
 local limit = tonumber(ARGV[4 * best - 1])
 local tlimit = tonumber(ARGV[4 * best + 1])
 local granted = 1
+local lease = tonumber(ARGV[3 + 4 * ncand])
+local leasing = lease > 1 and tlimit == 0 and not session
 if limit == 0 then
+  -- an unbudgeted lease is only counted for the ranking: nothing to give back
+  if leasing then granted = lease end
   local c = k .. ':' .. math.floor(now / per)
-  redis.call('INCR', c)
+  redis.call('INCRBY', c, granted)
   redis.call('PEXPIRE', c, 2 * per)
 else
-  local lease = tonumber(ARGV[3 + 4 * ncand])
-  if lease > 1 and tlimit == 0 and not session then granted = math.min(lease, limit - best_n) end
+  if leasing then granted = math.min(lease, limit - best_n) end
   if granted > 1 then
     window_lease(k, limit, per, ARGV[1], best_n, granted, now + tonumber(ARGV[4 + 4 * ncand]))
   else
