@@ -40,10 +40,11 @@ pub struct GatewayRuntime {
 }
 
 /// A lease holder for `spec`'s rate limits when replicas share them and `lease` asks for more
-/// than one call at a time: only where every limit is `ingress:` (a caller's `secret:` window
-/// is its own), at most a tenth of the smallest limit at once (small limits stay shared out a
-/// call at a time: `ingress:100/minute` leases 10, `ingress:19/minute` none), spent within
-/// `lease.within` or the shortest window, whichever is shorter.
+/// than one call at a time: only where every limit is `ingress:` (one lease for the gateway)
+/// or every one is `secret:` (a lease per caller); with both, an `ingress:` lease would be held
+/// once per caller. At most a tenth of the smallest limit at once (small limits stay shared
+/// out a call at a time: `ingress:100/minute` leases 10, `ingress:19/minute` none), spent
+/// within `lease.within` or the shortest window, whichever is shorter.
 pub(crate) fn lease_for(
     spec: &Gateway,
     shared: Option<&Arc<dyn SharedState>>,
@@ -51,7 +52,8 @@ pub(crate) fn lease_for(
 ) -> Option<Arc<Leasing<RateHeaders>>> {
     let (shared, lease) = (shared?, lease?);
     let limits = &spec.rate_limits;
-    if limits.is_empty() || limits.iter().any(|l| l.scope != LimitScope::Ingress) {
+    let scope = limits.first()?.scope;
+    if limits.iter().any(|l| l.scope != scope) {
         return None;
     }
     let smallest = limits.iter().map(|l| l.limit).min()?;
@@ -373,15 +375,20 @@ impl GatewayRuntime {
         }
         let mut asking = None;
         if let Some(l) = &self.lease {
-            if let Some(h) = self.spend_leased(l, now) {
+            // the gateway's lease, or (`secret:` limits) the caller's
+            let name = match limits[0].scope {
+                LimitScope::Ingress => self.name.clone(),
+                LimitScope::Secret => who(caller, client_ip),
+            };
+            if let Some(h) = spend_leased(l, &name, now) {
                 return Ok(Some(h));
             }
             // one lease asked for at a time: the admissions meanwhile wait for it once, then
             // spend from it or count a single call
-            match l.turn().await {
-                Turn::Ask(a) => asking = Some((l, a)),
+            match l.turn(&name).await {
+                Turn::Ask(a) => asking = Some((l, name, a)),
                 Turn::Landed => {
-                    if let Some(h) = self.spend_leased(l, now) {
+                    if let Some(h) = spend_leased(l, &name, now) {
                         return Ok(Some(h));
                     }
                 }
@@ -389,7 +396,7 @@ impl GatewayRuntime {
         }
         let windows = self.windows(caller, client_ip);
         let decided = match &asking {
-            Some((l, _)) => self.admit_leasing(shared, l, windows, now).await,
+            Some((l, name, _)) => self.admit_leasing(shared, (l, name), windows, now).await,
             None => shared
                 .admit(&windows, now)
                 .await
@@ -410,21 +417,12 @@ impl GatewayRuntime {
         }
     }
 
-    /// One call of a lease this replica holds, with the headers of the tightest limit (the
-    /// calls left there once the lease was counted, plus what the lease has left).
-    fn spend_leased(&self, l: &Leasing<RateHeaders>, now: Instant) -> Option<RateHeaders> {
-        l.spend(&[()], |()| &self.name, now).map(|s| RateHeaders {
-            remaining: s.meta.remaining + u64::from(s.left),
-            ..s.meta
-        })
-    }
-
     /// Admits through the shared state reserving a lease of `l.req.calls`, and keeps what it
-    /// granted beyond this call for the next admissions.
+    /// granted beyond this call for `name`'s next admissions.
     async fn admit_leasing(
         &self,
         shared: &Arc<dyn SharedState>,
-        l: &Arc<Leasing<RateHeaders>>,
+        (l, name): (&Arc<Leasing<RateHeaders>>, &Arc<str>),
         windows: Vec<WindowReq>,
         now: Instant,
     ) -> Result<Result<Option<RateHeaders>, Refused>, keypool_shared::SharedError> {
@@ -438,7 +436,7 @@ impl GatewayRuntime {
                     ..h.clone()
                 };
                 l.keep(
-                    self.name.clone(),
+                    name.clone(),
                     windows.into_boxed_slice(),
                     (id, granted, now),
                     h,
@@ -498,6 +496,15 @@ impl GatewayRuntime {
             ))
         }
     }
+}
+
+/// One call of a lease this replica holds for `name`, with the headers of the tightest limit
+/// (the calls left there once the lease was counted, plus what the lease has left).
+fn spend_leased(l: &Leasing<RateHeaders>, name: &str, now: Instant) -> Option<RateHeaders> {
+    l.spend(&[()], |()| name, now).map(|s| RateHeaders {
+        remaining: s.meta.remaining + u64::from(s.left),
+        ..s.meta
+    })
 }
 
 /// Whom `secret:` limits count: the identity, else (open gateways) the client IP.

@@ -585,10 +585,11 @@ fn jwt_audience_issuer_and_crit_headers() {
     assert!(e.message.contains("critical"), "{}", e.message);
 }
 
-/// Only `ingress:` limits are leased, at most a tenth of the smallest at once, within the
-/// shortest window; a `secret:` limit, a small limit or no lease asked leases nothing.
+/// Limits of one scope are leased (all `ingress:`, or all `secret:`), at most a tenth of the
+/// smallest at once, within the shortest window; both scopes, a small limit or no lease asked
+/// lease nothing.
 #[test]
-fn leases_only_ingress_limits_a_tenth_at_a_time() {
+fn leases_limits_of_one_scope_a_tenth_at_a_time() {
     let shared: Arc<dyn keypool_shared::SharedState> =
         Arc::new(keypool_shared::InMemory::default());
     let req = keypool_shared::LeaseReq {
@@ -628,6 +629,13 @@ fn leases_only_ingress_limits_a_tenth_at_a_time() {
     );
     assert_eq!(short.map(|r| r.within), Some(Duration::from_secs(1)));
     assert_eq!(leased(&limits("'ingress:19/minute'"), Some(req)), None);
+    assert_eq!(
+        leased(
+            &limits("'secret:300/minute', 'secret:10000/day'"),
+            Some(req)
+        ),
+        Some(keypool_shared::LeaseReq { calls: 30, ..req })
+    );
     assert_eq!(
         leased(
             &limits("'ingress:100000/minute', 'secret:1000/minute'"),

@@ -1,7 +1,8 @@
-//! A gateway's `ingress:` limits leased from the shared state (`redis.lease`), over the real
-//! Redis on 127.0.0.1:6379 (a unique key prefix per test, removed afterwards): two replicas
-//! (two gateway sets, two connections) hold the limit exactly, what a lapsed lease left goes
-//! back to the others, and a burst asks for one lease at a time.
+//! A gateway's limits leased from the shared state (`redis.lease`), over the real Redis on
+//! 127.0.0.1:6379 (a unique key prefix per test, removed afterwards): two replicas (two
+//! gateway sets, two connections) hold an `ingress:` limit and each caller's `secret:` limit
+//! exactly, what a lapsed lease left goes back to the others, and a burst asks for one lease at
+//! a time (per caller for `secret:` limits).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::sync::Arc;
@@ -39,16 +40,49 @@ async fn replica(prefix: &str, yaml: &str, calls: u32, within_ms: u64) -> Gatewa
 
 /// Admits on `g`'s gateway `gw` until one is refused; answers how many were admitted.
 async fn admit_all(g: &Gateways, gw: &str) -> u64 {
+    admit_all_as(g, gw, &Caller::ANONYMOUS).await
+}
+
+async fn admit_all_as(g: &Gateways, gw: &str, caller: &Caller) -> u64 {
     let rt = g.get(gw).unwrap();
     let mut n = 0;
     while rt
-        .admit_everywhere(&Caller::ANONYMOUS, None, Instant::now())
+        .admit_everywhere(caller, None, Instant::now())
         .await
         .is_ok()
     {
         n += 1;
     }
     n
+}
+
+fn caller(id: &str) -> Caller {
+    Caller {
+        id: Some(Arc::from(id)),
+        ..Caller::ANONYMOUS
+    }
+}
+
+/// The calls window `key` (limit 1000 a minute) still has room for, asked of Redis directly.
+async fn room(prefix: &str, key: &str) -> u32 {
+    let probe = RedisState::connect(REDIS, prefix, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let window = WindowReq {
+        key: key.into(),
+        limit: 1000,
+        per: Duration::from_secs(60),
+    };
+    let everything = LeaseReq {
+        calls: 1000,
+        within: Duration::from_secs(1),
+    };
+    let (outcome, room) = probe
+        .admit_leasing(&[window], "probe", everything, Instant::now())
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Admit::Admitted { .. }));
+    room
 }
 
 async fn cleanup(prefix: &str) {
@@ -116,23 +150,63 @@ async fn a_burst_asks_for_one_lease() {
     )
     .await;
     assert!(all.iter().all(Result::is_ok));
-    let probe = RedisState::connect(REDIS, &prefix, Duration::from_secs(2))
-        .await
-        .unwrap();
-    let window = WindowReq {
-        key: "gw:burst:ingress:1000/minute".into(),
-        limit: 1000,
-        per: Duration::from_secs(60),
-    };
-    let everything = LeaseReq {
-        calls: 1000,
-        within: Duration::from_secs(1),
-    };
-    let (outcome, room) = probe
-        .admit_leasing(&[window], "probe", everything, Instant::now())
-        .await
-        .unwrap();
-    assert!(matches!(outcome, Admit::Admitted { .. }));
-    assert_eq!(room, 980);
+    assert_eq!(room(&prefix, "gw:burst:ingress:1000/minute").await, 980);
+    cleanup(&prefix).await;
+}
+
+/// `secret:100/minute` with `lease: 8`: each caller has a lease of its own. On a, alice and
+/// bob each lease 8 and spend 1; on b each gets exactly the 92 left of their own limit, and
+/// alice's 7 unspent calls go back once a's lease lapses (400 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_caller_leases_its_own_secret_limit() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: per\nrate_limits: ['secret:100/minute']\n";
+    let (a, b) = (
+        replica(&prefix, yaml, 8, 400).await,
+        replica(&prefix, yaml, 8, 400).await,
+    );
+    let (alice, bob) = (caller("alice"), caller("bob"));
+    for who in [&alice, &bob] {
+        let h = a
+            .get("per")
+            .unwrap()
+            .admit_everywhere(who, None, Instant::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.limit, h.remaining), (100, 99));
+    }
+    assert_eq!(admit_all_as(&b, "per", &alice).await, 92);
+    assert_eq!(admit_all_as(&b, "per", &bob).await, 92);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(admit_all_as(&b, "per", &alice).await, 7);
+    assert_eq!(admit_all_as(&a, "per", &alice).await, 0);
+    cleanup(&prefix).await;
+}
+
+/// A caller's lease is not held up by another's being asked for: 10 of alice's admissions
+/// and 3 of bob's at once (`secret:1000/minute`, `lease: 8`) ask for two leases, so bob's
+/// window holds his lease of 8 (3 spent, 5 left here), not 3 single calls counted after
+/// alice's landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_ask_for_their_leases_side_by_side() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let g = replica(
+        &prefix,
+        "name: two\nrate_limits: ['secret:1000/minute']\n",
+        8,
+        30_000,
+    )
+    .await;
+    let rt = g.get("two").unwrap();
+    let (alice, bob) = (caller("alice"), caller("bob"));
+    let who = |i: usize| if i % 2 == 1 && i < 6 { &bob } else { &alice };
+    let all = futures_util::future::join_all(
+        (0..13).map(|i| rt.admit_everywhere(who(i), None, Instant::now())),
+    )
+    .await;
+    assert!(all.iter().all(Result::is_ok));
+    assert_eq!(room(&prefix, "gw:two:secret:1000/minute:bob").await, 992);
+    assert_eq!(room(&prefix, "gw:two:secret:1000/minute:alice").await, 990);
     cleanup(&prefix).await;
 }

@@ -11,7 +11,7 @@
 //! a half `within`: the lease's time, then the returner's half-period; a replica that dies
 //! leaves its unspent calls counted until they leave the window).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -28,22 +28,27 @@ pub struct Leasing<M = ()> {
     credits: Mutex<HashMap<Arc<str>, Vec<Credit<M>>>>,
     /// Where what lapses goes back to.
     shared: Arc<dyn SharedState>,
-    /// A lease is being asked for: decisions that find none left meanwhile wait for it (once)
-    /// instead of leasing `calls` each, so a burst does not reserve a lease per decision.
-    asking: AtomicBool,
-    /// Wakes the decisions waiting for the lease being asked for.
+    /// The names a lease is being asked for: decisions of such a name that find none left
+    /// meanwhile wait for it (once) instead of leasing `calls` each, so a burst does not
+    /// reserve a lease per decision.
+    asking: Mutex<HashSet<Box<str>>>,
+    /// Wakes the decisions waiting for a lease being asked for.
     landed: tokio::sync::Notify,
     /// The task giving back what lapses runs (started with the first lease kept).
     returning: AtomicBool,
 }
 
-/// The one decision asking for a lease; when dropped (its lease kept, or the ask failed) the
-/// decisions waiting for it wake and the next may ask.
-pub struct Asking<'a, M>(&'a Leasing<M>);
+/// The one decision asking for a name's lease; when dropped (its lease kept, or the ask
+/// failed) the decisions waiting for it wake and the next may ask.
+pub struct Asking<'a, M>(&'a Leasing<M>, Box<str>);
 
 impl<M> Drop for Asking<'_, M> {
     fn drop(&mut self) {
-        self.0.asking.store(false, Ordering::Release);
+        self.0
+            .asking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.1);
         self.0.landed.notify_waiters();
     }
 }
@@ -82,27 +87,35 @@ impl<M: Clone + Send + 'static> Leasing<M> {
             req: LeaseReq { calls, within },
             credits: Mutex::default(),
             shared,
-            asking: AtomicBool::new(false),
+            asking: Mutex::default(),
             landed: tokio::sync::Notify::new(),
             returning: AtomicBool::new(false),
         }
     }
 
-    /// Asks for a lease now, or, while another decision is asking, waits until it has landed.
-    pub async fn turn(&self) -> Turn<'_, M> {
-        // registered before the flag is looked at, so a lease landing in between still wakes it
-        let landed = self.landed.notified();
-        tokio::pin!(landed);
-        landed.as_mut().enable();
-        if self
-            .asking
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            return Turn::Ask(Asking(self));
+    /// Asks for a lease of `name` now, or, while another decision is asking for one, waits
+    /// until it has landed. (The pool asks under one name for all its keys.)
+    pub async fn turn(&self, name: &str) -> Turn<'_, M> {
+        loop {
+            // registered before the set is looked at, so a lease landing in between still
+            // wakes it
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            {
+                let mut asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
+                if !asking.contains(name) {
+                    asking.insert(Box::from(name));
+                    return Turn::Ask(Asking(self, Box::from(name)));
+                }
+            }
+            landed.await;
+            // another name's lease landed: keep waiting for this one's
+            let asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
+            if !asking.contains(name) {
+                return Turn::Landed;
+            }
         }
-        landed.await;
-        Turn::Landed
     }
 
     /// Spends one leased call of the first of `items` (by name, in their order) that has one
@@ -110,7 +123,7 @@ impl<M: Clone + Send + 'static> Leasing<M> {
     pub fn spend<'a, T: Copy>(
         &self,
         items: &[T],
-        name: impl Fn(&T) -> &'a Arc<str>,
+        name: impl Fn(&T) -> &'a str,
         now: Instant,
     ) -> Option<Spend<T, M>> {
         let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);

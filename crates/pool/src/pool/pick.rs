@@ -171,15 +171,15 @@ impl PoolHandle {
         pick: &Pick,
         lease_id: u64,
     ) -> SharedPick {
-        let name = |c: &Candidate| &view.keys[c.order].key.name;
+        let name = |c: &Candidate| &*view.keys[c.order].key.name;
         let mut asking = None;
         if let (Some(l), None) = (&self.leasing, &pick.session) {
             if let Some(s) = l.spend(cands, name, Instant::now()) {
                 return SharedPick::Chosen(s.on, None, None);
             }
-            // one lease asked for at a time: the picks meanwhile wait for it once, then spend
-            // from it or reserve a single call
-            match l.turn().await {
+            // one lease asked for at a time (for all keys: under one name), the picks
+            // meanwhile wait for it once, then spend from it or reserve a single call
+            match l.turn("").await {
                 keypool_shared::Turn::Ask(a) => asking = Some((l, a)),
                 keypool_shared::Turn::Landed => {
                     if let Some(s) = l.spend(cands, name, Instant::now()) {
