@@ -35,7 +35,8 @@ pub struct GatewayRuntime {
     /// Where its requests' metrics, spans and alerts go.
     pub telemetry: keypool_telemetry::Telemetry,
     /// Calls of its rate limits leased from the shared state (`redis.lease`) and spent here
-    /// ([`lease_for`]); a new spec gets a new one, and the old one gives back what it holds.
+    /// ([`lease_for`]); a spec with other limits gets a new one, and the old one gives back
+    /// what it holds.
     lease: Option<Arc<Leasing<RateHeaders>>>,
 }
 
@@ -196,16 +197,23 @@ impl GatewayRuntime {
     }
 
     /// This runtime with `state` and `telemetry`, leasing calls of its rate limits from the
-    /// state's shared windows as `lease` says ([`lease_for`]).
+    /// state's shared windows as `lease` says ([`lease_for`]); the `previous` runtime's leases
+    /// carry on where its limits are the same.
     pub(crate) fn with_state(
         spec: Arc<Gateway>,
-        state: Arc<GatewayState>,
+        (state, previous): (Arc<GatewayState>, Option<&Self>),
         telemetry: keypool_telemetry::Telemetry,
         lease: Option<LeaseReq>,
     ) -> Self {
+        let texts =
+            |g: &Gateway| -> Vec<String> { g.rate_limits.iter().map(|l| l.text.clone()).collect() };
+        let lease = match previous {
+            Some(p) if texts(&p.spec) == texts(&spec) => p.lease.clone(),
+            _ => lease_for(&spec, state.shared(), lease),
+        };
         Self {
             name: Arc::from(spec.name.as_str()),
-            lease: lease_for(&spec, state.shared(), lease),
+            lease,
             spec,
             state,
             telemetry,

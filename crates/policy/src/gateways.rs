@@ -97,7 +97,8 @@ impl Gateways {
         self.map.rcu(|old| {
             let mut next = HashMap::with_capacity(specs.len());
             for spec in specs {
-                let state = old.get(&spec.name).map_or_else(
+                let previous = old.get(&spec.name);
+                let state = previous.map_or_else(
                     || {
                         Arc::new(GatewayState::new(
                             self.shared.clone().map(|s| (s, spec.name.clone())),
@@ -109,7 +110,7 @@ impl Gateways {
                     spec.name.clone(),
                     Arc::new(GatewayRuntime::with_state(
                         spec.clone(),
-                        state,
+                        (state, previous.map(|r| &**r)),
                         self.telemetry.clone(),
                         self.lease,
                     )),

@@ -16,11 +16,15 @@ use tokio::time::Instant;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
 
+fn spec(yaml: &str) -> Arc<keypool_config::Gateway> {
+    let raw: RawGateway = serde_norway::from_str(yaml).unwrap();
+    Arc::new(validate_gateway(&raw, "g").unwrap())
+}
+
 /// One replica's gateways: `yaml`'s gateway, its limits in Redis under `prefix`, leased
 /// `calls` at a time for `within_ms`.
 async fn replica(prefix: &str, yaml: &str, calls: u32, within_ms: u64) -> Gateways {
-    let raw: RawGateway = serde_norway::from_str(yaml).unwrap();
-    let spec = Arc::new(validate_gateway(&raw, "g").unwrap());
+    let spec = spec(yaml);
     let shared: Arc<dyn SharedState> = Arc::new(
         RedisState::connect(REDIS, prefix, Duration::from_secs(2))
             .await
@@ -133,7 +137,10 @@ async fn two_replicas_hold_a_leased_limit_exactly() {
 
 /// 20 admissions at once on a fresh replica (`ingress:1000/minute`, `lease: 8`): one asks for
 /// a lease, the others wait for it, 7 spend from it and 12 count a call each, so the window
-/// holds 20 and nothing unspent (not 20 leases of 8).
+/// holds 20 and nothing unspent (not 20 leases of 8). Where the ask lands before the others
+/// are first polled (this machine busy), they come one after another instead: leases of 8
+/// until the 20 are spent, the last one's spare calls unspent. Either way no more than one
+/// lease's spare calls are ever held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_asks_for_one_lease() {
     let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
@@ -150,7 +157,8 @@ async fn a_burst_asks_for_one_lease() {
     )
     .await;
     assert!(all.iter().all(Result::is_ok));
-    assert_eq!(room(&prefix, "gw:burst:ingress:1000/minute").await, 980);
+    let room = room(&prefix, "gw:burst:ingress:1000/minute").await;
+    assert!((1000 - 20 - 7..=1000 - 20).contains(&room), "{room}");
     cleanup(&prefix).await;
 }
 
@@ -187,7 +195,7 @@ async fn each_caller_leases_its_own_secret_limit() {
 /// A caller's lease is not held up by another's being asked for: 10 of alice's admissions
 /// and 3 of bob's at once (`secret:1000/minute`, `lease: 8`) ask for two leases, so bob's
 /// window holds his lease of 8 (3 spent, 5 left here), not 3 single calls counted after
-/// alice's landed.
+/// alice's landed. Alice's holds her 10 and at most one lease's spare calls (as above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_ask_for_their_leases_side_by_side() {
     let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
@@ -207,6 +215,37 @@ async fn callers_ask_for_their_leases_side_by_side() {
     .await;
     assert!(all.iter().all(Result::is_ok));
     assert_eq!(room(&prefix, "gw:two:secret:1000/minute:bob").await, 992);
-    assert_eq!(room(&prefix, "gw:two:secret:1000/minute:alice").await, 990);
+    let alices = room(&prefix, "gw:two:secret:1000/minute:alice").await;
+    assert!((1000 - 10 - 7..=1000 - 10).contains(&alices), "{alices}");
+    cleanup(&prefix).await;
+}
+
+/// A gateway's policy replaced with the same limits keeps its leases (a still holds 7 of the
+/// `ingress:100/minute` it leased: b gets 92); replaced with other limits, the old holder
+/// gives back what it held (b then gets those 7 too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_policy_keeps_its_leases_only_with_the_same_limits() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: re\nrate_limits: ['ingress:100/minute']\n";
+    let (a, b) = (
+        replica(&prefix, yaml, 8, 30_000).await,
+        replica(&prefix, yaml, 8, 30_000).await,
+    );
+    assert!(
+        a.get("re")
+            .unwrap()
+            .admit_everywhere(&Caller::ANONYMOUS, None, Instant::now())
+            .await
+            .is_ok()
+    );
+    a.replace(&[spec(
+        "name: re\nrate_limits: ['ingress:100/minute']\nmodels: [m]\n",
+    )]);
+    assert_eq!(admit_all(&b, "re").await, 92);
+    a.replace(&[spec(
+        "name: re\nrate_limits: ['ingress:100/minute', 'ingress:1000/hour']\n",
+    )]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(admit_all(&b, "re").await, 7);
     cleanup(&prefix).await;
 }

@@ -373,7 +373,9 @@ async fn a_session_keeps_its_key_until_it_has_no_room() {
 /// With `redis.lease`, picks that find no leased call while another is asking for a lease
 /// wait for it, then spend from it or reserve one call each: 20 picks at once (a key of
 /// `rpm: 100`, leases of 4) reserve 4 + 16 calls in the shared window and hold none unspent,
-/// not 20 leases of 4 (60 unspent).
+/// not 20 leases of 4 (60 unspent). Where the ask lands before the others are first polled
+/// (this machine busy) they come one after another: at most the last lease's 3 spare calls
+/// are held.
 #[actix_rt::test]
 async fn one_lease_is_asked_for_at_a_time() {
     use crate::{LeaseReq, RedisState, SharedState, WindowReq};
@@ -402,7 +404,7 @@ async fn one_lease_is_asked_for_at_a_time() {
         .pick_leasing(&[window], &[], true, "probe", all, Instant::now())
         .await
         .unwrap();
-    assert_eq!(room, 80);
+    assert!((77..=80).contains(&room), "{room}");
     let mut c = redis::Client::open("redis://127.0.0.1:6379/0")
         .unwrap()
         .get_multiplexed_async_connection()

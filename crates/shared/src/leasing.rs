@@ -96,6 +96,7 @@ impl<M: Clone + Send + 'static> Leasing<M> {
     /// Asks for a lease of `name` now, or, while another decision is asking for one, waits
     /// until it has landed. (The pool asks under one name for all its keys.)
     pub async fn turn(&self, name: &str) -> Turn<'_, M> {
+        let mut waited = false;
         loop {
             // registered before the set is looked at, so a lease landing in between still
             // wakes it
@@ -105,16 +106,16 @@ impl<M: Clone + Send + 'static> Leasing<M> {
             {
                 let mut asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
                 if !asking.contains(name) {
+                    if waited {
+                        return Turn::Landed;
+                    }
                     asking.insert(Box::from(name));
                     return Turn::Ask(Asking(self, Box::from(name)));
                 }
             }
+            // woken by any name's lease landing: this name's is still being asked for
             landed.await;
-            // another name's lease landed: keep waiting for this one's
-            let asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
-            if !asking.contains(name) {
-                return Turn::Landed;
-            }
+            waited = true;
         }
     }
 
