@@ -11,13 +11,14 @@
 //! a half `within`: the lease's time, then the returner's half-period; a replica that dies
 //! leaves its unspent calls counted until they leave the window).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::flights::{Flights, Turn};
 use crate::{LeaseReq, SharedState, WindowReq};
 
 /// This replica's leased calls, by name (a name may hold several leases: decisions that found
@@ -31,33 +32,9 @@ pub struct Leasing<M = ()> {
     /// The names a lease is being asked for: decisions of such a name that find none left
     /// meanwhile wait for it (once) instead of leasing `calls` each, so a burst does not
     /// reserve a lease per decision.
-    asking: Mutex<HashSet<Box<str>>>,
-    /// Wakes the decisions waiting for a lease being asked for.
-    landed: tokio::sync::Notify,
+    asks: Flights,
     /// The task giving back what lapses runs (started with the first lease kept).
     returning: AtomicBool,
-}
-
-/// The one decision asking for a name's lease; when dropped (its lease kept, or the ask
-/// failed) the decisions waiting for it wake and the next may ask.
-pub struct Asking<'a, M>(&'a Leasing<M>, Box<str>);
-
-impl<M> Drop for Asking<'_, M> {
-    fn drop(&mut self) {
-        self.0
-            .asking
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.1);
-        self.0.landed.notify_waiters();
-    }
-}
-
-/// A decision's turn when it found no leased call: ask for a lease, or the one being asked for
-/// has landed (spend from it, or reserve a single call).
-pub enum Turn<'a, M> {
-    Ask(Asking<'a, M>),
-    Landed,
 }
 
 /// One lease's calls still to spend.
@@ -87,36 +64,15 @@ impl<M: Clone + Send + 'static> Leasing<M> {
             req: LeaseReq { calls, within },
             credits: Mutex::default(),
             shared,
-            asking: Mutex::default(),
-            landed: tokio::sync::Notify::new(),
+            asks: Flights::default(),
             returning: AtomicBool::new(false),
         }
     }
 
     /// Asks for a lease of `name` now, or, while another decision is asking for one, waits
     /// until it has landed. (The pool asks under one name for all its keys.)
-    pub async fn turn(&self, name: &str) -> Turn<'_, M> {
-        let mut waited = false;
-        loop {
-            // registered before the set is looked at, so a lease landing in between still
-            // wakes it
-            let landed = self.landed.notified();
-            tokio::pin!(landed);
-            landed.as_mut().enable();
-            {
-                let mut asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
-                if !asking.contains(name) {
-                    if waited {
-                        return Turn::Landed;
-                    }
-                    asking.insert(Box::from(name));
-                    return Turn::Ask(Asking(self, Box::from(name)));
-                }
-            }
-            // woken by any name's lease landing: this name's is still being asked for
-            landed.await;
-            waited = true;
-        }
+    pub async fn turn(&self, name: &str) -> Turn<'_> {
+        self.asks.turn(name).await
     }
 
     /// Spends one leased call of the first of `items` (by name, in their order) that has one

@@ -8,6 +8,7 @@
 //! replicas never admit more than a limit. "n per minute" means at most n in any trailing minute.
 
 mod connect;
+mod flights;
 mod health;
 mod leasing;
 mod memory;
@@ -21,7 +22,8 @@ pub use connect::RedisTarget;
 pub use health::{
     Announcements, HealthAnnouncer, parse_health, process_id, share_health, subscribe,
 };
-pub use leasing::{Asking, Leasing, Spend, Turn};
+pub use flights::{Asking, Flights, Turn};
+pub use leasing::{Leasing, Spend};
 pub use memory::InMemory;
 pub use redis::RedisState;
 
