@@ -114,6 +114,51 @@ async fn a_usd_budget_holds_across_three_replicas() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The same with `redis.lease: 4`: each replica holds a slice of four estimates ($9.20 of a
+/// $100 budget) and spends its calls from it without a round trip. Calls one at a time over
+/// three replicas until one refuses, then again once the slices have lapsed (300 ms) and been
+/// settled, until all three refuse: the spend ends between $100 and $100 plus one estimate,
+/// as without slices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let prefix = format!("kp-e2e-{:016x}:", fastrand::u64(..));
+    let yaml = config()
+        .key(&up, "up", "")
+        .block(&format!(
+            "{PRICING}\nredis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 300}}\ngateways:\n  - {{name: team, budget: {{usd: 100, period: day}}}}"
+        ))
+        .yaml();
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        gws.push(Gateway::start(&yaml).await?);
+    }
+    let path = "/llm/api/team/v1/chat/completions";
+    let (mut spent, mut refused_in_a_row) = (0.0, 0);
+    for i in 0..400 {
+        let (status, cost, body) = call(&gws[i % 3], path, None).await?;
+        assert!(status == 200 || status == 429, "{status} {body}");
+        spent += cost;
+        if status == 200 {
+            refused_in_a_row = 0;
+            continue;
+        }
+        assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+        refused_in_a_row += 1;
+        if refused_in_a_row == 3 {
+            break;
+        }
+        // the slices other replicas hold lapse and are settled
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(refused_in_a_row, 3, "every replica refuses in the end");
+    assert!(
+        (100.0..=100.0 + ESTIMATE_USD).contains(&spent),
+        "spent ${spent} of $100"
+    );
+    Ok(())
+}
+
 /// Each caller spends its own `caller_budget`; a key with its own budget is skipped once spent
 /// (the next key serves), and with every key spent the answer is 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use keypool_config::budget::{Budget, dollars};
-use keypool_shared::{BudgetReq, Held, InMemory, SharedState};
+use keypool_shared::{BudgetReq, Held, InMemory, LeaseReq, SharedState};
 use keypool_types::{ApiError, ErrorKind};
 
 use crate::Caller;
@@ -161,6 +161,8 @@ pub struct Hold {
     amount: u64,
     /// Held in this process's counters (the shared state was unavailable).
     local: bool,
+    /// Held against this replica's slice of the budgets (`redis.lease`), settled into it.
+    slice: Option<Arc<crate::slices::Slice>>,
     owner: Arc<Budgets>,
     settled: bool,
 }
@@ -186,6 +188,10 @@ impl Hold {
     /// waits), and alerts for a budget whose spend this crosses 80% or 100% of.
     pub fn settle(mut self, spent: u64) {
         self.settled = true;
+        if let Some(slice) = self.slice.take() {
+            slice.settle(self.amount, spent);
+            return;
+        }
         let (wanted, amount, local) = (std::mem::take(&mut self.wanted), self.amount, self.local);
         let owner = self.owner.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -201,6 +207,7 @@ impl Drop for Hold {
                 wanted: std::mem::take(&mut self.wanted),
                 amount: self.amount,
                 local: self.local,
+                slice: self.slice.take(),
                 owner: self.owner.clone(),
                 settled: false,
             };
@@ -214,6 +221,8 @@ impl Drop for Hold {
 pub struct Budgets {
     local: InMemory,
     shared: Option<Arc<dyn SharedState>>,
+    /// Slices of the shared budgets held here (`redis.lease`).
+    slices: Option<Arc<crate::slices::Slices>>,
     /// Where a budget's 80% and 100% crossings are alerted.
     telemetry: keypool_telemetry::Telemetry,
     /// Keys' budgets known spent, until their period ends (asked again if the limit changes):
@@ -242,12 +251,24 @@ impl Refusal {
 }
 
 impl Budgets {
+    /// The budgets' counters, in `shared` when there is one; with `lease` asking for more than
+    /// one estimate at a time, held there in slices ([`crate::slices`]).
     pub fn new(
         shared: Option<Arc<dyn SharedState>>,
+        lease: Option<LeaseReq>,
         telemetry: keypool_telemetry::Telemetry,
     ) -> Self {
+        let slices = match (&shared, lease) {
+            (Some(s), Some(l)) if l.calls > 1 => Some(Arc::new(crate::slices::Slices::new(
+                l,
+                s.clone(),
+                telemetry.clone(),
+            ))),
+            _ => None,
+        };
         Self {
             local: InMemory::default(),
+            slices,
             shared,
             telemetry,
             spent_keys: Mutex::default(),
@@ -270,10 +291,10 @@ impl Budgets {
             return Ok(None);
         }
         let reqs: Vec<BudgetReq> = wanted.iter().map(|w| w.req.clone()).collect();
-        let (held, local) = match &self.shared {
-            None => (self.local.hold(&reqs, amount).await, true),
-            Some(shared) => match shared.hold(&reqs, amount).await {
-                Ok(h) => (Ok(h), false),
+        let (held, local, slice) = match &self.shared {
+            None => (self.local.hold(&reqs, amount).await, true, None),
+            Some(shared) => match self.hold_shared(shared, &wanted, &reqs, amount).await {
+                Ok((h, slice)) => (Ok(h), false, slice),
                 Err(e) => {
                     shared.failed(&e);
                     if shared.fail_closed() {
@@ -285,7 +306,7 @@ impl Budgets {
                             .retry_after(1),
                         ));
                     }
-                    (self.local.hold(&reqs, amount).await, true)
+                    (self.local.hold(&reqs, amount).await, true, None)
                 }
             },
         };
@@ -294,6 +315,7 @@ impl Budgets {
                 wanted,
                 amount,
                 local,
+                slice,
                 owner: self.clone(),
                 settled: false,
             })),
@@ -301,6 +323,20 @@ impl Budgets {
                 let error = wanted[index].refusal(spent, Utc::now());
                 Err(Refusal::Over { index, error })
             }
+        }
+    }
+
+    /// A hold in the shared state: from a slice of it where slices are on.
+    async fn hold_shared(
+        &self,
+        shared: &Arc<dyn SharedState>,
+        wanted: &[Wanted],
+        reqs: &[BudgetReq],
+        amount: u64,
+    ) -> Result<(Held, Option<Arc<crate::slices::Slice>>), keypool_shared::SharedError> {
+        match &self.slices {
+            Some(slices) => slices.hold(wanted, reqs, amount).await,
+            None => shared.hold(reqs, amount).await.map(|h| (h, None)),
         }
     }
 
@@ -379,7 +415,12 @@ impl Budgets {
 }
 
 /// Alerts once for each of 80% and 100% that this settlement crossed.
-fn alert_crossings(telemetry: &keypool_telemetry::Telemetry, w: &Wanted, before: u64, after: u64) {
+pub(crate) fn alert_crossings(
+    telemetry: &keypool_telemetry::Telemetry,
+    w: &Wanted,
+    before: u64,
+    after: u64,
+) {
     let limit = u128::from(w.budget.nanos);
     for pct in [80u128, 100] {
         let line = limit * pct / 100;
@@ -464,7 +505,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_spent_key_is_remembered_until_its_period_ends() {
-        let budgets = Arc::new(Budgets::new(None, keypool_telemetry::Telemetry::default()));
+        let budgets = Arc::new(Budgets::new(
+            None,
+            None,
+            keypool_telemetry::Telemetry::default(),
+        ));
         let b = Budget {
             nanos: 10,
             period: Period::Day,

@@ -51,6 +51,7 @@ impl Gateways {
             map: arc_swap::ArcSwap::default(),
             budgets: Arc::new(crate::budget::Budgets::new(
                 shared.clone(),
+                lease,
                 telemetry.clone(),
             )),
             prices: arc_swap::ArcSwap::default(),

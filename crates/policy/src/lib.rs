@@ -14,6 +14,7 @@ pub mod gateway;
 #[cfg(test)]
 mod gateway_tests;
 mod gateways;
+mod slices;
 pub mod transform;
 
 use std::sync::Arc;

@@ -19,10 +19,10 @@ pub mod testing;
 use std::time::Duration;
 
 pub use connect::RedisTarget;
+pub use flights::{Asking, Flights, Turn};
 pub use health::{
     Announcements, HealthAnnouncer, parse_health, process_id, share_health, subscribe,
 };
-pub use flights::{Asking, Flights, Turn};
 pub use leasing::{Leasing, Spend};
 pub use memory::InMemory;
 pub use redis::RedisState;
@@ -299,6 +299,21 @@ pub trait SharedState: Send + Sync {
     /// spend plus what is held reached its limit): a request's estimate, before it is
     /// forwarded. Requests in flight overshoot a budget by at most their own estimates.
     async fn hold(&self, budgets: &[BudgetReq], amount: u64) -> Result<Held, SharedError>;
+
+    /// [`Self::hold`] for a slice that a replica spends requests' estimates from without
+    /// asking again: holds up to `slice`, at most the smallest room any budget has left, but
+    /// never less than `amount` (what a lone hold would); answers what it held. So a slice
+    /// overshoots a budget by no more than the one request asking for it would. One process
+    /// shares nothing: this default holds `amount`.
+    async fn hold_slice(
+        &self,
+        budgets: &[BudgetReq],
+        amount: u64,
+        slice: u64,
+    ) -> Result<(Held, u64), SharedError> {
+        let _ = slice;
+        self.hold(budgets, amount).await.map(|h| (h, amount))
+    }
 
     /// Releases a hold of `held` and adds the real `spent`, to every budget (one round trip).
     async fn settle_budgets(

@@ -225,6 +225,38 @@ impl RedisState {
         }
     }
 
+    /// The hold script: `amount` (or, for a slice, up to `slice`) held against every budget,
+    /// or none; answers what was held.
+    async fn run_hold(
+        &self,
+        budgets: &[BudgetReq],
+        amount: u64,
+        slice: Option<u64>,
+    ) -> Result<(Held, u64), SharedError> {
+        let mut inv = self.budget_hold.prepare_invoke();
+        inv.arg(amount);
+        for b in budgets {
+            inv.key(self.key(&b.key));
+            inv.arg(b.limit).arg(ttl_ms(b.ttl));
+        }
+        if let Some(want) = slice {
+            inv.arg(want);
+        }
+        let mut conn = self.conn();
+        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [1, held, _] => Ok((Held::Held, u64::try_from(*held).unwrap_or(amount))),
+            [0, index, spent] => Ok((
+                Held::Over {
+                    index: usize::try_from(*index).unwrap_or(0),
+                    spent: u64::try_from(*spent).unwrap_or(0),
+                },
+                0,
+            )),
+            other => Err(SharedError(format!("unexpected hold answer {other:?}"))),
+        }
+    }
+
     async fn run<T>(
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -353,22 +385,16 @@ impl SharedState for RedisState {
     }
 
     async fn hold(&self, budgets: &[BudgetReq], amount: u64) -> Result<Held, SharedError> {
-        let mut inv = self.budget_hold.prepare_invoke();
-        inv.arg(amount);
-        for b in budgets {
-            inv.key(self.key(&b.key));
-            inv.arg(b.limit).arg(ttl_ms(b.ttl));
-        }
-        let mut conn = self.conn();
-        let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
-        match out.as_slice() {
-            [1, ..] => Ok(Held::Held),
-            [0, index, spent] => Ok(Held::Over {
-                index: usize::try_from(*index).unwrap_or(0),
-                spent: u64::try_from(*spent).unwrap_or(0),
-            }),
-            other => Err(SharedError(format!("unexpected hold answer {other:?}"))),
-        }
+        self.run_hold(budgets, amount, None).await.map(|(h, _)| h)
+    }
+
+    async fn hold_slice(
+        &self,
+        budgets: &[BudgetReq],
+        amount: u64,
+        slice: u64,
+    ) -> Result<(Held, u64), SharedError> {
+        self.run_hold(budgets, amount, Some(slice)).await
     }
 
     async fn settle_budgets(

@@ -408,6 +408,33 @@ async fn budgets_hold_settle_and_lapse(s: &dyn SharedState) {
     );
 }
 
+/// A budget slice holds what was wanted while the budgets have room for it, then their
+/// smallest room, never less than the request's own amount; settling it gives back the slice
+/// and adds what its requests spent. (Shared state only.)
+async fn budget_slices_hold_up_to_the_room(s: &dyn SharedState) {
+    let (gw, caller) = (
+        budget("slice:gw", 100, Some(60_000)),
+        budget("slice:caller", 1000, None),
+    );
+    let both = [gw.clone(), caller.clone()];
+    assert_eq!(s.hold_slice(&both, 10, 40).await.unwrap(), (Held::Held, 40));
+    assert_eq!(s.hold_slice(&both, 10, 40).await.unwrap(), (Held::Held, 40));
+    // 20 left in the gateway's budget: that is the slice
+    assert_eq!(s.hold_slice(&both, 10, 40).await.unwrap(), (Held::Held, 20));
+    assert_eq!(
+        s.hold_slice(&both, 10, 40).await.unwrap(),
+        (Held::Over { index: 0, spent: 0 }, 0)
+    );
+    // the first slice's requests spent 35 of its 40: 5 is room again
+    s.settle_budgets(&both, 40, 35).await.unwrap();
+    // less room (5) than the request's amount (10): held whole, as a lone hold would be
+    assert_eq!(s.hold_slice(&both, 10, 40).await.unwrap(), (Held::Held, 10));
+    assert!(matches!(
+        s.hold(&both, 1).await.unwrap(),
+        Held::Over { index: 0, .. }
+    ));
+}
+
 async fn pins_last_their_ttl(s: &dyn SharedState) {
     assert_eq!(s.pinned("resp_a").await.unwrap(), None);
     s.pin("resp_a", "key-1", Duration::from_secs(60))
@@ -500,6 +527,7 @@ async fn redis_contract() {
     large_windows_slide_whole(s.as_ref()).await;
     leases_reserve_ahead_and_go_back(s.as_ref()).await;
     admissions_lease_ahead_and_go_back(s.as_ref()).await;
+    budget_slices_hold_up_to_the_room(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;
     sessions_keep_their_key(s.as_ref()).await;
@@ -640,6 +668,7 @@ async fn redis_cluster_contract() {
     large_limits_never_over_admit(s.as_ref()).await;
     leases_reserve_ahead_and_go_back(s.as_ref()).await;
     admissions_lease_ahead_and_go_back(s.as_ref()).await;
+    budget_slices_hold_up_to_the_room(s.as_ref()).await;
     unbudgeted_windows_rank_evenly(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;

@@ -1,0 +1,138 @@
+//! USD budgets held in slices (`redis.lease`), over the real Redis on 127.0.0.1:6379 (a
+//! unique key prefix per test, removed afterwards): two replicas (two `Budgets`, two
+//! connections) admit exactly what the budget allows, a slice is never bigger than the room
+//! left, and once the slices lapse Redis holds the exact spend and nothing held.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use keypool_config::budget::{Budget, Period};
+use keypool_policy::budget::{Budgets, Hold, Wanted};
+use keypool_shared::{LeaseReq, RedisState, SharedState};
+
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+/// $1, and a request's estimate of $0.001.
+const DOLLAR: u64 = 1_000_000_000;
+const ESTIMATE: u64 = 1_000_000;
+
+async fn replica(prefix: &str, calls: u32, within_ms: u64) -> Arc<Budgets> {
+    let shared: Arc<dyn SharedState> = Arc::new(
+        RedisState::connect(REDIS, prefix, Duration::from_secs(2))
+            .await
+            .expect("the Redis on 127.0.0.1:6379"),
+    );
+    let lease = LeaseReq {
+        calls,
+        within: Duration::from_millis(within_ms),
+    };
+    Arc::new(Budgets::new(
+        Some(shared),
+        Some(lease),
+        keypool_telemetry::Telemetry::default(),
+    ))
+}
+
+fn wanted() -> Wanted {
+    let budget = Budget {
+        nanos: DOLLAR,
+        period: Period::Total,
+    };
+    Wanted::key("k1", budget, Utc::now())
+}
+
+/// Holds an estimate on `b` until the budget refuses; answers the holds.
+async fn hold_all(b: &Arc<Budgets>) -> Vec<Hold> {
+    let mut holds = Vec::new();
+    while let Ok(Some(h)) = b.hold(vec![wanted()], ESTIMATE).await {
+        holds.push(h);
+    }
+    holds
+}
+
+/// The budget's `spent` and `held` in Redis.
+async fn counters(prefix: &str) -> (u64, u64) {
+    let mut c = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (spent, held): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+        .arg(format!("{prefix}{}", wanted().req.key))
+        .arg("spent")
+        .arg("held")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    (spent.unwrap_or(0), held.unwrap_or(0))
+}
+
+async fn cleanup(prefix: &str) {
+    let mut c = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+/// $1 with estimates of $0.001 and `lease: 8`: a holds a slice of 8 estimates and uses 1, b
+/// gets exactly the 992 left (in slices of 8), a the 7 left of its slice: 1,000 in all, as
+/// without slices. Each request spends half its estimate; once the slices lapse (400 ms)
+/// Redis holds nothing and has exactly the $0.50 spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_hold_a_budget_in_slices_exactly() {
+    let prefix = format!("kp-slices-{:016x}:", fastrand::u64(..));
+    let (a, b) = (
+        replica(&prefix, 8, 400).await,
+        replica(&prefix, 8, 400).await,
+    );
+    let first = a.hold(vec![wanted()], ESTIMATE).await.unwrap().unwrap();
+    assert_eq!(counters(&prefix).await, (0, 8 * ESTIMATE));
+    let on_b = hold_all(&b).await;
+    assert_eq!(on_b.len(), 992);
+    let mut on_a = hold_all(&a).await;
+    assert_eq!(on_a.len(), 7);
+    on_a.push(first);
+    for h in on_a.into_iter().chain(on_b) {
+        h.settle(ESTIMATE / 2);
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(counters(&prefix).await, (DOLLAR / 2, 0));
+    cleanup(&prefix).await;
+}
+
+/// With $0.005 left, a slice is that room (5 estimates), not 8: the budget is never held past
+/// its amount, and b is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_is_never_bigger_than_the_room_left() {
+    let prefix = format!("kp-slices-{:016x}:", fastrand::u64(..));
+    let (a, b) = (
+        replica(&prefix, 8, 400).await,
+        replica(&prefix, 8, 400).await,
+    );
+    a.restore(&wanted(), DOLLAR - 5 * ESTIMATE).await;
+    let on_a = hold_all(&a).await;
+    assert_eq!(on_a.len(), 5);
+    assert_eq!(
+        counters(&prefix).await,
+        (DOLLAR - 5 * ESTIMATE, 5 * ESTIMATE)
+    );
+    assert!(hold_all(&b).await.is_empty());
+    drop(on_a); // given up unsettled: they spent nothing
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(counters(&prefix).await, (DOLLAR - 5 * ESTIMATE, 0));
+    cleanup(&prefix).await;
+}
