@@ -114,11 +114,12 @@ async fn a_usd_budget_holds_across_three_replicas() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The same with `redis.lease: 4`: each replica holds a slice of four estimates ($9.20 of a
-/// $100 budget) and spends its calls from it without a round trip. Calls one at a time over
-/// three replicas until one refuses, then again once the slices have lapsed (300 ms) and been
-/// settled, until all three refuse: the spend ends between $100 and $100 plus one estimate,
-/// as without slices.
+/// The same with `redis.lease: 4`, output priced alone (a call costs $0.50, its estimate
+/// $0.50): each replica holds a slice of two estimates (a hundredth of a $100 budget) and
+/// spends its calls from it without a round trip. Calls one at a time over three replicas
+/// until one refuses, then again once the slices have lapsed (300 ms) and been settled, until
+/// all three refuse: the spend ends between $100 and $100 plus one estimate, as without
+/// slices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
@@ -126,7 +127,7 @@ async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<
     let yaml = config()
         .key(&up, "up", "")
         .block(&format!(
-            "{PRICING}\nredis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 300}}\ngateways:\n  - {{name: team, budget: {{usd: 100, period: day}}}}"
+            "pricing: [{{models: [m], input: 0, output: 100000}}]\ncompletion_estimate: 5\nredis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 300}}\ngateways:\n  - {{name: team, budget: {{usd: 100, period: day}}}}"
         ))
         .yaml();
     let mut gws = Vec::new();
@@ -134,8 +135,15 @@ async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<
         gws.push(Gateway::start(&yaml).await?);
     }
     let path = "/llm/api/team/v1/chat/completions";
-    let (mut spent, mut refused_in_a_row) = (0.0, 0);
-    for i in 0..400 {
+    // the first call holds a slice: $1 held in Redis while it is open, not its own $0.50
+    let (status, mut spent, _) = call(&gws[0], path, None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        held_nanos(&format!("{prefix}budget:gw:team:*")).await?,
+        1_000_000_000
+    );
+    let mut refused_in_a_row = 0;
+    for i in 0..600 {
         let (status, cost, body) = call(&gws[i % 3], path, None).await?;
         assert!(status == 200 || status == 429, "{status} {body}");
         spent += cost;
@@ -152,11 +160,26 @@ async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     assert_eq!(refused_in_a_row, 3, "every replica refuses in the end");
-    assert!(
-        (100.0..=100.0 + ESTIMATE_USD).contains(&spent),
-        "spent ${spent} of $100"
-    );
+    assert!((100.0..=100.5).contains(&spent), "spent ${spent} of $100");
     Ok(())
+}
+
+/// What the budgets whose Redis keys match `pattern` hold, in nano-dollars.
+async fn held_nanos(pattern: &str) -> anyhow::Result<u64> {
+    let mut c = redis::Client::open("redis://127.0.0.1:6379/0")?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut c).await?;
+    let mut held = 0;
+    for k in keys {
+        let h: Option<u64> = redis::cmd("HGET")
+            .arg(k)
+            .arg("held")
+            .query_async(&mut c)
+            .await?;
+        held += h.unwrap_or(0);
+    }
+    Ok(held)
 }
 
 /// Each caller spends its own `caller_budget`; a key with its own budget is skipped once spent

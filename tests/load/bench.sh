@@ -20,7 +20,9 @@
 #     `redis.lease` (the picks leased too); `gw`, `gwredis`, `gwlease` =
 #     `rpm`, `redis`, `redislease` with a gateway rate limit on top (`rate_limits:
 #     [ingress:100000000/minute]`): in process, one admission and one pick script per request,
-#     and both leased; `frontends` = the production
+#     and both leased; `usd`, `usdredis`, `usdlease` = a USD budget on `/v1` (`budget: {usd:
+#     1000000, period: total}`): in process, held and settled in Redis (with the pick: three
+#     scripts a request), and held in slices with the picks leased; `frontends` = the production
 #     topology: `keypool admin` (SQLite) feeding two `keypool frontend`s that share the rpm
 #     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
 #     `before` = dbtype none served by another build of keypool, BASELINE=/path/to/keypool (e.g.
@@ -145,7 +147,7 @@ fi
 
 for store in $STORES; do
   case "$store" in
-    none|rpm|gw|before) DB="dbtype: none" ;;
+    none|rpm|gw|usd|before) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
     postgres|pglocal)
@@ -156,9 +158,9 @@ dbaddr: $WORK/bench.sqlite" ;;
       else PGADDR="postgres://postgres@localhost/$PGDB?host=${PGSOCKET:-/var/run/postgresql}"; fi
       DB="dbtype: postgres
 dbaddr: \"$PGADDR\"" ;;
-    redis|redispick|gwredis) DB="dbtype: none
+    redis|redispick|gwredis|usdredis) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
-    redislease|gwlease|picklease) DB="dbtype: none
+    redislease|gwlease|picklease|usdlease) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\", lease: ${LEASE:-64}, lease_ms: 1000}" ;;
     frontends) DB="dbtype: sqlite
 dbaddr: $WORK/cp.sqlite
@@ -169,6 +171,8 @@ admin: {token: bench-admin}" ;;
   case "$store" in rpm|redis|redislease|frontends|gw*) LIMIT=", rpm: 100000000" ;; esac
   case "$store" in gw*) DB="$DB
 rate_limits: [\"ingress:100000000/minute\"]" ;; esac
+  case "$store" in usd*) DB="$DB
+budget: {usd: 1000000, period: total}" ;; esac
   cat > "$WORK/config-$store.yaml" <<YAML
 address: 127.0.0.1:0
 authorization: bench-token
@@ -224,10 +228,10 @@ declare -A EVALS
 run() { # target connections
   local name=$1 e0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease) e0=$(evals) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease) e0=$(evals) ;; esac
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
   echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
 
@@ -249,7 +253,7 @@ done
 for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
   case "$store" in
-    redis|redislease|redispick|picklease|frontends|gwredis|gwlease)
+    redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease)
       echo "$store: redis round trips per request: ${EVALS[$store]} scripts / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
   case "$store" in sqlite|postgres|pglocal)

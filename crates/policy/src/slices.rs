@@ -1,6 +1,6 @@
 //! Budget slices (`redis.lease`): with Redis, a hold that goes there for a set of USD budgets
 //! (a gateway's and its caller's, or a key's) may hold a slice of them instead of one
-//! request's estimate: up to `lease` estimates at once, at most a tenth of the smallest
+//! request's estimate: up to `lease` estimates at once, at most a hundredth of the smallest
 //! budget, and at most the room every budget has left (never less than the estimate itself:
 //! [`SharedState::hold_slice`]). This replica then holds its next requests' estimates against
 //! the slice without a round trip, and settles their real cost into it. When the slice lapses
@@ -12,7 +12,9 @@
 //! included) is under its amount, and requests overshoot it by at most their own estimates.
 //! The cost is the rate leases' slack (a slice's unheld part is refused to the other replicas
 //! until it lapses, at most `lease_ms` and a half) and lag: Redis's `spent` learns a slice's
-//! spend when it is settled.
+//! spend when it is settled. A replica that dies holding a slice leaves it held, as it leaves
+//! its requests' holds, until the budget's counters lapse (a day after its period; a `total`
+//! budget's never): at most a hundredth of the budget.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +25,10 @@ use keypool_shared::{BudgetReq, Flights, Held, LeaseReq, SharedError, SharedStat
 use tokio::time::Instant;
 
 use crate::budget::{Wanted, alert_crossings};
+
+/// A slice is at most this share of the smallest budget it holds against (1/100): what a
+/// replica that dies holding one leaves held until the budget's period ends.
+const SHARE: u64 = 100;
 
 /// This replica's open slices, by the budgets they hold against.
 pub(crate) struct Slices {
@@ -90,7 +96,7 @@ impl Slices {
     ) -> Result<(Held, Option<Arc<Slice>>), SharedError> {
         let want = reqs
             .iter()
-            .map(|r| r.limit / 10)
+            .map(|r| r.limit / SHARE)
             .min()
             .unwrap_or(0)
             .min(amount.saturating_mul(u64::from(self.lease.calls)));
