@@ -667,6 +667,31 @@ fn authed<M>(m: M) -> tonic::Request<M> {
     r
 }
 
+/// The Redis block with `lease: 4, lease_ms: 400`, then `rest` of the config.
+fn leased_redis(prefix: &str, rest: &str) -> String {
+    format!(
+        "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 400}}{rest}"
+    )
+}
+
+/// A frontend's flags for the same.
+fn leased_flags(prefix: &str) -> Vec<String> {
+    let mut flags = shared_redis(prefix);
+    flags.extend(["--redis-lease", "4", "--redis-lease-ms", "400"].map(str::to_owned));
+    flags
+}
+
+/// How many of `n` calls, one after another, `gw` admits (the others answered 429).
+async fn admitted(gw: &Gateway, path: &str, model: &str, n: usize) -> anyhow::Result<usize> {
+    let mut ok = 0;
+    for _ in 0..n {
+        let s = post(gw, path, model).await?;
+        assert!(s == 200 || s == 429, "{s}");
+        ok += usize::from(s == 200);
+    }
+    Ok(ok)
+}
+
 /// `redis.lease`: a replica reserves up to 4 calls of the key's rpm (10) at once and spends
 /// them locally; the limit still holds exactly across replicas, and calls a replica leased but
 /// did not spend go back once its lease lapses (400 ms), for another to spend.
@@ -677,22 +702,10 @@ async fn leased_budgets_hold_exactly_and_unspent_calls_go_back(topo: Topo) -> an
         .token(T)
         .set("queue_timeout", "0.05")
         .key(&up, "up", "rpm: 10")
-        .block(&format!(
-            "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{pfx}\", lease: 4, lease_ms: 400}}"
-        ))
+        .block(&leased_redis(&pfx, ""))
         .yaml();
-    let mut flags = shared_redis(&pfx);
-    flags.extend(["--redis-lease", "4", "--redis-lease-ms", "400"].map(str::to_owned));
-    let gws = replicas(topo, 2, &yaml, &flags).await?;
-    let run = async |gw: &Gateway, n: usize| -> anyhow::Result<usize> {
-        let mut ok = 0;
-        for _ in 0..n {
-            if post(gw, "/v1/chat/completions", "gpt-4o-mini").await? == 200 {
-                ok += 1;
-            }
-        }
-        Ok(ok)
-    };
+    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx)).await?;
+    let run = async |gw: &Gateway, n| admitted(gw, "/v1/chat/completions", "gpt-4o-mini", n).await;
     // a spends one of the 4 it leases; b gets the 6 left, in leases of 4 and 2
     assert_eq!(run(&gws[0], 1).await?, 1);
     assert_eq!(run(&gws[1], 10).await?, 6);
@@ -714,22 +727,14 @@ async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
     let yaml = config()
         .token(T)
         .key(&up, "up", "")
-        .block(&format!(
-            "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{pfx}\", lease: 4, lease_ms: 400}}\ngateways:\n  - {{name: forty, rate_limits: [\"ingress:40/minute\"]}}"
+        .block(&leased_redis(
+            &pfx,
+            "\ngateways:\n  - {name: forty, rate_limits: [\"ingress:40/minute\"]}",
         ))
         .yaml();
-    let mut flags = shared_redis(&pfx);
-    flags.extend(["--redis-lease", "4", "--redis-lease-ms", "400"].map(str::to_owned));
-    let gws = replicas(topo, 2, &yaml, &flags).await?;
-    let run = async |gw: &Gateway, n: usize| -> anyhow::Result<usize> {
-        let mut ok = 0;
-        for _ in 0..n {
-            let s = post(gw, "/llm/api/forty/v1/chat/completions", "m").await?;
-            assert!(s == 200 || s == 429, "{s}");
-            ok += usize::from(s == 200);
-        }
-        Ok(ok)
-    };
+    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx)).await?;
+    let path = "/llm/api/forty/v1/chat/completions";
+    let run = async |gw: &Gateway, n| admitted(gw, path, "m", n).await;
     // a spends one of the 4 it leases; b gets the 36 left
     assert_eq!(run(&gws[0], 1).await?, 1);
     assert_eq!(run(&gws[1], 40).await?, 36);

@@ -69,23 +69,9 @@ async fn counters(prefix: &str) -> (u64, u64) {
 }
 
 async fn cleanup(prefix: &str) {
-    let mut c = redis::Client::open(REDIS)
-        .unwrap()
-        .get_multiplexed_async_connection()
+    keypool_shared::testing::remove_keys(REDIS, prefix)
         .await
         .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
 }
 
 /// $1 with estimates of $0.001 and `lease: 8`: a holds a slice of 8 estimates and uses 1, b

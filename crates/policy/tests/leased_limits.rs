@@ -90,23 +90,9 @@ async fn room(prefix: &str, key: &str) -> u32 {
 }
 
 async fn cleanup(prefix: &str) {
-    let mut c = redis::Client::open(REDIS)
-        .unwrap()
-        .get_multiplexed_async_connection()
+    keypool_shared::testing::remove_keys(REDIS, prefix)
         .await
         .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
 }
 
 /// `ingress:100/minute` with `lease: 8`: a leases 8 and spends 1, b gets exactly the 92 left;

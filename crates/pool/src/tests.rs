@@ -405,21 +405,7 @@ async fn one_lease_is_asked_for_at_a_time() {
         .await
         .unwrap();
     assert!((77..=80).contains(&room), "{room}");
-    let mut c = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_multiplexed_async_connection()
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
         .await
         .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
 }

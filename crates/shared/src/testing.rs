@@ -6,6 +6,30 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Removes every key under `prefix` from the Redis at `url`: what a test wrote under a prefix
+/// of its own, at its end (`KEYS`: for tests' small data sets).
+pub async fn remove_keys(url: &str, prefix: &str) -> Result<()> {
+    let e = |e: redis::RedisError| e.to_string();
+    let mut c = redis::Client::open(url)
+        .map_err(e)?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(e)?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .map_err(e)?;
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut c)
+            .await
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
 /// Spawned `redis-server`s (cluster nodes, or a master, its replica and a Sentinel).
 pub struct Servers {
     children: Vec<Option<Child>>,

@@ -32,20 +32,9 @@ impl Redis {
     }
 
     async fn cleanup(self) {
-        let client = redis::Client::open(REDIS).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut c)
+        keypool_shared::testing::remove_keys(REDIS, &self.prefix)
             .await
             .unwrap();
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("DEL")
-                .arg(keys)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        }
     }
 }
 
