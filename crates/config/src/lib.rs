@@ -99,7 +99,8 @@ pub struct Redis {
     pub fail_closed: bool,
     /// `replicas_hint`: each replica's share of the limits while Redis is unavailable.
     pub replicas_hint: u32,
-    /// `lease`: calls of a key's rpm budget reserved at once and spent locally (0: off).
+    /// `lease`: calls (a key's picks, a gateway's admissions) or a USD budget's estimates
+    /// reserved at once and spent locally (0: off).
     pub lease: u32,
     /// `lease_ms`: how long a lease may be spent before what is left goes back.
     pub lease_ms: Duration,

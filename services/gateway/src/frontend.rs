@@ -92,8 +92,8 @@ pub struct FrontendArgs {
     /// Redis is down).
     #[arg(long, value_name = "N")]
     pub redis_replicas_hint: Option<u32>,
-    /// Calls of a key's rpm budget reserved in Redis at once and spent here (`redis.lease`;
-    /// default 0: one round trip per call).
+    /// Calls (a key's picks, a gateway's admissions) or a USD budget's estimates reserved in
+    /// Redis at once and spent here (`redis.lease`; default 0: one round trip per call).
     #[arg(long, value_name = "CALLS")]
     pub redis_lease: Option<u32>,
     /// How long a lease may be spent before what is left goes back, in ms (default 1000).
