@@ -19,7 +19,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use keypool_shared::{BudgetReq, Flights, Held, LeaseReq, SharedError, SharedState, Turn};
 use tokio::time::Instant;
@@ -168,30 +167,22 @@ impl Slices {
 
     /// Closes, every half `lease_ms`, the slices whose time is up (until this is dropped).
     fn start_ticking(self: &Arc<Self>) {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        let slices = Arc::downgrade(self);
-        let every = (self.lease.within / 2).max(Duration::from_millis(5));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(slices) = slices.upgrade() else {
-                    return;
-                };
-                let now = Instant::now();
-                let lapsed: Vec<Arc<Slice>> = {
-                    let mut open = slices.open.lock().unwrap_or_else(PoisonError::into_inner);
-                    let names: Vec<String> = open
-                        .iter()
-                        .filter(|(_, s)| now >= s.until)
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    names.iter().filter_map(|n| open.remove(n)).collect()
-                };
-                for s in lapsed {
-                    s.close();
-                }
+        keypool_shared::every_half(self, self.lease.within, |slices| {
+            let now = Instant::now();
+            let mut lapsed = Vec::new();
+            slices
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, s| {
+                    let over = now >= s.until;
+                    if over {
+                        lapsed.push(s.clone());
+                    }
+                    !over
+                });
+            for s in lapsed {
+                s.close();
             }
         });
     }

@@ -143,24 +143,36 @@ impl<M: Clone + Send + 'static> Leasing<M> {
 
     /// Gives back, every half `within`, what lapsed leases left (until this is dropped).
     fn start_returning(self: &Arc<Self>) {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        let leasing = Arc::downgrade(self);
-        let every = (self.req.within / 2).max(Duration::from_millis(5));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(leasing) = leasing.upgrade() else {
-                    return;
-                };
-                let lapsed = leasing.lapsed(Instant::now());
-                if !lapsed.is_empty() {
-                    give_back(&leasing.shared, lapsed);
-                }
+        every_half(self, self.req.within, |leasing| {
+            let lapsed = leasing.lapsed(Instant::now());
+            if !lapsed.is_empty() {
+                give_back(&leasing.shared, lapsed);
             }
         });
     }
+}
+
+/// Runs `tick` on `owner` every half `within` (at least every 5 ms) until `owner` is dropped:
+/// what lapses of a lease holder, given back or settled.
+pub fn every_half<T: Send + Sync + 'static>(
+    owner: &Arc<T>,
+    within: Duration,
+    tick: impl Fn(&T) + Send + 'static,
+) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let owner = Arc::downgrade(owner);
+    let every = (within / 2).max(Duration::from_millis(5));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(owner) = owner.upgrade() else {
+                return;
+            };
+            tick(&owner);
+        }
+    });
 }
 
 /// A lease holder going away (a gateway's policy replaced, the process ending) gives back

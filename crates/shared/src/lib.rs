@@ -23,7 +23,7 @@ pub use flights::{Asking, Flights, Turn};
 pub use health::{
     Announcements, HealthAnnouncer, parse_health, process_id, share_health, subscribe,
 };
-pub use leasing::{Leasing, Spend};
+pub use leasing::{Leasing, Spend, every_half};
 pub use memory::InMemory;
 pub use redis::RedisState;
 
