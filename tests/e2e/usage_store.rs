@@ -319,7 +319,15 @@ async fn full_request_logging_stores_no_secret(db: Db) -> anyhow::Result<()> {
 
     let store = wait_for_events(&db.url(), 3, Duration::from_secs(10)).await?;
     let events = store.events_since(0, 10).await?;
-    let plain = store.request_log(&events[0].id).await?.expect("logged");
+    // by what they were, not by their order: two events in the same millisecond sort either way
+    let event = |stream: bool| {
+        events
+            .iter()
+            .find(|e| e.status == 200 && e.stream == stream)
+            .map(|e| e.id.clone())
+            .expect("the event")
+    };
+    let plain = store.request_log(&event(false)).await?.expect("logged");
     assert_eq!(
         plain.response_body.as_deref(),
         Some("Hello from a the mock")
@@ -335,7 +343,7 @@ async fn full_request_logging_stores_no_secret(db: Db) -> anyhow::Result<()> {
     assert_eq!(headers["authorization"], "[redacted]");
     assert_eq!(headers["x-team-secret"], "[redacted]");
     assert_eq!(headers["x-api-key"], "[redacted]");
-    let stream = store.request_log(&events[1].id).await?.expect("logged");
+    let stream = store.request_log(&event(true)).await?.expect("logged");
     assert_eq!(
         stream.response_body.as_deref(),
         Some("Hello from a the mock"),
