@@ -10,10 +10,13 @@ use keypool_telemetry::Telemetry;
 
 use crate::gateway::{GatewayRuntime, GatewayState};
 
+/// Gateways by name (hashed seeded per process: cheaper than SipHash on every request).
+type ByName = HashMap<String, Arc<GatewayRuntime>, foldhash::fast::RandomState>;
+
 /// Every gateway by name, the `default` one included; replaced whole when the configuration
 /// changes (state kept by name). Requests read it without a lock.
 pub struct Gateways {
-    map: arc_swap::ArcSwap<HashMap<String, Arc<GatewayRuntime>>>,
+    map: arc_swap::ArcSwap<ByName>,
     shared: Option<Arc<dyn SharedState>>,
     /// How many calls of a gateway's rate limits to lease from `shared` at once
     /// (`redis.lease`; [`crate::gateway::lease_for`]).
@@ -96,7 +99,10 @@ impl Gateways {
     /// Installs a new set of specs atomically; a gateway that keeps its name keeps its state.
     pub fn replace(&self, specs: &[Arc<Gateway>]) {
         self.map.rcu(|old| {
-            let mut next = HashMap::with_capacity(specs.len());
+            let mut next = ByName::with_capacity_and_hasher(
+                specs.len(),
+                foldhash::fast::RandomState::default(),
+            );
             for spec in specs {
                 let previous = old.get(&spec.name);
                 let state = previous.map_or_else(

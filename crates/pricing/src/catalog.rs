@@ -110,7 +110,8 @@ impl RawPrice {
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     prices: Vec<Price>,
-    exact: HashMap<String, usize>,
+    /// Exact names (hashed seeded per process: cheaper than SipHash on every request).
+    exact: HashMap<String, usize, foldhash::fast::RandomState>,
     /// In file order: the first that matches wins.
     globs: Vec<(String, usize)>,
 }

@@ -68,9 +68,12 @@ pub struct Metrics {
     pub redis_errors: IntCounter,
     pub malformed_requests: IntCounter,
     pub alerts: IntCounterVec,
-    models: RwLock<HashSet<String>>,
-    /// Request series resolved so far, by their labels' hash.
-    series: RwLock<std::collections::HashMap<u64, Vec<RequestSeries>>>,
+    models: RwLock<HashSet<String, foldhash::fast::RandomState>>,
+    /// Request series resolved so far, by their labels' hash (`labels_hasher`'s: the map takes
+    /// it as it is).
+    series: RwLock<std::collections::HashMap<u64, Vec<RequestSeries>, TakeHash>>,
+    /// Hashes the labels: seeded per process, a few times cheaper than SipHash.
+    labels_hasher: foldhash::fast::RandomState,
     /// Models without a price already warned about (at most [`MAX_UNPRICED_WARNED`]).
     unpriced_warned: std::sync::Mutex<HashSet<String>>,
 }
@@ -119,13 +122,26 @@ struct SeriesLabels<'a> {
     class: &'static str,
 }
 
-impl SeriesLabels<'_> {
-    fn hash(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        // fixed keys: the same labels hash alike in every call (the values are few and known)
-        let mut h = std::hash::DefaultHasher::new();
-        (self.gateway, self.model, self.key, self.class).hash(&mut h);
-        h.finish()
+/// A map keyed by a hash already taken uses it as it is.
+type TakeHash = std::hash::BuildHasherDefault<U64AsHash>;
+
+#[derive(Default)]
+struct U64AsHash(u64);
+
+impl std::hash::Hasher for U64AsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // only `write_u64` is used (the key is a u64); anything else folds in
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -274,7 +290,10 @@ impl Metrics {
         if let Some(o) = r.overhead {
             self.overhead.observe(o.as_secs_f64());
         }
-        let hash = labels.hash();
+        let hash = std::hash::BuildHasher::hash_one(
+            &self.labels_hasher,
+            (labels.gateway, labels.model, labels.key, labels.class),
+        );
         {
             let known = self
                 .series

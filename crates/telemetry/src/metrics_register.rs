@@ -1,6 +1,5 @@
 //! Every metric's registration, in the order `/metrics` lists them: [`Metrics::new`].
 
-use std::collections::HashSet;
 use std::sync::RwLock;
 
 use prometheus::{
@@ -308,8 +307,9 @@ impl Metrics {
                 "Alert messages by channel and result (sent, failed, suppressed).",
                 &["channel", "result"],
             ),
-            models: RwLock::new(HashSet::new()),
+            models: RwLock::default(),
             series: RwLock::default(),
+            labels_hasher: foldhash::fast::RandomState::default(),
             unpriced_warned: std::sync::Mutex::default(),
             registry: r,
         }
