@@ -164,6 +164,33 @@ async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<
     Ok(())
 }
 
+/// A replica stopped with SIGTERM gives back the budget slice it holds before it exits (a
+/// slice lasts 60 s here, so only the stop can have settled it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_gives_its_budget_slice_back() -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let prefix = format!("kp-e2e-{:016x}:", fastrand::u64(..));
+    let yaml = config()
+        .key(&up, "up", "")
+        .block(&format!(
+            "pricing: [{{models: [m], input: 0, output: 100000}}]\ncompletion_estimate: 5\nredis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 60000}}\ngateways:\n  - {{name: team, budget: {{usd: 100, period: day}}}}"
+        ))
+        .yaml();
+    let mut gw = Gateway::start(&yaml).await?;
+    let budget = format!("{prefix}budget:gw:team:*");
+    assert_eq!(
+        call(&gw, "/llm/api/team/v1/chat/completions", None)
+            .await?
+            .0,
+        200
+    );
+    assert_eq!(held_nanos(&budget).await?, 1_000_000_000);
+    gw.terminate()?;
+    assert!(gw.wait(Duration::from_secs(10)).await?.success());
+    assert_eq!(held_nanos(&budget).await?, 0);
+    Ok(())
+}
+
 /// What the budgets whose Redis keys match `pattern` hold, in nano-dollars.
 async fn held_nanos(pattern: &str) -> anyhow::Result<u64> {
     let mut c = redis::Client::open("redis://127.0.0.1:6379/0")?

@@ -267,6 +267,14 @@ impl Budgets {
         }
     }
 
+    /// Settles every slice of the shared budgets this replica holds (a graceful stop, once the
+    /// server has drained).
+    pub async fn settle_slices(&self) {
+        if let Some(slices) = &self.slices {
+            slices.settle_all().await;
+        }
+    }
+
     /// A hold in the shared state: from a slice of it where slices are on.
     async fn hold_shared(
         &self,

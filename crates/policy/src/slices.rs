@@ -12,7 +12,8 @@
 //! included) is under its amount, and requests overshoot it by at most their own estimates.
 //! The cost is the rate leases' slack (a slice's unheld part is refused to the other replicas
 //! until it lapses, at most `lease_ms` and a half) and lag: Redis's `spent` learns a slice's
-//! spend when it is settled. A replica that dies holding a slice leaves it held, as it leaves
+//! spend when it is settled. A replica stopping gracefully settles its slices before it exits
+//! ([`Slices::settle_all`]); one that dies holding a slice leaves it held, as it leaves
 //! its requests' holds, until the budget's counters lapse (a day after its period; a `total`
 //! budget's never): at most a hundredth of the budget.
 
@@ -188,6 +189,18 @@ impl Slices {
     }
 }
 
+impl Slices {
+    /// Closes every open slice and settles, before answering, those with no request in flight
+    /// (all of them once the server has drained): a replica stopping gracefully leaves nothing
+    /// of its slices held.
+    pub(crate) async fn settle_all(&self) {
+        let open = std::mem::take(&mut *self.open.lock().unwrap_or_else(PoisonError::into_inner));
+        for settlement in open.values().filter_map(|s| s.close_idle()) {
+            settlement.await;
+        }
+    }
+}
+
 /// The process ending (or the gateways replaced whole): every open slice is closed, and
 /// settled once its requests have.
 impl Drop for Slices {
@@ -226,24 +239,26 @@ impl Slice {
         }
     }
 
-    /// Takes no more requests; settled now if none is in flight.
+    /// Takes no more requests; settled now (in the background) if none is in flight.
     fn close(&self) {
-        let settle = {
-            let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            st.closed = true;
-            st.in_flight == 0 && !std::mem::replace(&mut st.settled, true)
-        };
-        if settle {
-            self.settle_shared();
+        if let Some(settlement) = self.close_idle()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            tokio::spawn(settlement);
         }
     }
 
     /// Gives the slice back to the shared budgets and adds what its requests spent, in the
-    /// background; alerts for a budget this settlement takes past 80% or 100%.
+    /// background.
     fn settle_shared(&self) {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(self.settlement());
         }
+    }
+
+    /// The settlement in the shared state: the slice given back, its requests' spend added;
+    /// alerts for a budget it takes past 80% or 100%.
+    fn settlement(&self) -> impl Future<Output = ()> + Send + 'static {
         let spent = self
             .state
             .lock()
@@ -251,7 +266,7 @@ impl Slice {
             .spent;
         let (reqs, wanted, size) = (self.reqs.clone(), self.wanted.clone(), self.size);
         let (shared, telemetry) = (self.shared.clone(), self.telemetry.clone());
-        tokio::spawn(async move {
+        async move {
             match shared.settle_budgets(&reqs, size, spent).await {
                 Ok(settled) => {
                     for (w, s) in wanted.iter().zip(settled) {
@@ -260,6 +275,16 @@ impl Slice {
                 }
                 Err(e) => shared.background_failed(&e),
             }
-        });
+        }
+    }
+
+    /// Closes it; answers its settlement when no request is in flight and it is not settled
+    /// yet (the caller runs it).
+    fn close_idle(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.closed = true;
+        let idle = st.in_flight == 0 && !std::mem::replace(&mut st.settled, true);
+        drop(st);
+        idle.then(|| self.settlement())
     }
 }

@@ -122,3 +122,22 @@ async fn a_slice_is_never_bigger_than_the_room_left() {
     assert_eq!(counters(&prefix).await, (DOLLAR - 5 * ESTIMATE, 0));
     cleanup(&prefix).await;
 }
+
+/// A replica stopping gracefully settles its slices at once (not when they would lapse, 30 s
+/// here): Redis holds nothing of them and has what their requests spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_settles_the_slices_at_once() {
+    let prefix = format!("kp-slices-{:016x}:", fastrand::u64(..));
+    let a = replica(&prefix, 8, 30_000).await;
+    for _ in 0..3 {
+        a.hold(vec![wanted()], ESTIMATE)
+            .await
+            .unwrap()
+            .unwrap()
+            .settle(ESTIMATE / 4);
+    }
+    assert_eq!(counters(&prefix).await, (0, 8 * ESTIMATE));
+    a.settle_slices().await;
+    assert_eq!(counters(&prefix).await, (3 * ESTIMATE / 4, 0));
+    cleanup(&prefix).await;
+}
