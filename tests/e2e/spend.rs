@@ -114,6 +114,17 @@ async fn a_usd_budget_holds_across_three_replicas() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway `team` with a $100 daily budget held in slices (`lease: 4`, `lease_ms`), and
+/// output priced alone: a call costs $0.50 and so does its estimate.
+fn sliced_config(up: &MockServer, prefix: &str, lease_ms: u64) -> String {
+    config()
+        .key(up, "up", "")
+        .block(&format!(
+            "pricing: [{{models: [m], input: 0, output: 100000}}]\ncompletion_estimate: 5\nredis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: {lease_ms}}}\ngateways:\n  - {{name: team, budget: {{usd: 100, period: day}}}}"
+        ))
+        .yaml()
+}
+
 /// The same with `redis.lease: 4`, output priced alone (a call costs $0.50, its estimate
 /// $0.50): each replica holds a slice of two estimates (a hundredth of a $100 budget) and
 /// spends its calls from it without a round trip. Calls one at a time over three replicas
@@ -124,12 +135,7 @@ async fn a_usd_budget_holds_across_three_replicas() -> anyhow::Result<()> {
 async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
     let prefix = format!("kp-e2e-{:016x}:", fastrand::u64(..));
-    let yaml = config()
-        .key(&up, "up", "")
-        .block(&format!(
-            "pricing: [{{models: [m], input: 0, output: 100000}}]\ncompletion_estimate: 5\nredis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 300}}\ngateways:\n  - {{name: team, budget: {{usd: 100, period: day}}}}"
-        ))
-        .yaml();
+    let yaml = sliced_config(&up, &prefix, 300);
     let mut gws = Vec::new();
     for _ in 0..3 {
         gws.push(Gateway::start(&yaml).await?);
@@ -170,12 +176,7 @@ async fn a_usd_budget_in_slices_holds_across_three_replicas() -> anyhow::Result<
 async fn a_stopped_replica_gives_its_budget_slice_back() -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
     let prefix = format!("kp-e2e-{:016x}:", fastrand::u64(..));
-    let yaml = config()
-        .key(&up, "up", "")
-        .block(&format!(
-            "pricing: [{{models: [m], input: 0, output: 100000}}]\ncompletion_estimate: 5\nredis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 60000}}\ngateways:\n  - {{name: team, budget: {{usd: 100, period: day}}}}"
-        ))
-        .yaml();
+    let yaml = sliced_config(&up, &prefix, 60000);
     let mut gw = Gateway::start(&yaml).await?;
     let budget = format!("{prefix}budget:gw:team:*");
     assert_eq!(
