@@ -194,6 +194,13 @@ impl GatewayRuntime {
         }
     }
 
+    /// Gives back the calls of its rate limits leased and not spent (a graceful stop).
+    pub async fn give_back_leases(&self) {
+        if let Some(l) = &self.lease {
+            l.give_back_all().await;
+        }
+    }
+
     /// Settles a request's real usage against the gateway's count and quota.
     pub fn add_tokens(&self, n: u64) {
         self.state.add_tokens(n, self.spec.token_quota.is_some());

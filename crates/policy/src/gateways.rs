@@ -76,6 +76,15 @@ impl Gateways {
         &self.budgets
     }
 
+    /// A graceful stop, once the server has drained: every gateway's unspent leased calls go
+    /// back to the shared windows and every budget slice is settled, before this answers.
+    pub async fn give_back_shared(&self) {
+        for g in self.all() {
+            g.give_back_leases().await;
+        }
+        self.budgets.settle_slices().await;
+    }
+
     /// The prices requests are charged at now.
     pub fn prices(&self) -> Arc<keypool_pricing::Prices> {
         self.prices.load_full()

@@ -235,3 +235,25 @@ async fn a_replaced_policy_keeps_its_leases_only_with_the_same_limits() {
     assert_eq!(admit_all(&b, "re").await, 7);
     cleanup(&prefix).await;
 }
+
+/// A replica stopping gracefully gives back the calls it leased and did not spend at once
+/// (not when its lease would lapse, 30 s here): b then gets all 99 left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_gives_unspent_calls_back() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: stop\nrate_limits: ['ingress:100/minute']\n";
+    let (a, b) = (
+        replica(&prefix, yaml, 8, 30_000).await,
+        replica(&prefix, yaml, 8, 30_000).await,
+    );
+    assert!(
+        a.get("stop")
+            .unwrap()
+            .admit_everywhere(&Caller::ANONYMOUS, None, Instant::now())
+            .await
+            .is_ok()
+    );
+    a.give_back_shared().await;
+    assert_eq!(admit_all(&b, "stop").await, 99);
+    cleanup(&prefix).await;
+}

@@ -308,6 +308,14 @@ impl PoolHandle {
         self
     }
 
+    /// Gives back the keys' calls leased and not spent (a graceful stop, once the server has
+    /// drained).
+    pub async fn give_back_leases(&self) {
+        if let Some(l) = &self.leasing {
+            l.give_back_all().await;
+        }
+    }
+
     /// Pins a Responses API response id to the key that created it, here and (with Redis) for
     /// every replica, for [`PIN_TTL`].
     pub async fn pin(&self, response_id: &str, key: &str) {

@@ -409,3 +409,39 @@ async fn one_lease_is_asked_for_at_a_time() {
         .await
         .unwrap();
 }
+
+/// A graceful stop gives back the calls leased and not spent at once: one pick leases 4 of a
+/// key's `rpm: 100` (within 30 s) and spends 1; after `give_back_leases` the window has room
+/// for the 99 left.
+#[actix_rt::test]
+async fn a_graceful_stop_gives_unspent_calls_back() {
+    use crate::{LeaseReq, RedisState, SharedState, WindowReq};
+    let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
+    let shared: Arc<dyn SharedState> = Arc::new(
+        RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    let pool = KeyPool::start(&[key("a", Some(100), None)], LbPolicy::LeastUsed)
+        .with_shared(shared.clone())
+        .with_leasing(4, Duration::from_secs(30));
+    assert!(lease(&pool).await.is_ok());
+    pool.give_back_leases().await;
+    let window = WindowReq {
+        key: "key:a:req".into(),
+        limit: 100,
+        per: crate::key::WINDOW,
+    };
+    let all = LeaseReq {
+        calls: 100,
+        within: Duration::from_secs(1),
+    };
+    let (_, room) = shared
+        .pick_leasing(&[window], &[], true, "probe", all, Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(room, 99);
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+}

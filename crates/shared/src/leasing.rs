@@ -195,17 +195,39 @@ impl<M> Drop for Leasing<M> {
     }
 }
 
+impl<M> Leasing<M> {
+    /// Gives back every call not spent, now, before answering (a graceful stop, once the
+    /// server has drained).
+    pub async fn give_back_all(&self) {
+        let credits =
+            std::mem::take(&mut *self.credits.lock().unwrap_or_else(PoisonError::into_inner));
+        let unspent: Vec<Credit<M>> = credits
+            .into_values()
+            .flatten()
+            .filter(|c| c.left > 0)
+            .collect();
+        returning(&self.shared, unspent).await;
+    }
+}
+
 /// Returns the unspent calls of `credits` to their shared windows, in the background.
 fn give_back<M>(shared: &Arc<dyn SharedState>, credits: Vec<Credit<M>>) {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return;
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(returning(shared, credits));
     }
+}
+
+/// The return of `credits`' unspent calls to their shared windows.
+fn returning<M>(
+    shared: &Arc<dyn SharedState>,
+    credits: Vec<Credit<M>>,
+) -> impl Future<Output = ()> + Send + 'static {
     let shared = shared.clone();
     let credits: Vec<_> = credits
         .into_iter()
         .map(|c| (c.id, c.windows, c.granted, c.left))
         .collect();
-    tokio::spawn(async move {
+    async move {
         for (id, windows, granted, left) in credits {
             for w in &*windows {
                 if let Err(e) = shared.return_lease(w, &id, granted, left).await {
@@ -213,5 +235,5 @@ fn give_back<M>(shared: &Arc<dyn SharedState>, credits: Vec<Credit<M>>) {
                 }
             }
         }
-    });
+    }
 }

@@ -196,7 +196,7 @@ pub async fn run_until(
     let console = wiring::console(&config, &control, link_free, &shutdown)?;
     let addr = listener.local_addr()?;
     let gateways_served = gateways.all().len();
-    let budgets = gateways.budgets().clone();
+    let at_stop = gateways.clone();
     let server = wiring::http_server(&config, listener, engine, gateways, sink, monitor)?;
     wiring::stop_on(&shutdown, server.handle());
     let ready = Ready {
@@ -207,9 +207,14 @@ pub async fn run_until(
     wiring::announce(&config, &pool, gateways_served, ready, options.ready);
     let outcome = server.await;
     // the server has drained: every finished request's event is queued; flush them, and give
-    // back the budget slices this replica holds (awaited: not left to a task at exit)
+    // back what this replica holds of the shared limits and budgets (awaited: not left to a
+    // task at exit)
     usage.shutdown(&pool).await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), budgets.settle_slices()).await;
+    let give_back = async {
+        pool.give_back_leases().await;
+        at_stop.give_back_shared().await;
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), give_back).await;
     if let Some((t, _)) = admin {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }
