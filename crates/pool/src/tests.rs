@@ -378,7 +378,7 @@ async fn a_session_keeps_its_key_until_it_has_no_room() {
 /// are held.
 #[actix_rt::test]
 async fn one_lease_is_asked_for_at_a_time() {
-    use crate::{LeaseReq, RedisState, SharedState, WindowReq};
+    use crate::{RedisState, SharedState};
     let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
     let shared: Arc<dyn SharedState> = Arc::new(
         RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
@@ -391,19 +391,7 @@ async fn one_lease_is_asked_for_at_a_time() {
     let leases = futures_util::future::join_all((0..20).map(|_| lease(&pool))).await;
     assert!(leases.iter().all(Result::is_ok));
     // what the window still has room for: 100 less the 20 spent
-    let window = WindowReq {
-        key: "key:a:req".into(),
-        limit: 100,
-        per: crate::key::WINDOW,
-    };
-    let all = LeaseReq {
-        calls: 100,
-        within: Duration::from_secs(1),
-    };
-    let (_, room) = shared
-        .pick_leasing(&[window], &[], true, "probe", all, Instant::now())
-        .await
-        .unwrap();
+    let room = room_of_a(shared.as_ref()).await;
     assert!((77..=80).contains(&room), "{room}");
     keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
         .await
@@ -415,7 +403,7 @@ async fn one_lease_is_asked_for_at_a_time() {
 /// for the 99 left.
 #[actix_rt::test]
 async fn a_graceful_stop_gives_unspent_calls_back() {
-    use crate::{LeaseReq, RedisState, SharedState, WindowReq};
+    use crate::{RedisState, SharedState};
     let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
     let shared: Arc<dyn SharedState> = Arc::new(
         RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
@@ -427,21 +415,27 @@ async fn a_graceful_stop_gives_unspent_calls_back() {
         .with_leasing(4, Duration::from_secs(30));
     assert!(lease(&pool).await.is_ok());
     pool.give_back_leases().await;
-    let window = WindowReq {
-        key: "key:a:req".into(),
-        limit: 100,
-        per: crate::key::WINDOW,
-    };
-    let all = LeaseReq {
-        calls: 100,
-        within: Duration::from_secs(1),
-    };
-    let (_, room) = shared
-        .pick_leasing(&[window], &[], true, "probe", all, Instant::now())
-        .await
-        .unwrap();
+    let room = room_of_a(shared.as_ref()).await;
     assert_eq!(room, 99);
     keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
         .await
         .unwrap();
+}
+
+/// What key `a`'s shared window (`rpm: 100`) still has room for, asked of the shared state.
+async fn room_of_a(shared: &dyn crate::SharedState) -> u32 {
+    let window = crate::WindowReq {
+        key: "key:a:req".into(),
+        limit: 100,
+        per: crate::key::WINDOW,
+    };
+    let all = crate::LeaseReq {
+        calls: 100,
+        within: Duration::from_secs(1),
+    };
+    shared
+        .pick_leasing(&[window], &[], true, "probe", all, Instant::now())
+        .await
+        .unwrap()
+        .1
 }
