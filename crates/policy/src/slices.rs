@@ -120,21 +120,45 @@ impl Slices {
                 return self.shared.hold(reqs, amount).await.map(|h| (h, None));
             }
         };
-        let (held, size) = self.shared.hold_slice(reqs, amount, want).await?;
+        // asked in a task of its own: a request given up while it waits (the client went
+        // away) must not lose a slice Redis already holds; the task keeps it for the others
+        let ask =
+            tokio::spawn(
+                self.clone()
+                    .ask(name, wanted.to_vec(), reqs.to_vec(), amount, want),
+            );
+        let (held, slice) = ask
+            .await
+            .map_err(|e| SharedError(format!("a budget slice's ask failed: {e}")))??;
+        match slice {
+            Some(s) if s.take(amount, Instant::now()) => Ok((held, Some(s))),
+            // spent by the others before this request's turn: a hold of its own
+            Some(_) => self.shared.hold(reqs, amount).await.map(|h| (h, None)),
+            None => Ok((held, None)),
+        }
+    }
+
+    /// Asks the shared state for a slice of `want` (at least `amount`) and keeps it open
+    /// under `name`; answers the verdict and the slice, `None` where the shared state refused
+    /// or had room for no more than `amount` (then held as a hold of its own).
+    async fn ask(
+        self: Arc<Self>,
+        name: String,
+        wanted: Vec<Wanted>,
+        reqs: Vec<BudgetReq>,
+        amount: u64,
+        want: u64,
+    ) -> Result<(Held, Option<Arc<Slice>>), SharedError> {
+        let (held, size) = self.shared.hold_slice(&reqs, amount, want).await?;
         if held != Held::Held || size <= amount {
-            // refused, or no room for more than this request: a hold of its own
             return Ok((held, None));
         }
         let slice = Arc::new(Slice {
-            reqs: reqs.to_vec(),
-            wanted: wanted.to_vec(),
+            reqs,
+            wanted,
             size,
             until: Instant::now() + self.lease.within,
-            state: Mutex::new(SliceState {
-                used: amount,
-                in_flight: 1,
-                ..SliceState::default()
-            }),
+            state: Mutex::default(),
             shared: self.shared.clone(),
             telemetry: self.telemetry.clone(),
         });
@@ -149,7 +173,7 @@ impl Slices {
         if !self.ticking.swap(true, Ordering::Relaxed) {
             self.start_ticking();
         }
-        Ok((Held::Held, Some(slice)))
+        Ok((held, Some(slice)))
     }
 
     /// `amount` from the open slice of `name`, if it has room and time left; a slice that has

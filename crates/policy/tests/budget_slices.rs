@@ -141,3 +141,25 @@ async fn a_graceful_stop_settles_the_slices_at_once() {
     assert_eq!(counters(&prefix).await, (3 * ESTIMATE / 4, 0));
     cleanup(&prefix).await;
 }
+
+/// A request given up while its slice is being asked for (the client went away) does not lose
+/// the slice: the ask finishes on its own and the next request holds against it, so Redis
+/// holds one slice, not a stranded one and a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_mid_ask_leaves_the_slice_to_the_next() {
+    let prefix = format!("kp-slices-{:016x}:", fastrand::u64(..));
+    let a = replica(&prefix, 8, 30_000).await;
+    {
+        let given_up = a.hold(vec![wanted()], ESTIMATE);
+        tokio::pin!(given_up);
+        assert!(futures_util::poll!(given_up.as_mut()).is_pending());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(counters(&prefix).await, (0, 8 * ESTIMATE));
+    let next = a.hold(vec![wanted()], ESTIMATE).await.unwrap().unwrap();
+    assert_eq!(counters(&prefix).await, (0, 8 * ESTIMATE));
+    next.settle(ESTIMATE);
+    a.settle_slices().await;
+    assert_eq!(counters(&prefix).await, (ESTIMATE, 0));
+    cleanup(&prefix).await;
+}
