@@ -285,7 +285,7 @@ impl Budgets {
     ) -> Result<(Held, Option<Arc<crate::slices::Slice>>), keypool_shared::SharedError> {
         match &self.slices {
             Some(slices) => slices.hold(wanted, reqs, amount).await,
-            None => shared.hold(reqs, amount).await.map(|h| (h, None)),
+            None => crate::slices::hold_alone(shared, reqs, amount).await,
         }
     }
 

@@ -101,7 +101,7 @@ impl Slices {
             .unwrap_or(0)
             .min(amount.saturating_mul(u64::from(self.lease.calls)));
         if want <= amount {
-            return self.shared.hold(reqs, amount).await.map(|h| (h, None));
+            return hold_alone(&self.shared, reqs, amount).await;
         }
         let name = reqs
             .iter()
@@ -117,23 +117,19 @@ impl Slices {
                 if let Some(s) = self.take(&name, amount) {
                     return Ok((Held::Held, Some(s)));
                 }
-                return self.shared.hold(reqs, amount).await.map(|h| (h, None));
+                return hold_alone(&self.shared, reqs, amount).await;
             }
         };
         // asked in a task of its own: a request given up while it waits (the client went
         // away) must not lose a slice Redis already holds; the task keeps it for the others
-        let ask =
-            tokio::spawn(
-                self.clone()
-                    .ask(name, wanted.to_vec(), reqs.to_vec(), amount, want),
-            );
-        let (held, slice) = ask
-            .await
-            .map_err(|e| SharedError(format!("a budget slice's ask failed: {e}")))??;
+        let ask = self
+            .clone()
+            .ask(name, wanted.to_vec(), reqs.to_vec(), amount, want);
+        let (held, slice) = surviving(&self.shared, reqs, amount, ask).await?;
         match slice {
             Some(s) if s.take(amount, Instant::now()) => Ok((held, Some(s))),
             // spent by the others before this request's turn: a hold of its own
-            Some(_) => self.shared.hold(reqs, amount).await.map(|h| (h, None)),
+            Some(_) => hold_alone(&self.shared, reqs, amount).await,
             None => Ok((held, None)),
         }
     }
@@ -223,6 +219,42 @@ impl Slices {
             settlement.await;
         }
     }
+}
+
+/// A hold of `amount` alone against `reqs`, in the shared state ([`surviving`]).
+pub(crate) async fn hold_alone(
+    shared: &Arc<dyn SharedState>,
+    reqs: &[BudgetReq],
+    amount: u64,
+) -> Result<(Held, Option<Arc<Slice>>), SharedError> {
+    let hold = {
+        let (shared, reqs) = (shared.clone(), reqs.to_vec());
+        async move { shared.hold(&reqs, amount).await.map(|h| (h, None)) }
+    };
+    surviving(shared, reqs, amount, hold).await
+}
+
+/// Runs `hold` (a hold of `amount` against `reqs`, or a slice's ask) in a task of its own and
+/// answers it. A request given up before the answer (the client went away) would otherwise
+/// leave what Redis already holds for it held until the budget's period ends: the task gives
+/// a lone hold back (settled at 0), and a slice stays open for the next requests.
+async fn surviving(
+    shared: &Arc<dyn SharedState>,
+    reqs: &[BudgetReq],
+    amount: u64,
+    hold: impl Future<Output = Result<(Held, Option<Arc<Slice>>), SharedError>> + Send + 'static,
+) -> Result<(Held, Option<Arc<Slice>>), SharedError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (shared, reqs) = (shared.clone(), reqs.to_vec());
+    tokio::spawn(async move {
+        if let Err(Ok((Held::Held, None))) = tx.send(hold.await)
+            && let Err(e) = shared.settle_budgets(&reqs, amount, 0).await
+        {
+            shared.background_failed(&e);
+        }
+    });
+    rx.await
+        .map_err(|_| SharedError("a budget hold's task ended early".into()))?
 }
 
 /// The process ending (or the gateways replaced whole): every open slice is closed, and
