@@ -19,8 +19,12 @@ const DOLLAR: u64 = 1_000_000_000;
 const ESTIMATE: u64 = 1_000_000;
 
 async fn replica(prefix: &str, calls: u32, within_ms: u64) -> Arc<Budgets> {
+    replica_at(REDIS, prefix, calls, within_ms).await
+}
+
+async fn replica_at(url: &str, prefix: &str, calls: u32, within_ms: u64) -> Arc<Budgets> {
     let shared: Arc<dyn SharedState> = Arc::new(
-        RedisState::connect(REDIS, prefix, Duration::from_secs(2))
+        RedisState::connect(url, prefix, Duration::from_secs(2))
             .await
             .expect("the Redis on 127.0.0.1:6379"),
     );
@@ -54,7 +58,11 @@ async fn hold_all(b: &Arc<Budgets>) -> Vec<Hold> {
 
 /// The budget's `spent` and `held` in Redis.
 async fn counters(prefix: &str) -> (u64, u64) {
-    let mut c = redis::Client::open(REDIS)
+    counters_at(REDIS, prefix).await
+}
+
+async fn counters_at(url: &str, prefix: &str) -> (u64, u64) {
+    let mut c = redis::Client::open(url)
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -145,43 +153,40 @@ async fn a_graceful_stop_settles_the_slices_at_once() {
 
 /// A request given up while its slice is being asked for (the client went away) does not lose
 /// the slice: the ask finishes on its own and the next request holds against it, so Redis
-/// holds one slice, not a stranded one and a second.
+/// holds one slice, not a stranded one and a second. (A Redis of the test's own, paused so the
+/// request is given up with its ask sent and not yet answered.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_given_up_mid_ask_leaves_the_slice_to_the_next() {
-    let prefix = format!("kp-slices-{:016x}:", fastrand::u64(..));
-    let a = replica(&prefix, 8, 30_000).await;
-    {
-        let given_up = a.hold(vec![wanted()], ESTIMATE);
-        tokio::pin!(given_up);
-        // pending while its ask is on its way (on a busy machine it may already be answered:
-        // the hold is then dropped unsettled, which must leave the same)
-        let _ = futures_util::poll!(given_up.as_mut());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(counters(&prefix).await, (0, 8 * ESTIMATE));
+    let redis = keypool_shared::testing::Servers::single().expect("a redis-server");
+    let url = &redis.urls(0)[0];
+    let a = replica_at(url, "s:", 8, 30_000).await;
+    redis.pause(0, 0.4);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let given_up =
+        tokio::time::timeout(Duration::from_millis(100), a.hold(vec![wanted()], ESTIMATE)).await;
+    assert!(given_up.is_err(), "answered while Redis was paused");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counters_at(url, "s:").await, (0, 8 * ESTIMATE));
     let next = a.hold(vec![wanted()], ESTIMATE).await.unwrap().unwrap();
-    assert_eq!(counters(&prefix).await, (0, 8 * ESTIMATE));
+    assert_eq!(counters_at(url, "s:").await, (0, 8 * ESTIMATE));
     next.settle(ESTIMATE);
     a.settle_slices().await;
-    assert_eq!(counters(&prefix).await, (ESTIMATE, 0));
-    cleanup(&prefix).await;
+    assert_eq!(counters_at(url, "s:").await, (ESTIMATE, 0));
 }
 
 /// Without slices too: a request given up while its hold is on its way (the client went away)
 /// leaves nothing held once the hold has landed (it is given back), where it used to stay held
-/// until the budget's period ended.
+/// until the budget's period ended. (A Redis of the test's own, paused as above.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_given_up_mid_hold_leaves_nothing_held() {
-    let prefix = format!("kp-slices-{:016x}:", fastrand::u64(..));
-    let a = replica(&prefix, 1, 400).await;
-    {
-        let given_up = a.hold(vec![wanted()], ESTIMATE);
-        tokio::pin!(given_up);
-        // pending while its ask is on its way (on a busy machine it may already be answered:
-        // the hold is then dropped unsettled, which must leave the same)
-        let _ = futures_util::poll!(given_up.as_mut());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(counters(&prefix).await, (0, 0));
-    cleanup(&prefix).await;
+    let redis = keypool_shared::testing::Servers::single().expect("a redis-server");
+    let url = &redis.urls(0)[0];
+    let a = replica_at(url, "s:", 1, 400).await;
+    redis.pause(0, 0.4);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let given_up =
+        tokio::time::timeout(Duration::from_millis(100), a.hold(vec![wanted()], ESTIMATE)).await;
+    assert!(given_up.is_err(), "answered while Redis was paused");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counters_at(url, "s:").await, (0, 0));
 }

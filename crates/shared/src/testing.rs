@@ -110,6 +110,20 @@ impl Servers {
         Ok(port)
     }
 
+    /// One server that tests may pause ([`Servers::pause`]).
+    pub fn single() -> Result<Self> {
+        let mut s = Self::new("single")?;
+        s.spawn(&["--enable-debug-command".into(), "yes".into()])?;
+        Ok(s)
+    }
+
+    /// Pauses server `i` for `secs` seconds (`DEBUG SLEEP`, from a thread of its own: this
+    /// returns at once): what it is sent meanwhile waits, and runs after.
+    pub fn pause(&self, i: usize, secs: f64) {
+        let port = self.ports[i];
+        std::thread::spawn(move || cli(port, &["DEBUG", "SLEEP", &secs.to_string()]));
+    }
+
     /// `redis://127.0.0.1:<port>` for each server from `from` on.
     pub fn urls(&self, from: usize) -> Vec<String> {
         self.ports[from..]
