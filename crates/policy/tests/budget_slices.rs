@@ -151,6 +151,20 @@ async fn a_graceful_stop_settles_the_slices_at_once() {
     cleanup(&prefix).await;
 }
 
+/// One hold made and given back on the Redis at `url`, so its script is loaded there: a call
+/// sent while the server is paused then runs as it is once the pause ends (a fresh server
+/// would answer `NOSCRIPT`, and the call would be sent again only if its caller still waited).
+async fn load_the_script(url: &str) {
+    let b = replica_at(url, "s:", 1, 400).await;
+    b.hold(vec![wanted()], ESTIMATE)
+        .await
+        .unwrap()
+        .unwrap()
+        .settle(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(counters_at(url, "s:").await, (0, 0));
+}
+
 /// A request given up while its slice is being asked for (the client went away) does not lose
 /// the slice: the ask finishes on its own and the next request holds against it, so Redis
 /// holds one slice, not a stranded one and a second. (A Redis of the test's own, paused so the
@@ -160,6 +174,7 @@ async fn a_request_given_up_mid_ask_leaves_the_slice_to_the_next() {
     let redis = keypool_shared::testing::Servers::single().expect("a redis-server");
     let url = &redis.urls(0)[0];
     let a = replica_at(url, "s:", 8, 30_000).await;
+    load_the_script(url).await;
     redis.pause(0, 0.4);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let given_up =
@@ -182,6 +197,7 @@ async fn a_request_given_up_mid_hold_leaves_nothing_held() {
     let redis = keypool_shared::testing::Servers::single().expect("a redis-server");
     let url = &redis.urls(0)[0];
     let a = replica_at(url, "s:", 1, 400).await;
+    load_the_script(url).await;
     redis.pause(0, 0.4);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let given_up =
