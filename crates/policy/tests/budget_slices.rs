@@ -165,6 +165,20 @@ async fn load_the_script(url: &str) {
     assert_eq!(counters_at(url, "s:").await, (0, 0));
 }
 
+/// A request on `a` given up with its hold sent and unanswered: `redis` (the script loaded)
+/// paused, the request dropped after 100 ms, then time for the pause to end and the call to
+/// run.
+async fn give_up_a_hold(redis: &keypool_shared::testing::Servers, a: &Arc<Budgets>) {
+    let url = &redis.urls(0)[0];
+    load_the_script(url).await;
+    redis.pause(0, 0.4);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let given_up =
+        tokio::time::timeout(Duration::from_millis(100), a.hold(vec![wanted()], ESTIMATE)).await;
+    assert!(given_up.is_err(), "answered while Redis was paused");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
 /// A request given up while its slice is being asked for (the client went away) does not lose
 /// the slice: the ask finishes on its own and the next request holds against it, so Redis
 /// holds one slice, not a stranded one and a second. (A Redis of the test's own, paused so the
@@ -174,13 +188,7 @@ async fn a_request_given_up_mid_ask_leaves_the_slice_to_the_next() {
     let redis = keypool_shared::testing::Servers::single().expect("a redis-server");
     let url = &redis.urls(0)[0];
     let a = replica_at(url, "s:", 8, 30_000).await;
-    load_the_script(url).await;
-    redis.pause(0, 0.4);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let given_up =
-        tokio::time::timeout(Duration::from_millis(100), a.hold(vec![wanted()], ESTIMATE)).await;
-    assert!(given_up.is_err(), "answered while Redis was paused");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    give_up_a_hold(&redis, &a).await;
     assert_eq!(counters_at(url, "s:").await, (0, 8 * ESTIMATE));
     let next = a.hold(vec![wanted()], ESTIMATE).await.unwrap().unwrap();
     assert_eq!(counters_at(url, "s:").await, (0, 8 * ESTIMATE));
@@ -197,12 +205,6 @@ async fn a_request_given_up_mid_hold_leaves_nothing_held() {
     let redis = keypool_shared::testing::Servers::single().expect("a redis-server");
     let url = &redis.urls(0)[0];
     let a = replica_at(url, "s:", 1, 400).await;
-    load_the_script(url).await;
-    redis.pause(0, 0.4);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let given_up =
-        tokio::time::timeout(Duration::from_millis(100), a.hold(vec![wanted()], ESTIMATE)).await;
-    assert!(given_up.is_err(), "answered while Redis was paused");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    give_up_a_hold(&redis, &a).await;
     assert_eq!(counters_at(url, "s:").await, (0, 0));
 }

@@ -378,16 +378,7 @@ async fn a_session_keeps_its_key_until_it_has_no_room() {
 /// are held.
 #[actix_rt::test]
 async fn one_lease_is_asked_for_at_a_time() {
-    use crate::{RedisState, SharedState};
-    let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
-    let shared: Arc<dyn SharedState> = Arc::new(
-        RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
-            .await
-            .unwrap(),
-    );
-    let pool = KeyPool::start(&[key("a", Some(100), None)], LbPolicy::LeastUsed)
-        .with_shared(shared.clone())
-        .with_leasing(4, Duration::from_secs(30));
+    let (prefix, shared, pool) = leasing_pool().await;
     let leases = futures_util::future::join_all((0..20).map(|_| lease(&pool))).await;
     assert!(leases.iter().all(Result::is_ok));
     // what the window still has room for: 100 less the 20 spent
@@ -403,16 +394,7 @@ async fn one_lease_is_asked_for_at_a_time() {
 /// for the 99 left.
 #[actix_rt::test]
 async fn a_graceful_stop_gives_unspent_calls_back() {
-    use crate::{RedisState, SharedState};
-    let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
-    let shared: Arc<dyn SharedState> = Arc::new(
-        RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
-            .await
-            .unwrap(),
-    );
-    let pool = KeyPool::start(&[key("a", Some(100), None)], LbPolicy::LeastUsed)
-        .with_shared(shared.clone())
-        .with_leasing(4, Duration::from_secs(30));
+    let (prefix, shared, pool) = leasing_pool().await;
     assert!(lease(&pool).await.is_ok());
     pool.give_back_leases().await;
     let room = room_of_a(shared.as_ref()).await;
@@ -438,4 +420,19 @@ async fn room_of_a(shared: &dyn crate::SharedState) -> u32 {
         .await
         .unwrap()
         .1
+}
+
+/// A pool of one key `a` (`rpm: 100`) sharing its window in the Redis on 127.0.0.1:6379 under
+/// a prefix of its own, leasing 4 calls at a time for 30 s.
+async fn leasing_pool() -> (String, Arc<dyn crate::SharedState>, PoolHandle) {
+    let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
+    let shared: Arc<dyn crate::SharedState> = Arc::new(
+        crate::RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    let pool = KeyPool::start(&[key("a", Some(100), None)], LbPolicy::LeastUsed)
+        .with_shared(shared.clone())
+        .with_leasing(4, Duration::from_secs(30));
+    (prefix, shared, pool)
 }
