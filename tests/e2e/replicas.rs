@@ -667,17 +667,22 @@ fn authed<M>(m: M) -> tonic::Request<M> {
     r
 }
 
-/// The Redis block with `lease: 4, lease_ms: 400`, then `rest` of the config.
-fn leased_redis(prefix: &str, rest: &str) -> String {
+/// The Redis block with `lease: 4` and `lease_ms`, then `rest` of the config.
+fn leased_redis(prefix: &str, lease_ms: u64, rest: &str) -> String {
     format!(
-        "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 400}}{rest}"
+        "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: {lease_ms}}}{rest}"
     )
 }
 
 /// A frontend's flags for the same.
-fn leased_flags(prefix: &str) -> Vec<String> {
+fn leased_flags(prefix: &str, lease_ms: u64) -> Vec<String> {
     let mut flags = shared_redis(prefix);
-    flags.extend(["--redis-lease", "4", "--redis-lease-ms", "400"].map(str::to_owned));
+    flags.extend([
+        "--redis-lease".into(),
+        "4".into(),
+        "--redis-lease-ms".into(),
+        lease_ms.to_string(),
+    ]);
     flags
 }
 
@@ -702,9 +707,9 @@ async fn leased_budgets_hold_exactly_and_unspent_calls_go_back(topo: Topo) -> an
         .token(T)
         .set("queue_timeout", "0.05")
         .key(&up, "up", "rpm: 10")
-        .block(&leased_redis(&pfx, ""))
+        .block(&leased_redis(&pfx, 400, ""))
         .yaml();
-    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx)).await?;
+    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx, 400)).await?;
     let run = async |gw: &Gateway, n| admitted(gw, "/v1/chat/completions", "gpt-4o-mini", n).await;
     // a spends one of the 4 it leases; b gets the 6 left, in leases of 4 and 2
     assert_eq!(run(&gws[0], 1).await?, 1);
@@ -718,7 +723,8 @@ async fn leased_budgets_hold_exactly_and_unspent_calls_go_back(topo: Topo) -> an
 
 /// `redis.lease` on a gateway's `ingress:40/minute`: a replica leases 4 calls (a tenth of the
 /// limit, and `lease: 4`) and spends them locally; the limit holds exactly across replicas,
-/// and what a replica leased but did not spend goes back once its lease lapses (400 ms).
+/// and what a replica leased but did not spend goes back once its lease lapses (1.5 s: b's
+/// 40 calls run within it, also on a loaded machine).
 async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
     topo: Topo,
 ) -> anyhow::Result<()> {
@@ -729,17 +735,18 @@ async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
         .key(&up, "up", "")
         .block(&leased_redis(
             &pfx,
+            1500,
             "\ngateways:\n  - {name: forty, rate_limits: [\"ingress:40/minute\"]}",
         ))
         .yaml();
-    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx)).await?;
+    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx, 1500)).await?;
     let path = "/llm/api/forty/v1/chat/completions";
     let run = async |gw: &Gateway, n| admitted(gw, path, "m", n).await;
     // a spends one of the 4 it leases; b gets the 36 left
     assert_eq!(run(&gws[0], 1).await?, 1);
     assert_eq!(run(&gws[1], 40).await?, 36);
     // a's 3 unspent calls go back when its lease lapses: b spends them, and no more
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(run(&gws[1], 6).await?, 3);
     assert_eq!(run(&gws[0], 2).await?, 0);
     assert_eq!(up.requests(), 40);

@@ -3,6 +3,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use futures::StreamExt;
 
@@ -281,4 +282,214 @@ fn targets_are_the_endpoint_origin_and_its_path_under_it() {
     assert_eq!(t.path_and_query, "/embeddings");
     assert_eq!(Target::new(&e, "", None).unwrap().path_and_query, "/");
     assert!(Target::new(&url("ftp://x/y"), "/z", None).is_err());
+}
+
+/// An upstream that answers the requests on each connection it accepts from `script`, in
+/// order, each answer written in pieces (`|` marks where it pauses 20 ms); after an answer
+/// marked `close` it closes the connection. Answers how many connections it accepted.
+fn scripted(l: TcpListener, script: Vec<(&'static str, bool)>) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut script = script.into_iter();
+        let mut connections = 0;
+        'accept: for conn in l.incoming() {
+            let Ok(mut conn) = conn else { break };
+            connections += 1;
+            while read_request(&mut conn).is_some() {
+                let Some((answer, close)) = script.next() else {
+                    break 'accept;
+                };
+                for piece in answer.split('|') {
+                    conn.write_all(piece.as_bytes()).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if close {
+                    break;
+                }
+            }
+            if script.len() == 0 {
+                break;
+            }
+        }
+        connections
+    })
+}
+
+/// Every framing an upstream may use is read whole, and the connection is used again only
+/// when the answer's framing and `connection` header allow it.
+#[tokio::test(flavor = "current_thread")]
+async fn every_framing_is_read_whole_and_the_connection_kept_when_it_may_be() {
+    let (l, url) = listener();
+    let server = scripted(
+        l,
+        vec![
+            // chunked, in pieces that split sizes, data and CRLFs: kept
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r|\nabc\r\n1|0\r\n0123456789ABCDEF\r\n0\r\n\r\n",
+                false,
+            ),
+            // a length, the head and body apart: kept
+            ("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n|\r\nhe|llo", false),
+            // the upstream says it closes: a new connection after
+            (
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                true,
+            ),
+            // no length: the body runs to the close
+            ("HTTP/1.1 200 OK\r\n\r\nuntil| the end", true),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlast", false),
+        ],
+    );
+    let client = client();
+    assert_eq!(post(&client, &url).await.unwrap(), "abc0123456789ABCDEF");
+    assert_eq!(post(&client, &url).await.unwrap(), "hello");
+    assert_eq!(post(&client, &url).await.unwrap(), "ok");
+    assert_eq!(post(&client, &url).await.unwrap(), "until the end");
+    assert_eq!(post(&client, &url).await.unwrap(), "last");
+    drop(client);
+    assert_eq!(server.join().unwrap(), 3, "connections opened");
+}
+
+/// A stream's events are handed out as they arrive, not when the body ends.
+#[tokio::test(flavor = "current_thread")]
+async fn a_streamed_body_hands_out_each_event_as_it_arrives() {
+    let (l, url) = listener();
+    let (next_tx, next_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        read_request(&mut a).unwrap();
+        a.write_all(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10\r\ndata: {\"n\": 1}\n\n\r\n",
+        )
+        .unwrap();
+        next_rx.recv().unwrap();
+        a.write_all(b"10\r\ndata: {\"n\": 2}\n\n\r\n0\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let client = client();
+    let target = Target::new(&url, "/chat/completions", None).unwrap();
+    let resp = client
+        .send(
+            reqwest::Method::POST,
+            &target,
+            HeaderMap::new(),
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.body;
+    assert_eq!(
+        &body.next().await.unwrap().unwrap()[..],
+        b"data: {\"n\": 1}\n\n"
+    );
+    next_tx.send(()).unwrap();
+    assert_eq!(
+        &body.next().await.unwrap().unwrap()[..],
+        b"data: {\"n\": 2}\n\n"
+    );
+    assert!(body.next().await.is_none());
+    assert_eq!(
+        client.direct.as_ref().unwrap().idle_count(),
+        1,
+        "kept for the next"
+    );
+}
+
+/// A malformed answer, or a body cut short, fails the attempt as `Broken`, and its connection
+/// is not kept.
+#[tokio::test(flavor = "current_thread")]
+async fn a_malformed_or_cut_answer_fails_as_broken() {
+    for answer in [
+        "HTTP/1.1 200 OK\r\ncontent-length: nope\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nxyz\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+        "NOT HTTP\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-le",
+    ] {
+        let (l, url) = listener();
+        let server = scripted(l, vec![(answer, true)]);
+        let client = client();
+        match post(&client, &url).await {
+            Err(TransportError::Broken(_)) => {}
+            other => panic!("{answer:?}: {other:?}"),
+        }
+        assert_eq!(client.direct.as_ref().unwrap().idle_count(), 0);
+        server.join().unwrap();
+    }
+}
+
+/// A body given up before its end closes its connection (its unread rest cannot be skipped
+/// safely); the next request opens another.
+#[tokio::test(flavor = "current_thread")]
+async fn a_body_given_up_early_closes_its_connection() {
+    let (l, url) = listener();
+    let (closed_tx, closed_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        read_request(&mut a).unwrap();
+        a.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart")
+            .unwrap();
+        let mut rest = [0u8; 16];
+        let eof = matches!(a.read(&mut rest), Ok(0));
+        closed_tx.send(eof).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        read_request(&mut b).unwrap();
+        b.write_all(OK).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let client = client();
+    let target = Target::new(&url, "/chat/completions", None).unwrap();
+    let resp = client
+        .send(
+            reqwest::Method::POST,
+            &target,
+            HeaderMap::new(),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.body;
+    assert_eq!(&body.next().await.unwrap().unwrap()[..], b"part");
+    drop(body);
+    assert!(
+        closed_rx.recv_timeout(Duration::from_secs(2)).unwrap(),
+        "not closed"
+    );
+    assert_eq!(post(&client, &url).await.unwrap(), "ok");
+}
+
+/// A large request body (past the size written with its head) arrives whole.
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_request_body_arrives_whole() {
+    let (l, url) = listener();
+    let server = std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut data = Vec::new();
+        let mut byte = [0u8; 1];
+        while !data.ends_with(b"\r\n\r\n") {
+            a.read_exact(&mut byte).unwrap();
+            data.push(byte[0]);
+        }
+        let mut body = vec![0u8; 100_000];
+        a.read_exact(&mut body).unwrap();
+        a.write_all(OK).unwrap();
+        (String::from_utf8(data).unwrap(), body)
+    });
+    let client = client();
+    let target = Target::new(&url, "/x", None).unwrap();
+    let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let resp = client
+        .send(
+            reqwest::Method::PUT,
+            &target,
+            HeaderMap::new(),
+            Bytes::from(sent.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let (head, body) = server.join().unwrap();
+    assert!(head.starts_with("PUT /v1/x HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("content-length: 100000\r\n"), "{head}");
+    assert!(body == sent);
 }
