@@ -62,7 +62,9 @@ STORES=${STORES:-none sqlite postgres}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p keypool-gateway
 [ -z "${STREAMS:-}" ] || cargo build --release -q -p keypool-e2e --example streams
-BIN=${CARGO_TARGET_DIR:-target}/release/keypool
+# KEYPOOL_BIN=/path/to/keypool: that build as `none` (and as the mock), e.g. for a streams or
+# many-connection run of another build, which `before` does not get
+BIN=${KEYPOOL_BIN:-${CARGO_TARGET_DIR:-target}/release/keypool}
 STREAMS_BIN=${CARGO_TARGET_DIR:-target}/release/examples/streams
 WRK_CPUS=${WRK_CPUS:-0}
 WRK_THREADS=${WRK_THREADS:-1}

@@ -11,6 +11,8 @@
 #   BIN=/tmp/keypool-old tests/load/profile.sh # another build
 #   REDIS=1 tests/load/profile.sh              # rpm budgets kept in the Redis on 127.0.0.1:6379
 #   STREAM=1 tests/load/profile.sh             # streamed completions (the mock sends at once)
+#   SYSCALLS=1 tests/load/profile.sh           # system calls per request instead (strace -c on
+#                                              # every thread, same load, no valgrind)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
@@ -50,14 +52,30 @@ if [ "${STREAM:-0}" = 1 ]; then
   LUA=$W/stream.lua
   sed 's/"model":"gpt-4o-mini",/"model":"gpt-4o-mini","stream":true,/' tests/load/chat.lua > "$LUA"
 fi
+RUN="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$OUT"
+[ "${SYSCALLS:-0}" = 1 ] && RUN=""
 # set, so keypool does not run itself again at start (valgrind would not follow the exec)
-MIMALLOC_PURGE_DELAY=100 KEYPOOL_WORKERS=1 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+MIMALLOC_PURGE_DELAY=100 KEYPOOL_WORKERS=1 RUST_LOG=warn $RUN \
   "$BIN" serve --config "$W/config.yaml" --admin-address 127.0.0.1:0 --console-address none > "$W/kp.out" 2> "$W/kp.err" &
 KP=$!
 for _ in $(seq 300); do grep -q "listening on http.*/v1" "$W/kp.out" 2>/dev/null && break; sleep 0.2; done
 URL=$(grep -v -e 'admin listening' -e 'console at' "$W/kp.out" | grep -o 'http://[^ ]*' | head -1)
 served() { curl -s "${URL%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 wrk -t1 -c4 -d5s -s "$LUA" "$URL/chat/completions" > /dev/null
+if [ "${SYSCALLS:-0}" = 1 ]; then
+  command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace; }
+  strace -c -o "$W/strace.out" $(ls /proc/$KP/task | sed 's/^/-p /') 2> /dev/null &
+  ST=$!
+  sleep 1
+  S0=$(served)
+  wrk -t1 -c4 -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
+  S1=$(served)
+  kill -INT $ST; wait $ST 2>/dev/null || true
+  N=$((S1 - S0))
+  echo "requests measured: $N"
+  awk -v n="$N" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ {printf "  %-16s %6.2f a request\n", $NF, $4 / n}'  "$W/strace.out"
+  exit 0
+fi
 callgrind_control -i on "$KP" > /dev/null 2>&1
 S0=$(served)
 wrk -t1 -c4 -d15s -s "$LUA" "$URL/chat/completions" > /dev/null

@@ -493,3 +493,27 @@ async fn a_large_request_body_arrives_whole() {
     assert!(head.contains("content-length: 100000\r\n"), "{head}");
     assert!(body == sent);
 }
+
+/// An upstream that closes each connection right after its answer without saying so
+/// (no `connection: close`): the close is seen while the connection is idle, and the next
+/// request goes on a new one instead of failing.
+#[tokio::test(flavor = "current_thread")]
+async fn an_upstream_closing_after_each_answer_unannounced_never_fails_a_request() {
+    let (l, url) = listener();
+    let server = std::thread::spawn(move || {
+        let mut connections = 0;
+        for conn in l.incoming().take(5) {
+            let mut conn = conn.unwrap();
+            connections += 1;
+            read_request(&mut conn).unwrap();
+            conn.write_all(OK).unwrap();
+        }
+        connections
+    });
+    let client = client();
+    for _ in 0..5 {
+        assert_eq!(post(&client, &url).await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.join().unwrap(), 5);
+}

@@ -10,6 +10,7 @@
 //! Memory while a stream waits for its next event: on plain TCP no read buffer at all (room
 //! is made once the socket is readable), on TLS rustls's own buffers and one read buffer.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use reqwest::Method;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -73,7 +74,8 @@ pub(crate) enum Io {
 impl Io {
     /// Reads what has arrived onto `buf`'s end (`Ok(0)`: the upstream closed). On plain TCP
     /// the room is made only once the socket is readable, so a stream waiting for its next
-    /// event holds no buffer.
+    /// event holds no buffer; and a read shorter than its room clears the socket's readiness
+    /// (tokio's `poll_read` does), which [`Io::is_open`] relies on.
     fn poll_fill(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
         let make_room = |buf: &mut BytesMut| {
             if buf.capacity() - buf.len() < READ_SIZE / 4 {
@@ -81,14 +83,11 @@ impl Io {
             }
         };
         match self {
-            Self::Tcp(tcp) => loop {
+            Self::Tcp(tcp) => {
                 ready!(tcp.poll_read_ready(cx))?;
                 make_room(buf);
-                match tcp.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    done => return Poll::Ready(done),
-                }
-            },
+                tokio_util::io::poll_read_buf(Pin::new(tcp), cx, buf)
+            }
             Self::Tls(tls) => {
                 make_room(buf);
                 tokio_util::io::poll_read_buf(Pin::new(tls.as_mut()), cx, buf)
@@ -97,16 +96,24 @@ impl Io {
     }
 
     /// Whether an idle connection can take a request: nothing has arrived on it since its last
-    /// answer (neither the upstream's close nor stray bytes). Does not wait.
+    /// answer (neither the upstream's close nor stray bytes). Does not wait, and on plain TCP
+    /// usually makes no system call: the socket's readiness says that nothing arrived (the
+    /// answer's last read drained the socket and cleared it; a close would have set it, and
+    /// tokio keeps a close's readiness until the socket is dropped).
     fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
         let mut byte = [0u8; 1];
         match self {
             Self::Tcp(tcp) => {
-                matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                let nothing_arrived = std::pin::pin!(tcp.ready(Interest::READABLE))
+                    .poll(&mut cx)
+                    .is_pending();
+                // readiness left from a read that filled its room: ask the socket
+                nothing_arrived
+                    || matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
             Self::Tls(tls) => {
                 // through rustls, which handles what TLS sends by itself (session tickets)
-                let mut cx = Context::from_waker(Waker::noop());
                 let mut buf = ReadBuf::new(&mut byte);
                 Pin::new(tls.as_mut())
                     .poll_read(&mut cx, &mut buf)

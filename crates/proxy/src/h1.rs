@@ -101,7 +101,8 @@ pub(crate) struct Head {
 }
 
 /// Parses a response head at the start of `buf`, taking it (and any interim 1xx responses
-/// before it) out of `buf`. `Ok(None)`: the head is not all here yet.
+/// before it: 100 Continue, 103 Early Hints) out of `buf`. `Ok(None)`: the head is not all
+/// here yet.
 pub(crate) fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
@@ -117,10 +118,7 @@ pub(crate) fn parse_head(
             Err(e) => return Err(broken(&e.to_string())),
         };
         let status = resp.code.unwrap_or(0);
-        if status == 101 {
-            return Err(broken("101 Switching Protocols was not asked for"));
-        }
-        if (100..200).contains(&status) {
+        if (100..200).contains(&status) && status != 101 {
             // an interim answer (100 Continue, 103 Early Hints): the final one follows
             buf.advance(len);
             continue;
@@ -166,6 +164,11 @@ fn framing(
                 keep_alive = true;
             }
         }
+    }
+    if status == 101 {
+        // a switch nobody asked for: handed up as it is (the engine fails it over as no
+        // answer), and the connection, no longer HTTP, closed
+        return Ok((Framing::Empty, false));
     }
     if *method == Method::HEAD || status == 204 || status == 304 {
         return Ok((Framing::Empty, keep_alive));

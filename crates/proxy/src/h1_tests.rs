@@ -61,7 +61,7 @@ fn a_response_head_is_parsed_once_whole_and_the_rest_stays() {
 }
 
 #[test]
-fn interim_answers_are_skipped_and_a_switch_is_refused() {
+fn interim_answers_are_skipped_and_a_switch_is_handed_up_with_the_connection_closed() {
     let h = head(
         "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
                   HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\ncontent-length: 0\r\n\r\n",
@@ -69,9 +69,10 @@ fn interim_answers_are_skipped_and_a_switch_is_refused() {
     assert_eq!(h.status, 429);
     assert_eq!(h.headers["retry-after"], "3");
     assert!(h.headers.get("link").is_none());
-    is_broken(
-        head_of("HTTP/1.1 101 Switching Protocols\r\n\r\n", &Method::POST),
-        "101",
+    let h = head("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n");
+    assert_eq!(
+        (h.status, h.framing, h.keep_alive),
+        (101, Framing::Empty, false)
     );
 }
 
