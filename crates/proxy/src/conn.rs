@@ -40,6 +40,9 @@ const SPARE_IDLE: Duration = Duration::from_secs(10);
 const REAP_EVERY: Duration = Duration::from_secs(5);
 /// Room made for a read: most answers and every stream event fit in one.
 const READ_SIZE: usize = 8 * 1024;
+/// Bytes left over after a piece of body is handed out, up to this many, are moved out of the
+/// read's allocation ([`Body::let_go`]).
+const KEEP_SMALL: usize = 512;
 /// A request body up to this size is written in one buffer with its head (one copy, one
 /// write); a larger one is written from where it is, after the head.
 const INLINE_BODY: usize = 16 * 1024;
@@ -388,14 +391,22 @@ struct Body {
 }
 
 impl Body {
-    /// Hands out `n` bytes of `buf`; an emptied buffer is let go, so that a stream waiting for
-    /// its next event holds none (and the bytes handed out own their memory alone).
+    /// Hands out `n` bytes of `buf`.
     fn take(&mut self, n: usize) -> Bytes {
         let data = self.buf.split_to(n).freeze();
+        self.let_go();
+        data
+    }
+
+    /// After data was handed out: an emptied buffer is let go, and a few bytes left are moved
+    /// to a small one of their own, so that a stream waiting for its next event does not keep
+    /// the read's whole allocation (the bytes handed out then own it alone, and free it).
+    fn let_go(&mut self) {
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
+        } else if self.buf.len() <= KEEP_SMALL {
+            self.buf = BytesMut::from(&self.buf[..]);
         }
-        data
     }
 
     /// The body ended: its connection goes back when nothing was sent past the body.
@@ -437,9 +448,7 @@ impl Stream for Body {
                     match decoded {
                         Err(e) => return this.fail(e),
                         Ok(Some(data)) => {
-                            if this.buf.is_empty() {
-                                this.buf = BytesMut::new();
-                            }
+                            this.let_go();
                             return Poll::Ready(Some(Ok(data)));
                         }
                         Ok(None) if chunked == Chunked::Done => return this.end(),

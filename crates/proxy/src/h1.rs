@@ -239,29 +239,21 @@ impl Chunked {
                     }
                     let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
                     let left = left - take as u64;
-                    *self = if left == 0 {
-                        Self::DataEnd
+                    let data = buf.split_to(take).freeze();
+                    if left > 0 {
+                        *self = Self::Data(left);
                     } else {
-                        Self::Data(left)
-                    };
-                    return Ok(Some(buf.split_to(take).freeze()));
-                }
-                Self::DataEnd => match buf.first() {
-                    None => return Ok(None),
-                    Some(b'\n') => {
-                        buf.advance(1);
-                        *self = Self::Size;
+                        // the chunk's CRLF too, when it is here: a buffer left empty is let go
+                        *self = Self::DataEnd;
+                        self.end_data(buf)?;
                     }
-                    Some(b'\r') => match buf.get(1) {
-                        None => return Ok(None),
-                        Some(b'\n') => {
-                            buf.advance(2);
-                            *self = Self::Size;
-                        }
-                        Some(_) => return Err(broken("a chunk does not end with CRLF")),
-                    },
-                    Some(_) => return Err(broken("a chunk is longer than its size")),
-                },
+                    return Ok(Some(data));
+                }
+                Self::DataEnd => {
+                    if !self.end_data(buf)? {
+                        return Ok(None);
+                    }
+                }
                 Self::Size => {
                     let Some(line) =
                         take_line(buf, MAX_CHUNK_LINE, "a chunk-size line is too long")?
@@ -291,6 +283,23 @@ impl Chunked {
                 }
             }
         }
+    }
+}
+
+impl Chunked {
+    /// In [`Chunked::DataEnd`], takes the chunk's CRLF (or LF) off `buf`, then expects a size;
+    /// `false` while it has not all arrived.
+    fn end_data(&mut self, buf: &mut BytesMut) -> Result<bool, TransportError> {
+        let n = match (buf.first(), buf.get(1)) {
+            (None, _) | (Some(b'\r'), None) => return Ok(false),
+            (Some(b'\n'), _) => 1,
+            (Some(b'\r'), Some(b'\n')) => 2,
+            (Some(b'\r'), Some(_)) => return Err(broken("a chunk does not end with CRLF")),
+            (Some(_), _) => return Err(broken("a chunk is longer than its size")),
+        };
+        buf.advance(n);
+        *self = Self::Size;
+        Ok(true)
     }
 }
 

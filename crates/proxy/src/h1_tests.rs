@@ -187,6 +187,12 @@ fn chunks_decode_whatever_pieces_they_arrive_in() {
     // bare LFs are taken as line ends, like the peers do
     let (data, done) = decode_in_steps(b"3\nabc\n0\n\n", 2).unwrap();
     assert_eq!((data.as_slice(), done), (&b"abc"[..], true));
+    // a chunk's CRLF goes with its data: nothing of the chunk is left behind in the buffer
+    let mut state = Chunked::Size;
+    let mut buf = BytesMut::from(&b"3\r\nabc\r\n"[..]);
+    assert_eq!(&state.decode(&mut buf).unwrap().unwrap()[..], b"abc");
+    assert!(buf.is_empty());
+    assert_eq!(state, Chunked::Size);
     // not ended until the empty line after the last chunk
     let (_, done) = decode_in_steps(b"3\r\nabc\r\n0\r\n", 4).unwrap();
     assert!(!done);
