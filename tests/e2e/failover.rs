@@ -442,6 +442,16 @@ async fn an_https_upstream_is_verified_against_the_platform_roots() -> anyhow::R
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await?.contains("data: [DONE]"));
     assert_eq!(up.requests(), 2);
+    // sequential requests go on kept-alive TLS connections: one per worker at most
+    for _ in 0..6 {
+        assert_eq!(trusted.chat(T, hello("gpt-4o-mini")).await?.status(), 200);
+    }
+    assert!(
+        (1..=2).contains(&tls.accepted()),
+        "{} TLS connections for 8 requests",
+        tls.accepted()
+    );
+    assert_eq!(up.requests(), 8);
 
     // without the test CA the certificate is not trusted: no request reaches the upstream
     let untrusted = Gateway::start_env(&yaml, &[("SSL_CERT_FILE", "/dev/null")]).await?;
@@ -449,7 +459,7 @@ async fn an_https_upstream_is_verified_against_the_platform_roots() -> anyhow::R
     assert_eq!(resp.status(), 502);
     let body = json(resp).await?;
     assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
-    assert_eq!(up.requests(), 2);
+    assert_eq!(up.requests(), 8);
     Ok(())
 }
 

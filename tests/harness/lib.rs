@@ -977,6 +977,8 @@ pub fn test_pki(dir: &std::path::Path) -> anyhow::Result<(String, String, String
 pub struct TlsTerminator {
     pub addr: std::net::SocketAddr,
     accept: tokio::task::JoinHandle<()>,
+    /// TLS connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl TlsTerminator {
@@ -995,8 +997,11 @@ impl TlsTerminator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let target = target.to_owned();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (acceptor, target) = (acceptor.clone(), target.clone());
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(client).await else {
@@ -1008,7 +1013,16 @@ impl TlsTerminator {
                 });
             }
         });
-        Ok(Self { addr, accept })
+        Ok(Self {
+            addr,
+            accept,
+            accepted,
+        })
+    }
+
+    /// TLS connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
