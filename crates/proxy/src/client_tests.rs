@@ -513,7 +513,7 @@ async fn an_upstream_closing_after_each_answer_unannounced_never_fails_a_request
     let client = client();
     for _ in 0..5 {
         assert_eq!(post(&client, &url).await.unwrap(), "ok");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(server.join().unwrap(), 5);
 }
