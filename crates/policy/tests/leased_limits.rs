@@ -257,3 +257,47 @@ async fn a_graceful_stop_gives_unspent_calls_back() {
     assert_eq!(admit_all(&b, "stop").await, 99);
     cleanup(&prefix).await;
 }
+
+/// `lease: 16` on `ingress:1000/minute`: the admission that leaves a quarter of the lease (4
+/// calls) asks for the next one in the background, so it has landed before the first is
+/// spent. After 12 admissions two leases are counted in Redis (32 calls), and the next 20
+/// admissions spend them with no round trip of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_lease_is_asked_for_ahead_of_need() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: ahead\nrate_limits: ['ingress:1000/minute']\n";
+    let g = replica(&prefix, yaml, 16, 5000).await;
+    let rt = g.get("ahead").unwrap();
+    let admit = async || {
+        rt.admit_everywhere(&Caller::ANONYMOUS, None, Instant::now())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    for _ in 0..11 {
+        admit().await;
+    }
+    // 11 spent: the first lease has 5 left, nothing asked ahead yet
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let key = "gw:ahead:ingress:1000/minute";
+    // the 12th leaves 4: the next lease is asked for; its headers still count from the first
+    assert_eq!(admit().await.remaining, 1000 - 16 + 4);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = replica(&prefix, yaml, 1, 5000).await;
+    let seen = other
+        .get("ahead")
+        .unwrap()
+        .admit_everywhere(&Caller::ANONYMOUS, None, Instant::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.remaining, 1000 - 32 - 1, "two leases counted");
+    // the 4 left and the 16 asked ahead are spent here without asking (the 16th of those
+    // asks ahead again)
+    for _ in 0..20 {
+        admit().await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(room(&prefix, key).await, 1000 - 48 - 1);
+    cleanup(&prefix).await;
+}

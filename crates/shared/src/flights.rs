@@ -36,6 +36,15 @@ pub enum Turn<'a> {
 }
 
 impl Flights {
+    /// Asks for `name` now unless another decision is asking for it (then `None`: nothing to
+    /// wait for, the ask is theirs). For asks ahead of need, which never wait.
+    pub fn try_ask(&self, name: &str) -> Option<Asking<'_>> {
+        let mut asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
+        asking
+            .insert(Box::from(name))
+            .then(|| Asking(self, Box::from(name)))
+    }
+
     /// Asks for `name` now, or, while another decision is asking for it, waits until that
     /// has landed.
     pub async fn turn(&self, name: &str) -> Turn<'_> {

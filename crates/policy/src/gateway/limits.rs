@@ -94,33 +94,8 @@ impl GatewayRuntime {
             .collect()
     }
 
-    /// An admission's answer as headers (the tightest limit: fewest calls left; its window is
-    /// empty `per` after this call) or a refusal naming the full limit.
     fn verdict(&self, outcome: Admit) -> Result<Option<RateHeaders>, Refused> {
-        let limits = &self.spec.rate_limits;
-        match outcome {
-            Admit::Admitted { remaining } => Ok(limits
-                .iter()
-                .zip(&remaining)
-                .min_by_key(|(l, r)| (**r, std::cmp::Reverse(l.per)))
-                .map(|(l, r)| RateHeaders {
-                    limit: l.limit,
-                    remaining: *r,
-                    reset: l.per,
-                })),
-            Admit::Refused { index, free_in } => {
-                let l = &limits[index.min(limits.len() - 1)];
-                let secs = (free_in.as_secs() + u64::from(free_in.subsec_nanos() > 0)).max(1);
-                Err(Refused {
-                    error: limit_error(l, secs),
-                    headers: Some(RateHeaders {
-                        limit: l.limit,
-                        remaining: 0,
-                        reset: free_in,
-                    }),
-                })
-            }
-        }
+        verdict(&self.spec.rate_limits, outcome)
     }
 
     /// [`Self::admit`] across replicas: through the shared state when there is one (falling back
@@ -146,7 +121,7 @@ impl GatewayRuntime {
                 LimitScope::Ingress => self.name.clone(),
                 LimitScope::Secret => who(caller, client_ip),
             };
-            if let Some(h) = spend_leased(l, &name, now) {
+            if let Some(h) = self.spend_leased(shared, l, &name, (caller, client_ip), now) {
                 return Ok(Some(h));
             }
             // one lease asked for at a time: the admissions meanwhile wait for it once, then
@@ -154,7 +129,7 @@ impl GatewayRuntime {
             match l.turn(&name).await {
                 Turn::Ask(a) => asking = Some((l, name, a)),
                 Turn::Landed => {
-                    if let Some(h) = spend_leased(l, &name, now) {
+                    if let Some(h) = self.spend_leased(shared, l, &name, (caller, client_ip), now) {
                         return Ok(Some(h));
                     }
                 }
@@ -192,7 +167,7 @@ impl GatewayRuntime {
         windows: Vec<WindowReq>,
         now: Instant,
     ) -> Result<Result<Option<RateHeaders>, Refused>, keypool_shared::SharedError> {
-        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let id = lease_id();
         let (outcome, granted) = shared.admit_leasing(&windows, &id, l.req, now).await?;
         let verdict = self.verdict(outcome);
         Ok(match verdict {
@@ -214,13 +189,92 @@ impl GatewayRuntime {
     }
 }
 
-/// One call of a lease this replica holds for `name`, with the headers of the tightest limit
-/// (the calls left there once the lease was counted, plus what the lease has left).
-fn spend_leased(l: &Leasing<RateHeaders>, name: &str, now: Instant) -> Option<RateHeaders> {
-    l.spend(&[()], |()| name, now).map(|s| RateHeaders {
-        remaining: s.meta.remaining + u64::from(s.left),
-        ..s.meta
-    })
+/// An admission's answer as headers (the tightest limit: fewest calls left; its window is
+/// empty `per` after this call) or a refusal naming the full limit.
+fn verdict(limits: &[RateLimit], outcome: Admit) -> Result<Option<RateHeaders>, Refused> {
+    match outcome {
+        Admit::Admitted { remaining } => Ok(limits
+            .iter()
+            .zip(&remaining)
+            .min_by_key(|(l, r)| (**r, std::cmp::Reverse(l.per)))
+            .map(|(l, r)| RateHeaders {
+                limit: l.limit,
+                remaining: *r,
+                reset: l.per,
+            })),
+        Admit::Refused { index, free_in } => {
+            let l = &limits[index.min(limits.len() - 1)];
+            let secs = (free_in.as_secs() + u64::from(free_in.subsec_nanos() > 0)).max(1);
+            Err(Refused {
+                error: limit_error(l, secs),
+                headers: Some(RateHeaders {
+                    limit: l.limit,
+                    remaining: 0,
+                    reset: free_in,
+                }),
+            })
+        }
+    }
+}
+
+/// A lease's id in the shared windows.
+fn lease_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+impl GatewayRuntime {
+    /// One call of a lease this replica holds for `name`, with the headers of the tightest
+    /// limit (the calls left there once the lease was counted, plus what the lease has left).
+    /// The call that leaves a quarter of its lease asks for the next one ahead of need.
+    fn spend_leased(
+        &self,
+        shared: &Arc<dyn SharedState>,
+        l: &Arc<Leasing<RateHeaders>>,
+        name: &Arc<str>,
+        (caller, client_ip): (&Caller, Option<IpAddr>),
+        now: Instant,
+    ) -> Option<RateHeaders> {
+        let s = l.spend(&[()], |()| name, now)?;
+        if l.time_to_ask_ahead(s.left) {
+            self.ask_ahead(shared, l, name.clone(), self.windows(caller, client_ip));
+        }
+        Some(RateHeaders {
+            remaining: s.meta.remaining + u64::from(s.left),
+            ..s.meta
+        })
+    }
+
+    /// Asks for `name`'s next lease in the background, unless an ask for it is under way:
+    /// under steady traffic it lands before the current lease is spent, so no admission
+    /// waits for the round trip. A refusal or an unavailable shared state leaves nothing kept
+    /// (the next admission that finds no lease asks, and decides, itself).
+    fn ask_ahead(
+        &self,
+        shared: &Arc<dyn SharedState>,
+        l: &Arc<Leasing<RateHeaders>>,
+        name: Arc<str>,
+        windows: Vec<WindowReq>,
+    ) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (shared, l, spec) = (shared.clone(), l.clone(), self.spec.clone());
+        tokio::spawn(async move {
+            let Some(_asking) = l.ask_ahead(&name) else {
+                return;
+            };
+            let (id, asked) = (lease_id(), Instant::now());
+            match shared.admit_leasing(&windows, &id, l.req, asked).await {
+                Ok((outcome, granted)) => {
+                    if let Ok(Some(h)) = verdict(&spec.rate_limits, outcome) {
+                        let windows = windows.into_boxed_slice();
+                        l.keep_ahead(name.clone(), windows, (id, granted, asked), h);
+                    }
+                }
+                Err(e) => shared.background_failed(&e),
+            }
+        });
+    }
 }
 
 /// Whom `secret:` limits count: the identity, else (open gateways) the client IP.
