@@ -181,7 +181,8 @@ async fn each_caller_leases_its_own_secret_limit() {
 /// A caller's lease is not held up by another's being asked for: 10 of alice's admissions
 /// and 3 of bob's at once (`secret:1000/minute`, `lease: 8`) ask for two leases, so bob's
 /// window holds his lease of 8 (3 spent, 5 left here), not 3 single calls counted after
-/// alice's landed. Alice's holds her 10 and at most one lease's spare calls (as above).
+/// alice's landed. Alice's holds her 10, at most one lease's spare calls (as above) and one
+/// lease asked for ahead of need (her 8th call from a lease of 8 leaves a quarter).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_ask_for_their_leases_side_by_side() {
     let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
@@ -202,7 +203,7 @@ async fn callers_ask_for_their_leases_side_by_side() {
     assert!(all.iter().all(Result::is_ok));
     assert_eq!(room(&prefix, "gw:two:secret:1000/minute:bob").await, 992);
     let alices = room(&prefix, "gw:two:secret:1000/minute:alice").await;
-    assert!((1000 - 10 - 7..=1000 - 10).contains(&alices), "{alices}");
+    assert!((1000 - 10 - 7 - 8..=1000 - 10).contains(&alices), "{alices}");
     cleanup(&prefix).await;
 }
 
