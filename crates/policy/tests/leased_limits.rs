@@ -203,7 +203,10 @@ async fn callers_ask_for_their_leases_side_by_side() {
     assert!(all.iter().all(Result::is_ok));
     assert_eq!(room(&prefix, "gw:two:secret:1000/minute:bob").await, 992);
     let alices = room(&prefix, "gw:two:secret:1000/minute:alice").await;
-    assert!((1000 - 10 - 7 - 8..=1000 - 10).contains(&alices), "{alices}");
+    assert!(
+        (1000 - 10 - 7 - 8..=1000 - 10).contains(&alices),
+        "{alices}"
+    );
     cleanup(&prefix).await;
 }
 
