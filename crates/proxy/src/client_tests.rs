@@ -36,17 +36,21 @@ fn read_request(stream: &mut TcpStream) -> Option<String> {
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
+/// Sends one POST of `body` to `endpoint`: the answer, its body not read yet.
+async fn send(
+    client: &UpstreamClient,
+    endpoint: &url::Url,
+    body: Bytes,
+) -> Result<UpstreamResponse, TransportError> {
+    let target = Target::new(endpoint, "/chat/completions", None)?;
+    client
+        .send(reqwest::Method::POST, &target, HeaderMap::new(), body)
+        .await
+}
+
 /// Sends one POST to `endpoint` and reads the whole answer.
 async fn post(client: &UpstreamClient, endpoint: &url::Url) -> Result<String, TransportError> {
-    let target = Target::new(endpoint, "/chat/completions", None)?;
-    let resp = client
-        .send(
-            reqwest::Method::POST,
-            &target,
-            HeaderMap::new(),
-            Bytes::from_static(b"{}"),
-        )
-        .await?;
+    let resp = send(client, endpoint, Bytes::from_static(b"{}")).await?;
     let mut body = Vec::new();
     let mut stream = resp.body;
     while let Some(chunk) = stream.next().await {
@@ -367,14 +371,7 @@ async fn a_streamed_body_hands_out_each_event_as_it_arrives() {
         std::thread::sleep(Duration::from_millis(200));
     });
     let client = client();
-    let target = Target::new(&url, "/chat/completions", None).unwrap();
-    let resp = client
-        .send(
-            reqwest::Method::POST,
-            &target,
-            HeaderMap::new(),
-            Bytes::from_static(b"{}"),
-        )
+    let resp = send(&client, &url, Bytes::from_static(b"{}"))
         .await
         .unwrap();
     let mut body = resp.body;
@@ -438,16 +435,7 @@ async fn a_body_given_up_early_closes_its_connection() {
         std::thread::sleep(Duration::from_millis(100));
     });
     let client = client();
-    let target = Target::new(&url, "/chat/completions", None).unwrap();
-    let resp = client
-        .send(
-            reqwest::Method::POST,
-            &target,
-            HeaderMap::new(),
-            Bytes::new(),
-        )
-        .await
-        .unwrap();
+    let resp = send(&client, &url, Bytes::new()).await.unwrap();
     let mut body = resp.body;
     assert_eq!(&body.next().await.unwrap().unwrap()[..], b"part");
     drop(body);
