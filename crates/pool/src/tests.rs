@@ -404,15 +404,55 @@ async fn a_graceful_stop_gives_unspent_calls_back() {
         .unwrap();
 }
 
+/// The pick that leaves a quarter of its lease (16 calls of key `a`'s `rpm: 1000`) asks for
+/// the next one in the background: after 12 picks two leases are counted in the shared
+/// window. The probe then takes the window's remaining room, so the next 20 picks are served
+/// only by what is held here: the first lease's last 4 and the 16 asked for ahead.
+#[actix_rt::test]
+async fn the_next_lease_of_picks_is_asked_for_ahead_of_need() {
+    let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
+    let shared: Arc<dyn crate::SharedState> = Arc::new(
+        crate::RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    let pool = KeyPool::start(&[key("a", Some(1000), None)], LbPolicy::LeastUsed)
+        .with_shared(shared.clone())
+        .with_leasing(16, Duration::from_secs(30));
+    for _ in 0..12 {
+        assert!(lease(&pool).await.is_ok());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(room_in_a(shared.as_ref(), 1000).await, 1000 - 32);
+    for _ in 0..20 {
+        assert!(lease(&pool).await.is_ok());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        room_in_a(shared.as_ref(), 1000).await,
+        0,
+        "nothing more counted"
+    );
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+}
+
 /// What key `a`'s shared window (`rpm: 100`) still has room for, asked of the shared state.
 async fn room_of_a(shared: &dyn crate::SharedState) -> u32 {
+    room_in_a(shared, 100).await
+}
+
+/// What key `a`'s shared window of `rpm` still has room for (taking it), asked of the shared
+/// state.
+async fn room_in_a(shared: &dyn crate::SharedState, rpm: u32) -> u32 {
     let window = crate::WindowReq {
         key: "key:a:req".into(),
-        limit: 100,
+        limit: u64::from(rpm),
         per: crate::key::WINDOW,
     };
     let all = crate::LeaseReq {
-        calls: 100,
+        calls: rpm,
         within: Duration::from_secs(1),
     };
     shared

@@ -174,16 +174,23 @@ impl PoolHandle {
         let name = |c: &Candidate| &*view.keys[c.order].key.name;
         let mut asking = None;
         if let (Some(l), None) = (&self.leasing, &pick.session) {
-            if let Some(s) = l.spend(cands, name, Instant::now()) {
-                return SharedPick::Chosen(s.on, None, None);
+            let spent = |l: &Arc<super::Leasing>| {
+                let s = l.spend(cands, name, Instant::now())?;
+                if l.time_to_ask_ahead(s.left) {
+                    ask_ahead(shared, l, view, cands);
+                }
+                Some(SharedPick::Chosen(s.on, None, None))
+            };
+            if let Some(chosen) = spent(l) {
+                return chosen;
             }
             // one lease asked for at a time (for all keys: under one name), the picks
             // meanwhile wait for it once, then spend from it or reserve a single call
             match l.turn("").await {
                 keypool_shared::Turn::Ask(a) => asking = Some((l, a)),
                 keypool_shared::Turn::Landed => {
-                    if let Some(s) = l.spend(cands, name, Instant::now()) {
-                        return SharedPick::Chosen(s.on, None, None);
+                    if let Some(chosen) = spent(l) {
+                        return chosen;
                     }
                 }
             }
@@ -333,14 +340,7 @@ async fn shared_pick(
     }
     let windows: Vec<crate::WindowReq> = ordered
         .iter()
-        .map(|c| {
-            let key = &view.keys[c.order].key;
-            crate::WindowReq {
-                key: format!("key:{}:req", key.name),
-                limit: key.rpm.map_or(u64::MAX, u64::from),
-                per: crate::key::WINDOW,
-            }
-        })
+        .map(|c| calls_window(&view.keys[c.order].key))
         .collect();
     let tokens: Vec<Option<crate::TokenReq>> = ordered
         .iter()
@@ -390,4 +390,74 @@ async fn shared_pick(
             SharedPick::Failed
         }
     }
+}
+
+/// A key's calls window in the shared state (`u64::MAX`: unbudgeted, ranking only).
+fn calls_window(key: &UpstreamKey) -> crate::WindowReq {
+    crate::WindowReq {
+        key: format!("key:{}:req", key.name),
+        limit: key.rpm.map_or(u64::MAX, u64::from),
+        per: crate::key::WINDOW,
+    }
+}
+
+/// Asks for the next lease of picks in the background, among `cands`' keys without a token
+/// window (their leases are calls only), unless an ask is under way: under steady traffic it
+/// lands before the current lease is spent, so no pick waits for the script. The key it is
+/// for is the one the script chooses now, as an in-line ask would; a busy answer or an
+/// unavailable shared state keeps nothing (the next pick that finds no lease asks itself).
+fn ask_ahead(
+    shared: &Arc<dyn crate::SharedState>,
+    l: &Arc<super::Leasing>,
+    view: &PoolView,
+    cands: &[Candidate],
+) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let mut ordered: Vec<Candidate> = cands
+        .iter()
+        .filter(|c| view.keys[c.order].key.tpm.is_none())
+        .copied()
+        .collect();
+    if ordered.is_empty() {
+        return;
+    }
+    if !matches!(view.policy, LbPolicy::Random | LbPolicy::Latency) {
+        ordered.sort_by_key(|c| c.order);
+    }
+    let names: Vec<Arc<str>> = ordered
+        .iter()
+        .map(|c| view.keys[c.order].key.name.clone())
+        .collect();
+    let windows: Vec<crate::WindowReq> = ordered
+        .iter()
+        .map(|c| calls_window(&view.keys[c.order].key))
+        .collect();
+    let least_used = view.policy == LbPolicy::LeastUsed;
+    let (shared, l) = (shared.clone(), l.clone());
+    tokio::spawn(async move {
+        let Some(_asking) = l.ask_ahead("") else {
+            return;
+        };
+        let id = format!(
+            "{}-ahead-{:016x}",
+            keypool_shared::process_id(),
+            fastrand::u64(..)
+        );
+        let asked = Instant::now();
+        let tokens = vec![None; windows.len()];
+        match shared
+            .pick_leasing(&windows, &tokens, least_used, &id, l.req, asked)
+            .await
+        {
+            Ok((crate::Picked::Index(i), granted)) => {
+                let i = i.min(windows.len() - 1);
+                let window = Box::new([windows[i].clone()]);
+                l.keep_ahead(names[i].clone(), window, (id, granted, asked), ());
+            }
+            Ok((crate::Picked::Busy(_), _)) => {}
+            Err(e) => shared.background_failed(&e),
+        }
+    });
 }
