@@ -410,15 +410,7 @@ async fn a_graceful_stop_gives_unspent_calls_back() {
 /// only by what is held here: the first lease's last 4 and the 16 asked for ahead.
 #[actix_rt::test]
 async fn the_next_lease_of_picks_is_asked_for_ahead_of_need() {
-    let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
-    let shared: Arc<dyn crate::SharedState> = Arc::new(
-        crate::RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
-            .await
-            .unwrap(),
-    );
-    let pool = KeyPool::start(&[key("a", Some(1000), None)], LbPolicy::LeastUsed)
-        .with_shared(shared.clone())
-        .with_leasing(16, Duration::from_secs(30));
+    let (prefix, shared, pool) = leasing_pool_of(1000, 16).await;
     for _ in 0..12 {
         assert!(lease(&pool).await.is_ok());
     }
@@ -465,14 +457,23 @@ async fn room_in_a(shared: &dyn crate::SharedState, rpm: u32) -> u32 {
 /// A pool of one key `a` (`rpm: 100`) sharing its window in the Redis on 127.0.0.1:6379 under
 /// a prefix of its own, leasing 4 calls at a time for 30 s.
 async fn leasing_pool() -> (String, Arc<dyn crate::SharedState>, PoolHandle) {
+    leasing_pool_of(100, 4).await
+}
+
+/// A pool of one key `a` of `rpm` sharing its window as [`leasing_pool`] does, leasing
+/// `calls` at a time for 30 s.
+async fn leasing_pool_of(
+    rpm: u32,
+    calls: u32,
+) -> (String, Arc<dyn crate::SharedState>, PoolHandle) {
     let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
     let shared: Arc<dyn crate::SharedState> = Arc::new(
         crate::RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
             .await
             .unwrap(),
     );
-    let pool = KeyPool::start(&[key("a", Some(100), None)], LbPolicy::LeastUsed)
+    let pool = KeyPool::start(&[key("a", Some(rpm), None)], LbPolicy::LeastUsed)
         .with_shared(shared.clone())
-        .with_leasing(4, Duration::from_secs(30));
+        .with_leasing(calls, Duration::from_secs(30));
     (prefix, shared, pool)
 }
