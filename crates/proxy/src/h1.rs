@@ -6,6 +6,8 @@
 //! [`MAX_HEAD`] or [`MAX_HEADERS`], a chunk-size line or the trailers past their bounds, and a
 //! malformed length end the attempt as [`TransportError::Broken`].
 
+use std::io::Write as _;
+
 use bytes::{Buf, Bytes, BytesMut};
 use reqwest::Method;
 use reqwest::header::{
@@ -67,7 +69,8 @@ pub(crate) fn encode_request(
     }
     if !body.is_empty() || !matches!(*method, Method::GET | Method::HEAD) {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        // into the head's buffer as it is, no string of its own
+        let _ = write!(out, "{}", body.len());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");

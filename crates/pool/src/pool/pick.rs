@@ -332,12 +332,7 @@ async fn shared_pick(
     now: Instant,
     leasing: Option<&Arc<super::Leasing>>,
 ) -> SharedPick {
-    let mut ordered = cands.to_vec();
-    // random and latency: the first with room in their ranking; the others choose there by
-    // the shared counts, ties going to config order
-    if !matches!(view.policy, LbPolicy::Random | LbPolicy::Latency) {
-        ordered.sort_by_key(|c| c.order);
-    }
+    let ordered = script_order(view, cands.to_vec());
     let windows: Vec<crate::WindowReq> = ordered
         .iter()
         .map(|c| calls_window(&view.keys[c.order].key))
@@ -392,6 +387,16 @@ async fn shared_pick(
     }
 }
 
+/// Candidates in the order the shared pick's script takes them: random and latency, the first
+/// with room in their ranking; the others choose there by the shared counts, ties going to
+/// config order.
+fn script_order(view: &PoolView, mut cands: Vec<Candidate>) -> Vec<Candidate> {
+    if !matches!(view.policy, LbPolicy::Random | LbPolicy::Latency) {
+        cands.sort_by_key(|c| c.order);
+    }
+    cands
+}
+
 /// A key's calls window in the shared state (`u64::MAX`: unbudgeted, ranking only).
 fn calls_window(key: &UpstreamKey) -> crate::WindowReq {
     crate::WindowReq {
@@ -415,16 +420,14 @@ fn ask_ahead(
     if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
-    let mut ordered: Vec<Candidate> = cands
+    let calls_only = cands
         .iter()
         .filter(|c| view.keys[c.order].key.tpm.is_none())
         .copied()
         .collect();
+    let ordered = script_order(view, calls_only);
     if ordered.is_empty() {
         return;
-    }
-    if !matches!(view.policy, LbPolicy::Random | LbPolicy::Latency) {
-        ordered.sort_by_key(|c| c.order);
     }
     let names: Vec<Arc<str>> = ordered
         .iter()
