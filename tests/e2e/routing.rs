@@ -48,11 +48,18 @@ async fn latency_prefers_the_faster_upstream() -> anyhow::Result<()> {
 
 /// Two keys of the same speed tie on latency: least-used spreads the calls evenly, even when
 /// one of them served the process's first request (a cold connection, once ranked last for a
-/// minute).
+/// minute). Both answer in 20 ms, as a provider does, not at once: a key's two samples are
+/// then 40 ms apart, so one busy moment of a loaded test machine cannot slow both, and only
+/// two slow answers in a row rank a key slower (at 0.4 ms apart, one 10 ms pause did, once in
+/// about twenty runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equally_fast_keys_spread_least_used() -> anyhow::Result<()> {
-    let a = mock("a", Behavior::default());
-    let b = mock("b", Behavior::default());
+    let same_speed = || Behavior {
+        latency_ms: 20,
+        ..Behavior::default()
+    };
+    let a = mock("a", same_speed());
+    let b = mock("b", same_speed());
     let yaml = config()
         .token("t")
         .set("lb_policy", "latency")

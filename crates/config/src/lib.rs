@@ -258,8 +258,8 @@ pub enum LbPolicy {
     Order,
     /// Uniformly random among eligible keys.
     Random,
-    /// The lowest recent time to first byte (an average of this process's own attempts, to
-    /// the millisecond), then least-used.
+    /// The lowest recent time to first byte (the faster of this process's last two attempts
+    /// on the key, in 5 ms steps), then least-used.
     Latency,
 }
 

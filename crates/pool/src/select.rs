@@ -4,7 +4,7 @@ use keypool_config::LbPolicy;
 
 /// Times to first byte this close are the same speed to `lb_policy: latency` (least-used
 /// decides among them): a connection's set-up or a scheduler's hiccup moves a fast key's
-/// average by a few milliseconds.
+/// time by a few milliseconds.
 pub const LATENCY_STEP_MS: u32 = 5;
 
 /// What ranking needs to know of an eligible key.
@@ -23,13 +23,20 @@ pub struct Candidate {
 /// - `least-used`: fewest requests in the trailing window, then fewest in flight, then config order;
 /// - `order`: config order (openai-api-route);
 /// - `random`: a uniform shuffle;
-/// - `latency`: lowest recent time to first byte in steps of [`LATENCY_STEP_MS`] (a key not
-///   measured yet first, so it gets measured), then as `least-used`.
+/// - `latency`: lowest recent time to first byte in steps of [`LATENCY_STEP_MS`] above the
+///   fastest key's (keys within one step of it tie with it, and a key not measured yet is
+///   among them, so it gets measured), then as `least-used`.
 pub fn rank(policy: LbPolicy, cands: &mut [Candidate]) {
     match policy {
         LbPolicy::Latency => {
+            let fastest = cands
+                .iter()
+                .map(|c| c.ttfb_ms)
+                .filter(|&ms| ms > 0)
+                .min()
+                .unwrap_or(0);
             cands.sort_unstable_by_key(|c| {
-                let step = c.ttfb_ms / LATENCY_STEP_MS;
+                let step = c.ttfb_ms.saturating_sub(fastest) / LATENCY_STEP_MS;
                 (step, c.window_requests, c.in_flight, c.order)
             });
         }
@@ -65,10 +72,28 @@ mod tests {
             timed(1, 5, 9),
             timed(2, 6, 3),
             timed(3, 2, 20),
+            timed(4, 8, 1),
+            timed(5, 0, 30),
         ];
         rank(LbPolicy::Latency, &mut v);
-        // under 5 ms (or not measured), then the 5-9 ms keys least-used first, then the slow one
-        assert_eq!(orders(&v), vec![3, 2, 1, 0]);
+        // within 5 ms of the fastest (2 ms) or not measured, least-used first; then 7-11 ms;
+        // then the slow one
+        assert_eq!(orders(&v), vec![2, 1, 3, 5, 4, 0]);
+    }
+
+    #[test]
+    fn latency_steps_start_at_the_fastest_key() {
+        let timed = |order, ttfb_ms| Candidate {
+            ttfb_ms,
+            ..c(order, 10 - order as u32, 0)
+        };
+        // 4 and 6 ms are one step apart on a grid from zero; here they tie, least-used decides
+        let mut v = vec![timed(0, 4), timed(1, 6)];
+        rank(LbPolicy::Latency, &mut v);
+        assert_eq!(orders(&v), vec![1, 0]);
+        let mut v = vec![timed(0, 4), timed(1, 9)];
+        rank(LbPolicy::Latency, &mut v);
+        assert_eq!(orders(&v), vec![0, 1]);
     }
 
     fn orders(cands: &[Candidate]) -> Vec<usize> {

@@ -37,12 +37,9 @@ pub struct KeyTally {
     tokens: AtomicU64,
     /// Settlements sent to the actor and not yet handled by it.
     settles_queued: AtomicU32,
-    /// The recent time to first byte, microseconds: an exponentially weighted average of this
-    /// process's attempts after its first (0 until then), for `lb_policy: latency`.
-    ttfb_us: AtomicU64,
-    /// Whether the key's first attempt was seen: its time is left out of the average (it
-    /// opened the first connection, and may have paid the process's own first-request costs).
-    ttfb_first_seen: std::sync::atomic::AtomicBool,
+    /// The times to first byte of this process's last two attempts on the key, microseconds
+    /// (the newest in the low half, 0: none yet), for `lb_policy: latency`.
+    ttfb_last_two: AtomicU64,
     /// The key's attempt metrics, resolved once.
     pub(crate) metrics: KeyHandles,
     /// Where the key's other outcomes are counted and its alerts go.
@@ -67,35 +64,33 @@ impl KeyTally {
             latency_us: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
             settles_queued: AtomicU32::new(0),
-            ttfb_us: AtomicU64::new(0),
-            ttfb_first_seen: std::sync::atomic::AtomicBool::new(false),
+            ttfb_last_two: AtomicU64::new(0),
             metrics: telemetry.metrics().key_handles(key, provider),
             telemetry,
         }
     }
 
-    /// One attempt's time to first byte (or the time it waited in vain) into the average:
-    /// each new one weighs a fifth; the key's first is left out (a cold connection's, which
-    /// ranked a key last for a whole minute when it happened to serve the process's first
-    /// request). Two at once may lose one of them: an average, not a count.
+    /// One attempt's time to first byte (or the time it waited in vain): it takes the place
+    /// of the older of the last two.
     pub(crate) fn observe_ttfb(&self, ttfb: Duration) {
-        if !self.ttfb_first_seen.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let us = u64::try_from(ttfb.as_micros()).unwrap_or(u64::MAX).max(1);
-        let old = self.ttfb_us.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            us
-        } else {
-            (old.saturating_mul(4).saturating_add(us)) / 5
-        };
-        self.ttfb_us.store(new.max(1), Ordering::Relaxed);
+        let us = u32::try_from(ttfb.as_micros()).unwrap_or(u32::MAX).max(1);
+        let _ = self
+            .ttfb_last_two
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some((old << 32) | u64::from(us))
+            });
     }
 
-    /// The recent time to first byte in whole milliseconds (0: not measured yet), so keys of
-    /// about the same speed tie and least-used decides among them.
+    /// The key's recent time to first byte in whole milliseconds: the faster of its last two
+    /// attempts, so one hiccup (a cold connection, a scheduler's pause) does not rank it
+    /// slower and two slow answers in a row do; 0 until two were seen.
     pub(crate) fn ttfb_ms(&self) -> u32 {
-        u32::try_from(self.ttfb_us.load(Ordering::Relaxed) / 1000).unwrap_or(u32::MAX)
+        let last_two = self.ttfb_last_two.load(Ordering::Relaxed);
+        let (newest, older) = (last_two as u32, (last_two >> 32) as u32);
+        if older == 0 {
+            return 0;
+        }
+        newest.min(older) / 1000
     }
 
     /// Attempts in flight now.
@@ -205,5 +200,32 @@ mod tests {
         assert!(!t.quiet(), "a settlement waits in the mailbox");
         t.settle_handled();
         assert!(t.quiet());
+    }
+
+    #[test]
+    fn the_recent_ttfb_is_the_faster_of_the_last_two() {
+        let t = KeyTally::new(
+            "ttfb-test",
+            "openai",
+            keypool_telemetry::Telemetry::default(),
+        );
+        let ms = Duration::from_millis;
+        t.observe_ttfb(ms(40));
+        assert_eq!(t.ttfb_ms(), 0, "one attempt is not a measure yet");
+        t.observe_ttfb(ms(2));
+        assert_eq!(
+            t.ttfb_ms(),
+            2,
+            "the cold first attempt does not count against the key"
+        );
+        t.observe_ttfb(ms(30));
+        assert_eq!(t.ttfb_ms(), 2, "one hiccup does not rank the key slower");
+        t.observe_ttfb(ms(25));
+        assert_eq!(t.ttfb_ms(), 25, "two slow answers in a row do");
+        t.observe_ttfb(ms(3));
+        assert_eq!(t.ttfb_ms(), 3, "one fast answer brings it back");
+        t.observe_ttfb(Duration::from_secs(5_000));
+        t.observe_ttfb(Duration::from_secs(6_000));
+        assert_eq!(t.ttfb_ms(), u32::MAX / 1000, "saturates, never wraps");
     }
 }
