@@ -22,7 +22,10 @@
 #     [ingress:100000000/minute]`): in process, one admission and one pick script per request,
 #     and both leased; `usd`, `usdredis`, `usdlease` = a USD budget on `/v1` (`budget: {usd:
 #     1000000, period: total}`): in process, held and settled in Redis (with the pick: three
-#     scripts a request), and held in slices with the picks leased; `frontends` = the production
+#     scripts a request), and held in slices with the picks leased; `quotaredis`, `quotalease` =
+#     `redispick`, `picklease` with a token quota on `/v1` (`token_quota: 100000000000`): its
+#     count read for every request (a GET) and added to after it (an INCRBY), and read at
+#     most once a `lease_ms` (the additions' answers refresh it); `frontends` = the production
 #     topology: `keypool admin` (SQLite) feeding two `keypool frontend`s that share the rpm
 #     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
 #     `before` = dbtype none served by another build of keypool, BASELINE=/path/to/keypool (e.g.
@@ -86,7 +89,8 @@ cleanup() {
 trap cleanup EXIT
 
 . tests/load/lib.sh
-evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
+# the commands a request costs Redis: scripts, and the quota's read and addition
+evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_(eval|evalsha|get|incrby):/ {n += $3} END {print n + 0}'; }
 served() { curl -s "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 
 "${UP_PIN[@]}" "$BIN" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" > "$WORK/mock.out" 2>&1 &
@@ -160,9 +164,9 @@ dbaddr: $WORK/bench.sqlite" ;;
       else PGADDR="postgres://postgres@localhost/$PGDB?host=${PGSOCKET:-/var/run/postgresql}"; fi
       DB="dbtype: postgres
 dbaddr: \"$PGADDR\"" ;;
-    redis|redispick|gwredis|usdredis) DB="dbtype: none
+    redis|redispick|gwredis|usdredis|quotaredis) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
-    redislease|gwlease|picklease|usdlease) DB="dbtype: none
+    redislease|gwlease|picklease|usdlease|quotalease) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\", lease: ${LEASE:-64}, lease_ms: 1000}" ;;
     frontends) DB="dbtype: sqlite
 dbaddr: $WORK/cp.sqlite
@@ -175,6 +179,8 @@ admin: {token: bench-admin}" ;;
 rate_limits: [\"ingress:100000000/minute\"]" ;; esac
   case "$store" in usd*) DB="$DB
 budget: {usd: 1000000, period: total}" ;; esac
+  case "$store" in quota*) DB="$DB
+token_quota: 100000000000" ;; esac
   cat > "$WORK/config-$store.yaml" <<YAML
 address: 127.0.0.1:0
 authorization: bench-token
@@ -230,10 +236,10 @@ declare -A EVALS
 run() { # target connections
   local name=$1 e0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease) e0=$(evals) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) e0=$(evals) ;; esac
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
   echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
 
@@ -255,8 +261,8 @@ done
 for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
   case "$store" in
-    redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease)
-      echo "$store: redis round trips per request: ${EVALS[$store]} scripts / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
+    redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
+      echo "$store: redis round trips per request: ${EVALS[$store]} commands / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
   case "$store" in sqlite|postgres|pglocal)
     # nothing lost: every request's event is in the store (or still queued), none dropped;

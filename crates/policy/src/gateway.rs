@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
 use chrono::{DateTime, Timelike, Utc};
 use keypool_config::Gateway;
 use keypool_config::gateway::ListRule;
@@ -41,6 +43,9 @@ pub struct GatewayRuntime {
     /// ([`lease_for`]); a spec with other limits gets a new one, and the old one gives back
     /// what it holds.
     lease: Option<Arc<Leasing<RateHeaders>>>,
+    /// How old a view of the replicas' quota count may be and still decide (`redis.lease_ms`
+    /// when leasing; `None`: the count is read for every request).
+    quota_view_within: Option<Duration>,
 }
 
 /// What a gateway remembers between requests.
@@ -52,6 +57,8 @@ pub struct GatewayState {
     local: keypool_shared::InMemory,
     /// Across replicas (Redis): windows and the quota counter live there too.
     shared: Option<(Arc<dyn SharedState>, String)>,
+    /// The replicas' quota count as this replica last read it or added to it.
+    quota_view: Arc<arc_swap::ArcSwapOption<QuotaView>>,
     /// The response cache's entries kept in this process (`cache: {backend: memory}`).
     pub(crate) cache: crate::cache::MemoryCache,
 }
@@ -65,6 +72,16 @@ impl GatewayState {
             ..Self::default()
         }
     }
+}
+
+/// The replicas' count of a gateway's tokens, as this replica last saw it.
+#[derive(Debug)]
+struct QuotaView {
+    /// The shared counter's total.
+    total: u64,
+    /// This replica's own count then: what it counted since is added to the total.
+    local: u64,
+    seen: Instant,
 }
 
 /// The `x-ratelimit-*-requests` values of the tightest limit, sent with every response.
@@ -118,19 +135,37 @@ impl GatewayState {
 
     /// Adds real usage (a request's total tokens); with shared state and a quota to enforce,
     /// also to the replicas' common counter (in the background: the request never waits).
+    /// The new total is this replica's next view of the count.
     pub fn add_tokens(&self, n: u64, quota: bool) {
-        self.tokens_used.fetch_add(n, Ordering::Relaxed);
+        let local = self.tokens_used.fetch_add(n, Ordering::Relaxed) + n;
         if let Some((shared, gateway)) = &self.shared
             && n > 0
             && quota
         {
             let (shared, key) = (shared.clone(), quota_counter(gateway));
+            let view = self.quota_view.clone();
             tokio::spawn(async move {
-                if let Err(e) = shared.add(&key, n).await {
-                    shared.background_failed(&e);
+                match shared.add(&key, n).await {
+                    Ok(total) => view.store(Some(Arc::new(QuotaView {
+                        total,
+                        local,
+                        seen: Instant::now(),
+                    }))),
+                    Err(e) => shared.background_failed(&e),
                 }
             });
         }
+    }
+
+    /// The replicas' count as last seen, with what this replica counted since, if it was
+    /// seen less than `within` ago.
+    fn quota_seen(&self, within: Duration) -> Option<u64> {
+        let view = self.quota_view.load();
+        let view = view.as_ref().filter(|v| v.seen.elapsed() < within)?;
+        Some(
+            view.total
+                .saturating_add(self.tokens_used().saturating_sub(view.local)),
+        )
     }
 
     /// Sets the total at start-up, from the store (the shared counter only if it has none yet).
@@ -167,6 +202,7 @@ impl GatewayRuntime {
             state: Arc::default(),
             telemetry: keypool_telemetry::Telemetry::default(),
             lease: None,
+            quota_view_within: None,
         }
     }
 
@@ -181,6 +217,7 @@ impl GatewayRuntime {
     ) -> Self {
         let texts =
             |g: &Gateway| -> Vec<String> { g.rate_limits.iter().map(|l| l.text.clone()).collect() };
+        let quota_view_within = lease.map(|l| l.within);
         let lease = match previous {
             Some(p) if texts(&p.spec) == texts(&spec) => p.lease.clone(),
             _ => lease_for(&spec, state.shared(), lease),
@@ -188,6 +225,7 @@ impl GatewayRuntime {
         Self {
             name: Arc::from(spec.name.as_str()),
             lease,
+            quota_view_within,
             spec,
             state,
             telemetry,
@@ -268,13 +306,32 @@ impl GatewayRuntime {
     }
 
     /// Refuses once the tokens used (on every replica, with shared state) reached the quota.
+    /// With `redis.lease`, the replicas' count as this replica saw it within `lease_ms` (read,
+    /// or answered by its own last addition), plus what it counted since, decides without a
+    /// round trip.
     pub async fn check_quota_everywhere(&self) -> Result<(), ApiError> {
         if self.spec.token_quota.is_none() {
             return Ok(());
         }
         if let Some((shared, gateway)) = &self.state.shared {
+            if let Some(used) = self
+                .quota_view_within
+                .and_then(|within| self.state.quota_seen(within))
+            {
+                return self.quota_verdict(used);
+            }
+            let local = self.state.tokens_used();
             return match shared.get(&quota_counter(gateway)).await {
-                Ok(used) => self.quota_verdict(used),
+                Ok(used) => {
+                    if self.quota_view_within.is_some() {
+                        self.state.quota_view.store(Some(Arc::new(QuotaView {
+                            total: used,
+                            local,
+                            seen: Instant::now(),
+                        })));
+                    }
+                    self.quota_verdict(used)
+                }
                 Err(e) => {
                     shared.failed(&e);
                     if shared.fail_closed() {

@@ -24,20 +24,24 @@ fn spec(yaml: &str) -> Arc<keypool_config::Gateway> {
 /// One replica's gateways: `yaml`'s gateway, its limits in Redis under `prefix`, leased
 /// `calls` at a time for `within_ms`.
 async fn replica(prefix: &str, yaml: &str, calls: u32, within_ms: u64) -> Gateways {
+    let lease = LeaseReq {
+        calls,
+        within: Duration::from_millis(within_ms),
+    };
+    replica_leasing(prefix, yaml, Some(lease)).await
+}
+
+async fn replica_leasing(prefix: &str, yaml: &str, lease: Option<LeaseReq>) -> Gateways {
     let spec = spec(yaml);
     let shared: Arc<dyn SharedState> = Arc::new(
         RedisState::connect(REDIS, prefix, Duration::from_secs(2))
             .await
             .expect("the Redis on 127.0.0.1:6379"),
     );
-    let lease = LeaseReq {
-        calls,
-        within: Duration::from_millis(within_ms),
-    };
     Gateways::with_shared(
         &[spec],
         Some(shared),
-        Some(lease),
+        lease,
         keypool_telemetry::Telemetry::default(),
     )
 }
@@ -304,5 +308,56 @@ async fn the_next_lease_is_asked_for_ahead_of_need() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(room(&prefix, key).await, 1000 - 48 - 1);
+    cleanup(&prefix).await;
+}
+
+/// `token_quota: 100` on three replicas. With `lease_ms: 1000`, b decides from the count it
+/// read (0) for a second without reading it again, so it still admits after a spent the quota,
+/// and refuses once its view lapsed; a refuses at once, from the total its own addition got
+/// back; b's own usage counts at once, before Redis has it. Without leasing, c reads the
+/// count for every request and refuses as soon as Redis has a's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_count_is_read_once_a_lease_ms() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: q\ntoken_quota: 100\n";
+    let (a, b, c) = (
+        replica(&prefix, yaml, 8, 1000).await,
+        replica(&prefix, yaml, 8, 1000).await,
+        replica_leasing(&prefix, yaml, None).await,
+    );
+    let (a, b, c) = (
+        a.get("q").unwrap(),
+        b.get("q").unwrap(),
+        c.get("q").unwrap(),
+    );
+    assert!(b.check_quota_everywhere().await.is_ok());
+    assert!(c.check_quota_everywhere().await.is_ok());
+    let seen = Instant::now();
+    a.add_tokens(100);
+    while c.check_quota_everywhere().await.is_ok() {
+        assert!(
+            seen.elapsed() < Duration::from_secs(2),
+            "a's usage reaches Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(a.check_quota_everywhere().await.is_err());
+    assert!(
+        seen.elapsed() < Duration::from_millis(800),
+        "this machine was too slow for the test's window"
+    );
+    assert!(
+        b.check_quota_everywhere().await.is_ok(),
+        "b's view is fresh"
+    );
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    assert!(b.check_quota_everywhere().await.is_err(), "b read it again");
+
+    // b's own usage, on a fresh view, refuses at once
+    let d = replica(&prefix, "name: own\ntoken_quota: 50\n", 8, 60_000).await;
+    let d = d.get("own").unwrap();
+    assert!(d.check_quota_everywhere().await.is_ok());
+    d.add_tokens(50);
+    assert!(d.check_quota_everywhere().await.is_err());
     cleanup(&prefix).await;
 }
