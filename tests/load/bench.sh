@@ -89,8 +89,10 @@ cleanup() {
 trap cleanup EXIT
 
 . tests/load/lib.sh
-# the commands a request costs Redis: scripts, and the quota's read and addition
-evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_(eval|evalsha|get|incrby):/ {n += $3} END {print n + 0}'; }
+evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n + 0}'; }
+# GETs and INCRBYs (a token quota's read and addition), the scripts' own included: Redis counts
+# the commands a script calls as its own
+gets() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_(get|incrby):/ {n += $3} END {print n + 0}'; }
 served() { curl -s "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 
 "${UP_PIN[@]}" "$BIN" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" > "$WORK/mock.out" 2>&1 &
@@ -232,14 +234,15 @@ print(f"{rps}\t{pct.get('50', 0)}\t{pct.get('99', 0)}\t{errors.group(1) if error
 PY
 }
 
-declare -A EVALS
+declare -A EVALS GETS
 run() { # target connections
-  local name=$1 e0=0
+  local name=$1 e0=0 g0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) e0=$(evals) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) e0=$(evals); g0=$(gets) ;; esac
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )) ;; esac
+  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
+    EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )); GETS[$1]=$(( ${GETS[$1]:-0} + $(gets) - g0 )) ;; esac
   echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
 
@@ -262,7 +265,7 @@ for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
   case "$store" in
     redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
-      echo "$store: redis round trips per request: ${EVALS[$store]} commands / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
+      echo "$store: redis round trips per request: ${EVALS[$store]} scripts, ${GETS[$store]} GET/INCRBY (scripts' own included) / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
   case "$store" in sqlite|postgres|pglocal)
     # nothing lost: every request's event is in the store (or still queued), none dropped;

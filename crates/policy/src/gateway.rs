@@ -12,7 +12,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -57,8 +57,8 @@ pub struct GatewayState {
     local: keypool_shared::InMemory,
     /// Across replicas (Redis): windows and the quota counter live there too.
     shared: Option<(Arc<dyn SharedState>, String)>,
-    /// The replicas' quota count as this replica last read it or added to it.
-    quota_view: Arc<arc_swap::ArcSwapOption<QuotaView>>,
+    /// The replicas' quota count: this replica's view of it and its additions on the way.
+    quota: Arc<QuotaSync>,
     /// The response cache's entries kept in this process (`cache: {backend: memory}`).
     pub(crate) cache: crate::cache::MemoryCache,
 }
@@ -74,12 +74,38 @@ impl GatewayState {
     }
 }
 
+/// A replica's side of its gateway's shared quota count.
+#[derive(Default)]
+struct QuotaSync {
+    /// The count as this replica last read it or added to it.
+    view: arc_swap::ArcSwapOption<QuotaView>,
+    /// Tokens this replica counted towards the quota, since it started.
+    counted: AtomicU64,
+    /// Tokens settled here and not yet added to the shared count.
+    pending: AtomicU64,
+    /// An addition is on its way: the tokens settled meanwhile go with the next one.
+    adding: AtomicBool,
+}
+
+impl QuotaSync {
+    /// The shared count just came back as `total`. This replica's own count is read now: what
+    /// it counted while the total was on its way is in the count later, and until then
+    /// under-counted, never counted twice.
+    fn saw(&self, total: u64) {
+        self.view.store(Some(Arc::new(QuotaView {
+            total,
+            local: self.counted.load(Ordering::Acquire),
+            seen: Instant::now(),
+        })));
+    }
+}
+
 /// The replicas' count of a gateway's tokens, as this replica last saw it.
 #[derive(Debug)]
 struct QuotaView {
     /// The shared counter's total.
     total: u64,
-    /// This replica's own count then: what it counted since is added to the total.
+    /// This replica's own count then (`counted`): what it counted since is added to the total.
     local: u64,
     seen: Instant,
 }
@@ -134,24 +160,42 @@ impl GatewayState {
     }
 
     /// Adds real usage (a request's total tokens); with shared state and a quota to enforce,
-    /// also to the replicas' common counter (in the background: the request never waits).
-    /// The new total is this replica's next view of the count.
+    /// also to the replicas' common counter (in the background: the request never waits). One
+    /// addition is on its way at a time: the tokens settled meanwhile go with the next, so a
+    /// busy gateway adds in one round trip what many requests used. The new total is this
+    /// replica's next view of the count.
     pub fn add_tokens(&self, n: u64, quota: bool) {
-        let local = self.tokens_used.fetch_add(n, Ordering::Relaxed) + n;
+        self.tokens_used.fetch_add(n, Ordering::Relaxed);
         if let Some((shared, gateway)) = &self.shared
             && n > 0
             && quota
         {
+            self.quota.counted.fetch_add(n, Ordering::AcqRel);
+            self.quota.pending.fetch_add(n, Ordering::AcqRel);
+            if self.quota.adding.swap(true, Ordering::AcqRel) {
+                return;
+            }
             let (shared, key) = (shared.clone(), quota_counter(gateway));
-            let view = self.quota_view.clone();
+            let sync = self.quota.clone();
             tokio::spawn(async move {
-                match shared.add(&key, n).await {
-                    Ok(total) => view.store(Some(Arc::new(QuotaView {
-                        total,
-                        local,
-                        seen: Instant::now(),
-                    }))),
-                    Err(e) => shared.background_failed(&e),
+                loop {
+                    let n = sync.pending.swap(0, Ordering::AcqRel);
+                    match shared.add(&key, n).await {
+                        Ok(total) => sync.saw(total),
+                        Err(e) => {
+                            // kept for the next addition
+                            sync.pending.fetch_add(n, Ordering::AcqRel);
+                            shared.background_failed(&e);
+                            sync.adding.store(false, Ordering::Release);
+                            return;
+                        }
+                    }
+                    sync.adding.store(false, Ordering::Release);
+                    if sync.pending.load(Ordering::Acquire) == 0
+                        || sync.adding.swap(true, Ordering::AcqRel)
+                    {
+                        return;
+                    }
                 }
             });
         }
@@ -160,12 +204,10 @@ impl GatewayState {
     /// The replicas' count as last seen, with what this replica counted since, if it was
     /// seen less than `within` ago.
     fn quota_seen(&self, within: Duration) -> Option<u64> {
-        let view = self.quota_view.load();
+        let view = self.quota.view.load();
         let view = view.as_ref().filter(|v| v.seen.elapsed() < within)?;
-        Some(
-            view.total
-                .saturating_add(self.tokens_used().saturating_sub(view.local)),
-        )
+        let since = self.quota.counted.load(Ordering::Acquire).saturating_sub(view.local);
+        Some(view.total.saturating_add(since))
     }
 
     /// Sets the total at start-up, from the store (the shared counter only if it has none yet).
@@ -320,15 +362,10 @@ impl GatewayRuntime {
             {
                 return self.quota_verdict(used);
             }
-            let local = self.state.tokens_used();
             return match shared.get(&quota_counter(gateway)).await {
                 Ok(used) => {
                     if self.quota_view_within.is_some() {
-                        self.state.quota_view.store(Some(Arc::new(QuotaView {
-                            total: used,
-                            local,
-                            seen: Instant::now(),
-                        })));
+                        self.state.quota.saw(used);
                     }
                     self.quota_verdict(used)
                 }

@@ -361,3 +361,36 @@ async fn the_quota_count_is_read_once_a_lease_ms() {
     assert!(d.check_quota_everywhere().await.is_err());
     cleanup(&prefix).await;
 }
+
+/// 1,000 requests' tokens settled at once on a replica with a quota: their additions to the
+/// replicas' count go one at a time (those settled meanwhile together), and none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_additions_go_together_and_none_is_lost() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: q\ntoken_quota: 2000\n";
+    let (a, b) = (
+        replica(&prefix, yaml, 8, 60_000).await,
+        replica_leasing(&prefix, yaml, None).await,
+    );
+    let (a, b) = (a.get("q").unwrap(), b.get("q").unwrap());
+    let settling: Vec<_> = (0..1000)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.add_tokens(2) })
+        })
+        .collect();
+    for s in settling {
+        s.await.unwrap();
+    }
+    assert!(a.check_quota_everywhere().await.is_err(), "its own 2,000 at once");
+    let started = Instant::now();
+    while b.check_quota_everywhere().await.is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "every addition reaches Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(b.state.tokens_used_everywhere().await, 2000);
+    cleanup(&prefix).await;
+}
