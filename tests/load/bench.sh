@@ -30,7 +30,8 @@
 #     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
 #     `before` = dbtype none served by another build of keypool, BASELINE=/path/to/keypool (e.g.
 #     one built from the commit before a change): before and after in the same run, rounds
-#     alternating, its ratio to `none` printed per round.
+#     alternating, its ratio to `none` printed per round; `before-STORE` (e.g. `before-quotalease`)
+#     the same for another store's config.
 # REDIS2=1 adds two `serve` replicas sharing the Redis budgets, loaded at once (needs redis).
 # OVERLOAD=1 adds a run that saturates the usage writer (SQLite, `log.queue_capacity: 64`,
 # `on_overflow: spill`), stops keypool with SIGTERM and reports answered 200s against the usage
@@ -154,7 +155,8 @@ NGX
 fi
 
 for store in $STORES; do
-  case "$store" in
+  cfg=${store#before-}
+  case "$cfg" in
     none|rpm|gw|usd|before) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
@@ -176,12 +178,12 @@ admin: {token: bench-admin}" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
   LIMIT=""
-  case "$store" in rpm|redis|redislease|frontends|gw*) LIMIT=", rpm: 100000000" ;; esac
-  case "$store" in gw*) DB="$DB
+  case "$cfg" in rpm|redis|redislease|frontends|gw*) LIMIT=", rpm: 100000000" ;; esac
+  case "$cfg" in gw*) DB="$DB
 rate_limits: [\"ingress:100000000/minute\"]" ;; esac
-  case "$store" in usd*) DB="$DB
+  case "$cfg" in usd*) DB="$DB
 budget: {usd: 1000000, period: total}" ;; esac
-  case "$store" in quota*) DB="$DB
+  case "$cfg" in quota*) DB="$DB
 token_quota: 100000000000" ;; esac
   cat > "$WORK/config-$store.yaml" <<YAML
 address: 127.0.0.1:0
@@ -209,7 +211,7 @@ YAML
     URL[feb]=$(url_in "$WORK/feb.out")
   else
     KBIN=$BIN
-    [ "$store" = before ] && KBIN=${BASELINE:?STORES=before needs BASELINE=/path/to/keypool}
+    [ "$store" = "$cfg" ] && [ "$store" != before ] || KBIN=${BASELINE:?STORES=before needs BASELINE=/path/to/keypool}
     RUST_LOG=warn "${PROXY_PIN[@]}" "$KBIN" serve --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-$store.out" 2> "$WORK/kp-$store.err" &
     PID[$store]=$!
     wait_line "$WORK/kp-$store.out" "listening on http.*/v1"
@@ -238,10 +240,10 @@ declare -A EVALS GETS
 run() { # target connections
   local name=$1 e0=0 g0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) e0=$(evals); g0=$(gets) ;; esac
+  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) e0=$(evals); g0=$(gets) ;; esac
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "$1" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
+  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
     EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )); GETS[$1]=$(( ${GETS[$1]:-0} + $(gets) - g0 )) ;; esac
   echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
@@ -263,7 +265,7 @@ done
 
 for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
-  case "$store" in
+  case "${store#before-}" in
     redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
       echo "$store: redis round trips per request: ${EVALS[$store]} scripts, ${GETS[$store]} GET/INCRBY (scripts' own included) / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
