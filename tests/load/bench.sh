@@ -25,7 +25,10 @@
 #     scripts a request), and held in slices with the picks leased; `quotaredis`, `quotalease` =
 #     `redispick`, `picklease` with a token quota on `/v1` (`token_quota: 100000000000`): its
 #     count read for every request (a GET) and added to after it (an INCRBY), and read at
-#     most once a `lease_ms` (the additions' answers refresh it); `frontends` = the production
+#     most once a `lease_ms` (the additions' answers refresh it); `tpm`, `tpmredis`, `tpmlease` =
+#     `rpm`, `redis`, `redislease` with a `tpm` on every key too (each pick reserves its
+#     estimate in the key's token window and settles the real count after; leased: a token
+#     slice of an estimate per call beside the calls); `frontends` = the production
 #     topology: `keypool admin` (SQLite) feeding two `keypool frontend`s that share the rpm
 #     budgets in Redis, measured on one frontend, then both loaded at once (2 x 32 connections).
 #     `before` = dbtype none served by another build of keypool, BASELINE=/path/to/keypool (e.g.
@@ -157,7 +160,7 @@ fi
 for store in $STORES; do
   cfg=${store#before-}
   case "$cfg" in
-    none|rpm|gw|usd|before) DB="dbtype: none" ;;
+    none|rpm|gw|usd|tpm|before) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
     postgres|pglocal)
@@ -168,9 +171,9 @@ dbaddr: $WORK/bench.sqlite" ;;
       else PGADDR="postgres://postgres@localhost/$PGDB?host=${PGSOCKET:-/var/run/postgresql}"; fi
       DB="dbtype: postgres
 dbaddr: \"$PGADDR\"" ;;
-    redis|redispick|gwredis|usdredis|quotaredis) DB="dbtype: none
+    redis|redispick|gwredis|usdredis|quotaredis|tpmredis) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
-    redislease|gwlease|picklease|usdlease|quotalease) DB="dbtype: none
+    redislease|gwlease|picklease|usdlease|quotalease|tpmlease) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\", lease: ${LEASE:-64}, lease_ms: 1000}" ;;
     frontends) DB="dbtype: sqlite
 dbaddr: $WORK/cp.sqlite
@@ -179,6 +182,7 @@ admin: {token: bench-admin}" ;;
   esac
   LIMIT=""
   case "$cfg" in rpm|redis|redislease|frontends|gw*) LIMIT=", rpm: 100000000" ;; esac
+  case "$cfg" in tpm*) LIMIT=", rpm: 100000000, tpm: 100000000000" ;; esac
   case "$cfg" in gw*) DB="$DB
 rate_limits: [\"ingress:100000000/minute\"]" ;; esac
   case "$cfg" in usd*) DB="$DB
@@ -240,10 +244,10 @@ declare -A EVALS GETS
 run() { # target connections
   local name=$1 e0=0 g0=0
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease) e0=$(evals); g0=$(gets) ;; esac
+  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease|tpmredis|tpmlease) e0=$(evals); g0=$(gets) ;; esac
   taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
+  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease|tpmredis|tpmlease)
     EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )); GETS[$1]=$(( ${GETS[$1]:-0} + $(gets) - g0 )) ;; esac
   echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
@@ -266,7 +270,7 @@ done
 for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
   case "${store#before-}" in
-    redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease)
+    redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease|tpmredis|tpmlease)
       echo "$store: redis round trips per request: ${EVALS[$store]} scripts, ${GETS[$store]} GET/INCRBY (scripts' own included) / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
   esac
   case "$store" in sqlite|postgres|pglocal)

@@ -206,7 +206,11 @@ impl GatewayState {
     fn quota_seen(&self, within: Duration) -> Option<u64> {
         let view = self.quota.view.load();
         let view = view.as_ref().filter(|v| v.seen.elapsed() < within)?;
-        let since = self.quota.counted.load(Ordering::Acquire).saturating_sub(view.local);
+        let since = self
+            .quota
+            .counted
+            .load(Ordering::Acquire)
+            .saturating_sub(view.local);
         Some(view.total.saturating_add(since))
     }
 

@@ -382,7 +382,10 @@ async fn quota_additions_go_together_and_none_is_lost() {
     for s in settling {
         s.await.unwrap();
     }
-    assert!(a.check_quota_everywhere().await.is_err(), "its own 2,000 at once");
+    assert!(
+        a.check_quota_everywhere().await.is_err(),
+        "its own 2,000 at once"
+    );
     let started = Instant::now();
     while b.check_quota_everywhere().await.is_ok() {
         assert!(

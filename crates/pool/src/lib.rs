@@ -18,7 +18,7 @@ pub mod window;
 
 pub use key::{Health, KeyActor, KeyCounters, KeySeed, KeyState};
 pub use keypool_shared::{
-    Admit, HealthEvent, InMemory, LeaseReq, Picked, RedisState, SessionReq, SharedError,
+    Admit, Granted, HealthEvent, InMemory, LeaseReq, Picked, RedisState, SessionReq, SharedError,
     SharedState, Stick, TokenReq, WindowReq,
 };
 pub use messages::{

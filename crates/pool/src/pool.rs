@@ -32,8 +32,13 @@ use crate::tally::KeyTally;
 
 mod lease;
 mod pick;
+mod slice;
 
 pub use keypool_shared::Leasing;
+
+/// The pool's leases: a key's calls, with the token slice leased beside them where the key
+/// has `tpm`.
+type PickLeasing = Leasing<Option<Arc<slice::TokenSlice>>>;
 
 use keypool_shared::HealthAnnouncer;
 use keypool_telemetry::Telemetry;
@@ -281,8 +286,9 @@ pub struct PoolHandle {
     pins: Arc<crate::InMemory>,
     /// Which key each session keeps, without shared state (bounded as pins are).
     sessions: Arc<crate::InMemory>,
-    /// Calls leased from the shared state (`redis.lease`), spent here.
-    leasing: Option<Arc<Leasing>>,
+    /// Calls (and, of keys with `tpm`, token slices) leased from the shared state
+    /// (`redis.lease`), spent here.
+    leasing: Option<Arc<PickLeasing>>,
 }
 
 /// How long a Responses API response stays pinned to the key that created it.
@@ -297,13 +303,14 @@ impl PoolHandle {
     }
 
     /// With shared state: picks reserve up to `calls` calls of a key's rpm budget at once
-    /// and spend them here within `within` ([`Leasing`]); `calls` of 0 or 1 leases nothing.
+    /// (of a key with `tpm`, an estimate of tokens per call beside them: a token slice) and
+    /// spend them here within `within` ([`Leasing`]); `calls` of 0 or 1 leases nothing.
     /// Call after [`Self::with_shared`] (what lapses is given back by a task of its own,
     /// started with the first lease).
     #[must_use]
     pub fn with_leasing(mut self, calls: u32, within: std::time::Duration) -> Self {
         if let (Some(shared), true) = (&self.shared, calls > 1) {
-            self.leasing = Some(Arc::new(Leasing::new(calls, within, shared.clone())));
+            self.leasing = Some(Arc::new(PickLeasing::new(calls, within, shared.clone())));
         }
         self
     }

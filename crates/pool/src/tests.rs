@@ -452,6 +452,7 @@ async fn room_in_a(shared: &dyn crate::SharedState, rpm: u32) -> u32 {
         .await
         .unwrap()
         .1
+        .calls
 }
 
 /// A pool of one key `a` (`rpm: 100`) sharing its window in the Redis on 127.0.0.1:6379 under
@@ -466,14 +467,92 @@ async fn leasing_pool_of(
     rpm: u32,
     calls: u32,
 ) -> (String, Arc<dyn crate::SharedState>, PoolHandle) {
+    leasing_pool_with(key("a", Some(rpm), None), calls, Duration::from_secs(30)).await
+}
+
+/// A pool of `key` sharing its windows in the Redis on 127.0.0.1:6379 under a prefix of its
+/// own, leasing `calls` at a time for `within`.
+async fn leasing_pool_with(
+    key: Arc<UpstreamKey>,
+    calls: u32,
+    within: Duration,
+) -> (String, Arc<dyn crate::SharedState>, PoolHandle) {
     let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
     let shared: Arc<dyn crate::SharedState> = Arc::new(
         crate::RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
             .await
             .unwrap(),
     );
-    let pool = KeyPool::start(&[key("a", Some(rpm), None)], LbPolicy::LeastUsed)
+    let pool = KeyPool::start(&[key], LbPolicy::LeastUsed)
         .with_shared(shared.clone())
-        .with_leasing(calls, Duration::from_secs(30));
+        .with_leasing(calls, within);
     (prefix, shared, pool)
+}
+
+/// The tokens key `a`'s shared token window counts now (settled use and reservations).
+async fn tokens_counted_in_a(prefix: &str) -> u64 {
+    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let sum: Option<u64> = redis::cmd("GET")
+        .arg(format!("{prefix}key:a:tok:sum"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sum.unwrap_or(0)
+}
+
+/// With `redis.lease`, a pick on a key with `tpm` leases a token slice beside its calls: one
+/// estimate per call (8 x 100 of `tpm: 10000`, one round trip for 8 picks). The others hold
+/// their estimates against it here; once its calls are spent and the last of its requests
+/// has settled, it is settled in the shared window as one reservation of what they used: 7
+/// reported 40 each, one was dropped unsettled (its estimate kept): 380.
+#[actix_rt::test]
+async fn picks_of_a_tpm_key_lease_a_token_slice() {
+    let a = key("a", Some(1000), Some(10_000));
+    let (prefix, _, pool) = leasing_pool_with(a, 8, Duration::from_secs(30)).await;
+    let mut leases = Vec::new();
+    for _ in 0..8 {
+        leases.push(pool.pick(&pick(100, vec![])).await.unwrap());
+    }
+    assert_eq!(tokens_counted_in_a(&prefix).await, 800, "one slice of 8");
+    let dropped = leases.pop();
+    for l in leases {
+        l.settle(Outcome::Success {
+            tokens: Some(40),
+            latency: Duration::from_millis(1),
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        tokens_counted_in_a(&prefix).await,
+        800,
+        "a request of the slice is still in flight"
+    );
+    drop(dropped);
+    let settled = Instant::now();
+    while tokens_counted_in_a(&prefix).await != 380 {
+        assert!(settled.elapsed() < Duration::from_secs(2), "settled as one");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+}
+
+/// A pick whose estimate the slice has no room left for (100 of 800 held, 800 asked) asks
+/// for its own lease instead: a second slice, of 8 estimates of 800 capped at a tenth of the
+/// `tpm` (so one of 10,000 / 10 = 1000 holds one: one call, its estimate alone).
+#[actix_rt::test]
+async fn a_pick_the_slice_cannot_hold_reserves_its_own() {
+    let a = key("a", Some(1000), Some(10_000));
+    let (prefix, _, pool) = leasing_pool_with(a, 8, Duration::from_secs(30)).await;
+    let small = pool.pick(&pick(100, vec![])).await.unwrap();
+    assert_eq!(tokens_counted_in_a(&prefix).await, 800);
+    let large = pool.pick(&pick(800, vec![])).await.unwrap();
+    assert_eq!(tokens_counted_in_a(&prefix).await, 1600);
+    small.settle(ok());
+    large.settle(ok());
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
 }

@@ -85,12 +85,24 @@ impl<M: Clone + Send + 'static> Leasing<M> {
         name: impl Fn(&T) -> &'a str,
         now: Instant,
     ) -> Option<Spend<T, M>> {
+        self.spend_where(items, name, now, |_| true)
+    }
+
+    /// [`Self::spend`] from a lease whose `M` also `takes` the call (a pick's token slice
+    /// takes its estimate, or has no room for it).
+    pub fn spend_where<'a, T: Copy>(
+        &self,
+        items: &[T],
+        name: impl Fn(&T) -> &'a str,
+        now: Instant,
+        takes: impl Fn(&M) -> bool,
+    ) -> Option<Spend<T, M>> {
         let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
         items.iter().find_map(|&on| {
             let lease = credits
                 .get_mut(name(&on))?
                 .iter_mut()
-                .find(|l| l.left > 0 && now < l.until)?;
+                .find(|l| l.left > 0 && now < l.until && takes(&l.meta))?;
             lease.left -= 1;
             Some(Spend {
                 on,

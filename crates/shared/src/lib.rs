@@ -47,6 +47,14 @@ pub struct TokenReq {
     pub cost: u64,
 }
 
+/// What a leasing pick reserved for the candidate it chose: calls in its window, and tokens in
+/// its token window (0: it has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    pub calls: u32,
+    pub tokens: u64,
+}
+
 /// A USD budget a request must fit: what was spent in its period and what requests in flight
 /// hold, in nano-dollars, under `key` until `ttl` lapses (the period's end plus a margin;
 /// `None`: never).
@@ -195,12 +203,15 @@ pub trait SharedState: Send + Sync {
     ) -> Result<Picked, SharedError>;
 
     /// [`Self::pick_reserving`] reserving up to `lease.calls` calls at once in the chosen
-    /// window (more than one only where it has no token budget, and at most the room of one
-    /// with an rpm budget; an unbudgeted one counts them for its ranking), for the caller to
-    /// spend over `lease.within` without asking again; answers the calls reserved. The reserved calls count from `now + within`, the latest they may
-    /// be spent, so a window never holds more than its limit in any trailing period; what is
-    /// not spent goes back with [`Self::return_lease`]. One process shares nothing: this
-    /// default reserves one.
+    /// window (at most the room of one with an rpm budget; an unbudgeted one counts them for
+    /// its ranking), for the caller to spend over `lease.within` without asking again. Where
+    /// the chosen one has a token window, the lease holds one estimate (its `cost`) per call
+    /// there too: at most a tenth of its limit and the room it has left, and only where that is
+    /// two estimates or more (else one call, one estimate). Answers what it reserved. Reserved
+    /// calls and tokens count from `now + within`, the latest they may be spent, so a window
+    /// never holds more than its limit in any trailing period; unspent calls go back with
+    /// [`Self::return_lease`], the tokens are settled with [`Self::settle_tokens`] under `id`.
+    /// One process shares nothing: this default reserves one call.
     async fn pick_leasing(
         &self,
         candidates: &[WindowReq],
@@ -209,11 +220,22 @@ pub trait SharedState: Send + Sync {
         id: &str,
         lease: LeaseReq,
         now: Instant,
-    ) -> Result<(Picked, u32), SharedError> {
+    ) -> Result<(Picked, Granted), SharedError> {
         let _ = lease;
-        self.pick_reserving(candidates, tokens, least_used, id, now)
-            .await
-            .map(|p| (p, 1))
+        let picked = self
+            .pick_reserving(candidates, tokens, least_used, id, now)
+            .await?;
+        let granted = match picked {
+            Picked::Index(i) => Granted {
+                calls: 1,
+                tokens: tokens.get(i).cloned().flatten().map_or(0, |t| t.cost),
+            },
+            Picked::Busy(_) => Granted {
+                calls: 0,
+                tokens: 0,
+            },
+        };
+        Ok((picked, granted))
     }
 
     /// Gives back `unused` of the `granted` calls lease `id` reserved in `window` (once per

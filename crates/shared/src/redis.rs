@@ -256,7 +256,7 @@ impl SharedState for RedisState {
         id: &str,
         lease: crate::LeaseReq,
         _: Instant,
-    ) -> Result<(Picked, u32), SharedError> {
+    ) -> Result<(Picked, crate::Granted), SharedError> {
         self.run_pick(candidates, tokens, least_used, id, None, Some(lease))
             .await
             .map(|(picked, _, granted)| (picked, granted))

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keypool_shared::{
-    Admit, BudgetReq, Held, InMemory, LeaseReq, Picked, RedisState, RedisTarget, SessionReq,
-    SharedState, Spent, Stick, TokenReq, WindowReq,
+    Admit, BudgetReq, Granted, Held, InMemory, LeaseReq, Picked, RedisState, RedisTarget,
+    SessionReq, SharedState, Spent, Stick, TokenReq, WindowReq,
 };
 use tokio::time::Instant;
 
@@ -225,8 +225,10 @@ async fn large_windows_slide_whole(s: &dyn SharedState) {
 }
 
 /// A lease reserves up to its calls at once, never past the window's room, and what goes
-/// back is room again; a window with a token budget leases one call at a time. Exact and
-/// large windows alike. (Shared state only: one process leases nothing.)
+/// back is room again. On a key with a token window it holds one estimate per call there
+/// too, at most a tenth of its limit and the room left, counted until settled; where that is
+/// under two estimates it takes one call. Exact and large windows alike. (Shared state only:
+/// one process leases nothing.)
 async fn leases_reserve_ahead_and_go_back(s: &dyn SharedState) {
     let lease = |calls| LeaseReq {
         calls,
@@ -235,9 +237,11 @@ async fn leases_reserve_ahead_and_go_back(s: &dyn SharedState) {
     for (key, limit, calls) in [("lease-exact", 10, 4), ("lease-large", 5000, 2000)] {
         let win = [w(key, limit, 60_000)];
         let take = async |id: &str, calls| {
-            s.pick_leasing(&win, &[], true, id, lease(calls), Instant::now())
+            let (picked, granted) = s
+                .pick_leasing(&win, &[], true, id, lease(calls), Instant::now())
                 .await
-                .unwrap()
+                .unwrap();
+            (picked, granted.calls)
         };
         assert_eq!(take("l1", calls).await, (Picked::Index(0), calls));
         assert_eq!(take("l2", calls).await, (Picked::Index(0), calls));
@@ -249,16 +253,61 @@ async fn leases_reserve_ahead_and_go_back(s: &dyn SharedState) {
         assert!(matches!(take("l6", 1).await, (Picked::Busy(_), 0)));
     }
     let win = [w("lease-tokens", 100, 60_000)];
-    let tokens = [Some(TokenReq {
-        key: "lease-tokens:tok".into(),
-        limit: 1000,
-        cost: 1,
-    })];
-    let (picked, granted) = s
-        .pick_leasing(&win, &tokens, true, "t1", lease(10), Instant::now())
+    let tokens = |limit, cost| {
+        [Some(TokenReq {
+            key: "lease-tokens:tok".into(),
+            limit,
+            cost,
+        })]
+    };
+    let take = async |id: &str, (limit, cost), calls| {
+        s.pick_leasing(
+            &win,
+            &tokens(limit, cost),
+            true,
+            id,
+            lease(calls),
+            Instant::now(),
+        )
+        .await
+        .unwrap()
+    };
+    let granted = |calls, tokens| Granted { calls, tokens };
+    // 10 calls, 10 estimates of 30 (300 of the tenth's 300)
+    assert_eq!(
+        take("t1", (3000, 30), 10).await,
+        (Picked::Index(0), granted(10, 300))
+    );
+    // a tenth of 3000 holds 6 estimates of 50
+    assert_eq!(
+        take("t2", (3000, 50), 10).await,
+        (Picked::Index(0), granted(6, 300))
+    );
+    // one estimate of 200 is more than half the tenth: one call
+    assert_eq!(
+        take("t3", (3000, 200), 10).await,
+        (Picked::Index(0), granted(1, 200))
+    );
+    // 800 held; the slices settle to what their calls used, and the room is back
+    s.settle_tokens(&tokens(3000, 300)[0].clone().unwrap(), "t1", 40)
         .await
         .unwrap();
-    assert_eq!((picked, granted), (Picked::Index(0), 1));
+    s.settle_tokens(&tokens(3000, 300)[0].clone().unwrap(), "t2", 0)
+        .await
+        .unwrap();
+    s.settle_tokens(&tokens(3000, 200)[0].clone().unwrap(), "t3", 0)
+        .await
+        .unwrap();
+    // 40 used of 3000: a slice of 300 again
+    assert_eq!(
+        take("t4", (3000, 30), 10).await,
+        (Picked::Index(0), granted(10, 300))
+    );
+    // 340 counted: one estimate of 2661 does not fit
+    assert!(matches!(
+        take("t5", (3000, 2661), 10).await,
+        (Picked::Busy(_), _)
+    ));
 }
 
 /// An admission's lease reserves up to its calls in every window at once, never past the room
@@ -614,9 +663,11 @@ async fn unbudgeted_leases_count_for_the_ranking(s: &dyn SharedState) {
         within: Duration::from_secs(1),
     };
     let take = async |id: &str| {
-        s.pick_leasing(&c, &[], true, id, lease, Instant::now())
+        let (picked, granted) = s
+            .pick_leasing(&c, &[], true, id, lease, Instant::now())
             .await
-            .unwrap()
+            .unwrap();
+        (picked, granted.calls)
     };
     assert_eq!(take("a").await, (Picked::Index(0), 8));
     assert_eq!(take("b").await, (Picked::Index(1), 8));

@@ -33,18 +33,27 @@ pub struct Lease {
 }
 
 /// A token reservation in the shared state, settled there with the real count.
-pub(in crate::pool) struct SharedTokens {
-    pub(in crate::pool) state: Arc<dyn crate::SharedState>,
-    pub(in crate::pool) req: crate::TokenReq,
-    pub(in crate::pool) id: String,
+pub(in crate::pool) enum SharedTokens {
+    /// This attempt's own reservation.
+    Each {
+        state: Arc<dyn crate::SharedState>,
+        req: crate::TokenReq,
+        id: String,
+    },
+    /// Its estimate held against a leased pick's slice ([`super::slice::TokenSlice`]).
+    Slice(super::slice::SliceHold),
 }
 
 impl std::fmt::Debug for SharedTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedTokens")
-            .field("req", &self.req)
-            .field("id", &self.id)
-            .finish_non_exhaustive()
+        match self {
+            Self::Each { req, id, .. } => f
+                .debug_struct("SharedTokens")
+                .field("req", req)
+                .field("id", id)
+                .finish_non_exhaustive(),
+            Self::Slice(hold) => hold.fmt(f),
+        }
     }
 }
 
@@ -67,16 +76,17 @@ impl Lease {
         ) = (self.shared_tokens.take(), &outcome)
         {
             let actual = *actual;
-            // off the response path: the count matters to the next picks, not to this one
-            tokio::spawn(async move {
-                if let Err(e) = shared
-                    .state
-                    .settle_tokens(&shared.req, &shared.id, actual)
-                    .await
-                {
-                    shared.state.background_failed(&e);
+            match shared {
+                SharedTokens::Slice(hold) => hold.settle(actual),
+                // off the response path: the count matters to the next picks, not to this one
+                SharedTokens::Each { state, req, id } => {
+                    tokio::spawn(async move {
+                        if let Err(e) = state.settle_tokens(&req, &id, actual).await {
+                            state.background_failed(&e);
+                        }
+                    });
                 }
-            });
+            }
         }
         let elapsed = self.started.elapsed();
         if matches!(outcome, Outcome::Timeout) {

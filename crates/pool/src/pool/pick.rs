@@ -9,6 +9,7 @@ use std::time::Duration;
 use keypool_config::{LbPolicy, UpstreamKey};
 use tokio::time::Instant;
 
+use super::slice::TokenSlice;
 use super::{Lease, PoolHandle, PoolView, SharedTokens};
 use crate::SharedState as _;
 use crate::messages::{BusyCause, NoKey, Refusal, Reserve};
@@ -174,12 +175,24 @@ impl PoolHandle {
         let name = |c: &Candidate| &*view.keys[c.order].key.name;
         let mut asking = None;
         if let (Some(l), None) = (&self.leasing, &pick.session) {
-            let spent = |l: &Arc<super::Leasing>| {
-                let s = l.spend(cands, name, Instant::now())?;
+            let est = pick.est_tokens;
+            let spent = |l: &Arc<super::PickLeasing>| {
+                // a key with `tpm`: its lease's token slice must hold this pick's estimate too
+                let takes = |slice: &Option<Arc<TokenSlice>>| {
+                    slice.as_ref().is_none_or(|slice| slice.take(est))
+                };
+                let s = l.spend_where(cands, name, Instant::now(), takes)?;
                 if l.time_to_ask_ahead(s.left) {
                     ask_ahead(shared, l, view, cands);
                 }
-                Some(SharedPick::Chosen(s.on, None, None))
+                let tokens = s.meta.map(|slice| {
+                    let hold = slice.hold(est);
+                    if s.left == 0 {
+                        slice.close();
+                    }
+                    SharedTokens::Slice(hold)
+                });
+                Some(SharedPick::Chosen(s.on, tokens, None))
             };
             if let Some(chosen) = spent(l) {
                 return chosen;
@@ -330,7 +343,7 @@ async fn shared_pick(
     pick: &Pick,
     id: String,
     now: Instant,
-    leasing: Option<&Arc<super::Leasing>>,
+    leasing: Option<&Arc<super::PickLeasing>>,
 ) -> SharedPick {
     let ordered = script_order(view, cands.to_vec());
     let windows: Vec<crate::WindowReq> = ordered
@@ -350,6 +363,10 @@ async fn shared_pick(
         .collect();
     let least_used = view.policy == LbPolicy::LeastUsed;
     let asked = Instant::now();
+    let one = crate::Granted {
+        calls: 1,
+        tokens: 0,
+    };
     let picked = match (&pick.session, leasing) {
         (None, Some(l)) => shared
             .pick_leasing(&windows, &tokens, least_used, &id, l.req, now)
@@ -358,24 +375,44 @@ async fn shared_pick(
         (None, None) => shared
             .pick_reserving(&windows, &tokens, least_used, &id, now)
             .await
-            .map(|p| (p, None, 1)),
+            .map(|p| (p, None, one)),
         (Some(session), _) => shared
             .pick_in_session(&windows, &tokens, least_used, &id, session, now)
             .await
-            .map(|(p, stick)| (p, Some(stick), 1)),
+            .map(|(p, stick)| (p, Some(stick), one)),
     };
     match picked {
         Ok((crate::Picked::Index(i), stick, granted)) => {
             let i = i.min(ordered.len() - 1);
-            if let (Some(l), true) = (leasing, granted > 1) {
+            let mut in_slice = None;
+            if let (Some(l), true) = (leasing, granted.calls > 1) {
                 let name = view.keys[ordered[i].order].key.name.clone();
                 let window = Box::new([windows[i].clone()]);
-                l.keep(name, window, (id.clone(), granted, asked), ());
+                // a key with `tpm`: the lease holds an estimate per call there too, this
+                // pick's among them
+                let slice = tokens[i]
+                    .as_ref()
+                    .filter(|_| granted.tokens > 0)
+                    .map(|req| {
+                        let req = crate::TokenReq {
+                            cost: granted.tokens,
+                            ..req.clone()
+                        };
+                        let each = granted.tokens / u64::from(granted.calls);
+                        let until = asked + l.req.within;
+                        let (slice, own) =
+                            TokenSlice::open(shared.clone(), req, id.clone(), each, until);
+                        in_slice = Some(SharedTokens::Slice(own));
+                        slice
+                    });
+                l.keep(name, window, (id.clone(), granted.calls, asked), slice);
             }
-            let reserved = tokens[i].clone().map(|req| SharedTokens {
-                state: shared.clone(),
-                req,
-                id,
+            let reserved = in_slice.or_else(|| {
+                tokens[i].clone().map(|req| SharedTokens::Each {
+                    state: shared.clone(),
+                    req,
+                    id,
+                })
             });
             SharedPick::Chosen(ordered[i], reserved, stick)
         }
@@ -413,7 +450,7 @@ fn calls_window(key: &UpstreamKey) -> crate::WindowReq {
 /// unavailable shared state keeps nothing (the next pick that finds no lease asks itself).
 fn ask_ahead(
     shared: &Arc<dyn crate::SharedState>,
-    l: &Arc<super::Leasing>,
+    l: &Arc<super::PickLeasing>,
     view: &PoolView,
     cands: &[Candidate],
 ) {
@@ -457,7 +494,7 @@ fn ask_ahead(
             Ok((crate::Picked::Index(i), granted)) => {
                 let i = i.min(windows.len() - 1);
                 let window = Box::new([windows[i].clone()]);
-                l.keep_ahead(names[i].clone(), window, (id, granted, asked), ());
+                l.keep_ahead(names[i].clone(), window, (id, granted.calls, asked), None);
             }
             Ok((crate::Picked::Busy(_), _)) => {}
             Err(e) => shared.background_failed(&e),

@@ -10,8 +10,8 @@ use crate::{Picked, SessionReq, SharedError, Stick, TokenReq, WindowReq};
 /// window and its token window. ARGV: member id, `least` or `first`, then per candidate
 /// (limit, per_ms, token_limit, token_cost); a limit of 0 means unbudgeted, a token limit of 0
 /// no token budget; then the calls wanted as a lease (1: none) and its ms; for a session's
-/// pick its key and ttl come last. Returns {1, index, stick, granted} or {0, free_in_ms}
-/// (pick.lua says more).
+/// pick its key and ttl come last. Returns {1, index, stick, granted, tokens} or
+/// {0, free_in_ms} (pick.lua says more).
 ///
 /// A budgeted window is exact (a sorted set of admission times, bounded by its limit). An
 /// unbudgeted one only ranks, so it is two per-window counters (this window and the last one,
@@ -40,7 +40,7 @@ impl RedisState {
         id: &str,
         session: Option<&SessionReq>,
         lease: Option<crate::LeaseReq>,
-    ) -> Result<(Picked, Stick, u32), SharedError> {
+    ) -> Result<(Picked, Stick, crate::Granted), SharedError> {
         let mut inv = self.pick_script.prepare_invoke();
         inv.arg(id);
         inv.arg(if least_used { "least" } else { "first" });
@@ -71,13 +71,16 @@ impl RedisState {
         let mut conn = self.conn();
         let out: Vec<i64> = self.run(inv.invoke_async(&mut conn)).await?;
         match out.as_slice() {
-            [1, i, stick, granted] => {
+            [1, i, stick, granted, tokens] => {
                 let stick = match stick {
                     1 => Stick::Hit,
                     3 => Stick::Moved,
                     _ => Stick::Miss,
                 };
-                let granted = u32::try_from(*granted).unwrap_or(1).max(1);
+                let granted = crate::Granted {
+                    calls: u32::try_from(*granted).unwrap_or(1).max(1),
+                    tokens: u64::try_from(*tokens).unwrap_or(0),
+                };
                 Ok((
                     Picked::Index(usize::try_from(*i).unwrap_or(0)),
                     stick,
@@ -87,7 +90,10 @@ impl RedisState {
             [0, free] => Ok((
                 Picked::Busy(Duration::from_millis(u64::try_from(*free).unwrap_or(0))),
                 Stick::Moved,
-                0,
+                crate::Granted {
+                    calls: 0,
+                    tokens: 0,
+                },
             )),
             other => Err(SharedError(format!("unexpected pick answer {other:?}"))),
         }

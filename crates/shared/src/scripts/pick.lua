@@ -3,11 +3,13 @@
 -- `least` or `first`, then per candidate (limit, per_ms, token_limit, token_cost); a limit of
 -- 0 means unbudgeted, a token limit of 0 no token budget; then the calls wanted as a lease
 -- (1: none) and the lease's ms; then, for a session, its ttl in ms.
--- Returns {1, index, stick, granted} or {0, free_in_ms}; stick: 0 no session, 1 the
+-- Returns {1, index, stick, granted, tokens} or {0, free_in_ms}; stick: 0 no session, 1 the
 -- session's key (hit), 2 a session new here (miss), 3 the session's key could not serve
--- (moved); granted: the calls reserved (more than 1 only for a lease, only on a window with no
--- token budget, at most what a budgeted window has room for; an unbudgeted one counts them
--- for its ranking).
+-- (moved); granted: the calls reserved (more than 1 only for a lease, at most what a budgeted
+-- window has room for; an unbudgeted one counts them for its ranking); tokens: what was
+-- reserved in the chosen key's token window (0: it has none). A lease on a key with a token
+-- window reserves one estimate (the asker's) per call: at most a tenth of the window's limit
+-- and the room it has left, and only where that is two estimates or more (else one call).
 --
 -- A budgeted window is a request window (window.lua, which comes first: exact up to 4096, in
 -- runs above). An
@@ -27,7 +29,7 @@ local function tokens_used(k, per)
     for _, m in ipairs(old) do sum = sum - tonumber(string.match(m, ':(%d+)$')) end
     redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
     if sum < 0 or redis.call('ZCARD', k) == 0 then sum = 0 end
-    redis.call('SET', k .. ':sum', sum, 'PX', per)
+    redis.call('SET', k .. ':sum', sum, 'PX', per + LEASE_SLACK)
   end
   return sum
 end
@@ -101,7 +103,14 @@ local limit = tonumber(ARGV[4 * best - 1])
 local tlimit = tonumber(ARGV[4 * best + 1])
 local granted = 1
 local lease = tonumber(ARGV[3 + 4 * ncand])
-local leasing = lease > 1 and tlimit == 0 and not session
+local leasing = lease > 1 and not session
+local cost = 0
+if tlimit > 0 then cost = math.min(tonumber(ARGV[4 * best + 2]), tlimit) end
+if leasing and tlimit > 0 then
+  local room = tlimit - tokens_used(KEYS[2 * best], per)
+  local slice = math.min(cost * lease, math.floor(tlimit / 10), room)
+  if cost < 1 or slice < 2 * cost then leasing = false else lease = math.floor(slice / cost) end
+end
 if limit == 0 then
   -- an unbudgeted lease is only counted for the ranking: nothing to give back
   if leasing then granted = lease end
@@ -117,14 +126,15 @@ else
   end
 end
 if tlimit > 0 then
-  local tk = KEYS[2 * best]
-  local cost = math.min(tonumber(ARGV[4 * best + 2]), tlimit)
-  redis.call('ZADD', tk, now, ARGV[1] .. ':' .. cost)
+  -- a lease's tokens count from the latest moment they may be spent, as its calls do
+  local tk, at = KEYS[2 * best], now
+  if granted > 1 then cost, at = cost * granted, now + tonumber(ARGV[4 + 4 * ncand]) end
+  redis.call('ZADD', tk, at, ARGV[1] .. ':' .. cost)
   redis.call('INCRBY', tk .. ':sum', cost)
-  redis.call('PEXPIRE', tk, per)
-  redis.call('PEXPIRE', tk .. ':sum', per)
+  redis.call('PEXPIRE', tk, per + LEASE_SLACK)
+  redis.call('PEXPIRE', tk .. ':sum', per + LEASE_SLACK)
 end
 if session then
   redis.call('SET', session, k, 'PX', tonumber(ARGV[5 + 4 * ncand]))
 end
-return {1, best - 1, stick, granted}
+return {1, best - 1, stick, granted, cost}
