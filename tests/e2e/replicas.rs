@@ -130,6 +130,7 @@ in_both_topologies!(
     a_redis_cluster_holds_limits_and_survives_a_dead_master,
     leased_budgets_hold_exactly_and_unspent_calls_go_back,
     leased_gateway_limits_hold_exactly_and_unspent_calls_go_back,
+    a_leased_tpm_holds_exactly_and_unspent_tokens_go_back,
 );
 
 async fn post(gw: &Gateway, path: &str, model: &str) -> anyhow::Result<u16> {
@@ -170,6 +171,17 @@ async fn three_replicas_admit_exactly_a_keys_rpm(topo: Topo) -> anyhow::Result<(
 
 /// Sequential calls (each settled before the next) with a small completion estimate, counted.
 async fn tpm_admitted(gws: &[Gateway], calls: usize) -> anyhow::Result<usize> {
+    // the settled count reaches Redis
+    tpm_admitted_pausing(gws, calls, Duration::from_millis(150)).await
+}
+
+/// [`tpm_admitted`] with `pause` after each call. Each call is estimated at 25 tokens (98 bytes
+/// of body / 4, `max_tokens: 1`) and uses 10 (the mock's 5 + 5).
+async fn tpm_admitted_pausing(
+    gws: &[Gateway],
+    calls: usize,
+    pause: Duration,
+) -> anyhow::Result<usize> {
     let mut ok = 0;
     for i in 0..calls {
         let gw = &gws[i % gws.len()];
@@ -186,7 +198,7 @@ async fn tpm_admitted(gws: &[Gateway], calls: usize) -> anyhow::Result<usize> {
         let _ = resp.bytes().await;
         assert!(status == 200 || status == 429, "{status}");
         ok += usize::from(status == 200);
-        tokio::time::sleep(Duration::from_millis(150)).await; // the settled count reaches Redis
+        tokio::time::sleep(pause).await;
     }
     Ok(ok)
 }
@@ -750,5 +762,31 @@ async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
     assert_eq!(run(&gws[1], 6).await?, 3);
     assert_eq!(run(&gws[0], 2).await?, 0);
     assert_eq!(up.requests(), 40);
+    Ok(())
+}
+
+/// `redis.lease: 4` on a key's `tpm: 500`: a pick that asks Redis leases 2 calls and a token
+/// slice of 2 estimates of 25 (a tenth of the tpm holds two), and the calls it spends here
+/// hold their estimates against the slice; each slice settles as what its calls used (10
+/// each). Alone, a process admits 48 such calls (470 used + 25 fits, 480 + 25 does not).
+/// Alternating over two replicas admits no more than that (a slice's unspent part may refuse
+/// some meanwhile); once the slices lapsed, one replica admits the rest: 48 in all, exactly.
+async fn a_leased_tpm_holds_exactly_and_unspent_tokens_go_back(topo: Topo) -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let pfx = prefix();
+    let yaml = config()
+        .token(T)
+        .set("queue_timeout", "0.05")
+        .key(&up, "up", "tpm: 500")
+        .block(&leased_redis(&pfx, 1000, ""))
+        .yaml();
+    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx, 1000)).await?;
+    let now = Duration::ZERO;
+    let alternating = tpm_admitted_pausing(&gws, 60, now).await?;
+    assert!((30..=48).contains(&alternating), "{alternating}");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let rest = tpm_admitted_pausing(&gws[..1], 30, now).await?;
+    assert_eq!(alternating + rest, 48, "{alternating} + {rest}");
+    assert_eq!(up.requests(), 48);
     Ok(())
 }
