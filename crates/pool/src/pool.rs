@@ -32,6 +32,7 @@ use crate::tally::KeyTally;
 
 mod lease;
 mod pick;
+mod shared_pick;
 mod slice;
 
 pub use keypool_shared::Leasing;
