@@ -556,3 +556,34 @@ async fn a_pick_the_slice_cannot_hold_reserves_its_own() {
         .await
         .unwrap();
 }
+
+/// A slice whose lease lapses with calls left (one pick of 8 leased, `within` 300 ms) settles
+/// then, as what its one request used: 40 of the 800 it held.
+#[actix_rt::test]
+async fn a_lapsed_slice_settles_what_it_used() {
+    let a = key("a", Some(1000), Some(10_000));
+    let (prefix, _, pool) = leasing_pool_with(a, 8, Duration::from_millis(300)).await;
+    pool.pick(&pick(100, vec![]))
+        .await
+        .unwrap()
+        .settle(Outcome::Success {
+            tokens: Some(40),
+            latency: Duration::from_millis(1),
+        });
+    assert_eq!(
+        tokens_counted_in_a(&prefix).await,
+        800,
+        "held until it lapses"
+    );
+    let settled = Instant::now();
+    while tokens_counted_in_a(&prefix).await != 40 {
+        assert!(
+            settled.elapsed() < Duration::from_secs(2),
+            "settled at its lapse"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+}

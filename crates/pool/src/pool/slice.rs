@@ -70,12 +70,12 @@ impl TokenSlice {
             }),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
-            let closing = Arc::downgrade(&slice);
+            // holds the slice until then: the lease's holder may let go of it first (its
+            // returner takes lapsed leases out), and the slice must still settle
+            let closing = slice.clone();
             tokio::spawn(async move {
                 tokio::time::sleep_until(until).await;
-                if let Some(s) = closing.upgrade() {
-                    s.close();
-                }
+                closing.close();
             });
         }
         let hold = SliceHold {
