@@ -501,6 +501,19 @@ async fn tokens_counted_in_a(prefix: &str) -> u64 {
     sum.unwrap_or(0)
 }
 
+/// Waits (up to 2 s) until key `a`'s shared token window counts `n`: a slice settles off the
+/// request path.
+async fn counted_in_a_becomes(prefix: &str, n: u64) {
+    let started = Instant::now();
+    while tokens_counted_in_a(prefix).await != n {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "never counted {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// With `redis.lease`, a pick on a key with `tpm` leases a token slice beside its calls: one
 /// estimate per call (8 x 100 of `tpm: 10000`, one round trip for 8 picks). The others hold
 /// their estimates against it here; once its calls are spent and the last of its requests
@@ -529,11 +542,7 @@ async fn picks_of_a_tpm_key_lease_a_token_slice() {
         "a request of the slice is still in flight"
     );
     drop(dropped);
-    let settled = Instant::now();
-    while tokens_counted_in_a(&prefix).await != 380 {
-        assert!(settled.elapsed() < Duration::from_secs(2), "settled as one");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    counted_in_a_becomes(&prefix, 380).await;
     keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
         .await
         .unwrap();
@@ -575,14 +584,7 @@ async fn a_lapsed_slice_settles_what_it_used() {
         800,
         "held until it lapses"
     );
-    let settled = Instant::now();
-    while tokens_counted_in_a(&prefix).await != 40 {
-        assert!(
-            settled.elapsed() < Duration::from_secs(2),
-            "settled at its lapse"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    counted_in_a_becomes(&prefix, 40).await;
     keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
         .await
         .unwrap();
