@@ -83,18 +83,19 @@ struct QuotaSync {
     counted: AtomicU64,
     /// Tokens settled here and not yet added to the shared count.
     pending: AtomicU64,
+    /// Tokens handed to additions so far (the one on its way included).
+    sent: AtomicU64,
     /// An addition is on its way: the tokens settled meanwhile go with the next one.
     adding: AtomicBool,
 }
 
 impl QuotaSync {
-    /// The shared count just came back as `total`. This replica's own count is read now: what
-    /// it counted while the total was on its way is in the count later, and until then
-    /// under-counted, never counted twice.
-    fn saw(&self, total: u64) {
+    /// The shared count came back as `total`, holding `local` of this replica's own count:
+    /// what it counted beyond that is added to the total until the next view.
+    fn saw(&self, total: u64, local: u64) {
         self.view.store(Some(Arc::new(QuotaView {
             total,
-            local: self.counted.load(Ordering::Acquire),
+            local,
             seen: Instant::now(),
         })));
     }
@@ -179,11 +180,14 @@ impl GatewayState {
             let sync = self.quota.clone();
             tokio::spawn(async move {
                 loop {
+                    // one addition at a time: its total holds exactly what was sent so far
                     let n = sync.pending.swap(0, Ordering::AcqRel);
+                    let through = sync.sent.fetch_add(n, Ordering::AcqRel) + n;
                     match shared.add(&key, n).await {
-                        Ok(total) => sync.saw(total),
+                        Ok(total) => sync.saw(total, through),
                         Err(e) => {
                             // kept for the next addition
+                            sync.sent.fetch_sub(n, Ordering::AcqRel);
                             sync.pending.fetch_add(n, Ordering::AcqRel);
                             shared.background_failed(&e);
                             sync.adding.store(false, Ordering::Release);
@@ -366,10 +370,13 @@ impl GatewayRuntime {
             {
                 return self.quota_verdict(used);
             }
+            // an addition on its way may or may not be in what the read finds: counted as in
+            // it (under-counted until its own total comes back, never twice)
+            let local = self.state.quota.sent.load(Ordering::Acquire);
             return match shared.get(&quota_counter(gateway)).await {
                 Ok(used) => {
                     if self.quota_view_within.is_some() {
-                        self.state.quota.saw(used);
+                        self.state.quota.saw(used, local);
                     }
                     self.quota_verdict(used)
                 }

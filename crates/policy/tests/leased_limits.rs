@@ -32,11 +32,15 @@ async fn replica(prefix: &str, yaml: &str, calls: u32, within_ms: u64) -> Gatewa
 }
 
 async fn replica_leasing(prefix: &str, yaml: &str, lease: Option<LeaseReq>) -> Gateways {
+    replica_on(REDIS, prefix, yaml, lease).await
+}
+
+async fn replica_on(url: &str, prefix: &str, yaml: &str, lease: Option<LeaseReq>) -> Gateways {
     let spec = spec(yaml);
     let shared: Arc<dyn SharedState> = Arc::new(
-        RedisState::connect(REDIS, prefix, Duration::from_secs(2))
+        RedisState::connect(url, prefix, Duration::from_secs(2))
             .await
-            .expect("the Redis on 127.0.0.1:6379"),
+            .expect("a Redis"),
     );
     Gateways::with_shared(
         &[spec],
@@ -362,17 +366,24 @@ async fn the_quota_count_is_read_once_a_lease_ms() {
     cleanup(&prefix).await;
 }
 
-/// 1,000 requests' tokens settled at once on a replica with a quota: their additions to the
-/// replicas' count go one at a time (those settled meanwhile together), and none is lost.
+/// 1,000 requests' tokens settled at once on a replica with a quota (a Redis of its own, to
+/// count its commands): their additions to the replicas' count go one at a time, those
+/// settled meanwhile together, so far fewer than 1,000 `INCRBY`s reach Redis; none is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_additions_go_together_and_none_is_lost() {
-    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let server = keypool_shared::testing::Servers::single().unwrap();
+    let url = server.urls(0).remove(0);
     let yaml = "name: q\ntoken_quota: 2000\n";
+    let lease = LeaseReq {
+        calls: 8,
+        within: Duration::from_secs(60),
+    };
     let (a, b) = (
-        replica(&prefix, yaml, 8, 60_000).await,
-        replica_leasing(&prefix, yaml, None).await,
+        replica_on(&url, "kp:", yaml, Some(lease)).await,
+        replica_on(&url, "kp:", yaml, None).await,
     );
     let (a, b) = (a.get("q").unwrap(), b.get("q").unwrap());
+    assert!(a.check_quota_everywhere().await.is_ok(), "a's view: 0");
     let settling: Vec<_> = (0..1000)
         .map(|_| {
             let a = a.clone();
@@ -395,5 +406,18 @@ async fn quota_additions_go_together_and_none_is_lost() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(b.state.tokens_used_everywhere().await, 2000);
-    cleanup(&prefix).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let incrbys: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_incrby:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!((1..100).contains(&incrbys), "{incrbys} INCRBYs for 1,000");
 }
