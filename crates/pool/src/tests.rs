@@ -515,19 +515,19 @@ async fn counted_in_a_becomes(prefix: &str, n: u64) {
 }
 
 /// With `redis.lease`, a pick on a key with `tpm` leases a token slice beside its calls: one
-/// estimate per call (8 x 100 of `tpm: 10000`, one round trip for 8 picks). The others hold
+/// estimate per call (4 x 100 of `tpm: 10000`, one round trip for 4 picks). The others hold
 /// their estimates against it here; once its calls are spent and the last of its requests
-/// has settled, it is settled in the shared window as one reservation of what they used: 7
-/// reported 40 each, one was dropped unsettled (its estimate kept): 380.
+/// has settled, it is settled in the shared window as one reservation of what they used: 3
+/// reported 40 each, one was dropped unsettled (its estimate kept): 220.
 #[actix_rt::test]
 async fn picks_of_a_tpm_key_lease_a_token_slice() {
     let a = key("a", Some(1000), Some(10_000));
-    let (prefix, _, pool) = leasing_pool_with(a, 8, Duration::from_secs(30)).await;
+    let (prefix, _, pool) = leasing_pool_with(a, 4, Duration::from_secs(30)).await;
     let mut leases = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..4 {
         leases.push(pool.pick(&pick(100, vec![])).await.unwrap());
     }
-    assert_eq!(tokens_counted_in_a(&prefix).await, 800, "one slice of 8");
+    assert_eq!(tokens_counted_in_a(&prefix).await, 400, "one slice of 4");
     let dropped = leases.pop();
     for l in leases {
         l.settle(Outcome::Success {
@@ -538,11 +538,39 @@ async fn picks_of_a_tpm_key_lease_a_token_slice() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         tokens_counted_in_a(&prefix).await,
-        800,
+        400,
         "a request of the slice is still in flight"
     );
     drop(dropped);
-    counted_in_a_becomes(&prefix, 380).await;
+    counted_in_a_becomes(&prefix, 220).await;
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+}
+
+/// The pick that leaves a quarter of a lease of 16 asks for the next one in the background,
+/// token slice included (sized by its own estimate): after 12 picks two slices of 16 x 100
+/// are counted. The next 16 spend the first's last 4 and 12 of the second, which then asks
+/// for a third the same way.
+#[actix_rt::test]
+async fn the_next_token_slice_is_asked_for_ahead_of_need() {
+    let a = key("a", Some(1000), Some(100_000));
+    let (prefix, _, pool) = leasing_pool_with(a, 16, Duration::from_secs(30)).await;
+    let mut leases = Vec::new();
+    for _ in 0..12 {
+        leases.push(pool.pick(&pick(100, vec![])).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(tokens_counted_in_a(&prefix).await, 3200);
+    for _ in 0..16 {
+        leases.push(pool.pick(&pick(100, vec![])).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        tokens_counted_in_a(&prefix).await,
+        4800,
+        "and the next one ahead"
+    );
     keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
         .await
         .unwrap();

@@ -184,7 +184,7 @@ impl PoolHandle {
                 };
                 let s = l.spend_where(cands, name, Instant::now(), takes)?;
                 if l.time_to_ask_ahead(s.left) {
-                    ask_ahead(shared, l, view, cands);
+                    ask_ahead(shared, l, view, (cands, est));
                 }
                 let tokens = s.meta.map(|slice| {
                     let hold = slice.hold(est);

@@ -42,14 +42,7 @@ pub(super) async fn shared_pick(
         .collect();
     let tokens: Vec<Option<crate::TokenReq>> = ordered
         .iter()
-        .map(|c| {
-            let key = &view.keys[c.order].key;
-            key.tpm.map(|limit| crate::TokenReq {
-                key: format!("key:{}:tok", key.name),
-                limit,
-                cost: pick.est_tokens,
-            })
-        })
+        .map(|c| token_window(&view.keys[c.order].key, pick.est_tokens))
         .collect();
     let least_used = view.policy == LbPolicy::LeastUsed;
     let asked = Instant::now();
@@ -80,21 +73,19 @@ pub(super) async fn shared_pick(
                 let window = Box::new([windows[i].clone()]);
                 // a key with `tpm`: the lease holds an estimate per call there too, this
                 // pick's among them
-                let slice = tokens[i]
-                    .as_ref()
-                    .filter(|_| granted.tokens > 0)
-                    .map(|req| {
-                        let req = crate::TokenReq {
-                            cost: granted.tokens,
-                            ..req.clone()
-                        };
-                        let each = granted.tokens / u64::from(granted.calls);
-                        let until = asked + l.req.within;
-                        let (slice, own) =
-                            TokenSlice::open(shared.clone(), req, id.clone(), each, until);
-                        in_slice = Some(SharedTokens::Slice(own));
-                        slice
-                    });
+                let slice = slice_of(
+                    shared,
+                    tokens[i].as_ref(),
+                    granted,
+                    &id,
+                    asked + l.req.within,
+                );
+                if let Some(slice) = &slice {
+                    let each = granted.tokens / u64::from(granted.calls);
+                    if slice.take(each) {
+                        in_slice = Some(SharedTokens::Slice(slice.hold(each)));
+                    }
+                }
                 l.keep(name, window, (id.clone(), granted.calls, asked), slice);
             }
             let reserved = in_slice.or_else(|| {
@@ -112,6 +103,34 @@ pub(super) async fn shared_pick(
             SharedPick::Failed
         }
     }
+}
+
+/// A key's token window in the shared state, for a pick estimated at `est` tokens (`None`:
+/// the key has no `tpm`).
+fn token_window(key: &UpstreamKey, est: u64) -> Option<crate::TokenReq> {
+    key.tpm.map(|limit| crate::TokenReq {
+        key: format!("key:{}:tok", key.name),
+        limit,
+        cost: est,
+    })
+}
+
+/// The token slice a lease reserved beside its calls in `window` (`None` when the key has no
+/// token window), settled under the lease's `id` once it lapses at `until` or its calls are
+/// spent, and its requests have settled.
+fn slice_of(
+    shared: &Arc<dyn crate::SharedState>,
+    window: Option<&crate::TokenReq>,
+    granted: crate::Granted,
+    id: &str,
+    until: Instant,
+) -> Option<Arc<TokenSlice>> {
+    let window = window.filter(|_| granted.tokens > 0)?;
+    let req = crate::TokenReq {
+        cost: granted.tokens,
+        ..window.clone()
+    };
+    Some(TokenSlice::open(shared.clone(), req, id.to_owned(), until))
 }
 
 /// Candidates in the order the shared pick's script takes them: random and latency, the first
@@ -133,26 +152,22 @@ fn calls_window(key: &UpstreamKey) -> crate::WindowReq {
     }
 }
 
-/// Asks for the next lease of picks in the background, among `cands`' keys without a token
-/// window (their leases are calls only), unless an ask is under way: under steady traffic it
-/// lands before the current lease is spent, so no pick waits for the script. The key it is
-/// for is the one the script chooses now, as an in-line ask would; a busy answer or an
-/// unavailable shared state keeps nothing (the next pick that finds no lease asks itself).
+/// Asks for the next lease of picks in the background among `cands`' keys, unless an ask is
+/// under way: under steady traffic it lands before the current lease is spent, so no pick
+/// waits for the script. The key it is for is the one the script chooses now, as an in-line
+/// ask would; a key with `tpm` gets a token slice of `est` (the triggering pick's estimate)
+/// per call. A busy answer or an unavailable shared state keeps nothing (the next pick that
+/// finds no lease asks itself).
 pub(super) fn ask_ahead(
     shared: &Arc<dyn crate::SharedState>,
     l: &Arc<super::PickLeasing>,
     view: &PoolView,
-    cands: &[Candidate],
+    (cands, est): (&[Candidate], u64),
 ) {
     if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
-    let calls_only = cands
-        .iter()
-        .filter(|c| view.keys[c.order].key.tpm.is_none())
-        .copied()
-        .collect();
-    let ordered = script_order(view, calls_only);
+    let ordered = script_order(view, cands.to_vec());
     if ordered.is_empty() {
         return;
     }
@@ -163,6 +178,10 @@ pub(super) fn ask_ahead(
     let windows: Vec<crate::WindowReq> = ordered
         .iter()
         .map(|c| calls_window(&view.keys[c.order].key))
+        .collect();
+    let tokens: Vec<Option<crate::TokenReq>> = ordered
+        .iter()
+        .map(|c| token_window(&view.keys[c.order].key, est))
         .collect();
     let least_used = view.policy == LbPolicy::LeastUsed;
     let (shared, l) = (shared.clone(), l.clone());
@@ -176,7 +195,6 @@ pub(super) fn ask_ahead(
             fastrand::u64(..)
         );
         let asked = Instant::now();
-        let tokens = vec![None; windows.len()];
         match shared
             .pick_leasing(&windows, &tokens, least_used, &id, l.req, asked)
             .await
@@ -184,7 +202,9 @@ pub(super) fn ask_ahead(
             Ok((crate::Picked::Index(i), granted)) => {
                 let i = i.min(windows.len() - 1);
                 let window = Box::new([windows[i].clone()]);
-                l.keep_ahead(names[i].clone(), window, (id, granted.calls, asked), None);
+                let until = asked + l.req.within;
+                let slice = slice_of(&shared, tokens[i].as_ref(), granted, &id, until);
+                l.keep_ahead(names[i].clone(), window, (id, granted.calls, asked), slice);
             }
             Ok((crate::Picked::Busy(_), _)) => {}
             Err(e) => shared.background_failed(&e),

@@ -50,24 +50,18 @@ pub(crate) struct SliceHold {
 }
 
 impl TokenSlice {
-    /// A slice of `req.cost` tokens reserved under `id`, taking requests until `until`; the
-    /// asker's own estimate `est` is held against it at once.
+    /// A slice of `req.cost` tokens reserved under `id`, taking requests until `until`.
     pub(crate) fn open(
         shared: Arc<dyn crate::SharedState>,
         req: TokenReq,
         id: String,
-        est: u64,
         until: Instant,
-    ) -> (Arc<Self>, SliceHold) {
+    ) -> Arc<Self> {
         let slice = Arc::new(Self {
             req,
             id,
             shared,
-            state: Mutex::new(SliceState {
-                held: est,
-                in_flight: 1,
-                ..SliceState::default()
-            }),
+            state: Mutex::new(SliceState::default()),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             // holds the slice until then: the lease's holder may let go of it first (its
@@ -78,12 +72,7 @@ impl TokenSlice {
                 closing.close();
             });
         }
-        let hold = SliceHold {
-            slice: slice.clone(),
-            est,
-            settled: false,
-        };
-        (slice, hold)
+        slice
     }
 
     /// Holds `est` against the slice, if it still takes requests and has room for it.
