@@ -316,11 +316,14 @@ impl PoolHandle {
         self
     }
 
-    /// Gives back the keys' calls leased and not spent (a graceful stop, once the server has
-    /// drained).
+    /// Gives back the keys' calls leased and not spent, and settles their token slices (a
+    /// graceful stop, once the server has drained).
     pub async fn give_back_leases(&self) {
         if let Some(l) = &self.leasing {
-            l.give_back_all().await;
+            // and settles their token slices: what was held and not used is room again
+            for slice in l.give_back_all().await.into_iter().flatten() {
+                slice.settle_now().await;
+            }
         }
     }
 

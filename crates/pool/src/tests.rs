@@ -617,3 +617,25 @@ async fn a_lapsed_slice_settles_what_it_used() {
         .await
         .unwrap();
 }
+
+/// A graceful stop settles the open token slices before it answers: one pick of a lease of 8
+/// (800 held, within 30 s) used 40, and that is what the window counts once
+/// `give_back_leases` returns.
+#[actix_rt::test]
+async fn a_graceful_stop_settles_open_token_slices() {
+    let a = key("a", Some(1000), Some(10_000));
+    let (prefix, _, pool) = leasing_pool_with(a, 8, Duration::from_secs(30)).await;
+    pool.pick(&pick(100, vec![]))
+        .await
+        .unwrap()
+        .settle(Outcome::Success {
+            tokens: Some(40),
+            latency: Duration::from_millis(1),
+        });
+    assert_eq!(tokens_counted_in_a(&prefix).await, 800);
+    pool.give_back_leases().await;
+    assert_eq!(tokens_counted_in_a(&prefix).await, 40);
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+}

@@ -246,36 +246,44 @@ impl<M> Drop for Leasing<M> {
 
 impl<M> Leasing<M> {
     /// Gives back every call not spent, now, before answering (a graceful stop, once the
-    /// server has drained).
-    pub async fn give_back_all(&self) {
+    /// server has drained); answers the `M` of every lease it took out, for the asker to
+    /// settle what else they hold (a pick's token slice).
+    pub async fn give_back_all(&self) -> Vec<M> {
         let credits =
             std::mem::take(&mut *self.credits.lock().unwrap_or_else(PoisonError::into_inner));
-        let unspent: Vec<Credit<M>> = credits
-            .into_values()
-            .flatten()
-            .filter(|c| c.left > 0)
-            .collect();
+        let mut metas = Vec::new();
+        let mut unspent = Vec::new();
+        for c in credits.into_values().flatten() {
+            if c.left > 0 {
+                unspent.push((c.id, c.windows, c.granted, c.left));
+            }
+            metas.push(c.meta);
+        }
         returning(&self.shared, unspent).await;
+        metas
     }
 }
 
 /// Returns the unspent calls of `credits` to their shared windows, in the background.
 fn give_back<M>(shared: &Arc<dyn SharedState>, credits: Vec<Credit<M>>) {
     if tokio::runtime::Handle::try_current().is_ok() {
+        let credits = credits
+            .into_iter()
+            .map(|c| (c.id, c.windows, c.granted, c.left))
+            .collect();
         tokio::spawn(returning(shared, credits));
     }
 }
 
+/// A lease's calls to give back: its id, its windows, the calls granted and those left.
+type Unspent = (String, Box<[WindowReq]>, u32, u32);
+
 /// The return of `credits`' unspent calls to their shared windows.
-fn returning<M>(
+fn returning(
     shared: &Arc<dyn SharedState>,
-    credits: Vec<Credit<M>>,
+    credits: Vec<Unspent>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let shared = shared.clone();
-    let credits: Vec<_> = credits
-        .into_iter()
-        .map(|c| (c.id, c.windows, c.granted, c.left))
-        .collect();
     async move {
         for (id, windows, granted, left) in credits {
             for w in &*windows {

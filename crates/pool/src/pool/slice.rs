@@ -107,6 +107,21 @@ impl TokenSlice {
         }
     }
 
+    /// Closes it and, if its last request has settled (a graceful stop, once the server has
+    /// drained), settles it in the shared state before answering.
+    pub(crate) async fn settle_now(&self) {
+        let done = {
+            let mut s = self.lock();
+            s.closed = true;
+            s.finished()
+        };
+        if let Some(used) = done
+            && let Err(e) = self.shared.settle_tokens(&self.req, &self.id, used).await
+        {
+            self.shared.background_failed(&e);
+        }
+    }
+
     fn settled_one(&self, est: u64, actual: u64) {
         let done = {
             let mut s = self.lock();
