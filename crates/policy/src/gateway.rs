@@ -186,9 +186,9 @@ impl GatewayState {
                     match shared.add(&key, n).await {
                         Ok(total) => sync.saw(total, through),
                         Err(e) => {
-                            // kept for the next addition
-                            sync.sent.fetch_sub(n, Ordering::AcqRel);
-                            sync.pending.fetch_add(n, Ordering::AcqRel);
+                            // not sent again: a call that timed out may have been applied,
+                            // and counting it twice would refuse the gateway for good (the
+                            // count never resets); the tokens settled since go with the next
                             shared.background_failed(&e);
                             sync.adding.store(false, Ordering::Release);
                             return;
