@@ -48,14 +48,15 @@ async fn latency_prefers_the_faster_upstream() -> anyhow::Result<()> {
 
 /// Two keys of the same speed tie on latency: least-used spreads the calls evenly, even when
 /// one of them served the process's first request (a cold connection, once ranked last for a
-/// minute). Both answer in 20 ms, as a provider does, not at once: a key's two samples are
-/// then 40 ms apart, so one busy moment of a loaded test machine cannot slow both, and only
-/// two slow answers in a row rank a key slower (at 0.4 ms apart, one 10 ms pause did, once in
-/// about twenty runs).
+/// minute). Both answer in 60 ms, as a provider does, not at once: a step is then 15 ms (a
+/// quarter of the fastest time), and a key's two samples are 120 ms apart, so it takes two
+/// pauses of a loaded test machine of 15 ms each to rank one slower (at 0.4 ms apart and 5 ms
+/// steps, one 10 ms pause did, once in about twenty runs; at 20 ms, under the whole suite,
+/// two 5 ms pauses 40 ms apart did too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equally_fast_keys_spread_least_used() -> anyhow::Result<()> {
     let same_speed = || Behavior {
-        latency_ms: 20,
+        latency_ms: 60,
         ..Behavior::default()
     };
     let a = mock("a", same_speed());

@@ -259,7 +259,7 @@ pub enum LbPolicy {
     /// Uniformly random among eligible keys.
     Random,
     /// The lowest recent time to first byte (the faster of this process's last two attempts
-    /// on the key, in 5 ms steps), then least-used.
+    /// on the key, in steps of 5 ms or a quarter of the fastest time), then least-used.
     Latency,
 }
 

@@ -4,8 +4,14 @@ use keypool_config::LbPolicy;
 
 /// Times to first byte this close are the same speed to `lb_policy: latency` (least-used
 /// decides among them): a connection's set-up or a scheduler's hiccup moves a fast key's
-/// time by a few milliseconds.
+/// time by a few milliseconds. The least step: a slower fastest key's is a quarter of its time
+/// ([`LATENCY_STEP_SHARE`]).
 pub const LATENCY_STEP_MS: u32 = 5;
+
+/// A step is at least this share of the fastest key's time (1/4): a provider's times to
+/// first byte vary by tens of milliseconds from one call to the next, so keys of one region
+/// tie at 400 and 480 ms as they do at 1 and 4.
+pub const LATENCY_STEP_SHARE: u32 = 4;
 
 /// What ranking needs to know of an eligible key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,9 +29,10 @@ pub struct Candidate {
 /// - `least-used`: fewest requests in the trailing window, then fewest in flight, then config order;
 /// - `order`: config order (openai-api-route);
 /// - `random`: a uniform shuffle;
-/// - `latency`: lowest recent time to first byte in steps of [`LATENCY_STEP_MS`] above the
-///   fastest key's (keys within one step of it tie with it, and a key not measured yet is
-///   among them, so it gets measured), then as `least-used`.
+/// - `latency`: lowest recent time to first byte in steps above the fastest key's of
+///   [`LATENCY_STEP_MS`] or a quarter of its time, whichever is more (keys within one step of
+///   it tie with it, and a key not measured yet is among them, so it gets measured), then as
+///   `least-used`.
 pub fn rank(policy: LbPolicy, cands: &mut [Candidate]) {
     match policy {
         LbPolicy::Latency => {
@@ -35,8 +42,9 @@ pub fn rank(policy: LbPolicy, cands: &mut [Candidate]) {
                 .filter(|&ms| ms > 0)
                 .min()
                 .unwrap_or(0);
+            let width = (fastest / LATENCY_STEP_SHARE).max(LATENCY_STEP_MS);
             cands.sort_unstable_by_key(|c| {
-                let step = c.ttfb_ms.saturating_sub(fastest) / LATENCY_STEP_MS;
+                let step = c.ttfb_ms.saturating_sub(fastest) / width;
                 (step, c.window_requests, c.in_flight, c.order)
             });
         }
@@ -92,6 +100,13 @@ mod tests {
         rank(LbPolicy::Latency, &mut v);
         assert_eq!(orders(&v), vec![1, 0]);
         let mut v = vec![timed(0, 4), timed(1, 9)];
+        rank(LbPolicy::Latency, &mut v);
+        assert_eq!(orders(&v), vec![0, 1]);
+        // from a fastest of 400 ms a step is 100 ms: 480 ties with it, 500 does not
+        let mut v = vec![timed(0, 400), timed(1, 480)];
+        rank(LbPolicy::Latency, &mut v);
+        assert_eq!(orders(&v), vec![1, 0]);
+        let mut v = vec![timed(0, 400), timed(1, 500)];
         rank(LbPolicy::Latency, &mut v);
         assert_eq!(orders(&v), vec![0, 1]);
     }
