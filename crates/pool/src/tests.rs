@@ -594,12 +594,11 @@ async fn a_pick_the_slice_cannot_hold_reserves_its_own() {
         .unwrap();
 }
 
-/// A slice whose lease lapses with calls left (one pick of 8 leased, `within` 300 ms) settles
-/// then, as what its one request used: 40 of the 800 it held.
-#[actix_rt::test]
-async fn a_lapsed_slice_settles_what_it_used() {
+/// A leasing pool of key `a` (`tpm: 10000`, leases of 8 within `within`) whose one pick (a
+/// slice of 8 x 100) settled having used 40 tokens.
+async fn one_pick_of_a_slice_used_40(within: Duration) -> (String, PoolHandle) {
     let a = key("a", Some(1000), Some(10_000));
-    let (prefix, _, pool) = leasing_pool_with(a, 8, Duration::from_millis(300)).await;
+    let (prefix, _, pool) = leasing_pool_with(a, 8, within).await;
     pool.pick(&pick(100, vec![]))
         .await
         .unwrap()
@@ -607,6 +606,14 @@ async fn a_lapsed_slice_settles_what_it_used() {
             tokens: Some(40),
             latency: Duration::from_millis(1),
         });
+    (prefix, pool)
+}
+
+/// A slice whose lease lapses with calls left (one pick of 8 leased, `within` 300 ms) settles
+/// then, as what its one request used: 40 of the 800 it held.
+#[actix_rt::test]
+async fn a_lapsed_slice_settles_what_it_used() {
+    let (prefix, _pool) = one_pick_of_a_slice_used_40(Duration::from_millis(300)).await;
     assert_eq!(
         tokens_counted_in_a(&prefix).await,
         800,
@@ -623,15 +630,7 @@ async fn a_lapsed_slice_settles_what_it_used() {
 /// `give_back_leases` returns.
 #[actix_rt::test]
 async fn a_graceful_stop_settles_open_token_slices() {
-    let a = key("a", Some(1000), Some(10_000));
-    let (prefix, _, pool) = leasing_pool_with(a, 8, Duration::from_secs(30)).await;
-    pool.pick(&pick(100, vec![]))
-        .await
-        .unwrap()
-        .settle(Outcome::Success {
-            tokens: Some(40),
-            latency: Duration::from_millis(1),
-        });
+    let (prefix, pool) = one_pick_of_a_slice_used_40(Duration::from_secs(30)).await;
     assert_eq!(tokens_counted_in_a(&prefix).await, 800);
     pool.give_back_leases().await;
     assert_eq!(tokens_counted_in_a(&prefix).await, 40);

@@ -36,14 +36,7 @@ pub(super) async fn shared_pick(
     leasing: Option<&Arc<super::PickLeasing>>,
 ) -> SharedPick {
     let ordered = script_order(view, cands.to_vec());
-    let windows: Vec<crate::WindowReq> = ordered
-        .iter()
-        .map(|c| calls_window(&view.keys[c.order].key))
-        .collect();
-    let tokens: Vec<Option<crate::TokenReq>> = ordered
-        .iter()
-        .map(|c| token_window(&view.keys[c.order].key, pick.est_tokens))
-        .collect();
+    let (windows, tokens) = script_windows(view, &ordered, pick.est_tokens);
     let least_used = view.policy == LbPolicy::LeastUsed;
     let asked = Instant::now();
     let one = crate::Granted {
@@ -103,6 +96,22 @@ pub(super) async fn shared_pick(
             SharedPick::Failed
         }
     }
+}
+
+/// The calls window and token window (if any) of each of `ordered`'s keys, as the pick script
+/// takes them, for a pick estimated at `est` tokens.
+fn script_windows(
+    view: &PoolView,
+    ordered: &[Candidate],
+    est: u64,
+) -> (Vec<crate::WindowReq>, Vec<Option<crate::TokenReq>>) {
+    ordered
+        .iter()
+        .map(|c| {
+            let key = &view.keys[c.order].key;
+            (calls_window(key), token_window(key, est))
+        })
+        .unzip()
 }
 
 /// A key's token window in the shared state, for a pick estimated at `est` tokens (`None`:
@@ -175,14 +184,7 @@ pub(super) fn ask_ahead(
         .iter()
         .map(|c| view.keys[c.order].key.name.clone())
         .collect();
-    let windows: Vec<crate::WindowReq> = ordered
-        .iter()
-        .map(|c| calls_window(&view.keys[c.order].key))
-        .collect();
-    let tokens: Vec<Option<crate::TokenReq>> = ordered
-        .iter()
-        .map(|c| token_window(&view.keys[c.order].key, est))
-        .collect();
+    let (windows, tokens) = script_windows(view, &ordered, est);
     let least_used = view.policy == LbPolicy::LeastUsed;
     let (shared, l) = (shared.clone(), l.clone());
     tokio::spawn(async move {
