@@ -179,20 +179,19 @@ impl PoolHandle {
             let est = pick.est_tokens;
             let spent = |l: &Arc<super::PickLeasing>| {
                 // a key with `tpm`: its lease's token slice must hold this pick's estimate too
-                let takes = |slice: &Option<Arc<TokenSlice>>| {
-                    slice.as_ref().is_none_or(|slice| slice.take(est))
+                let held = std::cell::Cell::new(None);
+                let takes = |slice: &Option<Arc<TokenSlice>>| match slice {
+                    None => true,
+                    Some(slice) => slice.take(est).map(|h| held.set(Some(h))).is_some(),
                 };
                 let s = l.spend_where(cands, name, Instant::now(), takes)?;
                 if l.time_to_ask_ahead(s.left) {
                     ask_ahead(shared, l, view, (cands, est));
                 }
-                let tokens = s.meta.map(|slice| {
-                    let hold = slice.hold(est);
-                    if s.left == 0 {
-                        slice.close();
-                    }
-                    SharedTokens::Slice(hold)
-                });
+                if let (Some(slice), 0) = (&s.meta, s.left) {
+                    slice.close();
+                }
+                let tokens = held.into_inner().map(SharedTokens::Slice);
                 Some(SharedPick::Chosen(s.on, tokens, None))
             };
             if let Some(chosen) = spent(l) {

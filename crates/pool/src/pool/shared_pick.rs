@@ -75,9 +75,7 @@ pub(super) async fn shared_pick(
                 );
                 if let Some(slice) = &slice {
                     let each = granted.tokens / u64::from(granted.calls);
-                    if slice.take(each) {
-                        in_slice = Some(SharedTokens::Slice(slice.hold(each)));
-                    }
+                    in_slice = slice.take(each).map(SharedTokens::Slice);
                 }
                 l.keep(name, window, (id.clone(), granted.calls, asked), slice);
             }

@@ -76,23 +76,18 @@ impl TokenSlice {
     }
 
     /// Holds `est` against the slice, if it still takes requests and has room for it.
-    pub(crate) fn take(&self, est: u64) -> bool {
+    pub(crate) fn take(self: &Arc<Self>, est: u64) -> Option<SliceHold> {
         let mut s = self.lock();
         if s.closed || s.held.saturating_add(est) > self.req.cost {
-            return false;
+            return None;
         }
         s.held += est;
         s.in_flight += 1;
-        true
-    }
-
-    /// The hold of an estimate [`Self::take`] took.
-    pub(crate) fn hold(self: &Arc<Self>, est: u64) -> SliceHold {
-        SliceHold {
+        Some(SliceHold {
             slice: self.clone(),
             est,
             settled: false,
-        }
+        })
     }
 
     /// It takes no more requests; settled once the last has settled.
