@@ -15,13 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
-
 use chrono::{DateTime, Timelike, Utc};
 use keypool_config::Gateway;
 use keypool_config::gateway::ListRule;
 use keypool_shared::{LeaseReq, Leasing, SharedState};
 use keypool_types::{ApiError, ErrorKind};
+use tokio::time::Instant;
 
 use crate::strip_bearer;
 
@@ -374,11 +373,13 @@ impl GatewayRuntime {
             // it (under-counted until its own total comes back, never twice)
             let local = self.state.quota.sent.load(Ordering::Acquire);
             return match shared.get(&quota_counter(gateway)).await {
-                Ok(used) => {
+                Ok(total) => {
                     if self.quota_view_within.is_some() {
-                        self.state.quota.saw(used, local);
+                        self.state.quota.saw(total, local);
                     }
-                    self.quota_verdict(used)
+                    // with what this replica counted and has not added yet, as a view does
+                    let counted = self.state.quota.counted.load(Ordering::Acquire);
+                    self.quota_verdict(total.saturating_add(counted.saturating_sub(local)))
                 }
                 Err(e) => {
                     shared.failed(&e);

@@ -421,3 +421,25 @@ async fn quota_additions_go_together_and_none_is_lost() {
         .unwrap_or(0);
     assert!((1..100).contains(&incrbys), "{incrbys} INCRBYs for 1,000");
 }
+
+/// A replica reading the count (no lease: every request) adds what it counted and has not
+/// sent yet: with Redis paused, its first addition (10) is on its way and the next 100 wait
+/// for it; the read finds 10, and the replica refuses at `token_quota: 100` all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_of_the_quota_adds_what_waits_to_be_sent() {
+    let server = keypool_shared::testing::Servers::single().unwrap();
+    let url = server.urls(0).remove(0);
+    let g = replica_on(&url, "kp:", "name: q\ntoken_quota: 100\n", None).await;
+    let q = g.get("q").unwrap();
+    server.pause(0, 0.5);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    q.add_tokens(10);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    q.add_tokens(100);
+    assert!(q.check_quota_everywhere().await.is_err());
+    assert_eq!(
+        q.state.tokens_used_everywhere().await,
+        10,
+        "the 100 still wait"
+    );
+}
