@@ -130,6 +130,7 @@ in_both_topologies!(
     a_redis_cluster_holds_limits_and_survives_a_dead_master,
     leased_budgets_hold_exactly_and_unspent_calls_go_back,
     leased_gateway_limits_hold_exactly_and_unspent_calls_go_back,
+    leased_limits_of_both_scopes_hold_exactly,
     a_leased_tpm_holds_exactly_and_unspent_tokens_go_back,
 );
 
@@ -762,6 +763,35 @@ async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
     assert_eq!(run(&gws[1], 6).await?, 3);
     assert_eq!(run(&gws[0], 2).await?, 0);
     assert_eq!(up.requests(), 40);
+    Ok(())
+}
+
+/// `redis.lease` on a gateway with `ingress:40/minute` and `secret:30/minute`: the gateway's
+/// calls and the caller's are leased by holders of their own (4 and 3 at once, the smaller for
+/// both in one round trip). a spends one call of its leases; b gets the caller's 27 left (its
+/// calls past those spend its gateway lease, are refused by the caller's limit and give the
+/// gateway's call back); after a's leases lapse b gets their 2, and no more: 30 in all.
+async fn leased_limits_of_both_scopes_hold_exactly(topo: Topo) -> anyhow::Result<()> {
+    let up = mock("up", Behavior::default());
+    let pfx = prefix();
+    let yaml = config()
+        .token(T)
+        .key(&up, "up", "")
+        .block(&leased_redis(
+            &pfx,
+            1500,
+            "\ngateways:\n  - {name: both, rate_limits: [\"ingress:40/minute\", \"secret:30/minute\"]}",
+        ))
+        .yaml();
+    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx, 1500)).await?;
+    let path = "/llm/api/both/v1/chat/completions";
+    let run = async |gw: &Gateway, n| admitted(gw, path, "m", n).await;
+    assert_eq!(run(&gws[0], 1).await?, 1);
+    assert_eq!(run(&gws[1], 40).await?, 27);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(run(&gws[1], 6).await?, 2);
+    assert_eq!(run(&gws[0], 2).await?, 0);
+    assert_eq!(up.requests(), 30);
     Ok(())
 }
 

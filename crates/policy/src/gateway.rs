@@ -7,8 +7,8 @@
 //! tests drive them with a fixed clock.
 //!
 //! State ([`GatewayState`]: rate windows and tokens used) lives apart from the spec, so a spec
-//! replaced by the admin service keeps its counts. The rate limits' checks, across replicas and
-//! leased, are in `gateway/limits.rs`.
+//! replaced by the admin service keeps its counts. The rate limits' checks, across replicas, are
+//! in `gateway/limits.rs`, and their leases in `gateway/leases.rs`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,17 +18,18 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Timelike, Utc};
 use keypool_config::Gateway;
 use keypool_config::gateway::ListRule;
-use keypool_shared::{LeaseReq, Leasing, SharedState};
+use keypool_shared::{LeaseReq, SharedState};
 use keypool_types::{ApiError, ErrorKind};
 use tokio::time::Instant;
 
 use crate::strip_bearer;
 
+mod leases;
 mod limits;
 
 pub use crate::gateways::Gateways;
 pub use crate::transform::{body_credential, query_arg, remove_query_arg, transform};
-pub(crate) use limits::lease_for;
+pub(crate) use leases::{Leases, lease_for};
 
 /// A gateway's spec and state, as requests see it.
 pub struct GatewayRuntime {
@@ -41,7 +42,7 @@ pub struct GatewayRuntime {
     /// Calls of its rate limits leased from the shared state (`redis.lease`) and spent here
     /// ([`lease_for`]); a spec with other limits gets a new one, and the old one gives back
     /// what it holds.
-    lease: Option<Arc<Leasing<RateHeaders>>>,
+    lease: Option<Arc<Leases>>,
     /// How old a view of the replicas' quota count may be and still decide (`redis.lease_ms`
     /// when leasing; `None`: the count is read for every request).
     quota_view_within: Option<Duration>,

@@ -585,11 +585,12 @@ fn jwt_audience_issuer_and_crit_headers() {
     assert!(e.message.contains("critical"), "{}", e.message);
 }
 
-/// Limits of one scope are leased (all `ingress:`, or all `secret:`), at most a tenth of the
-/// smallest at once, within the shortest window; both scopes, a small limit or no lease asked
-/// lease nothing.
+/// Each scope's limits are leased by a holder of their own (the gateway's `ingress:` calls, each
+/// caller's `secret:` ones), at most a tenth of the scope's smallest limit at once, all within
+/// the shortest window; a scope's small limit, or no lease asked, leases nothing.
 #[test]
-fn leases_limits_of_one_scope_a_tenth_at_a_time() {
+fn leases_each_scope_a_tenth_of_its_smallest_limit() {
+    use keypool_config::gateway::LimitScope::{Ingress, Secret};
     let shared: Arc<dyn keypool_shared::SharedState> =
         Arc::new(keypool_shared::InMemory::default());
     let req = keypool_shared::LeaseReq {
@@ -598,27 +599,27 @@ fn leases_limits_of_one_scope_a_tenth_at_a_time() {
     };
     let leased = |yaml: &str, lease| {
         let g = runtime(yaml);
-        crate::gateway::lease_for(&g.spec, Some(&shared), lease).map(|l| l.req)
+        crate::gateway::lease_for(&g.spec, Some(&shared), lease).map(|l| l.reqs())
     };
     let limits = |l: &str| format!("name: t\nrate_limits: [{l}]\n");
+    let calls = |c| keypool_shared::LeaseReq { calls: c, ..req };
     assert_eq!(
         leased(&limits("'ingress:100000/minute'"), Some(req)),
-        Some(req)
+        Some(vec![(Ingress, req)])
     );
     assert_eq!(
         leased(
             &limits("'ingress:100000/minute', 'ingress:200/second'"),
             Some(req)
         ),
-        Some(keypool_shared::LeaseReq { calls: 20, ..req })
+        Some(vec![(Ingress, calls(20))])
     );
     assert_eq!(
         leased(
             &limits("'ingress:500/minute', 'ingress:20000/hour'"),
             Some(req)
-        )
-        .map(|r| r.calls),
-        Some(50)
+        ),
+        Some(vec![(Ingress, calls(50))])
     );
     let short = leased(
         &limits("'ingress:5000/second'"),
@@ -627,18 +628,39 @@ fn leases_limits_of_one_scope_a_tenth_at_a_time() {
             ..req
         }),
     );
-    assert_eq!(short.map(|r| r.within), Some(Duration::from_secs(1)));
+    assert_eq!(short.unwrap()[0].1.within, Duration::from_secs(1));
     assert_eq!(leased(&limits("'ingress:19/minute'"), Some(req)), None);
     assert_eq!(
         leased(
             &limits("'secret:300/minute', 'secret:10000/day'"),
             Some(req)
         ),
-        Some(keypool_shared::LeaseReq { calls: 30, ..req })
+        Some(vec![(Secret, calls(30))])
     );
+    // both scopes: a holder each, sized by its own limits, spent within the shortest window
+    let both = leased(
+        &limits("'secret:1000/second', 'ingress:100000/minute'"),
+        Some(keypool_shared::LeaseReq {
+            within: Duration::from_secs(5),
+            ..req
+        }),
+    );
+    let one_s = |c| keypool_shared::LeaseReq {
+        calls: c,
+        within: Duration::from_secs(1),
+    };
+    assert_eq!(both, Some(vec![(Ingress, one_s(64)), (Secret, one_s(64))]));
     assert_eq!(
         leased(
-            &limits("'ingress:100000/minute', 'secret:1000/minute'"),
+            &limits("'ingress:100000/minute', 'secret:150/minute'"),
+            Some(req)
+        ),
+        Some(vec![(Ingress, req), (Secret, calls(15))])
+    );
+    // a scope too small to lease: its admissions go to the shared state anyway
+    assert_eq!(
+        leased(
+            &limits("'ingress:100000/minute', 'secret:15/minute'"),
             Some(req)
         ),
         None

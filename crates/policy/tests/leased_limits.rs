@@ -1,8 +1,8 @@
 //! A gateway's limits leased from the shared state (`redis.lease`), over the real Redis on
 //! 127.0.0.1:6379 (a unique key prefix per test, removed afterwards): two replicas (two
 //! gateway sets, two connections) hold an `ingress:` limit and each caller's `secret:` limit
-//! exactly, what a lapsed lease left goes back to the others, and a burst asks for one lease at
-//! a time (per caller for `secret:` limits).
+//! exactly, alone or together, what a lapsed lease left goes back to the others, and a burst
+//! asks for one lease at a time (per caller for `secret:` limits).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::sync::Arc;
@@ -184,6 +184,81 @@ async fn each_caller_leases_its_own_secret_limit() {
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(admit_all_as(&b, "per", &alice).await, 7);
     assert_eq!(admit_all_as(&a, "per", &alice).await, 0);
+    cleanup(&prefix).await;
+}
+
+/// `ingress:100/minute` with `secret:40/minute` (`lease: 8`: the `ingress:` holder leases 8,
+/// each caller's 4): the gateway's `ingress:` calls are leased once per replica, not once per
+/// caller. On a, alice's first call leases both scopes in one round trip and bob's spends the
+/// gateway's lease and leases his own; on b each gets exactly the 36 left of their own limit
+/// (the call after that spends b's `ingress:` lease, is refused by the caller's limit, and gives
+/// it back), and carol then gets the rest of the gateway's 100, all of it once a's leases
+/// have lapsed: exactly 100 in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_scopes_lease_the_gateway_once_and_each_caller_once() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: both\nrate_limits: ['ingress:100/minute', 'secret:40/minute']\n";
+    let (a, b) = (
+        replica(&prefix, yaml, 8, 400).await,
+        replica(&prefix, yaml, 8, 400).await,
+    );
+    let (alice, bob, carol) = (caller("alice"), caller("bob"), caller("carol"));
+    for who in [&alice, &bob] {
+        let h = a
+            .get("both")
+            .unwrap()
+            .admit_everywhere(who, None, Instant::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.limit, h.remaining), (40, 39));
+    }
+    assert_eq!(admit_all_as(&b, "both", &alice).await, 36);
+    assert_eq!(admit_all_as(&b, "both", &bob).await, 36);
+    let before = admit_all_as(&b, "both", &carol).await;
+    // a holds what is left of its `ingress:` lease of 4 and at most the 8 it asked ahead
+    assert!(
+        (100 - 74 - 2 - 8..=100 - 74 - 2).contains(&before),
+        "{before}"
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let after = admit_all_as(&b, "both", &carol).await;
+    assert_eq!(74 + before + after, 100);
+    assert_eq!(admit_all_as(&a, "both", &carol).await, 0);
+    cleanup(&prefix).await;
+}
+
+/// `ingress:50/minute` with `secret:1000/minute` (`lease: 8`: the gateway's leases of 5,
+/// each caller's of 8). On a, alice's call leases 5 of both scopes and bob's spends one of the
+/// gateway's; b's carol takes the 45 left in Redis. a then admits alice's 3 from its gateway
+/// lease; her next calls find it empty, spend her own last call, are refused by the gateway's
+/// limit and give that call back, so after a graceful stop her window counts her 4 calls
+/// (5 if a refused call kept what it spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_refused_by_one_scope_gives_the_others_back() {
+    let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
+    let yaml = "name: back\nrate_limits: ['ingress:50/minute', 'secret:1000/minute']\n";
+    let (a, b) = (
+        replica(&prefix, yaml, 8, 30_000).await,
+        replica(&prefix, yaml, 8, 30_000).await,
+    );
+    let (alice, bob, carol) = (caller("alice"), caller("bob"), caller("carol"));
+    let rt = a.get("back").unwrap();
+    for who in [&alice, &bob] {
+        assert!(rt.admit_everywhere(who, None, Instant::now()).await.is_ok());
+    }
+    assert_eq!(admit_all_as(&b, "back", &carol).await, 45);
+    assert_eq!(admit_all_as(&a, "back", &alice).await, 3);
+    for _ in 0..20 {
+        assert!(
+            rt.admit_everywhere(&alice, None, Instant::now())
+                .await
+                .is_err()
+        );
+    }
+    a.give_back_shared().await;
+    let key = "gw:back:secret:1000/minute:alice";
+    assert_eq!(room(&prefix, key).await, 1000 - 4);
     cleanup(&prefix).await;
 }
 

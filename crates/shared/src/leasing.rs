@@ -112,6 +112,23 @@ impl<M: Clone + Send + 'static> Leasing<M> {
         })
     }
 
+    /// Puts back one call spent from `name`'s leases whose decision was refused after all (a
+    /// gateway's other scope had no room): into a lease of `name` still in time that has
+    /// spent one. Every call spent from a lease is counted in the shared windows, so the
+    /// calls spent never exceed those counted; where the lease has lapsed (or was spent out
+    /// and dropped) meanwhile, the call stays counted until it leaves the window, as an
+    /// unspent one would.
+    pub fn refund(&self, name: &str, now: Instant) {
+        let mut credits = self.credits.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lease) = credits.get_mut(name).and_then(|leases| {
+            leases
+                .iter_mut()
+                .find(|l| l.left < l.granted && now < l.until)
+        }) {
+            lease.left += 1;
+        }
+    }
+
     /// Keeps what a lease of `granted` calls in `windows`, asked at `asked`, left to spend
     /// (all but the asker's own call).
     pub fn keep(
