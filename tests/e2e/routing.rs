@@ -196,6 +196,47 @@ async fn counter(gw: &Gateway, series: &str) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
+/// Two replicas sharing Redis with `redis.lease: 4`, `affinity:` at the top level: 20 calls of
+/// one session, sent round the replicas, all go to one key. Each replica's first call goes to
+/// the pick script (the session's key learned there, with a lease of 4 of its calls); the
+/// next ones spend that lease as hits: one miss, 19 hits, no move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_session_keeps_its_key_across_replicas() -> anyhow::Result<()> {
+    let mocks = ["a", "b", "c"].map(|n| mock(n, Behavior::default()));
+    let prefix = format!("kp-e2e-{:016x}:", fastrand::u64(..));
+    let mut cfg = config().token("t").set("affinity", "{ttl: 600}");
+    for m in &mocks {
+        cfg = cfg.key(m, &m.behavior().name, "rpm: 1000");
+    }
+    let yaml = cfg
+        .block(&format!(
+            "redis: {{url: \"redis://127.0.0.1:6379/0\", prefix: \"{prefix}\", lease: 4, lease_ms: 30000}}"
+        ))
+        .yaml();
+    let gws = [Gateway::start(&yaml).await?, Gateway::start(&yaml).await?];
+    let mut by = Vec::new();
+    for i in 0..20 {
+        let mut body = hello("gpt-4o-mini");
+        body["prompt_cache_key"] = serde_json::Value::from("leased-conversation");
+        let resp = gws[i % 2].chat("t", body).await?;
+        assert_eq!(resp.status(), 200);
+        by.push(served_by(&resp));
+    }
+    assert!(by.iter().all(|k| *k == by[0]), "{by:?}");
+    let mut outcomes = [0u64; 3];
+    for gw in &gws {
+        for (i, outcome) in ["hit", "miss", "move"].iter().enumerate() {
+            outcomes[i] += counter(
+                gw,
+                &format!("keypool_affinity_total{{gateway=\"default\",outcome=\"{outcome}\"}}"),
+            )
+            .await?;
+        }
+    }
+    assert_eq!(outcomes, [19, 1, 0]);
+    Ok(())
+}
+
 /// Three replicas sharing Redis, `affinity:` at the top level. Six sessions of one call each
 /// spread least-used (two a key); then 20 calls of one session, sent round the replicas, stay
 /// on one key while it has rpm budget (10 a minute), move to the least used, stay there, and

@@ -285,7 +285,8 @@ pub struct PoolHandle {
     /// This process's pins (every pin is kept here too: a follow-up on this replica needs no
     /// round trip, and survives a Redis outage).
     pins: Arc<crate::InMemory>,
-    /// Which key each session keeps, without shared state (bounded as pins are).
+    /// Which key each session keeps, without shared state (bounded as pins are); with
+    /// leases, this replica's view of it, learned from the pick script, for `lease_ms`.
     sessions: Arc<crate::InMemory>,
     /// Calls (and, of keys with `tpm`, token slices) leased from the shared state
     /// (`redis.lease`), spent here.

@@ -430,6 +430,42 @@ async fn the_next_lease_of_picks_is_asked_for_ahead_of_need() {
         .unwrap();
 }
 
+/// With `redis.lease`, a session's picks lease calls of the key it keeps: its first pick
+/// (the script: a miss) leases 4 of key `a` and the next 3 spend them here as hits, the 5th
+/// leases 4 more in the script (a hit there). Another session, new here, goes to the script
+/// too and is pinned to the least-used key: `b`, since `a`'s window counts both leases.
+#[actix_rt::test]
+async fn a_session_spends_leases_of_the_key_it_keeps() {
+    let keys = [key("a", Some(100), None), key("b", Some(100), None)];
+    let (prefix, shared, pool) = leasing_pool_of_keys(&keys, 4, Duration::from_secs(30)).await;
+    let in_session = |s: &str| Pick {
+        session: Some(crate::SessionReq {
+            key: format!("aff:{s}"),
+            ttl: Duration::from_secs(60),
+        }),
+        ..pick(10, vec![])
+    };
+    let mut seen = vec![];
+    for s in ["s1", "s1", "s1", "s1", "s1", "s2"] {
+        let l = pool.pick(&in_session(s)).await.unwrap();
+        seen.push((l.key.name.to_string(), l.affinity.map(crate::Stick::as_str)));
+        l.settle(ok());
+    }
+    let want = [
+        ("a", "miss"),
+        ("a", "hit"),
+        ("a", "hit"),
+        ("a", "hit"),
+        ("a", "hit"),
+        ("b", "miss"),
+    ];
+    assert_eq!(seen, want.map(|(k, s)| (k.to_owned(), Some(s))).to_vec());
+    assert_eq!(room_of_a(shared.as_ref()).await, 100 - 8);
+    keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+}
+
 /// What key `a`'s shared window (`rpm: 100`) still has room for, asked of the shared state.
 async fn room_of_a(shared: &dyn crate::SharedState) -> u32 {
     room_in_a(shared, 100).await
@@ -477,13 +513,22 @@ async fn leasing_pool_with(
     calls: u32,
     within: Duration,
 ) -> (String, Arc<dyn crate::SharedState>, PoolHandle) {
+    leasing_pool_of_keys(&[key], calls, within).await
+}
+
+/// A pool of `keys` sharing their windows as [`leasing_pool_with`] does.
+async fn leasing_pool_of_keys(
+    keys: &[Arc<UpstreamKey>],
+    calls: u32,
+    within: Duration,
+) -> (String, Arc<dyn crate::SharedState>, PoolHandle) {
     let prefix = format!("kp-pool-{:016x}:", fastrand::u64(..));
     let shared: Arc<dyn crate::SharedState> = Arc::new(
         crate::RedisState::connect("redis://127.0.0.1:6379/0", &prefix, Duration::from_secs(2))
             .await
             .unwrap(),
     );
-    let pool = KeyPool::start(&[key], LbPolicy::LeastUsed)
+    let pool = KeyPool::start(keys, LbPolicy::LeastUsed)
         .with_shared(shared.clone())
         .with_leasing(calls, within);
     (prefix, shared, pool)

@@ -312,6 +312,35 @@ pub trait SharedState: Send + Sync {
         })
     }
 
+    /// [`Self::pick_in_session`] reserving a lease of the key the session keeps (or moves to),
+    /// as [`Self::pick_leasing`] does; answers what it reserved. One process shares nothing:
+    /// this default reserves one call.
+    async fn pick_in_session_leasing(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        (session, lease): (&SessionReq, LeaseReq),
+        now: Instant,
+    ) -> Result<(Picked, Stick, Granted), SharedError> {
+        let _ = lease;
+        let (picked, stick) = self
+            .pick_in_session(candidates, tokens, least_used, id, session, now)
+            .await?;
+        let granted = match picked {
+            Picked::Index(i) => Granted {
+                calls: 1,
+                tokens: tokens.get(i).cloned().flatten().map_or(0, |t| t.cost),
+            },
+            Picked::Busy(_) => Granted {
+                calls: 0,
+                tokens: 0,
+            },
+        };
+        Ok((picked, stick, granted))
+    }
+
     /// Replaces the estimate reserved under `id` in a token window by the real count (nothing
     /// when the reservation already left the window).
     async fn settle_tokens(&self, req: &TokenReq, id: &str, actual: u64)

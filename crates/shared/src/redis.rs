@@ -290,6 +290,26 @@ impl SharedState for RedisState {
             .map(|(picked, stick, _)| (picked, stick))
     }
 
+    async fn pick_in_session_leasing(
+        &self,
+        candidates: &[WindowReq],
+        tokens: &[Option<TokenReq>],
+        least_used: bool,
+        id: &str,
+        (session, lease): (&SessionReq, crate::LeaseReq),
+        _: Instant,
+    ) -> Result<(Picked, Stick, crate::Granted), SharedError> {
+        self.run_pick(
+            candidates,
+            tokens,
+            least_used,
+            id,
+            Some(session),
+            Some(lease),
+        )
+        .await
+    }
+
     async fn settle_tokens(
         &self,
         req: &TokenReq,

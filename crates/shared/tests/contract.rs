@@ -535,6 +535,33 @@ async fn sessions_keep_their_key(s: &dyn SharedState) {
     assert_eq!(pick(&c, "a").await, (Picked::Index(1), Stick::Hit));
 }
 
+/// A session's pick with a lease reserves the calls in the key the session keeps (or moves
+/// to), as a plain leased pick does.
+async fn session_picks_lease_their_key(s: &dyn SharedState) {
+    let c = [w("l1", 5, 60_000), w("l2", 100, 60_000)];
+    let session = SessionReq {
+        key: "aff:leased".into(),
+        ttl: Duration::from_secs(60),
+    };
+    let lease = LeaseReq {
+        calls: 4,
+        within: Duration::from_secs(1),
+    };
+    let pick = async |id: &str| {
+        let (picked, stick, granted) = s
+            .pick_in_session_leasing(&c, &[], true, id, (&session, lease), Instant::now())
+            .await
+            .unwrap();
+        (picked, stick, granted.calls)
+    };
+    assert_eq!(pick("x1").await, (Picked::Index(0), Stick::Miss, 4));
+    // l1 has room for 1 more: the session keeps it, leasing what is left
+    assert_eq!(pick("x2").await, (Picked::Index(0), Stick::Hit, 1));
+    // full: the session moves to l2 and leases there
+    assert_eq!(pick("x3").await, (Picked::Index(1), Stick::Moved, 4));
+    assert_eq!(pick("x4").await, (Picked::Index(1), Stick::Hit, 4));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_memory_contract() {
     let s: Arc<dyn SharedState> = Arc::new(InMemory::default());
@@ -565,6 +592,7 @@ async fn redis_contract() {
     large_windows_slide_whole(s.as_ref()).await;
     leases_reserve_ahead_and_go_back(s.as_ref()).await;
     admissions_lease_ahead_and_go_back(s.as_ref()).await;
+    session_picks_lease_their_key(s.as_ref()).await;
     budget_slices_hold_up_to_the_room(s.as_ref()).await;
     pins_last_their_ttl(s.as_ref()).await;
     budgets_hold_settle_and_lapse(s.as_ref()).await;

@@ -164,7 +164,8 @@ impl PoolHandle {
 
 impl PoolHandle {
     /// With shared state: a call leased earlier (`redis.lease`) spent here without a round
-    /// trip, or else the shared pick.
+    /// trip, or else the shared pick. A session's pick spends only a lease of the key it keeps,
+    /// as this replica last learned it from the pick script (within `lease_ms`).
     async fn shared_choice(
         &self,
         shared: &Arc<dyn crate::SharedState>,
@@ -173,28 +174,9 @@ impl PoolHandle {
         pick: &Pick,
         lease_id: u64,
     ) -> SharedPick {
-        let name = |c: &Candidate| &*view.keys[c.order].key.name;
         let mut asking = None;
-        if let (Some(l), None) = (&self.leasing, &pick.session) {
-            let est = pick.est_tokens;
-            let spent = |l: &Arc<super::PickLeasing>| {
-                // a key with `tpm`: its lease's token slice must hold this pick's estimate too
-                let held = std::cell::Cell::new(None);
-                let takes = |slice: &Option<Arc<TokenSlice>>| match slice {
-                    None => true,
-                    Some(slice) => slice.take(est).map(|h| held.set(Some(h))).is_some(),
-                };
-                let s = l.spend_where(cands, name, Instant::now(), takes)?;
-                if l.time_to_ask_ahead(s.left) {
-                    ask_ahead(shared, l, view, (cands, est));
-                }
-                if let (Some(slice), 0) = (&s.meta, s.left) {
-                    slice.close();
-                }
-                let tokens = held.into_inner().map(SharedTokens::Slice);
-                Some(SharedPick::Chosen(s.on, tokens, None))
-            };
-            if let Some(chosen) = spent(l) {
+        if let Some(l) = &self.leasing {
+            if let Some(chosen) = self.spend_leased(shared, l, view, cands, pick).await {
                 return chosen;
             }
             // one lease asked for at a time (for all keys: under one name), the picks
@@ -202,7 +184,7 @@ impl PoolHandle {
             match l.turn("").await {
                 keypool_shared::Turn::Ask(a) => asking = Some((l, a)),
                 keypool_shared::Turn::Landed => {
-                    if let Some(chosen) = spent(l) {
+                    if let Some(chosen) = self.spend_leased(shared, l, view, cands, pick).await {
                         return chosen;
                     }
                 }
@@ -210,7 +192,56 @@ impl PoolHandle {
         }
         let id = format!("{}-{lease_id}", keypool_shared::process_id());
         let leasing = asking.as_ref().map(|(l, _)| *l);
-        shared_pick(shared, view, cands, pick, id, Instant::now(), leasing).await
+        let chosen = shared_pick(shared, view, cands, pick, id, Instant::now(), leasing).await;
+        // the key the script chose for a session: this replica's view of it for `lease_ms`
+        if let (Some(l), Some(s), SharedPick::Chosen(c, ..)) =
+            (&self.leasing, &pick.session, &chosen)
+        {
+            let name = &view.keys[c.order].key.name;
+            let _ = self
+                .sessions
+                .pin(&s.key, name, l.req.within.min(s.ttl))
+                .await;
+        }
+        chosen
+    }
+
+    /// A call of a key's lease held here, spent on the first of `cands` that has one (a
+    /// session: only on the key it keeps, when this replica knows it). The pick that leaves a
+    /// quarter of its lease asks for the next one ahead of need.
+    async fn spend_leased(
+        &self,
+        shared: &Arc<dyn crate::SharedState>,
+        l: &Arc<super::PickLeasing>,
+        view: &PoolView,
+        cands: &[Candidate],
+        pick: &Pick,
+    ) -> Option<SharedPick> {
+        let name = |c: &Candidate| &*view.keys[c.order].key.name;
+        let (among, stick) = match &pick.session {
+            None => (cands, None),
+            Some(s) => {
+                let kept = self.sessions.pinned(&s.key).await.ok().flatten()?;
+                let c = cands.iter().find(|c| name(c) == kept)?;
+                (std::slice::from_ref(c), Some(crate::Stick::Hit))
+            }
+        };
+        // a key with `tpm`: its lease's token slice must hold this pick's estimate too
+        let est = pick.est_tokens;
+        let held = std::cell::Cell::new(None);
+        let takes = |slice: &Option<Arc<TokenSlice>>| match slice {
+            None => true,
+            Some(slice) => slice.take(est).map(|h| held.set(Some(h))).is_some(),
+        };
+        let s = l.spend_where(among, name, Instant::now(), takes)?;
+        if l.time_to_ask_ahead(s.left) {
+            ask_ahead(shared, l, view, (among, est));
+        }
+        if let (Some(slice), 0) = (&s.meta, s.left) {
+            slice.close();
+        }
+        let tokens = held.into_inner().map(SharedTokens::Slice);
+        Some(SharedPick::Chosen(s.on, tokens, stick))
     }
 
     /// Without shared state: the key the pick's session names (if any) goes first among the

@@ -52,7 +52,11 @@ pub(super) async fn shared_pick(
             .pick_reserving(&windows, &tokens, least_used, &id, now)
             .await
             .map(|p| (p, None, one)),
-        (Some(session), _) => shared
+        (Some(session), Some(l)) => shared
+            .pick_in_session_leasing(&windows, &tokens, least_used, &id, (session, l.req), now)
+            .await
+            .map(|(p, stick, granted)| (p, Some(stick), granted)),
+        (Some(session), None) => shared
             .pick_in_session(&windows, &tokens, least_used, &id, session, now)
             .await
             .map(|(p, stick)| (p, Some(stick), one)),

@@ -103,7 +103,7 @@ local limit = tonumber(ARGV[4 * best - 1])
 local tlimit = tonumber(ARGV[4 * best + 1])
 local granted = 1
 local lease = tonumber(ARGV[3 + 4 * ncand])
-local leasing = lease > 1 and not session
+local leasing = lease > 1
 local cost = 0
 if tlimit > 0 then cost = math.min(tonumber(ARGV[4 * best + 2]), tlimit) end
 if leasing and tlimit > 0 then
