@@ -96,9 +96,19 @@ enum Window {
 }
 
 impl Window {
+    /// A key's token window.
     fn new(exact: bool, epoch: Instant) -> Self {
         if exact {
             Self::Exact(RateWindow::new(WINDOW))
+        } else {
+            Self::Approx(Box::new(BucketWindow::new(epoch)))
+        }
+    }
+
+    /// A key's calls window: never settled, so an exact one keeps an entry a millisecond.
+    fn calls(exact: bool, epoch: Instant) -> Self {
+        if exact {
+            Self::Exact(RateWindow::merging(WINDOW, epoch))
         } else {
             Self::Approx(Box::new(BucketWindow::new(epoch)))
         }
@@ -180,7 +190,7 @@ impl KeyActor {
             },
             None => Health::Healthy,
         };
-        let mut requests = Window::new(key.rpm.is_some(), epoch);
+        let mut requests = Window::calls(key.rpm.is_some(), epoch);
         let mut tokens = Window::new(key.tpm.is_some(), epoch);
         let seed = seed.unwrap_or_default();
         let now = Instant::now();

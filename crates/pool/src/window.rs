@@ -2,7 +2,8 @@
 //!
 //! Every admitted unit is kept with its time, so "n per minute" means at most n in *any* trailing
 //! minute, not per clock minute. Entries carry a cost (1 for requests, tokens for tpm) and an id,
-//! so a token reservation made at pick time can be settled to the real count afterwards.
+//! so a token reservation made at pick time can be settled to the real count afterwards. A
+//! window whose entries are never settled (a key's calls) keeps one entry a millisecond.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -22,6 +23,8 @@ pub struct RateWindow {
     span: Duration,
     entries: VecDeque<Entry>,
     used: u64,
+    /// [`Self::merging`]: the time its milliseconds count from.
+    merge_from: Option<Instant>,
 }
 
 impl RateWindow {
@@ -30,6 +33,21 @@ impl RateWindow {
             span,
             entries: VecDeque::new(),
             used: 0,
+            merge_from: None,
+        }
+    }
+
+    /// A window whose entries are never settled (a key's calls): what is recorded within one
+    /// millisecond (counted from `epoch`) is one entry, at the time of the latest. So a busy
+    /// key with a large budget keeps at most one entry a millisecond of its span (60,000 for
+    /// a minute, 1.9 MB) instead of one a call (32 bytes each: 77 MB for a minute at 40,000
+    /// calls a second). An entry moved later leaves the window later: a call is counted up to
+    /// a millisecond longer than it was made, never shorter, so the limit holds in every
+    /// trailing span and a call may be refused up to a millisecond early.
+    pub fn merging(span: Duration, epoch: Instant) -> Self {
+        Self {
+            merge_from: Some(epoch),
+            ..Self::new(span)
         }
     }
 
@@ -68,11 +86,20 @@ impl RateWindow {
         now + self.span
     }
 
-    /// Records `cost` units at `now` under `id`.
+    /// Records `cost` units at `now` under `id` (in a [`Self::merging`] window, into the last
+    /// entry where it is of the same millisecond: then `id` cannot be settled).
     pub fn record(&mut self, now: Instant, id: u64, cost: u64) {
         self.expire(now);
-        self.entries.push_back(Entry { at: now, cost, id });
         self.used += cost;
+        if let (Some(epoch), Some(last)) = (self.merge_from, self.entries.back_mut()) {
+            let ms = |t: Instant| t.saturating_duration_since(epoch).as_millis();
+            if now >= last.at && ms(now) == ms(last.at) {
+                last.at = now;
+                last.cost += cost;
+                return;
+            }
+        }
+        self.entries.push_back(Entry { at: now, cost, id });
     }
 
     /// Replaces the cost recorded under `id` (a reservation settled to the real amount). An entry
@@ -153,6 +180,31 @@ mod tests {
             w.next_expiry(),
             Some(Instant::now() + Duration::from_secs(40))
         );
+    }
+
+    /// A merging window keeps one entry a millisecond, at its latest call's time: 10,000
+    /// calls within a millisecond are one entry, still counted whole, and they leave the
+    /// window together a span after the latest of them.
+    #[tokio::test(start_paused = true)]
+    async fn a_merging_window_keeps_an_entry_a_millisecond() {
+        let epoch = Instant::now();
+        let mut w = RateWindow::merging(MIN, epoch);
+        for _ in 0..10_000 {
+            w.record(Instant::now(), 0, 1);
+        }
+        advance(Duration::from_micros(900)).await;
+        let latest = Instant::now();
+        w.record(latest, 0, 1);
+        assert_eq!(w.entries.len(), 1);
+        advance(Duration::from_micros(100)).await;
+        w.record(Instant::now(), 0, 1);
+        assert_eq!((w.entries.len(), w.used(Instant::now())), (2, 10_002));
+        // under a limit of 10,002 the next call fits once the first entry (10,001 calls) left
+        assert_eq!(w.free_at(Instant::now(), 10_002, 1), latest + MIN);
+        advance(Duration::from_nanos(60_000_000_000 - 100_000 - 1)).await;
+        assert_eq!(w.used(Instant::now()), 10_002);
+        advance(Duration::from_nanos(1)).await;
+        assert_eq!(w.used(Instant::now()), 1);
     }
 }
 

@@ -99,7 +99,7 @@ impl Handler<crate::messages::ReplaceSpec> for KeyActor {
         let new = msg.0;
         // a budget that appears or disappears changes the window's kind: that window restarts
         if new.rpm.is_some() != self.key.rpm.is_some() {
-            self.requests = Window::new(new.rpm.is_some(), self.epoch);
+            self.requests = Window::calls(new.rpm.is_some(), self.epoch);
         }
         if new.tpm.is_some() != self.key.tpm.is_some() {
             self.tokens = Window::new(new.tpm.is_some(), self.epoch);
