@@ -23,8 +23,9 @@ pub struct RateWindow {
     span: Duration,
     entries: VecDeque<Entry>,
     used: u64,
-    /// [`Self::merging`]: the time its milliseconds count from.
-    merge_from: Option<Instant>,
+    /// [`Self::merging`]: the time its milliseconds count from, and the millisecond of the
+    /// last entry.
+    merge_from: Option<(Instant, u64)>,
 }
 
 impl RateWindow {
@@ -46,7 +47,7 @@ impl RateWindow {
     /// trailing span and a call may be refused up to a millisecond early.
     pub fn merging(span: Duration, epoch: Instant) -> Self {
         Self {
-            merge_from: Some(epoch),
+            merge_from: Some((epoch, u64::MAX)),
             ..Self::new(span)
         }
     }
@@ -91,13 +92,18 @@ impl RateWindow {
     pub fn record(&mut self, now: Instant, id: u64, cost: u64) {
         self.expire(now);
         self.used += cost;
-        if let (Some(epoch), Some(last)) = (self.merge_from, self.entries.back_mut()) {
-            let ms = |t: Instant| t.saturating_duration_since(epoch).as_millis();
-            if now >= last.at && ms(now) == ms(last.at) {
+        if let Some((epoch, last_ms)) = &mut self.merge_from {
+            let d = now.saturating_duration_since(*epoch);
+            let ms = d.as_secs() * 1000 + u64::from(d.subsec_millis());
+            if let Some(last) = self.entries.back_mut()
+                && now >= last.at
+                && ms == *last_ms
+            {
                 last.at = now;
                 last.cost += cost;
                 return;
             }
+            *last_ms = ms;
         }
         self.entries.push_back(Entry { at: now, cost, id });
     }
