@@ -20,7 +20,12 @@
 #     `redis.lease` (the picks leased too); `gw`, `gwredis`, `gwlease` =
 #     `rpm`, `redis`, `redislease` with a gateway rate limit on top (`rate_limits:
 #     [ingress:100000000/minute]`): in process, one admission and one pick script per request,
-#     and both leased; `usd`, `usdredis`, `usdlease` = a USD budget on `/v1` (`budget: {usd:
+#     and both leased; `gw2`, `gw2redis`, `gw2lease` the same with a caller's limit beside it
+#     (`secret:100000000/minute` too: two holders of leases, the gateway's and the caller's);
+#     `sess`, `sessredis`, `sesslease` = `rpm`, `redis`, `redislease` with `affinity:` and every
+#     request in one session (`x-session-id`): in process, the pick script reading and renewing
+#     the session, and leased (the replica spends the session's key's lease);
+#     `usd`, `usdredis`, `usdlease` = a USD budget on `/v1` (`budget: {usd:
 #     1000000, period: total}`): in process, held and settled in Redis (with the pick: three
 #     scripts a request), and held in slices with the picks leased; `quotaredis`, `quotalease` =
 #     `redispick`, `picklease` with a token quota on `/v1` (`token_quota: 100000000000`): its
@@ -160,7 +165,7 @@ fi
 for store in $STORES; do
   cfg=${store#before-}
   case "$cfg" in
-    none|rpm|gw|usd|tpm|before) DB="dbtype: none" ;;
+    none|rpm|gw|gw2|usd|tpm|sess|before) DB="dbtype: none" ;;
     sqlite) DB="dbtype: sqlite
 dbaddr: $WORK/bench.sqlite" ;;
     postgres|pglocal)
@@ -171,9 +176,9 @@ dbaddr: $WORK/bench.sqlite" ;;
       else PGADDR="postgres://postgres@localhost/$PGDB?host=${PGSOCKET:-/var/run/postgresql}"; fi
       DB="dbtype: postgres
 dbaddr: \"$PGADDR\"" ;;
-    redis|redispick|gwredis|usdredis|quotaredis|tpmredis) DB="dbtype: none
+    redis|redispick|gwredis|gw2redis|usdredis|quotaredis|tpmredis|sessredis) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\"}" ;;
-    redislease|gwlease|picklease|usdlease|quotalease|tpmlease) DB="dbtype: none
+    redislease|gwlease|gw2lease|picklease|usdlease|quotalease|tpmlease|sesslease) DB="dbtype: none
 redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-bench-$store-$$:\", lease: ${LEASE:-64}, lease_ms: 1000}" ;;
     frontends) DB="dbtype: sqlite
 dbaddr: $WORK/cp.sqlite
@@ -181,10 +186,16 @@ admin: {token: bench-admin}" ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
   LIMIT=""
-  case "$cfg" in rpm|redis|redislease|frontends|gw*) LIMIT=", rpm: 100000000" ;; esac
+  case "$cfg" in rpm|redis|redislease|frontends|gw*|sess*) LIMIT=", rpm: 100000000" ;; esac
+  case "$cfg" in sess*) DB="$DB
+affinity: {ttl: 600}" ;; esac
   case "$cfg" in tpm*) LIMIT=", rpm: 100000000, tpm: 100000000000" ;; esac
-  case "$cfg" in gw*) DB="$DB
-rate_limits: [\"ingress:100000000/minute\"]" ;; esac
+  case "$cfg" in
+    gw2*) DB="$DB
+rate_limits: [\"ingress:100000000/minute\", \"secret:100000000/minute\"]" ;;
+    gw*) DB="$DB
+rate_limits: [\"ingress:100000000/minute\"]" ;;
+  esac
   case "$cfg" in usd*) DB="$DB
 budget: {usd: 1000000, period: total}" ;; esac
   case "$cfg" in quota*) DB="$DB
@@ -241,14 +252,19 @@ PY
 }
 
 declare -A EVALS GETS
+in_redis() { # store: whether its config shares state in Redis (its round trips are counted)
+  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|gw2redis|gw2lease|usdredis|usdlease|quotaredis|quotalease|tpmredis|tpmlease|sessredis|sesslease) return 0 ;; *) return 1 ;; esac
+}
 run() { # target connections
-  local name=$1 e0=0 g0=0
+  local name=$1 e0=0 g0=0 session=""
   [ "$name" = direct ] || [ "$name" = nginx ] || name="keypool[$1]"
-  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease|tpmredis|tpmlease) e0=$(evals); g0=$(gets) ;; esac
-  taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
+  if in_redis "$1"; then e0=$(evals); g0=$(gets); fi
+  case "${1#before-}" in sess*) session=bench-session ;; esac
+  KP_SESSION=$session taskset -c "$WRK_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"${DURATION}s" --latency -s tests/load/chat.lua "${URL[$1]}/chat/completions" > "$WORK/run.txt"
   [ -z "${PID[$1]:-}" ] || echo "$name	$(rss_kb "${PID[$1]}")" >> "$WORK/rss-after.tsv"
-  case "${1#before-}" in redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease|tpmredis|tpmlease)
-    EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )); GETS[$1]=$(( ${GETS[$1]:-0} + $(gets) - g0 )) ;; esac
+  if in_redis "$1"; then
+    EVALS[$1]=$(( ${EVALS[$1]:-0} + $(evals) - e0 )); GETS[$1]=$(( ${GETS[$1]:-0} + $(gets) - g0 ))
+  fi
   echo "$name-$2	$(wrk_stats "$WORK/run.txt" | cut -f1-4)" >> "$WORK/results.tsv"
 }
 
@@ -269,10 +285,9 @@ done
 
 for store in $STORES; do
   echo "keypool[$store]	$(awk '/VmHWM/ {print $2}' "/proc/${PID[$store]}/status")" >> "$WORK/rss.tsv"
-  case "${store#before-}" in
-    redis|redislease|redispick|picklease|frontends|gwredis|gwlease|usdredis|usdlease|quotaredis|quotalease|tpmredis|tpmlease)
-      echo "$store: redis round trips per request: ${EVALS[$store]} scripts, ${GETS[$store]} GET/INCRBY (scripts' own included) / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt" ;;
-  esac
+  if in_redis "$store"; then
+    echo "$store: redis round trips per request: ${EVALS[$store]} scripts, ${GETS[$store]} GET/INCRBY (scripts' own included) / $(( $(served "${URL[$store]}") - ${SERVED0[$store]} )) requests" >> "$WORK/notes.txt"
+  fi
   case "$store" in sqlite|postgres|pglocal)
     # nothing lost: every request's event is in the store (or still queued), none dropped;
     # the writer's last batch waits up to 200 ms for more events before it is written
