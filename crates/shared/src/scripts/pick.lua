@@ -33,6 +33,8 @@ local function tokens_used(k, per)
   end
   return sum
 end
+-- Tokens in candidate i's token window, as room(i) found them (a lease sizes its slice by them).
+local tused = {}
 -- Calls in candidate i's window when it has room (nil when it has none: `earliest` then
 -- says when it frees up).
 local function room(i)
@@ -43,6 +45,7 @@ local function room(i)
   if tlimit > 0 then
     local cost = math.min(tonumber(ARGV[4 * i + 2]), tlimit)
     local used = tokens_used(tk, per)
+    tused[i] = used
     if used + cost > tlimit then
       local must_free = used + cost - tlimit
       local free = per
@@ -107,7 +110,7 @@ local leasing = lease > 1
 local cost = 0
 if tlimit > 0 then cost = math.min(tonumber(ARGV[4 * best + 2]), tlimit) end
 if leasing and tlimit > 0 then
-  local room = tlimit - tokens_used(KEYS[2 * best], per)
+  local room = tlimit - tused[best]
   local slice = math.min(cost * lease, math.floor(tlimit / 10), room)
   if cost < 1 or slice < 2 * cost then leasing = false else lease = math.floor(slice / cost) end
 end
