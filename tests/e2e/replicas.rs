@@ -736,34 +736,13 @@ async fn leased_budgets_hold_exactly_and_unspent_calls_go_back(topo: Topo) -> an
 
 /// `redis.lease` on a gateway's `ingress:40/minute`: a replica leases 4 calls (a tenth of the
 /// limit, and `lease: 4`) and spends them locally; the limit holds exactly across replicas,
-/// and what a replica leased but did not spend goes back once its lease lapses (1.5 s: b's
-/// 40 calls run within it, also on a loaded machine).
+/// and what a replica leased but did not spend goes back once its lease lapses. a spends one
+/// of the 4 it leases; b gets the 36 left; a's 3 unspent calls go back when its lease lapses:
+/// b spends them, and no more.
 async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
     topo: Topo,
 ) -> anyhow::Result<()> {
-    let up = mock("up", Behavior::default());
-    let pfx = prefix();
-    let yaml = config()
-        .token(T)
-        .key(&up, "up", "")
-        .block(&leased_redis(
-            &pfx,
-            1500,
-            "\ngateways:\n  - {name: forty, rate_limits: [\"ingress:40/minute\"]}",
-        ))
-        .yaml();
-    let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx, 1500)).await?;
-    let path = "/llm/api/forty/v1/chat/completions";
-    let run = async |gw: &Gateway, n| admitted(gw, path, "m", n).await;
-    // a spends one of the 4 it leases; b gets the 36 left
-    assert_eq!(run(&gws[0], 1).await?, 1);
-    assert_eq!(run(&gws[1], 40).await?, 36);
-    // a's 3 unspent calls go back when its lease lapses: b spends them, and no more
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(run(&gws[1], 6).await?, 3);
-    assert_eq!(run(&gws[0], 2).await?, 0);
-    assert_eq!(up.requests(), 40);
-    Ok(())
+    a_leased_gateway_admits(topo, "\"ingress:40/minute\"", (36, 3)).await
 }
 
 /// `redis.lease` on a gateway with `ingress:40/minute` and `secret:30/minute`: the gateway's
@@ -772,26 +751,35 @@ async fn leased_gateway_limits_hold_exactly_and_unspent_calls_go_back(
 /// calls past those spend its gateway lease, are refused by the caller's limit and give the
 /// gateway's call back); after a's leases lapse b gets their 2, and no more: 30 in all.
 async fn leased_limits_of_both_scopes_hold_exactly(topo: Topo) -> anyhow::Result<()> {
+    a_leased_gateway_admits(topo, "\"ingress:40/minute\", \"secret:30/minute\"", (27, 2)).await
+}
+
+/// Two replicas leasing the rate `limits` of one gateway (`lease: 4`, `lease_ms: 1500`: b's 40
+/// calls run within it, also on a loaded machine): a admits one call; b admits `b_first` of
+/// 40; once a's leases lapsed, b admits `b_after` of 6 and a none of 2; the upstream saw each
+/// admitted call.
+async fn a_leased_gateway_admits(
+    topo: Topo,
+    limits: &str,
+    (b_first, b_after): (usize, usize),
+) -> anyhow::Result<()> {
     let up = mock("up", Behavior::default());
     let pfx = prefix();
+    let gateway = format!("\ngateways:\n  - {{name: lim, rate_limits: [{limits}]}}");
     let yaml = config()
         .token(T)
         .key(&up, "up", "")
-        .block(&leased_redis(
-            &pfx,
-            1500,
-            "\ngateways:\n  - {name: both, rate_limits: [\"ingress:40/minute\", \"secret:30/minute\"]}",
-        ))
+        .block(&leased_redis(&pfx, 1500, &gateway))
         .yaml();
     let gws = replicas(topo, 2, &yaml, &leased_flags(&pfx, 1500)).await?;
-    let path = "/llm/api/both/v1/chat/completions";
+    let path = "/llm/api/lim/v1/chat/completions";
     let run = async |gw: &Gateway, n| admitted(gw, path, "m", n).await;
     assert_eq!(run(&gws[0], 1).await?, 1);
-    assert_eq!(run(&gws[1], 40).await?, 27);
+    assert_eq!(run(&gws[1], 40).await?, b_first);
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(run(&gws[1], 6).await?, 2);
+    assert_eq!(run(&gws[1], 6).await?, b_after);
     assert_eq!(run(&gws[0], 2).await?, 0);
-    assert_eq!(up.requests(), 30);
+    assert_eq!(up.requests(), u64::try_from(1 + b_first + b_after)?);
     Ok(())
 }
 

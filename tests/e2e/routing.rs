@@ -196,6 +196,21 @@ async fn counter(gw: &Gateway, series: &str) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
+/// The default gateway's session picks on all of `gws`: hits, misses (new sessions), moves.
+async fn affinity_outcomes(gws: &[Gateway]) -> anyhow::Result<[u64; 3]> {
+    let mut outcomes = [0u64; 3];
+    for gw in gws {
+        for (i, outcome) in ["hit", "miss", "move"].iter().enumerate() {
+            outcomes[i] += counter(
+                gw,
+                &format!("keypool_affinity_total{{gateway=\"default\",outcome=\"{outcome}\"}}"),
+            )
+            .await?;
+        }
+    }
+    Ok(outcomes)
+}
+
 /// Two replicas sharing Redis with `redis.lease: 4`, `affinity:` at the top level: 20 calls of
 /// one session, sent round the replicas, all go to one key. Each replica's first call goes to
 /// the pick script (the session's key learned there, with a lease of 4 of its calls); the
@@ -223,16 +238,7 @@ async fn a_leased_session_keeps_its_key_across_replicas() -> anyhow::Result<()> 
         by.push(served_by(&resp));
     }
     assert!(by.iter().all(|k| *k == by[0]), "{by:?}");
-    let mut outcomes = [0u64; 3];
-    for gw in &gws {
-        for (i, outcome) in ["hit", "miss", "move"].iter().enumerate() {
-            outcomes[i] += counter(
-                gw,
-                &format!("keypool_affinity_total{{gateway=\"default\",outcome=\"{outcome}\"}}"),
-            )
-            .await?;
-        }
-    }
+    let outcomes = affinity_outcomes(&gws).await?;
     assert_eq!(outcomes, [19, 1, 0]);
     Ok(())
 }
@@ -286,16 +292,7 @@ async fn a_session_keeps_its_key_across_three_replicas() -> anyhow::Result<()> {
     assert_eq!(lengths, [8, 8, 4], "{by:?}");
     let keys: std::collections::HashSet<&str> = runs.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(keys.len(), 3, "{by:?}");
-    let mut outcomes = [0u64; 3];
-    for gw in &gws {
-        for (i, outcome) in ["hit", "miss", "move"].iter().enumerate() {
-            outcomes[i] += counter(
-                gw,
-                &format!("keypool_affinity_total{{gateway=\"default\",outcome=\"{outcome}\"}}"),
-            )
-            .await?;
-        }
-    }
+    let outcomes = affinity_outcomes(&gws).await?;
     // 6 + 1 new sessions; two moves; every other call a hit
     assert_eq!(outcomes, [17, 7, 2]);
     Ok(())

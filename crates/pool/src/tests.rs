@@ -29,6 +29,17 @@ fn pick(est_tokens: u64, exclude: Vec<u64>) -> Pick {
     }
 }
 
+/// A pick in session `name` (kept a minute unused).
+fn in_session(name: &str) -> Pick {
+    Pick {
+        session: Some(crate::SessionReq {
+            key: format!("aff:{name}"),
+            ttl: Duration::from_secs(60),
+        }),
+        ..pick(10, vec![])
+    }
+}
+
 async fn lease(pool: &PoolHandle) -> Result<Lease, NoKey> {
     pool.pick(&pick(10, vec![])).await
 }
@@ -345,16 +356,9 @@ async fn a_success_between_failures_resets_the_breaker() {
 async fn a_session_keeps_its_key_until_it_has_no_room() {
     let keys = [key("a", Some(3), None), key("b", Some(100), None)];
     let pool = KeyPool::start(&keys, LbPolicy::LeastUsed);
-    let in_session = || Pick {
-        session: Some(crate::SessionReq {
-            key: "aff:s".into(),
-            ttl: Duration::from_secs(60),
-        }),
-        ..pick(10, vec![])
-    };
     let mut seen = vec![];
     for _ in 0..5 {
-        let l = pool.pick(&in_session()).await.unwrap();
+        let l = pool.pick(&in_session("s")).await.unwrap();
         seen.push((l.key.name.to_string(), l.affinity.map(crate::Stick::as_str)));
         l.settle(ok());
     }
@@ -438,13 +442,6 @@ async fn the_next_lease_of_picks_is_asked_for_ahead_of_need() {
 async fn a_session_spends_leases_of_the_key_it_keeps() {
     let keys = [key("a", Some(100), None), key("b", Some(100), None)];
     let (prefix, shared, pool) = leasing_pool_of_keys(&keys, 4, Duration::from_secs(30)).await;
-    let in_session = |s: &str| Pick {
-        session: Some(crate::SessionReq {
-            key: format!("aff:{s}"),
-            ttl: Duration::from_secs(60),
-        }),
-        ..pick(10, vec![])
-    };
     let mut seen = vec![];
     for s in ["s1", "s1", "s1", "s1", "s1", "s2"] {
         let l = pool.pick(&in_session(s)).await.unwrap();

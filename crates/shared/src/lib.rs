@@ -55,6 +55,23 @@ pub struct Granted {
     pub tokens: u64,
 }
 
+impl Granted {
+    /// What a pick without a lease reserved: the chosen candidate's call and its tokens (if
+    /// it has a token window); nothing when none had room.
+    fn one(picked: &Picked, tokens: &[Option<TokenReq>]) -> Self {
+        match picked {
+            Picked::Index(i) => Self {
+                calls: 1,
+                tokens: tokens.get(*i).cloned().flatten().map_or(0, |t| t.cost),
+            },
+            Picked::Busy(_) => Self {
+                calls: 0,
+                tokens: 0,
+            },
+        }
+    }
+}
+
 /// A USD budget a request must fit: what was spent in its period and what requests in flight
 /// hold, in nano-dollars, under `key` until `ttl` lapses (the period's end plus a margin;
 /// `None`: never).
@@ -225,16 +242,7 @@ pub trait SharedState: Send + Sync {
         let picked = self
             .pick_reserving(candidates, tokens, least_used, id, now)
             .await?;
-        let granted = match picked {
-            Picked::Index(i) => Granted {
-                calls: 1,
-                tokens: tokens.get(i).cloned().flatten().map_or(0, |t| t.cost),
-            },
-            Picked::Busy(_) => Granted {
-                calls: 0,
-                tokens: 0,
-            },
-        };
+        let granted = Granted::one(&picked, tokens);
         Ok((picked, granted))
     }
 
@@ -328,16 +336,7 @@ pub trait SharedState: Send + Sync {
         let (picked, stick) = self
             .pick_in_session(candidates, tokens, least_used, id, session, now)
             .await?;
-        let granted = match picked {
-            Picked::Index(i) => Granted {
-                calls: 1,
-                tokens: tokens.get(i).cloned().flatten().map_or(0, |t| t.cost),
-            },
-            Picked::Busy(_) => Granted {
-                calls: 0,
-                tokens: 0,
-            },
-        };
+        let granted = Granted::one(&picked, tokens);
         Ok((picked, stick, granted))
     }
 
