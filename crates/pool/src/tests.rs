@@ -40,6 +40,19 @@ fn in_session(name: &str) -> Pick {
     }
 }
 
+/// One pick (settled at once) in each of `sessions`, in turn: the key each got and what its
+/// session did (`hit`, `miss`, `move`).
+async fn session_picks(pool: &PoolHandle, sessions: &[&str]) -> Vec<(String, &'static str)> {
+    let mut seen = vec![];
+    for s in sessions {
+        let l = pool.pick(&in_session(s)).await.unwrap();
+        let stick = l.affinity.map_or("none", crate::Stick::as_str);
+        seen.push((l.key.name.to_string(), stick));
+        l.settle(ok());
+    }
+    seen
+}
+
 async fn lease(pool: &PoolHandle) -> Result<Lease, NoKey> {
     pool.pick(&pick(10, vec![])).await
 }
@@ -356,12 +369,7 @@ async fn a_success_between_failures_resets_the_breaker() {
 async fn a_session_keeps_its_key_until_it_has_no_room() {
     let keys = [key("a", Some(3), None), key("b", Some(100), None)];
     let pool = KeyPool::start(&keys, LbPolicy::LeastUsed);
-    let mut seen = vec![];
-    for _ in 0..5 {
-        let l = pool.pick(&in_session("s")).await.unwrap();
-        seen.push((l.key.name.to_string(), l.affinity.map(crate::Stick::as_str)));
-        l.settle(ok());
-    }
+    let seen = session_picks(&pool, &["s"; 5]).await;
     let want = [
         ("a", "miss"),
         ("a", "hit"),
@@ -369,7 +377,7 @@ async fn a_session_keeps_its_key_until_it_has_no_room() {
         ("b", "move"),
         ("b", "hit"),
     ];
-    assert_eq!(seen, want.map(|(k, s)| (k.to_owned(), Some(s))).to_vec());
+    assert_eq!(seen, want.map(|(k, s)| (k.to_owned(), s)));
     let l = lease(&pool).await.unwrap();
     assert_eq!((&*l.key.name, l.affinity), ("b", None));
 }
@@ -442,12 +450,7 @@ async fn the_next_lease_of_picks_is_asked_for_ahead_of_need() {
 async fn a_session_spends_leases_of_the_key_it_keeps() {
     let keys = [key("a", Some(100), None), key("b", Some(100), None)];
     let (prefix, shared, pool) = leasing_pool_of_keys(&keys, 4, Duration::from_secs(30)).await;
-    let mut seen = vec![];
-    for s in ["s1", "s1", "s1", "s1", "s1", "s2"] {
-        let l = pool.pick(&in_session(s)).await.unwrap();
-        seen.push((l.key.name.to_string(), l.affinity.map(crate::Stick::as_str)));
-        l.settle(ok());
-    }
+    let seen = session_picks(&pool, &["s1", "s1", "s1", "s1", "s1", "s2"]).await;
     let want = [
         ("a", "miss"),
         ("a", "hit"),
@@ -456,7 +459,7 @@ async fn a_session_spends_leases_of_the_key_it_keeps() {
         ("a", "hit"),
         ("b", "miss"),
     ];
-    assert_eq!(seen, want.map(|(k, s)| (k.to_owned(), Some(s))).to_vec());
+    assert_eq!(seen, want.map(|(k, s)| (k.to_owned(), s)));
     assert_eq!(room_of_a(shared.as_ref()).await, 100 - 8);
     keypool_shared::testing::remove_keys("redis://127.0.0.1:6379/0", &prefix)
         .await
