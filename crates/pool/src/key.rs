@@ -96,10 +96,11 @@ enum Window {
 }
 
 impl Window {
-    /// A key's token window.
+    /// A key's token window: reservations settled later, so an exact one merges its settled
+    /// entries of one millisecond from time to time.
     fn new(exact: bool, epoch: Instant) -> Self {
         if exact {
-            Self::Exact(RateWindow::new(WINDOW))
+            Self::Exact(RateWindow::compacting(WINDOW, epoch))
         } else {
             Self::Approx(Box::new(BucketWindow::new(epoch)))
         }

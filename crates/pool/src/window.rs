@@ -3,7 +3,8 @@
 //! Every admitted unit is kept with its time, so "n per minute" means at most n in *any* trailing
 //! minute, not per clock minute. Entries carry a cost (1 for requests, tokens for tpm) and an id,
 //! so a token reservation made at pick time can be settled to the real count afterwards. A
-//! window whose entries are never settled (a key's calls) keeps one entry a millisecond.
+//! window whose entries are never settled (a key's calls) keeps one entry a millisecond; one of
+//! reservations (a key's tokens) merges its settled entries the same way from time to time.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -23,9 +24,27 @@ pub struct RateWindow {
     span: Duration,
     entries: VecDeque<Entry>,
     used: u64,
-    /// [`Self::merging`]: the time its milliseconds count from, and the millisecond of the
-    /// last entry.
-    merge_from: Option<(Instant, u64)>,
+    merge: Merge,
+}
+
+/// Which entries of one millisecond a window keeps as one.
+#[derive(Debug, Clone, Copy)]
+enum Merge {
+    /// None: every entry on its own.
+    Never,
+    /// All, as they are recorded ([`RateWindow::merging`]); `last_ms` is the last entry's.
+    Calls { epoch: Instant, last_ms: u64 },
+    /// Settled ones, once the window holds `compact_at` entries ([`RateWindow::compacting`]).
+    Settled { epoch: Instant, compact_at: usize },
+}
+
+/// The fewest entries a compacting window holds before it merges its settled ones.
+const COMPACT_FROM: usize = 4096;
+
+/// Whole milliseconds from `epoch` to `t`.
+fn ms_since(epoch: Instant, t: Instant) -> u64 {
+    let d = t.saturating_duration_since(epoch);
+    d.as_secs() * 1000 + u64::from(d.subsec_millis())
 }
 
 impl RateWindow {
@@ -34,7 +53,7 @@ impl RateWindow {
             span,
             entries: VecDeque::new(),
             used: 0,
-            merge_from: None,
+            merge: Merge::Never,
         }
     }
 
@@ -47,7 +66,26 @@ impl RateWindow {
     /// trailing span and a call may be refused up to a millisecond early.
     pub fn merging(span: Duration, epoch: Instant) -> Self {
         Self {
-            merge_from: Some((epoch, u64::MAX)),
+            merge: Merge::Calls {
+                epoch,
+                last_ms: u64::MAX,
+            },
+            ..Self::new(span)
+        }
+    }
+
+    /// A window of reservations settled later (a key's tokens): an entry keeps its id until it
+    /// is settled, and once the window holds twice what it held after its last compaction
+    /// (at least 4,096 entries), neighbouring settled entries of one millisecond become one,
+    /// at the later one's time (counted up to a millisecond longer, never shorter). So it
+    /// holds at most an entry a millisecond of its span, beside the reservations not yet
+    /// settled (requests in flight), at an amortised constant cost a record.
+    pub fn compacting(span: Duration, epoch: Instant) -> Self {
+        Self {
+            merge: Merge::Settled {
+                epoch,
+                compact_at: COMPACT_FROM,
+            },
             ..Self::new(span)
         }
     }
@@ -92,28 +130,65 @@ impl RateWindow {
     pub fn record(&mut self, now: Instant, id: u64, cost: u64) {
         self.expire(now);
         self.used += cost;
-        if let Some((epoch, last_ms)) = &mut self.merge_from {
-            let d = now.saturating_duration_since(*epoch);
-            let ms = d.as_secs() * 1000 + u64::from(d.subsec_millis());
-            if let Some(last) = self.entries.back_mut()
-                && now >= last.at
-                && ms == *last_ms
-            {
-                last.at = now;
-                last.cost += cost;
-                return;
+        match &mut self.merge {
+            Merge::Never => {}
+            Merge::Calls { epoch, last_ms } => {
+                let ms = ms_since(*epoch, now);
+                if let Some(last) = self.entries.back_mut()
+                    && now >= last.at
+                    && ms == *last_ms
+                {
+                    last.at = now;
+                    last.cost += cost;
+                    return;
+                }
+                *last_ms = ms;
             }
-            *last_ms = ms;
+            Merge::Settled { epoch, compact_at } => {
+                if self.entries.len() >= *compact_at {
+                    let epoch = *epoch;
+                    self.compact(epoch);
+                }
+            }
         }
         self.entries.push_back(Entry { at: now, cost, id });
     }
 
-    /// Replaces the cost recorded under `id` (a reservation settled to the real amount). An entry
-    /// that already left the window is not brought back.
+    /// Merges neighbouring settled entries (id 0) of one millisecond into the later one, and
+    /// sets the next compaction at twice what is left.
+    fn compact(&mut self, epoch: Instant) {
+        let mut kept: VecDeque<Entry> = VecDeque::with_capacity(self.entries.len());
+        for e in self.entries.drain(..) {
+            if let Some(last) = kept.back_mut()
+                && e.id == 0
+                && last.id == 0
+                && e.at >= last.at
+                && ms_since(epoch, e.at) == ms_since(epoch, last.at)
+            {
+                last.at = e.at;
+                last.cost += e.cost;
+                continue;
+            }
+            kept.push_back(e);
+        }
+        self.entries = kept;
+        if let Merge::Settled { compact_at, .. } = &mut self.merge {
+            *compact_at = (self.entries.len() * 2).max(COMPACT_FROM);
+        }
+    }
+
+    /// Replaces the cost recorded under `id` (a reservation settled to the real amount), once:
+    /// the entry is settled and may merge. An entry that already left the window is not
+    /// brought back; id 0 names no reservation.
     pub fn settle(&mut self, id: u64, actual: u64) {
+        if id == 0 {
+            return;
+        }
         if let Some(e) = self.entries.iter_mut().rev().find(|e| e.id == id) {
             self.used = self.used - e.cost + actual;
             e.cost = actual;
+            // settled once: its id is free to merge (ids start at 1)
+            e.id = 0;
         }
     }
 
@@ -186,6 +261,38 @@ mod tests {
             w.next_expiry(),
             Some(Instant::now() + Duration::from_secs(40))
         );
+    }
+
+    /// A compacting window keeps its reservations until they are settled, then merges the
+    /// settled ones of one millisecond: 10,000 reservations of 10 tokens in one millisecond,
+    /// settled at 5 each as they come, never hold more than 4,096 entries and count exactly;
+    /// one still unsettled keeps its own entry and settles after compactions passed it.
+    #[tokio::test(start_paused = true)]
+    async fn a_compacting_window_merges_what_was_settled() {
+        let mut w = RateWindow::compacting(MIN, Instant::now());
+        w.record(Instant::now(), 1, 100);
+        for id in 2..=10_001 {
+            w.record(Instant::now(), id, 10);
+            w.settle(id, 5);
+        }
+        assert!(w.entries.len() <= COMPACT_FROM, "{}", w.entries.len());
+        assert_eq!(w.used(Instant::now()), 100 + 50_000);
+        w.settle(1, 30);
+        assert_eq!(w.used(Instant::now()), 30 + 50_000);
+        // settled entries merge only with neighbours of the same millisecond
+        advance(Duration::from_millis(1)).await;
+        for id in 10_002..=14_200 {
+            w.record(Instant::now(), id, 1);
+            w.settle(id, 1);
+        }
+        assert!(w.entries.len() <= COMPACT_FROM, "{}", w.entries.len());
+        // a compaction now leaves the first entry (settled late, its neighbour not yet
+        // merged with it), one a millisecond, and nothing else
+        w.compact(w.entries[0].at);
+        assert!(w.entries.len() <= 3, "{}", w.entries.len());
+        assert_eq!(w.used(Instant::now()), 30 + 50_000 + 4199);
+        advance(Duration::from_millis(59_999)).await;
+        assert_eq!(w.used(Instant::now()), 4199);
     }
 
     /// A merging window keeps one entry a millisecond, at its latest call's time: 10,000
