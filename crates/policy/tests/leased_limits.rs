@@ -77,6 +77,12 @@ fn caller(id: &str) -> Caller {
 
 /// The calls window `key` (limit 1000 a minute) still has room for, asked of Redis directly.
 async fn room(prefix: &str, key: &str) -> u32 {
+    1000 - counted(prefix, key).await
+}
+
+/// The calls window `key` (limit 1000 a minute) counts now, asked of Redis directly (the
+/// probe's reservation given back at once).
+async fn counted(prefix: &str, key: &str) -> u32 {
     let probe = RedisState::connect(REDIS, prefix, Duration::from_secs(2))
         .await
         .unwrap();
@@ -90,11 +96,20 @@ async fn room(prefix: &str, key: &str) -> u32 {
         within: Duration::from_secs(1),
     };
     let (outcome, room) = probe
-        .admit_leasing(&[window], "probe", everything, Instant::now())
+        .admit_leasing(
+            std::slice::from_ref(&window),
+            "probe",
+            everything,
+            Instant::now(),
+        )
         .await
         .unwrap();
     assert!(matches!(outcome, Admit::Admitted { .. }));
-    room
+    probe
+        .return_lease(&window, "probe", room, room)
+        .await
+        .unwrap();
+    1000 - room
 }
 
 async fn cleanup(prefix: &str) {
@@ -229,11 +244,12 @@ async fn both_scopes_lease_the_gateway_once_and_each_caller_once() {
 }
 
 /// `ingress:50/minute` with `secret:1000/minute` (`lease: 8`: the gateway's leases of 5,
-/// each caller's of 8). On a, alice's call leases 5 of both scopes and bob's spends one of the
-/// gateway's; b's carol takes the 45 left in Redis. a then admits alice's 3 from its gateway
-/// lease; her next calls find it empty, spend her own last call, are refused by the gateway's
-/// limit and give that call back, so after a graceful stop her window counts her 4 calls
-/// (5 if a refused call kept what it spent).
+/// alice's of 8). On a, alice's first call leases 5 of both scopes (her third asks for her
+/// next 8 ahead of need); b's carol takes 40 calls; a admits 9 more of alice's (its gateway
+/// lease's 4, then a last lease of 5), spending her second lease down to 3. Her next calls find
+/// the gateway's limit spent: each spends a call of hers here, is refused, and gives it back,
+/// and, refused, asks for no lease ahead (that call leaves a quarter of her lease each time).
+/// So Redis counts her two leases (13), and after a graceful stop her 10 calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_refused_by_one_scope_gives_the_others_back() {
     let prefix = format!("kp-policy-{:016x}:", fastrand::u64(..));
@@ -242,23 +258,49 @@ async fn a_call_refused_by_one_scope_gives_the_others_back() {
         replica(&prefix, yaml, 8, 30_000).await,
         replica(&prefix, yaml, 8, 30_000).await,
     );
-    let (alice, bob, carol) = (caller("alice"), caller("bob"), caller("carol"));
-    let rt = a.get("back").unwrap();
-    for who in [&alice, &bob] {
-        assert!(rt.admit_everywhere(who, None, Instant::now()).await.is_ok());
+    let (alice, carol) = (caller("alice"), caller("carol"));
+    let (on_a, on_b) = (a.get("back").unwrap(), b.get("back").unwrap());
+    assert!(
+        on_a.admit_everywhere(&alice, None, Instant::now())
+            .await
+            .is_ok()
+    );
+    for _ in 0..40 {
+        assert!(
+            on_b.admit_everywhere(&carol, None, Instant::now())
+                .await
+                .is_ok()
+        );
     }
-    assert_eq!(admit_all_as(&b, "back", &carol).await, 45);
-    assert_eq!(admit_all_as(&a, "back", &alice).await, 3);
+    // one at a time, so what is asked ahead lands before the next call
+    for _ in 0..9 {
+        assert!(
+            on_a.admit_everywhere(&alice, None, Instant::now())
+                .await
+                .is_ok()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for _ in 0..20 {
         assert!(
-            rt.admit_everywhere(&alice, None, Instant::now())
+            on_a.admit_everywhere(&alice, None, Instant::now())
                 .await
                 .is_err()
         );
     }
-    a.give_back_shared().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let key = "gw:back:secret:1000/minute:alice";
-    assert_eq!(room(&prefix, key).await, 1000 - 4);
+    assert_eq!(
+        counted(&prefix, key).await,
+        13,
+        "no lease asked by a refused call"
+    );
+    a.give_back_shared().await;
+    assert_eq!(
+        counted(&prefix, key).await,
+        10,
+        "no call kept by a refused one"
+    );
     cleanup(&prefix).await;
 }
 
