@@ -150,7 +150,7 @@ impl GatewayRuntime {
         }
         // a lease only where this admission asks for every scope it counts in
         let leasing = going.iter().all(|(i, _)| asks[*i].is_some());
-        let id = lease_id();
+        let id = if leasing { lease_id() } else { String::new() };
         let decided = count_shared(shared, parts, &going, (&id, leasing), now).await;
         let refund = |spent: &[Option<RateHeaders>; 2]| {
             for (p, h) in parts.iter().zip(spent) {
