@@ -178,6 +178,17 @@ impl RequestCtx {
         }
     }
 
+    /// The answer is being relayed and nothing goes upstream again: lets go of what only an
+    /// attempt reads (the forwarded headers, the body sent, the upstream path and query), which
+    /// a stream would otherwise hold until it ends.
+    pub fn forwarded(&mut self) {
+        self.headers = Default::default();
+        self.client_authorization = None;
+        self.inspected.body = bytes::Bytes::new();
+        self.upstream_path = String::new();
+        self.query = None;
+    }
+
     /// Records the response (summarised) when the `log:` policy asks for it.
     pub fn capture_response(&mut self, body: &[u8]) {
         if let (Some(cap), Some(log)) = (self.log_response_cap, self.log.as_mut()) {

@@ -160,6 +160,7 @@ impl Relay {
             self.span = crate::observe::stream_span(&ctx, ttfb);
             ctx.response_model = self.first.as_deref().and_then(crate::inspect::stream_model);
         }
+        ctx.forwarded();
         self.ctx = Some(ctx);
     }
 
