@@ -295,14 +295,15 @@ impl GatewayRuntime {
     }
 
     /// Active and not expired.
-    pub fn check_open(&self, now: SystemTime) -> Result<(), ApiError> {
+    /// `now` is read only when the gateway has an expiry.
+    pub fn check_open(&self, now: impl FnOnce() -> SystemTime) -> Result<(), ApiError> {
         if !self.spec.active {
             return Err(refuse(
                 ErrorKind::GatewayInactive,
                 format!("The gateway `{}` is not active.", self.spec.name),
             ));
         }
-        if self.spec.expires_at.is_some_and(|t| now >= t) {
+        if self.spec.expires_at.is_some_and(|t| now() >= t) {
             return Err(refuse(
                 ErrorKind::GatewayExpired,
                 format!(
@@ -315,19 +316,19 @@ impl GatewayRuntime {
     }
 
     /// Whitelist / blacklist. `credential` is the extracted credential (`secret:` rules),
-    /// `now` the clock for `time:` rules.
+    /// `now` the clock for `time:` rules (read only when there are lists).
     pub fn check_lists(
         &self,
         ip: Option<IpAddr>,
         credential: Option<&str>,
-        now: DateTime<Utc>,
+        now: impl FnOnce() -> DateTime<Utc>,
     ) -> Result<(), ApiError> {
         let g = &self.spec;
         if g.whitelist.is_empty() && g.blacklist.is_empty() {
             return Ok(());
         }
         let minute = {
-            let local = now.with_timezone(&g.timezone);
+            let local = now().with_timezone(&g.timezone);
             (local.hour() * 60 + local.minute()) as u16
         };
         let cred =

@@ -227,24 +227,28 @@ fn whitelist_wins_blacklist_refuses_and_ips_match_cidrs() {
     let t = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
     let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
     let black = runtime("name: t\nblacklist: ['ip:203.0.113.0/24', 'secret:^banned-']\n");
-    assert!(black.check_lists(ip("203.0.113.7"), None, t).is_err());
+    assert!(black.check_lists(ip("203.0.113.7"), None, || t).is_err());
     assert_eq!(
-        code(&black.check_lists(ip("203.0.113.7"), None, t).unwrap_err()),
+        code(
+            &black
+                .check_lists(ip("203.0.113.7"), None, || t)
+                .unwrap_err()
+        ),
         "access_denied"
     );
     assert!(
         black
-            .check_lists(ip("::ffff:203.0.113.9"), None, t)
+            .check_lists(ip("::ffff:203.0.113.9"), None, || t)
             .is_err()
     );
     assert!(
         black
-            .check_lists(ip("198.51.100.1"), Some("Bearer banned-x"), t)
+            .check_lists(ip("198.51.100.1"), Some("Bearer banned-x"), || t)
             .is_err()
     );
     assert!(
         black
-            .check_lists(ip("198.51.100.1"), Some("Bearer fine"), t)
+            .check_lists(ip("198.51.100.1"), Some("Bearer fine"), || t)
             .is_ok()
     );
 
@@ -252,17 +256,21 @@ fn whitelist_wins_blacklist_refuses_and_ips_match_cidrs() {
         "name: t\nwhitelist: ['ip:10.0.0.0/8', 'ip:fd00::/8', 'secret:^vip-']\nblacklist: ['ip:10.1.2.3/32']\n",
     );
     assert!(
-        white.check_lists(ip("10.1.2.3"), None, t).is_ok(),
+        white.check_lists(ip("10.1.2.3"), None, || t).is_ok(),
         "whitelist wins"
     );
-    assert!(white.check_lists(ip("fd00::1"), None, t).is_ok());
+    assert!(white.check_lists(ip("fd00::1"), None, || t).is_ok());
     assert!(
         white
-            .check_lists(ip("192.0.2.1"), Some("vip-anna"), t)
+            .check_lists(ip("192.0.2.1"), Some("vip-anna"), || t)
             .is_ok()
     );
-    assert!(white.check_lists(ip("192.0.2.1"), Some("anna"), t).is_err());
-    assert!(white.check_lists(None, None, t).is_err());
+    assert!(
+        white
+            .check_lists(ip("192.0.2.1"), Some("anna"), || t)
+            .is_err()
+    );
+    assert!(white.check_lists(None, None, || t).is_err());
 }
 
 #[test]
@@ -271,16 +279,16 @@ fn time_rules_cross_midnight_in_the_gateway_timezone() {
     let g = runtime("name: t\ntimezone: Asia/Shanghai\nwhitelist: ['time:22:00-06:00']\n");
     let at = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 11, 22, h, m, 0).unwrap();
     // 13:59 UTC = 21:59 local: refused; 14:00 UTC = 22:00 local: admitted
-    assert!(g.check_lists(None, None, at(13, 59)).is_err());
-    assert!(g.check_lists(None, None, at(14, 0)).is_ok());
+    assert!(g.check_lists(None, None, || at(13, 59)).is_err());
+    assert!(g.check_lists(None, None, || at(14, 0)).is_ok());
     // 16:00 UTC = 00:00 local; 21:59 UTC = 05:59 local; 22:00 UTC = 06:00 local (end excluded)
-    assert!(g.check_lists(None, None, at(16, 0)).is_ok());
-    assert!(g.check_lists(None, None, at(21, 59)).is_ok());
-    assert!(g.check_lists(None, None, at(22, 0)).is_err());
+    assert!(g.check_lists(None, None, || at(16, 0)).is_ok());
+    assert!(g.check_lists(None, None, || at(21, 59)).is_ok());
+    assert!(g.check_lists(None, None, || at(22, 0)).is_err());
     // a blacklist window during the day
     let b = runtime("name: t\nblacklist: ['time:09:00-18:00']\n");
-    assert!(b.check_lists(None, None, at(9, 0)).is_err());
-    assert!(b.check_lists(None, None, at(18, 0)).is_ok());
+    assert!(b.check_lists(None, None, || at(9, 0)).is_err());
+    assert!(b.check_lists(None, None, || at(18, 0)).is_ok());
 }
 
 /// The clock is passed in: `t0` and exact offsets from it, no sleeping.
@@ -376,15 +384,15 @@ fn model_list() {
 fn open_checks_active_then_expiry() {
     let off = runtime("name: t\nactive: false\nexpires_at: '2020-01-01T00:00:00Z'\n");
     assert_eq!(
-        code(&off.check_open(SystemTime::now()).unwrap_err()),
+        code(&off.check_open(SystemTime::now).unwrap_err()),
         "gateway_inactive"
     );
     let old = runtime("name: t\nexpires_at: '2020-01-01T00:00:00Z'\n");
-    let e = old.check_open(SystemTime::now()).unwrap_err();
+    let e = old.check_open(SystemTime::now).unwrap_err();
     assert_eq!((e.status(), code(&e)), (403, "gateway_expired"));
     assert!(e.message.contains("该网关已过有效期"));
     let later = runtime("name: t\nexpires_at: '2999-01-01T00:00:00+08:00'\n");
-    assert!(later.check_open(SystemTime::now()).is_ok());
+    assert!(later.check_open(SystemTime::now).is_ok());
 }
 
 #[test]
@@ -518,7 +526,7 @@ fn the_top_level_policy_is_the_default_gateways() {
     assert_eq!(g.spec.retries, Some(1));
     assert!(g.check_model("gpt-4o-mini").is_ok() && g.check_model("o1").is_err());
     let outside: IpAddr = "192.0.2.1".parse().unwrap();
-    assert!(g.check_lists(Some(outside), None, Utc::now()).is_err());
+    assert!(g.check_lists(Some(outside), None, Utc::now).is_err());
     // mistakes in the top-level fields name the field itself
     let err = keypool_config::from_yaml(
         "rate_limits: ['ingress:x/minute']\ngateways:\n  - name: default\n",

@@ -263,9 +263,10 @@ impl Engine {
             }
             Err(_) => return Attempt::Failed(timed_out(lease, stream)),
         };
-        ctx.ttfb = Some(ctx.started.elapsed());
+        let answered = Instant::now();
+        ctx.ttfb = Some(answered - ctx.started);
         span.record("http.response.status_code", resp.status);
-        lease.observe_ttfb(started.elapsed());
+        lease.observe_ttfb(answered - started);
         match classify(resp.status, &resp.headers, key.passthrough_auth) {
             Class::Success if stream && is_sse(&resp.headers) => {
                 self.relay(ctx, resp, lease, deadline).await

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use keypool_policy::Caller;
 use keypool_policy::gateway::GatewayRuntime;
-use keypool_types::{RequestLog, Usage, UsageEvent, UsageSink, new_event_id};
+use keypool_types::{RequestLog, Usage, UsageEvent, UsageSink, new_event_id_at};
 use reqwest::header::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
@@ -288,9 +288,10 @@ impl RequestCtx {
         };
         self.spend.settle(spent);
         crate::observe::answered(self, status, usage, cost, error, latency);
+        let at = SystemTime::now();
         self.sink.record(UsageEvent {
-            id: new_event_id(),
-            at: SystemTime::now(),
+            id: new_event_id_at(at),
+            at,
             gateway: self.gateway.name.clone(),
             caller: self.caller.id.clone(),
             model: self.inspected.model.clone(),

@@ -10,6 +10,7 @@ mod usage;
 pub use error::{ApiError, ErrorKind, GrpcCode, Surface};
 pub use usage::{
     AnthropicCounts, RequestLog, Usage, UsageEvent, UsageSink, event_id_hex, hex, new_event_id,
+    new_event_id_at,
 };
 
 mod secret;

@@ -246,7 +246,12 @@ pub trait UsageSink: Send + Sync + 'static {
 /// while ids had a unique index (before migration 5), random ids dirtied up to 1,000 of its
 /// pages per batch of 1,000 events, time-ordered ones only its right edge.
 pub fn new_event_id() -> u128 {
-    let ms = std::time::SystemTime::now()
+    new_event_id_at(std::time::SystemTime::now())
+}
+
+/// [`new_event_id`] for an event that happened `at` (the event's own time, one clock read).
+pub fn new_event_id_at(at: std::time::SystemTime) -> u128 {
+    let ms = at
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let random = fastrand::u128(..) & ((1u128 << 80) - 1);

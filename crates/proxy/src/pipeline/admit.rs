@@ -21,7 +21,7 @@ pub(super) async fn admit(
     client_ip: Option<IpAddr>,
     rate: &mut Option<RateHeaders>,
 ) -> Result<(), ApiError> {
-    gw.check_lists(client_ip, auth.credential.as_deref(), chrono::Utc::now())?;
+    gw.check_lists(client_ip, auth.credential.as_deref(), chrono::Utc::now)?;
     match gw
         .admit_everywhere(&auth.caller, client_ip, Instant::now())
         .await

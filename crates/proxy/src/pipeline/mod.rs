@@ -223,7 +223,7 @@ fn resolve(fe: &Frontend, name: &str) -> Result<Arc<GatewayRuntime>, ApiError> {
             format!("There is no gateway named `{name}`."),
         )
     })?;
-    gw.check_open(std::time::SystemTime::now())?;
+    gw.check_open(std::time::SystemTime::now)?;
     Ok(gw)
 }
 
