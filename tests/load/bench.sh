@@ -72,12 +72,16 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 STORES=${STORES:-none sqlite postgres}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-cargo build --release -q -p keypool-gateway
-[ -z "${STREAMS:-}" ] || cargo build --release -q -p keypool-e2e --example streams
+# NO_BUILD=1: the binaries are given (KEYPOOL_BIN, STREAMS_BIN), as on a machine without Rust
+# that tests/load/pack.sh packed them for
+if [ -z "${NO_BUILD:-}" ]; then
+  cargo build --release -q -p keypool-gateway
+  [ -z "${STREAMS:-}" ] || cargo build --release -q -p keypool-e2e --example streams
+fi
 # KEYPOOL_BIN=/path/to/keypool: that build as `none` (and as the mock), e.g. for a streams or
 # many-connection run of another build, which `before` does not get
 BIN=${KEYPOOL_BIN:-${CARGO_TARGET_DIR:-target}/release/keypool}
-STREAMS_BIN=${CARGO_TARGET_DIR:-target}/release/examples/streams
+STREAMS_BIN=${STREAMS_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/streams}
 WRK_CPUS=${WRK_CPUS:-0}
 WRK_THREADS=${WRK_THREADS:-1}
 PROXY_PIN=(); [ -z "${PROXY_CPUS:-}" ] || PROXY_PIN=(taskset -c "$PROXY_CPUS")   # exec'd: $! is the proxy
@@ -102,7 +106,12 @@ evals() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '
 # GETs and INCRBYs (a token quota's read and addition), the scripts' own included: Redis counts
 # the commands a script calls as its own
 gets() { redis-cli info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_(get|incrby):/ {n += $3} END {print n + 0}'; }
-served() { curl -s "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
+fetch() { # url: its body (curl, or python3 where there is no curl)
+  if command -v curl >/dev/null; then curl -s "$1"; else
+    python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' "$1"
+  fi
+}
+served() { fetch "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 
 "${UP_PIN[@]}" "$BIN" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" > "$WORK/mock.out" 2>&1 &
 wait_line "$WORK/mock.out" "listening on"
@@ -143,6 +152,9 @@ http {
   access_log off;
   client_body_temp_path $WORK/ngx-body;
   proxy_temp_path $WORK/ngx-proxy;
+  fastcgi_temp_path $WORK/ngx-fastcgi;
+  uwsgi_temp_path $WORK/ngx-uwsgi;
+  scgi_temp_path $WORK/ngx-scgi;
   upstream mock { server $UP_HOSTPORT; keepalive 128; }
   server {
     listen 127.0.0.1:$NG_PORT;
@@ -155,7 +167,8 @@ $( [ -n "${STREAMS:-}" ] && echo "  upstream slow { server $(echo "$SLOW" | sed 
   }" )
 }
 NGX
-  "${PROXY_PIN[@]}" nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
+  # -e: a packed Debian nginx would open its built-in /var/log/nginx/error.log first
+  "${PROXY_PIN[@]}" nginx -e "$WORK/nginx.err" -c "$WORK/nginx.conf" -g 'daemon off;' &
   PID[nginx]=$!
   sleep 0.5
   URL[nginx]="http://127.0.0.1:$NG_PORT/v1"
@@ -292,7 +305,7 @@ for store in $STORES; do
     # nothing lost: every request's event is in the store (or still queued), none dropped;
     # the writer's last batch waits up to 200 ms for more events before it is written
     sleep 0.5
-    curl -s "${URL[$store]%/v1}/metrics" | awk -v s="$store" '
+    fetch "${URL[$store]%/v1}/metrics" | awk -v s="$store" '
       /^keypool_requests_total/ {n += $2} /^keypool_usage_written_total/ {w = $2}
       /^keypool_usage_dropped_total/ {d = $2} /^keypool_usage_queue_depth/ {q = $2}
       END {printf "%s: %d requests answered, %d usage events written, %d queued, %d dropped\n", s, n, w, q, d}' >> "$WORK/notes.txt" ;;
@@ -345,7 +358,7 @@ YAML
   OVURL=$(url_in "$WORK/ov.out")
   taskset -c "$WRK_CPUS" wrk -t1 -c64 -d"${DURATION}s" -s tests/load/chat.lua "$OVURL/chat/completions" > "$WORK/ov.txt"
   sleep 0.5   # requests still in flight when wrk stopped are answered too
-  SPILLED=$(curl -s "${OVURL%/v1}/metrics" | awk '/^keypool_usage_spilled_total/ {n += $2} END {print n + 0}')
+  SPILLED=$(fetch "${OVURL%/v1}/metrics" | awk '/^keypool_usage_spilled_total/ {n += $2} END {print n + 0}')
   SERVED_OV=$(served "$OVURL")
   kill -TERM "$OV"; wait "$OV" 2>/dev/null || true
   ANSWERED=$(python3 -c 'import re,sys; t=open(sys.argv[1]).read(); n=int(re.search(r"(\d+) requests in", t).group(1)); e=re.search(r"Non-2xx or 3xx responses: (\d+)", t); print(n - (int(e.group(1)) if e else 0))' "$WORK/ov.txt")
