@@ -322,3 +322,7 @@ impl Drop for RequestCtx {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "ctx_tests.rs"]
+mod tests;
