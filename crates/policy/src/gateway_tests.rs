@@ -393,6 +393,14 @@ fn open_checks_active_then_expiry() {
     assert!(e.message.contains("该网关已过有效期"));
     let later = runtime("name: t\nexpires_at: '2999-01-01T00:00:00+08:00'\n");
     assert!(later.check_open(SystemTime::now).is_ok());
+    // a gateway without an expiry or lists does not read the clock (the request path's cost)
+    let plain = runtime("name: t\n");
+    assert!(plain.check_open(|| unreachable!("no expiry")).is_ok());
+    assert!(
+        plain
+            .check_lists(None, None, || unreachable!("no lists"))
+            .is_ok()
+    );
 }
 
 #[test]
