@@ -393,15 +393,7 @@ PY
 fi
 
 if [ -n "${STREAMS:-}" ]; then
-  cat > "$WORK/config-streams.yaml" <<YAML
-address: 127.0.0.1:0
-authorization: bench-token
-dbtype: none
-upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$SLOW"}
-  - {name: k2, sk: sk-bench-2, endpoint: "$SLOW"}
-  - {name: k3, sk: sk-bench-3, endpoint: "$SLOW"}
-YAML
+  three_keys "$SLOW" > "$WORK/config-streams.yaml"
   RUST_LOG=warn "${PROXY_PIN[@]}" "$BIN" serve --config "$WORK/config-streams.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-streams.out" 2> "$WORK/kp-streams.err" &
   PID[streams]=$!
   wait_line "$WORK/kp-streams.out" "listening on http.*/v1"

@@ -24,23 +24,15 @@ W=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
+. tests/load/lib.sh
 "$BIN" mock --address 127.0.0.1:0 --workers 1 --chunk-interval-ms 500 > "$W/mock.out" 2>&1 &
-for _ in $(seq 50); do grep -q "listening on" "$W/mock.out" 2>/dev/null && break; sleep 0.1; done
-UP=$(grep -o 'http://[^ ]*' "$W/mock.out" | head -1)
-cat > "$W/config.yaml" <<YAML
-address: 127.0.0.1:0
-authorization: bench-token
-dbtype: none
-upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
-  - {name: k2, sk: sk-bench-2, endpoint: "$UP"}
-  - {name: k3, sk: sk-bench-3, endpoint: "$UP"}
-YAML
+wait_line "$W/mock.out" "listening on"
+three_keys "$(url_in "$W/mock.out")" > "$W/config.yaml"
 # KEYPOOL_WORKERS set: keypool does not run itself again at start (heaptrack would lose it)
 KEYPOOL_WORKERS=2 RUST_LOG=warn heaptrack -o "$W/heap" "$BIN" serve --config "$W/config.yaml" \
   --admin-address 127.0.0.1:0 --console-address none > "$W/kp.out" 2> "$W/kp.err" &
-for _ in $(seq 300); do grep -q "listening on http.*/v1" "$W/kp.out" 2>/dev/null && break; sleep 0.2; done
-URL=$(grep -v -e 'admin listening' -e 'console at' "$W/kp.out" | grep -o 'http://[^ ]*/v1' | head -1)
+wait_line "$W/kp.out" "listening on http.*/v1" "$W/kp.err"
+URL=$(url_in "$W/kp.out")
 "$T/release/examples/streams" "$URL/chat/completions" bench-token 20 500 100 > /dev/null
 "$T/release/examples/streams" "$URL/chat/completions" bench-token "$STREAMS" 500 2000 > "$W/streams.json"
 KP=$(pgrep -f "^$BIN serve --config $W/config.yaml" | head -1)

@@ -37,16 +37,8 @@ if [ "${REDIS:-0}" = 1 ]; then
   LIMIT=", rpm: 100000000"
   SHARED="redis: {url: \"redis://127.0.0.1:6379/0\", prefix: \"kp-profile-$$:\"}"
 fi
-cat > "$W/config.yaml" <<YAML
-address: 127.0.0.1:0
-authorization: bench-token
-dbtype: none
-$SHARED
-upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$UP"$LIMIT}
-  - {name: k2, sk: sk-bench-2, endpoint: "$UP"$LIMIT}
-  - {name: k3, sk: sk-bench-3, endpoint: "$UP"$LIMIT}
-YAML
+. tests/load/lib.sh
+three_keys "$UP" "$LIMIT" "$SHARED" > "$W/config.yaml"
 LUA=tests/load/chat.lua
 if [ "${STREAM:-0}" = 1 ]; then
   LUA=$W/stream.lua
