@@ -130,6 +130,28 @@ async fn connect_failure_everywhere_is_a_502() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An upstream named by its host (`localhost`, from /etc/hosts, where it may name `::1`
+/// before `127.0.0.1`: every address is tried) is looked up and reached, and so is it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_named_by_its_host_is_reached() -> anyhow::Result<()> {
+    let up = mock("named", Behavior::default());
+    let port = up.addr().port();
+    let yaml = format!(
+        "authorization: {T}\ndbtype: none\nupstreams:\n  - {{name: named, sk: sk-x, endpoint: \"http://localhost:{port}/v1\"}}\n"
+    );
+    let gw = Gateway::start(&yaml).await?;
+    let (first, second) = tokio::join!(
+        gw.chat(T, hello("gpt-4o-mini")),
+        gw.chat(T, hello("gpt-4o-mini"))
+    );
+    for resp in [first?, second?, gw.chat(T, hello("gpt-4o-mini")).await?] {
+        assert_eq!(resp.status(), 200);
+        assert_eq!(served_by(&resp), "named");
+    }
+    assert_eq!(up.requests(), 3);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_keys_at_rpm_4_serve_4_each_then_429_with_retry_after() -> anyhow::Result<()> {
     let (a, b, c) = (

@@ -52,6 +52,10 @@
 #                  upstream, and the mock's workers (default 1);
 #   MANY=2048      adds a many-connection run per target (throughput, p50/p99, the proxy's RSS
 #                  during it, 1 s and 20 s after, and what a connection costs in memory);
+#   UPHOST=name    the mock upstreams named by this host in keypool's and nginx's configs instead
+#                  of 127.0.0.1 (localhost, or a name a resolver answers: keypool looks a host up
+#                  for its first connections and every 30 s, nginx once at start), so what a new
+#                  upstream connection's address lookup costs is in the runs;
 #   STREAMS=N      adds a streams run: the mock streaming slowly (STREAM_INTERVAL ms between
 #                  events, default 500), N concurrent SSE streams opened over RAMP_MS (default
 #                  2000) by tests/load/streams.rs against the mock, nginx (proxy_buffering off)
@@ -125,6 +129,9 @@ if [ -n "${STREAMS:-}" ]; then
   wait_line "$WORK/slow.out" "listening on"
   SLOW=$(url_in "$WORK/slow.out")
 fi
+# the mocks as the proxies' configs name them (UPHOST)
+KUP=${UP/127.0.0.1/${UPHOST:-127.0.0.1}}
+KSLOW=${SLOW:+${SLOW/127.0.0.1/${UPHOST:-127.0.0.1}}}
 rss_kb() { # pid: resident KB of it and its children (nginx's workers)
   local total=0 p
   for p in $1 $(pgrep -P "$1" 2>/dev/null); do
@@ -141,7 +148,7 @@ peak_while() { # pid file: the highest rss_kb, sampled every 100 ms until the fi
 if [ "${NGINX:-1}" = 1 ] && command -v nginx >/dev/null; then
   free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
   NG_PORT=$(free_port) NG_PORT2=$(free_port)
-  UP_HOSTPORT=$(echo "$UP" | sed -E 's#http://([^/]+)/v1#\1#')
+  UP_HOSTPORT=$(echo "$KUP" | sed -E 's#http://([^/]+)/v1#\1#')
   cat > "$WORK/nginx.conf" <<NGX
 worker_processes $WORKERS;
 worker_rlimit_nofile 20000;
@@ -160,7 +167,7 @@ http {
     listen 127.0.0.1:$NG_PORT;
     location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
-$( [ -n "${STREAMS:-}" ] && echo "  upstream slow { server $(echo "$SLOW" | sed -E 's#http://([^/]+)/v1#\1#'); keepalive 128; }
+$( [ -n "${STREAMS:-}" ] && echo "  upstream slow { server $(echo "$KSLOW" | sed -E 's#http://([^/]+)/v1#\1#'); keepalive 128; }
   server {
     listen 127.0.0.1:$NG_PORT2;
     location / { proxy_pass http://slow; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }
@@ -218,9 +225,9 @@ address: 127.0.0.1:0
 authorization: bench-token
 $DB
 upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$UP"$LIMIT}
-  - {name: k2, sk: sk-bench-2, endpoint: "$UP"$LIMIT}
-  - {name: k3, sk: sk-bench-3, endpoint: "$UP"$LIMIT}
+  - {name: k1, sk: sk-bench-1, endpoint: "$KUP"$LIMIT}
+  - {name: k2, sk: sk-bench-2, endpoint: "$KUP"$LIMIT}
+  - {name: k3, sk: sk-bench-3, endpoint: "$KUP"$LIMIT}
 YAML
   if [ "$store" = frontends ]; then
     RUST_LOG=warn "$BIN" admin --config "$WORK/config-$store.yaml" --admin-address 127.0.0.1:0 > "$WORK/cp.out" 2> "$WORK/cp.err" &
@@ -350,7 +357,7 @@ dbtype: sqlite
 dbaddr: $WORK/overload.sqlite
 log: {queue_capacity: 64, on_overflow: spill, spill_path: "$WORK/overload.spill"}
 upstreams:
-  - {name: k1, sk: sk-bench-1, endpoint: "$UP"}
+  - {name: k1, sk: sk-bench-1, endpoint: "$KUP"}
 YAML
   RUST_LOG=warn "$BIN" serve --config "$WORK/config-overload.yaml" --admin-address 127.0.0.1:0 > "$WORK/ov.out" 2> "$WORK/ov.err" &
   OV=$!
@@ -393,7 +400,7 @@ PY
 fi
 
 if [ -n "${STREAMS:-}" ]; then
-  three_keys "$SLOW" > "$WORK/config-streams.yaml"
+  three_keys "$KSLOW" > "$WORK/config-streams.yaml"
   RUST_LOG=warn "${PROXY_PIN[@]}" "$BIN" serve --config "$WORK/config-streams.yaml" --admin-address 127.0.0.1:0 > "$WORK/kp-streams.out" 2> "$WORK/kp-streams.err" &
   PID[streams]=$!
   wait_line "$WORK/kp-streams.out" "listening on http.*/v1"

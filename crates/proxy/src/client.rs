@@ -25,6 +25,7 @@ use reqwest::header::HeaderMap;
 
 use crate::adapter::{TransportError, UpstreamResponse, body_of};
 use crate::conn::{Origin, POOL_IDLE, POOL_MAX_IDLE, Pool, Reaping, reap_idle};
+use crate::resolve::Addresses;
 
 /// One worker's upstream client.
 pub struct UpstreamClient {
@@ -45,7 +46,12 @@ impl UpstreamClient {
     /// a runtime), the pool's reaper runs there; elsewhere idle connections are only checked
     /// when taken.
     pub(crate) fn with_reaping(use_env_proxies: bool, reaping: Reaping) -> Self {
-        let direct = (!use_env_proxies).then(|| Arc::new(Pool::new(reaping)));
+        Self::with_pool(use_env_proxies, reaping, Addresses::system())
+    }
+
+    /// [`UpstreamClient::with_reaping`] with upstream names looked up by `addresses`.
+    pub(crate) fn with_pool(use_env_proxies: bool, reaping: Reaping, addresses: Addresses) -> Self {
+        let direct = (!use_env_proxies).then(|| Arc::new(Pool::new(reaping, addresses)));
         if let Some(pool) = &direct {
             reap_idle(Arc::downgrade(pool));
         }

@@ -505,3 +505,40 @@ async fn an_upstream_closing_after_each_answer_unannounced_never_fails_a_request
     }
     assert_eq!(server.join().unwrap(), 5);
 }
+
+/// A named upstream's address is looked up once for every connection a burst opens to it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_named_upstream_is_looked_up_once_for_a_bursts_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (l, url) = listener();
+    let port = url.port().unwrap();
+    let (closed_tx, _closed_rx) = mpsc::channel();
+    answers_all(l, closed_tx);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&lookups);
+    let addresses = Addresses::with_lookup(Box::new(move |name, port| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        // the system resolver, as an upstream named in /etc/hosts
+        let name = if name == "upstream.test" {
+            "localhost".to_owned()
+        } else {
+            name
+        };
+        Box::pin(async move {
+            tokio::net::lookup_host((name.as_str(), port))
+                .await
+                .map(Iterator::collect)
+        })
+    }));
+    let client = UpstreamClient::with_pool(false, Reaping::default(), addresses);
+    let named = url::Url::parse(&format!("http://upstream.test:{port}/v1")).unwrap();
+    let burst = futures::future::join_all((0..8).map(|_| post(&client, &named))).await;
+    assert!(
+        burst.iter().all(|r| r.as_deref().ok() == Some("ok")),
+        "{burst:?}"
+    );
+    assert_eq!(client.direct.as_ref().unwrap().idle_count(), 8);
+    assert_eq!(lookups.load(Ordering::SeqCst), 1);
+}

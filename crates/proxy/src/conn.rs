@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::adapter::{TransportError, UpstreamResponse};
 use crate::h1::{self, Chunked, Framing, Head};
+use crate::resolve::Addresses;
 
 /// Idle pooled connections are closed after this long.
 pub(crate) const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -196,14 +197,17 @@ pub(crate) struct Pool {
     idle: Mutex<Vec<(String, Vec<Idle>)>>,
     /// TLS for `https://` upstreams; the reason when it could not be set up.
     tls: Result<tokio_rustls::TlsConnector, rustls::Error>,
+    /// The upstream hosts' addresses, looked up once and kept a while.
+    addresses: Addresses,
     pub(crate) reaping: Reaping,
 }
 
 impl Pool {
-    pub(crate) fn new(reaping: Reaping) -> Self {
+    pub(crate) fn new(reaping: Reaping, addresses: Addresses) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
             tls: tls_connector(),
+            addresses,
             reaping,
         }
     }
@@ -319,13 +323,23 @@ impl Pool {
         }
     }
 
-    /// A new connection (TLS for `https://`), `TCP_NODELAY`.
+    /// A new connection (TLS for `https://`), `TCP_NODELAY`, to the host's kept addresses
+    /// (tried in order; when none connects the host is looked up again next time).
     async fn connect(&self, to: &Origin<'_>) -> Result<Io, TransportError> {
         let connect = |e: &dyn std::fmt::Display| TransportError::Connect(e.to_string());
         let host = to.host.trim_start_matches('[').trim_end_matches(']');
-        let tcp = TcpStream::connect((host, to.port))
+        let addrs = self
+            .addresses
+            .of(host, to.port)
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(TransportError::Connect)?;
+        let tcp = match TcpStream::connect(&addrs[..]).await {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                self.addresses.forget(host, to.port);
+                return Err(connect(&e));
+            }
+        };
         tcp.set_nodelay(true).map_err(|e| connect(&e))?;
         if !to.tls {
             return Ok(Io::Tcp(tcp));

@@ -27,6 +27,7 @@ pub mod models;
 mod observe;
 pub mod pipeline;
 pub mod relay;
+mod resolve;
 pub mod spend;
 pub mod sse;
 
