@@ -542,3 +542,32 @@ async fn a_named_upstream_is_looked_up_once_for_a_bursts_connections() {
     assert_eq!(client.direct.as_ref().unwrap().idle_count(), 8);
     assert_eq!(lookups.load(Ordering::SeqCst), 1);
 }
+
+/// A host whose first address refuses: the request goes to the next, which is tried first
+/// from then on.
+#[tokio::test(flavor = "current_thread")]
+async fn the_upstream_address_that_answered_is_tried_first() {
+    let (l, url) = listener();
+    let good: std::net::SocketAddr = l.local_addr().unwrap();
+    let (closed_tx, _closed_rx) = mpsc::channel();
+    answers_all(l, closed_tx);
+    let refusing = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let addresses = Addresses::with_lookup(Box::new(move |_, _| {
+        Box::pin(async move { Ok(vec![refusing, good]) })
+    }));
+    let client = UpstreamClient::with_pool(false, Reaping::default(), addresses);
+    let named =
+        url::Url::parse(&format!("http://upstream.test:{}/v1", url.port().unwrap())).unwrap();
+    assert_eq!(post(&client, &named).await.unwrap(), "ok");
+    let pool = client.direct.as_ref().unwrap();
+    let now = pool
+        .addresses
+        .of("upstream.test", good.port())
+        .await
+        .unwrap();
+    assert_eq!(now[..], [good, refusing]);
+}

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::adapter::{TransportError, UpstreamResponse};
 use crate::h1::{self, Chunked, Framing, Head};
-use crate::resolve::Addresses;
+use crate::resolve::{self, Addresses};
 
 /// Idle pooled connections are closed after this long.
 pub(crate) const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -198,7 +198,7 @@ pub(crate) struct Pool {
     /// TLS for `https://` upstreams; the reason when it could not be set up.
     tls: Result<tokio_rustls::TlsConnector, rustls::Error>,
     /// The upstream hosts' addresses, looked up once and kept a while.
-    addresses: Addresses,
+    pub(crate) addresses: Addresses,
     pub(crate) reaping: Reaping,
 }
 
@@ -323,8 +323,9 @@ impl Pool {
         }
     }
 
-    /// A new connection (TLS for `https://`), `TCP_NODELAY`, to the host's kept addresses
-    /// (tried in order; when none connects the host is looked up again next time).
+    /// A new connection (TLS for `https://`), `TCP_NODELAY`, to the first of the host's kept
+    /// addresses that answers (`resolve`: when none does, the host is looked up again next
+    /// time; the one that did is tried first from then on).
     async fn connect(&self, to: &Origin<'_>) -> Result<Io, TransportError> {
         let connect = |e: &dyn std::fmt::Display| TransportError::Connect(e.to_string());
         let host = to.host.trim_start_matches('[').trim_end_matches(']');
@@ -333,13 +334,18 @@ impl Pool {
             .of(host, to.port)
             .await
             .map_err(TransportError::Connect)?;
-        let tcp = match TcpStream::connect(&addrs[..]).await {
+        let tcp = match resolve::connect_first(&addrs, resolve::STAGGER).await {
             Ok(tcp) => tcp,
             Err(e) => {
                 self.addresses.forget(host, to.port);
                 return Err(connect(&e));
             }
         };
+        if let Ok(peer) = tcp.peer_addr()
+            && addrs.first() != Some(&peer)
+        {
+            self.addresses.connected(host, to.port, peer);
+        }
         tcp.set_nodelay(true).map_err(|e| connect(&e))?;
         if !to.tls {
             return Ok(Io::Tcp(tcp));

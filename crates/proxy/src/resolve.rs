@@ -13,19 +13,31 @@
 //! connect that failed on every known address makes them stale. IP literals are not looked
 //! up. getaddrinfo gives no TTLs, so [`FRESH`] stands in for them (DECISIONS: "Upstream
 //! addresses kept").
+//!
+//! A host's addresses are tried in order, the next one started beside the last when that has
+//! not connected within [`STAGGER`] ([`connect_first`], RFC 8305's way), and the one that
+//! connected is tried first from then on ([`Addresses::connected`]): an address that does not
+//! answer (IPv6 without a way out that drops rather than refuses) costs the first connection
+//! 250 ms, not every connection its attempt's timeout.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// How long a host's looked-up addresses are used before they are looked up again.
 pub(crate) const FRESH: Duration = Duration::from_secs(30);
 /// How long a failed lookup is answered again without asking.
 pub(crate) const FAILED: Duration = Duration::from_secs(1);
+/// How long a connect to one address goes alone before the next address is tried beside it
+/// (RFC 8305 recommends 250 ms).
+pub(crate) const STAGGER: Duration = Duration::from_millis(250);
 
 /// How a name is looked up: the system resolver, or a test's own.
 pub(crate) type Lookup =
@@ -49,8 +61,10 @@ struct Host {
 
 #[derive(Default)]
 struct Known {
-    /// The addresses and until when they are fresh.
+    /// The addresses, the one that last connected first, and until when they are fresh.
     addrs: Option<(Arc<[SocketAddr]>, Instant)>,
+    /// The address that last connected, kept first when the host is looked up again.
+    connected: Option<SocketAddr>,
     /// The last lookup's failure and when it happened, until a lookup succeeds.
     failed: Option<(Instant, Arc<str>)>,
 }
@@ -117,6 +131,18 @@ impl Addresses {
         }
     }
 
+    /// `addr` of `host` connected: it is tried first from now on.
+    pub(crate) fn connected(&self, host: &str, port: u16, addr: SocketAddr) {
+        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = hosts.iter().find(|h| h.name == host && h.port == port) {
+            let mut known = h.known.lock().unwrap_or_else(PoisonError::into_inner);
+            known.connected = Some(addr);
+            if let Some((addrs, _)) = &mut known.addrs {
+                *addrs = first(addrs, addr);
+            }
+        }
+    }
+
     fn host(&self, name: &str, port: u16) -> Arc<Host> {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h) = hosts.iter().find(|h| h.name == name && h.port == port) {
@@ -139,7 +165,10 @@ impl Addresses {
         let now = Instant::now();
         match answer {
             Ok(addrs) if !addrs.is_empty() => {
-                let addrs: Arc<[SocketAddr]> = addrs.into();
+                let mut addrs: Arc<[SocketAddr]> = addrs.into();
+                if let Some(connected) = known.connected {
+                    addrs = first(&addrs, connected);
+                }
                 known.addrs = Some((Arc::clone(&addrs), now + FRESH));
                 known.failed = None;
                 Ok(addrs)
@@ -152,6 +181,52 @@ impl Addresses {
                 .into();
                 known.failed = Some((now, Arc::clone(&why)));
                 Err(why.to_string())
+            }
+        }
+    }
+}
+
+/// `addrs` with `addr` first, when it is among them.
+fn first(addrs: &Arc<[SocketAddr]>, addr: SocketAddr) -> Arc<[SocketAddr]> {
+    if addrs.first() == Some(&addr) || !addrs.contains(&addr) {
+        return Arc::clone(addrs);
+    }
+    std::iter::once(addr)
+        .chain(addrs.iter().copied().filter(|a| *a != addr))
+        .collect()
+}
+
+/// Connects to the first of `addrs` that answers: each in order, the next started beside the
+/// others when `stagger` passed without a connection or at once when one failed. The last
+/// failure when none connects.
+pub(crate) async fn connect_first(
+    addrs: &[SocketAddr],
+    stagger: Duration,
+) -> io::Result<TcpStream> {
+    if let [addr] = addrs {
+        return TcpStream::connect(*addr).await;
+    }
+    let mut left = addrs.iter();
+    let mut racing = FuturesUnordered::new();
+    let mut failed = None;
+    loop {
+        if let Some(&addr) = left.next() {
+            racing.push(TcpStream::connect(addr));
+        }
+        let answered = if left.as_slice().is_empty() {
+            racing.next().await
+        } else {
+            match tokio::time::timeout(stagger, racing.next()).await {
+                Ok(answered) => answered,
+                // none connected yet: the next one beside them
+                Err(_) => continue,
+            }
+        };
+        match answered {
+            Some(Ok(tcp)) => return Ok(tcp),
+            Some(Err(e)) => failed = Some(e),
+            None => {
+                return Err(failed.unwrap_or_else(|| io::Error::other("no address to connect to")));
             }
         }
     }

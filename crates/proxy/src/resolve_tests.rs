@@ -122,3 +122,88 @@ async fn ip_literals_are_not_looked_up_and_names_by_the_system_resolver() {
         "{local:?}"
     );
 }
+
+/// The address that connected is tried first, also after the host is looked up again.
+#[tokio::test(start_paused = true)]
+async fn the_address_that_connected_is_tried_first() {
+    let lists = Arc::new(Mutex::new(vec![at(1)[0], at(2)[0]]));
+    let answers = Arc::clone(&lists);
+    let addresses = Addresses::with_lookup(Box::new(move |_, _| {
+        let list = answers.lock().unwrap().clone();
+        Box::pin(async move { Ok(list) })
+    }));
+    assert_eq!(
+        addresses.of("upstream.test", 443).await.unwrap()[..],
+        [at(1)[0], at(2)[0]]
+    );
+    addresses.connected("upstream.test", 443, at(2)[0]);
+    assert_eq!(
+        addresses.of("upstream.test", 443).await.unwrap()[..],
+        [at(2)[0], at(1)[0]]
+    );
+    // looked up again, in the resolver's order: the one that connected stays first
+    tokio::time::advance(FRESH).await;
+    assert_eq!(
+        addresses.of("upstream.test", 443).await.unwrap()[..],
+        [at(2)[0], at(1)[0]]
+    );
+    // unless it is gone
+    *lists.lock().unwrap() = vec![at(3)[0], at(1)[0]];
+    tokio::time::advance(FRESH).await;
+    assert_eq!(
+        addresses.of("upstream.test", 443).await.unwrap()[..],
+        [at(3)[0], at(1)[0]]
+    );
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+/// waits (as to an address that drops rather than refuses).
+fn silent() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = socket.listen(1).unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(c) => queued.push(c),
+            Err(_) => return (l, queued),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+#[tokio::test]
+async fn a_silent_address_costs_the_stagger_and_a_refusing_one_nothing() {
+    let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let good = good.local_addr().unwrap();
+    let (held, _queued) = silent();
+    let silent = held.local_addr().unwrap();
+    let refusing = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let tcp = connect_first(&[silent, good], Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(tcp.peer_addr().unwrap(), good);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_millis(900),
+        "{waited:?}"
+    );
+
+    let started = std::time::Instant::now();
+    let tcp = connect_first(&[refusing, good], Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(tcp.peer_addr().unwrap(), good);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    let e = connect_first(&[refusing, refusing], Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+}
