@@ -130,6 +130,38 @@ async fn connect_failure_everywhere_is_a_502() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A key whose upstream takes no connection (its SYNs dropped: here a listener whose accept
+/// queue is full) fails over within the 5 s a new connection may take, not after the key's
+/// 120 s `timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_upstream_takes_no_connection_fails_over_in_seconds() -> anyhow::Result<()> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let silent = socket.listen(1)?;
+    let addr = silent.local_addr()?;
+    let mut queued = Vec::new();
+    while let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        queued.push(c);
+        anyhow::ensure!(queued.len() < 16, "the accept queue never filled");
+    }
+    let good = mock("good", Behavior::default());
+    let gw = Gateway::start(&format!(
+        "authorization: {T}\ndbtype: none\nlb_policy: order\ntimeout: 120\nupstreams:\n  - {{name: silent, sk: sk-x, endpoint: \"http://{addr}/v1\"}}\n  - {{name: good, sk: sk-y, endpoint: \"{}\"}}\n",
+        good.url()
+    ))
+    .await?;
+    let started = Instant::now();
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    let waited = started.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(served_by(&resp), "good");
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(9),
+        "{waited:?}"
+    );
+    Ok(())
+}
+
 /// An upstream named by its host (`localhost`, from /etc/hosts, where it may name `::1`
 /// before `127.0.0.1`: every address is tried) is looked up and reached, and so is it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

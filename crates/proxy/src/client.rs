@@ -19,12 +19,13 @@
 //! Timeouts are the engine's (per key and per phase), not the client's.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::HeaderMap;
 
 use crate::adapter::{TransportError, UpstreamResponse, body_of};
-use crate::conn::{Origin, POOL_IDLE, POOL_MAX_IDLE, Pool, Reaping, reap_idle};
+use crate::conn::{CONNECT_WITHIN, Origin, POOL_IDLE, POOL_MAX_IDLE, Pool, Reaping, reap_idle};
 use crate::resolve::Addresses;
 
 /// One worker's upstream client.
@@ -46,12 +47,24 @@ impl UpstreamClient {
     /// a runtime), the pool's reaper runs there; elsewhere idle connections are only checked
     /// when taken.
     pub(crate) fn with_reaping(use_env_proxies: bool, reaping: Reaping) -> Self {
-        Self::with_pool(use_env_proxies, reaping, Addresses::system())
+        Self::with_pool(
+            use_env_proxies,
+            reaping,
+            Addresses::system(),
+            CONNECT_WITHIN,
+        )
     }
 
-    /// [`UpstreamClient::with_reaping`] with upstream names looked up by `addresses`.
-    pub(crate) fn with_pool(use_env_proxies: bool, reaping: Reaping, addresses: Addresses) -> Self {
-        let direct = (!use_env_proxies).then(|| Arc::new(Pool::new(reaping, addresses)));
+    /// [`UpstreamClient::with_reaping`] with upstream names looked up by `addresses` and new
+    /// connections open within `connect_within`.
+    pub(crate) fn with_pool(
+        use_env_proxies: bool,
+        reaping: Reaping,
+        addresses: Addresses,
+        connect_within: Duration,
+    ) -> Self {
+        let direct =
+            (!use_env_proxies).then(|| Arc::new(Pool::new(reaping, addresses, connect_within)));
         if let Some(pool) = &direct {
             reap_idle(Arc::downgrade(pool));
         }

@@ -532,7 +532,7 @@ async fn a_named_upstream_is_looked_up_once_for_a_bursts_connections() {
                 .map(Iterator::collect)
         })
     }));
-    let client = UpstreamClient::with_pool(false, Reaping::default(), addresses);
+    let client = UpstreamClient::with_pool(false, Reaping::default(), addresses, CONNECT_WITHIN);
     let named = url::Url::parse(&format!("http://upstream.test:{port}/v1")).unwrap();
     let burst = futures::future::join_all((0..8).map(|_| post(&client, &named))).await;
     assert!(
@@ -559,7 +559,7 @@ async fn the_upstream_address_that_answered_is_tried_first() {
     let addresses = Addresses::with_lookup(Box::new(move |_, _| {
         Box::pin(async move { Ok(vec![refusing, good]) })
     }));
-    let client = UpstreamClient::with_pool(false, Reaping::default(), addresses);
+    let client = UpstreamClient::with_pool(false, Reaping::default(), addresses, CONNECT_WITHIN);
     let named =
         url::Url::parse(&format!("http://upstream.test:{}/v1", url.port().unwrap())).unwrap();
     assert_eq!(post(&client, &named).await.unwrap(), "ok");
@@ -570,4 +570,31 @@ async fn the_upstream_address_that_answered_is_tried_first() {
         .await
         .unwrap();
     assert_eq!(now[..], [good, refusing]);
+}
+
+/// A new connection that does not open within `connect_within` fails the attempt as a
+/// connect error then, however long the attempt may take.
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_that_does_not_open_in_time_is_a_connect_error() {
+    let (held, _queued) = crate::resolve::tests::silent();
+    let silent = held.local_addr().unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = UpstreamClient::with_pool(
+        false,
+        Reaping::default(),
+        Addresses::system(),
+        Duration::from_millis(300),
+    );
+    let url = url::Url::parse(&format!("http://{silent}/v1")).unwrap();
+    let started = std::time::Instant::now();
+    let e = post(&client, &url).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(&e, TransportError::Connect(why) if why.contains("no connection within 300 ms")),
+        "{e:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
 }

@@ -37,6 +37,9 @@ pub(crate) const POOL_MAX_IDLE: usize = 1024;
 const POOL_WARM: usize = 64;
 /// How long a surplus idle connection waits before it is closed.
 const SPARE_IDLE: Duration = Duration::from_secs(10);
+/// How long a new upstream connection may take to open (lookup, TCP and TLS): a host that
+/// does not answer fails the attempt over in seconds, not after the attempt's `timeout`.
+pub(crate) const CONNECT_WITHIN: Duration = Duration::from_secs(5);
 /// How often a worker's pool closes what has waited too long.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 /// Room made for a read: most answers and every stream event fit in one.
@@ -199,15 +202,18 @@ pub(crate) struct Pool {
     tls: Result<tokio_rustls::TlsConnector, rustls::Error>,
     /// The upstream hosts' addresses, looked up once and kept a while.
     pub(crate) addresses: Addresses,
+    /// How long a new connection may take to open ([`CONNECT_WITHIN`]).
+    connect_within: Duration,
     pub(crate) reaping: Reaping,
 }
 
 impl Pool {
-    pub(crate) fn new(reaping: Reaping, addresses: Addresses) -> Self {
+    pub(crate) fn new(reaping: Reaping, addresses: Addresses, connect_within: Duration) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
             tls: tls_connector(),
             addresses,
+            connect_within,
             reaping,
         }
     }
@@ -325,8 +331,22 @@ impl Pool {
 
     /// A new connection (TLS for `https://`), `TCP_NODELAY`, to the first of the host's kept
     /// addresses that answers (`resolve`: when none does, the host is looked up again next
-    /// time; the one that did is tried first from then on).
+    /// time; the one that did is tried first from then on), open within `connect_within`
+    /// (the lookup, TCP and TLS together): past it the attempt fails as a connect error and
+    /// fails over, whatever its own timeout.
     async fn connect(&self, to: &Origin<'_>) -> Result<Io, TransportError> {
+        let Ok(opened) = tokio::time::timeout(self.connect_within, self.open(to)).await else {
+            let host = to.host.trim_start_matches('[').trim_end_matches(']');
+            self.addresses.forget(host, to.port);
+            return Err(TransportError::Connect(format!(
+                "no connection within {} ms",
+                self.connect_within.as_millis()
+            )));
+        };
+        opened
+    }
+
+    async fn open(&self, to: &Origin<'_>) -> Result<Io, TransportError> {
         let connect = |e: &dyn std::fmt::Display| TransportError::Connect(e.to_string());
         let host = to.host.trim_start_matches('[').trim_end_matches(']');
         let addrs = self

@@ -255,4 +255,4 @@ impl Host {
 
 #[cfg(test)]
 #[path = "resolve_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -158,7 +158,7 @@ async fn the_address_that_connected_is_tried_first() {
 
 /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
 /// waits (as to an address that drops rather than refuses).
-fn silent() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+pub(crate) fn silent() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let l = socket.listen(1).unwrap();
