@@ -549,3 +549,52 @@ async fn upstream_connections_are_reused_and_replaced_when_closed() -> anyhow::R
     assert_eq!(up.requests(), 14);
     Ok(())
 }
+
+/// A stream over TLS whose events arrive apart: between events the connection waits on its
+/// socket with nothing decrypted in rustls and no read buffer, and every event is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_tls_relays_events_that_arrive_apart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = keypool_e2e::test_pki(dir.path())?;
+    let up = mock(
+        "tls",
+        Behavior {
+            chunk_interval_ms: 40,
+            reply_words: 6,
+            ..Behavior::default()
+        },
+    );
+    let tls = keypool_e2e::TlsTerminator::start(&up.hostport(), &cert, &key).await?;
+    let yaml = format!(
+        "dbtype: none\nauthorization: {T}\nupstreams:\n  - {{name: tls, sk: sk-tls-0123456789, endpoint: \"https://127.0.0.1:{}/v1\"}}\n",
+        tls.addr.port()
+    );
+    let gw = Gateway::start_env(&yaml, &[("SSL_CERT_FILE", ca.as_str())]).await?;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let resp = gw
+            .chat(T, json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+            .await?;
+        assert_eq!(resp.status(), 200, "{}", gw.logs());
+        let text = resp.text().await?;
+        let words: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(words.split_whitespace().count(), 6, "{text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(up.requests(), 2);
+    Ok(())
+}

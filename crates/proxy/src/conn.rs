@@ -7,8 +7,9 @@
 //! An idle connection sits in its worker's [`Pool`] with nothing watching it; whether the
 //! upstream closed it meanwhile is asked when it is taken ([`Io::is_open`]) and by the reaper.
 //!
-//! Memory while a stream waits for its next event: on plain TCP no read buffer at all (room
-//! is made once the socket is readable), on TLS rustls's own buffers and one read buffer.
+//! Memory while a stream waits for its next event: no read buffer of keypool's (room is made
+//! once the socket is readable, over TLS once rustls has nothing decrypted left either); over
+//! TLS rustls's own state (its 4 KB record buffer, the keys).
 
 use std::future::Future;
 use std::io;
@@ -96,6 +97,14 @@ impl Io {
                 tokio_util::io::poll_read_buf(Pin::new(tcp), cx, buf)
             }
             Self::Tls(tls) => {
+                let (tcp, conn) = tls.get_mut();
+                // nothing decrypted waits in rustls (a read decrypts every whole record it
+                // brings): wait for the socket before making room
+                let drained = matches!(conn.reader().into_first_chunk(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+                if drained {
+                    ready!(tcp.poll_read_ready(cx))?;
+                }
                 make_room(buf);
                 tokio_util::io::poll_read_buf(Pin::new(tls.as_mut()), cx, buf)
             }
