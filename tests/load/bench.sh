@@ -56,6 +56,10 @@
 #                  of 127.0.0.1 (localhost, or a name a resolver answers: keypool looks a host up
 #                  for its first connections and every 30 s, nginx once at start), so what a new
 #                  upstream connection's address lookup costs is in the runs;
+#   UPTLS=1        the mocks behind a TLS front of their own (nginx, one worker, on UP_CPUS), so
+#                  keypool's and nginx's upstream connections are TLS, verified, as a
+#                  provider's are (direct: wrk over TLS too; the streams client has no TLS, so
+#                  direct streams stay plain); needs openssl;
 #   STREAMS=N      adds a streams run: the mock streaming slowly (STREAM_INTERVAL ms between
 #                  events, default 500), N concurrent SSE streams opened over RAMP_MS (default
 #                  2000) by tests/load/streams.rs against the mock, nginx (proxy_buffering off)
@@ -129,9 +133,55 @@ if [ -n "${STREAMS:-}" ]; then
   wait_line "$WORK/slow.out" "listening on"
   SLOW=$(url_in "$WORK/slow.out")
 fi
-# the mocks as the proxies' configs name them (UPHOST)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+hostport() { echo "$1" | sed -E 's#https?://([^/]+)/v1#\1#'; }
+# the mocks as the proxies' configs name them (UPHOST), over TLS with UPTLS=1
 KUP=${UP/127.0.0.1/${UPHOST:-127.0.0.1}}
 KSLOW=${SLOW:+${SLOW/127.0.0.1/${UPHOST:-127.0.0.1}}}
+if [ "${UPTLS:-0}" = 1 ]; then
+  # a TLS front of its own (nginx, one worker, beside the mocks) for each mock, its
+  # certificate from a CA made here, which keypool trusts through SSL_CERT_FILE
+  command -v openssl >/dev/null && command -v nginx >/dev/null || { echo "UPTLS=1 needs openssl and nginx" >&2; exit 1; }
+  (cd "$WORK" && printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:%s\nbasicConstraints=CA:FALSE\n' "${UPHOST:-localhost}" > leaf.ext &&
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=bench CA" -keyout ca.key -out ca.pem &&
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" -keyout tls.key -out tls.csr &&
+    openssl x509 -req -days 2 -CAcreateserial -in tls.csr -CA ca.pem -CAkey ca.key -extfile leaf.ext -out tls.pem) > /dev/null 2>&1
+  export SSL_CERT_FILE=$WORK/ca.pem
+  TLS_PORT=$(free_port) TLS_PORT2=$(free_port)
+  cat > "$WORK/tls-front.conf" <<NGX
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid $WORK/tls-front.pid;
+error_log $WORK/tls-front.err;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/front-body;
+  proxy_temp_path $WORK/front-proxy;
+  fastcgi_temp_path $WORK/front-fastcgi;
+  uwsgi_temp_path $WORK/front-uwsgi;
+  scgi_temp_path $WORK/front-scgi;
+  ssl_certificate $WORK/tls.pem;
+  ssl_certificate_key $WORK/tls.key;
+  ssl_session_cache shared:front:10m;
+  upstream m1 { server $(hostport "$UP"); keepalive 128; }
+  server {
+    listen 127.0.0.1:$TLS_PORT ssl;
+    location / { proxy_pass http://m1; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
+  }
+$( [ -n "${STREAMS:-}" ] && echo "  upstream m2 { server $(hostport "$SLOW"); keepalive 128; }
+  server {
+    listen 127.0.0.1:$TLS_PORT2 ssl;
+    location / { proxy_pass http://m2; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }
+  }" )
+}
+NGX
+  "${UP_PIN[@]}" nginx -e "$WORK/tls-front.err" -c "$WORK/tls-front.conf" -g 'daemon off;' &
+  sleep 0.5
+  KUP="https://${UPHOST:-127.0.0.1}:$TLS_PORT/v1"
+  KSLOW=${SLOW:+https://${UPHOST:-127.0.0.1}:$TLS_PORT2/v1}
+  URL[direct]=$KUP
+fi
 rss_kb() { # pid: resident KB of it and its children (nginx's workers)
   local total=0 p
   for p in $1 $(pgrep -P "$1" 2>/dev/null); do
@@ -146,9 +196,14 @@ peak_while() { # pid file: the highest rss_kb, sampled every 100 ms until the fi
 }
 
 if [ "${NGINX:-1}" = 1 ] && command -v nginx >/dev/null; then
-  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
   NG_PORT=$(free_port) NG_PORT2=$(free_port)
-  UP_HOSTPORT=$(echo "$KUP" | sed -E 's#http://([^/]+)/v1#\1#')
+  UP_HOSTPORT=$(hostport "$KUP")
+  # to a TLS front: verified as keypool verifies, sessions reused (nginx's default)
+  UP_SCHEME=http NG_TLS=""
+  if [ "${UPTLS:-0}" = 1 ]; then
+    UP_SCHEME=https
+    NG_TLS="proxy_ssl_verify on; proxy_ssl_trusted_certificate $WORK/ca.pem; proxy_ssl_name localhost;"
+  fi
   cat > "$WORK/nginx.conf" <<NGX
 worker_processes $WORKERS;
 worker_rlimit_nofile 20000;
@@ -165,12 +220,12 @@ http {
   upstream mock { server $UP_HOSTPORT; keepalive 128; }
   server {
     listen 127.0.0.1:$NG_PORT;
-    location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / { proxy_pass $UP_SCHEME://mock; proxy_http_version 1.1; proxy_set_header Connection ""; $NG_TLS }
   }
-$( [ -n "${STREAMS:-}" ] && echo "  upstream slow { server $(echo "$KSLOW" | sed -E 's#http://([^/]+)/v1#\1#'); keepalive 128; }
+$( [ -n "${STREAMS:-}" ] && echo "  upstream slow { server $(hostport "$KSLOW"); keepalive 128; }
   server {
     listen 127.0.0.1:$NG_PORT2;
-    location / { proxy_pass http://slow; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }
+    location / { proxy_pass $UP_SCHEME://slow; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; $NG_TLS }
   }" )
 }
 NGX
