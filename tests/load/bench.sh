@@ -164,6 +164,7 @@ http {
   ssl_certificate $WORK/tls.pem;
   ssl_certificate_key $WORK/tls.key;
   ssl_session_cache shared:front:10m;
+  ssl_protocols TLSv1.2 TLSv1.3;
   upstream m1 { server $(hostport "$UP"); keepalive 128; }
   server {
     listen 127.0.0.1:$TLS_PORT ssl;
