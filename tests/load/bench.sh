@@ -135,6 +135,23 @@ if [ -n "${STREAMS:-}" ]; then
 fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 hostport() { echo "$1" | sed -E 's#https?://([^/]+)/v1#\1#'; }
+nginx_head() { # name workers: an nginx config's start, every path under $WORK (a packed
+  # Debian nginx would otherwise use /var/lib/nginx and /var/log/nginx), up to inside `http {`
+  cat <<NGX
+worker_processes $2;
+worker_rlimit_nofile 20000;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1-body;
+  proxy_temp_path $WORK/$1-proxy;
+  fastcgi_temp_path $WORK/$1-fastcgi;
+  uwsgi_temp_path $WORK/$1-uwsgi;
+  scgi_temp_path $WORK/$1-scgi;
+NGX
+}
 # the mocks as the proxies' configs name them (UPHOST), over TLS with UPTLS=1
 KUP=${UP/127.0.0.1/${UPHOST:-127.0.0.1}}
 KSLOW=${SLOW:+${SLOW/127.0.0.1/${UPHOST:-127.0.0.1}}}
@@ -149,18 +166,7 @@ if [ "${UPTLS:-0}" = 1 ]; then
   export SSL_CERT_FILE=$WORK/ca.pem
   TLS_PORT=$(free_port) TLS_PORT2=$(free_port)
   cat > "$WORK/tls-front.conf" <<NGX
-worker_processes 1;
-worker_rlimit_nofile 20000;
-pid $WORK/tls-front.pid;
-error_log $WORK/tls-front.err;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/front-body;
-  proxy_temp_path $WORK/front-proxy;
-  fastcgi_temp_path $WORK/front-fastcgi;
-  uwsgi_temp_path $WORK/front-uwsgi;
-  scgi_temp_path $WORK/front-scgi;
+$(nginx_head tls-front 1)
   ssl_certificate $WORK/tls.pem;
   ssl_certificate_key $WORK/tls.key;
   ssl_session_cache shared:front:10m;
@@ -206,18 +212,7 @@ if [ "${NGINX:-1}" = 1 ] && command -v nginx >/dev/null; then
     NG_TLS="proxy_ssl_verify on; proxy_ssl_trusted_certificate $WORK/ca.pem; proxy_ssl_name localhost;"
   fi
   cat > "$WORK/nginx.conf" <<NGX
-worker_processes $WORKERS;
-worker_rlimit_nofile 20000;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/ngx-body;
-  proxy_temp_path $WORK/ngx-proxy;
-  fastcgi_temp_path $WORK/ngx-fastcgi;
-  uwsgi_temp_path $WORK/ngx-uwsgi;
-  scgi_temp_path $WORK/ngx-scgi;
+$(nginx_head nginx "$WORKERS")
   upstream mock { server $UP_HOSTPORT; keepalive 128; }
   server {
     listen 127.0.0.1:$NG_PORT;
