@@ -101,29 +101,77 @@ impl std::ops::Add for Cost {
     }
 }
 
-/// Decimal dollars, without trailing zeros: `0.00202`, `12`, `0.000000000001`. Written digit by
-/// digit into a stack buffer (it is formatted for every answer's `x-keypool-cost`).
+/// Decimal dollars, without trailing zeros: `0.00202`, `12`, `0.000000000001`.
 impl std::fmt::Display for Cost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let whole = self.0 / Self::PICO_PER_USD;
+        f.write_str(self.decimal().as_str())
+    }
+}
+
+impl Cost {
+    /// [`Cost`]'s decimal text in a buffer of its own, written digit by digit without the
+    /// formatting machinery or an allocation (it is written for every answer's
+    /// `x-keypool-cost`; `to_string` cost ~1,000 instructions a request, most of them
+    /// dividing a `u128`).
+    pub fn decimal(self) -> Decimal {
+        let mut buf = [b'0'; Decimal::MAX];
+        let mut at = buf.len();
         // below 10^12: a u64, whose division is a machine instruction (u128's is a call)
         let mut frac = u64::try_from(self.0 % Self::PICO_PER_USD).unwrap_or(0);
-        write!(f, "{whole}")?;
-        if frac == 0 {
-            return Ok(());
+        if frac != 0 {
+            let mut digits = [b'0'; 12];
+            for d in digits.iter_mut().rev() {
+                // a digit fits a u8
+                #[allow(clippy::cast_possible_truncation)]
+                let digit = (frac % 10) as u8;
+                *d = b'0' + digit;
+                frac /= 10;
+            }
+            let used = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
+            at -= used;
+            buf[at..at + used].copy_from_slice(&digits[..used]);
+            at -= 1;
+            buf[at] = b'.';
         }
-        let mut digits = [b'0'; 12];
-        for d in digits.iter_mut().rev() {
-            // `frac` < 10^12: every digit fits a u8
-            #[allow(clippy::cast_possible_truncation)]
-            let digit = (frac % 10) as u8;
-            *d = b'0' + digit;
-            frac /= 10;
+        let whole = self.0 / Self::PICO_PER_USD;
+        let mut push = |digit: u8| {
+            at -= 1;
+            buf[at] = b'0' + digit;
+        };
+        // a digit fits a u8
+        #[allow(clippy::cast_possible_truncation)]
+        if let Ok(mut whole) = u64::try_from(whole) {
+            loop {
+                push((whole % 10) as u8);
+                whole /= 10;
+                if whole == 0 {
+                    break;
+                }
+            }
+        } else {
+            let mut whole = whole;
+            while whole > 0 {
+                push((whole % 10) as u8);
+                whole /= 10;
+            }
         }
-        let used = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
-        f.write_str(".")?;
-        // ASCII digits
-        f.write_str(std::str::from_utf8(&digits[..used]).unwrap_or_default())
+        Decimal { buf, start: at }
+    }
+}
+
+/// A [`Cost`] written as decimal dollars ([`Cost::decimal`]).
+pub struct Decimal {
+    buf: [u8; Decimal::MAX],
+    start: usize,
+}
+
+impl Decimal {
+    /// The longest: a `u128`'s 39 digits of pico-dollars, a point.
+    const MAX: usize = 40;
+
+    pub fn as_str(&self) -> &str {
+        // ASCII digits and a point
+        std::str::from_utf8(&self.buf[self.start..]).unwrap_or_default()
     }
 }
 

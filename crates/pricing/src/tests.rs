@@ -93,6 +93,17 @@ fn sums_stay_exact() {
     }
     assert_eq!(total.to_string(), "0.075");
     assert_eq!(Cost::usd(12).to_string(), "12");
+    assert_eq!(Cost(0).to_string(), "0");
+    assert_eq!(Cost(1).decimal().as_str(), "0.000000000001");
+    assert_eq!(Cost(3_450_000).decimal().as_str(), "0.00000345");
+    assert_eq!(Cost(10_000_000_000_001).to_string(), "10.000000000001");
+    let max = u128::MAX;
+    let frac = format!("{:012}", max % Cost::PICO_PER_USD);
+    let whole = max / Cost::PICO_PER_USD;
+    assert_eq!(
+        Cost(max).to_string(),
+        format!("{whole}.{}", frac.trim_end_matches('0'))
+    );
 }
 
 #[test]

@@ -181,7 +181,7 @@ impl Engine {
                 // the cost is keypool's to say, never the upstream's
                 headers.remove(&COST_NAME);
                 if let Some(cost) = ctx.cost_of(*usage)
-                    && let Ok(v) = reqwest::header::HeaderValue::from_str(&cost.to_string())
+                    && let Ok(v) = reqwest::header::HeaderValue::from_str(cost.decimal().as_str())
                 {
                     headers.insert(COST_NAME, v);
                 }
