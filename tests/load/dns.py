@@ -2,7 +2,8 @@
 # A DNS server for the benchmark (a program, not a test): answers A queries for any name with
 # 127.0.0.1 and AAAA with no records, each after DELAY_MS (a resolver a round trip away), on
 # 127.0.0.1:53, a thread a query; SIGUSR1 prints the queries answered so far. With
-# /etc/resolv.conf saying `nameserver 127.0.0.1` (root; put the original back after),
+# /etc/resolv.conf saying `nameserver 127.0.0.1` (session 24's runs also had `options
+# timeout:1 attempts:1`; root; put the original back after),
 # `UPHOST=upstream.test tests/load/bench.sh` measures what new upstream connections'
 # address lookups cost:
 #
