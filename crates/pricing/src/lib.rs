@@ -116,47 +116,48 @@ impl Cost {
     pub fn decimal(self) -> Decimal {
         let mut buf = [b'0'; Decimal::MAX];
         let mut at = buf.len();
+        // right to left
+        let mut push = |byte: u8| {
+            at -= 1;
+            buf[at] = byte;
+        };
         // below 10^12: a u64, whose division is a machine instruction (u128's is a call)
         let mut frac = u64::try_from(self.0 % Self::PICO_PER_USD).unwrap_or(0);
         if frac != 0 {
-            let mut digits = [b'0'; 12];
-            for d in digits.iter_mut().rev() {
-                // a digit fits a u8
-                #[allow(clippy::cast_possible_truncation)]
-                let digit = (frac % 10) as u8;
-                *d = b'0' + digit;
+            // twelve digits, those after the last significant one left out
+            let mut significant = false;
+            for _ in 0..12 {
+                significant |= frac % 10 != 0;
+                if significant {
+                    push(ascii_digit(frac));
+                }
                 frac /= 10;
             }
-            let used = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
-            at -= used;
-            buf[at..at + used].copy_from_slice(&digits[..used]);
-            at -= 1;
-            buf[at] = b'.';
+            push(b'.');
         }
-        let whole = self.0 / Self::PICO_PER_USD;
-        let mut push = |digit: u8| {
-            at -= 1;
-            buf[at] = b'0' + digit;
-        };
-        // a digit fits a u8
-        #[allow(clippy::cast_possible_truncation)]
-        if let Ok(mut whole) = u64::try_from(whole) {
-            loop {
-                push((whole % 10) as u8);
-                whole /= 10;
-                if whole == 0 {
-                    break;
-                }
+        let mut whole = self.0 / Self::PICO_PER_USD;
+        // past a u64 (never, in practice) the low digits by u128 division, then by u64's
+        let mut whole = loop {
+            if let Ok(small) = u64::try_from(whole) {
+                break small;
             }
-        } else {
-            let mut whole = whole;
-            while whole > 0 {
-                push((whole % 10) as u8);
-                whole /= 10;
+            push(ascii_digit(u64::try_from(whole % 10).unwrap_or(0)));
+            whole /= 10;
+        };
+        loop {
+            push(ascii_digit(whole));
+            whole /= 10;
+            if whole == 0 {
+                break;
             }
         }
         Decimal { buf, start: at }
     }
+}
+
+/// `n`'s last decimal digit, in ASCII.
+fn ascii_digit(n: u64) -> u8 {
+    b'0' + u8::try_from(n % 10).unwrap_or(0)
 }
 
 /// A [`Cost`] written as decimal dollars ([`Cost::decimal`]).

@@ -122,30 +122,34 @@ impl Addresses {
 
     /// A connect failed on every address of `host`: the next connection looks it up again.
     pub(crate) fn forget(&self, host: &str, port: u16) {
-        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(h) = hosts.iter().find(|h| h.name == host && h.port == port) {
-            let mut known = h.known.lock().unwrap_or_else(PoisonError::into_inner);
+        self.change(host, port, |known| {
             if let Some((_, until)) = &mut known.addrs {
                 *until = Instant::now();
             }
-        }
+        });
     }
 
     /// `addr` of `host` connected: it is tried first from now on.
     pub(crate) fn connected(&self, host: &str, port: u16, addr: SocketAddr) {
-        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(h) = hosts.iter().find(|h| h.name == host && h.port == port) {
-            let mut known = h.known.lock().unwrap_or_else(PoisonError::into_inner);
+        self.change(host, port, |known| {
             known.connected = Some(addr);
             if let Some((addrs, _)) = &mut known.addrs {
                 *addrs = first(addrs, addr);
             }
+        });
+    }
+
+    /// Changes what is known of `name`:`port`, if it was ever asked for.
+    fn change(&self, name: &str, port: u16, change: impl FnOnce(&mut Known)) {
+        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = hosts.iter().find(|h| h.is(name, port)) {
+            change(&mut h.known.lock().unwrap_or_else(PoisonError::into_inner));
         }
     }
 
     fn host(&self, name: &str, port: u16) -> Arc<Host> {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(h) = hosts.iter().find(|h| h.name == name && h.port == port) {
+        if let Some(h) = hosts.iter().find(|h| h.is(name, port)) {
             return Arc::clone(h);
         }
         let h = Arc::new(Host {
@@ -233,6 +237,10 @@ pub(crate) async fn connect_first(
 }
 
 impl Host {
+    fn is(&self, name: &str, port: u16) -> bool {
+        self.name == name && self.port == port
+    }
+
     /// The addresses known, and whether they are fresh.
     fn fresh_or_stale(&self) -> (Option<Arc<[SocketAddr]>>, bool) {
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
