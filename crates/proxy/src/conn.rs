@@ -436,3 +436,6 @@ fn tls_connector() -> Result<tokio_rustls::TlsConnector, rustls::Error> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
+
+#[cfg(test)]
+mod tests;
