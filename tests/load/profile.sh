@@ -11,6 +11,7 @@
 #   BIN=/tmp/keypool-old tests/load/profile.sh # another build
 #   REDIS=1 tests/load/profile.sh              # rpm budgets kept in the Redis on 127.0.0.1:6379
 #   STREAM=1 tests/load/profile.sh             # streamed completions (the mock sends at once)
+#   CONNS=64 tests/load/profile.sh             # 64 connections instead of 4
 #   SYSCALLS=1 tests/load/profile.sh           # system calls per request instead (strace -c on
 #                                              # every thread, same load, no valgrind)
 set -euo pipefail
@@ -60,7 +61,7 @@ if [ "${SYSCALLS:-0}" = 1 ]; then
   ST=$!
   sleep 1
   S0=$(served)
-  wrk -t1 -c4 -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
+  wrk -t1 -c"${CONNS:-4}" -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
   S1=$(served)
   kill -INT $ST; wait $ST 2>/dev/null || true
   N=$((S1 - S0))
@@ -70,7 +71,7 @@ if [ "${SYSCALLS:-0}" = 1 ]; then
 fi
 callgrind_control -i on "$KP" > /dev/null 2>&1
 S0=$(served)
-wrk -t1 -c4 -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
+wrk -t1 -c"${CONNS:-4}" -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
 S1=$(served)
 callgrind_control -i off "$KP" > /dev/null 2>&1
 callgrind_control -d "$KP" > /dev/null 2>&1

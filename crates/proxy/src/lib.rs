@@ -15,6 +15,7 @@ pub mod client;
 mod conn;
 pub mod cooldown;
 pub mod ctx;
+pub mod edge;
 mod fallback;
 pub mod forward;
 pub mod guard;

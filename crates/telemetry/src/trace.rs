@@ -71,7 +71,7 @@ pub fn init(
     // (a hint of TRACE restricts nothing: the `and` takes the EnvFilter's level as the hint;
     // a filter without one would make the whole process's level TRACE)
     let not_actix_dispatch = || {
-        tracing_subscriber::filter::filter_fn(|m| m.target() != ACTIX_DISPATCH)
+        tracing_subscriber::filter::filter_fn(|m| !is_malformed(m.target()))
             .with_max_level_hint(tracing::level_filters::LevelFilter::TRACE)
     };
     let json = telemetry.is_some_and(|t| t.json_logs);
@@ -124,7 +124,7 @@ pub fn init(
         .with(
             malformed.with_filter(
                 tracing_subscriber::filter::filter_fn(|m| {
-                    m.target() == ACTIX_DISPATCH && *m.level() <= tracing::Level::WARN
+                    is_malformed(m.target()) && *m.level() <= tracing::Level::WARN
                 })
                 .with_max_level_hint(tracing::level_filters::LevelFilter::WARN),
             ),
@@ -170,6 +170,14 @@ fn build_provider(
 /// per connection, so a fuzzer or a scanner could fill the log (30,000 lines seen).
 const ACTIX_DISPATCH: &str = "actix_http::h1::dispatcher";
 
+/// The target of the API port's reports of requests it could not read (`keypool_proxy::edge`):
+/// counted and summarised as actix's are (actix still serves the admin API and the console).
+pub const MALFORMED: &str = "keypool::malformed";
+
+fn is_malformed(target: &str) -> bool {
+    target == MALFORMED || target == ACTIX_DISPATCH
+}
+
 /// The `message` field of an event, cut at 200 bytes.
 struct Message<'a>(&'a mut String);
 impl tracing::field::Visit for Message<'_> {
@@ -196,7 +204,7 @@ impl<S: tracing::Subscriber> Layer<S> for MalformedRequests {
         event: &tracing::Event<'_>,
         _ctx: tracing_subscriber::layer::Context<'_, S>,
     ) {
-        if event.metadata().target() != ACTIX_DISPATCH {
+        if !is_malformed(event.metadata().target()) {
             return;
         }
         self.metrics.malformed_requests.inc();

@@ -197,15 +197,16 @@ pub async fn run_until(
     let addr = listener.local_addr()?;
     let gateways_served = gateways.all().len();
     let at_stop = gateways.clone();
-    let server = wiring::http_server(&config, listener, engine, gateways, sink, monitor)?;
-    wiring::stop_on(&shutdown, server.handle());
+    let server = wiring::http_server(
+        &config, listener, engine, gateways, sink, monitor, &shutdown,
+    )?;
     let ready = Ready {
         api: addr,
         admin: admin.as_ref().map(|(_, a)| *a),
         console,
     };
     wiring::announce(&config, &pool, gateways_served, ready, options.ready);
-    let outcome = server.await;
+    let outcome = server.wait().await;
     // the server has drained: every finished request's event is queued; flush them, and give
     // back what this replica holds of the shared limits and budgets (awaited: not left to a
     // task at exit)

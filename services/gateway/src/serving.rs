@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use actix_web::{HttpServer, web};
+use actix_web::web;
 use anyhow::Context as _;
 use keypool_config::Config;
 use keypool_control::Control;
@@ -108,10 +108,11 @@ pub fn console(
     Ok(Some(at))
 }
 
-/// The HTTP server: `KEYPOOL_WORKERS` workers (default one per core), each with its own
-/// upstream client, `TCP_NODELAY` on every accepted connection, as many client connections and
-/// concurrent upstream requests per worker as its share of the open-files limit (raised to the
-/// hard one) allows ([`crate::limits`]), signals left to the caller.
+/// The HTTP server (keypool's own: [`keypool_proxy::edge`]): `KEYPOOL_WORKERS` workers
+/// (default one per core), each with its own upstream client, `TCP_NODELAY` on every accepted
+/// connection, as many client connections and concurrent upstream requests per worker as its
+/// share of the open-files limit (raised to the hard one) allows ([`crate::limits`]); it stops
+/// taking connections and drains the requests in flight once `shutdown` is cancelled.
 pub fn http_server(
     config: &Config,
     listener: TcpListener,
@@ -119,7 +120,8 @@ pub fn http_server(
     gateways: Arc<Gateways>,
     sink: Arc<dyn keypool_types::UsageSink>,
     monitor: web::Data<monitor::Monitor>,
-) -> std::io::Result<actix_web::dev::Server> {
+    shutdown: &CancellationToken,
+) -> std::io::Result<keypool_proxy::edge::Server> {
     let use_env_proxies = ["https_proxy", "http_proxy", "all_proxy"]
         .iter()
         .any(|v| std::env::var_os(v).is_some() || std::env::var_os(v.to_uppercase()).is_some());
@@ -137,7 +139,17 @@ pub fn http_server(
     }
     let models = Arc::new(keypool_proxy::models::ModelCatalog::default());
     let receiving = Arc::new(keypool_proxy::pipeline::Receiving::default());
-    Ok(HttpServer::new(move || {
+    let settings = keypool_proxy::edge::Settings::new(
+        workers,
+        fds.connections_per_worker(workers),
+        config.shutdown_grace.max(std::time::Duration::from_secs(1)),
+    );
+    let announce = shutdown.clone();
+    tokio::spawn(async move {
+        announce.cancelled().await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+    });
+    keypool_proxy::edge::serve(listener, settings, shutdown, move || {
         crate::app::app(
             web::Data::new(Frontend {
                 engine: engine.clone(),
@@ -153,26 +165,4 @@ pub fn http_server(
             monitor.clone(),
         )
     })
-    .workers(workers)
-    .max_connections(fds.connections_per_worker(workers))
-    .disable_signals()
-    .shutdown_timeout(config.shutdown_grace.as_secs().max(1))
-    .on_connect(|conn, _| {
-        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-            let _ = tcp.set_nodelay(true);
-        }
-    })
-    .listen(listener)?
-    .run())
-}
-
-/// Once `shutdown` is cancelled the server takes no new connections and drains the requests in
-/// flight.
-pub fn stop_on(shutdown: &CancellationToken, server: actix_web::dev::ServerHandle) {
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        stop.cancelled().await;
-        tracing::info!("shutting down: no new connections; draining in-flight requests");
-        server.stop(true).await;
-    });
 }

@@ -16,7 +16,7 @@ use keypool_telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::ActorHost;
-pub use crate::serving::{admin_api, console, http_server, stop_on};
+pub use crate::serving::{admin_api, console, http_server};
 use crate::{engine_for, frontend, startup_warnings, usage};
 
 /// The config with the address actually bound (`127.0.0.1:0` becomes its port: for

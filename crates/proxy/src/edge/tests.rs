@@ -1,0 +1,145 @@
+use actix_http::{StatusCode, Version};
+use actix_web::body::BodySize;
+use bytes::BytesMut;
+
+use super::head::{self, Framing, Refused, Wire};
+
+fn parse(s: &str) -> Result<Option<head::Head>, Refused> {
+    head::parse(&mut BytesMut::from(s.as_bytes()))
+}
+
+#[test]
+fn a_head_is_taken_off_the_buffer_and_what_follows_stays() {
+    let mut buf = BytesMut::from(
+        &b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nX-Y: z\r\n\r\n{}GET"[..],
+    );
+    let h = head::parse(&mut buf).unwrap().unwrap();
+    assert_eq!(h.method, actix_http::Method::POST);
+    assert_eq!(h.uri.path(), "/v1/chat/completions");
+    assert_eq!(h.uri.query(), Some("x=1"));
+    assert_eq!(h.headers.get("x-y").unwrap(), "z");
+    assert_eq!(h.framing, Framing::Length(2));
+    assert!(h.keep_alive && !h.expects_continue);
+    assert_eq!(&buf[..], b"{}GET");
+}
+
+#[test]
+fn a_head_not_all_here_is_waited_for_up_to_its_bound() {
+    assert!(parse("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+    let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(head::MAX_HEAD));
+    assert_eq!(parse(&long).unwrap_err(), Refused::TooLarge);
+    let many = "X-A: a\r\n".repeat(head::MAX_HEADERS + 1);
+    assert_eq!(
+        parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap_err(),
+        Refused::TooLarge
+    );
+}
+
+#[test]
+fn framings_two_readers_could_read_two_ways_are_refused() {
+    for bad in [
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+        "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        "GET / HTTP/2.0\r\n\r\n",
+    ] {
+        assert!(matches!(parse(bad), Err(Refused::Malformed(_))), "{bad}");
+    }
+    let h = parse("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.framing, Framing::Length(3));
+    let h = parse("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-Continue\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.framing, Framing::Chunked);
+    assert!(h.expects_continue);
+}
+
+#[test]
+fn keep_alive_follows_the_version_and_connection() {
+    let k = |s: &str| parse(s).unwrap().unwrap().keep_alive;
+    assert!(k("GET / HTTP/1.1\r\n\r\n"));
+    assert!(!k("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
+    assert!(!k("GET / HTTP/1.0\r\n\r\n"));
+    assert!(k("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+    assert!(!k(
+        "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    ));
+}
+
+#[test]
+fn a_response_head_says_its_framing_once() {
+    let mut res = actix_web::HttpResponse::Ok();
+    res.insert_header(("content-length", "99"))
+        .insert_header(("x-a", "b"));
+    let res = res.finish();
+    let mut out = BytesMut::new();
+    let date = *b"Mon, 07 Dec 2026 14:00:00 GMT";
+    head::encode(
+        &mut out,
+        res.head(),
+        Wire::Length(12),
+        Version::HTTP_11,
+        true,
+        &date,
+    );
+    let text = std::str::from_utf8(&out).unwrap();
+    assert_eq!(
+        text,
+        "HTTP/1.1 200 OK\r\nx-a: b\r\ncontent-length: 12\r\ndate: Mon, 07 Dec 2026 14:00:00 GMT\r\n\r\n"
+    );
+    out.clear();
+    head::encode(
+        &mut out,
+        res.head(),
+        Wire::Chunked,
+        Version::HTTP_10,
+        true,
+        &date,
+    );
+    let text = std::str::from_utf8(&out).unwrap();
+    assert!(
+        text.contains("transfer-encoding: chunked\r\nconnection: keep-alive\r\n"),
+        "{text}"
+    );
+    assert_eq!(
+        Wire::of(StatusCode::NO_CONTENT, BodySize::Sized(3), Version::HTTP_11),
+        Wire::Empty
+    );
+    assert_eq!(
+        Wire::of(StatusCode::OK, BodySize::None, Version::HTTP_11),
+        Wire::Length(0)
+    );
+    assert_eq!(
+        Wire::of(StatusCode::OK, BodySize::Stream, Version::HTTP_10),
+        Wire::Close
+    );
+    let mut line = BytesMut::new();
+    head::chunk_size(&mut line, 0x1a2f);
+    assert_eq!(&line[..], b"1a2f\r\n");
+}
+
+#[test]
+fn a_worker_holding_more_than_another_leaves_it_the_next_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    let all: Arc<[AtomicUsize]> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+    let worker = |me| super::Balance {
+        all: all.clone(),
+        me,
+    };
+    let (a, b, c) = (worker(0), worker(1), worker(2));
+    a.set(2);
+    b.set(2);
+    c.set(1);
+    assert!(a.busier_than_another(2) && b.busier_than_another(2));
+    assert!(!c.busier_than_another(1));
+    c.set(2);
+    assert!(!a.busier_than_another(2), "ties take their connection");
+}
