@@ -91,7 +91,8 @@ pub struct RequestCtx {
     /// written): the event's latency ends here.
     pub answered: Option<Instant>,
     sink: Arc<dyn UsageSink>,
-    accounted: bool,
+    /// How far its accounting has gone.
+    counted: Counted,
     /// The cost (for the answer's header, then the usage event), once `priced`.
     cost: Option<keypool_pricing::Cost>,
     priced: bool,
@@ -164,7 +165,7 @@ impl RequestCtx {
             response_model: None,
             answered: None,
             sink: r.sink,
-            accounted: false,
+            counted: Counted::Not,
             cost: None,
             priced: false,
             spend: r.spend,
@@ -266,27 +267,38 @@ impl RequestCtx {
         self.cost
     }
 
-    pub fn account(&mut self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
-        if std::mem::replace(&mut self.accounted, true) {
+    /// Counts the request's tokens against its gateway's quota and its cost against the
+    /// budgets it holds, once: what the caller's next request must see. Done before a
+    /// non-stream answer is written (its usage event and metrics may follow the answer); a
+    /// failure that produced no output costs its budgets nothing.
+    pub fn settle(&mut self, usage: Option<Usage>, failed: bool) {
+        if self.counted != Counted::Not {
             return;
         }
+        self.counted = Counted::Settled;
         if let Some(u) = usage {
             self.gateway.add_tokens(u.total());
         }
+        let empty_failure = failed && usage.is_none_or(|u| u.completion_tokens == 0);
+        let spent = if empty_failure {
+            0
+        } else {
+            self.cost_of(usage).map_or(0, keypool_pricing::Cost::nanos)
+        };
+        self.spend.settle(spent);
+    }
+
+    pub fn account(&mut self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
+        if self.counted == Counted::Recorded {
+            return;
+        }
+        self.settle(usage, error.is_some());
+        self.counted = Counted::Recorded;
         let latency = self
             .answered
             .unwrap_or_else(Instant::now)
             .saturating_duration_since(self.started);
         let cost = self.cost_of(usage);
-        // a failure that produced no output costs its budgets nothing (its usage is still
-        // recorded below)
-        let empty_failure = error.is_some() && usage.is_none_or(|u| u.completion_tokens == 0);
-        let spent = if empty_failure {
-            0
-        } else {
-            cost.map_or(0, keypool_pricing::Cost::nanos)
-        };
-        self.spend.settle(spent);
         crate::observe::answered(self, status, usage, cost, error, latency);
         let at = SystemTime::now();
         self.sink.record(UsageEvent {
@@ -315,9 +327,19 @@ impl RequestCtx {
     }
 }
 
+/// How far a request's accounting has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Not,
+    /// Its tokens and cost are counted against the quota and the budgets.
+    Settled,
+    /// Its usage event is recorded too.
+    Recorded,
+}
+
 impl Drop for RequestCtx {
     fn drop(&mut self) {
-        if !self.accounted {
+        if self.counted != Counted::Recorded {
             self.account(CLIENT_CLOSED, None, Some("client_cancelled"));
         }
     }

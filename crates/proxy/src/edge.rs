@@ -25,6 +25,7 @@ mod head;
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,6 +67,29 @@ impl Settings {
     }
 }
 
+/// What an actix-web `App<T>` is built over, as this server serves it.
+pub trait AppFactory<B>:
+    ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<B>,
+        Error = actix_web::Error,
+        InitError = (),
+    > + 'static
+{
+}
+
+impl<T, B> AppFactory<B> for T where
+    T: ServiceFactory<
+            ServiceRequest,
+            Config = (),
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+            InitError = (),
+        > + 'static
+{
+}
+
 /// A running server: stopped when the token given to [`serve`] is cancelled.
 pub struct Server {
     workers: Vec<tokio::sync::oneshot::Receiver<io::Result<()>>>,
@@ -97,30 +121,30 @@ pub fn serve<F, T, B>(
 ) -> io::Result<Server>
 where
     F: Fn() -> actix_web::App<T> + Send + Clone + 'static,
-    T: ServiceFactory<
-            ServiceRequest,
-            Config = (),
-            Response = ServiceResponse<B>,
-            Error = actix_web::Error,
-            InitError = (),
-        > + 'static,
+    T: AppFactory<B>,
     B: MessageBody + 'static,
 {
     listener.set_nonblocking(true)?;
     let mut workers = Vec::with_capacity(settings.workers);
-    let balance: Arc<[AtomicUsize]> = (0..settings.workers).map(|_| AtomicUsize::new(0)).collect();
+    let assigned: Arc<[AtomicUsize]> = (0..settings.workers).map(|_| AtomicUsize::new(0)).collect();
+    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..settings.workers)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    let inboxes: Arc<[Inbox]> = inboxes.into();
     for i in 0..settings.workers {
         let balance = Balance {
-            all: balance.clone(),
+            assigned: assigned.clone(),
+            inboxes: inboxes.clone(),
             me: i,
         };
+        let inbox = receivers.remove(0);
         let (listener, settings, stop, make) =
             (listener.try_clone()?, settings, stop.clone(), make.clone());
         let (done, outcome) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("keypool-worker-{i}"))
             .spawn(move || {
-                let _ = done.send(run_worker(listener, settings, balance, stop, make));
+                let _ = done.send(run_worker(listener, (balance, inbox), settings, stop, make));
             })?;
         workers.push(outcome);
     }
@@ -131,20 +155,14 @@ where
 
 fn run_worker<F, T, B>(
     listener: std::net::TcpListener,
+    (balance, mut inbox): (Balance, Handed),
     settings: Settings,
-    balance: Balance,
     stop: CancellationToken,
     make: F,
 ) -> io::Result<()>
 where
     F: Fn() -> actix_web::App<T>,
-    T: ServiceFactory<
-            ServiceRequest,
-            Config = (),
-            Response = ServiceResponse<B>,
-            Error = actix_web::Error,
-            InitError = (),
-        > + 'static,
+    T: AppFactory<B>,
     B: MessageBody + 'static,
 {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -163,7 +181,7 @@ where
         let service = Rc::new(service);
         // one wait for the stop a worker, none a request
         tokio::select! {
-            () = accept(&listener, &worker, &service) => {}
+            () = accept(&listener, &mut inbox, &worker, &service) => {}
             () = stop.cancelled() => {}
         }
         drop(listener);
@@ -254,7 +272,6 @@ pub(crate) struct Open {
 impl Open {
     fn new(worker: &Rc<Worker>) -> Self {
         worker.live.set(worker.live.get() + 1);
-        worker.balance.set(worker.live.get());
         let slot = worker.free.borrow_mut().pop().unwrap_or_else(|| {
             let mut parked = worker.parked.borrow_mut();
             parked.push(None);
@@ -275,13 +292,17 @@ impl Drop for Open {
         }
         w.free.borrow_mut().push(self.slot);
         w.live.set(w.live.get() - 1);
-        w.balance.set(w.live.get());
+        w.balance.release();
         w.closed.notify_waiters();
     }
 }
 
-async fn accept<S, B>(listener: &tokio::net::TcpListener, worker: &Rc<Worker>, service: &Rc<S>)
-where
+async fn accept<S, B>(
+    listener: &tokio::net::TcpListener,
+    inbox: &mut Handed,
+    worker: &Rc<Worker>,
+    service: &Rc<S>,
+) where
     S: actix_web::dev::Service<
             actix_http::Request,
             Response = ServiceResponse<B>,
@@ -289,50 +310,100 @@ where
         > + 'static,
     B: MessageBody + 'static,
 {
+    let balance = &worker.balance;
     loop {
         // room first: a worker at its share leaves new connections in the backlog
         while worker.live.get() >= worker.settings.max_connections {
             worker.closed.notified().await;
         }
-        // the least loaded worker takes the next connection: one holding more than another
-        // leaves it 1 ms to the others, then takes it itself (every worker is woken for each)
-        if worker.balance.busier_than_another(worker.live.get()) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
-                let open = Open::new(worker);
-                tokio::task::spawn_local(conn::serve(tcp, peer, service.clone(), open));
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    // the least loaded worker serves it: handed over when that is another
+                    let to = balance.pick();
+                    if to == balance.me {
+                        (tcp, peer)
+                    } else {
+                        balance.hand(tcp, peer, to);
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    // out of descriptors or memory, for now: the backlog keeps the connections
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Some((std, peer)) = inbox.recv() => {
+                let Ok(tcp) = tokio::net::TcpStream::from_std(std) else {
+                    balance.release();
+                    continue;
+                };
+                (tcp, peer)
             }
-            Err(e) => {
-                // out of descriptors or memory, for now: the backlog keeps the connections
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        };
+        let _ = tcp.set_nodelay(true);
+        let open = Open::new(worker);
+        tokio::task::spawn_local(conn::serve(tcp, peer, service.clone(), open));
     }
 }
 
-/// Every worker's count of open connections (a worker writes only its own).
+/// A connection handed to another worker.
+type Inbox = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
+type Handed = tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>;
+
+/// The connections every worker serves, and their inboxes. Each worker accepts on the shared
+/// listener itself; one that holds more than another hands the connection over (a hand-off
+/// per connection only while the workers are uneven, never a wait).
 struct Balance {
-    all: Arc<[AtomicUsize]>,
+    /// Connections each worker has been given and not yet closed (counted by whoever
+    /// accepted, taken off by the worker that closes).
+    assigned: Arc<[AtomicUsize]>,
+    inboxes: Arc<[Inbox]>,
     me: usize,
 }
 
 impl Balance {
-    fn set(&self, live: usize) {
-        if let Some(mine) = self.all.get(self.me) {
-            mine.store(live, Ordering::Relaxed);
+    /// The worker that serves the next connection, counted as given to it: the one with the
+    /// fewest, this one on a tie.
+    fn pick(&self) -> usize {
+        let load = |i: usize| {
+            self.assigned
+                .get(i)
+                .map_or(usize::MAX, |n| n.load(Ordering::Relaxed))
+        };
+        let mut best = (load(self.me), self.me);
+        for i in 0..self.assigned.len() {
+            if load(i) < best.0 {
+                best = (load(i), i);
+            }
+        }
+        if let Some(n) = self.assigned.get(best.1) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        best.1
+    }
+
+    /// Hands `tcp` to worker `to` (a worker gone, stopping, drops it).
+    fn hand(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, to: usize) {
+        let handed = tcp.into_std().ok().and_then(|std| {
+            self.inboxes
+                .get(to)
+                .and_then(|inbox| inbox.send((std, peer)).ok())
+        });
+        if handed.is_none()
+            && let Some(n) = self.assigned.get(to)
+        {
+            n.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    /// This worker holds more connections than some other.
-    fn busier_than_another(&self, live: usize) -> bool {
-        self.all
-            .iter()
-            .enumerate()
-            .any(|(i, n)| i != self.me && n.load(Ordering::Relaxed) < live)
+    /// One of this worker's connections closed.
+    fn release(&self) {
+        if let Some(n) = self.assigned.get(self.me) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

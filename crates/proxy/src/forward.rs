@@ -196,6 +196,9 @@ impl Engine {
                 // task on this worker; if it never runs, dropping it still records the event)
                 let span = ctx.span.clone();
                 ctx.answered = Some(Instant::now());
+                // the quota and budgets before the answer: a caller's next request, on any
+                // worker, sees this one counted
+                ctx.settle(*usage, error.is_some());
                 let later = AccountLater {
                     ctx,
                     status: *status,

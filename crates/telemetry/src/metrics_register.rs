@@ -289,7 +289,7 @@ impl Metrics {
             malformed_requests: plain_counter(
                 &r,
                 "keypool_malformed_requests_total",
-                "Client requests the HTTP server could not parse or that broke off (reported by actix), counted instead of logged one by one.",
+                "Client requests the HTTP server could not read (malformed, past its bounds, too slow), counted instead of logged one by one.",
             ),
             usage_dropped: plain_counter(
                 &r,

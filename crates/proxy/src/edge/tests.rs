@@ -125,21 +125,44 @@ fn a_response_head_says_its_framing_once() {
     assert_eq!(&line[..], b"1a2f\r\n");
 }
 
-#[test]
-fn a_worker_holding_more_than_another_leaves_it_the_next_connection() {
+#[tokio::test]
+async fn a_connection_goes_to_the_worker_serving_the_fewest() {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
-    let all: Arc<[AtomicUsize]> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let assigned: Arc<[AtomicUsize]> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+    let (inboxes, mut handed): (Vec<_>, Vec<_>) = (0..3)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    let inboxes: Arc<[_]> = inboxes.into();
     let worker = |me| super::Balance {
-        all: all.clone(),
+        assigned: assigned.clone(),
+        inboxes: inboxes.clone(),
         me,
     };
-    let (a, b, c) = (worker(0), worker(1), worker(2));
-    a.set(2);
-    b.set(2);
-    c.set(1);
-    assert!(a.busier_than_another(2) && b.busier_than_another(2));
-    assert!(!c.busier_than_another(1));
-    c.set(2);
-    assert!(!a.busier_than_another(2), "ties take their connection");
+    let (a, c) = (worker(0), worker(2));
+    for (i, n) in [2, 2, 1].into_iter().enumerate() {
+        assigned[i].store(n, Ordering::Relaxed);
+    }
+    assert_eq!(a.pick(), 2, "the least loaded");
+    assert_eq!(assigned[2].load(Ordering::Relaxed), 2, "counted at once");
+    assert_eq!(a.pick(), 0, "2, 2 and 2: a tie stays here");
+    assert_eq!(c.pick(), 2, "2, 2 and 2 given out: a tie stays here too");
+    // handed over: the socket reaches the other worker's inbox
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (tcp, peer) = listener.accept().await.unwrap();
+    a.hand(tcp, peer, 1);
+    let (_, got) = handed[1].recv().await.unwrap();
+    assert_eq!(got, peer);
+    // a worker gone: the count given to it is taken back
+    drop(handed.remove(2));
+    let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (tcp, peer) = listener.accept().await.unwrap();
+    let before = assigned[2].load(Ordering::Relaxed);
+    assigned[2].fetch_add(1, Ordering::Relaxed);
+    a.hand(tcp, peer, 2);
+    assert_eq!(assigned[2].load(Ordering::Relaxed), before);
+    c.release();
+    assert_eq!(assigned[2].load(Ordering::Relaxed), before - 1);
 }
