@@ -87,9 +87,6 @@ pub struct RequestCtx {
     pub span: tracing::Span,
     /// The model the upstream answered with, when traced.
     pub response_model: Option<String>,
-    /// When the answer was ready, if its usage event is recorded later (after the response is
-    /// written): the event's latency ends here.
-    pub answered: Option<Instant>,
     sink: Arc<dyn UsageSink>,
     /// How far its accounting has gone.
     counted: Counted,
@@ -163,7 +160,6 @@ impl RequestCtx {
             queued: Duration::ZERO,
             span: tracing::Span::none(),
             response_model: None,
-            answered: None,
             sink: r.sink,
             counted: Counted::Not,
             cost: None,
@@ -268,10 +264,9 @@ impl RequestCtx {
     }
 
     /// Counts the request's tokens against its gateway's quota and its cost against the
-    /// budgets it holds, once: what the caller's next request must see. Done before a
-    /// non-stream answer is written (its usage event and metrics may follow the answer); a
-    /// failure that produced no output costs its budgets nothing.
-    pub fn settle(&mut self, usage: Option<Usage>, failed: bool) {
+    /// budgets it holds, once: what the caller's next request must see. A failure that
+    /// produced no output costs its budgets nothing.
+    fn settle(&mut self, usage: Option<Usage>, failed: bool) {
         if self.counted != Counted::Not {
             return;
         }
@@ -294,10 +289,7 @@ impl RequestCtx {
         }
         self.settle(usage, error.is_some());
         self.counted = Counted::Recorded;
-        let latency = self
-            .answered
-            .unwrap_or_else(Instant::now)
-            .saturating_duration_since(self.started);
+        let latency = self.started.elapsed();
         let cost = self.cost_of(usage);
         crate::observe::answered(self, status, usage, cost, error, latency);
         let at = SystemTime::now();

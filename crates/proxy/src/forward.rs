@@ -61,20 +61,6 @@ pub enum Reply {
     },
 }
 
-/// A request's usage event, recorded when this is dropped.
-struct AccountLater {
-    ctx: Box<RequestCtx>,
-    status: u16,
-    usage: Option<Usage>,
-    error: Option<&'static str>,
-}
-
-impl Drop for AccountLater {
-    fn drop(&mut self) {
-        self.ctx.account(self.status, self.usage, self.error);
-    }
-}
-
 /// A non-stream answer's cost in USD, at the price catalog's prices (absent when unknown).
 pub const COST_HEADER: &str = "x-keypool-cost";
 const COST_NAME: reqwest::header::HeaderName =
@@ -192,20 +178,9 @@ impl Engine {
                 } else {
                     "upstream_4xx"
                 });
-                // recorded right after the response is written, off its critical path (a
-                // task on this worker; if it never runs, dropping it still records the event)
-                let span = ctx.span.clone();
-                ctx.answered = Some(Instant::now());
-                // the quota and budgets before the answer: a caller's next request, on any
-                // worker, sees this one counted
-                ctx.settle(*usage, error.is_some());
-                let later = AccountLater {
-                    ctx,
-                    status: *status,
-                    usage: *usage,
-                    error,
-                };
-                actix_web::rt::spawn(async move { drop(later) }.instrument(span));
+                // recorded before the answer is written: whoever sees the answer (the
+                // caller's next request, a scrape, on any worker) sees it counted
+                ctx.account(*status, *usage, error);
                 return reply;
             }
             Reply::Error { error, key } => {
