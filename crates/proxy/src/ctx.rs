@@ -88,8 +88,7 @@ pub struct RequestCtx {
     /// The model the upstream answered with, when traced.
     pub response_model: Option<String>,
     sink: Arc<dyn UsageSink>,
-    /// How far its accounting has gone.
-    counted: Counted,
+    accounted: bool,
     /// The cost (for the answer's header, then the usage event), once `priced`.
     cost: Option<keypool_pricing::Cost>,
     priced: bool,
@@ -161,7 +160,7 @@ impl RequestCtx {
             span: tracing::Span::none(),
             response_model: None,
             sink: r.sink,
-            counted: Counted::Not,
+            accounted: false,
             cost: None,
             priced: false,
             spend: r.spend,
@@ -263,34 +262,24 @@ impl RequestCtx {
         self.cost
     }
 
-    /// Counts the request's tokens against its gateway's quota and its cost against the
-    /// budgets it holds, once: what the caller's next request must see. A failure that
-    /// produced no output costs its budgets nothing.
-    fn settle(&mut self, usage: Option<Usage>, failed: bool) {
-        if self.counted != Counted::Not {
+    pub fn account(&mut self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
+        if std::mem::replace(&mut self.accounted, true) {
             return;
         }
-        self.counted = Counted::Settled;
         if let Some(u) = usage {
             self.gateway.add_tokens(u.total());
         }
-        let empty_failure = failed && usage.is_none_or(|u| u.completion_tokens == 0);
+        let latency = self.started.elapsed();
+        let cost = self.cost_of(usage);
+        // a failure that produced no output costs its budgets nothing (its usage is still
+        // recorded below)
+        let empty_failure = error.is_some() && usage.is_none_or(|u| u.completion_tokens == 0);
         let spent = if empty_failure {
             0
         } else {
-            self.cost_of(usage).map_or(0, keypool_pricing::Cost::nanos)
+            cost.map_or(0, keypool_pricing::Cost::nanos)
         };
         self.spend.settle(spent);
-    }
-
-    pub fn account(&mut self, status: u16, usage: Option<Usage>, error: Option<&'static str>) {
-        if self.counted == Counted::Recorded {
-            return;
-        }
-        self.settle(usage, error.is_some());
-        self.counted = Counted::Recorded;
-        let latency = self.started.elapsed();
-        let cost = self.cost_of(usage);
         crate::observe::answered(self, status, usage, cost, error, latency);
         let at = SystemTime::now();
         self.sink.record(UsageEvent {
@@ -319,19 +308,9 @@ impl RequestCtx {
     }
 }
 
-/// How far a request's accounting has gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Counted {
-    Not,
-    /// Its tokens and cost are counted against the quota and the budgets.
-    Settled,
-    /// Its usage event is recorded too.
-    Recorded,
-}
-
 impl Drop for RequestCtx {
     fn drop(&mut self) {
-        if self.counted != Counted::Recorded {
+        if !self.accounted {
             self.account(CLIENT_CLOSED, None, Some("client_cancelled"));
         }
     }
