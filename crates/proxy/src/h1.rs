@@ -157,17 +157,13 @@ fn framing(
     method: &Method,
     http10: bool,
 ) -> Result<(Framing, bool), TransportError> {
-    let mut keep_alive = !http10;
-    for value in headers.get_all(CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                keep_alive = true;
-            }
-        }
-    }
+    let (close, keep) = connection_tokens(
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let keep_alive = !close && (!http10 || keep);
     if status == 101 {
         // a switch nobody asked for: handed up as it is (the engine fails it over as no
         // answer), and the connection, no longer HTTP, closed
@@ -190,27 +186,52 @@ fn framing(
             _ => (Framing::Close, false),
         });
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(broken("content-length is not a number"));
-            }
-            let n: u64 = std::str::from_utf8(part)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| broken("content-length is not a number"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(broken("two different content-lengths"));
-            }
-            length = Some(n);
-        }
-    }
+    let length = content_length(
+        headers
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+    .map_err(broken)?;
     Ok(match length {
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Close, false),
     })
+}
+
+/// `Connection`'s tokens, as (`close`, `keep-alive`) were named (either side of a
+/// connection reads them alike).
+pub(crate) fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> (bool, bool) {
+    let (mut close, mut keep) = (false, false);
+    for token in values.flat_map(|v| v.split(|&b| b == b',')) {
+        let token = token.trim_ascii();
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    (close, keep)
+}
+
+/// The body length `Content-Length` says (every value and list item the same digits), `None`
+/// when there is none; an error for anything else.
+pub(crate) fn content_length<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
+    for part in values.flat_map(|v| v.split(|&b| b == b',')) {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err("content-length is not a number");
+        }
+        let n: u64 = std::str::from_utf8(part)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("content-length is not a number")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("two different content-lengths");
+        }
+        length = Some(n);
+    }
+    Ok(length)
 }
 
 /// Where a chunked body's decoding stands.

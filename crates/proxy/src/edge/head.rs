@@ -1,6 +1,7 @@
 //! Request heads as the API port reads them (`httparse`, bounded) and response heads as it
 //! writes them. No I/O here.
 
+use std::fmt::Write as _;
 use std::mem::MaybeUninit;
 
 use actix_http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -133,21 +134,9 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Refused> {
         }
         return Ok(Framing::Chunked);
     }
-    let mut length = None;
-    for v in headers.get_all(CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            let n: u64 = std::str::from_utf8(part)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse().ok())
-                .ok_or(Refused::Malformed("a Content-Length is not a number"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Refused::Malformed("two different Content-Lengths"));
-            }
-            length = Some(n);
-        }
-    }
+    let length =
+        crate::h1::content_length(headers.get_all(CONTENT_LENGTH).map(HeaderValue::as_bytes))
+            .map_err(Refused::Malformed)?;
     Ok(match length {
         Some(0) | None => Framing::None,
         Some(n) => Framing::Length(n),
@@ -160,15 +149,11 @@ fn keeps_alive(headers: &HeaderMap, version: Version) -> bool {
     if headers.contains_key(actix_http::header::UPGRADE) {
         return false;
     }
-    let mut close = false;
-    let mut keep = false;
-    for v in headers.get_all(actix_http::header::CONNECTION) {
-        for t in v.as_bytes().split(|b| *b == b',') {
-            let t = t.trim_ascii();
-            close |= t.eq_ignore_ascii_case(b"close");
-            keep |= t.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
+    let (close, keep) = crate::h1::connection_tokens(
+        headers
+            .get_all(actix_http::header::CONNECTION)
+            .map(HeaderValue::as_bytes),
+    );
     !close && (version == Version::HTTP_11 || keep)
 }
 
@@ -240,9 +225,8 @@ pub(super) fn encode(
     match wire {
         Wire::Empty | Wire::Close => {}
         Wire::Length(n) => {
-            dst.put_slice(b"content-length: ");
-            dst.put_slice(decimal(n, &mut [0; 20]));
-            dst.put_slice(b"\r\n");
+            // into the head's buffer as it is, no string of its own
+            let _ = write!(dst, "content-length: {n}\r\n");
         }
         Wire::Chunked => dst.put_slice(b"transfer-encoding: chunked\r\n"),
     }
@@ -259,34 +243,7 @@ pub(super) fn encode(
     dst.put_slice(b"\r\n");
 }
 
-/// `n`'s decimal digits, written into `buf` (no allocation).
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[at..]
-}
-
 /// A chunk's size line (`{hex}\r\n`) into `dst`.
 pub(super) fn chunk_size(dst: &mut BytesMut, n: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 16];
-    let mut at = buf.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        buf[at] = HEX[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    dst.put_slice(&buf[at..]);
-    dst.put_slice(b"\r\n");
+    let _ = write!(dst, "{n:x}\r\n");
 }
