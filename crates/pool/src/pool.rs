@@ -52,7 +52,7 @@ pub use pick::{KeyAccess, Pick};
 struct PoolKey {
     id: u64,
     key: Arc<UpstreamKey>,
-    addr: Addr<KeyActor>,
+    addr: Arc<Addr<KeyActor>>,
     gauge: Arc<KeyGauge>,
     tally: Arc<KeyTally>,
 }
@@ -75,7 +75,8 @@ impl PoolKey {
         ));
         let addr = KeyActor::new(key.clone(), epoch, gauge.clone(), tally.clone(), seed)
             .announcing(announcer)
-            .start();
+            .start()
+            .into();
         Self {
             id,
             key,
@@ -230,6 +231,7 @@ impl Handler<crate::messages::RemoveKey> for KeyPool {
             .iter()
             .find(|k| *k.key.name == msg.0)?
             .addr
+            .as_ref()
             .clone();
         let keys = view
             .keys

@@ -18,7 +18,8 @@ pub struct Lease {
     /// The pool's id of the key (for [`crate::Pick::exclude`]).
     pub key_id: u64,
     pub key: Arc<UpstreamKey>,
-    pub(in crate::pool) addr: Addr<KeyActor>,
+    /// Shared with the pool's entry: an actix address's clone allocates, an `Arc`'s does not.
+    pub(in crate::pool) addr: Arc<Addr<KeyActor>>,
     pub(in crate::pool) tally: Arc<KeyTally>,
     /// This reservation's id in the key's windows.
     pub(in crate::pool) id: u64,

@@ -44,8 +44,10 @@ pub(super) enum Refused {
     Malformed(&'static str),
 }
 
-/// Takes one request head off the front of `buf`: `None` while it has not all arrived.
-pub(super) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
+/// Takes one request head off the front of `buf`: `None` while it has not all arrived. Its
+/// headers are read into `room` and moved into the head: a request's own map (actix keeps a
+/// finished request's map, emptied, with its room) is filled without allocating anew.
+pub(super) fn parse(buf: &mut BytesMut, room: &mut HeaderMap) -> Result<Option<Head>, Refused> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
@@ -70,26 +72,23 @@ pub(super) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     } else {
         Version::HTTP_11
     };
-    let path = at(req.path.unwrap_or("").as_bytes());
-    let mut spans = Vec::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Refused::Malformed("a header name is not a token"))?;
-        spans.push((name, at(h.value)));
-    }
     // the head's bytes are copied once, to their size (the URI and every value are slices of
     // them): a value the request keeps for its life (a stream's) keeps these, not the read
     // buffer
     let bytes = Bytes::copy_from_slice(&buf[..len]);
-    buf.advance(len);
-    let uri = Uri::from_maybe_shared(bytes.slice(path))
+    let uri = Uri::from_maybe_shared(bytes.slice(at(req.path.unwrap_or("").as_bytes())))
         .map_err(|_| Refused::Malformed("the request target is not a URI"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, span) in spans {
-        let value = HeaderValue::from_maybe_shared(bytes.slice(span))
+    room.clear();
+    room.reserve(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Refused::Malformed("a header name is not a token"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(at(h.value)))
             .map_err(|_| Refused::Malformed("a header value has a control character"))?;
-        headers.append(name, value);
+        room.append(name, value);
     }
+    buf.advance(len);
+    let headers = std::mem::take(room);
     let framing = framing(&headers, version)?;
     let keep_alive = keeps_alive(&headers, version);
     let expects_continue = framing != Framing::None
