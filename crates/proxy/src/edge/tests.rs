@@ -1,4 +1,3 @@
-use actix_http::header::HeaderMap;
 use actix_http::{StatusCode, Version};
 use actix_web::body::BodySize;
 use bytes::BytesMut;
@@ -6,7 +5,7 @@ use bytes::BytesMut;
 use super::head::{self, Framing, Refused, Wire};
 
 fn parse(s: &str) -> Result<Option<head::Head>, Refused> {
-    head::parse(&mut BytesMut::from(s.as_bytes()), &mut HeaderMap::new())
+    head::parse(&mut BytesMut::from(s.as_bytes()))
 }
 
 #[test]
@@ -14,9 +13,7 @@ fn a_head_is_taken_off_the_buffer_and_what_follows_stays() {
     let mut buf = BytesMut::from(
         &b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nX-Y: z\r\n\r\n{}GET"[..],
     );
-    let h = head::parse(&mut buf, &mut HeaderMap::new())
-        .unwrap()
-        .unwrap();
+    let h = head::parse(&mut buf).unwrap().unwrap();
     assert_eq!(h.method, actix_http::Method::POST);
     assert_eq!(h.uri.path(), "/v1/chat/completions");
     assert_eq!(h.uri.query(), Some("x=1"));
@@ -24,22 +21,6 @@ fn a_head_is_taken_off_the_buffer_and_what_follows_stays() {
     assert_eq!(h.framing, Framing::Length(2));
     assert!(h.keep_alive && !h.expects_continue);
     assert_eq!(&buf[..], b"{}GET");
-}
-
-#[test]
-fn a_head_fills_the_map_it_is_given_and_keeps_its_room() {
-    // a finished request's map comes back emptied with its room: no new one a request
-    let mut room = HeaderMap::with_capacity(32);
-    room.insert(
-        actix_http::header::ACCEPT,
-        actix_http::header::HeaderValue::from_static("old"),
-    );
-    let room_was = room.capacity();
-    let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..]);
-    let h = head::parse(&mut buf, &mut room).unwrap().unwrap();
-    assert!(h.headers.capacity() >= room_was);
-    assert_eq!(h.headers.len(), 1, "what the map held before is gone");
-    assert_eq!(h.headers.get("host").unwrap(), "a");
 }
 
 #[test]
