@@ -24,6 +24,17 @@ fn a_head_is_taken_off_the_buffer_and_what_follows_stays() {
 }
 
 #[test]
+fn a_heads_header_map_is_sized_to_it() {
+    // a fresh actix request's own map has room for 16 names (~6 KB), held for the request's
+    // life: a small head's map must not be that one
+    let h = parse("GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.headers.len(), 2);
+    assert!(h.headers.capacity() < 16, "{}", h.headers.capacity());
+}
+
+#[test]
 fn a_head_not_all_here_is_waited_for_up_to_its_bound() {
     assert!(parse("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
     let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(head::MAX_HEAD));
