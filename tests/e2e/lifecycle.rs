@@ -277,6 +277,46 @@ async fn serve_skips_a_taken_default_admin_port_and_says_so() -> anyhow::Result<
     Ok(())
 }
 
+/// The API port has a listening socket a worker (`SO_REUSEPORT`); a second keypool started on
+/// the same port must still fail, as it did on a plain socket, and not join the first one's
+/// listeners and take a share of its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_keypool_on_the_same_port_fails_to_start() -> anyhow::Result<()> {
+    let a = mock("a", Behavior::default());
+    let gw = Gateway::start(&config().token("t").key(&a, "a", "").yaml()).await?;
+    let taken = gw.origin.trim_start_matches("http://").to_owned();
+    let second = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(keypool_bin())
+            .args(["serve", "--config"])
+            .arg(gw.config_file())
+            .args(["--address", &taken, "--admin-address", "127.0.0.1:0"])
+            .args(["--console-address", "127.0.0.1:0"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the second keypool started on {taken}"))??;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {taken}"))
+            && stderr.contains("Address already in use"),
+        "{stderr}"
+    );
+    // the first serves every new connection, on each of its workers' listeners
+    for _ in 0..8 {
+        let resp = keypool_e2e::client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth("t")
+            .json(&hello("gpt-4o-mini"))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200);
+    }
+    Ok(())
+}
+
 /// SIGHUP reloads the config file: a good file's new token works at once and the old one is
 /// refused, while a stream begun before finishes; a bad file is refused, its mistake logged,
 /// and the running config kept. The process never stops.

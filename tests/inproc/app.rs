@@ -31,7 +31,8 @@ impl App {
         keypool_gateway::install_tls_provider();
         let mut config = keypool_config::from_yaml(yaml).context("config")?;
         "127.0.0.1:0".clone_into(&mut config.admin.address);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        // bound as `keypool serve` binds it: a listener for each worker
+        let listener = keypool_proxy::edge::bind("127.0.0.1:0")?;
         let origin = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

@@ -15,9 +15,12 @@
 //!   connections wait in the backlog)           idle 5 s; a body the app left unread closes)
 //! ```
 //!
-//! Every worker accepts on the shared listener itself (no acceptor thread handing sockets
-//! over). On stop a worker accepts no more, closes its idle connections, lets the busy ones
-//! finish their response, and drops what is left after the grace period.
+//! Every worker accepts on a listener itself (no acceptor thread handing sockets over): its own
+//! when the port was bound by [`bind`] (`SO_REUSEPORT`: the kernel gives each new connection to
+//! one worker's listener by its addresses, and wakes only that worker), else the one listener
+//! they share (every worker woken for each connection, one takes it). On stop a worker accepts
+//! no more, closes its idle connections, lets the busy ones finish their response, and drops
+//! what is left after the grace period.
 
 mod body;
 mod conn;
@@ -25,7 +28,7 @@ mod head;
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,8 +114,59 @@ impl Server {
     }
 }
 
+/// Connections waiting to be accepted on one listener; the kernel caps it at
+/// `net.core.somaxconn` (4096 on current kernels).
+const BACKLOG: i32 = 4096;
+
+/// Binds the API port for [`serve`]: a listener with `SO_REUSEPORT`, so that each worker can
+/// listen on the port with its own. A plain bind of the address comes first and is undone at
+/// once: a port another process listens on (a second keypool started by mistake, too) fails
+/// it, with the usual error, instead of joining the first one's listeners and taking a share
+/// of its connections. A port of 0 gets one the kernel gives no other socket.
+pub fn bind(address: impl ToSocketAddrs) -> io::Result<std::net::TcpListener> {
+    let mut at = None;
+    let mut last = None;
+    for a in address.to_socket_addrs()? {
+        if a.port() == 0 {
+            at = Some(a);
+            break;
+        }
+        match std::net::TcpListener::bind(a) {
+            Ok(guard) => {
+                at = Some(guard.local_addr()?);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    match (at, last) {
+        (Some(a), _) => listen(a),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the address resolved to nothing",
+        )),
+    }
+}
+
+/// A listener on `at` with `SO_REUSEPORT` (and `SO_REUSEADDR`, as std's bind sets it).
+fn listen(at: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(at),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&at.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Serves `make()`'s app on `listener` with `settings.workers` workers until `stop` is
-/// cancelled. `make` runs once on each worker.
+/// cancelled. `make` runs once on each worker. A listener from [`bind`] gets a sibling on its
+/// address for every worker but the first (all bound before this returns); any other is
+/// shared by the workers.
 pub fn serve<F, T, B>(
     listener: std::net::TcpListener,
     settings: Settings,
@@ -125,21 +179,33 @@ where
     B: MessageBody + 'static,
 {
     listener.set_nonblocking(true)?;
+    let own = socket2::SockRef::from(&listener).reuse_port()?;
+    let at = listener.local_addr()?;
     let mut workers = Vec::with_capacity(settings.workers);
     let assigned: Arc<[AtomicUsize]> = (0..settings.workers).map(|_| AtomicUsize::new(0)).collect();
-    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..settings.workers)
+    let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..settings.workers)
         .map(|_| tokio::sync::mpsc::unbounded_channel())
         .unzip();
     let inboxes: Arc<[Inbox]> = inboxes.into();
-    for i in 0..settings.workers {
+    // every listener first: a sibling that cannot bind stops the start before any worker runs
+    let listeners = (0..settings.workers)
+        .map(|i| {
+            if own && i > 0 {
+                let sibling = listen(at)?;
+                sibling.set_nonblocking(true)?;
+                Ok(sibling)
+            } else {
+                listener.try_clone()
+            }
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    for (i, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
         let balance = Balance {
             assigned: assigned.clone(),
             inboxes: inboxes.clone(),
             me: i,
         };
-        let inbox = receivers.remove(0);
-        let (listener, settings, stop, make) =
-            (listener.try_clone()?, settings, stop.clone(), make.clone());
+        let (settings, stop, make) = (settings, stop.clone(), make.clone());
         let (done, outcome) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("keypool-worker-{i}"))
@@ -148,7 +214,7 @@ where
             })?;
         workers.push(outcome);
     }
-    // each worker holds its own descriptor: the listener closes when the last one stops
+    // each worker holds its own descriptor: a shared listener closes when the last one stops
     drop(listener);
     Ok(Server { workers })
 }
@@ -366,23 +432,31 @@ struct Balance {
 
 impl Balance {
     /// The worker that serves the next connection, counted as given to it: the one with the
-    /// fewest, this one on a tie.
+    /// fewest when this one holds more than that by over an eighth of its own, else this one.
+    /// A hand-off wakes the other worker's thread; the kernel's spread over per-worker
+    /// listeners (or who woke first on a shared one) stays within the eighth without one.
     fn pick(&self) -> usize {
         let load = |i: usize| {
             self.assigned
                 .get(i)
                 .map_or(usize::MAX, |n| n.load(Ordering::Relaxed))
         };
-        let mut best = (load(self.me), self.me);
+        let mine = load(self.me);
+        let mut least = (mine, self.me);
         for i in 0..self.assigned.len() {
-            if load(i) < best.0 {
-                best = (load(i), i);
+            if load(i) < least.0 {
+                least = (load(i), i);
             }
         }
-        if let Some(n) = self.assigned.get(best.1) {
+        let to = if mine > least.0 + mine / 8 {
+            least.1
+        } else {
+            self.me
+        };
+        if let Some(n) = self.assigned.get(to) {
             n.fetch_add(1, Ordering::Relaxed);
         }
-        best.1
+        to
     }
 
     /// Hands `tcp` to worker `to` (a worker gone, stopping, drops it).

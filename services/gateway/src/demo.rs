@@ -5,8 +5,6 @@
 //! The banner is printed only once every port is bound, and every command in it runs as
 //! printed from the repository (a test runs them all).
 
-use std::net::TcpListener;
-
 use keypool_mock::{Behavior, MockServer};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +30,7 @@ pub async fn run(
     shutdown: CancellationToken,
     options: crate::Options,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(address).map_err(|e| {
+    let listener = keypool_proxy::edge::bind(address).map_err(|e| {
         anyhow::anyhow!("cannot listen on {address}: {e} (choose another with --address)")
     })?;
     let mut mocks = Vec::new();

@@ -1,6 +1,5 @@
 //! `keypool`: parse arguments, load and validate config, start logging, call the library.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -315,7 +314,7 @@ async fn run(
                     unreachable!("matched above")
                 };
                 let config_file = a.config.clone();
-                let listener = TcpListener::bind(&cfg.address)
+                let listener = keypool_proxy::edge::bind(&cfg.address)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.address))?;
                 let control_plane = matches!(command, Command::Admin(_));
                 let role = if control_plane {
@@ -338,7 +337,7 @@ async fn run(
                 keypool_gateway::run_until(cfg, listener, shutdown, role, options).await
             }
             (Command::Frontend(args), _) => {
-                let listener = TcpListener::bind(&args.address)
+                let listener = keypool_proxy::edge::bind(&args.address)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.address))?;
                 let addr = listener.local_addr()?;
                 let Some(link) =

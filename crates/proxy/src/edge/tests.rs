@@ -177,3 +177,83 @@ async fn a_connection_goes_to_the_worker_serving_the_fewest() {
     c.release();
     assert_eq!(assigned[2].load(Ordering::Relaxed), before - 1);
 }
+
+/// The listening sockets on `port` (IPv4, from `/proc/net/tcp`: state 0A is LISTEN).
+fn listening_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            // sl, local address, remote address, state
+            let f: Vec<&str> = l.split_whitespace().take(4).collect();
+            f.len() == 4 && f[1].ends_with(&local) && f[3] == "0A"
+        })
+        .count()
+}
+
+#[test]
+fn a_port_keypool_listens_on_is_refused_to_a_second_bind() {
+    let first = super::bind("127.0.0.1:0").unwrap();
+    let at = first.local_addr().unwrap();
+    let again = super::bind(at).unwrap_err();
+    assert_eq!(again.kind(), std::io::ErrorKind::AddrInUse, "{again}");
+    assert!(std::net::TcpListener::bind(at).is_err(), "a plain bind too");
+    drop(first);
+    let free = super::bind(at).expect("the port is free once the listener closes");
+    assert_eq!(free.local_addr().unwrap(), at);
+}
+
+#[tokio::test]
+async fn each_worker_listens_on_its_own_socket_when_bound_by_bind() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = || {
+        actix_web::App::new().route(
+            "/",
+            actix_web::web::get()
+                .to(|| async { std::thread::current().name().unwrap_or("").to_owned() }),
+        )
+    };
+    let settings = super::Settings::new(2, 64, std::time::Duration::from_secs(1));
+    for (listener, sockets) in [
+        (super::bind("127.0.0.1:0").unwrap(), 2),
+        (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), 1),
+    ] {
+        let at = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = super::serve(listener, settings, &stop, app).unwrap();
+        assert_eq!(
+            listening_on(at.port()),
+            sockets,
+            "{sockets} listening on {at}"
+        );
+        // connections are served, by both workers between them
+        let mut names = std::collections::BTreeSet::new();
+        let mut open = Vec::new();
+        for _ in 0..16 {
+            let mut tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"keypool-worker-0") && !got.ends_with(b"keypool-worker-1") {
+                let mut buf = [0u8; 512];
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            names.insert(got.last().copied());
+            open.push(tcp);
+        }
+        assert_eq!(names.len(), 2, "both workers serve");
+        stop.cancel();
+        drop(open);
+        server.wait().await.unwrap();
+        assert_eq!(
+            listening_on(at.port()),
+            0,
+            "every listener closed at the stop"
+        );
+    }
+}
