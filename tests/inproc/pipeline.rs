@@ -523,6 +523,37 @@ async fn upstream_answers_are_bounded() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `idle_timeout` bounds the gap between two chunks, not the stream: a stream three times as
+/// long as the gap, with chunks closer than it, ends whole (its timer, set for an earlier gap,
+/// is moved on when it fires before the gap's end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_longer_than_the_idle_gap_ends_whole() -> anyhow::Result<()> {
+    let steady = mock(
+        "steady",
+        Behavior {
+            chunk_interval_ms: 200,
+            reply_words: 8,
+            ..Behavior::default()
+        },
+    );
+    let app = App::start(
+        &config()
+            .token("t")
+            .set("idle_timeout", "0.5")
+            .key(&steady, "steady", "")
+            .yaml(),
+    )
+    .await?;
+    let mut req = hello("gpt-4o-mini");
+    req["stream"] = serde_json::json!(true);
+    let started = std::time::Instant::now();
+    let text = app.chat("t", req).await?.text().await?;
+    assert!(started.elapsed() > Duration::from_millis(1500), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(!text.contains("error"), "{text}");
+    Ok(())
+}
+
 /// Writes `head` then `body` on a new connection to `app` and answers what came back within
 /// `wait` (the status code; 0 when nothing came), keeping the connection for the caller.
 async fn send_raw(
