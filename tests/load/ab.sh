@@ -8,7 +8,9 @@ A=$1; B=$2
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# the two keypools are started inside $(...), so they are not this shell's jobs: their pids are
+# kept in files for the exit to stop them too
+trap 'kill $(jobs -p) $(cat "$WORK"/*.pid 2>/dev/null) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 . tests/load/lib.sh
 "$A" mock --address 127.0.0.1:0 --workers 1 > "$WORK/mock.out" 2>&1 &
 wait_line "$WORK/mock.out" "listening on"
@@ -29,6 +31,7 @@ start() { # bin name
   local cfg="$WORK/config.yaml"
   "$1" serve --help 2>/dev/null | grep -q admin-address || cfg="$WORK/config-plain.yaml"
   RUST_LOG=warn "$1" serve --config "$cfg" > "$WORK/$2.out" 2> "$WORK/$2.err" &
+  echo $! > "$WORK/$2.pid"
   wait_line "$WORK/$2.out" "listening on"
   grep 'keypool listening on' "$WORK/$2.out" | grep -o 'http://[^ ]*' | head -1
 }
