@@ -192,6 +192,37 @@ async fn slow_heads_get_408_and_idle_connections_close() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The idle bound is from the last answer, not from the connection's start: a keep-alive
+/// connection asking every 1.5 s stays open past 5 s (its timer, set for an earlier wait, is
+/// moved on when it fires before the current one ends), then closes 5 s after its last answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keep_alive_connection_outlives_the_idle_bound() -> anyhow::Result<()> {
+    let (_up, app) = start().await?;
+    let mut tcp = connect(&app).await?;
+    for i in 0..5 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
+        let (text, closed) = read_for(&mut tcp, Duration::from_millis(300)).await?;
+        assert!(!closed, "request {i}: closed");
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\n"),
+            "request {i}: {text}"
+        );
+    }
+    let last = Instant::now();
+    let (text, closed) = read_for(&mut tcp, Duration::from_secs(8)).await?;
+    assert!(closed && text.is_empty(), "{text}");
+    let idle = last.elapsed();
+    assert!(
+        idle >= Duration::from_millis(4400) && idle < Duration::from_secs(7),
+        "{idle:?}"
+    );
+    Ok(())
+}
+
 /// HTTP/1.0 gets a length and the connection closed (unless it asked to keep it); HEAD gets
 /// the length and no body; a body the app did not read closes the connection after the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,8 @@ where
     });
     let worker = &*open.worker;
     let mut wait = worker.settings.head_timeout;
-    // one timer for the connection's life, moved later as it goes (cheap: no new registration)
+    // one timer for the connection's life, moved only when it fires before what it waits for
+    // ends or that ends sooner (`next_head`): most requests leave it as it is
     let mut timer = pin!(tokio::time::sleep(wait));
     loop {
         let head = match next_head(&conn, wait, &open, timer.as_mut()).await {
@@ -152,7 +153,11 @@ async fn next_head(
 ) -> Result<Option<Head>, Unserved> {
     let worker = &*open.worker;
     let mut started: Option<Instant> = None;
-    timer.as_mut().reset(Instant::now() + idle);
+    // the wait ends at `due`: idle from now, then the head's bound from its first byte
+    let mut due = Instant::now() + idle;
+    if due < timer.deadline() {
+        timer.as_mut().reset(due);
+    }
     loop {
         {
             let mut inbound = conn.inbound.borrow_mut();
@@ -163,7 +168,10 @@ async fn next_head(
                 if started.is_none() {
                     let now = Instant::now();
                     started = Some(now);
-                    timer.as_mut().reset(now + worker.settings.head_timeout);
+                    due = now + worker.settings.head_timeout;
+                    if due < timer.deadline() {
+                        timer.as_mut().reset(due);
+                    }
                 }
                 if let Some(head) = head::parse(&mut inbound.buf).map_err(Unserved::Head)? {
                     return Ok(Some(head));
@@ -192,6 +200,11 @@ async fn next_head(
         .await;
         match waited {
             Wait::Readable => {}
+            // set for an earlier wait: this one ends later
+            Wait::Timeout if Instant::now() < due => {
+                timer.as_mut().reset(due);
+                continue;
+            }
             Wait::Timeout if started.is_some() => return Err(Unserved::Timeout),
             // the client or the server is done with an idle connection
             Wait::Stop | Wait::Timeout => return Ok(None),
