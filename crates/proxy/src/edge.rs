@@ -22,22 +22,24 @@
 //! no more, closes its idle connections, lets the busy ones finish their response, and drops
 //! what is left after the grace period.
 
+mod balance;
 mod body;
 mod conn;
 mod head;
+mod listen;
+
+pub use listen::bind;
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Waker;
 use std::time::Duration;
 
 use actix_service::IntoServiceFactory as _;
 use actix_web::body::MessageBody;
 use actix_web::dev::{AppConfig, ServiceFactory, ServiceRequest, ServiceResponse};
+use balance::{Balance, Handed};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -114,55 +116,6 @@ impl Server {
     }
 }
 
-/// Connections waiting to be accepted on one listener; the kernel caps it at
-/// `net.core.somaxconn` (4096 on current kernels).
-const BACKLOG: i32 = 4096;
-
-/// Binds the API port for [`serve`]: a listener with `SO_REUSEPORT`, so that each worker can
-/// listen on the port with its own. A plain bind of the address comes first and is undone at
-/// once: a port another process listens on (a second keypool started by mistake, too) fails
-/// it, with the usual error, instead of joining the first one's listeners and taking a share
-/// of its connections. A port of 0 gets one the kernel gives no other socket.
-pub fn bind(address: impl ToSocketAddrs) -> io::Result<std::net::TcpListener> {
-    let mut at = None;
-    let mut last = None;
-    for a in address.to_socket_addrs()? {
-        if a.port() == 0 {
-            at = Some(a);
-            break;
-        }
-        match std::net::TcpListener::bind(a) {
-            Ok(guard) => {
-                at = Some(guard.local_addr()?);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    match (at, last) {
-        (Some(a), _) => listen(a),
-        (None, Some(e)) => Err(e),
-        (None, None) => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the address resolved to nothing",
-        )),
-    }
-}
-
-/// A listener on `at` with `SO_REUSEPORT` (and `SO_REUSEADDR`, as std's bind sets it).
-fn listen(at: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(at),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&at.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket.into())
-}
-
 /// Serves `make()`'s app on `listener` with `settings.workers` workers until `stop` is
 /// cancelled. `make` runs once on each worker. A listener from [`bind`] gets a sibling on its
 /// address for every worker but the first (all bound before this returns); any other is
@@ -178,39 +131,16 @@ where
     T: AppFactory<B>,
     B: MessageBody + 'static,
 {
-    listener.set_nonblocking(true)?;
-    let own = socket2::SockRef::from(&listener).reuse_port()?;
-    let at = listener.local_addr()?;
+    let listeners = listen::per_worker(&listener, settings.workers)?;
     let mut workers = Vec::with_capacity(settings.workers);
-    let assigned: Arc<[AtomicUsize]> = (0..settings.workers).map(|_| AtomicUsize::new(0)).collect();
-    let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..settings.workers)
-        .map(|_| tokio::sync::mpsc::unbounded_channel())
-        .unzip();
-    let inboxes: Arc<[Inbox]> = inboxes.into();
-    // every listener first: a sibling that cannot bind stops the start before any worker runs
-    let listeners = (0..settings.workers)
-        .map(|i| {
-            if own && i > 0 {
-                let sibling = listen(at)?;
-                sibling.set_nonblocking(true)?;
-                Ok(sibling)
-            } else {
-                listener.try_clone()
-            }
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    for (i, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
-        let balance = Balance {
-            assigned: assigned.clone(),
-            inboxes: inboxes.clone(),
-            me: i,
-        };
+    let balances = Balance::for_workers(settings.workers);
+    for (i, (listener, handed)) in listeners.into_iter().zip(balances).enumerate() {
         let (settings, stop, make) = (settings, stop.clone(), make.clone());
         let (done, outcome) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("keypool-worker-{i}"))
             .spawn(move || {
-                let _ = done.send(run_worker(listener, (balance, inbox), settings, stop, make));
+                let _ = done.send(run_worker(listener, handed, settings, stop, make));
             })?;
         workers.push(outcome);
     }
@@ -412,72 +342,6 @@ async fn accept<S, B>(
         let _ = tcp.set_nodelay(true);
         let open = Open::new(worker);
         tokio::task::spawn_local(conn::serve(tcp, peer, service.clone(), open));
-    }
-}
-
-/// A connection handed to another worker.
-type Inbox = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
-type Handed = tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>;
-
-/// The connections every worker serves, and their inboxes. Each worker accepts on the shared
-/// listener itself; one that holds more than another hands the connection over (a hand-off
-/// per connection only while the workers are uneven, never a wait).
-struct Balance {
-    /// Connections each worker has been given and not yet closed (counted by whoever
-    /// accepted, taken off by the worker that closes).
-    assigned: Arc<[AtomicUsize]>,
-    inboxes: Arc<[Inbox]>,
-    me: usize,
-}
-
-impl Balance {
-    /// The worker that serves the next connection, counted as given to it: the one with the
-    /// fewest when this one holds more than that by over an eighth of its own, else this one.
-    /// A hand-off wakes the other worker's thread; the kernel's spread over per-worker
-    /// listeners (or who woke first on a shared one) stays within the eighth without one.
-    fn pick(&self) -> usize {
-        let load = |i: usize| {
-            self.assigned
-                .get(i)
-                .map_or(usize::MAX, |n| n.load(Ordering::Relaxed))
-        };
-        let mine = load(self.me);
-        let mut least = (mine, self.me);
-        for i in 0..self.assigned.len() {
-            if load(i) < least.0 {
-                least = (load(i), i);
-            }
-        }
-        let to = if mine > least.0 + mine / 8 {
-            least.1
-        } else {
-            self.me
-        };
-        if let Some(n) = self.assigned.get(to) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
-        to
-    }
-
-    /// Hands `tcp` to worker `to` (a worker gone, stopping, drops it).
-    fn hand(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, to: usize) {
-        let handed = tcp.into_std().ok().and_then(|std| {
-            self.inboxes
-                .get(to)
-                .and_then(|inbox| inbox.send((std, peer)).ok())
-        });
-        if handed.is_none()
-            && let Some(n) = self.assigned.get(to)
-        {
-            n.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    /// One of this worker's connections closed.
-    fn release(&self) {
-        if let Some(n) = self.assigned.get(self.me) {
-            n.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 

@@ -31,6 +31,7 @@ pub mod relay;
 mod resolve;
 pub mod spend;
 pub mod sse;
+mod timer;
 
 pub use client::UpstreamClient;
 pub use ctx::{LogSink, RequestCtx};

@@ -52,9 +52,8 @@ pub struct Relay {
     /// request context's server span, its parent.
     span: tracing::Span,
     upstream: BodyStream,
-    /// The idle gap's (and `deadline`'s) timer: one per stream, moved only when it fires
-    /// before the gap's end (the gap restarts at each chunk, the timer does not: moving it in
-    /// the timer wheel at every chunk was ~1% of a streamed request's instructions).
+    /// The idle gap's (and `deadline`'s) timer: one per stream, the gap restarted at each chunk,
+    /// the timer moved only when it fires before the gap's end ([`crate::timer`]).
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     tap: SseTap,
     lease: Option<Lease>,
@@ -221,13 +220,10 @@ impl Relay {
                 next = self.upstream.next() => Ok(next),
                 () = self.timer.as_mut() => Err(()),
             };
-            if let Err(()) = next {
-                let now = Instant::now();
+            if next.is_err() {
                 let gap = waiting_since + self.idle;
                 let due = self.deadline.map_or(gap, |d| gap.min(d));
-                if now < due {
-                    // set for an earlier gap: the one now ends later
-                    self.timer.as_mut().reset(due);
+                if !crate::timer::over(self.timer.as_mut(), due) {
                     continue;
                 }
             }

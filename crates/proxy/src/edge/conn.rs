@@ -49,8 +49,8 @@ where
     });
     let worker = &*open.worker;
     let mut wait = worker.settings.head_timeout;
-    // one timer for the connection's life, moved only when it fires before what it waits for
-    // ends or that ends sooner (`next_head`): most requests leave it as it is
+    // one timer for the connection's life, moved as `crate::timer` says: most requests leave it
+    // as it is
     let mut timer = pin!(tokio::time::sleep(wait));
     loop {
         let head = match next_head(&conn, wait, &open, timer.as_mut()).await {
@@ -155,9 +155,7 @@ async fn next_head(
     let mut started: Option<Instant> = None;
     // the wait ends at `due`: idle from now, then the head's bound from its first byte
     let mut due = Instant::now() + idle;
-    if due < timer.deadline() {
-        timer.as_mut().reset(due);
-    }
+    crate::timer::bring_forward(timer.as_mut(), due);
     loop {
         {
             let mut inbound = conn.inbound.borrow_mut();
@@ -169,9 +167,7 @@ async fn next_head(
                     let now = Instant::now();
                     started = Some(now);
                     due = now + worker.settings.head_timeout;
-                    if due < timer.deadline() {
-                        timer.as_mut().reset(due);
-                    }
+                    crate::timer::bring_forward(timer.as_mut(), due);
                 }
                 if let Some(head) = head::parse(&mut inbound.buf).map_err(Unserved::Head)? {
                     return Ok(Some(head));
@@ -198,13 +194,11 @@ async fn next_head(
             }
         })
         .await;
+        if matches!(waited, Wait::Timeout) && !crate::timer::over(timer.as_mut(), due) {
+            continue;
+        }
         match waited {
             Wait::Readable => {}
-            // set for an earlier wait: this one ends later
-            Wait::Timeout if Instant::now() < due => {
-                timer.as_mut().reset(due);
-                continue;
-            }
             Wait::Timeout if started.is_some() => return Err(Unserved::Timeout),
             // the client or the server is done with an idle connection
             Wait::Stop | Wait::Timeout => return Ok(None),

@@ -137,7 +137,7 @@ fn a_response_head_says_its_framing_once() {
 }
 
 #[tokio::test]
-async fn a_connection_goes_to_the_worker_serving_the_fewest() {
+async fn a_connection_goes_to_the_worker_serving_the_fewest_past_an_eighth() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let assigned: Arc<[AtomicUsize]> = (0..3).map(|_| AtomicUsize::new(0)).collect();
@@ -145,7 +145,7 @@ async fn a_connection_goes_to_the_worker_serving_the_fewest() {
         .map(|_| tokio::sync::mpsc::unbounded_channel())
         .unzip();
     let inboxes: Arc<[_]> = inboxes.into();
-    let worker = |me| super::Balance {
+    let worker = |me| super::balance::Balance {
         assigned: assigned.clone(),
         inboxes: inboxes.clone(),
         me,
@@ -158,6 +158,13 @@ async fn a_connection_goes_to_the_worker_serving_the_fewest() {
     assert_eq!(assigned[2].load(Ordering::Relaxed), 2, "counted at once");
     assert_eq!(a.pick(), 0, "2, 2 and 2: a tie stays here");
     assert_eq!(c.pick(), 2, "2, 2 and 2 given out: a tie stays here too");
+    // past 8 connections a worker keeps what is within an eighth of its own above the least
+    for (i, n) in [40, 36, 50].into_iter().enumerate() {
+        assigned[i].store(n, Ordering::Relaxed);
+    }
+    assert_eq!(a.pick(), 0, "40 is within 36 + 40 / 8: kept");
+    assigned[0].store(48, Ordering::Relaxed);
+    assert_eq!(a.pick(), 1, "48 is past 36 + 48 / 8: handed over");
     // handed over: the socket reaches the other worker's inbox
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
