@@ -398,7 +398,7 @@ async fn whole(
             let is_json = headers
                 .get(reqwest::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.contains("json"));
+                .is_some_and(crate::inspect::says_json);
             let usage = if is_json { response_usage(&body) } else { None };
             if is_json && !span.is_none() {
                 ctx.response_model = crate::inspect::response_model(&body);

@@ -132,8 +132,11 @@ pub(crate) fn parse_head(
         let start = buf.as_ptr() as usize;
         let mut headers = HeaderMap::with_capacity(resp.headers.len());
         for h in resp.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| broken("a header name is not valid"))?;
+            let name = match crate::headers::reqwest_name(h.name) {
+                Some(name) => name,
+                None => HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| broken("a header name is not valid"))?,
+            };
             let at = h.value.as_ptr() as usize - start;
             let value = HeaderValue::from_maybe_shared(bytes.slice(at..at + h.value.len()))
                 .map_err(|_| broken("a header value is not valid"))?;

@@ -10,6 +10,71 @@
 use actix_web::http::header::HeaderMap as ActixHeaders;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
+/// The names nearly every request and answer carries, found without parsing: one function for
+/// each `http` crate's type (actix's and reqwest's). Any case matches, as HTTP names are
+/// case-insensitive; a name not listed returns `None` and is parsed as usual. Parsing one costs
+/// ~100 instructions (a lower-cased copy, then the standard names' table), ~11 a request.
+macro_rules! common_names {
+    ($($name:literal => $constant:ident),* $(,)?) => {
+        /// A common header name as actix's type.
+        pub(crate) fn actix_name(name: &str) -> Option<actix_web::http::header::HeaderName> {
+            $(if name.len() == $name.len() && name.eq_ignore_ascii_case($name) {
+                return Some(actix_web::http::header::$constant);
+            })*
+            None
+        }
+
+        /// A common header name as reqwest's type.
+        pub(crate) fn reqwest_name(name: &str) -> Option<HeaderName> {
+            $(if name.len() == $name.len() && name.eq_ignore_ascii_case($name) {
+                return Some(reqwest::header::$constant);
+            })*
+            None
+        }
+    };
+}
+
+/// The values nearly every request and answer carries (`content-type`'s), as constants: from
+/// one crate's type to the other, a value is otherwise copied into an allocation of its own.
+macro_rules! common_values {
+    ($($value:literal),* $(,)?) => {
+        /// A common header value as actix's type.
+        pub(crate) fn actix_value(value: &[u8]) -> Option<actix_web::http::header::HeaderValue> {
+            $(if value == $value.as_bytes() {
+                return Some(actix_web::http::header::HeaderValue::from_static($value));
+            })*
+            None
+        }
+
+        /// A common header value as reqwest's type.
+        pub(crate) fn reqwest_value(value: &[u8]) -> Option<HeaderValue> {
+            $(if value == $value.as_bytes() {
+                return Some(HeaderValue::from_static($value));
+            })*
+            None
+        }
+    };
+}
+
+common_values! {
+    "application/json",
+    "text/event-stream",
+    "text/event-stream; charset=utf-8",
+}
+
+common_names! {
+    "host" => HOST,
+    "content-type" => CONTENT_TYPE,
+    "content-length" => CONTENT_LENGTH,
+    "authorization" => AUTHORIZATION,
+    "date" => DATE,
+    "accept" => ACCEPT,
+    "user-agent" => USER_AGENT,
+    "transfer-encoding" => TRANSFER_ENCODING,
+    "connection" => CONNECTION,
+    "accept-encoding" => ACCEPT_ENCODING,
+}
+
 /// Forwarded by default (lower-case).
 const DEFAULT_FORWARD: &[&str] = &[
     "content-type",
@@ -75,9 +140,10 @@ pub fn upstream_headers(client: &ActixHeaders, keep_all: bool) -> (HeaderMap, He
         if NEVER_FORWARD.contains(&n) || !(keep_all || DEFAULT_FORWARD.contains(&n)) {
             continue;
         }
-        let (Ok(hn), Ok(hv)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(value.as_bytes()),
+        let (Some(hn), Some(hv)) = (
+            reqwest_name(n).or_else(|| HeaderName::from_bytes(n.as_bytes()).ok()),
+            reqwest_value(value.as_bytes())
+                .or_else(|| HeaderValue::from_bytes(value.as_bytes()).ok()),
         ) else {
             continue;
         };
@@ -100,6 +166,50 @@ pub fn returns_to_client(name: &str) -> bool {
 mod tests {
     use super::*;
     use actix_web::http::header::{HeaderName as AName, HeaderValue as AValue};
+
+    #[test]
+    fn a_common_name_is_the_name_parsing_gives_in_any_case() {
+        for name in [
+            "host",
+            "Content-Type",
+            "CONTENT-LENGTH",
+            "authorization",
+            "Date",
+            "accept",
+            "User-Agent",
+            "transfer-encoding",
+            "Connection",
+            "accept-encoding",
+        ] {
+            assert_eq!(
+                actix_name(name),
+                AName::from_bytes(name.as_bytes()).ok(),
+                "{name}"
+            );
+            assert_eq!(
+                reqwest_name(name),
+                HeaderName::from_bytes(name.as_bytes()).ok(),
+                "{name}"
+            );
+        }
+        for other in ["x-request-id", "content-typ", "hosts", "", "content_type"] {
+            assert_eq!(actix_name(other), None, "{other}");
+            assert_eq!(reqwest_name(other), None, "{other}");
+        }
+        for value in ["application/json", "text/event-stream"] {
+            assert_eq!(
+                actix_value(value.as_bytes()),
+                Some(AValue::from_static(value))
+            );
+            assert_eq!(
+                reqwest_value(value.as_bytes()),
+                Some(HeaderValue::from_static(value))
+            );
+        }
+        // values are compared exactly (a parameter's case can matter)
+        assert_eq!(actix_value(b"Application/JSON"), None);
+        assert_eq!(reqwest_value(b"application/json; charset=utf-8"), None);
+    }
 
     #[test]
     fn credentials_never_forwarded() {

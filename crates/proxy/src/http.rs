@@ -16,6 +16,11 @@ use crate::headers::returns_to_client;
 
 /// Names the key that served a response. Never the secret.
 pub const UPSTREAM_HEADER: &str = "x-keypool-upstream";
+/// [`UPSTREAM_HEADER`] as a header name, made once (from a `&str` it is parsed and copied
+/// again for every response).
+const UPSTREAM_NAME: HeaderName = HeaderName::from_static(UPSTREAM_HEADER);
+/// The stream headers' names likewise.
+const ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// Per-worker state: the shared engine plus this worker's pooled upstream client.
 ///
@@ -70,13 +75,24 @@ fn copy_headers(builder: &mut HttpResponseBuilder, headers: &reqwest::header::He
         {
             continue;
         }
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_str().as_bytes()),
-            HeaderValue::from_bytes(value.as_bytes()),
-        ) {
+        let value = crate::headers::actix_value(value.as_bytes())
+            .or_else(|| HeaderValue::from_bytes(value.as_bytes()).ok());
+        if let (Some(n), Some(v)) = (client_name(name), value) {
             builder.append_header((n, v));
         }
     }
+}
+
+/// An upstream answer's header name for the client's response (reqwest's `http` and actix's
+/// are two crates' types). The common names and keypool's own are constants; only the others
+/// are parsed, and copied when not standard.
+fn client_name(name: &reqwest::header::HeaderName) -> Option<HeaderName> {
+    const COST: HeaderName = HeaderName::from_static(crate::forward::COST_HEADER);
+    let name = name.as_str();
+    if name == crate::forward::COST_HEADER {
+        return Some(COST);
+    }
+    crate::headers::actix_name(name).or_else(|| HeaderName::from_bytes(name.as_bytes()).ok())
 }
 
 /// The engine's reply as an HTTP response; keypool's own errors in `surface`'s shape.
@@ -92,7 +108,7 @@ pub(crate) fn respond(reply: Reply, surface: Surface) -> HttpResponse {
             let mut b = HttpResponse::build(status(code));
             copy_headers(&mut b, &headers);
             if let Some(key) = key {
-                b.insert_header((UPSTREAM_HEADER, &*key));
+                b.insert_header((UPSTREAM_NAME, &*key));
             }
             b.body(body)
         }
@@ -104,9 +120,9 @@ pub(crate) fn respond(reply: Reply, surface: Surface) -> HttpResponse {
         } => {
             let mut b = HttpResponse::build(status(code));
             copy_headers(&mut b, &headers);
-            b.insert_header((UPSTREAM_HEADER, &*key))
-                .insert_header(("x-accel-buffering", "no"))
-                .insert_header((header::CACHE_CONTROL, "no-cache"));
+            b.insert_header((UPSTREAM_NAME, &*key))
+                .insert_header((ACCEL_BUFFERING, HeaderValue::from_static("no")))
+                .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-cache")));
             b.streaming(Box::pin(relay.into_stream()))
         }
         Reply::Error { error, key } => error_response_for(&error, key.as_deref(), surface),
@@ -127,7 +143,7 @@ pub fn error_response_for(error: &ApiError, key: Option<&str>, surface: Surface)
         b.insert_header((header::RETRY_AFTER, secs.to_string()));
     }
     if let Some(key) = key {
-        b.insert_header((UPSTREAM_HEADER, key.to_owned()));
+        b.insert_header((UPSTREAM_NAME, key));
     }
     b.body(error.to_json_for(surface))
 }

@@ -62,15 +62,16 @@ fn bad(message: impl Into<String>) -> ApiError {
 
 /// Inspects a request body. `content_type` is the request's header (may be empty).
 pub fn inspect(path: &str, content_type: &str, body: Bytes) -> Result<Inspected, ApiError> {
-    let ct = content_type.to_ascii_lowercase();
     // JSON by its content type, or by its first byte unless it says multipart (`curl -d` sends
     // JSON labelled as a form).
-    let looks_json = ct.contains("json")
-        || (!ct.starts_with("multipart/") && matches!(body.first(), Some(b'{' | b'[')));
+    let looks_json = says_json(content_type)
+        || (!starts_with_ignore_case(content_type, "multipart/")
+            && matches!(body.first(), Some(b'{' | b'[')));
     if looks_json && !body.is_empty() {
         return inspect_json(path, body);
     }
-    let model = if ct.starts_with("multipart/form-data") {
+    let model = if starts_with_ignore_case(content_type, "multipart/form-data") {
+        let ct = content_type.to_ascii_lowercase();
         let boundary = multipart_boundary(&ct, content_type)
             .ok_or_else(|| bad("malformed multipart body: no boundary"))?;
         multipart_field(boundary, &body, "model").unwrap_or_default()
@@ -91,6 +92,22 @@ pub fn inspect(path: &str, content_type: &str, body: Bytes) -> Result<Inspected,
         strip_usage_chunk: false,
         previous_response: None,
     })
+}
+
+/// Whether a content type names JSON (`application/json`, `application/vnd.api+json`, in any
+/// case): a byte loop, with no lower-cased copy and no substring searcher built (a content type
+/// is a few dozen bytes, and this runs for every request and every answer).
+pub(crate) fn says_json(content_type: &str) -> bool {
+    content_type
+        .as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"json"))
+}
+
+fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 fn inspect_json(path: &str, body: Bytes) -> Result<Inspected, ApiError> {

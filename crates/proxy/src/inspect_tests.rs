@@ -184,3 +184,26 @@ fn usage_is_the_top_level_key_whatever_the_text_says() {
         );
     }
 }
+
+#[test]
+fn a_content_type_names_json_in_any_case() {
+    for ct in [
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/vnd.api+json",
+    ] {
+        assert!(says_json(ct), "{ct}");
+    }
+    for ct in [
+        "",
+        "text/plain",
+        "application/jso",
+        "multipart/form-data; boundary=json",
+    ] {
+        assert_eq!(says_json(ct), ct.contains("json"), "{ct}");
+    }
+    // a multipart body is not taken for JSON by its first byte, whatever the type's case
+    let body = Bytes::from_static(b"{not json");
+    let i = inspect("/v1/files", "MULTIPART/mixed", body).unwrap();
+    assert_eq!(i.model, "/v1/files");
+}
