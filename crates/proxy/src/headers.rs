@@ -18,7 +18,7 @@ macro_rules! common_names {
     ($($name:literal => $constant:ident),* $(,)?) => {
         /// A common header name as actix's type.
         pub(crate) fn actix_name(name: &str) -> Option<actix_web::http::header::HeaderName> {
-            $(if name.len() == $name.len() && name.eq_ignore_ascii_case($name) {
+            $(if same_name(name, $name) {
                 return Some(actix_web::http::header::$constant);
             })*
             None
@@ -26,7 +26,7 @@ macro_rules! common_names {
 
         /// A common header name as reqwest's type.
         pub(crate) fn reqwest_name(name: &str) -> Option<HeaderName> {
-            $(if name.len() == $name.len() && name.eq_ignore_ascii_case($name) {
+            $(if same_name(name, $name) {
                 return Some(reqwest::header::$constant);
             })*
             None
@@ -60,6 +60,17 @@ common_values! {
     "application/json",
     "text/event-stream",
     "text/event-stream; charset=utf-8",
+}
+
+/// Whether `name` is `lower` (a lower-case name) in any case: bytes as they are first (a
+/// lower-case client's), then each lowered on `name`'s side only.
+fn same_name(name: &str, lower: &str) -> bool {
+    name.len() == lower.len()
+        && (name == lower
+            || name
+                .bytes()
+                .zip(lower.bytes())
+                .all(|(c, l)| c.to_ascii_lowercase() == l))
 }
 
 common_names! {
