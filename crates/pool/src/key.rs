@@ -169,6 +169,9 @@ pub struct KeyActor {
     consecutive_429: u32,
     /// Cooldowns since the last success (alerts past a threshold).
     cooldowns_in_row: u32,
+    /// When the latest cooldown for failures began: a failure of an attempt admitted before
+    /// it was in flight when the key was judged, and does not judge it again.
+    cooled_at: Option<Instant>,
     /// Timer that refreshes the gauge when the oldest window entry expires.
     refresh: Option<SpawnHandle>,
     /// Disabled by an admin (health says `Disabled` while this is set).
@@ -219,6 +222,7 @@ impl KeyActor {
             consecutive_failures: 0,
             consecutive_429: 0,
             cooldowns_in_row: 0,
+            cooled_at: None,
             refresh: None,
             admin_disabled: false,
             announcer: keypool_shared::HealthAnnouncer::default(),
@@ -333,14 +337,18 @@ impl KeyActor {
         self.publish_window(ctx);
     }
 
-    fn apply(&mut self, outcome: &Outcome, now: Instant) {
+    /// Applies an attempt's outcome; `admitted` is when its lease was taken.
+    fn apply(&mut self, outcome: &Outcome, now: Instant, admitted: Instant) {
         match outcome {
             Outcome::Success { latency, .. } => self.succeeded(1, *latency),
             Outcome::ClientError { .. } => {
                 self.counters.success += 1;
                 self.consecutive_failures = 0;
             }
-            Outcome::Cancelled => {}
+            // counted (the attempts' metric says it), the key's health untouched: a burst of
+            // them when the upstream's idle timeout closes many kept connections at once
+            // would otherwise cool every key down
+            Outcome::Cancelled | Outcome::StaleConnection => {}
             Outcome::RateLimited { cooldown } => {
                 self.counters.failure += 1;
                 self.counters.last_error = Some("upstream 429".to_owned());
@@ -374,9 +382,16 @@ impl KeyActor {
             | Outcome::StreamBroken => {
                 self.counters.failure += 1;
                 self.counters.last_error = Some(outcome.label().to_owned());
+                // the rest of a burst that cooled the key (attempts in flight then, failing
+                // as it began): counted, but the cooldown is not lengthened for them; the
+                // attempts after it (its probes) go on from where the streak was
+                if self.cooled_at.is_some_and(|at| admitted < at) {
+                    return;
+                }
                 self.consecutive_failures += 1;
                 if self.consecutive_failures >= FAILURES_BEFORE_COOLDOWN {
                     let n = self.consecutive_failures - FAILURES_BEFORE_COOLDOWN + 1;
+                    self.cooled_at = Some(now);
                     self.cool_down(now, backoff(n));
                 }
             }

@@ -59,6 +59,10 @@ pub enum Outcome {
     StreamBroken,
     /// The client went away; the upstream request was cancelled. Not the key's fault.
     Cancelled,
+    /// A kept-alive connection the upstream closed as it was reused, before any byte of an
+    /// answer: the upstream's idle timeout crossing the reuse, the connection's fault, not
+    /// the key's (a new connection that fails so is [`Outcome::Connect`]).
+    StaleConnection,
 }
 
 impl Outcome {
@@ -74,6 +78,7 @@ impl Outcome {
             Self::Timeout => "timeout",
             Self::StreamBroken => "stream_broken",
             Self::Cancelled => "cancelled",
+            Self::StaleConnection => "stale_connection",
         }
     }
 }
@@ -106,6 +111,8 @@ pub struct Settle {
     pub outcome: Outcome,
     /// Lease to settlement: the attempt's duration (for streams, to the stream's end).
     pub elapsed: Duration,
+    /// When the lease was taken.
+    pub admitted: Instant,
 }
 
 /// Ask a key actor for its live state.

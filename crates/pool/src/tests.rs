@@ -190,6 +190,59 @@ async fn repeated_failures_cool_a_key_down() {
     assert_eq!(&*lease(&pool).await.unwrap().key.name, "b");
 }
 
+/// Attempts in flight when a key cooled down that fail after it (a burst failing at once) do
+/// not lengthen the cooldown: ten failing together cool it for 1 s, not for the 30 s that ten
+/// failures one after another would reach.
+#[actix_rt::test]
+async fn a_burst_of_failures_in_flight_together_cools_a_key_once() {
+    let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::Order);
+    let mut leases = Vec::new();
+    for _ in 0..10 {
+        leases.push(lease(&pool).await.unwrap());
+    }
+    for l in leases {
+        l.settle(Outcome::ServerError { status: 503 });
+    }
+    let states = pool.list().await;
+    let Health::CoolingUntil(until) = states[0].health else {
+        panic!("{:?}", states[0].health);
+    };
+    assert!(
+        until <= Instant::now() + Duration::from_secs(1),
+        "cooled longer than 1 s"
+    );
+    assert_eq!(states[0].counters.failure, 10, "every failure is counted");
+}
+
+/// A burst of connections the upstream's idle timeout closed as they were reused leaves the
+/// key healthy: it is still picked, with no failure streak to carry on.
+#[actix_rt::test]
+async fn stale_connections_do_not_cool_a_key_down() {
+    let keys = [key("a", None, None), key("b", None, None)];
+    let pool = KeyPool::start(&keys, LbPolicy::Order);
+    for _ in 0..10 {
+        let l = lease(&pool).await.unwrap();
+        assert_eq!(&*l.key.name, "a");
+        l.settle(Outcome::StaleConnection);
+    }
+    let states = pool.list().await;
+    assert!(
+        matches!(states[0].health, Health::Healthy),
+        "{:?}",
+        states[0].health
+    );
+    assert_eq!(&*lease(&pool).await.unwrap().key.name, "a");
+    // nor do they add to a real failure's streak: two failures after them do not cool it
+    for _ in 0..2 {
+        lease(&pool)
+            .await
+            .unwrap()
+            .settle(Outcome::ServerError { status: 500 });
+    }
+    pool.list().await;
+    assert_eq!(&*lease(&pool).await.unwrap().key.name, "a");
+}
+
 #[actix_rt::test]
 async fn dropped_lease_is_settled_as_cancelled() {
     let pool = KeyPool::start(&[key("a", None, None)], LbPolicy::LeastUsed);

@@ -13,7 +13,7 @@ use keypool_types::{ApiError, ErrorKind};
 use reqwest::header::HeaderMap;
 use tokio::time::{Instant, timeout_at};
 
-use crate::adapter::{AttemptRequest, BodyStream, UpstreamResponse};
+use crate::adapter::{AttemptRequest, BodyStream, TransportError, UpstreamResponse};
 use crate::client::UpstreamClient;
 use crate::cooldown::cooldown;
 use crate::ctx::RequestCtx;
@@ -254,7 +254,11 @@ impl Engine {
         let resp = match timeout_at(deadline, adapter.send(client, &key, req)).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                lease.settle(Outcome::Connect);
+                lease.settle(if matches!(e, TransportError::Stale(_)) {
+                    Outcome::StaleConnection
+                } else {
+                    Outcome::Connect
+                });
                 tracing::warn!(key = %key.name, error = %e, "upstream unreachable");
                 return Attempt::Failed(Failure::Transport {
                     error: ApiError::new(ErrorKind::UpstreamUnreachable, e.to_string()),

@@ -204,9 +204,9 @@ async fn a_connection_closed_while_idle_is_replaced() {
 
 /// A close that races the reuse (it arrives while this worker is busy, so the connection's
 /// task has not seen it when the next request takes the connection): the request is sent
-/// at most once. hyper may find it unsent (then it goes on a new connection) or written
-/// (then the attempt fails as `Broken`, and the engine's failover decides, since an upstream
-/// that read a request and closed looks the same from here).
+/// at most once. The write may fail (then it goes on a new connection) or pass (then the
+/// attempt fails as `Stale`, and the engine's failover decides, since an upstream that read a
+/// request and closed looks the same from here; the key is not blamed).
 #[tokio::test(flavor = "current_thread")]
 async fn a_close_racing_the_reuse_never_sends_a_request_twice() {
     let (client, url, server) = pooled_then_closed().await;
@@ -217,14 +217,15 @@ async fn a_close_racing_the_reuse_never_sends_a_request_twice() {
     match second {
         Ok(body) => assert_eq!((body.as_str(), requests), ("ok", 2)),
         Err(e) => {
-            assert!(matches!(e, TransportError::Broken(_)), "{e:?}");
+            assert!(matches!(e, TransportError::Stale(_)), "{e:?}");
             assert_eq!(requests, 1, "the request was sent again");
         }
     }
 }
 
-/// A request the upstream may have received (it read it, then closed the connection
-/// without answering) is never sent again: the attempt fails, and the engine decides.
+/// A request the upstream may have received (it read it, then closed the kept-alive
+/// connection without answering) is never sent again: the attempt fails as `Stale` (the
+/// connection's fault, not the key's), and the engine decides.
 #[tokio::test(flavor = "current_thread")]
 async fn a_request_that_left_is_not_sent_again() {
     let (l, url) = listener();
@@ -243,12 +244,13 @@ async fn a_request_that_left_is_not_sent_again() {
     assert_eq!(post(&client, &url).await.unwrap(), "ok");
     assert!(matches!(
         post(&client, &url).await,
-        Err(TransportError::Broken(_))
+        Err(TransportError::Stale(_))
     ));
     assert!(server.join().unwrap(), "the request was sent again");
 }
 
-/// A new connection the upstream closes at once fails the attempt (no loop of reconnects).
+/// A new connection the upstream closes at once fails the attempt (no loop of reconnects), as
+/// `Broken`: on a new connection no idle timeout can explain it.
 #[tokio::test(flavor = "current_thread")]
 async fn a_new_connection_closed_at_once_fails_the_attempt() {
     let (l, url) = listener();
@@ -259,7 +261,10 @@ async fn a_new_connection_closed_at_once_fails_the_attempt() {
         l.accept().is_err()
     });
     let client = client();
-    assert!(post(&client, &url).await.is_err());
+    assert!(matches!(
+        post(&client, &url).await,
+        Err(TransportError::Broken(_))
+    ));
     assert!(server.join().unwrap(), "it connected again");
 }
 

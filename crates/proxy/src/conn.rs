@@ -164,6 +164,9 @@ impl Io {
 enum Failure {
     /// The request did not reach the upstream whole (its write failed): it may be sent again.
     Unsent,
+    /// The upstream closed the connection after the request was written, before any byte of
+    /// an answer. The request may have reached it: it is never sent again.
+    Closed,
     /// The request may have reached the upstream: it is never sent again.
     Failed(TransportError),
 }
@@ -187,9 +190,10 @@ async fn exchange(
             return Ok((head, buf));
         }
         match std::future::poll_fn(|cx| io.poll_fill(cx, &mut buf)).await {
+            Ok(0) if buf.is_empty() => return Err(Failure::Closed),
             Ok(0) => {
                 return Err(Failure::Failed(TransportError::Broken(
-                    "the upstream closed the connection without answering".into(),
+                    "the upstream closed the connection in the middle of its answer's head".into(),
                 )));
             }
             Ok(_) => {}
@@ -291,7 +295,9 @@ impl Pool {
     /// new one. A request that never left a pooled connection (its write failed: the
     /// upstream had closed it) is sent once more on another. A request that was written is
     /// never sent again, even when a close raced the reuse: an upstream that read it and
-    /// closed looks the same from here (the engine's failover decides).
+    /// closed looks the same from here (the engine's failover decides; a pooled connection
+    /// closed before any byte of an answer is [`TransportError::Stale`], not held against
+    /// the key).
     pub(crate) async fn send(
         self: &Arc<Self>,
         to: &Origin<'_>,
@@ -333,6 +339,18 @@ impl Pool {
                 Err(Failure::Unsent) => {
                     return Err(TransportError::Broken(
                         "the upstream closed the new connection".into(),
+                    ));
+                }
+                // the upstream's idle timeout crossed the reuse (its close was on the way, or
+                // not yet seen by this busy worker): not the key's fault
+                Err(Failure::Closed) if pooled => {
+                    return Err(TransportError::Stale(
+                        "the upstream closed a kept-alive connection as it was reused".into(),
+                    ));
+                }
+                Err(Failure::Closed) => {
+                    return Err(TransportError::Broken(
+                        "the upstream closed the connection without answering".into(),
                     ));
                 }
                 Err(Failure::Failed(e)) => return Err(e),

@@ -61,7 +61,7 @@ impl Handler<Settle> for KeyActor {
             msg.outcome.label(),
             msg.elapsed,
         );
-        self.apply(&msg.outcome, now);
+        self.apply(&msg.outcome, now, msg.admitted);
         self.publish_window(ctx);
         self.tally.settle_handled();
     }

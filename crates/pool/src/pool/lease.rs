@@ -108,6 +108,7 @@ impl Lease {
                     lease_id: self.id,
                     outcome,
                     elapsed,
+                    admitted: self.started,
                 });
             }
         }

@@ -61,6 +61,10 @@ pub enum TransportError {
     Connect(String),
     #[error("the upstream connection failed: {0}")]
     Broken(String),
+    /// A kept-alive connection the upstream closed as it was reused, before any byte of an
+    /// answer: the attempt fails over like [`Self::Broken`], the key is not blamed.
+    #[error("the upstream connection failed: {0}")]
+    Stale(String),
 }
 
 impl TransportError {
