@@ -598,3 +598,97 @@ async fn a_stream_over_tls_relays_events_that_arrive_apart() -> anyhow::Result<(
     assert_eq!(up.requests(), 2);
     Ok(())
 }
+
+/// An upstream that answers the first request on each connection (after `delay`) and closes a
+/// connection when a second request arrives on it, without answering: what an upstream's idle
+/// timeout does when its close crosses keypool's reuse. Its `http://…/v1` URL.
+async fn closes_kept_connections(delay: Duration) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BODY: &str = r#"{"id":"c","object":"chat.completion","created":0,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // one whole request: its head, then its content-length's bytes
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n @ 1..) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+                if tcp.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                // the next request on this connection is read, then the connection closes
+                let _ = tcp.read(&mut buf).await;
+            });
+        }
+    });
+    Ok(url)
+}
+
+/// Kept-alive connections the upstream closes as they are reused (its idle timeout crossing
+/// the reuse, in a burst) fail over to the next key and do not count against their own: three
+/// in a row would cool a key down, and the next request is still served by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_as_they_are_reused_do_not_cool_their_key() -> anyhow::Result<()> {
+    let flaky = closes_kept_connections(Duration::from_millis(300)).await?;
+    let good = mock("good", Behavior::default());
+    let yaml = format!(
+        "authorization: {T}\ndbtype: none\nlb_policy: order\nupstreams:\n  - {{name: flaky, sk: sk-flaky-0123456789, endpoint: \"{flaky}\"}}\n  - {{name: good, sk: sk-good-0123456789, endpoint: \"{}\"}}\n",
+        good.url()
+    );
+    // one worker: one pool of upstream connections
+    let gw = Gateway::start_env(&yaml, &[("KEYPOOL_WORKERS", "1")]).await?;
+    // three requests at once: three connections to `flaky`, kept once answered
+    let (a, b, c) = tokio::join!(
+        gw.chat(T, hello("gpt-4o-mini")),
+        gw.chat(T, hello("gpt-4o-mini")),
+        gw.chat(T, hello("gpt-4o-mini"))
+    );
+    for resp in [a?, b?, c?] {
+        assert_eq!(resp.status(), 200);
+        assert_eq!(served_by(&resp), "flaky");
+    }
+    // each of the next three takes a kept connection, which closes: failed over to `good`
+    for _ in 0..3 {
+        let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+        assert_eq!(resp.status(), 200, "{}", gw.logs());
+        assert_eq!(served_by(&resp), "good");
+    }
+    // `flaky` is not cooling down: the next request opens a new connection to it
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(served_by(&resp), "flaky", "{}", gw.logs());
+    let metrics = gw.metrics().await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keypool_upstream_attempts_total")
+                && l.contains(r#"key="flaky""#)
+                && l.contains(r#"outcome="stale_connection""#)
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+    assert!(!gw.logs().contains("cooling down"), "{}", gw.logs());
+    Ok(())
+}
