@@ -647,8 +647,9 @@ async fn closes_kept_connections(delay: Duration) -> anyhow::Result<String> {
 }
 
 /// Kept-alive connections the upstream closes as they are reused (its idle timeout crossing
-/// the reuse, in a burst) fail over to the next key and do not count against their own: three
-/// in a row would cool a key down, and the next request is still served by it.
+/// the reuse, in a burst) do not count against their key: three in a row would cool it down.
+/// A request that meets one is sent once more to the same key (on the next connection), and
+/// fails over to the next key only when that one is closed too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_closed_as_they_are_reused_do_not_cool_their_key() -> anyhow::Result<()> {
     let flaky = closes_kept_connections(Duration::from_millis(300)).await?;
@@ -669,13 +670,11 @@ async fn connections_closed_as_they_are_reused_do_not_cool_their_key() -> anyhow
         assert_eq!(resp.status(), 200);
         assert_eq!(served_by(&resp), "flaky");
     }
-    // each of the next three takes a kept connection, which closes: failed over to `good`
-    for _ in 0..3 {
-        let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
-        assert_eq!(resp.status(), 200, "{}", gw.logs());
-        assert_eq!(served_by(&resp), "good");
-    }
-    // `flaky` is not cooling down: the next request opens a new connection to it
+    // two kept connections close under the next request: it goes to `good`
+    let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+    assert_eq!(resp.status(), 200, "{}", gw.logs());
+    assert_eq!(served_by(&resp), "good");
+    // the third closes too; `flaky`, not cooling down, takes the request on a new connection
     let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
     assert_eq!(resp.status(), 200);
     assert_eq!(served_by(&resp), "flaky", "{}", gw.logs());
@@ -690,5 +689,30 @@ async fn connections_closed_as_they_are_reused_do_not_cool_their_key() -> anyhow
         "{metrics}"
     );
     assert!(!gw.logs().contains("cooling down"), "{}", gw.logs());
+    Ok(())
+}
+
+/// With a single key (no failover), a request whose kept-alive connection the upstream closes
+/// as it is reused is answered: sent once more to the key, on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_key_answers_past_a_connection_closed_as_it_is_reused() -> anyhow::Result<()> {
+    let flaky = closes_kept_connections(Duration::ZERO).await?;
+    let yaml = format!(
+        "authorization: {T}\ndbtype: none\nupstreams:\n  - {{name: flaky, sk: sk-flaky-0123456789, endpoint: \"{flaky}\"}}\n"
+    );
+    let gw = Gateway::start_env(&yaml, &[("KEYPOOL_WORKERS", "1")]).await?;
+    for _ in 0..4 {
+        let resp = gw.chat(T, hello("gpt-4o-mini")).await?;
+        assert_eq!(resp.status(), 200, "{}", gw.logs());
+    }
+    let metrics = gw.metrics().await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keypool_upstream_attempts_total")
+                && l.contains(r#"outcome="stale_connection""#)
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
     Ok(())
 }

@@ -32,6 +32,9 @@ pub(crate) enum Failure {
     },
     /// No HTTP answer.
     Transport { error: ApiError, key: Arc<str> },
+    /// No HTTP answer on a kept-alive connection the upstream closed as it was reused
+    /// ([`TransportError::Stale`]): the key may serve the request again, on a new connection.
+    Stale { error: ApiError, key: Arc<str> },
 }
 
 impl Failure {
@@ -45,6 +48,7 @@ impl Failure {
             Self::Upstream { .. } => "server_error",
             Self::Transport { error, .. } if error.kind == ErrorKind::UpstreamTimeout => "timeout",
             Self::Transport { .. } => "connect",
+            Self::Stale { .. } => "stale_connection",
         }
     }
 
@@ -52,7 +56,9 @@ impl Failure {
     fn describe(&self) -> String {
         match self {
             Self::Upstream { status, key, .. } => format!("key {key} answered {status}"),
-            Self::Transport { error, key } => format!("key {key}: {}", error.message),
+            Self::Transport { error, key } | Self::Stale { error, key } => {
+                format!("key {key}: {}", error.message)
+            }
         }
     }
 
@@ -82,7 +88,7 @@ impl Failure {
                 key: Some(key),
                 usage: None,
             },
-            Self::Transport { error, key } => Reply::Error {
+            Self::Transport { error, key } | Self::Stale { error, key } => Reply::Error {
                 error,
                 key: Some(key),
             },
@@ -254,15 +260,21 @@ impl Engine {
         let resp = match timeout_at(deadline, adapter.send(client, &key, req)).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                lease.settle(if matches!(e, TransportError::Stale(_)) {
+                let stale = matches!(e, TransportError::Stale(_));
+                lease.settle(if stale {
                     Outcome::StaleConnection
                 } else {
                     Outcome::Connect
                 });
                 tracing::warn!(key = %key.name, error = %e, "upstream unreachable");
-                return Attempt::Failed(Failure::Transport {
-                    error: ApiError::new(ErrorKind::UpstreamUnreachable, e.to_string()),
-                    key: key.name.clone(),
+                let (error, key) = (
+                    ApiError::new(ErrorKind::UpstreamUnreachable, e.to_string()),
+                    key.name.clone(),
+                );
+                return Attempt::Failed(if stale {
+                    Failure::Stale { error, key }
+                } else {
+                    Failure::Transport { error, key }
                 });
             }
             Err(_) => return Attempt::Failed(timed_out(lease, stream)),

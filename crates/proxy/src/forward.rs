@@ -133,6 +133,17 @@ fn jitter(n: u32) -> Duration {
     cap.mul_f64(fastrand::f64())
 }
 
+/// One attempt a request beyond `retries` after a connection closed as it was reused (the
+/// upstream's idle timeout, not the key): the key, just excluded, may take the request again on
+/// its next connection, so a single key is not a 502 for it. Answers the attempts added.
+fn again_after_stale(failure: &Failure, spare: &mut bool, pick: &mut Pick) -> u32 {
+    if matches!(failure, Failure::Stale { .. }) && std::mem::take(spare) {
+        pick.exclude.pop();
+        return 1;
+    }
+    0
+}
+
 fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
@@ -215,11 +226,11 @@ impl Engine {
         fallback_ready: bool,
     ) -> Ended {
         let queue_deadline = ctx.started + self.config.queue_timeout;
-        let max_attempts = ctx.max_attempts.max(1);
+        let mut max_attempts = ctx.max_attempts.max(1);
+        let mut spare = true;
         let first_attempt = ctx.attempts;
         let mut last: Option<Failure> = None;
-        let mut waits = 0u32;
-        let mut keys_spent = 0u32;
+        let (mut waits, mut keys_spent) = (0u32, 0u32);
         // one pick for the whole request: attempts only add to `exclude`
         let mut pick = Pick {
             model: Arc::from(ctx.inspected.model.as_str()),
@@ -282,6 +293,7 @@ impl Engine {
                 }
                 Attempt::Failed(f) => {
                     tracing::debug!(attempt = ctx.attempts, "attempt failed; failing over");
+                    max_attempts += again_after_stale(&f, &mut spare, &mut pick);
                     last = Some(f);
                 }
             }
