@@ -5,15 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
 use keypool_config::UpstreamKey;
 use keypool_pool::{Lease, Outcome};
 use keypool_types::{ApiError, ErrorKind};
 use reqwest::header::HeaderMap;
 use tokio::time::{Instant, timeout_at};
 
-use crate::adapter::{AttemptRequest, BodyStream, TransportError, UpstreamResponse};
+use crate::adapter::{AttemptRequest, TransportError, UpstreamResponse};
 use crate::client::UpstreamClient;
 use crate::cooldown::cooldown;
 use crate::ctx::RequestCtx;
@@ -21,80 +19,12 @@ use crate::forward::{Engine, Reply};
 use crate::inspect::response_usage;
 use crate::relay::{Relay, StreamSetup};
 
-/// A failed attempt, kept in case it is the last.
-pub(crate) enum Failure {
-    /// The upstream answered with this status and body.
-    Upstream {
-        status: u16,
-        headers: HeaderMap,
-        body: Bytes,
-        key: Arc<str>,
-    },
-    /// No HTTP answer.
-    Transport { error: ApiError, key: Arc<str> },
-    /// No HTTP answer on a kept-alive connection the upstream closed as it was reused
-    /// ([`TransportError::Stale`]): the key may serve the request again, on a new connection.
-    Stale { error: ApiError, key: Arc<str> },
-}
+mod failure;
+mod read;
 
-impl Failure {
-    /// The failover reason, as metrics label it.
-    pub(crate) fn reason(&self) -> &'static str {
-        match self {
-            Self::Upstream { status: 429, .. } => "rate_limited",
-            Self::Upstream {
-                status: 401 | 403, ..
-            } => "auth_failed",
-            Self::Upstream { .. } => "server_error",
-            Self::Transport { error, .. } if error.kind == ErrorKind::UpstreamTimeout => "timeout",
-            Self::Transport { .. } => "connect",
-            Self::Stale { .. } => "stale_connection",
-        }
-    }
-
-    /// What the alert says about the last failure.
-    fn describe(&self) -> String {
-        match self {
-            Self::Upstream { status, key, .. } => format!("key {key} answered {status}"),
-            Self::Transport { error, key } | Self::Stale { error, key } => {
-                format!("key {key}: {}", error.message)
-            }
-        }
-    }
-
-    /// Every attempt failed: the client gets the last failure, operators an alert.
-    pub(crate) fn give_up(self, ctx: &RequestCtx) -> Reply {
-        let why = format!(
-            " ({} attempt{}; last: {})",
-            ctx.attempts,
-            if ctx.attempts == 1 { "" } else { "s" },
-            self.describe()
-        );
-        crate::observe::all_failed(ctx, &why);
-        self.into_reply()
-    }
-
-    fn into_reply(self) -> Reply {
-        match self {
-            Self::Upstream {
-                status,
-                headers,
-                body,
-                key,
-            } => Reply::Whole {
-                status,
-                headers,
-                body,
-                key: Some(key),
-                usage: None,
-            },
-            Self::Transport { error, key } | Self::Stale { error, key } => Reply::Error {
-                error,
-                key: Some(key),
-            },
-        }
-    }
-}
+pub(crate) use failure::Failure;
+use failure::timed_out;
+use read::{BodyError, read_body};
 
 pub(crate) enum Attempt {
     Done(Reply),
@@ -267,15 +197,7 @@ impl Engine {
                     Outcome::Connect
                 });
                 tracing::warn!(key = %key.name, error = %e, "upstream unreachable");
-                let (error, key) = (
-                    ApiError::new(ErrorKind::UpstreamUnreachable, e.to_string()),
-                    key.name.clone(),
-                );
-                return Attempt::Failed(if stale {
-                    Failure::Stale { error, key }
-                } else {
-                    Failure::Transport { error, key }
-                });
+                return Attempt::Failed(Failure::unanswered(&e, key.name.clone()));
             }
             Err(_) => return Attempt::Failed(timed_out(lease, stream)),
         };
@@ -443,66 +365,6 @@ async fn whole(
                 error: ApiError::new(ErrorKind::UpstreamUnreachable, e),
                 key,
             })
-        }
-    }
-}
-
-fn timed_out(lease: Lease, stream: bool) -> Failure {
-    let key = lease.key.name.clone();
-    let limit = if stream {
-        lease.key.stream_timeout
-    } else {
-        lease.key.timeout
-    };
-    lease.settle(Outcome::Timeout);
-    tracing::warn!(key = %key, "upstream timed out");
-    Failure::Transport {
-        error: ApiError::new(
-            ErrorKind::UpstreamTimeout,
-            format!(
-                "The upstream did not answer within {:.1} s.",
-                limit.as_secs_f64()
-            ),
-        ),
-        key,
-    }
-}
-
-enum BodyError {
-    Timeout,
-    Broken(String),
-    /// Past the limit: reading stopped (the connection is dropped, not drained).
-    TooLarge,
-}
-
-/// Reads a whole body before `deadline`. A body that came in one chunk is returned uncopied.
-async fn read_body(
-    mut body: BodyStream,
-    deadline: Instant,
-    limit: usize,
-) -> Result<Bytes, BodyError> {
-    let mut first: Option<Bytes> = None;
-    let mut buf = BytesMut::new();
-    let mut read = 0usize;
-    loop {
-        match timeout_at(deadline, body.next()).await {
-            Err(_) => return Err(BodyError::Timeout),
-            Ok(None) => return Ok(first.unwrap_or_else(|| buf.freeze())),
-            Ok(Some(Ok(chunk))) => {
-                read = read.saturating_add(chunk.len());
-                if read > limit {
-                    return Err(BodyError::TooLarge);
-                }
-                if first.is_none() && buf.is_empty() {
-                    first = Some(chunk);
-                } else {
-                    if let Some(f) = first.take() {
-                        buf.extend_from_slice(&f);
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-            }
-            Ok(Some(Err(e))) => return Err(BodyError::Broken(e.to_string())),
         }
     }
 }
