@@ -63,9 +63,10 @@
 #   STREAMS=N      adds a streams run: the mock streaming slowly (STREAM_INTERVAL ms between
 #                  events, default 500), N concurrent SSE streams opened over RAMP_MS (default
 #                  2000) by tests/load/streams.rs against the mock, nginx (proxy_buffering off)
-#                  and keypool (dbtype none): how many ended whole, the most open at once, time
-#                  to first event and each event's lateness (p50/p99), the proxy's idle and peak
-#                  RSS and the memory per stream.
+#                  and keypool (dbtype none; and BASELINE's build too when STORES has
+#                  `before`): how many ended whole, the most open at once, time to first
+#                  event and each event's lateness (p50/p99), the proxy's idle and peak RSS
+#                  and the memory per stream.
 # Every row shows the proxy's RSS after its runs (nginx: master and workers summed).
 # Prints throughput at 64 connections and latency at 1 keep-alive connection (medians of ROUNDS
 # rounds of DURATION seconds) beside direct, keypool's peak RSS, and for stores the requests
@@ -87,8 +88,10 @@ if [ -z "${NO_BUILD:-}" ]; then
   [ -z "${STREAMS:-}" ] || cargo build --release -q -p keypool-e2e --example streams
 fi
 # KEYPOOL_BIN=/path/to/keypool: that build as `none` (and as the mock), e.g. for a streams or
-# many-connection run of another build, which `before` does not get
+# many-connection run of another build, which `before` does not get; MOCK_BIN=/path/to/keypool:
+# another build's mock (the same upstream for two builds' runs)
 BIN=${KEYPOOL_BIN:-${CARGO_TARGET_DIR:-target}/release/keypool}
+MOCK=${MOCK_BIN:-$BIN}
 STREAMS_BIN=${STREAMS_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/streams}
 WRK_CPUS=${WRK_CPUS:-0}
 WRK_THREADS=${WRK_THREADS:-1}
@@ -121,14 +124,14 @@ fetch() { # url: its body (curl, or python3 where there is no curl)
 }
 served() { fetch "${1%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
 
-"${UP_PIN[@]}" "$BIN" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" > "$WORK/mock.out" 2>&1 &
+"${UP_PIN[@]}" "$MOCK" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" > "$WORK/mock.out" 2>&1 &
 wait_line "$WORK/mock.out" "listening on"
 UP=$(url_in "$WORK/mock.out")   # .../v1
 TARGETS="direct"
 declare -A URL PID
 URL[direct]=$UP
 if [ -n "${STREAMS:-}" ]; then
-  "${UP_PIN[@]}" "$BIN" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" \
+  "${UP_PIN[@]}" "$MOCK" mock --address 127.0.0.1:0 --workers "${UP_WORKERS:-1}" \
     --chunk-interval-ms "${STREAM_INTERVAL:-500}" > "$WORK/slow.out" 2>&1 &
   wait_line "$WORK/slow.out" "listening on"
   SLOW=$(url_in "$WORK/slow.out")
@@ -459,6 +462,13 @@ if [ -n "${STREAMS:-}" ]; then
   declare -A SPID=([keypool]=${PID[streams]})
   STARGETS="direct keypool"
   if [ -n "${PID[nginx]:-}" ]; then SURL[nginx]="http://127.0.0.1:$NG_PORT2/v1"; SPID[nginx]=${PID[nginx]}; STARGETS="direct nginx keypool"; fi
+  if [[ " $STORES " == *" before "* ]]; then
+    RUST_LOG=warn "${PROXY_PIN[@]}" "$BASELINE" serve --config "$WORK/config-streams.yaml" --admin-address 127.0.0.1:0 > "$WORK/kpb-streams.out" 2> "$WORK/kpb-streams.err" &
+    SPID[before]=$!
+    wait_line "$WORK/kpb-streams.out" "listening on http.*/v1"
+    SURL[before]=$(url_in "$WORK/kpb-streams.out")
+    STARGETS="$STARGETS before"
+  fi
   for t in $STARGETS; do
     idle=0; [ -z "${SPID[$t]:-}" ] || idle=$(rss_kb "${SPID[$t]}")
     touch "$WORK/sampling"

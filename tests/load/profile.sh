@@ -8,9 +8,11 @@
 # memset weigh more here than in cycles.
 #
 #   tests/load/profile.sh                      # the build of this tree
-#   BIN=/tmp/keypool-old tests/load/profile.sh # another build
+#   BIN=/tmp/keypool-old tests/load/profile.sh # another build (MOCK_BIN: the mock of another)
 #   REDIS=1 tests/load/profile.sh              # rpm budgets kept in the Redis on 127.0.0.1:6379
 #   STREAM=1 tests/load/profile.sh             # streamed completions (the mock sends at once)
+#   STREAM=1 GAP_MS=2 tests/load/profile.sh    # streamed, the mock GAP_MS between events (each
+#                                              # event its own read and write: the relay's cost)
 #   CONNS=64 tests/load/profile.sh             # 64 connections instead of 4
 #   SYSCALLS=1 tests/load/profile.sh           # system calls per request instead (strace -c on
 #                                              # every thread, same load, no valgrind)
@@ -30,7 +32,7 @@ cleanup() {
   redis-cli --scan --pattern "kp-profile-$$:*" 2>/dev/null | xargs -r redis-cli del > /dev/null 2>&1 || true
 }
 trap cleanup EXIT
-"$BIN" mock --address 127.0.0.1:0 --workers 1 > "$W/mock.out" 2>&1 &
+"${MOCK_BIN:-$BIN}" mock --address 127.0.0.1:0 --workers 1 --chunk-interval-ms "${GAP_MS:-0}" > "$W/mock.out" 2>&1 &
 for _ in $(seq 50); do grep -q "listening on" "$W/mock.out" 2>/dev/null && break; sleep 0.1; done
 UP=$(grep -o 'http://[^ ]*' "$W/mock.out" | head -1)
 LIMIT="" SHARED=""

@@ -6,8 +6,6 @@
 //! [`MAX_HEAD`] or [`MAX_HEADERS`], a chunk-size line or the trailers past their bounds, and a
 //! malformed length end the attempt as [`TransportError::Broken`].
 
-use std::io::Write as _;
-
 use bytes::{Buf, Bytes, BytesMut};
 use reqwest::Method;
 use reqwest::header::{
@@ -69,8 +67,7 @@ pub(crate) fn encode_request(
     }
     if !body.is_empty() || !matches!(*method, Method::GET | Method::HEAD) {
         out.extend_from_slice(b"content-length: ");
-        // into the head's buffer as it is, no string of its own
-        let _ = write!(out, "{}", body.len());
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -282,12 +279,13 @@ impl Chunked {
                     }
                 }
                 Self::Size => {
-                    let Some(line) =
-                        take_line(buf, MAX_CHUNK_LINE, "a chunk-size line is too long")?
+                    let Some((len, whole)) =
+                        next_line(buf, MAX_CHUNK_LINE, "a chunk-size line is too long")?
                     else {
                         return Ok(None);
                     };
-                    let size = chunk_size(&line)?;
+                    let size = chunk_size(&buf[..len])?;
+                    buf.advance(whole);
                     *self = if size == 0 {
                         Self::Trailers(0)
                     } else {
@@ -295,12 +293,14 @@ impl Chunked {
                     };
                 }
                 Self::Trailers(seen) => {
-                    let Some(line) = take_line(buf, MAX_CHUNK_LINE, "a trailer is too long")?
+                    let Some((len, whole)) =
+                        next_line(buf, MAX_CHUNK_LINE, "a trailer is too long")?
                     else {
                         return Ok(None);
                     };
-                    let seen = seen + line.len();
-                    if line.is_empty() {
+                    buf.advance(whole);
+                    let seen = seen + len;
+                    if len == 0 {
                         *self = Self::Done;
                     } else if seen > MAX_TRAILERS {
                         return Err(broken("the trailers are too long"));
@@ -330,12 +330,15 @@ impl Chunked {
     }
 }
 
-/// Takes one line (without its LF or CRLF) off `buf`; `None` until its LF has arrived.
-fn take_line(
-    buf: &mut BytesMut,
+/// The line at the start of `buf`: the length of its content (without its LF or CRLF) and of
+/// the whole line, for the caller to read in place and then advance past (a line split off
+/// would make the buffer shared, an allocation a streamed event); `None` until its LF has
+/// arrived.
+fn next_line(
+    buf: &[u8],
     max: usize,
     too_long: &str,
-) -> Result<Option<BytesMut>, TransportError> {
+) -> Result<Option<(usize, usize)>, TransportError> {
     let Some(at) = memchr::memchr(b'\n', buf) else {
         return if buf.len() > max {
             Err(broken(too_long))
@@ -346,12 +349,12 @@ fn take_line(
     if at > max {
         return Err(broken(too_long));
     }
-    let mut line = buf.split_to(at + 1);
-    line.truncate(at);
-    if line.last() == Some(&b'\r') {
-        line.truncate(at - 1);
-    }
-    Ok(Some(line))
+    let len = if at > 0 && buf[at - 1] == b'\r' {
+        at - 1
+    } else {
+        at
+    };
+    Ok(Some((len, at + 1)))
 }
 
 /// A chunk-size line's size: hex digits, then optional whitespace and `;extensions`.

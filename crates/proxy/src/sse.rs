@@ -148,7 +148,8 @@ impl SseTap {
     /// Feeds a chunk from upstream; returns the bytes to send to the client now (possibly
     /// empty): its complete events at once, a partial one kept in `pending` for its end. A
     /// chunk of whole events with nothing waiting before it (the usual case: an upstream writes
-    /// an event at a time) goes out as it came, without a copy.
+    /// an event at a time) goes out as it came, without a copy, unless an event in it is
+    /// dropped or cut ([`Verdict`]).
     pub fn feed(&mut self, chunk: &Bytes) -> Bytes {
         if self.oversized {
             return Bytes::new();
@@ -171,15 +172,30 @@ impl SseTap {
 
     /// Inspects the complete events at the start of `buf` (the search for the first one's end
     /// resuming at `from`): the bytes they take, and what goes out instead of those bytes when
-    /// one of them is dropped (`None`: all of them, as they are).
+    /// one of them is dropped or cut (`None`: all of them, as they are).
     fn release(&mut self, buf: &[u8], from: usize) -> (usize, Option<Bytes>) {
         let (mut at, mut search, mut kept) = (0, from, None::<BytesMut>);
         while let Some((end, next)) = event_end(buf, search) {
-            let keep = self.inspect(&buf[at..end]);
-            match (keep, kept.as_mut()) {
-                (true, Some(k)) => k.extend_from_slice(&buf[at..next]),
-                (false, None) => kept = Some(BytesMut::from(&buf[..at])),
-                _ => {}
+            let verdict = self.inspect(&buf[at..end]);
+            let before = || {
+                let mut k = BytesMut::with_capacity(buf.len());
+                k.extend_from_slice(&buf[..at]);
+                k
+            };
+            match verdict {
+                Verdict::Pass => {
+                    if let Some(k) = kept.as_mut() {
+                        k.extend_from_slice(&buf[at..next]);
+                    }
+                }
+                Verdict::Drop => {
+                    kept.get_or_insert_with(before);
+                }
+                Verdict::Cut(cut) => {
+                    let k = kept.get_or_insert_with(before);
+                    k.extend_from_slice(&buf[at..at + cut.start]);
+                    k.extend_from_slice(&buf[at + cut.end..next]);
+                }
             }
             (at, search) = (next, next);
         }
@@ -206,18 +222,21 @@ impl SseTap {
         rest.freeze()
     }
 
-    /// Looks at one event; returns whether it goes to the client.
-    fn inspect(&mut self, event: &[u8]) -> bool {
-        let mut keep = true;
+    /// Looks at one event; returns what goes to the client.
+    fn inspect(&mut self, event: &[u8]) -> Verdict {
+        let mut verdict = Verdict::Pass;
         let mut start = 0;
         while start < event.len() {
             let end = memchr::memchr(b'\n', &event[start..]).map_or(event.len(), |n| start + n);
             let line = &event[start..end];
+            let line_start = start;
             start = end + 1;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(data) = line.strip_prefix(b"data:") else {
                 continue;
             };
+            // where `data` starts in `event`
+            let data_start = line_start + 5 + (data.len() - data.trim_ascii_start().len());
             let data = data.trim_ascii();
             if self.surface == Surface::Anthropic {
                 self.collect(data);
@@ -234,22 +253,33 @@ impl SseTap {
                 continue;
             }
             self.collect(data);
-            if USAGE.find(data).is_none() {
-                continue;
+            match USAGE.find(data) {
+                None => continue,
+                Some(at) if only_null_usage(data, at) => {
+                    // the `null` usage keypool's own request for it brought: the client, who
+                    // did not ask, gets the chunk without it
+                    if self.strip_usage_chunk
+                        && let Some(cut) = last_member(data, at)
+                    {
+                        verdict = Verdict::Cut(data_start + cut.start..data_start + cut.end);
+                    }
+                    continue;
+                }
+                Some(_) => {}
             }
             if let Ok(c) = serde_json::from_slice::<Chunk>(data)
                 && let Some(u) = c.usage
             {
                 self.usage = Some(u);
                 if self.strip_usage_chunk && c.choices.is_none_or(|ch| ch.is_empty()) {
-                    keep = false;
+                    verdict = Verdict::Drop;
                 }
             }
         }
-        if keep {
+        if verdict != Verdict::Drop {
             self.events += 1;
         }
-        keep
+        verdict
     }
 }
 
@@ -333,6 +363,51 @@ fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
         i += 1;
     }
     None
+}
+
+/// Whether the `"usage"` found at `at` is a `"usage": null` member and `data` names no other
+/// `"usage"`: then the event carries no usage and needs no parse. OpenAI sends exactly this in
+/// every chunk but the last once the usage chunk was asked for (and keypool asks for it), so a
+/// stream's events are not parsed one by one. Exact: inside a JSON string a quote is escaped,
+/// so the only unescaped `"usage"` is a member name or a string that is just `usage` (not
+/// followed by `:`), and any other member named `usage` would be found by the second search.
+fn only_null_usage(data: &[u8], at: usize) -> bool {
+    let rest = data[at + b"\"usage\"".len()..].trim_ascii_start();
+    let Some(rest) = rest.strip_prefix(b":") else {
+        return false;
+    };
+    let Some(rest) = rest.trim_ascii_start().strip_prefix(b"null") else {
+        return false;
+    };
+    USAGE.find(rest).is_none()
+}
+
+/// The bytes of the member at `at` (`"usage": null`) and the comma before it, when it is the
+/// last member of the top-level object: followed by nothing but the object's closing brace
+/// (OpenAI writes `usage` last). A member anywhere else is left as it is.
+fn last_member(data: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let value = at + b"\"usage\"".len();
+    let after = data[value..].trim_ascii_start().strip_prefix(b":")?;
+    let after = after.trim_ascii_start().strip_prefix(b"null")?;
+    if after.trim_ascii_start() != b"}" {
+        return None;
+    }
+    let end = data.len() - after.len();
+    let before = data[..at].trim_ascii_end();
+    let comma = before.len().checked_sub(1)?;
+    (before[comma] == b',').then_some(comma..end)
+}
+
+/// What goes to the client of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    /// The event as it came.
+    Pass,
+    /// Nothing (the usage chunk keypool asked for and the client did not).
+    Drop,
+    /// The event less these bytes (the `"usage": null` member that keypool's request for the
+    /// usage chunk added).
+    Cut(std::ops::Range<usize>),
 }
 
 /// Whether `needle` occurs in `hay` (a vectorised substring search: bodies can be large).

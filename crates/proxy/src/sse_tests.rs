@@ -140,6 +140,81 @@ fn passes_events_and_reads_usage() {
     assert!(tap.done);
 }
 
+/// A chunk whose only `"usage"` is `null` is passed over without a parse; every other shape
+/// is still read, whatever comes before or after it in the event.
+#[test]
+fn a_null_usage_is_passed_over_and_any_other_usage_is_read() {
+    let read = |data: &str| {
+        let mut tap = SseTap::new(false);
+        tap.feed_slice(format!("data: {data}\n\n").as_bytes());
+        tap.usage.map(|u| u.total())
+    };
+    let usage = r#"{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}"#;
+    for none in [
+        r#"{"choices":[{"delta":{"content":"usage"}}],"usage":null}"#,
+        r#"{"choices":[],"usage" : null }"#,
+        r#"{"choices":[{"delta":{"content":"\"usage\": 3"}}],"usage":null}"#,
+        r#"{"usage":"usage"}"#,
+    ] {
+        assert_eq!(read(none), None, "{none}");
+    }
+    for some in [
+        format!(r#"{{"choices":[],"usage":{usage}}}"#),
+        format!(r#"{{"choices":[],"usage" : {usage}}}"#),
+        format!(r#"{{"x":{{"usage":null}},"usage":{usage}}}"#),
+        format!(r#"{{"choices":[{{"delta":{{"content":"usage"}}}}],"usage":{usage}}}"#),
+        format!(r#"{{"usage":{usage},"x":{{"usage":null}}}}"#),
+    ] {
+        assert_eq!(read(&some), Some(7), "{some}");
+    }
+}
+
+/// OpenAI, asked for the usage chunk, says `"usage": null` in every other chunk: a client that
+/// did not ask gets those chunks without it (however the stream is split), one that did
+/// gets them as they came, without a copy.
+#[test]
+fn the_null_usage_keypool_brought_is_cut_from_the_chunks_of_a_client_that_did_not_ask() {
+    let null = r#"data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}"#;
+    let bare = r#"data: {"id":"c","choices":[{"delta":{"content":"hi"}}]}"#;
+    let spaced = "data: {\"choices\":[] , \"usage\" :  null }";
+    let all = format!("{null}\n\n{spaced}\n\n{USAGE}{DONE}");
+    for sizes in [&[usize::MAX][..], &[1], &[7], &[null.len(), 2]] {
+        let mut tap = SseTap::new(true);
+        let (mut out, mut rest) = (Vec::new(), all.as_bytes());
+        for &n in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (piece, r) = rest.split_at(n.min(rest.len()));
+            out.extend_from_slice(&tap.feed_slice(piece));
+            rest = r;
+        }
+        out.extend_from_slice(&tap.finish());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{bare}\n\ndata: {{\"choices\":[]  }}\n\n{DONE}"),
+            "{sizes:?}"
+        );
+        assert_eq!(tap.usage.unwrap().total(), 7);
+        assert_eq!(tap.events, 3);
+    }
+    // the client asked: as it came
+    let chunk = Bytes::from(format!("{null}\n\n"));
+    let mut tap = SseTap::new(false);
+    let out = tap.feed(&chunk);
+    assert_eq!(out.as_ptr(), chunk.as_ptr(), "no copy");
+    // not the last member, or the only one: left as it is
+    for kept in [
+        r#"data: {"usage":null,"id":"c"}"#,
+        r#"data: {"usage":null}"#,
+        r#"data: {"x":{"usage":null},"id":"c"}"#,
+    ] {
+        let mut tap = SseTap::new(true);
+        let chunk = format!("{kept}\n\n");
+        assert_eq!(tap.feed_slice(chunk.as_bytes()), chunk.as_bytes(), "{kept}");
+    }
+}
+
 #[test]
 fn strips_the_usage_chunk_keypool_asked_for() {
     let mut tap = SseTap::new(true);

@@ -47,9 +47,14 @@ pub(super) fn respond(
     usage: Option<Value>,
     state: Arc<State>,
 ) -> HttpResponse {
+    // as OpenAI's: once the usage chunk is asked for, every other chunk says `"usage": null`
     let chunk = |delta: Value, finish: Value| {
-        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        let mut c = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
+               "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if usage.is_some() {
+            c["usage"] = Value::Null;
+        }
+        c
     };
     let mut events = vec![event(&chunk(
         json!({"role": "assistant", "content": ""}),

@@ -131,9 +131,68 @@ fn a_response_head_says_its_framing_once() {
         Wire::of(StatusCode::OK, BodySize::Stream, Version::HTTP_10),
         Wire::Close
     );
-    let mut line = BytesMut::new();
-    head::chunk_size(&mut line, 0x1a2f);
-    assert_eq!(&line[..], b"1a2f\r\n");
+    for n in [0, 1, 9, 0xa, 0xf, 0x10, 0x1a2f, 0xffff_ffff, usize::MAX] {
+        let mut line = BytesMut::new();
+        head::chunk_size(&mut line, n);
+        assert_eq!(line, format!("{n:x}\r\n").as_bytes(), "{n}");
+    }
+}
+
+/// A streamed body's pieces go out framed the same whether they come with the head, alone
+/// (written from where they are) or several at once (gathered into one buffer).
+#[tokio::test]
+async fn a_streamed_body_is_framed_the_same_however_its_pieces_come() {
+    use std::cell::RefCell;
+    use tokio::io::AsyncReadExt as _;
+
+    use super::body::{BodyState, Conn, Inbound};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let conn = Conn {
+        tcp,
+        inbound: RefCell::new(Inbound {
+            buf: BytesMut::new(),
+            body: BodyState::Done,
+        }),
+    };
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, std::io::Error>>();
+    let send = |piece: &'static [u8]| tx.unbounded_send(Ok(bytes::Bytes::from_static(piece)));
+    let pieces = async {
+        send(b"with the head").unwrap();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        send(b"alone").unwrap();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        send(b"two").unwrap();
+        send(b"").unwrap();
+        send(b"at once").unwrap();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        send(b"last").unwrap();
+        tx.close_channel();
+    };
+    let head = BytesMut::from(&b"HEAD\r\n\r\n"[..]);
+    let body = actix_web::body::BodyStream::new(rx);
+    let (written, ()) = tokio::join!(
+        super::conn::stream(&conn, head, body, Wire::Chunked),
+        pieces
+    );
+    written.unwrap();
+    drop(conn);
+    let mut wire = Vec::new();
+    client.read_to_end(&mut wire).await.unwrap();
+    assert_eq!(
+        String::from_utf8(wire).unwrap(),
+        "HEAD\r\n\r\nd\r\nwith the head\r\n5\r\nalone\r\n3\r\ntwo\r\n7\r\nat once\r\n\
+         4\r\nlast\r\n0\r\n\r\n"
+    );
 }
 
 #[tokio::test]
