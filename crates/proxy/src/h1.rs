@@ -127,7 +127,9 @@ pub(crate) fn parse_head(
         // the head's bytes once, its values slices of them
         let bytes = Bytes::copy_from_slice(&buf[..len]);
         let start = buf.as_ptr() as usize;
-        let mut headers = HeaderMap::with_capacity(resp.headers.len());
+        // room for the headers keypool adds to an answer (`x-keypool-cost`, `-model`,
+        // `-cache`): a map at its capacity grows (rehashes) on the next insert
+        let mut headers = HeaderMap::with_capacity(resp.headers.len() + 3);
         for h in resp.headers.iter() {
             let name = match crate::headers::reqwest_name(h.name) {
                 Some(name) => name,

@@ -90,7 +90,11 @@ pub(crate) fn upstream_headers(
     prefix: &str,
 ) -> Result<HeaderMap, TransportError> {
     use reqwest::header::{AUTHORIZATION, HOST, HeaderValue};
-    let mut headers = req.headers.clone();
+    // the client's, with room for the two added (a clone at its capacity would grow)
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
+    for (name, value) in req.headers {
+        headers.append(name.clone(), value.clone());
+    }
     let authority = &key.endpoint_url[url::Position::BeforeHost..url::Position::AfterPort];
     if let Ok(host) = HeaderValue::from_str(authority) {
         headers.insert(HOST, host);

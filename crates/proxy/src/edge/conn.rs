@@ -305,7 +305,12 @@ async fn write_response<B: MessageBody>(
     let keep_alive = keep_alive
         && wire != Wire::Close
         && res.head().connection_type() != actix_http::ConnectionType::Close;
-    let mut out = BytesMut::with_capacity(256 + res.headers().len() * 48);
+    // a body written with its head (see `write_whole`) is room counted now, not a regrowth
+    let inline = match wire {
+        Wire::Length(n) if n <= GATHER as u64 && !is_head => n as usize,
+        _ => 0,
+    };
+    let mut out = BytesMut::with_capacity(256 + res.headers().len() * 48 + inline);
     head::encode(
         &mut out,
         res.head(),
