@@ -13,6 +13,7 @@
 #   STREAM=1 tests/load/profile.sh             # streamed completions (the mock sends at once)
 #   STREAM=1 GAP_MS=2 tests/load/profile.sh    # streamed, the mock GAP_MS between events (each
 #                                              # event its own read and write: the relay's cost)
+#   STREAM=1 RESPONSES=1 tests/load/profile.sh # streamed Responses API requests instead
 #   CONNS=64 tests/load/profile.sh             # 64 connections instead of 4
 #   SYSCALLS=1 tests/load/profile.sh           # system calls per request instead (strace -c on
 #                                              # every thread, same load, no valgrind)
@@ -42,10 +43,15 @@ if [ "${REDIS:-0}" = 1 ]; then
 fi
 . tests/load/lib.sh
 three_keys "$UP" "$LIMIT" "$SHARED" > "$W/config.yaml"
-LUA=tests/load/chat.lua
+LUA=$W/request.lua
+ENDPOINT=chat/completions
+cp tests/load/chat.lua "$LUA"
 if [ "${STREAM:-0}" = 1 ]; then
-  LUA=$W/stream.lua
-  sed 's/"model":"gpt-4o-mini",/"model":"gpt-4o-mini","stream":true,/' tests/load/chat.lua > "$LUA"
+  sed -i 's/"model":"gpt-4o-mini",/"model":"gpt-4o-mini","stream":true,/' "$LUA"
+fi
+if [ "${RESPONSES:-0}" = 1 ]; then
+  ENDPOINT=responses
+  sed -i 's/"messages":\[{"role":"user","content":"Hello there"}\]/"input":"Hello there"/' "$LUA"
 fi
 RUN="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$OUT"
 [ "${SYSCALLS:-0}" = 1 ] && RUN=""
@@ -56,14 +62,14 @@ KP=$!
 for _ in $(seq 300); do grep -q "listening on http.*/v1" "$W/kp.out" 2>/dev/null && break; sleep 0.2; done
 URL=$(grep -v -e 'admin listening' -e 'console at' "$W/kp.out" | grep -o 'http://[^ ]*' | head -1)
 served() { curl -s "${URL%/v1}/metrics" | awk '/^keypool_requests_total/ {n += $2} END {print n + 0}'; }
-wrk -t1 -c4 -d5s -s "$LUA" "$URL/chat/completions" > /dev/null
+wrk -t1 -c4 -d5s -s "$LUA" "$URL/$ENDPOINT" > /dev/null
 if [ "${SYSCALLS:-0}" = 1 ]; then
   command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace; }
   strace -c -o "$W/strace.out" $(ls /proc/$KP/task | sed 's/^/-p /') 2> /dev/null &
   ST=$!
   sleep 1
   S0=$(served)
-  wrk -t1 -c"${CONNS:-4}" -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
+  wrk -t1 -c"${CONNS:-4}" -d15s -s "$LUA" "$URL/$ENDPOINT" > /dev/null
   S1=$(served)
   kill -INT $ST; wait $ST 2>/dev/null || true
   N=$((S1 - S0))
@@ -73,7 +79,7 @@ if [ "${SYSCALLS:-0}" = 1 ]; then
 fi
 callgrind_control -i on "$KP" > /dev/null 2>&1
 S0=$(served)
-wrk -t1 -c"${CONNS:-4}" -d15s -s "$LUA" "$URL/chat/completions" > /dev/null
+wrk -t1 -c"${CONNS:-4}" -d15s -s "$LUA" "$URL/$ENDPOINT" > /dev/null
 S1=$(served)
 callgrind_control -i off "$KP" > /dev/null 2>&1
 callgrind_control -d "$KP" > /dev/null 2>&1

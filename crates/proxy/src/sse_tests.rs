@@ -81,6 +81,34 @@ fn a_responses_stream_gives_its_id_usage_and_end() {
     );
 }
 
+/// `response.failed` and `.incomplete` end a Responses stream too; a delta that merely
+/// mentions an end (inside its text, escaped) or a longer type does not.
+#[test]
+fn a_responses_stream_ends_at_any_of_its_ends_and_only_there() {
+    let ends = |data: &str| {
+        let mut tap = SseTap::new(false).speaking(Surface::Responses);
+        tap.feed_slice(format!("data: {data}\n\n").as_bytes());
+        tap.done
+    };
+    for end in [
+        "response.completed",
+        "response.failed",
+        "response.incomplete",
+    ] {
+        assert!(
+            ends(&format!(r#"{{"type":"{end}","response":{{"id":"r"}}}}"#)),
+            "{end}"
+        );
+    }
+    for not in [
+        r#"{"type":"response.output_text.delta","delta":"\"response.completed\""}"#,
+        r#"{"type":"response.completed_soon","response":{"id":"r"}}"#,
+        r#"{"type":"response.in_progress","response":{"id":"r"}}"#,
+    ] {
+        assert!(!ends(not), "{not}");
+    }
+}
+
 const CHUNK: &str =
     "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
 const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n";
