@@ -257,8 +257,10 @@ impl SseTap {
                 None => continue,
                 Some(at) if only_null_usage(data, at) => {
                     // the `null` usage keypool's own request for it brought: the client, who
-                    // did not ask, gets the chunk without it
+                    // did not ask, gets the chunk without it (one cut an event: its data is
+                    // one line from every provider; a dropped event stays dropped)
                     if self.strip_usage_chunk
+                        && verdict == Verdict::Pass
                         && let Some(cut) = last_member(data, at)
                     {
                         verdict = Verdict::Cut(data_start + cut.start..data_start + cut.end);

@@ -226,6 +226,11 @@ fn the_null_usage_keypool_brought_is_cut_from_the_chunks_of_a_client_that_did_no
         assert_eq!(tap.usage.unwrap().total(), 7);
         assert_eq!(tap.events, 3);
     }
+    // an event of two data lines, the usage chunk's and a null one's: still dropped
+    let mut tap = SseTap::new(true);
+    let usage_line = USAGE.trim_end();
+    let both = format!("{usage_line}\n{null}\n\n{DONE}");
+    assert_eq!(tap.feed_slice(both.as_bytes()), DONE.as_bytes());
     // the client asked: as it came
     let chunk = Bytes::from(format!("{null}\n\n"));
     let mut tap = SseTap::new(false);
