@@ -358,8 +358,7 @@ async fn write_whole(
 }
 
 /// A body as it comes: what is ready at once goes in one write; nothing is held while the
-/// body waits. A piece that is ready alone (a stream's event, usually) is written from where
-/// it is, its chunk framing beside it in the same write: no buffer, no copy.
+/// body waits.
 pub(super) async fn stream<B: MessageBody>(
     conn: &Conn,
     mut out: BytesMut,
@@ -367,11 +366,10 @@ pub(super) async fn stream<B: MessageBody>(
     wire: Wire,
 ) -> io::Result<()> {
     let mut body = pin!(body);
-    let mut alone: Option<Bytes> = None;
     loop {
         // gather what is ready
         let next = poll_fn(|cx| match body.as_mut().poll_next(cx) {
-            Poll::Pending if !out.is_empty() || alone.is_some() => Poll::Ready(None),
+            Poll::Pending if !out.is_empty() => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
             Poll::Ready(item) => Poll::Ready(Some(item)),
         })
@@ -379,25 +377,23 @@ pub(super) async fn stream<B: MessageBody>(
         match next {
             None => {
                 // nothing more ready now: write what was gathered, then wait without it
-                if let Some(data) = alone.take() {
-                    write_framed(&conn.tcp, &data, wire).await?;
-                } else {
-                    write_all(&conn.tcp, &out).await?;
-                    out = BytesMut::new();
-                }
+                write_all(&conn.tcp, &out).await?;
+                out = BytesMut::new();
             }
             Some(Some(Ok(data))) => {
                 if data.is_empty() {
                     continue;
                 }
-                if out.is_empty() && alone.is_none() {
-                    alone = Some(data);
-                    continue;
+                if out.capacity() == 0 {
+                    out.reserve(data.len() + 16);
                 }
-                if let Some(first) = alone.take() {
-                    frame_into(&mut out, &first, wire);
+                if wire == Wire::Chunked {
+                    head::chunk_size(&mut out, data.len());
+                    out.put_slice(&data);
+                    out.put_slice(b"\r\n");
+                } else {
+                    out.put_slice(&data);
                 }
-                frame_into(&mut out, &data, wire);
                 if out.len() >= GATHER {
                     write_all(&conn.tcp, &out).await?;
                     out.clear();
@@ -408,9 +404,6 @@ pub(super) async fn stream<B: MessageBody>(
                 return Err(io::Error::other(e.to_string()));
             }
             Some(None) => {
-                if let Some(first) = alone.take() {
-                    frame_into(&mut out, &first, wire);
-                }
                 if wire == Wire::Chunked {
                     out.put_slice(b"0\r\n\r\n");
                 }
@@ -418,42 +411,6 @@ pub(super) async fn stream<B: MessageBody>(
             }
         }
     }
-}
-
-/// Appends `data` to `out`, framed as `wire` wants it.
-fn frame_into(out: &mut BytesMut, data: &[u8], wire: Wire) {
-    if wire == Wire::Chunked {
-        // the size line and the CRLF: one allocation when `out` is empty
-        out.reserve(data.len() + 2 * size_of::<usize>() + 4);
-        head::chunk_size(out, data.len());
-        out.put_slice(data);
-        out.put_slice(b"\r\n");
-    } else {
-        out.put_slice(data);
-    }
-}
-
-/// Writes `data`, framed as `wire` wants it, from where it is (one vectored write).
-async fn write_framed(tcp: &TcpStream, data: &[u8], wire: Wire) -> io::Result<()> {
-    if wire != Wire::Chunked {
-        return write_all(tcp, data).await;
-    }
-    let (line, at) = head::chunk_line(data.len());
-    let mut parts = [
-        io::IoSlice::new(&line[at..]),
-        io::IoSlice::new(data),
-        io::IoSlice::new(b"\r\n"),
-    ];
-    let mut parts = &mut parts[..];
-    while !parts.is_empty() {
-        match tcp.try_write_vectored(parts) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tcp.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Writes all of `bytes`, waiting for the socket as it needs.

@@ -243,15 +243,9 @@ pub(super) fn encode(
     dst.put_slice(b"\r\n");
 }
 
-/// A chunk's size line (`{hex}\r\n`) into `dst`.
+/// A chunk's size line (`{hex}\r\n`) into `dst`: written digit by digit, since there is one
+/// a streamed event and the formatter costs ten times as much.
 pub(super) fn chunk_size(dst: &mut BytesMut, n: usize) {
-    let (line, at) = chunk_line(n);
-    dst.put_slice(&line[at..]);
-}
-
-/// A chunk's size line (`{hex}\r\n`): it is `line[at..]`. Written digit by digit, since
-/// there is one a streamed event and the formatter costs ten times as much.
-pub(super) fn chunk_line(n: usize) -> ([u8; 2 * size_of::<usize>() + 2], usize) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut line = [0u8; 2 * size_of::<usize>() + 2];
     let mut at = line.len() - 2;
@@ -265,5 +259,5 @@ pub(super) fn chunk_line(n: usize) -> ([u8; 2 * size_of::<usize>() + 2], usize) 
             break;
         }
     }
-    (line, at)
+    dst.put_slice(&line[at..]);
 }

@@ -139,7 +139,7 @@ fn a_response_head_says_its_framing_once() {
 }
 
 /// A streamed body's pieces go out framed the same whether they come with the head, alone
-/// (written from where they are) or several at once (gathered into one buffer).
+/// or several at once (gathered into one write).
 #[tokio::test]
 async fn a_streamed_body_is_framed_the_same_however_its_pieces_come() {
     use std::cell::RefCell;
