@@ -253,21 +253,20 @@ impl SseTap {
                 continue;
             }
             self.collect(data);
-            match USAGE.find(data) {
-                None => continue,
-                Some(at) if only_null_usage(data, at) => {
-                    // the `null` usage keypool's own request for it brought: the client, who
-                    // did not ask, gets the chunk without it (one cut an event: its data is
-                    // one line from every provider; a dropped event stays dropped)
-                    if self.strip_usage_chunk
-                        && verdict == Verdict::Pass
-                        && let Some(cut) = last_member(data, at)
-                    {
-                        verdict = Verdict::Cut(data_start + cut.start..data_start + cut.end);
-                    }
-                    continue;
+            let Some(at) = USAGE.find(data) else {
+                continue;
+            };
+            if let Some(end) = null_usage_end(data, at) {
+                // the `null` usage keypool's own request for it brought: the client, who did
+                // not ask, gets the chunk without it (one cut an event: its data is one line
+                // from every provider; a dropped event stays dropped)
+                if self.strip_usage_chunk
+                    && verdict == Verdict::Pass
+                    && let Some(cut) = last_member(data, at, end)
+                {
+                    verdict = Verdict::Cut(data_start + cut.start..data_start + cut.end);
                 }
-                Some(_) => {}
+                continue;
             }
             if let Ok(c) = serde_json::from_slice::<Chunk>(data)
                 && let Some(u) = c.usage
@@ -372,41 +371,39 @@ fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     None
 }
 
-/// Whether the `"usage"` found at `at` is a `"usage": null` member and `data` names no other
-/// `"usage"`: then the event carries no usage and needs no parse. OpenAI sends exactly this in
-/// every chunk but the last once the usage chunk was asked for (and keypool asks for it), so a
-/// stream's events are not parsed one by one. Exact: inside a JSON string a quote is escaped,
-/// so the only unescaped `"usage"` is a member name or a string that is just `usage` (not
-/// followed by `:`), and any other member named `usage` would be found by the second search.
-fn only_null_usage(data: &[u8], at: usize) -> bool {
+/// Where the `"usage"` found at `at` ends, when it is a `"usage": null` member and `data`
+/// names no other `"usage"`: then the event carries no usage and needs no parse. OpenAI sends
+/// exactly this in every chunk but the last once the usage chunk was asked for (and keypool
+/// asks for it), so a stream's events are not parsed one by one. Exact: inside a JSON string a
+/// quote is escaped, so the only unescaped `"usage"` is a member name or a string that is just
+/// `usage` (not followed by `:`), and any other member named `usage` would be found by the
+/// second search.
+fn null_usage_end(data: &[u8], at: usize) -> Option<usize> {
     let rest = data[at + b"\"usage\"".len()..].trim_ascii_start();
-    let Some(rest) = rest.strip_prefix(b":") else {
-        return false;
-    };
-    let Some(rest) = rest.trim_ascii_start().strip_prefix(b"null") else {
-        return false;
-    };
-    USAGE.find(rest).is_none()
+    let after = rest
+        .strip_prefix(b":")?
+        .trim_ascii_start()
+        .strip_prefix(b"null")?;
+    USAGE
+        .find(after)
+        .is_none()
+        .then(|| data.len() - after.len())
 }
 
-/// The bytes of the member at `at` (`"usage": null`) and the comma before it, when it is the
-/// last member of the top-level object: followed by nothing but the object's closing brace
-/// (OpenAI writes `usage` last). A member anywhere else is left as it is.
-fn last_member(data: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
-    let value = at + b"\"usage\"".len();
-    let after = data[value..].trim_ascii_start().strip_prefix(b":")?;
-    let after = after.trim_ascii_start().strip_prefix(b"null")?;
-    if after.trim_ascii_start() != b"}" {
+/// The bytes of the member at `at..end` (`"usage": null`) and the comma before it, when it is
+/// the last member of the top-level object: followed by nothing but the object's closing
+/// brace (OpenAI writes `usage` last). A member anywhere else is left as it is.
+fn last_member(data: &[u8], at: usize, end: usize) -> Option<std::ops::Range<usize>> {
+    if data[end..].trim_ascii_start() != b"}" {
         return None;
     }
-    let end = data.len() - after.len();
     let before = data[..at].trim_ascii_end();
     let comma = before.len().checked_sub(1)?;
     (before[comma] == b',').then_some(comma..end)
 }
 
 /// What goes to the client of one event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     /// The event as it came.
     Pass,
